@@ -1,0 +1,1 @@
+"""dptrain coordinator: the gRPC service that schedules, launches and checkpoints jobs."""

@@ -1,0 +1,37 @@
+"""Normalised exponentials along a dim: softmax and log_softmax, each stable and one op."""
+
+from __future__ import annotations
+
+from engine.ops.core import Op, apply
+from engine.ops.shape import _dim
+from engine.tensor import Tensor
+
+
+def _softmax(xp, x, axis):
+    e = xp.exp(x - x.max(axis=axis, keepdims=True))
+    e /= e.sum(axis=axis, keepdims=True)
+    return e
+
+
+def _log_softmax(xp, x, axis):
+    shifted = x - x.max(axis=axis, keepdims=True)
+    shifted -= xp.log(xp.exp(shifted).sum(axis=axis, keepdims=True))
+    return shifted
+
+
+_softmax_op = Op("softmax", _softmax, (
+    lambda xp, g, ans, x, axis: ans * (g - (g * ans).sum(axis=axis, keepdims=True)),
+), save=False, save_ans=True)
+_log_softmax_op = Op("log_softmax", _log_softmax, (
+    lambda xp, g, ans, x, axis: g - xp.exp(ans) * g.sum(axis=axis, keepdims=True),
+), save=False, save_ans=True)
+
+
+def softmax(x: Tensor, dim: int) -> Tensor:
+    """exp(x) / sum(exp(x)) along `dim`."""
+    return apply(_softmax_op, x, axis=_dim(dim, max(x.ndim, 1)) if x.ndim else None)
+
+
+def log_softmax(x: Tensor, dim: int) -> Tensor:
+    """x - logsumexp(x) along `dim`."""
+    return apply(_log_softmax_op, x, axis=_dim(dim, max(x.ndim, 1)) if x.ndim else None)

@@ -1,0 +1,256 @@
+"""Elementwise primitives: arithmetic, unary math, activations, comparisons.
+
+One line per gradient rule; the rules return broadcast-shaped gradients and the engine sums them
+back to each input's shape. ``g`` is the output's gradient, ``ans`` the output.
+"""
+
+from __future__ import annotations
+
+import numbers
+
+from engine.backend import special
+from engine.dtypes import default_float
+from engine.ops.core import Op, apply
+from engine.tensor import Tensor
+
+# ---------------------------------------------------------------- arithmetic
+
+_add = Op("add", lambda xp, x, y: x + y, (
+    lambda xp, g, ans, x, y: g,
+    lambda xp, g, ans, x, y: g,
+), save=False)
+_sub = Op("sub", lambda xp, x, y: x - y, (
+    lambda xp, g, ans, x, y: g,
+    lambda xp, g, ans, x, y: -g,
+), save=False)
+_mul = Op("mul", lambda xp, x, y: x * y, (
+    lambda xp, g, ans, x, y: g * y,
+    lambda xp, g, ans, x, y: g * x,
+))
+_div = Op("div", lambda xp, x, y: x / y, (
+    lambda xp, g, ans, x, y: g / y,
+    lambda xp, g, ans, x, y: -g * ans / y,
+), save_ans=True)
+_pow = Op("pow", lambda xp, x, y: x ** y, (
+    lambda xp, g, ans, x, y: g * y * x ** (y - 1),
+    lambda xp, g, ans, x, y: g * ans * xp.log(xp.where(x > 0, x, 1)),
+), save_ans=True)
+_maximum = Op("maximum", lambda xp, x, y: xp.maximum(x, y), (
+    lambda xp, g, ans, x, y: g * ((x > y) + 0.5 * (x == y)),
+    lambda xp, g, ans, x, y: g * ((y > x) + 0.5 * (x == y)),
+))
+_minimum = Op("minimum", lambda xp, x, y: xp.minimum(x, y), (
+    lambda xp, g, ans, x, y: g * ((x < y) + 0.5 * (x == y)),
+    lambda xp, g, ans, x, y: g * ((y < x) + 0.5 * (x == y)),
+))
+_where = Op("where", lambda xp, c, x, y: xp.where(c, x, y), (
+    None,
+    lambda xp, g, ans, c, x, y: xp.where(c, g, 0),
+    lambda xp, g, ans, c, x, y: xp.where(c, 0, g),
+), save=(0,))
+
+# ---------------------------------------------------------------- unary math
+
+_neg = Op("neg", lambda xp, x: -x, (lambda xp, g, ans, x: -g,), save=False)
+_exp = Op("exp", lambda xp, x: xp.exp(x), (lambda xp, g, ans, x: g * ans,),
+         save=False, save_ans=True)
+_log = Op("log", lambda xp, x: xp.log(x), (lambda xp, g, ans, x: g / x,))
+_log1p = Op("log1p", lambda xp, x: xp.log1p(x), (lambda xp, g, ans, x: g / (1 + x),))
+_sqrt = Op("sqrt", lambda xp, x: xp.sqrt(x), (lambda xp, g, ans, x: g / (2 * ans),),
+          save=False, save_ans=True)
+_rsqrt = Op("rsqrt", lambda xp, x: 1 / xp.sqrt(x), (lambda xp, g, ans, x: -0.5 * g * ans ** 3,),
+           save=False, save_ans=True)
+_square = Op("square", lambda xp, x: x * x, (lambda xp, g, ans, x: 2 * g * x,))
+_abs = Op("abs", lambda xp, x: xp.abs(x), (lambda xp, g, ans, x: g * xp.sign(x),))  # noqa: A001
+_sin = Op("sin", lambda xp, x: xp.sin(x), (lambda xp, g, ans, x: g * xp.cos(x),))
+_cos = Op("cos", lambda xp, x: xp.cos(x), (lambda xp, g, ans, x: -g * xp.sin(x),))
+_tanh = Op("tanh", lambda xp, x: xp.tanh(x), (lambda xp, g, ans, x: g * (1 - ans * ans),),
+          save=False, save_ans=True)
+_sigmoid = Op("sigmoid", lambda xp, x: special(xp).expit(x),
+             (lambda xp, g, ans, x: g * ans * (1 - ans),), save=False, save_ans=True)
+_relu = Op("relu", lambda xp, x: xp.maximum(x, 0), (lambda xp, g, ans, x: g * (ans > 0),),
+          save=False, save_ans=True)
+_softplus = Op("softplus", lambda xp, x: xp.logaddexp(x, 0),
+              (lambda xp, g, ans, x: g * special(xp).expit(x),))
+_clamp = Op("clamp", lambda xp, x, lo, hi: xp.clip(x, lo, hi), (
+    lambda xp, g, ans, x, lo, hi: g * ((lo is None or x >= lo) & (hi is None or x <= hi)),
+    None,
+    None,
+))
+_to = Op("to", lambda xp, x, dtype: x.astype(dtype), (lambda xp, g, ans, x, dtype: g,),
+         save=False)
+
+_SQRT_2 = 1.4142135623730951
+_SQRT_2_OVER_PI = 0.7978845608028654
+
+
+def _gelu_forward(xp, x, approximate):
+    if approximate == "tanh":
+        return 0.5 * x * (1 + xp.tanh(_SQRT_2_OVER_PI * (x + 0.044715 * x ** 3)))
+    return 0.5 * x * (1 + special(xp).erf(x / _SQRT_2))
+
+
+def _gelu_vjp(xp, g, ans, x, approximate):
+    if approximate == "tanh":
+        t = xp.tanh(_SQRT_2_OVER_PI * (x + 0.044715 * x ** 3))
+        return g * (0.5 * (1 + t) + 0.5 * x * (1 - t * t) * _SQRT_2_OVER_PI
+                    * (1 + 3 * 0.044715 * x * x))
+    cdf = 0.5 * (1 + special(xp).erf(x / _SQRT_2))
+    pdf = xp.exp(-0.5 * x * x) * 0.3989422804014327
+    return g * (cdf + x * pdf)
+
+
+_gelu = Op("gelu", _gelu_forward, (_gelu_vjp,))
+_silu = Op("silu", lambda xp, x: x * special(xp).expit(x), (
+    lambda xp, g, ans, x: g * (s := special(xp).expit(x)) * (1 + x * (1 - s)),
+))
+
+
+# ---------------------------------------------------------------- non-differentiable
+
+def _nograd(name, fn):
+    return Op(name, fn, (None, None), save=False)
+
+
+_eq = _nograd("eq", lambda xp, x, y: x == y)
+_ne = _nograd("ne", lambda xp, x, y: x != y)
+_lt = _nograd("lt", lambda xp, x, y: x < y)
+_le = _nograd("le", lambda xp, x, y: x <= y)
+_gt = _nograd("gt", lambda xp, x, y: x > y)
+_ge = _nograd("ge", lambda xp, x, y: x >= y)
+_and = _nograd("logical_and", lambda xp, x, y: x & y)
+_or = _nograd("logical_or", lambda xp, x, y: x | y)
+_xor = _nograd("logical_xor", lambda xp, x, y: x ^ y)
+_not = Op("logical_not", lambda xp, x: ~x, (None,), save=False)
+_sign = Op("sign", lambda xp, x: xp.sign(x), (None,), save=False)
+_floor = Op("floor", lambda xp, x: xp.floor(x), (None,), save=False)
+_ceil = Op("ceil", lambda xp, x: xp.ceil(x), (None,), save=False)
+_round = Op("round", lambda xp, x: xp.round(x), (None,), save=False)  # noqa: A001
+_isnan = Op("isnan", lambda xp, x: xp.isnan(x), (None,), save=False)
+_isfinite = Op("isfinite", lambda xp, x: xp.isfinite(x), (None,), save=False)
+
+
+# ---------------------------------------------------------------- Python-facing wrappers
+
+def _unary(op):
+    def fn(x: Tensor) -> Tensor:
+        return apply(op, x)
+
+    fn.__name__ = fn.__qualname__ = op.name
+    fn.__doc__ = f"Elementwise {op.name}."
+    return fn
+
+
+(neg, exp, log, log1p, sqrt, rsqrt, square, abs, sin, cos, tanh, sigmoid, relu,  # noqa: A001
+ softplus, sign, floor, ceil, round, isnan, isfinite) = (_unary(o) for o in (
+    _neg, _exp, _log, _log1p, _sqrt, _rsqrt, _square, _abs, _sin, _cos, _tanh, _sigmoid, _relu,
+    _softplus, _sign, _floor, _ceil, _round, _isnan, _isfinite))
+
+
+def _operand(x, other):
+    """Make a binary op's second operand: Tensors pass through; a Python float meeting an
+    integer tensor becomes float32, as in PyTorch (numpy would give float64)."""
+    if isinstance(other, Tensor):
+        return other
+    if isinstance(other, numbers.Number):
+        if isinstance(other, float) and x.data.dtype.kind in "iub":
+            return other, True
+        return other
+    from engine.factories import tensor
+
+    return tensor(other)
+
+
+def _binary(op):
+    def fn(x, y):
+        if not isinstance(x, Tensor):
+            return _rbinary(op)(y, x)
+        y = _operand(x, y)
+        if type(y) is tuple:  # float scalar with an integer tensor
+            return apply(op, apply(_to, x, dtype=default_float), y[0])
+        return apply(op, x, y)
+
+    fn.__name__ = op.name
+    return fn
+
+
+def _rbinary(op):
+    def fn(x, y):  # y (op) x, where y is not a Tensor
+        y = _operand(x, y)
+        if type(y) is tuple:
+            return apply(op, y[0], apply(_to, x, dtype=default_float))
+        return apply(op, y, x)
+
+    fn.__name__ = "r" + op.name
+    return fn
+
+
+add, sub, mul, pow, maximum, minimum = (  # noqa: A001
+    _binary(o) for o in (_add, _sub, _mul, _pow, _maximum, _minimum))
+radd, rsub, rmul, rpow = (_rbinary(o) for o in (_add, _sub, _mul, _pow))
+eq, ne, lt, le, gt, ge = (_binary(o) for o in (_eq, _ne, _lt, _le, _gt, _ge))
+logical_and, logical_or, logical_xor = (_binary(o) for o in (_and, _or, _xor))
+
+
+def div(x, y) -> Tensor:
+    """True division; integer operands give float32, as in PyTorch."""
+    if not isinstance(x, Tensor):
+        return rdiv(y, x)
+    if x.data.dtype.kind in "iub" and (
+            not isinstance(y, Tensor) or y.data.dtype.kind in "iub"):
+        x = apply(_to, x, dtype=default_float)
+    return _binary(_div)(x, y)
+
+
+def rdiv(x, y) -> Tensor:
+    """``y / x`` where y is not a Tensor."""
+    if x.data.dtype.kind in "iub":
+        x = apply(_to, x, dtype=default_float)
+    return _rbinary(_div)(x, y)
+
+
+def logical_not(x: Tensor) -> Tensor:
+    return apply(_not, x)
+
+
+def where(condition: Tensor, input, other) -> Tensor:
+    """``input`` where `condition` holds, else ``other`` (either may be a Python scalar)."""
+    cond = condition.data if isinstance(condition, Tensor) else condition
+    if isinstance(input, Tensor) and not isinstance(other, Tensor):
+        other = _operand(input, other)
+    elif isinstance(other, Tensor) and not isinstance(input, Tensor):
+        input = _operand(other, input)
+    return apply(_where, cond, input, other)
+
+
+def clamp(x: Tensor, min=None, max=None) -> Tensor:  # noqa: A002
+    """Limit values to [min, max]; the gradient flows where the value was not clipped."""
+    if min is None and max is None:
+        raise ValueError("clamp: at least one of min and max must be given")
+    lo = min.data if isinstance(min, Tensor) else min
+    hi = max.data if isinstance(max, Tensor) else max
+    return apply(_clamp, x, lo, hi)
+
+
+def gelu(x: Tensor, approximate: str = "none") -> Tensor:
+    """Gaussian error linear unit; ``approximate='tanh'`` for the tanh approximation."""
+    if approximate not in ("none", "tanh"):
+        raise ValueError(f"gelu: approximate must be 'none' or 'tanh', got {approximate!r}")
+    return apply(_gelu, x, approximate=approximate)
+
+
+def silu(x: Tensor) -> Tensor:
+    """x * sigmoid(x)."""
+    return apply(_silu, x)
+
+
+def to_dtype(x: Tensor, dtype) -> Tensor:
+    """Cast to `dtype`; gradients flow back cast to the source dtype."""
+    from engine.backend import check_dtype
+
+    dtype = check_dtype(dtype)
+    if dtype == x.data.dtype:
+        return x
+    if dtype.kind not in "f":
+        return Tensor(x.data.astype(dtype))
+    return apply(_to, x, dtype=dtype)

@@ -1,0 +1,86 @@
+"""Matrix products: matmul (1-D, 2-D, batched, broadcast batch dims) and linear (x W^T + b)."""
+
+from __future__ import annotations
+
+from engine.ops.core import Op, apply
+from engine.tensor import Tensor
+
+
+def _mT(a):
+    return a.swapaxes(-1, -2)
+
+
+def _matmul_dx(xp, g, ans, x, y):
+    if y.ndim == 1:
+        return g * y if x.ndim == 1 else g[..., None] * y
+    if x.ndim == 1:
+        return (g[..., None, :] @ _mT(y))[..., 0, :]
+    return g @ _mT(y)
+
+
+def _matmul_dy(xp, g, ans, x, y):
+    if x.ndim == 1:
+        return g * x if y.ndim == 1 else x[:, None] * g[..., None, :]
+    if y.ndim == 1:
+        return (g[..., None, :] @ x)[..., 0, :]
+    if y.ndim == 2:  # batched x times one matrix: fold the batch into one product
+        return x.reshape(-1, x.shape[-1]).T @ g.reshape(-1, g.shape[-1])
+    return _mT(x) @ g
+
+
+_matmul = Op("matmul", lambda xp, x, y: x @ y, (_matmul_dx, _matmul_dy))
+
+
+def _linear_forward(xp, x, w, b):
+    out = x @ w.T
+    if b is not None:
+        out += b
+    return out
+
+
+def _linear_dw(xp, g, ans, x, w, b):
+    return g.reshape(-1, g.shape[-1]).T @ x.reshape(-1, x.shape[-1])
+
+
+def _linear_db(xp, g, ans, x, w, b):
+    return g.reshape(-1, g.shape[-1]).sum(axis=0)
+
+
+_linear = Op("linear", _linear_forward, (
+    lambda xp, g, ans, x, w, b: g @ w,
+    _linear_dw,
+    _linear_db,
+), save=(0, 1))
+
+
+def matmul(x: Tensor, y: Tensor) -> Tensor:
+    """Matrix product with numpy/PyTorch semantics: 1-D operands are vectors, leading dims
+    broadcast as batch dims."""
+    if not isinstance(y, Tensor) or not isinstance(x, Tensor):
+        raise TypeError(f"matmul: both operands must be Tensors, got {type(x).__name__} and "
+                        f"{type(y).__name__}")
+    if x.ndim == 0 or y.ndim == 0:
+        raise RuntimeError(f"matmul: both arguments need at least 1 dimension, got shapes "
+                           f"{x.shape} and {y.shape}")
+    k_y = y.shape[0] if y.ndim == 1 else y.shape[-2]
+    if x.shape[-1] != k_y:
+        raise RuntimeError(f"matmul: shapes {x.shape} and {y.shape} cannot be multiplied "
+                           f"({x.shape[-1]} != {k_y})")
+    return apply(_matmul, x, y)
+
+
+def rmatmul(x: Tensor, y) -> Tensor:
+    from engine.factories import tensor
+
+    return matmul(tensor(y), x)
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``x @ weight.T + bias`` in one op: x (..., in), weight (out, in), bias (out,)."""
+    if weight.ndim != 2 or x.ndim == 0 or x.shape[-1] != weight.shape[1]:
+        raise RuntimeError(f"linear: input of shape {x.shape} does not match weight of shape "
+                           f"{weight.shape} (expected input (..., {weight.shape[-1]}))")
+    if bias is not None and bias.shape != (weight.shape[0],):
+        raise RuntimeError(f"linear: bias of shape {bias.shape} does not match weight of "
+                           f"shape {weight.shape} (expected ({weight.shape[0]},))")
+    return apply(_linear, x, weight, bias)

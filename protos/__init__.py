@@ -1,0 +1,1 @@
+"""dptrain's gRPC API: .proto sources and their generated Python code."""

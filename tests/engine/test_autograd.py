@@ -1,0 +1,315 @@
+"""The reverse pass itself: graph shapes, accumulation, hooks, freeing, in-place detection."""
+
+import gc
+import weakref
+
+import numpy as np
+import pytest
+
+import engine
+from engine.tensor import Tensor
+
+
+def f64(a, requires_grad=True):
+    return engine.tensor(np.asarray(a, dtype=np.float64), requires_grad=requires_grad)
+
+
+def test_shared_subexpression_gets_every_contribution():
+    # y = a*b; z = y*y + y  =>  dz/da = (2y + 1) * b
+    a, b = f64([1.5, -2.0]), f64([0.5, 3.0])
+    y = a * b
+    z = (y * y + y).sum()
+    z.backward()
+    yv = np.array([0.75, -6.0])
+    np.testing.assert_allclose(a.grad.numpy(), (2 * yv + 1) * np.array([0.5, 3.0]))
+    np.testing.assert_allclose(b.grad.numpy(), (2 * yv + 1) * np.array([1.5, -2.0]))
+
+
+def test_each_rule_runs_once_on_a_diamond_lattice():
+    # 30 layers of diamonds: naive recursive backprop would run 2**30 rules.
+    from engine.ops.elementwise import _mul
+
+    calls = {"n": 0}
+    orig = _mul.vjps
+
+    def counted(rule):
+        def run(*args, **kwargs):
+            calls["n"] += 1
+            return rule(*args, **kwargs)
+        return run
+
+    _mul.vjps = tuple(counted(r) for r in orig)
+    try:
+        x = f64(1.0)
+        y = x
+        for _ in range(30):
+            y = (y * 1.0) + (y * 1.0)
+        y.backward()
+    finally:
+        _mul.vjps = orig
+    assert x.grad.item() == 2.0 ** 30
+    assert calls["n"] == 60  # two mul nodes per layer, one input each needing grad
+
+
+def test_residual_and_recurrence_reuse_parameters():
+    # h_{t+1} = tanh(W h_t + h_t): W used at every step, residual path around it.
+    rng = np.random.default_rng(0)
+    W0, h0 = rng.standard_normal((3, 3)) * 0.5, rng.standard_normal(3)
+    W = f64(W0)
+    h = f64(h0, requires_grad=False)
+    for _ in range(5):
+        h = (W @ h + h).tanh()
+    h.sum().backward()
+
+    def loss(Wv):
+        hv = h0
+        for _ in range(5):
+            hv = np.tanh(Wv @ hv + hv)
+        return hv.sum()
+
+    num = np.zeros_like(W0)
+    for i in range(3):
+        for j in range(3):
+            d = np.zeros_like(W0)
+            d[i, j] = 1e-6
+            num[i, j] = (loss(W0 + d) - loss(W0 - d)) / 2e-6
+    np.testing.assert_allclose(W.grad.numpy(), num, rtol=1e-6, atol=1e-8)
+
+
+def test_long_chain_is_iterative():
+    x = f64(1.0)
+    y = x
+    for _ in range(100_000):
+        y = y + 1.0
+    y.backward()
+    assert x.grad.item() == 1.0
+    del y  # freeing a 100k-node chain must not overflow the C stack either
+    gc.collect()
+
+
+def test_gradients_accumulate_until_zeroed():
+    x = f64([1.0, 2.0])
+    (x * 3).sum().backward()
+    (x * 3).sum().backward()
+    np.testing.assert_array_equal(x.grad.numpy(), [6.0, 6.0])
+    x.grad = None
+    (x * 2).sum().backward()
+    np.testing.assert_array_equal(x.grad.numpy(), [2.0, 2.0])
+
+
+def test_grads_of_two_leaves_never_share_memory():
+    a, b = f64([1.0]), f64([2.0])
+    (a + b).sum().backward()  # add's rule hands the same array to both inputs
+    a.grad.add_(1.0)
+    assert b.grad.item() == 1.0
+
+
+def test_backward_frees_saved_arrays_and_second_backward_raises():
+    x = f64(np.ones(1000))
+    y = x.exp()
+    ans = weakref.ref(y.grad_fn)
+    loss = y.sum()
+    loss.backward()
+    assert y.grad_fn.saved is None and y.grad_fn.ans is None
+    with pytest.raises(RuntimeError, match="second time"):
+        loss.backward()
+    del y, loss
+    gc.collect()
+    assert ans() is None
+
+
+def test_retain_graph_allows_a_second_backward():
+    x = f64([2.0])
+    loss = (x.exp() * x).sum()
+    loss.backward(retain_graph=True)
+    loss.backward()
+    np.testing.assert_allclose(x.grad.numpy(), 2 * (np.exp(2.0) * 3.0))
+
+
+def test_non_scalar_backward_needs_gradient():
+    x = f64([1.0, 2.0])
+    y = x * 2
+    with pytest.raises(RuntimeError, match="only for scalar outputs"):
+        y.backward()
+    y.backward(engine.tensor([1.0, 10.0], dtype=engine.float64))
+    np.testing.assert_array_equal(x.grad.numpy(), [2.0, 20.0])
+    with pytest.raises(RuntimeError, match="shape"):
+        (x * 2).backward(engine.ones(3, dtype=engine.float64))
+
+
+def test_backward_on_tensor_without_grad_raises():
+    with pytest.raises(RuntimeError, match="does not require grad"):
+        engine.ones(2).sum().backward()
+
+
+def test_gradient_with_respect_to_input_fgsm():
+    engine.manual_seed(0)
+    w = engine.randn(4, 3, dtype=engine.float64)
+    x = engine.randn(2, 4, dtype=engine.float64, requires_grad=True)
+    loss = engine.functional.cross_entropy(x @ w, engine.tensor([0, 2]))
+    loss.backward()
+    assert x.grad is not None and w.grad is None
+    adv = x.detach() + 0.1 * x.grad.sign()
+    with engine.no_grad():
+        assert engine.functional.cross_entropy(adv @ w, engine.tensor([0, 2])).item() > \
+            loss.item()
+
+
+def test_in_place_change_of_a_saved_input_is_detected():
+    w = f64([1.0, 2.0])
+    x = f64([3.0, 4.0], requires_grad=False)
+    y = (x * w).sum()
+    with engine.no_grad():
+        w.mul_(2.0)  # as an optimizer step between forward and backward would
+    with pytest.raises(RuntimeError, match="modified by an in-place operation"):
+        y.backward()
+
+
+def test_in_place_change_through_a_view_is_detected():
+    x = f64([1.0, 2.0, 3.0])
+    base = engine.tensor([1.0, 2.0, 3.0], dtype=engine.float64)
+    v = base.reshape(3)  # a view sharing the version counter
+    y = (x * v).sum()
+    base.add_(1.0)
+    with pytest.raises(RuntimeError, match="in-place"):
+        y.backward()
+
+
+def test_unsaved_inputs_may_change_in_place():
+    x = f64([1.0, 2.0])
+    c = engine.tensor([5.0, 5.0], dtype=engine.float64)
+    y = (x + c).sum()  # add saves nothing
+    c.add_(1.0)
+    y.backward()
+    np.testing.assert_array_equal(x.grad.numpy(), [1.0, 1.0])
+
+
+def test_in_place_on_leaf_requiring_grad_needs_no_grad():
+    w = f64([1.0])
+    with pytest.raises(RuntimeError, match="no_grad"):
+        w.add_(1.0)
+    with engine.no_grad():
+        w.add_(1.0)
+    assert w.item() == 2.0
+
+
+def test_no_grad_and_enable_grad():
+    x = f64([1.0])
+    with engine.no_grad():
+        y = x * 2
+        with engine.enable_grad():
+            z = x * 2
+    assert not y.requires_grad and y.grad_fn is None
+    assert z.requires_grad
+
+    @engine.no_grad()
+    def f(t):
+        return t * 2
+
+    assert not f(x).requires_grad
+    assert engine.is_grad_enabled()
+    engine.set_grad_enabled(False)
+    assert not (x * 2).requires_grad
+    engine.set_grad_enabled(True)
+    assert (x * 2).requires_grad
+
+
+def test_tensor_hooks_see_and_replace_gradients():
+    x = f64([1.0, 2.0])
+    y = x * 3
+    seen = []
+    y.register_hook(lambda g: seen.append(g.numpy().copy()))
+    h = x.register_hook(lambda g: g * 10)
+    y.sum().backward()
+    np.testing.assert_array_equal(seen[0], [1.0, 1.0])
+    np.testing.assert_array_equal(x.grad.numpy(), [30.0, 30.0])
+    h.remove()
+    x.grad = None
+    (x * 3).sum().backward()
+    np.testing.assert_array_equal(x.grad.numpy(), [3.0, 3.0])
+
+
+def test_post_accumulate_hook_runs_once_per_backward_with_the_full_gradient():
+    w = f64([1.0, 2.0])
+    calls = []
+    w.register_post_accumulate_grad_hook(lambda p: calls.append(p.grad.numpy().copy()))
+    # w is used three times: the hook must fire once, after all three contributions.
+    loss = (w * 2).sum() + (w * w).sum() + w.sum()
+    loss.backward()
+    assert len(calls) == 1
+    np.testing.assert_array_equal(calls[0], 2 + 2 * np.array([1.0, 2.0]) + 1)
+
+
+def test_queue_callback_runs_after_all_leaves_are_done():
+    a, b = f64([1.0]), f64([2.0])
+    order = []
+
+    def hook(p):
+        order.append("leaf")
+        if len(order) == 1:
+            engine.queue_callback(lambda: order.append("end"))
+
+    a.register_post_accumulate_grad_hook(hook)
+    b.register_post_accumulate_grad_hook(hook)
+    (a * b).sum().backward()
+    assert order == ["leaf", "leaf", "end"]
+    with pytest.raises(RuntimeError, match="during a backward"):
+        engine.queue_callback(lambda: None)
+
+
+def test_retain_grad_on_non_leaf():
+    x = f64([1.0, 2.0])
+    y = x * 2
+    y.retain_grad()
+    (y * y).sum().backward()
+    np.testing.assert_array_equal(y.grad.numpy(), [4.0, 8.0])
+
+
+def test_grad_assignment_is_checked():
+    x = f64([1.0, 2.0])
+    with pytest.raises(RuntimeError, match="shape"):
+        x.grad = engine.zeros(3, dtype=engine.float64)
+    with pytest.raises(TypeError):
+        x.grad = np.zeros(2)
+
+
+def test_requires_grad_rules():
+    with pytest.raises(RuntimeError, match="floating point"):
+        engine.tensor([1, 2], requires_grad=True)
+    x = f64([1.0])
+    y = x * 2
+    with pytest.raises(RuntimeError, match="leaf"):
+        y.requires_grad = False
+    assert x.is_leaf and not y.is_leaf
+    d = y.detach()
+    assert d.is_leaf and not d.requires_grad
+
+
+def test_numpy_works_on_tensors_that_require_grad():
+    x = f64([1.0, 2.0])
+    assert isinstance(x.numpy(), np.ndarray)
+    assert x.tolist() == [1.0, 2.0]
+    with pytest.raises(RuntimeError, match="cannot be converted"):
+        x.item()
+
+
+def test_mixed_dtype_gradients_come_back_in_each_inputs_dtype():
+    a = engine.tensor([1.0, 2.0], requires_grad=True)  # float32
+    b = f64([3.0, 4.0])
+    (a * b).sum().backward()
+    assert a.grad.dtype == engine.float32 and b.grad.dtype == engine.float64
+    np.testing.assert_array_equal(a.grad.numpy(), [3.0, 4.0])
+
+
+def test_broadcast_gradient_is_summed_back_to_the_input_shape():
+    x = f64(np.ones((3, 1)))
+    b = f64(np.arange(4.0))
+    (x * b).sum().backward()
+    np.testing.assert_array_equal(x.grad.numpy(), np.full((3, 1), 6.0))
+    np.testing.assert_array_equal(b.grad.numpy(), np.full(4, 3.0))
+
+
+def test_tensor_wraps_arrays_as_is():
+    arr = np.zeros(3, dtype=np.float32)
+    t = Tensor(arr)
+    assert t.data is arr and t.dtype == np.float32

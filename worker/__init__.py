@@ -1,0 +1,1 @@
+"""dptrain worker: data-parallel training over MPI (gradient all-reduce across processes)."""
