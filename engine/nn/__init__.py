@@ -1,0 +1,39 @@
+"""``engine.nn``: Parameters, Modules, containers, layers, losses, initialisers and clipping,
+with PyTorch's names (``torch.nn``).
+
+Example:
+    >>> import engine
+    >>> from engine import nn
+    >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    >>> [name for name, _ in model.named_parameters()]
+    ['0.weight', '0.bias', '2.weight', '2.bias']
+"""
+
+from engine import functional
+from engine.nn import init, utils
+from engine.nn.containers import ModuleDict, ModuleList, Sequential
+from engine.nn.layers import (
+    GELU,
+    CrossEntropyLoss,
+    Dropout,
+    Embedding,
+    Flatten,
+    Identity,
+    LayerNorm,
+    Linear,
+    LogSoftmax,
+    MSELoss,
+    ReLU,
+    Sigmoid,
+    SiLU,
+    Softmax,
+    Tanh,
+)
+from engine.nn.module import Module
+from engine.nn.parameter import Parameter
+
+__all__ = [
+    "Parameter", "Module", "Sequential", "ModuleList", "ModuleDict", "Identity", "Linear",
+    "ReLU", "GELU", "Tanh", "Sigmoid", "SiLU", "Softmax", "LogSoftmax", "Dropout", "LayerNorm",
+    "Embedding", "Flatten", "CrossEntropyLoss", "MSELoss", "init", "utils", "functional",
+]
