@@ -108,7 +108,9 @@ def _nll(logp, target, weight, ignore_index, reduction, label_smoothing, name):
         smooth = -all_logp.sum(cdim) / C * Tensor(valid.astype(logp.dtype))
         loss = loss * (1 - label_smoothing) + smooth * label_smoothing
     if reduction == "mean":
-        return loss.sum() / float(w.sum())
+        total = float(w.sum())
+        # Every target ignored: the mean is undefined (NaN, as in torch), without a warning.
+        return loss.sum() / total if total else loss.sum() * float("nan")
     return loss.sum() if reduction == "sum" else loss
 
 

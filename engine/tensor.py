@@ -90,6 +90,9 @@ class set_grad_enabled(no_grad):
 
 # ---------------------------------------------------------------- the graph
 
+NOT_SAVED = object()  # marks an input whose array an op's rules did not ask to keep
+
+
 class _ArrayMeta:
     """Stands in for an input array that an op's gradient rule did not ask to keep."""
 
@@ -116,7 +119,7 @@ class Node:
     def __init__(self, op, parents, saved, ans, kwargs, shapes, dtypes, versions):
         self.op = op
         self.parents = parents      # per input: a Node, a leaf Tensor needing grad, or None
-        self.saved = saved          # per input: the array if the rule needs it, else None
+        self.saved = saved          # per input: the array if the rule needs it, else NOT_SAVED
         self.ans = ans              # the output array, if the rule needs it
         self.kwargs = kwargs
         self.shapes = shapes        # per input, for un-broadcasting and _ArrayMeta
@@ -168,6 +171,8 @@ class Tensor:
 
     def __init__(self, data, requires_grad: bool = False, _node: Node | None = None,
                  _version: list | None = None):
+        if isinstance(data, numpy.generic):  # numpy reductions return scalars, not 0-d arrays
+            data = numpy.asarray(data)
         self.data = data
         self._rg = False
         self._grad = None
@@ -453,7 +458,7 @@ def run_backward(root, g, retain_graph: bool) -> None:
             _check_versions(v)
             op, saved = v.op, v.saved
             xp = get_array_module(g)
-            args = [a if a is not None else _ArrayMeta(s, d)
+            args = [a if a is not NOT_SAVED else _ArrayMeta(s, d)
                     for a, s, d in zip(saved, v.shapes, v.dtypes)]
             vjps = op.vjps
             if vjps is None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 from engine.backend import get_array_module
-from engine.tensor import Node, Tensor, _mode
+from engine.tensor import NOT_SAVED, Node, Tensor, _mode
 
 __all__ = ["Op", "apply"]
 
@@ -85,8 +85,10 @@ def apply(op: Op, *args, **kwargs) -> Tensor:
             saved.append(arr)
             if isinstance(a, Tensor):
                 versions.append((a._version, a._version[0]))
+        elif isinstance(a, Tensor) or hasattr(arr, "shape"):
+            saved.append(NOT_SAVED)
         else:
-            saved.append(None)
+            saved.append(arr)  # Python constants (scalars, None) cost nothing to keep
     box = args[0]._version if op.view and isinstance(args[0], Tensor) else [0]
     if op.save_ans:
         versions.append((box, box[0]))

@@ -216,10 +216,12 @@ def logical_not(x: Tensor) -> Tensor:
 def where(condition: Tensor, input, other) -> Tensor:
     """``input`` where `condition` holds, else ``other`` (either may be a Python scalar)."""
     cond = condition.data if isinstance(condition, Tensor) else condition
-    if isinstance(input, Tensor) and not isinstance(other, Tensor):
-        other = _operand(input, other)
-    elif isinstance(other, Tensor) and not isinstance(input, Tensor):
-        input = _operand(other, input)
+    if isinstance(input, Tensor) != isinstance(other, Tensor):
+        t, s = (input, other) if isinstance(input, Tensor) else (other, input)
+        s = _operand(t, s)
+        if type(s) is tuple:  # a float scalar with an integer tensor: float32, as in torch
+            t, s = apply(_to, t, dtype=default_float), s[0]
+        input, other = (t, s) if isinstance(input, Tensor) else (s, t)
     return apply(_where, cond, input, other)
 
 

@@ -58,6 +58,17 @@ _var = Op("var", lambda xp, x, axis, keepdim, correction:
 ))
 
 
+
+def _std_vjp(xp, g, ans, x, axis, keepdim, correction):
+    sd = _expand(xp, ans, x.shape, axis, keepdim) * (_count(x.shape, axis) - correction)
+    num = _expand(xp, g, x.shape, axis, keepdim) * (x - x.mean(axis=axis, keepdims=True))
+    return xp.divide(num, sd, out=xp.zeros(x.shape, dtype=num.dtype), where=sd != 0)
+
+
+_std = Op("std", lambda xp, x, axis, keepdim, correction:
+          xp.std(x, axis=axis, keepdims=keepdim, ddof=correction), (_std_vjp,), save_ans=True)
+
+
 def _extreme_vjp(xp, g, ans, x, axis, keepdim):
     # Ties share the gradient equally, as torch.amax does.
     hit = x == _expand(xp, ans, x.shape, axis, keepdim)
@@ -112,8 +123,8 @@ def var(x: Tensor, dim=None, *, correction: int = 1, keepdim: bool = False,
 
 
 def std(x: Tensor, dim=None, *, correction: int = 1, keepdim: bool = False) -> Tensor:
-    """Standard deviation: ``var(...).sqrt()``."""
-    return var(x, dim, correction=correction, keepdim=keepdim).sqrt()
+    """Standard deviation over `dim`; where it is zero the gradient is zero, as in torch."""
+    return apply(_std, x, axis=_axes(dim, x.ndim), keepdim=keepdim, correction=correction)
 
 
 def amax(x: Tensor, dim=None, keepdim: bool = False) -> Tensor:
@@ -133,7 +144,10 @@ def logsumexp(x: Tensor, dim, keepdim: bool = False) -> Tensor:
 
 def cumsum(x: Tensor, dim: int) -> Tensor:
     """Cumulative sum along `dim`."""
-    return apply(_cumsum, x, axis=_axes(dim, x.ndim)[0] if x.ndim else None)
+    if x.ndim == 0:
+        _axes(dim, 0)
+        return x.clone()
+    return apply(_cumsum, x, axis=_axes(dim, x.ndim)[0])
 
 
 def _arg(fn_name):

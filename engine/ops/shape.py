@@ -76,7 +76,7 @@ def _gather_vjp(xp, g, ans, x, index, axis):
     return out
 
 
-_gather = Op("gather", lambda xp, x, index, axis: xp.take_along_axis(x, index, axis=axis),
+_gather = Op("gather", lambda xp, x, index, axis: x[_gather_index(xp, index, axis)],
              (_gather_vjp, None), save=(1,))
 
 
@@ -319,7 +319,11 @@ def gather(x: Tensor, dim: int, index: Tensor) -> Tensor:
         raise RuntimeError(f"gather(): index has {idx.ndim} dims but the input has {x.ndim} "
                            f"(shapes {idx.shape} and {x.shape})")
     d = _dim(dim, x.ndim)
-    if idx.size and (idx.min() < -x.shape[d] or idx.max() >= x.shape[d]):
+    for i, (n_idx, n_x) in enumerate(zip(idx.shape, x.shape)):
+        if i != d and n_idx > n_x:
+            raise RuntimeError(f"gather(): index of shape {idx.shape} is larger than the input "
+                               f"of shape {x.shape} in dimension {i}")
+    if idx.size and (idx.min() < 0 or idx.max() >= x.shape[d]):
         raise IndexError(f"gather(): index out of range for dim {d} of size {x.shape[d]} "
                          f"(index values from {int(idx.min())} to {int(idx.max())})")
     return apply(_gather, x, idx, axis=d)
