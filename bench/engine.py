@@ -1,0 +1,300 @@
+"""Engine benchmark: per-op overhead, an MLP training step, and its peak memory.
+
+Every row is measured in this one run, on one BLAS thread, against two peers: the same
+computation written by hand in plain numpy (forward and backward — the floor for any
+numpy-based engine) and PyTorch on the CPU when it is importable. Run it with
+
+    env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 \
+        MKL_NUM_THREADS=1 .venv/bin/python bench/engine.py
+
+(`make bench` does exactly that). See docs/benchmarks.md for recorded results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import engine  # noqa: E402
+import engine.functional as F  # noqa: E402
+from engine import nn  # noqa: E402
+
+try:
+    import torch
+
+    torch.set_num_threads(1)
+except ImportError:  # PyTorch is a peer for comparison only, never a dependency
+    torch = None
+
+
+def _limit_blas_threads() -> str:
+    try:
+        from threadpoolctl import threadpool_info, threadpool_limits
+
+        threadpool_limits(1)
+        info = threadpool_info()
+        return ", ".join(f"{i['internal_api']} {i.get('version')} ({i.get('architecture')})"
+                         for i in info if i["user_api"] == "blas")
+    except ImportError:
+        return "unknown (threadpoolctl not installed)"
+
+
+def timeit(fn, repeat: int, number: int) -> float:
+    """Median seconds per call over `repeat` rounds of `number` calls (after a warm-up)."""
+    fn()
+    samples = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        for _ in range(number):
+            fn()
+        samples.append((time.perf_counter() - t) / number)
+    return statistics.median(samples)
+
+
+# ---------------------------------------------------------------- peak memory
+
+def _rss_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _malloc_returns_memory() -> None:
+    """Make glibc serve every array from mmap and unmap it when freed, so the resident set
+    tracks live memory (by default freed arrays stay in malloc's heap and peaks are hidden)."""
+    import ctypes
+
+    libc = ctypes.CDLL("libc.so.6")
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    libc.mallopt(M_MMAP_THRESHOLD, 64 * 1024)
+    libc.mallopt(M_TRIM_THRESHOLD, 128 * 1024)
+
+
+def peak_memory_mib(fn, reset=None) -> float:
+    """Peak resident memory added while `fn` runs, in MiB (Linux: VmHWM reset via clear_refs).
+
+    `reset` drops state a step leaves behind (gradients) so every contender starts from its
+    parameters and data alone."""
+    fn()
+    if reset:
+        reset()
+    gc.collect()
+    base = _rss_kib("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset the peak-RSS counter to the current RSS
+    fn()
+    return (_rss_kib("VmHWM") - base) / 1024
+
+
+# ---------------------------------------------------------------- small-op chain
+
+CHAIN = 10  # each link is 3 ops: mul, add, tanh; plus a final sum
+
+
+def chain_engine(x):
+    def step():
+        y = x
+        for _ in range(CHAIN):
+            y = (y * 0.9 + 0.1).tanh()
+        y.sum().backward()
+        x.grad = None
+    return step
+
+
+def chain_numpy(x0):
+    def step():
+        ys = [x0]
+        y = x0
+        for _ in range(CHAIN):
+            y = np.tanh(y * 0.9 + 0.1)
+            ys.append(y)
+        _ = y.sum()
+        g = np.ones_like(y)
+        for i in range(CHAIN, 0, -1):
+            g = g * (1 - ys[i] * ys[i])
+            g = g * 0.9
+        return g
+    return step
+
+
+def chain_torch(x):
+    def step():
+        y = x
+        for _ in range(CHAIN):
+            y = (y * 0.9 + 0.1).tanh()
+        y.sum().backward()
+        x.grad = None
+    return step
+
+
+# ---------------------------------------------------------------- MLP step
+
+SIZES = (784, 1024, 1024, 10)
+
+
+def mlp_data(batch: int):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((batch, SIZES[0]), dtype=np.float32)
+    y = rng.integers(0, SIZES[-1], batch)
+    ws = [(rng.standard_normal((o, i), dtype=np.float32) * np.float32(1 / np.sqrt(i)),
+           np.zeros(o, np.float32)) for i, o in zip(SIZES[:-1], SIZES[1:])]
+    return x, y, ws
+
+
+def mlp_engine(x, y, ws, lr=0.01):
+    layers = []
+    for w, b in ws:
+        lin = nn.Linear(w.shape[1], w.shape[0])
+        lin.weight.data[...] = w
+        lin.bias.data[...] = b
+        layers += [lin, nn.ReLU()]
+    model = nn.Sequential(*layers[:-1])
+    opt = engine.optim.SGD(model.parameters(), lr=lr)
+    xt, yt = engine.from_numpy(x), engine.from_numpy(y)
+
+    def step():
+        opt.zero_grad()
+        F.cross_entropy(model(xt), yt).backward()
+        opt.step()
+    step.reset = opt.zero_grad
+    return step
+
+
+def mlp_numpy(x, y, ws, lr=0.01):
+    params = [(w.copy(), b.copy()) for w, b in ws]
+    n = x.shape[0]
+    rows = np.arange(n)
+
+    def step():
+        acts, h = [x], x
+        for i, (w, b) in enumerate(params):
+            h = h @ w.T
+            h += b
+            if i < len(params) - 1:
+                h = np.maximum(h, 0)
+            acts.append(h)
+        z = h - h.max(axis=1, keepdims=True)
+        p = np.exp(z)
+        p /= p.sum(axis=1, keepdims=True)
+        _ = -np.log(p[rows, y]).mean()
+        g = p
+        g[rows, y] -= 1
+        g /= n
+        for i in range(len(params) - 1, -1, -1):
+            w, b = params[i]
+            gw = g.T @ acts[i]
+            gb = g.sum(axis=0)
+            if i:
+                g = g @ w
+                g *= acts[i] > 0
+            w -= lr * gw
+            b -= lr * gb
+    return step
+
+
+def mlp_torch(x, y, ws, lr=0.01):
+    layers = []
+    for w, b in ws:
+        lin = torch.nn.Linear(w.shape[1], w.shape[0])
+        with torch.no_grad():
+            lin.weight.copy_(torch.from_numpy(w))
+            lin.bias.copy_(torch.from_numpy(b))
+        layers += [lin, torch.nn.ReLU()]
+    model = torch.nn.Sequential(*layers[:-1])
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+
+    def step():
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(xt), yt).backward()
+        opt.step()
+    step.reset = opt.zero_grad
+    return step
+
+
+MLP_STEPS = {"engine": mlp_engine, "numpy": mlp_numpy, "torch": mlp_torch}
+
+
+def _peak_in_fresh_process(name: str, batch: int) -> float:
+    """Each contender's peak is measured in its own process, so none inherits another's heap."""
+    import subprocess
+
+    out = subprocess.run([sys.executable, __file__, "--peak-memory-of", name, "--batch",
+                          str(batch)], check=True, capture_output=True, text=True).stdout
+    return float(out.strip().splitlines()[-1])
+
+
+# ---------------------------------------------------------------- report
+
+def ratio(a, b) -> str:
+    return "—" if a is None or b is None else f"{a / b:.2f}×"
+
+
+def fmt(v, unit) -> str:
+    return "—" if v is None else f"{v:,.1f} {unit}"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--batch", type=int, default=256, help="MLP batch size (default 256)")
+    ap.add_argument("--repeat", type=int, default=7, help="timing rounds per row (median)")
+    ap.add_argument("--peak-memory-of", choices=("engine", "numpy", "torch"),
+                    help=argparse.SUPPRESS)  # internal: one contender, in a fresh process
+    args = ap.parse_args(argv)
+    if args.peak_memory_of:
+        _limit_blas_threads()
+        _malloc_returns_memory()
+        step = MLP_STEPS[args.peak_memory_of](*mlp_data(args.batch))
+        print(peak_memory_mib(step, getattr(step, "reset", None)))
+        return 0
+
+    blas = _limit_blas_threads()
+    x16 = np.random.default_rng(0).standard_normal((16, 16), dtype=np.float32)
+    n_ops = CHAIN * 3 + 1
+    rows = []
+
+    t_e = timeit(chain_engine(engine.tensor(x16, requires_grad=True)), args.repeat, 200)
+    t_n = timeit(chain_numpy(x16), args.repeat, 200)
+    t_t = (timeit(chain_torch(torch.tensor(x16, requires_grad=True)), args.repeat, 200)
+           if torch else None)
+    rows.append(("small-op chain on 16×16, per op (fwd+bwd)", 1e6 / n_ops, "µs",
+                 t_e, t_n, t_t))
+
+    x, y, ws = mlp_data(args.batch)
+    steps = {"engine": mlp_engine(x, y, ws), "numpy": mlp_numpy(x, y, ws)}
+    if torch:
+        steps["torch"] = mlp_torch(x, y, ws)
+    times = {k: timeit(v, args.repeat, 3) for k, v in steps.items()}
+    rows.append((f"MLP 784-1024-1024-10 train step, batch {args.batch}", 1e3, "ms",
+                 times["engine"], times["numpy"], times.get("torch")))
+    mem = {k: _peak_in_fresh_process(k, args.batch) for k in steps}
+    rows.append(("peak memory of that step", 1.0, "MiB", mem["engine"], mem["numpy"],
+                 mem.get("torch")))
+
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+          f"Python {platform.python_version()}, numpy {np.__version__}, BLAS: {blas}")
+    print(f"torch: {torch.__version__ if torch else 'not installed'}")
+    print()
+    print("| row | engine | numpy by hand | PyTorch CPU | engine / numpy | engine / PyTorch |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for name, scale, unit, e, n, t in rows:
+        e_, n_, t_ = (None if v is None else v * scale for v in (e, n, t))
+        print(f"| {name} | {fmt(e_, unit)} | {fmt(n_, unit)} | {fmt(t_, unit)} | "
+              f"{ratio(e, n)} | {ratio(e, t)} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
