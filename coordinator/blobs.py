@@ -1,0 +1,365 @@
+"""Checkpoint blobs on disk, content-addressed by sha256: `BlobStore`, and checkpoint retention.
+
+A blob is stored under its digest, ``ROOT/ab/cdef…`` (the first two hex digits name a shard
+directory, so no directory grows huge). `BlobStore.put` writes to a temporary file in
+``ROOT/tmp/``, hashing as it goes, fsyncs it, checks the digest the sender declared, renames it
+into place and fsyncs the directory: a blob is visible only once complete and durable, and a
+failed or refused upload leaves nothing behind. Reads verify the digest, so a blob damaged on disk
+raises `BlobCorrupted` and the caller falls back to the job's previous checkpoint
+(`latest_intact_checkpoint`).
+
+Blobs know nothing of jobs; the store's checkpoint records point at them. Retention
+(`prune_checkpoints`) forgets a job's oldest records beyond its ``keep`` and deletes the blobs
+no record refers to any more; `BlobStore.collect_garbage` removes what a crash left behind.
+
+Example::
+
+    blobs = BlobStore(state_dir / "blobs")
+    sha256, size = blobs.put(chunks, expected_sha256=declared)   # from the upload stream
+    for chunk in blobs.read(sha256):                               # to the download stream
+        ...
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import tempfile
+import time
+from collections.abc import Callable, Container, Iterable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from coordinator.errors import (
+    BlobCorrupted,
+    BlobError,
+    BlobNotFound,
+    BlobTooLarge,
+    ChecksumMismatch,
+    ValidationError,
+)
+
+if TYPE_CHECKING:
+    from coordinator.model import CheckpointRecord
+    from coordinator.store import Store
+
+__all__ = [
+    "BlobStore", "prune_checkpoints", "latest_intact_checkpoint", "check_sha256", "CHUNK_SIZE",
+]
+
+CHUNK_SIZE = 1 << 20  # 1 MiB: well under gRPC's default 4 MiB message limit
+_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+_TMP = "tmp"
+
+BytesLike = bytes | bytearray | memoryview
+
+
+def check_sha256(value: object, field: str = "sha256") -> str:
+    """Return `value` if it is a sha256 hex digest (64 lowercase hex digits).
+
+    Args:
+        value: the digest to check.
+        field: the field name the error should mention.
+
+    Raises:
+        ValidationError: naming `field`.
+    """
+    if not isinstance(value, str) or not _SHA256_RE.match(value):
+        raise ValidationError(field, "must be 64 lowercase hex digits (a sha256 digest)", value)
+    return value
+
+
+def _fsync_directory(path: Path) -> None:
+    """Make renames and creations in `path` durable (a no-op where directories can't be opened)."""
+    if os.name == "nt":  # pragma: no cover - Windows cannot open a directory
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class BlobStore:
+    """Immutable byte blobs in a directory, named by their sha256.
+
+    Safe for many threads: every write goes to its own temporary file and lands with an atomic
+    rename; putting the same content twice stores it once.
+
+    Args:
+        root: the directory (created when missing).
+        max_size: refuse blobs larger than this many bytes (None: no limit).
+    """
+
+    def __init__(self, root: str | os.PathLike, *, max_size: int | None = None):
+        self.root = Path(root)
+        self.max_size = max_size
+        (self.root / _TMP).mkdir(parents=True, exist_ok=True)
+
+    def _path(self, sha256: str) -> Path:
+        check_sha256(sha256)
+        return self.root / sha256[:2] / sha256[2:]
+
+    # -- writing
+
+    def put(self, data: BytesLike | Iterable[BytesLike], *,
+            expected_sha256: str | None = None) -> tuple[str, int]:
+        """Store bytes, atomically: complete and durable, or not at all.
+
+        Args:
+            data: the bytes, or an iterable of chunks (e.g. an upload stream's payloads).
+            expected_sha256: the digest the sender declared; the blob is refused unless the
+                bytes match it.
+
+        Returns:
+            ``(sha256, size)`` of the stored blob.
+
+        Raises:
+            ValidationError: `expected_sha256` is not a digest.
+            TypeError: `data` is a str (encode it first) or yields something not bytes-like.
+            ChecksumMismatch: the bytes do not hash to `expected_sha256`.
+            BlobTooLarge: more than ``max_size`` bytes.
+            Exception: whatever iterating `data` raised (a broken upload), unchanged.
+        """
+        if expected_sha256 is not None:
+            check_sha256(expected_sha256, "expected_sha256")
+        if isinstance(data, str):
+            raise TypeError("data: must be bytes or an iterable of bytes chunks, got a str")
+        chunks = [data] if isinstance(data, (bytes, bytearray, memoryview)) else data
+        digest, size = hashlib.sha256(), 0
+        fd, tmp = tempfile.mkstemp(dir=self.root / _TMP, suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                for chunk in chunks:
+                    size += len(chunk)
+                    if self.max_size is not None and size > self.max_size:
+                        raise BlobTooLarge(self.max_size)
+                    digest.update(chunk)
+                    f.write(chunk)
+                f.flush()
+                os.fsync(f.fileno())
+            sha256 = digest.hexdigest()
+            if expected_sha256 is not None and sha256 != expected_sha256:
+                raise ChecksumMismatch(expected_sha256, sha256, size)
+            final = self._path(sha256)
+            created = not final.parent.is_dir()
+            final.parent.mkdir(exist_ok=True)
+            if created:
+                _fsync_directory(self.root)
+            # Replace rather than skip an existing file: a damaged copy gets repaired.
+            os.replace(tmp, final)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        _fsync_directory(final.parent)
+        return sha256, size
+
+    def delete(self, sha256: str) -> bool:
+        """Remove a blob.
+
+        Args:
+            sha256: its digest.
+
+        Returns:
+            True when it existed.
+        """
+        path = self._path(sha256)
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            return False
+        _fsync_directory(path.parent)
+        return True
+
+    # -- reading
+
+    def exists(self, sha256: str) -> bool:
+        """True when a blob with this digest is stored (not verified)."""
+        return self._path(sha256).is_file()
+
+    def size(self, sha256: str) -> int:
+        """The stored blob's size in bytes.
+
+        Raises:
+            BlobNotFound: no such blob.
+        """
+        try:
+            return self._path(sha256).stat().st_size
+        except FileNotFoundError:
+            raise BlobNotFound(sha256) from None
+
+    def read(self, sha256: str, *, chunk_size: int = CHUNK_SIZE,
+             verify: bool = True) -> Iterator[bytes]:
+        """The blob's bytes in chunks, verified while streaming.
+
+        When the bytes do not hash to `sha256`, `BlobCorrupted` is raised after the last chunk,
+        so a download stream ends with an error instead of completing. Use `verify` first to
+        check a blob before sending any of it.
+
+        Args:
+            sha256: its digest.
+            chunk_size: bytes per chunk.
+            verify: check the digest at the end.
+
+        Returns:
+            An iterator of chunks of at most `chunk_size` bytes.
+
+        Raises:
+            BlobNotFound, BlobCorrupted.
+        """
+        path = self._path(sha256)
+        if not path.is_file():  # raise now, not at the first next()
+            raise BlobNotFound(sha256)
+        return self._read(path, sha256, chunk_size, verify)
+
+    @staticmethod
+    def _read(path: Path, sha256: str, chunk_size: int, verify: bool) -> Iterator[bytes]:
+        digest, size = hashlib.sha256(), 0
+        try:
+            f = open(path, "rb")
+        except FileNotFoundError:  # deleted since read() looked
+            raise BlobNotFound(sha256) from None
+        with f:
+            while chunk := f.read(chunk_size):
+                digest.update(chunk)
+                size += len(chunk)
+                yield chunk
+        if verify and digest.hexdigest() != sha256:
+            raise BlobCorrupted(sha256, digest.hexdigest(), size)
+
+    def verify(self, sha256: str) -> int:
+        """Read the whole blob and check its digest.
+
+        Returns:
+            Its size in bytes.
+
+        Raises:
+            BlobNotFound, BlobCorrupted.
+        """
+        return sum(len(chunk) for chunk in self.read(sha256))
+
+    def get(self, sha256: str, *, verify: bool = True) -> Path:
+        """The path of a stored blob, verified first: for handing the file to a local reader.
+
+        The file must be treated as read-only; it stays valid until `delete`.
+
+        Raises:
+            BlobNotFound, BlobCorrupted.
+        """
+        if verify:
+            self.verify(sha256)
+        elif not self.exists(sha256):
+            raise BlobNotFound(sha256)
+        return self._path(sha256)
+
+    def __iter__(self) -> Iterator[str]:
+        """The digests of all stored blobs (in no particular order)."""
+        for shard in self.root.iterdir():
+            if len(shard.name) == 2 and shard.is_dir():
+                for blob in shard.iterdir():
+                    if _SHA256_RE.match(shard.name + blob.name):
+                        yield shard.name + blob.name
+
+    def collect_garbage(self, referenced: Container[str], *, min_age: float = 3600.0,
+                        now: float | None = None) -> list[str]:
+        """Delete blobs nothing refers to and temporary files that crashed uploads left.
+
+        Only files older than `min_age` seconds go, so a blob just uploaded but not yet
+        recorded, or an upload in progress, is never removed.
+
+        Args:
+            referenced: the digests to keep (``store.referenced_sha256s()``).
+            min_age: seconds since a file's last modification before it may go.
+            now: the current time (unix seconds); default the clock.
+
+        Returns:
+            The digests of the deleted blobs.
+        """
+        cutoff = (time.time() if now is None else now) - min_age
+        for tmp in (self.root / _TMP).iterdir():
+            if tmp.stat().st_mtime <= cutoff:
+                tmp.unlink(missing_ok=True)
+        deleted = []
+        for sha256 in list(self):
+            if sha256 not in referenced and self._path(sha256).stat().st_mtime <= cutoff:
+                if self.delete(sha256):
+                    deleted.append(sha256)
+        return deleted
+
+
+def prune_checkpoints(store: Store, blobs: BlobStore, job_id: str, keep: int, *,
+                      grace_s: float = 60.0) -> list[CheckpointRecord]:
+    """Retention: keep a job's newest `keep` checkpoints, forget the rest and free their blobs.
+
+    Records go first (so no one is offered a checkpoint whose blob is going), then each freed
+    blob that no other record refers to — unless it was written in the last `grace_s` seconds,
+    because another job may have just uploaded the same bytes and not yet recorded them;
+    `BlobStore.collect_garbage` removes such blobs later.
+
+    Args:
+        store: the job's store.
+        blobs: where its checkpoint blobs are.
+        job_id: the job.
+        keep: how many of the newest checkpoints to keep (>= 1; the spec's ``checkpoint.keep``).
+        grace_s: spare blobs modified this recently.
+
+    Returns:
+        The records removed, oldest first.
+
+    Raises:
+        ValidationError: naming ``checkpoint.keep``.
+        JobNotFound: no such job.
+    """
+    if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
+        raise ValidationError("checkpoint.keep", "must be an integer >= 1", keep)
+    records = store.list_checkpoints(job_id)
+    removed = []
+    for record in records[:-keep]:
+        try:
+            store.delete_checkpoint(job_id, record.step)
+        except LookupError:  # deleted meanwhile by someone else
+            continue
+        removed.append(record)
+    cutoff = time.time() - grace_s
+    for sha256 in dict.fromkeys(r.sha256 for r in removed):
+        if store.sha256_in_use(sha256):
+            continue
+        try:
+            if blobs._path(sha256).stat().st_mtime <= cutoff:
+                blobs.delete(sha256)
+        except FileNotFoundError:
+            pass
+    return removed
+
+
+def latest_intact_checkpoint(
+        store: Store, blobs: BlobStore, job_id: str, *,
+        on_damaged: Callable[[CheckpointRecord, BlobError], None] | None = None,
+) -> CheckpointRecord | None:
+    """The newest checkpoint of a job whose blob is present and verifies: what to resume from.
+
+    Damaged or missing blobs are skipped, newest first; `on_damaged` hears about each (to log
+    it, record an event, or delete the record).
+
+    Args:
+        store: the job's store.
+        blobs: where its checkpoint blobs are.
+        job_id: the job.
+        on_damaged: called with ``(record, error)`` for each checkpoint skipped.
+
+    Returns:
+        The record, or None when no checkpoint is intact.
+
+    Raises:
+        JobNotFound: no such job.
+    """
+    for record in reversed(store.list_checkpoints(job_id)):
+        try:
+            blobs.verify(record.sha256)
+        except (BlobCorrupted, BlobNotFound) as error:
+            if on_damaged is not None:
+                on_damaged(record, error)
+            continue
+        return record
+    return None

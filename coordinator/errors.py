@@ -1,0 +1,219 @@
+"""Every error the coordinator's core raises, each with the gRPC status a servicer maps it to.
+
+One module so the servicer turns errors into ``context.abort(code, str(error))`` in one place
+(``STATUS`` below) without importing grpc here: the codes are the names of ``grpc.StatusCode``
+members. Each message is one readable line that names the field, the rule and the value.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from coordinator.model import JobState
+
+__all__ = [
+    "CoordinatorError", "ValidationError", "InvalidTransition", "StoreError", "NotFound",
+    "JobNotFound", "CheckpointNotFound", "AlreadyExists", "StateConflict", "StoreClosed",
+    "SchemaError", "BlobError", "BlobNotFound", "BlobCorrupted", "ChecksumMismatch",
+    "BlobTooLarge", "HostfileError", "STATUS", "status_name",
+]
+
+
+class CoordinatorError(Exception):
+    """Base of the coordinator core's errors."""
+
+
+class ValidationError(CoordinatorError, ValueError):
+    """Bad input: names the field, the rule it broke and the value (INVALID_ARGUMENT).
+
+    Args:
+        field: the field's name or dotted path, e.g. ``workers``.
+        rule: what the value must be, e.g. ``must be >= 1``.
+        value: the offending value.
+    """
+
+    def __init__(self, field: str, rule: str, value: Any):
+        self.field, self.rule, self.value = field, rule, value
+        super().__init__(f"{field}: {rule}, got {value!r}")
+
+
+class InvalidTransition(CoordinatorError, ValueError):
+    """A state change the state machine forbids, e.g. SUCCEEDED -> RUNNING (FAILED_PRECONDITION).
+
+    Args:
+        current: the job's state.
+        target: the state asked for.
+        allowed: the states `current` may move to.
+    """
+
+    def __init__(self, current: JobState, target: JobState, allowed: Collection[JobState]):
+        self.current, self.target = current, target
+        names = ", ".join(sorted(s.value for s in allowed)) or "none, it is terminal"
+        super().__init__(f"job state: cannot go from {current.value} to {target.value} "
+                         f"(allowed from {current.value}: {names})")
+
+
+class StoreError(CoordinatorError):
+    """Base of the store's errors."""
+
+
+class NotFound(StoreError, LookupError):
+    """No such job or checkpoint (NOT_FOUND)."""
+
+
+class JobNotFound(NotFound):
+    """No job with this id (NOT_FOUND).
+
+    Args:
+        job_id: the id asked for.
+    """
+
+    def __init__(self, job_id: str):
+        self.job_id = job_id
+        super().__init__(f"job {job_id!r} not found")
+
+
+class CheckpointNotFound(NotFound):
+    """The job has no checkpoint at this step, or none at all when ``step`` is None (NOT_FOUND).
+
+    Args:
+        job_id: the job.
+        step: the step asked for; None for "the latest".
+    """
+
+    def __init__(self, job_id: str, step: int | None):
+        self.job_id, self.step = job_id, step
+        what = "no checkpoints" if step is None else f"no checkpoint at step {step}"
+        super().__init__(f"job {job_id!r} has {what}")
+
+
+class AlreadyExists(StoreError):
+    """A job id, or a different checkpoint at a (job, step), already stored (ALREADY_EXISTS)."""
+
+
+class StateConflict(StoreError):
+    """The job is not in a state the operation requires (FAILED_PRECONDITION).
+
+    Args:
+        job_id: the job.
+        actual: its state.
+        expected: the states the caller required.
+    """
+
+    def __init__(self, job_id: str, actual: JobState, expected: Collection[JobState]):
+        self.job_id, self.actual, self.expected = job_id, actual, frozenset(expected)
+        names = ", ".join(sorted(s.value for s in self.expected))
+        super().__init__(f"job {job_id!r} is {actual.value}, expected one of: {names}")
+
+
+class StoreClosed(StoreError):
+    """The store was closed (UNAVAILABLE: the server is shutting down)."""
+
+
+class SchemaError(StoreError):
+    """The database's schema cannot be used by this version of dptrain (startup error)."""
+
+
+class BlobError(CoordinatorError):
+    """Base of the blob store's errors."""
+
+
+class BlobNotFound(BlobError, LookupError):
+    """No blob with this sha256 (NOT_FOUND; for a checkpoint: fall back to the previous one).
+
+    Args:
+        sha256: the digest asked for.
+    """
+
+    def __init__(self, sha256: str):
+        self.sha256 = sha256
+        super().__init__(f"blob {sha256} not found")
+
+
+class BlobCorrupted(BlobError):
+    """A stored blob whose content no longer hashes to its name (DATA_LOSS; fall back).
+
+    Args:
+        sha256: the digest the blob is stored under.
+        actual: what its bytes hash to now.
+        size: how many bytes were read.
+    """
+
+    def __init__(self, sha256: str, actual: str, size: int):
+        self.sha256, self.actual, self.size = sha256, actual, size
+        super().__init__(f"blob {sha256} is corrupted: its {size} bytes hash to {actual}")
+
+
+class ChecksumMismatch(BlobError, ValueError):
+    """Uploaded bytes that do not hash to the sha256 the sender declared (DATA_LOSS).
+
+    Args:
+        expected: the declared digest.
+        actual: the digest of the bytes received.
+        size: how many bytes were received.
+    """
+
+    def __init__(self, expected: str, actual: str, size: int):
+        self.expected, self.actual, self.size = expected, actual, size
+        super().__init__(f"sha256: the {size} bytes received hash to {actual}, "
+                         f"not the declared {expected}; nothing was stored")
+
+
+class BlobTooLarge(BlobError, ValueError):
+    """An upload over the store's size limit (RESOURCE_EXHAUSTED); nothing is stored.
+
+    Args:
+        limit: the limit in bytes.
+    """
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        super().__init__(f"size: a blob may hold at most {limit} bytes; nothing was stored")
+
+
+class HostfileError(CoordinatorError, ValueError):
+    """A hostfile line that cannot be parsed; the message starts with ``file:line:``.
+
+    Args:
+        source: the file's name.
+        line: the 1-based line number (0: the file as a whole).
+        message: what is wrong.
+    """
+
+    def __init__(self, source: str, line: int, message: str):
+        self.source, self.line = source, line
+        super().__init__(f"{source}:{line}: {message}" if line else f"{source}: {message}")
+
+
+#: Error class -> the name of the ``grpc.StatusCode`` a servicer aborts with. Look it up with
+#: `status_name`, which walks the class's bases, so subclasses inherit their parent's code.
+STATUS: dict[type[BaseException], str] = {
+    ValidationError: "INVALID_ARGUMENT",
+    HostfileError: "INVALID_ARGUMENT",
+    InvalidTransition: "FAILED_PRECONDITION",
+    StateConflict: "FAILED_PRECONDITION",
+    NotFound: "NOT_FOUND",
+    BlobNotFound: "NOT_FOUND",
+    AlreadyExists: "ALREADY_EXISTS",
+    StoreClosed: "UNAVAILABLE",
+    BlobCorrupted: "DATA_LOSS",
+    ChecksumMismatch: "DATA_LOSS",
+    BlobTooLarge: "RESOURCE_EXHAUSTED",
+}
+
+
+def status_name(error: BaseException) -> str:
+    """The ``grpc.StatusCode`` name for an error: ``getattr(grpc.StatusCode, status_name(e))``.
+
+    Args:
+        error: any exception.
+
+    Returns:
+        The code of the nearest class in `STATUS` along the error's MRO, else ``"INTERNAL"``.
+    """
+    for cls in type(error).__mro__:
+        if cls in STATUS:
+            return STATUS[cls]
+    return "INTERNAL"

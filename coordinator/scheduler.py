@@ -1,0 +1,366 @@
+"""Which queued jobs start now, and where: a pure policy over slots (no grpc, no processes).
+
+The cluster is a set of hosts with a number of *slots* each (one slot runs one worker rank; by
+default one host, ``localhost``, with a slot per core; `Cluster.from_hostfile` reads an
+MPICH-style hostfile). `schedule` is called whenever something changes (a job submitted,
+finished or failed, a time limit passed) with the pending jobs, the running jobs and the time,
+and returns the jobs to launch now with their placements. It keeps no state between calls.
+
+Policy:
+
+* **Gang scheduling.** A job starts only when all its ranks fit at once; its ranks may span
+  hosts. Placement prefers one host (the fullest that fits, to keep large holes free), else the
+  fewest hosts (the emptiest first).
+* **Order.** Higher ``priority`` first, then earlier ``submitted_at``, then the job id. Jobs are
+  started in this order while they fit.
+* **EASY backfill.** The first job that does not fit — the *head* — gets a reservation: the
+  earliest time enough slots free up for it, computed from the running jobs' start times and
+  time limits. A later job may start now only if it fits now and either it ends (by its own
+  time limit) no later than the reservation, or it uses only *spare* slots — slots that are
+  free at the reservation beyond what the head needs. So a backfilled job never delays the head.
+  A running job without a time limit never frees its slots in this computation; if the head's
+  reservation cannot be computed at all, nothing backfills.
+* **Oversized jobs** (more ranks than the whole cluster) are refused at submission
+  (`validate_request`); any that reach `schedule` (the cluster shrank over a restart) are
+  reported in `Decision.unschedulable` instead of blocking the queue.
+
+Jobs that are RESTARTING wait for slots like queued jobs and keep their original submission
+time, so they come before later submissions of the same priority.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+from coordinator.errors import HostfileError, ValidationError
+from coordinator.model import Job
+
+__all__ = [
+    "Host", "Cluster", "PendingJob", "RunningJob", "Launch", "Reservation", "Decision",
+    "schedule", "validate_request", "queue_order",
+]
+
+_HOST_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+_COLON_LINE = re.compile(r"^(?P<host>[^\s:]+)(?::(?P<slots>[^\s:]*))?$")
+_SLOTS_LINE = re.compile(r"^(?P<host>[^\s:]+)\s+slots\s*=\s*(?P<slots>\S*)$")
+
+Placement = tuple[tuple[str, int], ...]
+
+
+@dataclass(frozen=True)
+class Host:
+    """A machine that runs up to `slots` worker ranks."""
+
+    name: str
+    slots: int
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """The hosts jobs may run on. Build it with `local`, `from_hostfile` or `parse_hostfile`.
+
+    Args:
+        hosts: at least one host; names unique, slots >= 1.
+
+    Raises:
+        ValidationError: naming ``hosts`` or ``slots``.
+    """
+
+    hosts: tuple[Host, ...]
+
+    def __post_init__(self) -> None:
+        if not self.hosts:
+            raise ValidationError("hosts", "must list at least one host", self.hosts)
+        names = [h.name for h in self.hosts]
+        if len(set(names)) != len(names):
+            raise ValidationError("hosts", "host names must be unique", names)
+        for h in self.hosts:
+            if isinstance(h.slots, bool) or not isinstance(h.slots, int) or h.slots < 1:
+                raise ValidationError("slots", f"host {h.name!r} must have an integer >= 1",
+                                      h.slots)
+
+    @property
+    def capacity(self) -> int:
+        """The total number of slots."""
+        return sum(h.slots for h in self.hosts)
+
+    @classmethod
+    def local(cls, slots: int | None = None, host: str = "localhost") -> Cluster:
+        """One host with `slots` slots.
+
+        Args:
+            slots: how many ranks may run at once; default ``os.cpu_count()``.
+            host: the host's name.
+        """
+        return cls((Host(host, slots if slots is not None else os.cpu_count() or 1),))
+
+    @classmethod
+    def from_hostfile(cls, path: str | os.PathLike) -> Cluster:
+        """Read a hostfile (see `parse_hostfile`).
+
+        Raises:
+            HostfileError: unreadable, or a bad line (the message gives ``path:line:``).
+        """
+        try:
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
+        except (OSError, UnicodeDecodeError) as e:
+            raise HostfileError(os.fspath(path), 0, f"cannot read the hostfile: {e}") from None
+        return cls.parse_hostfile(text, os.fspath(path))
+
+    @classmethod
+    def parse_hostfile(cls, text: str, source: str = "<hostfile>") -> Cluster:
+        """Parse an MPICH-style hostfile.
+
+        One host per line: ``host`` (1 slot), ``host:N`` (MPICH) or ``host slots=N`` (Open MPI);
+        ``#`` starts a comment; blank lines are skipped. Example::
+
+            # two nodes
+            node1:8
+            node2 slots=4
+
+        Args:
+            text: the file's content.
+            source: the name used in error messages.
+
+        Returns:
+            The cluster, hosts in file order.
+
+        Raises:
+            HostfileError: ``source:line: what is wrong, got 'value'``; a repeated host, or a
+                file without hosts, is an error too.
+        """
+        hosts: list[Host] = []
+        first_line: dict[str, int] = {}
+        for number, raw in enumerate(text.splitlines(), start=1):
+            line = raw.split("#", 1)[0].strip()
+            if not line:
+                continue
+            match = _COLON_LINE.match(line) or _SLOTS_LINE.match(line)
+            if match is None:
+                raise HostfileError(source, number, "expected 'host', 'host:slots' or "
+                                    f"'host slots=N', got {line!r}")
+            name, slots_text = match["host"], match["slots"]
+            if not _HOST_RE.match(name):
+                raise HostfileError(source, number, "host: must be letters, digits, '.', '_' "
+                                    f"or '-', starting with a letter or digit, got {name!r}")
+            slots = 1 if slots_text is None else _positive_int(slots_text)
+            if slots is None:
+                raise HostfileError(source, number,
+                                    f"slots: must be an integer >= 1, got {slots_text!r}")
+            if name in first_line:
+                raise HostfileError(source, number, f"host {name!r} is listed again (first on "
+                                    f"line {first_line[name]}); give it one line with its slots")
+            first_line[name] = number
+            hosts.append(Host(name, slots))
+        if not hosts:
+            raise HostfileError(source, 0, "lists no hosts")
+        return cls(tuple(hosts))
+
+
+def _positive_int(text: str) -> int | None:
+    return int(text) if text.isdigit() and int(text) >= 1 else None
+
+
+def validate_request(ranks: int, cluster: Cluster) -> None:
+    """Refuse, at submission, a job that could never run on this cluster.
+
+    Args:
+        ranks: the job's ``workers``.
+        cluster: where it would run.
+
+    Raises:
+        ValidationError: naming ``workers``, the rule (with the capacity) and the value.
+    """
+    if isinstance(ranks, bool) or not isinstance(ranks, int) or ranks < 1:
+        raise ValidationError("workers", "must be an integer >= 1", ranks)
+    if ranks > cluster.capacity:
+        raise ValidationError("workers", f"must be at most the cluster's capacity of "
+                              f"{cluster.capacity} slots", ranks)
+
+
+@dataclass(frozen=True)
+class PendingJob:
+    """A job waiting for slots (QUEUED or RESTARTING).
+
+    ``time_limit`` is in seconds per run; None when unknown.
+    """
+
+    id: str
+    ranks: int
+    priority: int = 0
+    submitted_at: float = 0.0
+    time_limit: float | None = None
+
+    @classmethod
+    def from_job(cls, job: Job) -> PendingJob:
+        """The scheduler's view of a stored job."""
+        return cls(job.id, job.workers, job.priority, job.submitted_at, job.time_limit)
+
+
+@dataclass(frozen=True)
+class RunningJob:
+    """A job holding slots: ``placement`` lists ``(host, slots)``; it ends by
+    ``started_at + time_limit`` (never, as far as we know, when ``time_limit`` is None)."""
+
+    id: str
+    placement: Placement
+    started_at: float
+    time_limit: float | None = None
+
+    @property
+    def end(self) -> float | None:
+        """When its time limit runs out, or None."""
+        return None if self.time_limit is None else self.started_at + self.time_limit
+
+    @classmethod
+    def from_job(cls, job: Job) -> RunningJob:
+        """The scheduler's view of a stored RUNNING job."""
+        return cls(job.id, tuple(job.placement), job.started_at or 0.0, job.time_limit)
+
+
+@dataclass(frozen=True)
+class Launch:
+    """Start `job_id` now with ``placement``: ``(host, slots)`` pairs, ranks numbered in order."""
+
+    job_id: str
+    placement: Placement
+
+    @property
+    def ranks(self) -> int:
+        """The number of ranks (the sum of the placement's slots)."""
+        return sum(n for _, n in self.placement)
+
+    @property
+    def hosts_arg(self) -> str:
+        """The placement as Hydra's ``mpiexec -hosts`` value, e.g. ``node1:4,node2:2``."""
+        return ",".join(f"{host}:{n}" for host, n in self.placement)
+
+    def hostfile(self) -> str:
+        """The placement as an MPICH hostfile (``mpiexec -f``), one ``host:slots`` per line."""
+        return "".join(f"{host}:{n}\n" for host, n in self.placement)
+
+
+@dataclass(frozen=True)
+class Reservation:
+    """The head of the queue's reservation: it can start at ``start_at`` (None: unknown, so
+    nothing backfills), when ``spare_slots`` more than it needs will be free."""
+
+    job_id: str
+    start_at: float | None
+    spare_slots: int
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What `schedule` decided: jobs to launch now (in queue order), the head's reservation
+    (None when every pending job started), and pending jobs larger than the whole cluster."""
+
+    launches: tuple[Launch, ...]
+    reservation: Reservation | None = None
+    unschedulable: tuple[str, ...] = ()
+
+
+def queue_order(jobs: Iterable[PendingJob]) -> list[PendingJob]:
+    """Pending jobs in scheduling order: priority (high first), submission time, id."""
+    return sorted(jobs, key=lambda j: (-j.priority, j.submitted_at, j.id))
+
+
+def schedule(pending: Iterable[PendingJob], running: Iterable[RunningJob], cluster: Cluster,
+             now: float) -> Decision:
+    """Decide which pending jobs start now and where (see the module docstring for the policy).
+
+    Args:
+        pending: jobs waiting for slots (QUEUED and RESTARTING).
+        running: jobs holding slots.
+        cluster: the hosts.
+        now: the current time (unix seconds, same clock as the jobs' times).
+
+    Returns:
+        The launches, the head's reservation and the jobs that can never fit.
+
+    Example:
+        >>> c = Cluster.local(4)
+        >>> d = schedule([PendingJob("a", 2), PendingJob("b", 3)], [], c, now=0.0)
+        >>> [(l.job_id, l.hosts_arg) for l in d.launches], d.reservation
+        ([('a', 'localhost:2')], Reservation(job_id='b', start_at=None, spare_slots=0))
+    """
+    order = [h.name for h in cluster.hosts]
+    free = {h.name: h.slots for h in cluster.hosts}
+    running = list(running)
+    for job in running:
+        for host, n in job.placement:
+            if host in free:
+                free[host] -= n
+    launches: list[Launch] = []
+    reservation: Reservation | None = None
+    spare = 0
+    unschedulable = []
+    queue = queue_order(pending)
+    limits = {job.id: job.time_limit for job in queue}
+    for job in queue:
+        if job.ranks > cluster.capacity:
+            unschedulable.append(job.id)
+            continue
+        if _usable(free) < job.ranks:
+            if reservation is None:
+                started = [RunningJob(lj.job_id, lj.placement, now, limits[lj.job_id])
+                           for lj in launches]
+                reservation = _reserve(job, free, running + started, now)
+                spare = reservation.spare_slots
+            continue
+        if reservation is not None:
+            ends_in_time = (reservation.start_at is not None and job.time_limit is not None
+                            and now + job.time_limit <= reservation.start_at)
+            if not ends_in_time:
+                if job.ranks > spare:
+                    continue
+                spare -= job.ranks
+        launches.append(Launch(job.id, _place(free, job.ranks, order)))
+    return Decision(tuple(launches), reservation, tuple(unschedulable))
+
+
+def _usable(free: Mapping[str, int]) -> int:
+    # A host can be over-committed (the cluster shrank over a restart): it offers 0, not < 0.
+    return sum(max(0, n) for n in free.values())
+
+
+def _reserve(head: PendingJob, free: Mapping[str, int], running: list[RunningJob],
+             now: float) -> Reservation:
+    """The earliest time the head fits if running jobs end at their time limits."""
+    projected = dict(free)
+    ends = sorted((max(job.end, now), i) for i, job in enumerate(running) if job.end is not None)
+    i = 0
+    while i < len(ends):
+        t = ends[i][0]
+        while i < len(ends) and ends[i][0] == t:  # release everything ending at t together
+            for host, n in running[ends[i][1]].placement:
+                if host in projected:
+                    projected[host] += n
+            i += 1
+        if _usable(projected) >= head.ranks:
+            return Reservation(head.id, t, _usable(projected) - head.ranks)
+    return Reservation(head.id, None, 0)
+
+
+def _place(free: dict[str, int], ranks: int, order: list[str]) -> Placement:
+    """Take `ranks` slots from `free` (which must have them): the fullest single host that
+    fits, else the emptiest hosts first. Returns the placement in cluster order."""
+    rank_of = {h: i for i, h in enumerate(order)}
+    single = [h for h in order if free[h] >= ranks]
+    if single:
+        host = min(single, key=lambda h: (free[h], rank_of[h]))
+        taken = {host: ranks}
+    else:
+        taken, needed = {}, ranks
+        for host in sorted(order, key=lambda h: (-free[h], rank_of[h])):
+            if needed == 0 or free[host] <= 0:
+                break
+            taken[host] = min(free[host], needed)
+            needed -= taken[host]
+    for host, n in taken.items():
+        free[host] -= n
+    return tuple((h, taken[h]) for h in order if h in taken)

@@ -1,0 +1,334 @@
+"""`SqliteStore`: the `Store` contract in an SQLite database (the state directory's
+``coordinator.db``).
+
+Durability: WAL journal, ``synchronous=FULL``, every operation one transaction. Once a write
+method returns, its change survives a kill -9 of the coordinator and a power cut.
+
+Concurrency: connections come from a small pool, one per concurrent operation (so the pool
+grows to the server's thread count), each used by one thread at a time. Readers never wait for
+writers (WAL gives each read a snapshot); writers queue on an in-process lock, then take
+SQLite's write lock with ``BEGIN IMMEDIATE`` (a second process, e.g. an admin tool, waits up to
+``busy_timeout``).
+
+Schema: ``PRAGMA user_version`` holds the schema version; `MIGRATIONS` is the list of steps, the
+i-th upgrading version i to i+1. Opening a database runs the steps it lacks in one transaction
+and refuses a database newer than this code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sqlite3
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+
+from coordinator.errors import SchemaError, StoreClosed, StoreError
+from coordinator.model import CheckpointRecord, Event, EventKind, Job, JobState
+from coordinator.store.base import Store
+
+__all__ = ["SqliteStore", "MIGRATIONS", "SCHEMA_VERSION", "Migration"]
+
+Migration = Callable[[sqlite3.Connection], None]
+
+_SCHEMA_1 = (
+    """CREATE TABLE jobs (
+        id TEXT PRIMARY KEY,
+        name TEXT NOT NULL,
+        spec TEXT NOT NULL,
+        workers INTEGER NOT NULL,
+        submitted_at REAL NOT NULL,
+        priority INTEGER NOT NULL,
+        state TEXT NOT NULL,
+        max_restarts INTEGER NOT NULL,
+        time_limit REAL,
+        started_at REAL,
+        finished_at REAL,
+        restarts INTEGER NOT NULL,
+        error TEXT NOT NULL,
+        exit_code INTEGER,
+        heartbeat_at REAL,
+        last_step INTEGER,
+        metrics TEXT NOT NULL,
+        placement TEXT NOT NULL,
+        token_hash TEXT NOT NULL
+    )""",
+    "CREATE INDEX jobs_by_submission ON jobs (submitted_at, id)",
+    "CREATE INDEX jobs_by_state ON jobs (state, submitted_at, id)",
+    """CREATE TABLE events (
+        job_id TEXT NOT NULL REFERENCES jobs (id) ON DELETE CASCADE,
+        seq INTEGER NOT NULL,
+        time REAL NOT NULL,
+        kind TEXT NOT NULL,
+        payload TEXT NOT NULL,
+        PRIMARY KEY (job_id, seq)
+    ) WITHOUT ROWID""",
+    """CREATE TABLE checkpoints (
+        job_id TEXT NOT NULL REFERENCES jobs (id) ON DELETE CASCADE,
+        step INTEGER NOT NULL,
+        sha256 TEXT NOT NULL,
+        size INTEGER NOT NULL,
+        created_at REAL NOT NULL,
+        manifest TEXT NOT NULL,
+        PRIMARY KEY (job_id, step)
+    ) WITHOUT ROWID""",
+    "CREATE INDEX checkpoints_by_sha256 ON checkpoints (sha256)",
+)
+
+
+def _create_schema_1(conn: sqlite3.Connection) -> None:
+    for statement in _SCHEMA_1:
+        conn.execute(statement)
+
+
+#: Schema steps: ``MIGRATIONS[i](connection)`` upgrades version i to i+1 inside the opening
+#: transaction. Append a step (never edit a released one) to change the schema.
+MIGRATIONS: tuple[Migration, ...] = (_create_schema_1,)
+SCHEMA_VERSION = len(MIGRATIONS)
+
+_JOB_COLUMNS = tuple(f.name for f in dataclasses.fields(Job))
+_JOB_SELECT = f"SELECT {', '.join(_JOB_COLUMNS)} FROM jobs"
+_JSON_COLUMNS = frozenset({"spec", "metrics", "placement"})
+_CHECKPOINT_SELECT = "SELECT job_id, step, sha256, size, created_at, manifest FROM checkpoints"
+
+
+def _job_values(job: Job) -> tuple:
+    values = []
+    for name in _JOB_COLUMNS:
+        value = getattr(job, name)
+        if name in _JSON_COLUMNS:
+            value = json.dumps(value, sort_keys=True)
+        elif name == "state":
+            value = JobState(value).value
+        values.append(value)
+    return tuple(values)
+
+
+def _job_from_row(row: Sequence) -> Job:
+    fields = dict(zip(_JOB_COLUMNS, row))
+    for name in _JSON_COLUMNS:
+        fields[name] = json.loads(fields[name])
+    fields["placement"] = tuple((host, slots) for host, slots in fields["placement"])
+    fields["state"] = JobState(fields["state"])
+    return Job(**fields)
+
+
+def _checkpoint_from_row(row: Sequence) -> CheckpointRecord:
+    job_id, step, sha256, size, created_at, manifest = row
+    return CheckpointRecord(job_id, step, sha256, size, created_at, json.loads(manifest))
+
+
+class _SqlTransaction:
+    """`coordinator.store.base.Transaction` over one connection inside BEGIN ... COMMIT."""
+
+    def __init__(self, conn: sqlite3.Connection):
+        self._c = conn
+
+    def get_job(self, job_id: str) -> Job | None:
+        row = self._c.execute(f"{_JOB_SELECT} WHERE id = ?", (job_id,)).fetchone()
+        return None if row is None else _job_from_row(row)
+
+    def insert_job(self, job: Job) -> None:
+        marks = ", ".join("?" * len(_JOB_COLUMNS))
+        self._c.execute(f"INSERT INTO jobs ({', '.join(_JOB_COLUMNS)}) VALUES ({marks})",
+                        _job_values(job))
+
+    def replace_job(self, job: Job) -> None:
+        values = _job_values(job)
+        assignments = ", ".join(f"{name} = ?" for name in _JOB_COLUMNS[1:])
+        self._c.execute(f"UPDATE jobs SET {assignments} WHERE id = ?", (*values[1:], values[0]))
+
+    def last_seq(self, job_id: str) -> int:
+        row = self._c.execute("SELECT MAX(seq) FROM events WHERE job_id = ?", (job_id,))
+        return row.fetchone()[0] or 0
+
+    def insert_events(self, events: list[Event]) -> None:
+        self._c.executemany(
+            "INSERT INTO events (job_id, seq, time, kind, payload) VALUES (?, ?, ?, ?, ?)",
+            [(e.job_id, e.seq, e.time, e.kind.value, json.dumps(e.payload)) for e in events])
+
+    def get_checkpoint(self, job_id: str, step: int | None) -> CheckpointRecord | None:
+        if step is None:
+            cursor = self._c.execute(f"{_CHECKPOINT_SELECT} WHERE job_id = ? "
+                                     "ORDER BY step DESC LIMIT 1", (job_id,))
+        else:
+            cursor = self._c.execute(f"{_CHECKPOINT_SELECT} WHERE job_id = ? AND step = ?",
+                                     (job_id, step))
+        row = cursor.fetchone()
+        return None if row is None else _checkpoint_from_row(row)
+
+    def insert_checkpoint(self, r: CheckpointRecord) -> None:
+        self._c.execute(
+            "INSERT INTO checkpoints (job_id, step, sha256, size, created_at, manifest) "
+            "VALUES (?, ?, ?, ?, ?, ?)",
+            (r.job_id, r.step, r.sha256, r.size, r.created_at, json.dumps(r.manifest)))
+
+    def delete_checkpoint(self, job_id: str, step: int) -> None:
+        self._c.execute("DELETE FROM checkpoints WHERE job_id = ? AND step = ?", (job_id, step))
+
+    def list_jobs(self, states: frozenset[JobState] | None, after: tuple[float, str] | None,
+                  limit: int) -> list[Job]:
+        where, params = [], []
+        if states is not None:
+            where.append(f"state IN ({', '.join('?' * len(states))})")
+            params += sorted(s.value for s in states)
+        if after is not None:
+            where.append("(submitted_at, id) < (?, ?)")
+            params += after
+        sql = _JOB_SELECT + (" WHERE " + " AND ".join(where) if where else "")
+        sql += " ORDER BY submitted_at DESC, id DESC LIMIT ?"
+        return [_job_from_row(r) for r in self._c.execute(sql, (*params, limit))]
+
+    def events(self, job_id: str, after_seq: int, limit: int) -> list[Event]:
+        rows = self._c.execute(
+            "SELECT job_id, seq, time, kind, payload FROM events WHERE job_id = ? AND seq > ? "
+            "ORDER BY seq LIMIT ?", (job_id, after_seq, limit))
+        return [Event(j, seq, t, EventKind(kind), json.loads(payload))
+                for j, seq, t, kind, payload in rows]
+
+    def list_checkpoints(self, job_id: str) -> list[CheckpointRecord]:
+        rows = self._c.execute(f"{_CHECKPOINT_SELECT} WHERE job_id = ? ORDER BY step", (job_id,))
+        return [_checkpoint_from_row(r) for r in rows]
+
+    def count_by_state(self) -> dict[JobState, int]:
+        rows = self._c.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state")
+        return {JobState(state): n for state, n in rows}
+
+    def referenced_sha256s(self) -> set[str]:
+        return {sha for (sha,) in self._c.execute("SELECT DISTINCT sha256 FROM checkpoints")}
+
+    def sha256_in_use(self, sha256: str) -> bool:
+        row = self._c.execute("SELECT 1 FROM checkpoints WHERE sha256 = ? LIMIT 1", (sha256,))
+        return row.fetchone() is not None
+
+
+class SqliteStore(Store):
+    """A `Store` in an SQLite database file, safe for many threads of one process.
+
+    Args:
+        path: the database file; created (with its schema) when missing.
+        synchronous: ``"FULL"`` (default) fsyncs the WAL at every commit, so a returned write
+            survives a power cut; ``"NORMAL"`` survives a process crash (kill -9) but may
+            lose the last commits on power loss, for fewer fsyncs. We choose FULL: our writes
+            (submissions, state changes, progress reports) are few next to what fsync allows,
+            and an acknowledged submission must not vanish.
+        busy_timeout: seconds to wait for another process's write lock.
+        migrations: the schema steps (default `MIGRATIONS`); a test or a future version hooks
+            its own steps in here.
+
+    Raises:
+        SchemaError: the database is newer than `migrations` knows.
+        StoreError: the file system cannot hold a WAL database (e.g. some network mounts).
+    """
+
+    def __init__(self, path: str | os.PathLike, *, synchronous: str = "FULL",
+                 busy_timeout: float = 30.0, migrations: Sequence[Migration] = MIGRATIONS):
+        super().__init__()
+        if synchronous not in ("FULL", "NORMAL", "EXTRA"):
+            raise ValueError(f"synchronous: must be FULL, NORMAL or EXTRA, got {synchronous!r}")
+        self.path = os.fspath(path)
+        self._synchronous, self._busy_timeout = synchronous, busy_timeout
+        self._pool_lock = threading.Lock()
+        self._write_lock = threading.Lock()
+        self._idle: list[sqlite3.Connection] = []
+        self._open: list[sqlite3.Connection] = []
+        conn = self._connect()
+        try:
+            self._migrate(conn, migrations)
+        except BaseException:
+            conn.close()
+            raise
+        self._open.append(conn)
+        self._idle.append(conn)
+
+    def _connect(self) -> sqlite3.Connection:
+        # isolation_level=None: no implicit transactions, we issue BEGIN/COMMIT ourselves.
+        # check_same_thread=False: pooled connections move between threads, one at a time.
+        conn = sqlite3.connect(self.path, timeout=self._busy_timeout, isolation_level=None,
+                               check_same_thread=False)
+        try:
+            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            if mode.lower() != "wal":
+                raise StoreError(f"{self.path}: cannot use the WAL journal here (got {mode!r})")
+            conn.execute(f"PRAGMA synchronous = {self._synchronous}")
+            conn.execute("PRAGMA foreign_keys = ON")
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def _migrate(self, conn: sqlite3.Connection, migrations: Sequence[Migration]) -> None:
+        conn.execute("BEGIN IMMEDIATE")  # one process migrates; the others wait, then see it
+        try:
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            if version > len(migrations):
+                raise SchemaError(f"{self.path}: database schema version {version} is newer than "
+                                  f"this dptrain's {len(migrations)}; upgrade dptrain")
+            for step in migrations[version:]:
+                step(conn)
+            if version != len(migrations):
+                conn.execute(f"PRAGMA user_version = {len(migrations)}")
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+
+    @property
+    def schema_version(self) -> int:
+        """The database's ``PRAGMA user_version``."""
+        with self._connection() as conn:
+            return conn.execute("PRAGMA user_version").fetchone()[0]
+
+    @contextmanager
+    def _connection(self) -> Iterator[sqlite3.Connection]:
+        with self._pool_lock:
+            if self._closed:
+                raise StoreClosed(f"the store {self.path} is closed")
+            conn = self._idle.pop() if self._idle else None
+        if conn is None:
+            conn = self._connect()
+            with self._pool_lock:
+                self._open.append(conn)
+        try:
+            yield conn
+        finally:
+            with self._pool_lock:
+                if self._closed:  # closed while we worked: close() left this one to us
+                    self._open.remove(conn)
+                    conn.close()
+                else:
+                    self._idle.append(conn)
+
+    @contextmanager
+    def _write(self) -> Iterator[_SqlTransaction]:
+        with self._write_lock, self._connection() as conn:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield _SqlTransaction(conn)
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+
+    @contextmanager
+    def _read(self) -> Iterator[_SqlTransaction]:
+        with self._connection() as conn:
+            conn.execute("BEGIN")  # one snapshot for the operation's few statements
+            try:
+                yield _SqlTransaction(conn)
+            finally:
+                conn.execute("ROLLBACK")
+
+    def close(self) -> None:
+        """Close every idle connection now and each busy one when its operation ends; wake
+        `wait_events` callers. Later calls raise `StoreClosed`. Idempotent."""
+        with self._pool_lock:
+            self._closed = True
+            for conn in self._idle:
+                self._open.remove(conn)
+                conn.close()
+            self._idle.clear()
+        super().close()
