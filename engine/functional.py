@@ -21,6 +21,10 @@ from engine.ops import (
     tanh,
     where,
 )
+from engine.ops.attention import scaled_dot_product_attention
+from engine.ops.conv import conv1d, conv2d
+from engine.ops.norm import batch_norm
+from engine.ops.pool import adaptive_avg_pool2d, avg_pool2d, max_pool2d
 from engine.ops.shape import _dim, pad
 from engine.tensor import Tensor
 
@@ -28,7 +32,8 @@ __all__ = [
     "linear", "relu", "gelu", "silu", "sigmoid", "tanh", "softplus", "softmax", "log_softmax",
     "leaky_relu", "cross_entropy", "nll_loss", "mse_loss", "l1_loss",
     "binary_cross_entropy_with_logits", "dropout", "layer_norm", "embedding", "one_hot", "pad",
-    "normalize",
+    "normalize", "conv1d", "conv2d", "max_pool2d", "avg_pool2d", "adaptive_avg_pool2d",
+    "batch_norm", "scaled_dot_product_attention",
 ]
 
 _REDUCTIONS = ("mean", "sum", "none")

@@ -1,0 +1,138 @@
+"""Batch normalisation as one primitive with a fused backward.
+
+``y = (x - mean) * invstd * weight + bias`` per channel (dim 1). In training, mean and the
+biased variance come from the batch, so they depend on x: the fused rule gives the whole
+gradient in a few passes,
+
+    dx = weight * invstd * (g - mean(g) - xhat * mean(g * xhat)),   xhat = (x - mean) * invstd,
+
+where a graph of primitives would keep several full-size intermediates alive. The statistics are
+computed by `batch_norm` (no graph) and handed to the op as constant inputs; the rule knows they
+are functions of x. The running statistics are updated in place there too, as PyTorch does.
+"""
+
+from __future__ import annotations
+
+from engine.backend import get_array_module
+from engine.ops.core import Op, apply
+from engine.tensor import Tensor
+
+__all__ = ["batch_norm"]
+
+
+def _channel_sum(a):
+    """Sum over every dim but 1, reading contiguous runs: (N, C, ...) -> (C,)."""
+    if a.ndim == 2:
+        return a.sum(axis=0)
+    return a.reshape(a.shape[0], a.shape[1], -1).sum(axis=2).sum(axis=0)
+
+
+def _bshape(x) -> tuple:
+    """The shape that broadcasts a (C,) vector along dim 1 of x."""
+    return (1, x.shape[1]) + (1,) * (x.ndim - 2)
+
+
+def _bn_forward(xp, x, weight, bias, mean, invstd, training):
+    scale = invstd if weight is None else weight * invstd
+    shift = -mean * scale
+    if bias is not None:
+        shift += bias
+    out = x * scale.reshape(_bshape(x))
+    out += shift.reshape(_bshape(x))
+    return out
+
+
+def _bn_backward(xp, g, ans, x, weight, bias, mean, invstd, training):
+    shape = _bshape(x)
+    m = x.size // x.shape[1]
+    db = _channel_sum(g)
+    xc = x - mean.reshape(shape)
+    dot = _channel_sum(g * xc)  # sum(g * xhat) / invstd
+    dw = dot * invstd
+    k = invstd if weight is None else weight * invstd
+    if not training:  # mean and invstd are constants
+        return g * k.reshape(shape), dw, db, None, None
+    # g - mean(g) - xhat * mean(g * xhat), built in xc's memory
+    xc *= (-(invstd * invstd) * dot / m).reshape(shape)
+    xc += g
+    xc -= (db / m).reshape(shape)
+    xc *= k.reshape(shape)
+    return xc, dw, db, None, None
+
+
+_batch_norm = Op("batch_norm", _bn_forward, backward=_bn_backward, save=(0, 1, 3, 4))
+
+
+def _check_vector(name: str, t, c: int, shape) -> None:
+    if t is not None and tuple(t.shape) != (c,):
+        raise RuntimeError(f"batch_norm: {name} of shape {tuple(t.shape)} does not match the "
+                           f"{c} channels of the input of shape {shape} (expected ({c},))")
+
+
+def batch_norm(input: Tensor, running_mean: Tensor | None, running_var: Tensor | None,
+               weight: Tensor | None = None, bias: Tensor | None = None,
+               training: bool = False, momentum: float = 0.1, eps: float = 1e-5) -> Tensor:
+    """Normalise each channel (dim 1) to zero mean and unit variance, then scale and shift.
+
+    In training the batch statistics are used (the biased variance), and running_mean and
+    running_var, when given, are updated in place exactly as PyTorch does:
+    ``running = (1 - momentum) * running + momentum * batch``, with the *unbiased* batch
+    variance. In evaluation the running statistics are used.
+
+    Args:
+        input: (N, C), (N, C, L), (N, C, H, W) or more dims, floating point.
+        running_mean, running_var: (C,) buffers; may be None in training (then nothing is
+            tracked). Required in evaluation.
+        weight, bias: optional (C,) affine parameters.
+        training: use (and track) batch statistics instead of the running ones.
+        momentum: weight of the new batch in the running statistics (a float; a cumulative
+            average is the module's business: pass 1 / batches_seen).
+        eps: added to the variance before the square root.
+
+    Returns:
+        A tensor shaped like `input`.
+
+    Example:
+        >>> import engine, engine.functional as F
+        >>> x = engine.tensor([[1.0], [3.0]])
+        >>> [round(v, 4) for v in F.batch_norm(x, None, None, training=True).flatten().tolist()]
+        [-1.0, 1.0]
+    """
+    if input.ndim < 2:
+        raise RuntimeError(f"batch_norm: expected an input of at least 2 dims (N, C, ...), got "
+                           f"shape {input.shape}")
+    if input.dtype.kind != "f":
+        raise TypeError(f"batch_norm: expected a floating point input, got {input.dtype}")
+    c = input.shape[1]
+    for name, t in (("running_mean", running_mean), ("running_var", running_var),
+                    ("weight", weight), ("bias", bias)):
+        _check_vector(name, t, c, input.shape)
+    if momentum is None or not 0.0 <= float(momentum) <= 1.0:
+        raise ValueError(f"batch_norm: momentum must be a float in [0, 1], got {momentum!r}")
+    x = input.data
+    xp = get_array_module(x)
+    if training:
+        m = x.size // c
+        if m <= 1:
+            raise ValueError(f"batch_norm: expected more than 1 value per channel when "
+                             f"training, got input of shape {input.shape}")
+        mean = _channel_sum(x) / m
+        xc = x - mean.reshape(_bshape(x))
+        xc *= xc
+        var = _channel_sum(xc) / m
+        del xc
+        for buf, stat in ((running_mean, mean), (running_var, var * (m / (m - 1)))):
+            if buf is not None:
+                buf.data *= 1.0 - momentum
+                buf.data += momentum * stat.astype(buf.dtype, copy=False)
+                buf._version[0] += 1
+    else:
+        if running_mean is None or running_var is None:
+            raise RuntimeError("batch_norm: running_mean and running_var are required in "
+                               "evaluation (training=False)")
+        # Copies: a later in-place update of the buffers must not change this graph's gradient.
+        mean = running_mean.data.astype(x.dtype, copy=True)
+        var = running_var.data.astype(x.dtype, copy=True)
+    invstd = 1.0 / xp.sqrt(var + eps)
+    return apply(_batch_norm, input, weight, bias, mean, invstd.astype(x.dtype, copy=False),
+                 training=bool(training))
