@@ -1,0 +1,301 @@
+"""Communicator: every MPI call of dptrain, in one module (the only one that imports mpi4py).
+
+Methods are named after what they do to their argument: ``allreduce_`` and ``broadcast_`` work
+in place on a contiguous array through mpi4py's buffer interface (``Allreduce(MPI.IN_PLACE,
+buf)``, ``Bcast``), never through the pickling lower-case calls, which copy an array several
+times. Python objects (small: names, shapes, metrics) go through ``allgather_object`` and
+``broadcast_object``, which do pickle.
+
+mpi4py is imported on first use, so importing `worker` does not initialise MPI. Without
+``mpiexec`` mpi4py initialises a singleton world of size 1, and everything works there too.
+
+CuPy arrays are staged through host memory (copied to the host, reduced, copied back) unless
+the communicator is told that MPI is CUDA-aware, as ChainerMN does.
+
+Example:
+    >>> import numpy as np
+    >>> from worker.comm import Communicator
+    >>> comm = Communicator()
+    >>> grad = np.ones(3, dtype=np.float32)
+    >>> comm.allreduce_(grad, op="mean")  # every rank now holds the mean over ranks
+    array([1., 1., 1.], dtype=float32)
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+from typing import Any, NoReturn
+
+import numpy
+
+from engine.backend import get_array_module
+
+__all__ = ["Communicator", "Request", "REDUCE_OPS"]
+
+#: The reduction names `Communicator.allreduce_` accepts ('mean' is a sum divided by the size).
+REDUCE_OPS = ("sum", "mean", "max", "min", "prod")
+
+_MPI = None
+
+
+def _mpi():
+    """The mpi4py.MPI module, imported (and MPI initialised) on first use."""
+    global _MPI
+    if _MPI is None:
+        from mpi4py import MPI
+
+        _MPI = MPI
+    return _MPI
+
+
+def _mpi_op(op: str):
+    if op not in REDUCE_OPS:
+        raise ValueError(f"unsupported reduction op {op!r}; choose one of {', '.join(REDUCE_OPS)}")
+    MPI = _mpi()
+    return {"sum": MPI.SUM, "mean": MPI.SUM, "max": MPI.MAX, "min": MPI.MIN,
+            "prod": MPI.PROD}[op]
+
+
+def _sync_device(xp) -> None:
+    """Before MPI reads GPU memory directly, wait for the kernels that write it."""
+    if xp is not numpy:  # pragma: no cover - needs a GPU and CUDA-aware MPI
+        xp.cuda.get_current_stream().synchronize()
+
+
+def _check_buffer(array, what: str, reduce_op: str | None = None) -> None:
+    """Raise a clear error for an array MPI cannot work on in place."""
+    if not (hasattr(array, "shape") and hasattr(array, "dtype") and hasattr(array, "flags")):
+        raise TypeError(f"{what} needs a numpy or CuPy array, got {type(array).__name__}; pass "
+                        "tensor.data for an engine Tensor")
+    if not array.flags.c_contiguous:
+        raise ValueError(
+            f"{what} needs a C-contiguous array because MPI works on the buffer in place; got "
+            f"a non-contiguous array of shape {tuple(array.shape)} (strides "
+            f"{tuple(array.strides)}): reduce numpy.ascontiguousarray(a) and copy it back")
+    if not array.flags.writeable:
+        raise ValueError(f"{what} writes its result into the array, which is read-only")
+    if reduce_op is not None:
+        kind = array.dtype.kind
+        if kind not in "iufc":
+            raise TypeError(f"{what} cannot reduce arrays of dtype {array.dtype}; cast them to a "
+                            "numeric dtype (e.g. bool to uint8) first")
+        if reduce_op == "mean" and kind not in "fc":
+            raise TypeError(f"{what}(op='mean') needs a floating point array, got "
+                            f"{array.dtype}; use op='sum' and divide yourself")
+
+
+class Request:
+    """A non-blocking collective in flight, returned by `Communicator.iallreduce_`.
+
+    The result is in the array only once `wait` has returned or `test` has returned True.
+    MPI makes progress only while some MPI call runs, so call `test` now and then (data
+    parallel training does it from its gradient hooks) to move the transfer along.
+    """
+
+    __slots__ = ("_request", "_finish", "_done")
+
+    def __init__(self, request, finish: Callable[[], None] | None = None):
+        self._request = request
+        self._finish = finish
+        self._done = False
+
+    @property
+    def done(self) -> bool:
+        """Whether the collective has completed and its result is in the array."""
+        return self._done
+
+    def test(self) -> bool:
+        """Drive the collective's progress without blocking.
+
+        Returns:
+            True when it has completed (the result is then in the array).
+        """
+        if not self._done and self._request.Test():
+            self._complete()
+        return self._done
+
+    def wait(self) -> None:
+        """Block until the collective has completed and its result is in the array."""
+        if not self._done:
+            self._request.Wait()
+            self._complete()
+
+    def _complete(self) -> None:
+        self._done = True
+        if self._finish is not None:
+            finish, self._finish = self._finish, None
+            finish()
+
+
+class Communicator:
+    """The processes of a data-parallel job and the collectives they run together.
+
+    Every rank must call the collectives (`allreduce_`, `iallreduce_`, `broadcast_`,
+    `barrier`, `allgather_object`, `broadcast_object`) in the same order, as MPI requires.
+
+    Args:
+        comm: an mpi4py intracommunicator (or a Communicator, whose one is shared); None for
+            ``MPI.COMM_WORLD`` (a singleton world of size 1 when the process was not started
+            by ``mpiexec``).
+        cuda_aware: whether MPI can read and write GPU memory directly; when False (the
+            default) CuPy arrays are staged through host memory.
+    """
+
+    def __init__(self, comm: Any = None, cuda_aware: bool = False):
+        if isinstance(comm, Communicator):
+            comm = comm.mpi_comm
+        self._comm = _mpi().COMM_WORLD if comm is None else comm
+        self._rank = self._comm.Get_rank()
+        self._size = self._comm.Get_size()
+        self.cuda_aware = bool(cuda_aware)
+
+    @property
+    def rank(self) -> int:
+        """This process's index in ``0 .. size-1``."""
+        return self._rank
+
+    @property
+    def size(self) -> int:
+        """The number of processes."""
+        return self._size
+
+    @property
+    def mpi_comm(self) -> Any:
+        """The underlying mpi4py communicator."""
+        return self._comm
+
+    def __repr__(self) -> str:
+        return f"Communicator(rank={self._rank}, size={self._size})"
+
+    # ----------------------------------------------------------- arrays
+    def allreduce_(self, array, op: str = "sum"):
+        """Reduce `array` element-wise over all ranks, in place (``Allreduce`` with
+        ``MPI.IN_PLACE``): afterwards every rank holds the result.
+
+        Args:
+            array: a C-contiguous, writeable numpy (or CuPy) array of the same shape and dtype
+                on every rank.
+            op: 'sum', 'mean' (floating point only), 'max', 'min' or 'prod'.
+
+        Returns:
+            `array`, now holding the result.
+        """
+        mpi_op = _mpi_op(op)
+        _check_buffer(array, "allreduce_", reduce_op=op)
+        xp = get_array_module(array)
+        if xp is numpy or self.cuda_aware:
+            _sync_device(xp)
+            self._comm.Allreduce(_mpi().IN_PLACE, array, op=mpi_op)
+        else:  # pragma: no cover - needs a GPU: stage through host memory
+            host = xp.asnumpy(array)
+            self._comm.Allreduce(_mpi().IN_PLACE, host, op=mpi_op)
+            array.set(host)
+        if op == "mean" and self._size > 1:
+            xp.divide(array, self._size, out=array)
+        return array
+
+    def iallreduce_(self, array, op: str = "sum") -> Request:
+        """Start `allreduce_` without blocking (``Iallreduce``).
+
+        Do not read or write `array` until the returned request's `wait` has returned (or its
+        `test` has returned True). Every rank must start its non-blocking collectives in the
+        same order.
+
+        Args:
+            array: as for `allreduce_`.
+            op: as for `allreduce_`.
+
+        Returns:
+            A `Request` with ``wait()`` and ``test()``.
+        """
+        mpi_op = _mpi_op(op)
+        _check_buffer(array, "iallreduce_", reduce_op=op)
+        size = self._size
+        mean = op == "mean" and size > 1
+        xp = get_array_module(array)
+        if xp is numpy or self.cuda_aware:
+            _sync_device(xp)
+            request = self._comm.Iallreduce(_mpi().IN_PLACE, array, op=mpi_op)
+
+            def finish() -> None:
+                if mean:
+                    xp.divide(array, size, out=array)
+        else:  # pragma: no cover - needs a GPU: stage through host memory
+            host = xp.asnumpy(array)
+            request = self._comm.Iallreduce(_mpi().IN_PLACE, host, op=mpi_op)
+
+            def finish() -> None:
+                array.set(host)
+                if mean:
+                    xp.divide(array, size, out=array)
+        return Request(request, finish)
+
+    def broadcast_(self, array, root: int = 0):
+        """Overwrite `array` on every rank with its value on `root`, in place (``Bcast``).
+
+        Args:
+            array: a C-contiguous, writeable array of the same shape and dtype on every rank.
+            root: the rank whose values everyone receives.
+
+        Returns:
+            `array`.
+        """
+        self._check_root(root)
+        _check_buffer(array, "broadcast_")
+        xp = get_array_module(array)
+        if xp is numpy or self.cuda_aware:
+            _sync_device(xp)
+            self._comm.Bcast(array, root=root)
+        else:  # pragma: no cover - needs a GPU: stage through host memory
+            host = xp.asnumpy(array)
+            self._comm.Bcast(host, root=root)
+            array.set(host)
+        return array
+
+    # ----------------------------------------------------------- objects and control
+    def barrier(self) -> None:
+        """Block until every rank has called `barrier`."""
+        self._comm.Barrier()
+
+    def allgather_object(self, obj: Any) -> list:
+        """Gather a picklable object from every rank onto every rank.
+
+        Args:
+            obj: this rank's object.
+
+        Returns:
+            A list of ``size`` objects, the one from rank r at index r.
+        """
+        return self._comm.allgather(obj)
+
+    def broadcast_object(self, obj: Any, root: int = 0) -> Any:
+        """Send a picklable object from `root` to every rank.
+
+        Args:
+            obj: the object on `root`; ignored on the other ranks.
+            root: the sending rank.
+
+        Returns:
+            `root`'s object, on every rank.
+        """
+        self._check_root(root)
+        return self._comm.bcast(obj, root=root)
+
+    def abort(self, code: int = 1) -> NoReturn:
+        """End every process of the job at once with exit code `code` (``MPI_Abort``): the
+        way out when one rank fails while the others may be blocked in a collective.
+
+        Args:
+            code: the exit status the launcher reports.
+        """
+        sys.stdout.flush()
+        sys.stderr.flush()
+        self._comm.Abort(int(code))
+        # MPICH's MPI_Abort can return before the launcher has acted on it: never go on.
+        os._exit(int(code))
+
+    def _check_root(self, root: int) -> None:
+        if not isinstance(root, int) or not 0 <= root < self._size:
+            raise ValueError(f"root must be a rank in 0..{self._size - 1}, got {root!r}")

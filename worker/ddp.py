@@ -1,0 +1,440 @@
+"""DistributedDataParallel: average gradients across ranks while backward is still running.
+
+PyTorch's design (``torch/nn/parallel/distributed.py``), on the engine's two hooks:
+
+* At wrap time every rank describes its module (names, shapes, dtypes of parameters and
+  buffers); all descriptions are gathered, so a difference raises the same clear error on every
+  rank instead of hanging in a collective. Then rank 0's parameters and buffers are broadcast.
+* Gradients live in flat `GradientBucket`\\ s of about ``bucket_cap_mb`` each, one dtype per
+  bucket, filled in *reverse* registration order (roughly the order backward produces them).
+  A parameter's post-accumulate-grad hook copies its gradient, pre-divided by the world size,
+  into its slot. When a bucket is full its non-blocking all-reduce starts. Buckets start
+  strictly in index order, so every rank issues the same collectives in the same order even
+  when its hooks fire in a different order.
+* MPI moves a non-blocking collective along only while some MPI call runs, so every hook also
+  ``test()``\\ s the oldest request in flight.
+* `engine.queue_callback` runs `_finish_backward` when the pass ends: buckets that are not full
+  (a parameter that got no gradient) start with the gradient the parameter already holds or
+  zeros, all requests are waited for, and every ``param.grad`` becomes a view of its bucket slot,
+  which now holds the mean over ranks. No copy back is needed, and the next backward
+  accumulates straight into the bucket.
+
+The reduction itself is a plug-in (`register_comm_hook`), so compression or another algorithm
+never touches this module.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from typing import Any, Protocol
+
+import numpy
+
+from engine.backend import get_array_module
+from engine.nn.module import Module
+from engine.tensor import Tensor, is_grad_enabled, queue_callback
+from worker.comm import Communicator
+
+__all__ = ["DistributedDataParallel", "GradientBucket", "allreduce_hook", "CommHook"]
+
+
+class CommRequest(Protocol):
+    """What a comm hook returns: `Request`-like, with ``wait()`` and ``test() -> bool``."""
+
+    def wait(self) -> None: ...
+
+    def test(self) -> bool: ...
+
+
+#: ``hook(comm, bucket_array) -> request``: reduce one flat bucket in place, non-blocking.
+#: The bucket holds this rank's gradients already divided by the world size; when the request's
+#: ``wait()`` returns, it must hold the sum over ranks (that is, the mean gradient).
+CommHook = Callable[[Communicator, Any], CommRequest]
+
+
+def allreduce_hook(comm: Communicator, bucket: Any) -> CommRequest:
+    """The default comm hook: a non-blocking in-place all-reduce sum of the pre-divided bucket.
+
+    Args:
+        comm: the job's communicator.
+        bucket: a flat, contiguous gradient array.
+
+    Returns:
+        The request of the ``Iallreduce``.
+    """
+    return comm.iallreduce_(bucket, op="sum")
+
+
+class GradientBucket:
+    """One flat, contiguous gradient buffer shared by a group of parameters of one dtype.
+
+    Args:
+        index: the bucket's position in the launch order.
+        names: the dotted names of its parameters.
+        params: the parameters, in the order their slots are laid out.
+    """
+
+    __slots__ = ("index", "names", "params", "buffer", "views", "filled", "pending", "request")
+
+    def __init__(self, index: int, names: list[str], params: list[Tensor]):
+        xp = get_array_module(params[0].data)
+        self.index = index
+        self.names = names
+        self.params = params
+        self.buffer = xp.zeros(sum(p.numel() for p in params), dtype=params[0].dtype)
+        self.views = []
+        offset = 0
+        for p in params:
+            n = p.numel()
+            self.views.append(self.buffer[offset:offset + n].reshape(p.shape))
+            offset += n
+        self.filled = [False] * len(params)
+        self.pending = len(params)
+        self.request: CommRequest | None = None
+
+    @property
+    def nbytes(self) -> int:
+        """The size of the buffer in bytes."""
+        return int(self.buffer.nbytes)
+
+    def reset(self) -> None:
+        """Forget the last pass: every slot empty, no request."""
+        self.filled = [False] * len(self.params)
+        self.pending = len(self.params)
+        self.request = None
+
+
+def _assign_buckets(named: list[tuple[str, Tensor]], cap_bytes: int) -> list[GradientBucket]:
+    """Group parameters, in reverse registration order, into buckets of at most `cap_bytes`
+    (a larger parameter gets a bucket of its own), one open bucket per array type and dtype."""
+    open_groups: dict[tuple, list[tuple[str, Tensor]]] = {}
+    groups: list[list[tuple[str, Tensor]]] = []
+    sizes: dict[int, int] = {}
+    for name, p in reversed(named):
+        key = (get_array_module(p.data).__name__, p.dtype.str)
+        group = open_groups.get(key)
+        nbytes = p.numel() * p.dtype.itemsize
+        if group is None or (group and sizes[id(group)] + nbytes > cap_bytes):
+            group = []
+            open_groups[key] = group
+            groups.append(group)
+            sizes[id(group)] = 0
+        group.append((name, p))
+        sizes[id(group)] += nbytes
+    return [GradientBucket(i, [n for n, _ in g], [p for _, p in g]) for i, g in enumerate(groups)]
+
+
+def _describe(module: Module, settings: dict) -> list[tuple]:
+    entries = [("setting", key, value) for key, value in settings.items()]
+    entries += [("parameter", name, tuple(p.shape), str(p.dtype), bool(p.requires_grad))
+                for name, p in module.named_parameters()]
+    entries += [("buffer", name, tuple(b.shape), str(b.dtype))
+                for name, b in module.named_buffers()]
+    return entries
+
+
+def _format_entry(entry: tuple | None) -> str:
+    if entry is None:
+        return "nothing"
+    if entry[0] == "setting":
+        return f"the DistributedDataParallel setting {entry[1]}={entry[2]!r}"
+    text = f"{entry[0]} {entry[1]!r} of shape {entry[2]} and dtype {entry[3]}"
+    if entry[0] == "parameter" and not entry[4]:
+        text += " (requires_grad=False)"
+    return text
+
+
+def _mismatch_message(descriptions: list[list[tuple]]) -> str | None:
+    """None when every rank described the same module, else an error naming, for every rank
+    that differs from rank 0, the first entry where it does."""
+    reference = descriptions[0]
+    differences: dict[tuple[int, str], list[int]] = {}
+    for rank, desc in enumerate(descriptions[1:], start=1):
+        if desc == reference:
+            continue
+        i = next((i for i, (a, b) in enumerate(zip(reference, desc)) if a != b),
+                 min(len(reference), len(desc)))
+        theirs = _format_entry(desc[i] if i < len(desc) else None)
+        differences.setdefault((i, theirs), []).append(rank)
+    if not differences:
+        return None
+    lines = []
+    for (i, theirs), ranks in sorted(differences.items()):
+        ours = _format_entry(reference[i] if i < len(reference) else None)
+        who = f"rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))}"
+        lines.append(f"{who} ha{'ve' if len(ranks) > 1 else 's'} {theirs} at entry {i}, where "
+                     f"rank 0 has {ours}")
+    return ("DistributedDataParallel: the module is not the same on every rank: "
+            + "; ".join(lines) + ". Every rank must build the same model (and pass the same "
+            "DistributedDataParallel settings) before wrapping it.")
+
+
+def _broadcast_tensors(comm: Communicator, tensors: list[Tensor]) -> None:
+    """Overwrite `tensors` in place with rank 0's values: one ``Bcast`` per array type/dtype."""
+    groups: dict[tuple, list[Tensor]] = {}
+    for t in tensors:
+        groups.setdefault((get_array_module(t.data).__name__, t.dtype.str), []).append(t)
+    for group in groups.values():
+        xp = get_array_module(group[0].data)
+        flat = xp.concatenate([t.data.reshape(-1) for t in group])
+        comm.broadcast_(flat)
+        offset = 0
+        for t in group:
+            n = t.numel()
+            t.data[...] = flat[offset:offset + n].reshape(t.shape)
+            t._version[0] += 1
+            offset += n
+
+
+class DistributedDataParallel:
+    """Wrap a module so that ``loss.backward()`` leaves every rank holding the gradient averaged
+    over all ranks, overlapping the all-reduce with the rest of backward.
+
+    Each rank runs the wrapped module on its own shard of every global batch; with equal shards
+    and a loss that is a mean over samples, N ranks then train the same model as one process on
+    the whole batch.
+
+    Args:
+        module: the model; every rank must build the same one (checked here).
+        comm: the ranks to average over (default: MPI's world).
+        bucket_cap_mb: the size of a gradient bucket in MiB; smaller buckets start
+            communicating earlier, larger ones make fewer, more efficient collectives.
+        broadcast_buffers: broadcast rank 0's buffers before every forward that records a
+            graph (not in `no_sync` and not under ``engine.no_grad()``, so evaluation may run
+            a different number of batches on each rank).
+        find_unused_parameters: with True, one small extra all-reduce per step finds the
+            parameters that no rank used, and their ``.grad`` stays None on every rank (as in
+            a single process). With False (the default), such a parameter gets a zero
+            gradient on every rank. Either way a parameter unused on some ranks never hangs the
+            job and gets the mean over ranks, counting zeros where it was unused.
+
+    Example:
+        >>> import engine, engine.functional as F
+        >>> from engine import nn
+        >>> from worker import DistributedDataParallel
+        >>> model = DistributedDataParallel(nn.Linear(4, 2))
+        >>> x, y = engine.randn(8, 4), engine.randn(8, 2)
+        >>> F.mse_loss(model(x), y).backward()  # .grad is now the mean over ranks
+        >>> model.module.weight.grad.shape
+        (2, 4)
+    """
+
+    def __init__(self, module: Module, comm: Communicator | None = None,
+                 bucket_cap_mb: float = 25, broadcast_buffers: bool = True,
+                 find_unused_parameters: bool = False):
+        if not isinstance(module, Module):
+            raise TypeError(f"DistributedDataParallel wraps an engine.nn.Module, got "
+                            f"{type(module).__name__}")
+        if not bucket_cap_mb > 0:
+            raise ValueError(f"bucket_cap_mb must be positive, got {bucket_cap_mb!r}")
+        self.module = module
+        self.comm = Communicator() if comm is None else comm
+        self.broadcast_buffers = bool(broadcast_buffers)
+        self.find_unused_parameters = bool(find_unused_parameters)
+        self.bucket_cap_mb = bucket_cap_mb
+        settings = {"bucket_cap_mb": bucket_cap_mb,
+                    "find_unused_parameters": self.find_unused_parameters,
+                    "broadcast_buffers": self.broadcast_buffers}
+        error = _mismatch_message(self.comm.allgather_object(_describe(module, settings)))
+        if error is not None:
+            raise RuntimeError(error)
+        self._buffers = [b for _, b in module.named_buffers()]
+        if self.comm.size > 1:
+            _broadcast_tensors(self.comm, [p for _, p in module.named_parameters()]
+                               + self._buffers)
+        trained = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+        self._buckets = _assign_buckets(trained, int(bucket_cap_mb * 1024 * 1024))
+        self._scale = 1.0 / self.comm.size
+        self._comm_hook: CommHook = allreduce_hook
+        self._sync = True
+        self._in_pass = False
+        self._next_launch = 0   # buckets below this index have started their all-reduce
+        self._next_done = 0     # buckets below this index have completed it
+        self._hook_handles = []
+        for bucket in self._buckets:
+            for slot, p in enumerate(bucket.params):
+                self._hook_handles.append(p.register_post_accumulate_grad_hook(
+                    self._make_hook(bucket, slot)))
+
+    # ----------------------------------------------------------- the module's face
+    def __call__(self, *args, **kwargs):
+        """Run the module's forward (after broadcasting rank 0's buffers, if enabled)."""
+        if self._in_pass:
+            raise RuntimeError(
+                "DistributedDataParallel: the previous backward pass ended before its gradient "
+                "all-reduce finished (an exception during backward?), so the ranks are no "
+                "longer in step; restart the job from a checkpoint")
+        if (self.broadcast_buffers and self._buffers and self._sync and is_grad_enabled()
+                and self.comm.size > 1):
+            _broadcast_tensors(self.comm, self._buffers)
+        return self.module(*args, **kwargs)
+
+    def forward(self, *args, **kwargs):
+        """Same as calling the wrapper."""
+        return self(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        # Only reached when normal lookup fails: anything else the module has.
+        if name == "module" or "module" not in self.__dict__:
+            raise AttributeError(name)
+        return getattr(self.__dict__["module"], name)
+
+    def __repr__(self) -> str:
+        return f"DistributedDataParallel(\n  (module): {self.module!r}\n)"
+
+    def parameters(self, recurse: bool = True) -> Iterator[Tensor]:
+        """The module's parameters (see `engine.nn.Module.parameters`)."""
+        return self.module.parameters(recurse)
+
+    def named_parameters(self, *args, **kwargs) -> Iterator[tuple[str, Tensor]]:
+        """The module's named parameters, without a ``module.`` prefix."""
+        return self.module.named_parameters(*args, **kwargs)
+
+    def state_dict(self, *args, **kwargs):
+        """The module's state dict, with the module's own keys (no ``module.`` prefix)."""
+        return self.module.state_dict(*args, **kwargs)
+
+    def load_state_dict(self, state_dict, strict: bool = True):
+        """Load into the module (see `engine.nn.Module.load_state_dict`)."""
+        return self.module.load_state_dict(state_dict, strict)
+
+    def train(self, mode: bool = True) -> DistributedDataParallel:
+        """Set the module's training mode. Returns the wrapper."""
+        self.module.train(mode)
+        return self
+
+    def eval(self) -> DistributedDataParallel:
+        """Set the module's evaluation mode. Returns the wrapper."""
+        self.module.eval()
+        return self
+
+    # ----------------------------------------------------------- synchronisation control
+    @contextlib.contextmanager
+    def no_sync(self) -> Iterator[None]:
+        """Inside this block backward communicates nothing: gradients accumulate locally.
+        The first backward after the block all-reduces the accumulated totals.
+
+        Example::
+
+            with ddp.no_sync():
+                (loss_fn(ddp(x1), y1) / 2).backward()   # local accumulation only
+            (loss_fn(ddp(x2), y2) / 2).backward()       # all-reduces the sum of both
+        """
+        previous = self._sync
+        self._sync = False
+        try:
+            yield
+        finally:
+            self._sync = previous
+
+    def register_comm_hook(self, hook: CommHook) -> None:
+        """Replace how a bucket is reduced (PyTorch's ``register_comm_hook``): compression or
+        another algorithm plugs in here. See `CommHook` for the contract.
+
+        Args:
+            hook: ``hook(comm, bucket_array) -> request`` with ``wait()`` and ``test()``.
+        """
+        if self._in_pass:
+            raise RuntimeError("register_comm_hook cannot be called during a backward pass")
+        if not callable(hook):
+            raise TypeError(f"hook must be callable, got {type(hook).__name__}")
+        self._comm_hook = hook
+
+    @property
+    def bucket_assignment(self) -> list[list[str]]:
+        """The parameter names of each gradient bucket, in the order buckets are reduced."""
+        return [list(b.names) for b in self._buckets]
+
+    # ----------------------------------------------------------- the hooks
+    def _make_hook(self, bucket: GradientBucket, slot: int) -> Callable[[Tensor], None]:
+        def hook(param: Tensor) -> None:
+            if self._sync:
+                self._grad_ready(bucket, slot, param)
+        return hook
+
+    def _grad_ready(self, bucket: GradientBucket, slot: int, param: Tensor) -> None:
+        if not self._in_pass:
+            self._in_pass = True
+            queue_callback(self._finish_backward)
+        if bucket.filled[slot]:
+            return
+        bucket.filled[slot] = True
+        bucket.pending -= 1
+        if self.comm.size == 1:  # nothing to exchange: gradients stay where they are
+            return
+        view = bucket.views[slot]
+        xp = get_array_module(view)
+        if param.dtype != view.dtype or get_array_module(param.data) is not xp:
+            raise RuntimeError(
+                f"DistributedDataParallel: parameter {bucket.names[slot]!r} changed dtype or "
+                "device after wrapping; move or cast the module first, then wrap it")
+        xp.multiply(param.grad.data, self._scale, out=view)
+        self._launch_ready()
+        self._drive_progress()
+
+    def _launch_ready(self) -> None:
+        """Start every full bucket whose predecessors have all started (index order)."""
+        buckets = self._buckets
+        while self._next_launch < len(buckets) and buckets[self._next_launch].pending == 0:
+            bucket = buckets[self._next_launch]
+            bucket.request = self._comm_hook(self.comm, bucket.buffer)
+            self._next_launch += 1
+
+    def _drive_progress(self) -> None:
+        """Let MPI move the requests in flight along (it progresses only inside MPI calls)."""
+        buckets = self._buckets
+        while self._next_done < self._next_launch and buckets[self._next_done].request.test():
+            self._next_done += 1
+
+    def _fill_missing(self, bucket: GradientBucket) -> None:
+        """Fill the slots whose hook did not fire in this pass: the gradient the parameter
+        already holds (accumulated under `no_sync`), else zeros."""
+        for slot, p in enumerate(bucket.params):
+            if bucket.filled[slot]:
+                continue
+            view = bucket.views[slot]
+            if p.grad is None:
+                view.fill(0)
+            else:
+                get_array_module(view).multiply(p.grad.data, self._scale, out=view)
+            bucket.filled[slot] = True
+        bucket.pending = 0
+
+    def _finish_backward(self) -> None:
+        """End of the backward pass: start what is left, wait for everything, and make every
+        ``param.grad`` the mean over ranks."""
+        try:
+            buckets = self._buckets
+            used = None
+            if self.find_unused_parameters:  # before _fill_missing marks every slot filled
+                used = [b.filled[s] or p.grad is not None
+                        for b in buckets for s, p in enumerate(b.params)]
+            if self.comm.size > 1:
+                for bucket in buckets[self._next_launch:]:
+                    self._fill_missing(bucket)
+                self._launch_ready()
+                if used is not None:  # after every bucket: the same collective order on all ranks
+                    counts = numpy.asarray(used, dtype=numpy.int32)
+                    self.comm.allreduce_(counts, op="sum")
+                    used = (counts > 0).tolist()
+                for bucket in buckets:
+                    bucket.request.wait()
+            k = 0
+            for bucket in buckets:
+                for slot, p in enumerate(bucket.params):
+                    k += 1
+                    if not p.requires_grad or (used is not None and not used[k - 1]):
+                        continue
+                    view = bucket.views[slot]
+                    if self.comm.size > 1:
+                        if p.grad is None or p.grad.data is not view:
+                            p.grad = Tensor(view)
+                    elif p.grad is None:
+                        view.fill(0)
+                        p.grad = Tensor(view)
+        finally:
+            for bucket in self._buckets:
+                bucket.reset()
+            self._next_launch = self._next_done = 0
+            self._in_pass = False
