@@ -1,4 +1,5 @@
-"""Engine benchmark: per-op overhead, an MLP training step, and its peak memory.
+"""Engine benchmark: per-op overhead, training steps of an MLP and of the model zoo's lenet,
+resnet and transformer_lm, and the peak memory of each step.
 
 Every row is measured in this one run, on one BLAS thread, against two peers: the same
 computation written by hand in plain numpy (forward and backward — the floor for any
@@ -7,7 +8,10 @@ numpy-based engine) and PyTorch on the CPU when it is importable. Run it with
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 \
         MKL_NUM_THREADS=1 .venv/bin/python bench/engine.py
 
-(`make bench` does exactly that). See docs/benchmarks.md for recorded results.
+(`make bench` does exactly that; ``--rows lenet,resnet`` runs a subset). The model rows train
+the same architecture in both frameworks: bench/torch_models.py holds PyTorch twins of the zoo's
+models, loaded with the engine model's initial weights. See docs/benchmarks.md for recorded
+results.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import engine  # noqa: E402
 import engine.functional as F  # noqa: E402
 from engine import nn  # noqa: E402
+from engine.models import get_model  # noqa: E402
 
 try:
     import torch
@@ -59,6 +64,20 @@ def timeit(fn, repeat: int, number: int) -> float:
             fn()
         samples.append((time.perf_counter() - t) / number)
     return statistics.median(samples)
+
+
+def timeit_interleaved(fns: dict, repeat: int) -> dict:
+    """Median seconds per call of each of `fns`, one call of each per round (after a warm-up):
+    on a shared machine a burst of load then slows every contender alike."""
+    for fn in fns.values():
+        fn()
+    samples = {k: [] for k in fns}
+    for _ in range(repeat):
+        for k, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            samples[k].append(time.perf_counter() - t)
+    return {k: statistics.median(v) for k, v in samples.items()}
 
 
 # ---------------------------------------------------------------- peak memory
@@ -225,15 +244,82 @@ def mlp_torch(x, y, ws, lr=0.01):
 
 
 MLP_STEPS = {"engine": mlp_engine, "numpy": mlp_numpy, "torch": mlp_torch}
+ROWS = ("ops", "mlp", "lenet", "resnet", "transformer_lm")
+
+
+# ---------------------------------------------------------------- model zoo steps
+
+# row -> (table label, constructor arguments, batch size)
+MODEL_ROWS = {
+    "lenet": ("lenet 28×28 train step, batch 128", {"image_size": 28}, 128),
+    "resnet": ("resnet (depth 8, width 16) train step, 32×32×3, batch 64",
+               {"depth": 8, "width": 16, "in_channels": 3}, 64),
+    "transformer_lm": ("transformer_lm (4 layers, d=256, 4 heads, context 128, vocab 256) "
+                       "train step, batch 16",
+                       {"vocab_size": 256, "d_model": 256, "n_layers": 4, "n_heads": 4,
+                        "context": 128}, 16),
+}
+
+
+def model_data(name: str, batch: int):
+    """Fixed random inputs and class (or next-token) targets for a model row."""
+    rng = np.random.default_rng(0)
+    if name == "transformer_lm":
+        args = MODEL_ROWS[name][1]
+        x = rng.integers(0, args["vocab_size"], (batch, args["context"]))
+        return x, rng.integers(0, args["vocab_size"], batch * args["context"])
+    shape = (batch, 1, 28, 28) if name == "lenet" else (batch, 3, 32, 32)
+    return rng.standard_normal(shape, dtype=np.float32), rng.integers(0, 10, batch)
+
+
+def model_step(name: str, framework: str, lr: float = 0.01):
+    """A training step (forward, cross entropy, backward, SGD) of zoo model `name` in
+    `framework` ('engine' or 'torch'); both start from the engine model's initial weights."""
+    _, args, batch = MODEL_ROWS[name]
+    engine.manual_seed(0)
+    model = get_model(name, **args)
+    x, y = model_data(name, batch)
+    if framework == "engine":
+        opt = engine.optim.SGD(model.parameters(), lr=lr)
+        xt, yt = engine.from_numpy(x), engine.from_numpy(y)
+
+        def step():
+            opt.zero_grad()
+            out = model(xt)
+            F.cross_entropy(out.reshape(-1, out.shape[-1]), yt).backward()
+            opt.step()
+    else:
+        import torch_models
+
+        twin = torch_models.load_engine_weights(torch_models.TWINS[name](**args),
+                                                model.state_dict())
+        del model
+        opt = torch.optim.SGD(twin.parameters(), lr=lr)
+        xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+
+        def step():
+            opt.zero_grad()
+            out = twin(xt)
+            torch.nn.functional.cross_entropy(out.reshape(-1, out.shape[-1]), yt).backward()
+            opt.step()
+    step.reset = opt.zero_grad
+    return step
 
 
 def _peak_in_fresh_process(name: str, batch: int) -> float:
-    """Each contender's peak is measured in its own process, so none inherits another's heap."""
+    """Each contender's peak is measured in its own process, so none inherits another's heap.
+    `name` is an MLP contender ('engine', 'numpy', 'torch') or 'row:framework' for a model."""
     import subprocess
 
     out = subprocess.run([sys.executable, __file__, "--peak-memory-of", name, "--batch",
                           str(batch)], check=True, capture_output=True, text=True).stdout
     return float(out.strip().splitlines()[-1])
+
+
+def _step_for_peak(contender: str, batch: int):
+    if ":" in contender:
+        return model_step(*contender.split(":"))
+    return MLP_STEPS[contender](*mlp_data(batch))
 
 
 # ---------------------------------------------------------------- report
@@ -250,38 +336,57 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--batch", type=int, default=256, help="MLP batch size (default 256)")
     ap.add_argument("--repeat", type=int, default=7, help="timing rounds per row (median)")
-    ap.add_argument("--peak-memory-of", choices=("engine", "numpy", "torch"),
+    ap.add_argument("--rows", default=",".join(ROWS),
+                    help=f"comma-separated rows to run, from {','.join(ROWS)} (default all)")
+    ap.add_argument("--peak-memory-of", choices=[*MLP_STEPS] + [
+        f"{m}:{f}" for m in MODEL_ROWS for f in ("engine", "torch")],
                     help=argparse.SUPPRESS)  # internal: one contender, in a fresh process
     args = ap.parse_args(argv)
     if args.peak_memory_of:
         _limit_blas_threads()
         _malloc_returns_memory()
-        step = MLP_STEPS[args.peak_memory_of](*mlp_data(args.batch))
+        step = _step_for_peak(args.peak_memory_of, args.batch)
         print(peak_memory_mib(step, getattr(step, "reset", None)))
         return 0
+    selected = args.rows.split(",")
+    unknown = sorted(set(selected) - set(ROWS))
+    if unknown:
+        ap.error(f"unknown rows {unknown}; choose from {', '.join(ROWS)}")
 
     blas = _limit_blas_threads()
     x16 = np.random.default_rng(0).standard_normal((16, 16), dtype=np.float32)
     n_ops = CHAIN * 3 + 1
     rows = []
 
-    t_e = timeit(chain_engine(engine.tensor(x16, requires_grad=True)), args.repeat, 200)
-    t_n = timeit(chain_numpy(x16), args.repeat, 200)
-    t_t = (timeit(chain_torch(torch.tensor(x16, requires_grad=True)), args.repeat, 200)
-           if torch else None)
-    rows.append(("small-op chain on 16×16, per op (fwd+bwd)", 1e6 / n_ops, "µs",
-                 t_e, t_n, t_t))
+    if "ops" in selected:
+        t_e = timeit(chain_engine(engine.tensor(x16, requires_grad=True)), args.repeat, 200)
+        t_n = timeit(chain_numpy(x16), args.repeat, 200)
+        t_t = (timeit(chain_torch(torch.tensor(x16, requires_grad=True)), args.repeat, 200)
+               if torch else None)
+        rows.append(("small-op chain on 16×16, per op (fwd+bwd)", 1e6 / n_ops, "µs",
+                     t_e, t_n, t_t))
 
-    x, y, ws = mlp_data(args.batch)
-    steps = {"engine": mlp_engine(x, y, ws), "numpy": mlp_numpy(x, y, ws)}
-    if torch:
-        steps["torch"] = mlp_torch(x, y, ws)
-    times = {k: timeit(v, args.repeat, 3) for k, v in steps.items()}
-    rows.append((f"MLP 784-1024-1024-10 train step, batch {args.batch}", 1e3, "ms",
-                 times["engine"], times["numpy"], times.get("torch")))
-    mem = {k: _peak_in_fresh_process(k, args.batch) for k in steps}
-    rows.append(("peak memory of that step", 1.0, "MiB", mem["engine"], mem["numpy"],
-                 mem.get("torch")))
+    if "mlp" in selected:
+        x, y, ws = mlp_data(args.batch)
+        steps = {"engine": mlp_engine(x, y, ws), "numpy": mlp_numpy(x, y, ws)}
+        if torch:
+            steps["torch"] = mlp_torch(x, y, ws)
+        times = {k: timeit(v, args.repeat, 3) for k, v in steps.items()}
+        rows.append((f"MLP 784-1024-1024-10 train step, batch {args.batch}", 1e3, "ms",
+                     times["engine"], times["numpy"], times.get("torch")))
+        mem = {k: _peak_in_fresh_process(k, args.batch) for k in steps}
+        rows.append(("peak memory of that step", 1.0, "MiB", mem["engine"], mem["numpy"],
+                     mem.get("torch")))
+
+    for name in MODEL_ROWS:
+        if name not in selected:
+            continue
+        frameworks = ("engine", "torch") if torch else ("engine",)
+        times = timeit_interleaved({f: model_step(name, f) for f in frameworks}, args.repeat)
+        rows.append((MODEL_ROWS[name][0], 1e3, "ms", times["engine"], None, times.get("torch")))
+        mem = {f: _peak_in_fresh_process(f"{name}:{f}", 0) for f in frameworks}
+        rows.append(("peak memory of that step", 1.0, "MiB", mem["engine"], None,
+                     mem.get("torch")))
 
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
           f"Python {platform.python_version()}, numpy {np.__version__}, BLAS: {blas}")

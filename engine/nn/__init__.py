@@ -11,7 +11,9 @@ Example:
 
 from engine import functional
 from engine.nn import init, utils
+from engine.nn.attention import MultiheadAttention, TransformerEncoder, TransformerEncoderLayer
 from engine.nn.containers import ModuleDict, ModuleList, Sequential
+from engine.nn.conv import AdaptiveAvgPool2d, AvgPool2d, Conv1d, Conv2d, MaxPool2d
 from engine.nn.layers import (
     GELU,
     CrossEntropyLoss,
@@ -30,10 +32,15 @@ from engine.nn.layers import (
     Tanh,
 )
 from engine.nn.module import Module
+from engine.nn.norm import BatchNorm1d, BatchNorm2d
 from engine.nn.parameter import Parameter
+from engine.nn.recurrent import GRU, LSTM, RNN, GRUCell, LSTMCell, RNNBase, RNNCell
 
 __all__ = [
     "Parameter", "Module", "Sequential", "ModuleList", "ModuleDict", "Identity", "Linear",
     "ReLU", "GELU", "Tanh", "Sigmoid", "SiLU", "Softmax", "LogSoftmax", "Dropout", "LayerNorm",
     "Embedding", "Flatten", "CrossEntropyLoss", "MSELoss", "init", "utils", "functional",
+    "Conv1d", "Conv2d", "MaxPool2d", "AvgPool2d", "AdaptiveAvgPool2d", "BatchNorm1d",
+    "BatchNorm2d", "MultiheadAttention", "TransformerEncoderLayer", "TransformerEncoder",
+    "RNNBase", "RNN", "LSTM", "GRU", "RNNCell", "LSTMCell", "GRUCell",
 ]

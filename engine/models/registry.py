@@ -1,0 +1,182 @@
+"""The model registry: jobs name a model (``"resnet"``) or a user's constructor
+(``"mypackage.models:build"``) and its arguments; `get_model` builds it.
+
+Argument errors are caught before anything is built: the arguments are bound to the
+constructor's signature, and a failure names the model, every argument it accepts (with its
+default) and the arguments that came.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import inspect
+from collections.abc import Callable
+
+from engine.nn.module import Module
+
+__all__ = ["register_model", "get_model", "get_constructor", "list_models", "model_signature"]
+
+_REGISTRY: dict[str, Callable[..., Module]] = {}
+
+
+def register_model(name: str) -> Callable[[Callable[..., Module]], Callable[..., Module]]:
+    """Decorator: make a constructor (a Module class or a function returning a Module)
+    available to `get_model` under `name`.
+
+    Args:
+        name: the registry key; must not contain ``":"`` (that form names a user's function).
+
+    Returns:
+        The decorator, which returns the constructor unchanged.
+
+    Example:
+        >>> from engine import nn
+        >>> from engine.models import register_model, get_model
+        >>> @register_model("tiny_mlp_example")
+        ... def tiny(width: int = 4) -> nn.Module:
+        ...     return nn.Linear(2, width)
+        >>> get_model("tiny_mlp_example", width=3).out_features
+        3
+    """
+    if not isinstance(name, str) or not name or ":" in name:
+        raise ValueError(f"register_model: the name must be a non-empty string without ':', "
+                         f"got {name!r}")
+
+    def decorate(fn: Callable[..., Module]) -> Callable[..., Module]:
+        if not callable(fn):
+            raise TypeError(f"register_model({name!r}): expected a callable, got "
+                            f"{type(fn).__name__}")
+        if _REGISTRY.get(name, fn) is not fn:
+            raise ValueError(f"register_model: a different model is already registered as "
+                             f"{name!r}")
+        _REGISTRY[name] = fn
+        return fn
+
+    return decorate
+
+
+def list_models() -> list[str]:
+    """The registered model names, sorted."""
+    return sorted(_REGISTRY)
+
+
+def _resolve(name: str) -> Callable[..., Module]:
+    if not isinstance(name, str):
+        raise TypeError(f"the model name must be a string, got {type(name).__name__}")
+    if ":" in name:
+        module_name, _, attr = name.partition(":")
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as e:
+            raise ValueError(f"model {name!r}: cannot import module {module_name!r}: {e}") \
+                from None
+        fn = module
+        for part in attr.split("."):
+            fn = getattr(fn, part, None)
+            if fn is None:
+                raise ValueError(f"model {name!r}: module {module_name!r} has no attribute "
+                                 f"{attr!r}")
+        if not callable(fn):
+            raise TypeError(f"model {name!r}: {attr!r} is a {type(fn).__name__}, not a "
+                            "callable constructor")
+        return fn
+    if name not in _REGISTRY:
+        close = difflib.get_close_matches(name, list(_REGISTRY), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ValueError(f"unknown model {name!r}{hint}; registered models: "
+                         f"{', '.join(list_models())}; or name your own constructor as "
+                         "'package.module:function'")
+    return _REGISTRY[name]
+
+
+def get_constructor(name: str) -> Callable[..., Module]:
+    """The constructor `get_model` would call for `name`, without calling it (to check a
+    job's arguments before building anything).
+
+    Args:
+        name: a registered name or ``"package.module:function"``.
+
+    Returns:
+        The constructor (a Module class or a function).
+
+    Raises:
+        ValueError: unknown name or unimportable constructor.
+        TypeError: `name` names something that is not callable.
+    """
+    return _resolve(name)
+
+
+def model_signature(name: str) -> str:
+    """The arguments model `name` accepts, with defaults, e.g. ``"depth=8, width=16"``.
+
+    Args:
+        name: a registered name or ``"package.module:function"``.
+
+    Returns:
+        The argument list as one line of text.
+    """
+    return _describe(_signature(_resolve(name)))
+
+
+def _signature(fn: Callable) -> inspect.Signature | None:
+    try:
+        return inspect.signature(fn)
+    except (TypeError, ValueError):  # some builtins have none
+        return None
+
+
+def _describe(sig: inspect.Signature | None) -> str:
+    if sig is None:
+        return "(unknown: the constructor has no inspectable signature)"
+    parts = []
+    for p in sig.parameters.values():
+        if p.kind is p.VAR_KEYWORD:
+            parts.append(f"**{p.name}")
+        elif p.kind is p.VAR_POSITIONAL:
+            continue
+        else:
+            parts.append(p.name if p.default is p.empty else f"{p.name}={p.default!r}")
+    return ", ".join(parts) or "(none)"
+
+
+def get_model(name: str, **args) -> Module:
+    """Build the model registered as `name` (or the function named ``"package.module:fn"``)
+    with keyword arguments `args`.
+
+    Args:
+        name: a name from `list_models()` or ``"package.module:function"``.
+        **args: the constructor's keyword arguments.
+
+    Returns:
+        The new Module.
+
+    Raises:
+        ValueError: unknown name, unimportable constructor, or an argument value the
+            constructor rejects (the message names the model and its accepted arguments).
+        TypeError: unknown or missing arguments, or a constructor that returns no Module.
+
+    Example:
+        >>> from engine.models import get_model
+        >>> model = get_model("mlp", in_features=4, hidden=(8,), num_classes=3)
+        >>> [n for n, _ in model.named_parameters()]
+        ['0.weight', '0.bias', '2.weight', '2.bias']
+    """
+    fn = _resolve(name)
+    sig = _signature(fn)
+    got = ", ".join(f"{k}={v!r}" for k, v in args.items()) or "no arguments"
+    try:
+        if sig is not None:
+            sig.bind(**args)
+    except TypeError as e:
+        raise TypeError(f"model {name!r}: {e}; it accepts: {_describe(sig)}; got: {got}") \
+            from None
+    try:
+        model = fn(**args)
+    except (ValueError, TypeError) as e:
+        raise type(e)(f"model {name!r}: {e} (it accepts: {_describe(sig)}; got: {got})") from e
+    if not isinstance(model, Module):
+        raise TypeError(f"model {name!r}: the constructor returned a {type(model).__name__}, "
+                        "not an engine.nn.Module")
+    return model
+
