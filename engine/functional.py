@@ -23,7 +23,7 @@ from engine.ops import (
 )
 from engine.ops.attention import scaled_dot_product_attention
 from engine.ops.conv import conv1d, conv2d
-from engine.ops.norm import batch_norm
+from engine.ops.norm import batch_norm, layer_norm
 from engine.ops.pool import adaptive_avg_pool2d, avg_pool2d, max_pool2d
 from engine.ops.shape import _dim, pad
 from engine.tensor import Tensor
@@ -201,24 +201,6 @@ def dropout(input: Tensor, p: float = 0.5, training: bool = True) -> Tensor:
     keep = generator().random(input.shape, dtype=numpy.float32) >= p
     mask = xp.asarray(keep, dtype=input.dtype) * (1.0 / (1.0 - p))
     return input * Tensor(mask.astype(input.dtype, copy=False))
-
-
-def layer_norm(input: Tensor, normalized_shape, weight: Tensor | None = None,
-               bias: Tensor | None = None, eps: float = 1e-5) -> Tensor:
-    """Normalise over the trailing `normalized_shape` dims, then scale and shift."""
-    shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
-    if input.shape[input.ndim - len(shape):] != shape:
-        raise RuntimeError(f"layer_norm: input of shape {input.shape} does not end with "
-                           f"normalized_shape {shape}")
-    dims = tuple(range(input.ndim - len(shape), input.ndim))
-    mu = input.mean(dims, keepdim=True)
-    xc = input - mu
-    out = xc * ((xc * xc).mean(dims, keepdim=True) + eps).rsqrt()
-    if weight is not None:
-        out = out * weight
-    if bias is not None:
-        out = out + bias
-    return out
 
 
 def embedding(input: Tensor, weight: Tensor, padding_idx: int | None = None) -> Tensor:

@@ -403,6 +403,32 @@ def queue_callback(fn: Callable[[], None]) -> None:
     _callbacks.append(fn)
 
 
+class IndexedGrad:
+    """A gradient that is zero except at ``[key]``: what indexing's rule returns. Backward adds
+    it into one accumulation buffer in place, so taking T slices of a tensor costs the slices,
+    not T full-size arrays."""
+
+    __slots__ = ("shape", "dtype", "key", "values", "basic")
+
+    def __init__(self, shape, dtype, key, values, basic: bool):
+        self.shape, self.dtype, self.key, self.values, self.basic = (
+            shape, dtype, key, values, basic)
+
+    def add_into(self, xp, acc) -> None:
+        if self.basic:  # ints and slices: no element is addressed twice
+            acc[self.key] += self.values
+        else:  # integer arrays may repeat an index: every occurrence adds
+            xp.add.at(acc, self.key, self.values)
+
+    def dense(self, xp):
+        out = xp.zeros(self.shape, dtype=self.dtype)
+        if self.basic:
+            out[self.key] = self.values
+        else:
+            xp.add.at(out, self.key, self.values)
+        return out
+
+
 def _unbroadcast(g, shape):
     """Sum a gradient back to the shape of the input that was broadcast to make it."""
     if g.shape == shape:
@@ -445,11 +471,13 @@ def run_backward(root, g, retain_graph: bool) -> None:
     grads = {root: g}
     ready = [root]
     owned = set()  # ids of gradient arrays handed to a leaf as its .grad (never shared twice)
+    fresh = set()  # ids of accumulation buffers allocated by this pass, updated in place
     _in_backward.active = True
     try:
         while ready:
             v = ready.pop()
             g = grads.pop(v)
+            fresh.discard(id(g))  # a rule may pass g on to several inputs: never in place again
             if type(v) is not Node:
                 _accumulate_leaf(v, g, owned)
                 continue
@@ -467,14 +495,28 @@ def run_backward(root, g, retain_graph: bool) -> None:
                 if p is None:
                     continue
                 gi = vjps[i](xp, g, v.ans, *args, **v.kwargs) if vjps else gis[i]
-                if gi.shape != v.shapes[i]:
-                    gi = _unbroadcast(gi, v.shapes[i])
-                if gi.dtype != v.dtypes[i]:
-                    gi = gi.astype(v.dtypes[i])
-                if p in grads:
-                    grads[p] = grads[p] + gi
+                acc = grads.get(p)
+                if type(gi) is IndexedGrad:
+                    if acc is None or id(acc) not in fresh:
+                        acc = gi.dense(xp) if acc is None else acc + gi.dense(xp)
+                        fresh.add(id(acc))
+                        grads[p] = acc
+                    else:
+                        gi.add_into(xp, acc)
                 else:
-                    grads[p] = gi
+                    if gi.shape != v.shapes[i]:
+                        gi = _unbroadcast(gi, v.shapes[i])
+                    if gi.dtype != v.dtypes[i]:
+                        gi = gi.astype(v.dtypes[i])
+                    if acc is None:
+                        grads[p] = gi
+                    elif id(acc) in fresh:
+                        acc += gi  # a buffer this pass allocated: nobody else holds it
+                    else:
+                        acc = acc + gi
+                        if not isinstance(acc, numpy.generic):  # numpy scalars are immutable
+                            fresh.add(id(acc))
+                        grads[p] = acc
                 n = pending[p] - 1
                 pending[p] = n
                 if n == 0:

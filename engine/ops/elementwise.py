@@ -31,8 +31,28 @@ _div = Op("div", lambda xp, x, y: x / y, (
     lambda xp, g, ans, x, y: g / y,
     lambda xp, g, ans, x, y: -g * ans / y,
 ), save_ans=True)
-_pow = Op("pow", lambda xp, x, y: x ** y, (
-    lambda xp, g, ans, x, y: g * y * x ** (y - 1),
+def _power(xp, x, y):
+    """``x ** y``, with the common constant exponents done by multiplication: numpy's general
+    power is ~100x slower than a multiply on float32 arrays."""
+    if type(y) in (int, float):
+        if y == 2:
+            return x * x
+        if y == 3:
+            return x * x * x
+        if y == 1:
+            return x.copy()
+        if x.dtype.kind == "f":
+            if y == 0.5:
+                return xp.sqrt(x)
+            if y == -1:
+                return 1 / x
+            if y == -0.5:
+                return 1 / xp.sqrt(x)
+    return x ** y
+
+
+_pow = Op("pow", _power, (
+    lambda xp, g, ans, x, y: g * (y * _power(xp, x, y - 1)),
     lambda xp, g, ans, x, y: g * ans * xp.log(xp.where(x > 0, x, 1)),
 ), save_ans=True)
 _maximum = Op("maximum", lambda xp, x, y: xp.maximum(x, y), (
@@ -80,24 +100,91 @@ _clamp = Op("clamp", lambda xp, x, lo, hi: xp.clip(x, lo, hi), (
 _to = Op("to", lambda xp, x, dtype: x.astype(dtype), (lambda xp, g, ans, x, dtype: g,),
          save=False)
 
-_SQRT_2 = 1.4142135623730951
+_INV_SQRT_2 = 0.7071067811865476
 _SQRT_2_OVER_PI = 0.7978845608028654
+_INV_SQRT_2PI = 0.3989422804014327
+# erf(x) = x P(x^2) / Q(x^2) on [-4, 4] (beyond, erf is +-1 in float32): the rational
+# approximation Eigen uses for float, within 4 float32 ulp of the true value.
+_ERF_P = (-2.72614225801306e-10, 2.77068142495902e-08, -2.10102402082508e-06,
+          -5.69250639462346e-05, -7.34990630326855e-04, -2.95459980854025e-03,
+          -1.60960333262415e-02)
+_ERF_Q = (-1.45660718464996e-05, -2.13374055278905e-04, -1.68282697438203e-03,
+          -7.37332916720468e-03, -1.42647390514189e-02)
+
+
+_ERF_BLOCK = 65536  # elements: the ~20 passes of the rational function run in cache
+
+
+def _erf(xp, x):
+    """erf; for float32 numpy arrays a rational approximation computed in float32, block by
+    block so its passes stay in cache (5x faster than scipy's, which works in float64)."""
+    if x.dtype != "float32" or xp.__name__ != "numpy":
+        return special(xp).erf(x)
+    flat = x.reshape(-1)
+    out = xp.empty_like(flat)
+    x2 = xp.empty(min(_ERF_BLOCK, flat.size), dtype=x.dtype)
+    q = xp.empty_like(x2)
+    for start in range(0, flat.size, _ERF_BLOCK):
+        n = min(_ERF_BLOCK, flat.size - start)
+        xc, a2, qq = out[start:start + n], x2[:n], q[:n]
+        xp.clip(flat[start:start + n], -4.0, 4.0, out=xc)
+        xp.multiply(xc, xc, out=a2)
+        p = xp.full(n, _ERF_P[0], dtype=x.dtype)
+        for c in _ERF_P[1:]:
+            p *= a2
+            p += c
+        qq.fill(_ERF_Q[0])
+        for c in _ERF_Q[1:]:
+            qq *= a2
+            qq += c
+        p *= xc
+        xp.divide(p, qq, out=xc)
+    return out.reshape(x.shape)
+
+
+def _gelu_inner(xp, x):
+    """tanh(sqrt(2/pi) * (x + 0.044715 x^3)), in one buffer."""
+    t = x * x
+    t *= 0.044715
+    t += 1
+    t *= x
+    t *= _SQRT_2_OVER_PI
+    return xp.tanh(t, out=t)
 
 
 def _gelu_forward(xp, x, approximate):
-    if approximate == "tanh":
-        return 0.5 * x * (1 + xp.tanh(_SQRT_2_OVER_PI * (x + 0.044715 * x ** 3)))
-    return 0.5 * x * (1 + special(xp).erf(x / _SQRT_2))
+    if x.ndim == 0:  # numpy turns 0-d results into scalars, which the in-place steps need not
+        return _gelu_forward(xp, x.reshape(1), approximate).reshape(())
+    c = _gelu_inner(xp, x) if approximate == "tanh" else _erf(xp, x * _INV_SQRT_2)
+    c += 1
+    c *= 0.5  # the Gaussian CDF, or its tanh approximation
+    return x * c
 
 
 def _gelu_vjp(xp, g, ans, x, approximate):
+    if x.ndim == 0:
+        return _gelu_vjp(xp, g.reshape(1), None, x.reshape(1), approximate).reshape(())
     if approximate == "tanh":
-        t = xp.tanh(_SQRT_2_OVER_PI * (x + 0.044715 * x ** 3))
-        return g * (0.5 * (1 + t) + 0.5 * x * (1 - t * t) * _SQRT_2_OVER_PI
-                    * (1 + 3 * 0.044715 * x * x))
-    cdf = 0.5 * (1 + special(xp).erf(x / _SQRT_2))
-    pdf = xp.exp(-0.5 * x * x) * 0.3989422804014327
-    return g * (cdf + x * pdf)
+        t = _gelu_inner(xp, x)
+        d = x * x
+        d *= 3 * 0.044715
+        d += 1
+        d *= _SQRT_2_OVER_PI * 0.5
+        d *= x
+        d *= 1 - t * t
+        t += 1
+        t *= 0.5
+        d += t
+    else:
+        d = xp.exp(-0.5 * x * x)
+        d *= x
+        d *= _INV_SQRT_2PI  # x * pdf(x)
+        c = _erf(xp, x * _INV_SQRT_2)
+        c += 1
+        c *= 0.5
+        d += c
+    d *= g
+    return d
 
 
 _gelu = Op("gelu", _gelu_forward, (_gelu_vjp,))

@@ -1,4 +1,4 @@
-"""Batch normalisation as one primitive with a fused backward.
+"""Batch and layer normalisation, each one primitive with a fused backward.
 
 ``y = (x - mean) * invstd * weight + bias`` per channel (dim 1). In training, mean and the
 biased variance come from the batch, so they depend on x: the fused rule gives the whole
@@ -17,7 +17,7 @@ from engine.backend import get_array_module
 from engine.ops.core import Op, apply
 from engine.tensor import Tensor
 
-__all__ = ["batch_norm"]
+__all__ = ["batch_norm", "layer_norm"]
 
 
 def _channel_sum(a):
@@ -136,3 +136,70 @@ def batch_norm(input: Tensor, running_mean: Tensor | None, running_var: Tensor |
     invstd = 1.0 / xp.sqrt(var + eps)
     return apply(_batch_norm, input, weight, bias, mean, invstd.astype(x.dtype, copy=False),
                  training=bool(training))
+
+
+# ---------------------------------------------------------------- layer norm
+# Statistics over the trailing dims, per row; like batch_norm they are computed outside the
+# graph and handed in as constants, so the op keeps only x, mean and rstd (two small arrays)
+# where a graph of primitives would keep several full-size intermediates.
+
+def _ln_forward(xp, x, weight, bias, mean, rstd, axes):
+    out = x - mean
+    out *= rstd
+    if weight is not None:
+        out *= weight
+    if bias is not None:
+        out += bias
+    return out
+
+
+def _ln_backward(xp, g, ans, x, weight, bias, mean, rstd, axes):
+    xhat = x - mean
+    xhat *= rstd
+    lead = tuple(range(x.ndim - len(axes)))
+    dw = None if weight is None else (g * xhat).sum(axis=lead)
+    db = None if bias is None else g.sum(axis=lead)
+    gx = g if weight is None else g * weight
+    # dx = rstd * (gx - mean(gx) - xhat * mean(gx * xhat)), built in xhat's memory
+    proj = (gx * xhat).mean(axis=axes, keepdims=True)
+    xhat *= -proj
+    xhat += gx
+    xhat -= gx.mean(axis=axes, keepdims=True)
+    xhat *= rstd
+    return xhat, dw, db, None, None
+
+
+_layer_norm = Op("layer_norm", _ln_forward, backward=_ln_backward, save=(0, 1, 3, 4))
+
+
+def layer_norm(input: Tensor, normalized_shape, weight: Tensor | None = None,
+               bias: Tensor | None = None, eps: float = 1e-5) -> Tensor:
+    """Normalise over the trailing `normalized_shape` dims (biased variance), then scale by
+    `weight` and shift by `bias` (each of shape `normalized_shape`), as
+    ``torch.nn.functional.layer_norm``.
+
+    Args:
+        input: (..., *normalized_shape).
+        normalized_shape: an int or a tuple: the trailing dims to normalise over.
+        weight, bias: optional affine parameters of shape `normalized_shape`.
+        eps: added to the variance.
+
+    Returns:
+        A tensor of the input's shape.
+    """
+    shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
+    if input.shape[input.ndim - len(shape):] != shape or len(shape) > input.ndim:
+        raise RuntimeError(f"layer_norm: input of shape {input.shape} does not end with "
+                           f"normalized_shape {shape}")
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None and tuple(t.shape) != shape:
+            raise RuntimeError(f"layer_norm: {name} of shape {tuple(t.shape)} must have the "
+                               f"normalized_shape {shape}")
+    x = input.data
+    xp = get_array_module(x)
+    axes = tuple(range(x.ndim - len(shape), x.ndim))
+    mean = x.mean(axis=axes, keepdims=True)
+    var = xp.var(x, axis=axes, keepdims=True)
+    var += eps
+    rstd = 1 / xp.sqrt(var)
+    return apply(_layer_norm, input, weight, bias, mean, rstd, axes=axes)

@@ -12,7 +12,7 @@ import numbers
 import numpy
 
 from engine.ops.core import Op, apply
-from engine.tensor import Tensor
+from engine.tensor import IndexedGrad, Tensor
 
 _reshape = Op("reshape", lambda xp, x, shape: x.reshape(shape),
               (lambda xp, g, ans, x, shape: g.reshape(x.shape),), save=False, view=True)
@@ -33,12 +33,7 @@ def _basic(key) -> bool:
 
 
 def _getitem_vjp(xp, g, ans, x, key, basic):
-    out = xp.zeros(x.shape, dtype=g.dtype)
-    if basic:
-        out[key] = g
-    else:
-        xp.add.at(out, key, g)
-    return out
+    return IndexedGrad(x.shape, x.dtype, key, g, basic)
 
 
 _getitem = Op("getitem", lambda xp, x, key, basic: x[key], (_getitem_vjp,), save=False,

@@ -313,3 +313,48 @@ def test_tensor_wraps_arrays_as_is():
     arr = np.zeros(3, dtype=np.float32)
     t = Tensor(arr)
     assert t.data is arr and t.dtype == np.float32
+
+
+def test_slices_accumulate_into_one_buffer():
+    # Overlapping and repeated slices, an integer-array index with repeats, and a dense use.
+    x0 = np.arange(12.0).reshape(4, 3)
+    x = f64(x0)
+    y = (x[0:2] * 2).sum() + x[1:3].sum() + x[1].sum() + x[[0, 0, 3]].sum() + (x * x).sum()
+    y.backward()
+    expect = 2 * x0
+    expect[0:2] += 2
+    expect[1:3] += 1
+    expect[1] += 1
+    expect[0] += 2
+    expect[3] += 1
+    np.testing.assert_array_equal(x.grad.numpy(), expect)
+
+
+def test_per_step_slices_of_a_sequence():
+    # As a recurrent layer reads its input: every step a slice, all summed into one gradient.
+    x0 = np.random.default_rng(0).standard_normal((50, 2, 3))
+    x = f64(x0)
+    w = f64(np.ones(3) * 0.5)
+    h = f64(np.zeros((2, 3)), requires_grad=False)
+    for t in range(50):
+        h = (h + x[t] * w).tanh()
+    h.sum().backward()
+    assert engine.gradcheck(lambda xx: _rnn(xx, w), [f64(x0[:6])])
+
+
+def _rnn(x, w):
+    h = engine.zeros(x.shape[1:], dtype=engine.float64)
+    for t in range(x.shape[0]):
+        h = (h + x[t] * w).tanh()
+    return h.sum()
+
+
+def test_a_gradient_passed_to_two_inputs_is_never_updated_in_place():
+    # add's rule hands g to both inputs; later contributions to one must not leak into the other
+    x = f64([1.0, 2.0])
+    a = x * 1.0
+    b = x * 1.0
+    s = a + b  # a and b receive the same array
+    loss = (s * 3).sum() + (a * 5).sum()  # a gets a second contribution
+    loss.backward()
+    np.testing.assert_array_equal(x.grad.numpy(), [3 + 3 + 5, 3 + 3 + 5])

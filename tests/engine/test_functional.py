@@ -592,3 +592,19 @@ def test_layers_match_torch():
                                tf.normalize(torch.tensor(a), p=3.0, dim=-1).numpy(), rtol=1e-10)
     np.testing.assert_allclose(F.log_softmax(t(a, F64), 1).numpy(),
                                tf.log_softmax(torch.tensor(a), 1).numpy(), rtol=1e-12)
+
+
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_gelu_float32_matches_a_float64_reference(approximate):
+    # float32 gelu uses its own erf approximation (within 4 ulp): in the far negative tail,
+    # 1 + erf(x) cancels, so the error is absolute (~1e-6), as for any float32 gelu.
+    x64 = np.linspace(-8, 8, 100_001)
+    ref = engine.functional.gelu(engine.tensor(x64), approximate=approximate).numpy()
+    x = engine.tensor(x64.astype(np.float32), requires_grad=True)
+    y = engine.functional.gelu(x, approximate=approximate)
+    assert y.dtype == engine.float32
+    np.testing.assert_allclose(y.numpy(), ref, rtol=2e-6, atol=2e-6)
+    y.sum().backward()
+    x_ref = engine.tensor(x64, requires_grad=True)
+    engine.functional.gelu(x_ref, approximate=approximate).sum().backward()
+    np.testing.assert_allclose(x.grad.numpy(), x_ref.grad.numpy(), rtol=2e-6, atol=2e-6)
