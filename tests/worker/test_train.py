@@ -1,0 +1,281 @@
+"""The trainer end to end under real ``mpiexec``: exact resume (after max_steps and after
+SIGTERM), checkpoint fallback, a failing rank, a non-finite loss, invalid jobs, the launcher's
+command lines and ``dptrain run``."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from worker.launch import LaunchSettings, mpiexec_command
+
+REPO = Path(__file__).resolve().parents[2]
+WORKER = "import sys\nfrom worker.__main__ import main\nsys.exit(main())\n"
+JOB = {
+    "name": "resume-test",
+    "model": {"name": "mlp", "args": {"in_features": 32, "hidden": [64], "num_classes": 5,
+                                      "dropout": 0.1}},  # dropout: the RNG must resume too
+    "dataset": {"name": "synthetic", "args": {"n": 2048, "features": 32, "classes": 5},
+                "validation_fraction": 0.125},          # 1792 training samples: 37 steps/epoch
+    "optimizer": {"name": "adam", "lr": 3e-3},
+    "scheduler": {"name": "cosine", "args": {"T_max": 400}},
+    "batch_size": 48,                                   # divides among 1, 2 and 3 ranks
+    "max_steps": 60,
+    "seed": 3,
+    "checkpoint": {"every_steps": 10, "keep": 2},
+}
+# A user's model (``package.module:function``) that fails or produces NaN on one rank.
+FAULTY_MODEL = '''
+from engine import nn
+from worker.comm import Communicator
+
+
+class Faulty(nn.Module):
+    def __init__(self, mode, rank, step):
+        super().__init__()
+        self.linear = nn.Linear(32, 5)
+        self.mode, self.rank, self.step, self.calls = mode, rank, step, 0
+
+    def forward(self, x):
+        self.calls += self.training
+        if Communicator().rank == self.rank and self.calls >= self.step:
+            if self.mode == "raise":
+                raise RuntimeError(f"injected failure at step {self.calls}")
+            return self.linear(x) * float("nan")
+        return self.linear(x)
+
+
+def build(mode="raise", rank=1, step=3):
+    return Faulty(mode, rank, step)
+'''
+
+
+def write_job(directory: Path, name: str = "job.yaml", **changes) -> Path:
+    path = directory / name
+    path.write_text(yaml.safe_dump({**JOB, **changes}))
+    return path
+
+
+def sha256(path: str | Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def final_metrics(stdout: str) -> dict:
+    """The run's last stdout line, which must be the JSON metrics."""
+    return json.loads(stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture
+def worker(run_mpi):
+    """``worker(n, job, *args)``: ``mpiexec -n n python -m worker job *args``."""
+    def run(n, job, *args, env=None, timeout=120):
+        return run_mpi(n, WORKER, str(job), "--no-progress", *args, env=env, timeout=timeout)
+    return run
+
+
+@pytest.fixture(scope="module")
+def reference_2_ranks(tmp_path_factory, run_mpi):
+    """The uninterrupted 2-rank run of JOB to step 400: (final model sha256, its metrics)."""
+    directory = tmp_path_factory.mktemp("reference")
+    job = write_job(directory, max_steps=400)
+    result = run_mpi(2, WORKER, str(job), "--no-progress", "--checkpoint-dir",
+                     str(directory / "ckpt"))
+    assert result.returncode == 0, result.stderr
+    metrics = final_metrics(result.stdout)
+    assert metrics["checkpoint"].endswith("step-00000400")
+    return sha256(Path(metrics["checkpoint"]) / "model.safetensors"), metrics
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_stop_at_max_steps_and_resume_is_bit_identical(tmp_path, worker, n):
+    straight = worker(n, write_job(tmp_path, "a.yaml"), "--checkpoint-dir", tmp_path / "a")
+    assert straight.returncode == 0, straight.stderr
+    # Stop in the first epoch (step 25 of 37), resume across the epoch boundary.
+    first = worker(n, write_job(tmp_path, "b.yaml", max_steps=25), "--checkpoint-dir",
+                   tmp_path / "b")
+    assert first.returncode == 0, first.stderr
+    assert final_metrics(first.stdout)["step"] == 25
+    resumed = worker(n, write_job(tmp_path, "c.yaml"), "--checkpoint-dir", tmp_path / "b",
+                     "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resumed from {tmp_path / 'b' / 'step-00000025'} at step 25 (epoch 0, batch 25)" \
+        in resumed.stderr
+    assert final_metrics(resumed.stdout)["world_size"] == n
+    assert sha256(tmp_path / "b/step-00000060/model.safetensors") == \
+        sha256(tmp_path / "a/step-00000060/model.safetensors")
+    assert sha256(tmp_path / "b/step-00000060/optimizer.safetensors") == \
+        sha256(tmp_path / "a/step-00000060/optimizer.safetensors")
+
+
+def test_sigterm_checkpoints_exits_143_and_resumes_exactly(tmp_path, worker,
+                                                           reference_2_ranks):
+    job = write_job(tmp_path, "long.yaml", max_steps=100_000,
+                    checkpoint={"every_steps": 5, "keep": 2})
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
+           "PYTHONPATH": str(REPO)}
+    mpiexec = Path(sys.executable).parent / "mpiexec"
+    proc = subprocess.Popen([str(mpiexec), "-n", "2", sys.executable, "-m", "worker", str(job),
+                             "--no-progress", "--checkpoint-dir", str(tmp_path / "ckpt")],
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not (tmp_path / "ckpt/step-00000005/manifest.json").exists():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.01)
+        os.killpg(proc.pid, signal.SIGTERM)  # what a scheduler's preemption sends
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+    assert proc.returncode == 143, err
+    metrics = final_metrics(out)
+    stopped = metrics["step"]
+    assert metrics["status"] == "preempted" and 5 <= stopped < 400
+    assert f"SIGTERM: stopped after step {stopped}; continue with --resume" in err
+    assert metrics["checkpoint"] == str(tmp_path / f"ckpt/step-{stopped:08d}")
+    resumed = worker(2, write_job(tmp_path, "rest.yaml", max_steps=400), "--checkpoint-dir",
+                     tmp_path / "ckpt", "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"at step {stopped} " in resumed.stderr
+    assert sha256(tmp_path / "ckpt/step-00000400/model.safetensors") == reference_2_ranks[0]
+
+
+def test_corrupted_newest_checkpoint_falls_back_and_still_resumes_exactly(
+        tmp_path, worker, reference_2_ranks):
+    first = worker(2, write_job(tmp_path, max_steps=20), "--checkpoint-dir", tmp_path / "ckpt")
+    assert first.returncode == 0, first.stderr
+    newest = tmp_path / "ckpt/step-00000020/model.safetensors"
+    data = bytearray(newest.read_bytes())
+    data[-1] ^= 1
+    newest.write_bytes(bytes(data))
+    resumed = worker(2, write_job(tmp_path, max_steps=400), "--checkpoint-dir",
+                     tmp_path / "ckpt", "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert (f"checkpoint {tmp_path / 'ckpt/step-00000020'} (step 20) is unusable: "
+            "model.safetensors fails its checksum") in resumed.stderr
+    assert f"falling back to checkpoint {tmp_path / 'ckpt/step-00000010'}" in resumed.stderr
+    assert "at step 10 " in resumed.stderr
+    assert sha256(tmp_path / "ckpt/step-00000400/model.safetensors") == reference_2_ranks[0]
+
+
+def test_resume_refuses_a_checkpoint_of_a_different_job(tmp_path, worker):
+    first = worker(1, write_job(tmp_path, max_steps=10), "--checkpoint-dir", tmp_path / "c")
+    assert first.returncode == 0, first.stderr
+    other = write_job(tmp_path, "other.yaml", seed=4, optimizer={"name": "adam", "lr": 0.1})
+    result = worker(2, other, "--checkpoint-dir", tmp_path / "c", "--resume")
+    assert result.returncode == 2
+    assert "differs in optimizer.lr, seed" in result.stderr
+    assert result.stderr.count("dptrain worker: error:") == 1  # rank 0 speaks for all
+
+
+def test_a_failing_rank_ends_the_whole_job(tmp_path, worker):
+    (tmp_path / "faulty.py").write_text(FAULTY_MODEL)
+    job = write_job(tmp_path, model={"name": "faulty:build", "args": {"mode": "raise"}})
+    started = time.monotonic()
+    result = worker(3, job, env={"PYTHONPATH": f"{REPO}{os.pathsep}{tmp_path}"}, timeout=60)
+    assert result.returncode == 1, result.stderr
+    assert "RuntimeError: injected failure at step 3" in result.stderr
+    assert "dptrain worker: rank 1 of 3 failed" in result.stderr
+    assert "rank 0 of 3 failed" not in result.stderr and "rank 2 of 3" not in result.stderr
+    assert time.monotonic() - started < 60  # (the hang guard; no timing is asserted)
+
+
+def test_a_non_finite_loss_stops_the_job_naming_the_step(tmp_path, worker):
+    (tmp_path / "faulty.py").write_text(FAULTY_MODEL)
+    job = write_job(tmp_path, model={"name": "faulty:build", "args": {"mode": "nan",
+                                                                      "step": 4}})
+    result = worker(2, job, "--checkpoint-dir", tmp_path / "c",
+                    env={"PYTHONPATH": f"{REPO}{os.pathsep}{tmp_path}"})
+    assert result.returncode == 3, result.stderr
+    assert "non-finite loss (nan) at step 4 (epoch 0)" in result.stderr
+    metrics = final_metrics(result.stdout)
+    assert metrics["status"] == "diverged" and metrics["step"] == 3
+    assert not (tmp_path / "c").exists()  # nothing written from a diverged state
+
+
+def test_invalid_jobs_exit_2_with_one_message(tmp_path, worker):
+    bad = write_job(tmp_path, optimizer={"name": "adam", "lr": -1})
+    result = worker(2, bad)
+    assert result.returncode == 2
+    assert result.stderr.count("optimizer.lr: must be a finite number >= 0, got -1.0") == 1
+    missing = write_job(tmp_path, "npz.yaml", dataset={"name": "npz", "args": {
+        "path": str(tmp_path / "none.npz")}})
+    result = worker(2, missing)
+    assert result.returncode == 2
+    assert result.stderr.count("none.npz' does not exist") == 1
+    uneven = write_job(tmp_path, "uneven.yaml", batch_size=50)
+    result = worker(3, uneven)
+    assert result.returncode == 2
+    assert "batch_size: must be divisible by the number of ranks (3), got 50" in result.stderr
+
+
+def test_dptrain_run_digits_on_two_ranks():
+    dptrain = Path(sys.executable).parent / "dptrain"
+    result = subprocess.run([str(dptrain), "run", "examples/digits_mlp.yaml", "-n", "2"],
+                            cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    metrics = final_metrics(result.stdout)
+    assert metrics["status"] == "completed" and metrics["world_size"] == 2
+    assert metrics["step"] == 630 and metrics["checkpoint"] is None
+    assert metrics["val_accuracy"] > 0.93 and metrics["val_samples"] == 449
+    assert result.stdout.count("\n") == 1  # stdout holds the JSON line alone
+    assert result.stderr.count("job digits-mlp: 2 rank(s)") == 1  # rank 1 stays quiet
+    assert "samples/s=" in result.stderr and "acc=" in result.stderr  # rank 0's progress bar
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["run", "missing.yaml"], "dptrain: error: missing.yaml: cannot read the job file"),
+    (["run", "examples/digits_mlp.yaml", "-n", "3"],
+     "dptrain: error: batch_size: must be divisible by the number of ranks (3)"),
+    (["run", "examples/digits_mlp.yaml", "--resume"],
+     "dptrain: error: --resume needs --checkpoint-dir"),
+])
+def test_dptrain_errors_are_one_line(argv, message):
+    dptrain = Path(sys.executable).parent / "dptrain"
+    result = subprocess.run([str(dptrain), *argv], cwd=REPO, capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 2
+    assert result.stderr.startswith(message) and result.stderr.count("\n") == 1
+
+
+# ---------------------------------------------------------------- the launcher
+
+def test_launch_command_defaults():
+    cmd = mpiexec_command(LaunchSettings("job.yaml", 2, python="/venv/bin/python"))
+    assert " ".join(cmd) == (
+        "/venv/bin/mpiexec -n 2 -bind-to core -genv OMP_NUM_THREADS 1 -genv OPENBLAS_NUM_THREADS 1 "
+        "-genv MKL_NUM_THREADS 1 /venv/bin/python -m worker job.yaml")
+
+
+def test_launch_command_with_everything():
+    settings = LaunchSettings(
+        "/jobs/j.yaml", 4, checkpoint_dir="/ck/j", resume=True, hostfile="/etc/hosts.mpi",
+        bind_to="socket", blas_threads=2, env={"DPTRAIN_COORDINATOR": "127.0.0.1:7000", "A": "1"},
+        progress=False, python="/py", mpiexec="/usr/bin/mpiexec", mpiexec_args=("-bind-to",
+                                                                                "core"))
+    assert " ".join(mpiexec_command(settings)) == (
+        "/usr/bin/mpiexec -n 4 -f /etc/hosts.mpi -bind-to socket -genv OMP_NUM_THREADS 2 "
+        "-genv OPENBLAS_NUM_THREADS 2 -genv MKL_NUM_THREADS 2 -genv A 1 "
+        "-genv DPTRAIN_COORDINATOR 127.0.0.1:7000 -bind-to core /py -m worker /jobs/j.yaml "
+        "--checkpoint-dir /ck/j --resume --no-progress")
+
+
+def test_launch_command_can_leave_blas_threads_alone_and_checks_counts():
+    cmd = mpiexec_command(LaunchSettings("j.yaml", 1, blas_threads=None, bind_to=None,
+                                         python="/p/python"))
+    assert cmd == ["/p/mpiexec", "-n", "1", "/p/python", "-m", "worker", "j.yaml"]
+    with pytest.raises(ValueError, match="num_procs must be an integer >= 1, got 0"):
+        mpiexec_command(LaunchSettings("j.yaml", 0))
+    with pytest.raises(ValueError, match="blas_threads must be >= 1"):
+        mpiexec_command(LaunchSettings("j.yaml", 1, blas_threads=0))

@@ -1,0 +1,111 @@
+"""``python -m worker JOB.yaml``: one rank of a data-parallel training job (run it under
+``mpiexec -n N``; see ``--help``)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+import traceback
+
+from worker.train import (
+    EXIT_DIVERGED,
+    EXIT_FAILED,
+    EXIT_INVALID,
+    EXIT_OK,
+    EXIT_PREEMPTED,
+    JobFailed,
+    agree,
+    install_preemption_handler,
+)
+
+_FORWARD_S = 0.5  # how long a failing rank waits for its message to be relayed before aborting
+
+EPILOG = f"""\
+Run every rank of the job with the same arguments, e.g.
+  mpiexec -n 2 .venv/bin/python -m worker examples/digits_mlp.yaml --checkpoint-dir ckpt
+
+Rank 0 shows a progress bar and messages on stderr and prints the final metrics as one JSON
+line on stdout. Checkpoints go to CHECKPOINT_DIR/step-NNNNNNNN/ (model.safetensors,
+optimizer.safetensors, manifest.json). SIGTERM finishes the current step, writes a
+checkpoint and exits with {EXIT_PREEMPTED}; run again with --resume to continue exactly.
+
+Set DPTRAIN_COORDINATOR to the coordinator's address to also report progress to it.
+
+exit codes:
+  {EXIT_OK}    the run completed
+  {EXIT_FAILED}    a rank failed; its error is printed and the whole job is aborted
+  {EXIT_INVALID}    invalid job: spec, data, batch size for this number of ranks, or checkpoint
+  {EXIT_DIVERGED}    the loss became non-finite (the message names the step)
+  {EXIT_PREEMPTED}  preempted by SIGTERM after writing a checkpoint
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The worker's command line.
+
+    Returns:
+        The parser.
+    """
+    parser = argparse.ArgumentParser(
+        prog="python -m worker", epilog=EPILOG, formatter_class=argparse.RawTextHelpFormatter,
+        description="Train a job spec data-parallel: one process per rank, under mpiexec.")
+    parser.add_argument("job", metavar="JOB", help="the job file (.yaml, .yml or .json)")
+    parser.add_argument("--checkpoint-dir", metavar="D", default=None,
+                        help="write checkpoints here (default: none are written)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from the newest intact checkpoint in\n"
+                             "--checkpoint-dir (from step 0 when there is none)")
+    parser.add_argument("--no-progress", action="store_true",
+                        help="no progress bar (messages and the JSON line still\nappear)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one rank of a job.
+
+    Args:
+        argv: the arguments (default: ``sys.argv[1:]``).
+
+    Returns:
+        The exit code (see ``--help``).
+    """
+    args = build_parser().parse_args(argv)
+    install_preemption_handler()  # before anything slow, so SIGTERM never kills a rank mid-step
+    from worker.comm import Communicator
+    from worker.events import build_reporters
+    from worker.spec import JobSpecError, load_spec
+    from worker.train import run_job
+
+    comm = Communicator()
+    reporters = []
+    try:
+        spec = agree(comm, lambda: load_spec(args.job), (JobSpecError,))
+        reporters = agree(comm, lambda: build_reporters(comm.rank, os.environ,
+                                                        progress=not args.no_progress),
+                          (ImportError, AttributeError), exit_code=EXIT_INVALID)
+        result = run_job(spec, comm, checkpoint_dir=args.checkpoint_dir, resume=args.resume,
+                         reporters=reporters)
+        return result.exit_code
+    except JobFailed as e:  # raised alike on every rank: rank 0 says it, all exit cleanly
+        if comm.rank == 0:
+            print(f"dptrain worker: error: {e}", file=sys.stderr, flush=True)
+        return e.exit_code
+    except BaseException as e:  # this rank alone: say it, then end every rank of the job
+        # One write, then a moment for mpiexec to forward it: MPI_Abort tears down the
+        # processes that relay our stderr, and what they have not read yet is lost.
+        sys.stderr.write(traceback.format_exc() + f"dptrain worker: rank {comm.rank} of "
+                         f"{comm.size} failed: {type(e).__name__}: {e}\n")
+        sys.stderr.flush()
+        if comm.size > 1:
+            time.sleep(_FORWARD_S)
+            comm.abort(EXIT_FAILED)
+        return EXIT_FAILED
+    finally:
+        for reporter in reporters:
+            reporter.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

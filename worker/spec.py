@@ -1,0 +1,525 @@
+"""The job spec: what one training job is, as plain dataclasses, validated field by field.
+
+A job file (YAML or JSON) maps one to one onto `JobSpec`; the coordinator's protobuf
+``JobSpec`` mirrors the same fields, so the schema stays flat and explicit::
+
+    name: digits-mlp
+    model: {name: mlp, args: {in_features: 64, hidden: [128, 64], out_features: 10}}
+    dataset: {name: digits, args: {}, validation_fraction: 0.25}
+    optimizer: {name: adam, lr: 1.0e-3}
+    scheduler: {name: cosine, args: {T_max: 800}}     # optional
+    batch_size: 64                                   # global: split across the ranks
+    epochs: 20                                       # and/or max_steps
+    eval_every: 100                                  # steps; 0: at the end only
+    seed: 0
+    workers: 2
+    device: cpu
+    checkpoint: {every_steps: 100, keep: 3}
+
+Every error names the field's path, the rule it broke and the value it got, e.g.
+``optimizer.lr: must be >= 0, got -0.1``; all errors of a spec are reported together.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import inspect
+import json
+import math
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+__all__ = [
+    "JobSpecError", "FieldError", "ModelSpec", "DatasetSpec", "OptimizerSpec", "SchedulerSpec",
+    "CheckpointSpec", "JobSpec", "load_spec", "spec_hash", "model_constructor", "build_model",
+    "validate", "trajectory_differences",
+    "OPTIMIZERS", "SCHEDULERS", "DEVICES",
+]
+
+OPTIMIZERS = ("sgd", "adam", "adamw")
+# Spec name -> engine.optim.lr_scheduler class name; stepped once per training step.
+SCHEDULERS = {"step": "StepLR", "cosine": "CosineAnnealingLR", "linear": "LinearLR"}
+DEVICES = ("cpu", "cuda")
+_NO_VALUE: Any = type("_NoValue", (), {"__repr__": lambda self: "<no value>"})()
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+@dataclass(frozen=True)
+class FieldError:
+    """One broken rule: the field's dotted path, the rule, and the offending value."""
+
+    path: str
+    rule: str
+    value: Any = _NO_VALUE
+
+    def __str__(self) -> str:
+        if self.value is _NO_VALUE:
+            return f"{self.path}: {self.rule}"
+        return f"{self.path}: {self.rule}, got {self.value!r}"
+
+
+class JobSpecError(ValueError):
+    """A job spec that cannot run; ``errors`` lists every broken rule (path, rule, value).
+
+    Args:
+        errors: the broken rules (at least one).
+    """
+
+    def __init__(self, errors: list[FieldError]):
+        self.errors = list(errors)
+        super().__init__("; ".join(str(e) for e in self.errors))
+
+
+@dataclass
+class ModelSpec:
+    """The model: a name in the model zoo (or ``package.module:function``) and its arguments."""
+
+    name: str
+    args: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class DatasetSpec:
+    """The data set: a name in `worker.data`'s registry, its arguments, and the held-out share."""
+
+    name: str
+    args: dict[str, Any] = field(default_factory=dict)
+    validation_fraction: float = 0.1
+
+
+@dataclass
+class OptimizerSpec:
+    """The optimizer and its hyperparameters (``momentum``/``nesterov`` are SGD's, ``betas``/``eps``
+    Adam's and AdamW's)."""
+
+    name: str
+    lr: float
+    momentum: float = 0.0
+    nesterov: bool = False
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+
+
+@dataclass
+class SchedulerSpec:
+    """A learning-rate schedule (``step``, ``cosine`` or ``linear``), stepped once per step."""
+
+    name: str
+    args: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class CheckpointSpec:
+    """How often to checkpoint (every N steps; 0: only at the end and on SIGTERM) and how many
+    checkpoints to keep."""
+
+    every_steps: int = 0
+    keep: int = 3
+
+
+@dataclass
+class JobSpec:
+    """One training job. Build it with `JobSpec.from_dict` or `load_spec`, which validate.
+
+    ``batch_size`` is the global batch: each of the ``workers`` ranks takes a contiguous
+    ``batch_size / workers`` of it. The run stops after ``epochs`` epochs or ``max_steps``
+    optimizer steps, whichever comes first.
+    """
+
+    name: str
+    model: ModelSpec
+    dataset: DatasetSpec
+    optimizer: OptimizerSpec
+    batch_size: int
+    epochs: int | None = None
+    max_steps: int | None = None
+    scheduler: SchedulerSpec | None = None
+    eval_every: int = 0
+    seed: int = 0
+    workers: int = 1
+    device: str = "cpu"
+    checkpoint: CheckpointSpec = field(default_factory=CheckpointSpec)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> JobSpec:
+        """Build and validate a spec from plain data (a parsed job file).
+
+        Args:
+            data: the job as nested mappings, lists and scalars.
+
+        Returns:
+            The validated spec, defaults filled in.
+
+        Raises:
+            JobSpecError: naming every field that breaks a rule.
+        """
+        errors: list[FieldError] = []
+        spec = _parse(cls, data, "", errors)
+        if not errors:
+            errors += validate(spec)
+        if errors:
+            raise JobSpecError(errors)
+        return spec
+
+    def to_dict(self) -> dict[str, Any]:
+        """The spec as plain JSON-ready data (every field, defaults included).
+
+        Returns:
+            A dict that `from_dict` turns back into an equal spec.
+        """
+        return _plain(dataclasses.asdict(self))
+
+    def replace(self, **changes: Any) -> JobSpec:
+        """A validated copy with some top-level fields changed.
+
+        Args:
+            changes: field name -> new value (plain data, as in a job file).
+
+        Returns:
+            The new spec.
+        """
+        return JobSpec.from_dict({**self.to_dict(), **changes})
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def spec_hash(spec: JobSpec) -> str:
+    """A stable hash of the spec: sha256 of its canonical JSON (sorted keys, defaults filled).
+
+    Args:
+        spec: the job spec.
+
+    Returns:
+        64 hex digits; equal for equal specs whatever the file's key order or omitted defaults.
+    """
+    text = json.dumps(spec.to_dict(), sort_keys=True, separators=(",", ":"), allow_nan=False)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+# ---------------------------------------------------------------- loading files
+
+class _Yaml12Loader(yaml.SafeLoader):
+    """SafeLoader that reads ``1e-3`` as a float, as YAML 1.2 and JSON do (1.1 reads a str)."""
+
+
+_Yaml12Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"))
+
+
+def load_spec(path: str | os.PathLike) -> JobSpec:
+    """Read and validate a job file (``.yaml``/``.yml`` or ``.json``).
+
+    Args:
+        path: the job file.
+
+    Returns:
+        The validated spec.
+
+    Raises:
+        JobSpecError: the file is missing, does not parse, or breaks a rule.
+    """
+    path = os.fspath(path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as e:
+        raise JobSpecError([FieldError(path, f"cannot read the job file ({e.strerror})")]) from None
+    try:
+        if path.endswith(".json"):
+            data = json.loads(text)
+        else:
+            data = yaml.load(text, Loader=_Yaml12Loader)  # noqa: S506 - a SafeLoader subclass
+    except (json.JSONDecodeError, yaml.YAMLError) as e:
+        one_line = " ".join(str(e).split())
+        raise JobSpecError([FieldError(path, f"does not parse: {one_line}")]) from None
+    if not isinstance(data, Mapping):
+        raise JobSpecError([FieldError(path, "must hold a mapping of job fields",
+                                       type(data).__name__)])
+    return JobSpec.from_dict(data)
+
+
+# ---------------------------------------------------------------- parsing (types)
+
+_SECTIONS = {"model": ModelSpec, "dataset": DatasetSpec, "optimizer": OptimizerSpec,
+             "scheduler": SchedulerSpec, "checkpoint": CheckpointSpec}
+
+
+def _parse(cls: type, data: Any, prefix: str, errors: list[FieldError]) -> Any:
+    """Build dataclass `cls` from `data`, checking keys and scalar types; None if it failed."""
+    where = prefix.rstrip(".") or "job"
+    if not isinstance(data, Mapping):
+        errors.append(FieldError(where, "must be a mapping", data))
+        return None
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    n_before = len(errors)
+    for key in data:
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), list(fields), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            errors.append(FieldError(f"{prefix}{key}", f"unknown field{hint}; {where} has "
+                                     f"{', '.join(fields)}"))
+    kwargs = {}
+    for name, f in fields.items():
+        path = f"{prefix}{name}"
+        required = (f.default is dataclasses.MISSING
+                    and f.default_factory is dataclasses.MISSING)
+        if name not in data:
+            if required:
+                errors.append(FieldError(path, "is required"))
+            continue
+        value = data[name]
+        if name in _SECTIONS and prefix == "":
+            if value is None and name == "scheduler":
+                kwargs[name] = None
+                continue
+            value = _parse(_SECTIONS[name], value, f"{path}.", errors)
+        else:
+            value = _check_type(path, f.type, value, errors)
+        kwargs[name] = value
+    if len(errors) > n_before:
+        return None
+    return cls(**kwargs)
+
+
+def _check_type(path: str, annotation: str, value: Any, errors: list[FieldError]) -> Any:
+    """`value` converted to the field's declared type, or an error."""
+    kind = annotation.replace(" ", "")
+    optional = kind.endswith("|None")
+    kind = kind.removesuffix("|None")
+    if value is None and optional:
+        return None
+    if kind == "str":
+        if isinstance(value, str):
+            return value
+        errors.append(FieldError(path, "must be a string", value))
+    elif kind == "int":
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        errors.append(FieldError(path, "must be an integer", value))
+    elif kind == "float":
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        errors.append(FieldError(path, "must be a number", value))
+    elif kind == "bool":
+        if isinstance(value, bool):
+            return value
+        errors.append(FieldError(path, "must be true or false", value))
+    elif kind == "dict[str,Any]":
+        if isinstance(value, Mapping) and all(isinstance(k, str) for k in value):
+            return dict(value)
+        if value is None:
+            return {}
+        errors.append(FieldError(path, "must be a mapping of argument names to values", value))
+    elif kind == "tuple[float,float]":
+        if (isinstance(value, (list, tuple)) and len(value) == 2 and all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)):
+            return (float(value[0]), float(value[1]))
+        errors.append(FieldError(path, "must be a pair of numbers", value))
+    else:  # pragma: no cover - a field type this parser does not know
+        raise TypeError(f"{path}: unsupported field type {annotation}")
+    return None
+
+
+# ---------------------------------------------------------------- validation (rules)
+
+def model_constructor(name: str) -> Callable[..., Any]:
+    """The model zoo's constructor for `name`, for checking a spec's arguments without
+    building the model.
+
+    The zoo is ``engine.models`` (``get_model(name, **args)``); this indirection keeps the
+    worker from duplicating it. ``package.module:function`` names a user's own model.
+
+    Args:
+        name: a zoo name (``mlp``, ``lenet``, ...) or ``package.module:function``.
+
+    Returns:
+        A callable taking the model's arguments as keywords.
+
+    Raises:
+        ValueError: the zoo does not know `name` (the message lists the names it knows).
+    """
+    try:
+        from engine.models import registry
+    except ImportError:  # pragma: no cover - a checkout without the model zoo
+        raise ValueError("no model zoo (engine.models) is installed") from None
+    try:
+        return registry._resolve(name)  # the zoo's own lookup (private, shared on purpose)
+    except (ValueError, TypeError) as e:
+        raise ValueError(str(e)) from None
+
+
+def build_model(name: str, args: Mapping[str, Any]) -> Any:
+    """Build a model from the zoo.
+
+    Args:
+        name: a zoo name or ``package.module:function``.
+        args: the constructor's keyword arguments.
+
+    Returns:
+        The new ``engine.nn.Module``.
+    """
+    from engine.models import get_model
+
+    return get_model(name, **dict(args))
+
+
+def _check_args(path: str, fn: Callable[..., Any], args: dict[str, Any], what: str,
+                skip: tuple[str, ...] = ()) -> list[FieldError]:
+    """Errors for keyword arguments that `fn`'s signature does not accept or misses."""
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):  # pragma: no cover - a builtin without a signature
+        return []
+    params = [p for p in sig.parameters.values() if p.name not in skip]
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return []
+    names = [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    errors = [FieldError(f"{path}.{k}", f"is not an argument of {what} (it takes "
+                         f"{', '.join(names) or 'none'})") for k in args if k not in names]
+    errors += [FieldError(f"{path}.{p.name}", f"is required by {what}") for p in params
+               if p.default is p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+               and p.name not in args]
+    return errors
+
+
+def _nonneg(path: str, value: float, errors: list[FieldError]) -> None:
+    if not (math.isfinite(value) and value >= 0):
+        errors.append(FieldError(path, "must be a finite number >= 0", value))
+
+
+def validate(spec: JobSpec) -> list[FieldError]:
+    """Every rule a well-typed spec breaks.
+
+    Args:
+        spec: a spec whose fields have the right types.
+
+    Returns:
+        The broken rules, empty when the spec can run.
+    """
+    from worker import data  # the data registry; imported here to keep spec import light
+
+    e: list[FieldError] = []
+    if not _NAME_RE.match(spec.name):
+        e.append(FieldError("name", "must be 1-128 characters of letters, digits, '.', '_' "
+                            "or '-', starting with a letter or digit", spec.name))
+    # model
+    try:
+        ctor = model_constructor(spec.model.name)
+    except ValueError as err:
+        e.append(FieldError("model.name", str(err)))
+    else:
+        e += _check_args("model.args", ctor, spec.model.args, f"model {spec.model.name!r}")
+    # dataset
+    if spec.dataset.name not in data.DATASETS:
+        e.append(FieldError("dataset.name", f"unknown data set (known: "
+                            f"{', '.join(sorted(data.DATASETS))})", spec.dataset.name))
+    else:
+        e += _check_args("dataset.args", data.DATASETS[spec.dataset.name], spec.dataset.args,
+                         f"data set {spec.dataset.name!r}")
+    vf = spec.dataset.validation_fraction
+    if not 0.0 <= vf < 1.0:
+        e.append(FieldError("dataset.validation_fraction", "must be in [0, 1)", vf))
+    # optimizer
+    opt = spec.optimizer
+    if opt.name not in OPTIMIZERS:
+        e.append(FieldError("optimizer.name", f"must be one of {', '.join(OPTIMIZERS)}",
+                            opt.name))
+    _nonneg("optimizer.lr", opt.lr, e)
+    _nonneg("optimizer.weight_decay", opt.weight_decay, e)
+    _nonneg("optimizer.momentum", opt.momentum, e)
+    _nonneg("optimizer.eps", opt.eps, e)
+    for i, beta in enumerate(opt.betas):
+        if not 0.0 <= beta < 1.0:
+            e.append(FieldError(f"optimizer.betas[{i}]", "must be in [0, 1)", beta))
+    if opt.name != "sgd":
+        if opt.momentum != 0.0:
+            e.append(FieldError("optimizer.momentum", f"applies to sgd only, not {opt.name}",
+                                opt.momentum))
+        if opt.nesterov:
+            e.append(FieldError("optimizer.nesterov", f"applies to sgd only, not {opt.name}",
+                                opt.nesterov))
+    elif opt.nesterov and opt.momentum <= 0:
+        e.append(FieldError("optimizer.nesterov", "needs optimizer.momentum > 0",
+                            opt.nesterov))
+    # scheduler
+    if spec.scheduler is not None:
+        cls_name = SCHEDULERS.get(spec.scheduler.name)
+        if cls_name is None:
+            e.append(FieldError("scheduler.name", f"must be one of {', '.join(SCHEDULERS)}",
+                                spec.scheduler.name))
+        else:
+            from engine.optim import lr_scheduler
+
+            e += _check_args("scheduler.args", getattr(lr_scheduler, cls_name),
+                             spec.scheduler.args, f"scheduler {spec.scheduler.name!r}",
+                             skip=("optimizer", "last_epoch"))
+    # length of the run and batching
+    if spec.batch_size < 1:
+        e.append(FieldError("batch_size", "must be >= 1", spec.batch_size))
+    if spec.workers < 1:
+        e.append(FieldError("workers", "must be >= 1", spec.workers))
+    elif spec.batch_size >= 1 and spec.batch_size % spec.workers:
+        e.append(FieldError("batch_size", f"must be divisible by workers ({spec.workers}) "
+                            f"so that every rank gets an equal shard", spec.batch_size))
+    if spec.epochs is None and spec.max_steps is None:
+        e.append(FieldError("epochs", "epochs or max_steps (or both) must be given"))
+    for name in ("epochs", "max_steps"):
+        value = getattr(spec, name)
+        if value is not None and value < 1:
+            e.append(FieldError(name, "must be >= 1", value))
+    for name in ("eval_every", "seed"):
+        if getattr(spec, name) < 0:
+            e.append(FieldError(name, "must be >= 0", getattr(spec, name)))
+    if spec.seed >= 2**63:
+        e.append(FieldError("seed", "must be < 2**63", spec.seed))
+    if spec.device not in DEVICES:
+        e.append(FieldError("device", f"must be one of {', '.join(DEVICES)}", spec.device))
+    if spec.checkpoint.every_steps < 0:
+        e.append(FieldError("checkpoint.every_steps", "must be >= 0 (0: only at the end)",
+                            spec.checkpoint.every_steps))
+    if spec.checkpoint.keep < 1:
+        e.append(FieldError("checkpoint.keep", "must be >= 1", spec.checkpoint.keep))
+    return e
+
+
+def trajectory_differences(saved: Mapping[str, Any], spec: JobSpec) -> list[str]:
+    """The fields whose change would make a resumed run differ from an uninterrupted one.
+
+    ``name``, ``epochs``, ``max_steps``, ``eval_every``, ``workers`` and ``checkpoint`` may
+    change between a checkpoint and its resumption; everything else must not.
+
+    Args:
+        saved: the spec (as `JobSpec.to_dict` gave it) recorded in a checkpoint.
+        spec: the spec of the run that resumes.
+
+    Returns:
+        Dotted paths of the fields that differ, empty when the run can resume exactly.
+    """
+    free = {"name", "epochs", "max_steps", "eval_every", "workers", "checkpoint"}
+    now = spec.to_dict()
+    out = []
+    for key in sorted(set(saved) | set(now)):
+        if key in free:
+            continue
+        a, b = saved.get(key), now.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += [f"{key}.{k}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+        elif a != b:
+            out.append(key)
+    return out
