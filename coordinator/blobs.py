@@ -39,6 +39,7 @@ from coordinator.errors import (
     ChecksumMismatch,
     ValidationError,
 )
+from engine.serialization import fsync_directory
 
 if TYPE_CHECKING:
     from coordinator.model import CheckpointRecord
@@ -68,17 +69,6 @@ def check_sha256(value: object, field: str = "sha256") -> str:
     if not isinstance(value, str) or not _SHA256_RE.match(value):
         raise ValidationError(field, "must be 64 lowercase hex digits (a sha256 digest)", value)
     return value
-
-
-def _fsync_directory(path: Path) -> None:
-    """Make renames and creations in `path` durable (a no-op where directories can't be opened)."""
-    if os.name == "nt":  # pragma: no cover - Windows cannot open a directory
-        return
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class BlobStore:
@@ -146,13 +136,13 @@ class BlobStore:
             created = not final.parent.is_dir()
             final.parent.mkdir(exist_ok=True)
             if created:
-                _fsync_directory(self.root)
+                fsync_directory(self.root)
             # Replace rather than skip an existing file: a damaged copy gets repaired.
             os.replace(tmp, final)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
-        _fsync_directory(final.parent)
+        fsync_directory(final.parent)
         return sha256, size
 
     def delete(self, sha256: str) -> bool:
@@ -169,7 +159,7 @@ class BlobStore:
             path.unlink()
         except FileNotFoundError:
             return False
-        _fsync_directory(path.parent)
+        fsync_directory(path.parent)
         return True
 
     # -- reading

@@ -26,7 +26,7 @@ import numpy
 from engine.backend import Device
 from engine.tensor import Tensor
 
-__all__ = ["save", "load", "load_metadata"]
+__all__ = ["save", "load", "load_metadata", "write_atomically", "fsync_directory"]
 
 _DTYPE_CODES = {
     "bool": "BOOL", "uint8": "U8", "int8": "I8", "uint16": "U16", "int16": "I16",
@@ -74,7 +74,7 @@ def save(obj: Mapping[str, Tensor], path: str | os.PathLike, *,
                         "data_offsets": list(offsets[name])}
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)  # pad so the data starts 8-byte aligned
-    _write_atomically(os.fspath(path), [struct.pack("<Q", len(text)), text]
+    write_atomically(os.fspath(path), [struct.pack("<Q", len(text)), text]
                       + [arrays[name] for name in order])
 
 
@@ -152,8 +152,14 @@ def _host_arrays(obj: Any) -> dict[str, numpy.ndarray]:
     return arrays
 
 
-def _write_atomically(path: str, chunks: list) -> None:
-    """Write `chunks` (bytes or arrays) to a temporary file beside `path`, then rename it."""
+def write_atomically(path: str, chunks: list) -> None:
+    """Write `chunks` (bytes or arrays) to a temporary file beside `path`, fsync it, rename it
+    over `path` and fsync the directory: readers see the old file or the whole new one.
+
+    Args:
+        path: the destination.
+        chunks: bytes objects or numpy arrays, written in order.
+    """
     directory = os.path.dirname(path) or "."
     tmp = os.path.join(directory, f".{os.path.basename(path)}.{secrets.token_hex(6)}.tmp")
     # os.open with mode 0o666 lets the umask decide the permissions, as open() would.
@@ -176,11 +182,12 @@ def _write_atomically(path: str, chunks: list) -> None:
         except FileNotFoundError:
             pass
         raise
-    _fsync_directory(directory)
+    fsync_directory(directory)
 
 
-def _fsync_directory(directory: str) -> None:
-    """Make the rename durable: fsync the directory entry (a no-op where unsupported)."""
+def fsync_directory(directory: str | os.PathLike) -> None:
+    """Make renames and creations in `directory` durable (a no-op where directories cannot be
+    opened)."""
     if os.name == "nt":  # pragma: no cover - Windows cannot open a directory
         return
     fd = os.open(directory, os.O_RDONLY)

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import engine
-from engine.serialization import _fsync_directory, _write_atomically  # one atomic writer
+from engine.serialization import fsync_directory, write_atomically
 from engine.tensor import Tensor
 
 __all__ = [
@@ -141,7 +141,7 @@ def write_checkpoint(root: str | os.PathLike, step: int, model_state: dict[str, 
     os.makedirs(path, exist_ok=True)
     if os.path.exists(manifest_path):  # rewriting a step: hide the old one first
         os.unlink(manifest_path)
-        _fsync_directory(path)
+        fsync_directory(path)
     arrays, rest = _split_optimizer_state(optimizer_state)
     engine.save(model_state, os.path.join(path, MODEL_FILE))
     engine.save(arrays, os.path.join(path, OPTIMIZER_FILE))
@@ -152,9 +152,9 @@ def write_checkpoint(root: str | os.PathLike, step: int, model_state: dict[str, 
     manifest = {"format_version": FORMAT_VERSION, **info, "step": step, "optimizer": rest,
                 "written_at": time.time(), "files": files}
     text = json.dumps(manifest, indent=1, sort_keys=True).encode() + b"\n"
-    _write_atomically(manifest_path, [text])
+    write_atomically(manifest_path, [text])
     if created:
-        _fsync_directory(root)
+        fsync_directory(root)
     return path
 
 
@@ -302,5 +302,5 @@ def prune_checkpoints(root: str | os.PathLike, keep: int) -> list[str]:
             shutil.rmtree(path, ignore_errors=True)
             removed.append(path)
     if removed:
-        _fsync_directory(os.fspath(root))
+        fsync_directory(os.fspath(root))
     return removed

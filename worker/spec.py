@@ -354,12 +354,10 @@ def model_constructor(name: str) -> Callable[..., Any]:
     Raises:
         ValueError: the zoo does not know `name` (the message lists the names it knows).
     """
+    from engine.models import get_constructor
+
     try:
-        from engine.models import registry
-    except ImportError:  # pragma: no cover - a checkout without the model zoo
-        raise ValueError("no model zoo (engine.models) is installed") from None
-    try:
-        return registry._resolve(name)  # the zoo's own lookup (private, shared on purpose)
+        return get_constructor(name)
     except (ValueError, TypeError) as e:
         raise ValueError(str(e)) from None
 
