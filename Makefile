@@ -8,7 +8,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.stamp-$(shell $(PYTHON) -c "import hashlib;print(hashlib.sha256(open('pyproject.toml','rb').read()).hexdigest()[:16])")
 
-.PHONY: venv test demo lint bench clean
+.PHONY: venv test demo lint bench clean protos
 
 venv: $(STAMP)
 
@@ -23,7 +23,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 demo: $(STAMP)
-	$(PY) examples/digits_mlp.py
+	$(VENV)/bin/dptrain demo
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
@@ -32,6 +32,10 @@ lint: $(STAMP)
 bench: $(STAMP)
 	env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 \
 		MKL_NUM_THREADS=1 $(PY) bench/engine.py
+
+# Regenerate the checked-in gRPC code from protos/dptrain/v1/*.proto (a test fails when stale).
+protos: $(STAMP)
+	$(PY) scripts/gen_protos.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache build *.egg-info

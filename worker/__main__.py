@@ -62,6 +62,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _fetch_resume_checkpoint(rank: int, checkpoint_dir: str) -> None:
+    """On rank 0, put the coordinator's latest intact checkpoint of the job into checkpoint_dir."""
+    if rank == 0:
+        from coordinator.worker_reporter import fetch_resume_checkpoint
+
+        try:
+            fetch_resume_checkpoint(checkpoint_dir, os.environ)
+        except Exception as e:
+            raise RuntimeError(f"cannot fetch the checkpoint to resume from: {e}") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one rank of a job.
 
@@ -74,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     install_preemption_handler()  # before anything slow, so SIGTERM never kills a rank mid-step
     from worker.comm import Communicator
-    from worker.events import build_reporters
+    from worker.events import COORDINATOR_ENV, build_reporters
     from worker.spec import JobSpecError, load_spec
     from worker.train import run_job
 
@@ -82,6 +93,10 @@ def main(argv: list[str] | None = None) -> int:
     reporters = []
     try:
         spec = agree(comm, lambda: load_spec(args.job), (JobSpecError,))
+        if args.resume and args.checkpoint_dir and os.environ.get(COORDINATOR_ENV):
+            # Rank 0 fetches the job's latest checkpoint; agree() is the barrier the others wait at.
+            agree(comm, lambda: _fetch_resume_checkpoint(comm.rank, args.checkpoint_dir),
+                  (Exception,), exit_code=EXIT_FAILED)
         reporters = agree(comm, lambda: build_reporters(comm.rank, os.environ,
                                                         progress=not args.no_progress),
                           (ImportError, AttributeError), exit_code=EXIT_INVALID)

@@ -1,0 +1,311 @@
+"""Coordinator benchmark: RPC latency under load, watch fan-out, checkpoint transfer rates.
+
+    .venv/bin/python bench/coordinator.py
+
+The coordinator runs in a child process (a real gRPC server on loopback with its SQLite store,
+no runner: submitted jobs stay queued), so its threads do not share a GIL with the clients.
+Clients run in further child processes, many threads each, one connection per client. Rows:
+
+1. SubmitJob and GetJob latency, p50 and p99, with 50 concurrent clients (2 processes x 25
+   threads) each making its calls back to back; and the calls per second they achieved.
+2. WatchJob fan-out: 200 watchers (4 processes x 50 threads) follow one RUNNING job; the
+   benchmark sends a log line as the job's worker (ReportProgress with its worker token) and
+   times until every watcher has it (and until half have it). Median over rounds.
+3. Checkpoint transfer: a worker uploads a checkpoint whose model file is 64 MiB of random
+   bytes (UploadCheckpoint, chunked and checksummed, stored durably), and a client downloads
+   that file (DownloadCheckpoint, sha256-verified, written with fsync), against a plain copy
+   of the same file on the same disk (``shutil.copyfile`` then ``fsync``: both transfers make
+   their result durable too) and, for reference, the copy without fsync. Medians over rounds.
+
+Every row's peers are measured in this one run; the machine may be shared, so each number is
+a median (or a percentile over thousands of calls) and the ratios are what to read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import multiprocessing as mp
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+SPEC = {"name": "bench", "model": {"name": "mlp", "args": {"in_features": 64, "hidden": [32],
+                                                           "num_classes": 10}},
+        "dataset": {"name": "digits"}, "optimizer": {"name": "adam", "lr": 0.001},
+        "batch_size": 32, "max_steps": 10, "workers": 1}
+
+
+# ---------------------------------------------------------------- the server (child process)
+
+def serve_child(state_dir: str, worker_token: str) -> None:
+    """Start a coordinator with one RUNNING job whose worker token is `worker_token`; print
+    ``{"address", "token", "job_id"}`` as JSON; stop when stdin closes."""
+    from coordinator.model import JobState, hash_token, new_job
+    from coordinator.scheduler import Cluster
+    from coordinator.server import serve
+    from coordinator.store import SqliteStore
+
+    Path(state_dir).mkdir(parents=True, exist_ok=True)
+    with SqliteStore(Path(state_dir) / "coordinator.db") as store:
+        job = store.create_job(new_job("watched", SPEC, workers=1,
+                                       token_hash=hash_token(worker_token)))
+        store.transition(job.id, JobState.QUEUED, JobState.RUNNING, placement={"localhost": 1})
+    server = serve(state_dir, cluster=Cluster.local(64), max_workers=600)
+    print(json.dumps({"address": server.address, "token": server.token, "job_id": job.id}),
+          flush=True)
+    sys.stdin.read()
+    server.stop(grace=1.0)
+
+
+# ---------------------------------------------------------------- load (child processes)
+
+def load_child(address: str, token: str, threads: int, calls: int, job_id: str,
+               out: Any) -> None:
+    """`threads` clients, each making `calls` SubmitJob then `calls` GetJob calls; put the
+    latencies (seconds) and the wall time of each phase on `out`."""
+    from coordinator.client import Client
+
+    clients = [Client(address, token=token) for _ in range(threads)]
+    for c in clients:
+        c.get_job(job_id)  # connect before timing
+    result: dict[str, Any] = {}
+    for phase in ("submit", "get"):
+        latencies: list[float] = []
+        lock = threading.Lock()
+        barrier = threading.Barrier(threads + 1)
+
+        def work(client: Any, phase: str = phase, latencies: list = latencies,
+                 lock: threading.Lock = lock, barrier: threading.Barrier = barrier) -> None:
+            mine = []
+            barrier.wait()
+            for _ in range(calls):
+                start = time.perf_counter()
+                if phase == "submit":
+                    client.submit_job(SPEC)
+                else:
+                    client.get_job(job_id)
+                mine.append(time.perf_counter() - start)
+            with lock:
+                latencies.extend(mine)
+
+        workers = [threading.Thread(target=work, args=(c,)) for c in clients]
+        for w in workers:
+            w.start()
+        barrier.wait()
+        start = time.perf_counter()
+        for w in workers:
+            w.join()
+        result[phase] = (latencies, time.perf_counter() - start)
+    for c in clients:
+        c.close()
+    out.put(result)
+
+
+def watch_child(address: str, token: str, job_id: str, threads: int, rounds: int,
+                after_seq: int, ready: Any, out: Any) -> None:
+    """`threads` watchers of one job; report when all are connected, then the arrival time of
+    each ``bench K`` log line."""
+    from coordinator.client import Client
+    from coordinator.model import Event
+
+    connected = threading.Barrier(threads + 1)
+
+    def watch() -> None:
+        with Client(address, token=token) as client:
+            seen = 0
+            for item in client.watch_job(job_id, after_seq=after_seq):
+                if not isinstance(item, Event):
+                    connected.wait()
+                    continue
+                line = item.payload.get("line", "")
+                if line.startswith("bench "):
+                    out.put((int(line.split()[1]), time.time()))
+                    seen += 1
+                    if seen == rounds:
+                        return
+
+    watchers = [threading.Thread(target=watch, daemon=True) for _ in range(threads)]
+    for w in watchers:
+        w.start()
+    connected.wait()
+    ready.put(threads)
+    for w in watchers:
+        w.join()
+
+
+# ---------------------------------------------------------------- the measurements
+
+def percentile(values: list[float], q: float) -> float:
+    """The q-quantile (0..1) by nearest rank."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q * len(ordered)) - 1))]
+
+
+def bench_latency(ctx: Any, info: dict, clients: int, procs: int, calls: int) -> list[str]:
+    out = ctx.Queue()
+    children = [ctx.Process(target=load_child, args=(info["address"], info["token"],
+                                                     clients // procs, calls, info["job_id"],
+                                                     out)) for _ in range(procs)]
+    for child in children:
+        child.start()
+    results = [out.get() for _ in children]
+    for child in children:
+        child.join()
+    rows = []
+    for phase, rpc in (("submit", "SubmitJob"), ("get", "GetJob")):
+        latencies = [t for r in results for t in r[phase][0]]
+        wall = max(r[phase][1] for r in results)
+        rows.append(f"| {rpc} | {clients} | {len(latencies)} | "
+                    f"{percentile(latencies, 0.5) * 1e3:.1f} ms | "
+                    f"{percentile(latencies, 0.99) * 1e3:.1f} ms | "
+                    f"{len(latencies) / wall:.0f} calls/s |")
+    return rows
+
+
+def bench_fanout(ctx: Any, info: dict, worker_token: str, watchers: int, procs: int,
+                 rounds: int) -> list[str]:
+    from coordinator.worker_reporter import WorkerClient
+
+    after_seq = 0  # watchers first get the job's two state events, then wait for ours
+    ready, out = ctx.Queue(), ctx.Queue()
+    children = [ctx.Process(target=watch_child, args=(
+        info["address"], info["token"], info["job_id"], watchers // procs, rounds, after_seq,
+        ready, out)) for _ in range(procs)]
+    for child in children:
+        child.start()
+    for _ in children:
+        ready.get()
+    worker = WorkerClient(info["address"], info["job_id"], worker_token)
+    all_in, half_in = [], []
+    for k in range(rounds):
+        time.sleep(0.2)
+        sent = time.time()
+        worker.report_progress([("log", {"line": f"bench {k}"})])
+        arrivals = sorted(out.get()[1] - sent for _ in range(watchers))
+        all_in.append(arrivals[-1])
+        half_in.append(arrivals[len(arrivals) // 2])
+    worker.close()
+    for child in children:
+        child.join()
+    return [f"| {watchers} | {rounds} | {statistics.median(half_in) * 1e3:.1f} ms | "
+            f"{statistics.median(all_in) * 1e3:.1f} ms | {max(all_in) * 1e3:.1f} ms |"]
+
+
+def _durable_copy(src: Path, dst: Path) -> None:
+    shutil.copyfile(src, dst)
+    with open(dst, "rb+") as f:
+        os.fsync(f.fileno())
+
+
+def bench_transfer(info: dict, worker_token: str, work: Path, size_mib: int,
+                   rounds: int) -> list[str]:
+    from coordinator.client import Client
+    from coordinator.worker_reporter import WorkerClient
+
+    data = os.urandom(size_mib << 20)
+    times: dict[str, list[float]] = {"upload": [], "download": [], "copy": [], "copy_nosync": []}
+    worker = WorkerClient(info["address"], info["job_id"], worker_token, timeout=600)
+    client = Client(info["address"], token=info["token"], timeout=600)
+    for step in range(1, rounds + 1):
+        ckpt = work / f"step-{step:08d}"
+        ckpt.mkdir()
+        model = ckpt / "model.safetensors"
+        model.write_bytes(data)
+        files = {"model.safetensors": {"sha256": hashlib.sha256(data).hexdigest(),
+                                       "bytes": len(data)}}
+        (ckpt / "manifest.json").write_text(json.dumps({"step": step, "files": files}))
+        start = time.perf_counter()
+        worker.upload_checkpoint(ckpt)
+        times["upload"].append(time.perf_counter() - start)
+        start = time.perf_counter()
+        client.download_checkpoint(info["job_id"], step=step, dest=work / "downloaded")
+        times["download"].append(time.perf_counter() - start)
+        start = time.perf_counter()
+        _durable_copy(model, work / "copied")
+        times["copy"].append(time.perf_counter() - start)
+        start = time.perf_counter()
+        shutil.copyfile(model, work / "copied-nosync")
+        times["copy_nosync"].append(time.perf_counter() - start)
+        shutil.rmtree(ckpt)
+    worker.close()
+    client.close()
+    mb = len(data) / 1e6
+    rate = {k: mb / statistics.median(v) for k, v in times.items()}
+    goal = lambda r: "✔" if r >= 0.5 else "✘"  # noqa: E731
+    up, down = rate["upload"] / rate["copy"], rate["download"] / rate["copy"]
+    return [f"| upload (UploadCheckpoint) | {size_mib} MiB | {rate['upload']:.0f} MB/s | "
+            f"{rate['copy']:.0f} MB/s | {up:.2f}x | >= 0.5x {goal(up)} |",
+            f"| download (DownloadCheckpoint) | {size_mib} MiB | {rate['download']:.0f} MB/s | "
+            f"{rate['copy']:.0f} MB/s | {down:.2f}x | >= 0.5x {goal(down)} |",
+            f"| plain copy without fsync (reference) | {size_mib} MiB | "
+            f"{rate['copy_nosync']:.0f} MB/s | | | |"]
+
+
+def machine() -> str:
+    """One line about this machine."""
+    import grpc
+
+    return (f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
+            f", grpcio {grpc.__version__}, {platform.system()} {platform.release()}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--clients", type=int, default=50)
+    parser.add_argument("--calls", type=int, default=40, help="calls per client and RPC")
+    parser.add_argument("--watchers", type=int, default=200)
+    parser.add_argument("--rounds", type=int, default=15, help="fan-out events")
+    parser.add_argument("--size-mib", type=int, default=64, help="checkpoint file size")
+    parser.add_argument("--transfers", type=int, default=5, help="upload/download rounds")
+    parser.add_argument("--serve-child", nargs=2, metavar=("STATE_DIR", "TOKEN"),
+                        help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.serve_child:
+        serve_child(*args.serve_child)
+        return
+    from coordinator.model import new_token
+
+    ctx = mp.get_context("spawn")  # gRPC does not survive fork
+    worker_token = new_token()
+    with tempfile.TemporaryDirectory(prefix="dptrain-bench-") as tmp:
+        work = Path(tmp)
+        server = subprocess.Popen(
+            [sys.executable, __file__, "--serve-child", str(work / "state"), worker_token],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        try:
+            info = json.loads(server.stdout.readline())
+            latency = bench_latency(ctx, info, args.clients, 2, args.calls)
+            fanout = bench_fanout(ctx, info, worker_token, args.watchers, 4, args.rounds)
+            transfer = bench_transfer(info, worker_token, work, args.size_mib, args.transfers)
+        finally:
+            server.stdin.close()
+            server.wait(60)
+    print(f"Machine: {machine()}\n")
+    print("| RPC | concurrent clients | calls | p50 | p99 | throughput |")
+    print("|---|---:|---:|---:|---:|---:|")
+    print("\n".join(latency) + "\n")
+    print("| watchers | events | half have it | all have it (median) | all have it (worst) |")
+    print("|---:|---:|---:|---:|---:|")
+    print("\n".join(fanout) + "\n")
+    print(f"Checkpoint transfer, median of {args.transfers} rounds; peer: `shutil.copyfile` + "
+          f"`fsync` of the same file\n")
+    print("| transfer | file | rate | plain copy | ratio | goal |")
+    print("|---|---:|---:|---:|---:|---|")
+    print("\n".join(transfer))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,392 @@
+"""What the checkpoint RPCs do, as plain functions of ``(request, state)``: no grpc here.
+
+A worker checkpoint is a directory: ``model.safetensors``, ``optimizer.safetensors`` and
+``manifest.json``, which lists every other file's size and sha256 (``worker/checkpoint.py``).
+The coordinator stores each file as a content-addressed blob (`coordinator.blobs.BlobStore`),
+so the manifest's sha256 of a file *is* the name of its blob, and records a `CheckpointRecord`
+whose ``sha256`` names the ``manifest.json`` blob, whose ``size`` is the total of all the files,
+and whose ``manifest`` is the parsed manifest (``files: {name: {sha256, bytes}}``).
+
+A checkpoint is intact when every one of its blobs is present and hashes to its name; resuming
+(`open_fetch`) skips damaged ones, newest first. Retention (`prune_job_checkpoints`) keeps a
+job's newest ``checkpoint.keep`` records and deletes the blobs no remaining record refers to.
+Note: ``Store.referenced_sha256s`` knows only each record's manifest blob; garbage collection of
+blobs must use `referenced_blobs`, which includes every file.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from coordinator.blobs import BlobStore, check_sha256
+from coordinator.errors import (
+    AlreadyExists,
+    BlobCorrupted,
+    BlobError,
+    BlobNotFound,
+    BlobTooLarge,
+    CheckpointNotFound,
+    ValidationError,
+)
+from coordinator.limits import CHUNK_BYTES, MAX_CHECKPOINT_FILES, MAX_MANIFEST_BYTES
+from coordinator.model import CheckpointRecord, EventKind
+
+if TYPE_CHECKING:
+    from coordinator.jobs import ServiceState
+    from coordinator.store import Store
+
+__all__ = [
+    "MANIFEST", "DEFAULT_FILE", "FileEntry", "CheckpointUpload", "record_files",
+    "record_blobs", "receive_checkpoint", "list_checkpoints", "intact_checkpoint",
+    "open_download", "open_fetch", "prune_job_checkpoints", "referenced_blobs",
+]
+
+log = logging.getLogger("dptrain.coordinator")
+
+MANIFEST = "manifest.json"
+DEFAULT_FILE = "model.safetensors"
+_FILE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    """One file of a checkpoint: its name, size in bytes and sha256."""
+
+    name: str
+    size: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class CheckpointUpload:
+    """The header of an upload (and of a fetch): which checkpoint, and its files in order.
+
+    Attributes:
+        job_id: the job.
+        step: the checkpoint's step.
+        manifest_json: the bytes of its ``manifest.json``.
+        files: every other file, in the order their bytes follow.
+    """
+
+    job_id: str
+    step: int
+    manifest_json: bytes
+    files: tuple[FileEntry, ...]
+
+
+def record_files(record: CheckpointRecord) -> list[FileEntry]:
+    """The files of a stored checkpoint besides ``manifest.json``, sorted by name."""
+    files = record.manifest.get("files") or {}
+    return [FileEntry(name, int(entry["bytes"]), entry["sha256"])
+            for name, entry in sorted(files.items())]
+
+
+def record_blobs(record: CheckpointRecord) -> dict[str, str]:
+    """File name -> blob sha256 for every file of a checkpoint, ``manifest.json`` included."""
+    return {MANIFEST: record.sha256, **{f.name: f.sha256 for f in record_files(record)}}
+
+
+# ---------------------------------------------------------------- upload
+
+def _check_upload(upload: CheckpointUpload, max_size: int | None) -> dict[str, Any]:
+    """Validate an upload's header against its manifest; return the parsed manifest."""
+    if isinstance(upload.step, bool) or not isinstance(upload.step, int) or upload.step < 0:
+        raise ValidationError("header.step", "must be an integer >= 0", upload.step)
+    if len(upload.manifest_json) > MAX_MANIFEST_BYTES:
+        raise ValidationError("header.manifest_json", f"must be at most {MAX_MANIFEST_BYTES} "
+                              "bytes", f"{len(upload.manifest_json)} bytes")
+    try:
+        manifest = json.loads(upload.manifest_json)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValidationError("header.manifest_json", f"must be JSON ({e})", "...") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
+        raise ValidationError("header.manifest_json", "must be an object with 'files'",
+                              type(manifest).__name__)
+    if manifest.get("step") != upload.step:
+        raise ValidationError("header.step", f"must equal the manifest's step "
+                              f"({manifest.get('step')!r})", upload.step)
+    if len(upload.files) > MAX_CHECKPOINT_FILES:
+        raise ValidationError("header.files", f"at most {MAX_CHECKPOINT_FILES} files",
+                              len(upload.files))
+    names = [f.name for f in upload.files]
+    if len(set(names)) != len(names):
+        raise ValidationError("header.files", "file names must be unique", names)
+    for i, f in enumerate(upload.files):
+        where = f"header.files[{i}]"
+        if not _FILE_NAME.match(f.name) or f.name == MANIFEST:
+            raise ValidationError(f"{where}.name", "must be a plain file name (letters, digits, "
+                                  "'.', '_', '-'), not manifest.json", f.name)
+        check_sha256(f.sha256, f"{where}.sha256")
+        if f.size < 0:
+            raise ValidationError(f"{where}.size", "must be >= 0", f.size)
+        if max_size is not None and f.size > max_size:
+            raise BlobTooLarge(max_size)
+        listed = manifest["files"].get(f.name)
+        if listed != {"sha256": f.sha256, "bytes": f.size}:
+            raise ValidationError(f"{where}", "must match the manifest's entry for the file",
+                                  listed)
+    missing = sorted(set(manifest["files"]) - set(names))
+    if missing:
+        raise ValidationError("header.files", "must list every file of the manifest; missing",
+                              missing)
+    return manifest
+
+
+class _Peekable:
+    """An iterator of ``(name, data)`` chunks whose next chunk can be looked at first."""
+
+    def __init__(self, chunks: Iterable[tuple[str, bytes]]):
+        self._it = iter(chunks)
+        self._next: tuple[str, bytes] | None = None
+        self._done = False
+
+    def peek(self) -> tuple[str, bytes] | None:
+        if self._next is None and not self._done:
+            self._next = next(self._it, None)
+            self._done = self._next is None
+        return self._next
+
+    def take(self) -> tuple[str, bytes]:
+        item = self.peek()
+        assert item is not None
+        self._next = None
+        return item
+
+
+def _file_chunks(chunks: _Peekable, name: str, counter: list[int]) -> Iterator[bytes]:
+    while (item := chunks.peek()) is not None and item[0] == name:
+        data = chunks.take()[1]
+        counter[0] += len(data)
+        yield data
+
+
+def receive_checkpoint(upload: CheckpointUpload, chunks: Iterable[tuple[str, bytes]],
+                       state: ServiceState, *, now: float | None = None) -> CheckpointRecord:
+    """Store an uploaded checkpoint: every file as a verified blob, then its record.
+
+    The record (and its ``checkpoint`` event) is written only after every blob is stored, so
+    a broken upload leaves no checkpoint. A different checkpoint already stored at the same
+    step (a run resumed and wrote that step again) is replaced. Then retention runs.
+
+    Args:
+        upload: the header.
+        chunks: ``(file name, bytes)`` in the header's file order, each file's chunks together.
+        state: the server.
+        now: the record's time (default: the clock).
+
+    Returns:
+        The stored record.
+
+    Raises:
+        JobNotFound: no such job.
+        ValidationError: a header that contradicts its manifest, or chunks out of order.
+        ChecksumMismatch: a file's bytes do not match its sha256 (DATA_LOSS).
+        BlobTooLarge: a file larger than the server allows (RESOURCE_EXHAUSTED).
+    """
+    job = state.store.get_job(upload.job_id)
+    manifest = _check_upload(upload, state.blobs.max_size)
+    stream = _Peekable(chunks)
+    received = [0]
+    for entry in upload.files:
+        head = stream.peek()
+        if entry.size and (head is None or head[0] != entry.name):
+            raise ValidationError("chunk.name", f"expected the bytes of {entry.name}",
+                                  None if head is None else head[0])
+        _, size = state.blobs.put(_file_chunks(stream, entry.name, received),
+                                  expected_sha256=entry.sha256)
+        if size != entry.size:  # the sha256 matched, so the declared size was wrong
+            raise ValidationError(f"header.files.{entry.name}.size",
+                                  f"must be the file's size ({size})", entry.size)
+    if stream.peek() is not None:
+        raise ValidationError("chunk.name", "must name a file of the header, in order",
+                              stream.peek()[0])
+    manifest_sha, _ = state.blobs.put(upload.manifest_json)
+    total = len(upload.manifest_json) + sum(f.size for f in upload.files)
+    record = CheckpointRecord(upload.job_id, upload.step, manifest_sha, total,
+                              time.time() if now is None else now, manifest)
+    try:
+        record = state.store.add_checkpoint(record)
+    except AlreadyExists:
+        state.store.delete_checkpoint(upload.job_id, upload.step)
+        record = state.store.add_checkpoint(record)
+    state.metrics.add_checkpoint_bytes("stored", received[0] + len(upload.manifest_json))
+    keep = (job.spec.get("checkpoint") or {}).get("keep", 3)
+    prune_job_checkpoints(state.store, state.blobs, upload.job_id, keep)
+    return record
+
+
+# ---------------------------------------------------------------- reading
+
+def list_checkpoints(job_id: str, state: ServiceState) -> list[CheckpointRecord]:
+    """A job's stored checkpoints, oldest step first.
+
+    Raises:
+        JobNotFound: no such job.
+    """
+    return state.store.list_checkpoints(job_id)
+
+
+def _verify(record: CheckpointRecord, blobs: BlobStore) -> None:
+    for sha256 in record_blobs(record).values():
+        blobs.verify(sha256)
+
+
+def intact_checkpoint(job_id: str, state: ServiceState) -> CheckpointRecord | None:
+    """The job's newest checkpoint whose every blob is present and verifies.
+
+    Each damaged checkpoint skipped is logged and recorded as a ``log`` event of the job.
+
+    Returns:
+        The record, or None when no checkpoint is intact.
+
+    Raises:
+        JobNotFound: no such job.
+    """
+    for record in reversed(state.store.list_checkpoints(job_id)):
+        try:
+            _verify(record, state.blobs)
+        except (BlobCorrupted, BlobNotFound) as e:
+            message = (f"coordinator: checkpoint at step {record.step} is damaged ({e}); "
+                       f"skipping it")
+            log.warning("job %s: %s", job_id, message)
+            state.store.append_event(job_id, EventKind.LOG, {"line": message})
+            continue
+        return record
+    return None
+
+
+def open_download(job_id: str, step: int | None, name: str, state: ServiceState
+                  ) -> tuple[int, FileEntry, Iterator[bytes]]:
+    """One file of a checkpoint, verified before any byte is returned.
+
+    Args:
+        job_id: the job.
+        step: the checkpoint's step; None: the newest intact checkpoint.
+        name: the file (``""``: ``model.safetensors``), or ``manifest.json``.
+        state: the server.
+
+    Returns:
+        ``(step, file, chunks)``; the chunks are at most `CHUNK_BYTES` each.
+
+    Raises:
+        JobNotFound, CheckpointNotFound: no such job or checkpoint.
+        ValidationError: naming ``file`` when the checkpoint has no such file.
+        BlobCorrupted: the stored file no longer matches its sha256 (DATA_LOSS).
+        BlobNotFound: the stored file is missing.
+    """
+    name = name or DEFAULT_FILE
+    if step is None:
+        record = intact_checkpoint(job_id, state)
+        if record is None:
+            raise CheckpointNotFound(job_id, None)
+    else:
+        record = state.store.get_checkpoint(job_id, step)
+    blobs = record_blobs(record)
+    if name not in blobs:
+        raise ValidationError("file", "must be one of " + ", ".join(sorted(blobs)), name)
+    size = state.blobs.verify(blobs[name])
+    entry = FileEntry(name, size, blobs[name])
+    return record.step, entry, _counted(state, state.blobs.read(entry.sha256,
+                                                                chunk_size=CHUNK_BYTES))
+
+
+def _counted(state: ServiceState, chunks: Iterator[bytes]) -> Iterator[bytes]:
+    for chunk in chunks:
+        state.metrics.add_checkpoint_bytes("served", len(chunk))
+        yield chunk
+
+
+def open_fetch(job_id: str, state: ServiceState
+               ) -> tuple[CheckpointUpload, Iterator[tuple[str, bytes]]]:
+    """The job's newest intact checkpoint, to resume from: its header and every file's chunks.
+
+    Args:
+        job_id: the job.
+        state: the server.
+
+    Returns:
+        ``(header, chunks)``: the header as in an upload; ``(file name, bytes)`` chunks in the
+        header's file order.
+
+    Raises:
+        JobNotFound: no such job.
+        CheckpointNotFound: no intact checkpoint.
+    """
+    record = intact_checkpoint(job_id, state)
+    if record is None:
+        raise CheckpointNotFound(job_id, None)
+    manifest_json = b"".join(state.blobs.read(record.sha256))
+    files = tuple(record_files(record))
+    header = CheckpointUpload(job_id, record.step, manifest_json, files)
+
+    def chunks() -> Iterator[tuple[str, bytes]]:
+        for f in files:
+            for chunk in _counted(state, state.blobs.read(f.sha256, chunk_size=CHUNK_BYTES)):
+                yield f.name, chunk
+
+    return header, chunks()
+
+
+# ---------------------------------------------------------------- retention
+
+def referenced_blobs(store: Store) -> set[str]:
+    """Every blob a checkpoint record refers to, manifests and files: what garbage
+    collection (``BlobStore.collect_garbage``) must keep."""
+    referenced = set()
+    for job in store.all_jobs():
+        for record in store.list_checkpoints(job.id):
+            referenced.update(record_blobs(record).values())
+    return referenced
+
+
+def prune_job_checkpoints(store: Store, blobs: BlobStore, job_id: str, keep: int, *,
+                          grace_s: float = 60.0) -> list[CheckpointRecord]:
+    """Keep a job's newest `keep` checkpoints; forget the rest and free their blobs.
+
+    Records go first (so nobody is offered a checkpoint whose files are going); then each of
+    their blobs that no remaining record of any job refers to is deleted, unless it was written
+    in the last `grace_s` seconds (another upload may be about to record the same bytes).
+
+    Args:
+        store: the records.
+        blobs: the files.
+        job_id: the job.
+        keep: how many checkpoints to keep, >= 1 (the spec's ``checkpoint.keep``).
+        grace_s: spare blobs this recent.
+
+    Returns:
+        The records removed, oldest first.
+
+    Raises:
+        ValidationError: naming ``checkpoint.keep``.
+    """
+    if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
+        raise ValidationError("checkpoint.keep", "must be an integer >= 1", keep)
+    records = store.list_checkpoints(job_id)
+    removed = []
+    for record in records[:-keep]:
+        try:
+            removed.append(store.delete_checkpoint(job_id, record.step))
+        except LookupError:  # someone else removed it meanwhile
+            continue
+    if not removed:
+        return removed
+    cutoff = time.time() - grace_s
+    candidates = set()
+    for sha256 in {sha for record in removed for sha in record_blobs(record).values()}:
+        try:
+            if os.stat(blobs.get(sha256, verify=False)).st_mtime <= cutoff:
+                candidates.add(sha256)
+        except (BlobError, FileNotFoundError):
+            continue
+    if candidates:
+        for sha256 in candidates - referenced_blobs(store):
+            blobs.delete(sha256)
+    return removed

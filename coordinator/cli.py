@@ -1,0 +1,171 @@
+"""The ``dptrain`` command: ``dptrain run JOB.yaml -n N`` trains a job on this machine;
+``dptrain serve`` runs the coordinator and ``submit``, ``jobs``, ``status``, ``watch``, ``logs``,
+``cancel``, ``checkpoints``, ``download``, ``plot`` and ``demo`` use it
+(`coordinator.commands`).
+
+Subcommands are argparse subparsers, each with its own ``handler(args) -> exit code``. Errors
+are one readable line on stderr, never a traceback (``DPTRAIN_DEBUG=1`` shows the traceback of
+an unexpected one).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from collections.abc import Callable
+
+__all__ = ["main", "build_parser", "CommandError"]
+
+EXIT_CODES = """\
+exit codes of `dptrain run` (the coordinator's commands list theirs in their --help):
+  0    the run completed
+  1    a rank failed; its error is printed and the whole job is aborted
+  2    bad command line or invalid job (spec, data, ranks, checkpoint)
+  3    the loss became non-finite (the message names the step)
+  143  preempted by SIGTERM after writing a checkpoint (continue with --resume)
+"""
+
+
+class CommandError(Exception):
+    """A user-facing error: printed as one line, exit code 2."""
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from worker.launch import LaunchSettings, mpiexec_command
+    from worker.spec import JobSpecError, load_spec
+
+    try:
+        spec = load_spec(args.job)
+    except JobSpecError as e:
+        raise CommandError(str(e)) from None
+    n = spec.workers if args.n is None else args.n
+    if n < 1:
+        raise CommandError(f"-n must be >= 1, got {n}")
+    if spec.batch_size % n:
+        raise CommandError(f"batch_size: must be divisible by the number of ranks ({n}) so "
+                           f"that every rank gets an equal shard, got {spec.batch_size}")
+    if args.resume and args.checkpoint_dir is None:
+        raise CommandError("--resume needs --checkpoint-dir")
+    settings = LaunchSettings(
+        job=os.path.abspath(args.job), num_procs=n,
+        checkpoint_dir=None if args.checkpoint_dir is None else os.path.abspath(
+            args.checkpoint_dir),
+        resume=args.resume, hostfile=args.hostfile,
+        # One rank per core, pinned; with more ranks than local cores pinning would stack them.
+        bind_to="core" if args.hostfile or n <= (os.cpu_count() or 1) else None,
+        blas_threads=None if args.blas_threads == 0 else args.blas_threads,
+        progress=not args.no_progress)
+    cmd = mpiexec_command(settings)
+    if not (os.path.isfile(cmd[0]) or shutil.which(cmd[0])):
+        raise CommandError(f"mpiexec not found at {cmd[0]} (install the mpich wheel into "
+                           f"this environment: pip install mpich)")
+    return _run_forwarding_signals(cmd)
+
+
+def _run_forwarding_signals(cmd: list[str]) -> int:
+    """Run `cmd`; SIGTERM to us goes on to it (mpiexec passes it to every rank)."""
+    proc = subprocess.Popen(cmd)
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: proc.send_signal(signum))
+    try:
+        while True:
+            try:
+                code = proc.wait()
+                break
+            except KeyboardInterrupt:  # Ctrl-C reached mpiexec too; wait for it to wind down
+                continue
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    return 128 - code if code < 0 else code
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``dptrain`` argument parser, one subparser per subcommand.
+
+    Returns:
+        The parser; each subcommand sets ``handler``.
+    """
+    parser = argparse.ArgumentParser(
+        prog="dptrain", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Distributed data-parallel training with dptrain.", epilog=EXIT_CODES)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    run = commands.add_parser(
+        "run", formatter_class=argparse.RawDescriptionHelpFormatter,
+        help="train a job on this machine: mpiexec -n N python -m worker JOB",
+        description="Train a job with N ranks on this machine (or the hosts of --hostfile)\n"
+                    "through this environment's mpiexec. Rank 0 shows a progress bar; the\n"
+                    "run ends with one JSON line of final metrics on stdout.",
+        epilog="example:\n  dptrain run examples/digits_mlp.yaml -n 2 --checkpoint-dir ckpt\n\n"
+               + EXIT_CODES)
+    run.add_argument("job", metavar="JOB", help="the job file (.yaml, .yml or .json)")
+    run.add_argument("-n", type=int, default=None, metavar="N",
+                     help="number of ranks (default: the job's workers)")
+    run.add_argument("--checkpoint-dir", metavar="D", default=None,
+                     help="write checkpoints to D/step-NNNNNNNN/ (default: none)")
+    run.add_argument("--resume", action="store_true",
+                     help="continue from the newest intact checkpoint in D (from step 0 when "
+                          "there is none)")
+    run.add_argument("--hostfile", metavar="FILE", default=None,
+                     help="MPICH hostfile (host:slots per line) to run across machines")
+    run.add_argument("--blas-threads", type=int, default=1, metavar="T",
+                     help="BLAS threads per rank (default 1; 0 keeps the environment's)")
+    run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    run.set_defaults(handler=_cmd_run)
+    from coordinator.commands import add_commands, add_global_options
+
+    add_global_options(parser)
+    add_commands(commands)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``dptrain`` console command.
+
+    Args:
+        argv: the arguments (default: ``sys.argv[1:]``).
+
+    Returns:
+        The exit code (see ``dptrain --help``).
+    """
+    args = build_parser().parse_args(argv)
+    handler: Callable[[argparse.Namespace], int] = args.handler
+    try:
+        return handler(args)
+    except CommandError as e:
+        print(f"dptrain: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    except OSError as e:
+        print(f"dptrain: error: {e.strerror or e}"
+              + (f": {e.filename}" if e.filename else ""), file=sys.stderr)
+        return 2
+    except Exception as e:  # one line, never a traceback (DPTRAIN_DEBUG=1 shows it)
+        return _report(e)
+
+
+def _report(error: Exception) -> int:
+    """Print an error of a coordinator command as one line; return its exit code."""
+    from coordinator.commands import EXIT_SERVER, EXIT_USAGE, exit_code_for
+
+    client = sys.modules.get("coordinator.client")
+    if client is not None and isinstance(error, client.ClientError):
+        code = exit_code_for(error)
+    elif isinstance(error, (ValueError, RuntimeError)):  # configuration: ports, files, options
+        code = EXIT_USAGE
+    else:
+        if os.environ.get("DPTRAIN_DEBUG"):
+            raise error
+        print(f"dptrain: internal error: {type(error).__name__}: "
+              f"{' '.join(str(error).split())} (DPTRAIN_DEBUG=1 shows the traceback)",
+              file=sys.stderr)
+        return EXIT_SERVER
+    print(f"dptrain: error: {' '.join(str(error).split())}", file=sys.stderr)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

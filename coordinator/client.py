@@ -1,0 +1,320 @@
+"""`Client`: the Python client of a dptrain coordinator, one method per RPC.
+
+Results are the coordinator's domain objects (`coordinator.model.Job`, ``Event``,
+``CheckpointRecord``), and every failure is a `ClientError` whose message is one readable line
+starting with the gRPC status code's name, e.g.
+``INVALID_ARGUMENT: optimizer.lr: must be a finite number >= 0, got -0.1``.
+
+Example::
+
+    from coordinator.client import Client
+
+    with Client("127.0.0.1:50051", token=open("state/token").read().strip()) as client:
+        job = client.submit_job("examples/digits_mlp.yaml")
+        for item in client.watch_job(job.id):      # the Job first, then its Events
+            print(item)
+        client.download_checkpoint(job.id, dest="model.safetensors")
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import tempfile
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from coordinator import serde
+from coordinator.auth import bearer_metadata, resolve_token
+from coordinator.errors import ValidationError
+from coordinator.limits import channel_options
+from coordinator.model import CheckpointRecord, Event, Job, JobState
+from protos.dptrain.v1 import coordinator_pb2 as pb
+from protos.dptrain.v1 import coordinator_pb2_grpc as pb_grpc
+
+__all__ = ["Client", "ClientError", "DownloadedFile", "DEFAULT_TIMEOUT"]
+
+DEFAULT_TIMEOUT = 30.0
+
+
+class ClientError(Exception):
+    """A failed call: ``code`` is the gRPC status code's name, ``details`` the server's message.
+
+    ``str(error)`` is one line: ``"CODE: details"``.
+
+    Args:
+        code: e.g. ``"NOT_FOUND"``.
+        details: what went wrong.
+    """
+
+    def __init__(self, code: str, details: str):
+        self.code, self.details = code, " ".join(str(details).split())
+        super().__init__(f"{code}: {self.details}")
+
+
+@dataclass(frozen=True)
+class DownloadedFile:
+    """A checkpoint file written by `Client.download_checkpoint`, its sha256 verified."""
+
+    path: Path
+    step: int
+    name: str
+    size: int
+    sha256: str
+
+
+def _read_ca(tls_ca: str | os.PathLike | bytes) -> bytes:
+    if isinstance(tls_ca, bytes):
+        return tls_ca
+    try:
+        return Path(tls_ca).read_bytes()
+    except OSError as e:
+        raise ClientError("INVALID_ARGUMENT", f"cannot read the TLS CA certificate: {e}") from None
+
+
+class Client:
+    """A connection to a coordinator (thread-safe; close it, or use it as a context manager).
+
+    Args:
+        address: ``host:port``.
+        token: the coordinator token (or a worker token, with `job_id`); default from
+            `token_file`, ``$DPTRAIN_TOKEN``, ``$DPTRAIN_TOKEN_FILE`` or ``state_dir/token``
+            (see `coordinator.auth.resolve_token`).
+        tls_ca: PEM certificate(s) to verify the server's TLS certificate with (a path or the
+            bytes); None: a plaintext connection.
+        timeout: seconds each unary call may take.
+        token_file: a file holding the token.
+        state_dir: a local coordinator's state directory to read the token from.
+        job_id: the job a worker token belongs to (workers only).
+    """
+
+    def __init__(self, address: str, token: str | None = None,
+                 tls_ca: str | os.PathLike | bytes | None = None,
+                 timeout: float = DEFAULT_TIMEOUT, *, token_file: str | os.PathLike | None = None,
+                 state_dir: str | os.PathLike | None = None, job_id: str | None = None):
+        self.address = address
+        self.timeout = timeout
+        try:
+            token = resolve_token(token, token_file=token_file, state_dir=state_dir)
+        except (OSError, ValueError) as e:
+            raise ClientError("UNAUTHENTICATED", f"cannot read the token: {e}") from None
+        self._metadata = bearer_metadata(token, job_id)
+        if tls_ca is not None:
+            credentials = grpc.ssl_channel_credentials(root_certificates=_read_ca(tls_ca))
+            self.channel = grpc.secure_channel(address, credentials, options=channel_options())
+        else:
+            self.channel = grpc.insecure_channel(address, options=channel_options())
+        self._stub = pb_grpc.CoordinatorStub(self.channel)
+        self._worker_stub = pb_grpc.WorkerServiceStub(self.channel)
+        self._health = health_pb2_grpc.HealthStub(self.channel)
+
+    # ------------------------------------------------------------ plumbing
+
+    def close(self) -> None:
+        """Close the connection (open streams end)."""
+        self.channel.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _error(self, error: grpc.RpcError) -> ClientError:
+        code = error.code() if hasattr(error, "code") else None
+        name = code.name if code is not None else "UNKNOWN"
+        details = (error.details() if hasattr(error, "details") else None) or str(error)
+        if code is grpc.StatusCode.UNAVAILABLE:
+            details = f"cannot reach the coordinator at {self.address}: {details}"
+        elif code is grpc.StatusCode.DEADLINE_EXCEEDED:
+            details = f"no answer from the coordinator at {self.address} in time: {details}"
+        return ClientError(name, details)
+
+    def _unary(self, method: Any, request: Any, timeout: float | None = None) -> Any:
+        try:
+            return method(request, metadata=self._metadata,
+                          timeout=self.timeout if timeout is None else timeout)
+        except grpc.RpcError as e:
+            raise self._error(e) from None
+
+    def _stream(self, method: Any, request: Any, timeout: float | None = None) -> Iterator[Any]:
+        call = method(request, metadata=self._metadata, timeout=timeout)
+        try:
+            yield from call
+        except grpc.RpcError as e:
+            raise self._error(e) from None
+        finally:
+            call.cancel()
+
+    # ------------------------------------------------------------ jobs
+
+    def submit_job(self, spec: Mapping[str, Any] | Any | str | os.PathLike, priority: int = 0,
+                   max_restarts: int | None = None, time_limit: float | None = None) -> Job:
+        """Submit a job.
+
+        Args:
+            spec: a job file's path, its data (a mapping), or a ``worker.spec.JobSpec``.
+            priority: higher runs first.
+            max_restarts: restarts after worker failures; None: the server's default.
+            time_limit: seconds per run (lets smaller jobs backfill); None: unknown.
+
+        Returns:
+            The queued job.
+
+        Raises:
+            ClientError: INVALID_ARGUMENT naming the field at fault, UNAUTHENTICATED, ...
+        """
+        if isinstance(spec, (str, os.PathLike)):
+            from worker.spec import JobSpecError, load_spec
+
+            try:
+                spec = load_spec(spec)
+            except JobSpecError as e:
+                raise ClientError("INVALID_ARGUMENT", str(e)) from None
+        try:
+            request = serde.submit_request_to_proto(spec, priority, max_restarts, time_limit)
+        except ValidationError as e:
+            raise ClientError("INVALID_ARGUMENT", str(e)) from None
+        return serde.job_from_proto(self._unary(self._stub.SubmitJob, request))
+
+    def get_job(self, job_id: str) -> Job:
+        """The job with this id (NOT_FOUND when there is none)."""
+        return serde.job_from_proto(self._unary(self._stub.GetJob,
+                                                pb.GetJobRequest(job_id=job_id)))
+
+    def list_jobs(self, states: Iterable[JobState | str] | None = None, page_size: int = 0,
+                  page_token: str = "") -> tuple[list[Job], str]:
+        """One page of jobs, newest first.
+
+        Args:
+            states: only jobs in these states (None: all).
+            page_size: at most this many (0: the server's default, 100).
+            page_token: "" for the first page, else the token the previous page returned.
+
+        Returns:
+            ``(jobs, next_page_token)``; the token is "" on the last page.
+        """
+        request = pb.ListJobsRequest(states=[serde.state_to_proto(s) for s in states or ()],
+                                     page_size=page_size, page_token=page_token)
+        response = self._unary(self._stub.ListJobs, request)
+        return [serde.job_from_proto(j) for j in response.jobs], response.next_page_token
+
+    def iter_jobs(self, states: Iterable[JobState | str] | None = None,
+                  page_size: int = 100) -> Iterator[Job]:
+        """Every job (in these states), newest first, fetched a page at a time."""
+        states = list(states or ())
+        token = ""
+        while True:
+            page, token = self.list_jobs(states, page_size, token)
+            yield from page
+            if not token:
+                return
+
+    def cancel_job(self, job_id: str) -> Job:
+        """Cancel a job; returns it, CANCELLED (FAILED_PRECONDITION when it already ended)."""
+        return serde.job_from_proto(self._unary(self._stub.CancelJob,
+                                                pb.CancelJobRequest(job_id=job_id)))
+
+    def watch_job(self, job_id: str, after_seq: int = 0) -> Iterator[Job | Event]:
+        """Follow a job: first the `Job` as it is now, then its `Event`s after `after_seq`.
+
+        The iterator ends when the job has reached a final state; closing it ends the stream.
+
+        Args:
+            job_id: the job.
+            after_seq: skip events up to this sequence number (0: from the start).
+
+        Yields:
+            A `Job`, then `Event` objects (state changes, metrics, log lines, checkpoints).
+        """
+        request = pb.WatchJobRequest(job_id=job_id, after_seq=after_seq)
+        for message in self._stream(self._stub.WatchJob, request):
+            if message.WhichOneof("item") == "job":
+                yield serde.job_from_proto(message.job)
+            else:
+                yield serde.event_from_proto(message.event)
+
+    # ------------------------------------------------------------ checkpoints
+
+    def list_checkpoints(self, job_id: str) -> list[CheckpointRecord]:
+        """A job's stored checkpoints, oldest step first (manifest: step, epoch, metrics,
+        ``files: {name: {sha256, bytes}}``)."""
+        response = self._unary(self._stub.ListCheckpoints,
+                               pb.ListCheckpointsRequest(job_id=job_id))
+        return [serde.checkpoint_from_proto(c) for c in response.checkpoints]
+
+    def download_checkpoint(self, job_id: str, step: int | None = None,
+                            file: str = "model.safetensors",
+                            dest: str | os.PathLike | None = None) -> DownloadedFile:
+        """Download one file of a checkpoint, verifying its sha256 before it appears at `dest`.
+
+        Args:
+            job_id: the job.
+            step: the checkpoint's step; None: the newest intact one.
+            file: ``model.safetensors``, ``optimizer.safetensors`` or ``manifest.json``.
+            dest: the file to write, or a directory to write `file` into (default: `file` in
+                the current directory). Written atomically.
+
+        Returns:
+            Where it went, with its step, size and sha256.
+
+        Raises:
+            ClientError: NOT_FOUND, DATA_LOSS (stored or received bytes fail the sha256), ...
+        """
+        request = pb.DownloadCheckpointRequest(job_id=job_id, file=file)
+        if step is not None:
+            request.step = step
+        target = Path(file if dest is None else dest)
+        if target.is_dir():
+            target = target / file
+        stream = self._stream(self._stub.DownloadCheckpoint, request)
+        with contextlib.closing(stream):
+            first = next(stream, None)
+            if first is None or first.WhichOneof("item") != "info":
+                raise ClientError("INTERNAL", "the download stream did not start with the "
+                                  "file's description")
+            return self._receive(first.info, stream, target)
+
+    @staticmethod
+    def _receive(info: pb.DownloadInfo, stream: Iterator[Any], target: Path) -> DownloadedFile:
+        digest, size = hashlib.sha256(), 0
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                for message in stream:
+                    digest.update(message.chunk)
+                    size += len(message.chunk)
+                    f.write(message.chunk)
+                f.flush()
+                os.fsync(f.fileno())
+            if digest.hexdigest() != info.file.sha256 or size != info.file.size:
+                raise ClientError("DATA_LOSS", f"{info.file.name} of step {info.step}: received "
+                                  f"{size} bytes hashing to {digest.hexdigest()}, expected "
+                                  f"{info.file.size} bytes with sha256 {info.file.sha256}")
+            os.replace(tmp, target)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return DownloadedFile(target, info.step, info.file.name, size, info.file.sha256)
+
+    # ------------------------------------------------------------ health
+
+    def health(self, service: str = "", timeout: float | None = None) -> str:
+        """The server's health: ``SERVING``, ``NOT_SERVING`` (shutting down), ...
+
+        Args:
+            service: "" for the server, or a service name like ``dptrain.v1.Coordinator``.
+            timeout: seconds to wait (default: the client's timeout).
+
+        Returns:
+            The status's name.
+        """
+        response = self._unary(self._health.Check,
+                               health_pb2.HealthCheckRequest(service=service), timeout)
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)

@@ -1,0 +1,352 @@
+"""The coordinator's ``dptrain`` subcommands: ``serve``, the client commands and ``demo``.
+
+`add_commands` adds them to the ``dptrain`` parser of `coordinator.cli` (beside ``run``).
+Client commands connect with `connect`: the address from ``--address``, ``$DPTRAIN_ADDRESS``
+or ``127.0.0.1:50051``; the token from ``--token-file``, ``$DPTRAIN_TOKEN``,
+``$DPTRAIN_TOKEN_FILE`` or the state directory's ``token`` file (``--state-dir``,
+``$DPTRAIN_STATE_DIR``, default ``~/.local/state/dptrain``, where ``dptrain serve`` keeps it);
+TLS with ``--tls-ca`` or ``$DPTRAIN_TLS_CA``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from coordinator.follow import (
+    events_now,
+    final_summary,
+    follow_job,
+    format_event,
+    format_job,
+    format_metrics,
+    format_table,
+    plot_curves,
+)
+from coordinator.model import EventKind, JobState
+
+if TYPE_CHECKING:  # grpc is imported only by the commands that talk to a coordinator
+    from coordinator.client import Client, ClientError
+
+__all__ = ["add_commands", "connect", "exit_code_for", "default_state_dir", "CLIENT_EXIT_CODES",
+           "DEFAULT_ADDRESS", "DEFAULT_PORT", "EXIT_JOB_FAILED", "EXIT_USAGE", "EXIT_NOT_FOUND",
+           "EXIT_UNREACHABLE", "EXIT_AUTH", "EXIT_SERVER"]
+
+DEFAULT_PORT = 50051
+DEFAULT_ADDRESS = f"127.0.0.1:{DEFAULT_PORT}"
+ADDRESS_ENV, STATE_DIR_ENV, TLS_CA_ENV = "DPTRAIN_ADDRESS", "DPTRAIN_STATE_DIR", "DPTRAIN_TLS_CA"
+
+EXIT_JOB_FAILED, EXIT_USAGE, EXIT_NOT_FOUND = 1, 2, 4
+EXIT_UNREACHABLE, EXIT_AUTH, EXIT_SERVER = 5, 6, 7
+CLIENT_EXIT_CODES = f"""\
+exit codes of the coordinator commands:
+  0    done (submit --follow, watch: the job SUCCEEDED)
+  {EXIT_JOB_FAILED}    the job FAILED or was CANCELLED (submit --follow, watch)
+  {EXIT_USAGE}    bad command line, job file or argument (INVALID_ARGUMENT, a local file)
+  {EXIT_NOT_FOUND}    no such job or checkpoint (NOT_FOUND)
+  {EXIT_UNREACHABLE}    cannot reach the coordinator (UNAVAILABLE, DEADLINE_EXCEEDED)
+  {EXIT_AUTH}    not allowed (UNAUTHENTICATED, PERMISSION_DENIED): check the token
+  {EXIT_SERVER}    another refusal or failure of the coordinator (FAILED_PRECONDITION, ...)
+  130  interrupted (Ctrl-C)
+"""
+_CODE_EXITS = {"INVALID_ARGUMENT": EXIT_USAGE, "OUT_OF_RANGE": EXIT_USAGE,
+               "NOT_FOUND": EXIT_NOT_FOUND, "UNAVAILABLE": EXIT_UNREACHABLE,
+               "DEADLINE_EXCEEDED": EXIT_UNREACHABLE, "UNAUTHENTICATED": EXIT_AUTH,
+               "PERMISSION_DENIED": EXIT_AUTH}
+
+
+def exit_code_for(error: ClientError) -> int:
+    """The exit code for a failed call (see `CLIENT_EXIT_CODES`)."""
+    return _CODE_EXITS.get(error.code, EXIT_SERVER)
+
+
+def default_state_dir() -> Path:
+    """``$DPTRAIN_STATE_DIR``, else ``$XDG_STATE_HOME/dptrain``, else
+    ``~/.local/state/dptrain``."""
+    if os.environ.get(STATE_DIR_ENV):
+        return Path(os.environ[STATE_DIR_ENV])
+    base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local",
+                                                            "state")
+    return Path(base) / "dptrain"
+
+
+def connect(args: argparse.Namespace) -> Client:
+    """A client for the coordinator the command line names (see the module docstring)."""
+    from coordinator.client import Client
+
+    return Client(args.address or os.environ.get(ADDRESS_ENV) or DEFAULT_ADDRESS,
+                  tls_ca=args.tls_ca or os.environ.get(TLS_CA_ENV) or None,
+                  token_file=args.token_file, state_dir=args.state_dir or default_state_dir())
+
+
+def _outcome(state: JobState) -> int:
+    return 0 if state is JobState.SUCCEEDED else EXIT_JOB_FAILED
+
+
+# ---------------------------------------------------------------- serve
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from coordinator.auth import read_token_file
+    from coordinator.runner import JobRunner
+    from coordinator.scheduler import Cluster
+    from coordinator.server import serve
+
+    if args.slots is not None and args.hostfile:
+        raise ValueError("give --slots or --hostfile, not both")
+    cluster = (Cluster.from_hostfile(args.hostfile) if args.hostfile
+               else Cluster.local(args.slots))
+    state_dir = Path(args.state_dir or default_state_dir())
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    server = serve(
+        state_dir, args.host, args.port, runner_factory=JobRunner.factory,
+        token=read_token_file(args.token_file) if args.token_file else None,
+        tls_cert=args.tls_cert, tls_key=args.tls_key, tls_ca=args.tls_ca, insecure=args.insecure,
+        data_roots=args.data_root, metrics_port=args.metrics_port, cluster=cluster,
+        default_max_restarts=args.max_restarts, advertise_address=args.advertise_address,
+        runner_options={"heartbeat_timeout": args.heartbeat_timeout or None})
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda signum, frame: stop.set())
+    token_note = args.token_file or state_dir / "token"
+    print(f"dptrain coordinator listening on {server.address} with {cluster.capacity} slot(s) "
+          f"(state {state_dir}, token in {token_note}); Ctrl-C stops it", file=sys.stderr,
+          flush=True)
+    while not stop.wait(0.5):
+        pass
+    print("dptrain coordinator: stopping (running jobs checkpoint and resume at the next "
+          "start)", file=sys.stderr, flush=True)
+    server.stop(grace=5.0)
+    return 0
+
+
+# ---------------------------------------------------------------- client commands
+
+def _cmd_submit(args: argparse.Namespace) -> int:
+    with connect(args) as client:
+        job = client.submit_job(args.job, priority=args.priority,
+                                max_restarts=args.max_restarts, time_limit=args.time_limit)
+        if not args.follow:
+            print(job.id)
+            return 0
+        print(f"submitted {job.id} ({job.name}), following it (Ctrl-C stops following, the "
+              f"job goes on)", file=sys.stderr, flush=True)
+        follow_job(client.watch_job(job.id))
+        job = client.get_job(job.id)
+        print(final_summary(job), flush=True)
+        return _outcome(job.state)
+
+
+def _cmd_jobs(args: argparse.Namespace) -> int:
+    with connect(args) as client:
+        jobs = list(client.iter_jobs([JobState(s.upper()) for s in args.state or ()]))
+    print(format_table(
+        ["ID", "NAME", "STATE", "WORKERS", "PRIORITY", "STEP", "RESTARTS", "SUBMITTED"],
+        [(j.id, j.name, j.state.value, j.workers, j.priority,
+          "-" if j.last_step is None else j.last_step, j.restarts,
+          _short_time(j.submitted_at)) for j in jobs]))
+    return 0
+
+
+def _short_time(t: float) -> str:
+    import time
+
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    with connect(args) as client:
+        print(format_job(client.get_job(args.id)))
+    return 0
+
+
+def _cmd_watch(args: argparse.Namespace) -> int:
+    with connect(args) as client:
+        state = None
+        for item in client.watch_job(args.id):
+            if hasattr(item, "kind"):
+                print(format_event(item), flush=True)
+                if item.kind is EventKind.STATE:
+                    state = JobState(item.payload["state"])
+            else:
+                state = item.state
+                print(f"job {item.id} ({item.name}) {item.state.value}"
+                      + (f" at step {item.last_step}" if item.last_step is not None else ""),
+                      flush=True)
+        return _outcome(state) if state is not None else EXIT_SERVER
+
+
+def _cmd_logs(args: argparse.Namespace) -> int:
+    client = connect(args)
+    try:
+        for event in events_now(client, args.id, follow=args.follow):
+            if event.kind is EventKind.LOG:
+                print(event.payload.get("line", ""), flush=args.follow)
+    finally:
+        client.close()
+    return 0
+
+
+def _cmd_cancel(args: argparse.Namespace) -> int:
+    with connect(args) as client:
+        job = client.cancel_job(args.id)
+    print(f"{job.id} {job.state.value}")
+    return 0
+
+
+def _cmd_checkpoints(args: argparse.Namespace) -> int:
+    with connect(args) as client:
+        records = client.list_checkpoints(args.id)
+    print(format_table(
+        ["STEP", "SIZE", "CREATED", "SHA256", "METRICS"],
+        [(r.step, f"{r.size / 1e3:.1f} kB", _short_time(r.created_at), r.sha256[:16],
+          format_metrics(r.manifest.get("metrics", {})) or "-") for r in records]))
+    return 0
+
+
+def _cmd_download(args: argparse.Namespace) -> int:
+    with connect(args) as client:
+        got = client.download_checkpoint(args.id, step=args.step, file=args.file,
+                                         dest=args.output)
+    print(f"{got.path}: {got.name} of step {got.step}, {got.size} bytes, sha256 {got.sha256}")
+    return 0
+
+
+def _cmd_plot(args: argparse.Namespace) -> int:
+    client = connect(args)
+    try:
+        job = client.get_job(args.id)
+        events = list(events_now(client, args.id))
+    finally:
+        client.close()
+    points = plot_curves(events, args.output, title=f"{job.name} ({job.id}, {job.state.value})")
+    print(f"{args.output}: loss and accuracy of {job.id} over {points} step(s)")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from coordinator.demo import run_demo
+
+    return run_demo(output=args.output, workers=args.workers)
+
+
+# ---------------------------------------------------------------- the parser
+
+def _connection_options(parser: argparse.ArgumentParser, suppress: bool) -> None:
+    """--address, --token-file, --tls-ca and --state-dir; on subcommands their default is
+    SUPPRESS so a value given before the subcommand survives."""
+    default: Any = argparse.SUPPRESS if suppress else None
+    group = parser.add_argument_group("connection")
+    group.add_argument("--address", metavar="HOST:PORT", default=default,
+                       help=f"the coordinator (default: ${ADDRESS_ENV} or {DEFAULT_ADDRESS})")
+    group.add_argument("--token-file", metavar="FILE", default=default,
+                       help="file holding the coordinator token (default: $DPTRAIN_TOKEN, "
+                            "$DPTRAIN_TOKEN_FILE, or STATE_DIR/token)")
+    group.add_argument("--tls-ca", metavar="PEM", default=default,
+                       help=f"CA certificate to verify the coordinator's TLS with (default: "
+                            f"${TLS_CA_ENV}; none: plaintext)")
+    group.add_argument("--state-dir", metavar="DIR", default=default,
+                       help=f"the coordinator's state directory (default: ${STATE_DIR_ENV} or "
+                            f"~/.local/state/dptrain)")
+
+
+def add_global_options(parser: argparse.ArgumentParser) -> None:
+    """Add the connection options to the top-level ``dptrain`` parser."""
+    _connection_options(parser, suppress=False)
+
+
+def add_commands(commands: Any) -> None:
+    """Add ``serve``, the client commands and ``demo`` to the ``dptrain`` subparsers.
+
+    Args:
+        commands: the ``add_subparsers()`` object of the ``dptrain`` parser.
+    """
+    fmt = argparse.RawDescriptionHelpFormatter
+
+    def add(name: str, handler: Any, help_text: str, epilog: str = "") -> Any:
+        parser = commands.add_parser(name, help=help_text, description=help_text,
+                                     formatter_class=fmt, epilog=epilog + CLIENT_EXIT_CODES)
+        _connection_options(parser, suppress=True)
+        parser.set_defaults(handler=handler)
+        return parser
+
+    serve = add("serve", _cmd_serve, "run the coordinator: a gRPC job service that schedules "
+                "jobs on this machine's cores or a hostfile's hosts",
+                "example:\n  dptrain serve --state-dir /var/lib/dptrain --slots 8\n\n")
+    serve.add_argument("--host", default="127.0.0.1",
+                       help="address to listen on (default 127.0.0.1; beyond loopback only "
+                            "with TLS or --insecure)")
+    serve.add_argument("--port", type=int, default=DEFAULT_PORT,
+                       help=f"port (default {DEFAULT_PORT}; 0: any free one)")
+    serve.add_argument("--slots", type=int, default=None,
+                       help="worker ranks that may run at once on this machine (default: "
+                            "one per core)")
+    serve.add_argument("--hostfile", metavar="FILE",
+                       help="hosts and their slots, 'host:slots' per line (MPICH) or "
+                            "'host slots=N' (Open MPI)")
+    serve.add_argument("--tls-cert", metavar="PEM", help="serve TLS with this certificate")
+    serve.add_argument("--tls-key", metavar="PEM", help="the certificate's private key")
+    serve.add_argument("--insecure", action="store_true",
+                       help="allow plaintext on a non-loopback address")
+    serve.add_argument("--data-root", metavar="DIR", action="append", default=[],
+                       help="directory job data files may come from (repeatable)")
+    serve.add_argument("--metrics-port", type=int, default=None,
+                       help="serve Prometheus metrics on this port")
+    serve.add_argument("--heartbeat-timeout", type=float, default=60.0, metavar="S",
+                       help="seconds without a heartbeat before a running job counts as "
+                            "failed (default 60; 0: never)")
+    serve.add_argument("--max-restarts", type=int, default=3,
+                       help="restarts of jobs submitted without max_restarts (default 3)")
+    serve.add_argument("--advertise-address", metavar="HOST:PORT",
+                       help="the address workers reach the coordinator at (default: from "
+                            "--host)")
+
+    submit = add("submit", _cmd_submit, "submit a job file to the coordinator",
+                 "examples:\n  dptrain submit examples/digits_mlp.yaml --follow\n"
+                 "  id=$(dptrain submit job.yaml --priority 5)\n\n")
+    submit.add_argument("job", metavar="JOB.yaml", help="the job file (.yaml, .yml, .json)")
+    submit.add_argument("--follow", "-f", action="store_true",
+                        help="show a progress bar until the job ends, then its final metrics")
+    submit.add_argument("--priority", type=int, default=0, help="higher runs first (default 0)")
+    submit.add_argument("--max-restarts", type=int, default=None,
+                        help="restarts after worker failures (default: the server's)")
+    submit.add_argument("--time-limit", type=float, default=None, metavar="S",
+                        help="seconds per run, which lets smaller jobs backfill")
+
+    jobs = add("jobs", _cmd_jobs, "list jobs, newest first")
+    jobs.add_argument("--state", action="append", metavar="STATE",
+                      choices=[s.value for s in JobState] + [s.value.lower() for s in JobState],
+                      help="only jobs in this state (repeatable)")
+    for name, handler, text in (("status", _cmd_status, "show one job"),
+                                ("watch", _cmd_watch, "print a job's events until it ends"),
+                                ("cancel", _cmd_cancel, "cancel a job (its workers are ended)"),
+                                ("checkpoints", _cmd_checkpoints, "list a job's checkpoints")):
+        add(name, handler, text).add_argument("id", metavar="ID", help="the job's id")
+    logs = add("logs", _cmd_logs, "print a job's log lines")
+    logs.add_argument("id", metavar="ID", help="the job's id")
+    logs.add_argument("--follow", "-f", action="store_true", help="keep printing until it ends")
+    download = add("download", _cmd_download, "download a checkpoint file (sha256 verified)",
+                   "example:\n  dptrain download j-0123456789ab -o model.safetensors\n\n")
+    download.add_argument("id", metavar="ID", help="the job's id")
+    download.add_argument("--step", type=int, default=None,
+                          help="the checkpoint's step (default: the newest intact one)")
+    download.add_argument("--file", default="model.safetensors",
+                          help="model.safetensors (default), optimizer.safetensors or "
+                               "manifest.json")
+    download.add_argument("-o", "--output", default=None, metavar="PATH",
+                          help="where to write it (default: FILE in the current directory)")
+    plot = add("plot", _cmd_plot, "draw a job's loss and accuracy curves into a PNG")
+    plot.add_argument("id", metavar="ID", help="the job's id")
+    plot.add_argument("-o", "--output", default="curves.png", metavar="PNG",
+                      help="the image (default curves.png)")
+    demo = add("demo", _cmd_demo, "train the digits MLP through an embedded coordinator on "
+               "2 worker processes, then download its parameters")
+    demo.add_argument("-o", "--output", default="digits-mlp.safetensors", metavar="PATH",
+                      help="where the trained parameters go (default digits-mlp.safetensors)")
+    demo.add_argument("--workers", type=int, default=2, help="worker processes (default 2)")

@@ -1,0 +1,405 @@
+"""What the job RPCs do, as plain functions of ``(request, state)``: no grpc here.
+
+The servicer (`coordinator.service`) decodes a request into the small domain objects below,
+calls one of these functions with the server's `ServiceState`, and encodes the result; errors
+are `coordinator.errors` exceptions, which it turns into status codes. So every rule here is
+tested without a server, and a second transport could call the same functions.
+
+Submission rules, each an INVALID_ARGUMENT naming the field: the spec must pass the worker's own
+validation (``worker.spec.JobSpec.from_dict``, every field), ask for no more ranks than the
+cluster has slots, and name data files only inside the configured data roots.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from coordinator.blobs import BlobStore
+from coordinator.errors import StateConflict, ValidationError
+from coordinator.limits import (
+    MAX_EVENTS_PER_REPORT,
+    MAX_LOG_LINE,
+    MAX_METRIC_NAMES,
+    MAX_PAGE_SIZE,
+    MAX_RESTARTS,
+)
+from coordinator.metrics import Metrics
+from coordinator.model import Event, EventKind, Job, JobState, new_job
+from coordinator.scheduler import Cluster, validate_request
+from coordinator.store import Store
+from worker.spec import JobSpec, JobSpecError
+
+__all__ = [
+    "Runner", "ServiceState", "SubmitRequest", "ListRequest", "SpecInvalid", "PATH_ARGUMENTS",
+    "validate_spec", "check_data_paths", "submit_job", "get_job", "list_jobs", "cancel_job",
+    "watch_job", "report_progress", "heartbeat",
+]
+
+log = logging.getLogger("dptrain.coordinator")
+
+#: Data set arguments that name files or directories (besides names ending in ``_path``,
+#: ``_file`` or ``_dir``): they must lie inside a data root.
+PATH_ARGUMENTS = frozenset({"path", "file", "files", "images", "labels", "x", "y", "root",
+                            "dir", "directory"})
+_PATH_SUFFIXES = ("_path", "_file", "_dir")
+_ACTIVE = frozenset({JobState.QUEUED, JobState.RUNNING, JobState.RESTARTING})
+
+
+class Runner(Protocol):
+    """What the server expects of the job runner that `runner_factory` builds.
+
+    The runner owns the QUEUED -> RUNNING -> ... transitions of the jobs it launches. The
+    server calls `start` once after it listens and `stop` once while shutting down; `wake`
+    after every submission (schedule now, don't wait for the next tick); `cancel(job_id)`
+    after the store has moved the job to CANCELLED, so that the runner ends the job's process
+    group, if it has one, and frees its slots (it must not move the job again).
+    """
+
+    def start(self) -> None: ...
+    def stop(self) -> None: ...
+    def wake(self) -> None: ...
+    def cancel(self, job_id: str) -> None: ...
+
+
+@dataclass
+class ServiceState:
+    """Everything the RPC logic works on: the server builds one and hands it to each call.
+
+    Attributes:
+        store: jobs, events and checkpoint records.
+        blobs: checkpoint files, content-addressed.
+        cluster: the slots jobs run on (submissions larger than it are refused).
+        data_roots: directories data files must lie in (none: no data files allowed).
+        default_max_restarts: a job's ``max_restarts`` when the submission gives none.
+        runner: launches jobs; None when the server only queues them (tests).
+        metrics: counters for the Prometheus endpoint.
+        stopping: set when the server shuts down (ends open watches).
+    """
+
+    store: Store
+    blobs: BlobStore
+    cluster: Cluster
+    data_roots: tuple[Path, ...] = ()
+    default_max_restarts: int = 3
+    runner: Runner | None = None
+    metrics: Metrics = field(default_factory=Metrics)
+    stopping: threading.Event = field(default_factory=threading.Event)
+
+
+@dataclass(frozen=True)
+class SubmitRequest:
+    """A submission: the job file's data and how to run it.
+
+    Attributes:
+        spec: the job spec as plain data (fields left out take the worker's defaults).
+        priority: higher runs first.
+        max_restarts: None: the server's default.
+        time_limit: seconds per run, or None when unknown.
+    """
+
+    spec: Mapping[str, Any]
+    priority: int = 0
+    max_restarts: int | None = None
+    time_limit: float | None = None
+
+
+@dataclass(frozen=True)
+class ListRequest:
+    """A page of the job list: jobs in `states` (empty: all), newest first."""
+
+    states: tuple[JobState, ...] = ()
+    page_size: int = 0
+    page_token: str = ""
+
+
+class SpecInvalid(ValidationError):
+    """A job spec the worker's validation refused; the message lists every broken rule.
+
+    ``field``, ``rule`` and ``value`` describe the first; ``errors`` holds them all.
+
+    Args:
+        error: the worker's `JobSpecError`.
+    """
+
+    def __init__(self, error: JobSpecError):
+        first = error.errors[0]
+        self.errors = error.errors
+        self.field, self.rule = first.path, first.rule
+        self.value = getattr(first, "value", None)
+        Exception.__init__(self, str(error))
+
+
+# ---------------------------------------------------------------- validation
+
+def _is_path_argument(name: str) -> bool:
+    return name in PATH_ARGUMENTS or name.endswith(_PATH_SUFFIXES)
+
+
+def _inside(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
+
+
+def check_data_paths(spec: JobSpec, roots: Sequence[str | os.PathLike]) -> None:
+    """Refuse data set arguments that name files outside the data roots.
+
+    Arguments count as paths by name (`PATH_ARGUMENTS`, or ending in ``_path``, ``_file``,
+    ``_dir``); each string among them must be absolute and, with symbolic links resolved,
+    inside one of `roots`.
+
+    Args:
+        spec: the validated spec.
+        roots: the allowed directories (empty: no data files are allowed at all).
+
+    Raises:
+        ValidationError: naming ``dataset.args.<name>``.
+    """
+    real_roots = [os.path.realpath(r) for r in roots]
+    for name, value in spec.dataset.args.items():
+        if not _is_path_argument(name):
+            continue
+        path = f"dataset.args.{name}"
+        for item in value if isinstance(value, (list, tuple)) else [value]:
+            if not isinstance(item, str):
+                raise ValidationError(path, "must be a path (a string)", item)
+            if not real_roots:
+                raise ValidationError(path, "names a data file, but the coordinator allows "
+                                      "none (start it with --data-root DIR)", item)
+            if not os.path.isabs(item):
+                raise ValidationError(path, "must be an absolute path", item)
+            if not any(_inside(os.path.realpath(item), r) for r in real_roots):
+                raise ValidationError(path, "must lie inside a data root ("
+                                      + ", ".join(os.fspath(r) for r in roots) + ")", item)
+
+
+def validate_spec(spec: Mapping[str, Any], state: ServiceState) -> JobSpec:
+    """Every check a submitted spec must pass.
+
+    Args:
+        spec: the job file's data.
+        state: the server (its cluster and data roots).
+
+    Returns:
+        The validated spec, defaults filled in.
+
+    Raises:
+        SpecInvalid: the worker's validation failed (all broken rules, by field).
+        ValidationError: too many workers for the cluster, or a data path outside the roots.
+    """
+    try:
+        job_spec = JobSpec.from_dict(spec)
+    except JobSpecError as e:
+        raise SpecInvalid(e) from None
+    validate_request(job_spec.workers, state.cluster)
+    check_data_paths(job_spec, state.data_roots)
+    return job_spec
+
+
+# ---------------------------------------------------------------- the Coordinator service
+
+def submit_job(request: SubmitRequest, state: ServiceState, *, now: float | None = None) -> Job:
+    """Validate and queue a job, then wake the runner.
+
+    Args:
+        request: the submission.
+        state: the server.
+        now: the submission time (default: the clock).
+
+    Returns:
+        The stored job, QUEUED.
+
+    Raises:
+        ValidationError: naming the field at fault.
+    """
+    spec = validate_spec(request.spec, state)
+    max_restarts = (state.default_max_restarts if request.max_restarts is None
+                    else request.max_restarts)
+    if not 0 <= max_restarts <= MAX_RESTARTS:
+        raise ValidationError("max_restarts", f"must be in 0..{MAX_RESTARTS}", max_restarts)
+    job = new_job(spec.name, spec.to_dict(), workers=spec.workers, priority=request.priority,
+                  max_restarts=max_restarts, time_limit=request.time_limit, now=now)
+    job = state.store.create_job(job)
+    log.info("job %s (%s) queued: %d worker(s)", job.id, job.name, job.workers)
+    if state.runner is not None:
+        state.runner.wake()
+    return job
+
+
+def get_job(job_id: str, state: ServiceState) -> Job:
+    """The job with this id.
+
+    Raises:
+        JobNotFound: no such job.
+    """
+    return state.store.get_job(job_id)
+
+
+def list_jobs(request: ListRequest, state: ServiceState) -> tuple[list[Job], str]:
+    """One page of jobs, newest first, at most `MAX_PAGE_SIZE` of them (so that a page of
+    jobs with the largest specs still fits in one message).
+
+    Returns:
+        ``(jobs, next_page_token)``; the token is "" on the last page.
+
+    Raises:
+        ValidationError: a bad page size or page token.
+    """
+    if request.page_size < 0:
+        raise ValidationError("page_size", "must be >= 0", request.page_size)
+    size = min(request.page_size or MAX_PAGE_SIZE, MAX_PAGE_SIZE)
+    return state.store.list_jobs(request.states or None, size, request.page_token)
+
+
+def cancel_job(job_id: str, state: ServiceState, *, now: float | None = None) -> Job:
+    """Cancel a job: the store records CANCELLED, then the runner ends its workers.
+
+    Args:
+        job_id: the job.
+        state: the server.
+        now: the time of the change.
+
+    Returns:
+        The job, CANCELLED (also when it already was).
+
+    Raises:
+        JobNotFound: no such job.
+        StateConflict: the job already SUCCEEDED or FAILED.
+    """
+    while True:
+        job = state.store.get_job(job_id)
+        if job.state is JobState.CANCELLED:
+            return job
+        if job.state.terminal:
+            raise StateConflict(job_id, job.state, _ACTIVE)
+        try:
+            job = state.store.transition(job_id, job.state, JobState.CANCELLED, now=now,
+                                         error="cancelled by a user")
+            break
+        except StateConflict:  # it moved meanwhile (e.g. started): try again from its new state
+            continue
+    if state.runner is not None:
+        try:
+            state.runner.cancel(job_id)
+        except Exception:  # the job is cancelled either way; the runner's trouble is logged
+            log.exception("runner failed to cancel job %s", job_id)
+    return job
+
+
+def watch_job(job_id: str, after_seq: int, state: ServiceState,
+              is_active: Callable[[], bool] = lambda: True,
+              poll_s: float = 0.5) -> Iterator[Job | Event]:
+    """Follow a job: first the job as it is now, then its events after `after_seq`.
+
+    The iteration ends once the job is in a final state and every event up to that change
+    was yielded, or when `is_active` turns false (the client left), or the server stops.
+
+    Args:
+        job_id: the job.
+        after_seq: yield only events with a larger sequence number.
+        state: the server.
+        is_active: polled between waits; False ends the watch.
+        poll_s: how long one wait for new events lasts before `is_active` is polled again.
+
+    Yields:
+        The `Job`, then `Event`s, oldest first.
+
+    Raises:
+        JobNotFound: no such job (before anything is yielded).
+        ValidationError: a negative `after_seq`.
+    """
+    if isinstance(after_seq, bool) or not isinstance(after_seq, int) or after_seq < 0:
+        raise ValidationError("after_seq", "must be an integer >= 0", after_seq)
+    store = state.store
+    yield store.get_job(job_id)
+    seq = after_seq
+    while is_active() and not state.stopping.is_set():
+        events = store.events(job_id, seq)
+        if not events:
+            if store.get_job(job_id).state.terminal:
+                # The final state event is written with the change: nothing more will come.
+                return
+            events = store.wait_events(job_id, seq, timeout=poll_s)
+        for event in events:
+            yield event
+            seq = event.seq
+
+
+# ---------------------------------------------------------------- the workers' progress
+
+def _clean_event(kind: EventKind, payload: dict[str, Any]) -> dict[str, Any]:
+    if kind is EventKind.LOG:
+        line = str(payload.get("line", "")).replace("\n", " ")
+        if len(line) > MAX_LOG_LINE:
+            line = line[:MAX_LOG_LINE - 15] + " ...[truncated]"
+        return {**payload, "line": line}
+    step = payload.get("step")
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise ValidationError("events.metrics.step", "must be an integer >= 0", step)
+    return payload
+
+
+def report_progress(job_id: str, items: Iterable[tuple[EventKind, dict[str, Any]]],
+                    state: ServiceState, *, now: float | None = None) -> int:
+    """Store a worker's batch of events, and count it as a heartbeat.
+
+    The job's ``last_step`` and ``metrics`` summary follow the newest metrics reported.
+
+    Args:
+        job_id: the job (its worker token was checked by the caller).
+        items: ``(kind, payload)`` pairs: ``metrics`` (with ``step``) and ``log`` events.
+        state: the server.
+        now: the time (default: the clock).
+
+    Returns:
+        The sequence number of the last event stored (0 for an empty batch).
+
+    Raises:
+        ValidationError: too many events, or a bad one.
+        JobNotFound: no such job.
+        StateConflict: the job is not RUNNING.
+    """
+    items = [(EventKind(kind), dict(payload)) for kind, payload in items]
+    if len(items) > MAX_EVENTS_PER_REPORT:
+        raise ValidationError("events", f"at most {MAX_EVENTS_PER_REPORT} per report",
+                              len(items))
+    items = [(kind, _clean_event(kind, payload)) for kind, payload in items]
+    now = time.time() if now is None else now
+    fields: dict[str, Any] = {"heartbeat_at": now}
+    metrics = [p for kind, p in items if kind is EventKind.METRICS]
+    if metrics:
+        job = state.store.get_job(job_id)
+        summary = dict(job.metrics)
+        for payload in metrics:
+            for key, value in payload.items():
+                if (key != "step" and isinstance(value, (int, float))
+                        and not isinstance(value, bool)
+                        and (key in summary or len(summary) < MAX_METRIC_NAMES)):
+                    summary[key] = value
+        fields["metrics"] = summary
+        fields["last_step"] = max(p["step"] for p in metrics)
+    if not items:
+        state.store.update_job(job_id, states=(JobState.RUNNING,), **fields)
+        return 0
+    seqs = state.store.append_events(job_id, items, now=now, states=(JobState.RUNNING,),
+                                     fields=fields)
+    return seqs[-1]
+
+
+def heartbeat(job_id: str, state: ServiceState, *, now: float | None = None) -> JobState:
+    """Record that a RUNNING job's workers are alive.
+
+    Returns:
+        The job's state (RUNNING).
+
+    Raises:
+        JobNotFound: no such job.
+        StateConflict: the job is not RUNNING (cancelled or timed out: stop reporting).
+    """
+    now = time.time() if now is None else now
+    return state.store.update_job(job_id, states=(JobState.RUNNING,), heartbeat_at=now).state

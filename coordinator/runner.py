@@ -1,0 +1,520 @@
+"""`JobRunner`: runs the scheduler's decisions as ``mpiexec`` process groups and supervises them.
+
+One scheduling thread does the deciding: woken by `JobRunner.wake` (after a submission), by a
+job's end and by timers, it kills groups past their grace period, fails jobs whose heartbeats
+stopped, and asks `coordinator.scheduler.schedule` which pending jobs (QUEUED and RESTARTING)
+start now. Each launched attempt gets a monitor thread that streams its log lines into the
+store as ``log`` events (at a bounded rate) and, when ``mpiexec`` exits, decides what happens
+to the job:
+
+=====================================  ===========================================================
+exit 0                                 SUCCEEDED (final metrics from the worker's JSON line)
+exit 2 (invalid job), 3 (diverged)     FAILED at once: a restart would fail the same way
+any other failure, a killed rank, no   RESTARTING from the latest checkpoint (``--resume``) while
+heartbeat for ``heartbeat_timeout``    ``restarts < max_restarts``, then FAILED; the error keeps
+                                       the last lines of the log
+cancelled                              CANCELLED at once; the group gets SIGTERM (the workers
+                                       checkpoint and exit), then SIGKILL after ``kill_grace``
+=====================================  ===========================================================
+
+Every state change is a compare-and-set on the store, so a cancel racing a launch or an exit
+has exactly one winner. A cancelled group keeps its slots, for scheduling, until it is gone.
+
+Coordinator restarts. `JobRunner.stop` (a graceful shutdown) *terminates* the running groups:
+SIGTERM makes every worker finish its step, write a checkpoint and exit; the jobs go back to
+RESTARTING (not counted as a restart) and the next `JobRunner.start` on the same state
+directory relaunches them with ``--resume``, losing nothing but start-up time. We chose this
+over leaving groups running because a restarted coordinator is not the parent of an older
+group: it could not learn its exit status, and the group's reports would go to a coordinator
+that is down. After a kill -9 the groups may still be running: `start` finds each RUNNING job's
+processes by the marker in ``run.json`` (same boot, ``DPTRAIN_RUN_ID`` in their environment),
+terminates them the same way, and relaunches the job from its latest checkpoint. QUEUED jobs
+stay queued. A lock file (``runner.lock``) keeps two coordinators off one state directory.
+
+Example::
+
+    runner = JobRunner(store, blobs, Cluster.local(2), None, RunnerSettings("state"))
+    runner.start()
+    store.create_job(new_job("digits", spec, workers=2)); runner.wake()
+    ...
+    runner.stop()
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import IO, Any
+
+from coordinator.blobs import BlobStore
+from coordinator.errors import JobNotFound, StateConflict, StoreClosed
+from coordinator.joblog import LineRateLimit, LogTail
+from coordinator.launcher import (
+    JobPaths,
+    RunnerSettings,
+    boot_id,
+    failure_message,
+    kill_group,
+    lock_state_dir,
+    needs_hostfile,
+    new_run_id,
+    process_start_ticks,
+    read_run_record,
+    run_alive,
+    signal_marked,
+    signal_recorded,
+    worker_command,
+    worker_environment,
+    write_atomic,
+    write_run_record,
+)
+from coordinator.model import (
+    PENDING_STATES,
+    EventKind,
+    Job,
+    JobState,
+    hash_token,
+    new_token,
+)
+from coordinator.scheduler import Cluster, Launch, PendingJob, RunningJob, schedule
+from coordinator.store import Store
+from worker.train import EXIT_DIVERGED, EXIT_INVALID
+
+__all__ = ["JobRunner", "RunnerSettings", "NO_RESTART_EXIT_CODES"]
+
+log = logging.getLogger("dptrain.coordinator.runner")
+
+#: Worker exit codes that end a job at once: an invalid job or a diverged loss would only
+#: fail again from the same checkpoint.
+NO_RESTART_EXIT_CODES = frozenset({EXIT_INVALID, EXIT_DIVERGED})
+_EVENT_BATCH = 200
+_S = JobState
+
+
+@dataclass(eq=False)
+class _Run:
+    """One attempt of one job: its ``mpiexec`` process and what the runner knows of it."""
+
+    job_id: str
+    attempt: int
+    run_id: str
+    proc: subprocess.Popen
+    placement: tuple[tuple[str, int], ...]
+    started_at: float
+    tail: LogTail
+    limit: LineRateLimit
+    reason: str | None = None      # why the runner ended it: cancel, heartbeat, shutdown
+    detail: str = ""               # e.g. how long the heartbeat was missing
+    kill_at: float | None = None   # monotonic time at which SIGTERM becomes SIGKILL
+    done: bool = False
+    thread: threading.Thread | None = None
+
+
+class JobRunner:
+    """Launches scheduled jobs as ``mpiexec`` process groups and keeps their states true.
+
+    Args:
+        store: the coordinator's store.
+        blobs: its checkpoint blobs (kept for the server's use; the workers upload).
+        cluster: the hosts and slots to schedule on.
+        server_address: the address workers report to (``DPTRAIN_COORDINATOR``); None: the
+            workers only print to their log (tests without a server).
+        settings: a `RunnerSettings`, or any object with the same attribute names (at least
+            ``state_dir``), e.g. the server's settings.
+    """
+
+    def __init__(self, store: Store, blobs: BlobStore | None, cluster: Cluster,
+                 server_address: str | None, settings: Any):
+        self.store, self.blobs, self.cluster = store, blobs, cluster
+        self.server_address = server_address
+        self.settings = RunnerSettings.from_object(settings)
+        self._lock = threading.RLock()
+        self._runs: dict[str, _Run] = {}
+        self._draining: list[_Run] = []  # ended by the runner, not yet exited
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._lock_file: IO[str] | None = None
+
+    @classmethod
+    def factory(cls, store: Store, blobs: BlobStore | None, cluster: Cluster,
+                server_address: str | None, settings: Any) -> JobRunner:
+        """The ``runner_factory`` of `coordinator.server.serve`: builds a runner for a server
+        (its ``runner_options`` become `RunnerSettings` fields).
+
+        Returns:
+            The runner, not yet started.
+        """
+        return cls(store, blobs, cluster, server_address, settings)
+
+    # ------------------------------------------------------------ life cycle
+
+    def start(self) -> None:
+        """Lock the state directory, recover jobs a previous coordinator left running, and
+        start the scheduling thread.
+
+        Raises:
+            RuntimeError: another coordinator holds this state directory.
+        """
+        self.settings.jobs_dir.mkdir(parents=True, exist_ok=True)
+        self._lock_file = lock_state_dir(self.settings.state_dir)
+        self._recover()
+        self._thread = threading.Thread(target=self._loop, name="dptrain-runner", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Stop scheduling and terminate every running group (SIGTERM: the workers
+        checkpoint; SIGKILL after the grace period). Their jobs become RESTARTING, without
+        counting a restart, so the next `start` resumes them. Idempotent.
+
+        Args:
+            timeout: seconds to wait for the groups (default ``kill_grace`` + 5).
+        """
+        self._stopping.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join()
+        with self._lock:
+            runs = list(self._runs.values()) + list(self._draining)
+            for run in runs:
+                self._terminate(run, "shutdown")
+        deadline = time.monotonic() + (self.settings.kill_grace + 5 if timeout is None
+                                       else timeout)
+        for run in runs:
+            while run.thread is not None and run.thread.is_alive():
+                if run.kill_at is not None and time.monotonic() >= run.kill_at:
+                    self._kill(run)
+                if time.monotonic() > deadline:
+                    self._kill(run)
+                run.thread.join(0.1)
+        if self._lock_file is not None:
+            self._lock_file.close()
+            self._lock_file = None
+
+    def wake(self) -> None:
+        """Run the scheduler soon (call it after a job was submitted)."""
+        self._wake.set()
+
+    def cancel(self, job_id: str) -> Job:
+        """Cancel a job: a pending one at once; a running one is marked CANCELLED and its
+        group terminated (SIGTERM, SIGKILL after ``kill_grace``). A job already finished is
+        left as it is.
+
+        Args:
+            job_id: the job.
+
+        Returns:
+            The job as it is now.
+
+        Raises:
+            JobNotFound: no such job.
+        """
+        with self._lock:
+            job = self.store.get_job(job_id)
+            while not job.state.terminal:
+                try:
+                    job = self.store.transition(job_id, job.state, _S.CANCELLED,
+                                                error="cancelled by a user")
+                except StateConflict:  # it moved meanwhile (e.g. a worker exited): look again
+                    job = self.store.get_job(job_id)
+            run = self._runs.get(job_id)
+            if run is not None:
+                self._terminate(run, "cancel")
+        self.wake()
+        return job
+
+    def running(self) -> dict[str, int]:
+        """The jobs whose groups this runner is supervising: job id -> ``mpiexec`` pid."""
+        with self._lock:
+            return {job_id: run.proc.pid for job_id, run in self._runs.items()}
+
+    # ------------------------------------------------------------ the scheduling thread
+
+    def _loop(self) -> None:
+        while not self._stopping.is_set():
+            self._wake.clear()
+            try:
+                timeout = self._tick()
+            except StoreClosed:
+                return
+            except Exception:  # keep scheduling: one bad job must not stop the coordinator
+                log.exception("runner: scheduling pass failed")
+                timeout = 1.0
+            self._wake.wait(timeout)
+
+    def _tick(self) -> float:
+        """One pass: escalate kills, check heartbeats, launch. Returns seconds to sleep."""
+        now, timeout = time.time(), 2.0
+        with self._lock:
+            runs = list(self._runs.values()) + list(self._draining)
+        for run in runs:
+            if run.kill_at is not None:
+                left = run.kill_at - time.monotonic()
+                if left <= 0:
+                    self._kill(run)
+                else:
+                    timeout = min(timeout, left)
+        running_jobs = self.store.all_jobs([_S.RUNNING])
+        timeout = min(timeout, self._check_heartbeats(running_jobs, now))
+        pending = self.store.all_jobs(PENDING_STATES)
+        if not pending:
+            return timeout
+        holding = [RunningJob.from_job(job) for job in running_jobs]
+        held = {job.id for job in running_jobs}
+        holding += [RunningJob(f"{run.job_id}#ending", run.placement, run.started_at)
+                    for run in runs if run.job_id not in held and not run.done]
+        decision = schedule([PendingJob.from_job(j) for j in pending], holding, self.cluster,
+                            now)
+        for launch in decision.launches:
+            if self._stopping.is_set():
+                break
+            self._launch(launch)
+        for job_id in decision.unschedulable:
+            self._fail_pending(job_id, f"workers: the job needs more ranks than the cluster's "
+                                       f"{self.cluster.capacity} slots")
+        return timeout
+
+    def _check_heartbeats(self, running_jobs: Sequence[Job], now: float) -> float:
+        """End the groups of jobs whose heartbeats stopped; seconds until the next deadline."""
+        limit = self.settings.heartbeat_timeout
+        if limit is None:
+            return 2.0
+        nearest = 2.0
+        for job in running_jobs:
+            with self._lock:
+                run = self._runs.get(job.id)
+            if run is None or run.reason is not None:
+                continue
+            started = job.started_at or run.started_at
+            last = job.heartbeat_at or started
+            quiet_for = max(limit, self.settings.startup_grace) if last <= started else limit
+            deadline = last + quiet_for
+            if now >= deadline:
+                with self._lock:
+                    run.detail = (f"no heartbeat from the workers for {now - last:.1f} s "
+                                  f"(limit {quiet_for:g} s): a hung rank or collective?")
+                    self._terminate(run, "heartbeat")
+                self._event(job.id, f"[dptrain] {run.detail}; ending the worker group")
+            else:
+                nearest = min(nearest, deadline - now)
+        return max(nearest, 0.05)
+
+    # ------------------------------------------------------------ launching
+
+    def _launch(self, launch: Launch) -> None:
+        with self._lock:
+            try:
+                job = self.store.get_job(launch.job_id)
+            except JobNotFound:
+                return
+            if job.state not in PENDING_STATES or job.id in self._runs:
+                return
+            paths = JobPaths.of(self.settings, job.id)
+            paths.checkpoints.mkdir(parents=True, exist_ok=True)
+            previous = read_run_record(paths.run)
+            attempt = int(previous.get("attempt", 0)) + 1 if previous else 1
+            write_atomic(paths.spec, json.dumps(job.spec, indent=1, sort_keys=True) + "\n")
+            hostfile = needs_hostfile(self.cluster)
+            if hostfile:
+                write_atomic(paths.hostfile, launch.hostfile())
+            command = worker_command(launch, paths, self.settings, resume=attempt > 1,
+                                     hostfile=hostfile)
+            token, run_id = new_token(), new_run_id(job.id, attempt)
+            env = worker_environment(os.environ, job_id=job.id, token=token, run_id=run_id,
+                                     server_address=self.server_address,
+                                     tls_ca=self.settings.tls_ca, extra=self.settings.extra_env)
+            try:
+                job = self.store.transition(job.id, job.state, _S.RUNNING,
+                                            placement=launch.placement, error="",
+                                            token_hash=hash_token(token), exit_code=None)
+            except StateConflict:  # cancelled meanwhile
+                return
+            resuming = ", resuming from the latest checkpoint" if attempt > 1 else ""
+            header = (f"==== dptrain: attempt {attempt} of job {job.id} ({job.name}) at "
+                      f"{time.strftime('%Y-%m-%d %H:%M:%S %z')}: {launch.ranks} rank(s) on "
+                      f"{launch.hosts_arg}{resuming}\n")
+            record = {"job_id": job.id, "attempt": attempt, "run_id": run_id, "pgid": None,
+                      "pid_start_ticks": None, "boot_id": boot_id(),
+                      "coordinator_pid": os.getpid(), "started_at": job.started_at,
+                      "command": command, "hosts": launch.hosts_arg}
+            write_run_record(paths.run, record)  # before Popen: a crash now leaves a marker
+            with open(paths.log, "ab") as log_file:
+                log_file.write(header.encode())
+                log_file.flush()  # before the workers write after it
+                offset = log_file.tell()
+                try:
+                    proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log_file,
+                                            stderr=subprocess.STDOUT, env=env, cwd=paths.root,
+                                            start_new_session=True)
+                except OSError as e:
+                    self._transition(job.id, _S.FAILED, error=f"cannot start the workers: "
+                                     f"{command[0]}: {e.strerror or e}")
+                    return
+            write_run_record(paths.run, {**record, "pgid": proc.pid,
+                                         "pid_start_ticks": process_start_ticks(proc.pid)})
+            run = _Run(job.id, attempt, run_id, proc, launch.placement,
+                       job.started_at or time.time(),
+                       LogTail(paths.log, offset, keep=self.settings.error_lines),
+                       LineRateLimit(self.settings.log_rate, self.settings.log_burst))
+            run.thread = threading.Thread(target=self._monitor, args=(run,), daemon=True,
+                                          name=f"dptrain-run-{job.id}")
+            self._runs[job.id] = run
+            log.info("job %s: attempt %d launched on %s (mpiexec pid %d)", job.id, attempt,
+                     launch.hosts_arg, proc.pid)
+            run.thread.start()
+
+    def _fail_pending(self, job_id: str, error: str) -> None:
+        try:
+            job = self.store.get_job(job_id)
+            self.store.transition(job_id, job.state, _S.FAILED, error=error)
+        except (StateConflict, JobNotFound):
+            pass
+
+    # ------------------------------------------------------------ supervising a run
+
+    def _monitor(self, run: _Run) -> None:
+        """Stream the run's log lines until ``mpiexec`` exits, then settle the job."""
+        code = None
+        while code is None:
+            code = run.proc.poll()
+            self._publish(run, run.tail.read(final=code is not None), final=code is not None)
+            if code is None:
+                time.sleep(self.settings.poll_interval)
+        with self._lock:
+            run.done = True
+        signal_marked(run.run_id, signal.SIGKILL)  # stragglers outside mpiexec's group
+        try:
+            self._settle(run, 128 - code if code < 0 else code)
+        except StoreClosed:
+            pass
+        except Exception:
+            log.exception("runner: settling job %s failed", run.job_id)
+        finally:
+            with self._lock:
+                if self._runs.get(run.job_id) is run:
+                    del self._runs[run.job_id]
+                if run in self._draining:
+                    self._draining.remove(run)
+            self.wake()
+
+    def _publish(self, run: _Run, lines: list[str], final: bool = False) -> None:
+        """Append a run's new log lines as events, within its rate limit; once a burst is
+        over (or the run ended), say how many lines were left out."""
+        allowed = run.limit.admit(len(lines))
+        items: list[tuple[EventKind, dict]] = [(EventKind.LOG, {"line": line})
+                                               for line in lines[:allowed]]
+        dropped = run.limit.take_dropped() if allowed == len(lines) or final else 0
+        if dropped:
+            items.append((EventKind.LOG, {"line": f"[dptrain] {dropped} log line(s) not "
+                                                  f"streamed (rate limit); see worker.log"}))
+        for i in range(0, len(items), _EVENT_BATCH):
+            try:
+                self.store.append_events(run.job_id, items[i:i + _EVENT_BATCH])
+            except (JobNotFound, StoreClosed):
+                return
+
+    def _settle(self, run: _Run, code: int) -> None:
+        """Decide the job's next state from how its group ended."""
+        job = self.store.get_job(run.job_id)
+        if job.state is not _S.RUNNING:  # cancelled (or settled by someone else) already
+            return
+        final = run.tail.final_metrics or {}
+        if code == 0 and run.reason != "cancel":
+            metrics = {**job.metrics, **{k: v for k, v in final.items() if isinstance(
+                v, (int, float)) and not isinstance(v, bool)}}
+            fields: dict[str, Any] = {"exit_code": 0, "metrics": metrics}
+            if isinstance(final.get("step"), int):
+                fields["last_step"] = final["step"]
+            self._transition(job.id, _S.SUCCEEDED, **fields)
+        elif run.reason == "shutdown":
+            self._transition(job.id, _S.RESTARTING, restarts=job.restarts, exit_code=code)
+            self._event(job.id, "[dptrain] the coordinator is shutting down: the job resumes "
+                                "from its latest checkpoint when it starts again")
+        elif run.reason == "cancel":
+            self._transition(job.id, _S.CANCELLED, exit_code=code)
+        else:
+            final_failure = run.reason is None and code in NO_RESTART_EXIT_CODES
+            if not final_failure and job.restarts < job.max_restarts:
+                self._transition(job.id, _S.RESTARTING, error=self._error(run, code),
+                                 exit_code=code)
+            else:
+                note = "" if final_failure else f" (gave up after {job.restarts} restart(s))"
+                self._transition(job.id, _S.FAILED, error=self._error(run, code, note),
+                                 exit_code=code)
+
+    def _error(self, run: _Run, code: int, note: str = "") -> str:
+        return failure_message(list(run.tail.recent), code, run.detail, note)
+
+    def _transition(self, job_id: str, target: JobState, **fields: Any) -> Job | None:
+        try:
+            job = self.store.transition(job_id, _S.RUNNING, target, **fields)
+        except StateConflict:  # cancelled meanwhile
+            return None
+        log.info("job %s: %s (exit code %s)%s", job_id, target.value, job.exit_code,
+                 f": {job.error.splitlines()[0]}" if job.error else "")
+        return job
+
+    def _event(self, job_id: str, line: str) -> None:
+        try:
+            self.store.append_event(job_id, EventKind.LOG, {"line": line})
+        except (JobNotFound, StoreClosed):
+            pass
+
+    # ------------------------------------------------------------ ending groups
+
+    def _terminate(self, run: _Run, reason: str) -> None:
+        """SIGTERM the group (workers checkpoint and exit); SIGKILL follows after the grace
+        period. Call with the lock held."""
+        if run.done:
+            return
+        if run.reason is None or reason == "cancel":
+            run.reason = reason
+        if run.kill_at is None:
+            run.kill_at = time.monotonic() + self.settings.kill_grace
+            kill_group(run.proc.pid, signal.SIGTERM)
+            if reason == "cancel" and run in self._runs.values():
+                self._draining.append(run)
+                del self._runs[run.job_id]
+        self._wake.set()
+
+    def _kill(self, run: _Run) -> None:
+        with self._lock:
+            if not run.done:
+                kill_group(run.proc.pid, signal.SIGKILL)
+                signal_marked(run.run_id, signal.SIGKILL)
+            run.kill_at = None
+
+    # ------------------------------------------------------------ recovery
+
+    def _recover(self) -> None:
+        """After a restart: end the groups a previous coordinator left behind and put their
+        jobs back in the queue (RESTARTING, not counted as a restart)."""
+        orphans = []
+        for job in self.store.all_jobs([_S.RUNNING]):
+            record = read_run_record(JobPaths.of(self.settings, job.id).run) or {}
+            alive = bool(record) and run_alive(record)
+            if alive:
+                signal_recorded(record, signal.SIGTERM)
+                orphans.append(record)
+            try:
+                self.store.transition(job.id, _S.RUNNING, _S.RESTARTING, restarts=job.restarts,
+                                      error="")
+            except StateConflict:
+                continue
+            found = "still running: ended them" if alive else "gone"
+            log.info("job %s: recovered after a coordinator restart (workers %s)", job.id, found)
+            self._event(job.id, f"[dptrain] the coordinator restarted and found this job's "
+                                f"workers {found}; resuming from the latest checkpoint")
+        deadline = time.monotonic() + self.settings.kill_grace
+        while orphans and time.monotonic() < deadline:
+            orphans = [r for r in orphans if run_alive(r)]
+            time.sleep(0.1)
+        for record in orphans:
+            signal_marked(str(record["run_id"]), signal.SIGKILL)

@@ -1,0 +1,542 @@
+"""Every conversion between protobuf messages and the coordinator's domain objects: one module.
+
+The servicer decodes each request here, calls plain logic (`coordinator.jobs`,
+`coordinator.checkpoints`) with domain objects, and encodes the answer here; the clients use
+the same functions the other way round. Nothing else touches protobuf fields.
+
+Job specs: a job file's plain data (``worker.spec.JobSpec.to_dict()`` or a parsed YAML file)
+maps field for field onto the ``JobSpec`` message. Every scalar there is ``optional``, so a field
+left out of the file stays unset in the message and comes back left out, taking the worker's
+default. Model, data set and scheduler ``args`` travel as JSON text (``args_json``), which keeps
+integers and floats apart (the .proto file says why). Type errors name the field, e.g.
+``batch_size: must be an integer, got '64'``, as `coordinator.errors.ValidationError`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
+
+from google.protobuf import descriptor
+from google.protobuf.duration_pb2 import Duration
+from google.protobuf.message import Message
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from coordinator.checkpoints import CheckpointUpload, FileEntry, record_files
+from coordinator.errors import ValidationError
+from coordinator.jobs import ListRequest, SubmitRequest
+from coordinator.limits import MAX_ARGS_JSON_BYTES, MAX_SPEC_BYTES
+from coordinator.model import CheckpointRecord, Event, EventKind, Job, JobState
+from protos.dptrain.v1 import coordinator_pb2 as pb
+from worker.spec import JobSpec
+
+__all__ = [
+    "spec_to_proto", "spec_from_proto", "submit_request_to_proto", "submit_request_from_proto",
+    "list_request_from_proto", "job_to_proto", "job_from_proto", "state_to_proto",
+    "state_from_proto", "event_to_proto", "event_from_proto", "worker_event_to_proto",
+    "worker_event_from_proto", "checkpoint_to_proto", "checkpoint_from_proto",
+    "upload_header_to_proto", "upload_header_from_proto", "file_entry_to_proto",
+    "file_entry_from_proto", "chunks_from_upload", "timestamp", "seconds",
+]
+
+_ARGS_FIELDS = {"args": "args_json"}  # job file key -> message field
+
+
+# ---------------------------------------------------------------- times and states
+
+def timestamp(seconds_: float) -> Timestamp:
+    """A unix time in seconds as a ``Timestamp``.
+
+    Args:
+        seconds_: unix seconds.
+
+    Returns:
+        The message (nanosecond resolution).
+    """
+    whole, nanos = _split(seconds_)
+    return Timestamp(seconds=whole, nanos=nanos)
+
+
+def _split(value: float) -> tuple[int, int]:
+    """Whole seconds and nanoseconds, exact enough that `seconds` gives back the same float
+    (splitting first: ``value * 1e9`` would lose the low digits of a unix time)."""
+    whole = math.floor(value)
+    nanos = round((value - whole) * 1e9)
+    if nanos >= 1_000_000_000:
+        whole, nanos = whole + 1, nanos - 1_000_000_000
+    return whole, nanos
+
+
+def seconds(message: Timestamp | Duration) -> float:
+    """A ``Timestamp`` (unix seconds) or ``Duration`` as float seconds."""
+    return message.seconds + message.nanos / 1e9
+
+
+def _duration(value: float) -> Duration:
+    whole, nanos = _split(value)  # value > 0: both parts positive, as Duration wants
+    return Duration(seconds=whole, nanos=nanos)
+
+
+def state_to_proto(state: JobState | str) -> int:
+    """A `JobState` as the protobuf enum value (same names)."""
+    return pb.JobState.Value(JobState(state).value)
+
+
+def state_from_proto(value: int) -> JobState:
+    """The protobuf enum value as a `JobState`.
+
+    Raises:
+        ValidationError: naming ``state`` for UNSPECIFIED or an unknown number.
+    """
+    try:
+        return JobState(pb.JobState.Name(value))
+    except ValueError:
+        raise ValidationError("state", "must be one of " + ", ".join(s.value for s in JobState),
+                              value) from None
+
+
+# ---------------------------------------------------------------- job specs
+
+def _check_scalar(path: str, field: descriptor.FieldDescriptor, value: Any) -> Any:
+    """`value` as the field's Python type, or a ValidationError naming `path`."""
+    t = field.type
+    if t == field.TYPE_STRING:
+        if isinstance(value, str):
+            return value
+        raise ValidationError(path, "must be a string", value)
+    if t == field.TYPE_BOOL:
+        if isinstance(value, bool):
+            return value
+        raise ValidationError(path, "must be true or false", value)
+    if t in (field.TYPE_INT64, field.TYPE_INT32):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValidationError(path, "must be an integer", value)
+        if not -(2**63) <= value < 2**63:
+            raise ValidationError(path, "must fit in 64 bits", value)
+        return value
+    if t == field.TYPE_DOUBLE:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValidationError(path, "must be a number", value)
+        return float(value)
+    raise TypeError(f"{path}: unsupported field type {t}")  # pragma: no cover - proto changed
+
+
+def _args_json(path: str, value: Any) -> str:
+    if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
+        raise ValidationError(path, "must be a mapping of argument names to values", value)
+    try:
+        return json.dumps(dict(value), allow_nan=False, separators=(",", ":"))
+    except (TypeError, ValueError) as e:
+        raise ValidationError(path, f"must be JSON data ({e})", value) from None
+
+
+def _fill(message: Message, data: Any, prefix: str) -> None:
+    where = prefix.rstrip(".") or "job"
+    if not isinstance(data, Mapping):
+        raise ValidationError(where, "must be a mapping", data)
+    fields = message.DESCRIPTOR.fields_by_name
+    known = [("args" if name == "args_json" else name) for name in fields]
+    for key, value in data.items():
+        path = f"{prefix}{key}"
+        name = _ARGS_FIELDS.get(key, key)
+        if not isinstance(key, str) or name not in fields or key == "args_json":
+            raise ValidationError(path, f"unknown field; {where} has {', '.join(known)}", value)
+        if value is None:  # left out, as YAML's `epochs: ~` or to_dict()'s `scheduler: None`
+            continue
+        field = fields[name]
+        if name == "args_json":
+            setattr(message, name, _args_json(path, value))
+        elif field.type == field.TYPE_MESSAGE:
+            _fill(getattr(message, name), value, f"{path}.")
+            getattr(message, name).SetInParent()  # present even when given as {}
+        elif field.is_repeated:
+            if not isinstance(value, (list, tuple)):
+                raise ValidationError(path, "must be a list", value)
+            getattr(message, name).extend(
+                _check_scalar(f"{path}[{i}]", field, v) for i, v in enumerate(value))
+        else:
+            setattr(message, name, _check_scalar(path, field, value))
+
+
+def spec_to_proto(spec: Mapping[str, Any] | Any) -> pb.JobSpec:
+    """A job spec as a ``JobSpec`` message.
+
+    Args:
+        spec: the job file's data (a mapping) or a ``worker.spec.JobSpec``.
+
+    Returns:
+        The message; fields absent (or None) in `spec` stay unset.
+
+    Raises:
+        ValidationError: an unknown field or a value of the wrong type, naming its path.
+    """
+    if hasattr(spec, "to_dict"):
+        spec = spec.to_dict()
+    message = pb.JobSpec()
+    _fill(message, spec, "")
+    return message
+
+
+def _read(message: Message, prefix: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for field in message.DESCRIPTOR.fields:
+        name, path = field.name, f"{prefix}{field.name}"
+        if field.is_repeated:
+            values = list(getattr(message, name))
+            if values:
+                out[name] = values
+        elif not message.HasField(name):
+            continue
+        elif name == "args_json":
+            key = f"{prefix}args"
+            text = message.args_json
+            if len(text.encode()) > MAX_ARGS_JSON_BYTES:
+                raise ValidationError(key, f"must be at most {MAX_ARGS_JSON_BYTES} bytes of "
+                                      "JSON", f"{len(text.encode())} bytes")
+            try:
+                args = json.loads(text) if text.strip() else {}
+            except ValueError as e:
+                raise ValidationError(key, f"must be a JSON object ({e})", text) from None
+            if not isinstance(args, dict):
+                raise ValidationError(key, "must be a JSON object", args)
+            out["args"] = args
+        elif field.type == field.TYPE_MESSAGE:
+            out[name] = _read(getattr(message, name), f"{path}.")
+        else:
+            out[name] = getattr(message, name)
+    return out
+
+
+def spec_from_proto(message: pb.JobSpec) -> dict[str, Any]:
+    """A ``JobSpec`` message as a job file's plain data, for ``JobSpec.from_dict``.
+
+    Args:
+        message: the message.
+
+    Returns:
+        Only the fields that are set (so the worker's defaults apply to the rest).
+
+    Raises:
+        ValidationError: a too large spec, or ``args_json`` that is not a JSON object.
+    """
+    size = message.ByteSize()
+    if size > MAX_SPEC_BYTES:
+        raise ValidationError("spec", f"must be at most {MAX_SPEC_BYTES} bytes serialized",
+                              f"{size} bytes")
+    return _read(message, "")
+
+
+# ---------------------------------------------------------------- requests
+
+def submit_request_to_proto(spec: Mapping[str, Any] | Any, priority: int = 0,
+                            max_restarts: int | None = None,
+                            time_limit: float | None = None) -> pb.SubmitJobRequest:
+    """A SubmitJob request.
+
+    Args:
+        spec: the job spec (mapping or ``worker.spec.JobSpec``).
+        priority: higher runs first.
+        max_restarts: None for the server's default.
+        time_limit: seconds per run, or None.
+
+    Returns:
+        The request.
+
+    Raises:
+        ValidationError: naming a bad field.
+    """
+    request = pb.SubmitJobRequest(spec=spec_to_proto(spec))
+    request.priority = _check_scalar("priority", pb.SubmitJobRequest.DESCRIPTOR
+                                     .fields_by_name["priority"], priority)
+    if max_restarts is not None:
+        if isinstance(max_restarts, bool) or not isinstance(max_restarts, int) or not (
+                0 <= max_restarts < 2**31):
+            raise ValidationError("max_restarts", "must be an integer >= 0", max_restarts)
+        request.max_restarts = max_restarts
+    if time_limit is not None:
+        if isinstance(time_limit, bool) or not isinstance(time_limit, (int, float)) or not (
+                math.isfinite(time_limit) and time_limit > 0):
+            raise ValidationError("time_limit", "must be a number of seconds > 0", time_limit)
+        request.time_limit.CopyFrom(_duration(time_limit))
+    return request
+
+
+def submit_request_from_proto(request: pb.SubmitJobRequest) -> SubmitRequest:
+    """A SubmitJob request as the logic's `SubmitRequest`.
+
+    Raises:
+        ValidationError: naming ``spec`` when it is missing, or a bad spec field.
+    """
+    if not request.HasField("spec"):
+        raise ValidationError("spec", "is required", None)
+    return SubmitRequest(
+        spec=spec_from_proto(request.spec), priority=request.priority,
+        max_restarts=request.max_restarts if request.HasField("max_restarts") else None,
+        time_limit=seconds(request.time_limit) if request.HasField("time_limit") else None)
+
+
+def list_request_from_proto(request: pb.ListJobsRequest) -> ListRequest:
+    """A ListJobs request as the logic's `ListRequest`.
+
+    Raises:
+        ValidationError: naming ``states`` for an unknown or UNSPECIFIED state.
+    """
+    return ListRequest(states=tuple(state_from_proto(s) for s in request.states),
+                       page_size=request.page_size, page_token=request.page_token)
+
+
+# ---------------------------------------------------------------- jobs
+
+def _numbers(values: Mapping[str, Any]) -> dict[str, float]:
+    return {str(k): float(v) for k, v in values.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def job_to_proto(job: Job) -> pb.Job:
+    """A stored job as a ``Job`` message (the worker token's hash stays on the server).
+
+    Args:
+        job: the job.
+
+    Returns:
+        The message; only numeric metrics are included.
+    """
+    m = pb.Job(id=job.id, name=job.name, spec=spec_to_proto(job.spec), workers=job.workers,
+               priority=job.priority, state=state_to_proto(job.state),
+               max_restarts=job.max_restarts, restarts=job.restarts, error=job.error,
+               submitted_at=timestamp(job.submitted_at), metrics=_numbers(job.metrics),
+               placement=[pb.HostSlots(host=h, slots=n) for h, n in job.placement])
+    if job.time_limit is not None:
+        m.time_limit.CopyFrom(_duration(job.time_limit))
+    for name in ("started_at", "finished_at", "heartbeat_at"):
+        value = getattr(job, name)
+        if value is not None:
+            getattr(m, name).CopyFrom(timestamp(value))
+    if job.exit_code is not None:
+        m.exit_code = job.exit_code
+    if job.last_step is not None:
+        m.last_step = job.last_step
+    return m
+
+
+def job_from_proto(m: pb.Job) -> Job:
+    """A ``Job`` message as a `Job` (for clients; ``token_hash`` is empty).
+
+    Args:
+        m: the message.
+
+    Returns:
+        The job; ``spec`` as ``JobSpec.to_dict()`` gave it on the server.
+    """
+    def opt_time(name: str) -> float | None:
+        return seconds(getattr(m, name)) if m.HasField(name) else None
+
+    # A stored spec is complete (JobSpec.to_dict()); what the message leaves out was None.
+    spec = spec_from_proto(m.spec)
+    for f in dataclasses.fields(JobSpec):
+        if f.default is None:
+            spec.setdefault(f.name, None)
+    return Job(id=m.id, name=m.name, spec=spec, workers=m.workers,
+               submitted_at=seconds(m.submitted_at), priority=m.priority,
+               state=state_from_proto(m.state), max_restarts=m.max_restarts,
+               time_limit=opt_time("time_limit"), started_at=opt_time("started_at"),
+               finished_at=opt_time("finished_at"), restarts=m.restarts, error=m.error,
+               exit_code=m.exit_code if m.HasField("exit_code") else None,
+               heartbeat_at=opt_time("heartbeat_at"),
+               last_step=m.last_step if m.HasField("last_step") else None,
+               metrics=dict(m.metrics),
+               placement=tuple((p.host, p.slots) for p in m.placement))
+
+
+# ---------------------------------------------------------------- events
+
+def _metrics_to_proto(payload: Mapping[str, Any]) -> pb.Metrics:
+    m = pb.Metrics(step=int(payload.get("step") or 0))
+    for key, value in payload.items():
+        if key == "step" or value is None:
+            continue
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            m.values[key] = float(value)
+        elif isinstance(value, str):
+            m.text[key] = value
+        else:  # bools, lists, mappings: their JSON text
+            m.text[key] = json.dumps(value)
+    return m
+
+
+def _metrics_from_proto(m: pb.Metrics) -> dict[str, Any]:
+    return {"step": m.step, **dict(m.values), **dict(m.text)}
+
+
+def _log_to_proto(payload: Mapping[str, Any]) -> pb.LogLine:
+    line = pb.LogLine(line=str(payload.get("line", "")))
+    if payload.get("rank") is not None:
+        line.rank = int(payload["rank"])
+    return line
+
+
+def _log_from_proto(m: pb.LogLine) -> dict[str, Any]:
+    return {"line": m.line, **({"rank": m.rank} if m.HasField("rank") else {})}
+
+
+def event_to_proto(event: Event) -> pb.Event:
+    """A stored event as an ``Event`` message.
+
+    Args:
+        event: the event (payloads as documented on `coordinator.model.Event`).
+
+    Returns:
+        The message, its payload in the oneof matching the kind.
+    """
+    m = pb.Event(job_id=event.job_id, seq=event.seq, time=timestamp(event.time))
+    p = event.payload
+    if event.kind is EventKind.STATE:
+        change = m.state
+        change.state = state_to_proto(p["state"])
+        if p.get("previous"):
+            change.previous = state_to_proto(p["previous"])
+        change.error = str(p.get("error", ""))
+        if p.get("exit_code") is not None:
+            change.exit_code = int(p["exit_code"])
+        change.restarts = int(p.get("restarts", 0))
+    elif event.kind is EventKind.METRICS:
+        m.metrics.CopyFrom(_metrics_to_proto(p))
+    elif event.kind is EventKind.LOG:
+        m.log.CopyFrom(_log_to_proto(p))
+    else:
+        m.checkpoint.CopyFrom(pb.CheckpointSaved(step=int(p.get("step", 0)),
+                                                 sha256=str(p.get("sha256", "")),
+                                                 size=int(p.get("size", 0))))
+    return m
+
+
+def event_from_proto(m: pb.Event) -> Event:
+    """An ``Event`` message as an `Event` (payload as the store keeps it)."""
+    kind = m.WhichOneof("payload")
+    if kind == "state":
+        s = m.state
+        payload: dict[str, Any] = {"state": state_from_proto(s.state).value}
+        if s.previous:
+            payload["previous"] = state_from_proto(s.previous).value
+        if s.error:
+            payload["error"] = s.error
+        if s.HasField("exit_code"):
+            payload["exit_code"] = s.exit_code
+        if s.restarts:
+            payload["restarts"] = s.restarts
+        event_kind = EventKind.STATE
+    elif kind == "metrics":
+        payload, event_kind = _metrics_from_proto(m.metrics), EventKind.METRICS
+    elif kind == "log":
+        payload, event_kind = _log_from_proto(m.log), EventKind.LOG
+    else:
+        c = m.checkpoint
+        payload = {"step": c.step, "sha256": c.sha256, "size": c.size}
+        event_kind = EventKind.CHECKPOINT
+    return Event(m.job_id, m.seq, seconds(m.time), event_kind, payload)
+
+
+def worker_event_to_proto(kind: EventKind | str, payload: Mapping[str, Any]) -> pb.WorkerEvent:
+    """A worker's ``(kind, payload)`` (``metrics`` or ``log``) as a ``WorkerEvent``.
+
+    Raises:
+        ValidationError: naming ``kind`` for another kind.
+    """
+    kind = EventKind(kind)
+    if kind is EventKind.METRICS:
+        return pb.WorkerEvent(metrics=_metrics_to_proto(payload))
+    if kind is EventKind.LOG:
+        return pb.WorkerEvent(log=_log_to_proto(payload))
+    raise ValidationError("kind", "a worker reports metrics or log events", kind.value)
+
+
+def worker_event_from_proto(m: pb.WorkerEvent) -> tuple[EventKind, dict[str, Any]]:
+    """A ``WorkerEvent`` as ``(kind, payload)`` for the store.
+
+    Raises:
+        ValidationError: naming ``events`` for an empty event.
+    """
+    kind = m.WhichOneof("payload")
+    if kind == "metrics":
+        return EventKind.METRICS, _metrics_from_proto(m.metrics)
+    if kind == "log":
+        return EventKind.LOG, _log_from_proto(m.log)
+    raise ValidationError("events", "each event must hold metrics or a log line", "empty")
+
+
+# ---------------------------------------------------------------- checkpoints
+
+def file_entry_to_proto(entry: FileEntry) -> pb.CheckpointFile:
+    """A `FileEntry` as a ``CheckpointFile``."""
+    return pb.CheckpointFile(name=entry.name, size=entry.size, sha256=entry.sha256)
+
+
+def file_entry_from_proto(m: pb.CheckpointFile) -> FileEntry:
+    """A ``CheckpointFile`` as a `FileEntry`."""
+    return FileEntry(name=m.name, size=m.size, sha256=m.sha256)
+
+
+def checkpoint_to_proto(record: CheckpointRecord) -> pb.Checkpoint:
+    """A stored checkpoint as a ``Checkpoint`` message.
+
+    Args:
+        record: the record; its manifest is the worker's ``manifest.json``.
+
+    Returns:
+        The message, with the files, epoch and numeric metrics of the manifest.
+    """
+    manifest = record.manifest
+    epoch = manifest.get("epoch")
+    return pb.Checkpoint(
+        job_id=record.job_id, step=record.step, sha256=record.sha256, size=record.size,
+        created_at=timestamp(record.created_at),
+        files=[file_entry_to_proto(f) for f in record_files(record)],
+        metrics=_numbers(manifest.get("metrics") or {}),
+        epoch=epoch if isinstance(epoch, int) and not isinstance(epoch, bool) else 0)
+
+
+def checkpoint_from_proto(m: pb.Checkpoint) -> CheckpointRecord:
+    """A ``Checkpoint`` message as a `CheckpointRecord` (for clients).
+
+    The manifest holds what the message carries: step, epoch, metrics and
+    ``files: {name: {sha256, bytes}}`` as in the worker's ``manifest.json``.
+    """
+    manifest = {"step": m.step, "epoch": m.epoch, "metrics": dict(m.metrics),
+                "files": {f.name: {"sha256": f.sha256, "bytes": f.size} for f in m.files}}
+    return CheckpointRecord(m.job_id, m.step, m.sha256, m.size, seconds(m.created_at), manifest)
+
+
+def upload_header_to_proto(upload: CheckpointUpload) -> pb.CheckpointHeader:
+    """A `CheckpointUpload` as a ``CheckpointHeader`` (upload and fetch streams)."""
+    return pb.CheckpointHeader(job_id=upload.job_id, step=upload.step,
+                               manifest_json=upload.manifest_json,
+                               files=[file_entry_to_proto(f) for f in upload.files])
+
+
+def upload_header_from_proto(m: pb.CheckpointHeader) -> CheckpointUpload:
+    """A ``CheckpointHeader`` as a `CheckpointUpload`."""
+    return CheckpointUpload(job_id=m.job_id, step=m.step, manifest_json=bytes(m.manifest_json),
+                            files=tuple(file_entry_from_proto(f) for f in m.files))
+
+
+def chunks_from_upload(messages: Iterable[Any]) -> Iterator[tuple[str, bytes]]:
+    """The ``(file name, bytes)`` chunks of an upload or fetch stream after its header.
+
+    Args:
+        messages: the rest of the stream (``UploadCheckpointRequest`` or
+            ``FetchCheckpointResponse`` messages).
+
+    Yields:
+        Each chunk's file name and data.
+
+    Raises:
+        ValidationError: naming ``header`` when a second header arrives.
+    """
+    for m in messages:
+        if m.WhichOneof("item") != "chunk":
+            raise ValidationError("header", "only the first message may be a header",
+                                  "a second header")
+        yield m.chunk.name, m.chunk.data

@@ -1,0 +1,398 @@
+"""The coordinator's gRPC server: `serve` starts it, `CoordinatorServer` stops it.
+
+What `serve` puts together: the SQLite store and the checkpoint blobs in the state directory,
+the coordinator token (``STATE_DIR/token``), the two servicers behind the auth and metrics
+interceptors, the standard health service (``grpc.health.v1.Health``, no token needed) and
+server reflection, TLS when given a certificate, an optional Prometheus endpoint, and the job
+runner that `runner_factory` builds (without one, jobs simply stay QUEUED).
+
+It binds 127.0.0.1 by default and refuses any address beyond loopback without TLS unless
+``insecure=True``: the bearer tokens would otherwise cross the network in the clear.
+
+Example::
+
+    server = serve("state", port=50051, runner_factory=JobRunner.factory)
+    print(server.address, server.token)
+    server.wait()          # until stop() is called, e.g. from a signal handler
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent import futures
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from coordinator.auth import AuthInterceptor, load_or_create_token
+from coordinator.blobs import BlobStore
+from coordinator.errors import JobNotFound
+from coordinator.jobs import Runner, ServiceState
+from coordinator.limits import DEFAULT_MAX_CHECKPOINT_BYTES, channel_options
+from coordinator.metrics import Metrics, MetricsHTTPServer
+from coordinator.scheduler import Cluster
+from coordinator.service import CoordinatorServicer, WorkerServicer
+from coordinator.store import SqliteStore, Store
+from protos.dptrain.v1 import coordinator_pb2 as pb
+from protos.dptrain.v1 import coordinator_pb2_grpc as pb_grpc
+
+__all__ = ["serve", "CoordinatorServer", "ServerSettings", "ServerConfigError", "Runner",
+           "RunnerFactory", "SERVICE_NAMES", "DB_FILE", "BLOB_DIR", "is_loopback"]
+
+log = logging.getLogger("dptrain.coordinator")
+
+DB_FILE = "coordinator.db"
+BLOB_DIR = "blobs"
+SERVICE_NAMES = tuple(s.full_name for s in pb.DESCRIPTOR.services_by_name.values())
+
+
+class ServerConfigError(ValueError):
+    """The server cannot start as configured (the message says what to change)."""
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """How the server was started: what the runner needs to launch workers that reach it.
+
+    Attributes:
+        state_dir: the state directory (database, blobs, token; the runner's logs go there).
+        host: the address the server listens on.
+        port: its port.
+        address: ``host:port`` as workers reach it (``DPTRAIN_COORDINATOR``).
+        tls_ca: the certificate workers verify the server with (``DPTRAIN_TLS_CA``); None
+            without TLS.
+        data_roots: the directories data files must lie in.
+        default_max_restarts: a job's ``max_restarts`` when its submission gives none.
+        runner_options: further options for the runner, passed through unchanged (e.g.
+            heartbeat timeout, python, mpiexec).
+    """
+
+    state_dir: Path
+    host: str
+    port: int
+    address: str
+    tls_ca: Path | None = None
+    data_roots: tuple[Path, ...] = ()
+    default_max_restarts: int = 3
+    runner_options: Mapping[str, Any] = field(default_factory=dict)
+
+
+#: ``runner_factory(store, blobs, cluster, server_address, settings) -> Runner``.
+RunnerFactory = Callable[[Store, BlobStore, Cluster, str, ServerSettings], Runner]
+
+
+def is_loopback(host: str) -> bool:
+    """True for ``localhost`` and loopback addresses (127.0.0.0/8, ::1).
+
+    Args:
+        host: a host name or IP address.
+    """
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _host_port(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
+
+
+class MetricsInterceptor(grpc.ServerInterceptor):
+    """Times every call (a stream until its last message) and counts it by status code.
+
+    Args:
+        metrics: where the observations go.
+    """
+
+    def __init__(self, metrics: Metrics):
+        self.metrics = metrics
+
+    def intercept_service(self, continuation: Callable, handler_call_details: Any) -> Any:
+        """The method's handler, wrapped to time it and count its status code.
+
+        Args:
+            continuation: gives the next handler.
+            handler_call_details: the method's name and the call's metadata.
+
+        Returns:
+            The wrapped handler.
+        """
+        handler = continuation(handler_call_details)
+        if handler is None:
+            return None
+        method, observe = handler_call_details.method, self.metrics.observe_rpc
+
+        def code_of(context: Any, failed: bool) -> str:
+            code = context.code()
+            return code.name if code is not None else ("UNKNOWN" if failed else "OK")
+
+        def unary(behavior: Callable) -> Callable:
+            def timed(request: Any, context: Any) -> Any:
+                start, failed = time.perf_counter(), False
+                try:
+                    return behavior(request, context)
+                except BaseException:
+                    failed = True
+                    raise
+                finally:
+                    observe(method, code_of(context, failed), time.perf_counter() - start)
+            return timed
+
+        def streaming(behavior: Callable) -> Callable:
+            def timed(request: Any, context: Any) -> Iterator[Any]:
+                start, code = time.perf_counter(), None
+                try:
+                    yield from behavior(request, context)
+                except GeneratorExit:
+                    code = "CANCELLED"
+                    raise
+                except BaseException:
+                    code = code_of(context, True)
+                    raise
+                finally:
+                    observe(method, code or code_of(context, False), time.perf_counter() - start)
+            return timed
+
+        kwargs = {"request_deserializer": handler.request_deserializer,
+                  "response_serializer": handler.response_serializer}
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(unary(handler.unary_unary), **kwargs)
+        if handler.stream_unary:
+            return grpc.stream_unary_rpc_method_handler(unary(handler.stream_unary), **kwargs)
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(streaming(handler.unary_stream),
+                                                        **kwargs)
+        return grpc.stream_stream_rpc_method_handler(streaming(handler.stream_stream), **kwargs)
+
+
+class CoordinatorServer:
+    """A running coordinator; build it with `serve`.
+
+    Attributes:
+        address: ``host:port`` it listens on (for clients on this machine).
+        port: the port.
+        token: the coordinator token clients must send.
+        settings: how it was started (also given to the runner).
+        store: its job store.
+        blobs: its checkpoint blobs.
+        cluster: the slots it schedules.
+        runner: the job runner, or None.
+        metrics_port: the Prometheus endpoint's port, or None.
+    """
+
+    def __init__(self, *, grpc_server: grpc.Server, executor: futures.Executor,
+                 state: ServiceState, token: str, settings: ServerSettings, address: str,
+                 health_servicer: Any, metrics_http: MetricsHTTPServer | None):
+        self._server = grpc_server
+        self._executor = executor
+        self._state = state
+        self._health = health_servicer
+        self._metrics_http = metrics_http
+        self._stop_lock = threading.Lock()
+        self._stopped = threading.Event()
+        self.token = token
+        self.settings = settings
+        self.address = address
+        self.port = settings.port
+        self.store, self.blobs, self.cluster = state.store, state.blobs, state.cluster
+        self.runner: Runner | None = None
+        self.metrics = state.metrics
+        self.metrics_port = None if metrics_http is None else metrics_http.port
+
+    def stop(self, grace: float | None = 5.0) -> None:
+        """Shut down: health NOT_SERVING, open watches end, in-flight calls get `grace`
+        seconds, then the runner stops and the store closes. Idempotent.
+
+        Args:
+            grace: seconds in-flight calls may take to finish (None: cancel them now).
+        """
+        with self._stop_lock:
+            if self._stopped.is_set():
+                return
+            self._state.stopping.set()
+            self._health.enter_graceful_shutdown()
+            self._server.stop(grace).wait()
+            self._executor.shutdown(wait=False)
+            if self.runner is not None:
+                try:
+                    self.runner.stop()
+                except Exception:
+                    log.exception("the runner failed to stop cleanly")
+            if self._metrics_http is not None:
+                self._metrics_http.stop()
+            self.store.close()
+            self._stopped.set()
+        log.info("coordinator at %s stopped", self.address)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until `stop` has finished (or `timeout` seconds passed).
+
+        Returns:
+            True when the server has stopped.
+        """
+        return self._stopped.wait(timeout)
+
+    def __enter__(self) -> CoordinatorServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _tls_credentials(tls_cert: str | os.PathLike | None,
+                     tls_key: str | os.PathLike | None) -> grpc.ServerCredentials | None:
+    if tls_cert is None and tls_key is None:
+        return None
+    if tls_cert is None or tls_key is None:
+        raise ServerConfigError("TLS needs both a certificate and its private key "
+                                "(--tls-cert and --tls-key)")
+    try:
+        cert, key = Path(tls_cert).read_bytes(), Path(tls_key).read_bytes()
+    except OSError as e:
+        raise ServerConfigError(f"cannot read the TLS files: {e}") from None
+    return grpc.ssl_server_credentials([(key, cert)])
+
+
+def _worker_address(host: str, port: int, advertise: str | None) -> str:
+    if advertise:
+        return advertise
+    if host in ("0.0.0.0", "::", ""):
+        return _host_port(socket.getfqdn(), port)
+    return _host_port(host, port)
+
+
+def serve(state_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 0, *,
+          runner_factory: RunnerFactory | None = None, token: str | None = None,
+          tls_cert: str | os.PathLike | None = None, tls_key: str | os.PathLike | None = None,
+          tls_ca: str | os.PathLike | None = None, insecure: bool = False,
+          data_roots: Sequence[str | os.PathLike] = (), metrics_port: int | None = None,
+          cluster: Cluster | None = None, store: Store | None = None,
+          max_workers: int = 256, max_checkpoint_bytes: int = DEFAULT_MAX_CHECKPOINT_BYTES,
+          default_max_restarts: int | None = 3, advertise_address: str | None = None,
+          runner_options: Mapping[str, Any] | None = None) -> CoordinatorServer:
+    """Start a coordinator.
+
+    Args:
+        state_dir: its state directory (created if missing): ``coordinator.db``, ``blobs/``,
+            ``token``.
+        host: the address to listen on; beyond loopback only with TLS or `insecure`.
+        port: the port (0: any free one; see ``.port``).
+        runner_factory: builds the job runner; None: jobs stay QUEUED.
+        token: the coordinator token; default the one in ``state_dir/token`` (made once).
+        tls_cert: PEM certificate (chain) to serve TLS with.
+        tls_key: its PEM private key.
+        tls_ca: the certificate workers verify the server with (default: `tls_cert`, right
+            for a self-signed certificate).
+        insecure: allow plaintext beyond loopback.
+        data_roots: directories data files named in job specs must lie in.
+        metrics_port: serve Prometheus metrics on this port (0: any free one; None: don't).
+        cluster: the slots to schedule (default: this machine, a slot per core).
+        store: the job store (default: SQLite in the state directory).
+        max_workers: threads serving calls; every open watch or transfer holds one.
+        max_checkpoint_bytes: the largest checkpoint file accepted.
+        default_max_restarts: ``max_restarts`` of jobs submitted without one (None: 3).
+        advertise_address: ``host:port`` workers should use (default: from `host`).
+        runner_options: passed to the runner in ``settings.runner_options``.
+
+    Returns:
+        The running server.
+
+    Raises:
+        ServerConfigError: an unsafe or impossible configuration, or the port is taken.
+    """
+    credentials = _tls_credentials(tls_cert, tls_key)
+    if credentials is None and not insecure and not is_loopback(host):
+        raise ServerConfigError(
+            f"refusing to listen on {host} without TLS: tokens would cross the network in the "
+            f"clear; give a certificate and key (--tls-cert/--tls-key), or --insecure to accept "
+            f"that")
+    if default_max_restarts is None:
+        default_max_restarts = 3
+    state_dir = Path(state_dir)
+    state_dir.mkdir(parents=True, exist_ok=True)
+    admin_token = token or load_or_create_token(state_dir)
+    store = store if store is not None else SqliteStore(state_dir / DB_FILE)
+    executor: futures.ThreadPoolExecutor | None = None
+    server: grpc.Server | None = None
+    try:
+        state = ServiceState(
+            store=store, blobs=BlobStore(state_dir / BLOB_DIR, max_size=max_checkpoint_bytes),
+            cluster=cluster if cluster is not None else Cluster.local(),
+            data_roots=tuple(Path(r).resolve() for r in data_roots),
+            default_max_restarts=default_max_restarts)
+
+        def job_token_hash(job_id: str) -> str | None:
+            try:
+                return store.get_job(job_id).token_hash
+            except (JobNotFound, ValueError):
+                return None
+
+        auth = AuthInterceptor(admin_token, job_token_hash)
+        executor = futures.ThreadPoolExecutor(max_workers=max_workers,
+                                              thread_name_prefix="dptrain-rpc")
+        # No SO_REUSEPORT: a second coordinator on a taken port fails instead of sharing it.
+        server = grpc.server(executor, interceptors=[MetricsInterceptor(state.metrics), auth],
+                             options=[*channel_options(), ("grpc.so_reuseport", 0)])
+        pb_grpc.add_CoordinatorServicer_to_server(CoordinatorServicer(state), server)
+        pb_grpc.add_WorkerServiceServicer_to_server(WorkerServicer(state, auth), server)
+        health_servicer = health.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        for name in ("", *SERVICE_NAMES):
+            health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+        reflection.enable_server_reflection(
+            (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+             reflection.SERVICE_NAME), server)
+        bind = _host_port(host, port)
+        try:
+            bound = (server.add_secure_port(bind, credentials) if credentials is not None
+                     else server.add_insecure_port(bind))
+        except RuntimeError as e:
+            raise ServerConfigError(f"cannot listen on {bind}: {e}") from None
+        if not bound:
+            raise ServerConfigError(f"cannot listen on {bind} (is the port taken?)")
+        ca = tls_ca if tls_ca is not None else tls_cert
+        settings = ServerSettings(
+            state_dir=state_dir, host=host, port=bound,
+            address=_worker_address(host, bound, advertise_address),
+            tls_ca=None if credentials is None else Path(ca).resolve(),
+            data_roots=state.data_roots, default_max_restarts=default_max_restarts,
+            runner_options=dict(runner_options or {}))
+        metrics_http = None
+        if metrics_port is not None:
+            metrics_http = MetricsHTTPServer(host, metrics_port,
+                                             lambda: state.metrics.render(store))
+    except BaseException:
+        if server is not None:
+            server.stop(None)
+        if executor is not None:
+            executor.shutdown(wait=False)
+        store.close()
+        raise
+    coordinator = CoordinatorServer(grpc_server=server, executor=executor, state=state,
+                                    token=admin_token, settings=settings,
+                                    address=_host_port(host, bound),
+                                    health_servicer=health_servicer, metrics_http=metrics_http)
+    server.start()
+    if runner_factory is not None:
+        try:
+            coordinator.runner = state.runner = runner_factory(
+                store, state.blobs, state.cluster, settings.address, settings)
+            coordinator.runner.start()
+        except BaseException:
+            coordinator.stop(grace=None)
+            raise
+    log.info("coordinator listening on %s (%s)", coordinator.address,
+             "TLS" if credentials is not None else "plaintext")
+    return coordinator

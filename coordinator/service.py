@@ -1,0 +1,183 @@
+"""The gRPC servicers: thin. Each method decodes its request (`coordinator.serde`), calls the
+plain logic (`coordinator.jobs`, `coordinator.checkpoints`) with the server's `ServiceState`, and
+encodes the answer; any error becomes ``context.abort(code, one-line message)``, the code taken
+from the error's class (`coordinator.errors.status_name`, or its ``status`` attribute).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import grpc
+
+from coordinator import checkpoints, jobs, serde
+from coordinator.auth import WORKER_SERVICE, AuthInterceptor
+from coordinator.errors import ValidationError, status_name
+from coordinator.jobs import ServiceState
+from coordinator.model import Job
+from protos.dptrain.v1 import coordinator_pb2 as pb
+from protos.dptrain.v1 import coordinator_pb2_grpc as pb_grpc
+
+__all__ = ["CoordinatorServicer", "WorkerServicer", "status_of", "one_line"]
+
+log = logging.getLogger("dptrain.coordinator")
+_MAX_MESSAGE = 1000
+
+
+def status_of(error: BaseException) -> grpc.StatusCode:
+    """The status code an error aborts a call with.
+
+    Args:
+        error: any exception.
+
+    Returns:
+        Its class's ``status`` attribute, else `status_name`'s mapping (INTERNAL by default).
+    """
+    return getattr(grpc.StatusCode, getattr(error, "status", None) or status_name(error))
+
+
+def one_line(error: BaseException) -> str:
+    """The error's message as one line of at most 1000 characters."""
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text if len(text) <= _MAX_MESSAGE else text[:_MAX_MESSAGE - 3] + "..."
+
+
+@contextlib.contextmanager
+def _aborting(context: grpc.ServicerContext) -> Iterator[None]:
+    """Turn any exception inside into ``context.abort`` with its code and one-line message."""
+    try:
+        yield
+    except Exception as e:
+        code = status_of(e)
+        message = one_line(e)
+        if code is grpc.StatusCode.INTERNAL:
+            log.exception("internal error")
+            message = f"internal error: {type(e).__name__}: {message}"
+        context.abort(code, message)
+
+
+class CoordinatorServicer(pb_grpc.CoordinatorServicer):
+    """``dptrain.v1.Coordinator``.
+
+    Args:
+        state: the server's state.
+    """
+
+    def __init__(self, state: ServiceState):
+        self.state = state
+
+    def SubmitJob(self, request: pb.SubmitJobRequest, context: Any) -> pb.Job:
+        """Validate and queue a job (`jobs.submit_job`)."""
+        with _aborting(context):
+            job = jobs.submit_job(serde.submit_request_from_proto(request), self.state)
+            return serde.job_to_proto(job)
+
+    def GetJob(self, request: pb.GetJobRequest, context: Any) -> pb.Job:
+        """One job (`jobs.get_job`)."""
+        with _aborting(context):
+            return serde.job_to_proto(jobs.get_job(request.job_id, self.state))
+
+    def ListJobs(self, request: pb.ListJobsRequest,
+                 context: Any) -> pb.ListJobsResponse:
+        """A page of jobs (`jobs.list_jobs`)."""
+        with _aborting(context):
+            page, token = jobs.list_jobs(serde.list_request_from_proto(request), self.state)
+            return pb.ListJobsResponse(jobs=[serde.job_to_proto(j) for j in page],
+                                       next_page_token=token)
+
+    def CancelJob(self, request: pb.CancelJobRequest, context: Any) -> pb.Job:
+        """Cancel a job (`jobs.cancel_job`)."""
+        with _aborting(context):
+            return serde.job_to_proto(jobs.cancel_job(request.job_id, self.state))
+
+    def WatchJob(self, request: pb.WatchJobRequest,
+                 context: Any) -> Iterator[pb.WatchJobResponse]:
+        """The job, then its events as they happen (`jobs.watch_job`)."""
+        with _aborting(context):
+            for item in jobs.watch_job(request.job_id, request.after_seq, self.state,
+                                       is_active=context.is_active):
+                if isinstance(item, Job):
+                    yield pb.WatchJobResponse(job=serde.job_to_proto(item))
+                else:
+                    yield pb.WatchJobResponse(event=serde.event_to_proto(item))
+
+    def ListCheckpoints(self, request: pb.ListCheckpointsRequest,
+                        context: Any) -> pb.ListCheckpointsResponse:
+        """A job's checkpoints (`checkpoints.list_checkpoints`)."""
+        with _aborting(context):
+            records = checkpoints.list_checkpoints(request.job_id, self.state)
+            return pb.ListCheckpointsResponse(
+                checkpoints=[serde.checkpoint_to_proto(r) for r in records])
+
+    def DownloadCheckpoint(self, request: pb.DownloadCheckpointRequest,
+                           context: Any) -> Iterator[pb.DownloadCheckpointResponse]:
+        """A checkpoint file: its description, then its chunks (`checkpoints.open_download`)."""
+        with _aborting(context):
+            step, entry, chunks = checkpoints.open_download(
+                request.job_id, request.step if request.HasField("step") else None,
+                request.file, self.state)
+            yield pb.DownloadCheckpointResponse(
+                info=pb.DownloadInfo(step=step, file=serde.file_entry_to_proto(entry)))
+            for chunk in chunks:
+                yield pb.DownloadCheckpointResponse(chunk=chunk)
+
+
+class WorkerServicer(pb_grpc.WorkerServiceServicer):
+    """``dptrain.v1.WorkerService``: each call acts only on the job its worker token names.
+
+    Args:
+        state: the server's state.
+        auth: the server's authenticator (who is calling).
+    """
+
+    def __init__(self, state: ServiceState, auth: AuthInterceptor):
+        self.state = state
+        self.auth = auth
+
+    def _require_job(self, context: Any, method: str, job_id: str) -> None:
+        principal = self.auth.principal(context.invocation_metadata(), WORKER_SERVICE + method)
+        principal.require_job(job_id)
+
+    def ReportProgress(self, request: pb.ReportProgressRequest,
+                       context: Any) -> pb.ReportProgressResponse:
+        """Store a worker's batch of events (`jobs.report_progress`)."""
+        with _aborting(context):
+            self._require_job(context, "ReportProgress", request.job_id)
+            items = [serde.worker_event_from_proto(e) for e in request.events]
+            last = jobs.report_progress(request.job_id, items, self.state)
+            return pb.ReportProgressResponse(last_seq=last)
+
+    def Heartbeat(self, request: pb.HeartbeatRequest,
+                  context: Any) -> pb.HeartbeatResponse:
+        """Record that the job's workers are alive (`jobs.heartbeat`)."""
+        with _aborting(context):
+            self._require_job(context, "Heartbeat", request.job_id)
+            state = jobs.heartbeat(request.job_id, self.state)
+            return pb.HeartbeatResponse(state=serde.state_to_proto(state))
+
+    def UploadCheckpoint(self, request_iterator: Iterator[pb.UploadCheckpointRequest],
+                         context: Any) -> pb.Checkpoint:
+        """Store an uploaded checkpoint (`checkpoints.receive_checkpoint`)."""
+        with _aborting(context):
+            first = next(request_iterator, None)
+            if first is None or first.WhichOneof("item") != "header":
+                raise ValidationError("header", "the first message must be the header",
+                                      None if first is None else first.WhichOneof("item"))
+            upload = serde.upload_header_from_proto(first.header)
+            self._require_job(context, "UploadCheckpoint", upload.job_id)
+            record = checkpoints.receive_checkpoint(
+                upload, serde.chunks_from_upload(request_iterator), self.state)
+            return serde.checkpoint_to_proto(record)
+
+    def FetchCheckpoint(self, request: pb.FetchCheckpointRequest,
+                        context: Any) -> Iterator[pb.FetchCheckpointResponse]:
+        """The newest intact checkpoint to resume from (`checkpoints.open_fetch`)."""
+        with _aborting(context):
+            self._require_job(context, "FetchCheckpoint", request.job_id)
+            header, chunks = checkpoints.open_fetch(request.job_id, self.state)
+            yield pb.FetchCheckpointResponse(header=serde.upload_header_to_proto(header))
+            for name, data in chunks:
+                yield pb.FetchCheckpointResponse(chunk=pb.FileChunk(name=name, data=data))

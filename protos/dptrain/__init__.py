@@ -1,0 +1,1 @@
+"""The ``dptrain`` protobuf package (``package dptrain.*`` in the .proto files)."""

@@ -1,0 +1,143 @@
+"""Helpers for the runner and end-to-end tests: tiny job specs, stand-in ``mpiexec`` scripts,
+waiting, and finding processes a test left behind."""
+
+from __future__ import annotations
+
+import copy
+import os
+import signal
+import stat
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[2]
+
+#: A digits MLP that trains in well under a second: 20 steps, a checkpoint every 5.
+TINY_SPEC: dict[str, Any] = {
+    "name": "tiny",
+    "model": {"name": "mlp", "args": {"in_features": 64, "hidden": [32], "num_classes": 10}},
+    "dataset": {"name": "digits", "validation_fraction": 0.25},
+    "optimizer": {"name": "adam", "lr": 0.001},
+    "batch_size": 32, "max_steps": 20, "eval_every": 10, "seed": 0, "workers": 2,
+    "checkpoint": {"every_steps": 5, "keep": 2},
+}
+
+#: A wider MLP that trains for a few seconds on two shared cores (a checkpoint every 10 steps),
+#: long enough to kill something mid-job.
+SLOW_SPEC: dict[str, Any] = {
+    **TINY_SPEC, "name": "slow",
+    "model": {"name": "mlp", "args": {"in_features": 64, "hidden": [512, 512],
+                                      "num_classes": 10}},
+    "batch_size": 64, "max_steps": 250, "eval_every": 0,
+    "checkpoint": {"every_steps": 10, "keep": 2},
+}
+
+
+def spec(base: dict[str, Any] = TINY_SPEC, **changes: Any) -> dict[str, Any]:
+    """A copy of a spec with some top-level fields changed."""
+    out = copy.deepcopy(base)
+    out.update(changes)
+    return out
+
+
+def fake_mpiexec(folder: Path, body: str, name: str = "fake-mpiexec") -> str:
+    """Write an executable shell script that stands in for ``mpiexec``.
+
+    It receives the real command line (``"$@"``), so ``--resume`` can be looked for, and the
+    real environment (``DPTRAIN_RUN_ID`` included).
+
+    Args:
+        folder: where to write it.
+        body: the script after ``#!/bin/sh``.
+        name: the file name.
+
+    Returns:
+        Its path.
+    """
+    path = folder / name
+    path.write_text("#!/bin/sh\n" + body)
+    path.chmod(path.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
+    return str(path)
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float = 60.0, interval: float = 0.1,
+             what: str = "the condition") -> Any:
+    """Poll until `predicate()` is truthy and return it; fail the test after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)
+
+
+def _stat_fields(pid: int) -> list[bytes] | None:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    return data[data.rindex(b")") + 2:].split()
+
+
+def descendants(root: int) -> list[int]:
+    """Live (not zombie) processes below `root` in the process tree."""
+    parents: dict[int, int] = {}
+    states: dict[int, bytes] = {}
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            fields = _stat_fields(int(name))
+            if fields:
+                states[int(name)] = fields[0]
+                parents[int(name)] = int(fields[1])
+    found, frontier = [], [root]
+    while frontier:
+        parent = frontier.pop()
+        for pid, ppid in parents.items():
+            if ppid == parent:
+                found.append(pid)
+                frontier.append(pid)
+    return [pid for pid in found if states.get(pid) != b"Z"]
+
+
+def processes_with_env(text: str) -> list[int]:
+    """Pids of this user's processes whose environment contains `text` (e.g. a state dir)."""
+    found = []
+    needle = text.encode()
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or int(name) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{name}/environ", "rb") as f:
+                if needle in f.read():
+                    found.append(int(name))
+        except OSError:
+            continue
+    return found
+
+
+def rank_pids(run_id: str) -> list[int]:
+    """The ``python -m worker`` processes of one attempt (by its ``DPTRAIN_RUN_ID``)."""
+    pids = []
+    for pid in processes_with_env(f"DPTRAIN_RUN_ID={run_id}"):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+        except OSError:
+            continue
+        if b"worker" in argv and b"-m" in argv and not any(b"mpiexec" in a for a in argv[:1]):
+            pids.append(pid)
+    return pids
+
+
+def kill_all(pids: list[int]) -> None:
+    """SIGKILL every pid (gone ones are skipped)."""
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass

@@ -1,0 +1,287 @@
+"""End to end: a real coordinator on loopback, real ``mpiexec`` workers reporting to it over
+gRPC, the Python client and the ``dptrain`` command line. Jobs are tiny digits MLPs."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from jobkit import (
+    SLOW_SPEC,
+    TINY_SPEC,
+    descendants,
+    kill_all,
+    processes_with_env,
+    rank_pids,
+    spec,
+    wait_for,
+)
+
+import engine
+from coordinator.client import Client, ClientError
+from coordinator.launcher import read_run_record
+from coordinator.model import Event, EventKind, JobState
+from coordinator.runner import JobRunner
+from coordinator.scheduler import Cluster
+from coordinator.server import serve
+
+pytestmark = pytest.mark.timeout(240)
+S = JobState
+DPTRAIN = str(Path(sys.executable).parent / "dptrain")
+RUNNER_OPTIONS = {"heartbeat_timeout": 60.0, "kill_grace": 5.0, "poll_interval": 0.1}
+
+
+def _leftovers(state_dir: Path) -> list[int]:
+    pids = []
+    for record_file in (state_dir / "jobs").glob("*/run.json"):
+        pids += processes_with_env(json.loads(record_file.read_text())["run_id"])
+    return pids
+
+
+@pytest.fixture
+def state_dir(tmp_path: Path):
+    """The coordinator's state directory; afterwards no worker or child may be left."""
+    state = tmp_path / "state"
+    yield state
+    leftovers, children = _leftovers(state), descendants(os.getpid())
+    kill_all(leftovers + children)
+    assert not leftovers, f"worker processes were left running: {leftovers}"
+    assert not children, f"child processes were left running: {children}"
+
+
+@pytest.fixture
+def server(state_dir: Path):
+    srv = serve(state_dir, runner_factory=JobRunner.factory, cluster=Cluster.local(2),
+                runner_options=RUNNER_OPTIONS)
+    yield srv
+    srv.stop(grace=1.0)
+
+
+@pytest.fixture
+def client(server):
+    with Client(server.address, token=server.token) as c:
+        yield c
+
+
+def watch_all(client: Client, job_id: str) -> list[Event]:
+    return [item for item in client.watch_job(job_id) if isinstance(item, Event)]
+
+
+def sha256_of(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def run_record(state_dir: Path, job_id: str) -> dict:
+    return read_run_record(state_dir / "jobs" / job_id / "run.json")
+
+
+def test_submit_to_success_with_metrics_and_checkpoints(client, state_dir, tmp_path):
+    job = client.submit_job(TINY_SPEC)
+    assert job.state is S.QUEUED
+    events = watch_all(client, job.id)
+    states = [e.payload["state"] for e in events if e.kind is EventKind.STATE]
+    assert states == ["QUEUED", "RUNNING", "SUCCEEDED"]
+    steps = [e.payload for e in events if e.kind is EventKind.METRICS and "loss" in e.payload]
+    assert steps and steps[-1]["step"] == 20 and all(p["loss"] > 0 for p in steps)
+    assert any("val_accuracy" in e.payload for e in events if e.kind is EventKind.METRICS)
+    assert [e.payload["step"] for e in events if e.kind is EventKind.CHECKPOINT] == [5, 10, 15,
+                                                                                    20]
+    job = client.get_job(job.id)
+    assert job.state is S.SUCCEEDED and job.last_step == 20 and job.exit_code == 0
+    assert 0 < job.metrics["val_accuracy"] <= 1
+
+    records = client.list_checkpoints(job.id)
+    assert [r.step for r in records] == [15, 20]  # checkpoint.keep = 2
+    got = client.download_checkpoint(job.id, dest=tmp_path / "model.safetensors")
+    assert got.step == 20 and sha256_of(got.path) == got.sha256
+    assert got.sha256 == records[-1].manifest["files"]["model.safetensors"]["sha256"]
+    # The same bytes the worker wrote into its checkpoint directory.
+    local = state_dir / "jobs" / job.id / "checkpoints" / "step-00000020" / "model.safetensors"
+    assert sha256_of(local) == got.sha256
+    ours = engine.load(got.path)
+    from safetensors.numpy import load_file
+
+    theirs = load_file(str(got.path))
+    assert sorted(ours) == sorted(theirs) and len(theirs) == 4
+    for name, array in theirs.items():
+        np.testing.assert_array_equal(ours[name].numpy(), array)
+    older = client.download_checkpoint(job.id, step=15, dest=tmp_path)
+    assert older.step == 15 and older.path == tmp_path / "model.safetensors"
+
+
+def test_cancel_ends_the_workers(client, state_dir):
+    job = client.submit_job(spec(SLOW_SPEC, max_steps=10_000))
+    wait_for(lambda: client.get_job(job.id).last_step, 60, what="training to start")
+    run_id = run_record(state_dir, job.id)["run_id"]
+    assert client.cancel_job(job.id).state is S.CANCELLED
+    wait_for(lambda: not processes_with_env(run_id), 30, what="the workers to end")
+    assert client.get_job(job.id).state is S.CANCELLED
+    assert client.cancel_job(job.id).state is S.CANCELLED  # again: a no-op
+
+
+def test_two_jobs_over_two_slots_run_one_after_the_other(client):
+    first = client.submit_job(spec(TINY_SPEC, name="first"))
+    second = client.submit_job(spec(TINY_SPEC, name="second"))
+    assert client.get_job(second.id).state is S.QUEUED
+    watch_all(client, second.id)
+    a, b = client.get_job(first.id), client.get_job(second.id)
+    assert a.state is S.SUCCEEDED and b.state is S.SUCCEEDED
+    assert a.finished_at <= b.started_at
+
+
+def test_killed_worker_resumes_to_the_same_parameters(client, state_dir, tmp_path):
+    undisturbed = client.submit_job(SLOW_SPEC)
+    watch_all(client, undisturbed.id)
+    assert client.get_job(undisturbed.id).state is S.SUCCEEDED
+    reference = client.download_checkpoint(undisturbed.id, dest=tmp_path / "a.safetensors")
+
+    job = client.submit_job(SLOW_SPEC)
+    wait_for(lambda: any(r.step >= 20 for r in client.list_checkpoints(job.id)), 90,
+             what="a checkpoint at step 20")
+    ranks = rank_pids(run_record(state_dir, job.id)["run_id"])
+    assert len(ranks) == 2
+    os.kill(ranks[0], signal.SIGKILL)
+    events = watch_all(client, job.id)
+    states = [e.payload["state"] for e in events if e.kind is EventKind.STATE]
+    assert states == ["QUEUED", "RUNNING", "RESTARTING", "RUNNING", "SUCCEEDED"]
+    final = client.get_job(job.id)
+    assert final.restarts == 1 and final.last_step == 250
+    resumed = client.download_checkpoint(job.id, dest=tmp_path / "b.safetensors")
+    assert resumed.step == reference.step == 250
+    assert resumed.sha256 == reference.sha256  # bit-identical to the undisturbed run
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _serve_process(state_dir: Path, port: int, log: Path) -> subprocess.Popen:
+    with open(log, "ab") as stderr:
+        return subprocess.Popen(
+            [DPTRAIN, "serve", "--state-dir", str(state_dir), "--port", str(port), "--slots",
+             "2", "--heartbeat-timeout", "60"], stdout=subprocess.DEVNULL, stderr=stderr,
+            start_new_session=True)
+
+
+def test_coordinator_kill9_and_restart_completes_the_job(state_dir, tmp_path):
+    port = _free_port()
+    address = f"127.0.0.1:{port}"
+    first = _serve_process(state_dir, port, tmp_path / "serve.log")
+    second = None
+    try:
+        wait_for(lambda: _healthy(address), 60, what="the coordinator to start")
+        client = Client(address, state_dir=state_dir, timeout=10)  # its token exists now
+        job = client.submit_job(spec(SLOW_SPEC, max_steps=1000))
+        wait_for(lambda: client.list_checkpoints(job.id), 90, what="a first checkpoint")
+        before = events_so_far(address, state_dir, job.id)
+        assert before
+        client.close()
+        os.kill(first.pid, signal.SIGKILL)
+        first.wait()
+        second = _serve_process(state_dir, port, tmp_path / "serve.log")
+        wait_for(lambda: _healthy(address), 60, what="the coordinator to restart")
+        client = Client(address, state_dir=state_dir, timeout=10)
+        events = watch_all(client, job.id)
+        final = client.get_job(job.id)
+        assert final.state is S.SUCCEEDED, final.error
+        assert final.last_step == 1000 and final.restarts == 0
+        assert [(e.seq, e.kind, e.payload) for e in events[:len(before)]] == before
+        assert [e.seq for e in events] == list(range(1, len(events) + 1))
+        assert any("the coordinator restarted" in e.payload.get("line", "") for e in events
+                   if e.kind is EventKind.LOG)
+        assert client.list_checkpoints(job.id)[-1].step == 1000
+        client.close()
+    finally:
+        for proc in (first, second):
+            if proc is not None and proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(30)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
+
+
+def _healthy(address: str) -> bool:
+    with Client(address) as client:
+        try:
+            return client.health(timeout=1) == "SERVING"
+        except ClientError:
+            return False
+
+
+def events_so_far(address: str, state_dir: Path, job_id: str) -> list[tuple]:
+    from coordinator.follow import events_now
+
+    client = Client(address, state_dir=state_dir)  # events_now closes it
+    return [(e.seq, e.kind, e.payload) for e in events_now(client, job_id, idle=0.5)]
+
+
+# ---------------------------------------------------------------- the command line
+
+def dptrain(*args: str, server, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [DPTRAIN, "--address", server.address, "--state-dir", str(server.settings.state_dir),
+         *args], capture_output=True, text=True, timeout=timeout,
+        env={k: v for k, v in os.environ.items() if not k.startswith("DPTRAIN_")})
+
+
+def test_cli_workflow(server, tmp_path):
+    job_file = tmp_path / "tiny.yaml"
+    job_file.write_text(yaml.safe_dump(TINY_SPEC))
+    done = dptrain("submit", str(job_file), "--follow", server=server)
+    assert done.returncode == 0, done.stderr
+    summary = done.stdout.strip().splitlines()[-1]
+    assert summary.startswith("job j-") and "SUCCEEDED at step 20" in summary
+    assert "val_acc" in summary and "20/20" in done.stderr  # the progress bar's last state
+    job_id = summary.split()[1]
+
+    listing = dptrain("jobs", server=server)
+    assert listing.returncode == 0
+    assert listing.stdout.splitlines()[0].split()[:3] == ["ID", "NAME", "STATE"]
+    assert f"{job_id}  tiny  SUCCEEDED" in listing.stdout
+
+    status = dptrain("status", job_id, server=server)
+    assert "state:      SUCCEEDED" in status.stdout and "step:       20" in status.stdout
+
+    logs = dptrain("logs", job_id, server=server)
+    assert logs.returncode == 0 and "checkpoint written to" in logs.stdout
+
+    model = tmp_path / "model.safetensors"
+    got = dptrain("download", job_id, "-o", str(model), server=server)
+    assert got.returncode == 0 and got.stdout.startswith(f"{model}: model.safetensors of step 20")
+    assert set(engine.load(model)) == {"0.weight", "0.bias", "2.weight", "2.bias"}
+
+    png = tmp_path / "curves.png"
+    plot = dptrain("plot", job_id, "-o", str(png), server=server)
+    assert plot.returncode == 0, plot.stderr
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    missing = dptrain("status", "j-000000000000", server=server)
+    assert missing.returncode == 4
+    assert missing.stderr.strip().splitlines() == [
+        "dptrain: error: NOT_FOUND: job 'j-000000000000' not found"]
+
+
+def test_cli_bad_spec_is_one_line(server, tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(spec(TINY_SPEC, optimizer={"name": "adam", "lr": -1})))
+    result = dptrain("submit", str(bad), server=server)
+    assert result.returncode == 2 and result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "optimizer.lr" in lines[0], result.stderr
+    unreachable = subprocess.run([DPTRAIN, "--address", "127.0.0.1:1", "--token-file",
+                                  str(server.settings.state_dir / "token"), "jobs"],
+                                 capture_output=True, text=True, timeout=60)
+    assert unreachable.returncode == 5 and len(unreachable.stderr.strip().splitlines()) == 1

@@ -1,0 +1,246 @@
+"""The RPC logic as plain functions, without a server: coordinator.jobs and
+coordinator.checkpoints over a MemoryStore and a BlobStore in a temporary directory."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from coordinator import checkpoints, jobs
+from coordinator.blobs import BlobStore
+from coordinator.checkpoints import CheckpointUpload, FileEntry
+from coordinator.errors import ChecksumMismatch, StateConflict, ValidationError
+from coordinator.jobs import ListRequest, ServiceState, SubmitRequest
+from coordinator.model import Event, EventKind, Job, JobState
+from coordinator.scheduler import Cluster
+from coordinator.store import MemoryStore
+from worker.spec import JobSpec
+
+REPO = Path(__file__).resolve().parents[2]
+SPEC = {"name": "tiny", "model": {"name": "mlp"}, "dataset": {"name": "digits"},
+        "optimizer": {"name": "adam", "lr": 0.01}, "batch_size": 8, "max_steps": 5,
+        "workers": 2, "checkpoint": {"keep": 2}}
+
+
+@pytest.fixture
+def state(tmp_path):
+    s = ServiceState(store=MemoryStore(), blobs=BlobStore(tmp_path / "blobs"),
+                     cluster=Cluster.local(4), data_roots=(tmp_path / "data",))
+    yield s
+    s.store.close()
+
+
+def test_the_logic_modules_never_import_grpc():
+    code = ("import sys, coordinator.jobs, coordinator.checkpoints, coordinator.metrics\n"
+            "assert not [m for m in sys.modules if m == 'grpc' or m.startswith('grpc.')], "
+            "sorted(m for m in sys.modules if m.startswith('grpc'))\n")
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+
+
+# ---------------------------------------------------------------- jobs
+
+def test_submit_fills_defaults_and_uses_the_server_default_restarts(state):
+    job = jobs.submit_job(SubmitRequest(SPEC, priority=2), state, now=100.0)
+    assert (job.state, job.workers, job.priority, job.max_restarts, job.submitted_at) == (
+        JobState.QUEUED, 2, 2, 3, 100.0)
+    assert job.spec == JobSpec.from_dict(SPEC).to_dict()
+    with pytest.raises(ValidationError, match="max_restarts: must be in 0..100"):
+        jobs.submit_job(SubmitRequest(SPEC, max_restarts=101), state)
+
+
+def test_spec_errors_list_every_broken_rule(state):
+    bad = {**SPEC, "batch_size": 0, "optimizer": {"name": "adam", "lr": -1.0}}
+    with pytest.raises(jobs.SpecInvalid) as info:
+        jobs.submit_job(SubmitRequest(bad), state)
+    assert info.value.field in ("optimizer.lr", "batch_size")
+    assert "optimizer.lr: must be a finite number >= 0, got -1.0" in str(info.value)
+    assert "batch_size: must be >= 1, got 0" in str(info.value)
+    assert isinstance(info.value, ValidationError)  # hence INVALID_ARGUMENT
+
+
+@pytest.mark.parametrize("args, ok", [
+    ({"path": "{root}/a.npz"}, True),
+    ({"path": "{root}"}, True),
+    ({"path": "{root}-evil/a.npz"}, False),
+    ({"path": "{root}/../a.npz"}, False),
+    ({"path": "a.npz"}, False),
+    ({"images": "{root}/i", "labels": "{root}/l"}, True),
+    ({"train_file": "/etc/shadow"}, False),
+    ({"files": ["{root}/a", "/etc/b"]}, False),
+    ({"path": 3}, False),
+    ({"x_key": "/not/a/path"}, True),  # the array's name inside an .npz, not a path
+])
+def test_data_paths(tmp_path, args, ok):
+    root = tmp_path / "data"
+    spec = JobSpec.from_dict({**SPEC, "dataset": {"name": "digits"}})
+    spec.dataset.args = {k: ([v.format(root=root) for v in val] if isinstance(val, list)
+                             else val.format(root=root) if isinstance(val, str) else val)
+                         for k, val in args.items()}
+    if ok:
+        jobs.check_data_paths(spec, [root])
+    else:
+        with pytest.raises(ValidationError) as info:
+            jobs.check_data_paths(spec, [root])
+        assert info.value.field.startswith("dataset.args.")
+
+
+def test_no_data_roots_means_no_data_files(tmp_path):
+    spec = JobSpec.from_dict({**SPEC, "dataset": {"name": "npz", "args": {"path": "/d/a.npz"}}})
+    with pytest.raises(ValidationError, match="--data-root"):
+        jobs.check_data_paths(spec, [])
+
+
+def test_list_pages_are_capped(state):
+    for i in range(3):
+        jobs.submit_job(SubmitRequest({**SPEC, "name": f"j{i}"}), state, now=float(i))
+    page, token = jobs.list_jobs(ListRequest(page_size=2), state)
+    assert [j.name for j in page] == ["j2", "j1"] and token
+    with pytest.raises(ValidationError, match="page_size"):
+        jobs.list_jobs(ListRequest(page_size=-1), state)
+
+
+def test_cancel_moves_any_active_state_and_calls_the_runner_after(state):
+    calls = []
+
+    class Runner:
+        def cancel(self, job_id):
+            calls.append((job_id, state.store.get_job(job_id).state))
+            raise RuntimeError("the runner's trouble is not the caller's")
+
+    job = jobs.submit_job(SubmitRequest(SPEC), state)
+    state.runner = Runner()
+    state.store.transition(job.id, JobState.QUEUED, JobState.RUNNING)
+    assert jobs.cancel_job(job.id, state).state is JobState.CANCELLED
+    assert calls == [(job.id, JobState.CANCELLED)]
+
+
+def test_watch_yields_job_then_events_and_ends_after_the_final_state(state):
+    job = jobs.submit_job(SubmitRequest(SPEC), state)
+    state.store.transition(job.id, JobState.QUEUED, JobState.RUNNING)
+    state.store.transition(job.id, JobState.RUNNING, JobState.FAILED, error="boom")
+    items = list(jobs.watch_job(job.id, 1, state))
+    assert isinstance(items[0], Job) and items[0].state is JobState.FAILED
+    assert [(e.seq, e.payload["state"]) for e in items[1:]] == [(2, "RUNNING"), (3, "FAILED")]
+    assert all(isinstance(e, Event) for e in items[1:])
+
+
+def test_watch_stops_when_the_client_leaves(state):
+    job = jobs.submit_job(SubmitRequest(SPEC), state)
+    active = iter([True, False])
+    items = list(jobs.watch_job(job.id, 0, state, is_active=lambda: next(active), poll_s=0.01))
+    assert len(items) == 2  # the job and its QUEUED event; then the client was gone
+
+
+def test_progress_updates_the_summary_and_needs_a_running_job(state):
+    job = jobs.submit_job(SubmitRequest(SPEC), state)
+    items = [(EventKind.METRICS, {"step": 1, "loss": 2.0}), (EventKind.LOG, {"line": "x\ny"})]
+    with pytest.raises(StateConflict):
+        jobs.report_progress(job.id, items, state)
+    state.store.transition(job.id, JobState.QUEUED, JobState.RUNNING, now=10.0)
+    assert jobs.report_progress(job.id, items, state, now=20.0) == 4
+    jobs.report_progress(job.id, [(EventKind.METRICS, {"step": 2, "val_loss": 1.5})], state)
+    stored = state.store.get_job(job.id)
+    assert stored.metrics == {"loss": 2.0, "val_loss": 1.5} and stored.last_step == 2
+    assert state.store.events(job.id, 3)[0].payload == {"line": "x y"}  # one line
+    assert jobs.report_progress(job.id, [], state, now=30.0) == 0  # a heartbeat
+    assert state.store.get_job(job.id).heartbeat_at == 30.0
+    long_line = [(EventKind.LOG, {"line": "z" * 10_000})]
+    jobs.report_progress(job.id, long_line, state)
+    assert len(state.store.events(job.id)[-1].payload["line"]) == 4096
+    with pytest.raises(ValidationError, match="events.metrics.step"):
+        jobs.report_progress(job.id, [(EventKind.METRICS, {"loss": 1.0})], state)
+
+
+# ---------------------------------------------------------------- checkpoints
+
+def _upload(job_id, step, files: dict[str, bytes]) -> tuple[CheckpointUpload, list]:
+    entries = {name: {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+               for name, data in files.items()}
+    manifest = json.dumps({"step": step, "files": entries}).encode()
+    upload = CheckpointUpload(job_id, step, manifest, tuple(
+        FileEntry(n, e["bytes"], e["sha256"]) for n, e in entries.items()))
+    chunks = [(name, data[i:i + 3]) for name, data in files.items()
+              for i in range(0, len(data), 3)]
+    return upload, chunks
+
+
+def test_receive_stores_blobs_then_the_record(state):
+    job = jobs.submit_job(SubmitRequest(SPEC), state)
+    upload, chunks = _upload(job.id, 5, {"model.safetensors": b"model-bytes",
+                                         "optimizer.safetensors": b"", "extra.bin": b"x"})
+    record = checkpoints.receive_checkpoint(upload, chunks, state, now=1.0)
+    assert record.sha256 == hashlib.sha256(upload.manifest_json).hexdigest()
+    assert record.size == len(upload.manifest_json) + 12
+    for name, sha in checkpoints.record_blobs(record).items():
+        assert state.blobs.exists(sha), name
+    assert state.metrics.checkpoint_bytes("stored") == record.size
+
+
+@pytest.mark.parametrize("mutate, error", [
+    (lambda u, c: (u, list(reversed(c))), "chunk.name"),
+    (lambda u, c: (u, c + [("model.safetensors", b"more")]), "chunk.name"),
+    (lambda u, c: (u, [(n, d.upper()) for n, d in c]), ChecksumMismatch),
+    (lambda u, c: (CheckpointUpload(u.job_id, 6, u.manifest_json, u.files), c), "header.step"),
+    (lambda u, c: (CheckpointUpload(u.job_id, 5, u.manifest_json, u.files[:1]), c[:4]),
+     "header.files"),
+    (lambda u, c: (CheckpointUpload(u.job_id, 5, u.manifest_json, (FileEntry(
+        "../x", 3, "a" * 64),) + u.files[1:]), c), "header.files[0].name"),
+    (lambda u, c: (CheckpointUpload(u.job_id, 5, b"{not json", u.files), c),
+     "header.manifest_json"),
+])
+def test_receive_refuses_bad_uploads_and_records_nothing(state, mutate, error):
+    job = jobs.submit_job(SubmitRequest(SPEC), state)
+    upload, chunks = mutate(*_upload(job.id, 5, {"model.safetensors": b"model-bytes",
+                                                 "optimizer.safetensors": b"opt"}))
+    expected = error if isinstance(error, type) else ValidationError
+    with pytest.raises(expected) as info:
+        checkpoints.receive_checkpoint(upload, chunks, state)
+    if isinstance(error, str):
+        assert info.value.field == error
+    assert state.store.list_checkpoints(job.id) == []
+
+
+def test_retention_deletes_blobs_no_record_needs(state):
+    job = jobs.submit_job(SubmitRequest(SPEC), state)  # keep: 2
+    shared = b"unchanged optimizer state"
+    for step in (1, 2, 3):
+        upload, chunks = _upload(job.id, step, {"model.safetensors": b"m%d" % step,
+                                                "optimizer.safetensors": shared})
+        checkpoints.receive_checkpoint(upload, chunks, state)
+    records = state.store.list_checkpoints(job.id)
+    assert [r.step for r in records] == [2, 3]
+    # The first checkpoint's blobs were too new to delete (the grace period); once old, a
+    # pass deletes what no record refers to, and keeps what the others still share.
+    old = time.time() - 3600
+    for sha in state.blobs:
+        os.utime(state.blobs.get(sha, verify=False), (old, old))
+    before = set(state.blobs)
+    upload, chunks = _upload(job.id, 4, {"model.safetensors": b"m4",
+                                         "optimizer.safetensors": shared})
+    checkpoints.receive_checkpoint(upload, chunks, state)
+    assert [r.step for r in state.store.list_checkpoints(job.id)] == [3, 4]
+    gone = before - set(state.blobs)
+    assert gone == {hashlib.sha256(b"m2").hexdigest(), records[0].sha256}
+    assert state.blobs.exists(hashlib.sha256(shared).hexdigest())
+    assert checkpoints.referenced_blobs(state.store) <= set(state.blobs)
+
+
+def test_intact_checkpoint_skips_damage_and_says_so(state):
+    job = jobs.submit_job(SubmitRequest(SPEC), state)
+    for step in (1, 2):
+        upload, chunks = _upload(job.id, step, {"model.safetensors": b"model%d" % step})
+        checkpoints.receive_checkpoint(upload, chunks, state)
+    state.blobs.delete(hashlib.sha256(b"model2").hexdigest())
+    assert checkpoints.intact_checkpoint(job.id, state).step == 1
+    assert "step 2 is damaged" in state.store.events(job.id)[-1].payload["line"]
+    header, stream = checkpoints.open_fetch(job.id, state)
+    assert header.step == 1 and b"".join(d for _, d in stream) == b"model1"

@@ -1,0 +1,372 @@
+"""The job runner against a real SQLite store, without gRPC: real ``mpiexec`` workers on tiny
+jobs (they print to their log only), and stand-in ``mpiexec`` scripts for the failure policy,
+timeouts, cancellation and coordinator restarts."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from jobkit import (
+    SLOW_SPEC,
+    TINY_SPEC,
+    descendants,
+    fake_mpiexec,
+    kill_all,
+    processes_with_env,
+    rank_pids,
+    spec,
+    wait_for,
+)
+
+from coordinator.blobs import BlobStore
+from coordinator.errors import StateConflict
+from coordinator.joblog import LineRateLimit, LogTail
+from coordinator.launcher import JobPaths, read_run_record
+from coordinator.model import EventKind, JobState, hash_token, new_job
+from coordinator.runner import JobRunner, RunnerSettings
+from coordinator.scheduler import Cluster
+from coordinator.store import SqliteStore
+
+pytestmark = pytest.mark.timeout(180)
+S = JobState
+
+
+@pytest.fixture
+def state_dir(tmp_path: Path):
+    """A state directory; afterwards, no process of any job in it may be left."""
+    state = tmp_path / "state"
+    state.mkdir()
+    yield state
+    leftovers = []
+    for record_file in (state / "jobs").glob("*/run.json"):
+        leftovers += processes_with_env(json.loads(record_file.read_text())["run_id"])
+    children = descendants(os.getpid())
+    kill_all(leftovers + children)
+    assert not leftovers, f"processes of the test's jobs were left running: {leftovers}"
+    assert not children, f"child processes were left running: {children}"
+
+
+@pytest.fixture
+def store(state_dir: Path):
+    with SqliteStore(state_dir / "coordinator.db") as s:
+        yield s
+
+
+@pytest.fixture
+def make_runner(state_dir: Path, store: SqliteStore):
+    """``make_runner(slots=2, **settings) -> started JobRunner``; all are stopped at the end."""
+    runners: list[JobRunner] = []
+
+    def make(slots: int = 2, start: bool = True, **settings) -> JobRunner:
+        settings.setdefault("heartbeat_timeout", None)
+        settings.setdefault("kill_grace", 3.0)
+        settings.setdefault("poll_interval", 0.05)
+        runner = JobRunner(store, BlobStore(state_dir / "blobs"), Cluster.local(slots), None,
+                           RunnerSettings(state_dir, **settings))
+        runners.append(runner)
+        if start:
+            runner.start()
+        return runner
+
+    yield make
+    for runner in runners:
+        runner.stop()
+
+
+def submit(store: SqliteStore, runner: JobRunner, job_spec: dict, **options) -> str:
+    job = store.create_job(new_job(job_spec["name"], job_spec, workers=job_spec["workers"],
+                                   **options))
+    runner.wake()
+    return job.id
+
+
+def wait_state(store: SqliteStore, job_id: str, *states: JobState, timeout: float = 90):
+    return wait_for(lambda: (job := store.get_job(job_id)).state in states and job,
+                    timeout, what=f"job {job_id} to be {'/'.join(s.value for s in states)}")
+
+
+def states_of(store: SqliteStore, job_id: str) -> list[str]:
+    return [e.payload["state"] for e in store.events(job_id) if e.kind is EventKind.STATE]
+
+
+def log_lines(store: SqliteStore, job_id: str) -> list[str]:
+    return [e.payload["line"] for e in store.events(job_id) if e.kind is EventKind.LOG]
+
+
+# ---------------------------------------------------------------- real mpiexec workers
+
+def test_job_runs_to_success_with_its_log_streamed(store, make_runner, state_dir):
+    runner = make_runner()
+    job_id = submit(store, runner, TINY_SPEC)
+    job = wait_state(store, job_id, S.SUCCEEDED, S.FAILED)
+    assert job.state is S.SUCCEEDED, job.error
+    assert job.exit_code == 0 and job.placement == () and job.restarts == 0
+    assert job.metrics["step"] == 20 and 0 <= job.metrics["val_accuracy"] <= 1
+    assert states_of(store, job_id) == ["QUEUED", "RUNNING", "SUCCEEDED"]
+    lines = log_lines(store, job_id)
+    assert any("checkpoint written" in line for line in lines)
+    assert any(json.loads(line)["status"] == "completed" for line in lines
+               if line.startswith("{"))
+    paths = JobPaths(state_dir / "jobs" / job_id)
+    log = paths.log.read_text()
+    assert log.startswith(f"==== dptrain: attempt 1 of job {job_id} (tiny)")
+    assert "2 rank(s) on localhost:2" in log.splitlines()[0]
+    assert sorted(p.name for p in paths.checkpoints.iterdir()) == ["step-00000015",
+                                                                   "step-00000020"]
+    assert json.loads(paths.spec.read_text()) == TINY_SPEC
+    record = read_run_record(paths.run)
+    assert record["attempt"] == 1 and record["coordinator_pid"] == os.getpid()
+    assert "--resume" not in record["command"] and "--no-progress" in record["command"]
+    assert job.token_hash and len(job.token_hash) == 64
+    assert job.token_hash not in json.dumps(record)
+
+
+def test_killed_rank_restarts_from_checkpoint_and_succeeds(store, make_runner, state_dir):
+    runner = make_runner()
+    job_id = submit(store, runner, SLOW_SPEC)
+    wait_for(lambda: any("step-00000020" in line for line in log_lines(store, job_id)),
+             90, what="the checkpoint of step 20")
+    record = read_run_record(JobPaths(state_dir / "jobs" / job_id).run)
+    ranks = rank_pids(record["run_id"])
+    assert len(ranks) == 2
+    os.kill(ranks[1], signal.SIGKILL)
+    job = wait_state(store, job_id, S.SUCCEEDED, S.FAILED, timeout=120)
+    assert job.state is S.SUCCEEDED, job.error
+    assert job.restarts == 1 and job.metrics["step"] == 250
+    assert states_of(store, job_id) == ["QUEUED", "RUNNING", "RESTARTING", "RUNNING",
+                                        "SUCCEEDED"]
+    restarting = [e.payload for e in store.events(job_id)
+                  if e.kind is EventKind.STATE and e.payload["state"] == "RESTARTING"][0]
+    assert restarting["error"].startswith("the worker group exited with code")
+    log = (state_dir / "jobs" / job_id / "worker.log").read_text()
+    assert "==== dptrain: attempt 2" in log and "resuming from the latest checkpoint" in log
+    assert any(line.startswith("resumed from") and "at step" in line
+               for line in log_lines(store, job_id))
+    assert "--resume" in read_run_record(JobPaths(state_dir / "jobs" / job_id).run)["command"]
+
+
+def test_invalid_job_fails_at_once_without_restarts(store, make_runner, tmp_path):
+    runner = make_runner()
+    bad = spec(TINY_SPEC, dataset={"name": "npz", "args": {"path": str(tmp_path / "no.npz")}})
+    job_id = submit(store, runner, bad, max_restarts=3)
+    job = wait_state(store, job_id, S.FAILED, S.SUCCEEDED)
+    assert job.state is S.FAILED and job.restarts == 0 and job.exit_code == 2
+    assert "no.npz" in job.error
+    assert job.error.splitlines()[0].startswith("the worker group exited with code 2")
+
+
+def test_cancel_running_job_ends_its_workers(store, make_runner, state_dir):
+    runner = make_runner(kill_grace=5.0)
+    job_id = submit(store, runner, spec(SLOW_SPEC, max_steps=5000))
+    wait_for(lambda: any("checkpoint written" in line for line in log_lines(store, job_id)),
+             90, what="training to be under way")
+    record = read_run_record(JobPaths(state_dir / "jobs" / job_id).run)
+    job = runner.cancel(job_id)
+    assert job.state is S.CANCELLED and job.placement == ()
+    wait_for(lambda: not processes_with_env(record["run_id"]), 30, what="the workers to end")
+    wait_for(lambda: not runner.running(), 10, what="the runner to forget the group")
+    assert store.get_job(job_id).state is S.CANCELLED
+    # SIGTERM, not SIGKILL, ended them: the workers checkpointed where they stopped.
+    assert any(line.startswith("SIGTERM: stopped after step") for line in log_lines(store,
+                                                                                     job_id))
+
+
+# ---------------------------------------------------------------- policy, with stand-ins
+
+def test_gang_order_over_limited_slots(store, make_runner, tmp_path):
+    mpiexec = fake_mpiexec(tmp_path, "sleep 0.5\necho done\n")
+    runner = make_runner(slots=2, mpiexec=mpiexec)
+    first = submit(store, runner, spec(TINY_SPEC, name="first"))
+    second = submit(store, runner, spec(TINY_SPEC, name="second"))
+    small = submit(store, runner, spec(TINY_SPEC, name="small", workers=1, batch_size=32),
+                   priority=-1)
+    for job_id in (first, second, small):
+        assert wait_state(store, job_id, S.SUCCEEDED, S.FAILED).state is S.SUCCEEDED
+    a, b, c = (store.get_job(j) for j in (first, second, small))
+    assert a.finished_at <= b.started_at  # both need both slots: one after the other
+    assert b.finished_at <= c.started_at  # lower priority waits, no backfill past b's start
+
+
+def test_failures_restart_up_to_max_restarts_then_fail(store, make_runner, tmp_path,
+                                                       state_dir):
+    mpiexec = fake_mpiexec(tmp_path, 'echo "rank 1 failed: boom ($*)"\necho "last words"\n'
+                                     'exit 1\n')
+    runner = make_runner(mpiexec=mpiexec)
+    job_id = submit(store, runner, TINY_SPEC, max_restarts=2)
+    job = wait_state(store, job_id, S.FAILED)
+    assert job.restarts == 2 and job.exit_code == 1
+    assert states_of(store, job_id) == ["QUEUED", "RUNNING", "RESTARTING", "RUNNING",
+                                        "RESTARTING", "RUNNING", "FAILED"]
+    first_line, *rest = job.error.splitlines()
+    assert first_line.startswith("the worker group exited with code 1: rank 1 failed: boom")
+    assert first_line.endswith("(gave up after 2 restart(s))")
+    assert rest[-1] == "last words" and "--resume" in rest[-2]
+    log = (state_dir / "jobs" / job_id / "worker.log").read_text()
+    assert [line.split(" of job")[0] for line in log.splitlines() if line.startswith("====")] \
+        == ["==== dptrain: attempt 1", "==== dptrain: attempt 2", "==== dptrain: attempt 3"]
+
+
+def test_missing_heartbeats_end_the_group_and_count_as_failure(store, make_runner, tmp_path):
+    # Ignores SIGTERM like a rank stuck in a collective: SIGKILL must follow.
+    mpiexec = fake_mpiexec(tmp_path, "trap '' TERM\necho started\nwhile :; do sleep 0.1; done\n")
+    runner = make_runner(mpiexec=mpiexec, heartbeat_timeout=1.0, startup_grace=1.0,
+                         kill_grace=1.0)
+    job_id = submit(store, runner, TINY_SPEC, max_restarts=0)
+    job = wait_state(store, job_id, S.FAILED, timeout=30)
+    assert job.error.startswith("no heartbeat from the workers for")
+    assert job.exit_code == 128 + signal.SIGKILL
+    assert any("ending the worker group" in line for line in log_lines(store, job_id))
+
+
+def test_heartbeats_keep_a_job_alive(store, make_runner, tmp_path):
+    mpiexec = fake_mpiexec(tmp_path, "sleep 3\n")
+    runner = make_runner(mpiexec=mpiexec, heartbeat_timeout=1.0, startup_grace=1.0)
+    job_id = submit(store, runner, TINY_SPEC, max_restarts=0)
+    wait_state(store, job_id, S.RUNNING)
+    while store.get_job(job_id).state is S.RUNNING:  # what the servicer does on a report
+        try:
+            store.update_job(job_id, states=[S.RUNNING], heartbeat_at=time.time())
+        except StateConflict:
+            break
+        time.sleep(0.2)
+    assert wait_state(store, job_id, S.SUCCEEDED, S.FAILED).state is S.SUCCEEDED
+
+
+def test_cancel_queued_job_never_starts(store, make_runner, tmp_path):
+    mpiexec = fake_mpiexec(tmp_path, "sleep 2\n")
+    runner = make_runner(slots=2, mpiexec=mpiexec)
+    running = submit(store, runner, TINY_SPEC)
+    wait_state(store, running, S.RUNNING)
+    queued = submit(store, runner, spec(TINY_SPEC, name="queued"))
+    assert runner.cancel(queued).state is S.CANCELLED
+    assert wait_state(store, running, S.SUCCEEDED).state is S.SUCCEEDED
+    assert states_of(store, queued) == ["QUEUED", "CANCELLED"]
+    assert runner.cancel(queued).state is S.CANCELLED  # again: a no-op
+
+
+def test_log_lines_are_streamed_at_a_bounded_rate(store, make_runner, tmp_path, state_dir):
+    mpiexec = fake_mpiexec(tmp_path, 'i=0; while [ $i -lt 3000 ]; do echo "line $i"; '
+                                     'i=$((i+1)); done\n')
+    runner = make_runner(mpiexec=mpiexec, log_rate=10.0, log_burst=100)
+    job_id = submit(store, runner, TINY_SPEC)
+    assert wait_state(store, job_id, S.SUCCEEDED).state is S.SUCCEEDED
+    lines = log_lines(store, job_id)
+    assert lines[:3] == ["line 0", "line 1", "line 2"]
+    assert 100 <= len(lines) < 200
+    assert any("not streamed (rate limit)" in line for line in lines)
+    log = (state_dir / "jobs" / job_id / "worker.log").read_text().splitlines()
+    assert log[1:] == [f"line {i}" for i in range(3000)]  # the file keeps every line
+
+
+def test_graceful_stop_terminates_and_the_next_start_resumes(store, make_runner, tmp_path):
+    mpiexec = fake_mpiexec(tmp_path, 'case "$*" in *--resume*) exit 0;; esac\n'
+                                     "trap 'echo checkpointed; exit 143' TERM\n"
+                                     "while :; do sleep 0.1; done\n")
+    runner = make_runner(mpiexec=mpiexec)
+    job_id = submit(store, runner, TINY_SPEC, max_restarts=0)
+    wait_state(store, job_id, S.RUNNING)
+    time.sleep(0.3)
+    runner.stop()
+    job = store.get_job(job_id)
+    assert job.state is S.RESTARTING and job.restarts == 0 and job.exit_code == 143
+    assert "checkpointed" in log_lines(store, job_id)
+    make_runner(mpiexec=mpiexec)
+    job = wait_state(store, job_id, S.SUCCEEDED, S.FAILED)
+    assert job.state is S.SUCCEEDED and job.restarts == 0
+
+
+def test_second_runner_on_the_same_state_dir_is_refused(make_runner):
+    make_runner()
+    with pytest.raises(RuntimeError, match="another coordinator is using this state"):
+        make_runner()
+
+
+def test_recovery_after_coordinator_kill9(store, make_runner, tmp_path, state_dir):
+    # A first coordinator, in a child process, launches a job whose "workers" run until
+    # SIGTERM; we SIGKILL that coordinator, then start a runner on the same state directory.
+    mpiexec = fake_mpiexec(tmp_path, 'case "$*" in *--resume*) echo resumed; exit 0;; esac\n'
+                                     "trap 'echo terminated; exit 143' TERM\n"
+                                     "echo working\nwhile :; do sleep 0.1; done\n")
+    job_id = store.create_job(new_job("tiny", TINY_SPEC, workers=2)).id
+    queued = store.create_job(new_job("later", spec(TINY_SPEC, name="later"), workers=2)).id
+    code = (f"import time\nfrom coordinator.runner import JobRunner, RunnerSettings\n"
+            f"from coordinator.scheduler import Cluster\nfrom coordinator.store import "
+            f"SqliteStore\nstore = SqliteStore({str(state_dir / 'coordinator.db')!r})\n"
+            f"JobRunner(store, None, Cluster.local(3), None, RunnerSettings("
+            f"{str(state_dir)!r}, mpiexec={mpiexec!r}, heartbeat_timeout=None)).start()\n"
+            f"time.sleep(600)\n")
+    first = subprocess.Popen([sys.executable, "-c", code], start_new_session=True)
+    try:
+        wait_for(lambda: "working" in log_lines(store, job_id), 30, what="the first launch")
+    finally:
+        os.kill(first.pid, signal.SIGKILL)
+        first.wait()
+    orphan = read_run_record(JobPaths(state_dir / "jobs" / job_id).run)
+    assert processes_with_env(orphan["run_id"]), "the workers outlive a kill -9"
+    assert store.get_job(job_id).state is S.RUNNING
+    make_runner(slots=3, mpiexec=mpiexec)
+    assert store.get_job(queued).state is S.QUEUED  # recovery leaves queued jobs alone
+    job = wait_state(store, job_id, S.SUCCEEDED, S.FAILED)
+    assert job.state is S.SUCCEEDED and job.restarts == 0
+    assert not processes_with_env(orphan["run_id"])
+    lines = log_lines(store, job_id)
+    assert "resumed" in lines
+    log = (state_dir / "jobs" / job_id / "worker.log").read_text().splitlines()
+    assert log.index("terminated") < log.index("resumed")  # SIGTERM first: it checkpoints
+    assert any("found this job's workers still running" in line for line in lines)
+    assert states_of(store, job_id) == ["QUEUED", "RUNNING", "RESTARTING", "RUNNING",
+                                        "SUCCEEDED"]
+    assert wait_state(store, queued, S.RUNNING).started_at >= job.finished_at
+
+
+# ---------------------------------------------------------------- pieces
+
+def test_log_tail_returns_complete_lines_and_final_metrics(tmp_path):
+    path = tmp_path / "log"
+    path.write_bytes(b"header\n")
+    tail = LogTail(path, offset=7, keep=2)
+    with open(path, "ab") as f:
+        f.write(b"one\ntw")
+        f.flush()
+        assert tail.read() == ["one"]
+        f.write(b"o\r\nbar 10%\r\xffbar 100%\n{\"status\": \"completed\", \"step\": 3}\nend")
+        f.flush()
+        assert tail.read() == ["two", "\ufffdbar 100%", '{"status": "completed", "step": 3}']
+        assert tail.read(final=True) == ["end"]
+    assert list(tail.recent) == ['{"status": "completed", "step": 3}', "end"]
+    assert tail.final_metrics == {"status": "completed", "step": 3}
+
+
+def test_line_rate_limit_is_a_token_bucket():
+    now = [0.0]
+    limit = LineRateLimit(rate=10, burst=5, clock=lambda: now[0])
+    assert limit.admit(8) == 5 and limit.take_dropped() == 3 and limit.take_dropped() == 0
+    now[0] = 0.25
+    assert limit.admit(8) == 2
+    now[0] = 10.0
+    assert limit.admit(3) == 3 and limit.admit(3) == 2
+
+
+def test_worker_token_is_only_hashed(store, make_runner, tmp_path, state_dir):
+    out = tmp_path / "env.txt"
+    mpiexec = fake_mpiexec(tmp_path, f'env > {out}\necho "$*" >> {out}\n')
+    os.environ["DPTRAIN_TOKEN"] = "admin-secret"
+    try:
+        runner = make_runner(mpiexec=mpiexec)
+        job_id = submit(store, runner, TINY_SPEC)
+        job = wait_state(store, job_id, S.SUCCEEDED)
+    finally:
+        del os.environ["DPTRAIN_TOKEN"]
+    env = dict(line.split("=", 1) for line in out.read_text().splitlines()[:-1] if "=" in line)
+    assert hash_token(env["DPTRAIN_JOB_TOKEN"]) == job.token_hash
+    assert env["DPTRAIN_JOB_ID"] == job_id and "DPTRAIN_TOKEN" not in env
+    assert "DPTRAIN_COORDINATOR" not in env  # no server: console reporting only
+    assert env["DPTRAIN_JOB_TOKEN"] not in out.read_text().splitlines()[-1]
+    assert env["DPTRAIN_JOB_TOKEN"] not in (state_dir / "jobs" / job_id / "run.json").read_text()

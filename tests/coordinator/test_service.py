@@ -1,0 +1,722 @@
+"""The coordinator's gRPC API end to end over a REAL server on a loopback port: jobs, watching,
+validation, auth, checkpoints (real worker checkpoint directories), limits, health, reflection,
+TLS and metrics.
+
+No workers run here. The job runner is replaced by `RecordingRunner`, a test double at the
+scheduler boundary that only records the server's calls; where a test needs a running job it
+does what the runner does on launch: `_launch` moves the job to RUNNING with a fresh worker token.
+The end-to-end tests with real mpiexec workers are tests/coordinator/test_e2e_*.py.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import queue
+import shutil
+import subprocess
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+import safetensors.numpy
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+import engine
+from coordinator.auth import bearer_metadata
+from coordinator.client import Client, ClientError
+from coordinator.model import EventKind, Job, JobState, hash_token, new_token
+from coordinator.scheduler import Cluster
+from coordinator.server import ServerConfigError, serve
+from coordinator.worker_env import worker_environment
+from coordinator.worker_reporter import (
+    CoordinatorReporter,
+    WorkerClient,
+    fetch_resume_checkpoint,
+)
+from protos.dptrain.v1 import coordinator_pb2 as pb
+from protos.dptrain.v1 import coordinator_pb2_grpc as pb_grpc
+from worker.checkpoint import MODEL_FILE, read_checkpoint, verify_checkpoint, write_checkpoint
+
+SLOTS = 4
+MAX_CHECKPOINT_BYTES = 1 << 20
+SPEC = {
+    "name": "tiny", "model": {"name": "mlp", "args": {"in_features": 4, "hidden": [8],
+                                                     "num_classes": 3}},
+    "dataset": {"name": "synthetic", "args": {"n": 64, "features": 4, "classes": 3}},
+    "optimizer": {"name": "adam", "lr": 0.01}, "batch_size": 8, "max_steps": 20, "workers": 2,
+    "checkpoint": {"every_steps": 5, "keep": 3},
+}
+
+
+class RecordingRunner:
+    """Test double for the job runner: records what the server asks of it, launches nothing."""
+
+    def __init__(self, store, blobs, cluster, address, settings):
+        self.address, self.settings = address, settings
+        self.calls: list[tuple] = []
+
+    def start(self):
+        self.calls.append(("start",))
+
+    def stop(self):
+        self.calls.append(("stop",))
+
+    def wake(self):
+        self.calls.append(("wake",))
+
+    def cancel(self, job_id):
+        self.calls.append(("cancel", job_id))
+
+
+@pytest.fixture
+def data_root(tmp_path):
+    root = tmp_path / "data"
+    root.mkdir()
+    return root
+
+
+@pytest.fixture
+def server(tmp_path, data_root):
+    srv = serve(tmp_path / "state", port=0, runner_factory=RecordingRunner,
+                cluster=Cluster.local(SLOTS), data_roots=[data_root], metrics_port=0,
+                max_checkpoint_bytes=MAX_CHECKPOINT_BYTES)
+    try:
+        yield srv
+    finally:
+        srv.stop(grace=0)
+
+
+@pytest.fixture
+def client(server):
+    with Client(server.address, token=server.token, timeout=10) as c:
+        yield c
+
+
+def _launch(server, job_id) -> str:
+    """What the runner does when it starts a job: RUNNING, with a fresh worker token."""
+    token = new_token()
+    server.store.transition(job_id, JobState.QUEUED, JobState.RUNNING,
+                            token_hash=hash_token(token), placement={"localhost": 2})
+    return token
+
+
+def _running_job(server, client):
+    """A job the (simulated) runner has launched, and a client holding its worker token."""
+    job = client.submit_job(SPEC)
+    token = _launch(server, job.id)
+    worker = WorkerClient(server.address, job.id, token)
+    worker.token = token
+    return job, worker
+
+
+def _checkpoint(root, step, *, width=8, seed=0):
+    """A real worker checkpoint directory (worker.checkpoint.write_checkpoint)."""
+    engine.manual_seed(seed)
+    model = engine.nn.Sequential(engine.nn.Linear(4, width), engine.nn.ReLU(),
+                                 engine.nn.Linear(width, 3))
+    optimizer = engine.optim.Adam(model.parameters(), lr=0.01)
+    loss = model(engine.randn(5, 4)).square().mean()
+    loss.backward()
+    optimizer.step()
+    info = {"epoch": 0, "position": step, "metrics": {"loss": 0.5 + step},
+            "rng": {"engine": [engine.get_rng_state()]}, "spec": SPEC, "scheduler": None}
+    path = write_checkpoint(root, step, model.state_dict(), optimizer.state_dict(), info)
+    return path, {k: v.numpy() for k, v in model.state_dict().items()}
+
+
+def _sha256(path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def _blob_path(server, sha256) -> Path:
+    return server.blobs.root / sha256[:2] / sha256[2:]
+
+
+def _code(info) -> str:
+    return info.value.code
+
+
+# ---------------------------------------------------------------- jobs
+
+def test_submit_queues_the_job_and_wakes_the_runner(server, client):
+    job = client.submit_job(SPEC, priority=3, max_restarts=1, time_limit=60)
+    assert job.id.startswith("j-") and job.state is JobState.QUEUED
+    assert (job.name, job.workers, job.priority, job.max_restarts, job.time_limit) == (
+        "tiny", 2, 3, 1, 60.0)
+    assert job.spec["optimizer"]["betas"] == [0.9, 0.999]  # defaults filled in by the server
+    assert server.runner.calls == [("start",), ("wake",)]
+    assert client.get_job(job.id) == job
+    stored = server.store.get_job(job.id)
+    assert stored.state is JobState.QUEUED and stored.spec == job.spec
+
+
+def test_submit_a_job_file(client):
+    job = client.submit_job(Path(__file__).resolve().parents[2] / "examples/digits_mlp.yaml")
+    assert (job.name, job.workers, job.max_restarts) == ("digits-mlp", 2, 3)
+
+
+def test_get_unknown_job_is_not_found(client):
+    with pytest.raises(ClientError) as info:
+        client.get_job("j-000000000000")
+    assert _code(info) == "NOT_FOUND" and "j-000000000000" in str(info.value)
+
+
+def test_list_jobs_pages_newest_first_and_filters_by_state(client):
+    ids = [client.submit_job({**SPEC, "name": f"job{i}"}).id for i in range(5)]
+    for job_id in ids[1:3]:
+        client.cancel_job(job_id)
+    seen, token, pages = [], "", 0
+    while True:
+        page, token = client.list_jobs(page_size=2, page_token=token)
+        pages += 1
+        assert len(page) <= 2
+        seen += [j.id for j in page]
+        if not token:
+            break
+    assert seen == ids[::-1] and pages == 3
+    cancelled, _ = client.list_jobs(states=[JobState.CANCELLED])
+    assert [j.id for j in cancelled] == [ids[2], ids[1]]
+    queued = [j.id for j in client.iter_jobs(states=["QUEUED"], page_size=1)]
+    assert queued == [ids[4], ids[3], ids[0]]
+    with pytest.raises(ClientError) as info:
+        client.list_jobs(page_token="not-a-token")
+    assert _code(info) == "INVALID_ARGUMENT" and "page_token" in str(info.value)
+
+
+def test_cancel_queued_job_then_again_then_a_finished_one(server, client):
+    job = client.submit_job(SPEC)
+    cancelled = client.cancel_job(job.id)
+    assert cancelled.state is JobState.CANCELLED and cancelled.finished_at is not None
+    assert ("cancel", job.id) in server.runner.calls
+    assert client.cancel_job(job.id).state is JobState.CANCELLED  # idempotent
+    done = client.submit_job(SPEC)
+    _launch(server, done.id)
+    server.store.transition(done.id, JobState.RUNNING, JobState.SUCCEEDED, exit_code=0)
+    with pytest.raises(ClientError) as info:
+        client.cancel_job(done.id)
+    assert _code(info) == "FAILED_PRECONDITION" and "SUCCEEDED" in str(info.value)
+
+
+def test_cancel_running_job_records_it_and_asks_the_runner_to_end_it(server, client):
+    job, _ = _running_job(server, client)
+    assert client.cancel_job(job.id).state is JobState.CANCELLED
+    assert server.runner.calls[-1] == ("cancel", job.id)
+
+
+# ---------------------------------------------------------------- watching
+
+def _consume(iterator, items: queue.Queue):
+    try:
+        for item in iterator:
+            items.put(item)
+        items.put("END")
+    except ClientError as e:
+        items.put(e)
+
+
+def _take(items: queue.Queue, n: int) -> list:
+    return [items.get(timeout=10) for _ in range(n)]
+
+
+def test_late_watcher_gets_current_state_then_new_events(server, client):
+    job, worker = _running_job(server, client)
+    with worker:
+        worker.report_progress([("metrics", {"step": 1, "loss": 2.0})])
+        items: queue.Queue = queue.Queue()
+        thread = threading.Thread(target=_consume, args=(client.watch_job(job.id), items))
+        thread.start()
+        first, *history = _take(items, 4)
+        assert isinstance(first, Job) and first.state is JobState.RUNNING
+        assert first.last_step == 1 and first.metrics["loss"] == 2.0
+        assert [(e.seq, e.kind) for e in history] == [
+            (1, EventKind.STATE), (2, EventKind.STATE), (3, EventKind.METRICS)]
+        assert history[1].payload == {"state": "RUNNING", "previous": "QUEUED"}
+        # Appended through the WorkerService while the watch is open:
+        worker.report_progress([("metrics", {"step": 2, "loss": 1.5, "accuracy": 0.5}),
+                                ("log", {"line": "hello from rank 0", "rank": 0})])
+        metrics, line = _take(items, 2)
+        assert (metrics.seq, metrics.payload) == (4, {"step": 2, "loss": 1.5, "accuracy": 0.5})
+        assert (line.seq, line.payload) == (5, {"line": "hello from rank 0", "rank": 0})
+        server.store.transition(job.id, JobState.RUNNING, JobState.SUCCEEDED, exit_code=0)
+        final, end = _take(items, 2)
+        assert final.payload == {"state": "SUCCEEDED", "previous": "RUNNING", "exit_code": 0}
+        assert end == "END"
+        thread.join(timeout=10)
+    # A watcher that already saw up to seq 4 gets the job, then only what came after.
+    later = list(client.watch_job(job.id, after_seq=4))
+    assert isinstance(later[0], Job) and later[0].state is JobState.SUCCEEDED
+    assert [e.seq for e in later[1:]] == [5, 6]
+
+
+def test_watch_unknown_job_is_not_found(client):
+    with pytest.raises(ClientError) as info:
+        next(client.watch_job("j-000000000000"))
+    assert _code(info) == "NOT_FOUND"
+
+
+def test_stopping_the_server_ends_open_watches(tmp_path):
+    srv = serve(tmp_path / "state", port=0, cluster=Cluster.local(SLOTS))
+    with Client(srv.address, token=srv.token) as c:
+        job = c.submit_job(SPEC)
+        items: queue.Queue = queue.Queue()
+        thread = threading.Thread(target=_consume, args=(c.watch_job(job.id), items))
+        thread.start()
+        _take(items, 2)  # the job and its QUEUED event
+        started = time.monotonic()
+        srv.stop(grace=5)
+        thread.join(timeout=10)
+        assert not thread.is_alive() and time.monotonic() - started < 5
+        last = items.get(timeout=1)  # the stream ended, cleanly or as UNAVAILABLE/CANCELLED
+        assert last == "END" or (isinstance(last, ClientError)
+                                 and last.code in ("UNAVAILABLE", "CANCELLED")), last
+
+
+# ---------------------------------------------------------------- validation
+
+@pytest.mark.parametrize("change, field", [
+    ({"optimizer": {"name": "adam", "lr": -0.1}}, "optimizer.lr"),
+    ({"model": {"name": "no-such-model"}}, "model.name"),
+    ({"model": {"name": "mlp", "args": {"widht": 3}}}, "model.args.widht"),
+    ({"dataset": {"name": "imagenet"}}, "dataset.name"),
+    ({"batch_size": 9}, "batch_size"),
+    ({"device": "tpu"}, "device"),
+    ({"checkpoint": {"keep": 0}}, "checkpoint.keep"),
+    ({"name": "bad name!"}, "name"),
+    ({"max_steps": None}, "epochs"),
+])
+def test_bad_specs_are_invalid_argument_naming_the_field(client, change, field):
+    with pytest.raises(ClientError) as info:
+        client.submit_job({**SPEC, **change})
+    assert _code(info) == "INVALID_ARGUMENT"
+    assert f"{field}:" in info.value.details
+
+
+def test_spec_checks_happen_on_the_server(server):
+    # A client in another language sends whatever it likes; the server names the field.
+    with grpc.insecure_channel(server.address) as channel:
+        stub = pb_grpc.CoordinatorStub(channel)
+        bad = pb.JobSpec(name="x", model=pb.ModelSpec(name="mlp", args_json="[1]"))
+        with pytest.raises(grpc.RpcError) as info:
+            stub.SubmitJob(pb.SubmitJobRequest(spec=bad), metadata=bearer_metadata(server.token))
+        assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+        assert info.value.details().startswith("model.args: must be a JSON object")
+        with pytest.raises(grpc.RpcError) as info:
+            stub.SubmitJob(pb.SubmitJobRequest(), metadata=bearer_metadata(server.token))
+        assert info.value.details().startswith("spec: is required")
+
+
+def test_type_errors_are_caught_before_sending(client):
+    with pytest.raises(ClientError) as info:
+        client.submit_job({**SPEC, "batch_size": "8"})
+    assert str(info.value) == "INVALID_ARGUMENT: batch_size: must be an integer, got '8'"
+
+
+def test_more_workers_than_the_cluster_has_is_refused(client):
+    with pytest.raises(ClientError) as info:
+        client.submit_job({**SPEC, "workers": SLOTS + 4, "batch_size": 8 * (SLOTS + 4)})
+    assert str(info.value) == ("INVALID_ARGUMENT: workers: must be at most the cluster's "
+                               "capacity of 4 slots, got 8")
+
+
+def test_data_paths_must_lie_inside_the_data_roots(client, data_root, tmp_path):
+    def npz(path):
+        return {**SPEC, "dataset": {"name": "npz", "args": {"path": path}}}
+
+    assert client.submit_job(npz(str(data_root / "train.npz"))).state is JobState.QUEUED
+    outside = tmp_path / "secret.npz"
+    link = data_root / "escape.npz"
+    link.symlink_to(outside)
+    for path, rule in [(str(outside), "must lie inside a data root"),
+                       ("/etc/passwd", "must lie inside a data root"),
+                       (str(data_root / ".." / "secret.npz"), "must lie inside a data root"),
+                       (str(link), "must lie inside a data root"),
+                       ("data/train.npz", "must be an absolute path")]:
+        with pytest.raises(ClientError) as info:
+            client.submit_job(npz(path))
+        assert _code(info) == "INVALID_ARGUMENT", path
+        assert info.value.details.startswith(f"dataset.args.path: {rule}"), path
+    images = {**SPEC, "dataset": {"name": "idx", "args": {"images": str(data_root / "i"),
+                                                          "labels": "/tmp/labels"}}}
+    with pytest.raises(ClientError, match="dataset.args.labels"):
+        client.submit_job(images)
+
+
+def test_a_payload_over_the_message_limit_is_resource_exhausted(server, client):
+    huge = {**SPEC, "model": {"name": "mlp", "args": {"note": "x" * (5 << 20)}}}
+    with pytest.raises(ClientError) as info:  # our client refuses to send it
+        client.submit_job(huge)
+    assert _code(info) == "RESOURCE_EXHAUSTED"
+    options = [("grpc.max_send_message_length", -1)]  # a client without our limits
+    with grpc.insecure_channel(server.address, options=options) as channel:
+        request = pb.SubmitJobRequest(spec=pb.JobSpec(name="x" * (5 << 20)))
+        with pytest.raises(grpc.RpcError) as rpc_info:
+            pb_grpc.CoordinatorStub(channel).SubmitJob(
+                request, metadata=bearer_metadata(server.token), timeout=10)
+        assert rpc_info.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+# ---------------------------------------------------------------- auth
+
+def test_no_token_or_a_wrong_one_is_unauthenticated(server):
+    for token in (None, "wrong"):
+        with Client(server.address, token=token) as anonymous:
+            with pytest.raises(ClientError) as info:
+                anonymous.list_jobs()
+            assert _code(info) == "UNAUTHENTICATED"
+            assert anonymous.health() == "SERVING"  # health needs no token
+
+
+def test_token_file_is_private_and_read_by_the_client(server, tmp_path):
+    path = tmp_path / "state" / "token"
+    assert path.read_text().strip() == server.token
+    assert (path.stat().st_mode & 0o777) == 0o600
+    with Client(server.address, state_dir=tmp_path / "state") as c:
+        assert c.list_jobs() == ([], "")
+
+
+def test_worker_tokens_act_only_on_their_own_job(server, client):
+    job_a, worker_a = _running_job(server, client)
+    job_b, worker_b = _running_job(server, client)
+    with worker_a, worker_b:
+        assert worker_a.heartbeat() is JobState.RUNNING
+        with pytest.raises(ClientError) as info:  # the Coordinator service: never
+            worker_a.get_job(job_a.id)
+        assert _code(info) == "PERMISSION_DENIED"
+        other = WorkerClient(server.address, job_a.id, worker_a.token)
+        other.job_id = job_b.id  # A's token, asking about B
+        with other, pytest.raises(ClientError) as info:
+            other.report_progress([("log", {"line": "not mine"})])
+        assert _code(info) == "PERMISSION_DENIED" and job_b.id in str(info.value)
+        stolen = WorkerClient(server.address, job_b.id, worker_a.token)
+        with stolen, pytest.raises(ClientError) as info:  # A's token claiming to be B's
+            stolen.heartbeat()
+        assert _code(info) == "UNAUTHENTICATED"
+    assert [e.kind for e in server.store.events(job_b.id)] == [EventKind.STATE] * 2
+
+
+def test_progress_for_a_job_that_is_not_running_is_refused(server, client):
+    job, worker = _running_job(server, client)
+    client.cancel_job(job.id)
+    with worker, pytest.raises(ClientError) as info:
+        worker.report_progress([("metrics", {"step": 3, "loss": 1.0})])
+    assert _code(info) == "FAILED_PRECONDITION"
+
+
+# ---------------------------------------------------------------- checkpoints
+
+def test_checkpoint_upload_list_and_download(server, client, tmp_path):
+    job, worker = _running_job(server, client)
+    path, arrays = _checkpoint(tmp_path / "ckpt", 5)
+    manifest = verify_checkpoint(path)
+    with worker:
+        record = worker.upload_checkpoint(path)
+    assert record.step == 5 and record.sha256 == _sha256(Path(path) / "manifest.json")
+    listed = client.list_checkpoints(job.id)
+    assert [c.step for c in listed] == [5]
+    assert listed[0].manifest["files"] == manifest["files"]
+    assert listed[0].size == sum(f.stat().st_size for f in Path(path).iterdir())
+    events = [e for e in server.store.events(job.id) if e.kind is EventKind.CHECKPOINT]
+    assert events[0].payload == {"step": 5, "sha256": record.sha256, "size": listed[0].size}
+
+    got = client.download_checkpoint(job.id, dest=tmp_path / "model.safetensors")
+    assert got.step == 5 and got.sha256 == manifest["files"][MODEL_FILE]["sha256"]
+    assert _sha256(got.path) == _sha256(Path(path) / MODEL_FILE)
+    loaded = engine.load(got.path)
+    by_library = safetensors.numpy.load_file(str(got.path))
+    assert list(loaded) == list(arrays) and sorted(by_library) == sorted(arrays)
+    for name, array in arrays.items():
+        np.testing.assert_array_equal(loaded[name].numpy(), array)
+        np.testing.assert_array_equal(by_library[name], array)
+    opt = client.download_checkpoint(job.id, step=5, file="optimizer.safetensors",
+                                     dest=tmp_path)
+    assert opt.path == tmp_path / "optimizer.safetensors"
+    assert _sha256(opt.path) == manifest["files"]["optimizer.safetensors"]["sha256"]
+    with pytest.raises(ClientError) as info:
+        client.download_checkpoint(job.id, step=6, dest=tmp_path)
+    assert _code(info) == "NOT_FOUND"
+    with pytest.raises(ClientError) as info:
+        client.download_checkpoint(job.id, file="../../token", dest=tmp_path)
+    assert _code(info) == "INVALID_ARGUMENT"
+
+
+def test_corrupted_blob_is_data_loss_and_resume_falls_back(server, client, tmp_path):
+    job, worker = _running_job(server, client)
+    with worker:
+        for step in (5, 10):
+            worker.upload_checkpoint(_checkpoint(tmp_path / "ckpt", step, seed=step)[0])
+    newest = client.list_checkpoints(job.id)[-1]
+    blob = _blob_path(server, newest.manifest["files"][MODEL_FILE]["sha256"])
+    data = bytearray(blob.read_bytes())
+    data[-1] ^= 0xFF
+    blob.write_bytes(bytes(data))
+
+    with pytest.raises(ClientError) as info:
+        client.download_checkpoint(job.id, step=10, dest=tmp_path / "m.safetensors")
+    assert _code(info) == "DATA_LOSS" and "corrupted" in str(info.value)
+    assert not (tmp_path / "m.safetensors").exists()
+    assert client.download_checkpoint(job.id, dest=tmp_path / "m.safetensors").step == 5
+
+    env = worker_environment(server.address, job.id, worker.token)
+    resume_dir = tmp_path / "resume"
+    path = fetch_resume_checkpoint(resume_dir, env)
+    assert Path(path) == resume_dir / "step-00000005"
+    assert read_checkpoint(path).step == 5  # verified, loadable by the worker's resume code
+    assert sorted(os.listdir(resume_dir)) == ["step-00000005"]
+    assert fetch_resume_checkpoint(resume_dir, env) == path  # an intact copy is kept
+    logs = [e.payload["line"] for e in server.store.events(job.id) if e.kind is EventKind.LOG]
+    assert any("step 10 is damaged" in line for line in logs)
+
+
+def test_fetch_without_checkpoints_returns_none(server, client, tmp_path):
+    job, worker = _running_job(server, client)
+    with worker:
+        assert worker.fetch_checkpoint(tmp_path / "resume") is None
+
+
+def test_upload_with_a_bad_file_stores_nothing(server, client, tmp_path):
+    job, worker = _running_job(server, client)
+    path, _ = _checkpoint(tmp_path / "ckpt", 5)
+    model = Path(path) / MODEL_FILE
+    model.write_bytes(model.read_bytes()[:-1] + b"\0")  # differs from its manifest entry
+    with worker, pytest.raises(ClientError) as info:
+        worker.upload_checkpoint(path)
+    assert _code(info) == "DATA_LOSS"
+    assert client.list_checkpoints(job.id) == []
+
+
+def test_checkpoint_over_the_size_limit_is_resource_exhausted(server, client, tmp_path):
+    job, worker = _running_job(server, client)
+    path, _ = _checkpoint(tmp_path / "ckpt", 5, width=1 << 16)  # model file > 1 MiB
+    assert (Path(path) / MODEL_FILE).stat().st_size > MAX_CHECKPOINT_BYTES
+    with worker, pytest.raises(ClientError) as info:
+        worker.upload_checkpoint(path)
+    assert _code(info) == "RESOURCE_EXHAUSTED"
+    assert client.list_checkpoints(job.id) == []
+
+
+def test_retention_keeps_the_newest_checkpoints(server, client, tmp_path):
+    job, worker = _running_job(server, client)  # checkpoint.keep is 3
+    with worker:
+        for step in (5, 10, 15, 20):
+            worker.upload_checkpoint(_checkpoint(tmp_path / "ckpt", step, seed=step)[0])
+        assert [c.step for c in client.list_checkpoints(job.id)] == [10, 15, 20]
+        # The same step uploaded again (a resumed run) replaces the stored one.
+        again = worker.upload_checkpoint(_checkpoint(tmp_path / "again", 20, seed=99)[0])
+    listed = client.list_checkpoints(job.id)
+    assert [c.step for c in listed] == [10, 15, 20] and listed[-1].sha256 == again.sha256
+
+
+# ---------------------------------------------------------------- the reporter
+
+def test_reporter_sends_progress_heartbeats_and_checkpoints(server, client, tmp_path):
+    job, worker = _running_job(server, client)
+    lines: list[str] = []
+    reporter = CoordinatorReporter(worker, step_interval=0.0, flush_interval=0.05,
+                                   heartbeat_interval=0.1, log=lines.append)
+    try:
+        reporter.on_start({"name": "tiny", "world_size": 2, "start_step": 0, "total_steps": 20,
+                           "steps_per_epoch": 7, "resumed_from": None})
+        for step in range(1, 4):
+            reporter.on_step(step, {"epoch": 0, "loss": 1.0 / step, "accuracy": 0.1 * step,
+                                    "lr": 0.01, "samples": 8 * step, "samples_per_s": 100.0})
+        reporter.on_eval(3, {"val_loss": 0.75, "val_accuracy": 0.5, "val_samples": 16})
+        reporter.on_log("a message")
+        path, _ = _checkpoint(tmp_path / "ckpt", 3)
+        reporter.on_checkpoint(3, path)
+        first_beat = server.store.get_job(job.id).heartbeat_at
+        deadline = time.monotonic() + 5
+        while server.store.get_job(job.id).heartbeat_at == first_beat:  # nothing to report:
+            assert time.monotonic() < deadline, "no heartbeat"      # heartbeats go on
+            time.sleep(0.05)
+        reporter.on_end({"status": "completed", "step": 3, "loss": 0.33, "accuracy": 0.3})
+    finally:
+        reporter.close()
+    assert lines == []
+    events = server.store.events(job.id)
+    metrics = [e.payload for e in events if e.kind is EventKind.METRICS]
+    assert metrics[0] == {"step": 0, "total_steps": 20, "start_step": 0, "steps_per_epoch": 7,
+                          "world_size": 2}
+    assert [m["step"] for m in metrics[1:4]] == [1, 2, 3] and metrics[3]["loss"] == 1 / 3
+    assert metrics[4] == {"step": 3, "val_loss": 0.75, "val_accuracy": 0.5, "val_samples": 16}
+    assert metrics[-1]["status"] == "completed"
+    assert {"line": "a message", "rank": 0} in [e.payload for e in events
+                                                if e.kind is EventKind.LOG]
+    assert [e.payload["step"] for e in events if e.kind is EventKind.CHECKPOINT] == [3]
+    stored = server.store.get_job(job.id)
+    assert stored.last_step == 3 and stored.metrics["total_steps"] == 20
+    assert stored.metrics["val_accuracy"] == 0.5
+
+
+def test_reporter_stops_quietly_when_the_job_is_cancelled(server, client):
+    job, worker = _running_job(server, client)
+    lines: list[str] = []
+    reporter = CoordinatorReporter(worker, flush_interval=0.05, log=lines.append)
+    client.cancel_job(job.id)
+    reporter.on_log("too late")
+    reporter.on_step(1, {"loss": 1.0})
+    reporter.close()
+    assert len(lines) == 1 and "FAILED_PRECONDITION" in lines[0]
+
+
+def test_heartbeats_pause_when_training_makes_no_progress(server, client):
+    # A rank stuck in a hung collective must stop heartbeating, so the runner's heartbeat
+    # timeout can end the job.
+    job, worker = _running_job(server, client)
+    launched_at = server.store.get_job(job.id).heartbeat_at
+    lines: list[str] = []
+    reporter = CoordinatorReporter(worker, flush_interval=0.02, heartbeat_interval=0.05,
+                                   stall_timeout=0.5, log=lines.append)
+    try:
+        deadline = time.monotonic() + 5
+        while not lines:
+            assert time.monotonic() < deadline, "heartbeats never paused"
+            time.sleep(0.05)
+        assert "heartbeats paused" in lines[0]
+        paused_at = server.store.get_job(job.id).heartbeat_at
+        assert paused_at > launched_at  # it did heartbeat before the stall
+        time.sleep(0.3)
+        assert server.store.get_job(job.id).heartbeat_at == paused_at
+        reporter.on_step(1, {"loss": 1.0})  # progress again: reports and heartbeats resume
+        deadline = time.monotonic() + 5
+        while server.store.get_job(job.id).heartbeat_at == paused_at:
+            assert time.monotonic() < deadline, "heartbeats did not resume"
+            time.sleep(0.02)
+    finally:
+        reporter.close()
+
+
+def test_reporter_survives_an_unreachable_coordinator():
+    lines: list[str] = []
+    client = WorkerClient("127.0.0.1:1", "j-000000000000", "token", timeout=5)
+    reporter = CoordinatorReporter(client, flush_interval=0.05, log=lines.append)
+    started = time.monotonic()
+    reporter.on_step(1, {"loss": 1.0})
+    reporter.on_log("nobody is listening")
+    reporter.on_end({"status": "completed", "step": 1})
+    reporter.close()
+    assert time.monotonic() - started < 10
+    assert len(lines) == 1 and "UNAVAILABLE" in lines[0] and "127.0.0.1:1" in lines[0]
+
+
+# ---------------------------------------------------------------- the server itself
+
+def test_health_and_reflection(server, client):
+    assert client.health() == "SERVING"
+    assert client.health("dptrain.v1.Coordinator") == "SERVING"
+    assert client.health("dptrain.v1.WorkerService") == "SERVING"
+    with grpc.insecure_channel(server.address) as channel:
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        request = reflection_pb2.ServerReflectionRequest(list_services="")
+        responses = stub.ServerReflectionInfo(iter([request]),
+                                              metadata=bearer_metadata(server.token))
+        names = {s.name for s in next(responses).list_services_response.service}
+        assert {"dptrain.v1.Coordinator", "dptrain.v1.WorkerService", "grpc.health.v1.Health",
+                "grpc.reflection.v1alpha.ServerReflection"} <= names
+        request = reflection_pb2.ServerReflectionRequest(
+            file_containing_symbol="dptrain.v1.Coordinator")
+        response = next(stub.ServerReflectionInfo(iter([request]),
+                                                  metadata=bearer_metadata(server.token)))
+        assert response.file_descriptor_response.file_descriptor_proto
+        with pytest.raises(grpc.RpcError) as info:
+            next(stub.ServerReflectionInfo(iter([request])))
+        assert info.value.code() is grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_listening_beyond_loopback_needs_tls(tmp_path):
+    with pytest.raises(ServerConfigError, match="refusing to listen on 0.0.0.0 without TLS"):
+        serve(tmp_path / "state", host="0.0.0.0", port=0)
+    with pytest.raises(ServerConfigError, match="both a certificate and its private key"):
+        serve(tmp_path / "state", port=0, tls_cert=tmp_path / "cert.pem")
+
+
+def test_a_taken_port_is_a_clear_error(server, tmp_path):
+    with pytest.raises(ServerConfigError, match=f"cannot listen on 127.0.0.1:{server.port}"):
+        serve(tmp_path / "other", port=server.port)
+
+
+def _self_signed(directory: Path) -> tuple[Path, Path]:
+    cert, key = directory / "cert.pem", directory / "key.pem"
+    try:
+        from cryptography import x509  # noqa: F401 - preferred when installed
+    except ImportError:
+        if shutil.which("openssl") is None:
+            pytest.skip("neither the cryptography package nor the openssl command is "
+                        "available to make a self-signed certificate")
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+                        "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", str(key), "-out",
+                        str(cert), "-days", "1", "-subj", "/CN=localhost", "-addext",
+                        "subjectAltName=DNS:localhost,IP:127.0.0.1"],
+                       check=True, capture_output=True, timeout=60)
+        return cert, key
+    import datetime
+    import ipaddress
+
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    private = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    certificate = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+                   .public_key(private.public_key()).serial_number(x509.random_serial_number())
+                   .not_valid_before(now - datetime.timedelta(minutes=5))
+                   .not_valid_after(now + datetime.timedelta(days=1))
+                   .add_extension(x509.SubjectAlternativeName(
+                       [x509.DNSName("localhost"),
+                        x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+                   .sign(private, hashes.SHA256()))
+    cert.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    key.write_bytes(private.private_bytes(serialization.Encoding.PEM,
+                                          serialization.PrivateFormat.PKCS8,
+                                          serialization.NoEncryption()))
+    return cert, key
+
+
+def test_tls_with_a_self_signed_certificate(tmp_path):
+    cert, key = _self_signed(tmp_path)
+    srv = serve(tmp_path / "state", port=0, tls_cert=cert, tls_key=key)
+    try:
+        assert srv.settings.tls_ca == cert.resolve()
+        with Client(srv.address, token=srv.token, tls_ca=cert) as secure:
+            assert secure.health() == "SERVING"
+            assert secure.submit_job(SPEC).state is JobState.QUEUED
+        with Client(srv.address, token=srv.token, timeout=2) as plaintext:
+            with pytest.raises(ClientError) as info:
+                plaintext.list_jobs()
+            assert _code(info) == "UNAVAILABLE"
+    finally:
+        srv.stop(grace=0)
+
+
+def test_metrics_endpoint(server, client, tmp_path):
+    client.submit_job(SPEC)
+    job, worker = _running_job(server, client)
+    with worker:
+        worker.upload_checkpoint(_checkpoint(tmp_path / "ckpt", 5)[0])
+    client.download_checkpoint(job.id, dest=tmp_path / "m.safetensors")
+    with pytest.raises(ClientError):
+        client.get_job("j-000000000000")
+    url = f"http://127.0.0.1:{server.metrics_port}/metrics"
+    with urllib.request.urlopen(url, timeout=10) as response:
+        assert response.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+        text = response.read().decode()
+    assert 'dptrain_jobs{state="QUEUED"} 1' in text
+    assert 'dptrain_jobs{state="RUNNING"} 1' in text
+    assert "dptrain_queue_length 1" in text
+    assert 'dptrain_rpc_duration_seconds_count{method="/dptrain.v1.Coordinator/SubmitJob"} 2' \
+        in text
+    assert 'dptrain_rpc_duration_seconds_bucket{method="/dptrain.v1.Coordinator/GetJob",' \
+        'le="+Inf"} 1' in text
+    assert ('dptrain_rpc_requests_total{method="/dptrain.v1.Coordinator/GetJob",'
+            'code="NOT_FOUND"} 1') in text
+    model_size = (tmp_path / "m.safetensors").stat().st_size
+    served = int(text.split('dptrain_checkpoint_bytes_total{direction="served"} ')[1].split()[0])
+    stored = int(text.split('dptrain_checkpoint_bytes_total{direction="stored"} ')[1].split()[0])
+    assert served == model_size
+    assert stored == client.list_checkpoints(job.id)[0].size
