@@ -1,6 +1,6 @@
 """Coordinator benchmark: RPC latency under load, watch fan-out, checkpoint transfer rates.
 
-    .venv/bin/python bench/coordinator.py
+    env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE .venv/bin/python bench/coordinator.py
 
 The coordinator runs in a child process (a real gRPC server on loopback with its SQLite store,
 no runner: submitted jobs stay queued), so its threads do not share a GIL with the clients.
@@ -270,11 +270,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=15, help="fan-out events")
     parser.add_argument("--size-mib", type=int, default=64, help="checkpoint file size")
     parser.add_argument("--transfers", type=int, default=5, help="upload/download rounds")
-    parser.add_argument("--serve-child", nargs=2, metavar=("STATE_DIR", "TOKEN"),
-                        help=argparse.SUPPRESS)
+    parser.add_argument("--serve-child", metavar="STATE_DIR", help=argparse.SUPPRESS)
+    parser.add_argument("--worker-token", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve_child:
-        serve_child(*args.serve_child)
+        serve_child(args.serve_child, args.worker_token)
         return
     from coordinator.model import new_token
 
@@ -283,7 +283,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="dptrain-bench-") as tmp:
         work = Path(tmp)
         server = subprocess.Popen(
-            [sys.executable, __file__, "--serve-child", str(work / "state"), worker_token],
+            # --worker-token=...: a token may start with "-", which argparse would take for
+            # an option if it came as a separate argument.
+            [sys.executable, __file__, "--serve-child", str(work / "state"),
+             f"--worker-token={worker_token}"],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         try:
             info = json.loads(server.stdout.readline())

@@ -1,16 +1,17 @@
-"""Checkpoint blobs on disk, content-addressed by sha256: `BlobStore`, and checkpoint retention.
+"""Checkpoint blobs on disk, content-addressed by sha256: `BlobStore`.
 
 A blob is stored under its digest, ``ROOT/ab/cdef…`` (the first two hex digits name a shard
 directory, so no directory grows huge). `BlobStore.put` writes to a temporary file in
 ``ROOT/tmp/``, hashing as it goes, fsyncs it, checks the digest the sender declared, renames it
 into place and fsyncs the directory: a blob is visible only once complete and durable, and a
-failed or refused upload leaves nothing behind. Reads verify the digest, so a blob damaged on disk
-raises `BlobCorrupted` and the caller falls back to the job's previous checkpoint
-(`latest_intact_checkpoint`).
+failed or refused upload leaves nothing behind. Reads verify the digest while streaming, so a
+blob damaged on disk raises `BlobCorrupted` after its last chunk (a download ends with
+DATA_LOSS instead of completing).
 
-Blobs know nothing of jobs; the store's checkpoint records point at them. Retention
-(`prune_checkpoints`) forgets a job's oldest records beyond its ``keep`` and deletes the blobs
-no record refers to any more; `BlobStore.collect_garbage` removes what a crash left behind.
+Blobs know nothing of jobs or checkpoints: which blobs a checkpoint consists of, which one is
+the newest intact checkpoint, retention and the set of referenced blobs are
+`coordinator.checkpoints`'s business. `BlobStore.collect_garbage` removes what nothing refers
+to any more and what a crash left behind, given that set.
 
 Example::
 
@@ -27,33 +28,24 @@ import os
 import re
 import tempfile
 import time
-from collections.abc import Callable, Container, Iterable, Iterator
+from collections.abc import Container, Iterable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from coordinator.errors import (
     BlobCorrupted,
-    BlobError,
     BlobNotFound,
     BlobTooLarge,
     ChecksumMismatch,
     ValidationError,
 )
+from coordinator.hashed_io import BytesLike, write_hashed
 from engine.serialization import fsync_directory
 
-if TYPE_CHECKING:
-    from coordinator.model import CheckpointRecord
-    from coordinator.store import Store
-
-__all__ = [
-    "BlobStore", "prune_checkpoints", "latest_intact_checkpoint", "check_sha256", "CHUNK_SIZE",
-]
+__all__ = ["BlobStore", "check_sha256", "CHUNK_SIZE"]
 
 CHUNK_SIZE = 1 << 20  # 1 MiB: well under gRPC's default 4 MiB message limit
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 _TMP = "tmp"
-
-BytesLike = bytes | bytearray | memoryview
 
 
 def check_sha256(value: object, field: str = "sha256") -> str:
@@ -117,19 +109,10 @@ class BlobStore:
         if isinstance(data, str):
             raise TypeError("data: must be bytes or an iterable of bytes chunks, got a str")
         chunks = [data] if isinstance(data, (bytes, bytearray, memoryview)) else data
-        digest, size = hashlib.sha256(), 0
         fd, tmp = tempfile.mkstemp(dir=self.root / _TMP, suffix=".tmp")
         try:
             with os.fdopen(fd, "wb") as f:
-                for chunk in chunks:
-                    size += len(chunk)
-                    if self.max_size is not None and size > self.max_size:
-                        raise BlobTooLarge(self.max_size)
-                    digest.update(chunk)
-                    f.write(chunk)
-                f.flush()
-                os.fsync(f.fileno())
-            sha256 = digest.hexdigest()
+                sha256, size = write_hashed(self._limited(chunks), f)
             if expected_sha256 is not None and sha256 != expected_sha256:
                 raise ChecksumMismatch(expected_sha256, sha256, size)
             final = self._path(sha256)
@@ -144,6 +127,15 @@ class BlobStore:
             raise
         fsync_directory(final.parent)
         return sha256, size
+
+    def _limited(self, chunks: Iterable[BytesLike]) -> Iterator[BytesLike]:
+        """`chunks`, raising `BlobTooLarge` before the first byte beyond ``max_size``."""
+        size = 0
+        for chunk in chunks:
+            size += len(chunk)
+            if self.max_size is not None and size > self.max_size:
+                raise BlobTooLarge(self.max_size)
+            yield chunk
 
     def delete(self, sha256: str) -> bool:
         """Remove a blob.
@@ -259,7 +251,8 @@ class BlobStore:
         recorded, or an upload in progress, is never removed.
 
         Args:
-            referenced: the digests to keep (``store.referenced_sha256s()``).
+            referenced: the digests to keep: every blob of every checkpoint record,
+                ``coordinator.checkpoints.referenced_blobs(store)``.
             min_age: seconds since a file's last modification before it may go.
             now: the current time (unix seconds); default the clock.
 
@@ -268,88 +261,25 @@ class BlobStore:
         """
         cutoff = (time.time() if now is None else now) - min_age
         for tmp in (self.root / _TMP).iterdir():
-            if tmp.stat().st_mtime <= cutoff:
+            if _modified(tmp) <= cutoff:
                 tmp.unlink(missing_ok=True)
         deleted = []
         for sha256 in list(self):
-            if sha256 not in referenced and self._path(sha256).stat().st_mtime <= cutoff:
+            if sha256 not in referenced and _modified(self._path(sha256)) <= cutoff:
                 if self.delete(sha256):
                     deleted.append(sha256)
         return deleted
 
-
-def prune_checkpoints(store: Store, blobs: BlobStore, job_id: str, keep: int, *,
-                      grace_s: float = 60.0) -> list[CheckpointRecord]:
-    """Retention: keep a job's newest `keep` checkpoints, forget the rest and free their blobs.
-
-    Records go first (so no one is offered a checkpoint whose blob is going), then each freed
-    blob that no other record refers to — unless it was written in the last `grace_s` seconds,
-    because another job may have just uploaded the same bytes and not yet recorded them;
-    `BlobStore.collect_garbage` removes such blobs later.
-
-    Args:
-        store: the job's store.
-        blobs: where its checkpoint blobs are.
-        job_id: the job.
-        keep: how many of the newest checkpoints to keep (>= 1; the spec's ``checkpoint.keep``).
-        grace_s: spare blobs modified this recently.
-
-    Returns:
-        The records removed, oldest first.
-
-    Raises:
-        ValidationError: naming ``checkpoint.keep``.
-        JobNotFound: no such job.
-    """
-    if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
-        raise ValidationError("checkpoint.keep", "must be an integer >= 1", keep)
-    records = store.list_checkpoints(job_id)
-    removed = []
-    for record in records[:-keep]:
-        try:
-            store.delete_checkpoint(job_id, record.step)
-        except LookupError:  # deleted meanwhile by someone else
-            continue
-        removed.append(record)
-    cutoff = time.time() - grace_s
-    for sha256 in dict.fromkeys(r.sha256 for r in removed):
-        if store.sha256_in_use(sha256):
-            continue
-        try:
-            if blobs._path(sha256).stat().st_mtime <= cutoff:
-                blobs.delete(sha256)
-        except FileNotFoundError:
-            pass
-    return removed
+    def modified(self, sha256: str) -> float:
+        """When the blob was last written (unix seconds); ``inf`` when it is missing."""
+        return _modified(self._path(sha256))
 
 
-def latest_intact_checkpoint(
-        store: Store, blobs: BlobStore, job_id: str, *,
-        on_damaged: Callable[[CheckpointRecord, BlobError], None] | None = None,
-) -> CheckpointRecord | None:
-    """The newest checkpoint of a job whose blob is present and verifies: what to resume from.
+def _modified(path: Path) -> float:
+    """A file's modification time; ``inf`` (never old enough to delete) when it is gone, e.g.
+    an upload's temporary file renamed into place meanwhile."""
+    try:
+        return path.stat().st_mtime
+    except FileNotFoundError:
+        return float("inf")
 
-    Damaged or missing blobs are skipped, newest first; `on_damaged` hears about each (to log
-    it, record an event, or delete the record).
-
-    Args:
-        store: the job's store.
-        blobs: where its checkpoint blobs are.
-        job_id: the job.
-        on_damaged: called with ``(record, error)`` for each checkpoint skipped.
-
-    Returns:
-        The record, or None when no checkpoint is intact.
-
-    Raises:
-        JobNotFound: no such job.
-    """
-    for record in reversed(store.list_checkpoints(job_id)):
-        try:
-            blobs.verify(record.sha256)
-        except (BlobCorrupted, BlobNotFound) as error:
-            if on_damaged is not None:
-                on_damaged(record, error)
-            continue
-        return record
-    return None

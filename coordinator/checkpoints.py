@@ -8,17 +8,17 @@ whose ``sha256`` names the ``manifest.json`` blob, whose ``size`` is the total o
 and whose ``manifest`` is the parsed manifest (``files: {name: {sha256, bytes}}``).
 
 A checkpoint is intact when every one of its blobs is present and hashes to its name; resuming
-(`open_fetch`) skips damaged ones, newest first. Retention (`prune_job_checkpoints`) keeps a
-job's newest ``checkpoint.keep`` records and deletes the blobs no remaining record refers to.
-Note: ``Store.referenced_sha256s`` knows only each record's manifest blob; garbage collection of
-blobs must use `referenced_blobs`, which includes every file.
+(`open_fetch`) skips damaged ones, newest first (`intact_checkpoint`). Retention
+(`prune_job_checkpoints`) keeps a job's newest ``checkpoint.keep`` records and deletes the blobs
+no remaining record refers to. `referenced_blobs` is the one definition of which blobs are in
+use — every record's manifest blob and every file blob its manifest lists — for retention and
+for ``BlobStore.collect_garbage`` alike.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import time
 from collections.abc import Iterable, Iterator
@@ -29,7 +29,6 @@ from coordinator.blobs import BlobStore, check_sha256
 from coordinator.errors import (
     AlreadyExists,
     BlobCorrupted,
-    BlobError,
     BlobNotFound,
     BlobTooLarge,
     CheckpointNotFound,
@@ -264,7 +263,12 @@ def intact_checkpoint(job_id: str, state: ServiceState) -> CheckpointRecord | No
 
 def open_download(job_id: str, step: int | None, name: str, state: ServiceState
                   ) -> tuple[int, FileEntry, Iterator[bytes]]:
-    """One file of a checkpoint, verified before any byte is returned.
+    """One file of a checkpoint, its sha256 verified while it streams.
+
+    The file is read once: hashed as its chunks go out, and checked after the last one, so a
+    damaged file ends the stream with `BlobCorrupted` (DATA_LOSS) instead of completing; the
+    client checks the sha256 too and keeps nothing then. Only choosing the newest intact
+    checkpoint (`step` None) reads its files beforehand, to fall back past damage.
 
     Args:
         job_id: the job.
@@ -273,13 +277,15 @@ def open_download(job_id: str, step: int | None, name: str, state: ServiceState
         state: the server.
 
     Returns:
-        ``(step, file, chunks)``; the chunks are at most `CHUNK_BYTES` each.
+        ``(step, file, chunks)``; the chunks are at most `CHUNK_BYTES` each. ``file.size`` is
+        the stored file's size.
 
     Raises:
         JobNotFound, CheckpointNotFound: no such job or checkpoint.
         ValidationError: naming ``file`` when the checkpoint has no such file.
-        BlobCorrupted: the stored file no longer matches its sha256 (DATA_LOSS).
         BlobNotFound: the stored file is missing.
+        BlobCorrupted: from the chunks, after the last one, when the stored file no longer
+            matches its sha256 (DATA_LOSS).
     """
     name = name or DEFAULT_FILE
     if step is None:
@@ -291,10 +297,9 @@ def open_download(job_id: str, step: int | None, name: str, state: ServiceState
     blobs = record_blobs(record)
     if name not in blobs:
         raise ValidationError("file", "must be one of " + ", ".join(sorted(blobs)), name)
-    size = state.blobs.verify(blobs[name])
-    entry = FileEntry(name, size, blobs[name])
-    return record.step, entry, _counted(state, state.blobs.read(entry.sha256,
-                                                                chunk_size=CHUNK_BYTES))
+    chunks = state.blobs.read(blobs[name], chunk_size=CHUNK_BYTES)  # verifies at the end
+    entry = FileEntry(name, state.blobs.size(blobs[name]), blobs[name])
+    return record.step, entry, _counted(state, chunks)
 
 
 def _counted(state: ServiceState, chunks: Iterator[bytes]) -> Iterator[bytes]:
@@ -337,13 +342,20 @@ def open_fetch(job_id: str, state: ServiceState
 # ---------------------------------------------------------------- retention
 
 def referenced_blobs(store: Store) -> set[str]:
-    """Every blob a checkpoint record refers to, manifests and files: what garbage
-    collection (``BlobStore.collect_garbage``) must keep."""
-    referenced = set()
-    for job in store.all_jobs():
-        for record in store.list_checkpoints(job.id):
-            referenced.update(record_blobs(record).values())
-    return referenced
+    """Every blob some checkpoint record refers to: each record's ``manifest.json`` blob and
+    the blob of every file its manifest lists.
+
+    What retention and garbage collection must keep, e.g. at a server's start::
+
+        blobs.collect_garbage(referenced_blobs(store))
+
+    Args:
+        store: the records (of every job).
+
+    Returns:
+        The blobs' sha256s.
+    """
+    return {sha for record in store.all_checkpoints() for sha in record_blobs(record).values()}
 
 
 def prune_job_checkpoints(store: Store, blobs: BlobStore, job_id: str, keep: int, *,
@@ -352,7 +364,8 @@ def prune_job_checkpoints(store: Store, blobs: BlobStore, job_id: str, keep: int
 
     Records go first (so nobody is offered a checkpoint whose files are going); then each of
     their blobs that no remaining record of any job refers to is deleted, unless it was written
-    in the last `grace_s` seconds (another upload may be about to record the same bytes).
+    in the last `grace_s` seconds (another upload may be about to record the same bytes;
+    ``BlobStore.collect_garbage`` removes such blobs later).
 
     Args:
         store: the records.
@@ -366,6 +379,7 @@ def prune_job_checkpoints(store: Store, blobs: BlobStore, job_id: str, keep: int
 
     Raises:
         ValidationError: naming ``checkpoint.keep``.
+        JobNotFound: no such job.
     """
     if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
         raise ValidationError("checkpoint.keep", "must be an integer >= 1", keep)
@@ -376,17 +390,13 @@ def prune_job_checkpoints(store: Store, blobs: BlobStore, job_id: str, keep: int
             removed.append(store.delete_checkpoint(job_id, record.step))
         except LookupError:  # someone else removed it meanwhile
             continue
-    if not removed:
-        return removed
     cutoff = time.time() - grace_s
-    candidates = set()
-    for sha256 in {sha for record in removed for sha in record_blobs(record).values()}:
-        try:
-            if os.stat(blobs.get(sha256, verify=False)).st_mtime <= cutoff:
-                candidates.add(sha256)
-        except (BlobError, FileNotFoundError):
-            continue
-    if candidates:
-        for sha256 in candidates - referenced_blobs(store):
-            blobs.delete(sha256)
+    old = {sha for record in removed for sha in record_blobs(record).values()
+           if blobs.modified(sha) <= cutoff}
+    if old:
+        # What is referenced is read first, each blob's age again after: bytes that an upload
+        # stored again meanwhile carry a new time and are spared.
+        for sha256 in old - referenced_blobs(store):
+            if blobs.modified(sha256) <= cutoff:
+                blobs.delete(sha256)
     return removed

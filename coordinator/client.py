@@ -19,7 +19,6 @@ Example::
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import tempfile
 from collections.abc import Iterable, Iterator, Mapping
@@ -33,6 +32,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from coordinator import serde
 from coordinator.auth import bearer_metadata, resolve_token
 from coordinator.errors import ValidationError
+from coordinator.hashed_io import write_hashed
 from coordinator.limits import channel_options
 from coordinator.model import CheckpointRecord, Event, Job, JobState
 from protos.dptrain.v1 import coordinator_pb2 as pb
@@ -283,19 +283,15 @@ class Client:
 
     @staticmethod
     def _receive(info: pb.DownloadInfo, stream: Iterator[Any], target: Path) -> DownloadedFile:
-        digest, size = hashlib.sha256(), 0
         fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
         try:
             with os.fdopen(fd, "wb") as f:
-                for message in stream:
-                    digest.update(message.chunk)
-                    size += len(message.chunk)
-                    f.write(message.chunk)
-                f.flush()
-                os.fsync(f.fileno())
-            if digest.hexdigest() != info.file.sha256 or size != info.file.size:
+                # Hashing and writing overlap with receiving; a stream that ends with an error
+                # (the server's own check failed: DATA_LOSS) raises here.
+                sha256, size = write_hashed((message.chunk for message in stream), f)
+            if sha256 != info.file.sha256 or size != info.file.size:
                 raise ClientError("DATA_LOSS", f"{info.file.name} of step {info.step}: received "
-                                  f"{size} bytes hashing to {digest.hexdigest()}, expected "
+                                  f"{size} bytes hashing to {sha256}, expected "
                                   f"{info.file.size} bytes with sha256 {info.file.sha256}")
             os.replace(tmp, target)
         except BaseException:

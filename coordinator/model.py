@@ -156,9 +156,18 @@ class Event:
 
 @dataclass(frozen=True)
 class CheckpointRecord:
-    """A stored checkpoint: the blob ``sha256`` of ``size`` bytes holds the job at ``step``.
+    """A stored checkpoint of a job at ``step``; every one of its files is a blob.
 
-    ``manifest`` is the worker's ``manifest.json`` content (files, step, spec hash, ...).
+    Attributes:
+        job_id: the job.
+        step: the training step the checkpoint holds.
+        sha256: the digest of its ``manifest.json``, which is also that file's blob name.
+            The other files (``model.safetensors``, ``optimizer.safetensors``) are blobs
+            named by the sha256s the manifest lists (see `coordinator.checkpoints`).
+        size: the bytes of all its files together, ``manifest.json`` included.
+        created_at: when it was recorded (unix seconds).
+        manifest: the parsed ``manifest.json`` (step, ``files: {name: {sha256, bytes}}``,
+            spec hash, ...).
     """
 
     job_id: str

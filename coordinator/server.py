@@ -36,6 +36,7 @@ from grpc_reflection.v1alpha import reflection
 
 from coordinator.auth import AuthInterceptor, load_or_create_token
 from coordinator.blobs import BlobStore
+from coordinator.checkpoints import referenced_blobs
 from coordinator.errors import JobNotFound
 from coordinator.jobs import Runner, ServiceState
 from coordinator.limits import DEFAULT_MAX_CHECKPOINT_BYTES, channel_options
@@ -212,8 +213,9 @@ class CoordinatorServer:
         self.metrics_port = None if metrics_http is None else metrics_http.port
 
     def stop(self, grace: float | None = 5.0) -> None:
-        """Shut down: health NOT_SERVING, open watches end, in-flight calls get `grace`
-        seconds, then the runner stops and the store closes. Idempotent.
+        """Shut down: health NOT_SERVING and open watches end; then the runner stops, while
+        gRPC still serves, so that preempted workers can upload their last checkpoint; then
+        in-flight calls get `grace` seconds and the store closes. Idempotent.
 
         Args:
             grace: seconds in-flight calls may take to finish (None: cancel them now).
@@ -223,13 +225,13 @@ class CoordinatorServer:
                 return
             self._state.stopping.set()
             self._health.enter_graceful_shutdown()
-            self._server.stop(grace).wait()
-            self._executor.shutdown(wait=False)
             if self.runner is not None:
                 try:
                     self.runner.stop()
                 except Exception:
                     log.exception("the runner failed to stop cleanly")
+            self._server.stop(grace).wait()
+            self._executor.shutdown(wait=False)
             if self._metrics_http is not None:
                 self._metrics_http.stop()
             self.store.close()
@@ -332,6 +334,9 @@ def serve(state_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 0, 
             cluster=cluster if cluster is not None else Cluster.local(),
             data_roots=tuple(Path(r).resolve() for r in data_roots),
             default_max_restarts=default_max_restarts)
+        # Before any upload can be in flight: drop blobs no checkpoint refers to (the leftovers
+        # of an upload cut short by a crash) and stray temporary files.
+        state.blobs.collect_garbage(referenced_blobs(store), min_age=0)
 
         def job_token_hash(job_id: str) -> str | None:
             try:

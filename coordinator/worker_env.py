@@ -1,7 +1,8 @@
 """The environment the coordinator gives every worker process it launches: defined once, here.
 
-The runner puts these variables into each job's ``mpiexec`` command (``-genv``, through
-`worker_environment`); ``coordinator.worker_reporter`` reads them back on rank 0
+The runner puts these variables into the environment of each job's ``mpiexec`` process (never
+on its command line, where ``ps`` would show the token), through `worker_environment`; mpiexec
+passes its environment on to every rank, and ``coordinator.worker_reporter`` reads them back
 (`read_worker_environment`). ``worker.events`` knows only `COORDINATOR` (the switch that turns
 the coordinator's reporter on), under the same name.
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import collections
 import hashlib
+import itertools
 import json
 import os
 import shutil
@@ -42,6 +43,7 @@ from coordinator import serde
 from coordinator.checkpoints import MANIFEST, CheckpointUpload, FileEntry
 from coordinator.client import Client, ClientError
 from coordinator.errors import ValidationError
+from coordinator.hashed_io import write_hashed
 from coordinator.limits import CHUNK_BYTES, MAX_EVENTS_PER_REPORT
 from coordinator.model import CheckpointRecord, EventKind, JobState
 from coordinator.worker_env import (
@@ -205,29 +207,11 @@ def _write_files(header: CheckpointUpload, chunks: Iterable[tuple[str, bytes]],
         if name in ("", ".", "..", MANIFEST) or Path(name).name != name:
             raise ClientError("INTERNAL", f"the fetch stream names a bad file {name!r}")
     written: dict[str, tuple[str, int]] = {}
-    current, handle, digest, size = None, None, None, 0
-
-    def finish() -> None:
-        if handle is not None:
-            handle.close()
-            written[current] = (digest.hexdigest(), size)
-
-    try:
-        for name, data in chunks:
-            if name != current:
-                if name not in expected or name in written:
-                    raise ClientError("INTERNAL", f"unexpected chunk of {name!r} in the stream")
-                finish()
-                current, handle = name, open(directory / name, "wb")
-                digest, size = hashlib.sha256(), 0
-            digest.update(data)
-            size += len(data)
-            handle.write(data)
-        finish()
-        handle = None
-    finally:
-        if handle is not None:
-            handle.close()
+    for name, group in itertools.groupby(chunks, key=lambda chunk: chunk[0]):
+        if name not in expected or name in written:
+            raise ClientError("INTERNAL", f"unexpected chunk of {name!r} in the stream")
+        with open(directory / name, "wb") as f:
+            written[name] = write_hashed((data for _, data in group), f)
     for name, entry in expected.items():
         if name not in written and entry.size == 0:  # an empty file has no chunks
             (directory / name).write_bytes(b"")
@@ -310,8 +294,9 @@ class CoordinatorReporter(Reporter):
         self._queue(EventKind.METRICS, {"step": step, **metrics})
 
     def on_log(self, line: str) -> None:
+        # Progress, not content: the runner already streams every rank's output (tracebacks
+        # included) from the job's log file as log events, so forwarding would duplicate it.
         self._active()
-        self._queue(EventKind.LOG, {"line": line, "rank": self.rank})
 
     def on_checkpoint(self, step: int, path: str) -> None:
         self._active()

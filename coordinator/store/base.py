@@ -82,8 +82,7 @@ class Transaction(Protocol):
     def events(self, job_id: str, after_seq: int, limit: int) -> list[Event]: ...
     def list_checkpoints(self, job_id: str) -> list[CheckpointRecord]: ...
     def count_by_state(self) -> dict[JobState, int]: ...
-    def referenced_sha256s(self) -> set[str]: ...
-    def sha256_in_use(self, sha256: str) -> bool: ...
+    def all_checkpoints(self) -> list[CheckpointRecord]: ...
 
 
 def _states(states: JobState | Iterable[JobState]) -> frozenset[JobState]:
@@ -445,7 +444,8 @@ class Store(ABC):
         return record
 
     def delete_checkpoint(self, job_id: str, step: int) -> CheckpointRecord:
-        """Forget a checkpoint record (the blob stays: see `coordinator.blobs.prune_checkpoints`).
+        """Forget a checkpoint record (its blobs stay: see
+        `coordinator.checkpoints.prune_job_checkpoints`).
 
         Returns:
             The deleted record.
@@ -461,15 +461,14 @@ class Store(ABC):
             tx.delete_checkpoint(job_id, step)
         return record
 
-    def sha256_in_use(self, sha256: str) -> bool:
-        """True when some checkpoint record (of any job) refers to this blob."""
-        with self._read() as tx:
-            return tx.sha256_in_use(sha256)
+    def all_checkpoints(self) -> list[CheckpointRecord]:
+        """Every job's checkpoint records, read in one snapshot (by job, then step).
 
-    def referenced_sha256s(self) -> set[str]:
-        """Every blob some checkpoint record refers to (for `BlobStore.collect_garbage`)."""
+        Which blobs they refer to is the checkpoint format's business, not the store's: see
+        `coordinator.checkpoints.referenced_blobs`.
+        """
         with self._read() as tx:
-            return tx.referenced_sha256s()
+            return tx.all_checkpoints()
 
     # -- shared helpers
 

@@ -84,11 +84,10 @@ class _MemoryTransaction:
             counts[job.state] = counts.get(job.state, 0) + 1
         return counts
 
-    def referenced_sha256s(self) -> set[str]:
-        return {r.sha256 for records in self._checkpoints.values() for r in records.values()}
-
-    def sha256_in_use(self, sha256: str) -> bool:
-        return sha256 in self.referenced_sha256s()
+    def all_checkpoints(self) -> list[CheckpointRecord]:
+        return copy.deepcopy([self._checkpoints[job_id][step]
+                              for job_id in sorted(self._checkpoints)
+                              for step in sorted(self._checkpoints[job_id])])
 
 
 class _MemoryContext:

@@ -196,12 +196,9 @@ class _SqlTransaction:
         rows = self._c.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state")
         return {JobState(state): n for state, n in rows}
 
-    def referenced_sha256s(self) -> set[str]:
-        return {sha for (sha,) in self._c.execute("SELECT DISTINCT sha256 FROM checkpoints")}
-
-    def sha256_in_use(self, sha256: str) -> bool:
-        row = self._c.execute("SELECT 1 FROM checkpoints WHERE sha256 = ? LIMIT 1", (sha256,))
-        return row.fetchone() is not None
+    def all_checkpoints(self) -> list[CheckpointRecord]:
+        rows = self._c.execute(f"{_CHECKPOINT_SELECT} ORDER BY job_id, step")
+        return [_checkpoint_from_row(r) for r in rows]
 
 
 class SqliteStore(Store):

@@ -1,4 +1,7 @@
-"""BlobStore: content addressing, atomic writes, verification on read, garbage and retention."""
+"""BlobStore: content addressing, atomic writes, verification on read, garbage.
+
+Retention and the fall-back past damaged checkpoints are `coordinator.checkpoints`'s: see
+test_jobs.py."""
 
 from __future__ import annotations
 
@@ -10,7 +13,7 @@ import time
 import pytest
 
 from coordinator import blobs as blobs_module
-from coordinator.blobs import BlobStore, latest_intact_checkpoint, prune_checkpoints
+from coordinator.blobs import BlobStore
 from coordinator.errors import (
     BlobCorrupted,
     BlobNotFound,
@@ -18,8 +21,6 @@ from coordinator.errors import (
     ChecksumMismatch,
     ValidationError,
 )
-from coordinator.model import CheckpointRecord, new_job
-from coordinator.store import MemoryStore
 
 DATA = bytes(range(256)) * 1000  # 256 kB
 SHA = hashlib.sha256(DATA).hexdigest()
@@ -162,6 +163,7 @@ def test_missing_blobs(blobs):
         with pytest.raises(BlobNotFound):
             call(SHA)
     assert not blobs.exists(SHA) and blobs.delete(SHA) is False
+    assert blobs.modified(SHA) == float("inf")  # never old enough to be collected
     with pytest.raises(ValidationError, match="sha256"):
         blobs.exists("../../etc/passwd")
 
@@ -185,60 +187,3 @@ def test_collect_garbage_spares_referenced_and_recent_files(blobs):
     assert blobs.collect_garbage({keep_sha}, min_age=3600) == [old_sha]
     assert sorted(blobs) == sorted([keep_sha, young_sha]) and not stale_tmp.exists()
 
-
-# ---------------------------------------------------------------- retention and fallback
-
-@pytest.fixture
-def store():
-    s = MemoryStore()
-    yield s
-    s.close()
-
-
-def _checkpoints(store, blobs, steps, job=None):
-    job = job or store.create_job(new_job("j", {}, workers=1))
-    for step in steps:
-        sha, size = blobs.put(f"checkpoint {step}".encode())
-        store.add_checkpoint(CheckpointRecord(job.id, step, sha, size, float(step), {}))
-    return job
-
-
-def test_retention_keeps_the_newest_and_frees_their_blobs(store, blobs):
-    job = _checkpoints(store, blobs, [100, 200, 300, 400, 500])
-    removed = prune_checkpoints(store, blobs, job.id, keep=2, grace_s=0)
-    assert [r.step for r in removed] == [100, 200, 300]
-    assert [r.step for r in store.list_checkpoints(job.id)] == [400, 500]
-    assert sorted(blobs) == sorted(r.sha256 for r in store.list_checkpoints(job.id))
-    assert prune_checkpoints(store, blobs, job.id, keep=2, grace_s=0) == []
-
-
-def test_retention_spares_blobs_other_jobs_use_and_recent_blobs(store, blobs):
-    a = _checkpoints(store, blobs, [100, 200])
-    b = _checkpoints(store, blobs, [100])  # the same bytes as a's step 100
-    prune_checkpoints(store, blobs, a.id, keep=1, grace_s=0)
-    shared = store.get_checkpoint(b.id, 100).sha256
-    assert blobs.exists(shared) and store.list_checkpoints(a.id)[0].step == 200
-    c = _checkpoints(store, blobs, [1, 2])
-    gone = prune_checkpoints(store, blobs, c.id, keep=1, grace_s=3600)
-    assert blobs.exists(gone[0].sha256)  # within the grace period: collect_garbage's job
-
-
-@pytest.mark.parametrize("keep", [0, -1, 1.5, True])
-def test_retention_keep_must_be_positive(store, blobs, keep):
-    job = _checkpoints(store, blobs, [1])
-    with pytest.raises(ValidationError, match="checkpoint.keep: must be an integer >= 1"):
-        prune_checkpoints(store, blobs, job.id, keep=keep)
-
-
-def test_resume_falls_back_past_damaged_checkpoints(store, blobs):
-    job = _checkpoints(store, blobs, [100, 200, 300])
-    records = {r.step: r for r in store.list_checkpoints(job.id)}
-    _corrupt(blobs, records[300].sha256, offset=3)
-    blobs.delete(records[200].sha256)
-    damaged = []
-    found = latest_intact_checkpoint(store, blobs, job.id,
-                                     on_damaged=lambda r, e: damaged.append((r.step, type(e))))
-    assert found == records[100]
-    assert damaged == [(300, BlobCorrupted), (200, BlobNotFound)]
-    blobs.delete(records[100].sha256)
-    assert latest_intact_checkpoint(store, blobs, job.id) is None

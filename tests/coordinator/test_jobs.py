@@ -16,8 +16,9 @@ import pytest
 from coordinator import checkpoints, jobs
 from coordinator.blobs import BlobStore
 from coordinator.checkpoints import CheckpointUpload, FileEntry
-from coordinator.errors import ChecksumMismatch, StateConflict, ValidationError
+from coordinator.errors import BlobCorrupted, ChecksumMismatch, StateConflict, ValidationError
 from coordinator.jobs import ListRequest, ServiceState, SubmitRequest
+from coordinator.limits import CHUNK_BYTES
 from coordinator.model import Event, EventKind, Job, JobState
 from coordinator.scheduler import Cluster
 from coordinator.store import MemoryStore
@@ -244,3 +245,82 @@ def test_intact_checkpoint_skips_damage_and_says_so(state):
     assert "step 2 is damaged" in state.store.events(job.id)[-1].payload["line"]
     header, stream = checkpoints.open_fetch(job.id, state)
     assert header.step == 1 and b"".join(d for _, d in stream) == b"model1"
+
+
+def test_intact_checkpoint_falls_back_past_corrupted_and_missing_files(state):
+    job = jobs.submit_job(SubmitRequest(SPEC), state)
+    for step in (1, 2, 3):
+        upload, chunks = _upload(job.id, step, {"model.safetensors": b"model%d" % step,
+                                                "optimizer.safetensors": b"opt%d" % step})
+        checkpoints.receive_checkpoint(upload, chunks, state)
+    records = {r.step: r for r in state.store.list_checkpoints(job.id)}
+    assert sorted(records) == [2, 3]  # keep: 2
+    _corrupt(state, hashlib.sha256(b"opt3").hexdigest())
+    assert checkpoints.intact_checkpoint(job.id, state) == records[2]
+    state.blobs.delete(records[2].sha256)  # its manifest.json
+    assert checkpoints.intact_checkpoint(job.id, state) is None
+    lines = [e.payload["line"] for e in state.store.events(job.id) if e.kind is EventKind.LOG]
+    assert sum("step 3 is damaged" in line for line in lines) == 2
+    assert sum("step 2 is damaged" in line for line in lines) == 1
+
+
+def _corrupt(state, sha256):
+    path = state.blobs.get(sha256, verify=False)
+    data = bytearray(path.read_bytes())
+    data[0] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_download_verifies_while_streaming(state):
+    job = jobs.submit_job(SubmitRequest(SPEC), state)
+    model = os.urandom(3 * CHUNK_BYTES + 5)
+    upload, _ = _upload(job.id, 1, {"model.safetensors": model})
+    checkpoints.receive_checkpoint(upload, [("model.safetensors", model)], state)
+    step, entry, chunks = checkpoints.open_download(job.id, 1, "", state)
+    assert (step, entry.name, entry.size) == (1, "model.safetensors", len(model))
+    assert entry.sha256 == hashlib.sha256(model).hexdigest()
+    assert b"".join(chunks) == model
+    _corrupt(state, entry.sha256)
+    _, _, chunks = checkpoints.open_download(job.id, 1, "model.safetensors", state)
+    received = []
+    with pytest.raises(BlobCorrupted):  # after the last chunk: the stream ends in DATA_LOSS
+        for chunk in chunks:
+            received.append(chunk)
+    assert len(b"".join(received)) == len(model)
+
+
+@pytest.mark.parametrize("keep", [0, -1, 1.5, True])
+def test_retention_keep_must_be_a_positive_integer(state, keep):
+    job = jobs.submit_job(SubmitRequest(SPEC), state)
+    with pytest.raises(ValidationError) as info:
+        checkpoints.prune_job_checkpoints(state.store, state.blobs, job.id, keep)
+    assert info.value.field == "checkpoint.keep"
+
+
+def test_retention_spares_files_another_job_still_uses(state):
+    a, b = (jobs.submit_job(SubmitRequest(SPEC), state) for _ in range(2))
+    shared = b"the same initial model"
+    for job in (a, b):
+        checkpoints.receive_checkpoint(*_upload(job.id, 1, {"model.safetensors": shared}), state)
+    checkpoints.receive_checkpoint(*_upload(a.id, 2, {"model.safetensors": b"m2"}), state)
+    removed = checkpoints.prune_job_checkpoints(state.store, state.blobs, a.id, 1, grace_s=0)
+    assert [r.step for r in removed] == [1]
+    assert state.blobs.exists(hashlib.sha256(shared).hexdigest())
+    assert checkpoints.intact_checkpoint(b.id, state).step == 1
+
+
+def test_garbage_collection_keeps_every_file_of_every_checkpoint(state):
+    job = jobs.submit_job(SubmitRequest(SPEC), state)
+    files = {"model.safetensors": b"weights", "optimizer.safetensors": b"moments"}
+    upload, chunks = _upload(job.id, 7, files)
+    checkpoints.receive_checkpoint(upload, chunks, state)
+    orphan, _ = state.blobs.put(b"left by a crashed upload")
+    old = time.time() - 7200
+    for sha in state.blobs:
+        os.utime(state.blobs.get(sha, verify=False), (old, old))
+    live = {hashlib.sha256(data).hexdigest() for data in (*files.values(), upload.manifest_json)}
+    assert checkpoints.referenced_blobs(state.store) == live
+    assert state.blobs.collect_garbage(checkpoints.referenced_blobs(state.store)) == [orphan]
+    assert set(state.blobs) == live
+    header, stream = checkpoints.open_fetch(job.id, state)
+    assert header.step == 7 and b"".join(d for _, d in stream) == b"weights" + b"moments"

@@ -287,9 +287,13 @@ class TestStoreContract:
         assert [c.step for c in store.list_checkpoints(job.id)] == [100, 200, 300]
         assert store.get_checkpoint(job.id) == _ckpt(job.id, 300, SHA_B)
         assert store.get_checkpoint(job.id, 200).manifest == {"step": 200, "files": {}}
-        assert store.referenced_sha256s() == {SHA_A, SHA_B}
+        other = store.create_job(_job())
+        store.add_checkpoint(_ckpt(other.id, 5, SHA_B))
+        every = sorted([(job.id, 100), (job.id, 200), (job.id, 300), (other.id, 5)])
+        assert [(c.job_id, c.step) for c in store.all_checkpoints()] == every
         assert store.delete_checkpoint(job.id, 300).sha256 == SHA_B
-        assert not store.sha256_in_use(SHA_B) and store.sha256_in_use(SHA_A)
+        assert [(c.job_id, c.step, c.sha256) for c in store.all_checkpoints()] == sorted(
+            [(job.id, 100, SHA_A), (job.id, 200, SHA_A), (other.id, 5, SHA_B)])
         assert store.get_checkpoint(job.id).step == 200
         with pytest.raises(CheckpointNotFound, match="no checkpoint at step 300"):
             store.get_checkpoint(job.id, 300)

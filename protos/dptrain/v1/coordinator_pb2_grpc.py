@@ -127,8 +127,10 @@ class CoordinatorServicer:
 
     def DownloadCheckpoint(self, request, context):
         """One file of a stored checkpoint (by default the model's parameters). The first message
-        describes the file (step, size, sha256); the rest carry its bytes in order. A stored file
-        that no longer matches its sha256 is DATA_LOSS, before any byte is sent.
+        describes the file (step, size, sha256); the rest carry its bytes in order. The server
+        checks the sha256 as it sends: a stored file that no longer matches it ends the stream
+        with DATA_LOSS after its last chunk, so keep the bytes only when the call succeeds (and
+        their sha256 matches the first message's).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -1,0 +1,137 @@
+"""`write_hashed`: write a stream of chunks to a file durably, hashing it on the way, fast.
+
+Both ends of a checkpoint transfer receive a file as chunks and must hash it, write it and fsync
+it: the server storing an upload as a blob (`coordinator.blobs.BlobStore.put`) and the client
+saving a download (`coordinator.client.Client.download_checkpoint`). Done one after another in
+the receiving thread, those steps cost their sum, and the final fsync then waits for the whole
+file to reach the disk. Here the caller's thread receives and hashes while a writer thread
+writes (hashlib and file writes release the GIL for large buffers), and the writer asks the
+disk to write back every `SYNC_BYTES` as it goes, so the final fsync only waits for the tail.
+Measured on a 2-core machine, the two overlaps each made a 64 MiB transfer about 15% faster
+(docs/benchmarks.md, "Coordinator").
+
+Example::
+
+    with open(tmp, "wb") as f:
+        sha256, size = write_hashed((message.chunk for message in stream), f)
+    if sha256 != expected:
+        ...  # delete tmp, else rename it into place
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import queue
+import threading
+from collections.abc import Iterable
+from typing import BinaryIO
+
+__all__ = ["write_hashed", "BytesLike", "DEPTH", "SYNC_BYTES"]
+
+BytesLike = bytes | bytearray | memoryview
+
+DEPTH = 4
+"""Chunks the writer may lag behind the caller (with 1 MiB chunks, 4 MiB in memory)."""
+
+SYNC_BYTES = 8 * 1024 * 1024
+"""The writer starts the disk's write-back after this many bytes (fdatasync)."""
+
+_fdatasync = getattr(os, "fdatasync", os.fsync)  # macOS has no fdatasync
+_DONE = object()
+
+
+class _Writer:
+    """Writes chunks to a file on a thread of its own, in order, syncing every `SYNC_BYTES`.
+
+    An error of the writer is raised by the next `put` or by `finish`; chunks after it are
+    dropped.
+    """
+
+    def __init__(self, f: BinaryIO):
+        self._f = f
+        self._queue: queue.Queue = queue.Queue(DEPTH)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="dptrain-writer", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        unsynced = 0
+        while (chunk := self._queue.get()) is not _DONE:
+            if self._error is not None:
+                continue  # drain until the caller's _DONE
+            try:
+                self._f.write(chunk)
+                unsynced += len(chunk)
+                if unsynced >= SYNC_BYTES:
+                    self._f.flush()
+                    _fdatasync(self._f.fileno())
+                    unsynced = 0
+            except BaseException as e:  # raised again in the caller's thread
+                self._error = e
+
+    def put(self, chunk: bytes) -> None:
+        if self._error is not None:
+            raise self._error
+        self._queue.put(chunk)
+
+    def finish(self) -> None:
+        """Wait until every chunk is written; raise the writer's error, if any."""
+        self._queue.put(_DONE)
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+
+    def abort(self) -> None:
+        """Drop the chunks not yet written and wait for the thread to end."""
+        self._error = self._error or RuntimeError("write abandoned")
+        self._queue.put(_DONE)
+        self._thread.join()
+
+
+def write_hashed(chunks: Iterable[BytesLike], f: BinaryIO) -> tuple[str, int]:
+    """Write every chunk to the open file `f`, fsync it, and return the bytes' sha256.
+
+    The caller's thread iterates `chunks` (e.g. receives them) and hashes each while a writer
+    thread writes the previous ones. Nothing is verified here: the caller compares the digest
+    with the one it expects, then renames the file into place or deletes it.
+
+    Args:
+        chunks: the bytes, in order (e.g. a transfer stream's payloads). A chunk that is not
+            ``bytes`` is copied first, so the caller may reuse its buffer.
+        f: a file open for binary writing (``open(path, "wb")``); left open, flushed and
+            fsynced.
+
+    Returns:
+        ``(sha256 hex digest, size in bytes)`` of what was written.
+
+    Raises:
+        TypeError: a chunk is not bytes-like.
+        OSError: writing or syncing failed.
+        Exception: whatever iterating `chunks` raised, unchanged (after the writer stopped).
+
+    Example::
+
+        >>> import tempfile
+        >>> with tempfile.TemporaryFile() as f:
+        ...     write_hashed([b"ab", b"c"], f)[1]
+        3
+    """
+    digest, size = hashlib.sha256(), 0
+    writer = _Writer(f)
+    try:
+        for chunk in chunks:
+            if not isinstance(chunk, bytes):  # the writer must see the bytes as they are now
+                if not isinstance(chunk, (bytearray, memoryview)):
+                    raise TypeError(f"chunks must be bytes-like, got {type(chunk).__name__}")
+                chunk = bytes(chunk)
+            size += len(chunk)
+            writer.put(chunk)
+            digest.update(chunk)
+        writer.finish()
+    except BaseException:
+        writer.abort()
+        raise
+    f.flush()
+    os.fsync(f.fileno())
+    return digest.hexdigest(), size

@@ -1,0 +1,90 @@
+"""write_hashed: what is written, its sha256 against hashlib, fsync after the last byte, and
+every failure stopping the writer thread."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+
+import pytest
+
+from coordinator import hashed_io
+from coordinator.hashed_io import write_hashed
+
+DATA = os.urandom(5 * 1024 * 1024 + 123)
+
+
+def _chunks(data, size=1 << 20):
+    return [data[i:i + size] for i in range(0, len(data), size)]
+
+
+def _writer_threads():
+    return [t for t in threading.enumerate() if t.name == "dptrain-writer"]
+
+
+def test_writes_the_bytes_and_returns_their_sha256(tmp_path):
+    path = tmp_path / "f"
+    with open(path, "wb") as f:
+        assert write_hashed(_chunks(DATA), f) == (hashlib.sha256(DATA).hexdigest(), len(DATA))
+    assert path.read_bytes() == DATA
+    with open(tmp_path / "empty", "wb") as f:
+        assert write_hashed([], f) == (hashlib.sha256(b"").hexdigest(), 0)
+    assert (tmp_path / "empty").read_bytes() == b""
+    assert _writer_threads() == []
+
+
+def test_a_reused_buffer_is_written_as_it_was_when_yielded(tmp_path):
+    def reusing():
+        buffer = bytearray(4)
+        for i in range(1000):
+            buffer[:] = i.to_bytes(4, "little")
+            yield buffer  # the next iteration overwrites it
+            yield memoryview(buffer)[:2]
+
+    expected = b"".join(i.to_bytes(4, "little") + i.to_bytes(4, "little")[:2]
+                        for i in range(1000))
+    with open(tmp_path / "f", "wb") as f:
+        assert write_hashed(reusing(), f) == (hashlib.sha256(expected).hexdigest(), 6000)
+    assert (tmp_path / "f").read_bytes() == expected
+
+
+def test_fsync_comes_after_the_last_byte_and_write_back_starts_early(tmp_path, monkeypatch):
+    path = tmp_path / "f"
+    synced_sizes, early = [], []
+    real_fsync = os.fsync
+    monkeypatch.setattr(hashed_io, "SYNC_BYTES", 1 << 20)
+    monkeypatch.setattr(hashed_io, "_fdatasync", lambda fd: early.append(os.fstat(fd).st_size))
+
+    def fsync(fd):
+        synced_sizes.append(os.fstat(fd).st_size)
+        real_fsync(fd)
+
+    monkeypatch.setattr(hashed_io.os, "fsync", fsync)
+    with open(path, "wb") as f:
+        write_hashed(_chunks(DATA), f)
+    assert synced_sizes == [len(DATA)]
+    assert early == [(i + 1) << 20 for i in range(5)]
+
+
+def test_a_broken_stream_raises_its_own_error_and_stops_the_writer(tmp_path):
+    def broken():
+        yield from _chunks(DATA)[:3]
+        raise ConnectionError("the peer went away")
+
+    with open(tmp_path / "f", "wb") as f, pytest.raises(ConnectionError, match="went away"):
+        write_hashed(broken(), f)
+    assert _writer_threads() == []
+
+
+def test_a_failing_write_is_raised_in_the_callers_thread(tmp_path):
+    (tmp_path / "f").write_bytes(b"")
+    with open(tmp_path / "f", "rb") as f, pytest.raises(OSError):  # not open for writing
+        write_hashed(_chunks(DATA), f)
+    assert _writer_threads() == []
+
+
+def test_chunks_must_be_bytes_like(tmp_path):
+    with open(tmp_path / "f", "wb") as f, pytest.raises(TypeError, match="got str"):
+        write_hashed([b"ok", "text"], f)
+    assert _writer_threads() == []
