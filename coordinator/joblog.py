@@ -59,14 +59,26 @@ class LogTail:
                 line = line[:self.max_line] + " …"
             lines.append(line)
             self.recent.append(line)
-            if line.startswith("{") and '"status"' in line:
-                try:
-                    parsed = json.loads(line)
-                except ValueError:
-                    continue
-                if isinstance(parsed, dict):
+            if '"status"' in line:
+                parsed = _json_object(line)
+                if parsed is not None and "status" in parsed:
                     self.final_metrics = parsed
         return lines
+
+
+def _json_object(line: str) -> dict | None:
+    """The JSON object that ends `line`, if any. mpiexec merges the ranks' stdout and stderr
+    into one file in whatever order they arrive, so the worker's final JSON line (stdout) may
+    follow a progress-bar update (stderr, no newline) on the same line."""
+    start = line.find("{")
+    while start >= 0:
+        try:
+            parsed = json.loads(line[start:])
+        except ValueError:
+            start = line.find("{", start + 1)
+            continue
+        return parsed if isinstance(parsed, dict) else None
+    return None
 
 
 class LineRateLimit:

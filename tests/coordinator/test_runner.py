@@ -344,6 +344,17 @@ def test_log_tail_returns_complete_lines_and_final_metrics(tmp_path):
     assert tail.final_metrics == {"status": "completed", "step": 3}
 
 
+def test_log_tail_finds_final_metrics_behind_a_progress_bar(tmp_path):
+    # stdout and stderr reach worker.log in arrival order: the JSON line may land right after
+    # a progress-bar update that has no newline yet
+    path = tmp_path / "log"
+    path.write_bytes(b'\rjob 100%|##########| 20/20 [00:01]{"accuracy": 0.9, "status": '
+                     b'"completed", "step": 20}\n\n')
+    tail = LogTail(path)
+    tail.read(final=True)
+    assert tail.final_metrics == {"accuracy": 0.9, "status": "completed", "step": 20}
+
+
 def test_line_rate_limit_is_a_token_bucket():
     now = [0.0]
     limit = LineRateLimit(rate=10, burst=5, clock=lambda: now[0])
