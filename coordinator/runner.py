@@ -63,6 +63,7 @@ from coordinator.launcher import (
     failure_message,
     kill_group,
     lock_state_dir,
+    marked_processes,
     needs_hostfile,
     new_run_id,
     process_start_ticks,
@@ -95,6 +96,7 @@ log = logging.getLogger("dptrain.coordinator.runner")
 #: fail again from the same checkpoint.
 NO_RESTART_EXIT_CODES = frozenset({EXIT_INVALID, EXIT_DIVERGED})
 _EVENT_BATCH = 200
+_STRAGGLER_GRACE_S = 2.0  # after mpiexec exits, for its proxy and ranks to finish writing
 _S = JobState
 
 
@@ -384,12 +386,19 @@ class JobRunner:
         code = None
         while code is None:
             code = run.proc.poll()
-            self._publish(run, run.tail.read(final=code is not None), final=code is not None)
             if code is None:
+                self._publish(run, run.tail.read())
                 time.sleep(self.settings.poll_interval)
         with self._lock:
             run.done = True
-        signal_marked(run.run_id, signal.SIGKILL)  # stragglers outside mpiexec's group
+        # mpiexec has exited, but Hydra's proxy and the ranks (in sessions of their own, holding
+        # the log file too) may still be writing their last lines, the final metrics among
+        # them: let them finish for a moment, then end any straggler, then read the log's end.
+        deadline = time.monotonic() + _STRAGGLER_GRACE_S
+        while marked_processes(run.run_id) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        signal_marked(run.run_id, signal.SIGKILL)
+        self._publish(run, run.tail.read(final=True), final=True)
         try:
             self._settle(run, 128 - code if code < 0 else code)
         except StoreClosed:
