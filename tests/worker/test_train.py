@@ -128,9 +128,11 @@ def test_sigterm_checkpoints_exits_143_and_resumes_exactly(tmp_path, worker,
                             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, start_new_session=True)
     try:
+        # Any complete checkpoint will do: with keep=2, step 5's is pruned a few ms later.
         deadline = time.monotonic() + 60
-        while not (tmp_path / "ckpt/step-00000005/manifest.json").exists():
-            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        while not list((tmp_path / "ckpt").glob("step-*/manifest.json")):
+            assert proc.poll() is None, proc.communicate()  # it ended early: show its output
+            assert time.monotonic() < deadline, "no checkpoint within 60 s"
             time.sleep(0.01)
         os.killpg(proc.pid, signal.SIGTERM)  # what a scheduler's preemption sends
         out, err = proc.communicate(timeout=60)
