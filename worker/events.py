@@ -139,19 +139,28 @@ class ConsoleReporter(Reporter):
         self.on_log(f"step {step}: checkpoint written to {path}")
 
     def on_log(self, line: str) -> None:
+        # One write per line, newline included: under mpiexec, stderr and stdout (the final
+        # JSON line) often share one file, and a line written in two pieces can be split by
+        # the other stream's output.
         if self._bar is not None:
-            self._bar.write(line, file=self.stream)
+            with self._bar.external_write_mode(file=self.stream):
+                _write_line(self.stream, line)
         else:
-            print(line, file=self.stream, flush=True)
+            _write_line(self.stream, line)
 
     def on_end(self, metrics: dict[str, Any]) -> None:
         self.close()
-        print(json.dumps(_json_safe(metrics), sort_keys=True), file=self.out, flush=True)
+        _write_line(self.out, json.dumps(_json_safe(metrics), sort_keys=True))
 
     def close(self) -> None:
         if self._bar is not None:
             self._bar.close()
             self._bar = None
+
+
+def _write_line(stream: TextIO, line: str) -> None:
+    stream.write(line + "\n")
+    stream.flush()
 
 
 def build_reporters(rank: int, environ: Mapping[str, str] | None = None,
