@@ -234,41 +234,40 @@ def _unary(op):
     _softplus, _sign, _floor, _ceil, _round, _isnan, _isfinite))
 
 
-def _operand(x, other):
-    """Make a binary op's second operand: Tensors pass through; a Python float meeting an
-    integer tensor becomes float32, as in PyTorch (numpy would give float64)."""
+def _coerce(t: Tensor, other):
+    """``(t, other)`` ready for a binary op with the tensor `t`: a Python float meeting an
+    integer tensor makes the tensor float32, as in PyTorch (numpy would give float64); a list
+    or array becomes a tensor."""
     if isinstance(other, Tensor):
-        return other
+        return t, other
     if isinstance(other, numbers.Number):
-        if isinstance(other, float) and x.data.dtype.kind in "iub":
-            return other, True
-        return other
+        if isinstance(other, float) and t.data.dtype.kind in "iub":
+            t = apply(_to, t, dtype=default_float)
+        return t, other
     from engine.factories import tensor
 
-    return tensor(other)
-
-
-def _binary(op):
-    def fn(x, y):
-        if not isinstance(x, Tensor):
-            return _rbinary(op)(y, x)
-        y = _operand(x, y)
-        if type(y) is tuple:  # float scalar with an integer tensor
-            return apply(op, apply(_to, x, dtype=default_float), y[0])
-        return apply(op, x, y)
-
-    fn.__name__ = op.name
-    return fn
+    return t, tensor(other)
 
 
 def _rbinary(op):
     def fn(x, y):  # y (op) x, where y is not a Tensor
-        y = _operand(x, y)
-        if type(y) is tuple:
-            return apply(op, y[0], apply(_to, x, dtype=default_float))
+        x, y = _coerce(x, y)
         return apply(op, y, x)
 
     fn.__name__ = "r" + op.name
+    return fn
+
+
+def _binary(op):
+    reflected = _rbinary(op)
+
+    def fn(x, y):
+        if not isinstance(x, Tensor):
+            return reflected(y, x)
+        x, y = _coerce(x, y)
+        return apply(op, x, y)
+
+    fn.__name__ = op.name
     return fn
 
 
@@ -279,6 +278,9 @@ eq, ne, lt, le, gt, ge = (_binary(o) for o in (_eq, _ne, _lt, _le, _gt, _ge))
 logical_and, logical_or, logical_xor = (_binary(o) for o in (_and, _or, _xor))
 
 
+_true_div, _rtrue_div = _binary(_div), _rbinary(_div)
+
+
 def div(x, y) -> Tensor:
     """True division; integer operands give float32, as in PyTorch."""
     if not isinstance(x, Tensor):
@@ -286,14 +288,14 @@ def div(x, y) -> Tensor:
     if x.data.dtype.kind in "iub" and (
             not isinstance(y, Tensor) or y.data.dtype.kind in "iub"):
         x = apply(_to, x, dtype=default_float)
-    return _binary(_div)(x, y)
+    return _true_div(x, y)
 
 
 def rdiv(x, y) -> Tensor:
     """``y / x`` where y is not a Tensor."""
     if x.data.dtype.kind in "iub":
         x = apply(_to, x, dtype=default_float)
-    return _rbinary(_div)(x, y)
+    return _rtrue_div(x, y)
 
 
 def logical_not(x: Tensor) -> Tensor:
@@ -304,10 +306,7 @@ def where(condition: Tensor, input, other) -> Tensor:
     """``input`` where `condition` holds, else ``other`` (either may be a Python scalar)."""
     cond = condition.data if isinstance(condition, Tensor) else condition
     if isinstance(input, Tensor) != isinstance(other, Tensor):
-        t, s = (input, other) if isinstance(input, Tensor) else (other, input)
-        s = _operand(t, s)
-        if type(s) is tuple:  # a float scalar with an integer tensor: float32, as in torch
-            t, s = apply(_to, t, dtype=default_float), s[0]
+        t, s = _coerce(*((input, other) if isinstance(input, Tensor) else (other, input)))
         input, other = (t, s) if isinstance(input, Tensor) else (s, t)
     return apply(_where, cond, input, other)
 
