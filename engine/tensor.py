@@ -415,18 +415,11 @@ class IndexedGrad:
             shape, dtype, key, values, basic)
 
     def add_into(self, xp, acc) -> None:
+        """Add the values into the full-size array `acc` at ``[key]``, in place."""
         if self.basic:  # ints and slices: no element is addressed twice
             acc[self.key] += self.values
         else:  # integer arrays may repeat an index: every occurrence adds
             xp.add.at(acc, self.key, self.values)
-
-    def dense(self, xp):
-        out = xp.zeros(self.shape, dtype=self.dtype)
-        if self.basic:
-            out[self.key] = self.values
-        else:
-            xp.add.at(out, self.key, self.values)
-        return out
 
 
 def _unbroadcast(g, shape):
@@ -497,12 +490,12 @@ def run_backward(root, g, retain_graph: bool) -> None:
                 gi = vjps[i](xp, g, v.ans, *args, **v.kwargs) if vjps else gis[i]
                 acc = grads.get(p)
                 if type(gi) is IndexedGrad:
-                    if acc is None or id(acc) not in fresh:
-                        acc = gi.dense(xp) if acc is None else acc + gi.dense(xp)
+                    if acc is None or id(acc) not in fresh:  # a buffer of our own to add into
+                        acc = (xp.zeros(gi.shape, dtype=gi.dtype) if acc is None
+                               else xp.array(acc, dtype=gi.dtype))
                         fresh.add(id(acc))
                         grads[p] = acc
-                    else:
-                        gi.add_into(xp, acc)
+                    gi.add_into(xp, acc)
                 else:
                     if gi.shape != v.shapes[i]:
                         gi = _unbroadcast(gi, v.shapes[i])
