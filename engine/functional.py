@@ -71,6 +71,11 @@ def _class_targets(name: str, input: Tensor, target: Tensor):
     return t
 
 
+def _per_class(weight: Tensor, ndim: int) -> Tensor:
+    """Class weights (C,) shaped to broadcast along the class dim of an ndim-dim input."""
+    return weight.reshape(weight.shape + (1,) * (ndim - 2)) if ndim > 1 else weight
+
+
 def nll_loss(input: Tensor, target: Tensor, weight: Tensor | None = None,
              ignore_index: int = -100, reduction: str = "mean") -> Tensor:
     """Negative log-likelihood of class-index `target` under log-probabilities `input`.
@@ -90,14 +95,15 @@ def _nll(logp, target, weight, ignore_index, reduction, label_smoothing, name):
     t = _class_targets(name, logp, target)
     C = logp.shape[1] if logp.ndim > 1 else logp.shape[0]
     valid = t != ignore_index
-    if ((t[valid] < 0) | (t[valid] >= C)).any():
-        bad = t[valid][(t[valid] < 0) | (t[valid] >= C)][0]
-        raise IndexError(f"{name}: target {int(bad)} is out of bounds for {C} classes")
+    kept = t[valid]
+    out_of_range = kept[(kept < 0) | (kept >= C)]
+    if out_of_range.size:
+        raise IndexError(f"{name}: target {int(out_of_range[0])} is out of bounds for {C} "
+                         "classes")
     xp = get_array_module(t)
     safe = xp.where(valid, t, 0)
     cdim = 1 if logp.ndim > 1 else 0
     picked = logp.gather(cdim, xp.expand_dims(safe, cdim)).squeeze(cdim)
-    w = None
     if weight is not None:
         if weight.shape != (C,):
             raise RuntimeError(f"{name}: weight of shape {weight.shape} must have shape ({C},)")
@@ -107,9 +113,7 @@ def _nll(logp, target, weight, ignore_index, reduction, label_smoothing, name):
     loss = -picked * Tensor(w.astype(logp.dtype))
     if label_smoothing:
         # The smoothed target puts label_smoothing / C on every class.
-        wc = weight.data if weight is not None else None
-        all_logp = logp if wc is None else logp * Tensor(wc.reshape((C,) + (1,) * (logp.ndim - 2)
-                                                                  if logp.ndim > 1 else (C,)))
+        all_logp = logp if weight is None else logp * _per_class(weight, logp.ndim)
         smooth = -all_logp.sum(cdim) / C * Tensor(valid.astype(logp.dtype))
         loss = loss * (1 - label_smoothing) + smooth * label_smoothing
     if reduction == "mean":
@@ -150,7 +154,7 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None = None,
         C = input.shape[cdim]
         p = target * (1 - label_smoothing) + label_smoothing / C
         if weight is not None:
-            p = p * weight.reshape((C,) + (1,) * (input.ndim - 2) if cdim else (C,))
+            p = p * _per_class(weight, input.ndim)
         return _reduce(-(logp * p).sum(cdim), reduction)
     return _nll(logp, target, weight, ignore_index, reduction, label_smoothing, "cross_entropy")
 
