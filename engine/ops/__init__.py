@@ -7,7 +7,7 @@ and adds the in-place updates optimizers use (`add_`, `mul_`, ...), which record
 
 from __future__ import annotations
 
-from engine.backend import Device, check_dtype, get_array_module
+from engine.backend import Device, get_array_module
 from engine.ops.activation import log_softmax, softmax
 from engine.ops.core import Op, apply
 from engine.ops.elementwise import (
@@ -223,7 +223,7 @@ def to(self: Tensor, *args, dtype=None, device=None, copy: bool = False) -> Tens
     if device is not None and Device(device) != self.device:
         out = apply(_to_device, out, device=Device(device), src=self.device)
     if dtype is not None:
-        out = to_dtype(out, check_dtype(dtype))
+        out = to_dtype(out, dtype)
     if copy and out is self:
         out = clone(self)
     return out
