@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy
 
-from engine.backend import generator, get_array_module
+from engine.backend import get_array_module
 from engine.ops import (
     gelu,
     linear,
@@ -23,6 +23,7 @@ from engine.ops import (
 )
 from engine.ops.attention import scaled_dot_product_attention
 from engine.ops.conv import conv1d, conv2d
+from engine.ops.elementwise import dropout
 from engine.ops.norm import batch_norm, layer_norm
 from engine.ops.pool import adaptive_avg_pool2d, avg_pool2d, max_pool2d
 from engine.ops.shape import _dim, pad
@@ -192,20 +193,6 @@ def binary_cross_entropy_with_logits(input: Tensor, target: Tensor,
 
 
 # ---------------------------------------------------------------- layers
-
-def dropout(input: Tensor, p: float = 0.5, training: bool = True) -> Tensor:
-    """Zero each element with probability `p` and scale the rest by 1/(1-p), in training."""
-    if not 0.0 <= p <= 1.0:
-        raise ValueError(f"dropout: p must be in [0, 1], got {p}")
-    if not training or p == 0.0:
-        return input
-    if p == 1.0:
-        return input * 0.0
-    xp = get_array_module(input.data)
-    keep = generator().random(input.shape, dtype=numpy.float32) >= p
-    mask = xp.asarray(keep, dtype=input.dtype) * (1.0 / (1.0 - p))
-    return input * Tensor(mask.astype(input.dtype, copy=False))
-
 
 def embedding(input: Tensor, weight: Tensor, padding_idx: int | None = None) -> Tensor:
     """Rows of `weight` picked by the integer tensor `input`; repeated indices accumulate

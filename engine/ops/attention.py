@@ -15,6 +15,7 @@ import numpy
 
 from engine.backend import get_array_module
 from engine.ops.core import Op, apply
+from engine.ops.elementwise import dropout
 from engine.tensor import Tensor
 
 __all__ = ["scaled_dot_product_attention"]
@@ -117,7 +118,5 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor,
             scores = scores + attn_mask.to(scores.dtype)
     weights = apply(_masked_softmax, scores, mask)
     if dropout_p > 0.0:
-        from engine.functional import dropout
-
         weights = dropout(weights, dropout_p)
     return weights @ value

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import numbers
 
-from engine.backend import special
+import numpy
+
+from engine.backend import generator, get_array_module, special
 from engine.dtypes import default_float
 from engine.ops.core import Op, apply
 from engine.tensor import Tensor
@@ -342,3 +344,21 @@ def to_dtype(x: Tensor, dtype) -> Tensor:
     if dtype.kind not in "f":
         return Tensor(x.data.astype(dtype))
     return apply(_to, x, dtype=dtype)
+
+
+# ---------------------------------------------------------------- dropout
+# Composed of a random mask and a multiply, so it needs no rule; it lives with the ops (not in
+# engine.functional) because attention, an op, applies it to its weights.
+
+def dropout(input: Tensor, p: float = 0.5, training: bool = True) -> Tensor:
+    """Zero each element with probability `p` and scale the rest by 1/(1-p), in training."""
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"dropout: p must be in [0, 1], got {p}")
+    if not training or p == 0.0:
+        return input
+    if p == 1.0:
+        return input * 0.0
+    xp = get_array_module(input.data)
+    keep = generator().random(input.shape, dtype=numpy.float32) >= p
+    mask = xp.asarray(keep, dtype=input.dtype) * (1.0 / (1.0 - p))
+    return input * Tensor(mask.astype(input.dtype, copy=False))
