@@ -1,14 +1,15 @@
 """All primitives, the torch-style free functions, and the Tensor methods built from them.
 
 The primitives live by family in `elementwise`, `reduce`, `shape`, `linalg` and `activation`;
-each is defined once (`core.Op`). This module binds them to `Tensor` as operators and methods,
-and adds the in-place updates optimizers use (`add_`, `mul_`, ...), which record no graph.
+each is defined once (`core.Op`); `inplace` holds the updates optimizers use (`add_`, `mul_`,
+...), which record no graph, and `convert` the dtype and device conversions. This module binds
+them to `Tensor` as operators and methods.
 """
 
 from __future__ import annotations
 
-from engine.backend import Device, get_array_module
 from engine.ops.activation import log_softmax, softmax
+from engine.ops.convert import _new, to, to_dtype
 from engine.ops.core import Op, apply
 from engine.ops.elementwise import (
     abs,  # noqa: A004
@@ -56,8 +57,18 @@ from engine.ops.elementwise import (
     square,
     sub,
     tanh,
-    to_dtype,
     where,
+)
+from engine.ops.inplace import (
+    add_,
+    clamp_,
+    copy_,
+    div_,
+    fill_,
+    mul_,
+    setitem,
+    sub_,
+    zero_,
 )
 from engine.ops.linalg import linear, matmul, rmatmul
 from engine.ops.reduce import (
@@ -100,7 +111,7 @@ from engine.ops.shape import (
     unsqueeze,
     view,
 )
-from engine.tensor import Tensor, _mode
+from engine.tensor import Tensor
 
 __all__ = [
     "Op", "apply", "abs", "add", "sub", "mul", "div", "pow", "neg", "exp", "log", "log1p",
@@ -115,127 +126,6 @@ __all__ = [
 ]
 
 clip = clamp
-
-
-# ---------------------------------------------------------------- in-place updates
-
-def _check_inplace(name: str, t: Tensor, other=None) -> None:
-    if _mode.enabled and (t.requires_grad or (isinstance(other, Tensor) and other.requires_grad)):
-        who = "a leaf tensor that requires grad" if t.is_leaf else "a tensor in the graph"
-        raise RuntimeError(
-            f"{name}: in-place operation on {who} (or with an operand that requires grad) "
-            "is not recorded by autograd; wrap it in `with engine.no_grad():` or use the "
-            "out-of-place form")
-
-
-def _raw(other):
-    return other.data if isinstance(other, Tensor) else other
-
-
-def _bump(t: Tensor) -> Tensor:
-    t._version[0] += 1
-    return t
-
-
-def add_(self: Tensor, other, alpha=1) -> Tensor:
-    """``self += alpha * other`` in place."""
-    _check_inplace("add_", self, other)
-    o = _raw(other)
-    self.data += o if alpha == 1 else o * alpha
-    return _bump(self)
-
-
-def sub_(self: Tensor, other, alpha=1) -> Tensor:
-    """``self -= alpha * other`` in place."""
-    _check_inplace("sub_", self, other)
-    o = _raw(other)
-    self.data -= o if alpha == 1 else o * alpha
-    return _bump(self)
-
-
-def mul_(self: Tensor, other) -> Tensor:
-    """``self *= other`` in place."""
-    _check_inplace("mul_", self, other)
-    self.data *= _raw(other)
-    return _bump(self)
-
-
-def div_(self: Tensor, other) -> Tensor:
-    """``self /= other`` in place."""
-    _check_inplace("div_", self, other)
-    self.data /= _raw(other)
-    return _bump(self)
-
-
-def zero_(self: Tensor) -> Tensor:
-    """Set every element to zero in place."""
-    _check_inplace("zero_", self)
-    self.data[...] = 0
-    return _bump(self)
-
-
-def fill_(self: Tensor, value) -> Tensor:
-    """Set every element to `value` in place."""
-    _check_inplace("fill_", self, value)
-    self.data[...] = _raw(value)
-    return _bump(self)
-
-
-def copy_(self: Tensor, src) -> Tensor:
-    """Copy `src` (broadcast to self's shape, cast to self's dtype) into self in place."""
-    _check_inplace("copy_", self, src)
-    s = _raw(src)
-    xp = get_array_module(self.data)
-    if get_array_module(s) is not xp:  # pragma: no cover - GPU only
-        s = _move(get_array_module(s), s, self.device, None)
-    self.data[...] = s
-    return _bump(self)
-
-
-def clamp_(self: Tensor, min=None, max=None) -> Tensor:  # noqa: A002
-    """Clamp in place."""
-    _check_inplace("clamp_", self)
-    get_array_module(self.data).clip(self.data, min, max, out=self.data)
-    return _bump(self)
-
-
-def setitem(self: Tensor, key, value) -> None:
-    """``self[key] = value`` in place (outside the graph)."""
-    from engine.ops.shape import _index_key
-
-    _check_inplace("__setitem__", self, value)
-    self.data[_index_key(key)] = _raw(value)
-    _bump(self)
-
-
-# ---------------------------------------------------------------- dtype and device
-
-def to(self: Tensor, *args, dtype=None, device=None, copy: bool = False) -> Tensor:
-    """``x.to(dtype)``, ``x.to(device)`` or ``x.to(device, dtype)``; differentiable."""
-    for a in args:
-        if isinstance(a, (str, Device)):
-            device = a
-        elif isinstance(a, Tensor):
-            dtype, device = a.dtype, a.device
-        else:
-            dtype = a
-    out = self
-    if device is not None and Device(device) != self.device:
-        out = apply(_to_device, out, device=Device(device), src=self.device)
-    if dtype is not None:
-        out = to_dtype(out, dtype)
-    if copy and out is self:
-        out = clone(self)
-    return out
-
-
-def _move(xp, x, device, src):
-    """Copy array `x` (owned by `xp`) to `device`; `src` is where it came from."""
-    return device.xp.asarray(x) if device.type == "cuda" else xp.asnumpy(x)  # pragma: no cover
-
-
-_to_device = Op("to_device", _move,
-                (lambda xp, g, ans, x, device, src: _move(xp, g, src, device),), save=False)
 
 
 # ---------------------------------------------------------------- binding to Tensor
@@ -279,12 +169,6 @@ def _bind() -> None:
         setattr(Tensor, name, fn)
     Tensor.T = property(lambda x: permute(x, tuple(reversed(range(x.ndim)))))
     Tensor.mT = property(lambda x: transpose(x, -2, -1))
-
-
-def _new(x: Tensor, kind: str, size) -> Tensor:
-    if len(size) == 1 and isinstance(size[0], (tuple, list)):
-        size = tuple(size[0])
-    return Tensor(getattr(get_array_module(x.data), kind)(size, dtype=x.dtype))
 
 
 _bind()

@@ -12,6 +12,7 @@ import numpy
 
 from engine.backend import generator, get_array_module, special
 from engine.dtypes import default_float
+from engine.ops.convert import _to
 from engine.ops.core import Op, apply
 from engine.tensor import Tensor
 
@@ -99,9 +100,6 @@ _clamp = Op("clamp", lambda xp, x, lo, hi: xp.clip(x, lo, hi), (
     None,
     None,
 ))
-_to = Op("to", lambda xp, x, dtype: x.astype(dtype), (lambda xp, g, ans, x, dtype: g,),
-         save=False)
-
 _INV_SQRT_2 = 0.7071067811865476
 _SQRT_2_OVER_PI = 0.7978845608028654
 _INV_SQRT_2PI = 0.3989422804014327
@@ -332,18 +330,6 @@ def gelu(x: Tensor, approximate: str = "none") -> Tensor:
 def silu(x: Tensor) -> Tensor:
     """x * sigmoid(x)."""
     return apply(_silu, x)
-
-
-def to_dtype(x: Tensor, dtype) -> Tensor:
-    """Cast to `dtype`; gradients flow back cast to the source dtype."""
-    from engine.backend import check_dtype
-
-    dtype = check_dtype(dtype)
-    if dtype == x.data.dtype:
-        return x
-    if dtype.kind not in "f":
-        return Tensor(x.data.astype(dtype))
-    return apply(_to, x, dtype=dtype)
 
 
 # ---------------------------------------------------------------- dropout
