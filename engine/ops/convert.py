@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from engine.backend import Device, check_dtype, get_array_module
 from engine.ops.core import Op, apply
+from engine.ops.registry import METHOD, export
 from engine.ops.shape import clone
 from engine.tensor import Tensor
 
@@ -31,6 +32,7 @@ _to_device = Op("to_device", _move,
                 (lambda xp, g, ans, x, device, src: _move(xp, g, src, device),), save=False)
 
 
+@export(METHOD)
 def to(self: Tensor, *args, dtype=None, device=None, copy: bool = False) -> Tensor:
     """``x.to(dtype)``, ``x.to(device)`` or ``x.to(device, dtype)``; differentiable."""
     for a in args:
@@ -50,7 +52,53 @@ def to(self: Tensor, *args, dtype=None, device=None, copy: bool = False) -> Tens
     return out
 
 
+def _cast_to(dtype: str):
+    def cast(x: Tensor) -> Tensor:
+        return to_dtype(x, dtype)
+
+    cast.__doc__ = f"``x.to({dtype})``."
+    return cast
+
+
+export(METHOD, name="float")(_cast_to("float32"))
+export(METHOD, name="double")(_cast_to("float64"))
+export(METHOD, name="half")(_cast_to("float16"))
+export(METHOD, name="long")(_cast_to("int64"))
+export(METHOD, name="int")(_cast_to("int32"))
+export(METHOD, name="bool")(_cast_to("bool"))
+
+
+@export(METHOD)
+def cpu(x: Tensor) -> Tensor:
+    """A copy on the host (the tensor itself when it is there already)."""
+    return to(x, "cpu")
+
+
+@export(METHOD)
+def cuda(x: Tensor, device=None) -> Tensor:
+    """A copy on `device` (default: the current GPU)."""
+    return to(x, device or "cuda")
+
+
+@export(METHOD)
+def type_as(x: Tensor, other: Tensor) -> Tensor:
+    """Cast to `other`'s dtype."""
+    return to_dtype(x, other.dtype)
+
+
 def _new(x: Tensor, kind: str, size) -> Tensor:
     if len(size) == 1 and isinstance(size[0], (tuple, list)):
         size = tuple(size[0])
     return Tensor(getattr(get_array_module(x.data), kind)(size, dtype=x.dtype))
+
+
+@export(METHOD)
+def new_zeros(x: Tensor, *size) -> Tensor:
+    """Zeros of `size` with this tensor's dtype and device."""
+    return _new(x, "zeros", size)
+
+
+@export(METHOD)
+def new_ones(x: Tensor, *size) -> Tensor:
+    """Ones of `size` with this tensor's dtype and device."""
+    return _new(x, "ones", size)

@@ -2,13 +2,15 @@
 
 They change ``x.data`` directly and record no graph, so they refuse to run where autograd would
 need the graph (on a tensor that requires grad, with grad mode on), and they bump the tensor's
-version counter so a graph that saved the old values notices.
+version counter so a graph that saved the old values notices. The variants of out-of-place ops
+(``add_`` of ``add``) are exported by their op's declaration (``inplace=add_``).
 """
 
 from __future__ import annotations
 
 from engine.backend import get_array_module
 from engine.ops.convert import _move
+from engine.ops.registry import METHOD, export
 from engine.ops.shape import _index_key
 from engine.tensor import Tensor, _mode
 
@@ -68,6 +70,7 @@ def clamp_(self: Tensor, min=None, max=None) -> Tensor:  # noqa: A002
     return _bump(self)
 
 
+@export(METHOD)
 def zero_(self: Tensor) -> Tensor:
     """Set every element to zero in place."""
     _check_inplace("zero_", self)
@@ -75,6 +78,7 @@ def zero_(self: Tensor) -> Tensor:
     return _bump(self)
 
 
+@export(METHOD)
 def fill_(self: Tensor, value) -> Tensor:
     """Set every element to `value` in place."""
     _check_inplace("fill_", self, value)
@@ -82,6 +86,7 @@ def fill_(self: Tensor, value) -> Tensor:
     return _bump(self)
 
 
+@export(METHOD)
 def copy_(self: Tensor, src) -> Tensor:
     """Copy `src` (broadcast to self's shape, cast to self's dtype) into self in place."""
     _check_inplace("copy_", self, src)
@@ -93,6 +98,7 @@ def copy_(self: Tensor, src) -> Tensor:
     return _bump(self)
 
 
+@export(operators=("__setitem__",))
 def setitem(self: Tensor, key, value) -> None:
     """``self[key] = value`` in place (outside the graph)."""
     _check_inplace("__setitem__", self, value)
