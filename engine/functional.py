@@ -1,40 +1,22 @@
 """``engine.functional`` (import as ``F``): activations, losses and layers as functions.
 
 Everything here is composed from primitives in `engine.ops`, so none of it needs a gradient
-rule of its own; argument names, defaults and reductions follow ``torch.nn.functional``.
+rule of its own; argument names, defaults and reductions follow ``torch.nn.functional``. The
+ops that belong here (``linear``, ``relu``, ``conv2d``, ``dropout``, ...) declare it where they
+are defined (``@export(FUNCTIONAL)``), as the functions below do; the module's names and
+``__all__`` are built from those declarations at the end.
 """
 
 from __future__ import annotations
 
 import numpy
 
-from engine.backend import generator, get_array_module
-from engine.ops import (
-    gelu,
-    linear,
-    log_softmax,
-    relu,
-    sigmoid,
-    silu,
-    softmax,
-    softplus,
-    tanh,
-    where,
-)
-from engine.ops.attention import scaled_dot_product_attention
-from engine.ops.conv import conv1d, conv2d
-from engine.ops.norm import batch_norm, layer_norm
-from engine.ops.pool import adaptive_avg_pool2d, avg_pool2d, max_pool2d
-from engine.ops.shape import _dim, pad
+from engine.backend import get_array_module
+from engine.ops.activation import log_softmax
+from engine.ops.elementwise import softplus, where
+from engine.ops.registry import FUNCTIONAL, export
+from engine.ops.shape import _dim
 from engine.tensor import Tensor
-
-__all__ = [
-    "linear", "relu", "gelu", "silu", "sigmoid", "tanh", "softplus", "softmax", "log_softmax",
-    "leaky_relu", "cross_entropy", "nll_loss", "mse_loss", "l1_loss",
-    "binary_cross_entropy_with_logits", "dropout", "layer_norm", "embedding", "one_hot", "pad",
-    "normalize", "conv1d", "conv2d", "max_pool2d", "avg_pool2d", "adaptive_avg_pool2d",
-    "batch_norm", "scaled_dot_product_attention",
-]
 
 _REDUCTIONS = ("mean", "sum", "none")
 
@@ -51,6 +33,7 @@ def _reduce(loss: Tensor, reduction: str) -> Tensor:
     return loss.sum() if reduction == "sum" else loss
 
 
+@export(FUNCTIONAL)
 def leaky_relu(x: Tensor, negative_slope: float = 0.01) -> Tensor:
     """x where x > 0, else negative_slope * x."""
     return where(x > 0, x, x * negative_slope)
@@ -76,6 +59,7 @@ def _per_class(weight: Tensor, ndim: int) -> Tensor:
     return weight.reshape(weight.shape + (1,) * (ndim - 2)) if ndim > 1 else weight
 
 
+@export(FUNCTIONAL)
 def nll_loss(input: Tensor, target: Tensor, weight: Tensor | None = None,
              ignore_index: int = -100, reduction: str = "mean") -> Tensor:
     """Negative log-likelihood of class-index `target` under log-probabilities `input`.
@@ -123,6 +107,7 @@ def _nll(logp, target, weight, ignore_index, reduction, label_smoothing, name):
     return loss.sum() if reduction == "sum" else loss
 
 
+@export(FUNCTIONAL)
 def cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None = None,
                   ignore_index: int = -100, reduction: str = "mean",
                   label_smoothing: float = 0.0) -> Tensor:
@@ -159,6 +144,7 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None = None,
     return _nll(logp, target, weight, ignore_index, reduction, label_smoothing, "cross_entropy")
 
 
+@export(FUNCTIONAL)
 def mse_loss(input: Tensor, target: Tensor, reduction: str = "mean") -> Tensor:
     """Mean squared error."""
     if input.shape != target.shape:
@@ -168,6 +154,7 @@ def mse_loss(input: Tensor, target: Tensor, reduction: str = "mean") -> Tensor:
     return _reduce(d * d, reduction)
 
 
+@export(FUNCTIONAL)
 def l1_loss(input: Tensor, target: Tensor, reduction: str = "mean") -> Tensor:
     """Mean absolute error."""
     if input.shape != target.shape:
@@ -176,6 +163,7 @@ def l1_loss(input: Tensor, target: Tensor, reduction: str = "mean") -> Tensor:
     return _reduce((input - target).abs(), reduction)
 
 
+@export(FUNCTIONAL)
 def binary_cross_entropy_with_logits(input: Tensor, target: Tensor,
                                      weight: Tensor | None = None, reduction: str = "mean",
                                      pos_weight: Tensor | None = None) -> Tensor:
@@ -193,20 +181,7 @@ def binary_cross_entropy_with_logits(input: Tensor, target: Tensor,
 
 # ---------------------------------------------------------------- layers
 
-def dropout(input: Tensor, p: float = 0.5, training: bool = True) -> Tensor:
-    """Zero each element with probability `p` and scale the rest by 1/(1-p), in training."""
-    if not 0.0 <= p <= 1.0:
-        raise ValueError(f"dropout: p must be in [0, 1], got {p}")
-    if not training or p == 0.0:
-        return input
-    if p == 1.0:
-        return input * 0.0
-    xp = get_array_module(input.data)
-    keep = generator().random(input.shape, dtype=numpy.float32) >= p
-    mask = xp.asarray(keep, dtype=input.dtype) * (1.0 / (1.0 - p))
-    return input * Tensor(mask.astype(input.dtype, copy=False))
-
-
+@export(FUNCTIONAL)
 def embedding(input: Tensor, weight: Tensor, padding_idx: int | None = None) -> Tensor:
     """Rows of `weight` picked by the integer tensor `input`; repeated indices accumulate
     gradient, and the `padding_idx` row gets none."""
@@ -224,6 +199,7 @@ def embedding(input: Tensor, weight: Tensor, padding_idx: int | None = None) -> 
     return out
 
 
+@export(FUNCTIONAL)
 def one_hot(tensor: Tensor, num_classes: int = -1) -> Tensor:
     """(..., num_classes) int64 one-hot encoding of an integer tensor."""
     idx = tensor.data
@@ -238,9 +214,14 @@ def one_hot(tensor: Tensor, num_classes: int = -1) -> Tensor:
     return Tensor((idx[..., None] == xp.arange(num_classes)).astype(numpy.int64))
 
 
+@export(FUNCTIONAL)
 def normalize(input: Tensor, p: float = 2.0, dim: int = 1, eps: float = 1e-12) -> Tensor:
     """Divide by the Lp norm along `dim` (at least `eps`)."""
     d = _dim(dim, input.ndim)
     norm = (input.abs() ** p).sum(d, keepdim=True) ** (1.0 / p)
     return input / norm.clamp(min=eps)
 
+
+_functions = export.functions(FUNCTIONAL)
+globals().update(_functions)
+__all__ = list(_functions)

@@ -488,28 +488,7 @@ def run_backward(root, g, retain_graph: bool) -> None:
                 if p is None:
                     continue
                 gi = vjps[i](xp, g, v.ans, *args, **v.kwargs) if vjps else gis[i]
-                acc = grads.get(p)
-                if type(gi) is IndexedGrad:
-                    if acc is None or id(acc) not in fresh:  # a buffer of our own to add into
-                        acc = (xp.zeros(gi.shape, dtype=gi.dtype) if acc is None
-                               else xp.array(acc, dtype=gi.dtype))
-                        fresh.add(id(acc))
-                        grads[p] = acc
-                    gi.add_into(xp, acc)
-                else:
-                    if gi.shape != v.shapes[i]:
-                        gi = _unbroadcast(gi, v.shapes[i])
-                    if gi.dtype != v.dtypes[i]:
-                        gi = gi.astype(v.dtypes[i])
-                    if acc is None:
-                        grads[p] = gi
-                    elif id(acc) in fresh:
-                        acc += gi  # a buffer this pass allocated: nobody else holds it
-                    else:
-                        acc = acc + gi
-                        if not isinstance(acc, numpy.generic):  # numpy scalars are immutable
-                            fresh.add(id(acc))
-                        grads[p] = acc
+                _accumulate(xp, grads, fresh, p, gi, v.shapes[i], v.dtypes[i])
                 n = pending[p] - 1
                 pending[p] = n
                 if n == 0:
@@ -522,6 +501,37 @@ def run_backward(root, g, retain_graph: bool) -> None:
     finally:
         _in_backward.active = False
         _callbacks.clear()
+
+
+def _accumulate(xp, grads: dict, fresh: set, vertex, gi, shape, dtype) -> None:
+    """Add `gi`, one rule's gradient for `vertex` (an input of `shape` and `dtype`), into
+    ``grads[vertex]``: summed back over broadcast dims and cast to the input's dtype first.
+
+    The first contribution is stored as it is; later ones are added in place only into a buffer
+    this pass allocated (its id is in `fresh`), since a rule may hand one array to several
+    inputs (add passes g to both)."""
+    acc = grads.get(vertex)
+    if type(gi) is IndexedGrad:
+        if acc is None or id(acc) not in fresh:  # a buffer of our own to add into
+            acc = (xp.zeros(gi.shape, dtype=gi.dtype) if acc is None
+                   else xp.array(acc, dtype=gi.dtype))
+            fresh.add(id(acc))
+            grads[vertex] = acc
+        gi.add_into(xp, acc)
+        return
+    if gi.shape != shape:
+        gi = _unbroadcast(gi, shape)
+    if gi.dtype != dtype:
+        gi = gi.astype(dtype)
+    if acc is None:
+        grads[vertex] = gi
+    elif id(acc) in fresh:
+        acc += gi  # a buffer this pass allocated: nobody else holds it
+    else:
+        acc = acc + gi
+        if not isinstance(acc, numpy.generic):  # numpy scalars are immutable
+            fresh.add(id(acc))
+        grads[vertex] = acc
 
 
 def _check_versions(node: Node) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from engine.ops.core import Op, apply
+from engine.ops.registry import FUNCTION, FUNCTIONAL, METHOD, export
 from engine.ops.shape import _dim
 from engine.tensor import Tensor
 
@@ -27,11 +28,13 @@ _log_softmax_op = Op("log_softmax", _log_softmax, (
 ), save=False, save_ans=True)
 
 
+@export(FUNCTION, METHOD, FUNCTIONAL)
 def softmax(x: Tensor, dim: int) -> Tensor:
     """exp(x) / sum(exp(x)) along `dim`."""
     return apply(_softmax_op, x, axis=_dim(dim, max(x.ndim, 1)) if x.ndim else None)
 
 
+@export(FUNCTION, METHOD, FUNCTIONAL)
 def log_softmax(x: Tensor, dim: int) -> Tensor:
     """x - logsumexp(x) along `dim`."""
     return apply(_log_softmax_op, x, axis=_dim(dim, max(x.ndim, 1)) if x.ndim else None)

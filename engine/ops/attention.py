@@ -15,9 +15,9 @@ import numpy
 
 from engine.backend import get_array_module
 from engine.ops.core import Op, apply
+from engine.ops.elementwise import dropout
+from engine.ops.registry import FUNCTIONAL, export
 from engine.tensor import Tensor
-
-__all__ = ["scaled_dot_product_attention"]
 
 
 def _masked_softmax_forward(xp, x, mask):
@@ -53,6 +53,7 @@ def _check_mask(mask, scores_shape: tuple):
                            f"{tuple(scores_shape)} (..., L, S)")
 
 
+@export(FUNCTIONAL)
 def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor,
                                  attn_mask: Tensor | None = None, dropout_p: float = 0.0,
                                  is_causal: bool = False, scale: float | None = None) -> Tensor:
@@ -117,7 +118,5 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor,
             scores = scores + attn_mask.to(scores.dtype)
     weights = apply(_masked_softmax, scores, mask)
     if dropout_p > 0.0:
-        from engine.functional import dropout
-
         weights = dropout(weights, dropout_p)
     return weights @ value

@@ -25,9 +25,8 @@ from __future__ import annotations
 import numpy
 
 from engine.ops.core import Op, apply
+from engine.ops.registry import FUNCTIONAL, export
 from engine.tensor import Tensor
-
-__all__ = ["conv2d", "conv1d"]
 
 # Bytes of column matrix per chunk: fits an L2 cache (1-2 MiB on current x86 cores).
 _CHUNK_BYTES = 1 << 20
@@ -340,6 +339,7 @@ def _check_window(fn: str, size: tuple, kernel: tuple, pads: tuple, dilation: tu
 
 # ---------------------------------------------------------------- public functions
 
+@export(FUNCTIONAL)
 def conv2d(input: Tensor, weight: Tensor, bias: Tensor | None = None, stride=1, padding=0,
            dilation=1, groups: int = 1) -> Tensor:
     """2-D convolution (cross-correlation, as in every deep learning library).
@@ -377,6 +377,7 @@ def conv2d(input: Tensor, weight: Tensor, bias: Tensor | None = None, stride=1, 
     return out.squeeze(0) if unbatched else out
 
 
+@export(FUNCTIONAL)
 def conv1d(input: Tensor, weight: Tensor, bias: Tensor | None = None, stride=1, padding=0,
            dilation=1, groups: int = 1) -> Tensor:
     """1-D convolution: `conv2d` over a height-1 image.

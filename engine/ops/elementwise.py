@@ -8,9 +8,14 @@ from __future__ import annotations
 
 import numbers
 
-from engine.backend import special
+import numpy
+
+from engine.backend import generator, get_array_module, special
 from engine.dtypes import default_float
+from engine.ops.convert import _to
 from engine.ops.core import Op, apply
+from engine.ops.inplace import add_, clamp_, div_, mul_, sub_
+from engine.ops.registry import FUNCTION, FUNCTIONAL, METHOD, export
 from engine.tensor import Tensor
 
 # ---------------------------------------------------------------- arithmetic
@@ -97,9 +102,6 @@ _clamp = Op("clamp", lambda xp, x, lo, hi: xp.clip(x, lo, hi), (
     None,
     None,
 ))
-_to = Op("to", lambda xp, x, dtype: x.astype(dtype), (lambda xp, g, ans, x, dtype: g,),
-         save=False)
-
 _INV_SQRT_2 = 0.7071067811865476
 _SQRT_2_OVER_PI = 0.7978845608028654
 _INV_SQRT_2PI = 0.3989422804014327
@@ -228,10 +230,33 @@ def _unary(op):
     return fn
 
 
-(neg, exp, log, log1p, sqrt, rsqrt, square, abs, sin, cos, tanh, sigmoid, relu,  # noqa: A001
- softplus, sign, floor, ceil, round, isnan, isfinite) = (_unary(o) for o in (
-    _neg, _exp, _log, _log1p, _sqrt, _rsqrt, _square, _abs, _sin, _cos, _tanh, _sigmoid, _relu,
-    _softplus, _sign, _floor, _ceil, _round, _isnan, _isfinite))
+neg = export(FUNCTION, METHOD, operators=("__neg__",))(_unary(_neg))
+exp = export(FUNCTION, METHOD)(_unary(_exp))
+log = export(FUNCTION, METHOD)(_unary(_log))
+log1p = export(FUNCTION, METHOD)(_unary(_log1p))
+sqrt = export(FUNCTION, METHOD)(_unary(_sqrt))
+rsqrt = export(FUNCTION, METHOD)(_unary(_rsqrt))
+square = export(FUNCTION, METHOD)(_unary(_square))
+abs = export(FUNCTION, METHOD, operators=("__abs__",))(_unary(_abs))  # noqa: A001
+sin = export(FUNCTION, METHOD)(_unary(_sin))
+cos = export(FUNCTION, METHOD)(_unary(_cos))
+tanh = export(FUNCTION, METHOD, FUNCTIONAL)(_unary(_tanh))
+sigmoid = export(FUNCTION, METHOD, FUNCTIONAL)(_unary(_sigmoid))
+relu = export(FUNCTION, METHOD, FUNCTIONAL)(_unary(_relu))
+softplus = export(FUNCTION, METHOD, FUNCTIONAL)(_unary(_softplus))
+sign = export(FUNCTION, METHOD)(_unary(_sign))
+floor = export(FUNCTION, METHOD)(_unary(_floor))
+ceil = export(FUNCTION, METHOD)(_unary(_ceil))
+round = export(FUNCTION, METHOD)(_unary(_round))  # noqa: A001
+isnan = export(FUNCTION, METHOD)(_unary(_isnan))
+isfinite = export(FUNCTION, METHOD)(_unary(_isfinite))
+logical_not = export(FUNCTION, METHOD, operators=("__invert__",))(_unary(_not))
+
+
+@export(operators=("__pos__",))
+def positive(x: Tensor) -> Tensor:
+    """``+x``: the tensor itself."""
+    return x
 
 
 def _coerce(t: Tensor, other):
@@ -271,16 +296,31 @@ def _binary(op):
     return fn
 
 
-add, sub, mul, pow, maximum, minimum = (  # noqa: A001
-    _binary(o) for o in (_add, _sub, _mul, _pow, _maximum, _minimum))
-radd, rsub, rmul, rpow = (_rbinary(o) for o in (_add, _sub, _mul, _pow))
-eq, ne, lt, le, gt, ge = (_binary(o) for o in (_eq, _ne, _lt, _le, _gt, _ge))
-logical_and, logical_or, logical_xor = (_binary(o) for o in (_and, _or, _xor))
+add = export(FUNCTION, METHOD, operators=("__add__",), inplace=add_)(_binary(_add))
+radd = export(operators=("__radd__",))(_rbinary(_add))
+sub = export(FUNCTION, METHOD, operators=("__sub__",), inplace=sub_)(_binary(_sub))
+rsub = export(operators=("__rsub__",))(_rbinary(_sub))
+mul = export(FUNCTION, METHOD, operators=("__mul__",), inplace=mul_)(_binary(_mul))
+rmul = export(operators=("__rmul__",))(_rbinary(_mul))
+pow = export(FUNCTION, METHOD, operators=("__pow__",))(_binary(_pow))  # noqa: A001
+rpow = export(operators=("__rpow__",))(_rbinary(_pow))
+maximum = export(FUNCTION, METHOD)(_binary(_maximum))
+minimum = export(FUNCTION, METHOD)(_binary(_minimum))
+eq = export(FUNCTION, METHOD, operators=("__eq__",))(_binary(_eq))
+ne = export(FUNCTION, METHOD, operators=("__ne__",))(_binary(_ne))
+lt = export(FUNCTION, METHOD, operators=("__lt__",))(_binary(_lt))
+le = export(FUNCTION, METHOD, operators=("__le__",))(_binary(_le))
+gt = export(FUNCTION, METHOD, operators=("__gt__",))(_binary(_gt))
+ge = export(FUNCTION, METHOD, operators=("__ge__",))(_binary(_ge))
+logical_and = export(FUNCTION, METHOD, operators=("__and__",))(_binary(_and))
+logical_or = export(FUNCTION, METHOD, operators=("__or__",))(_binary(_or))
+logical_xor = export(FUNCTION, operators=("__xor__",))(_binary(_xor))
 
 
 _true_div, _rtrue_div = _binary(_div), _rbinary(_div)
 
 
+@export(FUNCTION, METHOD, operators=("__truediv__",), inplace=div_)
 def div(x, y) -> Tensor:
     """True division; integer operands give float32, as in PyTorch."""
     if not isinstance(x, Tensor):
@@ -291,6 +331,7 @@ def div(x, y) -> Tensor:
     return _true_div(x, y)
 
 
+@export(operators=("__rtruediv__",))
 def rdiv(x, y) -> Tensor:
     """``y / x`` where y is not a Tensor."""
     if x.data.dtype.kind in "iub":
@@ -298,10 +339,7 @@ def rdiv(x, y) -> Tensor:
     return _rtrue_div(x, y)
 
 
-def logical_not(x: Tensor) -> Tensor:
-    return apply(_not, x)
-
-
+@export(FUNCTION)
 def where(condition: Tensor, input, other) -> Tensor:
     """``input`` where `condition` holds, else ``other`` (either may be a Python scalar)."""
     cond = condition.data if isinstance(condition, Tensor) else condition
@@ -311,6 +349,13 @@ def where(condition: Tensor, input, other) -> Tensor:
     return apply(_where, cond, input, other)
 
 
+@export(METHOD, name="where")
+def _where_method(x: Tensor, cond, other) -> Tensor:
+    """``x.where(cond, other)``: `x` where `cond` holds, else `other`."""
+    return where(cond, x, other)
+
+
+@export(FUNCTION, METHOD, inplace=clamp_)
 def clamp(x: Tensor, min=None, max=None) -> Tensor:  # noqa: A002
     """Limit values to [min, max]; the gradient flows where the value was not clipped."""
     if min is None and max is None:
@@ -320,6 +365,10 @@ def clamp(x: Tensor, min=None, max=None) -> Tensor:  # noqa: A002
     return apply(_clamp, x, lo, hi)
 
 
+clip = export(FUNCTION, METHOD, name="clip")(clamp)
+
+
+@export(FUNCTION, FUNCTIONAL)
 def gelu(x: Tensor, approximate: str = "none") -> Tensor:
     """Gaussian error linear unit; ``approximate='tanh'`` for the tanh approximation."""
     if approximate not in ("none", "tanh"):
@@ -327,18 +376,26 @@ def gelu(x: Tensor, approximate: str = "none") -> Tensor:
     return apply(_gelu, x, approximate=approximate)
 
 
+@export(FUNCTION, FUNCTIONAL)
 def silu(x: Tensor) -> Tensor:
     """x * sigmoid(x)."""
     return apply(_silu, x)
 
 
-def to_dtype(x: Tensor, dtype) -> Tensor:
-    """Cast to `dtype`; gradients flow back cast to the source dtype."""
-    from engine.backend import check_dtype
+# ---------------------------------------------------------------- dropout
+# Composed of a random mask and a multiply, so it needs no rule; it lives with the ops (not in
+# engine.functional) because attention, an op, applies it to its weights.
 
-    dtype = check_dtype(dtype)
-    if dtype == x.data.dtype:
-        return x
-    if dtype.kind not in "f":
-        return Tensor(x.data.astype(dtype))
-    return apply(_to, x, dtype=dtype)
+@export(FUNCTIONAL)
+def dropout(input: Tensor, p: float = 0.5, training: bool = True) -> Tensor:
+    """Zero each element with probability `p` and scale the rest by 1/(1-p), in training."""
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"dropout: p must be in [0, 1], got {p}")
+    if not training or p == 0.0:
+        return input
+    if p == 1.0:
+        return input * 0.0
+    xp = get_array_module(input.data)
+    keep = generator().random(input.shape, dtype=numpy.float32) >= p
+    mask = xp.asarray(keep, dtype=input.dtype) * (1.0 / (1.0 - p))
+    return input * Tensor(mask.astype(input.dtype, copy=False))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from engine.ops.core import Op, apply
+from engine.ops.registry import FUNCTION, FUNCTIONAL, METHOD, export
 from engine.tensor import Tensor
 
 
@@ -53,6 +54,7 @@ _linear = Op("linear", _linear_forward, (
 ), save=(0, 1))
 
 
+@export(FUNCTION, METHOD, operators=("__matmul__",))
 def matmul(x: Tensor, y: Tensor) -> Tensor:
     """Matrix product with numpy/PyTorch semantics: 1-D operands are vectors, leading dims
     broadcast as batch dims."""
@@ -69,12 +71,15 @@ def matmul(x: Tensor, y: Tensor) -> Tensor:
     return apply(_matmul, x, y)
 
 
+@export(operators=("__rmatmul__",))
 def rmatmul(x: Tensor, y) -> Tensor:
+    """``y @ x`` where y is not a Tensor."""
     from engine.factories import tensor
 
     return matmul(tensor(y), x)
 
 
+@export(FUNCTION, FUNCTIONAL)
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """``x @ weight.T + bias`` in one op: x (..., in), weight (out, in), bias (out,)."""
     if weight.ndim != 2 or x.ndim == 0 or x.shape[-1] != weight.shape[1]:

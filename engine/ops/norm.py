@@ -15,9 +15,8 @@ from __future__ import annotations
 
 from engine.backend import get_array_module
 from engine.ops.core import Op, apply
+from engine.ops.registry import FUNCTIONAL, export
 from engine.tensor import Tensor
-
-__all__ = ["batch_norm", "layer_norm"]
 
 
 def _channel_sum(a):
@@ -69,6 +68,7 @@ def _check_vector(name: str, t, c: int, shape) -> None:
                            f"{c} channels of the input of shape {shape} (expected ({c},))")
 
 
+@export(FUNCTIONAL)
 def batch_norm(input: Tensor, running_mean: Tensor | None, running_var: Tensor | None,
                weight: Tensor | None = None, bias: Tensor | None = None,
                training: bool = False, momentum: float = 0.1, eps: float = 1e-5) -> Tensor:
@@ -172,6 +172,7 @@ def _ln_backward(xp, g, ans, x, weight, bias, mean, rstd, axes):
 _layer_norm = Op("layer_norm", _ln_forward, backward=_ln_backward, save=(0, 1, 3, 4))
 
 
+@export(FUNCTIONAL)
 def layer_norm(input: Tensor, normalized_shape, weight: Tensor | None = None,
                bias: Tensor | None = None, eps: float = 1e-5) -> Tensor:
     """Normalise over the trailing `normalized_shape` dims (biased variance), then scale by

@@ -15,9 +15,8 @@ import numpy
 
 from engine.ops.conv import _positive, _tuple
 from engine.ops.core import Op, apply
+from engine.ops.registry import FUNCTIONAL, export
 from engine.tensor import Tensor
-
-__all__ = ["max_pool2d", "avg_pool2d", "adaptive_avg_pool2d"]
 
 
 def _pool_size(n: int, k: int, s: int, p: int, d: int, ceil_mode: bool) -> int:
@@ -203,6 +202,7 @@ def _geometry(fn: str, x: Tensor, kernel_size, stride, padding, dilation, ceil_m
             "pads": (pad[0], pad[0] + extra[0], pad[1], pad[1] + extra[1])}
 
 
+@export(FUNCTIONAL)
 def max_pool2d(input: Tensor, kernel_size, stride=None, padding=0, dilation=1,
                ceil_mode: bool = False) -> Tensor:
     """The maximum of each (dilated) kernel_size window, as ``torch.nn.functional.max_pool2d``.
@@ -229,6 +229,7 @@ def max_pool2d(input: Tensor, kernel_size, stride=None, padding=0, dilation=1,
     return apply(_max_pool, input, geo=geo)
 
 
+@export(FUNCTIONAL)
 def avg_pool2d(input: Tensor, kernel_size, stride=None, padding=0, ceil_mode: bool = False,
                count_include_pad: bool = True, divisor_override: int | None = None) -> Tensor:
     """The mean of each kernel_size window, as ``torch.nn.functional.avg_pool2d``.
@@ -255,6 +256,7 @@ def avg_pool2d(input: Tensor, kernel_size, stride=None, padding=0, ceil_mode: bo
     return apply(_avg_pool, input, geo=geo)
 
 
+@export(FUNCTIONAL)
 def adaptive_avg_pool2d(input: Tensor, output_size) -> Tensor:
     """Average pooling to a fixed output size, as ``torch.nn.functional.adaptive_avg_pool2d``:
     output row i averages input rows ``floor(i H / H_out)`` to ``ceil((i + 1) H / H_out)``.

@@ -10,6 +10,7 @@ import builtins
 from collections import namedtuple
 
 from engine.ops.core import Op, apply
+from engine.ops.registry import FUNCTION, METHOD, export
 from engine.tensor import Tensor
 
 
@@ -98,12 +99,14 @@ _cumsum = Op("cumsum", lambda xp, x, axis: xp.cumsum(x, axis=axis), (
 ), save=False)
 
 
+@export(FUNCTION, METHOD)
 def sum(x: Tensor, dim=None, keepdim: bool = False, dtype=None) -> Tensor:  # noqa: A001
     """Sum over `dim` (all dims when None)."""
     out = apply(_sum, x, axis=_axes(dim, x.ndim), keepdim=keepdim)
     return out if dtype is None else out.to(dtype)
 
 
+@export(FUNCTION, METHOD)
 def mean(x: Tensor, dim=None, keepdim: bool = False, dtype=None) -> Tensor:
     """Mean over `dim` (all dims when None)."""
     if dtype is not None:
@@ -114,6 +117,7 @@ def mean(x: Tensor, dim=None, keepdim: bool = False, dtype=None) -> Tensor:
     return apply(_mean, x, axis=_axes(dim, x.ndim), keepdim=keepdim)
 
 
+@export(FUNCTION, METHOD)
 def var(x: Tensor, dim=None, *, correction: int = 1, keepdim: bool = False,
         unbiased: bool | None = None) -> Tensor:
     """Variance over `dim` with Bessel's `correction` (1: unbiased, 0: population)."""
@@ -122,26 +126,31 @@ def var(x: Tensor, dim=None, *, correction: int = 1, keepdim: bool = False,
     return apply(_var, x, axis=_axes(dim, x.ndim), keepdim=keepdim, correction=correction)
 
 
+@export(FUNCTION, METHOD)
 def std(x: Tensor, dim=None, *, correction: int = 1, keepdim: bool = False) -> Tensor:
     """Standard deviation over `dim`; where it is zero the gradient is zero, as in torch."""
     return apply(_std, x, axis=_axes(dim, x.ndim), keepdim=keepdim, correction=correction)
 
 
+@export(FUNCTION, METHOD)
 def amax(x: Tensor, dim=None, keepdim: bool = False) -> Tensor:
     """Maximum over `dim`; tied maxima share the gradient."""
     return apply(_amax, x, axis=_axes(dim, x.ndim), keepdim=keepdim)
 
 
+@export(FUNCTION, METHOD)
 def amin(x: Tensor, dim=None, keepdim: bool = False) -> Tensor:
     """Minimum over `dim`; tied minima share the gradient."""
     return apply(_amin, x, axis=_axes(dim, x.ndim), keepdim=keepdim)
 
 
+@export(FUNCTION, METHOD)
 def logsumexp(x: Tensor, dim, keepdim: bool = False) -> Tensor:
     """log(sum(exp(x))) over `dim`, computed stably."""
     return apply(_lse, x, axis=_axes(dim, x.ndim), keepdim=keepdim)
 
 
+@export(FUNCTION, METHOD)
 def cumsum(x: Tensor, dim: int) -> Tensor:
     """Cumulative sum along `dim`."""
     if x.ndim == 0:
@@ -164,12 +173,13 @@ def _arg(fn_name):
     return fn
 
 
-argmax = _arg("argmax")
-argmin = _arg("argmin")
+argmax = export(FUNCTION, METHOD)(_arg("argmax"))
+argmin = export(FUNCTION, METHOD)(_arg("argmin"))
 
 values_indices = namedtuple("values_indices", ["values", "indices"])
 
 
+@export(FUNCTION, METHOD)
 def max(x: Tensor, dim=None, keepdim: bool = False):  # noqa: A001
     """``x.max()``: the largest value; ``x.max(dim)``: (values, indices) along `dim`.
     With a Tensor as second argument: the elementwise maximum."""
@@ -182,6 +192,7 @@ def max(x: Tensor, dim=None, keepdim: bool = False):  # noqa: A001
     return values_indices(amax(x, dim, keepdim), argmax(x, dim, keepdim))
 
 
+@export(FUNCTION, METHOD)
 def min(x: Tensor, dim=None, keepdim: bool = False):  # noqa: A001
     """``x.min()``: the smallest value; ``x.min(dim)``: (values, indices) along `dim`."""
     if isinstance(dim, Tensor):
@@ -193,9 +204,11 @@ def min(x: Tensor, dim=None, keepdim: bool = False):  # noqa: A001
     return values_indices(amin(x, dim, keepdim), argmin(x, dim, keepdim))
 
 
+@export(FUNCTION, METHOD)
 def all(x: Tensor, dim=None, keepdim: bool = False) -> Tensor:  # noqa: A001
     return Tensor(x.data.all(axis=_axes(dim, x.ndim), keepdims=keepdim))
 
 
+@export(FUNCTION, METHOD)
 def any(x: Tensor, dim=None, keepdim: bool = False) -> Tensor:  # noqa: A001
     return Tensor(x.data.any(axis=_axes(dim, x.ndim), keepdims=keepdim))

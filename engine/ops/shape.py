@@ -12,6 +12,7 @@ import numbers
 import numpy
 
 from engine.ops.core import Op, apply
+from engine.ops.registry import FUNCTION, FUNCTIONAL, METHOD, PROPERTY, export
 from engine.tensor import IndexedGrad, Tensor
 
 _reshape = Op("reshape", lambda xp, x, shape: x.reshape(shape),
@@ -98,6 +99,7 @@ def _sizes(size) -> tuple:
     return tuple(size)
 
 
+@export(FUNCTION, METHOD)
 def reshape(x: Tensor, *shape) -> Tensor:
     """The same data in a new shape (one dim may be -1)."""
     shape = _sizes(shape)
@@ -113,9 +115,10 @@ def reshape(x: Tensor, *shape) -> Tensor:
     return apply(_reshape, x, shape=shape)
 
 
-view = reshape
+view = export(METHOD, name="view")(reshape)
 
 
+@export(FUNCTION, METHOD)
 def flatten(x: Tensor, start_dim: int = 0, end_dim: int = -1) -> Tensor:
     """Merge dims `start_dim`..`end_dim` into one."""
     if x.ndim == 0:
@@ -124,12 +127,14 @@ def flatten(x: Tensor, start_dim: int = 0, end_dim: int = -1) -> Tensor:
     return reshape(x, x.shape[:s] + (-1,) + x.shape[e + 1:])
 
 
+@export(FUNCTION, METHOD)
 def unsqueeze(x: Tensor, dim: int) -> Tensor:
     """Insert a size-1 dim at `dim`."""
     d = _dim(dim, x.ndim + 1)
     return apply(_reshape, x, shape=x.shape[:d] + (1,) + x.shape[d:])
 
 
+@export(FUNCTION, METHOD)
 def squeeze(x: Tensor, dim=None) -> Tensor:
     """Remove size-1 dims (only `dim` when given; other sizes are left alone, as in torch)."""
     if dim is None:
@@ -141,6 +146,7 @@ def squeeze(x: Tensor, dim=None) -> Tensor:
     return apply(_reshape, x, shape=tuple(s for i, s in enumerate(x.shape) if i not in dims))
 
 
+@export(FUNCTION, METHOD)
 def permute(x: Tensor, *dims) -> Tensor:
     """Reorder dims."""
     dims = tuple(_dim(d, x.ndim) for d in _sizes(dims))
@@ -150,6 +156,7 @@ def permute(x: Tensor, *dims) -> Tensor:
     return apply(_permute, x, dims=dims)
 
 
+@export(FUNCTION, METHOD)
 def transpose(x: Tensor, dim0: int, dim1: int) -> Tensor:
     """Swap two dims."""
     dims = list(range(x.ndim))
@@ -158,6 +165,7 @@ def transpose(x: Tensor, dim0: int, dim1: int) -> Tensor:
     return apply(_permute, x, dims=tuple(dims))
 
 
+@export(FUNCTION, METHOD)
 def t(x: Tensor) -> Tensor:
     """Transpose a tensor of at most 2 dims."""
     if x.ndim > 2:
@@ -165,6 +173,7 @@ def t(x: Tensor) -> Tensor:
     return x if x.ndim < 2 else transpose(x, 0, 1)
 
 
+@export(FUNCTION, METHOD)
 def expand(x: Tensor, *sizes) -> Tensor:
     """Broadcast to `sizes` without copying (-1 keeps a dim)."""
     sizes = _sizes(sizes)
@@ -181,26 +190,46 @@ def expand(x: Tensor, *sizes) -> Tensor:
     return apply(_expand, x, shape=shape)
 
 
+@export(METHOD)
 def expand_as(x: Tensor, other: Tensor) -> Tensor:
+    """Broadcast to `other`'s shape without copying."""
     return expand(x, other.shape)
 
 
+@export(FUNCTION, METHOD)
 def broadcast_to(x: Tensor, shape) -> Tensor:
+    """Broadcast to `shape` without copying."""
     return expand(x, tuple(shape))
 
 
+@export(FUNCTION, METHOD)
 def flip(x: Tensor, dims) -> Tensor:
     """Reverse the order of elements along `dims`."""
     dims = (dims,) if isinstance(dims, int) else tuple(dims)
     return apply(_flip, x, axis=tuple(_dim(d, x.ndim) for d in dims))
 
 
+@export(FUNCTION, METHOD)
 def clone(x: Tensor) -> Tensor:
     """A copy of the data that stays in the graph."""
     return apply(_clone, x)
 
 
+@export(PROPERTY, name="T")
+def _reversed_dims(x: Tensor) -> Tensor:
+    """``x.T``: the dims in reverse order."""
+    return permute(x, tuple(reversed(range(x.ndim))))
+
+
+@export(PROPERTY, name="mT")
+def _matrix_transpose(x: Tensor) -> Tensor:
+    """``x.mT``: the last two dims swapped."""
+    return transpose(x, -2, -1)
+
+
+@export(METHOD)
 def contiguous(x: Tensor) -> Tensor:
+    """The tensor itself: the backends work on strided arrays, so no copy is needed."""
     return x
 
 
@@ -225,6 +254,7 @@ def _index_key(key):
     return tuple(out)
 
 
+@export(operators=("__getitem__",))
 def getitem(x: Tensor, key) -> Tensor:
     """``x[key]``: ints, slices, None, Ellipsis, integer arrays and boolean masks."""
     key = _index_key(key)
@@ -255,6 +285,7 @@ def _same_rank_shapes(name, tensors, dim, skip_dim: bool):
                                f"{first} and {t.shape}")
 
 
+@export(FUNCTION)
 def cat(tensors, dim: int = 0) -> Tensor:
     """Join tensors along an existing dim."""
     tensors = list(tensors)
@@ -264,9 +295,10 @@ def cat(tensors, dim: int = 0) -> Tensor:
     return apply(_cat, *tensors, axis=dim)
 
 
-concat = concatenate = cat
+concat = concatenate = export(FUNCTION, name="concat")(cat)
 
 
+@export(FUNCTION)
 def stack(tensors, dim: int = 0) -> Tensor:
     """Join same-shaped tensors along a new dim."""
     tensors = list(tensors)
@@ -276,6 +308,7 @@ def stack(tensors, dim: int = 0) -> Tensor:
     return apply(_stack, *tensors, axis=dim)
 
 
+@export(FUNCTION, METHOD)
 def split(x: Tensor, split_size_or_sections, dim: int = 0) -> tuple:
     """Pieces of `split_size` along `dim` (the last may be smaller), or of the given sizes."""
     d = _dim(dim, x.ndim)
@@ -297,6 +330,7 @@ def split(x: Tensor, split_size_or_sections, dim: int = 0) -> tuple:
     return tuple(out)
 
 
+@export(FUNCTION, METHOD)
 def chunk(x: Tensor, chunks: int, dim: int = 0) -> tuple:
     """Split into `chunks` pieces of ceil(n / chunks) along `dim` (the last may be smaller)."""
     if chunks <= 0:
@@ -305,6 +339,7 @@ def chunk(x: Tensor, chunks: int, dim: int = 0) -> tuple:
     return split(x, builtins.max(-(-n // chunks), 1), dim)
 
 
+@export(FUNCTION, METHOD)
 def gather(x: Tensor, dim: int, index: Tensor) -> Tensor:
     """``out[i][j] = x[i][index[i][j]]`` for dim=1 (and likewise for any dim)."""
     idx = index.data if isinstance(index, Tensor) else numpy.asarray(index)
@@ -324,6 +359,7 @@ def gather(x: Tensor, dim: int, index: Tensor) -> Tensor:
     return apply(_gather, x, idx, axis=d)
 
 
+@export(FUNCTION, METHOD)
 def masked_fill(x: Tensor, mask, value) -> Tensor:
     """`x` with `value` where `mask` is True."""
     from engine.ops.elementwise import where
@@ -335,6 +371,7 @@ def masked_fill(x: Tensor, mask, value) -> Tensor:
     return where(mask, value, x)
 
 
+@export(FUNCTIONAL)
 def pad(x: Tensor, pad: tuple, mode: str = "constant", value: float = 0.0) -> Tensor:
     """Pad the last ``len(pad) // 2`` dims: ``pad = (left, right, top, bottom, ...)``, last
     dim first, as ``torch.nn.functional.pad``. Only ``mode='constant'``."""

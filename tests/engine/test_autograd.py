@@ -358,3 +358,15 @@ def test_a_gradient_passed_to_two_inputs_is_never_updated_in_place():
     loss = (s * 3).sum() + (a * 5).sum()  # a gets a second contribution
     loss.backward()
     np.testing.assert_array_equal(x.grad.numpy(), [3 + 3 + 5, 3 + 3 + 5])
+
+
+@pytest.mark.parametrize("slices_first", [False, True], ids=["dense_first", "slices_first"])
+def test_a_slice_gradient_is_never_added_into_a_shared_array(slices_first):
+    # add hands one array to both a and b; the slice of each adds into a buffer of its own
+    x = f64([1.0, 2.0])
+    a = x * 1.0
+    b = x * 1.0
+    dense, sliced = ((a + b) * 3).sum(), a[0] * 5 + b[1] * 7
+    loss = sliced + dense if slices_first else dense + sliced
+    loss.backward()
+    np.testing.assert_array_equal(x.grad.numpy(), [3 + 5 + 3, 3 + 3 + 7])
