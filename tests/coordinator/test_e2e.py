@@ -8,6 +8,7 @@ import json
 import os
 import signal
 import socket
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -123,6 +124,37 @@ def test_submit_to_success_with_metrics_and_checkpoints(client, state_dir, tmp_p
         np.testing.assert_array_equal(ours[name].numpy(), array)
     older = client.download_checkpoint(job.id, step=15, dest=tmp_path)
     assert older.step == 15 and older.path == tmp_path / "model.safetensors"
+
+
+@pytest.fixture
+def umask_000():
+    """The most permissive umask: what the coordinator creates must be private all the same."""
+    previous = os.umask(0)
+    try:
+        yield
+    finally:
+        os.umask(previous)
+
+
+def test_the_state_directory_is_private_whatever_the_umask(umask_000, client, state_dir):
+    job = client.submit_job(TINY_SPEC)
+    watch_all(client, job.id)
+    assert client.get_job(job.id).state is S.SUCCEEDED
+    found = {}  # name -> (is a directory, permission bits)
+    for path in [state_dir, *state_dir.rglob("*")]:
+        mode = path.lstat().st_mode
+        assert stat.S_ISDIR(mode) or stat.S_ISREG(mode), path
+        found[str(path.relative_to(state_dir))] = (stat.S_ISDIR(mode), stat.S_IMODE(mode))
+    wrong = {name: oct(bits) for name, (is_dir, bits) in found.items()
+             if bits != (0o700 if is_dir else 0o600)}
+    assert wrong == {}
+    step = f"jobs/{job.id}/checkpoints/step-00000020"
+    assert {"token", "coordinator.db", "coordinator.db-wal", "coordinator.db-shm", "runner.lock",
+            f"jobs/{job.id}/worker.log", f"jobs/{job.id}/spec.json", f"jobs/{job.id}/run.json",
+            f"{step}/model.safetensors", f"{step}/manifest.json"} <= set(found)
+    blobs = [name for name, (is_dir, _) in found.items()
+             if name.startswith("blobs/") and not is_dir]
+    assert len(blobs) >= 3  # the uploaded checkpoints' files
 
 
 def test_cancel_ends_the_workers(client, state_dir):
