@@ -1,6 +1,6 @@
 """DistributedDataParallel: average gradients across ranks while backward is still running.
 
-PyTorch's design (``torch/nn/parallel/distributed.py``), on the engine's two hooks:
+PyTorch's design (``torch/nn/parallel/distributed.py``), on the engine's hooks:
 
 * At wrap time every rank describes its module (names, shapes, dtypes of parameters and
   buffers); all descriptions are gathered, so a difference raises the same clear error on every
