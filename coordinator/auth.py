@@ -27,6 +27,7 @@ import grpc
 
 from coordinator.errors import CoordinatorError
 from coordinator.model import verify_token
+from coordinator.private_files import make_private_dir
 
 __all__ = [
     "TOKEN_FILE", "TOKEN_ENV", "TOKEN_FILE_ENV", "AUTHORIZATION", "JOB_ID_HEADER",
@@ -104,7 +105,7 @@ def load_or_create_token(state_dir: str | os.PathLike) -> str:
         The token.
     """
     path = Path(state_dir) / TOKEN_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_private_dir(path.parent)
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:

@@ -39,6 +39,7 @@ from coordinator.errors import (
     ValidationError,
 )
 from coordinator.hashed_io import BytesLike, write_hashed
+from coordinator.private_files import make_private_dir
 from engine.serialization import fsync_directory
 
 __all__ = ["BlobStore", "check_sha256", "CHUNK_SIZE"]
@@ -77,7 +78,7 @@ class BlobStore:
     def __init__(self, root: str | os.PathLike, *, max_size: int | None = None):
         self.root = Path(root)
         self.max_size = max_size
-        (self.root / _TMP).mkdir(parents=True, exist_ok=True)
+        make_private_dir(self.root / _TMP)
 
     def _path(self, sha256: str) -> Path:
         check_sha256(sha256)
@@ -117,8 +118,8 @@ class BlobStore:
                 raise ChecksumMismatch(expected_sha256, sha256, size)
             final = self._path(sha256)
             created = not final.parent.is_dir()
-            final.parent.mkdir(exist_ok=True)
             if created:
+                make_private_dir(final.parent)
                 fsync_directory(self.root)
             # Replace rather than skip an existing file: a damaged copy gets repaired.
             os.replace(tmp, final)

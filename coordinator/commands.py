@@ -278,6 +278,9 @@ def add_commands(commands: Any) -> None:
 
     serve = add("serve", _cmd_serve, "run the coordinator: a gRPC job service that schedules "
                 "jobs on this machine's cores or a hostfile's hosts",
+                "It creates the state directory and what it holds (jobs, logs, checkpoints,\n"
+                "the token) private to this user: directories 0700, files 0600, whatever the\n"
+                "umask.\n\n"
                 "example:\n  dptrain serve --state-dir /var/lib/dptrain --slots 8\n\n")
     serve.add_argument("--host", default="127.0.0.1",
                        help="address to listen on (default 127.0.0.1; beyond loopback only "

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from coordinator import worker_env
+from coordinator.private_files import open_private
 from coordinator.scheduler import Cluster, Launch
 from worker.launch import LaunchSettings, mpiexec_command
 
@@ -258,7 +259,7 @@ def lock_state_dir(state_dir: Path) -> IO[str]:
         RuntimeError: another process holds it.
     """
     path = Path(state_dir) / "runner.lock"
-    lock_file = open(path, "a+", encoding="utf-8")  # noqa: SIM115 - returned, held open
+    lock_file = os.fdopen(open_private(path, os.O_RDWR | os.O_APPEND), "a+", encoding="utf-8")
     try:
         fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

@@ -84,6 +84,7 @@ from coordinator.model import (
     hash_token,
     new_token,
 )
+from coordinator.private_files import PRIVATE_UMASK, make_private_dir, open_private
 from coordinator.scheduler import Cluster, Launch, PendingJob, RunningJob, schedule
 from coordinator.store import Store
 from worker.train import EXIT_DIVERGED, EXIT_INVALID
@@ -165,7 +166,7 @@ class JobRunner:
         Raises:
             RuntimeError: another coordinator holds this state directory.
         """
-        self.settings.jobs_dir.mkdir(parents=True, exist_ok=True)
+        make_private_dir(self.settings.jobs_dir)
         self._lock_file = lock_state_dir(self.settings.state_dir)
         self._recover()
         self._thread = threading.Thread(target=self._loop, name="dptrain-runner", daemon=True)
@@ -319,7 +320,7 @@ class JobRunner:
             if job.state not in PENDING_STATES or job.id in self._runs:
                 return
             paths = JobPaths.of(self.settings, job.id)
-            paths.checkpoints.mkdir(parents=True, exist_ok=True)
+            make_private_dir(paths.checkpoints)
             previous = read_run_record(paths.run)
             attempt = int(previous.get("attempt", 0)) + 1 if previous else 1
             write_atomic(paths.spec, json.dumps(job.spec, indent=1, sort_keys=True) + "\n")
@@ -347,14 +348,14 @@ class JobRunner:
                       "coordinator_pid": os.getpid(), "started_at": job.started_at,
                       "command": command, "hosts": launch.hosts_arg}
             write_run_record(paths.run, record)  # before Popen: a crash now leaves a marker
-            with open(paths.log, "ab") as log_file:
+            with os.fdopen(open_private(paths.log, os.O_WRONLY | os.O_APPEND), "ab") as log_file:
                 log_file.write(header.encode())
                 log_file.flush()  # before the workers write after it
                 offset = log_file.tell()
                 try:
                     proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log_file,
                                             stderr=subprocess.STDOUT, env=env, cwd=paths.root,
-                                            start_new_session=True)
+                                            start_new_session=True, umask=PRIVATE_UMASK)
                 except OSError as e:
                     self._transition(job.id, _S.FAILED, error=f"cannot start the workers: "
                                      f"{command[0]}: {e.strerror or e}")

@@ -41,6 +41,7 @@ from coordinator.errors import JobNotFound
 from coordinator.jobs import Runner, ServiceState
 from coordinator.limits import DEFAULT_MAX_CHECKPOINT_BYTES, channel_options
 from coordinator.metrics import Metrics, MetricsHTTPServer
+from coordinator.private_files import make_private_dir
 from coordinator.scheduler import Cluster
 from coordinator.service import CoordinatorServicer, WorkerServicer
 from coordinator.store import SqliteStore, Store
@@ -322,8 +323,7 @@ def serve(state_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 0, 
             f"that")
     if default_max_restarts is None:
         default_max_restarts = 3
-    state_dir = Path(state_dir)
-    state_dir.mkdir(parents=True, exist_ok=True)
+    state_dir = make_private_dir(state_dir)  # specs, logs and checkpoints: 0700, not 0755
     admin_token = token or load_or_create_token(state_dir)
     store = store if store is not None else SqliteStore(state_dir / DB_FILE)
     executor: futures.ThreadPoolExecutor | None = None

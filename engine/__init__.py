@@ -60,16 +60,17 @@ from engine.tensor import (
     is_grad_enabled,
     no_grad,
     queue_callback,
+    register_backward_pass_hook,
     set_grad_enabled,
 )
 
 __all__ = [
     "Tensor", "Device", "device", "cupy_available", "manual_seed", "get_rng_state",
     "set_rng_state", "no_grad", "enable_grad", "set_grad_enabled", "is_grad_enabled",
-    "queue_callback", "tensor", "zeros", "ones", "full", "empty", "zeros_like", "ones_like",
-    "full_like", "rand_like", "randn_like", "randn", "rand", "randint", "randperm", "arange",
-    "linspace", "eye", "from_numpy", "gradcheck", "functional", "nn", "optim", "save", "load",
-    "load_metadata",
+    "queue_callback", "register_backward_pass_hook", "tensor", "zeros", "ones", "full", "empty",
+    "zeros_like", "ones_like", "full_like", "rand_like", "randn_like", "randn", "rand", "randint",
+    "randperm", "arange", "linspace", "eye", "from_numpy", "gradcheck", "functional", "nn",
+    "optim", "save", "load", "load_metadata",
     "float16", "float32", "float64", "half", "float", "double", "int8", "int16", "int32",
     "int64", "long", "uint8", "bool", *_ops_all,
 ]

@@ -25,6 +25,7 @@ __all__ = [
     "set_grad_enabled",
     "is_grad_enabled",
     "queue_callback",
+    "register_backward_pass_hook",
 ]
 
 
@@ -392,6 +393,7 @@ class Tensor:
 
 
 _callbacks: list = []
+_pass_hooks: list = []
 _in_backward = threading.local()
 
 
@@ -401,6 +403,23 @@ def queue_callback(fn: Callable[[], None]) -> None:
     if not getattr(_in_backward, "active", False):
         raise RuntimeError("queue_callback can only be called during a backward pass")
     _callbacks.append(fn)
+
+
+def register_backward_pass_hook(fn: Callable[[], None]) -> RemovableHandle:
+    """Call ``fn()`` at the start of every backward pass, before any gradient is computed.
+
+    It may `queue_callback` work for the end of the pass. Unlike a tensor hook it runs even
+    when the pass reaches none of the tensors its owner watches: a data-parallel rank whose
+    loss does not depend on the model must still join the other ranks' gradient reduction.
+
+    Args:
+        fn: called with no arguments.
+
+    Returns:
+        A handle whose ``remove()`` unregisters `fn`.
+    """
+    _pass_hooks.append(fn)
+    return RemovableHandle(_pass_hooks, fn)
 
 
 class IndexedGrad:
@@ -467,6 +486,8 @@ def run_backward(root, g, retain_graph: bool) -> None:
     fresh = set()  # ids of accumulation buffers allocated by this pass, updated in place
     _in_backward.active = True
     try:
+        for fn in list(_pass_hooks):
+            fn()
         while ready:
             v = ready.pop()
             g = grads.pop(v)

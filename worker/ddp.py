@@ -1,6 +1,6 @@
 """DistributedDataParallel: average gradients across ranks while backward is still running.
 
-PyTorch's design (``torch/nn/parallel/distributed.py``), on the engine's two hooks:
+PyTorch's design (``torch/nn/parallel/distributed.py``), on the engine's hooks:
 
 * At wrap time every rank describes its module (names, shapes, dtypes of parameters and
   buffers); all descriptions are gathered, so a difference raises the same clear error on every
@@ -18,6 +18,11 @@ PyTorch's design (``torch/nn/parallel/distributed.py``), on the engine's two hoo
   zeros, all requests are waited for, and every ``param.grad`` becomes a view of its bucket slot,
   which now holds the mean over ranks. No copy back is needed, and the next backward
   accumulates straight into the bucket.
+* A forward through the wrapper that records a graph (with sync on) arms the wrapper for the
+  next backward, and `engine.register_backward_pass_hook` queues `_finish_backward` at the start
+  of that pass. So a rank whose loss does not depend on the model, whose backward fires no
+  parameter hook, still all-reduces zeros for every bucket instead of leaving the other ranks
+  waiting for it forever (PyTorch's ``prepare_for_backward`` in ``forward``).
 
 The reduction itself is a plug-in (`register_comm_hook`), so compression or another algorithm
 never touches this module.
@@ -26,6 +31,7 @@ never touches this module.
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
@@ -33,7 +39,7 @@ import numpy
 
 from engine.backend import get_array_module
 from engine.nn.module import Module
-from engine.tensor import Tensor, is_grad_enabled, queue_callback
+from engine.tensor import Tensor, is_grad_enabled, queue_callback, register_backward_pass_hook
 from worker.comm import Communicator
 
 __all__ = ["DistributedDataParallel", "GradientBucket", "allreduce_hook", "CommHook"]
@@ -207,7 +213,8 @@ class DistributedDataParallel:
             parameters that no rank used, and their ``.grad`` stays None on every rank (as in
             a single process). With False (the default), such a parameter gets a zero
             gradient on every rank. Either way a parameter unused on some ranks never hangs the
-            job and gets the mean over ranks, counting zeros where it was unused.
+            job and gets the mean over ranks, counting zeros where it was unused, even on a rank
+            whose loss does not depend on the model at all.
 
     Example:
         >>> import engine, engine.functional as F
@@ -248,6 +255,7 @@ class DistributedDataParallel:
         self._scale = 1.0 / self.comm.size
         self._comm_hook: CommHook = allreduce_hook
         self._sync = True
+        self._armed = False     # a forward recorded a graph: the next backward reduces
         self._in_pass = False
         self._next_launch = 0   # buckets below this index have started their all-reduce
         self._next_done = 0     # buckets below this index have completed it
@@ -256,6 +264,15 @@ class DistributedDataParallel:
             for slot, p in enumerate(bucket.params):
                 self._hook_handles.append(p.register_post_accumulate_grad_hook(
                     self._make_hook(bucket, slot)))
+        # Held weakly: the engine's list of pass hooks must not keep a dropped wrapper alive.
+        this = weakref.ref(self)
+
+        def on_backward_pass() -> None:
+            ddp = this()
+            if ddp is not None and ddp._armed and ddp._sync:
+                ddp._start_pass()
+
+        weakref.finalize(self, register_backward_pass_hook(on_backward_pass).remove)
 
     # ----------------------------------------------------------- the module's face
     def __call__(self, *args, **kwargs):
@@ -265,9 +282,10 @@ class DistributedDataParallel:
                 "DistributedDataParallel: the previous backward pass ended before its gradient "
                 "all-reduce finished (an exception during backward?), so the ranks are no "
                 "longer in step; restart the job from a checkpoint")
-        if (self.broadcast_buffers and self._buffers and self._sync and is_grad_enabled()
-                and self.comm.size > 1):
-            _broadcast_tensors(self.comm, self._buffers)
+        if self._sync and is_grad_enabled():
+            self._armed = True
+            if self.broadcast_buffers and self._buffers and self.comm.size > 1:
+                _broadcast_tensors(self.comm, self._buffers)
         return self.module(*args, **kwargs)
 
     def forward(self, *args, **kwargs):
@@ -353,10 +371,14 @@ class DistributedDataParallel:
                 self._grad_ready(bucket, slot, param)
         return hook
 
-    def _grad_ready(self, bucket: GradientBucket, slot: int, param: Tensor) -> None:
+    def _start_pass(self) -> None:
+        """Take part in this backward pass: reduce when it ends, whatever it reached."""
         if not self._in_pass:
             self._in_pass = True
             queue_callback(self._finish_backward)
+
+    def _grad_ready(self, bucket: GradientBucket, slot: int, param: Tensor) -> None:
+        self._start_pass()  # the module may have been called directly, not through the wrapper
         if bucket.filled[slot]:
             return
         bucket.filled[slot] = True
@@ -437,4 +459,4 @@ class DistributedDataParallel:
             for bucket in self._buckets:
                 bucket.reset()
             self._next_launch = self._next_done = 0
-            self._in_pass = False
+            self._in_pass = self._armed = False

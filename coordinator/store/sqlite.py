@@ -27,6 +27,7 @@ from contextlib import contextmanager
 
 from coordinator.errors import SchemaError, StoreClosed, StoreError
 from coordinator.model import CheckpointRecord, Event, EventKind, Job, JobState
+from coordinator.private_files import open_private
 from coordinator.store.base import Store
 
 __all__ = ["SqliteStore", "MIGRATIONS", "SCHEMA_VERSION", "Migration"]
@@ -231,6 +232,9 @@ class SqliteStore(Store):
         self._write_lock = threading.Lock()
         self._idle: list[sqlite3.Connection] = []
         self._open: list[sqlite3.Connection] = []
+        # SQLite would create the file 0644 (0666 under umask 0); its -wal and -shm files
+        # take the database's mode, so making the database 0600 keeps all three private.
+        os.close(open_private(self.path, os.O_RDWR))
         conn = self._connect()
         try:
             self._migrate(conn, migrations)

@@ -8,6 +8,7 @@ import json
 import os
 import signal
 import socket
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +19,9 @@ import yaml
 from jobkit import (
     SLOW_SPEC,
     TINY_SPEC,
+    TINY_VAL_ACCURACY,
     descendants,
+    held_out_metrics,
     kill_all,
     processes_with_env,
     rank_pids,
@@ -28,6 +31,7 @@ from jobkit import (
 
 import engine
 from coordinator.client import Client, ClientError
+from coordinator.follow import curves_figure
 from coordinator.launcher import read_run_record
 from coordinator.model import Event, EventKind, JobState
 from coordinator.runner import JobRunner
@@ -97,12 +101,16 @@ def test_submit_to_success_with_metrics_and_checkpoints(client, state_dir, tmp_p
                                                                                     20]
     job = client.get_job(job.id)
     assert job.state is S.SUCCEEDED and job.last_step == 20 and job.exit_code == 0
-    assert 0 < job.metrics["val_accuracy"] <= 1
 
     records = client.list_checkpoints(job.id)
     assert [r.step for r in records] == [15, 20]  # checkpoint.keep = 2
     got = client.download_checkpoint(job.id, dest=tmp_path / "model.safetensors")
     assert got.step == 20 and sha256_of(got.path) == got.sha256
+    # The reported validation metrics are those of the final model, and it learned.
+    accuracy, loss = held_out_metrics(got.path, TINY_SPEC)
+    assert job.metrics["val_accuracy"] == pytest.approx(accuracy, abs=1e-12)
+    assert job.metrics["val_loss"] == pytest.approx(loss, rel=1e-5)
+    assert accuracy >= TINY_VAL_ACCURACY
     assert got.sha256 == records[-1].manifest["files"]["model.safetensors"]["sha256"]
     # The same bytes the worker wrote into its checkpoint directory.
     local = state_dir / "jobs" / job.id / "checkpoints" / "step-00000020" / "model.safetensors"
@@ -116,6 +124,37 @@ def test_submit_to_success_with_metrics_and_checkpoints(client, state_dir, tmp_p
         np.testing.assert_array_equal(ours[name].numpy(), array)
     older = client.download_checkpoint(job.id, step=15, dest=tmp_path)
     assert older.step == 15 and older.path == tmp_path / "model.safetensors"
+
+
+@pytest.fixture
+def umask_000():
+    """The most permissive umask: what the coordinator creates must be private all the same."""
+    previous = os.umask(0)
+    try:
+        yield
+    finally:
+        os.umask(previous)
+
+
+def test_the_state_directory_is_private_whatever_the_umask(umask_000, client, state_dir):
+    job = client.submit_job(TINY_SPEC)
+    watch_all(client, job.id)
+    assert client.get_job(job.id).state is S.SUCCEEDED
+    found = {}  # name -> (is a directory, permission bits)
+    for path in [state_dir, *state_dir.rglob("*")]:
+        mode = path.lstat().st_mode
+        assert stat.S_ISDIR(mode) or stat.S_ISREG(mode), path
+        found[str(path.relative_to(state_dir))] = (stat.S_ISDIR(mode), stat.S_IMODE(mode))
+    wrong = {name: oct(bits) for name, (is_dir, bits) in found.items()
+             if bits != (0o700 if is_dir else 0o600)}
+    assert wrong == {}
+    step = f"jobs/{job.id}/checkpoints/step-00000020"
+    assert {"token", "coordinator.db", "coordinator.db-wal", "coordinator.db-shm", "runner.lock",
+            f"jobs/{job.id}/worker.log", f"jobs/{job.id}/spec.json", f"jobs/{job.id}/run.json",
+            f"{step}/model.safetensors", f"{step}/manifest.json"} <= set(found)
+    blobs = [name for name, (is_dir, _) in found.items()
+             if name.startswith("blobs/") and not is_dir]
+    assert len(blobs) >= 3  # the uploaded checkpoints' files
 
 
 def test_cancel_ends_the_workers(client, state_dir):
@@ -145,8 +184,10 @@ def test_killed_worker_resumes_to_the_same_parameters(client, state_dir, tmp_pat
     reference = client.download_checkpoint(undisturbed.id, dest=tmp_path / "a.safetensors")
 
     job = client.submit_job(SLOW_SPEC)
-    wait_for(lambda: any(r.step >= 20 for r in client.list_checkpoints(job.id)), 90,
-             what="a checkpoint at step 20")
+    # Kill in the second epoch (21 steps per epoch), so the resumed run must draw the order of
+    # an epoch the uninterrupted run reshuffled to.
+    wait_for(lambda: any(r.step >= 30 for r in client.list_checkpoints(job.id)), 90,
+             what="a checkpoint at step 30")
     ranks = rank_pids(run_record(state_dir, job.id)["run_id"])
     assert len(ranks) == 2
     os.kill(ranks[0], signal.SIGKILL)
@@ -266,12 +307,51 @@ def test_cli_workflow(server, tmp_path):
     png = tmp_path / "curves.png"
     plot = dptrain("plot", job_id, "-o", str(png), server=server)
     assert plot.returncode == 0, plot.stderr
-    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    steps = _assert_plot_shows_the_metrics(png, server.store.events(job_id),
+                                           f"tiny ({job_id}, SUCCEEDED)")
+    assert plot.stdout == f"{png}: loss and accuracy of {job_id} over {steps} step(s)\n"
 
     missing = dptrain("status", "j-000000000000", server=server)
     assert missing.returncode == 4
     assert missing.stderr.strip().splitlines() == [
         "dptrain: error: NOT_FOUND: job 'j-000000000000' not found"]
+
+
+def _assert_plot_shows_the_metrics(png: Path, events: list[Event], title: str) -> int:
+    """`png` is a non-blank two-panel picture, drawn from a figure whose curves are the job's
+    metrics (the last value reported for each step). Returns the steps of the training loss."""
+    import matplotlib.image
+    import matplotlib.pyplot as plt
+
+    image = matplotlib.image.imread(png)
+    assert image.shape[:2] == (400, 1100)  # 11 x 4 inches at 100 dpi: loss and accuracy
+    ink = (image[..., :3] < 0.9).any(axis=2)
+    assert ink[:, :550].mean() > 0.01 and ink[:, 550:].mean() > 0.01  # both panels drawn
+    expected: dict[tuple[str, str], dict[int, float]] = {}
+    for e in events:
+        if e.kind is EventKind.METRICS and "step" in e.payload:
+            for key, panel, curve in (("loss", "loss", "training"),
+                                      ("val_loss", "loss", "validation"),
+                                      ("accuracy", "accuracy", "training"),
+                                      ("val_accuracy", "accuracy", "validation")):
+                if key in e.payload:
+                    expected.setdefault((panel, curve), {})[e.payload["step"]] = e.payload[key]
+    # Per-step metrics are throttled in time; the final step and the evaluations always come.
+    assert 20 in expected[("loss", "training")] and 20 in expected[("accuracy", "training")]
+    assert sorted(expected[("loss", "validation")]) == [10, 20]
+    fig, steps = curves_figure(events, title)
+    try:
+        drawn = {(ax.get_ylabel(), line.get_label()): line.get_xydata().tolist()
+                 for ax in fig.axes for line in ax.get_lines()}
+        assert drawn == {key: [[step, value] for step, value in sorted(points.items())]
+                         for key, points in expected.items()}
+        assert steps == len(expected[("loss", "training")])
+        again = png.with_name("again.png")
+        fig.savefig(again, format="png", dpi=100)
+    finally:
+        plt.close(fig)
+    np.testing.assert_array_equal(matplotlib.image.imread(again), image)  # what the CLI drew
+    return steps
 
 
 def test_cli_bad_spec_is_one_line(server, tmp_path):

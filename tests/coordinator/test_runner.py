@@ -16,8 +16,10 @@ import pytest
 from jobkit import (
     SLOW_SPEC,
     TINY_SPEC,
+    TINY_VAL_ACCURACY,
     descendants,
     fake_mpiexec,
+    held_out_metrics,
     kill_all,
     processes_with_env,
     rank_pids,
@@ -108,7 +110,7 @@ def test_job_runs_to_success_with_its_log_streamed(store, make_runner, state_dir
     job = wait_state(store, job_id, S.SUCCEEDED, S.FAILED)
     assert job.state is S.SUCCEEDED, job.error
     assert job.exit_code == 0 and job.placement == () and job.restarts == 0
-    assert job.metrics["step"] == 20 and 0 <= job.metrics["val_accuracy"] <= 1
+    assert job.metrics["step"] == 20
     assert states_of(store, job_id) == ["QUEUED", "RUNNING", "SUCCEEDED"]
     lines = log_lines(store, job_id)
     assert any("checkpoint written" in line for line in lines)
@@ -120,6 +122,12 @@ def test_job_runs_to_success_with_its_log_streamed(store, make_runner, state_dir
     assert "2 rank(s) on localhost:2" in log.splitlines()[0]
     assert sorted(p.name for p in paths.checkpoints.iterdir()) == ["step-00000015",
                                                                    "step-00000020"]
+    # The final metrics are the last checkpoint's model's, and it learned.
+    accuracy, loss = held_out_metrics(paths.checkpoints / "step-00000020/model.safetensors",
+                                      TINY_SPEC)
+    assert job.metrics["val_accuracy"] == pytest.approx(accuracy, abs=1e-12)
+    assert job.metrics["val_loss"] == pytest.approx(loss, rel=1e-5)
+    assert accuracy >= TINY_VAL_ACCURACY
     assert json.loads(paths.spec.read_text()) == TINY_SPEC
     record = read_run_record(paths.run)
     assert record["attempt"] == 1 and record["coordinator_pid"] == os.getpid()

@@ -355,6 +355,24 @@ def test_sqlite_uses_wal_full_sync_and_foreign_keys(tmp_path):
             raw.close()
 
 
+def test_sqlite_files_are_private_whatever_the_umask(tmp_path):
+    def modes() -> dict[str, int]:
+        return {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()}
+
+    previous = os.umask(0)
+    try:
+        with SqliteStore(tmp_path / "new.db") as store:
+            store.create_job(_job())
+            assert modes() == {"new.db": 0o600, "new.db-wal": 0o600, "new.db-shm": 0o600}
+        old = tmp_path / "old.db"  # left readable by others by an earlier version
+        SqliteStore(old).close()
+        old.chmod(0o644)
+        with SqliteStore(old):
+            assert modes()["old.db"] == 0o600
+    finally:
+        os.umask(previous)
+
+
 def test_sqlite_keeps_everything_across_reopen(tmp_path):
     path = tmp_path / "state.db"
     with SqliteStore(path) as store:

@@ -257,6 +257,26 @@ def test_queue_callback_runs_after_all_leaves_are_done():
         engine.queue_callback(lambda: None)
 
 
+def test_backward_pass_hook_runs_first_in_every_pass_and_can_queue_the_end():
+    a = f64([1.0])
+    order = []
+
+    def on_pass():
+        order.append("start")
+        engine.queue_callback(lambda: order.append("end"))
+
+    a.register_post_accumulate_grad_hook(lambda p: order.append("leaf"))
+    handle = engine.register_backward_pass_hook(on_pass)
+    try:
+        (a * 3).sum().backward()
+        (f64([2.0]) * 3).sum().backward()  # reaches no tensor the hooks watch: still runs
+    finally:
+        handle.remove()
+    assert order == ["start", "leaf", "end", "start", "end"]
+    (a * 3).sum().backward()
+    assert order[5:] == ["leaf"]  # removed
+
+
 def test_retain_grad_on_non_leaf():
     x = f64([1.0, 2.0])
     y = x * 2

@@ -87,6 +87,20 @@ def test_unused_parameters_do_not_hang_and_agree_everywhere(accumulation):
 
 
 @pytest.mark.mpi
+def test_a_rank_whose_loss_ignores_the_model_still_joins_the_reduction(run_mpi, mpi_json,
+                                                                       mpi_scripts):
+    # Before the fix rank 1's backward fired no hook and rank 0 waited for it forever.
+    ranks = _run(run_mpi, mpi_json, mpi_scripts / "ddp_disconnected_loss.py", 2)["ranks"]
+    for r in ranks:
+        for key in ("default", "find_unused"):
+            # Step 1 is rank 0's hand-computed gradient over 2 (rank 1 contributes zeros),
+            # step 2 the mean of both ranks' gradients: the ranks are still in step.
+            for step, diffs in enumerate(r[key]):
+                assert diffs[0] is not None and diffs[1] is not None, (r["rank"], key, step)
+                assert max(diffs) < 1e-12, (r["rank"], key, step)
+
+
+@pytest.mark.mpi
 def test_different_models_raise_on_every_rank_instead_of_hanging(run_mpi, mpi_json, mpi_scripts):
     ranks = _run(run_mpi, mpi_json, mpi_scripts / "ddp_mismatch.py", 3)["ranks"]
     for r in ranks:
@@ -236,6 +250,37 @@ def test_a_backward_that_failed_mid_reduction_stops_the_next_forward():
         _backward(ddp)
     with pytest.raises(RuntimeError, match="previous backward pass ended"):
         ddp(engine.randn(2, 3))
+
+
+def test_a_backward_that_reaches_no_parameter_reduces_every_bucket_with_zeros():
+    comm = StandInComm(2)
+    ddp = DistributedDataParallel(_mlp(), comm=comm, bucket_cap_mb=1e-6)
+    ddp(engine.randn(5, 3))
+    unrelated = engine.ones(3, requires_grad=True)
+    (unrelated * 2).sum().backward()
+    reductions = [c[1] for c in comm.calls if c[0] == "iallreduce_"]
+    assert reductions == [2, 8, 4, 12]  # every bucket, as the ranks that used the model do
+    assert all(p.grad is not None and not p.grad.numpy().any() for p in ddp.parameters())
+    np.testing.assert_array_equal(unrelated.grad.numpy(), [2, 2, 2])
+    # Without a forward through the wrapper since, a backward is none of its business.
+    (engine.ones(3, requires_grad=True) * 2).sum().backward()
+    assert len([c for c in comm.calls if c[0] == "iallreduce_"]) == 4
+
+
+def test_a_dropped_wrapper_leaves_no_backward_pass_hook():
+    import gc
+    import weakref
+
+    from engine.tensor import _pass_hooks
+
+    gc.collect()  # wrappers earlier tests dropped
+    before = len(_pass_hooks)
+    ddp = DistributedDataParallel(_mlp(), comm=StandInComm(2))
+    alive = weakref.ref(ddp)
+    assert len(_pass_hooks) == before + 1
+    del ddp
+    gc.collect()
+    assert alive() is None and len(_pass_hooks) == before
 
 
 def test_no_sync_leaves_local_gradients():
