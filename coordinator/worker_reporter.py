@@ -28,7 +28,6 @@ from __future__ import annotations
 import collections
 import hashlib
 import itertools
-import json
 import os
 import shutil
 import sys
@@ -40,11 +39,11 @@ from pathlib import Path
 from typing import Any
 
 from coordinator import serde
-from coordinator.checkpoints import MANIFEST, CheckpointUpload, FileEntry
+from coordinator.checkpoints import MANIFEST, CheckpointUpload, read_checkpoint_directory
 from coordinator.client import Client, ClientError
 from coordinator.errors import ValidationError
 from coordinator.hashed_io import write_hashed
-from coordinator.limits import CHUNK_BYTES, MAX_EVENTS_PER_REPORT
+from coordinator.limits import MAX_EVENTS_PER_REPORT
 from coordinator.model import CheckpointRecord, EventKind, JobState
 from coordinator.worker_env import (
     COORDINATOR,
@@ -107,36 +106,29 @@ class WorkerClient(Client):
                                pb.HeartbeatRequest(job_id=self.job_id))
         return serde.state_from_proto(response.state)
 
-    def upload_checkpoint(self, path: str | os.PathLike,
-                          timeout: float | None = 3600.0) -> CheckpointRecord:
+    def upload_checkpoint(self, path: str | os.PathLike, timeout: float | None = 3600.0,
+                          on_chunk: Callable[[int], None] | None = None) -> CheckpointRecord:
         """Upload a checkpoint directory written by ``worker.checkpoint.write_checkpoint``.
 
         Args:
             path: the directory (``step-XXXXXXXX``).
             timeout: seconds the whole upload may take.
+            on_chunk: called with each chunk's size as it is read.
 
         Returns:
             The record the coordinator stored.
 
         Raises:
             ClientError: DATA_LOSS (a file changed since its manifest was written),
-                RESOURCE_EXHAUSTED (too large), ...
-            OSError: the manifest cannot be read.
+                RESOURCE_EXHAUSTED (too large), FAILED_PRECONDITION (the job is over), ...
+            OSError, ValueError: the manifest cannot be read.
         """
-        path = Path(path)
-        manifest_json = (path / MANIFEST).read_bytes()
-        manifest = json.loads(manifest_json)
-        files = tuple(FileEntry(name, int(entry["bytes"]), entry["sha256"])
-                      for name, entry in sorted(manifest["files"].items()))
-        header = CheckpointUpload(self.job_id, int(manifest["step"]), manifest_json, files)
+        header, chunks = read_checkpoint_directory(self.job_id, path, on_chunk)
 
         def requests() -> Iterator[pb.UploadCheckpointRequest]:
             yield pb.UploadCheckpointRequest(header=serde.upload_header_to_proto(header))
-            for entry in files:
-                with open(path / entry.name, "rb") as f:
-                    while data := f.read(CHUNK_BYTES):
-                        yield pb.UploadCheckpointRequest(
-                            chunk=pb.FileChunk(name=entry.name, data=data))
+            for name, data in chunks:
+                yield pb.UploadCheckpointRequest(chunk=pb.FileChunk(name=name, data=data))
 
         response = self._unary(self._worker_stub.UploadCheckpoint, requests(), timeout)
         return serde.checkpoint_from_proto(response)

@@ -399,6 +399,61 @@ def test_worker_tokens_act_only_on_their_own_job(server, client):
     assert [e.kind for e in server.store.events(job_b.id)] == [EventKind.STATE] * 2
 
 
+def _stored_files(server) -> list[str]:
+    return sorted(p.name for p in (server.settings.state_dir / "blobs").rglob("*")
+                  if p.is_file())
+
+
+@pytest.mark.parametrize("end", ["cancelled", "succeeded", "failed"])
+def test_a_worker_token_dies_with_its_job(server, client, tmp_path, end):
+    job, worker = _running_job(server, client)
+    first, _ = _checkpoint(tmp_path / "ckpt", 5)
+    late, _ = _checkpoint(tmp_path / "ckpt", 10, seed=1)
+    with worker:
+        worker.upload_checkpoint(first)
+        if end == "cancelled":
+            client.cancel_job(job.id)
+        else:
+            server.store.transition(job.id, JobState.RUNNING, JobState(end.upper()))
+        blobs = _stored_files(server)
+        events = server.store.events(job.id)
+        calls = {"upload": lambda: worker.upload_checkpoint(late),
+                 "fetch": lambda: worker.fetch_checkpoint(tmp_path / "resume"),
+                 "report": lambda: worker.report_progress([("log", {"line": "late"})]),
+                 "heartbeat": worker.heartbeat}
+        for name, call in calls.items():
+            with pytest.raises(ClientError) as info:
+                call()
+            assert _code(info) == "FAILED_PRECONDITION", name
+            assert f"is {end.upper()}" in str(info.value), name
+    assert [c.step for c in client.list_checkpoints(job.id)] == [5]  # nothing stored
+    assert _stored_files(server) == blobs and server.store.events(job.id) == events
+    assert not (tmp_path / "resume").exists() or not os.listdir(tmp_path / "resume")
+
+
+def test_a_worker_token_dies_when_a_newer_attempt_is_launched(server, client, tmp_path):
+    job, old = _running_job(server, client)
+    server.store.transition(job.id, JobState.RUNNING, JobState.RESTARTING)
+    with old:
+        # The runner ended the attempt: its SIGTERM checkpoint is still taken, progress is not.
+        old.upload_checkpoint(_checkpoint(tmp_path / "ckpt", 5)[0])
+        with pytest.raises(ClientError) as info:
+            old.report_progress([("metrics", {"step": 5, "loss": 1.0})])
+        assert _code(info) == "FAILED_PRECONDITION"
+        token = new_token()  # the next attempt
+        server.store.transition(job.id, JobState.RESTARTING, JobState.RUNNING,
+                                token_hash=hash_token(token))
+        blobs = _stored_files(server)
+        with pytest.raises(ClientError) as info:
+            old.upload_checkpoint(_checkpoint(tmp_path / "ckpt", 10, seed=1)[0])
+        assert _code(info) == "UNAUTHENTICATED" and job.id in str(info.value)
+        assert "current worker token" in str(info.value)
+    assert [c.step for c in client.list_checkpoints(job.id)] == [5]
+    assert _stored_files(server) == blobs
+    with WorkerClient(server.address, job.id, token) as new:
+        assert new.heartbeat() is JobState.RUNNING
+
+
 def test_progress_for_a_job_that_is_not_running_is_refused(server, client):
     job, worker = _running_job(server, client)
     client.cancel_job(job.id)
