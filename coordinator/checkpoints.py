@@ -18,10 +18,8 @@ Who may store a checkpoint when. A job's workers upload while their attempt live
 job is RUNNING, and while it is RESTARTING (the runner ended the attempt, whose SIGTERM
 checkpoint is still welcome); once the job is terminal its workers' token is dead and an upload
 stores nothing (`WORKER_STATES`, checked again in the transaction that records it). The runner
-itself stores what a job's checkpoint directory holds (`ingest_checkpoint`,
-`ingest_new_checkpoints`): the workers cannot always upload (the coordinator may be down when
-they write), but the directory is on the coordinator's disk (or a shared file system), so
-nothing a worker wrote is lost.
+stores what the workers could not upload from the job's checkpoint directory
+(`coordinator.ingest`), through the same `store_checkpoint`.
 """
 
 from __future__ import annotations
@@ -56,9 +54,8 @@ if TYPE_CHECKING:
 __all__ = [
     "MANIFEST", "DEFAULT_FILE", "WORKER_STATES", "FileEntry", "CheckpointUpload",
     "record_files", "record_blobs", "read_checkpoint_directory", "store_checkpoint",
-    "receive_checkpoint", "ingest_checkpoint", "ingest_new_checkpoints", "list_checkpoints",
-    "verify_record", "intact_checkpoint", "open_download", "open_fetch",
-    "prune_job_checkpoints", "referenced_blobs",
+    "receive_checkpoint", "list_checkpoints", "verify_record", "intact_checkpoint",
+    "open_download", "open_fetch", "prune_job_checkpoints", "referenced_blobs",
 ]
 
 log = logging.getLogger("dptrain.coordinator")
@@ -307,67 +304,6 @@ def receive_checkpoint(upload: CheckpointUpload, chunks: Iterable[tuple[str, byt
                                         states=WORKER_STATES, now=now)
     state.metrics.add_checkpoint_bytes("stored", received)
     return record
-
-
-def ingest_checkpoint(job_id: str, path: str | os.PathLike, store: Store,
-                      blobs: BlobStore) -> CheckpointRecord:
-    """Store a checkpoint directory of a job's own checkpoint directory, whatever the job's
-    state (the runner's way of keeping what the workers could not upload).
-
-    Args:
-        job_id: the job.
-        path: the directory (``step-XXXXXXXX``), verified first.
-        store: the records.
-        blobs: the files.
-
-    Returns:
-        The stored record.
-
-    Raises:
-        worker.checkpoint.CheckpointError: the directory is incomplete or damaged.
-        JobNotFound, ValidationError, ChecksumMismatch, BlobTooLarge: as `store_checkpoint`.
-    """
-    from worker.checkpoint import verify_checkpoint
-
-    verify_checkpoint(path)
-    upload, chunks = read_checkpoint_directory(job_id, path)
-    return store_checkpoint(upload, chunks, store, blobs)[0]
-
-
-def ingest_new_checkpoints(job_id: str, directory: str | os.PathLike, store: Store,
-                           blobs: BlobStore) -> list[CheckpointRecord]:
-    """Store the intact checkpoints of a job's checkpoint directory newer than its newest
-    stored one, oldest first (retention then keeps what an undisturbed run would have kept).
-
-    Incomplete or damaged directories are skipped: a newer intact one, or the next attempt,
-    takes their place.
-
-    Args:
-        job_id: the job.
-        directory: its checkpoint directory (the workers' ``--checkpoint-dir``).
-        store: the records.
-        blobs: the files.
-
-    Returns:
-        The records stored, oldest first.
-
-    Raises:
-        JobNotFound: no such job.
-    """
-    from worker.checkpoint import CheckpointError
-    from worker.checkpoint import list_checkpoints as local_checkpoints
-
-    stored = store.list_checkpoints(job_id)
-    newest = stored[-1].step if stored else -1
-    added = []
-    for step, path in local_checkpoints(directory):
-        if step <= newest:
-            continue
-        try:
-            added.append(ingest_checkpoint(job_id, path, store, blobs))
-        except (CheckpointError, OSError, ValueError) as e:
-            log.warning("job %s: checkpoint %s not stored: %s", job_id, path, e)
-    return added
 
 
 # ---------------------------------------------------------------- reading

@@ -42,24 +42,56 @@ def spec(base: dict[str, Any] = TINY_SPEC, **changes: Any) -> dict[str, Any]:
     return out
 
 
+#: The step of the checkpoint a stand-in's ``complete "$@"`` leaves (`fake_mpiexec`).
+FAKE_FINAL_STEP = 20
+
+
 def fake_mpiexec(folder: Path, body: str, name: str = "fake-mpiexec") -> str:
     """Write an executable shell script that stands in for ``mpiexec``.
 
     It receives the real command line (``"$@"``), so ``--resume`` can be looked for, and the
-    real environment (``DPTRAIN_RUN_ID`` included).
+    real environment (``DPTRAIN_RUN_ID`` included). ``complete "$@"`` in `body` ends like a
+    completed run: a real checkpoint of step `FAKE_FINAL_STEP` appears in the command line's
+    ``--checkpoint-dir`` and the worker's final JSON line is printed (the runner makes a job
+    SUCCEEDED only with its final checkpoint).
 
     Args:
         folder: where to write it.
-        body: the script after ``#!/bin/sh``.
+        body: the script after ``#!/bin/sh`` and the definition of ``complete``.
         name: the file name.
 
     Returns:
         Its path.
     """
+    step = f"step-{FAKE_FINAL_STEP:08d}"
+    template = folder / "fake-checkpoint"
+    if not (template / step).is_dir():
+        _write_checkpoint(template, FAKE_FINAL_STEP)
+    complete = (f"complete() {{\n"
+                f"  while [ $# -gt 0 ]; do [ \"$1\" = --checkpoint-dir ] && dir=$2; shift; done\n"
+                f"  mkdir -p \"$dir\" && rm -rf \"$dir/{step}\" && cp -R '{template / step}' "
+                f"\"$dir/\"\n"
+                f"  echo '{{\"status\": \"completed\", \"step\": {FAKE_FINAL_STEP}}}'\n"
+                f"}}\n")
     path = folder / name
-    path.write_text("#!/bin/sh\n" + body)
+    path.write_text("#!/bin/sh\n" + complete + body)
     path.chmod(path.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
     return str(path)
+
+
+def _write_checkpoint(root: Path, step: int) -> str:
+    """A real worker checkpoint of a small model under `root`."""
+    import engine
+    from worker.checkpoint import write_checkpoint
+
+    engine.manual_seed(step)
+    model = engine.nn.Linear(4, 3)
+    optimizer = engine.optim.Adam(model.parameters(), lr=0.01)
+    model(engine.randn(5, 4)).square().mean().backward()
+    optimizer.step()
+    info = {"epoch": 0, "position": step, "rng": {"engine": [engine.get_rng_state()]},
+            "spec": TINY_SPEC, "scheduler": None, "metrics": {}}
+    return write_checkpoint(root, step, model.state_dict(), optimizer.state_dict(), info)
 
 
 def wait_for(predicate: Callable[[], Any], timeout: float = 60.0, interval: float = 0.1,
