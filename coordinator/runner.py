@@ -1,11 +1,11 @@
 """`JobRunner`: runs the scheduler's decisions as ``mpiexec`` process groups and supervises them.
 
 One scheduling thread does the deciding: woken by `JobRunner.wake` (after a submission), by a
-job's end and by timers, it kills groups past their grace period, fails jobs whose heartbeats
-stopped, and asks `coordinator.scheduler.schedule` which pending jobs (QUEUED and RESTARTING)
-start now. Each launched attempt gets a monitor thread that streams its log lines into the
-store as ``log`` events (at a bounded rate) and, when ``mpiexec`` exits, decides what happens
-to the job:
+job's end and by timers, it kills groups past their grace period, ends jobs whose training
+made no progress for the heartbeat timeout, and asks `coordinator.scheduler.schedule` which
+pending jobs (QUEUED and RESTARTING) start now. Each launched attempt gets a monitor thread
+that streams its log lines into the store as ``log`` events (at a bounded rate) and, when
+``mpiexec`` exits, decides what happens to the job:
 
 =====================================  ===========================================================
 exit 0                                 SUCCEEDED (final metrics from the worker's JSON line),
@@ -13,8 +13,8 @@ exit 0                                 SUCCEEDED (final metrics from the worker'
                                        otherwise a failure (below)
 exit 2 (invalid job), 3 (diverged)     FAILED at once: a restart would fail the same way
 any other failure, a killed rank, no   RESTARTING from the latest checkpoint (``--resume``) while
-heartbeat for ``heartbeat_timeout``    ``restarts < max_restarts``, then FAILED; the error keeps
-                                       the last lines of the log
+training progress (no heartbeat) for   ``restarts < max_restarts``, then FAILED; the error keeps
+``heartbeat_timeout``                  the last lines of the log
 cancelled                              CANCELLED at once; the group gets SIGTERM (the workers
                                        checkpoint and exit), then SIGKILL after ``kill_grace``
 =====================================  ===========================================================
@@ -297,7 +297,8 @@ class JobRunner:
         return timeout
 
     def _check_heartbeats(self, running_jobs: Sequence[Job], now: float) -> float:
-        """End the groups of jobs whose heartbeats stopped; seconds until the next deadline."""
+        """End the groups of jobs whose training made no progress for the heartbeat timeout
+        (the workers heartbeat only while steps advance); seconds until the next deadline."""
         limit = self.settings.heartbeat_timeout
         if limit is None:
             return 2.0
@@ -312,9 +313,12 @@ class JobRunner:
             quiet_for = max(limit, self.settings.startup_grace) if last <= started else limit
             deadline = last + quiet_for
             if now >= deadline:
+                since = (f"since step {job.last_step} (limit {quiet_for:g} s)"
+                         if last > started and job.last_step is not None else
+                         f"since the attempt started (limit {quiet_for:g} s, start-up included)")
                 with self._lock:
-                    run.detail = (f"no heartbeat from the workers for {now - last:.1f} s "
-                                  f"(limit {quiet_for:g} s): a hung rank or collective?")
+                    run.detail = (f"no training progress for {now - last:.1f} s {since}: a "
+                                  f"hung rank or collective?")
                     self._terminate(run, "heartbeat")
                 self._event(job.id, f"[dptrain] {run.detail}; ending the worker group")
             else:
@@ -347,7 +351,9 @@ class JobRunner:
             token, run_id = new_token(), new_run_id(job.id, attempt)
             env = worker_environment(os.environ, job_id=job.id, token=token, run_id=run_id,
                                      server_address=self.server_address,
-                                     tls_ca=self.settings.tls_ca, extra=self.settings.extra_env)
+                                     tls_ca=self.settings.tls_ca,
+                                     heartbeat_timeout=self.settings.heartbeat_timeout,
+                                     extra=self.settings.extra_env)
             try:
                 job = self.store.transition(job.id, job.state, _S.RUNNING,
                                             placement=launch.placement, error="",
