@@ -9,7 +9,7 @@ import re
 import time
 
 import pytest
-from jobkit import free_port, small_checkpoint, wait_for
+from jobkit import TINY_SPEC, free_port, small_checkpoint, spec, wait_for
 
 from coordinator.client import Client
 from coordinator.model import EventKind, JobState, hash_token, new_token
@@ -17,13 +17,7 @@ from coordinator.scheduler import Cluster
 from coordinator.server import serve
 from coordinator.worker_reporter import CoordinatorReporter, WorkerClient
 
-SPEC = {
-    "name": "tiny", "model": {"name": "mlp", "args": {"in_features": 4, "hidden": [8],
-                                                     "num_classes": 3}},
-    "dataset": {"name": "synthetic", "args": {"n": 64, "features": 4, "classes": 3}},
-    "optimizer": {"name": "adam", "lr": 0.01}, "batch_size": 8, "max_steps": 20, "workers": 2,
-    "checkpoint": {"every_steps": 5, "keep": 3},
-}
+SPEC = spec(TINY_SPEC, checkpoint={"every_steps": 5, "keep": 3})
 START = {"name": "tiny", "world_size": 2, "start_step": 0, "total_steps": 20,
          "steps_per_epoch": 7, "resumed_from": None}
 
