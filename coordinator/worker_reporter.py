@@ -7,31 +7,24 @@ reporting is enough), the other ranks None. ``python -m worker --resume`` calls
 job's latest intact checkpoint in its checkpoint directory.
 
 The reporter never stops training, nor gives up on a checkpoint while the coordinator may
-come back:
-
-* Events wait in a bounded buffer while the coordinator is unreachable and go when it is back.
-  A report it refuses because the job is not RUNNING is dropped (and said once on stderr).
-* Each checkpoint is uploaded when it is written, the training loop waiting, if the coordinator
-  is reachable; otherwise, or when that fails, it stays queued and an upload thread retries it
-  (oldest first, backing off up to ``retry_interval``) until the coordinator stores it, refuses
-  it for good (the job is over, a file changed), or a newer checkpoint replaced it on disk.
-  What is still queued when the worker exits is stored by the coordinator itself, from the
-  job's checkpoint directory (``coordinator.ingest``).
-* A dead token (a newer launch replaced it) stops everything: said once, then left alone.
-
-Reporting policy: per-step metrics are throttled to at most one event every ``step_interval``
-seconds (the newest step is never lost: it is sent with the next batch), evaluation metrics
-and the final metrics always go; a background thread sends what is pending every
+come back. Events wait in a bounded buffer while the coordinator is unreachable; a report it
+refuses because the job is not RUNNING is dropped. Each checkpoint is uploaded as it is
+written, the training loop waiting, if the coordinator is reachable; otherwise it stays queued
+and an upload thread retries (oldest first, backing off up to ``retry_interval``) until the
+coordinator stores it, refuses it for good (the job is over, a file changed), or a newer
+checkpoint replaced it on disk. What is still queued at exit the coordinator stores itself
+from the job's checkpoint directory (``coordinator.ingest``). A dead token (replaced by a newer
+launch) stops everything. Per-step metrics go at most every ``step_interval`` seconds (the
+newest step is never lost), everything else always; pending events are sent every
 ``flush_interval`` seconds.
 
-Heartbeats mean "training makes progress" (steps advance), not merely "the process exists":
-the coordinator hears only of progress — every progress report carries it, and a heartbeat
-is sent only for progress no event carries (a log line, the bytes of an upload the training
-loop waits for), at most ``heartbeat_interval`` after it. So a rank stuck in a hung collective
-falls silent at once, and the coordinator's heartbeat timeout (``--heartbeat-timeout``) ends
-the job that long after the last step, saying at which step it stopped. The runner passes the
-timeout to the workers (``DPTRAIN_HEARTBEAT_TIMEOUT``): the heartbeat interval derives from
-it, and once training has made no progress for that long, rank 0 says so in the job's log.
+Heartbeats mean "training makes progress" (steps advance), not "the process exists": progress
+reports carry it, and a heartbeat is sent only for progress no event carries (a log line, the
+bytes of an upload the training loop waits for), at most ``heartbeat_interval`` after it. So a
+rank stuck in a hung collective falls silent at once, and the coordinator's heartbeat timeout
+ends the job that long after the last step. The runner passes that timeout to the workers
+(``DPTRAIN_HEARTBEAT_TIMEOUT``): the heartbeat interval derives from it, and after that long
+without progress rank 0 says so in the job's log.
 """
 
 from __future__ import annotations
@@ -323,9 +316,12 @@ class CoordinatorReporter(Reporter):
         reachable; otherwise (or when that fails) the upload thread retries it."""
         self._progress(step)
         self.flush()
+        gone = self._replaced()
         with self._lock:
             if self._disabled:
                 return
+            for old in gone:
+                self._uploads.pop(old, None)
             self._uploads[path] = step
             now = not self._unreachable
             if not now:
@@ -352,8 +348,10 @@ class CoordinatorReporter(Reporter):
         if not self._unreachable:  # don't make a finished worker wait on a dead coordinator
             self.flush()
             self._upload_pending(training_waits=False)
+        gone = self._replaced()
         with self._lock:
-            left = sorted(self._uploads.values()) if not self._disabled else []
+            left = sorted(step for path, step in self._uploads.items()
+                          if path not in gone and not self._disabled)
         if left:
             self._log(f"checkpoint(s) of step {', '.join(map(str, left))} not uploaded (the "
                       f"coordinator is unreachable): it stores them from the job's checkpoint "
@@ -508,6 +506,12 @@ class CoordinatorReporter(Reporter):
             self._reachable()
         self._forget(path)
         return True
+
+    def _replaced(self) -> set[str]:
+        """The queued checkpoints no longer on disk: pruned, a newer one replaced them."""
+        with self._lock:
+            queued = list(self._uploads)
+        return {path for path in queued if not (Path(path) / MANIFEST).is_file()}
 
     def _forget(self, path: str) -> None:
         with self._lock:

@@ -6,6 +6,7 @@ RUNNING with a fresh worker token."""
 from __future__ import annotations
 
 import re
+import shutil
 import time
 
 import pytest
@@ -189,10 +190,12 @@ def test_reporter_survives_an_unreachable_coordinator(tmp_path):
     reporter = CoordinatorReporter(client, flush_interval=0.05, log=lines.append)
     reporter.on_step(1, {"loss": 1.0})
     reporter.on_log("nobody is listening")
-    reporter.on_checkpoint(1, small_checkpoint(tmp_path / "ckpt", 1))
-    reporter.on_end({"status": "completed", "step": 1})
+    for step in (1, 2, 3):
+        reporter.on_checkpoint(step, small_checkpoint(tmp_path / "ckpt", step))
+    shutil.rmtree(tmp_path / "ckpt" / "step-00000001")  # pruned by the worker: superseded
+    reporter.on_end({"status": "completed", "step": 3})
     reporter.close()  # returns: it does not wait for a coordinator that is not there
     assert len(lines) == 2, lines
     assert "UNAVAILABLE" in lines[0] and "127.0.0.1:1" in lines[0]
-    assert lines[1] == ("checkpoint(s) of step 1 not uploaded (the coordinator is unreachable): "
-                        "it stores them from the job's checkpoint directory")
+    assert lines[1] == ("checkpoint(s) of step 2, 3 not uploaded (the coordinator is "
+                        "unreachable): it stores them from the job's checkpoint directory")
