@@ -540,6 +540,7 @@ class CoordinatorReporter(Reporter):
             self._unreachable = True
             self._retry_at = time.monotonic() + self._backoff
             self._backoff = min(2 * self._backoff, self.retry_interval)
+            self._changed.notify_all()  # the upload thread retries what failed, when due
         self._warn_once(error, f"report failed, will retry: {error}")
 
     def _warn_once(self, error: ClientError, line: str) -> None:

@@ -95,24 +95,31 @@ def test_checkpoints_written_while_the_coordinator_is_down_are_uploaded_when_it_
     job_id, worker = _running_job(server)
     lines: list[str] = []
     reporter = CoordinatorReporter(worker, flush_interval=0.05, retry_interval=0.2,
-                                   log=lines.append)
+                                   heartbeat_interval=60, log=lines.append)  # only uploads
     try:
         reporter.on_start(START)
         reporter.on_checkpoint(5, small_checkpoint(tmp_path / "ckpt", 5))
         assert _stored_steps(server, job_id) == [5]
         server.stop(grace=0)
-        for step in (10, 15):  # training goes on while nobody listens
-            reporter.on_step(step, {"loss": 1.0})
-            reporter.on_checkpoint(step, small_checkpoint(tmp_path / "ckpt", step))
+        # Its own upload is the first call to fail (nothing else was pending).
+        reporter.on_checkpoint(10, small_checkpoint(tmp_path / "ckpt", 10))
         time.sleep(1.0)  # several retries fail meanwhile
         server = coordinator()
-        wait_for(lambda: _stored_steps(server, job_id) == [5, 10, 15], 30,
-                 what="the checkpoints written while the coordinator was down")
+        wait_for(lambda: _stored_steps(server, job_id) == [5, 10], 30,
+                 what="the checkpoint written while the coordinator was down")
+        server.stop(grace=0)
+        for step in (15, 20):  # training goes on while nobody listens
+            reporter.on_step(step, {"loss": 1.0})
+            reporter.on_checkpoint(step, small_checkpoint(tmp_path / "ckpt", step))
+        time.sleep(1.0)
+        server = coordinator()
+        wait_for(lambda: _stored_steps(server, job_id) == [10, 15, 20], 30,
+                 what="the checkpoints written while the coordinator was down again")
     finally:
         reporter.close()
     assert any("will retry" in line and "UNAVAILABLE" in line for line in lines), lines
     assert not any("not uploaded" in line for line in lines), lines
-    assert server.store.get_job(job_id).last_step == 15  # the events waited too
+    assert server.store.get_job(job_id).last_step == 20  # the events waited too
 
 
 def test_a_refused_report_does_not_stop_uploads_but_a_dead_token_stops_everything(
