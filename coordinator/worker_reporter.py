@@ -12,11 +12,12 @@ refuses because the job is not RUNNING is dropped. Each checkpoint is uploaded a
 written, the training loop waiting, if the coordinator is reachable; otherwise it stays queued
 and an upload thread retries (oldest first, backing off up to ``retry_interval``) until the
 coordinator stores it, refuses it for good (the job is over, a file changed), or a newer
-checkpoint replaced it on disk. What is still queued at exit the coordinator stores itself
-from the job's checkpoint directory (``coordinator.ingest``). A dead token (replaced by a newer
-launch) stops everything. Per-step metrics go at most every ``step_interval`` seconds (the
-newest step is never lost), everything else always; pending events are sent every
-``flush_interval`` seconds.
+checkpoint replaced it on disk; so is the one a run ends with, even when an earlier attempt
+wrote it (a run resumed at its final step). What is still queued at exit the coordinator
+stores itself from the job's checkpoint directory (``coordinator.ingest``). A dead token
+(replaced by a newer launch) stops everything. Per-step metrics go at most every
+``step_interval`` seconds (the newest step is never lost), everything else always; pending
+events are sent every ``flush_interval`` seconds.
 
 Heartbeats mean "training makes progress" (steps advance), not "the process exists": progress
 reports carry it, and a heartbeat is sent only for progress no event carries (a log line, the
@@ -196,6 +197,11 @@ class WorkerClient(Client):
             stream.close()
 
 
+def _on_disk(checkpoint: str) -> bool:
+    """Whether a checkpoint directory is still there (the worker prunes replaced ones)."""
+    return (Path(checkpoint) / MANIFEST).is_file()
+
+
 def _write_files(header: CheckpointUpload, chunks: Iterable[tuple[str, bytes]],
                  directory: Path) -> None:
     """Write the fetched files into `directory`, checking each against the header."""
@@ -263,6 +269,7 @@ class CoordinatorReporter(Reporter):
         self._told_at = time.monotonic()
         self._stall_logged = False
         self._uploads: dict[str, int] = {}  # checkpoint directory -> step, not yet stored
+        self._stored: set[str] = set()  # the checkpoint directories the coordinator stored
         self._retry_at = 0.0
         self._backoff = min(0.5, retry_interval)
         self._disabled: str | None = None
@@ -316,12 +323,9 @@ class CoordinatorReporter(Reporter):
         reachable; otherwise (or when that fails) the upload thread retries it."""
         self._progress(step)
         self.flush()
-        gone = self._replaced()
         with self._lock:
             if self._disabled:
                 return
-            for old in gone:
-                self._uploads.pop(old, None)
             self._uploads[path] = step
             now = not self._unreachable
             if not now:
@@ -333,6 +337,13 @@ class CoordinatorReporter(Reporter):
         self._progress()
         self._queue(EventKind.METRICS, {**metrics, "step": int(metrics.get("step") or 0)})
         self.flush()
+        # The checkpoint the run ends with must reach the coordinator, also when this process
+        # did not write it: a run resumed at its final step writes nothing.
+        final = metrics.get("checkpoint")
+        with self._lock:
+            offered = final in self._uploads or final in self._stored
+        if final and not offered:
+            self.on_checkpoint(int(metrics.get("step") or 0), final)
 
     def close(self) -> None:
         """Stop the background threads, send what is pending, close the connection.
@@ -348,10 +359,9 @@ class CoordinatorReporter(Reporter):
         if not self._unreachable:  # don't make a finished worker wait on a dead coordinator
             self.flush()
             self._upload_pending(training_waits=False)
-        gone = self._replaced()
         with self._lock:
-            left = sorted(step for path, step in self._uploads.items()
-                          if path not in gone and not self._disabled)
+            queued = [] if self._disabled else list(self._uploads.items())
+        left = sorted(step for path, step in queued if _on_disk(path))
         if left:
             self._log(f"checkpoint(s) of step {', '.join(map(str, left))} not uploaded (the "
                       f"coordinator is unreachable): it stores them from the job's checkpoint "
@@ -483,39 +493,30 @@ class CoordinatorReporter(Reporter):
 
     def _upload(self, path: str, step: int, training_waits: bool) -> bool:
         """One try; False when it is to be retried later."""
-        if not (Path(path) / MANIFEST).is_file():  # pruned: a newer checkpoint replaced it
-            self._forget(path)
-            return True
+        stored = False
         try:
-            # Bytes read while the training loop waits are its progress; a retry in the
-            # background is not (training may be hung meanwhile).
-            self.client.upload_checkpoint(
-                path, on_chunk=(lambda size: self._progress()) if training_waits else None)
+            if _on_disk(path):  # else pruned: a newer checkpoint replaced it
+                # Bytes read while the training loop waits are its progress; a retry in the
+                # background is not (training may be hung meanwhile).
+                self.client.upload_checkpoint(
+                    path, on_chunk=(lambda size: self._progress()) if training_waits else None)
+                stored = True
+                self._reachable()
         except ClientError as e:
-            if e.code in _FATAL:
+            if e.code in _FATAL | _RETRY:
                 self._failed(e)
-            elif e.code in _RETRY:
-                self._failed(e)
-                return False
             else:  # refused (the job is over, a file changed, too large): for good
                 self._log(f"checkpoint {path} (step {step}) was not uploaded: {e}")
+            if e.code in _RETRY:
+                return False
         except (OSError, ValueError) as e:
-            if (Path(path) / MANIFEST).is_file():  # else pruned meanwhile: nothing to say
+            if _on_disk(path):  # else pruned meanwhile: nothing to say
                 self._log(f"checkpoint {path} (step {step}) was not uploaded: {e}")
-        else:
-            self._reachable()
-        self._forget(path)
-        return True
-
-    def _replaced(self) -> set[str]:
-        """The queued checkpoints no longer on disk: pruned, a newer one replaced them."""
-        with self._lock:
-            queued = list(self._uploads)
-        return {path for path in queued if not (Path(path) / MANIFEST).is_file()}
-
-    def _forget(self, path: str) -> None:
         with self._lock:
             self._uploads.pop(path, None)
+            if stored:
+                self._stored.add(path)
+        return True
 
     # ------------------------------------------------------------ failures
 
