@@ -107,7 +107,7 @@ class WorkerClient(Client):
         return self._unary(self._worker_stub.ReportProgress, request).last_seq
 
     def heartbeat(self) -> JobState:
-        """Tell the coordinator the job is alive; returns its state."""
+        """Tell the coordinator that training made progress; returns the job's state."""
         response = self._unary(self._worker_stub.Heartbeat,
                                pb.HeartbeatRequest(job_id=self.job_id))
         return serde.state_from_proto(response.state)
