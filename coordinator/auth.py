@@ -5,7 +5,10 @@
   the environment (``DPTRAIN_TOKEN`` / ``DPTRAIN_TOKEN_FILE``). It may call every RPC.
 * A **worker token** is made for each launch of a job; the store keeps only its hash. A worker
   sends it together with ``dptrain-job-id: <job id>``; it may call ``dptrain.v1.WorkerService``
-  for that job and nothing else.
+  for that job and nothing else. It dies with its attempt: the next launch replaces it (the
+  old one is then UNAUTHENTICATED), and once the job is over (SUCCEEDED, FAILED, CANCELLED)
+  every worker call is refused with FAILED_PRECONDITION (`coordinator.jobs` and
+  `coordinator.checkpoints` check the job's state where they write).
 * Every RPC but the standard health service needs one of them: without a valid token the
   answer is UNAUTHENTICATED; a worker token outside its scope gets PERMISSION_DENIED.
 
@@ -205,8 +208,9 @@ def authenticate(metadata: Iterable[tuple[str, Any]], method: str, admin_token: 
     job_id = str(values.get(JOB_ID_HEADER, ""))
     token_hash = job_token_hash(job_id) if job_id else None
     if not token_hash or not verify_token(token, token_hash):
-        raise Unauthenticated("invalid token: neither the coordinator's token nor a worker "
-                              "token of the job named in 'dptrain-job-id'")
+        raise Unauthenticated(f"invalid token: neither the coordinator's token nor the current "
+                              f"worker token of job {job_id!r} (named in 'dptrain-job-id'; "
+                              f"every launch of a job replaces its workers' token)")
     if not method.startswith(WORKER_SERVICE):
         raise PermissionDenied(f"a worker token may call only dptrain.v1.WorkerService, not "
                                f"{method.lstrip('/')}")

@@ -13,16 +13,25 @@ A checkpoint is intact when every one of its blobs is present and hashes to its 
 no remaining record refers to. `referenced_blobs` is the one definition of which blobs are in
 use — every record's manifest blob and every file blob its manifest lists — for retention and
 for ``BlobStore.collect_garbage`` alike.
+
+Who may store a checkpoint when. A job's workers upload while their attempt lives: while the
+job is RUNNING, and while it is RESTARTING (the runner ended the attempt, whose SIGTERM
+checkpoint is still welcome); once the job is terminal its workers' token is dead and an upload
+stores nothing (`WORKER_STATES`, checked again in the transaction that records it). The runner
+stores what the workers could not upload from the job's checkpoint directory
+(`coordinator.ingest`), through the same `store_checkpoint`.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from coordinator.blobs import BlobStore, check_sha256
@@ -32,18 +41,20 @@ from coordinator.errors import (
     BlobNotFound,
     BlobTooLarge,
     CheckpointNotFound,
+    StateConflict,
     ValidationError,
 )
 from coordinator.limits import CHUNK_BYTES, MAX_CHECKPOINT_FILES, MAX_MANIFEST_BYTES
-from coordinator.model import CheckpointRecord, EventKind
+from coordinator.model import CheckpointRecord, EventKind, JobState
 
 if TYPE_CHECKING:
     from coordinator.jobs import ServiceState
     from coordinator.store import Store
 
 __all__ = [
-    "MANIFEST", "DEFAULT_FILE", "FileEntry", "CheckpointUpload", "record_files",
-    "record_blobs", "receive_checkpoint", "list_checkpoints", "intact_checkpoint",
+    "MANIFEST", "DEFAULT_FILE", "WORKER_STATES", "FileEntry", "CheckpointUpload",
+    "record_files", "record_blobs", "read_checkpoint_directory", "store_checkpoint",
+    "receive_checkpoint", "list_checkpoints", "verify_record", "intact_checkpoint",
     "open_download", "open_fetch", "prune_job_checkpoints", "referenced_blobs",
 ]
 
@@ -52,6 +63,8 @@ log = logging.getLogger("dptrain.coordinator")
 MANIFEST = "manifest.json"
 DEFAULT_FILE = "model.safetensors"
 _FILE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+#: The job states in which its workers may upload and fetch checkpoints (see the docstring).
+WORKER_STATES = frozenset({JobState.RUNNING, JobState.RESTARTING})
 
 
 @dataclass(frozen=True)
@@ -90,6 +103,47 @@ def record_files(record: CheckpointRecord) -> list[FileEntry]:
 def record_blobs(record: CheckpointRecord) -> dict[str, str]:
     """File name -> blob sha256 for every file of a checkpoint, ``manifest.json`` included."""
     return {MANIFEST: record.sha256, **{f.name: f.sha256 for f in record_files(record)}}
+
+
+def read_checkpoint_directory(job_id: str, path: str | os.PathLike,
+                              on_chunk: Callable[[int], None] | None = None
+                              ) -> tuple[CheckpointUpload, Iterator[tuple[str, bytes]]]:
+    """A checkpoint directory written by ``worker.checkpoint.write_checkpoint``, as an upload.
+
+    What a worker sends and what the runner stores from a job's checkpoint directory alike.
+
+    Args:
+        job_id: the job it belongs to.
+        path: the directory (``step-XXXXXXXX``).
+        on_chunk: called with each chunk's size as it is read (progress).
+
+    Returns:
+        ``(header, chunks)``: the header from its ``manifest.json``; ``(file name, bytes)``
+        chunks of at most `CHUNK_BYTES`, read lazily, in the header's file order.
+
+    Raises:
+        OSError: the manifest cannot be read (from the chunks: a file cannot be read).
+        ValueError: the manifest is not a checkpoint's.
+    """
+    path = Path(path)
+    manifest_json = (path / MANIFEST).read_bytes()
+    try:
+        manifest = json.loads(manifest_json)
+        files = tuple(FileEntry(name, int(entry["bytes"]), entry["sha256"])
+                      for name, entry in sorted(manifest["files"].items()))
+        header = CheckpointUpload(job_id, int(manifest["step"]), manifest_json, files)
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f"{path / MANIFEST}: not a checkpoint manifest ({e!r})") from None
+
+    def chunks() -> Iterator[tuple[str, bytes]]:
+        for entry in files:
+            with open(path / entry.name, "rb") as f:
+                while data := f.read(CHUNK_BYTES):
+                    if on_chunk is not None:
+                        on_chunk(len(data))
+                    yield entry.name, data
+
+    return header, chunks()
 
 
 # ---------------------------------------------------------------- upload
@@ -166,13 +220,71 @@ def _file_chunks(chunks: _Peekable, name: str, counter: list[int]) -> Iterator[b
         yield data
 
 
-def receive_checkpoint(upload: CheckpointUpload, chunks: Iterable[tuple[str, bytes]],
-                       state: ServiceState, *, now: float | None = None) -> CheckpointRecord:
-    """Store an uploaded checkpoint: every file as a verified blob, then its record.
+def store_checkpoint(upload: CheckpointUpload, chunks: Iterable[tuple[str, bytes]],
+                     store: Store, blobs: BlobStore, *, states: Iterable[JobState] | None = None,
+                     now: float | None = None) -> tuple[CheckpointRecord, int]:
+    """Store a checkpoint: every file as a verified blob, then its record.
 
     The record (and its ``checkpoint`` event) is written only after every blob is stored, so
     a broken upload leaves no checkpoint. A different checkpoint already stored at the same
     step (a run resumed and wrote that step again) is replaced. Then retention runs.
+
+    Args:
+        upload: the header.
+        chunks: ``(file name, bytes)`` in the header's file order, each file's chunks together.
+        store: the records.
+        blobs: the files.
+        states: when given, store it only while the job is in one of these states (checked
+            before any byte is stored, and again when the record is written).
+        now: the record's time (default: the clock).
+
+    Returns:
+        ``(record, bytes received)``.
+
+    Raises:
+        JobNotFound: no such job.
+        StateConflict: the job is not in one of `states`.
+        ValidationError: a header that contradicts its manifest, or chunks out of order.
+        ChecksumMismatch: a file's bytes do not match its sha256 (DATA_LOSS).
+        BlobTooLarge: a file larger than the server allows (RESOURCE_EXHAUSTED).
+    """
+    job = store.get_job(upload.job_id)
+    if states is not None and job.state not in states:
+        raise StateConflict(job.id, job.state, states)
+    manifest = _check_upload(upload, blobs.max_size)
+    stream = _Peekable(chunks)
+    received = [0]
+    for entry in upload.files:
+        head = stream.peek()
+        if entry.size and (head is None or head[0] != entry.name):
+            raise ValidationError("chunk.name", f"expected the bytes of {entry.name}",
+                                  None if head is None else head[0])
+        _, size = blobs.put(_file_chunks(stream, entry.name, received),
+                            expected_sha256=entry.sha256)
+        if size != entry.size:  # the sha256 matched, so the declared size was wrong
+            raise ValidationError(f"header.files.{entry.name}.size",
+                                  f"must be the file's size ({size})", entry.size)
+    if stream.peek() is not None:
+        raise ValidationError("chunk.name", "must name a file of the header, in order",
+                              stream.peek()[0])
+    manifest_sha, _ = blobs.put(upload.manifest_json)
+    total = len(upload.manifest_json) + sum(f.size for f in upload.files)
+    record = CheckpointRecord(upload.job_id, upload.step, manifest_sha, total,
+                              time.time() if now is None else now, manifest)
+    try:
+        record = store.add_checkpoint(record, states=states)
+    except AlreadyExists:
+        store.delete_checkpoint(upload.job_id, upload.step)
+        record = store.add_checkpoint(record, states=states)
+    keep = (job.spec.get("checkpoint") or {}).get("keep", 3)
+    prune_job_checkpoints(store, blobs, upload.job_id, keep)
+    return record, received[0] + len(upload.manifest_json)
+
+
+def receive_checkpoint(upload: CheckpointUpload, chunks: Iterable[tuple[str, bytes]],
+                       state: ServiceState, *, now: float | None = None) -> CheckpointRecord:
+    """Store a checkpoint a job's workers upload (`store_checkpoint`), while their attempt
+    lives: the job must be in `WORKER_STATES`.
 
     Args:
         upload: the header.
@@ -185,39 +297,12 @@ def receive_checkpoint(upload: CheckpointUpload, chunks: Iterable[tuple[str, byt
 
     Raises:
         JobNotFound: no such job.
-        ValidationError: a header that contradicts its manifest, or chunks out of order.
-        ChecksumMismatch: a file's bytes do not match its sha256 (DATA_LOSS).
-        BlobTooLarge: a file larger than the server allows (RESOURCE_EXHAUSTED).
+        StateConflict: the job is over (FAILED_PRECONDITION); nothing is stored.
+        ValidationError, ChecksumMismatch, BlobTooLarge: as `store_checkpoint`.
     """
-    job = state.store.get_job(upload.job_id)
-    manifest = _check_upload(upload, state.blobs.max_size)
-    stream = _Peekable(chunks)
-    received = [0]
-    for entry in upload.files:
-        head = stream.peek()
-        if entry.size and (head is None or head[0] != entry.name):
-            raise ValidationError("chunk.name", f"expected the bytes of {entry.name}",
-                                  None if head is None else head[0])
-        _, size = state.blobs.put(_file_chunks(stream, entry.name, received),
-                                  expected_sha256=entry.sha256)
-        if size != entry.size:  # the sha256 matched, so the declared size was wrong
-            raise ValidationError(f"header.files.{entry.name}.size",
-                                  f"must be the file's size ({size})", entry.size)
-    if stream.peek() is not None:
-        raise ValidationError("chunk.name", "must name a file of the header, in order",
-                              stream.peek()[0])
-    manifest_sha, _ = state.blobs.put(upload.manifest_json)
-    total = len(upload.manifest_json) + sum(f.size for f in upload.files)
-    record = CheckpointRecord(upload.job_id, upload.step, manifest_sha, total,
-                              time.time() if now is None else now, manifest)
-    try:
-        record = state.store.add_checkpoint(record)
-    except AlreadyExists:
-        state.store.delete_checkpoint(upload.job_id, upload.step)
-        record = state.store.add_checkpoint(record)
-    state.metrics.add_checkpoint_bytes("stored", received[0] + len(upload.manifest_json))
-    keep = (job.spec.get("checkpoint") or {}).get("keep", 3)
-    prune_job_checkpoints(state.store, state.blobs, upload.job_id, keep)
+    record, received = store_checkpoint(upload, chunks, state.store, state.blobs,
+                                        states=WORKER_STATES, now=now)
+    state.metrics.add_checkpoint_bytes("stored", received)
     return record
 
 
@@ -232,7 +317,13 @@ def list_checkpoints(job_id: str, state: ServiceState) -> list[CheckpointRecord]
     return state.store.list_checkpoints(job_id)
 
 
-def _verify(record: CheckpointRecord, blobs: BlobStore) -> None:
+def verify_record(record: CheckpointRecord, blobs: BlobStore) -> None:
+    """Check that every blob of a stored checkpoint is present and hashes to its name.
+
+    Raises:
+        BlobNotFound: a file is missing.
+        BlobCorrupted: a file no longer matches its sha256.
+    """
     for sha256 in record_blobs(record).values():
         blobs.verify(sha256)
 
@@ -250,7 +341,7 @@ def intact_checkpoint(job_id: str, state: ServiceState) -> CheckpointRecord | No
     """
     for record in reversed(state.store.list_checkpoints(job_id)):
         try:
-            _verify(record, state.blobs)
+            verify_record(record, state.blobs)
         except (BlobCorrupted, BlobNotFound) as e:
             message = (f"coordinator: checkpoint at step {record.step} is damaged ({e}); "
                        f"skipping it")
@@ -322,8 +413,12 @@ def open_fetch(job_id: str, state: ServiceState
 
     Raises:
         JobNotFound: no such job.
+        StateConflict: the job is over: its workers' token is dead (FAILED_PRECONDITION).
         CheckpointNotFound: no intact checkpoint.
     """
+    job = state.store.get_job(job_id)
+    if job.state not in WORKER_STATES:
+        raise StateConflict(job_id, job.state, WORKER_STATES)
     record = intact_checkpoint(job_id, state)
     if record is None:
         raise CheckpointNotFound(job_id, None)

@@ -302,8 +302,9 @@ def add_commands(commands: Any) -> None:
     serve.add_argument("--metrics-port", type=int, default=None,
                        help="serve Prometheus metrics on this port")
     serve.add_argument("--heartbeat-timeout", type=float, default=60.0, metavar="S",
-                       help="seconds without a heartbeat before a running job counts as "
-                            "failed (default 60; 0: never)")
+                       help="seconds without training progress (the workers heartbeat only "
+                            "while steps advance) before a running job counts as failed; "
+                            "set it above the longest step (default 60; 0: never)")
     serve.add_argument("--max-restarts", type=int, default=3,
                        help="restarts of jobs submitted without max_restarts (default 3)")
     serve.add_argument("--advertise-address", metavar="HOST:PORT",

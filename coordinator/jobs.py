@@ -392,7 +392,7 @@ def report_progress(job_id: str, items: Iterable[tuple[EventKind, dict[str, Any]
 
 
 def heartbeat(job_id: str, state: ServiceState, *, now: float | None = None) -> JobState:
-    """Record that a RUNNING job's workers are alive.
+    """Record that a RUNNING job's training made progress (workers heartbeat only then).
 
     Returns:
         The job's state (RUNNING).

@@ -59,10 +59,13 @@ class RunnerSettings:
 
     Attributes:
         state_dir: the coordinator's state directory (jobs go to ``state_dir/jobs/ID``).
-        heartbeat_timeout: seconds without a heartbeat after which a running job counts as
-            failed (its group is killed and the restart policy applies); None: never.
-        startup_grace: seconds a new attempt may take to send its first heartbeat (imports
-            and data loading come first); the timeout is at least `heartbeat_timeout`.
+        heartbeat_timeout: seconds without training progress (the workers heartbeat only
+            while steps advance) after which a running job counts as failed (its group is
+            killed and the restart policy applies); None: never. Passed to the workers
+            (``DPTRAIN_HEARTBEAT_TIMEOUT``); it must exceed the longest step, evaluation or
+            checkpoint upload.
+        startup_grace: seconds a new attempt may take to report its start (imports, data
+            loading and fetching the checkpoint come first); at least `heartbeat_timeout`.
         kill_grace: seconds between SIGTERM (workers checkpoint and exit) and SIGKILL.
         python: the interpreter the ranks run (default: the coordinator's).
         mpiexec: the launcher (default: the ``mpiexec`` beside `python`).
@@ -211,6 +214,7 @@ def worker_command(launch: Launch, paths: JobPaths, settings: RunnerSettings, *,
 
 def worker_environment(base: Mapping[str, str], *, job_id: str, token: str, run_id: str,
                        server_address: str | None, tls_ca: str | None = None,
+                       heartbeat_timeout: float | None = None,
                        extra: Mapping[str, str] | None = None) -> dict[str, str]:
     """The environment of one attempt's ``mpiexec`` (Hydra passes it on to every rank).
 
@@ -226,6 +230,7 @@ def worker_environment(base: Mapping[str, str], *, job_id: str, token: str, run_
         server_address: the coordinator's address for progress reports; None: the workers
             report to their console only.
         tls_ca: the CA certificate file to verify the coordinator with.
+        heartbeat_timeout: the runner's heartbeat timeout, for the workers to heartbeat within.
         extra: more variables (they win over `base`).
 
     Returns:
@@ -235,7 +240,8 @@ def worker_environment(base: Mapping[str, str], *, job_id: str, token: str, run_
     env.update(extra or {})
     env.update({RUN_ID_ENV: run_id, "PYTHONUNBUFFERED": "1"})
     if server_address:
-        env.update(worker_env.worker_environment(server_address, job_id, token, tls_ca))
+        env.update(worker_env.worker_environment(server_address, job_id, token, tls_ca,
+                                                 heartbeat_timeout))
     else:
         env.update({worker_env.JOB_ID: job_id, worker_env.JOB_TOKEN: token})
     return env

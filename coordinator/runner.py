@@ -1,24 +1,34 @@
 """`JobRunner`: runs the scheduler's decisions as ``mpiexec`` process groups and supervises them.
 
 One scheduling thread does the deciding: woken by `JobRunner.wake` (after a submission), by a
-job's end and by timers, it kills groups past their grace period, fails jobs whose heartbeats
-stopped, and asks `coordinator.scheduler.schedule` which pending jobs (QUEUED and RESTARTING)
-start now. Each launched attempt gets a monitor thread that streams its log lines into the
-store as ``log`` events (at a bounded rate) and, when ``mpiexec`` exits, decides what happens
-to the job:
+job's end and by timers, it kills groups past their grace period, ends jobs whose training
+made no progress for the heartbeat timeout, and asks `coordinator.scheduler.schedule` which
+pending jobs (QUEUED and RESTARTING) start now. Each launched attempt gets a monitor thread
+that streams its log lines into the store as ``log`` events (at a bounded rate) and, when
+``mpiexec`` exits, decides what happens to the job:
 
 =====================================  ===========================================================
-exit 0                                 SUCCEEDED (final metrics from the worker's JSON line)
+exit 0                                 SUCCEEDED (final metrics from the worker's JSON line),
+                                       once the coordinator holds the final checkpoint, verified;
+                                       otherwise a failure (below)
 exit 2 (invalid job), 3 (diverged)     FAILED at once: a restart would fail the same way
 any other failure, a killed rank, no   RESTARTING from the latest checkpoint (``--resume``) while
-heartbeat for ``heartbeat_timeout``    ``restarts < max_restarts``, then FAILED; the error keeps
-                                       the last lines of the log
+training progress (no heartbeat) for   ``restarts < max_restarts``, then FAILED; the error keeps
+``heartbeat_timeout``                  the last lines of the log
 cancelled                              CANCELLED at once; the group gets SIGTERM (the workers
                                        checkpoint and exit), then SIGKILL after ``kill_grace``
 =====================================  ===========================================================
 
 Every state change is a compare-and-set on the store, so a cancel racing a launch or an exit
 has exactly one winner. A cancelled group keeps its slots, for scheduling, until it is gone.
+
+No checkpoint is lost. The workers upload each checkpoint as they write it, but they cannot
+while the coordinator is down, and a token whose attempt is over may no longer. So the runner
+itself stores what the job's checkpoint directory holds beyond the newest stored checkpoint
+(`coordinator.ingest`): when an attempt ends (unless cancelled) and before every relaunch. A
+job is SUCCEEDED only when the store holds its final checkpoint (the step of the worker's
+final JSON line) and its blobs verify; when it cannot be stored, the attempt counts as failed
+and the job restarts (resuming at that final step) or fails.
 
 Coordinator restarts. `JobRunner.stop` (a graceful shutdown) *terminates* the running groups:
 SIGTERM makes every worker finish its step, write a checkpoint and exit; the jobs go back to
@@ -54,7 +64,8 @@ from dataclasses import dataclass
 from typing import IO, Any
 
 from coordinator.blobs import BlobStore
-from coordinator.errors import JobNotFound, StateConflict, StoreClosed
+from coordinator.errors import BlobError, JobNotFound, StateConflict, StoreClosed, ValidationError
+from coordinator.ingest import ingest_new_checkpoints, store_final_checkpoint
 from coordinator.joblog import LineRateLimit, LogTail
 from coordinator.launcher import (
     JobPaths,
@@ -87,6 +98,7 @@ from coordinator.model import (
 from coordinator.private_files import PRIVATE_UMASK, make_private_dir, open_private
 from coordinator.scheduler import Cluster, Launch, PendingJob, RunningJob, schedule
 from coordinator.store import Store
+from worker.checkpoint import CheckpointError, checkpoint_name
 from worker.train import EXIT_DIVERGED, EXIT_INVALID
 
 __all__ = ["JobRunner", "RunnerSettings", "NO_RESTART_EXIT_CODES"]
@@ -125,7 +137,8 @@ class JobRunner:
 
     Args:
         store: the coordinator's store.
-        blobs: its checkpoint blobs (kept for the server's use; the workers upload).
+        blobs: its checkpoint blobs (the workers upload; the runner stores what they could
+            not from the job's checkpoint directory).
         cluster: the hosts and slots to schedule on.
         server_address: the address workers report to (``DPTRAIN_COORDINATOR``); None: the
             workers only print to their log (tests without a server).
@@ -133,7 +146,7 @@ class JobRunner:
             ``state_dir``), e.g. the server's settings.
     """
 
-    def __init__(self, store: Store, blobs: BlobStore | None, cluster: Cluster,
+    def __init__(self, store: Store, blobs: BlobStore, cluster: Cluster,
                  server_address: str | None, settings: Any):
         self.store, self.blobs, self.cluster = store, blobs, cluster
         self.server_address = server_address
@@ -147,7 +160,7 @@ class JobRunner:
         self._lock_file: IO[str] | None = None
 
     @classmethod
-    def factory(cls, store: Store, blobs: BlobStore | None, cluster: Cluster,
+    def factory(cls, store: Store, blobs: BlobStore, cluster: Cluster,
                 server_address: str | None, settings: Any) -> JobRunner:
         """The ``runner_factory`` of `coordinator.server.serve`: builds a runner for a server
         (its ``runner_options`` become `RunnerSettings` fields).
@@ -285,7 +298,8 @@ class JobRunner:
         return timeout
 
     def _check_heartbeats(self, running_jobs: Sequence[Job], now: float) -> float:
-        """End the groups of jobs whose heartbeats stopped; seconds until the next deadline."""
+        """End the groups of jobs whose training made no progress for the heartbeat timeout
+        (the workers heartbeat only while steps advance); seconds until the next deadline."""
         limit = self.settings.heartbeat_timeout
         if limit is None:
             return 2.0
@@ -300,9 +314,12 @@ class JobRunner:
             quiet_for = max(limit, self.settings.startup_grace) if last <= started else limit
             deadline = last + quiet_for
             if now >= deadline:
+                since = (f"since step {job.last_step} (limit {quiet_for:g} s)"
+                         if last > started and job.last_step is not None else
+                         f"since the attempt started (limit {quiet_for:g} s, start-up included)")
                 with self._lock:
-                    run.detail = (f"no heartbeat from the workers for {now - last:.1f} s "
-                                  f"(limit {quiet_for:g} s): a hung rank or collective?")
+                    run.detail = (f"no training progress for {now - last:.1f} s {since}: a "
+                                  f"hung rank or collective?")
                     self._terminate(run, "heartbeat")
                 self._event(job.id, f"[dptrain] {run.detail}; ending the worker group")
             else:
@@ -312,6 +329,9 @@ class JobRunner:
     # ------------------------------------------------------------ launching
 
     def _launch(self, launch: Launch) -> None:
+        # Before the lock (it may take a while): what an earlier attempt wrote, for the
+        # workers to resume from. Nothing is there for a job's first attempt.
+        self._ingest(launch.job_id)
         with self._lock:
             try:
                 job = self.store.get_job(launch.job_id)
@@ -332,7 +352,9 @@ class JobRunner:
             token, run_id = new_token(), new_run_id(job.id, attempt)
             env = worker_environment(os.environ, job_id=job.id, token=token, run_id=run_id,
                                      server_address=self.server_address,
-                                     tls_ca=self.settings.tls_ca, extra=self.settings.extra_env)
+                                     tls_ca=self.settings.tls_ca,
+                                     heartbeat_timeout=self.settings.heartbeat_timeout,
+                                     extra=self.settings.extra_env)
             try:
                 job = self.store.transition(job.id, job.state, _S.RUNNING,
                                             placement=launch.placement, error="",
@@ -435,15 +457,19 @@ class JobRunner:
         job = self.store.get_job(run.job_id)
         if job.state is not _S.RUNNING:  # cancelled (or settled by someone else) already
             return
+        if run.reason != "cancel":
+            self._ingest(job.id)
         final = run.tail.final_metrics or {}
         if code == 0 and run.reason != "cancel":
-            metrics = {**job.metrics, **{k: v for k, v in final.items() if isinstance(
-                v, (int, float)) and not isinstance(v, bool)}}
-            fields: dict[str, Any] = {"exit_code": 0, "metrics": metrics}
-            if isinstance(final.get("step"), int):
-                fields["last_step"] = final["step"]
-            self._transition(job.id, _S.SUCCEEDED, **fields)
-        elif run.reason == "shutdown":
+            missing = self._final_checkpoint_missing(job.id, final)
+            if missing is None:
+                metrics = {**job.metrics, **{k: v for k, v in final.items() if isinstance(
+                    v, (int, float)) and not isinstance(v, bool)}}
+                self._transition(job.id, _S.SUCCEEDED, exit_code=0, metrics=metrics,
+                                 last_step=final["step"])
+                return
+            run.detail = f"the workers exited with code 0, but {missing}"
+        if run.reason == "shutdown":
             self._transition(job.id, _S.RESTARTING, restarts=job.restarts, exit_code=code)
             self._event(job.id, "[dptrain] the coordinator is shutting down: the job resumes "
                                 "from its latest checkpoint when it starts again")
@@ -458,6 +484,43 @@ class JobRunner:
                 note = "" if final_failure else f" (gave up after {job.restarts} restart(s))"
                 self._transition(job.id, _S.FAILED, error=self._error(run, code, note),
                                  exit_code=code)
+
+    # ------------------------------------------------------------ checkpoints
+
+    def _ingest(self, job_id: str) -> None:
+        """Store the checkpoints in the job's directory newer than its newest stored one."""
+        directory = JobPaths.of(self.settings, job_id).checkpoints
+        try:
+            added = ingest_new_checkpoints(job_id, directory, self.store, self.blobs)
+        except (JobNotFound, StoreClosed):
+            return
+        except Exception:  # the workers still resume from the directory: keep going
+            log.exception("runner: storing job %s's checkpoints from %s failed", job_id,
+                          directory)
+            return
+        for record in added:
+            self._event(job_id, f"[dptrain] stored the checkpoint of step {record.step} from "
+                                f"the job's checkpoint directory (the workers had not uploaded "
+                                f"it)")
+
+    def _final_checkpoint_missing(self, job_id: str, final: dict[str, Any]) -> str | None:
+        """None when the store holds the completed run's final checkpoint, verified (stored
+        from the job's directory if need be); else what is wrong, to complete "the workers
+        exited with code 0, but ..."."""
+        step = final.get("step")
+        if final.get("status") != "completed" or isinstance(step, bool) or not isinstance(
+                step, int):
+            return ("their final metrics (the JSON line naming the final step) are not in "
+                    "worker.log, so the final checkpoint is unknown")
+        directory = JobPaths.of(self.settings, job_id).checkpoints
+        try:
+            if store_final_checkpoint(job_id, step, directory, self.store, self.blobs):
+                self._event(job_id, f"[dptrain] stored the final checkpoint (step {step}) "
+                                    f"from the job's checkpoint directory")
+        except (CheckpointError, ValidationError, BlobError, OSError, ValueError) as e:
+            return (f"the final checkpoint (step {step}) cannot be stored from "
+                    f"{directory / checkpoint_name(step)}: {e}")
+        return None
 
     def _error(self, run: _Run, code: int, note: str = "") -> str:
         return failure_message(list(run.tail.recent), code, run.detail, note)

@@ -152,7 +152,7 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
 
     def Heartbeat(self, request: pb.HeartbeatRequest,
                   context: Any) -> pb.HeartbeatResponse:
-        """Record that the job's workers are alive (`jobs.heartbeat`)."""
+        """Record that the job's training made progress (`jobs.heartbeat`)."""
         with _aborting(context):
             self._require_job(context, "Heartbeat", request.job_id)
             state = jobs.heartbeat(request.job_id, self.state)

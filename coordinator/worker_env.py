@@ -21,9 +21,8 @@ from dataclasses import dataclass
 from worker.events import COORDINATOR_ENV
 
 __all__ = [
-    "COORDINATOR", "JOB_ID", "JOB_TOKEN", "TLS_CA", "STALL_TIMEOUT", "DEFAULT_STALL_TIMEOUT",
-    "WorkerEnvironment", "worker_environment",
-    "read_worker_environment",
+    "COORDINATOR", "JOB_ID", "JOB_TOKEN", "TLS_CA", "HEARTBEAT_TIMEOUT", "WorkerEnvironment",
+    "worker_environment", "read_worker_environment",
 ]
 
 COORDINATOR = COORDINATOR_ENV  # "DPTRAIN_COORDINATOR": the name worker.events switches on
@@ -39,12 +38,10 @@ TLS_CA = "DPTRAIN_TLS_CA"
 """Path of the PEM certificate(s) to verify the coordinator's TLS certificate with; unset when
 the coordinator listens without TLS."""
 
-STALL_TIMEOUT = "DPTRAIN_STALL_TIMEOUT"
-"""Optional: seconds without training progress after which rank 0 stops heartbeating (default
-`DEFAULT_STALL_TIMEOUT`), so that a hung collective ends in a heartbeat timeout. Set it above
-the longest step a job may take."""
-
-DEFAULT_STALL_TIMEOUT = 300.0
+HEARTBEAT_TIMEOUT = "DPTRAIN_HEARTBEAT_TIMEOUT"
+"""The coordinator's heartbeat timeout in seconds (``--heartbeat-timeout``): how long training
+may make no progress before the coordinator ends the job. Rank 0's reporter derives how often it
+tells the coordinator of progress from it; unset when the coordinator has none."""
 
 
 @dataclass(frozen=True)
@@ -56,16 +53,19 @@ class WorkerEnvironment:
         job_id: the job's id.
         token: the job's worker token.
         tls_ca: the CA certificate path, or None for a plaintext connection.
+        heartbeat_timeout: the coordinator's heartbeat timeout in seconds, or None.
     """
 
     address: str
     job_id: str
     token: str
     tls_ca: str | None = None
+    heartbeat_timeout: float | None = None
 
 
 def worker_environment(address: str, job_id: str, token: str,
-                       tls_ca: str | os.PathLike | None = None) -> dict[str, str]:
+                       tls_ca: str | os.PathLike | None = None,
+                       heartbeat_timeout: float | None = None) -> dict[str, str]:
     """The variables to set on every rank of a job's launch.
 
     Args:
@@ -73,6 +73,7 @@ def worker_environment(address: str, job_id: str, token: str,
         job_id: the job.
         token: the worker token made for this launch (only its hash is stored).
         tls_ca: the certificate workers verify the server with; None without TLS.
+        heartbeat_timeout: the coordinator's heartbeat timeout; None: it has none.
 
     Returns:
         Name -> value, e.g. for ``worker.launch.LaunchSettings(env=...)``.
@@ -80,6 +81,8 @@ def worker_environment(address: str, job_id: str, token: str,
     env = {COORDINATOR: address, JOB_ID: job_id, JOB_TOKEN: token}
     if tls_ca is not None:
         env[TLS_CA] = os.fspath(tls_ca)
+    if heartbeat_timeout is not None:
+        env[HEARTBEAT_TIMEOUT] = repr(float(heartbeat_timeout))
     return env
 
 
@@ -94,6 +97,7 @@ def read_worker_environment(environ: Mapping[str, str] | None = None) -> WorkerE
 
     Raises:
         KeyError: naming the first required variable that is missing or empty.
+        ValueError: `HEARTBEAT_TIMEOUT` is not a number of seconds > 0.
     """
     environ = os.environ if environ is None else environ
     values = {}
@@ -102,5 +106,14 @@ def read_worker_environment(environ: Mapping[str, str] | None = None) -> WorkerE
             raise KeyError(f"{name} is not set: the coordinator sets it for the workers it "
                            f"launches")
         values[name] = environ[name]
+    timeout = environ.get(HEARTBEAT_TIMEOUT) or None
+    if timeout is not None:
+        try:
+            timeout = float(timeout)
+        except ValueError:
+            timeout = None
+        if timeout is None or not 0 < timeout < float("inf"):
+            raise ValueError(f"{HEARTBEAT_TIMEOUT}: must be a number of seconds > 0, got "
+                             f"{environ[HEARTBEAT_TIMEOUT]!r}")
     return WorkerEnvironment(values[COORDINATOR], values[JOB_ID], values[JOB_TOKEN],
-                             environ.get(TLS_CA) or None)
+                             environ.get(TLS_CA) or None, timeout)

@@ -273,7 +273,9 @@ class _Run:
         if self.scheduler is not None and m.get("scheduler") is not None:
             self.scheduler.load_state_dict(m["scheduler"])
         self.pos = _Position(int(m["step"]), int(m["epoch"]), int(m["position"]))
-        self.saved_step = self.pos.step  # already on disk: never rewrite it
+        # Already on disk: never rewritten, and the run's checkpoint until a newer one is (a
+        # run resumed at its final step ends with it, and its final metrics must name it).
+        self.saved_step, self.last_checkpoint = self.pos.step, payload["path"]
         states = m["rng"]["engine"]
         if len(states) == self.size:
             engine.set_rng_state(states[self.rank])

@@ -388,24 +388,28 @@ class Store(ABC):
 
     # -- checkpoints
 
-    def add_checkpoint(self, record: CheckpointRecord) -> CheckpointRecord:
+    def add_checkpoint(self, record: CheckpointRecord, *,
+                       states: Iterable[JobState] | None = None) -> CheckpointRecord:
         """Record a checkpoint whose blob is already stored, with a ``checkpoint`` event.
 
         Recording the same (job, step, sha256) again is a no-op (an upload retried).
 
         Args:
             record: the checkpoint.
+            states: when given, record it only while the job's state is one of these (checked
+                in the same transaction, so a job cancelled meanwhile gets nothing).
 
         Returns:
             The stored record.
 
         Raises:
             JobNotFound, ValidationError.
+            StateConflict: the job is not in one of `states`.
             AlreadyExists: the job has a different checkpoint at this step (delete it first).
         """
         record = check_checkpoint(record)
         with self._write() as tx:
-            self._job_in(tx, record.job_id, None)
+            self._job_in(tx, record.job_id, states)
             existing = tx.get_checkpoint(record.job_id, record.step)
             if existing is not None:
                 if existing.sha256 == record.sha256:

@@ -1,18 +1,23 @@
 """Helpers for the runner and end-to-end tests: tiny job specs, stand-in ``mpiexec`` scripts,
-waiting, and finding processes a test left behind."""
+a coordinator in a process of its own, waiting, and finding processes a test left behind."""
 
 from __future__ import annotations
 
 import copy
+import hashlib
 import os
 import signal
+import socket
 import stat
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[2]
+DPTRAIN = str(Path(sys.executable).parent / "dptrain")
 
 #: A digits MLP that trains in well under a second: 20 steps, a checkpoint every 5.
 TINY_SPEC: dict[str, Any] = {
@@ -78,24 +83,57 @@ def spec(base: dict[str, Any] = TINY_SPEC, **changes: Any) -> dict[str, Any]:
     return out
 
 
+#: The step of the checkpoint a stand-in's ``complete "$@"`` leaves (`fake_mpiexec`).
+FAKE_FINAL_STEP = 20
+
+
 def fake_mpiexec(folder: Path, body: str, name: str = "fake-mpiexec") -> str:
     """Write an executable shell script that stands in for ``mpiexec``.
 
     It receives the real command line (``"$@"``), so ``--resume`` can be looked for, and the
-    real environment (``DPTRAIN_RUN_ID`` included).
+    real environment (``DPTRAIN_RUN_ID`` included). ``complete "$@"`` in `body` ends like a
+    completed run: a real checkpoint of step `FAKE_FINAL_STEP` appears in the command line's
+    ``--checkpoint-dir`` and the worker's final JSON line is printed (the runner makes a job
+    SUCCEEDED only with its final checkpoint).
 
     Args:
         folder: where to write it.
-        body: the script after ``#!/bin/sh``.
+        body: the script after ``#!/bin/sh`` and the definition of ``complete``.
         name: the file name.
 
     Returns:
         Its path.
     """
+    step = f"step-{FAKE_FINAL_STEP:08d}"
+    template = folder / "fake-checkpoint"
+    if not (template / step).is_dir():
+        small_checkpoint(template, FAKE_FINAL_STEP)
+    complete = (f"complete() {{\n"
+                f"  while [ $# -gt 0 ]; do [ \"$1\" = --checkpoint-dir ] && dir=$2; shift; done\n"
+                f"  mkdir -p \"$dir\" && rm -rf \"$dir/{step}\" && cp -R '{template / step}' "
+                f"\"$dir/\"\n"
+                f"  echo '{{\"status\": \"completed\", \"step\": {FAKE_FINAL_STEP}}}'\n"
+                f"}}\n")
     path = folder / name
-    path.write_text("#!/bin/sh\n" + body)
+    path.write_text("#!/bin/sh\n" + complete + body)
     path.chmod(path.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
     return str(path)
+
+
+def small_checkpoint(root: Path, step: int) -> str:
+    """Write a real worker checkpoint of a small model (its values depend on `step`) under
+    `root`; returns its directory."""
+    import engine
+    from worker.checkpoint import write_checkpoint
+
+    engine.manual_seed(step)
+    model = engine.nn.Linear(4, 3)
+    optimizer = engine.optim.Adam(model.parameters(), lr=0.01)
+    model(engine.randn(5, 4)).square().mean().backward()
+    optimizer.step()
+    info = {"epoch": 0, "position": step, "rng": {"engine": [engine.get_rng_state()]},
+            "spec": TINY_SPEC, "scheduler": None, "metrics": {}}
+    return write_checkpoint(root, step, model.state_dict(), optimizer.state_dict(), info)
 
 
 def wait_for(predicate: Callable[[], Any], timeout: float = 60.0, interval: float = 0.1,
@@ -177,3 +215,88 @@ def kill_all(pids: list[int]) -> None:
             os.kill(pid, signal.SIGKILL)
         except OSError:
             pass
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_cli(address: str, state_dir: Path, *args: str,
+            timeout: float = 120) -> subprocess.CompletedProcess:
+    """``dptrain --address ADDRESS --state-dir STATE_DIR ARGS...``, without any inherited
+    ``DPTRAIN_*`` variable."""
+    return subprocess.run(
+        [DPTRAIN, "--address", address, "--state-dir", str(state_dir), *args],
+        capture_output=True, text=True, timeout=timeout,
+        env={k: v for k, v in os.environ.items() if not k.startswith("DPTRAIN_")})
+
+
+def tensor_digests(path: str | Path) -> dict[str, str]:
+    """sha256 of each tensor of a safetensors file (dtype, shape and bytes), read by the
+    safetensors library rather than by our engine."""
+    from safetensors.numpy import load_file
+
+    return {name: hashlib.sha256(f"{a.dtype}{a.shape}".encode() + a.tobytes()).hexdigest()
+            for name, a in load_file(str(path)).items()}
+
+
+class ServeProcess:
+    """``dptrain serve`` in a process (and session) of its own, on a fixed port and state
+    directory, so that a test can kill it with SIGKILL and start it again.
+
+    Args:
+        state_dir: its state directory.
+        log: the file its stderr is appended to.
+        args: more ``serve`` options.
+    """
+
+    def __init__(self, state_dir: Path, log: Path, *args: str):
+        self.state_dir, self.log, self.args = state_dir, log, args
+        self.port = free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        """Start it and wait until it serves."""
+        from coordinator.client import Client, ClientError
+
+        with open(self.log, "ab") as stderr:
+            self.proc = subprocess.Popen(
+                [DPTRAIN, "serve", "--state-dir", str(self.state_dir), "--port", str(self.port),
+                 *self.args], stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True,
+                env={k: v for k, v in os.environ.items() if not k.startswith("DPTRAIN_")})
+
+        def healthy() -> bool:
+            assert self.proc.poll() is None, f"dptrain serve exited: {self.log.read_text()}"
+            with Client(self.address) as client:
+                try:
+                    return client.health(timeout=1) == "SERVING"
+                except ClientError:
+                    return False
+
+        wait_for(healthy, 60, what="the coordinator to serve")
+
+    def client(self):
+        """A `coordinator.client.Client` of it (with the token of its state directory)."""
+        from coordinator.client import Client
+
+        return Client(self.address, state_dir=self.state_dir, timeout=10)
+
+    def kill(self) -> None:
+        """kill -9, as a crash or the OOM killer would."""
+        os.kill(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+
+    def stop(self) -> None:
+        """Stop it gracefully (SIGTERM: its jobs checkpoint), else kill it; idempotent."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()

@@ -174,8 +174,14 @@ def _upload(job_id, step, files: dict[str, bytes]) -> tuple[CheckpointUpload, li
     return upload, chunks
 
 
-def test_receive_stores_blobs_then_the_record(state):
+def _launched(state) -> Job:
+    """A job its (simulated) runner launched: workers upload only while it is RUNNING."""
     job = jobs.submit_job(SubmitRequest(SPEC), state)
+    return state.store.transition(job.id, JobState.QUEUED, JobState.RUNNING)
+
+
+def test_receive_stores_blobs_then_the_record(state):
+    job = _launched(state)
     upload, chunks = _upload(job.id, 5, {"model.safetensors": b"model-bytes",
                                          "optimizer.safetensors": b"", "extra.bin": b"x"})
     record = checkpoints.receive_checkpoint(upload, chunks, state, now=1.0)
@@ -199,7 +205,7 @@ def test_receive_stores_blobs_then_the_record(state):
      "header.manifest_json"),
 ])
 def test_receive_refuses_bad_uploads_and_records_nothing(state, mutate, error):
-    job = jobs.submit_job(SubmitRequest(SPEC), state)
+    job = _launched(state)
     upload, chunks = mutate(*_upload(job.id, 5, {"model.safetensors": b"model-bytes",
                                                  "optimizer.safetensors": b"opt"}))
     expected = error if isinstance(error, type) else ValidationError
@@ -211,7 +217,7 @@ def test_receive_refuses_bad_uploads_and_records_nothing(state, mutate, error):
 
 
 def test_retention_deletes_blobs_no_record_needs(state):
-    job = jobs.submit_job(SubmitRequest(SPEC), state)  # keep: 2
+    job = _launched(state)  # keep: 2
     shared = b"unchanged optimizer state"
     for step in (1, 2, 3):
         upload, chunks = _upload(job.id, step, {"model.safetensors": b"m%d" % step,
@@ -236,7 +242,7 @@ def test_retention_deletes_blobs_no_record_needs(state):
 
 
 def test_intact_checkpoint_skips_damage_and_says_so(state):
-    job = jobs.submit_job(SubmitRequest(SPEC), state)
+    job = _launched(state)
     for step in (1, 2):
         upload, chunks = _upload(job.id, step, {"model.safetensors": b"model%d" % step})
         checkpoints.receive_checkpoint(upload, chunks, state)
@@ -248,7 +254,7 @@ def test_intact_checkpoint_skips_damage_and_says_so(state):
 
 
 def test_intact_checkpoint_falls_back_past_corrupted_and_missing_files(state):
-    job = jobs.submit_job(SubmitRequest(SPEC), state)
+    job = _launched(state)
     for step in (1, 2, 3):
         upload, chunks = _upload(job.id, step, {"model.safetensors": b"model%d" % step,
                                                 "optimizer.safetensors": b"opt%d" % step})
@@ -272,7 +278,7 @@ def _corrupt(state, sha256):
 
 
 def test_download_verifies_while_streaming(state):
-    job = jobs.submit_job(SubmitRequest(SPEC), state)
+    job = _launched(state)
     model = os.urandom(3 * CHUNK_BYTES + 5)
     upload, _ = _upload(job.id, 1, {"model.safetensors": model})
     checkpoints.receive_checkpoint(upload, [("model.safetensors", model)], state)
@@ -291,14 +297,14 @@ def test_download_verifies_while_streaming(state):
 
 @pytest.mark.parametrize("keep", [0, -1, 1.5, True])
 def test_retention_keep_must_be_a_positive_integer(state, keep):
-    job = jobs.submit_job(SubmitRequest(SPEC), state)
+    job = _launched(state)
     with pytest.raises(ValidationError) as info:
         checkpoints.prune_job_checkpoints(state.store, state.blobs, job.id, keep)
     assert info.value.field == "checkpoint.keep"
 
 
 def test_retention_spares_files_another_job_still_uses(state):
-    a, b = (jobs.submit_job(SubmitRequest(SPEC), state) for _ in range(2))
+    a, b = (_launched(state) for _ in range(2))
     shared = b"the same initial model"
     for job in (a, b):
         checkpoints.receive_checkpoint(*_upload(job.id, 1, {"model.safetensors": shared}), state)
@@ -310,7 +316,7 @@ def test_retention_spares_files_another_job_still_uses(state):
 
 
 def test_garbage_collection_keeps_every_file_of_every_checkpoint(state):
-    job = jobs.submit_job(SubmitRequest(SPEC), state)
+    job = _launched(state)
     files = {"model.safetensors": b"weights", "optimizer.safetensors": b"moments"}
     upload, chunks = _upload(job.id, 7, files)
     checkpoints.receive_checkpoint(upload, chunks, state)

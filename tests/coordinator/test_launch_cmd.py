@@ -14,6 +14,7 @@ from coordinator.launcher import (
     worker_environment,
 )
 from coordinator.scheduler import Cluster, Launch
+from coordinator.worker_reporter import create_reporter
 
 BLAS = ["-genv", "OMP_NUM_THREADS", "1", "-genv", "OPENBLAS_NUM_THREADS", "1",
         "-genv", "MKL_NUM_THREADS", "1"]
@@ -66,14 +67,32 @@ def test_hostfile_only_beyond_this_machine():
 
 
 def test_environment_carries_the_job_token_not_the_coordinators():
-    base = {"PATH": "/bin", "DPTRAIN_TOKEN": "admin", "DPTRAIN_ADDRESS": "x:1", "HOME": "/h"}
+    base = {"PATH": "/bin", "DPTRAIN_TOKEN": "admin", "DPTRAIN_ADDRESS": "x:1", "HOME": "/h",
+            "DPTRAIN_HEARTBEAT_TIMEOUT": "300"}
     env = worker_environment(base, job_id="j-0123456789ab", token="tok", run_id="j.1.ab",
                              server_address="10.0.0.5:50051", tls_ca="/etc/dptrain/ca.pem",
-                             extra={"HOME": "/w"})
+                             heartbeat_timeout=10, extra={"HOME": "/w"})
     assert env == {"PATH": "/bin", "HOME": "/w", "DPTRAIN_JOB_ID": "j-0123456789ab",
                    "DPTRAIN_JOB_TOKEN": "tok", "DPTRAIN_RUN_ID": "j.1.ab",
                    "DPTRAIN_COORDINATOR": "10.0.0.5:50051",
-                   "DPTRAIN_TLS_CA": "/etc/dptrain/ca.pem", "PYTHONUNBUFFERED": "1"}
+                   "DPTRAIN_TLS_CA": "/etc/dptrain/ca.pem", "PYTHONUNBUFFERED": "1",
+                   "DPTRAIN_HEARTBEAT_TIMEOUT": "10.0"}  # the runner's, for the reporter
+
+
+def test_the_reporter_heartbeats_within_the_coordinators_timeout():
+    env = {"DPTRAIN_JOB_ID": "j-0123456789ab", "DPTRAIN_JOB_TOKEN": "tok"}
+    for timeout, interval in ((None, 5.0), ("60.0", 5.0), ("2.0", 0.5)):
+        environ = env if timeout is None else {**env, "DPTRAIN_HEARTBEAT_TIMEOUT": timeout}
+        reporter = create_reporter("127.0.0.1:1", 0, environ)
+        try:
+            assert reporter.heartbeat_interval == interval
+            assert reporter.heartbeat_timeout == (None if timeout is None else float(timeout))
+        finally:
+            reporter.close()
+    assert create_reporter("127.0.0.1:1", 1, env) is None  # rank 0 alone reports
+    with pytest.raises(ValueError, match="DPTRAIN_HEARTBEAT_TIMEOUT: must be a number of "
+                                         "seconds > 0, got '-1'"):
+        create_reporter("127.0.0.1:1", 0, {**env, "DPTRAIN_HEARTBEAT_TIMEOUT": "-1"})
 
 
 def test_without_a_server_workers_only_print():

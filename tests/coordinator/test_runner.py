@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -128,6 +129,11 @@ def test_job_runs_to_success_with_its_log_streamed(store, make_runner, state_dir
     assert job.metrics["val_accuracy"] == pytest.approx(accuracy, abs=1e-12)
     assert job.metrics["val_loss"] == pytest.approx(loss, rel=1e-5)
     assert accuracy >= TINY_VAL_ACCURACY
+    # These workers report to no server: the runner stored their checkpoints itself.
+    stored = store.list_checkpoints(job_id)
+    assert [c.step for c in stored] == [15, 20]
+    local = json.loads((paths.checkpoints / "step-00000020" / "manifest.json").read_text())
+    assert stored[-1].manifest["files"] == local["files"]
     assert json.loads(paths.spec.read_text()) == TINY_SPEC
     record = read_run_record(paths.run)
     assert record["attempt"] == 1 and record["coordinator_pid"] == os.getpid()
@@ -189,7 +195,7 @@ def test_cancel_running_job_ends_its_workers(store, make_runner, state_dir):
 # ---------------------------------------------------------------- policy, with stand-ins
 
 def test_gang_order_over_limited_slots(store, make_runner, tmp_path):
-    mpiexec = fake_mpiexec(tmp_path, "sleep 0.5\necho done\n")
+    mpiexec = fake_mpiexec(tmp_path, 'sleep 0.5\necho done\ncomplete "$@"\n')
     runner = make_runner(slots=2, mpiexec=mpiexec)
     first = submit(store, runner, spec(TINY_SPEC, name="first"))
     second = submit(store, runner, spec(TINY_SPEC, name="second"))
@@ -221,6 +227,27 @@ def test_failures_restart_up_to_max_restarts_then_fail(store, make_runner, tmp_p
         == ["==== dptrain: attempt 1", "==== dptrain: attempt 2", "==== dptrain: attempt 3"]
 
 
+@pytest.mark.parametrize("ending", ["no checkpoint", "no final line"])
+def test_exit_0_without_the_final_checkpoint_is_no_success(store, make_runner, tmp_path, ending):
+    body = ("echo '{\"status\": \"completed\", \"step\": 20}'\n" if ending == "no checkpoint"
+            else 'complete "$@" > /dev/null\n')
+    runner = make_runner(mpiexec=fake_mpiexec(tmp_path, body))
+    job_id = submit(store, runner, TINY_SPEC, max_restarts=1)
+    job = wait_state(store, job_id, S.FAILED, S.SUCCEEDED)
+    assert job.state is S.FAILED and job.restarts == 1 and job.exit_code == 0
+    assert states_of(store, job_id) == ["QUEUED", "RUNNING", "RESTARTING", "RUNNING", "FAILED"]
+    first_line = job.error.splitlines()[0]
+    if ending == "no checkpoint":
+        directory = JobPaths.of(runner.settings, job_id).checkpoints / "step-00000020"
+        assert first_line == (f"the workers exited with code 0, but the final checkpoint "
+                              f"(step 20) cannot be stored from {directory}: incomplete: it has "
+                              f"no manifest.json (gave up after 1 restart(s))")
+    else:
+        assert first_line == ("the workers exited with code 0, but their final metrics (the "
+                              "JSON line naming the final step) are not in worker.log, so the "
+                              "final checkpoint is unknown (gave up after 1 restart(s))")
+
+
 def test_missing_heartbeats_end_the_group_and_count_as_failure(store, make_runner, tmp_path):
     # Ignores SIGTERM like a rank stuck in a collective: SIGKILL must follow.
     mpiexec = fake_mpiexec(tmp_path, "trap '' TERM\necho started\nwhile :; do sleep 0.1; done\n")
@@ -228,13 +255,14 @@ def test_missing_heartbeats_end_the_group_and_count_as_failure(store, make_runne
                          kill_grace=1.0)
     job_id = submit(store, runner, TINY_SPEC, max_restarts=0)
     job = wait_state(store, job_id, S.FAILED, timeout=30)
-    assert job.error.startswith("no heartbeat from the workers for")
+    assert re.match(r"no training progress for \d+\.\d s since the attempt started \(limit 1 s, "
+                    r"start-up included\): a hung rank or collective\? \(gave up", job.error)
     assert job.exit_code == 128 + signal.SIGKILL
     assert any("ending the worker group" in line for line in log_lines(store, job_id))
 
 
 def test_heartbeats_keep_a_job_alive(store, make_runner, tmp_path):
-    mpiexec = fake_mpiexec(tmp_path, "sleep 3\n")
+    mpiexec = fake_mpiexec(tmp_path, 'sleep 3\ncomplete "$@"\n')
     runner = make_runner(mpiexec=mpiexec, heartbeat_timeout=1.0, startup_grace=1.0)
     job_id = submit(store, runner, TINY_SPEC, max_restarts=0)
     wait_state(store, job_id, S.RUNNING)
@@ -248,7 +276,7 @@ def test_heartbeats_keep_a_job_alive(store, make_runner, tmp_path):
 
 
 def test_cancel_queued_job_never_starts(store, make_runner, tmp_path):
-    mpiexec = fake_mpiexec(tmp_path, "sleep 2\n")
+    mpiexec = fake_mpiexec(tmp_path, 'sleep 2\ncomplete "$@"\n')
     runner = make_runner(slots=2, mpiexec=mpiexec)
     running = submit(store, runner, TINY_SPEC)
     wait_state(store, running, S.RUNNING)
@@ -261,7 +289,7 @@ def test_cancel_queued_job_never_starts(store, make_runner, tmp_path):
 
 def test_log_lines_are_streamed_at_a_bounded_rate(store, make_runner, tmp_path, state_dir):
     mpiexec = fake_mpiexec(tmp_path, 'i=0; while [ $i -lt 3000 ]; do echo "line $i"; '
-                                     'i=$((i+1)); done\n')
+                                     'i=$((i+1)); done\ncomplete "$@"\n')
     runner = make_runner(mpiexec=mpiexec, log_rate=10.0, log_burst=100)
     job_id = submit(store, runner, TINY_SPEC)
     assert wait_state(store, job_id, S.SUCCEEDED).state is S.SUCCEEDED
@@ -270,11 +298,11 @@ def test_log_lines_are_streamed_at_a_bounded_rate(store, make_runner, tmp_path, 
     assert 100 <= len(lines) < 200
     assert any("not streamed (rate limit)" in line for line in lines)
     log = (state_dir / "jobs" / job_id / "worker.log").read_text().splitlines()
-    assert log[1:] == [f"line {i}" for i in range(3000)]  # the file keeps every line
+    assert log[1:3001] == [f"line {i}" for i in range(3000)]  # the file keeps every line
 
 
 def test_graceful_stop_terminates_and_the_next_start_resumes(store, make_runner, tmp_path):
-    mpiexec = fake_mpiexec(tmp_path, 'case "$*" in *--resume*) exit 0;; esac\n'
+    mpiexec = fake_mpiexec(tmp_path, 'case "$*" in *--resume*) complete "$@"; exit 0;; esac\n'
                                      "trap 'echo checkpointed; exit 143' TERM\n"
                                      "while :; do sleep 0.1; done\n")
     runner = make_runner(mpiexec=mpiexec)
@@ -299,15 +327,18 @@ def test_second_runner_on_the_same_state_dir_is_refused(make_runner):
 def test_recovery_after_coordinator_kill9(store, make_runner, tmp_path, state_dir):
     # A first coordinator, in a child process, launches a job whose "workers" run until
     # SIGTERM; we SIGKILL that coordinator, then start a runner on the same state directory.
-    mpiexec = fake_mpiexec(tmp_path, 'case "$*" in *--resume*) echo resumed; exit 0;; esac\n'
-                                     "trap 'echo terminated; exit 143' TERM\n"
+    mpiexec = fake_mpiexec(tmp_path, 'case "$*" in *--resume*) echo resumed; complete "$@"; '
+                                     'exit 0;; esac\n'
+                                     "trap 'echo terminated; complete \"$@\"; exit 143' TERM\n"
                                      "echo working\nwhile :; do sleep 0.1; done\n")
     job_id = store.create_job(new_job("tiny", TINY_SPEC, workers=2)).id
     queued = store.create_job(new_job("later", spec(TINY_SPEC, name="later"), workers=2)).id
-    code = (f"import time\nfrom coordinator.runner import JobRunner, RunnerSettings\n"
+    code = (f"import time\nfrom coordinator.blobs import BlobStore\n"
+            f"from coordinator.runner import JobRunner, RunnerSettings\n"
             f"from coordinator.scheduler import Cluster\nfrom coordinator.store import "
             f"SqliteStore\nstore = SqliteStore({str(state_dir / 'coordinator.db')!r})\n"
-            f"JobRunner(store, None, Cluster.local(3), None, RunnerSettings("
+            f"JobRunner(store, BlobStore({str(state_dir / 'blobs')!r}), Cluster.local(3), "
+            f"None, RunnerSettings("
             f"{str(state_dir)!r}, mpiexec={mpiexec!r}, heartbeat_timeout=None)).start()\n"
             f"time.sleep(600)\n")
     first = subprocess.Popen([sys.executable, "-c", code], start_new_session=True)
@@ -331,6 +362,13 @@ def test_recovery_after_coordinator_kill9(store, make_runner, tmp_path, state_di
     assert any("found this job's workers still running" in line for line in lines)
     assert states_of(store, job_id) == ["QUEUED", "RUNNING", "RESTARTING", "RUNNING",
                                         "SUCCEEDED"]
+    # The SIGTERM checkpoint, which no worker uploaded, was stored before the relaunch.
+    events = store.events(job_id)
+    stored = next(e.seq for e in events if e.kind is EventKind.LOG and "stored the checkpoint "
+                  "of step 20 from the job's checkpoint directory" in e.payload["line"])
+    relaunched = [e.seq for e in events if e.kind is EventKind.STATE
+                  and e.payload["state"] == "RUNNING"][1]
+    assert stored < relaunched and [c.step for c in store.list_checkpoints(job_id)] == [20]
     assert wait_state(store, queued, S.RUNNING).started_at >= job.finished_at
 
 
@@ -375,7 +413,7 @@ def test_line_rate_limit_is_a_token_bucket():
 
 def test_worker_token_is_only_hashed(store, make_runner, tmp_path, state_dir):
     out = tmp_path / "env.txt"
-    mpiexec = fake_mpiexec(tmp_path, f'env > {out}\necho "$*" >> {out}\n')
+    mpiexec = fake_mpiexec(tmp_path, f'env > {out}\necho "$*" >> {out}\ncomplete "$@"\n')
     os.environ["DPTRAIN_TOKEN"] = "admin-secret"
     try:
         runner = make_runner(mpiexec=mpiexec)

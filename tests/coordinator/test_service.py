@@ -34,7 +34,6 @@ from coordinator.scheduler import Cluster
 from coordinator.server import ServerConfigError, serve
 from coordinator.worker_env import worker_environment
 from coordinator.worker_reporter import (
-    CoordinatorReporter,
     WorkerClient,
     fetch_resume_checkpoint,
 )
@@ -399,6 +398,61 @@ def test_worker_tokens_act_only_on_their_own_job(server, client):
     assert [e.kind for e in server.store.events(job_b.id)] == [EventKind.STATE] * 2
 
 
+def _stored_files(server) -> list[str]:
+    return sorted(p.name for p in (server.settings.state_dir / "blobs").rglob("*")
+                  if p.is_file())
+
+
+@pytest.mark.parametrize("end", ["cancelled", "succeeded", "failed"])
+def test_a_worker_token_dies_with_its_job(server, client, tmp_path, end):
+    job, worker = _running_job(server, client)
+    first, _ = _checkpoint(tmp_path / "ckpt", 5)
+    late, _ = _checkpoint(tmp_path / "ckpt", 10, seed=1)
+    with worker:
+        worker.upload_checkpoint(first)
+        if end == "cancelled":
+            client.cancel_job(job.id)
+        else:
+            server.store.transition(job.id, JobState.RUNNING, JobState(end.upper()))
+        blobs = _stored_files(server)
+        events = server.store.events(job.id)
+        calls = {"upload": lambda: worker.upload_checkpoint(late),
+                 "fetch": lambda: worker.fetch_checkpoint(tmp_path / "resume"),
+                 "report": lambda: worker.report_progress([("log", {"line": "late"})]),
+                 "heartbeat": worker.heartbeat}
+        for name, call in calls.items():
+            with pytest.raises(ClientError) as info:
+                call()
+            assert _code(info) == "FAILED_PRECONDITION", name
+            assert f"is {end.upper()}" in str(info.value), name
+    assert [c.step for c in client.list_checkpoints(job.id)] == [5]  # nothing stored
+    assert _stored_files(server) == blobs and server.store.events(job.id) == events
+    assert not (tmp_path / "resume").exists() or not os.listdir(tmp_path / "resume")
+
+
+def test_a_worker_token_dies_when_a_newer_attempt_is_launched(server, client, tmp_path):
+    job, old = _running_job(server, client)
+    server.store.transition(job.id, JobState.RUNNING, JobState.RESTARTING)
+    with old:
+        # The runner ended the attempt: its SIGTERM checkpoint is still taken, progress is not.
+        old.upload_checkpoint(_checkpoint(tmp_path / "ckpt", 5)[0])
+        with pytest.raises(ClientError) as info:
+            old.report_progress([("metrics", {"step": 5, "loss": 1.0})])
+        assert _code(info) == "FAILED_PRECONDITION"
+        token = new_token()  # the next attempt
+        server.store.transition(job.id, JobState.RESTARTING, JobState.RUNNING,
+                                token_hash=hash_token(token))
+        blobs = _stored_files(server)
+        with pytest.raises(ClientError) as info:
+            old.upload_checkpoint(_checkpoint(tmp_path / "ckpt", 10, seed=1)[0])
+        assert _code(info) == "UNAUTHENTICATED" and job.id in str(info.value)
+        assert "current worker token" in str(info.value)
+    assert [c.step for c in client.list_checkpoints(job.id)] == [5]
+    assert _stored_files(server) == blobs
+    with WorkerClient(server.address, job.id, token) as new:
+        assert new.heartbeat() is JobState.RUNNING
+
+
 def test_progress_for_a_job_that_is_not_running_is_refused(server, client):
     job, worker = _running_job(server, client)
     client.cancel_job(job.id)
@@ -510,98 +564,6 @@ def test_retention_keeps_the_newest_checkpoints(server, client, tmp_path):
         again = worker.upload_checkpoint(_checkpoint(tmp_path / "again", 20, seed=99)[0])
     listed = client.list_checkpoints(job.id)
     assert [c.step for c in listed] == [10, 15, 20] and listed[-1].sha256 == again.sha256
-
-
-# ---------------------------------------------------------------- the reporter
-
-def test_reporter_sends_progress_heartbeats_and_checkpoints(server, client, tmp_path):
-    job, worker = _running_job(server, client)
-    lines: list[str] = []
-    reporter = CoordinatorReporter(worker, step_interval=0.0, flush_interval=0.05,
-                                   heartbeat_interval=0.1, log=lines.append)
-    try:
-        reporter.on_start({"name": "tiny", "world_size": 2, "start_step": 0, "total_steps": 20,
-                           "steps_per_epoch": 7, "resumed_from": None})
-        for step in range(1, 4):
-            reporter.on_step(step, {"epoch": 0, "loss": 1.0 / step, "accuracy": 0.1 * step,
-                                    "lr": 0.01, "samples": 8 * step, "samples_per_s": 100.0})
-        reporter.on_eval(3, {"val_loss": 0.75, "val_accuracy": 0.5, "val_samples": 16})
-        reporter.on_log("a message")
-        path, _ = _checkpoint(tmp_path / "ckpt", 3)
-        reporter.on_checkpoint(3, path)
-        first_beat = server.store.get_job(job.id).heartbeat_at
-        deadline = time.monotonic() + 5
-        while server.store.get_job(job.id).heartbeat_at == first_beat:  # nothing to report:
-            assert time.monotonic() < deadline, "no heartbeat"      # heartbeats go on
-            time.sleep(0.05)
-        reporter.on_end({"status": "completed", "step": 3, "loss": 0.33, "accuracy": 0.3})
-    finally:
-        reporter.close()
-    assert lines == []
-    events = server.store.events(job.id)
-    metrics = [e.payload for e in events if e.kind is EventKind.METRICS]
-    assert metrics[0] == {"step": 0, "total_steps": 20, "start_step": 0, "steps_per_epoch": 7,
-                          "world_size": 2}
-    assert [m["step"] for m in metrics[1:4]] == [1, 2, 3] and metrics[3]["loss"] == 1 / 3
-    assert metrics[4] == {"step": 3, "val_loss": 0.75, "val_accuracy": 0.5, "val_samples": 16}
-    assert metrics[-1]["status"] == "completed"
-    # the runner streams the workers' output; the reporter sends only its own start line
-    assert "a message" not in [e.payload["line"] for e in events if e.kind is EventKind.LOG]
-    assert [e.payload["step"] for e in events if e.kind is EventKind.CHECKPOINT] == [3]
-    stored = server.store.get_job(job.id)
-    assert stored.last_step == 3 and stored.metrics["total_steps"] == 20
-    assert stored.metrics["val_accuracy"] == 0.5
-
-
-def test_reporter_stops_quietly_when_the_job_is_cancelled(server, client):
-    job, worker = _running_job(server, client)
-    lines: list[str] = []
-    reporter = CoordinatorReporter(worker, flush_interval=0.05, log=lines.append)
-    client.cancel_job(job.id)
-    reporter.on_log("too late")
-    reporter.on_step(1, {"loss": 1.0})
-    reporter.close()
-    assert len(lines) == 1 and "FAILED_PRECONDITION" in lines[0]
-
-
-def test_heartbeats_pause_when_training_makes_no_progress(server, client):
-    # A rank stuck in a hung collective must stop heartbeating, so the runner's heartbeat
-    # timeout can end the job.
-    job, worker = _running_job(server, client)
-    launched_at = server.store.get_job(job.id).heartbeat_at
-    lines: list[str] = []
-    reporter = CoordinatorReporter(worker, flush_interval=0.02, heartbeat_interval=0.05,
-                                   stall_timeout=0.5, log=lines.append)
-    try:
-        deadline = time.monotonic() + 5
-        while not lines:
-            assert time.monotonic() < deadline, "heartbeats never paused"
-            time.sleep(0.05)
-        assert "heartbeats paused" in lines[0]
-        paused_at = server.store.get_job(job.id).heartbeat_at
-        assert paused_at > launched_at  # it did heartbeat before the stall
-        time.sleep(0.3)
-        assert server.store.get_job(job.id).heartbeat_at == paused_at
-        reporter.on_step(1, {"loss": 1.0})  # progress again: reports and heartbeats resume
-        deadline = time.monotonic() + 5
-        while server.store.get_job(job.id).heartbeat_at == paused_at:
-            assert time.monotonic() < deadline, "heartbeats did not resume"
-            time.sleep(0.02)
-    finally:
-        reporter.close()
-
-
-def test_reporter_survives_an_unreachable_coordinator():
-    lines: list[str] = []
-    client = WorkerClient("127.0.0.1:1", "j-000000000000", "token", timeout=5)
-    reporter = CoordinatorReporter(client, flush_interval=0.05, log=lines.append)
-    started = time.monotonic()
-    reporter.on_step(1, {"loss": 1.0})
-    reporter.on_log("nobody is listening")
-    reporter.on_end({"status": "completed", "step": 1})
-    reporter.close()
-    assert time.monotonic() - started < 10
-    assert len(lines) == 1 and "UNAVAILABLE" in lines[0] and "127.0.0.1:1" in lines[0]
 
 
 # ---------------------------------------------------------------- the server itself

@@ -310,6 +310,20 @@ class TestStoreContract:
         assert [e.payload for e in events[1:]] == [{"step": 100, "sha256": SHA_A, "size": 1234}]
         assert store.get_checkpoint(job.id).created_at == 200.0
 
+    def test_checkpoint_only_while_the_job_is_in_the_given_states(self, store):
+        job = store.create_job(_job())
+        store.transition(job.id, Q, R)
+        store.add_checkpoint(_ckpt(job.id, 10), states=[R, RS])
+        store.transition(job.id, R, JobState.CANCELLED)
+        with pytest.raises(StateConflict, match="is CANCELLED, expected one of: RESTARTING, "
+                                                "RUNNING"):
+            store.add_checkpoint(_ckpt(job.id, 20), states=[R, RS])
+        assert [c.step for c in store.list_checkpoints(job.id)] == [10]
+        kinds = [e.kind for e in store.events(job.id)]
+        assert kinds.count(EventKind.CHECKPOINT) == 1  # the refused one left no event either
+        store.add_checkpoint(_ckpt(job.id, 20))  # no condition: recorded whatever the state
+        assert [c.step for c in store.list_checkpoints(job.id)] == [10, 20]
+
     def test_checkpoint_errors(self, store):
         job = store.create_job(_job())
         with pytest.raises(CheckpointNotFound, match="has no checkpoints"):

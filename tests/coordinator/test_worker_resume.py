@@ -78,3 +78,24 @@ def test_worker_reports_uploads_and_resumes_from_the_coordinator(server, tmp_pat
         assert final["status"] == "completed" and final["step"] == 6
         assert [c.step for c in client.list_checkpoints(job.id)] == [4, 6]
         assert server.store.get_job(job.id).last_step == 6
+
+
+def test_a_run_resumed_at_its_final_step_uploads_the_checkpoint_it_ends_with(server, tmp_path):
+    # Its final checkpoint was written while no coordinator was listening; the attempt that
+    # resumes there writes nothing new, but must still hand the coordinator that checkpoint.
+    job_file = tmp_path / "job.json"
+    job_file.write_text(json.dumps(SPEC))
+    alone = _run_worker(job_file, tmp_path / "ckpt", {})
+    assert alone.returncode == 0, alone.stderr
+    with Client(server.address, token=server.token) as client:
+        job = client.submit_job(SPEC)
+        token = new_token()
+        server.store.transition(job.id, JobState.QUEUED, JobState.RUNNING,
+                                token_hash=hash_token(token))
+        again = _run_worker(job_file, tmp_path / "ckpt",
+                            worker_environment(server.address, job.id, token), "--resume")
+        assert again.returncode == 0, again.stderr
+        assert "at step 6 " in again.stderr
+        [stored] = client.list_checkpoints(job.id)
+    local = json.loads((tmp_path / "ckpt" / "step-00000006" / "manifest.json").read_text())
+    assert stored.step == 6 and stored.manifest["files"] == local["files"]

@@ -175,6 +175,20 @@ def test_stop_at_max_steps_and_resume_is_bit_identical(tmp_path, worker, n):
         sha256(tmp_path / "a/step-00000060/optimizer.safetensors")
 
 
+def test_a_run_resumed_at_its_final_step_ends_naming_its_final_checkpoint(tmp_path, worker):
+    job = write_job(tmp_path, max_steps=12)
+    first = worker(1, job, "--checkpoint-dir", tmp_path / "c")
+    assert first.returncode == 0, first.stderr
+    final = tmp_path / "c" / "step-00000012"
+    written = (final / "manifest.json").read_bytes()
+    again = worker(1, job, "--checkpoint-dir", tmp_path / "c", "--resume")
+    assert again.returncode == 0, again.stderr
+    metrics = final_metrics(again.stdout)
+    assert metrics["status"] == "completed" and metrics["step"] == 12
+    assert metrics["checkpoint"] == str(final)  # what the coordinator must hold at the end
+    assert (final / "manifest.json").read_bytes() == written  # not written again
+
+
 def test_sigterm_checkpoints_exits_143_and_resumes_exactly(tmp_path, worker,
                                                            reference_2_ranks):
     job = write_job(tmp_path, "long.yaml", max_steps=100_000,

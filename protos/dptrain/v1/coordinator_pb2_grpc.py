@@ -421,8 +421,10 @@ class WorkerServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Heartbeat(self, request, context):
-        """"Still alive": sent every few seconds, also while a long step computes. A RUNNING job
-        whose heartbeats stop for the configured time is treated as failed.
+        """"Training made progress" that no event carries (a log line, an upload the training loop
+        waits for); never sent merely because the process is alive. A RUNNING job that makes no
+        progress (no report, no heartbeat) for the configured time is treated as failed.
+        FAILED_PRECONDITION when the job is not RUNNING.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -433,6 +435,8 @@ class WorkerServiceServicer:
         size and sha256), then each file's bytes in chunks, file after file in the header's order.
         Each file must match its declared sha256 (DATA_LOSS otherwise) and fit the server's limit
         (RESOURCE_EXHAUSTED). The checkpoint becomes visible only once every file is stored.
+        Taken while the job is RUNNING or RESTARTING; FAILED_PRECONDITION, storing nothing, once
+        it is over (a worker token dies with its attempt).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -440,7 +444,8 @@ class WorkerServiceServicer:
 
     def FetchCheckpoint(self, request, context):
         """The job's newest intact checkpoint, to resume from: a header, then each file's chunks.
-        Damaged checkpoints are skipped (the previous one is sent). NOT_FOUND when there is none.
+        Damaged checkpoints are skipped (the previous one is sent). NOT_FOUND when there is none;
+        FAILED_PRECONDITION once the job is over.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -1,0 +1,118 @@
+"""The coordinator stores what a job's checkpoint directory holds: no checkpoint is lost.
+
+Rank 0 writes every checkpoint into the job's checkpoint directory (``STATE/jobs/ID/
+checkpoints``, the workers' ``--checkpoint-dir``) and uploads it. An upload can fail for good:
+the coordinator was down when the checkpoint was written (a kill -9 and a restart), or the
+attempt was over by the time it arrived (its token is dead). The directory, though, is on the
+coordinator's own disk, or on the shared file system every host of a multi-host cluster
+mounts, so the runner reads it itself, independently of the workers, the network and tokens:
+
+* `ingest_new_checkpoints` stores every intact checkpoint newer than the newest stored one,
+  oldest first, so retention keeps what an undisturbed run would have kept. The runner calls
+  it when an attempt ends and before each relaunch, so the next attempt resumes from (and the
+  user can download) the newest checkpoint.
+* `store_final_checkpoint` makes sure a completed run's final checkpoint is stored and that its
+  blobs verify: the condition for SUCCEEDED.
+
+Each checkpoint directory is verified (``worker.checkpoint.verify_checkpoint``) before it is
+stored; an incomplete or damaged one is skipped.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from coordinator.blobs import BlobStore
+from coordinator.checkpoints import read_checkpoint_directory, store_checkpoint, verify_record
+from coordinator.errors import BlobError, CheckpointNotFound, ValidationError
+from coordinator.model import CheckpointRecord
+from coordinator.store import Store
+from worker.checkpoint import CheckpointError, checkpoint_name, list_checkpoints, verify_checkpoint
+
+__all__ = ["ingest_checkpoint", "ingest_new_checkpoints", "store_final_checkpoint"]
+
+log = logging.getLogger("dptrain.coordinator")
+
+
+def ingest_checkpoint(job_id: str, path: str | os.PathLike, store: Store,
+                      blobs: BlobStore) -> CheckpointRecord:
+    """Store one checkpoint directory of the job, whatever the job's state.
+
+    Args:
+        job_id: the job.
+        path: the directory (``step-XXXXXXXX``), verified first.
+        store: the records.
+        blobs: the files.
+
+    Returns:
+        The stored record (a different one stored at the same step is replaced).
+
+    Raises:
+        worker.checkpoint.CheckpointError: the directory is incomplete or damaged.
+        OSError: it cannot be read.
+        JobNotFound, ValidationError, ChecksumMismatch, BlobTooLarge: as
+            `coordinator.checkpoints.store_checkpoint`.
+    """
+    verify_checkpoint(path)
+    upload, chunks = read_checkpoint_directory(job_id, path)
+    return store_checkpoint(upload, chunks, store, blobs)[0]
+
+
+def ingest_new_checkpoints(job_id: str, directory: str | os.PathLike, store: Store,
+                           blobs: BlobStore) -> list[CheckpointRecord]:
+    """Store the intact checkpoints of the job's directory newer than its newest stored one.
+
+    Args:
+        job_id: the job.
+        directory: its checkpoint directory.
+        store: the records.
+        blobs: the files.
+
+    Returns:
+        The records stored, oldest first.
+
+    Raises:
+        JobNotFound: no such job.
+    """
+    stored = store.list_checkpoints(job_id)
+    newest = stored[-1].step if stored else -1
+    added = []
+    for step, path in list_checkpoints(directory):
+        if step <= newest:
+            continue
+        try:
+            added.append(ingest_checkpoint(job_id, path, store, blobs))
+        except (CheckpointError, ValidationError, BlobError, OSError, ValueError) as e:
+            log.warning("job %s: checkpoint %s not stored: %s", job_id, path, e)
+    return added
+
+
+def store_final_checkpoint(job_id: str, step: int, directory: str | os.PathLike, store: Store,
+                           blobs: BlobStore) -> bool:
+    """Make sure the store holds the job's checkpoint at `step` and that its blobs verify,
+    storing the directory's copy when it is missing or damaged.
+
+    Args:
+        job_id: the job.
+        step: the completed run's final step.
+        directory: its checkpoint directory.
+        store: the records.
+        blobs: the files.
+
+    Returns:
+        True when it had to be stored from the directory; False when it already was.
+
+    Raises:
+        worker.checkpoint.CheckpointError, OSError, ValidationError, BlobError, ValueError:
+            it cannot be stored; the message says why.
+    """
+    try:
+        verify_record(store.get_checkpoint(job_id, step), blobs)
+        return False
+    except (CheckpointNotFound, BlobError):
+        pass  # never uploaded, or damaged since: store the directory's copy
+    verify_record(ingest_checkpoint(job_id, Path(directory) / checkpoint_name(step), store,
+                                    blobs), blobs)
+    return True
