@@ -10,6 +10,8 @@ from __future__ import annotations
 from collections.abc import Collection
 from typing import TYPE_CHECKING, Any
 
+from worker.spec import cut, echo
+
 if TYPE_CHECKING:
     from coordinator.model import JobState
 
@@ -36,7 +38,8 @@ class ValidationError(CoordinatorError, ValueError):
 
     def __init__(self, field: str, rule: str, value: Any):
         self.field, self.rule, self.value = field, rule, value
-        super().__init__(f"{field}: {rule}, got {value!r}")
+        # The path (it may quote a key) and the value are cut, never the rule.
+        super().__init__(f"{cut(field)}: {rule}, got {echo(value)}")
 
 
 class InvalidTransition(CoordinatorError, ValueError):

@@ -24,6 +24,7 @@ from typing import Any, Protocol
 from coordinator.blobs import BlobStore
 from coordinator.errors import StateConflict, ValidationError
 from coordinator.limits import (
+    MAX_ERROR_MESSAGE,
     MAX_EVENTS_PER_REPORT,
     MAX_LOG_LINE,
     MAX_METRIC_NAMES,
@@ -133,7 +134,16 @@ class SpecInvalid(ValidationError):
         self.errors = error.errors
         self.field, self.rule = first.path, first.rule
         self.value = getattr(first, "value", None)
-        Exception.__init__(self, str(error))
+        # As many whole errors as fit the message a client gets, then how many more there are:
+        # a cut must not fall inside a rule.
+        shown = [str(first)]
+        for i, e in enumerate(error.errors[1:], 1):
+            more = f"; and {len(error.errors) - i} more"
+            if len("; ".join([*shown, str(e)])) + len(more) > MAX_ERROR_MESSAGE:
+                shown[-1] += more
+                break
+            shown.append(str(e))
+        Exception.__init__(self, "; ".join(shown))
 
 
 # ---------------------------------------------------------------- validation

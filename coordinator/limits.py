@@ -12,6 +12,7 @@ __all__ = [
     "MAX_MESSAGE_BYTES", "CHUNK_BYTES", "MAX_SPEC_BYTES", "MAX_ARGS_JSON_BYTES",
     "MAX_MANIFEST_BYTES", "MAX_LOG_LINE", "MAX_EVENTS_PER_REPORT", "MAX_CHECKPOINT_FILES",
     "MAX_RESTARTS", "DEFAULT_MAX_CHECKPOINT_BYTES", "MAX_PAGE_SIZE", "MAX_METRIC_NAMES",
+    "MAX_ERROR_MESSAGE",
     "channel_options",
 ]
 
@@ -36,6 +37,9 @@ MAX_METRIC_NAMES = 100
 
 MAX_MANIFEST_BYTES = 1024 * 1024
 """The largest checkpoint ``manifest.json``."""
+
+MAX_ERROR_MESSAGE = 1000
+"""Characters of an error message a call fails with; longer ones are cut (with "...")."""
 
 MAX_LOG_LINE = 4096
 """Characters of a log line kept; longer lines are cut (with a marker)."""

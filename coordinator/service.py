@@ -17,14 +17,15 @@ from coordinator import checkpoints, jobs, serde
 from coordinator.auth import WORKER_SERVICE, AuthInterceptor
 from coordinator.errors import ValidationError, status_name
 from coordinator.jobs import ServiceState
+from coordinator.limits import MAX_ERROR_MESSAGE
 from coordinator.model import Job
 from protos.dptrain.v1 import coordinator_pb2 as pb
 from protos.dptrain.v1 import coordinator_pb2_grpc as pb_grpc
+from worker.spec import cut
 
 __all__ = ["CoordinatorServicer", "WorkerServicer", "status_of", "one_line"]
 
 log = logging.getLogger("dptrain.coordinator")
-_MAX_MESSAGE = 1000
 
 
 def status_of(error: BaseException) -> grpc.StatusCode:
@@ -40,9 +41,9 @@ def status_of(error: BaseException) -> grpc.StatusCode:
 
 
 def one_line(error: BaseException) -> str:
-    """The error's message as one line of at most 1000 characters."""
+    """The error's message as one line of at most `MAX_ERROR_MESSAGE` characters."""
     text = " ".join(str(error).split()) or type(error).__name__
-    return text if len(text) <= _MAX_MESSAGE else text[:_MAX_MESSAGE - 3] + "..."
+    return cut(text, MAX_ERROR_MESSAGE)
 
 
 @contextlib.contextmanager

@@ -37,9 +37,9 @@ from typing import Any
 import yaml
 
 __all__ = [
-    "JobSpecError", "FieldError", "ModelSpec", "DatasetSpec", "OptimizerSpec", "SchedulerSpec",
-    "CheckpointSpec", "JobSpec", "load_spec", "spec_hash", "model_constructor", "build_model",
-    "validate", "trajectory_differences",
+    "JobSpecError", "FieldError", "ECHO_CHARS", "echo", "cut", "ModelSpec", "DatasetSpec",
+    "OptimizerSpec", "SchedulerSpec", "CheckpointSpec", "JobSpec", "load_spec", "spec_hash",
+    "model_constructor", "build_model", "validate", "trajectory_differences",
     "OPTIMIZERS", "SCHEDULERS", "DEVICES",
 ]
 
@@ -49,6 +49,39 @@ SCHEDULERS = {"step": "StepLR", "cosine": "CosineAnnealingLR", "linear": "Linear
 DEVICES = ("cpu", "cuda")
 _NO_VALUE: Any = type("_NoValue", (), {"__repr__": lambda self: "<no value>"})()
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+ECHO_CHARS = 120
+"""The most characters of a value (or of a field path) an error message quotes."""
+
+
+def echo(value: Any, limit: int = ECHO_CHARS) -> str:
+    """``repr(value)`` cut to `limit` characters, for quoting what was sent in an error message.
+
+    A message is cut to a fixed length on its way to a client; quoting the value short keeps
+    the rule, which says what to fix, inside that length.
+
+    Args:
+        value: anything.
+        limit: the most characters to return.
+
+    Returns:
+        The repr, or its first characters and ``"..."``.
+
+    Example:
+        >>> echo("x" * 1000, limit=8)
+        "'xxxx..."
+    """
+    try:
+        text = repr(value)
+    except ValueError:  # an int too long to print
+        text = f"<an integer of {value.bit_length()} bits>"
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def cut(text: str, limit: int = ECHO_CHARS) -> str:
+    """`text` cut to `limit` characters (a field path that quotes a user's key)."""
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 @dataclass(frozen=True)
@@ -61,8 +94,8 @@ class FieldError:
 
     def __str__(self) -> str:
         if self.value is _NO_VALUE:
-            return f"{self.path}: {self.rule}"
-        return f"{self.path}: {self.rule}, got {self.value!r}"
+            return f"{cut(self.path)}: {self.rule}"
+        return f"{cut(self.path)}: {self.rule}, got {echo(self.value)}"
 
 
 class JobSpecError(ValueError):

@@ -1,0 +1,118 @@
+"""Hostile input to a REAL coordinator on a loopback port: each cause of an INTERNAL answer, a
+hang or a corrupted store that was found, and its rule.
+
+Requests go out raw (``pb`` messages, or bytes) where our own client would refuse to send them,
+as a client in another language could. The server runs without a job runner (jobs stay QUEUED;
+nothing is launched) except where a test needs real workers. What is stored is read back from
+the store, or from the SQLite file itself.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import grpc
+import pytest
+from google.protobuf.message import Message
+
+from coordinator.auth import bearer_metadata
+from coordinator.client import Client
+from coordinator.limits import MAX_ERROR_MESSAGE, channel_options
+from coordinator.scheduler import Cluster
+from coordinator.server import serve
+from protos.dptrain.v1 import coordinator_pb2 as pb
+from protos.dptrain.v1 import coordinator_pb2_grpc as pb_grpc
+
+pytestmark = pytest.mark.timeout(120)
+DPTRAIN = str(Path(sys.executable).parent / "dptrain")
+ARGS = {"in_features": 4, "hidden": [8], "num_classes": 3}
+SPEC = {
+    "name": "tiny", "model": {"name": "mlp", "args": ARGS},
+    "dataset": {"name": "synthetic", "args": {"n": 64, "features": 4, "classes": 3}},
+    "optimizer": {"name": "adam", "lr": 0.01}, "batch_size": 8, "max_steps": 20, "workers": 1,
+    "checkpoint": {"keep": 3},
+}
+DEADLINE = 30.0
+
+
+@pytest.fixture
+def data_root(tmp_path):
+    root = tmp_path / "data"
+    root.mkdir()
+    return root
+
+
+@pytest.fixture
+def server(tmp_path, data_root):
+    srv = serve(tmp_path / "state", cluster=Cluster.local(2), data_roots=[data_root])
+    try:
+        yield srv
+    finally:
+        srv.stop(grace=0)
+
+
+@pytest.fixture
+def client(server):
+    with Client(server.address, token=server.token, timeout=DEADLINE) as c:
+        yield c
+
+
+@pytest.fixture
+def stub(server):
+    with grpc.insecure_channel(server.address, options=channel_options()) as channel:
+        yield pb_grpc.CoordinatorStub(channel)
+
+
+def raw_spec(model_args_json: str = json.dumps(ARGS), **changes) -> pb.JobSpec:
+    """SPEC as a message, written field by field (so that anything can go in)."""
+    message = pb.JobSpec(
+        name="tiny", model=pb.ModelSpec(name="mlp", args_json=model_args_json),
+        dataset=pb.DatasetSpec(name="synthetic", args_json=json.dumps(SPEC["dataset"]["args"])),
+        optimizer=pb.OptimizerSpec(name="adam", lr=0.01), batch_size=8, max_steps=20, workers=1)
+    for name, value in changes.items():
+        if isinstance(value, Message):
+            getattr(message, name).CopyFrom(value)
+        else:
+            setattr(message, name, value)
+    return message
+
+
+def refusal(stub, server, request: pb.SubmitJobRequest) -> grpc.RpcError:
+    """Submit `request`, which must be refused; check that nothing was stored."""
+    before = sum(server.store.count_by_state().values())
+    with pytest.raises(grpc.RpcError) as info:
+        stub.SubmitJob(request, metadata=bearer_metadata(server.token), timeout=DEADLINE)
+    assert sum(server.store.count_by_state().values()) == before
+    details = info.value.details()
+    assert "\n" not in details and len(details) <= MAX_ERROR_MESSAGE
+    return info.value
+
+
+def assert_invalid(error: grpc.RpcError, prefix: str) -> None:
+    assert error.code() is grpc.StatusCode.INVALID_ARGUMENT, error.details()
+    assert error.details().startswith(prefix), error.details()
+
+
+def _nested(depth: int) -> str:
+    """A JSON object whose arrays and objects nest `depth` levels deep."""
+    return '{"x": ' + "[" * (depth - 1) + "]" * (depth - 1) + "}"
+
+
+# ---------------------------------------------------------------- messages
+
+def test_a_cut_message_keeps_its_rule(server, stub):
+    dataset = pb.DatasetSpec(name="digits", args_json=json.dumps({"k" * 5000: 1}))
+    error = refusal(stub, server, pb.SubmitJobRequest(spec=raw_spec(dataset=dataset)))
+    assert_invalid(error, "dataset.args.kkk")
+    assert "...: is not an argument of data set 'digits' (it takes flatten)" in error.details()
+    many = raw_spec(name="x" * 3000, dataset=dataset, batch_size=0, device="y" * 3000,
+                    optimizer=pb.OptimizerSpec(name="z" * 3000, lr=-1), eval_every=-1,
+                    scheduler=pb.SchedulerSpec(name="w" * 3000), seed=-1)
+    details = refusal(stub, server, pb.SubmitJobRequest(spec=many)).details()
+    assert details.startswith("name: must be 1-128 characters")
+    # Whole errors, as many as fit, then how many more there are.
+    assert details.endswith("; and 1 more") and len(details) <= MAX_ERROR_MESSAGE, details
+
+
