@@ -28,8 +28,9 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from coordinator.checkpoints import CheckpointUpload, FileEntry, record_files
 from coordinator.errors import ValidationError
 from coordinator.jobs import ListRequest, SubmitRequest
-from coordinator.limits import MAX_ARGS_JSON_BYTES, MAX_SPEC_BYTES
+from coordinator.limits import MAX_ARGS_DEPTH, MAX_ARGS_JSON_BYTES, MAX_SPEC_BYTES
 from coordinator.model import CheckpointRecord, Event, EventKind, Job, JobState
+from coordinator.strict_json import loads
 from protos.dptrain.v1 import coordinator_pb2 as pb
 from worker.spec import JobSpec
 
@@ -129,7 +130,7 @@ def _args_json(path: str, value: Any) -> str:
         raise ValidationError(path, "must be a mapping of argument names to values", value)
     try:
         return json.dumps(dict(value), allow_nan=False, separators=(",", ":"))
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, RecursionError) as e:
         raise ValidationError(path, f"must be JSON data ({e})", value) from None
 
 
@@ -196,10 +197,7 @@ def _read(message: Message, prefix: str) -> dict[str, Any]:
             if len(text.encode()) > MAX_ARGS_JSON_BYTES:
                 raise ValidationError(key, f"must be at most {MAX_ARGS_JSON_BYTES} bytes of "
                                       "JSON", f"{len(text.encode())} bytes")
-            try:
-                args = json.loads(text) if text.strip() else {}
-            except ValueError as e:
-                raise ValidationError(key, f"must be a JSON object ({e})", text) from None
+            args = loads(text, key, max_depth=MAX_ARGS_DEPTH) if text.strip() else {}
             if not isinstance(args, dict):
                 raise ValidationError(key, "must be a JSON object", args)
             out["args"] = args

@@ -73,8 +73,10 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
     def SubmitJob(self, request: pb.SubmitJobRequest, context: Any) -> pb.Job:
         """Validate and queue a job (`jobs.submit_job`)."""
         with _aborting(context):
-            job = jobs.submit_job(serde.submit_request_from_proto(request), self.state)
-            return serde.job_to_proto(job)
+            job = jobs.prepare_job(serde.submit_request_from_proto(request), self.state)
+            reply = serde.job_to_proto(job)  # first: a job whose reply fails is never stored
+            jobs.queue_job(job, self.state)
+            return reply
 
     def GetJob(self, request: pb.GetJobRequest, context: Any) -> pb.Job:
         """One job (`jobs.get_job`)."""

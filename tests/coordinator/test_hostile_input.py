@@ -15,6 +15,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from google.protobuf.duration_pb2 import Duration
 from google.protobuf.message import Message
 
 from coordinator.auth import bearer_metadata
@@ -98,6 +99,29 @@ def assert_invalid(error: grpc.RpcError, prefix: str) -> None:
 def _nested(depth: int) -> str:
     """A JSON object whose arrays and objects nest `depth` levels deep."""
     return '{"x": ' + "[" * (depth - 1) + "]" * (depth - 1) + "}"
+
+
+# ---------------------------------------------------------------- args_json
+
+@pytest.mark.parametrize("text", ['{"dropout": NaN}', '{"x": Infinity}', '{"x": [-Infinity]}',
+                                  '{"x": 1e999}'])
+def test_non_finite_args_json_is_refused_and_nothing_is_stored(server, stub, client, text):
+    error = refusal(stub, server, pb.SubmitJobRequest(spec=raw_spec(text)))
+    assert_invalid(error, "model.args: must hold only finite numbers (no NaN or Infinity)")
+    assert client.list_jobs() == ([], "")
+
+
+def test_args_json_nests_at_most_32_levels(server, stub, client):
+    error = refusal(stub, server, pb.SubmitJobRequest(spec=raw_spec(_nested(2000))))
+    assert_invalid(error, "model.args: must nest arrays and objects at most 32 levels deep")
+    assert_invalid(refusal(stub, server, pb.SubmitJobRequest(spec=raw_spec(_nested(33)))),
+                   "model.args: must nest")
+
+
+def test_a_time_limit_beyond_a_year_is_refused(server, stub):
+    request = pb.SubmitJobRequest(spec=raw_spec(), time_limit=Duration(seconds=2**63 - 1))
+    assert_invalid(refusal(stub, server, request),
+                   "time_limit: must be > 0 and at most 31622400 seconds")
 
 
 # ---------------------------------------------------------------- messages
