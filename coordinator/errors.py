@@ -18,8 +18,8 @@ if TYPE_CHECKING:
 __all__ = [
     "CoordinatorError", "ValidationError", "InvalidTransition", "StoreError", "NotFound",
     "JobNotFound", "CheckpointNotFound", "AlreadyExists", "StateConflict", "StoreClosed",
-    "SchemaError", "BlobError", "BlobNotFound", "BlobCorrupted", "ChecksumMismatch",
-    "BlobTooLarge", "HostfileError", "STATUS", "status_name",
+    "SchemaError", "CorruptRecord", "BlobError", "BlobNotFound", "BlobCorrupted",
+    "ChecksumMismatch", "BlobTooLarge", "HostfileError", "STATUS", "status_name",
 ]
 
 
@@ -119,6 +119,19 @@ class SchemaError(StoreError):
     """The database's schema cannot be used by this version of dptrain (startup error)."""
 
 
+class CorruptRecord(StoreError):
+    """A stored record that cannot be read back, e.g. a column that no longer parses (DATA_LOSS).
+
+    Args:
+        what: the record, e.g. ``job 'j-0123456789ab'``.
+        reason: why it cannot be read.
+    """
+
+    def __init__(self, what: str, reason: BaseException | str):
+        self.what = what
+        super().__init__(f"{what}: the stored record cannot be read ({reason})")
+
+
 class BlobError(CoordinatorError):
     """Base of the blob store's errors."""
 
@@ -201,6 +214,7 @@ STATUS: dict[type[BaseException], str] = {
     BlobNotFound: "NOT_FOUND",
     AlreadyExists: "ALREADY_EXISTS",
     StoreClosed: "UNAVAILABLE",
+    CorruptRecord: "DATA_LOSS",
     BlobCorrupted: "DATA_LOSS",
     ChecksumMismatch: "DATA_LOSS",
     BlobTooLarge: "RESOURCE_EXHAUSTED",

@@ -36,11 +36,11 @@ from worker.spec import JobSpec
 
 __all__ = [
     "spec_to_proto", "spec_from_proto", "submit_request_to_proto", "submit_request_from_proto",
-    "list_request_from_proto", "job_to_proto", "job_from_proto", "state_to_proto",
-    "state_from_proto", "event_to_proto", "event_from_proto", "worker_event_to_proto",
-    "worker_event_from_proto", "checkpoint_to_proto", "checkpoint_from_proto",
-    "upload_header_to_proto", "upload_header_from_proto", "file_entry_to_proto",
-    "file_entry_from_proto", "chunks_from_upload", "timestamp", "seconds",
+    "list_request_from_proto", "job_to_proto", "stored_job_to_proto", "job_from_proto",
+    "state_to_proto", "state_from_proto", "event_to_proto", "event_from_proto",
+    "worker_event_to_proto", "worker_event_from_proto", "checkpoint_to_proto",
+    "checkpoint_from_proto", "upload_header_to_proto", "upload_header_from_proto",
+    "file_entry_to_proto", "file_entry_from_proto", "chunks_from_upload", "timestamp", "seconds",
 ]
 
 _ARGS_FIELDS = {"args": "args_json"}  # job file key -> message field
@@ -289,8 +289,15 @@ def list_request_from_proto(request: pb.ListJobsRequest) -> ListRequest:
 # ---------------------------------------------------------------- jobs
 
 def _numbers(values: Mapping[str, Any]) -> dict[str, float]:
-    return {str(k): float(v) for k, v in values.items()
-            if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    """The numeric entries as doubles; integers beyond a double's range are left out."""
+    out = {}
+    for key, value in values.items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            try:
+                out[str(key)] = float(value)
+            except OverflowError:
+                continue
+    return out
 
 
 def job_to_proto(job: Job) -> pb.Job:
@@ -318,6 +325,28 @@ def job_to_proto(job: Job) -> pb.Job:
     if job.last_step is not None:
         m.last_step = job.last_step
     return m
+
+
+def stored_job_to_proto(job: Job) -> pb.Job:
+    """A stored job as a ``Job`` message, even when its record cannot be sent whole.
+
+    A record stored before today's checks may hold what the API cannot carry (a NaN in its
+    spec's args). Rather than failing every listing that contains it, its message then holds
+    only the id, name, state and submission time, and ``error`` says what cannot be sent.
+
+    Args:
+        job: the job.
+
+    Returns:
+        `job_to_proto`'s message, or that marked summary.
+    """
+    try:
+        return job_to_proto(job)
+    except (ValueError, OverflowError, TypeError) as e:
+        reason = " ".join(str(e).split())[:300]
+        return pb.Job(id=job.id, name=job.name, state=state_to_proto(job.state),
+                      workers=job.workers, submitted_at=timestamp(job.submitted_at),
+                      error=f"unreadable record: {reason}")
 
 
 def job_from_proto(m: pb.Job) -> Job:

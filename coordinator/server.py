@@ -37,7 +37,7 @@ from grpc_reflection.v1alpha import reflection
 from coordinator.auth import AuthInterceptor, load_or_create_token
 from coordinator.blobs import BlobStore
 from coordinator.checkpoints import referenced_blobs
-from coordinator.errors import JobNotFound
+from coordinator.errors import CorruptRecord, JobNotFound
 from coordinator.jobs import Runner, ServiceState
 from coordinator.limits import DEFAULT_MAX_CHECKPOINT_BYTES, channel_options
 from coordinator.metrics import Metrics, MetricsHTTPServer
@@ -341,7 +341,7 @@ def serve(state_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 0, 
         def job_token_hash(job_id: str) -> str | None:
             try:
                 return store.get_job(job_id).token_hash
-            except (JobNotFound, ValueError):
+            except (JobNotFound, CorruptRecord, ValueError):
                 return None
 
         auth = AuthInterceptor(admin_token, job_token_hash)

@@ -81,20 +81,20 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
     def GetJob(self, request: pb.GetJobRequest, context: Any) -> pb.Job:
         """One job (`jobs.get_job`)."""
         with _aborting(context):
-            return serde.job_to_proto(jobs.get_job(request.job_id, self.state))
+            return serde.stored_job_to_proto(jobs.get_job(request.job_id, self.state))
 
     def ListJobs(self, request: pb.ListJobsRequest,
                  context: Any) -> pb.ListJobsResponse:
         """A page of jobs (`jobs.list_jobs`)."""
         with _aborting(context):
             page, token = jobs.list_jobs(serde.list_request_from_proto(request), self.state)
-            return pb.ListJobsResponse(jobs=[serde.job_to_proto(j) for j in page],
+            return pb.ListJobsResponse(jobs=[serde.stored_job_to_proto(j) for j in page],
                                        next_page_token=token)
 
     def CancelJob(self, request: pb.CancelJobRequest, context: Any) -> pb.Job:
         """Cancel a job (`jobs.cancel_job`)."""
         with _aborting(context):
-            return serde.job_to_proto(jobs.cancel_job(request.job_id, self.state))
+            return serde.stored_job_to_proto(jobs.cancel_job(request.job_id, self.state))
 
     def WatchJob(self, request: pb.WatchJobRequest,
                  context: Any) -> Iterator[pb.WatchJobResponse]:
@@ -103,7 +103,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             for item in jobs.watch_job(request.job_id, request.after_seq, self.state,
                                        is_active=context.is_active):
                 if isinstance(item, Job):
-                    yield pb.WatchJobResponse(job=serde.job_to_proto(item))
+                    yield pb.WatchJobResponse(job=serde.stored_job_to_proto(item))
                 else:
                     yield pb.WatchJobResponse(event=serde.event_to_proto(item))
 

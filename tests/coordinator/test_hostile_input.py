@@ -10,6 +10,9 @@ the store, or from the SQLite file itself.
 from __future__ import annotations
 
 import json
+import os
+import sqlite3
+import subprocess
 import sys
 from pathlib import Path
 
@@ -19,10 +22,11 @@ from google.protobuf.duration_pb2 import Duration
 from google.protobuf.message import Message
 
 from coordinator.auth import bearer_metadata
-from coordinator.client import Client
+from coordinator.client import Client, ClientError
 from coordinator.limits import MAX_ERROR_MESSAGE, channel_options
+from coordinator.model import JobState
 from coordinator.scheduler import Cluster
-from coordinator.server import serve
+from coordinator.server import DB_FILE, serve
 from protos.dptrain.v1 import coordinator_pb2 as pb
 from protos.dptrain.v1 import coordinator_pb2_grpc as pb_grpc
 
@@ -116,6 +120,48 @@ def test_args_json_nests_at_most_32_levels(server, stub, client):
     assert_invalid(error, "model.args: must nest arrays and objects at most 32 levels deep")
     assert_invalid(refusal(stub, server, pb.SubmitJobRequest(spec=raw_spec(_nested(33)))),
                    "model.args: must nest")
+
+
+# ---------------------------------------------------------------- listing survives a bad record
+
+def _copy_row(db: Path, job_id: str, new_id: str, **columns) -> None:
+    """Insert a copy of a job's row under another id, some columns replaced, straight into the
+    database file (as an older version, or a damaged disk, might have left it)."""
+    with sqlite3.connect(db) as conn:
+        names = [row[1] for row in conn.execute("PRAGMA table_info(jobs)")]
+        row = dict(zip(names, conn.execute("SELECT * FROM jobs WHERE id = ?", (job_id,))
+                       .fetchone()))
+        row.update(id=new_id, submitted_at=row["submitted_at"] + 1, **columns)
+        conn.execute(f"INSERT INTO jobs ({', '.join(row)}) VALUES "
+                     f"({', '.join('?' * len(row))})", list(row.values()))
+
+
+def test_listing_survives_unreadable_job_records(server, client, tmp_path):
+    good = client.submit_job(SPEC)
+    db = tmp_path / "state" / DB_FILE
+    spec = {**good.spec, "model": {"name": "mlp", "args": {**ARGS, "dropout": float("nan")}}}
+    _copy_row(db, good.id, "j-00000000000a", spec=json.dumps(spec))  # a NaN: json.dumps' default
+    _copy_row(db, good.id, "j-00000000000b", spec='{"name": "tiny", "mod')
+
+    jobs = {job.id: job for job in client.iter_jobs()}
+    assert set(jobs) == {good.id, "j-00000000000a"}  # the undecodable row is left out
+    assert jobs[good.id].spec == good.spec and jobs[good.id].error == ""
+    marked = jobs["j-00000000000a"]
+    assert (marked.name, marked.state) == ("tiny", JobState.QUEUED)
+    assert marked.error.startswith("unreadable record: model.args: must be JSON data")
+    assert client.get_job("j-00000000000a").error == marked.error
+    with pytest.raises(ClientError) as info:
+        client.get_job("j-00000000000b")
+    assert info.value.code == "DATA_LOSS"
+    assert info.value.details.startswith("job 'j-00000000000b': the stored record cannot be read")
+
+    listing = subprocess.run(
+        [DPTRAIN, "--address", server.address, "--state-dir", str(tmp_path / "state"), "jobs"],
+        capture_output=True, text=True, timeout=60,
+        env={k: v for k, v in os.environ.items() if not k.startswith("DPTRAIN_")})
+    assert listing.returncode == 0, listing.stderr
+    assert [line.split()[0] for line in listing.stdout.splitlines()[1:]] == [
+        "j-00000000000a", good.id]
 
 
 def test_a_time_limit_beyond_a_year_is_refused(server, stub):
