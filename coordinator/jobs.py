@@ -179,6 +179,8 @@ def check_data_paths(spec: JobSpec, roots: Sequence[str | os.PathLike]) -> None:
         for item in value if isinstance(value, (list, tuple)) else [value]:
             if not isinstance(item, str):
                 raise ValidationError(path, "must be a path (a string)", item)
+            if "\0" in item:  # no file name holds one; the OS calls below would refuse it
+                raise ValidationError(path, "must not contain a NUL byte", item)
             if not real_roots:
                 raise ValidationError(path, "names a data file, but the coordinator allows "
                                       "none (start it with --data-root DIR)", item)

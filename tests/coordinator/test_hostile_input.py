@@ -164,6 +164,14 @@ def test_listing_survives_unreadable_job_records(server, client, tmp_path):
         "j-00000000000a", good.id]
 
 
+# ---------------------------------------------------------------- data paths
+
+def test_nul_byte_in_a_data_path_is_invalid_argument(server, stub, data_root):
+    dataset = pb.DatasetSpec(name="npz", args_json=json.dumps({"path": f"{data_root}/a\0.npz"}))
+    error = refusal(stub, server, pb.SubmitJobRequest(spec=raw_spec(dataset=dataset)))
+    assert_invalid(error, "dataset.args.path: must not contain a NUL byte, got ")
+
+
 def test_a_time_limit_beyond_a_year_is_refused(server, stub):
     request = pb.SubmitJobRequest(spec=raw_spec(), time_limit=Duration(seconds=2**63 - 1))
     assert_invalid(refusal(stub, server, request),
