@@ -48,10 +48,16 @@ def one_line(error: BaseException) -> str:
 
 @contextlib.contextmanager
 def _aborting(context: grpc.ServicerContext) -> Iterator[None]:
-    """Turn any exception inside into ``context.abort`` with its code and one-line message."""
+    """Turn any exception inside into ``context.abort`` with its code and one-line message.
+
+    ``BaseException``: gRPC's thread catches only ``Exception``, so a ``SystemExit`` escaping a
+    handler would end the call without an answer; only a stream's closing passes through.
+    """
     try:
         yield
-    except Exception as e:
+    except GeneratorExit:
+        raise
+    except BaseException as e:
         code = status_of(e)
         message = one_line(e)
         if code is grpc.StatusCode.INTERNAL:

@@ -371,24 +371,29 @@ def _check_type(path: str, annotation: str, value: Any, errors: list[FieldError]
 
 # ---------------------------------------------------------------- validation (rules)
 
-def model_constructor(name: str) -> Callable[..., Any]:
-    """The model zoo's constructor for `name`, for checking a spec's arguments without
-    building the model.
+def model_constructor(name: str) -> Callable[..., Any] | None:
+    """The model zoo's constructor for `name`, to check a spec's arguments without building
+    the model; None for a user's ``package.module:function``, whose syntax alone is checked.
 
-    The zoo is ``engine.models`` (``get_model(name, **args)``); this indirection keeps the
-    worker from duplicating it. ``package.module:function`` names a user's own model.
+    Validating a spec never imports a user's module: importing runs its code, and the
+    coordinator and the CLI validate every spec they are given. The workers import it when they
+    build the model (`build_model`); a module they cannot import fails the job there, once.
 
     Args:
         name: a zoo name (``mlp``, ``lenet``, ...) or ``package.module:function``.
 
     Returns:
-        A callable taking the model's arguments as keywords.
+        The zoo's constructor (a callable taking the model's arguments as keywords), or None.
 
     Raises:
-        ValueError: the zoo does not know `name` (the message lists the names it knows).
+        ValueError: an unknown zoo name (the message lists the names it knows), or a
+            reference that is not ``package.module:function``.
     """
-    from engine.models import get_constructor
+    from engine.models import get_constructor, parse_reference
 
+    if ":" in name:
+        parse_reference(name)
+        return None
     try:
         return get_constructor(name)
     except (ValueError, TypeError) as e:
@@ -455,7 +460,8 @@ def validate(spec: JobSpec) -> list[FieldError]:
     except ValueError as err:
         e.append(FieldError("model.name", str(err)))
     else:
-        e += _check_args("model.args", ctor, spec.model.args, f"model {spec.model.name!r}")
+        if ctor is not None:
+            e += _check_args("model.args", ctor, spec.model.args, f"model {spec.model.name!r}")
     # dataset
     if spec.dataset.name not in data.DATASETS:
         e.append(FieldError("dataset.name", f"unknown data set (known: "

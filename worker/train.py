@@ -16,7 +16,7 @@ with them):
 ===  ===================================================================================
 0    the run completed
 1    a rank raised: its error is printed and the whole job is aborted (`EXIT_FAILED`)
-2    the job cannot start: invalid spec, data or checkpoint (`EXIT_INVALID`)
+2    the job cannot start: invalid spec, data, model module or checkpoint (`EXIT_INVALID`)
 3    the loss became non-finite; the message names the step (`EXIT_DIVERGED`)
 143  preempted: SIGTERM arrived, the current step finished and a checkpoint was written
      (`EXIT_PREEMPTED`, 128 + SIGTERM, what a shell reports for a process ended by SIGTERM)

@@ -18,13 +18,16 @@ from pathlib import Path
 
 import grpc
 import pytest
+import yaml
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.message import Message
+from jobkit import descendants, kill_all, wait_for
 
 from coordinator.auth import bearer_metadata
 from coordinator.client import Client, ClientError
 from coordinator.limits import MAX_ERROR_MESSAGE, channel_options
 from coordinator.model import JobState
+from coordinator.runner import JobRunner
 from coordinator.scheduler import Cluster
 from coordinator.server import DB_FILE, serve
 from protos.dptrain.v1 import coordinator_pb2 as pb
@@ -120,6 +123,11 @@ def test_args_json_nests_at_most_32_levels(server, stub, client):
     assert_invalid(error, "model.args: must nest arrays and objects at most 32 levels deep")
     assert_invalid(refusal(stub, server, pb.SubmitJobRequest(spec=raw_spec(_nested(33)))),
                    "model.args: must nest")
+    # 32 levels pass (a user's model: its arguments are checked where it is built).
+    accepted = stub.SubmitJob(pb.SubmitJobRequest(spec=raw_spec(
+        _nested(32), model=pb.ModelSpec(name="mypackage.models:build", args_json=_nested(32)))),
+        metadata=bearer_metadata(server.token), timeout=DEADLINE)
+    assert json.loads(accepted.spec.model.args_json) == json.loads(_nested(32))
 
 
 # ---------------------------------------------------------------- listing survives a bad record
@@ -172,6 +180,81 @@ def test_nul_byte_in_a_data_path_is_invalid_argument(server, stub, data_root):
     assert_invalid(error, "dataset.args.path: must not contain a NUL byte, got ")
 
 
+# ---------------------------------------------------------------- the job's own code
+
+TRIPWIRE = """
+import pathlib, sys
+pathlib.Path({marker!r}).write_text("imported")
+sys.exit(3)
+"""
+
+
+@pytest.fixture
+def tripwire(tmp_path, monkeypatch):
+    """A module that leaves a marker file and exits when imported; importable here and in
+    children (PYTHONPATH). Returns (module name, marker path, environment)."""
+    folder, marker = tmp_path / "user_code", tmp_path / "imported"
+    folder.mkdir()
+    (folder / "tripwire_model.py").write_text(TRIPWIRE.format(marker=str(marker)))
+    monkeypatch.syspath_prepend(str(folder))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DPTRAIN_")}
+    env["PYTHONPATH"] = os.pathsep.join([str(folder), *filter(None, [env.get("PYTHONPATH")])])
+    return "tripwire_model", marker, env
+
+
+def test_coordinator_and_cli_never_import_the_models_a_job_names(server, client, tripwire,
+                                                                 tmp_path, stub):
+    module, marker, env = tripwire
+    job = client.submit_job({**SPEC, "model": {"name": f"{module}:build", "args": ARGS}})
+    assert job.state is JobState.QUEUED and job.spec["model"]["name"] == f"{module}:build"
+    # unittest's __main__ runs unittest when imported: the submission must simply be queued.
+    unittest_main = stub.SubmitJob(pb.SubmitJobRequest(spec=raw_spec(
+        model=pb.ModelSpec(name="unittest.__main__:main"))),
+        metadata=bearer_metadata(server.token), timeout=DEADLINE)
+    assert unittest_main.state == pb.QUEUED
+    job_file = tmp_path / "job.yaml"
+    job_file.write_text(yaml.safe_dump({**SPEC, "model": {"name": f"{module}:build"}}))
+    cli = subprocess.run([DPTRAIN, "--address", server.address, "--state-dir",
+                          str(tmp_path / "state"), "submit", str(job_file)],
+                         capture_output=True, text=True, timeout=60, env=env)
+    assert cli.returncode == 0 and cli.stdout.startswith("j-"), cli.stderr
+    assert not marker.exists()
+    assert module not in sys.modules and "unittest.__main__" not in sys.modules
+    error = refusal(stub, server, pb.SubmitJobRequest(spec=raw_spec(
+        model=pb.ModelSpec(name="os.path:join; rm -rf"))))
+    assert_invalid(error, "model.name: model 'os.path:join; rm -rf': a user's constructor is "
+                          "named 'package.module:function'")
+
+
+def test_only_the_worker_imports_the_model_and_fails_the_job_once(tripwire, tmp_path):
+    module, marker, env = tripwire
+    job = tmp_path / "job.yaml"
+    job.write_text(yaml.safe_dump({**SPEC, "model": {"name": f"{module}:build"}}))
+    run = subprocess.run([sys.executable, "-m", "worker", str(job), "--no-progress"],
+                         capture_output=True, text=True, timeout=60, env=env)
+    assert marker.exists()  # the worker is where a user's code runs
+    assert run.returncode == 2, run.stderr  # EXIT_INVALID: the runner does not restart it
+    assert (f"dptrain worker: error: model '{module}:build': importing module '{module}' "
+            f"failed: SystemExit: 3") in run.stderr
+
+
+def test_a_missing_module_fails_the_job_once_without_restarts(tmp_path):
+    srv = serve(tmp_path / "state", cluster=Cluster.local(1), runner_factory=JobRunner.factory,
+                runner_options={"heartbeat_timeout": 60.0, "kill_grace": 5.0,
+                                "poll_interval": 0.1})
+    try:
+        with Client(srv.address, token=srv.token) as c:
+            job = c.submit_job({**SPEC, "model": {"name": "no_such_module_xyz:build"}},
+                               max_restarts=3)
+            done = wait_for(lambda: (j := c.get_job(job.id)).state.terminal and j, 90,
+                            what="the job to end")
+    finally:
+        srv.stop(grace=1.0)
+        kill_all(descendants(os.getpid()))
+    assert done.state is JobState.FAILED and done.restarts == 0 and done.exit_code == 2
+    assert "cannot import module 'no_such_module_xyz'" in done.error
+
+
 def test_a_time_limit_beyond_a_year_is_refused(server, stub):
     request = pb.SubmitJobRequest(spec=raw_spec(), time_limit=Duration(seconds=2**63 - 1))
     assert_invalid(refusal(stub, server, request),
@@ -193,4 +276,28 @@ def test_a_cut_message_keeps_its_rule(server, stub):
     # Whole errors, as many as fit, then how many more there are.
     assert details.endswith("; and 1 more") and len(details) <= MAX_ERROR_MESSAGE, details
 
+
+def test_a_system_exit_in_a_handler_is_answered(tmp_path):
+    """gRPC's threads catch only Exception: the servicer's edge must answer a SystemExit."""
+    from concurrent import futures
+
+    from coordinator.service import _aborting
+
+    def exits(request: bytes, context) -> bytes:
+        with _aborting(context):
+            sys.exit("a job's code called exit()")
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(
+        "test.Exits", {"Call": grpc.unary_unary_rpc_method_handler(exits)})])
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel, \
+                pytest.raises(grpc.RpcError) as info:
+            channel.unary_unary("/test.Exits/Call")(b"", timeout=DEADLINE)
+    finally:
+        server.stop(None)
+    assert info.value.code() is grpc.StatusCode.INTERNAL
+    assert info.value.details() == "internal error: SystemExit: a job's code called exit()"
 
