@@ -12,7 +12,7 @@ __all__ = [
     "MAX_MESSAGE_BYTES", "CHUNK_BYTES", "MAX_SPEC_BYTES", "MAX_ARGS_JSON_BYTES",
     "MAX_MANIFEST_BYTES", "MAX_LOG_LINE", "MAX_EVENTS_PER_REPORT", "MAX_CHECKPOINT_FILES",
     "MAX_RESTARTS", "DEFAULT_MAX_CHECKPOINT_BYTES", "MAX_PAGE_SIZE", "MAX_METRIC_NAMES",
-    "MAX_ARGS_DEPTH", "MAX_TIME_LIMIT_S", "MAX_ERROR_MESSAGE",
+    "MAX_ARGS_DEPTH", "MAX_MANIFEST_DEPTH", "MAX_TIME_LIMIT_S", "MAX_ERROR_MESSAGE",
     "channel_options",
 ]
 
@@ -42,6 +42,10 @@ MAX_METRIC_NAMES = 100
 
 MAX_MANIFEST_BYTES = 1024 * 1024
 """The largest checkpoint ``manifest.json``."""
+
+MAX_MANIFEST_DEPTH = 64
+"""The most levels a ``manifest.json`` may nest: it holds the job spec, so the args' limit
+plus a few levels."""
 
 MAX_ERROR_MESSAGE = 1000
 """Characters of an error message a call fails with; longer ones are cut (with "...")."""

@@ -515,14 +515,17 @@ def checkpoint_to_proto(record: CheckpointRecord) -> pb.Checkpoint:
     Returns:
         The message, with the files, epoch and numeric metrics of the manifest.
     """
+    # Uploads are checked (`coordinator.checkpoints`); records stored before those checks may
+    # hold an epoch or metrics the message cannot carry, which are left out here.
     manifest = record.manifest
-    epoch = manifest.get("epoch")
+    epoch, metrics = manifest.get("epoch"), manifest.get("metrics")
     return pb.Checkpoint(
         job_id=record.job_id, step=record.step, sha256=record.sha256, size=record.size,
         created_at=timestamp(record.created_at),
         files=[file_entry_to_proto(f) for f in record_files(record)],
-        metrics=_numbers(manifest.get("metrics") or {}),
-        epoch=epoch if isinstance(epoch, int) and not isinstance(epoch, bool) else 0)
+        metrics=_numbers(metrics) if isinstance(metrics, Mapping) else {},
+        epoch=epoch if isinstance(epoch, int) and not isinstance(epoch, bool)
+        and 0 <= epoch < 2**63 else 0)
 
 
 def checkpoint_from_proto(m: pb.Checkpoint) -> CheckpointRecord:

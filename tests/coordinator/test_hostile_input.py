@@ -9,6 +9,7 @@ the store, or from the SQLite file itself.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sqlite3
@@ -26,7 +27,7 @@ from jobkit import descendants, kill_all, wait_for
 from coordinator.auth import bearer_metadata
 from coordinator.client import Client, ClientError
 from coordinator.limits import MAX_ERROR_MESSAGE, channel_options
-from coordinator.model import JobState
+from coordinator.model import JobState, hash_token, new_token
 from coordinator.runner import JobRunner
 from coordinator.scheduler import Cluster
 from coordinator.server import DB_FILE, serve
@@ -253,6 +254,71 @@ def test_a_missing_module_fails_the_job_once_without_restarts(tmp_path):
         kill_all(descendants(os.getpid()))
     assert done.state is JobState.FAILED and done.restarts == 0 and done.exit_code == 2
     assert "cannot import module 'no_such_module_xyz'" in done.error
+
+
+# ---------------------------------------------------------------- checkpoint manifests
+
+def _running_job(server, client) -> tuple[str, tuple]:
+    """A job moved to RUNNING as the runner would, and its worker's call metadata."""
+    job = client.submit_job(SPEC)
+    token = new_token()
+    server.store.transition(job.id, JobState.QUEUED, JobState.RUNNING,
+                            token_hash=hash_token(token), placement={"localhost": 1})
+    return job.id, bearer_metadata(token, job.id)
+
+
+def _upload(server, metadata, job_id: str, manifest: dict) -> pb.Checkpoint:
+    data = b"weights"
+    sha = hashlib.sha256(data).hexdigest()
+    manifest = {"step": 5, "files": {"model.safetensors": {"sha256": sha, "bytes": len(data)}},
+                **manifest}
+    header = pb.CheckpointHeader(job_id=job_id, step=5, manifest_json=json.dumps(manifest).encode(),
+                                 files=[pb.CheckpointFile(name="model.safetensors", size=len(data),
+                                                          sha256=sha)])
+    messages = [pb.UploadCheckpointRequest(header=header),
+                pb.UploadCheckpointRequest(chunk=pb.FileChunk(name="model.safetensors",
+                                                              data=data))]
+    with grpc.insecure_channel(server.address) as channel:
+        return pb_grpc.WorkerServiceStub(channel).UploadCheckpoint(
+            iter(messages), metadata=metadata, timeout=DEADLINE)
+
+
+@pytest.mark.parametrize("manifest, prefix", [
+    ({"metrics": [1, 2]}, "header.manifest_json.metrics: must be an object of metric names"),
+    ({"metrics": {"loss": 10**400}}, "header.manifest_json.metrics.loss: must be a number "
+                                     "within a double's range"),
+    ({"epoch": 2**64}, "header.manifest_json.epoch: must be an integer in 0..2**63-1"),
+    ({"step": 5.0}, "header.step: must equal the manifest's step (5.0)"),
+    ({"spec": _nested(65)}, ""),  # a string: deep brackets inside it are text
+])
+def test_a_manifest_the_api_cannot_carry_stores_nothing(server, client, manifest, prefix):
+    job_id, metadata = _running_job(server, client)
+    if not prefix:
+        assert _upload(server, metadata, job_id, manifest).step == 5
+        return
+    with pytest.raises(grpc.RpcError) as info:
+        _upload(server, metadata, job_id, manifest)
+    assert_invalid(info.value, prefix)
+    assert server.store.list_checkpoints(job_id) == [] and client.list_checkpoints(job_id) == []
+
+
+def test_a_deep_manifest_is_refused(server, client):
+    job_id, metadata = _running_job(server, client)
+    with pytest.raises(grpc.RpcError) as info:
+        _upload(server, metadata, job_id, {"rng": json.loads(_nested(64))})
+    assert_invalid(info.value, "header.manifest_json: must nest arrays and objects at most 64")
+
+
+def test_checkpoints_stored_before_the_manifest_checks_still_list(server, client, tmp_path):
+    job_id, metadata = _running_job(server, client)
+    record = _upload(server, metadata, job_id, {"metrics": {"loss": 0.5}, "epoch": 1})
+    with sqlite3.connect(tmp_path / "state" / DB_FILE) as conn:  # as an older version stored it
+        (text,) = conn.execute("SELECT manifest FROM checkpoints").fetchone()
+        manifest = {**json.loads(text), "metrics": [1], "epoch": 2**70}
+        conn.execute("UPDATE checkpoints SET manifest = ?", (json.dumps(manifest),))
+    (listed,) = client.list_checkpoints(job_id)
+    assert (listed.step, listed.sha256, listed.manifest["metrics"], listed.manifest["epoch"]) == (
+        5, record.sha256, {}, 0)
 
 
 def test_a_time_limit_beyond_a_year_is_refused(server, stub):
