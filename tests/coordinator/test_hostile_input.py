@@ -22,6 +22,7 @@ import pytest
 import yaml
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.message import Message
+from grpc_reflection.v1alpha import reflection_pb2
 from jobkit import descendants, kill_all, wait_for
 
 from coordinator.auth import bearer_metadata
@@ -319,6 +320,50 @@ def test_checkpoints_stored_before_the_manifest_checks_still_list(server, client
     (listed,) = client.list_checkpoints(job_id)
     assert (listed.step, listed.sha256, listed.manifest["metrics"], listed.manifest["epoch"]) == (
         5, record.sha256, {}, 0)
+
+
+# ---------------------------------------------------------------- undecodable requests
+
+GARBAGE = b"\xff\xff\xff\xff\x0f"  # a field tag with an invalid wire type
+
+
+def _raw_call(server, method: str, payload: bytes, metadata=(), streaming_request=False,
+              streaming_response=False):
+    with grpc.insecure_channel(server.address) as channel:
+        if streaming_request and streaming_response:
+            call = channel.stream_stream(method)(iter([payload]), metadata=metadata,
+                                                 timeout=DEADLINE)
+            return list(call)
+        if streaming_request:
+            return channel.stream_unary(method)(iter([payload]), metadata=metadata,
+                                                timeout=DEADLINE)
+        if streaming_response:
+            return list(channel.unary_stream(method)(payload, metadata=metadata,
+                                                     timeout=DEADLINE))
+        return channel.unary_unary(method)(payload, metadata=metadata, timeout=DEADLINE)
+
+
+@pytest.mark.parametrize("method, streams", [
+    ("/dptrain.v1.Coordinator/GetJob", (False, False)),
+    ("/dptrain.v1.Coordinator/SubmitJob", (False, False)),
+    ("/dptrain.v1.Coordinator/WatchJob", (False, True)),
+    ("/dptrain.v1.WorkerService/UploadCheckpoint", (True, False)),
+    ("/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo", (True, True)),
+])
+def test_undecodable_bytes_are_invalid_argument_and_refused_unread_without_a_token(
+        server, method, streams):
+    with pytest.raises(grpc.RpcError) as info:
+        _raw_call(server, method, GARBAGE, bearer_metadata(server.token), *streams)
+    assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT, info.value.details()
+    assert info.value.details().startswith(f"request: must be the serialized request message "
+                                           f"of {method} (DecodeError: ")
+    with pytest.raises(grpc.RpcError) as info:
+        _raw_call(server, method, GARBAGE, (), *streams)
+    assert info.value.code() is grpc.StatusCode.UNAUTHENTICATED
+    good = reflection_pb2.ServerReflectionRequest(list_services="").SerializeToString()
+    if "Reflection" in method:  # the same stream still works with a message that decodes
+        answer = _raw_call(server, method, good, bearer_metadata(server.token), *streams)
+        assert b"dptrain.v1.Coordinator" in answer[0]
 
 
 def test_a_time_limit_beyond_a_year_is_refused(server, stub):
