@@ -40,13 +40,18 @@ __all__ = [
     "JobSpecError", "FieldError", "ECHO_CHARS", "echo", "cut", "ModelSpec", "DatasetSpec",
     "OptimizerSpec", "SchedulerSpec", "CheckpointSpec", "JobSpec", "load_spec", "spec_hash",
     "model_constructor", "build_model", "validate", "trajectory_differences",
-    "OPTIMIZERS", "SCHEDULERS", "DEVICES",
+    "OPTIMIZERS", "SCHEDULERS", "DEVICES", "MAX_BATCH_SIZE", "MAX_STEPS",
 ]
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 # Spec name -> engine.optim.lr_scheduler class name; stepped once per training step.
 SCHEDULERS = {"step": "StepLR", "cosine": "CosineAnnealingLR", "linear": "LinearLR"}
 DEVICES = ("cpu", "cuda")
+MAX_BATCH_SIZE = 2**20
+"""The largest global ``batch_size`` (a million samples per step)."""
+MAX_STEPS = 10**9
+"""The most optimizer steps a run may take (``max_steps``; ``epochs`` as the workers count
+them): more could only run until someone cancels it."""
 _NO_VALUE: Any = type("_NoValue", (), {"__repr__": lambda self: "<no value>"})()
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
@@ -434,6 +439,26 @@ def _check_args(path: str, fn: Callable[..., Any], args: dict[str, Any], what: s
     return errors
 
 
+def _check_scheduler(cls_name: str, scheduler: SchedulerSpec) -> list[FieldError]:
+    """Errors of a schedule's arguments: names its class does not take, then the values it
+    refuses, found by building it over a throw-away parameter (as the workers will)."""
+    import engine
+    from engine.optim import SGD, lr_scheduler
+
+    cls = getattr(lr_scheduler, cls_name)
+    errors = _check_args("scheduler.args", cls, scheduler.args,
+                         f"scheduler {scheduler.name!r}", skip=("optimizer", "last_epoch"))
+    if not errors:
+        try:
+            cls(SGD([engine.nn.Parameter(engine.zeros(1))], lr=1.0), **scheduler.args)
+        except (ValueError, TypeError) as err:
+            errors.append(FieldError("scheduler.args", str(err)))
+        except ArithmeticError as err:  # e.g. a T_max beyond a double's range
+            errors.append(FieldError("scheduler.args", f"cannot make a schedule of these values "
+                                     f"({type(err).__name__}: {err})", scheduler.args))
+    return errors
+
+
 def _nonneg(path: str, value: float, errors: list[FieldError]) -> None:
     if not (math.isfinite(value) and value >= 0):
         errors.append(FieldError(path, "must be a finite number >= 0", value))
@@ -467,8 +492,12 @@ def validate(spec: JobSpec) -> list[FieldError]:
         e.append(FieldError("dataset.name", f"unknown data set (known: "
                             f"{', '.join(sorted(data.DATASETS))})", spec.dataset.name))
     else:
-        e += _check_args("dataset.args", data.DATASETS[spec.dataset.name], spec.dataset.args,
-                         f"data set {spec.dataset.name!r}")
+        arg_errors = _check_args("dataset.args", data.DATASETS[spec.dataset.name],
+                                 spec.dataset.args, f"data set {spec.dataset.name!r}")
+        if not arg_errors and spec.dataset.name == "synthetic":
+            arg_errors = [FieldError(f"dataset.args.{name}", rule, value) for name, rule, value
+                          in data.synthetic_problems(spec.dataset.args)]
+        e += arg_errors
     vf = spec.dataset.validation_fraction
     if not 0.0 <= vf < 1.0:
         e.append(FieldError("dataset.validation_fraction", "must be in [0, 1)", vf))
@@ -501,14 +530,13 @@ def validate(spec: JobSpec) -> list[FieldError]:
             e.append(FieldError("scheduler.name", f"must be one of {', '.join(SCHEDULERS)}",
                                 spec.scheduler.name))
         else:
-            from engine.optim import lr_scheduler
-
-            e += _check_args("scheduler.args", getattr(lr_scheduler, cls_name),
-                             spec.scheduler.args, f"scheduler {spec.scheduler.name!r}",
-                             skip=("optimizer", "last_epoch"))
+            e += _check_scheduler(cls_name, spec.scheduler)
     # length of the run and batching
     if spec.batch_size < 1:
         e.append(FieldError("batch_size", "must be >= 1", spec.batch_size))
+    elif spec.batch_size > MAX_BATCH_SIZE:
+        e.append(FieldError("batch_size", f"must be at most {MAX_BATCH_SIZE} (2**20)",
+                            spec.batch_size))
     if spec.workers < 1:
         e.append(FieldError("workers", "must be >= 1", spec.workers))
     elif spec.batch_size >= 1 and spec.batch_size % spec.workers:
@@ -516,10 +544,13 @@ def validate(spec: JobSpec) -> list[FieldError]:
                             f"so that every rank gets an equal shard", spec.batch_size))
     if spec.epochs is None and spec.max_steps is None:
         e.append(FieldError("epochs", "epochs or max_steps (or both) must be given"))
-    for name in ("epochs", "max_steps"):
+    for name in ("epochs", "max_steps"):  # an epoch is at least one step
         value = getattr(spec, name)
         if value is not None and value < 1:
             e.append(FieldError(name, "must be >= 1", value))
+        elif value is not None and value > MAX_STEPS:
+            e.append(FieldError(name, f"must be at most {MAX_STEPS} (a run of at most 10**9 "
+                                "steps)", value))
     for name in ("eval_every", "seed"):
         if getattr(spec, name) < 0:
             e.append(FieldError(name, "must be >= 0", getattr(spec, name)))

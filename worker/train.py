@@ -50,6 +50,7 @@ from worker.data import (
 )
 from worker.events import Reporter
 from worker.spec import (
+    MAX_STEPS,
     SCHEDULERS,
     FieldError,
     JobSpec,
@@ -232,6 +233,10 @@ class _Run:
                 spec.batch_size)])))
         limits = [spec.max_steps or math.inf, (spec.epochs or math.inf) * self.steps_per_epoch]
         self.total_steps = int(min(limits))
+        if self.total_steps > MAX_STEPS:  # only epochs can ask for that many (spec rules)
+            raise JobFailed(str(JobSpecError([FieldError(
+                "epochs", f"must make at most {MAX_STEPS} steps, at {self.steps_per_epoch} per "
+                "epoch (or give max_steps)", spec.epochs)])))
         engine.manual_seed(spec.seed)  # the same initial parameters on every rank
         self.model = agree(self.comm, lambda: build_model(spec.model.name, spec.model.args),
                            (ValueError, TypeError)).to(self.device)

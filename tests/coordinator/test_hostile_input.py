@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 import grpc
+import numpy as np
 import pytest
 import yaml
 from google.protobuf.duration_pb2 import Duration
@@ -366,10 +367,53 @@ def test_undecodable_bytes_are_invalid_argument_and_refused_unread_without_a_tok
         assert b"dptrain.v1.Coordinator" in answer[0]
 
 
+# ---------------------------------------------------------------- specs that can only fail
+
+@pytest.mark.parametrize("changes, prefix", [
+    ({"batch_size": 2**62}, "batch_size: must be at most 1048576 (2**20)"),
+    ({"max_steps": 2**63 - 1}, "max_steps: must be at most 1000000000"),
+    ({"epochs": 2**62}, "epochs: must be at most 1000000000"),
+    ({"dataset": pb.DatasetSpec(name="synthetic", args_json='{"n": 4611686018427387904}')},
+     "dataset.args.n: must be at most 67108864 (2**26)"),
+    ({"dataset": pb.DatasetSpec(name="synthetic", args_json='{"features": [65536, 65536]}')},
+     "dataset.args.features: (numbers per sample) must be at most 268435456"),
+    ({"scheduler": pb.SchedulerSpec(name="cosine", args_json='{"T_max": 0}')},
+     "scheduler.args: T_max must be a positive int, got 0"),
+    ({"scheduler": pb.SchedulerSpec(name="step", args_json='{"step_size": 0}')},
+     "scheduler.args: step_size must be a positive int, got 0"),
+    ({"scheduler": pb.SchedulerSpec(name="cosine", args_json='{"T_max": 1%s}' % ("0" * 400))},
+     "scheduler.args: cannot make a schedule of these values (OverflowError: "),
+])
+def test_specs_that_can_only_fail_or_never_end_are_refused(server, stub, changes, prefix):
+    assert_invalid(refusal(stub, server, pb.SubmitJobRequest(spec=raw_spec(**changes))), prefix)
+
+
 def test_a_time_limit_beyond_a_year_is_refused(server, stub):
     request = pb.SubmitJobRequest(spec=raw_spec(), time_limit=Duration(seconds=2**63 - 1))
     assert_invalid(refusal(stub, server, request),
                    "time_limit: must be > 0 and at most 31622400 seconds")
+
+
+def test_epochs_that_make_more_than_a_billion_steps_fail_on_the_worker(tmp_path):
+    job = tmp_path / "job.yaml"
+    job.write_text(yaml.safe_dump({**SPEC, "max_steps": None, "epochs": 10**9}))
+    run = subprocess.run([sys.executable, "-m", "worker", str(job), "--no-progress"],
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 2, run.stderr
+    assert ("dptrain worker: error: epochs: must make at most 1000000000 steps, at 7 per epoch "
+            "(or give max_steps), got 1000000000") in run.stderr
+
+
+def test_a_data_set_argument_its_constructor_refuses_fails_the_job_once(tmp_path):
+    np.savez(tmp_path / "data.npz", x=np.zeros((16, 4), np.float32), y=np.zeros(16, np.int64))
+    job = tmp_path / "job.yaml"
+    job.write_text(yaml.safe_dump({**SPEC, "dataset": {"name": "npz", "args": {
+        "path": str(tmp_path / "data.npz"), "scale": "abc"}}}))
+    run = subprocess.run([sys.executable, "-m", "worker", str(job), "--no-progress"],
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 2, run.stderr  # EXIT_INVALID: not restarted, it would fail again
+    assert ("dptrain worker: error: data set 'npz': could not convert string to float: 'abc'"
+            in run.stderr)
 
 
 # ---------------------------------------------------------------- messages
