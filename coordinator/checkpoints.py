@@ -127,7 +127,7 @@ def _check_upload(upload: CheckpointUpload, max_size: int | None) -> dict[str, A
         raise ValidationError("header.files", "file names must be unique", names)
     for i, f in enumerate(upload.files):
         where = f"header.files[{i}]"
-        if not _FILE_NAME.match(f.name) or f.name == MANIFEST:
+        if not _FILE_NAME.fullmatch(f.name) or f.name == MANIFEST:
             raise ValidationError(f"{where}.name", "must be a plain file name (letters, digits, "
                                   "'.', '_', '-'), not manifest.json", f.name)
         check_sha256(f.sha256, f"{where}.sha256")

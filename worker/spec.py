@@ -476,7 +476,7 @@ def validate(spec: JobSpec) -> list[FieldError]:
     from worker import data  # the data registry; imported here to keep spec import light
 
     e: list[FieldError] = []
-    if not _NAME_RE.match(spec.name):
+    if not _NAME_RE.fullmatch(spec.name):
         e.append(FieldError("name", "must be 1-128 characters of letters, digits, '.', '_' "
                             "or '-', starting with a letter or digit", spec.name))
     # model

@@ -432,6 +432,20 @@ def test_a_cut_message_keeps_its_rule(server, stub):
     assert details.endswith("; and 1 more") and len(details) <= MAX_ERROR_MESSAGE, details
 
 
+def test_names_and_digests_with_a_trailing_newline_are_refused(server, stub, client):
+    assert_invalid(refusal(stub, server, pb.SubmitJobRequest(spec=raw_spec(name="tiny\n"))),
+                   "name: must be 1-128 characters")
+    job_id, metadata = _running_job(server, client)
+    header = pb.CheckpointHeader(
+        job_id=job_id, step=1, manifest_json=json.dumps({"step": 1, "files": {}}).encode(),
+        files=[pb.CheckpointFile(name="model.safetensors", size=1, sha256="a" * 64 + "\n")])
+    with grpc.insecure_channel(server.address) as channel, pytest.raises(grpc.RpcError) as info:
+        pb_grpc.WorkerServiceStub(channel).UploadCheckpoint(
+            iter([pb.UploadCheckpointRequest(header=header)]), metadata=metadata,
+            timeout=DEADLINE)
+    assert_invalid(info.value, "header.files[0].sha256: must be 64 lowercase hex digits")
+
+
 def test_a_system_exit_in_a_handler_is_answered(tmp_path):
     """gRPC's threads catch only Exception: the servicer's edge must answer a SystemExit."""
     from concurrent import futures
