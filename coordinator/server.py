@@ -111,6 +111,22 @@ def _host_port(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
 
 
+_HANDLERS = {(False, False): grpc.unary_unary_rpc_method_handler,
+             (False, True): grpc.unary_stream_rpc_method_handler,
+             (True, False): grpc.stream_unary_rpc_method_handler,
+             (True, True): grpc.stream_stream_rpc_method_handler}
+
+
+def _reshaped(handler: grpc.RpcMethodHandler, wrap: Callable[[Callable], Callable],
+              request_deserializer: Callable | None) -> grpc.RpcMethodHandler:
+    """A handler of `handler`'s streaming shape that runs ``wrap(its behaviour)``."""
+    behavior = (handler.unary_unary or handler.unary_stream or handler.stream_unary
+                or handler.stream_stream)
+    make = _HANDLERS[(handler.request_streaming, handler.response_streaming)]
+    return make(wrap(behavior), request_deserializer=request_deserializer,
+                response_serializer=handler.response_serializer)
+
+
 class MetricsInterceptor(grpc.ServerInterceptor):
     """Times every call (a stream until its last message) and counts it by status code.
 
@@ -167,16 +183,8 @@ class MetricsInterceptor(grpc.ServerInterceptor):
                     observe(method, code or code_of(context, False), time.perf_counter() - start)
             return timed
 
-        kwargs = {"request_deserializer": handler.request_deserializer,
-                  "response_serializer": handler.response_serializer}
-        if handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(unary(handler.unary_unary), **kwargs)
-        if handler.stream_unary:
-            return grpc.stream_unary_rpc_method_handler(unary(handler.stream_unary), **kwargs)
-        if handler.unary_stream:
-            return grpc.unary_stream_rpc_method_handler(streaming(handler.unary_stream),
-                                                        **kwargs)
-        return grpc.stream_stream_rpc_method_handler(streaming(handler.stream_stream), **kwargs)
+        return _reshaped(handler, streaming if handler.response_streaming else unary,
+                         handler.request_deserializer)
 
 
 class UndecodableRequest(ValidationError):
@@ -255,17 +263,10 @@ class RequestDecodingInterceptor(grpc.ServerInterceptor):
                     refuse(context, e)
             return call
 
-        kwargs = {"request_deserializer": tolerant,
-                  "response_serializer": handler.response_serializer}
-        if handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(unary(handler.unary_unary), **kwargs)
-        if handler.unary_stream:
-            return grpc.unary_stream_rpc_method_handler(unary(handler.unary_stream), **kwargs)
-        if handler.stream_unary:
-            return grpc.stream_unary_rpc_method_handler(stream_unary(handler.stream_unary),
-                                                        **kwargs)
-        return grpc.stream_stream_rpc_method_handler(stream_stream(handler.stream_stream),
-                                                     **kwargs)
+        if not handler.request_streaming:
+            return _reshaped(handler, unary, tolerant)
+        return _reshaped(handler, stream_stream if handler.response_streaming else stream_unary,
+                         tolerant)
 
 
 class CoordinatorServer:

@@ -49,15 +49,8 @@ DEADLINE = 30.0
 
 
 @pytest.fixture
-def data_root(tmp_path):
-    root = tmp_path / "data"
-    root.mkdir()
-    return root
-
-
-@pytest.fixture
-def server(tmp_path, data_root):
-    srv = serve(tmp_path / "state", cluster=Cluster.local(2), data_roots=[data_root])
+def server(tmp_path):
+    srv = serve(tmp_path / "state", cluster=Cluster.local(2), data_roots=[tmp_path / "data"])
     try:
         yield srv
     finally:
@@ -177,8 +170,8 @@ def test_listing_survives_unreadable_job_records(server, client, tmp_path):
 
 # ---------------------------------------------------------------- data paths
 
-def test_nul_byte_in_a_data_path_is_invalid_argument(server, stub, data_root):
-    dataset = pb.DatasetSpec(name="npz", args_json=json.dumps({"path": f"{data_root}/a\0.npz"}))
+def test_nul_byte_in_a_data_path_is_invalid_argument(server, stub, tmp_path):
+    dataset = pb.DatasetSpec(name="npz", args_json=json.dumps({"path": f"{tmp_path}/data/a\0.npz"}))
     error = refusal(stub, server, pb.SubmitJobRequest(spec=raw_spec(dataset=dataset)))
     assert_invalid(error, "dataset.args.path: must not contain a NUL byte, got ")
 
