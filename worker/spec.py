@@ -286,6 +286,9 @@ def load_spec(path: str | os.PathLike) -> JobSpec:
     except (json.JSONDecodeError, yaml.YAMLError) as e:
         one_line = " ".join(str(e).split())
         raise JobSpecError([FieldError(path, f"does not parse: {one_line}")]) from None
+    except RecursionError:  # both parsers recurse once per level of nesting
+        raise JobSpecError([FieldError(path, "does not parse: it nests lists and mappings "
+                                             "deeper than the parser can follow")]) from None
     if not isinstance(data, Mapping):
         raise JobSpecError([FieldError(path, "must hold a mapping of job fields",
                                        type(data).__name__)])

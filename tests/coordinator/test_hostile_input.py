@@ -409,6 +409,17 @@ def test_a_data_set_argument_its_constructor_refuses_fails_the_job_once(tmp_path
             in run.stderr)
 
 
+def test_a_job_file_nested_too_deeply_is_one_line_naming_the_file(tmp_path):
+    for job in (tmp_path / "deep.yaml", tmp_path / "deep.json"):
+        job.write_text('{"name": "x", "model": {"name": "mlp", "args": '
+                       + _nested(3000) + "}}")
+        cli = subprocess.run([DPTRAIN, "--address", "127.0.0.1:1", "submit", str(job)],
+                             capture_output=True, text=True, timeout=60)
+        assert cli.returncode == 2 and cli.stdout == ""
+        assert cli.stderr == (f"dptrain: error: INVALID_ARGUMENT: {job}: does not parse: it "
+                              "nests lists and mappings deeper than the parser can follow\n")
+
+
 # ---------------------------------------------------------------- messages
 
 def test_a_cut_message_keeps_its_rule(server, stub):
