@@ -219,7 +219,8 @@ def authenticate(metadata: Iterable[tuple[str, Any]], method: str, admin_token: 
 
 def _reject(handler: grpc.RpcMethodHandler, code: grpc.StatusCode,
             message: str) -> grpc.RpcMethodHandler:
-    """A handler of the same shape as `handler` that refuses the call."""
+    """A handler of the same shape as `handler` that refuses the call, without decoding the
+    request: an unauthenticated caller's bytes are never parsed."""
     def refuse(request_or_iterator: Any, context: grpc.ServicerContext) -> Any:
         context.abort(code, message)
 
@@ -227,8 +228,7 @@ def _reject(handler: grpc.RpcMethodHandler, code: grpc.StatusCode,
         context.abort(code, message)
         yield  # pragma: no cover - makes this a generator, as streaming handlers are
 
-    kwargs = {"request_deserializer": handler.request_deserializer,
-              "response_serializer": handler.response_serializer}
+    kwargs = {"request_deserializer": None, "response_serializer": handler.response_serializer}
     if handler.request_streaming and handler.response_streaming:
         return grpc.stream_stream_rpc_method_handler(refuse_stream, **kwargs)
     if handler.request_streaming:

@@ -59,7 +59,7 @@ def check_sha256(value: object, field: str = "sha256") -> str:
     Raises:
         ValidationError: naming `field`.
     """
-    if not isinstance(value, str) or not _SHA256_RE.match(value):
+    if not isinstance(value, str) or not _SHA256_RE.fullmatch(value):
         raise ValidationError(field, "must be 64 lowercase hex digits (a sha256 digest)", value)
     return value
 

@@ -28,6 +28,7 @@ import json
 import logging
 import os
 import re
+import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -44,8 +45,14 @@ from coordinator.errors import (
     StateConflict,
     ValidationError,
 )
-from coordinator.limits import CHUNK_BYTES, MAX_CHECKPOINT_FILES, MAX_MANIFEST_BYTES
+from coordinator.limits import (
+    CHUNK_BYTES,
+    MAX_CHECKPOINT_FILES,
+    MAX_MANIFEST_BYTES,
+    MAX_MANIFEST_DEPTH,
+)
 from coordinator.model import CheckpointRecord, EventKind, JobState
+from coordinator.strict_json import loads
 
 if TYPE_CHECKING:
     from coordinator.jobs import ServiceState
@@ -65,6 +72,7 @@ DEFAULT_FILE = "model.safetensors"
 _FILE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 #: The job states in which its workers may upload and fetch checkpoints (see the docstring).
 WORKER_STATES = frozenset({JobState.RUNNING, JobState.RESTARTING})
+_MAX_DOUBLE = sys.float_info.max
 
 
 @dataclass(frozen=True)
@@ -155,16 +163,17 @@ def _check_upload(upload: CheckpointUpload, max_size: int | None) -> dict[str, A
     if len(upload.manifest_json) > MAX_MANIFEST_BYTES:
         raise ValidationError("header.manifest_json", f"must be at most {MAX_MANIFEST_BYTES} "
                               "bytes", f"{len(upload.manifest_json)} bytes")
-    try:
-        manifest = json.loads(upload.manifest_json)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ValidationError("header.manifest_json", f"must be JSON ({e})", "...") from None
+    # The worker writes NaN for a metric that diverged; the API carries it as a double.
+    manifest = loads(upload.manifest_json, "header.manifest_json", max_depth=MAX_MANIFEST_DEPTH,
+                     allow_nan=True)
     if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
         raise ValidationError("header.manifest_json", "must be an object with 'files'",
                               type(manifest).__name__)
-    if manifest.get("step") != upload.step:
-        raise ValidationError("header.step", f"must equal the manifest's step "
-                              f"({manifest.get('step')!r})", upload.step)
+    step = manifest.get("step")
+    if isinstance(step, bool) or not isinstance(step, int) or step != upload.step:
+        raise ValidationError("header.step", f"must equal the manifest's step ({step!r})",
+                              upload.step)
+    _check_manifest_summary(manifest)
     if len(upload.files) > MAX_CHECKPOINT_FILES:
         raise ValidationError("header.files", f"at most {MAX_CHECKPOINT_FILES} files",
                               len(upload.files))
@@ -173,7 +182,7 @@ def _check_upload(upload: CheckpointUpload, max_size: int | None) -> dict[str, A
         raise ValidationError("header.files", "file names must be unique", names)
     for i, f in enumerate(upload.files):
         where = f"header.files[{i}]"
-        if not _FILE_NAME.match(f.name) or f.name == MANIFEST:
+        if not _FILE_NAME.fullmatch(f.name) or f.name == MANIFEST:
             raise ValidationError(f"{where}.name", "must be a plain file name (letters, digits, "
                                   "'.', '_', '-'), not manifest.json", f.name)
         check_sha256(f.sha256, f"{where}.sha256")
@@ -190,6 +199,26 @@ def _check_upload(upload: CheckpointUpload, max_size: int | None) -> dict[str, A
         raise ValidationError("header.files", "must list every file of the manifest; missing",
                               missing)
     return manifest
+
+
+def _check_manifest_summary(manifest: dict[str, Any]) -> None:
+    """Refuse an epoch or metrics that a ``Checkpoint`` message could not carry (a listing of
+    the job's checkpoints would fail on them for good)."""
+    epoch = manifest.get("epoch")
+    if epoch is not None and (isinstance(epoch, bool) or not isinstance(epoch, int)
+                              or not 0 <= epoch < 2**63):
+        raise ValidationError("header.manifest_json.epoch", "must be an integer in 0..2**63-1",
+                              epoch)
+    metrics = manifest.get("metrics")
+    if metrics is None:
+        return
+    if not isinstance(metrics, dict):
+        raise ValidationError("header.manifest_json.metrics", "must be an object of metric "
+                              "names to values", type(metrics).__name__)
+    for name, value in metrics.items():
+        if isinstance(value, int) and not isinstance(value, bool) and abs(value) > _MAX_DOUBLE:
+            raise ValidationError(f"header.manifest_json.metrics.{name}", "must be a number "
+                                  "within a double's range", value)
 
 
 class _Peekable:

@@ -24,7 +24,7 @@ EXIT_CODES = """\
 exit codes of `dptrain run` (the coordinator's commands list theirs in their --help):
   0    the run completed
   1    a rank failed; its error is printed and the whole job is aborted
-  2    bad command line or invalid job (spec, data, ranks, checkpoint)
+  2    bad command line or invalid job (spec, data, ranks, model module, checkpoint)
   3    the loss became non-finite (the message names the step)
   143  preempted by SIGTERM after writing a checkpoint (continue with --resume)
 """

@@ -321,7 +321,8 @@ def add_commands(commands: Any) -> None:
     submit.add_argument("--max-restarts", type=int, default=None,
                         help="restarts after worker failures (default: the server's)")
     submit.add_argument("--time-limit", type=float, default=None, metavar="S",
-                        help="seconds per run, which lets smaller jobs backfill")
+                        help="seconds per run (at most 366 days), which lets smaller jobs "
+                             "backfill")
 
     jobs = add("jobs", _cmd_jobs, "list jobs, newest first")
     jobs.add_argument("--state", action="append", metavar="STATE",

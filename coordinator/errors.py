@@ -10,14 +10,16 @@ from __future__ import annotations
 from collections.abc import Collection
 from typing import TYPE_CHECKING, Any
 
+from worker.spec import cut, echo
+
 if TYPE_CHECKING:
     from coordinator.model import JobState
 
 __all__ = [
     "CoordinatorError", "ValidationError", "InvalidTransition", "StoreError", "NotFound",
     "JobNotFound", "CheckpointNotFound", "AlreadyExists", "StateConflict", "StoreClosed",
-    "SchemaError", "BlobError", "BlobNotFound", "BlobCorrupted", "ChecksumMismatch",
-    "BlobTooLarge", "HostfileError", "STATUS", "status_name",
+    "SchemaError", "CorruptRecord", "BlobError", "BlobNotFound", "BlobCorrupted",
+    "ChecksumMismatch", "BlobTooLarge", "HostfileError", "STATUS", "status_name",
 ]
 
 
@@ -36,7 +38,8 @@ class ValidationError(CoordinatorError, ValueError):
 
     def __init__(self, field: str, rule: str, value: Any):
         self.field, self.rule, self.value = field, rule, value
-        super().__init__(f"{field}: {rule}, got {value!r}")
+        # The path (it may quote a key) and the value are cut, never the rule.
+        super().__init__(f"{cut(field)}: {rule}, got {echo(value)}")
 
 
 class InvalidTransition(CoordinatorError, ValueError):
@@ -114,6 +117,19 @@ class StoreClosed(StoreError):
 
 class SchemaError(StoreError):
     """The database's schema cannot be used by this version of dptrain (startup error)."""
+
+
+class CorruptRecord(StoreError):
+    """A stored record that cannot be read back, e.g. a column that no longer parses (DATA_LOSS).
+
+    Args:
+        what: the record, e.g. ``job 'j-0123456789ab'``.
+        reason: why it cannot be read.
+    """
+
+    def __init__(self, what: str, reason: BaseException | str):
+        self.what = what
+        super().__init__(f"{what}: the stored record cannot be read ({reason})")
 
 
 class BlobError(CoordinatorError):
@@ -198,6 +214,7 @@ STATUS: dict[type[BaseException], str] = {
     BlobNotFound: "NOT_FOUND",
     AlreadyExists: "ALREADY_EXISTS",
     StoreClosed: "UNAVAILABLE",
+    CorruptRecord: "DATA_LOSS",
     BlobCorrupted: "DATA_LOSS",
     ChecksumMismatch: "DATA_LOSS",
     BlobTooLarge: "RESOURCE_EXHAUSTED",

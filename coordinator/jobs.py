@@ -24,11 +24,13 @@ from typing import Any, Protocol
 from coordinator.blobs import BlobStore
 from coordinator.errors import StateConflict, ValidationError
 from coordinator.limits import (
+    MAX_ERROR_MESSAGE,
     MAX_EVENTS_PER_REPORT,
     MAX_LOG_LINE,
     MAX_METRIC_NAMES,
     MAX_PAGE_SIZE,
     MAX_RESTARTS,
+    MAX_TIME_LIMIT_S,
 )
 from coordinator.metrics import Metrics
 from coordinator.model import Event, EventKind, Job, JobState, new_job
@@ -38,8 +40,8 @@ from worker.spec import JobSpec, JobSpecError
 
 __all__ = [
     "Runner", "ServiceState", "SubmitRequest", "ListRequest", "SpecInvalid", "PATH_ARGUMENTS",
-    "validate_spec", "check_data_paths", "submit_job", "get_job", "list_jobs", "cancel_job",
-    "watch_job", "report_progress", "heartbeat",
+    "validate_spec", "check_data_paths", "prepare_job", "queue_job", "submit_job", "get_job",
+    "list_jobs", "cancel_job", "watch_job", "report_progress", "heartbeat",
 ]
 
 log = logging.getLogger("dptrain.coordinator")
@@ -133,7 +135,16 @@ class SpecInvalid(ValidationError):
         self.errors = error.errors
         self.field, self.rule = first.path, first.rule
         self.value = getattr(first, "value", None)
-        Exception.__init__(self, str(error))
+        # As many whole errors as fit the message a client gets, then how many more there are:
+        # a cut must not fall inside a rule.
+        shown = [str(first)]
+        for i, e in enumerate(error.errors[1:], 1):
+            more = f"; and {len(error.errors) - i} more"
+            if len("; ".join([*shown, str(e)])) + len(more) > MAX_ERROR_MESSAGE:
+                shown[-1] += more
+                break
+            shown.append(str(e))
+        Exception.__init__(self, "; ".join(shown))
 
 
 # ---------------------------------------------------------------- validation
@@ -168,6 +179,8 @@ def check_data_paths(spec: JobSpec, roots: Sequence[str | os.PathLike]) -> None:
         for item in value if isinstance(value, (list, tuple)) else [value]:
             if not isinstance(item, str):
                 raise ValidationError(path, "must be a path (a string)", item)
+            if "\0" in item:  # no file name holds one; the OS calls below would refuse it
+                raise ValidationError(path, "must not contain a NUL byte", item)
             if not real_roots:
                 raise ValidationError(path, "names a data file, but the coordinator allows "
                                       "none (start it with --data-root DIR)", item)
@@ -203,8 +216,51 @@ def validate_spec(spec: Mapping[str, Any], state: ServiceState) -> JobSpec:
 
 # ---------------------------------------------------------------- the Coordinator service
 
+def prepare_job(request: SubmitRequest, state: ServiceState, *,
+                now: float | None = None) -> Job:
+    """Validate a submission into the QUEUED job it asks for, storing nothing.
+
+    The servicer encodes its reply from this job before `queue_job` stores it, so a job whose
+    reply cannot be sent is refused, never stored.
+
+    Args:
+        request: the submission.
+        state: the server.
+        now: the submission time (default: the clock).
+
+    Returns:
+        The job to store.
+
+    Raises:
+        ValidationError: naming the field at fault.
+    """
+    spec = validate_spec(request.spec, state)
+    max_restarts = (state.default_max_restarts if request.max_restarts is None
+                    else request.max_restarts)
+    if not 0 <= max_restarts <= MAX_RESTARTS:
+        raise ValidationError("max_restarts", f"must be in 0..{MAX_RESTARTS}", max_restarts)
+    if request.time_limit is not None and not 0 < request.time_limit <= MAX_TIME_LIMIT_S:
+        raise ValidationError("time_limit", f"must be > 0 and at most {MAX_TIME_LIMIT_S} "
+                              "seconds", request.time_limit)
+    return new_job(spec.name, spec.to_dict(), workers=spec.workers, priority=request.priority,
+                   max_restarts=max_restarts, time_limit=request.time_limit, now=now)
+
+
+def queue_job(job: Job, state: ServiceState) -> Job:
+    """Store a job from `prepare_job`, then wake the runner.
+
+    Returns:
+        The stored job, QUEUED.
+    """
+    job = state.store.create_job(job)
+    log.info("job %s (%s) queued: %d worker(s)", job.id, job.name, job.workers)
+    if state.runner is not None:
+        state.runner.wake()
+    return job
+
+
 def submit_job(request: SubmitRequest, state: ServiceState, *, now: float | None = None) -> Job:
-    """Validate and queue a job, then wake the runner.
+    """Validate and queue a job (`prepare_job`, then `queue_job`).
 
     Args:
         request: the submission.
@@ -217,18 +273,7 @@ def submit_job(request: SubmitRequest, state: ServiceState, *, now: float | None
     Raises:
         ValidationError: naming the field at fault.
     """
-    spec = validate_spec(request.spec, state)
-    max_restarts = (state.default_max_restarts if request.max_restarts is None
-                    else request.max_restarts)
-    if not 0 <= max_restarts <= MAX_RESTARTS:
-        raise ValidationError("max_restarts", f"must be in 0..{MAX_RESTARTS}", max_restarts)
-    job = new_job(spec.name, spec.to_dict(), workers=spec.workers, priority=request.priority,
-                  max_restarts=max_restarts, time_limit=request.time_limit, now=now)
-    job = state.store.create_job(job)
-    log.info("job %s (%s) queued: %d worker(s)", job.id, job.name, job.workers)
-    if state.runner is not None:
-        state.runner.wake()
-    return job
+    return queue_job(prepare_job(request, state, now=now), state)
 
 
 def get_job(job_id: str, state: ServiceState) -> Job:

@@ -12,6 +12,7 @@ __all__ = [
     "MAX_MESSAGE_BYTES", "CHUNK_BYTES", "MAX_SPEC_BYTES", "MAX_ARGS_JSON_BYTES",
     "MAX_MANIFEST_BYTES", "MAX_LOG_LINE", "MAX_EVENTS_PER_REPORT", "MAX_CHECKPOINT_FILES",
     "MAX_RESTARTS", "DEFAULT_MAX_CHECKPOINT_BYTES", "MAX_PAGE_SIZE", "MAX_METRIC_NAMES",
+    "MAX_ARGS_DEPTH", "MAX_MANIFEST_DEPTH", "MAX_TIME_LIMIT_S", "MAX_ERROR_MESSAGE",
     "channel_options",
 ]
 
@@ -28,6 +29,11 @@ MAX_SPEC_BYTES = 32 * 1024
 MAX_ARGS_JSON_BYTES = 16 * 1024
 """The largest ``args_json`` of a model, data set or scheduler."""
 
+MAX_ARGS_DEPTH = 32
+"""The most levels of arrays and objects an ``args_json`` may nest (real ones: two or three).
+Python's JSON parser recurses per level: unbounded, a few thousand brackets under the size
+limit would exhaust the stack."""
+
 MAX_PAGE_SIZE = 100
 """The most jobs one ListJobs page holds."""
 
@@ -36,6 +42,13 @@ MAX_METRIC_NAMES = 100
 
 MAX_MANIFEST_BYTES = 1024 * 1024
 """The largest checkpoint ``manifest.json``."""
+
+MAX_MANIFEST_DEPTH = 64
+"""The most levels a ``manifest.json`` may nest: it holds the job spec, so the args' limit
+plus a few levels."""
+
+MAX_ERROR_MESSAGE = 1000
+"""Characters of an error message a call fails with; longer ones are cut (with "...")."""
 
 MAX_LOG_LINE = 4096
 """Characters of a log line kept; longer lines are cut (with a marker)."""
@@ -48,6 +61,9 @@ MAX_CHECKPOINT_FILES = 16
 
 MAX_RESTARTS = 100
 """The largest ``max_restarts`` a job may ask for."""
+
+MAX_TIME_LIMIT_S = 366 * 24 * 3600
+"""The longest ``time_limit`` of one run a job may give: a leap year, in seconds."""
 
 DEFAULT_MAX_CHECKPOINT_BYTES = 8 * 1024**3
 """The default limit on one stored checkpoint file (the server's ``max_checkpoint_bytes``)."""

@@ -291,10 +291,10 @@ def new_job(name: str, spec: Mapping[str, Any], *, workers: int, priority: int =
     Raises:
         ValidationError: naming the first field that breaks a rule.
     """
-    if not isinstance(name, str) or not _NAME_RE.match(name):
+    if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
         raise ValidationError("name", "must be 1-128 of A-Z a-z 0-9 . _ - starting with a "
                               "letter or digit", name)
-    if job_id is not None and (not isinstance(job_id, str) or not _JOB_ID_RE.match(job_id)):
+    if job_id is not None and (not isinstance(job_id, str) or not _JOB_ID_RE.fullmatch(job_id)):
         raise ValidationError("id", "must be 'j-' and 12 lowercase hex digits", job_id)
     return Job(
         id=job_id or new_job_id(), name=name, spec=_check_json("spec", spec),

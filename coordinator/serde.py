@@ -28,18 +28,19 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from coordinator.checkpoints import CheckpointUpload, FileEntry, record_files
 from coordinator.errors import ValidationError
 from coordinator.jobs import ListRequest, SubmitRequest
-from coordinator.limits import MAX_ARGS_JSON_BYTES, MAX_SPEC_BYTES
+from coordinator.limits import MAX_ARGS_DEPTH, MAX_ARGS_JSON_BYTES, MAX_SPEC_BYTES
 from coordinator.model import CheckpointRecord, Event, EventKind, Job, JobState
+from coordinator.strict_json import loads
 from protos.dptrain.v1 import coordinator_pb2 as pb
 from worker.spec import JobSpec
 
 __all__ = [
     "spec_to_proto", "spec_from_proto", "submit_request_to_proto", "submit_request_from_proto",
-    "list_request_from_proto", "job_to_proto", "job_from_proto", "state_to_proto",
-    "state_from_proto", "event_to_proto", "event_from_proto", "worker_event_to_proto",
-    "worker_event_from_proto", "checkpoint_to_proto", "checkpoint_from_proto",
-    "upload_header_to_proto", "upload_header_from_proto", "file_entry_to_proto",
-    "file_entry_from_proto", "chunks_from_upload", "timestamp", "seconds",
+    "list_request_from_proto", "job_to_proto", "stored_job_to_proto", "job_from_proto",
+    "state_to_proto", "state_from_proto", "event_to_proto", "event_from_proto",
+    "worker_event_to_proto", "worker_event_from_proto", "checkpoint_to_proto",
+    "checkpoint_from_proto", "upload_header_to_proto", "upload_header_from_proto",
+    "file_entry_to_proto", "file_entry_from_proto", "chunks_from_upload", "timestamp", "seconds",
 ]
 
 _ARGS_FIELDS = {"args": "args_json"}  # job file key -> message field
@@ -129,7 +130,7 @@ def _args_json(path: str, value: Any) -> str:
         raise ValidationError(path, "must be a mapping of argument names to values", value)
     try:
         return json.dumps(dict(value), allow_nan=False, separators=(",", ":"))
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, RecursionError) as e:
         raise ValidationError(path, f"must be JSON data ({e})", value) from None
 
 
@@ -196,10 +197,7 @@ def _read(message: Message, prefix: str) -> dict[str, Any]:
             if len(text.encode()) > MAX_ARGS_JSON_BYTES:
                 raise ValidationError(key, f"must be at most {MAX_ARGS_JSON_BYTES} bytes of "
                                       "JSON", f"{len(text.encode())} bytes")
-            try:
-                args = json.loads(text) if text.strip() else {}
-            except ValueError as e:
-                raise ValidationError(key, f"must be a JSON object ({e})", text) from None
+            args = loads(text, key, max_depth=MAX_ARGS_DEPTH) if text.strip() else {}
             if not isinstance(args, dict):
                 raise ValidationError(key, "must be a JSON object", args)
             out["args"] = args
@@ -291,8 +289,15 @@ def list_request_from_proto(request: pb.ListJobsRequest) -> ListRequest:
 # ---------------------------------------------------------------- jobs
 
 def _numbers(values: Mapping[str, Any]) -> dict[str, float]:
-    return {str(k): float(v) for k, v in values.items()
-            if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    """The numeric entries as doubles; integers beyond a double's range are left out."""
+    out = {}
+    for key, value in values.items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            try:
+                out[str(key)] = float(value)
+            except OverflowError:
+                continue
+    return out
 
 
 def job_to_proto(job: Job) -> pb.Job:
@@ -320,6 +325,28 @@ def job_to_proto(job: Job) -> pb.Job:
     if job.last_step is not None:
         m.last_step = job.last_step
     return m
+
+
+def stored_job_to_proto(job: Job) -> pb.Job:
+    """A stored job as a ``Job`` message, even when its record cannot be sent whole.
+
+    A record stored before today's checks may hold what the API cannot carry (a NaN in its
+    spec's args). Rather than failing every listing that contains it, its message then holds
+    only the id, name, state and submission time, and ``error`` says what cannot be sent.
+
+    Args:
+        job: the job.
+
+    Returns:
+        `job_to_proto`'s message, or that marked summary.
+    """
+    try:
+        return job_to_proto(job)
+    except (ValueError, OverflowError, TypeError) as e:
+        reason = " ".join(str(e).split())[:300]
+        return pb.Job(id=job.id, name=job.name, state=state_to_proto(job.state),
+                      workers=job.workers, submitted_at=timestamp(job.submitted_at),
+                      error=f"unreadable record: {reason}")
 
 
 def job_from_proto(m: pb.Job) -> Job:
@@ -488,14 +515,17 @@ def checkpoint_to_proto(record: CheckpointRecord) -> pb.Checkpoint:
     Returns:
         The message, with the files, epoch and numeric metrics of the manifest.
     """
+    # Uploads are checked (`coordinator.checkpoints`); records stored before those checks may
+    # hold an epoch or metrics the message cannot carry, which are left out here.
     manifest = record.manifest
-    epoch = manifest.get("epoch")
+    epoch, metrics = manifest.get("epoch"), manifest.get("metrics")
     return pb.Checkpoint(
         job_id=record.job_id, step=record.step, sha256=record.sha256, size=record.size,
         created_at=timestamp(record.created_at),
         files=[file_entry_to_proto(f) for f in record_files(record)],
-        metrics=_numbers(manifest.get("metrics") or {}),
-        epoch=epoch if isinstance(epoch, int) and not isinstance(epoch, bool) else 0)
+        metrics=_numbers(metrics) if isinstance(metrics, Mapping) else {},
+        epoch=epoch if isinstance(epoch, int) and not isinstance(epoch, bool)
+        and 0 <= epoch < 2**63 else 0)
 
 
 def checkpoint_from_proto(m: pb.Checkpoint) -> CheckpointRecord:

@@ -37,7 +37,7 @@ from grpc_reflection.v1alpha import reflection
 from coordinator.auth import AuthInterceptor, load_or_create_token
 from coordinator.blobs import BlobStore
 from coordinator.checkpoints import referenced_blobs
-from coordinator.errors import JobNotFound
+from coordinator.errors import CorruptRecord, JobNotFound, ValidationError
 from coordinator.jobs import Runner, ServiceState
 from coordinator.limits import DEFAULT_MAX_CHECKPOINT_BYTES, channel_options
 from coordinator.metrics import Metrics, MetricsHTTPServer
@@ -49,7 +49,8 @@ from protos.dptrain.v1 import coordinator_pb2 as pb
 from protos.dptrain.v1 import coordinator_pb2_grpc as pb_grpc
 
 __all__ = ["serve", "CoordinatorServer", "ServerSettings", "ServerConfigError", "Runner",
-           "RunnerFactory", "SERVICE_NAMES", "DB_FILE", "BLOB_DIR", "is_loopback"]
+           "RunnerFactory", "RequestDecodingInterceptor", "UndecodableRequest", "SERVICE_NAMES",
+           "DB_FILE", "BLOB_DIR", "is_loopback"]
 
 log = logging.getLogger("dptrain.coordinator")
 
@@ -111,6 +112,22 @@ def _host_port(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
 
 
+_HANDLERS = {(False, False): grpc.unary_unary_rpc_method_handler,
+             (False, True): grpc.unary_stream_rpc_method_handler,
+             (True, False): grpc.stream_unary_rpc_method_handler,
+             (True, True): grpc.stream_stream_rpc_method_handler}
+
+
+def _reshaped(handler: grpc.RpcMethodHandler, wrap: Callable[[Callable], Callable],
+              request_deserializer: Callable | None) -> grpc.RpcMethodHandler:
+    """A handler of `handler`'s streaming shape that runs ``wrap(its behaviour)``."""
+    behavior = (handler.unary_unary or handler.unary_stream or handler.stream_unary
+                or handler.stream_stream)
+    make = _HANDLERS[(handler.request_streaming, handler.response_streaming)]
+    return make(wrap(behavior), request_deserializer=request_deserializer,
+                response_serializer=handler.response_serializer)
+
+
 class MetricsInterceptor(grpc.ServerInterceptor):
     """Times every call (a stream until its last message) and counts it by status code.
 
@@ -167,16 +184,90 @@ class MetricsInterceptor(grpc.ServerInterceptor):
                     observe(method, code or code_of(context, False), time.perf_counter() - start)
             return timed
 
-        kwargs = {"request_deserializer": handler.request_deserializer,
-                  "response_serializer": handler.response_serializer}
-        if handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(unary(handler.unary_unary), **kwargs)
-        if handler.stream_unary:
-            return grpc.stream_unary_rpc_method_handler(unary(handler.stream_unary), **kwargs)
-        if handler.unary_stream:
-            return grpc.unary_stream_rpc_method_handler(streaming(handler.unary_stream),
-                                                        **kwargs)
-        return grpc.stream_stream_rpc_method_handler(streaming(handler.stream_stream), **kwargs)
+        return _reshaped(handler, streaming if handler.response_streaming else unary,
+                         handler.request_deserializer)
+
+
+class UndecodableRequest(ValidationError):
+    """Request bytes that are not the message the method takes (INVALID_ARGUMENT).
+
+    Args:
+        method: the full method name.
+        error: what the decoder said.
+        size: the number of bytes received.
+    """
+
+    def __init__(self, method: str, error: BaseException, size: int):
+        super().__init__("request", f"must be the serialized request message of {method} "
+                         f"({type(error).__name__}: {error})", f"{size} bytes")
+
+
+class RequestDecodingInterceptor(grpc.ServerInterceptor):
+    """Answers INVALID_ARGUMENT, naming ``request``, to bytes that do not decode.
+
+    gRPC Python answers INTERNAL "Exception deserializing request!" when a method's decoder
+    raises, and a server fault it is not. So the decoder is wrapped to hand the error on instead
+    of raising it, and the method refuses it: a unary method before it runs; a streaming one
+    when it reaches the message (its servicer maps the `UndecodableRequest` it raises).
+    """
+
+    def intercept_service(self, continuation: Callable, handler_call_details: Any) -> Any:
+        """The method's handler with a decoder that never raises.
+
+        Args:
+            continuation: gives the next handler.
+            handler_call_details: the method's name and the call's metadata.
+
+        Returns:
+            The wrapped handler.
+        """
+        handler = continuation(handler_call_details)
+        if handler is None or handler.request_deserializer is None:
+            return handler
+        method, decode = handler_call_details.method, handler.request_deserializer
+
+        def tolerant(data: bytes) -> Any:
+            try:
+                return decode(data)
+            except Exception as e:  # DecodeError, invalid UTF-8 in a string field, ...
+                return UndecodableRequest(method, e, len(data))
+
+        def refuse(context: Any, error: UndecodableRequest) -> None:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))  # raises
+
+        def checked(requests: Iterator[Any]) -> Iterator[Any]:
+            for request in requests:
+                if isinstance(request, UndecodableRequest):
+                    raise request
+                yield request
+
+        def unary(behavior: Callable) -> Callable:
+            def call(request: Any, context: Any) -> Any:
+                if isinstance(request, UndecodableRequest):
+                    refuse(context, request)
+                return behavior(request, context)
+            return call
+
+        def stream_unary(behavior: Callable) -> Callable:
+            def call(requests: Iterator[Any], context: Any) -> Any:
+                try:
+                    return behavior(checked(requests), context)
+                except UndecodableRequest as e:  # a servicer that does not map it itself
+                    refuse(context, e)
+            return call
+
+        def stream_stream(behavior: Callable) -> Callable:
+            def call(requests: Iterator[Any], context: Any) -> Iterator[Any]:
+                try:
+                    yield from behavior(checked(requests), context)
+                except UndecodableRequest as e:
+                    refuse(context, e)
+            return call
+
+        if not handler.request_streaming:
+            return _reshaped(handler, unary, tolerant)
+        return _reshaped(handler, stream_stream if handler.response_streaming else stream_unary,
+                         tolerant)
 
 
 class CoordinatorServer:
@@ -341,14 +432,16 @@ def serve(state_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 0, 
         def job_token_hash(job_id: str) -> str | None:
             try:
                 return store.get_job(job_id).token_hash
-            except (JobNotFound, ValueError):
+            except (JobNotFound, CorruptRecord, ValueError):
                 return None
 
         auth = AuthInterceptor(admin_token, job_token_hash)
         executor = futures.ThreadPoolExecutor(max_workers=max_workers,
                                               thread_name_prefix="dptrain-rpc")
         # No SO_REUSEPORT: a second coordinator on a taken port fails instead of sharing it.
-        server = grpc.server(executor, interceptors=[MetricsInterceptor(state.metrics), auth],
+        # In this order: the auth interceptor refuses a caller before its request is decoded.
+        server = grpc.server(executor, interceptors=[MetricsInterceptor(state.metrics), auth,
+                                                     RequestDecodingInterceptor()],
                              options=[*channel_options(), ("grpc.so_reuseport", 0)])
         pb_grpc.add_CoordinatorServicer_to_server(CoordinatorServicer(state), server)
         pb_grpc.add_WorkerServiceServicer_to_server(WorkerServicer(state, auth), server)

@@ -17,14 +17,15 @@ from coordinator import checkpoints, jobs, serde
 from coordinator.auth import WORKER_SERVICE, AuthInterceptor
 from coordinator.errors import ValidationError, status_name
 from coordinator.jobs import ServiceState
+from coordinator.limits import MAX_ERROR_MESSAGE
 from coordinator.model import Job
 from protos.dptrain.v1 import coordinator_pb2 as pb
 from protos.dptrain.v1 import coordinator_pb2_grpc as pb_grpc
+from worker.spec import cut
 
 __all__ = ["CoordinatorServicer", "WorkerServicer", "status_of", "one_line"]
 
 log = logging.getLogger("dptrain.coordinator")
-_MAX_MESSAGE = 1000
 
 
 def status_of(error: BaseException) -> grpc.StatusCode:
@@ -40,17 +41,23 @@ def status_of(error: BaseException) -> grpc.StatusCode:
 
 
 def one_line(error: BaseException) -> str:
-    """The error's message as one line of at most 1000 characters."""
+    """The error's message as one line of at most `MAX_ERROR_MESSAGE` characters."""
     text = " ".join(str(error).split()) or type(error).__name__
-    return text if len(text) <= _MAX_MESSAGE else text[:_MAX_MESSAGE - 3] + "..."
+    return cut(text, MAX_ERROR_MESSAGE)
 
 
 @contextlib.contextmanager
 def _aborting(context: grpc.ServicerContext) -> Iterator[None]:
-    """Turn any exception inside into ``context.abort`` with its code and one-line message."""
+    """Turn any exception inside into ``context.abort`` with its code and one-line message.
+
+    ``BaseException``: gRPC's thread catches only ``Exception``, so a ``SystemExit`` escaping a
+    handler would end the call without an answer; only a stream's closing passes through.
+    """
     try:
         yield
-    except Exception as e:
+    except GeneratorExit:
+        raise
+    except BaseException as e:
         code = status_of(e)
         message = one_line(e)
         if code is grpc.StatusCode.INTERNAL:
@@ -72,26 +79,28 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
     def SubmitJob(self, request: pb.SubmitJobRequest, context: Any) -> pb.Job:
         """Validate and queue a job (`jobs.submit_job`)."""
         with _aborting(context):
-            job = jobs.submit_job(serde.submit_request_from_proto(request), self.state)
-            return serde.job_to_proto(job)
+            job = jobs.prepare_job(serde.submit_request_from_proto(request), self.state)
+            reply = serde.job_to_proto(job)  # first: a job whose reply fails is never stored
+            jobs.queue_job(job, self.state)
+            return reply
 
     def GetJob(self, request: pb.GetJobRequest, context: Any) -> pb.Job:
         """One job (`jobs.get_job`)."""
         with _aborting(context):
-            return serde.job_to_proto(jobs.get_job(request.job_id, self.state))
+            return serde.stored_job_to_proto(jobs.get_job(request.job_id, self.state))
 
     def ListJobs(self, request: pb.ListJobsRequest,
                  context: Any) -> pb.ListJobsResponse:
         """A page of jobs (`jobs.list_jobs`)."""
         with _aborting(context):
             page, token = jobs.list_jobs(serde.list_request_from_proto(request), self.state)
-            return pb.ListJobsResponse(jobs=[serde.job_to_proto(j) for j in page],
+            return pb.ListJobsResponse(jobs=[serde.stored_job_to_proto(j) for j in page],
                                        next_page_token=token)
 
     def CancelJob(self, request: pb.CancelJobRequest, context: Any) -> pb.Job:
         """Cancel a job (`jobs.cancel_job`)."""
         with _aborting(context):
-            return serde.job_to_proto(jobs.cancel_job(request.job_id, self.state))
+            return serde.stored_job_to_proto(jobs.cancel_job(request.job_id, self.state))
 
     def WatchJob(self, request: pb.WatchJobRequest,
                  context: Any) -> Iterator[pb.WatchJobResponse]:
@@ -100,7 +109,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             for item in jobs.watch_job(request.job_id, request.after_seq, self.state,
                                        is_active=context.is_active):
                 if isinstance(item, Job):
-                    yield pb.WatchJobResponse(job=serde.job_to_proto(item))
+                    yield pb.WatchJobResponse(job=serde.stored_job_to_proto(item))
                 else:
                     yield pb.WatchJobResponse(event=serde.event_to_proto(item))
 

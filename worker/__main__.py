@@ -36,7 +36,8 @@ Set DPTRAIN_COORDINATOR to the coordinator's address to also report progress to 
 exit codes:
   {EXIT_OK}    the run completed
   {EXIT_FAILED}    a rank failed; its error is printed and the whole job is aborted
-  {EXIT_INVALID}    invalid job: spec, data, batch size for this number of ranks, or checkpoint
+  {EXIT_INVALID}    invalid job: spec, data, batch size for this number of ranks, a model
+       module that cannot be imported, or checkpoint
   {EXIT_DIVERGED}    the loss became non-finite (the message names the step)
   {EXIT_PREEMPTED}  preempted by SIGTERM after writing a checkpoint
 """

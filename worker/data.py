@@ -28,7 +28,8 @@ import numpy as np
 __all__ = [
     "Dataset", "ArrayDataset", "TokenWindows", "Subset", "DATASETS", "load_dataset",
     "train_validation_split", "epoch_batches", "DataError",
-    "digits", "synthetic", "npz", "npy", "idx", "text", "read_idx",
+    "digits", "synthetic", "npz", "npy", "idx", "text", "read_idx", "synthetic_problems",
+    "SYNTHETIC_MAX_SAMPLES", "SYNTHETIC_MAX_VALUES",
 ]
 
 TASKS = ("classification", "regression", "tokens")
@@ -268,13 +269,13 @@ def synthetic(task: str = "classification", n: int = 1024, features: int | list[
     Returns:
         The data set.
     """
-    if task not in TASKS:
-        raise DataError(f"synthetic task must be one of {', '.join(TASKS)}, got {task!r}")
+    problems = synthetic_problems(dict(task=task, n=n, features=features, classes=classes,
+                                       outputs=outputs, seq_len=seq_len, vocab=vocab,
+                                       noise=noise, seed=seed))
+    if problems:
+        name, rule, value = problems[0]
+        raise DataError(f"synthetic {name} {rule}, got {value!r}")
     shape = tuple(features) if isinstance(features, (list, tuple)) else (features,)
-    for name, v in (("n", n), ("classes", classes), ("outputs", outputs), ("seq_len", seq_len),
-                    ("vocab", vocab), *((f"features[{i}]", d) for i, d in enumerate(shape))):
-        if not isinstance(v, int) or v < 1:
-            raise DataError(f"synthetic {name} must be an integer >= 1, got {v!r}")
     rng = np.random.default_rng([seed, TASKS.index(task)])
     if task == "tokens":
         successors = rng.integers(0, vocab, size=(vocab, 4))
@@ -297,6 +298,73 @@ def synthetic(task: str = "classification", n: int = 1024, features: int | list[
     y = x @ w / np.float32(math.sqrt(f))
     y += np.float32(noise) * rng.standard_normal(y.shape, dtype=np.float32)
     return ArrayDataset(x.reshape(n, *shape), y, "regression")
+
+
+SYNTHETIC_MAX_SAMPLES = 2**26
+"""The most samples `synthetic` generates."""
+
+SYNTHETIC_MAX_VALUES = 2**28
+"""The most numbers any one array of `synthetic` holds (1 GiB of float32): larger ones could
+only fail, on every rank, for want of memory."""
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def synthetic_problems(args: dict[str, Any]) -> list[tuple[str, str, Any]]:
+    """The rules `synthetic`'s arguments break, found without generating anything, so that a
+    job asking for data that can never be made is refused when it is submitted.
+
+    Args:
+        args: keyword arguments for `synthetic` (those left out take its defaults).
+
+    Returns:
+        ``(argument, rule, value)`` for the broken rules (of the sizes: the first only);
+        empty when the data can be made.
+    """
+    import inspect
+
+    try:
+        bound = inspect.signature(synthetic).bind(**args)
+    except TypeError as e:
+        return [("arguments", f"do not fit synthetic ({e})", sorted(args))]
+    bound.apply_defaults()
+    a = bound.arguments
+    if a["task"] not in TASKS:
+        return [("task", f"must be one of {', '.join(TASKS)}", a["task"])]
+    features = a["features"]
+    shape = list(features) if isinstance(features, (list, tuple)) else [features]
+    sizes = [("n", a["n"]), ("classes", a["classes"]), ("outputs", a["outputs"]),
+             ("seq_len", a["seq_len"]), ("vocab", a["vocab"]),
+             *((f"features[{i}]", d) for i, d in enumerate(shape))]
+    problems = [(name, "must be an integer >= 1", v) for name, v in sizes
+                if not _is_int(v) or v < 1]
+    if not _is_int(a["seed"]) or a["seed"] < 0:
+        problems.append(("seed", "must be an integer >= 0", a["seed"]))
+    noise = a["noise"]
+    if isinstance(noise, bool) or not isinstance(noise, (int, float)) or \
+            not math.isfinite(noise):
+        problems.append(("noise", "must be a finite number", noise))
+    if problems or not shape:
+        return problems or [("features", "must give at least one dimension", features)]
+    n, f, limit = a["n"], math.prod(shape), SYNTHETIC_MAX_VALUES
+    if n > SYNTHETIC_MAX_SAMPLES:
+        return [("n", f"must be at most {SYNTHETIC_MAX_SAMPLES} (2**26)", n)]
+    cap = f"must be at most {limit} (2**28)"
+    if a["task"] == "tokens":  # arrays: n x (seq_len + 1) tokens, vocab x 4 successors
+        steps = a["seq_len"] + 1
+        checks = [("seq_len", steps, f"plus one {cap}"),
+                  ("vocab", 4 * a["vocab"], f"times 4 {cap}"),
+                  ("n", n * steps, f"times seq_len + 1 ({steps}) {cap}")]
+    else:  # arrays: x (n x features), the teacher (features x width), targets (n x width)
+        name = "classes" if a["task"] == "classification" else "outputs"
+        width = a[name]
+        checks = [("features", f, f"(numbers per sample) {cap}"), (name, width, cap),
+                  ("n", n * f, f"times the {f} numbers of a sample {cap}"),
+                  ("n", n * width, f"times {name} ({width}) {cap}"),
+                  (name, f * width, f"times the {f} numbers of a sample {cap}")]
+    return [(name, rule, a[name]) for name, values, rule in checks if values > limit][:1]
 
 
 def npz(path: str, x_key: str = "x", y_key: str = "y", task: str | None = None,
@@ -499,5 +567,7 @@ def load_dataset(name: str, args: dict[str, Any] | None = None) -> Dataset:
         raise DataError(f"unknown data set {name!r} (known: {', '.join(sorted(DATASETS))})")
     try:
         return DATASETS[name](**(args or {}))
-    except TypeError as e:  # an argument the constructor does not take
+    except DataError:
+        raise
+    except (TypeError, ValueError) as e:  # an argument it does not take, or a value it cannot
         raise DataError(f"data set {name!r}: {e}") from None

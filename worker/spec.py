@@ -37,18 +37,56 @@ from typing import Any
 import yaml
 
 __all__ = [
-    "JobSpecError", "FieldError", "ModelSpec", "DatasetSpec", "OptimizerSpec", "SchedulerSpec",
-    "CheckpointSpec", "JobSpec", "load_spec", "spec_hash", "model_constructor", "build_model",
-    "validate", "trajectory_differences",
-    "OPTIMIZERS", "SCHEDULERS", "DEVICES",
+    "JobSpecError", "FieldError", "ECHO_CHARS", "echo", "cut", "ModelSpec", "DatasetSpec",
+    "OptimizerSpec", "SchedulerSpec", "CheckpointSpec", "JobSpec", "load_spec", "spec_hash",
+    "model_constructor", "build_model", "validate", "trajectory_differences",
+    "OPTIMIZERS", "SCHEDULERS", "DEVICES", "MAX_BATCH_SIZE", "MAX_STEPS",
 ]
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 # Spec name -> engine.optim.lr_scheduler class name; stepped once per training step.
 SCHEDULERS = {"step": "StepLR", "cosine": "CosineAnnealingLR", "linear": "LinearLR"}
 DEVICES = ("cpu", "cuda")
+MAX_BATCH_SIZE = 2**20
+"""The largest global ``batch_size`` (a million samples per step)."""
+MAX_STEPS = 10**9
+"""The most optimizer steps a run may take (``max_steps``; ``epochs`` as the workers count
+them): more could only run until someone cancels it."""
 _NO_VALUE: Any = type("_NoValue", (), {"__repr__": lambda self: "<no value>"})()
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+ECHO_CHARS = 120
+"""The most characters of a value (or of a field path) an error message quotes."""
+
+
+def echo(value: Any, limit: int = ECHO_CHARS) -> str:
+    """``repr(value)`` cut to `limit` characters, for quoting what was sent in an error message.
+
+    A message is cut to a fixed length on its way to a client; quoting the value short keeps
+    the rule, which says what to fix, inside that length.
+
+    Args:
+        value: anything.
+        limit: the most characters to return.
+
+    Returns:
+        The repr, or its first characters and ``"..."``.
+
+    Example:
+        >>> echo("x" * 1000, limit=8)
+        "'xxxx..."
+    """
+    try:
+        text = repr(value)
+    except ValueError:  # an int too long to print
+        text = f"<an integer of {value.bit_length()} bits>"
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def cut(text: str, limit: int = ECHO_CHARS) -> str:
+    """`text` cut to `limit` characters (a field path that quotes a user's key)."""
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 @dataclass(frozen=True)
@@ -61,8 +99,8 @@ class FieldError:
 
     def __str__(self) -> str:
         if self.value is _NO_VALUE:
-            return f"{self.path}: {self.rule}"
-        return f"{self.path}: {self.rule}, got {self.value!r}"
+            return f"{cut(self.path)}: {self.rule}"
+        return f"{cut(self.path)}: {self.rule}, got {echo(self.value)}"
 
 
 class JobSpecError(ValueError):
@@ -248,6 +286,9 @@ def load_spec(path: str | os.PathLike) -> JobSpec:
     except (json.JSONDecodeError, yaml.YAMLError) as e:
         one_line = " ".join(str(e).split())
         raise JobSpecError([FieldError(path, f"does not parse: {one_line}")]) from None
+    except RecursionError:  # both parsers recurse once per level of nesting
+        raise JobSpecError([FieldError(path, "does not parse: it nests lists and mappings "
+                                             "deeper than the parser can follow")]) from None
     if not isinstance(data, Mapping):
         raise JobSpecError([FieldError(path, "must hold a mapping of job fields",
                                        type(data).__name__)])
@@ -338,24 +379,29 @@ def _check_type(path: str, annotation: str, value: Any, errors: list[FieldError]
 
 # ---------------------------------------------------------------- validation (rules)
 
-def model_constructor(name: str) -> Callable[..., Any]:
-    """The model zoo's constructor for `name`, for checking a spec's arguments without
-    building the model.
+def model_constructor(name: str) -> Callable[..., Any] | None:
+    """The model zoo's constructor for `name`, to check a spec's arguments without building
+    the model; None for a user's ``package.module:function``, whose syntax alone is checked.
 
-    The zoo is ``engine.models`` (``get_model(name, **args)``); this indirection keeps the
-    worker from duplicating it. ``package.module:function`` names a user's own model.
+    Validating a spec never imports a user's module: importing runs its code, and the
+    coordinator and the CLI validate every spec they are given. The workers import it when they
+    build the model (`build_model`); a module they cannot import fails the job there, once.
 
     Args:
         name: a zoo name (``mlp``, ``lenet``, ...) or ``package.module:function``.
 
     Returns:
-        A callable taking the model's arguments as keywords.
+        The zoo's constructor (a callable taking the model's arguments as keywords), or None.
 
     Raises:
-        ValueError: the zoo does not know `name` (the message lists the names it knows).
+        ValueError: an unknown zoo name (the message lists the names it knows), or a
+            reference that is not ``package.module:function``.
     """
-    from engine.models import get_constructor
+    from engine.models import get_constructor, parse_reference
 
+    if ":" in name:
+        parse_reference(name)
+        return None
     try:
         return get_constructor(name)
     except (ValueError, TypeError) as e:
@@ -396,6 +442,26 @@ def _check_args(path: str, fn: Callable[..., Any], args: dict[str, Any], what: s
     return errors
 
 
+def _check_scheduler(cls_name: str, scheduler: SchedulerSpec) -> list[FieldError]:
+    """Errors of a schedule's arguments: names its class does not take, then the values it
+    refuses, found by building it over a throw-away parameter (as the workers will)."""
+    import engine
+    from engine.optim import SGD, lr_scheduler
+
+    cls = getattr(lr_scheduler, cls_name)
+    errors = _check_args("scheduler.args", cls, scheduler.args,
+                         f"scheduler {scheduler.name!r}", skip=("optimizer", "last_epoch"))
+    if not errors:
+        try:
+            cls(SGD([engine.nn.Parameter(engine.zeros(1))], lr=1.0), **scheduler.args)
+        except (ValueError, TypeError) as err:
+            errors.append(FieldError("scheduler.args", str(err)))
+        except ArithmeticError as err:  # e.g. a T_max beyond a double's range
+            errors.append(FieldError("scheduler.args", f"cannot make a schedule of these values "
+                                     f"({type(err).__name__}: {err})", scheduler.args))
+    return errors
+
+
 def _nonneg(path: str, value: float, errors: list[FieldError]) -> None:
     if not (math.isfinite(value) and value >= 0):
         errors.append(FieldError(path, "must be a finite number >= 0", value))
@@ -413,7 +479,7 @@ def validate(spec: JobSpec) -> list[FieldError]:
     from worker import data  # the data registry; imported here to keep spec import light
 
     e: list[FieldError] = []
-    if not _NAME_RE.match(spec.name):
+    if not _NAME_RE.fullmatch(spec.name):
         e.append(FieldError("name", "must be 1-128 characters of letters, digits, '.', '_' "
                             "or '-', starting with a letter or digit", spec.name))
     # model
@@ -422,14 +488,19 @@ def validate(spec: JobSpec) -> list[FieldError]:
     except ValueError as err:
         e.append(FieldError("model.name", str(err)))
     else:
-        e += _check_args("model.args", ctor, spec.model.args, f"model {spec.model.name!r}")
+        if ctor is not None:
+            e += _check_args("model.args", ctor, spec.model.args, f"model {spec.model.name!r}")
     # dataset
     if spec.dataset.name not in data.DATASETS:
         e.append(FieldError("dataset.name", f"unknown data set (known: "
                             f"{', '.join(sorted(data.DATASETS))})", spec.dataset.name))
     else:
-        e += _check_args("dataset.args", data.DATASETS[spec.dataset.name], spec.dataset.args,
-                         f"data set {spec.dataset.name!r}")
+        arg_errors = _check_args("dataset.args", data.DATASETS[spec.dataset.name],
+                                 spec.dataset.args, f"data set {spec.dataset.name!r}")
+        if not arg_errors and spec.dataset.name == "synthetic":
+            arg_errors = [FieldError(f"dataset.args.{name}", rule, value) for name, rule, value
+                          in data.synthetic_problems(spec.dataset.args)]
+        e += arg_errors
     vf = spec.dataset.validation_fraction
     if not 0.0 <= vf < 1.0:
         e.append(FieldError("dataset.validation_fraction", "must be in [0, 1)", vf))
@@ -462,14 +533,13 @@ def validate(spec: JobSpec) -> list[FieldError]:
             e.append(FieldError("scheduler.name", f"must be one of {', '.join(SCHEDULERS)}",
                                 spec.scheduler.name))
         else:
-            from engine.optim import lr_scheduler
-
-            e += _check_args("scheduler.args", getattr(lr_scheduler, cls_name),
-                             spec.scheduler.args, f"scheduler {spec.scheduler.name!r}",
-                             skip=("optimizer", "last_epoch"))
+            e += _check_scheduler(cls_name, spec.scheduler)
     # length of the run and batching
     if spec.batch_size < 1:
         e.append(FieldError("batch_size", "must be >= 1", spec.batch_size))
+    elif spec.batch_size > MAX_BATCH_SIZE:
+        e.append(FieldError("batch_size", f"must be at most {MAX_BATCH_SIZE} (2**20)",
+                            spec.batch_size))
     if spec.workers < 1:
         e.append(FieldError("workers", "must be >= 1", spec.workers))
     elif spec.batch_size >= 1 and spec.batch_size % spec.workers:
@@ -477,10 +547,13 @@ def validate(spec: JobSpec) -> list[FieldError]:
                             f"so that every rank gets an equal shard", spec.batch_size))
     if spec.epochs is None and spec.max_steps is None:
         e.append(FieldError("epochs", "epochs or max_steps (or both) must be given"))
-    for name in ("epochs", "max_steps"):
+    for name in ("epochs", "max_steps"):  # an epoch is at least one step
         value = getattr(spec, name)
         if value is not None and value < 1:
             e.append(FieldError(name, "must be >= 1", value))
+        elif value is not None and value > MAX_STEPS:
+            e.append(FieldError(name, f"must be at most {MAX_STEPS} (a run of at most 10**9 "
+                                "steps)", value))
     for name in ("eval_every", "seed"):
         if getattr(spec, name) < 0:
             e.append(FieldError(name, "must be >= 0", getattr(spec, name)))

@@ -16,7 +16,7 @@ with them):
 ===  ===================================================================================
 0    the run completed
 1    a rank raised: its error is printed and the whole job is aborted (`EXIT_FAILED`)
-2    the job cannot start: invalid spec, data or checkpoint (`EXIT_INVALID`)
+2    the job cannot start: invalid spec, data, model module or checkpoint (`EXIT_INVALID`)
 3    the loss became non-finite; the message names the step (`EXIT_DIVERGED`)
 143  preempted: SIGTERM arrived, the current step finished and a checkpoint was written
      (`EXIT_PREEMPTED`, 128 + SIGTERM, what a shell reports for a process ended by SIGTERM)
@@ -50,6 +50,7 @@ from worker.data import (
 )
 from worker.events import Reporter
 from worker.spec import (
+    MAX_STEPS,
     SCHEDULERS,
     FieldError,
     JobSpec,
@@ -232,6 +233,10 @@ class _Run:
                 spec.batch_size)])))
         limits = [spec.max_steps or math.inf, (spec.epochs or math.inf) * self.steps_per_epoch]
         self.total_steps = int(min(limits))
+        if self.total_steps > MAX_STEPS:  # only epochs can ask for that many (spec rules)
+            raise JobFailed(str(JobSpecError([FieldError(
+                "epochs", f"must make at most {MAX_STEPS} steps, at {self.steps_per_epoch} per "
+                "epoch (or give max_steps)", spec.epochs)])))
         engine.manual_seed(spec.seed)  # the same initial parameters on every rank
         self.model = agree(self.comm, lambda: build_model(spec.model.name, spec.model.args),
                            (ValueError, TypeError)).to(self.device)

@@ -19,18 +19,21 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import sqlite3
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
-from coordinator.errors import SchemaError, StoreClosed, StoreError
+from coordinator.errors import CorruptRecord, SchemaError, StoreClosed, StoreError
 from coordinator.model import CheckpointRecord, Event, EventKind, Job, JobState
 from coordinator.private_files import open_private
 from coordinator.store.base import Store
 
 __all__ = ["SqliteStore", "MIGRATIONS", "SCHEMA_VERSION", "Migration"]
+
+log = logging.getLogger("dptrain.coordinator")
 
 Migration = Callable[[sqlite3.Connection], None]
 
@@ -91,6 +94,7 @@ SCHEMA_VERSION = len(MIGRATIONS)
 
 _JOB_COLUMNS = tuple(f.name for f in dataclasses.fields(Job))
 _JOB_SELECT = f"SELECT {', '.join(_JOB_COLUMNS)} FROM jobs"
+_SUBMITTED_AT = _JOB_COLUMNS.index("submitted_at")
 _JSON_COLUMNS = frozenset({"spec", "metrics", "placement"})
 _CHECKPOINT_SELECT = "SELECT job_id, step, sha256, size, created_at, manifest FROM checkpoints"
 
@@ -109,10 +113,13 @@ def _job_values(job: Job) -> tuple:
 
 def _job_from_row(row: Sequence) -> Job:
     fields = dict(zip(_JOB_COLUMNS, row))
-    for name in _JSON_COLUMNS:
-        fields[name] = json.loads(fields[name])
-    fields["placement"] = tuple((host, slots) for host, slots in fields["placement"])
-    fields["state"] = JobState(fields["state"])
+    try:
+        for name in _JSON_COLUMNS:
+            fields[name] = json.loads(fields[name])
+        fields["placement"] = tuple((host, slots) for host, slots in fields["placement"])
+        fields["state"] = JobState(fields["state"])
+    except (ValueError, TypeError) as e:  # a row changed behind our back
+        raise CorruptRecord(f"job {fields['id']!r}", e) from None
     return Job(**fields)
 
 
@@ -171,6 +178,24 @@ class _SqlTransaction:
 
     def list_jobs(self, states: frozenset[JobState] | None, after: tuple[float, str] | None,
                   limit: int) -> list[Job]:
+        # An unreadable row is left out (and logged) rather than failing every listing; the
+        # next rows are read in its place, so a page stays full and paging stays exact.
+        jobs: list[Job] = []
+        while len(jobs) < limit:
+            wanted = limit - len(jobs)
+            rows = self._job_rows(states, after, wanted)
+            for row in rows:
+                try:
+                    jobs.append(_job_from_row(row))
+                except CorruptRecord as e:
+                    log.warning("%s; it is left out of job listings", e)
+            if len(rows) < wanted:
+                break
+            after = (rows[-1][_SUBMITTED_AT], rows[-1][0])
+        return jobs
+
+    def _job_rows(self, states: frozenset[JobState] | None, after: tuple[float, str] | None,
+                  limit: int) -> list[Sequence]:
         where, params = [], []
         if states is not None:
             where.append(f"state IN ({', '.join('?' * len(states))})")
@@ -180,7 +205,7 @@ class _SqlTransaction:
             params += after
         sql = _JOB_SELECT + (" WHERE " + " AND ".join(where) if where else "")
         sql += " ORDER BY submitted_at DESC, id DESC LIMIT ?"
-        return [_job_from_row(r) for r in self._c.execute(sql, (*params, limit))]
+        return self._c.execute(sql, (*params, limit)).fetchall()
 
     def events(self, job_id: str, after_seq: int, limit: int) -> list[Event]:
         rows = self._c.execute(

@@ -21,10 +21,11 @@ from engine.models.registry import (
     get_model,
     list_models,
     model_signature,
+    parse_reference,
     register_model,
 )
 from engine.models.resnet import BasicBlock, ResNet
 from engine.models.transformer_lm import TransformerLM
 
 __all__ = ["get_model", "get_constructor", "list_models", "register_model", "model_signature",
-           "LeNet", "ResNet", "BasicBlock", "TransformerLM", "LSTMLanguageModel"]
+           "parse_reference", "LeNet", "ResNet", "BasicBlock", "TransformerLM", "LSTMLanguageModel"]

@@ -11,11 +11,13 @@ from __future__ import annotations
 import difflib
 import importlib
 import inspect
+import keyword
 from collections.abc import Callable
 
 from engine.nn.module import Module
 
-__all__ = ["register_model", "get_model", "get_constructor", "list_models", "model_signature"]
+__all__ = ["register_model", "get_model", "get_constructor", "list_models", "model_signature",
+           "parse_reference"]
 
 _REGISTRY: dict[str, Callable[..., Module]] = {}
 
@@ -61,16 +63,50 @@ def list_models() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def _dotted(text: str) -> bool:
+    return all(part.isidentifier() and not keyword.iskeyword(part) for part in text.split("."))
+
+
+def parse_reference(name: str) -> tuple[str, str]:
+    """Split a user's constructor ``"package.module:function"`` into its module and attribute,
+    checking its syntax only: nothing is imported.
+
+    Importing runs the module's code, so whoever only validates a job (the coordinator, the
+    CLI) checks the reference with this and leaves importing it to the workers.
+
+    Args:
+        name: the reference; either side may be dotted (``pkg.mod:Class.build``).
+
+    Returns:
+        ``(module, attribute)``.
+
+    Raises:
+        ValueError: `name` is not dotted identifiers on both sides of one ``":"``.
+
+    Example:
+        >>> parse_reference("mypackage.models:build")
+        ('mypackage.models', 'build')
+    """
+    module, sep, attr = name.partition(":")
+    if not sep or not _dotted(module) or not _dotted(attr):
+        raise ValueError(f"model {name!r}: a user's constructor is named "
+                         "'package.module:function' (dotted Python identifiers)")
+    return module, attr
+
+
 def _resolve(name: str) -> Callable[..., Module]:
     if not isinstance(name, str):
         raise TypeError(f"the model name must be a string, got {type(name).__name__}")
     if ":" in name:
-        module_name, _, attr = name.partition(":")
+        module_name, attr = parse_reference(name)
         try:
             module = importlib.import_module(module_name)
         except ImportError as e:
             raise ValueError(f"model {name!r}: cannot import module {module_name!r}: {e}") \
                 from None
+        except (Exception, SystemExit) as e:  # the module's own code failed, or exited
+            raise ValueError(f"model {name!r}: importing module {module_name!r} failed: "
+                             f"{type(e).__name__}: {e}") from None
         fn = module
         for part in attr.split("."):
             fn = getattr(fn, part, None)

@@ -168,7 +168,7 @@ def test_type_errors_name_the_field(data, field, rule):
 
 @pytest.mark.parametrize("args_json, rule", [
     ("[1, 2]", "must be a JSON object"),
-    ("{not json", "must be a JSON object"),
+    ("{not json", "must be JSON text"),
     ('"text"', "must be a JSON object"),
 ])
 def test_bad_args_json_from_other_clients_names_the_field(args_json, rule):
