@@ -46,11 +46,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import engine  # noqa: E402
-import engine.functional as F  # noqa: E402
-from engine import nn  # noqa: E402
-from worker import DistributedDataParallel  # noqa: E402
-from worker.comm import Communicator  # noqa: E402
+import dptrain.engine.functional as F  # noqa: E402
+from dptrain import engine  # noqa: E402
+from dptrain.engine import nn  # noqa: E402
+from dptrain.worker import DistributedDataParallel  # noqa: E402
+from dptrain.worker.comm import Communicator  # noqa: E402
 
 LAYERS, WIDTH = 24, 1024
 

@@ -53,10 +53,10 @@ SPEC = {"name": "bench", "model": {"name": "mlp", "args": {"in_features": 64, "h
 def serve_child(state_dir: str, worker_token: str) -> None:
     """Start a coordinator with one RUNNING job whose worker token is `worker_token`; print
     ``{"address", "token", "job_id"}`` as JSON; stop when stdin closes."""
-    from coordinator.model import JobState, hash_token, new_job
-    from coordinator.scheduler import Cluster
-    from coordinator.server import serve
-    from coordinator.store import SqliteStore
+    from dptrain.coordinator.api.records import JobState, hash_token, new_job
+    from dptrain.coordinator.server.scheduler import Cluster
+    from dptrain.coordinator.server.server import serve
+    from dptrain.coordinator.server.store import SqliteStore
 
     Path(state_dir).mkdir(parents=True, exist_ok=True)
     with SqliteStore(Path(state_dir) / "coordinator.db") as store:
@@ -76,7 +76,7 @@ def load_child(address: str, token: str, threads: int, calls: int, job_id: str,
                out: Any) -> None:
     """`threads` clients, each making `calls` SubmitJob then `calls` GetJob calls; put the
     latencies (seconds) and the wall time of each phase on `out`."""
-    from coordinator.client import Client
+    from dptrain.coordinator.client.client import Client
 
     clients = [Client(address, token=token) for _ in range(threads)]
     for c in clients:
@@ -118,8 +118,8 @@ def watch_child(address: str, token: str, job_id: str, threads: int, rounds: int
                 after_seq: int, ready: Any, out: Any) -> None:
     """`threads` watchers of one job; report when all are connected, then the arrival time of
     each ``bench K`` log line."""
-    from coordinator.client import Client
-    from coordinator.model import Event
+    from dptrain.coordinator.api.records import Event
+    from dptrain.coordinator.client.client import Client
 
     connected = threading.Barrier(threads + 1)
 
@@ -177,7 +177,7 @@ def bench_latency(ctx: Any, info: dict, clients: int, procs: int, calls: int) ->
 
 def bench_fanout(ctx: Any, info: dict, worker_token: str, watchers: int, procs: int,
                  rounds: int) -> list[str]:
-    from coordinator.worker_reporter import WorkerClient
+    from dptrain.coordinator.client.worker_reporter import WorkerClient
 
     after_seq = 0  # watchers first get the job's two state events, then wait for ours
     ready, out = ctx.Queue(), ctx.Queue()
@@ -212,8 +212,8 @@ def _durable_copy(src: Path, dst: Path) -> None:
 
 def bench_transfer(info: dict, worker_token: str, work: Path, size_mib: int,
                    rounds: int) -> list[str]:
-    from coordinator.client import Client
-    from coordinator.worker_reporter import WorkerClient
+    from dptrain.coordinator.client.client import Client
+    from dptrain.coordinator.client.worker_reporter import WorkerClient
 
     data = os.urandom(size_mib << 20)
     times: dict[str, list[float]] = {"upload": [], "download": [], "copy": [], "copy_nosync": []}
@@ -276,7 +276,7 @@ def main() -> None:
     if args.serve_child:
         serve_child(args.serve_child, args.worker_token)
         return
-    from coordinator.model import new_token
+    from dptrain.coordinator.api.records import new_token
 
     ctx = mp.get_context("spawn")  # gRPC does not survive fork
     worker_token = new_token()

@@ -35,8 +35,8 @@ class CommandError(Exception):
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from worker.launch import LaunchSettings, mpiexec_command
-    from worker.spec import JobSpecError, load_spec
+    from dptrain.worker.launch import LaunchSettings, mpiexec_command
+    from dptrain.worker.spec import JobSpecError, load_spec
 
     try:
         spec = load_spec(args.job)
@@ -94,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     run = commands.add_parser(
         "run", formatter_class=argparse.RawDescriptionHelpFormatter,
-        help="train a job on this machine: mpiexec -n N python -m worker JOB",
+        help="train a job on this machine: mpiexec -n N python -m dptrain.worker JOB",
         description="Train a job with N ranks on this machine (or the hosts of --hostfile)\n"
                     "through this environment's mpiexec. Rank 0 shows a progress bar; the\n"
                     "run ends with one JSON line of final metrics on stdout.",
@@ -114,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="BLAS threads per rank (default 1; 0 keeps the environment's)")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     run.set_defaults(handler=_cmd_run)
-    from coordinator.commands import add_commands, add_global_options
+    from dptrain.coordinator.client.commands import add_commands, add_global_options
 
     add_global_options(parser)
     add_commands(commands)
@@ -149,9 +149,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def _report(error: Exception) -> int:
     """Print an error of a coordinator command as one line; return its exit code."""
-    from coordinator.commands import EXIT_SERVER, EXIT_USAGE, exit_code_for
+    from dptrain.coordinator.client.commands import EXIT_SERVER, EXIT_USAGE, exit_code_for
 
-    client = sys.modules.get("coordinator.client")
+    client = sys.modules.get("dptrain.coordinator.client.client")
     if client is not None and isinstance(error, client.ClientError):
         code = exit_code_for(error)
     elif isinstance(error, (ValueError, RuntimeError)):  # configuration: ports, files, options

@@ -18,10 +18,9 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-
-from coordinator.client import Client
-from coordinator.follow import final_summary, follow_job
-from coordinator.model import JobState
+from dptrain.coordinator.api.records import JobState
+from dptrain.coordinator.client.client import Client
+from dptrain.coordinator.client.follow import final_summary, follow_job
 
 __all__ = ["run_demo", "DEMO_JOB"]
 
@@ -60,9 +59,9 @@ def run_demo(output: str | os.PathLike = "digits-mlp.safetensors", workers: int 
     Returns:
         0 when the job succeeded and its parameters were downloaded, else 1.
     """
-    from coordinator.runner import JobRunner
-    from coordinator.scheduler import Cluster
-    from coordinator.server import serve
+    from dptrain.coordinator.server.runner import JobRunner
+    from dptrain.coordinator.server.scheduler import Cluster
+    from dptrain.coordinator.server.server import serve
 
     stream = sys.stderr if stream is None else stream
     state_dir = tempfile.mkdtemp(prefix="dptrain-demo-")

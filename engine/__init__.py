@@ -1,8 +1,8 @@
 """dptrain's reverse-mode autodiff engine on numpy (and CuPy), with a PyTorch-shaped API.
 
 Example:
-    >>> import engine
-    >>> from engine import nn, functional as F
+    >>> from dptrain import engine
+    >>> from dptrain.engine import nn, functional as F
     >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
     >>> opt = engine.optim.SGD(model.parameters(), lr=0.1)
     >>> x, y = engine.randn(16, 4), engine.randint(0, 3, (16,))
@@ -10,13 +10,13 @@ Example:
     >>> opt.zero_grad(); loss.backward(); opt.step()
 """
 
-from engine import functional, nn, optim  # noqa: E402
-from engine.backend import Device, cupy_available, get_rng_state, manual_seed, set_rng_state
-from engine.backend import Device as device
-from engine.dtypes import (
+from dptrain.engine import functional, nn, optim  # noqa: E402
+from dptrain.engine.backend import Device, cupy_available, get_rng_state, manual_seed, set_rng_state
+from dptrain.engine.backend import Device as device
+from dptrain.engine.dtypes import (
     bool_ as bool,  # noqa: A001  (torch.bool)
 )
-from engine.dtypes import (
+from dptrain.engine.dtypes import (
     double,
     float,  # noqa: A001
     float16,
@@ -30,7 +30,7 @@ from engine.dtypes import (
     long,
     uint8,
 )
-from engine.factories import (
+from dptrain.engine.factories import (
     arange,
     empty,
     eye,
@@ -50,11 +50,11 @@ from engine.factories import (
     zeros,
     zeros_like,
 )
-from engine.gradcheck import gradcheck
-from engine.ops import *  # noqa: F403  (operators, methods and torch-style free functions)
-from engine.ops import __all__ as _ops_all
-from engine.serialization import load, load_metadata, save
-from engine.tensor import (
+from dptrain.engine.gradcheck import gradcheck
+from dptrain.engine.ops import *  # noqa: F403  (operators, methods and torch-style free functions)
+from dptrain.engine.ops import __all__ as _ops_all
+from dptrain.engine.serialization import load, load_metadata, save
+from dptrain.engine.tensor import (
     Tensor,
     enable_grad,
     is_grad_enabled,

@@ -8,10 +8,9 @@ Floating data defaults to float32; integer and boolean data keep an integer or b
 from __future__ import annotations
 
 import numpy
-
-from engine.backend import Device, check_dtype, generator, get_array_module
-from engine.dtypes import default_float
-from engine.tensor import Tensor
+from dptrain.engine.backend import Device, check_dtype, generator, get_array_module
+from dptrain.engine.dtypes import default_float
+from dptrain.engine.tensor import Tensor
 
 __all__ = ["tensor", "from_numpy", "zeros", "ones", "full", "empty", "zeros_like", "ones_like",
            "full_like", "rand_like", "randn_like", "randn", "rand", "randint", "randperm",

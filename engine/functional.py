@@ -10,13 +10,12 @@ are defined (``@export(FUNCTIONAL)``), as the functions below do; the module's n
 from __future__ import annotations
 
 import numpy
-
-from engine.backend import get_array_module
-from engine.ops.activation import log_softmax
-from engine.ops.elementwise import softplus, where
-from engine.ops.registry import FUNCTIONAL, export
-from engine.ops.shape import _dim
-from engine.tensor import Tensor
+from dptrain.engine.backend import get_array_module
+from dptrain.engine.ops.activation import log_softmax
+from dptrain.engine.ops.elementwise import softplus, where
+from dptrain.engine.ops.registry import FUNCTIONAL, export
+from dptrain.engine.ops.shape import _dim
+from dptrain.engine.tensor import Tensor
 
 _REDUCTIONS = ("mean", "sum", "none")
 
@@ -122,7 +121,7 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None = None,
         label_smoothing: in [0, 1]; mixes the target with the uniform distribution.
 
     Example:
-        >>> import engine, engine.functional as F
+        >>> import dptrain.engine as engine, dptrain.engine.functional as F
         >>> logits = engine.tensor([[2.0, 0.5, -1.0]], requires_grad=True)
         >>> round(F.cross_entropy(logits, engine.tensor([0])).item(), 4)
         0.2413

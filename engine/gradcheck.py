@@ -5,8 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import numpy
-
-from engine.tensor import Tensor
+from dptrain.engine.tensor import Tensor
 
 
 class GradcheckError(AssertionError):
@@ -31,7 +30,7 @@ def gradcheck(fn: Callable[..., Tensor], inputs: Sequence[Tensor], eps: float = 
         True when every gradient matches.
 
     Example:
-        >>> import engine
+        >>> from dptrain import engine
         >>> x = engine.randn(3, dtype=engine.float64, requires_grad=True)
         >>> engine.gradcheck(lambda t: (t * t).sum(), [x])
         True

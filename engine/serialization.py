@@ -22,9 +22,8 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy
-
-from engine.backend import Device
-from engine.tensor import Tensor
+from dptrain.engine.backend import Device
+from dptrain.engine.tensor import Tensor
 
 __all__ = ["save", "load", "load_metadata", "write_atomically", "fsync_directory"]
 

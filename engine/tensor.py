@@ -14,8 +14,7 @@ import threading
 from collections.abc import Callable
 
 import numpy
-
-from engine.backend import FLOAT_DTYPES, get_array_module, get_device
+from dptrain.engine.backend import FLOAT_DTYPES, get_array_module, get_device
 
 __all__ = [
     "Tensor",
@@ -159,7 +158,7 @@ class Tensor:
     come from `engine.ops` and follow PyTorch's names and semantics.
 
     Example:
-        >>> import engine
+        >>> from dptrain import engine
         >>> x = engine.tensor([1.0, 2.0, 3.0], requires_grad=True)
         >>> (x * x).sum().backward()
         >>> x.grad.tolist()

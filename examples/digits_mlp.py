@@ -17,9 +17,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import engine  # noqa: E402
-import engine.functional as F  # noqa: E402
-from engine import nn  # noqa: E402
+import dptrain.engine.functional as F  # noqa: E402
+from dptrain import engine  # noqa: E402
+from dptrain.engine import nn  # noqa: E402
 
 
 def load_digits(seed: int = 0, test_fraction: float = 0.25):

@@ -1,4 +1,4 @@
-"""``python -m worker JOB.yaml``: one rank of a data-parallel training job (run it under
+"""``python -m dptrain.worker JOB.yaml``: one rank of a data-parallel training job (run it under
 ``mpiexec -n N``; see ``--help``)."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import sys
 import time
 import traceback
 
-from worker.train import (
+from dptrain.worker.train import (
     EXIT_DIVERGED,
     EXIT_FAILED,
     EXIT_INVALID,
@@ -24,7 +24,7 @@ _FORWARD_S = 0.5  # how long a failing rank waits for its message to be relayed 
 
 EPILOG = f"""\
 Run every rank of the job with the same arguments, e.g.
-  mpiexec -n 2 .venv/bin/python -m worker examples/digits_mlp.yaml --checkpoint-dir ckpt
+  mpiexec -n 2 .venv/bin/python -m dptrain.worker examples/digits_mlp.yaml --checkpoint-dir ckpt
 
 Rank 0 shows a progress bar and messages on stderr and prints the final metrics as one JSON
 line on stdout. Checkpoints go to CHECKPOINT_DIR/step-NNNNNNNN/ (model.safetensors,
@@ -50,7 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
         The parser.
     """
     parser = argparse.ArgumentParser(
-        prog="python -m worker", epilog=EPILOG, formatter_class=argparse.RawTextHelpFormatter,
+        prog="python -m dptrain.worker", epilog=EPILOG,
+        formatter_class=argparse.RawTextHelpFormatter,
         description="Train a job spec data-parallel: one process per rank, under mpiexec.")
     parser.add_argument("job", metavar="JOB", help="the job file (.yaml, .yml or .json)")
     parser.add_argument("--checkpoint-dir", metavar="D", default=None,
@@ -66,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _fetch_resume_checkpoint(rank: int, checkpoint_dir: str) -> None:
     """On rank 0, put the coordinator's latest intact checkpoint of the job into checkpoint_dir."""
     if rank == 0:
-        from coordinator.worker_reporter import fetch_resume_checkpoint
+        from dptrain.coordinator.client.worker_reporter import fetch_resume_checkpoint
 
         try:
             fetch_resume_checkpoint(checkpoint_dir, os.environ)
@@ -85,10 +86,10 @@ def main(argv: list[str] | None = None) -> int:
     """
     args = build_parser().parse_args(argv)
     install_preemption_handler()  # before anything slow, so SIGTERM never kills a rank mid-step
-    from worker.comm import Communicator
-    from worker.events import COORDINATOR_ENV, build_reporters
-    from worker.spec import JobSpecError, load_spec
-    from worker.train import run_job
+    from dptrain.worker.comm import Communicator
+    from dptrain.worker.events import COORDINATOR_ENV, build_reporters
+    from dptrain.worker.spec import JobSpecError, load_spec
+    from dptrain.worker.train import run_job
 
     comm = Communicator()
     reporters = []

@@ -32,9 +32,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import engine
-from engine.serialization import fsync_directory, write_atomically
-from engine.tensor import Tensor
+from dptrain import engine
+from dptrain.engine.serialization import fsync_directory, write_atomically
+from dptrain.engine.tensor import Tensor
 
 __all__ = [
     "FORMAT_VERSION", "MANIFEST", "MODEL_FILE", "OPTIMIZER_FILE", "Checkpoint",

@@ -14,7 +14,7 @@ the communicator is told that MPI is CUDA-aware, as ChainerMN does.
 
 Example:
     >>> import numpy as np
-    >>> from worker.comm import Communicator
+    >>> from dptrain.worker.comm import Communicator
     >>> comm = Communicator()
     >>> grad = np.ones(3, dtype=np.float32)
     >>> comm.allreduce_(grad, op="mean")  # every rank now holds the mean over ranks
@@ -29,8 +29,7 @@ from collections.abc import Callable
 from typing import Any, NoReturn
 
 import numpy
-
-from engine.backend import get_array_module
+from dptrain.engine.backend import get_array_module
 
 __all__ = ["Communicator", "Request", "REDUCE_OPS"]
 

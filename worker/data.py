@@ -206,7 +206,7 @@ def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> np.ndarray:
     Returns:
         An int64 array of shape ``(n // batch_size, batch_size)``; row t is step t's batch.
     """
-    from worker.sampler import DistributedSampler
+    from dptrain.worker.sampler import DistributedSampler
 
     sampler = DistributedSampler(n, num_replicas=1, rank=0, shuffle=True, seed=seed)
     sampler.set_epoch(epoch)

@@ -36,11 +36,15 @@ from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
 import numpy
-
-from engine.backend import get_array_module
-from engine.nn.module import Module
-from engine.tensor import Tensor, is_grad_enabled, queue_callback, register_backward_pass_hook
-from worker.comm import Communicator
+from dptrain.engine.backend import get_array_module
+from dptrain.engine.nn.module import Module
+from dptrain.engine.tensor import (
+    Tensor,
+    is_grad_enabled,
+    queue_callback,
+    register_backward_pass_hook,
+)
+from dptrain.worker.comm import Communicator
 
 __all__ = ["DistributedDataParallel", "GradientBucket", "allreduce_hook", "CommHook"]
 
@@ -217,9 +221,9 @@ class DistributedDataParallel:
             whose loss does not depend on the model at all.
 
     Example:
-        >>> import engine, engine.functional as F
-        >>> from engine import nn
-        >>> from worker import DistributedDataParallel
+        >>> import dptrain.engine as engine, dptrain.engine.functional as F
+        >>> from dptrain.engine import nn
+        >>> from dptrain.worker import DistributedDataParallel
         >>> model = DistributedDataParallel(nn.Linear(4, 2))
         >>> x, y = engine.randn(8, 4), engine.randn(8, 2)
         >>> F.mse_loss(model(x), y).backward()  # .grad is now the mean over ranks

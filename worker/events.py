@@ -26,7 +26,7 @@ __all__ = ["Reporter", "ConsoleReporter", "build_reporters", "COORDINATOR_ENV",
            "COORDINATOR_REPORTER_MODULE"]
 
 COORDINATOR_ENV = "DPTRAIN_COORDINATOR"
-COORDINATOR_REPORTER_MODULE = "coordinator.worker_reporter"
+COORDINATOR_REPORTER_MODULE = "dptrain.coordinator.client.worker_reporter"
 
 
 class Reporter:

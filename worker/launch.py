@@ -17,7 +17,7 @@ Example:
     ...                                mpiexec="/v/bin/mpiexec"))  # doctest: +NORMALIZE_WHITESPACE
     ['/v/bin/mpiexec', '-n', '2', '-bind-to', 'core', '-genv', 'OMP_NUM_THREADS', '1',
      '-genv', 'OPENBLAS_NUM_THREADS', '1', '-genv', 'MKL_NUM_THREADS', '1', '/v/bin/python',
-     '-m', 'worker', 'job.yaml']
+     '-m', 'dptrain.worker', 'job.yaml']
 """
 
 from __future__ import annotations
@@ -108,7 +108,7 @@ def mpiexec_command(settings: LaunchSettings) -> list[str]:
             cmd += ["-genv", name, str(s.blas_threads)]
     for name in sorted(s.env):
         cmd += ["-genv", name, str(s.env[name])]
-    cmd += [*s.mpiexec_args, s.python, "-m", "worker", os.fspath(s.job)]
+    cmd += [*s.mpiexec_args, s.python, "-m", "dptrain.worker", os.fspath(s.job)]
     if s.checkpoint_dir is not None:
         cmd += ["--checkpoint-dir", os.fspath(s.checkpoint_dir)]
     if s.resume:

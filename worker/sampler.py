@@ -55,7 +55,7 @@ class DistributedSampler:
     def __init__(self, dataset: Any, num_replicas: int | None = None, rank: int | None = None,
                  shuffle: bool = True, seed: int = 0, drop_last: bool = False):
         if num_replicas is None or rank is None:
-            from worker.comm import Communicator
+            from dptrain.worker.comm import Communicator
 
             comm = Communicator()
             num_replicas = comm.size if num_replicas is None else num_replicas

@@ -397,7 +397,7 @@ def model_constructor(name: str) -> Callable[..., Any] | None:
         ValueError: an unknown zoo name (the message lists the names it knows), or a
             reference that is not ``package.module:function``.
     """
-    from engine.models import get_constructor, parse_reference
+    from dptrain.engine.models import get_constructor, parse_reference
 
     if ":" in name:
         parse_reference(name)
@@ -418,7 +418,7 @@ def build_model(name: str, args: Mapping[str, Any]) -> Any:
     Returns:
         The new ``engine.nn.Module``.
     """
-    from engine.models import get_model
+    from dptrain.engine.models import get_model
 
     return get_model(name, **dict(args))
 
@@ -445,8 +445,8 @@ def _check_args(path: str, fn: Callable[..., Any], args: dict[str, Any], what: s
 def _check_scheduler(cls_name: str, scheduler: SchedulerSpec) -> list[FieldError]:
     """Errors of a schedule's arguments: names its class does not take, then the values it
     refuses, found by building it over a throw-away parameter (as the workers will)."""
-    import engine
-    from engine.optim import SGD, lr_scheduler
+    from dptrain import engine
+    from dptrain.engine.optim import SGD, lr_scheduler
 
     cls = getattr(lr_scheduler, cls_name)
     errors = _check_args("scheduler.args", cls, scheduler.args,
@@ -476,7 +476,7 @@ def validate(spec: JobSpec) -> list[FieldError]:
     Returns:
         The broken rules, empty when the spec can run.
     """
-    from worker import data  # the data registry; imported here to keep spec import light
+    from dptrain.worker import data  # the data registry; imported here to keep spec import light
 
     e: list[FieldError] = []
     if not _NAME_RE.fullmatch(spec.name):

@@ -10,7 +10,7 @@ ranks only through the `Communicator`; it never calls MPI itself. One step::
     non-finite loss -> stop, naming the step (before the update: parameters stay finite)
     optimizer.step(); scheduler.step()
 
-Exit codes (`run_job` returns them in `TrainResult.exit_code`; ``python -m worker`` exits
+Exit codes (`run_job` returns them in `TrainResult.exit_code`; ``python -m dptrain.worker`` exits
 with them):
 
 ===  ===================================================================================
@@ -34,13 +34,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import dptrain.engine.functional as F
 import numpy as np
-
-import engine
-import engine.functional as F
-from engine.optim import lr_scheduler
-from worker import checkpoint as ckpt
-from worker.data import (
+from dptrain import engine
+from dptrain.engine.optim import lr_scheduler
+from dptrain.worker import checkpoint as ckpt
+from dptrain.worker.data import (
     DataError,
     Dataset,
     Subset,
@@ -48,8 +47,8 @@ from worker.data import (
     load_dataset,
     train_validation_split,
 )
-from worker.events import Reporter
-from worker.spec import (
+from dptrain.worker.events import Reporter
+from dptrain.worker.spec import (
     MAX_STEPS,
     SCHEDULERS,
     FieldError,
@@ -456,8 +455,8 @@ def run_job(spec: JobSpec, comm: Any = None, checkpoint_dir: str | None = None,
     Raises:
         JobFailed: raised on every rank alike (bad data, batch size, checkpoint mismatch).
     """
-    from worker.comm import Communicator
-    from worker.ddp import DistributedDataParallel
+    from dptrain.worker.comm import Communicator
+    from dptrain.worker.ddp import DistributedDataParallel
 
     comm = Communicator() if comm is None else comm
     install_preemption_handler()

@@ -5,18 +5,18 @@ also name its own constructor as ``"package.module:function"``. Each constructor
 gives its arguments and the input it expects.
 
 Example:
-    >>> import engine
-    >>> from engine.models import get_model, list_models
+    >>> from dptrain import engine
+    >>> from dptrain.engine.models import get_model, list_models
     >>> list_models()
     ['lenet', 'lstm_lm', 'mlp', 'resnet', 'transformer_lm']
     >>> get_model("lenet", image_size=8)(engine.zeros(1, 1, 8, 8)).shape
     (1, 10)
 """
 
-from engine.models import lenet, lstm_lm, mlp, resnet, transformer_lm  # noqa: F401 (register)
-from engine.models.lenet import LeNet
-from engine.models.lstm_lm import LSTMLanguageModel
-from engine.models.registry import (
+from dptrain.engine.models import lenet, lstm_lm, mlp, resnet, transformer_lm  # noqa: F401 (register)
+from dptrain.engine.models.lenet import LeNet
+from dptrain.engine.models.lstm_lm import LSTMLanguageModel
+from dptrain.engine.models.registry import (
     get_constructor,
     get_model,
     list_models,
@@ -24,8 +24,8 @@ from engine.models.registry import (
     parse_reference,
     register_model,
 )
-from engine.models.resnet import BasicBlock, ResNet
-from engine.models.transformer_lm import TransformerLM
+from dptrain.engine.models.resnet import BasicBlock, ResNet
+from dptrain.engine.models.transformer_lm import TransformerLM
 
 __all__ = ["get_model", "get_constructor", "list_models", "register_model", "model_signature",
            "parse_reference", "LeNet", "ResNet", "BasicBlock", "TransformerLM", "LSTMLanguageModel"]

@@ -3,7 +3,7 @@ what it expected and what came."""
 
 from __future__ import annotations
 
-from engine.tensor import Tensor
+from dptrain.engine.tensor import Tensor
 
 __all__ = ["check_args", "check_tokens"]
 

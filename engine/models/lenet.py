@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from engine.models.checks import check_args
-from engine.models.registry import register_model
-from engine.nn import Conv2d, Flatten, Linear, MaxPool2d, Module, ReLU, Sequential
-from engine.tensor import Tensor
+from dptrain.engine.models.checks import check_args
+from dptrain.engine.models.registry import register_model
+from dptrain.engine.nn import Conv2d, Flatten, Linear, MaxPool2d, Module, ReLU, Sequential
+from dptrain.engine.tensor import Tensor
 
 __all__ = ["LeNet"]
 
@@ -35,8 +35,8 @@ class LeNet(Module):
     Input: (N, in_channels, image_size, image_size) floats. Output: (N, num_classes) logits.
 
     Example:
-        >>> import engine
-        >>> from engine.models import get_model
+        >>> from dptrain import engine
+        >>> from dptrain.engine.models import get_model
         >>> get_model("lenet", image_size=8)(engine.randn(2, 1, 8, 8)).shape
         (2, 10)
     """

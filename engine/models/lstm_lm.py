@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from engine.models.checks import check_args, check_probability, check_tokens
-from engine.models.registry import register_model
-from engine.nn import LSTM, Dropout, Embedding, Linear, Module
-from engine.tensor import Tensor
+from dptrain.engine.models.checks import check_args, check_probability, check_tokens
+from dptrain.engine.models.registry import register_model
+from dptrain.engine.nn import LSTM, Dropout, Embedding, Linear, Module
+from dptrain.engine.tensor import Tensor
 
 __all__ = ["LSTMLanguageModel"]
 
@@ -27,8 +27,8 @@ class LSTMLanguageModel(Module):
     position t scores the token that follows input[:, t].
 
     Example:
-        >>> import engine
-        >>> from engine.models import get_model
+        >>> from dptrain import engine
+        >>> from dptrain.engine.models import get_model
         >>> lm = get_model("lstm_lm", vocab_size=30, embed_dim=8, hidden_size=16)
         >>> lm(engine.randint(0, 30, (2, 5))).shape
         (2, 5, 30)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from engine.models.checks import check_args, check_probability
-from engine.models.registry import register_model
-from engine.nn import Dropout, Linear, ReLU, Sequential
+from dptrain.engine.models.checks import check_args, check_probability
+from dptrain.engine.models.registry import register_model
+from dptrain.engine.nn import Dropout, Linear, ReLU, Sequential
 
 __all__ = ["mlp"]
 
@@ -28,8 +28,8 @@ def mlp(in_features: int = 64, hidden: Sequence[int] = (128, 64), num_classes: i
         A `Sequential`. Input: (N, in_features) floats; output: (N, num_classes) logits.
 
     Example:
-        >>> import engine
-        >>> from engine.models import get_model
+        >>> from dptrain import engine
+        >>> from dptrain.engine.models import get_model
         >>> get_model("mlp", in_features=4, hidden=[8], num_classes=3)(engine.randn(2, 4)).shape
         (2, 3)
     """

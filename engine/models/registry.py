@@ -14,7 +14,7 @@ import inspect
 import keyword
 from collections.abc import Callable
 
-from engine.nn.module import Module
+from dptrain.engine.nn.module import Module
 
 __all__ = ["register_model", "get_model", "get_constructor", "list_models", "model_signature",
            "parse_reference"]
@@ -33,8 +33,8 @@ def register_model(name: str) -> Callable[[Callable[..., Module]], Callable[...,
         The decorator, which returns the constructor unchanged.
 
     Example:
-        >>> from engine import nn
-        >>> from engine.models import register_model, get_model
+        >>> from dptrain.engine import nn
+        >>> from dptrain.engine.models import register_model, get_model
         >>> @register_model("tiny_mlp_example")
         ... def tiny(width: int = 4) -> nn.Module:
         ...     return nn.Linear(2, width)
@@ -193,7 +193,7 @@ def get_model(name: str, **args) -> Module:
         TypeError: unknown or missing arguments, or a constructor that returns no Module.
 
     Example:
-        >>> from engine.models import get_model
+        >>> from dptrain.engine.models import get_model
         >>> model = get_model("mlp", in_features=4, hidden=(8,), num_classes=3)
         >>> [n for n, _ in model.named_parameters()]
         ['0.weight', '0.bias', '2.weight', '2.bias']

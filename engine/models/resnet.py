@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from engine.models.checks import check_args
-from engine.models.registry import register_model
-from engine.nn import (
+from dptrain.engine.models.checks import check_args
+from dptrain.engine.models.registry import register_model
+from dptrain.engine.nn import (
     AdaptiveAvgPool2d,
     BatchNorm2d,
     Conv2d,
@@ -13,7 +13,7 @@ from engine.nn import (
     Sequential,
     init,
 )
-from engine.tensor import Tensor
+from dptrain.engine.tensor import Tensor
 
 __all__ = ["BasicBlock", "ResNet"]
 
@@ -67,8 +67,8 @@ class ResNet(Module):
     Input: (N, in_channels, H, W) floats. Output: (N, num_classes) logits.
 
     Example:
-        >>> import engine
-        >>> from engine.models import get_model
+        >>> from dptrain import engine
+        >>> from dptrain.engine.models import get_model
         >>> get_model("resnet", depth=8, width=4)(engine.randn(2, 3, 8, 8)).shape
         (2, 10)
     """

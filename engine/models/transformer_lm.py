@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import math
 
-from engine import functional as F
-from engine.factories import arange
-from engine.models.checks import check_args, check_probability, check_tokens
-from engine.models.registry import register_model
-from engine.nn import (
+from dptrain.engine import functional as F
+from dptrain.engine.factories import arange
+from dptrain.engine.models.checks import check_args, check_probability, check_tokens
+from dptrain.engine.models.registry import register_model
+from dptrain.engine.nn import (
     Dropout,
     Embedding,
     LayerNorm,
@@ -19,7 +19,7 @@ from engine.nn import (
     TransformerEncoderLayer,
     init,
 )
-from engine.tensor import Tensor
+from dptrain.engine.tensor import Tensor
 
 __all__ = ["TransformerLM"]
 
@@ -49,8 +49,8 @@ class TransformerLM(Module):
     position t sees only tokens 0..t and scores the token that follows.
 
     Example:
-        >>> import engine
-        >>> from engine.models import get_model
+        >>> from dptrain import engine
+        >>> from dptrain.engine.models import get_model
         >>> lm = get_model("transformer_lm", vocab_size=30, d_model=16, n_layers=1,
         ...                n_heads=2, context=8)
         >>> lm(engine.randint(0, 30, (2, 8))).shape

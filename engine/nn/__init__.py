@@ -2,19 +2,23 @@
 with PyTorch's names (``torch.nn``).
 
 Example:
-    >>> import engine
-    >>> from engine import nn
+    >>> from dptrain import engine
+    >>> from dptrain.engine import nn
     >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
     >>> [name for name, _ in model.named_parameters()]
     ['0.weight', '0.bias', '2.weight', '2.bias']
 """
 
-from engine import functional
-from engine.nn import init, utils
-from engine.nn.attention import MultiheadAttention, TransformerEncoder, TransformerEncoderLayer
-from engine.nn.containers import ModuleDict, ModuleList, Sequential
-from engine.nn.conv import AdaptiveAvgPool2d, AvgPool2d, Conv1d, Conv2d, MaxPool2d
-from engine.nn.layers import (
+from dptrain.engine import functional
+from dptrain.engine.nn import init, utils
+from dptrain.engine.nn.attention import (
+    MultiheadAttention,
+    TransformerEncoder,
+    TransformerEncoderLayer,
+)
+from dptrain.engine.nn.containers import ModuleDict, ModuleList, Sequential
+from dptrain.engine.nn.conv import AdaptiveAvgPool2d, AvgPool2d, Conv1d, Conv2d, MaxPool2d
+from dptrain.engine.nn.layers import (
     GELU,
     CrossEntropyLoss,
     Dropout,
@@ -31,10 +35,10 @@ from engine.nn.layers import (
     Softmax,
     Tanh,
 )
-from engine.nn.module import Module
-from engine.nn.norm import BatchNorm1d, BatchNorm2d
-from engine.nn.parameter import Parameter
-from engine.nn.recurrent import GRU, LSTM, RNN, GRUCell, LSTMCell, RNNBase, RNNCell
+from dptrain.engine.nn.module import Module
+from dptrain.engine.nn.norm import BatchNorm1d, BatchNorm2d
+from dptrain.engine.nn.parameter import Parameter
+from dptrain.engine.nn.recurrent import GRU, LSTM, RNN, GRUCell, LSTMCell, RNNBase, RNNCell
 
 __all__ = [
     "Parameter", "Module", "Sequential", "ModuleList", "ModuleDict", "Identity", "Linear",

@@ -15,16 +15,15 @@ import numbers
 from collections.abc import Callable
 
 import numpy
-
-from engine import functional as F
-from engine.backend import get_array_module
-from engine.nn import init
-from engine.nn.containers import ModuleList
-from engine.nn.layers import Dropout, LayerNorm, Linear, _empty
-from engine.nn.module import Module
-from engine.nn.parameter import Parameter
-from engine.ops import softmax
-from engine.tensor import Tensor
+from dptrain.engine import functional as F
+from dptrain.engine.backend import get_array_module
+from dptrain.engine.nn import init
+from dptrain.engine.nn.containers import ModuleList
+from dptrain.engine.nn.layers import Dropout, LayerNorm, Linear, _empty
+from dptrain.engine.nn.module import Module
+from dptrain.engine.nn.parameter import Parameter
+from dptrain.engine.ops import softmax
+from dptrain.engine.tensor import Tensor
 
 __all__ = ["MultiheadAttention", "TransformerEncoderLayer", "TransformerEncoder"]
 
@@ -73,8 +72,8 @@ class MultiheadAttention(Module):
         dtype: the parameters' floating dtype.
 
     Example:
-        >>> import engine
-        >>> from engine import nn
+        >>> from dptrain import engine
+        >>> from dptrain.engine import nn
         >>> mha = nn.MultiheadAttention(16, 4, batch_first=True)
         >>> x = engine.randn(2, 5, 16)
         >>> out, weights = mha(x, x, x)

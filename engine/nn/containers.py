@@ -11,7 +11,7 @@ import operator
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Mapping
 
-from engine.nn.module import Module, _addindent
+from dptrain.engine.nn.module import Module, _addindent
 
 __all__ = ["Sequential", "ModuleList", "ModuleDict"]
 
@@ -30,7 +30,7 @@ class Sequential(Module):
         *args: modules, named "0", "1", ...; or a single OrderedDict of ``{name: module}``.
 
     Example:
-        >>> from engine import nn
+        >>> from dptrain.engine import nn
         >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
         >>> len(model), type(model[-1]).__name__
         (3, 'Linear')
@@ -110,7 +110,7 @@ class ModuleList(Module):
         modules: the initial modules.
 
     Example:
-        >>> from engine import nn
+        >>> from dptrain.engine import nn
         >>> layers = nn.ModuleList([nn.Linear(4, 4) for _ in range(3)])
         >>> [name for name, _ in layers.named_parameters()][:2]
         ['0.weight', '0.bias']
@@ -202,7 +202,7 @@ class ModuleDict(Module):
         modules: a mapping or an iterable of ``(name, module)`` pairs.
 
     Example:
-        >>> from engine import nn
+        >>> from dptrain.engine import nn
         >>> heads = nn.ModuleDict({"cls": nn.Linear(4, 3), "reg": nn.Linear(4, 1)})
         >>> list(heads)
         ['cls', 'reg']

@@ -12,12 +12,12 @@ from __future__ import annotations
 import math
 import numbers
 
-from engine import functional as F
-from engine.nn import init
-from engine.nn.layers import _empty
-from engine.nn.module import Module
-from engine.nn.parameter import Parameter
-from engine.tensor import Tensor
+from dptrain.engine import functional as F
+from dptrain.engine.nn import init
+from dptrain.engine.nn.layers import _empty
+from dptrain.engine.nn.module import Module
+from dptrain.engine.nn.parameter import Parameter
+from dptrain.engine.tensor import Tensor
 
 __all__ = ["Conv1d", "Conv2d", "MaxPool2d", "AvgPool2d", "AdaptiveAvgPool2d"]
 
@@ -125,8 +125,8 @@ class Conv2d(_ConvNd):
     H_out = floor((H + 2 ph - dh (kh - 1) - 1) / sh) + 1.
 
     Example:
-        >>> import engine
-        >>> from engine import nn
+        >>> from dptrain import engine
+        >>> from dptrain.engine import nn
         >>> nn.Conv2d(3, 8, 3, padding=1)(engine.randn(2, 3, 16, 16)).shape
         (2, 8, 16, 16)
     """
@@ -144,8 +144,8 @@ class Conv1d(_ConvNd):
     Args: as `Conv2d`, with ints (or 1-tuples) for kernel_size, stride, padding and dilation.
 
     Example:
-        >>> import engine
-        >>> from engine import nn
+        >>> from dptrain import engine
+        >>> from dptrain.engine import nn
         >>> nn.Conv1d(4, 6, 5)(engine.randn(2, 4, 20)).shape
         (2, 6, 16)
     """
@@ -174,8 +174,8 @@ class MaxPool2d(Module):
     H_out = floor((H + 2 ph - dh (kh - 1) - 1) / sh) + 1.
 
     Example:
-        >>> import engine
-        >>> from engine import nn
+        >>> from dptrain import engine
+        >>> from dptrain.engine import nn
         >>> nn.MaxPool2d(2)(engine.randn(1, 3, 8, 8)).shape
         (1, 3, 4, 4)
     """

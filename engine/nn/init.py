@@ -11,9 +11,8 @@ from __future__ import annotations
 import math
 
 import numpy
-
-from engine import backend
-from engine.tensor import Tensor
+from dptrain.engine import backend
+from dptrain.engine.tensor import Tensor
 
 __all__ = [
     "calculate_gain",

@@ -10,14 +10,13 @@ import math
 import warnings
 
 import numpy
-
-from engine import functional as F
-from engine.backend import Device, check_dtype
-from engine.dtypes import default_float
-from engine.nn import init
-from engine.nn.module import Module
-from engine.nn.parameter import Parameter
-from engine.tensor import Tensor
+from dptrain.engine import functional as F
+from dptrain.engine.backend import Device, check_dtype
+from dptrain.engine.dtypes import default_float
+from dptrain.engine.nn import init
+from dptrain.engine.nn.module import Module
+from dptrain.engine.nn.parameter import Parameter
+from dptrain.engine.tensor import Tensor
 
 __all__ = [
     "Identity", "Linear", "ReLU", "GELU", "Tanh", "Sigmoid", "SiLU", "Softmax", "LogSoftmax",
@@ -57,8 +56,8 @@ class Linear(Module):
         dtype: the parameters' floating dtype (float32 by default).
 
     Example:
-        >>> import engine
-        >>> from engine import nn
+        >>> from dptrain import engine
+        >>> from dptrain.engine import nn
         >>> nn.Linear(784, 1024)
         Linear(in_features=784, out_features=1024, bias=True)
         >>> nn.Linear(3, 2)(engine.ones(5, 3)).shape

@@ -13,9 +13,9 @@ import itertools
 from collections import OrderedDict, namedtuple
 from collections.abc import Callable, Iterator, Mapping
 
-from engine.backend import Device, check_dtype, get_array_module
-from engine.nn.parameter import Parameter
-from engine.tensor import RemovableHandle, Tensor
+from dptrain.engine.backend import Device, check_dtype, get_array_module
+from dptrain.engine.nn.parameter import Parameter
+from dptrain.engine.tensor import RemovableHandle, Tensor
 
 __all__ = ["Module"]
 
@@ -80,7 +80,7 @@ class Module:
     attributes in ``__init__``, and define ``forward``.
 
     Example:
-        >>> from engine import nn
+        >>> from dptrain.engine import nn
         >>> class MLP(nn.Module):
         ...     def __init__(self):
         ...         super().__init__()

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import numbers
 
-from engine import functional as F
-from engine.backend import Device
-from engine.nn import init
-from engine.nn.layers import _empty
-from engine.nn.module import Module
-from engine.nn.parameter import Parameter
-from engine.tensor import Tensor
+from dptrain.engine import functional as F
+from dptrain.engine.backend import Device
+from dptrain.engine.nn import init
+from dptrain.engine.nn.layers import _empty
+from dptrain.engine.nn.module import Module
+from dptrain.engine.nn.parameter import Parameter
+from dptrain.engine.tensor import Tensor
 
 __all__ = ["BatchNorm1d", "BatchNorm2d"]
 
@@ -133,8 +133,8 @@ class BatchNorm1d(_BatchNorm):
         dtype: their floating dtype.
 
     Example:
-        >>> import engine
-        >>> from engine import nn
+        >>> from dptrain import engine
+        >>> from dptrain.engine import nn
         >>> bn = nn.BatchNorm1d(4)
         >>> bn(engine.randn(8, 4)).shape, int(bn.num_batches_tracked)
         ((8, 4), 1)
@@ -150,8 +150,8 @@ class BatchNorm2d(_BatchNorm):
     Args: as `BatchNorm1d`.
 
     Example:
-        >>> import engine
-        >>> from engine import nn
+        >>> from dptrain import engine
+        >>> from dptrain.engine import nn
         >>> nn.BatchNorm2d(3)(engine.randn(4, 3, 5, 5)).shape
         (4, 3, 5, 5)
     """

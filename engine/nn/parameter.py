@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import numpy
-
-from engine.dtypes import default_float
-from engine.tensor import Tensor
+from dptrain.engine.dtypes import default_float
+from dptrain.engine.tensor import Tensor
 
 __all__ = ["Parameter"]
 
@@ -21,7 +20,7 @@ class Parameter(Tensor):
 
     Example:
         >>> import numpy
-        >>> from engine.nn import Parameter
+        >>> from dptrain.engine.nn import Parameter
         >>> p = Parameter(numpy.ones(2, dtype=numpy.float32))
         >>> p.requires_grad
         True

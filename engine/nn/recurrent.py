@@ -14,14 +14,14 @@ import math
 import numbers
 import warnings
 
-from engine import functional as F
-from engine.backend import get_array_module
-from engine.nn import init
-from engine.nn.layers import _empty
-from engine.nn.module import Module
-from engine.nn.parameter import Parameter
-from engine.ops import cat, stack
-from engine.tensor import Tensor
+from dptrain.engine import functional as F
+from dptrain.engine.backend import get_array_module
+from dptrain.engine.nn import init
+from dptrain.engine.nn.layers import _empty
+from dptrain.engine.nn.module import Module
+from dptrain.engine.nn.parameter import Parameter
+from dptrain.engine.ops import cat, stack
+from dptrain.engine.tensor import Tensor
 
 __all__ = ["RNNBase", "RNN", "LSTM", "GRU", "RNNCell", "LSTMCell", "GRUCell"]
 
@@ -266,8 +266,8 @@ class RNN(RNNBase):
         dtype: the parameters' floating dtype.
 
     Example:
-        >>> import engine
-        >>> from engine import nn
+        >>> from dptrain import engine
+        >>> from dptrain.engine import nn
         >>> rnn = nn.RNN(10, 20, num_layers=2, batch_first=True)
         >>> out, h_n = rnn(engine.randn(3, 5, 10))
         >>> out.shape, h_n.shape
@@ -298,8 +298,8 @@ class LSTM(RNNBase):
     ``(output, (h_n, c_n))``.
 
     Example:
-        >>> import engine
-        >>> from engine import nn
+        >>> from dptrain import engine
+        >>> from dptrain.engine import nn
         >>> lstm = nn.LSTM(8, 16)
         >>> out, (h_n, c_n) = lstm(engine.randn(5, 2, 8))
         >>> out.shape, c_n.shape

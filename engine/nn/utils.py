@@ -11,10 +11,9 @@ import warnings
 from collections.abc import Iterable
 
 import numpy
-
-from engine.backend import get_array_module
-from engine.ops import cat
-from engine.tensor import Tensor
+from dptrain.engine.backend import get_array_module
+from dptrain.engine.ops import cat
+from dptrain.engine.tensor import Tensor
 
 __all__ = ["clip_grad_norm_", "clip_grad_value_", "parameters_to_vector",
            "vector_to_parameters"]
@@ -48,8 +47,8 @@ def clip_grad_norm_(parameters: Tensor | Iterable[Tensor], max_norm: float,
         The total norm before clipping, as a 0-d Tensor (in the gradients' dtype).
 
     Example:
-        >>> import engine
-        >>> from engine import nn
+        >>> from dptrain import engine
+        >>> from dptrain.engine import nn
         >>> p = nn.Parameter(engine.zeros(2))
         >>> p.grad = engine.tensor([3.0, 4.0])
         >>> nn.utils.clip_grad_norm_([p], max_norm=1.0).item()

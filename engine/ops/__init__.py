@@ -15,7 +15,7 @@ To add an op: its `Op` and wrapper in the family module, the wrapper under one
 from __future__ import annotations
 
 # Imported for their declarations: each family registers its exports as it loads.
-from engine.ops import (  # noqa: F401
+from dptrain.engine.ops import (  # noqa: F401
     activation,
     attention,
     conv,
@@ -28,9 +28,9 @@ from engine.ops import (  # noqa: F401
     reduce,
     shape,
 )
-from engine.ops.core import Op, apply
-from engine.ops.registry import FUNCTION, export
-from engine.tensor import Tensor
+from dptrain.engine.ops.core import Op, apply
+from dptrain.engine.ops.registry import FUNCTION, export
+from dptrain.engine.tensor import Tensor
 
 export.bind(Tensor)
 _functions = export.functions(FUNCTION)

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from engine.ops.core import Op, apply
-from engine.ops.registry import FUNCTION, FUNCTIONAL, METHOD, export
-from engine.ops.shape import _dim
-from engine.tensor import Tensor
+from dptrain.engine.ops.core import Op, apply
+from dptrain.engine.ops.registry import FUNCTION, FUNCTIONAL, METHOD, export
+from dptrain.engine.ops.shape import _dim
+from dptrain.engine.tensor import Tensor
 
 
 def _softmax(xp, x, axis):

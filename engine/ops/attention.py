@@ -12,12 +12,11 @@ from __future__ import annotations
 import math
 
 import numpy
-
-from engine.backend import get_array_module
-from engine.ops.core import Op, apply
-from engine.ops.elementwise import dropout
-from engine.ops.registry import FUNCTIONAL, export
-from engine.tensor import Tensor
+from dptrain.engine.backend import get_array_module
+from dptrain.engine.ops.core import Op, apply
+from dptrain.engine.ops.elementwise import dropout
+from dptrain.engine.ops.registry import FUNCTIONAL, export
+from dptrain.engine.tensor import Tensor
 
 
 def _masked_softmax_forward(xp, x, mask):
@@ -75,7 +74,7 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor,
         PyTorch 2.5 and later (earlier versions gave NaN).
 
     Example:
-        >>> import engine, engine.functional as F
+        >>> import dptrain.engine as engine, dptrain.engine.functional as F
         >>> q = k = v = engine.ones(2, 3, 4)
         >>> F.scaled_dot_product_attention(q, k, v, is_causal=True).shape
         (2, 3, 4)

@@ -23,10 +23,9 @@ Python loops run over chunks and kernel positions, never over output pixels.
 from __future__ import annotations
 
 import numpy
-
-from engine.ops.core import Op, apply
-from engine.ops.registry import FUNCTIONAL, export
-from engine.tensor import Tensor
+from dptrain.engine.ops.core import Op, apply
+from dptrain.engine.ops.registry import FUNCTIONAL, export
+from dptrain.engine.tensor import Tensor
 
 # Bytes of column matrix per chunk: fits an L2 cache (1-2 MiB on current x86 cores).
 _CHUNK_BYTES = 1 << 20
@@ -359,7 +358,7 @@ def conv2d(input: Tensor, weight: Tensor, bias: Tensor | None = None, stride=1, 
         (3-D for an unbatched input).
 
     Example:
-        >>> import engine, engine.functional as F
+        >>> import dptrain.engine as engine, dptrain.engine.functional as F
         >>> x = engine.ones(1, 1, 4, 4)
         >>> F.conv2d(x, engine.ones(2, 1, 3, 3), padding=1).shape
         (1, 2, 4, 4)

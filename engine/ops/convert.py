@@ -3,11 +3,11 @@
 
 from __future__ import annotations
 
-from engine.backend import Device, check_dtype, get_array_module
-from engine.ops.core import Op, apply
-from engine.ops.registry import METHOD, export
-from engine.ops.shape import clone
-from engine.tensor import Tensor
+from dptrain.engine.backend import Device, check_dtype, get_array_module
+from dptrain.engine.ops.core import Op, apply
+from dptrain.engine.ops.registry import METHOD, export
+from dptrain.engine.ops.shape import clone
+from dptrain.engine.tensor import Tensor
 
 _to = Op("to", lambda xp, x, dtype: x.astype(dtype), (lambda xp, g, ans, x, dtype: g,),
          save=False)

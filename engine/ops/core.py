@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-from engine.backend import get_array_module
-from engine.tensor import NOT_SAVED, Node, Tensor, _mode
+from dptrain.engine.backend import get_array_module
+from dptrain.engine.tensor import NOT_SAVED, Node, Tensor, _mode
 
 __all__ = ["Op", "apply"]
 

@@ -9,14 +9,13 @@ from __future__ import annotations
 import numbers
 
 import numpy
-
-from engine.backend import generator, get_array_module, special
-from engine.dtypes import default_float
-from engine.ops.convert import _to
-from engine.ops.core import Op, apply
-from engine.ops.inplace import add_, clamp_, div_, mul_, sub_
-from engine.ops.registry import FUNCTION, FUNCTIONAL, METHOD, export
-from engine.tensor import Tensor
+from dptrain.engine.backend import generator, get_array_module, special
+from dptrain.engine.dtypes import default_float
+from dptrain.engine.ops.convert import _to
+from dptrain.engine.ops.core import Op, apply
+from dptrain.engine.ops.inplace import add_, clamp_, div_, mul_, sub_
+from dptrain.engine.ops.registry import FUNCTION, FUNCTIONAL, METHOD, export
+from dptrain.engine.tensor import Tensor
 
 # ---------------------------------------------------------------- arithmetic
 
@@ -269,7 +268,7 @@ def _coerce(t: Tensor, other):
         if isinstance(other, float) and t.data.dtype.kind in "iub":
             t = apply(_to, t, dtype=default_float)
         return t, other
-    from engine.factories import tensor
+    from dptrain.engine.factories import tensor
 
     return t, tensor(other)
 

@@ -8,11 +8,11 @@ version counter so a graph that saved the old values notices. The variants of ou
 
 from __future__ import annotations
 
-from engine.backend import get_array_module
-from engine.ops.convert import _move
-from engine.ops.registry import METHOD, export
-from engine.ops.shape import _index_key
-from engine.tensor import Tensor, _mode
+from dptrain.engine.backend import get_array_module
+from dptrain.engine.ops.convert import _move
+from dptrain.engine.ops.registry import METHOD, export
+from dptrain.engine.ops.shape import _index_key
+from dptrain.engine.tensor import Tensor, _mode
 
 
 def _check_inplace(name: str, t: Tensor, other=None) -> None:

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from engine.ops.core import Op, apply
-from engine.ops.registry import FUNCTION, FUNCTIONAL, METHOD, export
-from engine.tensor import Tensor
+from dptrain.engine.ops.core import Op, apply
+from dptrain.engine.ops.registry import FUNCTION, FUNCTIONAL, METHOD, export
+from dptrain.engine.tensor import Tensor
 
 
 def _mT(a):
@@ -74,7 +74,7 @@ def matmul(x: Tensor, y: Tensor) -> Tensor:
 @export(operators=("__rmatmul__",))
 def rmatmul(x: Tensor, y) -> Tensor:
     """``y @ x`` where y is not a Tensor."""
-    from engine.factories import tensor
+    from dptrain.engine.factories import tensor
 
     return matmul(tensor(y), x)
 

@@ -13,10 +13,10 @@ are functions of x. The running statistics are updated in place there too, as Py
 
 from __future__ import annotations
 
-from engine.backend import get_array_module
-from engine.ops.core import Op, apply
-from engine.ops.registry import FUNCTIONAL, export
-from engine.tensor import Tensor
+from dptrain.engine.backend import get_array_module
+from dptrain.engine.ops.core import Op, apply
+from dptrain.engine.ops.registry import FUNCTIONAL, export
+from dptrain.engine.tensor import Tensor
 
 
 def _channel_sum(a):
@@ -93,7 +93,7 @@ def batch_norm(input: Tensor, running_mean: Tensor | None, running_var: Tensor |
         A tensor shaped like `input`.
 
     Example:
-        >>> import engine, engine.functional as F
+        >>> import dptrain.engine as engine, dptrain.engine.functional as F
         >>> x = engine.tensor([[1.0], [3.0]])
         >>> [round(v, 4) for v in F.batch_norm(x, None, None, training=True).flatten().tolist()]
         [-1.0, 1.0]

@@ -12,11 +12,10 @@ from __future__ import annotations
 import math
 
 import numpy
-
-from engine.ops.conv import _positive, _tuple
-from engine.ops.core import Op, apply
-from engine.ops.registry import FUNCTIONAL, export
-from engine.tensor import Tensor
+from dptrain.engine.ops.conv import _positive, _tuple
+from dptrain.engine.ops.core import Op, apply
+from dptrain.engine.ops.registry import FUNCTIONAL, export
+from dptrain.engine.tensor import Tensor
 
 
 def _pool_size(n: int, k: int, s: int, p: int, d: int, ceil_mode: bool) -> int:
@@ -220,7 +219,7 @@ def max_pool2d(input: Tensor, kernel_size, stride=None, padding=0, dilation=1,
         gradient goes to the first maximum of each window.
 
     Example:
-        >>> import engine, engine.functional as F
+        >>> import dptrain.engine as engine, dptrain.engine.functional as F
         >>> F.max_pool2d(engine.arange(16.0).reshape(1, 1, 4, 4), 2).tolist()
         [[[[5.0, 7.0], [13.0, 15.0]]]]
     """

@@ -9,9 +9,9 @@ from __future__ import annotations
 import builtins
 from collections import namedtuple
 
-from engine.ops.core import Op, apply
-from engine.ops.registry import FUNCTION, METHOD, export
-from engine.tensor import Tensor
+from dptrain.engine.ops.core import Op, apply
+from dptrain.engine.ops.registry import FUNCTION, METHOD, export
+from dptrain.engine.tensor import Tensor
 
 
 def _axes(dim, ndim: int) -> tuple | None:
@@ -184,7 +184,7 @@ def max(x: Tensor, dim=None, keepdim: bool = False):  # noqa: A001
     """``x.max()``: the largest value; ``x.max(dim)``: (values, indices) along `dim`.
     With a Tensor as second argument: the elementwise maximum."""
     if isinstance(dim, Tensor):
-        from engine.ops.elementwise import maximum
+        from dptrain.engine.ops.elementwise import maximum
 
         return maximum(x, dim)
     if dim is None:
@@ -196,7 +196,7 @@ def max(x: Tensor, dim=None, keepdim: bool = False):  # noqa: A001
 def min(x: Tensor, dim=None, keepdim: bool = False):  # noqa: A001
     """``x.min()``: the smallest value; ``x.min(dim)``: (values, indices) along `dim`."""
     if isinstance(dim, Tensor):
-        from engine.ops.elementwise import minimum
+        from dptrain.engine.ops.elementwise import minimum
 
         return minimum(x, dim)
     if dim is None:

@@ -15,7 +15,7 @@ functions, its ``__all__`` and the Tensor method table from these declarations, 
 line, and a test. A name taken twice in one place is refused when it is declared.
 
 Example:
-    >>> from engine.ops.registry import Exports, FUNCTION, METHOD
+    >>> from dptrain.engine.ops.registry import Exports, FUNCTION, METHOD
     >>> exports = Exports()
     >>> @exports(FUNCTION, METHOD, operators=("__neg__",))
     ... def negate(x):

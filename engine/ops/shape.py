@@ -10,10 +10,9 @@ import builtins
 import numbers
 
 import numpy
-
-from engine.ops.core import Op, apply
-from engine.ops.registry import FUNCTION, FUNCTIONAL, METHOD, PROPERTY, export
-from engine.tensor import IndexedGrad, Tensor
+from dptrain.engine.ops.core import Op, apply
+from dptrain.engine.ops.registry import FUNCTION, FUNCTIONAL, METHOD, PROPERTY, export
+from dptrain.engine.tensor import IndexedGrad, Tensor
 
 _reshape = Op("reshape", lambda xp, x, shape: x.reshape(shape),
               (lambda xp, g, ans, x, shape: g.reshape(x.shape),), save=False, view=True)
@@ -362,7 +361,7 @@ def gather(x: Tensor, dim: int, index: Tensor) -> Tensor:
 @export(FUNCTION, METHOD)
 def masked_fill(x: Tensor, mask, value) -> Tensor:
     """`x` with `value` where `mask` is True."""
-    from engine.ops.elementwise import where
+    from dptrain.engine.ops.elementwise import where
 
     m = mask.data if isinstance(mask, Tensor) else mask
     if getattr(m, "dtype", None) is None or m.dtype.kind != "b":

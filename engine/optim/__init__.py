@@ -2,8 +2,8 @@
 
 Example:
     >>> import numpy as np
-    >>> from engine.tensor import Tensor
-    >>> from engine.optim import SGD, lr_scheduler
+    >>> from dptrain.engine.tensor import Tensor
+    >>> from dptrain.engine.optim import SGD, lr_scheduler
     >>> w = Tensor(np.ones(3, dtype=np.float32), requires_grad=True)
     >>> opt = SGD([w], lr=0.1, momentum=0.9)
     >>> sched = lr_scheduler.StepLR(opt, step_size=10, gamma=0.5)
@@ -11,9 +11,9 @@ Example:
     >>> opt.step(); sched.step(); opt.zero_grad()
 """
 
-from engine.optim import lr_scheduler
-from engine.optim.adam import Adam, AdamW
-from engine.optim.optimizer import Optimizer
-from engine.optim.sgd import SGD
+from dptrain.engine.optim import lr_scheduler
+from dptrain.engine.optim.adam import Adam, AdamW
+from dptrain.engine.optim.optimizer import Optimizer
+from dptrain.engine.optim.sgd import SGD
 
 __all__ = ["Optimizer", "SGD", "Adam", "AdamW", "lr_scheduler"]

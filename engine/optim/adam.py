@@ -5,15 +5,15 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from engine.backend import get_array_module
-from engine.optim.optimizer import (
+from dptrain.engine.backend import get_array_module
+from dptrain.engine.optim.optimizer import (
     Optimizer,
     ParamsT,
     apply_blockwise,
     check_nonnegative,
     check_real,
 )
-from engine.tensor import Tensor
+from dptrain.engine.tensor import Tensor
 
 __all__ = ["Adam", "AdamW"]
 
@@ -42,7 +42,7 @@ class Adam(Optimizer):
 
     Example:
         >>> import numpy as np
-        >>> from engine.tensor import Tensor
+        >>> from dptrain.engine.tensor import Tensor
         >>> w = Tensor(np.array([1.0, 2.0]), requires_grad=True)
         >>> w.grad = Tensor(np.array([0.5, -1.0]))
         >>> Adam([w], lr=0.1).step()  # the first step moves each weight by about lr

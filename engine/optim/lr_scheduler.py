@@ -12,7 +12,7 @@ import types
 from collections.abc import Callable
 from typing import Any
 
-from engine.optim.optimizer import Optimizer, check_real
+from dptrain.engine.optim.optimizer import Optimizer, check_real
 
 __all__ = ["LRScheduler", "StepLR", "CosineAnnealingLR", "LinearLR", "LambdaLR"]
 

@@ -15,9 +15,8 @@ from numbers import Real
 from typing import Any
 
 import numpy
-
-from engine.backend import FLOAT_DTYPES, get_array_module
-from engine.tensor import Tensor, enable_grad
+from dptrain.engine.backend import FLOAT_DTYPES, get_array_module
+from dptrain.engine.tensor import Tensor, enable_grad
 
 __all__ = ["Optimizer", "ParamsT", "check_nonnegative", "check_real", "apply_blockwise"]
 

@@ -56,10 +56,9 @@ def held_out_metrics(model_file: str | Path, job_spec: dict[str, Any]) -> tuple[
         ``(val_accuracy, val_loss)``.
     """
     import numpy as np
+    from dptrain.worker.data import train_validation_split
     from safetensors.numpy import load_file
     from sklearn.datasets import load_digits
-
-    from worker.data import train_validation_split
 
     weights = {k: v.astype(np.float64) for k, v in load_file(str(model_file)).items()}
     digits = load_digits()
@@ -123,8 +122,8 @@ def fake_mpiexec(folder: Path, body: str, name: str = "fake-mpiexec") -> str:
 def small_checkpoint(root: Path, step: int) -> str:
     """Write a real worker checkpoint of a small model (its values depend on `step`) under
     `root`; returns its directory."""
-    import engine
-    from worker.checkpoint import write_checkpoint
+    from dptrain import engine
+    from dptrain.worker.checkpoint import write_checkpoint
 
     engine.manual_seed(step)
     model = engine.nn.Linear(4, 3)
@@ -195,7 +194,7 @@ def processes_with_env(text: str) -> list[int]:
 
 
 def rank_pids(run_id: str) -> list[int]:
-    """The ``python -m worker`` processes of one attempt (by its ``DPTRAIN_RUN_ID``)."""
+    """The ``python -m dptrain.worker`` processes of one attempt (by its ``DPTRAIN_RUN_ID``)."""
     pids = []
     for pid in processes_with_env(f"DPTRAIN_RUN_ID={run_id}"):
         try:
@@ -203,7 +202,8 @@ def rank_pids(run_id: str) -> list[int]:
                 argv = f.read().split(b"\0")
         except OSError:
             continue
-        if b"worker" in argv and b"-m" in argv and not any(b"mpiexec" in a for a in argv[:1]):
+        is_rank = b"dptrain.worker" in argv and b"-m" in argv
+        if is_rank and not any(b"mpiexec" in a for a in argv[:1]):
             pids.append(pid)
     return pids
 
@@ -261,7 +261,7 @@ class ServeProcess:
 
     def start(self) -> None:
         """Start it and wait until it serves."""
-        from coordinator.client import Client, ClientError
+        from dptrain.coordinator.client.client import Client, ClientError
 
         with open(self.log, "ab") as stderr:
             self.proc = subprocess.Popen(
@@ -281,7 +281,7 @@ class ServeProcess:
 
     def client(self):
         """A `coordinator.client.Client` of it (with the token of its state directory)."""
-        from coordinator.client import Client
+        from dptrain.coordinator.client.client import Client
 
         return Client(self.address, state_dir=self.state_dir, timeout=10)
 

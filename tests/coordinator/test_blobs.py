@@ -11,16 +11,15 @@ import stat
 import time
 
 import pytest
-
-from coordinator import blobs as blobs_module
-from coordinator.blobs import BlobStore
-from coordinator.errors import (
+from dptrain.coordinator.api.errors import (
     BlobCorrupted,
     BlobNotFound,
     BlobTooLarge,
     ChecksumMismatch,
     ValidationError,
 )
+from dptrain.coordinator.server import blobs as blobs_module
+from dptrain.coordinator.server.blobs import BlobStore
 
 DATA = bytes(range(256)) * 1000  # 256 kB
 SHA = hashlib.sha256(DATA).hexdigest()

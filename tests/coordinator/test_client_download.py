@@ -15,10 +15,9 @@ from pathlib import Path
 
 import grpc
 import pytest
-
-from coordinator.client import Client, ClientError
-from protos.dptrain.v1 import coordinator_pb2 as pb
-from protos.dptrain.v1 import coordinator_pb2_grpc as pb_grpc
+from dptrain.coordinator.client.client import Client, ClientError
+from dptrain.protos.dptrain.v1 import coordinator_pb2 as pb
+from dptrain.protos.dptrain.v1 import coordinator_pb2_grpc as pb_grpc
 
 PAYLOAD = bytes(range(256)) * 5000  # 1.28 MB: more than one chunk
 CHUNK = 1 << 20

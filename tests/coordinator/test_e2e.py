@@ -17,6 +17,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from dptrain import engine
+from dptrain.coordinator.api.records import Event, EventKind, Job, JobState
+from dptrain.coordinator.client.client import Client
+from dptrain.coordinator.client.follow import curves_figure
+from dptrain.coordinator.server.launchers.mpiexec import read_run_record
+from dptrain.coordinator.server.runner import JobRunner
+from dptrain.coordinator.server.scheduler import Cluster
+from dptrain.coordinator.server.server import serve
 from jobkit import (
     DPTRAIN,
     SLOW_SPEC,
@@ -33,15 +41,6 @@ from jobkit import (
     tensor_digests,
     wait_for,
 )
-
-import engine
-from coordinator.client import Client
-from coordinator.follow import curves_figure
-from coordinator.launcher import read_run_record
-from coordinator.model import Event, EventKind, Job, JobState
-from coordinator.runner import JobRunner
-from coordinator.scheduler import Cluster
-from coordinator.server import serve
 
 pytestmark = pytest.mark.timeout(240)
 S = JobState
@@ -379,7 +378,7 @@ def test_a_hung_rank_is_found_after_the_heartbeat_timeout(state_dir):
 
 
 def events_so_far(address: str, state_dir: Path, job_id: str) -> list[tuple]:
-    from coordinator.follow import events_now
+    from dptrain.coordinator.client.follow import events_now
 
     client = Client(address, state_dir=state_dir)  # events_now closes it
     return [(e.seq, e.kind, e.payload) for e in events_now(client, job_id, idle=0.5)]

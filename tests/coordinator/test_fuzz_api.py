@@ -27,19 +27,18 @@ from typing import Any
 
 import grpc
 import pytest
+from dptrain.coordinator.api import serde
+from dptrain.coordinator.api.limits import MAX_ERROR_MESSAGE, channel_options
+from dptrain.coordinator.api.records import Job, JobState, hash_token, new_job, new_token
+from dptrain.coordinator.server.auth import bearer_metadata
+from dptrain.coordinator.server.scheduler import Cluster
+from dptrain.coordinator.server.server import serve
+from dptrain.protos.dptrain.v1 import coordinator_pb2 as pb
+from dptrain.worker.spec import JobSpec
 from google.protobuf import descriptor, message_factory
 from google.protobuf.message import Message
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-from coordinator import serde
-from coordinator.auth import bearer_metadata
-from coordinator.limits import MAX_ERROR_MESSAGE, channel_options
-from coordinator.model import Job, JobState, hash_token, new_job, new_token
-from coordinator.scheduler import Cluster
-from coordinator.server import serve
-from protos.dptrain.v1 import coordinator_pb2 as pb
-from worker.spec import JobSpec
 
 pytestmark = pytest.mark.timeout(600)
 

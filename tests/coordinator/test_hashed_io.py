@@ -8,9 +8,8 @@ import os
 import threading
 
 import pytest
-
-from coordinator import hashed_io
-from coordinator.hashed_io import write_hashed
+from dptrain.coordinator.api import hashed_io
+from dptrain.coordinator.api.hashed_io import write_hashed
 
 DATA = os.urandom(5 * 1024 * 1024 + 123)
 

@@ -21,20 +21,19 @@ import grpc
 import numpy as np
 import pytest
 import yaml
+from dptrain.coordinator.api.limits import MAX_ERROR_MESSAGE, channel_options
+from dptrain.coordinator.api.records import JobState, hash_token, new_token
+from dptrain.coordinator.client.client import Client, ClientError
+from dptrain.coordinator.server.auth import bearer_metadata
+from dptrain.coordinator.server.runner import JobRunner
+from dptrain.coordinator.server.scheduler import Cluster
+from dptrain.coordinator.server.server import DB_FILE, serve
+from dptrain.protos.dptrain.v1 import coordinator_pb2 as pb
+from dptrain.protos.dptrain.v1 import coordinator_pb2_grpc as pb_grpc
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.message import Message
 from grpc_reflection.v1alpha import reflection_pb2
 from jobkit import descendants, kill_all, wait_for
-
-from coordinator.auth import bearer_metadata
-from coordinator.client import Client, ClientError
-from coordinator.limits import MAX_ERROR_MESSAGE, channel_options
-from coordinator.model import JobState, hash_token, new_token
-from coordinator.runner import JobRunner
-from coordinator.scheduler import Cluster
-from coordinator.server import DB_FILE, serve
-from protos.dptrain.v1 import coordinator_pb2 as pb
-from protos.dptrain.v1 import coordinator_pb2_grpc as pb_grpc
 
 pytestmark = pytest.mark.timeout(120)
 DPTRAIN = str(Path(sys.executable).parent / "dptrain")
@@ -226,7 +225,7 @@ def test_only_the_worker_imports_the_model_and_fails_the_job_once(tripwire, tmp_
     module, marker, env = tripwire
     job = tmp_path / "job.yaml"
     job.write_text(yaml.safe_dump({**SPEC, "model": {"name": f"{module}:build"}}))
-    run = subprocess.run([sys.executable, "-m", "worker", str(job), "--no-progress"],
+    run = subprocess.run([sys.executable, "-m", "dptrain.worker", str(job), "--no-progress"],
                          capture_output=True, text=True, timeout=60, env=env)
     assert marker.exists()  # the worker is where a user's code runs
     assert run.returncode == 2, run.stderr  # EXIT_INVALID: the runner does not restart it
@@ -390,7 +389,7 @@ def test_a_time_limit_beyond_a_year_is_refused(server, stub):
 def test_epochs_that_make_more_than_a_billion_steps_fail_on_the_worker(tmp_path):
     job = tmp_path / "job.yaml"
     job.write_text(yaml.safe_dump({**SPEC, "max_steps": None, "epochs": 10**9}))
-    run = subprocess.run([sys.executable, "-m", "worker", str(job), "--no-progress"],
+    run = subprocess.run([sys.executable, "-m", "dptrain.worker", str(job), "--no-progress"],
                          capture_output=True, text=True, timeout=60)
     assert run.returncode == 2, run.stderr
     assert ("dptrain worker: error: epochs: must make at most 1000000000 steps, at 7 per epoch "
@@ -402,7 +401,7 @@ def test_a_data_set_argument_its_constructor_refuses_fails_the_job_once(tmp_path
     job = tmp_path / "job.yaml"
     job.write_text(yaml.safe_dump({**SPEC, "dataset": {"name": "npz", "args": {
         "path": str(tmp_path / "data.npz"), "scale": "abc"}}}))
-    run = subprocess.run([sys.executable, "-m", "worker", str(job), "--no-progress"],
+    run = subprocess.run([sys.executable, "-m", "dptrain.worker", str(job), "--no-progress"],
                          capture_output=True, text=True, timeout=60)
     assert run.returncode == 2, run.stderr  # EXIT_INVALID: not restarted, it would fail again
     assert ("dptrain worker: error: data set 'npz': could not convert string to float: 'abc'"
@@ -454,7 +453,7 @@ def test_a_system_exit_in_a_handler_is_answered(tmp_path):
     """gRPC's threads catch only Exception: the servicer's edge must answer a SystemExit."""
     from concurrent import futures
 
-    from coordinator.service import _aborting
+    from dptrain.coordinator.server.service import _aborting
 
     def exits(request: bytes, context) -> bytes:
         with _aborting(context):

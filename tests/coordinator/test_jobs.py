@@ -12,17 +12,22 @@ import time
 from pathlib import Path
 
 import pytest
-
-from coordinator import checkpoints, jobs
-from coordinator.blobs import BlobStore
-from coordinator.checkpoints import CheckpointUpload, FileEntry
-from coordinator.errors import BlobCorrupted, ChecksumMismatch, StateConflict, ValidationError
-from coordinator.jobs import ListRequest, ServiceState, SubmitRequest
-from coordinator.limits import CHUNK_BYTES
-from coordinator.model import Event, EventKind, Job, JobState
-from coordinator.scheduler import Cluster
-from coordinator.store import MemoryStore
-from worker.spec import JobSpec
+from dptrain.coordinator.api.errors import (
+    BlobCorrupted,
+    ChecksumMismatch,
+    StateConflict,
+    ValidationError,
+)
+from dptrain.coordinator.api.limits import CHUNK_BYTES
+from dptrain.coordinator.api.records import Event, EventKind, Job, JobState
+from dptrain.coordinator.server import checkpoint_store as checkpoints
+from dptrain.coordinator.server import jobs
+from dptrain.coordinator.server.blobs import BlobStore
+from dptrain.coordinator.server.checkpoint_store import CheckpointUpload, FileEntry
+from dptrain.coordinator.server.jobs import ListRequest, ServiceState, SubmitRequest
+from dptrain.coordinator.server.scheduler import Cluster
+from dptrain.coordinator.server.store import MemoryStore
+from dptrain.worker.spec import JobSpec
 
 REPO = Path(__file__).resolve().parents[2]
 SPEC = {"name": "tiny", "model": {"name": "mlp"}, "dataset": {"name": "digits"},
@@ -39,7 +44,8 @@ def state(tmp_path):
 
 
 def test_the_logic_modules_never_import_grpc():
-    code = ("import sys, coordinator.jobs, coordinator.checkpoints, coordinator.metrics\n"
+    code = ("import sys, dptrain.coordinator.server.jobs, dptrain.coordinator.server.metrics\n"
+            "import dptrain.coordinator.server.checkpoint_store\n"
             "assert not [m for m in sys.modules if m == 'grpc' or m.startswith('grpc.')], "
             "sorted(m for m in sys.modules if m.startswith('grpc'))\n")
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,

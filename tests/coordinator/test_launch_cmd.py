@@ -5,16 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
-from coordinator.launcher import (
+from dptrain.coordinator.client.worker_reporter import create_reporter
+from dptrain.coordinator.server.launchers.mpiexec import (
     JobPaths,
     RunnerSettings,
     needs_hostfile,
     worker_command,
     worker_environment,
 )
-from coordinator.scheduler import Cluster, Launch
-from coordinator.worker_reporter import create_reporter
+from dptrain.coordinator.server.scheduler import Cluster, Launch
 
 BLAS = ["-genv", "OMP_NUM_THREADS", "1", "-genv", "OPENBLAS_NUM_THREADS", "1",
         "-genv", "MKL_NUM_THREADS", "1"]
@@ -29,7 +28,8 @@ def test_first_attempt_on_this_machine(settings):
     paths = JobPaths.of(settings, "j-0123456789ab")
     cmd = worker_command(Launch("j-0123456789ab", (("localhost", 2),)), paths, settings,
                          resume=False, hostfile=False)
-    assert cmd == ["/venv/bin/mpiexec", "-n", "2", *BLAS, "/venv/bin/python", "-m", "worker",
+    assert cmd == ["/venv/bin/mpiexec", "-n", "2", *BLAS, "/venv/bin/python", "-m",
+                   "dptrain.worker",
                    "/state/jobs/j-0123456789ab/spec.json",
                    "--checkpoint-dir", "/state/jobs/j-0123456789ab/checkpoints",
                    "--no-progress"]
@@ -44,7 +44,7 @@ def test_restart_across_hosts_uses_the_placement_hostfile(settings):
     assert " ".join(cmd) == (
         "/opt/mpi/mpiexec -n 6 -f /state/jobs/j-0123456789ab/hostfile "
         "-genv OMP_NUM_THREADS 2 -genv OPENBLAS_NUM_THREADS 2 -genv MKL_NUM_THREADS 2 "
-        "-launcher ssh /venv/bin/python -m worker /state/jobs/j-0123456789ab/spec.json "
+        "-launcher ssh /venv/bin/python -m dptrain.worker /state/jobs/j-0123456789ab/spec.json "
         "--checkpoint-dir /state/jobs/j-0123456789ab/checkpoints --resume --no-progress")
     assert launch.hostfile() == "node1:4\nnode2:2\n"
 

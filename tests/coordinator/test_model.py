@@ -5,8 +5,7 @@ from __future__ import annotations
 import itertools
 
 import pytest
-
-from coordinator.errors import (
+from dptrain.coordinator.api.errors import (
     BlobCorrupted,
     CheckpointNotFound,
     InvalidTransition,
@@ -14,7 +13,7 @@ from coordinator.errors import (
     ValidationError,
     status_name,
 )
-from coordinator.model import (
+from dptrain.coordinator.api.records import (
     TERMINAL_STATES,
     JobState,
     apply_transition,

@@ -46,11 +46,12 @@ def test_generated_code_is_fresh(tmp_path):
 
 def test_generated_code_imports_by_its_package_path():
     # In a fresh interpreter, without protos/ on sys.path: the grpc module must find its
-    # messages through the package, not through a top-level `dptrain` module.
+    # messages through the package, not through a top-level `dptrain.v1` module.
     code = ("import sys\n"
-            "from protos.dptrain.v1 import coordinator_pb2 as pb, coordinator_pb2_grpc as g\n"
+            "from dptrain.protos.dptrain.v1 import coordinator_pb2 as pb\n"
+            "from dptrain.protos.dptrain.v1 import coordinator_pb2_grpc as g\n"
             "assert g.dptrain_dot_v1_dot_coordinator__pb2 is pb\n"
-            "assert 'dptrain' not in sys.modules\n"
+            "assert 'dptrain.v1' not in sys.modules\n"
             "print(pb.DESCRIPTOR.name, pb.DESCRIPTOR.package)\n")
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
                             text=True, timeout=60)

@@ -10,13 +10,12 @@ import shutil
 import time
 
 import pytest
+from dptrain.coordinator.api.records import EventKind, JobState, hash_token, new_token
+from dptrain.coordinator.client.client import Client
+from dptrain.coordinator.client.worker_reporter import CoordinatorReporter, WorkerClient
+from dptrain.coordinator.server.scheduler import Cluster
+from dptrain.coordinator.server.server import serve
 from jobkit import TINY_SPEC, free_port, small_checkpoint, spec, wait_for
-
-from coordinator.client import Client
-from coordinator.model import EventKind, JobState, hash_token, new_token
-from coordinator.scheduler import Cluster
-from coordinator.server import serve
-from coordinator.worker_reporter import CoordinatorReporter, WorkerClient
 
 SPEC = spec(TINY_SPEC, checkpoint={"every_steps": 5, "keep": 3})
 START = {"name": "tiny", "world_size": 2, "start_step": 0, "total_steps": 20,

@@ -14,6 +14,14 @@ import time
 from pathlib import Path
 
 import pytest
+from dptrain.coordinator.api.errors import StateConflict
+from dptrain.coordinator.api.records import EventKind, JobState, hash_token, new_job
+from dptrain.coordinator.server.blobs import BlobStore
+from dptrain.coordinator.server.joblog import LineRateLimit, LogTail
+from dptrain.coordinator.server.launchers.mpiexec import JobPaths, read_run_record
+from dptrain.coordinator.server.runner import JobRunner, RunnerSettings
+from dptrain.coordinator.server.scheduler import Cluster
+from dptrain.coordinator.server.store import SqliteStore
 from jobkit import (
     SLOW_SPEC,
     TINY_SPEC,
@@ -27,15 +35,6 @@ from jobkit import (
     spec,
     wait_for,
 )
-
-from coordinator.blobs import BlobStore
-from coordinator.errors import StateConflict
-from coordinator.joblog import LineRateLimit, LogTail
-from coordinator.launcher import JobPaths, read_run_record
-from coordinator.model import EventKind, JobState, hash_token, new_job
-from coordinator.runner import JobRunner, RunnerSettings
-from coordinator.scheduler import Cluster
-from coordinator.store import SqliteStore
 
 pytestmark = pytest.mark.timeout(180)
 S = JobState
@@ -333,9 +332,10 @@ def test_recovery_after_coordinator_kill9(store, make_runner, tmp_path, state_di
                                      "echo working\nwhile :; do sleep 0.1; done\n")
     job_id = store.create_job(new_job("tiny", TINY_SPEC, workers=2)).id
     queued = store.create_job(new_job("later", spec(TINY_SPEC, name="later"), workers=2)).id
-    code = (f"import time\nfrom coordinator.blobs import BlobStore\n"
-            f"from coordinator.runner import JobRunner, RunnerSettings\n"
-            f"from coordinator.scheduler import Cluster\nfrom coordinator.store import "
+    code = (f"import time\nfrom dptrain.coordinator.server.blobs import BlobStore\n"
+            f"from dptrain.coordinator.server.runner import JobRunner, RunnerSettings\n"
+            f"from dptrain.coordinator.server.scheduler import Cluster\n"
+            f"from dptrain.coordinator.server.store import "
             f"SqliteStore\nstore = SqliteStore({str(state_dir / 'coordinator.db')!r})\n"
             f"JobRunner(store, BlobStore({str(state_dir / 'blobs')!r}), Cluster.local(3), "
             f"None, RunnerSettings("

@@ -6,12 +6,9 @@ from __future__ import annotations
 import os
 
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
-
-from coordinator.errors import HostfileError, ValidationError
-from coordinator.model import JobState, new_job
-from coordinator.scheduler import (
+from dptrain.coordinator.api.errors import HostfileError, ValidationError
+from dptrain.coordinator.api.records import JobState, new_job
+from dptrain.coordinator.server.scheduler import (
     Cluster,
     Decision,
     Host,
@@ -23,6 +20,8 @@ from coordinator.scheduler import (
     schedule,
     validate_request,
 )
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 
 def P(job_id, ranks, priority=0, submitted=0.0, limit=None):  # noqa: N802 - reads as a table

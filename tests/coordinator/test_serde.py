@@ -9,13 +9,12 @@ from pathlib import Path
 
 import pytest
 import yaml
-
-from coordinator import serde
-from coordinator.errors import ValidationError
-from coordinator.model import CheckpointRecord, Event, EventKind, Job, JobState
-from protos.dptrain.v1 import coordinator_pb2 as pb
-from worker import spec as worker_spec
-from worker.spec import JobSpec, load_spec
+from dptrain.coordinator.api import serde
+from dptrain.coordinator.api.errors import ValidationError
+from dptrain.coordinator.api.records import CheckpointRecord, Event, EventKind, Job, JobState
+from dptrain.protos.dptrain.v1 import coordinator_pb2 as pb
+from dptrain.worker import spec as worker_spec
+from dptrain.worker.spec import JobSpec, load_spec
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = sorted((REPO / "examples").glob("*.yaml"))

@@ -24,22 +24,26 @@ import grpc
 import numpy as np
 import pytest
 import safetensors.numpy
-from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-
-import engine
-from coordinator.auth import bearer_metadata
-from coordinator.client import Client, ClientError
-from coordinator.model import EventKind, Job, JobState, hash_token, new_token
-from coordinator.scheduler import Cluster
-from coordinator.server import ServerConfigError, serve
-from coordinator.worker_env import worker_environment
-from coordinator.worker_reporter import (
+from dptrain import engine
+from dptrain.coordinator.api.records import EventKind, Job, JobState, hash_token, new_token
+from dptrain.coordinator.api.worker_env import worker_environment
+from dptrain.coordinator.client.client import Client, ClientError
+from dptrain.coordinator.client.worker_reporter import (
     WorkerClient,
     fetch_resume_checkpoint,
 )
-from protos.dptrain.v1 import coordinator_pb2 as pb
-from protos.dptrain.v1 import coordinator_pb2_grpc as pb_grpc
-from worker.checkpoint import MODEL_FILE, read_checkpoint, verify_checkpoint, write_checkpoint
+from dptrain.coordinator.server.auth import bearer_metadata
+from dptrain.coordinator.server.scheduler import Cluster
+from dptrain.coordinator.server.server import ServerConfigError, serve
+from dptrain.protos.dptrain.v1 import coordinator_pb2 as pb
+from dptrain.protos.dptrain.v1 import coordinator_pb2_grpc as pb_grpc
+from dptrain.worker.checkpoint import (
+    MODEL_FILE,
+    read_checkpoint,
+    verify_checkpoint,
+    write_checkpoint,
+)
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 SLOTS = 4
 MAX_CHECKPOINT_BYTES = 1 << 20

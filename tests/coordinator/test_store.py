@@ -13,12 +13,11 @@ import threading
 import time
 from pathlib import Path
 
+import dptrain.coordinator.server.store.base as store_base
 import pytest
-
-import coordinator.store.base as store_base
-from coordinator.errors import InvalidTransition, ValidationError
-from coordinator.model import CheckpointRecord, EventKind, JobState, new_job
-from coordinator.store import (
+from dptrain.coordinator.api.errors import InvalidTransition, ValidationError
+from dptrain.coordinator.api.records import CheckpointRecord, EventKind, JobState, new_job
+from dptrain.coordinator.server.store import (
     SCHEMA_VERSION,
     AlreadyExists,
     CheckpointNotFound,
@@ -29,7 +28,7 @@ from coordinator.store import (
     StateConflict,
     StoreClosed,
 )
-from coordinator.store.sqlite import MIGRATIONS
+from dptrain.coordinator.server.store.sqlite import MIGRATIONS
 
 REPO = Path(__file__).resolve().parents[2]
 SHA_A, SHA_B = "a" * 64, "b" * 64
@@ -470,8 +469,8 @@ def test_sqlite_is_safe_from_many_threads(tmp_path):
 
 _WRITER = textwrap.dedent("""
     import sys
-    from coordinator.model import JobState, new_job
-    from coordinator.store import SqliteStore
+    from dptrain.coordinator.api.records import JobState, new_job
+    from dptrain.coordinator.server.store import SqliteStore
 
     store = SqliteStore(sys.argv[1])
     i = 0

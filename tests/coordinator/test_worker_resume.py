@@ -12,12 +12,11 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from coordinator.client import Client
-from coordinator.model import EventKind, JobState, hash_token, new_token
-from coordinator.scheduler import Cluster
-from coordinator.server import serve
-from coordinator.worker_env import worker_environment
+from dptrain.coordinator.api.records import EventKind, JobState, hash_token, new_token
+from dptrain.coordinator.api.worker_env import worker_environment
+from dptrain.coordinator.client.client import Client
+from dptrain.coordinator.server.scheduler import Cluster
+from dptrain.coordinator.server.server import serve
 
 REPO = Path(__file__).resolve().parents[2]
 SPEC = {
@@ -33,7 +32,8 @@ def _run_worker(job_file: Path, checkpoint_dir: Path, env: dict[str, str], *flag
     environ = {k: v for k, v in os.environ.items() if not k.startswith("DPTRAIN_")}
     environ.update(env)
     return subprocess.run(
-        [sys.executable, "-m", "worker", str(job_file), "--checkpoint-dir", str(checkpoint_dir),
+        [sys.executable, "-m", "dptrain.worker", str(job_file),
+         "--checkpoint-dir", str(checkpoint_dir),
          "--no-progress", *flags], cwd=REPO, env=environ, capture_output=True, text=True,
         timeout=120)
 

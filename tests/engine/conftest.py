@@ -11,8 +11,7 @@ import re
 
 import numpy as np
 import pytest
-
-import engine
+from dptrain import engine
 
 
 def _inputs(*shapes, low: float = -2.0, high: float = 2.0, positive: bool = False,

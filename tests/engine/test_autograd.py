@@ -5,9 +5,8 @@ import weakref
 
 import numpy as np
 import pytest
-
-import engine
-from engine.tensor import Tensor
+from dptrain import engine
+from dptrain.engine.tensor import Tensor
 
 
 def f64(a, requires_grad=True):
@@ -27,7 +26,7 @@ def test_shared_subexpression_gets_every_contribution():
 
 def test_each_rule_runs_once_on_a_diamond_lattice():
     # 30 layers of diamonds: naive recursive backprop would run 2**30 rules.
-    from engine.ops.elementwise import _mul
+    from dptrain.engine.ops.elementwise import _mul
 
     calls = {"n": 0}
     orig = _mul.vjps

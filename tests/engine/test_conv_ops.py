@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import itertools
 
+import dptrain.engine.functional as F
 import numpy as np
 import pytest
-
-import engine
-import engine.functional as F
-from engine.ops import conv as conv_ops
+from dptrain import engine
+from dptrain.engine.ops import conv as conv_ops
 
 F64 = engine.float64
 

@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
-import engine
+from dptrain import engine
 
 # ---------------------------------------------------------------- tensor()
 

@@ -13,9 +13,8 @@ import math
 
 import numpy as np
 import pytest
-
-import engine
-from engine import nn
+from dptrain import engine
+from dptrain.engine import nn
 
 F64 = engine.float64
 

@@ -12,13 +12,12 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import dptrain.engine.functional as F
 import numpy as np
 import pytest
-
-import engine
-import engine.functional as F
-from engine import nn
-from engine.models import (
+from dptrain import engine
+from dptrain.engine import nn
+from dptrain.engine.models import (
     get_constructor,
     get_model,
     list_models,
@@ -95,7 +94,7 @@ def test_package_module_function_names_a_users_constructor():
     assert isinstance(m, nn.Linear) and m.weight.shape == (2, 3)
     assert get_constructor("engine.nn:Linear") is nn.Linear
     assert get_constructor("lenet").__name__ == "LeNet"
-    assert model_signature("engine.models.mlp:mlp") == \
+    assert model_signature("dptrain.engine.models.mlp:mlp") == \
         "in_features=64, hidden=(128, 64), num_classes=10, dropout=0.0"
     with pytest.raises(ValueError, match="cannot import module 'no_such_pkg.models'"):
         get_model("no_such_pkg.models:build")

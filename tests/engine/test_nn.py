@@ -13,11 +13,10 @@ from collections import OrderedDict
 
 import numpy as np
 import pytest
-
-import engine
-from engine import nn
-from engine.nn import init
-from engine.nn.utils import (
+from dptrain import engine
+from dptrain.engine import nn
+from dptrain.engine.nn import init
+from dptrain.engine.nn.utils import (
     clip_grad_norm_,
     clip_grad_value_,
     parameters_to_vector,

@@ -7,11 +7,10 @@ must raise. PyTorch is an optional second reference.
 
 from __future__ import annotations
 
+import dptrain.engine.functional as F
 import numpy as np
 import pytest
-
-import engine
-import engine.functional as F
+from dptrain import engine
 
 F64 = engine.float64
 

@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
-import engine
+from dptrain import engine
 
 F64 = engine.float64
 

@@ -3,13 +3,12 @@
 import copy
 import math
 
+import dptrain.engine.optim.optimizer as optimizer_module
 import numpy as np
 import pytest
-
-import engine.optim.optimizer as optimizer_module
-from engine.optim import SGD, Adam, AdamW, Optimizer
-from engine.optim.lr_scheduler import CosineAnnealingLR, LambdaLR, LinearLR, StepLR
-from engine.tensor import Tensor, is_grad_enabled, no_grad
+from dptrain.engine.optim import SGD, Adam, AdamW, Optimizer
+from dptrain.engine.optim.lr_scheduler import CosineAnnealingLR, LambdaLR, LinearLR, StepLR
+from dptrain.engine.tensor import Tensor, is_grad_enabled, no_grad
 
 
 def param(values, dtype=np.float64):
@@ -559,7 +558,7 @@ def test_schedules_match_torch():
         (lambda o, m: m.CosineAnnealingLR(o, T_max=7, eta_min=0.002)),
         (lambda o, m: m.LinearLR(o, start_factor=0.2, end_factor=0.9, total_iters=6)),
     ]
-    from engine.optim import lr_scheduler
+    from dptrain.engine.optim import lr_scheduler
     for make in makers:
         ours = make(two_group_sgd(), lr_scheduler)
         topt = torch.optim.SGD([{"params": [torch.zeros(1)]},

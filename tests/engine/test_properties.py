@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from dptrain import engine
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import array_shapes, mutually_broadcastable_shapes
-
-import engine
 
 F64 = engine.float64
 SETTINGS = settings(max_examples=40, deadline=None)

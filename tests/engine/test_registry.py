@@ -7,15 +7,13 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+import dptrain.engine.functional as F
 import numpy as np
 import pytest
-
-import engine
-import engine.functional as F
-import engine.ops
-from engine.ops.core import Op, apply
-from engine.ops.registry import FUNCTION, FUNCTIONAL, METHOD, PROPERTY, Exports, export
-from engine.tensor import Tensor
+from dptrain import engine
+from dptrain.engine.ops.core import Op, apply
+from dptrain.engine.ops.registry import FUNCTION, FUNCTIONAL, METHOD, PROPERTY, Exports, export
+from dptrain.engine.tensor import Tensor
 
 OPS_DIR = Path(engine.ops.__file__).parent
 
@@ -59,7 +57,7 @@ def test_every_op_bound_to_tensor_is_declared():
     declared = export.tensor_attributes()
     for attr, value in vars(Tensor).items():
         fn = value.fget if isinstance(value, property) else value
-        if getattr(fn, "__module__", "").startswith("engine.ops"):
+        if getattr(fn, "__module__", "").startswith("dptrain.engine.ops"):
             assert attr in declared, f"Tensor.{attr} is bound but not declared"
 
 
@@ -140,6 +138,6 @@ def _imported_modules(path: Path) -> set[str]:
 def test_op_modules_import_nothing_above_them(path):
     # engine.functional, nn, optim and models are built on the ops; an op importing them (even
     # inside a function) is an import cycle.
-    above = ("engine.functional", "engine.nn", "engine.optim", "engine.models")
+    above = tuple(f"dptrain.engine.{m}" for m in ("functional", "nn", "optim", "models"))
     wrong = sorted(m for m in _imported_modules(path) if m.startswith(above))
     assert not wrong, f"{path.name} imports {wrong}"

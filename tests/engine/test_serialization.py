@@ -8,10 +8,9 @@ import numpy as np
 import pytest
 import safetensors
 import safetensors.numpy
-
-from engine.optim import Adam
-from engine.serialization import load, load_metadata, save
-from engine.tensor import Tensor
+from dptrain.engine.optim import Adam
+from dptrain.engine.serialization import load, load_metadata, save
+from dptrain.engine.tensor import Tensor
 
 
 def sample():

@@ -6,15 +6,14 @@ import hashlib
 import json
 import os
 
+import dptrain.engine.functional as F
 import numpy as np
 import pytest
 import safetensors.numpy
-
-import engine
-import engine.functional as F
-from engine import nn
-from worker import checkpoint as ckpt
-from worker.checkpoint import CheckpointError
+from dptrain import engine
+from dptrain.engine import nn
+from dptrain.worker import checkpoint as ckpt
+from dptrain.worker.checkpoint import CheckpointError
 
 
 def make_model_and_optimizer(seed: int = 0):

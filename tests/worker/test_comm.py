@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import pytest
-
-from worker.comm import Request
+from dptrain.worker.comm import Request
 
 pytestmark = pytest.mark.mpi
 
@@ -85,7 +84,7 @@ def test_importing_worker_does_not_initialise_mpi(run_mpi):
 def test_abort_ends_every_rank_with_the_code(run_mpi):
     code = (
         "import time\n"
-        "from worker.comm import Communicator\n"
+        "from dptrain.worker.comm import Communicator\n"
         "comm = Communicator()\n"
         "if comm.rank == 1:\n"
         "    time.sleep(0.2)\n"

@@ -7,9 +7,8 @@ import struct
 
 import numpy as np
 import pytest
-
-from worker import data
-from worker.data import DataError, Subset, load_dataset
+from dptrain.worker import data
+from dptrain.worker.data import DataError, Subset, load_dataset
 
 
 def test_digits_shapes_and_dtypes():

@@ -3,13 +3,12 @@ unused parameters and mismatched models; API details in-process with a stand-in 
 
 from __future__ import annotations
 
+import dptrain.engine.functional as F
 import numpy as np
 import pytest
-
-import engine
-import engine.functional as F
-from engine import nn
-from worker import DistributedDataParallel
+from dptrain import engine
+from dptrain.engine import nn
+from dptrain.worker import DistributedDataParallel
 
 
 def _run(run_mpi, mpi_json, script, n: int, *args) -> dict:
@@ -271,7 +270,7 @@ def test_a_dropped_wrapper_leaves_no_backward_pass_hook():
     import gc
     import weakref
 
-    from engine.tensor import _pass_hooks
+    from dptrain.engine.tensor import _pass_hooks
 
     gc.collect()  # wrappers earlier tests dropped
     before = len(_pass_hooks)

@@ -7,8 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
-
-from worker.spec import (
+from dptrain.worker.spec import (
     JobSpec,
     JobSpecError,
     load_spec,

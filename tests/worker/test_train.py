@@ -17,12 +17,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-
-from worker.data import train_validation_split
-from worker.launch import LaunchSettings, mpiexec_command
+from dptrain.worker.data import train_validation_split
+from dptrain.worker.launch import LaunchSettings, mpiexec_command
 
 REPO = Path(__file__).resolve().parents[2]
-WORKER = "import sys\nfrom worker.__main__ import main\nsys.exit(main())\n"
+WORKER = "import sys\nfrom dptrain.worker.__main__ import main\nsys.exit(main())\n"
 JOB = {
     "name": "resume-test",
     "model": {"name": "mlp", "args": {"in_features": 32, "hidden": [64], "num_classes": 5,
@@ -38,8 +37,8 @@ JOB = {
 }
 # A user's model (``package.module:function``) that fails or produces NaN on one rank.
 FAULTY_MODEL = '''
-from engine import nn
-from worker.comm import Communicator
+from dptrain.engine import nn
+from dptrain.worker.comm import Communicator
 
 
 class Faulty(nn.Module):
@@ -67,8 +66,8 @@ def build(mode="raise", rank=1, step=3):
 RECORDING_MODEL = '''
 import json
 
-from engine import nn
-from worker.comm import Communicator
+from dptrain.engine import nn
+from dptrain.worker.comm import Communicator
 
 
 class Recorder(nn.Module):
@@ -106,7 +105,7 @@ def final_metrics(stdout: str) -> dict:
 
 @pytest.fixture
 def worker(run_mpi):
-    """``worker(n, job, *args)``: ``mpiexec -n n python -m worker job *args``."""
+    """``worker(n, job, *args)``: ``mpiexec -n n python -m dptrain.worker job *args``."""
     def run(n, job, *args, env=None, timeout=120):
         return run_mpi(n, WORKER, str(job), "--no-progress", *args, env=env, timeout=timeout)
     return run
@@ -196,7 +195,8 @@ def test_sigterm_checkpoints_exits_143_and_resumes_exactly(tmp_path, worker,
     env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
            "PYTHONPATH": str(REPO)}
     mpiexec = Path(sys.executable).parent / "mpiexec"
-    proc = subprocess.Popen([str(mpiexec), "-n", "2", sys.executable, "-m", "worker", str(job),
+    proc = subprocess.Popen([str(mpiexec), "-n", "2", sys.executable, "-m", "dptrain.worker",
+                             str(job),
                              "--no-progress", "--checkpoint-dir", str(tmp_path / "ckpt")],
                             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, start_new_session=True)
@@ -331,7 +331,7 @@ def test_launch_command_defaults():
     cmd = mpiexec_command(LaunchSettings("job.yaml", 2, python="/venv/bin/python"))
     assert " ".join(cmd) == (
         "/venv/bin/mpiexec -n 2 -bind-to core -genv OMP_NUM_THREADS 1 -genv OPENBLAS_NUM_THREADS 1 "
-        "-genv MKL_NUM_THREADS 1 /venv/bin/python -m worker job.yaml")
+        "-genv MKL_NUM_THREADS 1 /venv/bin/python -m dptrain.worker job.yaml")
 
 
 def test_launch_command_with_everything():
@@ -343,14 +343,14 @@ def test_launch_command_with_everything():
     assert " ".join(mpiexec_command(settings)) == (
         "/usr/bin/mpiexec -n 4 -f /etc/hosts.mpi -bind-to socket -genv OMP_NUM_THREADS 2 "
         "-genv OPENBLAS_NUM_THREADS 2 -genv MKL_NUM_THREADS 2 -genv A 1 "
-        "-genv DPTRAIN_COORDINATOR 127.0.0.1:7000 -bind-to core /py -m worker /jobs/j.yaml "
+        "-genv DPTRAIN_COORDINATOR 127.0.0.1:7000 -bind-to core /py -m dptrain.worker /jobs/j.yaml "
         "--checkpoint-dir /ck/j --resume --no-progress")
 
 
 def test_launch_command_can_leave_blas_threads_alone_and_checks_counts():
     cmd = mpiexec_command(LaunchSettings("j.yaml", 1, blas_threads=None, bind_to=None,
                                          python="/p/python"))
-    assert cmd == ["/p/mpiexec", "-n", "1", "/p/python", "-m", "worker", "j.yaml"]
+    assert cmd == ["/p/mpiexec", "-n", "1", "/p/python", "-m", "dptrain.worker", "j.yaml"]
     with pytest.raises(ValueError, match="num_procs must be an integer >= 1, got 0"):
         mpiexec_command(LaunchSettings("j.yaml", 0))
     with pytest.raises(ValueError, match="blas_threads must be >= 1"):

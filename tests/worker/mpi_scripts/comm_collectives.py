@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 from _common import error_of, report
-
-from worker import DistributedSampler
-from worker.comm import Communicator
+from dptrain.worker import DistributedSampler
+from dptrain.worker.comm import Communicator
 
 comm = Communicator()
 r, n = comm.rank, comm.size

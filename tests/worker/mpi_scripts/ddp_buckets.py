@@ -9,14 +9,13 @@ model whose gradients are all-reduced one tensor at a time.
 
 from __future__ import annotations
 
+import dptrain.engine.functional as F
 import numpy as np
 from _common import grads_hash, report
-
-import engine
-import engine.functional as F
-from engine import nn
-from worker import DistributedDataParallel
-from worker.comm import Communicator
+from dptrain import engine
+from dptrain.engine import nn
+from dptrain.worker import DistributedDataParallel
+from dptrain.worker.comm import Communicator
 
 
 class Branchy(nn.Module):

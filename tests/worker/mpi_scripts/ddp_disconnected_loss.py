@@ -10,14 +10,13 @@ in step afterwards. Run once with each ``find_unused_parameters`` setting.
 
 from __future__ import annotations
 
+import dptrain.engine.functional as F
 import numpy as np
 from _common import report
-
-import engine
-import engine.functional as F
-from engine import nn
-from worker import DistributedDataParallel
-from worker.comm import Communicator
+from dptrain import engine
+from dptrain.engine import nn
+from dptrain.worker import DistributedDataParallel
+from dptrain.worker.comm import Communicator
 
 comm = Communicator()
 r, n = comm.rank, comm.size

@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import sys
 
+import dptrain.engine.functional as F
 import numpy as np
 from _common import params_hash, report
-
-import engine
-import engine.functional as F
-from engine import nn
-from worker import DistributedDataParallel
-from worker.comm import Communicator
+from dptrain import engine
+from dptrain.engine import nn
+from dptrain.worker import DistributedDataParallel
+from dptrain.worker.comm import Communicator
 
 STEPS, GLOBAL_BATCH, FEATURES, CLASSES = 20, 12, 8, 3
 

@@ -8,11 +8,10 @@ everywhere, rank 1 alone asks for another bucket size. Each rank prints what it 
 from __future__ import annotations
 
 from _common import error_of, report
-
-import engine
-from engine import nn
-from worker import DistributedDataParallel
-from worker.comm import Communicator
+from dptrain import engine
+from dptrain.engine import nn
+from dptrain.worker import DistributedDataParallel
+from dptrain.worker.comm import Communicator
 
 comm = Communicator()
 r = comm.rank

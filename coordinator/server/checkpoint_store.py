@@ -35,8 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from coordinator.blobs import BlobStore, check_sha256
-from coordinator.errors import (
+from dptrain.coordinator.api.errors import (
     AlreadyExists,
     BlobCorrupted,
     BlobNotFound,
@@ -45,18 +44,19 @@ from coordinator.errors import (
     StateConflict,
     ValidationError,
 )
-from coordinator.limits import (
+from dptrain.coordinator.api.limits import (
     CHUNK_BYTES,
     MAX_CHECKPOINT_FILES,
     MAX_MANIFEST_BYTES,
     MAX_MANIFEST_DEPTH,
 )
-from coordinator.model import CheckpointRecord, EventKind, JobState
-from coordinator.strict_json import loads
+from dptrain.coordinator.api.records import CheckpointRecord, EventKind, JobState
+from dptrain.coordinator.api.strict_json import loads
+from dptrain.coordinator.server.blobs import BlobStore, check_sha256
 
 if TYPE_CHECKING:
-    from coordinator.jobs import ServiceState
-    from coordinator.store import Store
+    from dptrain.coordinator.server.jobs import ServiceState
+    from dptrain.coordinator.server.store import Store
 
 __all__ = [
     "MANIFEST", "DEFAULT_FILE", "WORKER_STATES", "FileEntry", "CheckpointUpload",

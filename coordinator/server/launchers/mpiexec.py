@@ -36,10 +36,10 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import IO, Any
 
-from coordinator import worker_env
-from coordinator.private_files import open_private
-from coordinator.scheduler import Cluster, Launch
-from worker.launch import LaunchSettings, mpiexec_command
+from dptrain.coordinator.api import worker_env
+from dptrain.coordinator.server.private_files import open_private
+from dptrain.coordinator.server.scheduler import Cluster, Launch
+from dptrain.worker.launch import LaunchSettings, mpiexec_command
 
 __all__ = [
     "RunnerSettings", "JobPaths", "worker_command", "worker_environment", "needs_hostfile",
@@ -191,8 +191,8 @@ def needs_hostfile(cluster: Cluster) -> bool:
 
 def worker_command(launch: Launch, paths: JobPaths, settings: RunnerSettings, *,
                    resume: bool, hostfile: bool) -> list[str]:
-    """The command line of one attempt: ``mpiexec`` running ``python -m worker`` on every rank
-    of the placement, checkpointing to the job's directory, without a progress bar.
+    """The command line of one attempt: ``mpiexec`` running ``python -m dptrain.worker`` on every
+    rank of the placement, checkpointing to the job's directory, without a progress bar.
 
     Args:
         launch: the scheduler's decision (its ranks and hosts).

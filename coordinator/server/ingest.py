@@ -24,12 +24,21 @@ import logging
 import os
 from pathlib import Path
 
-from coordinator.blobs import BlobStore
-from coordinator.checkpoints import read_checkpoint_directory, store_checkpoint, verify_record
-from coordinator.errors import BlobError, CheckpointNotFound, ValidationError
-from coordinator.model import CheckpointRecord
-from coordinator.store import Store
-from worker.checkpoint import CheckpointError, checkpoint_name, list_checkpoints, verify_checkpoint
+from dptrain.coordinator.api.errors import BlobError, CheckpointNotFound, ValidationError
+from dptrain.coordinator.api.records import CheckpointRecord
+from dptrain.coordinator.server.blobs import BlobStore
+from dptrain.coordinator.server.checkpoint_store import (
+    read_checkpoint_directory,
+    store_checkpoint,
+    verify_record,
+)
+from dptrain.coordinator.server.store import Store
+from dptrain.worker.checkpoint import (
+    CheckpointError,
+    checkpoint_name,
+    list_checkpoints,
+    verify_checkpoint,
+)
 
 __all__ = ["ingest_checkpoint", "ingest_new_checkpoints", "store_final_checkpoint"]
 

@@ -7,9 +7,9 @@ import threading
 from contextlib import AbstractContextManager
 from typing import Any
 
-from coordinator.errors import StoreClosed
-from coordinator.model import CheckpointRecord, Event, Job, JobState
-from coordinator.store.base import Store, Transaction
+from dptrain.coordinator.api.errors import StoreClosed
+from dptrain.coordinator.api.records import CheckpointRecord, Event, Job, JobState
+from dptrain.coordinator.server.store.base import Store, Transaction
 
 __all__ = ["MemoryStore"]
 

@@ -63,11 +63,25 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import IO, Any
 
-from coordinator.blobs import BlobStore
-from coordinator.errors import BlobError, JobNotFound, StateConflict, StoreClosed, ValidationError
-from coordinator.ingest import ingest_new_checkpoints, store_final_checkpoint
-from coordinator.joblog import LineRateLimit, LogTail
-from coordinator.launcher import (
+from dptrain.coordinator.api.errors import (
+    BlobError,
+    JobNotFound,
+    StateConflict,
+    StoreClosed,
+    ValidationError,
+)
+from dptrain.coordinator.api.records import (
+    PENDING_STATES,
+    EventKind,
+    Job,
+    JobState,
+    hash_token,
+    new_token,
+)
+from dptrain.coordinator.server.blobs import BlobStore
+from dptrain.coordinator.server.ingest import ingest_new_checkpoints, store_final_checkpoint
+from dptrain.coordinator.server.joblog import LineRateLimit, LogTail
+from dptrain.coordinator.server.launchers.mpiexec import (
     JobPaths,
     RunnerSettings,
     boot_id,
@@ -87,19 +101,11 @@ from coordinator.launcher import (
     write_atomic,
     write_run_record,
 )
-from coordinator.model import (
-    PENDING_STATES,
-    EventKind,
-    Job,
-    JobState,
-    hash_token,
-    new_token,
-)
-from coordinator.private_files import PRIVATE_UMASK, make_private_dir, open_private
-from coordinator.scheduler import Cluster, Launch, PendingJob, RunningJob, schedule
-from coordinator.store import Store
-from worker.checkpoint import CheckpointError, checkpoint_name
-from worker.train import EXIT_DIVERGED, EXIT_INVALID
+from dptrain.coordinator.server.private_files import PRIVATE_UMASK, make_private_dir, open_private
+from dptrain.coordinator.server.scheduler import Cluster, Launch, PendingJob, RunningJob, schedule
+from dptrain.coordinator.server.store import Store
+from dptrain.worker.checkpoint import CheckpointError, checkpoint_name
+from dptrain.worker.train import EXIT_DIVERGED, EXIT_INVALID
 
 __all__ = ["JobRunner", "RunnerSettings", "NO_RESTART_EXIT_CODES"]
 

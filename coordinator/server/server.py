@@ -31,22 +31,21 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from dptrain.coordinator.api.errors import CorruptRecord, JobNotFound, ValidationError
+from dptrain.coordinator.api.limits import DEFAULT_MAX_CHECKPOINT_BYTES, channel_options
+from dptrain.coordinator.server.auth import AuthInterceptor, load_or_create_token
+from dptrain.coordinator.server.blobs import BlobStore
+from dptrain.coordinator.server.checkpoint_store import referenced_blobs
+from dptrain.coordinator.server.jobs import Runner, ServiceState
+from dptrain.coordinator.server.metrics import Metrics, MetricsHTTPServer
+from dptrain.coordinator.server.private_files import make_private_dir
+from dptrain.coordinator.server.scheduler import Cluster
+from dptrain.coordinator.server.service import CoordinatorServicer, WorkerServicer
+from dptrain.coordinator.server.store import SqliteStore, Store
+from dptrain.protos.dptrain.v1 import coordinator_pb2 as pb
+from dptrain.protos.dptrain.v1 import coordinator_pb2_grpc as pb_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-
-from coordinator.auth import AuthInterceptor, load_or_create_token
-from coordinator.blobs import BlobStore
-from coordinator.checkpoints import referenced_blobs
-from coordinator.errors import CorruptRecord, JobNotFound, ValidationError
-from coordinator.jobs import Runner, ServiceState
-from coordinator.limits import DEFAULT_MAX_CHECKPOINT_BYTES, channel_options
-from coordinator.metrics import Metrics, MetricsHTTPServer
-from coordinator.private_files import make_private_dir
-from coordinator.scheduler import Cluster
-from coordinator.service import CoordinatorServicer, WorkerServicer
-from coordinator.store import SqliteStore, Store
-from protos.dptrain.v1 import coordinator_pb2 as pb
-from protos.dptrain.v1 import coordinator_pb2_grpc as pb_grpc
 
 __all__ = ["serve", "CoordinatorServer", "ServerSettings", "ServerConfigError", "Runner",
            "RunnerFactory", "RequestDecodingInterceptor", "UndecodableRequest", "SERVICE_NAMES",

@@ -14,7 +14,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
-from coordinator.model import Event, EventKind, Job, JobState
+from dptrain.coordinator.api.records import Event, EventKind, Job, JobState
 
 __all__ = [
     "follow_job", "events_now", "format_event", "format_metrics", "format_job", "format_table",

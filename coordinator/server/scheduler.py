@@ -35,8 +35,8 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from coordinator.errors import HostfileError, ValidationError
-from coordinator.model import Job
+from dptrain.coordinator.api.errors import HostfileError, ValidationError
+from dptrain.coordinator.api.records import Job
 
 __all__ = [
     "Host", "Cluster", "PendingJob", "RunningJob", "Launch", "Reservation", "Decision",

@@ -5,7 +5,7 @@
 pass the one contract test class in ``tests/coordinator/test_store.py``.
 """
 
-from coordinator.errors import (
+from dptrain.coordinator.api.errors import (
     AlreadyExists,
     CheckpointNotFound,
     JobNotFound,
@@ -15,9 +15,14 @@ from coordinator.errors import (
     StoreClosed,
     StoreError,
 )
-from coordinator.store.base import DEFAULT_PAGE_SIZE, MAX_EVENTS, MAX_PAGE_SIZE, Store
-from coordinator.store.memory import MemoryStore
-from coordinator.store.sqlite import SCHEMA_VERSION, SqliteStore
+from dptrain.coordinator.server.store.base import (
+    DEFAULT_PAGE_SIZE,
+    MAX_EVENTS,
+    MAX_PAGE_SIZE,
+    Store,
+)
+from dptrain.coordinator.server.store.memory import MemoryStore
+from dptrain.coordinator.server.store.sqlite import SCHEMA_VERSION, SqliteStore
 
 __all__ = [
     "Store", "MemoryStore", "SqliteStore", "StoreError", "NotFound", "JobNotFound",

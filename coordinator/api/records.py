@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
-from coordinator.errors import InvalidTransition, ValidationError
+from dptrain.coordinator.api.errors import InvalidTransition, ValidationError
 
 __all__ = [
     "JobState", "EventKind", "TRANSITIONS", "TERMINAL_STATES", "PENDING_STATES",

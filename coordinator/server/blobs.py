@@ -31,16 +31,16 @@ import time
 from collections.abc import Container, Iterable, Iterator
 from pathlib import Path
 
-from coordinator.errors import (
+from dptrain.coordinator.api.errors import (
     BlobCorrupted,
     BlobNotFound,
     BlobTooLarge,
     ChecksumMismatch,
     ValidationError,
 )
-from coordinator.hashed_io import BytesLike, write_hashed
-from coordinator.private_files import make_private_dir
-from engine.serialization import fsync_directory
+from dptrain.coordinator.api.hashed_io import BytesLike, write_hashed
+from dptrain.coordinator.server.private_files import make_private_dir
+from dptrain.engine.serialization import fsync_directory
 
 __all__ = ["BlobStore", "check_sha256", "CHUNK_SIZE"]
 

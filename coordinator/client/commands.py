@@ -19,7 +19,8 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from coordinator.follow import (
+from dptrain.coordinator.api.records import EventKind, JobState
+from dptrain.coordinator.client.follow import (
     events_now,
     final_summary,
     follow_job,
@@ -29,10 +30,9 @@ from coordinator.follow import (
     format_table,
     plot_curves,
 )
-from coordinator.model import EventKind, JobState
 
 if TYPE_CHECKING:  # grpc is imported only by the commands that talk to a coordinator
-    from coordinator.client import Client, ClientError
+    from dptrain.coordinator.client.client import Client, ClientError
 
 __all__ = ["add_commands", "connect", "exit_code_for", "default_state_dir", "CLIENT_EXIT_CODES",
            "DEFAULT_ADDRESS", "DEFAULT_PORT", "EXIT_JOB_FAILED", "EXIT_USAGE", "EXIT_NOT_FOUND",
@@ -78,7 +78,7 @@ def default_state_dir() -> Path:
 
 def connect(args: argparse.Namespace) -> Client:
     """A client for the coordinator the command line names (see the module docstring)."""
-    from coordinator.client import Client
+    from dptrain.coordinator.client.client import Client
 
     return Client(args.address or os.environ.get(ADDRESS_ENV) or DEFAULT_ADDRESS,
                   tls_ca=args.tls_ca or os.environ.get(TLS_CA_ENV) or None,
@@ -92,10 +92,10 @@ def _outcome(state: JobState) -> int:
 # ---------------------------------------------------------------- serve
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from coordinator.auth import read_token_file
-    from coordinator.runner import JobRunner
-    from coordinator.scheduler import Cluster
-    from coordinator.server import serve
+    from dptrain.coordinator.server.auth import read_token_file
+    from dptrain.coordinator.server.runner import JobRunner
+    from dptrain.coordinator.server.scheduler import Cluster
+    from dptrain.coordinator.server.server import serve
 
     if args.slots is not None and args.hostfile:
         raise ValueError("give --slots or --hostfile, not both")
@@ -231,7 +231,7 @@ def _cmd_plot(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from coordinator.demo import run_demo
+    from dptrain.coordinator.demo import run_demo
 
     return run_demo(output=args.output, workers=args.workers)
 

@@ -27,10 +27,9 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-
-from coordinator.errors import CoordinatorError
-from coordinator.model import verify_token
-from coordinator.private_files import make_private_dir
+from dptrain.coordinator.api.errors import CoordinatorError
+from dptrain.coordinator.api.records import verify_token
+from dptrain.coordinator.server.private_files import make_private_dir
 
 __all__ = [
     "TOKEN_FILE", "TOKEN_ENV", "TOKEN_FILE_ENV", "AUTHORIZATION", "JOB_ID_HEADER",

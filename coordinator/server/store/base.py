@@ -30,14 +30,14 @@ from collections.abc import Iterable, Mapping
 from contextlib import AbstractContextManager
 from typing import Any, Protocol
 
-from coordinator.errors import (
+from dptrain.coordinator.api.errors import (
     AlreadyExists,
     CheckpointNotFound,
     JobNotFound,
     StateConflict,
     ValidationError,
 )
-from coordinator.model import (
+from dptrain.coordinator.api.records import (
     CheckpointRecord,
     Event,
     EventKind,

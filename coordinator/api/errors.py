@@ -10,10 +10,10 @@ from __future__ import annotations
 from collections.abc import Collection
 from typing import TYPE_CHECKING, Any
 
-from worker.spec import cut, echo
+from dptrain.worker.spec import cut, echo
 
 if TYPE_CHECKING:
-    from coordinator.model import JobState
+    from dptrain.coordinator.api.records import JobState
 
 __all__ = [
     "CoordinatorError", "ValidationError", "InvalidTransition", "StoreError", "NotFound",

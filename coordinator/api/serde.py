@@ -20,19 +20,18 @@ import math
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
+from dptrain.coordinator.api.errors import ValidationError
+from dptrain.coordinator.api.limits import MAX_ARGS_DEPTH, MAX_ARGS_JSON_BYTES, MAX_SPEC_BYTES
+from dptrain.coordinator.api.records import CheckpointRecord, Event, EventKind, Job, JobState
+from dptrain.coordinator.api.strict_json import loads
+from dptrain.coordinator.server.checkpoint_store import CheckpointUpload, FileEntry, record_files
+from dptrain.coordinator.server.jobs import ListRequest, SubmitRequest
+from dptrain.protos.dptrain.v1 import coordinator_pb2 as pb
+from dptrain.worker.spec import JobSpec
 from google.protobuf import descriptor
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
-
-from coordinator.checkpoints import CheckpointUpload, FileEntry, record_files
-from coordinator.errors import ValidationError
-from coordinator.jobs import ListRequest, SubmitRequest
-from coordinator.limits import MAX_ARGS_DEPTH, MAX_ARGS_JSON_BYTES, MAX_SPEC_BYTES
-from coordinator.model import CheckpointRecord, Event, EventKind, Job, JobState
-from coordinator.strict_json import loads
-from protos.dptrain.v1 import coordinator_pb2 as pb
-from worker.spec import JobSpec
 
 __all__ = [
     "spec_to_proto", "spec_from_proto", "submit_request_to_proto", "submit_request_from_proto",

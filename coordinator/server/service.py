@@ -12,16 +12,17 @@ from collections.abc import Iterator
 from typing import Any
 
 import grpc
-
-from coordinator import checkpoints, jobs, serde
-from coordinator.auth import WORKER_SERVICE, AuthInterceptor
-from coordinator.errors import ValidationError, status_name
-from coordinator.jobs import ServiceState
-from coordinator.limits import MAX_ERROR_MESSAGE
-from coordinator.model import Job
-from protos.dptrain.v1 import coordinator_pb2 as pb
-from protos.dptrain.v1 import coordinator_pb2_grpc as pb_grpc
-from worker.spec import cut
+from dptrain.coordinator.api import serde
+from dptrain.coordinator.api.errors import ValidationError, status_name
+from dptrain.coordinator.api.limits import MAX_ERROR_MESSAGE
+from dptrain.coordinator.api.records import Job
+from dptrain.coordinator.server import checkpoint_store as checkpoints
+from dptrain.coordinator.server import jobs
+from dptrain.coordinator.server.auth import WORKER_SERVICE, AuthInterceptor
+from dptrain.coordinator.server.jobs import ServiceState
+from dptrain.protos.dptrain.v1 import coordinator_pb2 as pb
+from dptrain.protos.dptrain.v1 import coordinator_pb2_grpc as pb_grpc
+from dptrain.worker.spec import cut
 
 __all__ = ["CoordinatorServicer", "WorkerServicer", "status_of", "one_line"]
 

@@ -2,7 +2,7 @@
 
 ``worker.events.build_reporters`` imports this module when ``DPTRAIN_COORDINATOR`` is set and
 calls `create_reporter`; rank 0 gets a `CoordinatorReporter` (metrics are global, so one rank
-reporting is enough), the other ranks None. ``python -m worker --resume`` calls
+reporting is enough), the other ranks None. ``python -m dptrain.worker --resume`` calls
 `fetch_resume_checkpoint` on rank 0 before training, so the worker's own resume code finds the
 job's latest intact checkpoint in its checkpoint directory.
 
@@ -43,16 +43,20 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from coordinator import serde
-from coordinator.checkpoints import MANIFEST, CheckpointUpload, read_checkpoint_directory
-from coordinator.client import Client, ClientError
-from coordinator.errors import ValidationError
-from coordinator.hashed_io import write_hashed
-from coordinator.limits import MAX_EVENTS_PER_REPORT
-from coordinator.model import CheckpointRecord, EventKind, JobState
-from coordinator.worker_env import COORDINATOR, read_worker_environment
-from protos.dptrain.v1 import coordinator_pb2 as pb
-from worker.events import Reporter
+from dptrain.coordinator.api import serde
+from dptrain.coordinator.api.errors import ValidationError
+from dptrain.coordinator.api.hashed_io import write_hashed
+from dptrain.coordinator.api.limits import MAX_EVENTS_PER_REPORT
+from dptrain.coordinator.api.records import CheckpointRecord, EventKind, JobState
+from dptrain.coordinator.api.worker_env import COORDINATOR, read_worker_environment
+from dptrain.coordinator.client.client import Client, ClientError
+from dptrain.coordinator.server.checkpoint_store import (
+    MANIFEST,
+    CheckpointUpload,
+    read_checkpoint_directory,
+)
+from dptrain.protos.dptrain.v1 import coordinator_pb2 as pb
+from dptrain.worker.events import Reporter
 
 __all__ = ["WorkerClient", "CoordinatorReporter", "create_reporter", "fetch_resume_checkpoint"]
 
@@ -155,7 +159,7 @@ class WorkerClient(Client):
         Raises:
             ClientError: the transfer failed, or DATA_LOSS when a file fails its sha256.
         """
-        from worker.checkpoint import CheckpointError, checkpoint_name, verify_checkpoint
+        from dptrain.worker.checkpoint import CheckpointError, checkpoint_name, verify_checkpoint
 
         dest = Path(dest_dir)
         dest.mkdir(parents=True, exist_ok=True)

@@ -21,9 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from coordinator.blobs import BlobStore
-from coordinator.errors import StateConflict, ValidationError
-from coordinator.limits import (
+from dptrain.coordinator.api.errors import StateConflict, ValidationError
+from dptrain.coordinator.api.limits import (
     MAX_ERROR_MESSAGE,
     MAX_EVENTS_PER_REPORT,
     MAX_LOG_LINE,
@@ -32,11 +31,12 @@ from coordinator.limits import (
     MAX_RESTARTS,
     MAX_TIME_LIMIT_S,
 )
-from coordinator.metrics import Metrics
-from coordinator.model import Event, EventKind, Job, JobState, new_job
-from coordinator.scheduler import Cluster, validate_request
-from coordinator.store import Store
-from worker.spec import JobSpec, JobSpecError
+from dptrain.coordinator.api.records import Event, EventKind, Job, JobState, new_job
+from dptrain.coordinator.server.blobs import BlobStore
+from dptrain.coordinator.server.metrics import Metrics
+from dptrain.coordinator.server.scheduler import Cluster, validate_request
+from dptrain.coordinator.server.store import Store
+from dptrain.worker.spec import JobSpec, JobSpecError
 
 __all__ = [
     "Runner", "ServiceState", "SubmitRequest", "ListRequest", "SpecInvalid", "PATH_ARGUMENTS",

@@ -26,10 +26,10 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
-from coordinator.errors import CorruptRecord, SchemaError, StoreClosed, StoreError
-from coordinator.model import CheckpointRecord, Event, EventKind, Job, JobState
-from coordinator.private_files import open_private
-from coordinator.store.base import Store
+from dptrain.coordinator.api.errors import CorruptRecord, SchemaError, StoreClosed, StoreError
+from dptrain.coordinator.api.records import CheckpointRecord, Event, EventKind, Job, JobState
+from dptrain.coordinator.server.private_files import open_private
+from dptrain.coordinator.server.store.base import Store
 
 __all__ = ["SqliteStore", "MIGRATIONS", "SCHEMA_VERSION", "Migration"]
 

@@ -15,7 +15,7 @@ import math
 import re
 from typing import Any, NoReturn
 
-from coordinator.errors import ValidationError
+from dptrain.coordinator.api.errors import ValidationError
 
 __all__ = ["loads"]
 

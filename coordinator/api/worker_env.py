@@ -18,7 +18,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from worker.events import COORDINATOR_ENV
+from dptrain.worker.events import COORDINATOR_ENV
 
 __all__ = [
     "COORDINATOR", "JOB_ID", "JOB_TOKEN", "TLS_CA", "HEARTBEAT_TIMEOUT", "WorkerEnvironment",

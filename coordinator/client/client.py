@@ -7,7 +7,7 @@ starting with the gRPC status code's name, e.g.
 
 Example::
 
-    from coordinator.client import Client
+    from dptrain.coordinator.client.client import Client
 
     with Client("127.0.0.1:50051", token=open("state/token").read().strip()) as client:
         job = client.submit_job("examples/digits_mlp.yaml")
@@ -27,16 +27,15 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from dptrain.coordinator.api import serde
+from dptrain.coordinator.api.errors import ValidationError
+from dptrain.coordinator.api.hashed_io import write_hashed
+from dptrain.coordinator.api.limits import channel_options
+from dptrain.coordinator.api.records import CheckpointRecord, Event, Job, JobState
+from dptrain.coordinator.server.auth import bearer_metadata, resolve_token
+from dptrain.protos.dptrain.v1 import coordinator_pb2 as pb
+from dptrain.protos.dptrain.v1 import coordinator_pb2_grpc as pb_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-from coordinator import serde
-from coordinator.auth import bearer_metadata, resolve_token
-from coordinator.errors import ValidationError
-from coordinator.hashed_io import write_hashed
-from coordinator.limits import channel_options
-from coordinator.model import CheckpointRecord, Event, Job, JobState
-from protos.dptrain.v1 import coordinator_pb2 as pb
-from protos.dptrain.v1 import coordinator_pb2_grpc as pb_grpc
 
 __all__ = ["Client", "ClientError", "DownloadedFile", "DEFAULT_TIMEOUT"]
 
@@ -171,7 +170,7 @@ class Client:
             ClientError: INVALID_ARGUMENT naming the field at fault, UNAUTHENTICATED, ...
         """
         if isinstance(spec, (str, os.PathLike)):
-            from worker.spec import JobSpecError, load_spec
+            from dptrain.worker.spec import JobSpecError, load_spec
 
             try:
                 spec = load_spec(spec)

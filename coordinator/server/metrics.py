@@ -22,10 +22,10 @@ from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING
 
-from coordinator.model import PENDING_STATES, JobState
+from dptrain.coordinator.api.records import PENDING_STATES, JobState
 
 if TYPE_CHECKING:
-    from coordinator.store import Store
+    from dptrain.coordinator.server.store import Store
 
 __all__ = ["Metrics", "MetricsHTTPServer", "LATENCY_BUCKETS", "CONTENT_TYPE"]
 

@@ -1,0 +1,1 @@
+"""How a job's ranks are started: one launcher per way (``mpiexec`` locally or on a hostfile)."""
