@@ -86,7 +86,7 @@ def run_demo(output: str | os.PathLike = "digits-mlp.safetensors", workers: int 
         print(f"held-out accuracy: {accuracy:.4f}" if isinstance(accuracy, float)
               else "held-out accuracy: not reported", flush=True)
         print(f"trained parameters: {Path(got.path).resolve()} (step {got.step}, "
-              f"{got.size} bytes, sha256 {got.sha256[:16]}…; open with engine.load or "
+              f"{got.size} bytes, sha256 {got.sha256[:16]}…; open with dptrain.load or "
               f"safetensors)", flush=True)
         print(f"dptrain demo: done in {time.monotonic() - started:.0f} s", file=stream,
               flush=True)
