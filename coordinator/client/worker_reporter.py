@@ -48,7 +48,6 @@ from dptrain.coordinator.api.errors import ValidationError
 from dptrain.coordinator.api.hashed_io import write_hashed
 from dptrain.coordinator.api.limits import MAX_EVENTS_PER_REPORT
 from dptrain.coordinator.api.records import CheckpointRecord, EventKind, JobState
-from dptrain.coordinator.api.worker_env import COORDINATOR, read_worker_environment
 from dptrain.coordinator.client.client import Client, ClientError
 from dptrain.coordinator.server.checkpoint_store import (
     MANIFEST,
@@ -56,6 +55,7 @@ from dptrain.coordinator.server.checkpoint_store import (
     read_checkpoint_directory,
 )
 from dptrain.protos.dptrain.v1 import coordinator_pb2 as pb
+from dptrain.worker.environment import COORDINATOR, read_worker_environment
 from dptrain.worker.events import Reporter
 
 __all__ = ["WorkerClient", "CoordinatorReporter", "create_reporter", "fetch_resume_checkpoint"]
@@ -92,7 +92,7 @@ class WorkerClient(Client):
 
     @classmethod
     def from_environment(cls, environ: Mapping[str, str] | None = None) -> WorkerClient:
-        """A client configured by the variables of `coordinator.worker_env`.
+        """A client configured by the variables of `dptrain.worker.environment`.
 
         Raises:
             KeyError: a required variable is missing.
@@ -600,7 +600,7 @@ def fetch_resume_checkpoint(dest_dir: str | os.PathLike,
         The checkpoint's directory, or None when the coordinator has none for the job.
 
     Raises:
-        KeyError: a required variable of `coordinator.worker_env` is missing.
+        KeyError: a required variable of `dptrain.worker.environment` is missing.
         ClientError: the transfer failed (the message says why).
     """
     with WorkerClient.from_environment(environ) as client:

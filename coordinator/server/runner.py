@@ -105,7 +105,7 @@ from dptrain.coordinator.server.private_files import PRIVATE_UMASK, make_private
 from dptrain.coordinator.server.scheduler import Cluster, Launch, PendingJob, RunningJob, schedule
 from dptrain.coordinator.server.store import Store
 from dptrain.worker.checkpoint import CheckpointError, checkpoint_name
-from dptrain.worker.train import EXIT_DIVERGED, EXIT_INVALID
+from dptrain.worker.exit_codes import EXIT_DIVERGED, EXIT_INVALID
 
 __all__ = ["JobRunner", "RunnerSettings", "NO_RESTART_EXIT_CODES"]
 

@@ -36,9 +36,9 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import IO, Any
 
-from dptrain.coordinator.api import worker_env
 from dptrain.coordinator.server.private_files import open_private
 from dptrain.coordinator.server.scheduler import Cluster, Launch
+from dptrain.worker import environment as worker_env
 from dptrain.worker.launch import LaunchSettings, mpiexec_command
 
 __all__ = [
