@@ -13,10 +13,11 @@ every RNG state (the engine generator of every rank; the data order is a pure fu
 (seed, epoch), recorded too), the job spec and its hash, the optimizer's scalars and parameter
 groups, the scheduler's state, the latest metrics, and ``files: {name: {sha256, bytes}}``.
 
-Every file is written atomically (temporary file, fsync, rename, directory fsync) by the
-engine's writer, and the manifest goes last, so a checkpoint exists only once it is complete:
-a crash mid-write leaves a directory without a manifest, which readers skip. `load_latest`
-verifies checksums and falls back to the newest intact checkpoint, saying so on stderr.
+Every file is written atomically (temporary file, fsync, rename, directory fsync) by
+``dptrain.atomic_files``, and the manifest goes last, so a checkpoint exists only once it is
+complete: a crash mid-write leaves a directory without a manifest, which readers skip.
+`load_latest` verifies checksums and falls back to the newest intact checkpoint, saying so on
+stderr.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from dptrain import engine
-from dptrain.engine.serialization import fsync_directory, write_atomically
+from dptrain.atomic_files import fsync_directory, write_atomically
 from dptrain.engine.tensor import Tensor
 
 __all__ = [

@@ -31,6 +31,7 @@ import time
 from collections.abc import Container, Iterable, Iterator
 from pathlib import Path
 
+from dptrain.atomic_files import fsync_directory
 from dptrain.coordinator.api.errors import (
     BlobCorrupted,
     BlobNotFound,
@@ -40,7 +41,6 @@ from dptrain.coordinator.api.errors import (
 )
 from dptrain.coordinator.api.hashed_io import BytesLike, write_hashed
 from dptrain.coordinator.server.private_files import make_private_dir
-from dptrain.engine.serialization import fsync_directory
 
 __all__ = ["BlobStore", "check_sha256", "CHUNK_SIZE"]
 
