@@ -108,7 +108,7 @@ from dptrain.coordinator.server.private_files import (
 )
 from dptrain.coordinator.server.scheduler import Cluster, Launch, PendingJob, RunningJob, schedule
 from dptrain.coordinator.server.store import Store
-from dptrain.worker.checkpoint import CheckpointError, checkpoint_name
+from dptrain.worker.checkpoint_manifest import CheckpointError, checkpoint_name
 from dptrain.worker.exit_codes import EXIT_DIVERGED, EXIT_INVALID
 
 __all__ = ["JobRunner", "RunnerSettings", "NO_RESTART_EXIT_CODES"]
