@@ -19,6 +19,7 @@ except Exception:  # ImportError, or CuPy without a usable driver
 __all__ = [
     "Device",
     "cupy_available",
+    "gpu_count",
     "get_array_module",
     "get_device",
     "manual_seed",
@@ -41,6 +42,11 @@ SUPPORTED_DTYPES = FLOAT_DTYPES | frozenset(
 def cupy_available() -> bool:
     """True when CuPy imported and sees at least one GPU."""
     return cupy is not None
+
+
+def gpu_count() -> int:
+    """How many GPUs CuPy sees (0 without CuPy): ranks pick ``cuda:{rank % gpu_count()}``."""
+    return 0 if cupy is None else cupy.cuda.runtime.getDeviceCount()
 
 
 def get_array_module(*arrays):

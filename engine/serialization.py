@@ -13,19 +13,18 @@ target, so a reader sees either the old file or the complete new one, never a pa
 
 from __future__ import annotations
 
-import errno
 import json
 import os
-import secrets
 import struct
 from collections.abc import Mapping
 from typing import Any
 
 import numpy
+from dptrain.atomic_files import write_atomically
 from dptrain.engine.backend import Device
 from dptrain.engine.tensor import Tensor
 
-__all__ = ["save", "load", "load_metadata", "write_atomically", "fsync_directory"]
+__all__ = ["save", "load", "load_metadata"]
 
 _DTYPE_CODES = {
     "bool": "BOOL", "uint8": "U8", "int8": "I8", "uint16": "U16", "int16": "I16",
@@ -73,8 +72,8 @@ def save(obj: Mapping[str, Tensor], path: str | os.PathLike, *,
                         "data_offsets": list(offsets[name])}
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)  # pad so the data starts 8-byte aligned
-    write_atomically(os.fspath(path), [struct.pack("<Q", len(text)), text]
-                      + [arrays[name] for name in order])
+    write_atomically(path, [struct.pack("<Q", len(text)), text]
+                     + [arrays[name].reshape(-1).view(numpy.uint8) for name in order])
 
 
 def load(path: str | os.PathLike, map_location: str | Device | None = None
@@ -149,51 +148,6 @@ def _host_arrays(obj: Any) -> dict[str, numpy.ndarray]:
             raise TypeError(f"cannot save {name!r}: dtype {a.dtype} has no safetensors code")
         arrays[name] = numpy.asarray(a, dtype=a.dtype.newbyteorder("<"), order="C")
     return arrays
-
-
-def write_atomically(path: str, chunks: list) -> None:
-    """Write `chunks` (bytes or arrays) to a temporary file beside `path`, fsync it, rename it
-    over `path` and fsync the directory: readers see the old file or the whole new one.
-
-    Args:
-        path: the destination.
-        chunks: bytes objects or numpy arrays, written in order.
-    """
-    directory = os.path.dirname(path) or "."
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.{secrets.token_hex(6)}.tmp")
-    # os.open with mode 0o666 lets the umask decide the permissions, as open() would.
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
-    try:
-        fd = os.open(tmp, flags, 0o666)
-    except FileNotFoundError:
-        raise FileNotFoundError(errno.ENOENT, f"cannot save, no directory {directory!r}",
-                                path) from None
-    try:
-        with os.fdopen(fd, "wb") as f:
-            for chunk in chunks:
-                f.write(chunk if isinstance(chunk, bytes) else chunk.reshape(-1).view(numpy.uint8))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    fsync_directory(directory)
-
-
-def fsync_directory(directory: str | os.PathLike) -> None:
-    """Make renames and creations in `directory` durable (a no-op where directories cannot be
-    opened)."""
-    if os.name == "nt":  # pragma: no cover - Windows cannot open a directory
-        return
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # ---------------------------------------------------------------- reading

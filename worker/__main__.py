@@ -9,16 +9,14 @@ import sys
 import time
 import traceback
 
-from dptrain.worker.train import (
+from dptrain.worker.exit_codes import (
     EXIT_DIVERGED,
     EXIT_FAILED,
     EXIT_INVALID,
     EXIT_OK,
     EXIT_PREEMPTED,
-    JobFailed,
-    agree,
-    install_preemption_handler,
 )
+from dptrain.worker.train import JobFailed, agree, install_preemption_handler
 
 _FORWARD_S = 0.5  # how long a failing rank waits for its message to be relayed before aborting
 
@@ -67,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _fetch_resume_checkpoint(rank: int, checkpoint_dir: str) -> None:
     """On rank 0, put the coordinator's latest intact checkpoint of the job into checkpoint_dir."""
     if rank == 0:
-        from dptrain.coordinator.client.worker_reporter import fetch_resume_checkpoint
+        from dptrain.worker.events import fetch_resume_checkpoint
 
         try:
             fetch_resume_checkpoint(checkpoint_dir, os.environ)
@@ -87,7 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     install_preemption_handler()  # before anything slow, so SIGTERM never kills a rank mid-step
     from dptrain.worker.comm import Communicator
-    from dptrain.worker.events import COORDINATOR_ENV, build_reporters
+    from dptrain.worker.environment import COORDINATOR
+    from dptrain.worker.events import build_reporters
     from dptrain.worker.spec import JobSpecError, load_spec
     from dptrain.worker.train import run_job
 
@@ -95,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     reporters = []
     try:
         spec = agree(comm, lambda: load_spec(args.job), (JobSpecError,))
-        if args.resume and args.checkpoint_dir and os.environ.get(COORDINATOR_ENV):
+        if args.resume and args.checkpoint_dir and os.environ.get(COORDINATOR):
             # Rank 0 fetches the job's latest checkpoint; agree() is the barrier the others wait at.
             agree(comm, lambda: _fetch_resume_checkpoint(comm.rank, args.checkpoint_dir),
                   (Exception,), exit_code=EXIT_FAILED)

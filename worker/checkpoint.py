@@ -13,18 +13,18 @@ every RNG state (the engine generator of every rank; the data order is a pure fu
 (seed, epoch), recorded too), the job spec and its hash, the optimizer's scalars and parameter
 groups, the scheduler's state, the latest metrics, and ``files: {name: {sha256, bytes}}``.
 
-Every file is written atomically (temporary file, fsync, rename, directory fsync) by the
-engine's writer, and the manifest goes last, so a checkpoint exists only once it is complete:
-a crash mid-write leaves a directory without a manifest, which readers skip. `load_latest`
-verifies checksums and falls back to the newest intact checkpoint, saying so on stderr.
+Every file is written atomically (temporary file, fsync, rename, directory fsync, by
+``dptrain.atomic_files``), and the manifest goes last, so a checkpoint exists only once it is
+complete: a crash mid-write leaves a directory without a manifest, which readers skip.
+`load_latest` verifies checksums and falls back to the newest intact checkpoint, saying so on
+stderr. The directory layout and the manifest (names, ``files``, verifying) belong to
+``worker.checkpoint_manifest``, which the coordinator shares; this module adds what the
+engine's state means in it.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
-import re
 import shutil
 import sys
 import time
@@ -33,25 +33,25 @@ from dataclasses import dataclass
 from typing import Any
 
 from dptrain import engine
-from dptrain.engine.serialization import fsync_directory, write_atomically
+from dptrain.atomic_files import fsync_directory
 from dptrain.engine.tensor import Tensor
+from dptrain.worker.checkpoint_manifest import (
+    FORMAT_VERSION,
+    MANIFEST,
+    MODEL_FILE,
+    OPTIMIZER_FILE,
+    CheckpointError,
+    checkpoint_name,
+    list_checkpoints,
+    verify_checkpoint,
+    write_manifest,
+)
 
 __all__ = [
     "FORMAT_VERSION", "MANIFEST", "MODEL_FILE", "OPTIMIZER_FILE", "Checkpoint",
     "CheckpointError", "write_checkpoint", "verify_checkpoint", "read_checkpoint",
     "list_checkpoints", "load_latest", "prune_checkpoints", "checkpoint_name",
 ]
-
-FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
-MODEL_FILE = "model.safetensors"
-OPTIMIZER_FILE = "optimizer.safetensors"
-_DIR_RE = re.compile(r"^step-(\d{8,})$")
-_CHUNK = 1 << 20
-
-
-class CheckpointError(Exception):
-    """A checkpoint that is incomplete, damaged, or of an unknown format."""
 
 
 @dataclass
@@ -71,26 +71,6 @@ class Checkpoint:
     manifest: dict[str, Any]
     model_state: dict[str, Tensor]
     optimizer_state: dict[str, Any]
-
-
-def checkpoint_name(step: int) -> str:
-    """The directory name of the checkpoint at `step` (``step-00000042``).
-
-    Args:
-        step: the step number, >= 0.
-
-    Returns:
-        The name; names sort in step order.
-    """
-    return f"step-{step:08d}"
-
-
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _split_optimizer_state(state_dict: dict[str, Any]) -> tuple[dict[str, Tensor], dict]:
@@ -145,62 +125,11 @@ def write_checkpoint(root: str | os.PathLike, step: int, model_state: dict[str, 
     arrays, rest = _split_optimizer_state(optimizer_state)
     engine.save(model_state, os.path.join(path, MODEL_FILE))
     engine.save(arrays, os.path.join(path, OPTIMIZER_FILE))
-    files = {}
-    for name in (MODEL_FILE, OPTIMIZER_FILE):
-        file = os.path.join(path, name)
-        files[name] = {"sha256": _sha256(file), "bytes": os.path.getsize(file)}
-    manifest = {"format_version": FORMAT_VERSION, **info, "step": step, "optimizer": rest,
-                "written_at": time.time(), "files": files}
-    text = json.dumps(manifest, indent=1, sort_keys=True).encode() + b"\n"
-    write_atomically(manifest_path, [text])
+    write_manifest(path, {**info, "step": step, "optimizer": rest, "written_at": time.time()},
+                   (MODEL_FILE, OPTIMIZER_FILE))
     if created:
         fsync_directory(root)
     return path
-
-
-def verify_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """Check that a checkpoint is complete and undamaged.
-
-    Args:
-        path: the checkpoint's directory.
-
-    Returns:
-        Its manifest.
-
-    Raises:
-        CheckpointError: why it cannot be used (no manifest, unreadable manifest, unknown
-            format version, a missing file, a size or sha256 mismatch).
-    """
-    path = os.fspath(path)
-    manifest_path = os.path.join(path, MANIFEST)
-    try:
-        with open(manifest_path, "rb") as f:
-            manifest = json.loads(f.read())
-    except FileNotFoundError:
-        raise CheckpointError("incomplete: it has no manifest.json") from None
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"manifest.json is unreadable ({e})") from None
-    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
-        raise CheckpointError("manifest.json lacks the files it covers")
-    version = manifest.get("format_version")
-    if version != FORMAT_VERSION:
-        raise CheckpointError(f"format version {version!r} is not {FORMAT_VERSION}, the one "
-                              f"this version of dptrain reads")
-    for name in (MODEL_FILE, OPTIMIZER_FILE):
-        entry = manifest["files"].get(name)
-        file = os.path.join(path, name)
-        if not isinstance(entry, dict):
-            raise CheckpointError(f"manifest.json does not list {name}")
-        if not os.path.isfile(file):
-            raise CheckpointError(f"{name} is missing")
-        if os.path.getsize(file) != entry.get("bytes"):
-            raise CheckpointError(f"{name} has {os.path.getsize(file)} bytes, the manifest says "
-                                  f"{entry.get('bytes')}")
-        digest = _sha256(file)
-        if digest != entry.get("sha256"):
-            raise CheckpointError(f"{name} fails its checksum (sha256 {digest[:12]}..., the "
-                                  f"manifest says {str(entry.get('sha256'))[:12]}...)")
-    return manifest
 
 
 def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
@@ -224,25 +153,6 @@ def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"unreadable ({e})") from None
     return Checkpoint(path, int(manifest["step"]), manifest, model_state, optimizer_state)
-
-
-def list_checkpoints(root: str | os.PathLike) -> list[tuple[int, str]]:
-    """The checkpoint directories under `root`, complete or not, oldest first.
-
-    Args:
-        root: the job's checkpoint directory.
-
-    Returns:
-        ``(step, path)`` pairs sorted by step; empty when `root` does not exist.
-    """
-    root = os.fspath(root)
-    try:
-        names = os.listdir(root)
-    except FileNotFoundError:
-        return []
-    found = [(int(m.group(1)), os.path.join(root, name)) for name in names
-             if (m := _DIR_RE.match(name)) and os.path.isdir(os.path.join(root, name))]
-    return sorted(found)
 
 
 def _stderr(line: str) -> None:

@@ -6,10 +6,14 @@ metrics)``, ``on_checkpoint(step, path)``, ``on_log(line)`` for human-readable m
 ``on_end(metrics)`` once. Metrics are global (all-reduced over ranks), so one rank reporting
 is enough; the console reporter is on rank 0 only.
 
-Extension point for the coordinator: when the environment variable ``DPTRAIN_COORDINATOR``
-is set (the coordinator's address), `build_reporters` imports ``coordinator.worker_reporter``
-and appends ``create_reporter(address, rank=rank, environ=environ)``, which must return a
-`Reporter` (or None for ranks that should not report). Nothing imports grpc otherwise.
+The coordinator's plug-in: when the environment variable ``DPTRAIN_COORDINATOR`` is set (the
+coordinator's address, `environment.COORDINATOR`), the worker loads the module named by
+`COORDINATOR_REPORTER_MODULE` (`load_reporter_plugin`) and calls the `ReporterPlugin` interface
+defined here: `build_reporters` appends its ``create_reporter(...)``, whose `Reporter` turns
+progress events into reports and heartbeats and uploads each checkpoint ``on_checkpoint``
+names, and `fetch_resume_checkpoint` asks it for the job's latest checkpoint before a resumed
+run. The worker owns this interface and names the plug-in only by a string: it never imports
+the coordinator, and nothing imports grpc unless the coordinator launched the job.
 """
 
 from __future__ import annotations
@@ -20,13 +24,16 @@ import math
 import os
 import sys
 from collections.abc import Mapping
-from typing import Any, TextIO
+from typing import Any, Protocol, TextIO
 
-__all__ = ["Reporter", "ConsoleReporter", "build_reporters", "COORDINATOR_ENV",
-           "COORDINATOR_REPORTER_MODULE"]
+from dptrain.worker.environment import COORDINATOR
 
-COORDINATOR_ENV = "DPTRAIN_COORDINATOR"
+__all__ = ["Reporter", "ConsoleReporter", "ReporterPlugin", "build_reporters",
+           "load_reporter_plugin", "fetch_resume_checkpoint", "COORDINATOR_REPORTER_MODULE"]
+
 COORDINATOR_REPORTER_MODULE = "dptrain.coordinator.client.worker_reporter"
+"""The module implementing `ReporterPlugin` over gRPC, imported by name when the job runs
+under a coordinator."""
 
 
 class Reporter:
@@ -81,6 +88,64 @@ class Reporter:
 
     def close(self) -> None:
         """Release resources (the trainer calls it last, even after an error)."""
+
+
+class ReporterPlugin(Protocol):
+    """What a module reporting to a coordinator provides (the one `load_reporter_plugin` loads).
+
+    Progress and heartbeats travel through the `Reporter` it creates (``on_step``, ``on_eval``,
+    ``on_log``, ``on_end``: a heartbeat says training made progress), checkpoint uploads too
+    (``on_checkpoint`` names a directory written by ``worker.checkpoint``); the resume fetch is
+    a function of its own, called before training starts.
+    """
+
+    def create_reporter(self, address: str, *, rank: int,
+                        environ: Mapping[str, str]) -> Reporter | None:
+        """The reporter of rank `rank`, or None for a rank that should not report.
+
+        Args:
+            address: the coordinator's ``host:port`` (`environment.COORDINATOR`).
+            rank: this process's rank.
+            environ: the variables of `dptrain.worker.environment`.
+        """
+
+    def fetch_resume_checkpoint(self, dest_dir: str | os.PathLike,
+                                environ: Mapping[str, str] | None = None) -> str | None:
+        """Put the job's latest intact checkpoint into `dest_dir` (rank 0, before training).
+
+        Args:
+            dest_dir: the worker's checkpoint directory.
+            environ: the variables of `dptrain.worker.environment` (default: ``os.environ``).
+
+        Returns:
+            The checkpoint's directory, or None when the job has none yet.
+        """
+
+
+def load_reporter_plugin() -> ReporterPlugin:
+    """Import the coordinator's reporter plug-in (`COORDINATOR_REPORTER_MODULE`).
+
+    Returns:
+        The module.
+
+    Raises:
+        ImportError: it cannot be imported (grpc missing, ...).
+    """
+    return importlib.import_module(COORDINATOR_REPORTER_MODULE)
+
+
+def fetch_resume_checkpoint(dest_dir: str | os.PathLike,
+                            environ: Mapping[str, str] | None = None) -> str | None:
+    """Through the plug-in: put the job's latest intact checkpoint into `dest_dir`.
+
+    Args:
+        dest_dir: the worker's checkpoint directory.
+        environ: the environment (default: ``os.environ``).
+
+    Returns:
+        The checkpoint's directory, or None when the job has none yet.
+    """
+    return load_reporter_plugin().fetch_resume_checkpoint(dest_dir, environ)
 
 
 def _json_safe(value: Any) -> Any:
@@ -178,10 +243,9 @@ def build_reporters(rank: int, environ: Mapping[str, str] | None = None,
     """
     environ = os.environ if environ is None else environ
     reporters: list[Reporter] = [ConsoleReporter(progress=progress)] if rank == 0 else []
-    address = environ.get(COORDINATOR_ENV)
+    address = environ.get(COORDINATOR)
     if address:
-        module = importlib.import_module(COORDINATOR_REPORTER_MODULE)
-        reporter = module.create_reporter(address, rank=rank, environ=environ)
+        reporter = load_reporter_plugin().create_reporter(address, rank=rank, environ=environ)
         if reporter is not None:
             reporters.append(reporter)
     return reporters

@@ -37,6 +37,7 @@ from typing import Any
 import dptrain.engine.functional as F
 import numpy as np
 from dptrain import engine
+from dptrain.engine.backend import gpu_count
 from dptrain.engine.optim import lr_scheduler
 from dptrain.worker import checkpoint as ckpt
 from dptrain.worker.data import (
@@ -48,6 +49,13 @@ from dptrain.worker.data import (
     train_validation_split,
 )
 from dptrain.worker.events import Reporter
+from dptrain.worker.exit_codes import (
+    EXIT_DIVERGED,
+    EXIT_FAILED,
+    EXIT_INVALID,
+    EXIT_OK,
+    EXIT_PREEMPTED,
+)
 from dptrain.worker.spec import (
     MAX_STEPS,
     SCHEDULERS,
@@ -62,8 +70,6 @@ from dptrain.worker.spec import (
 __all__ = ["run_job", "TrainResult", "JobFailed", "agree", "install_preemption_handler",
            "EXIT_OK", "EXIT_FAILED", "EXIT_INVALID", "EXIT_DIVERGED", "EXIT_PREEMPTED"]
 
-EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_DIVERGED = 0, 1, 2, 3
-EXIT_PREEMPTED = 128 + signal.SIGTERM
 _EVAL_BATCH = 512
 _LOSS_WINDOW = 100  # the final train loss/accuracy average the last this many steps
 
@@ -141,9 +147,7 @@ def _device(spec: JobSpec, rank: int) -> engine.Device:
     if not engine.cupy_available():
         raise JobFailed(f"device: 'cuda' was requested but CuPy with a GPU is not available "
                         f"on rank {rank}")
-    import cupy
-
-    return engine.Device(f"cuda:{rank % cupy.cuda.runtime.getDeviceCount()}")
+    return engine.Device(f"cuda:{rank % gpu_count()}")
 
 
 def _optimizer(spec: JobSpec, params: list) -> engine.optim.Optimizer:

@@ -1,10 +1,11 @@
 """The worker's side of the coordinator: progress reports, heartbeats, checkpoint transfers.
 
-``worker.events.build_reporters`` imports this module when ``DPTRAIN_COORDINATOR`` is set and
-calls `create_reporter`; rank 0 gets a `CoordinatorReporter` (metrics are global, so one rank
-reporting is enough), the other ranks None. ``python -m dptrain.worker --resume`` calls
-`fetch_resume_checkpoint` on rank 0 before training, so the worker's own resume code finds the
-job's latest intact checkpoint in its checkpoint directory.
+This module implements ``worker.events.ReporterPlugin`` over gRPC; the worker imports it by
+name (``worker.events.COORDINATOR_REPORTER_MODULE``) when ``DPTRAIN_COORDINATOR`` is set, and it
+loads no server module and no engine. `create_reporter` gives rank 0 a `CoordinatorReporter`
+(metrics are global, so one rank reporting is enough), the other ranks None. ``python -m
+dptrain.worker --resume`` calls `fetch_resume_checkpoint` on rank 0 before training, so the
+worker's own resume code finds the job's latest intact checkpoint in its checkpoint directory.
 
 The reporter never stops training, nor gives up on a checkpoint while the coordinator may
 come back. Events wait in a bounded buffer while the coordinator is unreachable; a report it
@@ -44,18 +45,20 @@ from pathlib import Path
 from typing import Any
 
 from dptrain.coordinator.api import serde
+from dptrain.coordinator.api.checkpoint_upload import CheckpointUpload, read_checkpoint_directory
 from dptrain.coordinator.api.errors import ValidationError
 from dptrain.coordinator.api.hashed_io import write_hashed
 from dptrain.coordinator.api.limits import MAX_EVENTS_PER_REPORT
 from dptrain.coordinator.api.records import CheckpointRecord, EventKind, JobState
-from dptrain.coordinator.api.worker_env import COORDINATOR, read_worker_environment
 from dptrain.coordinator.client.client import Client, ClientError
-from dptrain.coordinator.server.checkpoint_store import (
-    MANIFEST,
-    CheckpointUpload,
-    read_checkpoint_directory,
-)
 from dptrain.protos.dptrain.v1 import coordinator_pb2 as pb
+from dptrain.worker.checkpoint_manifest import (
+    MANIFEST,
+    CheckpointError,
+    checkpoint_name,
+    verify_checkpoint,
+)
+from dptrain.worker.environment import COORDINATOR, read_worker_environment
 from dptrain.worker.events import Reporter
 
 __all__ = ["WorkerClient", "CoordinatorReporter", "create_reporter", "fetch_resume_checkpoint"]
@@ -92,7 +95,7 @@ class WorkerClient(Client):
 
     @classmethod
     def from_environment(cls, environ: Mapping[str, str] | None = None) -> WorkerClient:
-        """A client configured by the variables of `coordinator.worker_env`.
+        """A client configured by the variables of `dptrain.worker.environment`.
 
         Raises:
             KeyError: a required variable is missing.
@@ -147,8 +150,8 @@ class WorkerClient(Client):
         """Download the job's newest intact checkpoint as ``dest_dir/step-XXXXXXXX``.
 
         Files are written into a temporary directory, checked against their sha256s and by
-        ``worker.checkpoint.verify_checkpoint``, and renamed into place (replacing a damaged
-        copy of the same step). An identical intact copy already there is kept as it is.
+        ``worker.checkpoint_manifest.verify_checkpoint``, and renamed into place (replacing a
+        damaged copy of the same step). An identical intact copy already there is kept as it is.
 
         Args:
             dest_dir: the worker's checkpoint directory (created if missing).
@@ -159,8 +162,6 @@ class WorkerClient(Client):
         Raises:
             ClientError: the transfer failed, or DATA_LOSS when a file fails its sha256.
         """
-        from dptrain.worker.checkpoint import CheckpointError, checkpoint_name, verify_checkpoint
-
         dest = Path(dest_dir)
         dest.mkdir(parents=True, exist_ok=True)
         stream = self._stream(self._worker_stub.FetchCheckpoint,
@@ -600,7 +601,7 @@ def fetch_resume_checkpoint(dest_dir: str | os.PathLike,
         The checkpoint's directory, or None when the coordinator has none for the job.
 
     Raises:
-        KeyError: a required variable of `coordinator.worker_env` is missing.
+        KeyError: a required variable of `dptrain.worker.environment` is missing.
         ClientError: the transfer failed (the message says why).
     """
     with WorkerClient.from_environment(environ) as client:

@@ -31,6 +31,7 @@ import time
 from collections.abc import Container, Iterable, Iterator
 from pathlib import Path
 
+from dptrain.atomic_files import fsync_directory
 from dptrain.coordinator.api.errors import (
     BlobCorrupted,
     BlobNotFound,
@@ -39,12 +40,11 @@ from dptrain.coordinator.api.errors import (
     ValidationError,
 )
 from dptrain.coordinator.api.hashed_io import BytesLike, write_hashed
+from dptrain.coordinator.api.limits import CHUNK_BYTES
 from dptrain.coordinator.server.private_files import make_private_dir
-from dptrain.engine.serialization import fsync_directory
 
-__all__ = ["BlobStore", "check_sha256", "CHUNK_SIZE"]
+__all__ = ["BlobStore", "check_sha256"]
 
-CHUNK_SIZE = 1 << 20  # 1 MiB: well under gRPC's default 4 MiB message limit
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 _TMP = "tmp"
 
@@ -172,7 +172,7 @@ class BlobStore:
         except FileNotFoundError:
             raise BlobNotFound(sha256) from None
 
-    def read(self, sha256: str, *, chunk_size: int = CHUNK_SIZE,
+    def read(self, sha256: str, *, chunk_size: int = CHUNK_BYTES,
              verify: bool = True) -> Iterator[bytes]:
         """The blob's bytes in chunks, verified while streaming.
 

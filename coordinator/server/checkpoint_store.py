@@ -1,8 +1,9 @@
 """What the checkpoint RPCs do, as plain functions of ``(request, state)``: no grpc here.
 
 A worker checkpoint is a directory: ``model.safetensors``, ``optimizer.safetensors`` and
-``manifest.json``, which lists every other file's size and sha256 (``worker/checkpoint.py``).
-The coordinator stores each file as a content-addressed blob (`coordinator.blobs.BlobStore`),
+``manifest.json``, which lists every other file's size and sha256
+(``worker/checkpoint_manifest.py``, the format's one owner).
+The coordinator stores each file as a content-addressed blob (`server.blobs.BlobStore`),
 so the manifest's sha256 of a file *is* the name of its blob, and records a `CheckpointRecord`
 whose ``sha256`` names the ``manifest.json`` blob, whose ``size`` is the total of all the files,
 and whose ``manifest`` is the parsed manifest (``files: {name: {sha256, bytes}}``).
@@ -19,22 +20,19 @@ job is RUNNING, and while it is RESTARTING (the runner ended the attempt, whose 
 checkpoint is still welcome); once the job is terminal its workers' token is dead and an upload
 stores nothing (`WORKER_STATES`, checked again in the transaction that records it). The runner
 stores what the workers could not upload from the job's checkpoint directory
-(`coordinator.ingest`), through the same `store_checkpoint`.
+(`server.ingest`), through the same `store_checkpoint`.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import re
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
+from dptrain.coordinator.api.checkpoint_upload import CheckpointUpload, record_files
 from dptrain.coordinator.api.errors import (
     AlreadyExists,
     BlobCorrupted,
@@ -53,21 +51,20 @@ from dptrain.coordinator.api.limits import (
 from dptrain.coordinator.api.records import CheckpointRecord, EventKind, JobState
 from dptrain.coordinator.api.strict_json import loads
 from dptrain.coordinator.server.blobs import BlobStore, check_sha256
+from dptrain.worker.checkpoint_manifest import MANIFEST, FileEntry
 
 if TYPE_CHECKING:
     from dptrain.coordinator.server.jobs import ServiceState
     from dptrain.coordinator.server.store import Store
 
 __all__ = [
-    "MANIFEST", "DEFAULT_FILE", "WORKER_STATES", "FileEntry", "CheckpointUpload",
-    "record_files", "record_blobs", "read_checkpoint_directory", "store_checkpoint",
+    "DEFAULT_FILE", "WORKER_STATES", "record_blobs", "store_checkpoint",
     "receive_checkpoint", "list_checkpoints", "verify_record", "intact_checkpoint",
     "open_download", "open_fetch", "prune_job_checkpoints", "referenced_blobs",
 ]
 
 log = logging.getLogger("dptrain.coordinator")
 
-MANIFEST = "manifest.json"
 DEFAULT_FILE = "model.safetensors"
 _FILE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 #: The job states in which its workers may upload and fetch checkpoints (see the docstring).
@@ -75,83 +72,9 @@ WORKER_STATES = frozenset({JobState.RUNNING, JobState.RESTARTING})
 _MAX_DOUBLE = sys.float_info.max
 
 
-@dataclass(frozen=True)
-class FileEntry:
-    """One file of a checkpoint: its name, size in bytes and sha256."""
-
-    name: str
-    size: int
-    sha256: str
-
-
-@dataclass(frozen=True)
-class CheckpointUpload:
-    """The header of an upload (and of a fetch): which checkpoint, and its files in order.
-
-    Attributes:
-        job_id: the job.
-        step: the checkpoint's step.
-        manifest_json: the bytes of its ``manifest.json``.
-        files: every other file, in the order their bytes follow.
-    """
-
-    job_id: str
-    step: int
-    manifest_json: bytes
-    files: tuple[FileEntry, ...]
-
-
-def record_files(record: CheckpointRecord) -> list[FileEntry]:
-    """The files of a stored checkpoint besides ``manifest.json``, sorted by name."""
-    files = record.manifest.get("files") or {}
-    return [FileEntry(name, int(entry["bytes"]), entry["sha256"])
-            for name, entry in sorted(files.items())]
-
-
 def record_blobs(record: CheckpointRecord) -> dict[str, str]:
     """File name -> blob sha256 for every file of a checkpoint, ``manifest.json`` included."""
     return {MANIFEST: record.sha256, **{f.name: f.sha256 for f in record_files(record)}}
-
-
-def read_checkpoint_directory(job_id: str, path: str | os.PathLike,
-                              on_chunk: Callable[[int], None] | None = None
-                              ) -> tuple[CheckpointUpload, Iterator[tuple[str, bytes]]]:
-    """A checkpoint directory written by ``worker.checkpoint.write_checkpoint``, as an upload.
-
-    What a worker sends and what the runner stores from a job's checkpoint directory alike.
-
-    Args:
-        job_id: the job it belongs to.
-        path: the directory (``step-XXXXXXXX``).
-        on_chunk: called with each chunk's size as it is read (progress).
-
-    Returns:
-        ``(header, chunks)``: the header from its ``manifest.json``; ``(file name, bytes)``
-        chunks of at most `CHUNK_BYTES`, read lazily, in the header's file order.
-
-    Raises:
-        OSError: the manifest cannot be read (from the chunks: a file cannot be read).
-        ValueError: the manifest is not a checkpoint's.
-    """
-    path = Path(path)
-    manifest_json = (path / MANIFEST).read_bytes()
-    try:
-        manifest = json.loads(manifest_json)
-        files = tuple(FileEntry(name, int(entry["bytes"]), entry["sha256"])
-                      for name, entry in sorted(manifest["files"].items()))
-        header = CheckpointUpload(job_id, int(manifest["step"]), manifest_json, files)
-    except (ValueError, KeyError, TypeError, AttributeError) as e:
-        raise ValueError(f"{path / MANIFEST}: not a checkpoint manifest ({e!r})") from None
-
-    def chunks() -> Iterator[tuple[str, bytes]]:
-        for entry in files:
-            with open(path / entry.name, "rb") as f:
-                while data := f.read(CHUNK_BYTES):
-                    if on_chunk is not None:
-                        on_chunk(len(data))
-                    yield entry.name, data
-
-    return header, chunks()
 
 
 # ---------------------------------------------------------------- upload

@@ -14,8 +14,8 @@ mounts, so the runner reads it itself, independently of the workers, the network
 * `store_final_checkpoint` makes sure a completed run's final checkpoint is stored and that its
   blobs verify: the condition for SUCCEEDED.
 
-Each checkpoint directory is verified (``worker.checkpoint.verify_checkpoint``) before it is
-stored; an incomplete or damaged one is skipped.
+Each checkpoint directory is verified (``worker.checkpoint_manifest.verify_checkpoint``) before
+it is stored; an incomplete or damaged one is skipped.
 """
 
 from __future__ import annotations
@@ -24,16 +24,13 @@ import logging
 import os
 from pathlib import Path
 
+from dptrain.coordinator.api.checkpoint_upload import read_checkpoint_directory
 from dptrain.coordinator.api.errors import BlobError, CheckpointNotFound, ValidationError
 from dptrain.coordinator.api.records import CheckpointRecord
 from dptrain.coordinator.server.blobs import BlobStore
-from dptrain.coordinator.server.checkpoint_store import (
-    read_checkpoint_directory,
-    store_checkpoint,
-    verify_record,
-)
+from dptrain.coordinator.server.checkpoint_store import store_checkpoint, verify_record
 from dptrain.coordinator.server.store import Store
-from dptrain.worker.checkpoint import (
+from dptrain.worker.checkpoint_manifest import (
     CheckpointError,
     checkpoint_name,
     list_checkpoints,
@@ -59,10 +56,10 @@ def ingest_checkpoint(job_id: str, path: str | os.PathLike, store: Store,
         The stored record (a different one stored at the same step is replaced).
 
     Raises:
-        worker.checkpoint.CheckpointError: the directory is incomplete or damaged.
+        worker.checkpoint_manifest.CheckpointError: the directory is incomplete or damaged.
         OSError: it cannot be read.
         JobNotFound, ValidationError, ChecksumMismatch, BlobTooLarge: as
-            `coordinator.checkpoints.store_checkpoint`.
+            `server.checkpoint_store.store_checkpoint`.
     """
     verify_checkpoint(path)
     upload, chunks = read_checkpoint_directory(job_id, path)
@@ -114,7 +111,7 @@ def store_final_checkpoint(job_id: str, step: int, directory: str | os.PathLike,
         True when it had to be stored from the directory; False when it already was.
 
     Raises:
-        worker.checkpoint.CheckpointError, OSError, ValidationError, BlobError, ValueError:
+        worker.checkpoint_manifest.CheckpointError, OSError, ValidationError, BlobError, ValueError:
             it cannot be stored; the message says why.
     """
     try:

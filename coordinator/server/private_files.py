@@ -2,7 +2,7 @@
 
 It holds job specs, logs, checkpoints and the database of all of them, so every directory the
 coordinator creates in it is 0700 and every file 0600: `make_private_dir` and `open_private`
-here, ``tempfile.mkstemp`` (always 0600) for files renamed into place, and `PRIVATE_UMASK` for
+here, `write_private` for files renamed into place, and `PRIVATE_UMASK` for
 the worker processes, which write checkpoints and fetch them into the job's directory. SQLite
 gives a database's ``-wal`` and ``-shm`` files the database file's own mode.
 """
@@ -13,8 +13,10 @@ import os
 import stat
 from pathlib import Path
 
+from dptrain.atomic_files import write_atomically
+
 __all__ = ["PRIVATE_DIR_MODE", "PRIVATE_FILE_MODE", "PRIVATE_UMASK", "make_private_dir",
-           "open_private"]
+           "open_private", "write_private"]
 
 PRIVATE_DIR_MODE = 0o700
 PRIVATE_FILE_MODE = 0o600
@@ -80,3 +82,14 @@ def open_private(path: str | os.PathLike, flags: int) -> int:
         os.close(fd)
         raise
     return fd
+
+
+def write_private(path: str | os.PathLike, text: str) -> None:
+    """Write a small text file of the coordinator's own atomically, with mode 0600
+    (``dptrain.atomic_files.write_atomically``).
+
+    Args:
+        path: the file.
+        text: its content (UTF-8).
+    """
+    write_atomically(path, [text.encode("utf-8")], mode=PRIVATE_FILE_MODE)

@@ -98,14 +98,18 @@ from dptrain.coordinator.server.launchers.mpiexec import (
     signal_recorded,
     worker_command,
     worker_environment,
-    write_atomic,
     write_run_record,
 )
-from dptrain.coordinator.server.private_files import PRIVATE_UMASK, make_private_dir, open_private
+from dptrain.coordinator.server.private_files import (
+    PRIVATE_UMASK,
+    make_private_dir,
+    open_private,
+    write_private,
+)
 from dptrain.coordinator.server.scheduler import Cluster, Launch, PendingJob, RunningJob, schedule
 from dptrain.coordinator.server.store import Store
-from dptrain.worker.checkpoint import CheckpointError, checkpoint_name
-from dptrain.worker.train import EXIT_DIVERGED, EXIT_INVALID
+from dptrain.worker.checkpoint_manifest import CheckpointError, checkpoint_name
+from dptrain.worker.exit_codes import EXIT_DIVERGED, EXIT_INVALID
 
 __all__ = ["JobRunner", "RunnerSettings", "NO_RESTART_EXIT_CODES"]
 
@@ -349,10 +353,10 @@ class JobRunner:
             make_private_dir(paths.checkpoints)
             previous = read_run_record(paths.run)
             attempt = int(previous.get("attempt", 0)) + 1 if previous else 1
-            write_atomic(paths.spec, json.dumps(job.spec, indent=1, sort_keys=True) + "\n")
+            write_private(paths.spec, json.dumps(job.spec, indent=1, sort_keys=True) + "\n")
             hostfile = needs_hostfile(self.cluster)
             if hostfile:
-                write_atomic(paths.hostfile, launch.hostfile())
+                write_private(paths.hostfile, launch.hostfile())
             command = worker_command(launch, paths, self.settings, resume=attempt > 1,
                                      hostfile=hostfile)
             token, run_id = new_token(), new_run_id(job.id, attempt)

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+from dptrain.coordinator.api.checkpoint_upload import CheckpointUpload, FileEntry
 from dptrain.coordinator.api.errors import (
     BlobCorrupted,
     ChecksumMismatch,
@@ -23,7 +24,6 @@ from dptrain.coordinator.api.records import Event, EventKind, Job, JobState
 from dptrain.coordinator.server import checkpoint_store as checkpoints
 from dptrain.coordinator.server import jobs
 from dptrain.coordinator.server.blobs import BlobStore
-from dptrain.coordinator.server.checkpoint_store import CheckpointUpload, FileEntry
 from dptrain.coordinator.server.jobs import ListRequest, ServiceState, SubmitRequest
 from dptrain.coordinator.server.scheduler import Cluster
 from dptrain.coordinator.server.store import MemoryStore

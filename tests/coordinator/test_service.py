@@ -26,7 +26,6 @@ import pytest
 import safetensors.numpy
 from dptrain import engine
 from dptrain.coordinator.api.records import EventKind, Job, JobState, hash_token, new_token
-from dptrain.coordinator.api.worker_env import worker_environment
 from dptrain.coordinator.client.client import Client, ClientError
 from dptrain.coordinator.client.worker_reporter import (
     WorkerClient,
@@ -43,6 +42,7 @@ from dptrain.worker.checkpoint import (
     verify_checkpoint,
     write_checkpoint,
 )
+from dptrain.worker.environment import worker_environment
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 SLOTS = 4

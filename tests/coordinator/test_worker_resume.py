@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 from dptrain.coordinator.api.records import EventKind, JobState, hash_token, new_token
-from dptrain.coordinator.api.worker_env import worker_environment
 from dptrain.coordinator.client.client import Client
 from dptrain.coordinator.server.scheduler import Cluster
 from dptrain.coordinator.server.server import serve
+from dptrain.worker.environment import worker_environment
 
 REPO = Path(__file__).resolve().parents[2]
 SPEC = {

@@ -30,22 +30,21 @@ import os
 import secrets
 import signal
 import sys
-import tempfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import IO, Any
 
-from dptrain.coordinator.api import worker_env
-from dptrain.coordinator.server.private_files import open_private
+from dptrain.coordinator.server.private_files import open_private, write_private
 from dptrain.coordinator.server.scheduler import Cluster, Launch
+from dptrain.worker import environment as worker_env
 from dptrain.worker.launch import LaunchSettings, mpiexec_command
 
 __all__ = [
     "RunnerSettings", "JobPaths", "worker_command", "worker_environment", "needs_hostfile",
     "RUN_ID_ENV", "new_run_id", "lock_state_dir", "write_run_record", "read_run_record", "boot_id",
     "process_start_ticks", "marked_processes", "signal_marked", "signal_recorded", "run_alive",
-    "kill_group", "failure_message", "write_atomic",
+    "kill_group", "failure_message",
 ]
 
 #: The environment variable that marks every process of one attempt (not a secret).
@@ -279,28 +278,9 @@ def lock_state_dir(state_dir: Path) -> IO[str]:
     return lock_file
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write a small file atomically (temporary file, fsync, rename).
-
-    Args:
-        path: the file.
-        text: its content.
-    """
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_run_record(path: Path, record: Mapping[str, Any]) -> None:
     """Save the current attempt's record (``run.json``) atomically."""
-    write_atomic(path, json.dumps(dict(record), indent=1, sort_keys=True) + "\n")
+    write_private(path, json.dumps(dict(record), indent=1, sort_keys=True) + "\n")
 
 
 def read_run_record(path: Path) -> dict[str, Any] | None:

@@ -2,13 +2,16 @@
 
 The runner puts these variables into the environment of each job's ``mpiexec`` process (never
 on its command line, where ``ps`` would show the token), through `worker_environment`; mpiexec
-passes its environment on to every rank, and ``coordinator.worker_reporter`` reads them back
-(`read_worker_environment`). ``worker.events`` knows only `COORDINATOR` (the switch that turns
-the coordinator's reporter on), under the same name.
+passes its environment on to every rank, and the coordinator's reporter plug-in
+(``coordinator/client/worker_reporter.py``) reads them back (`read_worker_environment`);
+``worker.events`` switches the plug-in on when `COORDINATOR` is set. The names live in the
+worker, which both sides may import (the coordinator imports the worker, never the reverse),
+in a module that imports nothing heavy.
 
 The worker token is made fresh for every launch of a job: the runner calls
-``coordinator.model.new_token()``, stores ``hash_token(token)`` as the job's ``token_hash`` in the
-same transition that moves the job to RUNNING, and hands the token itself only to the workers.
+``coordinator.api.records.new_token()``, stores ``hash_token(token)`` as the job's
+``token_hash`` in the same transition that moves the job to RUNNING, and hands the token itself
+only to the workers.
 A relaunch therefore locks out the workers of the run before it.
 """
 
@@ -18,14 +21,12 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from dptrain.worker.events import COORDINATOR_ENV
-
 __all__ = [
     "COORDINATOR", "JOB_ID", "JOB_TOKEN", "TLS_CA", "HEARTBEAT_TIMEOUT", "WorkerEnvironment",
     "worker_environment", "read_worker_environment",
 ]
 
-COORDINATOR = COORDINATOR_ENV  # "DPTRAIN_COORDINATOR": the name worker.events switches on
+COORDINATOR = "DPTRAIN_COORDINATOR"
 """``host:port`` of the coordinator's gRPC server, as the workers reach it."""
 
 JOB_ID = "DPTRAIN_JOB_ID"

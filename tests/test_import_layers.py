@@ -1,0 +1,85 @@
+"""Imports flow one way: the worker never imports the coordinator, and what rank 0 and the
+coordinator load to talk about a job stays light (no engine, no server for a worker)."""
+
+from __future__ import annotations
+
+import ast
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _imported_modules(source: str, package: str) -> list[tuple[int, str]]:
+    """Every module an ``import`` statement of a module of `package` names, at any depth
+    (inside functions too), resolved to its absolute name."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, alias.name) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:  # relative: from the file's package upwards
+                parts = package.split(".")
+                base = ".".join(parts[:len(parts) - node.level + 1] + ([base] if base else []))
+            found += [(node.lineno, base)] + [(node.lineno, f"{base}.{a.name}")
+                                               for a in node.names]
+    return found
+
+
+def _loaded_by(statement: str) -> set[str]:
+    """The dptrain modules a fresh interpreter has loaded after running `statement`."""
+    code = (f"import json, sys\n{statement}\n"
+            "print(json.dumps(sorted(m for m in sys.modules if m.startswith('dptrain'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, cwd=REPO).stdout
+    return set(json.loads(out.splitlines()[-1]))
+
+
+def test_the_scan_sees_imports_inside_functions_and_relative_ones():
+    source = ("def f():\n    from dptrain.coordinator import client\n"
+              "    from .. import coordinator\n")
+    found = _imported_modules(source, "dptrain.worker")
+    assert (2, "dptrain.coordinator") in found
+    assert (3, "dptrain.coordinator") in found
+
+
+def test_worker_modules_never_import_the_coordinator():
+    offenders = [f"{path.relative_to(REPO)}:{line}: {name}"
+                 for path in sorted((REPO / "worker").rglob("*.py"))
+                 for line, name in _imported_modules(
+                     path.read_text(), ".".join(["dptrain", *path.relative_to(REPO).parent.parts]))
+                 if name == "dptrain.coordinator" or name.startswith("dptrain.coordinator.")]
+    assert offenders == []
+
+
+def test_rank_0s_reporter_loads_neither_the_engine_nor_the_checkpoint_server():
+    loaded = _loaded_by("import dptrain.coordinator.client.worker_reporter")
+    assert "dptrain.coordinator.client.worker_reporter" in loaded
+    assert sorted(m for m in loaded if m.startswith("dptrain.engine")) == []
+    checkpoint_server = {"dptrain.coordinator.server.checkpoint_store",
+                         "dptrain.coordinator.server.ingest", "dptrain.coordinator.server.runner",
+                         "dptrain.coordinator.server.server", "dptrain.coordinator.server.service"}
+    assert sorted(loaded & checkpoint_server) == []
+
+
+@pytest.mark.xfail(strict=True, reason="api.serde still imports server.jobs (ListRequest, "
+                   "SubmitRequest) and client.client imports server.auth (bearer_metadata)")
+def test_rank_0s_reporter_loads_no_server_module():
+    loaded = _loaded_by("import dptrain.coordinator.client.worker_reporter")
+    assert sorted(m for m in loaded if m.startswith("dptrain.coordinator.server")) == []
+
+
+@pytest.mark.parametrize("module", [
+    "dptrain.worker.environment", "dptrain.worker.exit_codes",
+    "dptrain.worker.checkpoint_manifest", "dptrain.atomic_files",
+    "dptrain.coordinator.server.blobs", "dptrain.coordinator.server.runner",
+])
+def test_shared_light_modules_load_no_engine(module):
+    loaded = _loaded_by(f"import {module}")
+    assert module in loaded
+    assert sorted(m for m in loaded if m.startswith("dptrain.engine")) == []
