@@ -39,7 +39,7 @@ from typing import IO, Any
 from dptrain.coordinator.api import worker_env
 from dptrain.coordinator.server.private_files import open_private
 from dptrain.coordinator.server.scheduler import Cluster, Launch
-from dptrain.worker.launch import LaunchSettings, mpiexec_command
+from dptrain.worker.mpiexec_command import LaunchSettings, mpiexec_command
 
 __all__ = [
     "RunnerSettings", "JobPaths", "worker_command", "worker_environment", "needs_hostfile",
