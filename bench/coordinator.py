@@ -55,7 +55,7 @@ def serve_child(state_dir: str, worker_token: str) -> None:
     ``{"address", "token", "job_id"}`` as JSON; stop when stdin closes."""
     from dptrain.coordinator.api.records import JobState, hash_token, new_job
     from dptrain.coordinator.server.scheduler import Cluster
-    from dptrain.coordinator.server.server import serve
+    from dptrain.coordinator.server.server import ServerSettings, serve
     from dptrain.coordinator.server.store import SqliteStore
 
     Path(state_dir).mkdir(parents=True, exist_ok=True)
@@ -63,7 +63,7 @@ def serve_child(state_dir: str, worker_token: str) -> None:
         job = store.create_job(new_job("watched", SPEC, workers=1,
                                        token_hash=hash_token(worker_token)))
         store.transition(job.id, JobState.QUEUED, JobState.RUNNING, placement={"localhost": 1})
-    server = serve(state_dir, cluster=Cluster.local(64), max_workers=600)
+    server = serve(ServerSettings(state_dir, cluster=Cluster.local(64), max_workers=600))
     print(json.dumps({"address": server.address, "token": server.token, "job_id": job.id}),
           flush=True)
     sys.stdin.read()

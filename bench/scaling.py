@@ -1,8 +1,8 @@
 """Data-parallel scaling: training throughput of the same job with 1 and 2 ranks.
 
 Each job runs through the real entry point (``mpiexec -n N python -m dptrain.worker JOB``, the
-command line `worker.launch` builds, one BLAS thread per rank) with the same global batch, so
-2 ranks each compute half of every batch and all-reduce the gradients. Throughput is the
+command line `worker.mpiexec_command` builds, one BLAS thread per rank) with the same global
+batch, so 2 ranks each compute half of every batch and all-reduce the gradients. Throughput is the
 trainer's own steady-state samples/s (the final JSON line's ``samples_per_s``: step time
 only, after the first step, without evaluation or checkpoints). Runs alternate 1 rank, 2
 ranks, 2 independent runs, 1, 2, ... and the best of each is reported: on a shared machine
@@ -31,7 +31,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from dptrain.worker.launch import LaunchSettings, mpiexec_command  # noqa: E402
+from dptrain.worker.mpiexec_command import LaunchSettings, mpiexec_command  # noqa: E402
 
 # (row label, job file, overrides for the benchmark)
 JOBS = [

@@ -35,7 +35,7 @@ class CommandError(Exception):
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from dptrain.worker.launch import LaunchSettings, mpiexec_command
+    from dptrain.worker.mpiexec_command import LaunchSettings, mpiexec_command
     from dptrain.worker.spec import JobSpecError, load_spec
 
     try:

@@ -59,16 +59,16 @@ def run_demo(output: str | os.PathLike = "digits-mlp.safetensors", workers: int 
     Returns:
         0 when the job succeeded and its parameters were downloaded, else 1.
     """
-    from dptrain.coordinator.server.runner import JobRunner
+    from dptrain.coordinator.server.runner_settings import RunnerSettings
     from dptrain.coordinator.server.scheduler import Cluster
-    from dptrain.coordinator.server.server import serve
+    from dptrain.coordinator.server.server import ServerSettings, serve
 
     stream = sys.stderr if stream is None else stream
     state_dir = tempfile.mkdtemp(prefix="dptrain-demo-")
     started = time.monotonic()
-    server = serve(state_dir, "127.0.0.1", 0, runner_factory=JobRunner.factory,
-                   cluster=Cluster.local(max(workers, os.cpu_count() or 1)),
-                   runner_options={"heartbeat_timeout": 60.0, "kill_grace": 5.0})
+    server = serve(ServerSettings(
+        state_dir, "127.0.0.1", 0, cluster=Cluster.local(max(workers, os.cpu_count() or 1)),
+        runner=RunnerSettings(state_dir, heartbeat_timeout=60.0, kill_grace=5.0)))
     try:
         print(f"dptrain demo: coordinator on {server.address} (state in {state_dir})",
               file=stream, flush=True)

@@ -77,7 +77,7 @@ def worker_environment(address: str, job_id: str, token: str,
         heartbeat_timeout: the coordinator's heartbeat timeout; None: it has none.
 
     Returns:
-        Name -> value, e.g. for ``worker.launch.LaunchSettings(env=...)``.
+        Name -> value, e.g. for ``worker.mpiexec_command.LaunchSettings(env=...)``.
     """
     env = {COORDINATOR: address, JOB_ID: job_id, JOB_TOKEN: token}
     if tls_ca is not None:

@@ -27,7 +27,7 @@ import math
 import re
 import secrets
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -39,7 +39,7 @@ __all__ = [
     "Job", "Event", "CheckpointRecord",
     "check_transition", "new_job", "new_job_id", "apply_transition", "apply_update",
     "state_event_payload", "check_payload", "new_token", "hash_token", "verify_token",
-    "check_checkpoint", "placement_slots", "MUTABLE_FIELDS",
+    "check_checkpoint", "MUTABLE_FIELDS",
 ]
 
 
@@ -441,7 +441,3 @@ def verify_token(token: str, token_hash: str) -> bool:
     """
     return bool(token_hash) and hmac.compare_digest(hash_token(token), token_hash)
 
-
-def placement_slots(placement: Sequence[tuple[str, int]]) -> int:
-    """The number of slots in a placement (its ranks)."""
-    return sum(n for _, n in placement)

@@ -93,9 +93,9 @@ def _outcome(state: JobState) -> int:
 
 def _cmd_serve(args: argparse.Namespace) -> int:
     from dptrain.coordinator.server.auth import read_token_file
-    from dptrain.coordinator.server.runner import JobRunner
+    from dptrain.coordinator.server.runner_settings import RunnerSettings
     from dptrain.coordinator.server.scheduler import Cluster
-    from dptrain.coordinator.server.server import serve
+    from dptrain.coordinator.server.server import ServerSettings, serve
 
     if args.slots is not None and args.hostfile:
         raise ValueError("give --slots or --hostfile, not both")
@@ -104,13 +104,13 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     state_dir = Path(args.state_dir or default_state_dir())
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    server = serve(
-        state_dir, args.host, args.port, runner_factory=JobRunner.factory,
+    server = serve(ServerSettings(
+        state_dir, args.host, args.port,
         token=read_token_file(args.token_file) if args.token_file else None,
         tls_cert=args.tls_cert, tls_key=args.tls_key, tls_ca=args.tls_ca, insecure=args.insecure,
         data_roots=args.data_root, metrics_port=args.metrics_port, cluster=cluster,
         default_max_restarts=args.max_restarts, advertise_address=args.advertise_address,
-        runner_options={"heartbeat_timeout": args.heartbeat_timeout or None})
+        runner=RunnerSettings(state_dir, heartbeat_timeout=args.heartbeat_timeout or None)))
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda signum, frame: stop.set())

@@ -1,5 +1,6 @@
 """Following a job's ``worker.log``: `LogTail` returns an attempt's new lines as they are
-written, `LineRateLimit` bounds how many of them become ``log`` events."""
+written, `LineRateLimit` bounds how many of them become ``log`` events, `failure_message` turns a
+failed attempt's last lines into the job's error."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
-__all__ = ["LogTail", "LineRateLimit"]
+__all__ = ["LogTail", "LineRateLimit", "failure_message"]
 
 
 class LogTail:
@@ -110,3 +111,26 @@ class LineRateLimit:
         """The number of lines dropped since the last call (and reset it)."""
         dropped, self.dropped = self.dropped, 0
         return dropped
+
+
+def failure_message(lines: list[str], code: int, detail: str = "", note: str = "") -> str:
+    """A failed attempt's error: one line saying what happened, then its last log lines.
+
+    Args:
+        lines: the attempt's last log lines.
+        code: the attempt's exit code.
+        detail: why the runner ended the group, if it did (replaces the exit code line).
+        note: appended to the first line, e.g. that the restarts are used up.
+
+    Returns:
+        The message; its first line names the likeliest cause (the last line mentioning an
+        error or a failure, else the last line).
+    """
+    lines = [line for line in lines if line.strip()]
+    if detail:
+        summary = detail
+    else:
+        cause = next((line for line in reversed(lines) if "error" in line.lower()
+                      or "failed" in line.lower()), lines[-1] if lines else "")
+        summary = f"the worker group exited with code {code}" + (f": {cause}" if cause else "")
+    return summary + note + ("\nlast log lines:\n" + "\n".join(lines) if lines else "")

@@ -55,7 +55,7 @@ _ACTIVE = frozenset({JobState.QUEUED, JobState.RUNNING, JobState.RESTARTING})
 
 
 class Runner(Protocol):
-    """What the server expects of the job runner that `runner_factory` builds.
+    """What the server expects of the job runner that `serve` builds.
 
     The runner owns the QUEUED -> RUNNING -> ... transitions of the jobs it launches. The
     server calls `start` once after it listens and `stop` once while shutting down; `wake`

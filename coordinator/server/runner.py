@@ -1,11 +1,13 @@
-"""`JobRunner`: runs the scheduler's decisions as ``mpiexec`` process groups and supervises them.
+"""`JobRunner`: runs the scheduler's decisions as worker groups and supervises them.
 
 One scheduling thread does the deciding: woken by `JobRunner.wake` (after a submission), by a
 job's end and by timers, it kills groups past their grace period, ends jobs whose training
 made no progress for the heartbeat timeout, and asks `coordinator.scheduler.schedule` which
-pending jobs (QUEUED and RESTARTING) start now. Each launched attempt gets a monitor thread
-that streams its log lines into the store as ``log`` events (at a bounded rate) and, when
-``mpiexec`` exits, decides what happens to the job:
+pending jobs (QUEUED and RESTARTING) start now. The settings' `Launcher` starts each attempt
+(``mpiexec`` by default; `coordinator.server.launchers`) and returns a handle the runner polls
+and stops; nothing here knows how ranks are started or found. Each launched attempt gets a
+monitor thread that streams its log lines into the store as ``log`` events (at a bounded rate)
+and, when the attempt exits, decides what happens to the job:
 
 =====================================  ===========================================================
 exit 0                                 SUCCEEDED (final metrics from the worker's JSON line),
@@ -15,8 +17,9 @@ exit 2 (invalid job), 3 (diverged)     FAILED at once: a restart would fail the 
 any other failure, a killed rank, no   RESTARTING from the latest checkpoint (``--resume``) while
 training progress (no heartbeat) for   ``restarts < max_restarts``, then FAILED; the error keeps
 ``heartbeat_timeout``                  the last lines of the log
-cancelled                              CANCELLED at once; the group gets SIGTERM (the workers
-                                       checkpoint and exit), then SIGKILL after ``kill_grace``
+cancelled                              CANCELLED at once; the group is terminated (SIGTERM:
+                                       the workers checkpoint and exit), then killed after
+                                       ``kill_grace``
 =====================================  ===========================================================
 
 Every state change is a compare-and-set on the store, so a cancel racing a launch or an exit
@@ -36,10 +39,10 @@ RESTARTING (not counted as a restart) and the next `JobRunner.start` on the same
 directory relaunches them with ``--resume``, losing nothing but start-up time. We chose this
 over leaving groups running because a restarted coordinator is not the parent of an older
 group: it could not learn its exit status, and the group's reports would go to a coordinator
-that is down. After a kill -9 the groups may still be running: `start` finds each RUNNING job's
-processes by the marker in ``run.json`` (same boot, ``DPTRAIN_RUN_ID`` in their environment),
-terminates them the same way, and relaunches the job from its latest checkpoint. QUEUED jobs
-stay queued. A lock file (``runner.lock``) keeps two coordinators off one state directory.
+that is down. After a kill -9 the groups may still be running: `start` asks the launcher for
+what is left of each RUNNING job's attempt (`Launcher.recover`, from ``run.json``), terminates
+it the same way, and relaunches the job from its latest checkpoint. QUEUED jobs stay queued.
+A lock file (``runner.lock``) keeps two coordinators off one state directory.
 
 Example::
 
@@ -55,8 +58,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import signal
-import subprocess
 import threading
 import time
 from collections.abc import Sequence
@@ -80,32 +81,18 @@ from dptrain.coordinator.api.records import (
 )
 from dptrain.coordinator.server.blobs import BlobStore
 from dptrain.coordinator.server.ingest import ingest_new_checkpoints, store_final_checkpoint
-from dptrain.coordinator.server.joblog import LineRateLimit, LogTail
-from dptrain.coordinator.server.launchers.mpiexec import (
-    JobPaths,
-    RunnerSettings,
-    boot_id,
-    failure_message,
-    kill_group,
-    lock_state_dir,
-    marked_processes,
-    needs_hostfile,
+from dptrain.coordinator.server.job_files import lock_state_dir, read_run_record
+from dptrain.coordinator.server.joblog import LineRateLimit, LogTail, failure_message
+from dptrain.coordinator.server.launchers.base import (
+    LaunchError,
+    RunHandle,
+    WorkerLaunch,
+    attempt_environment,
     new_run_id,
-    process_start_ticks,
-    read_run_record,
-    run_alive,
-    signal_marked,
-    signal_recorded,
-    worker_command,
-    worker_environment,
-    write_run_record,
+    placement_text,
 )
-from dptrain.coordinator.server.private_files import (
-    PRIVATE_UMASK,
-    make_private_dir,
-    open_private,
-    write_private,
-)
+from dptrain.coordinator.server.private_files import make_private_dir, open_private, write_private
+from dptrain.coordinator.server.runner_settings import RunnerSettings
 from dptrain.coordinator.server.scheduler import Cluster, Launch, PendingJob, RunningJob, schedule
 from dptrain.coordinator.server.store import Store
 from dptrain.worker.checkpoint_manifest import CheckpointError, checkpoint_name
@@ -119,31 +106,30 @@ log = logging.getLogger("dptrain.coordinator.runner")
 #: fail again from the same checkpoint.
 NO_RESTART_EXIT_CODES = frozenset({EXIT_INVALID, EXIT_DIVERGED})
 _EVENT_BATCH = 200
-_STRAGGLER_GRACE_S = 2.0  # after mpiexec exits, for its proxy and ranks to finish writing
 _S = JobState
 
 
 @dataclass(eq=False)
-class _Run:
-    """One attempt of one job: its ``mpiexec`` process and what the runner knows of it."""
+class _Attempt:
+    """One attempt of one job: its launcher's handle and what the runner knows of it."""
 
     job_id: str
     attempt: int
     run_id: str
-    proc: subprocess.Popen
+    handle: RunHandle
     placement: tuple[tuple[str, int], ...]
     started_at: float
     tail: LogTail
     limit: LineRateLimit
     reason: str | None = None      # why the runner ended it: cancel, heartbeat, shutdown
     detail: str = ""               # e.g. how long the heartbeat was missing
-    kill_at: float | None = None   # monotonic time at which SIGTERM becomes SIGKILL
+    kill_at: float | None = None   # monotonic time at which terminate becomes kill
     done: bool = False
     thread: threading.Thread | None = None
 
 
 class JobRunner:
-    """Launches scheduled jobs as ``mpiexec`` process groups and keeps their states true.
+    """Launches scheduled jobs through the settings' launcher and keeps their states true.
 
     Args:
         store: the coordinator's store.
@@ -152,33 +138,22 @@ class JobRunner:
         cluster: the hosts and slots to schedule on.
         server_address: the address workers report to (``DPTRAIN_COORDINATOR``); None: the
             workers only print to their log (tests without a server).
-        settings: a `RunnerSettings`, or any object with the same attribute names (at least
-            ``state_dir``), e.g. the server's settings.
+        settings: its settings, the launcher among them.
     """
 
     def __init__(self, store: Store, blobs: BlobStore, cluster: Cluster,
-                 server_address: str | None, settings: Any):
+                 server_address: str | None, settings: RunnerSettings):
         self.store, self.blobs, self.cluster = store, blobs, cluster
         self.server_address = server_address
-        self.settings = RunnerSettings.from_object(settings)
+        self.settings = settings
+        self.launcher = settings.launcher
         self._lock = threading.RLock()
-        self._runs: dict[str, _Run] = {}
-        self._draining: list[_Run] = []  # ended by the runner, not yet exited
+        self._runs: dict[str, _Attempt] = {}
+        self._draining: list[_Attempt] = []  # ended by the runner, not yet exited
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock_file: IO[str] | None = None
-
-    @classmethod
-    def factory(cls, store: Store, blobs: BlobStore, cluster: Cluster,
-                server_address: str | None, settings: Any) -> JobRunner:
-        """The ``runner_factory`` of `coordinator.server.serve`: builds a runner for a server
-        (its ``runner_options`` become `RunnerSettings` fields).
-
-        Returns:
-            The runner, not yet started.
-        """
-        return cls(store, blobs, cluster, server_address, settings)
 
     # ------------------------------------------------------------ life cycle
 
@@ -228,38 +203,26 @@ class JobRunner:
         """Run the scheduler soon (call it after a job was submitted)."""
         self._wake.set()
 
-    def cancel(self, job_id: str) -> Job:
-        """Cancel a job: a pending one at once; a running one is marked CANCELLED and its
-        group terminated (SIGTERM, SIGKILL after ``kill_grace``). A job already finished is
-        left as it is.
+    def cancel(self, job_id: str) -> None:
+        """End a cancelled job's group, if it has one: terminate it (the workers checkpoint
+        and exit), kill it after ``kill_grace``. The caller has moved the job to CANCELLED in
+        the store already (`coordinator.server.jobs.cancel_job`); its slots stay held until
+        the group is gone.
 
         Args:
             job_id: the job.
-
-        Returns:
-            The job as it is now.
-
-        Raises:
-            JobNotFound: no such job.
         """
         with self._lock:
-            job = self.store.get_job(job_id)
-            while not job.state.terminal:
-                try:
-                    job = self.store.transition(job_id, job.state, _S.CANCELLED,
-                                                error="cancelled by a user")
-                except StateConflict:  # it moved meanwhile (e.g. a worker exited): look again
-                    job = self.store.get_job(job_id)
             run = self._runs.get(job_id)
             if run is not None:
                 self._terminate(run, "cancel")
         self.wake()
-        return job
 
-    def running(self) -> dict[str, int]:
-        """The jobs whose groups this runner is supervising: job id -> ``mpiexec`` pid."""
+    def running(self) -> dict[str, str]:
+        """The jobs whose groups this runner is supervising: job id -> the launcher's
+        description of the attempt (e.g. ``mpiexec pid 123``)."""
         with self._lock:
-            return {job_id: run.proc.pid for job_id, run in self._runs.items()}
+            return {job_id: run.handle.description for job_id, run in self._runs.items()}
 
     # ------------------------------------------------------------ the scheduling thread
 
@@ -349,60 +312,48 @@ class JobRunner:
                 return
             if job.state not in PENDING_STATES or job.id in self._runs:
                 return
-            paths = JobPaths.of(self.settings, job.id)
+            paths = self.settings.job_paths(job.id)
             make_private_dir(paths.checkpoints)
             previous = read_run_record(paths.run)
             attempt = int(previous.get("attempt", 0)) + 1 if previous else 1
             write_private(paths.spec, json.dumps(job.spec, indent=1, sort_keys=True) + "\n")
-            hostfile = needs_hostfile(self.cluster)
-            if hostfile:
-                write_private(paths.hostfile, launch.hostfile())
-            command = worker_command(launch, paths, self.settings, resume=attempt > 1,
-                                     hostfile=hostfile)
             token, run_id = new_token(), new_run_id(job.id, attempt)
-            env = worker_environment(os.environ, job_id=job.id, token=token, run_id=run_id,
-                                     server_address=self.server_address,
-                                     tls_ca=self.settings.tls_ca,
-                                     heartbeat_timeout=self.settings.heartbeat_timeout,
-                                     extra=self.settings.extra_env)
+            env = attempt_environment(os.environ, job_id=job.id, token=token, run_id=run_id,
+                                      server_address=self.server_address,
+                                      tls_ca=self.settings.tls_ca,
+                                      heartbeat_timeout=self.settings.heartbeat_timeout,
+                                      extra=self.settings.extra_env)
             try:
                 job = self.store.transition(job.id, job.state, _S.RUNNING,
                                             placement=launch.placement, error="",
                                             token_hash=hash_token(token), exit_code=None)
             except StateConflict:  # cancelled meanwhile
                 return
+            where = placement_text(launch.placement)
             resuming = ", resuming from the latest checkpoint" if attempt > 1 else ""
             header = (f"==== dptrain: attempt {attempt} of job {job.id} ({job.name}) at "
                       f"{time.strftime('%Y-%m-%d %H:%M:%S %z')}: {launch.ranks} rank(s) on "
-                      f"{launch.hosts_arg}{resuming}\n")
-            record = {"job_id": job.id, "attempt": attempt, "run_id": run_id, "pgid": None,
-                      "pid_start_ticks": None, "boot_id": boot_id(),
-                      "coordinator_pid": os.getpid(), "started_at": job.started_at,
-                      "command": command, "hosts": launch.hosts_arg}
-            write_run_record(paths.run, record)  # before Popen: a crash now leaves a marker
+                      f"{where}{resuming}\n")
+            request = WorkerLaunch(job.id, attempt, run_id, launch.placement, paths, env,
+                                   resume=attempt > 1, started_at=job.started_at)
             with os.fdopen(open_private(paths.log, os.O_WRONLY | os.O_APPEND), "ab") as log_file:
                 log_file.write(header.encode())
                 log_file.flush()  # before the workers write after it
                 offset = log_file.tell()
                 try:
-                    proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log_file,
-                                            stderr=subprocess.STDOUT, env=env, cwd=paths.root,
-                                            start_new_session=True, umask=PRIVATE_UMASK)
-                except OSError as e:
-                    self._transition(job.id, _S.FAILED, error=f"cannot start the workers: "
-                                     f"{command[0]}: {e.strerror or e}")
+                    handle = self.launcher.start(request, log_file)
+                except LaunchError as e:
+                    self._transition(job.id, _S.FAILED, error=f"cannot start the workers: {e}")
                     return
-            write_run_record(paths.run, {**record, "pgid": proc.pid,
-                                         "pid_start_ticks": process_start_ticks(proc.pid)})
-            run = _Run(job.id, attempt, run_id, proc, launch.placement,
+            run = _Attempt(job.id, attempt, run_id, handle, launch.placement,
                        job.started_at or time.time(),
                        LogTail(paths.log, offset, keep=self.settings.error_lines),
                        LineRateLimit(self.settings.log_rate, self.settings.log_burst))
             run.thread = threading.Thread(target=self._monitor, args=(run,), daemon=True,
                                           name=f"dptrain-run-{job.id}")
             self._runs[job.id] = run
-            log.info("job %s: attempt %d launched on %s (mpiexec pid %d)", job.id, attempt,
-                     launch.hosts_arg, proc.pid)
+            log.info("job %s: attempt %d launched on %s (%s)", job.id, attempt, where,
+                     handle.description)
             run.thread.start()
 
     def _fail_pending(self, job_id: str, error: str) -> None:
@@ -414,26 +365,20 @@ class JobRunner:
 
     # ------------------------------------------------------------ supervising a run
 
-    def _monitor(self, run: _Run) -> None:
-        """Stream the run's log lines until ``mpiexec`` exits, then settle the job."""
+    def _monitor(self, run: _Attempt) -> None:
+        """Stream the run's log lines until the attempt exits, then settle the job."""
         code = None
         while code is None:
-            code = run.proc.poll()
+            code = run.handle.poll()
             if code is None:
                 self._publish(run, run.tail.read())
                 time.sleep(self.settings.poll_interval)
         with self._lock:
             run.done = True
-        # mpiexec has exited, but Hydra's proxy and the ranks (in sessions of their own, holding
-        # the log file too) may still be writing their last lines, the final metrics among
-        # them: let them finish for a moment, then end any straggler, then read the log's end.
-        deadline = time.monotonic() + _STRAGGLER_GRACE_S
-        while marked_processes(run.run_id) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        signal_marked(run.run_id, signal.SIGKILL)
+        run.handle.reap()  # the last lines, final metrics among them, are written after this
         self._publish(run, run.tail.read(final=True), final=True)
         try:
-            self._settle(run, 128 - code if code < 0 else code)
+            self._settle(run, code)
         except StoreClosed:
             pass
         except Exception:
@@ -446,7 +391,7 @@ class JobRunner:
                     self._draining.remove(run)
             self.wake()
 
-    def _publish(self, run: _Run, lines: list[str], final: bool = False) -> None:
+    def _publish(self, run: _Attempt, lines: list[str], final: bool = False) -> None:
         """Append a run's new log lines as events, within its rate limit; once a burst is
         over (or the run ended), say how many lines were left out."""
         allowed = run.limit.admit(len(lines))
@@ -462,7 +407,7 @@ class JobRunner:
             except (JobNotFound, StoreClosed):
                 return
 
-    def _settle(self, run: _Run, code: int) -> None:
+    def _settle(self, run: _Attempt, code: int) -> None:
         """Decide the job's next state from how its group ended."""
         job = self.store.get_job(run.job_id)
         if job.state is not _S.RUNNING:  # cancelled (or settled by someone else) already
@@ -499,7 +444,7 @@ class JobRunner:
 
     def _ingest(self, job_id: str) -> None:
         """Store the checkpoints in the job's directory newer than its newest stored one."""
-        directory = JobPaths.of(self.settings, job_id).checkpoints
+        directory = self.settings.job_paths(job_id).checkpoints
         try:
             added = ingest_new_checkpoints(job_id, directory, self.store, self.blobs)
         except (JobNotFound, StoreClosed):
@@ -522,7 +467,7 @@ class JobRunner:
                 step, int):
             return ("their final metrics (the JSON line naming the final step) are not in "
                     "worker.log, so the final checkpoint is unknown")
-        directory = JobPaths.of(self.settings, job_id).checkpoints
+        directory = self.settings.job_paths(job_id).checkpoints
         try:
             if store_final_checkpoint(job_id, step, directory, self.store, self.blobs):
                 self._event(job_id, f"[dptrain] stored the final checkpoint (step {step}) "
@@ -532,7 +477,7 @@ class JobRunner:
                     f"{directory / checkpoint_name(step)}: {e}")
         return None
 
-    def _error(self, run: _Run, code: int, note: str = "") -> str:
+    def _error(self, run: _Attempt, code: int, note: str = "") -> str:
         return failure_message(list(run.tail.recent), code, run.detail, note)
 
     def _transition(self, job_id: str, target: JobState, **fields: Any) -> Job | None:
@@ -552,8 +497,8 @@ class JobRunner:
 
     # ------------------------------------------------------------ ending groups
 
-    def _terminate(self, run: _Run, reason: str) -> None:
-        """SIGTERM the group (workers checkpoint and exit); SIGKILL follows after the grace
+    def _terminate(self, run: _Attempt, reason: str) -> None:
+        """Terminate the group (workers checkpoint and exit); a kill follows after the grace
         period. Call with the lock held."""
         if run.done:
             return
@@ -561,17 +506,16 @@ class JobRunner:
             run.reason = reason
         if run.kill_at is None:
             run.kill_at = time.monotonic() + self.settings.kill_grace
-            kill_group(run.proc.pid, signal.SIGTERM)
+            run.handle.terminate()
             if reason == "cancel" and run in self._runs.values():
                 self._draining.append(run)
                 del self._runs[run.job_id]
         self._wake.set()
 
-    def _kill(self, run: _Run) -> None:
+    def _kill(self, run: _Attempt) -> None:
         with self._lock:
             if not run.done:
-                kill_group(run.proc.pid, signal.SIGKILL)
-                signal_marked(run.run_id, signal.SIGKILL)
+                run.handle.kill()
             run.kill_at = None
 
     # ------------------------------------------------------------ recovery
@@ -579,13 +523,13 @@ class JobRunner:
     def _recover(self) -> None:
         """After a restart: end the groups a previous coordinator left behind and put their
         jobs back in the queue (RESTARTING, not counted as a restart)."""
-        orphans = []
+        orphans: list[RunHandle] = []
         for job in self.store.all_jobs([_S.RUNNING]):
-            record = read_run_record(JobPaths.of(self.settings, job.id).run) or {}
-            alive = bool(record) and run_alive(record)
-            if alive:
-                signal_recorded(record, signal.SIGTERM)
-                orphans.append(record)
+            orphan = self.launcher.recover(self.settings.job_paths(job.id))
+            alive = orphan is not None
+            if orphan is not None:
+                orphan.terminate()
+                orphans.append(orphan)
             try:
                 self.store.transition(job.id, _S.RUNNING, _S.RESTARTING, restarts=job.restarts,
                                       error="")
@@ -597,7 +541,7 @@ class JobRunner:
                                 f"workers {found}; resuming from the latest checkpoint")
         deadline = time.monotonic() + self.settings.kill_grace
         while orphans and time.monotonic() < deadline:
-            orphans = [r for r in orphans if run_alive(r)]
+            orphans = [orphan for orphan in orphans if orphan.poll() is None]
             time.sleep(0.1)
-        for record in orphans:
-            signal_marked(str(record["run_id"]), signal.SIGKILL)
+        for orphan in orphans:
+            orphan.kill()

@@ -234,15 +234,6 @@ class Launch:
         """The number of ranks (the sum of the placement's slots)."""
         return sum(n for _, n in self.placement)
 
-    @property
-    def hosts_arg(self) -> str:
-        """The placement as Hydra's ``mpiexec -hosts`` value, e.g. ``node1:4,node2:2``."""
-        return ",".join(f"{host}:{n}" for host, n in self.placement)
-
-    def hostfile(self) -> str:
-        """The placement as an MPICH hostfile (``mpiexec -f``), one ``host:slots`` per line."""
-        return "".join(f"{host}:{n}\n" for host, n in self.placement)
-
 
 @dataclass(frozen=True)
 class Reservation:
@@ -285,8 +276,8 @@ def schedule(pending: Iterable[PendingJob], running: Iterable[RunningJob], clust
     Example:
         >>> c = Cluster.local(4)
         >>> d = schedule([PendingJob("a", 2), PendingJob("b", 3)], [], c, now=0.0)
-        >>> [(l.job_id, l.hosts_arg) for l in d.launches], d.reservation
-        ([('a', 'localhost:2')], Reservation(job_id='b', start_at=None, spare_slots=0))
+        >>> [(l.job_id, l.placement) for l in d.launches], d.reservation
+        ([('a', (('localhost', 2),))], Reservation(job_id='b', start_at=None, spare_slots=0))
     """
     order = [h.name for h in cluster.hosts]
     free = {h.name: h.slots for h in cluster.hosts}

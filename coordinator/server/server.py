@@ -4,14 +4,14 @@ What `serve` puts together: the SQLite store and the checkpoint blobs in the sta
 the coordinator token (``STATE_DIR/token``), the two servicers behind the auth and metrics
 interceptors, the standard health service (``grpc.health.v1.Health``, no token needed) and
 server reflection, TLS when given a certificate, an optional Prometheus endpoint, and the job
-runner that `runner_factory` builds (without one, jobs simply stay QUEUED).
+runner its ``runner`` settings describe (without them, jobs simply stay QUEUED).
 
 It binds 127.0.0.1 by default and refuses any address beyond loopback without TLS unless
 ``insecure=True``: the bearer tokens would otherwise cross the network in the clear.
 
 Example::
 
-    server = serve("state", port=50051, runner_factory=JobRunner.factory)
+    server = serve(ServerSettings("state", port=50051, runner=RunnerSettings("state")))
     print(server.address, server.token)
     server.wait()          # until stop() is called, e.g. from a signal handler
 """
@@ -24,9 +24,9 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent import futures
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +39,8 @@ from dptrain.coordinator.server.checkpoint_store import referenced_blobs
 from dptrain.coordinator.server.jobs import Runner, ServiceState
 from dptrain.coordinator.server.metrics import Metrics, MetricsHTTPServer
 from dptrain.coordinator.server.private_files import make_private_dir
+from dptrain.coordinator.server.runner import JobRunner
+from dptrain.coordinator.server.runner_settings import RunnerSettings
 from dptrain.coordinator.server.scheduler import Cluster
 from dptrain.coordinator.server.service import CoordinatorServicer, WorkerServicer
 from dptrain.coordinator.server.store import SqliteStore, Store
@@ -64,33 +66,52 @@ class ServerConfigError(ValueError):
 
 @dataclass(frozen=True)
 class ServerSettings:
-    """How the server was started: what the runner needs to launch workers that reach it.
+    """Everything `serve` needs to start a coordinator.
 
     Attributes:
-        state_dir: the state directory (database, blobs, token; the runner's logs go there).
-        host: the address the server listens on.
-        port: its port.
-        address: ``host:port`` as workers reach it (``DPTRAIN_COORDINATOR``).
-        tls_ca: the certificate workers verify the server with (``DPTRAIN_TLS_CA``); None
-            without TLS.
-        data_roots: the directories data files must lie in.
-        default_max_restarts: a job's ``max_restarts`` when its submission gives none.
-        runner_options: further options for the runner, passed through unchanged (e.g.
-            heartbeat timeout, python, mpiexec).
+        state_dir: its state directory (created if missing): ``coordinator.db``, ``blobs/``,
+            ``token``, and the runner's ``jobs/``.
+        host: the address to listen on; beyond loopback only with TLS or `insecure`.
+        port: the port (0: any free one; see ``CoordinatorServer.port``).
+        token: the coordinator token; default the one in ``state_dir/token`` (made once).
+        tls_cert: PEM certificate (chain) to serve TLS with.
+        tls_key: its PEM private key.
+        tls_ca: the certificate workers verify the server with (default: `tls_cert`, right
+            for a self-signed certificate).
+        insecure: allow plaintext beyond loopback.
+        data_roots: directories data files named in job specs must lie in.
+        metrics_port: serve Prometheus metrics on this port (0: any free one; None: don't).
+        cluster: the slots to schedule (default: this machine, a slot per core).
+        max_workers: threads serving calls; every open watch or transfer holds one.
+        max_checkpoint_bytes: the largest checkpoint file accepted.
+        default_max_restarts: ``max_restarts`` of jobs submitted without one (None: 3).
+        advertise_address: ``host:port`` workers should use (default: from `host`).
+        runner: the job runner's settings (its launcher among them); None: no runner, jobs
+            stay QUEUED. The server runs it on its own state directory and gives the workers
+            its own CA certificate, whatever ``runner.state_dir`` and ``runner.tls_ca`` say.
     """
 
-    state_dir: Path
-    host: str
-    port: int
-    address: str
-    tls_ca: Path | None = None
-    data_roots: tuple[Path, ...] = ()
-    default_max_restarts: int = 3
-    runner_options: Mapping[str, Any] = field(default_factory=dict)
+    state_dir: str | os.PathLike
+    host: str = "127.0.0.1"
+    port: int = 0
+    token: str | None = field(default=None, repr=False)  # a secret: never in a log line
+    tls_cert: str | os.PathLike | None = None
+    tls_key: str | os.PathLike | None = None
+    tls_ca: str | os.PathLike | None = None
+    insecure: bool = False
+    data_roots: Sequence[str | os.PathLike] = ()
+    metrics_port: int | None = None
+    cluster: Cluster | None = None
+    max_workers: int = 256
+    max_checkpoint_bytes: int = DEFAULT_MAX_CHECKPOINT_BYTES
+    default_max_restarts: int | None = 3
+    advertise_address: str | None = None
+    runner: RunnerSettings | None = None
 
 
-#: ``runner_factory(store, blobs, cluster, server_address, settings) -> Runner``.
-RunnerFactory = Callable[[Store, BlobStore, Cluster, str, ServerSettings], Runner]
+#: ``runner_factory(store, blobs, cluster, worker_address, runner_settings) -> Runner``: a
+#: runner other than the `JobRunner` (e.g. a test's stand-in).
+RunnerFactory = Callable[[Store, BlobStore, Cluster, str, RunnerSettings], Runner]
 
 
 def is_loopback(host: str) -> bool:
@@ -276,7 +297,9 @@ class CoordinatorServer:
         address: ``host:port`` it listens on (for clients on this machine).
         port: the port.
         token: the coordinator token clients must send.
-        settings: how it was started (also given to the runner).
+        settings: how it was started, as it turned out: the state directory made, the port
+            bound, ``tls_ca`` the certificate workers verify it with (None without TLS).
+        worker_address: ``host:port`` as workers reach it (``DPTRAIN_COORDINATOR``).
         store: its job store.
         blobs: its checkpoint blobs.
         cluster: the slots it schedules.
@@ -286,7 +309,7 @@ class CoordinatorServer:
 
     def __init__(self, *, grpc_server: grpc.Server, executor: futures.Executor,
                  state: ServiceState, token: str, settings: ServerSettings, address: str,
-                 health_servicer: Any, metrics_http: MetricsHTTPServer | None):
+                 worker_address: str, health_servicer: Any, metrics_http: MetricsHTTPServer | None):
         self._server = grpc_server
         self._executor = executor
         self._state = state
@@ -297,6 +320,7 @@ class CoordinatorServer:
         self.token = token
         self.settings = settings
         self.address = address
+        self.worker_address = worker_address
         self.port = settings.port
         self.store, self.blobs, self.cluster = state.store, state.blobs, state.cluster
         self.runner: Runner | None = None
@@ -366,38 +390,14 @@ def _worker_address(host: str, port: int, advertise: str | None) -> str:
     return _host_port(host, port)
 
 
-def serve(state_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 0, *,
-          runner_factory: RunnerFactory | None = None, token: str | None = None,
-          tls_cert: str | os.PathLike | None = None, tls_key: str | os.PathLike | None = None,
-          tls_ca: str | os.PathLike | None = None, insecure: bool = False,
-          data_roots: Sequence[str | os.PathLike] = (), metrics_port: int | None = None,
-          cluster: Cluster | None = None, store: Store | None = None,
-          max_workers: int = 256, max_checkpoint_bytes: int = DEFAULT_MAX_CHECKPOINT_BYTES,
-          default_max_restarts: int | None = 3, advertise_address: str | None = None,
-          runner_options: Mapping[str, Any] | None = None) -> CoordinatorServer:
+def serve(settings: ServerSettings, *,
+          runner_factory: RunnerFactory | None = None) -> CoordinatorServer:
     """Start a coordinator.
 
     Args:
-        state_dir: its state directory (created if missing): ``coordinator.db``, ``blobs/``,
-            ``token``.
-        host: the address to listen on; beyond loopback only with TLS or `insecure`.
-        port: the port (0: any free one; see ``.port``).
-        runner_factory: builds the job runner; None: jobs stay QUEUED.
-        token: the coordinator token; default the one in ``state_dir/token`` (made once).
-        tls_cert: PEM certificate (chain) to serve TLS with.
-        tls_key: its PEM private key.
-        tls_ca: the certificate workers verify the server with (default: `tls_cert`, right
-            for a self-signed certificate).
-        insecure: allow plaintext beyond loopback.
-        data_roots: directories data files named in job specs must lie in.
-        metrics_port: serve Prometheus metrics on this port (0: any free one; None: don't).
-        cluster: the slots to schedule (default: this machine, a slot per core).
-        store: the job store (default: SQLite in the state directory).
-        max_workers: threads serving calls; every open watch or transfer holds one.
-        max_checkpoint_bytes: the largest checkpoint file accepted.
-        default_max_restarts: ``max_restarts`` of jobs submitted without one (None: 3).
-        advertise_address: ``host:port`` workers should use (default: from `host`).
-        runner_options: passed to the runner in ``settings.runner_options``.
+        settings: what to serve, where, and the runner's settings (see `ServerSettings`).
+        runner_factory: builds the runner instead of the `JobRunner` (given the runner
+            settings, or ``RunnerSettings(state_dir)`` when there are none).
 
     Returns:
         The running server.
@@ -405,24 +405,26 @@ def serve(state_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 0, 
     Raises:
         ServerConfigError: an unsafe or impossible configuration, or the port is taken.
     """
-    credentials = _tls_credentials(tls_cert, tls_key)
-    if credentials is None and not insecure and not is_loopback(host):
+    host, tls_cert = settings.host, settings.tls_cert
+    credentials = _tls_credentials(tls_cert, settings.tls_key)
+    if credentials is None and not settings.insecure and not is_loopback(host):
         raise ServerConfigError(
             f"refusing to listen on {host} without TLS: tokens would cross the network in the "
             f"clear; give a certificate and key (--tls-cert/--tls-key), or --insecure to accept "
             f"that")
-    if default_max_restarts is None:
-        default_max_restarts = 3
-    state_dir = make_private_dir(state_dir)  # specs, logs and checkpoints: 0700, not 0755
-    admin_token = token or load_or_create_token(state_dir)
-    store = store if store is not None else SqliteStore(state_dir / DB_FILE)
+    default_max_restarts = (3 if settings.default_max_restarts is None
+                            else settings.default_max_restarts)
+    state_dir = make_private_dir(settings.state_dir)  # specs, logs, checkpoints: 0700, not 0755
+    admin_token = settings.token or load_or_create_token(state_dir)
+    store = SqliteStore(state_dir / DB_FILE)
     executor: futures.ThreadPoolExecutor | None = None
     server: grpc.Server | None = None
     try:
         state = ServiceState(
-            store=store, blobs=BlobStore(state_dir / BLOB_DIR, max_size=max_checkpoint_bytes),
-            cluster=cluster if cluster is not None else Cluster.local(),
-            data_roots=tuple(Path(r).resolve() for r in data_roots),
+            store=store, blobs=BlobStore(state_dir / BLOB_DIR,
+                                         max_size=settings.max_checkpoint_bytes),
+            cluster=settings.cluster if settings.cluster is not None else Cluster.local(),
+            data_roots=tuple(Path(r).resolve() for r in settings.data_roots),
             default_max_restarts=default_max_restarts)
         # Before any upload can be in flight: drop blobs no checkpoint refers to (the leftovers
         # of an upload cut short by a crash) and stray temporary files.
@@ -435,7 +437,7 @@ def serve(state_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 0, 
                 return None
 
         auth = AuthInterceptor(admin_token, job_token_hash)
-        executor = futures.ThreadPoolExecutor(max_workers=max_workers,
+        executor = futures.ThreadPoolExecutor(max_workers=settings.max_workers,
                                               thread_name_prefix="dptrain-rpc")
         # No SO_REUSEPORT: a second coordinator on a taken port fails instead of sharing it.
         # In this order: the auth interceptor refuses a caller before its request is decoded.
@@ -451,7 +453,7 @@ def serve(state_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 0, 
         reflection.enable_server_reflection(
             (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
              reflection.SERVICE_NAME), server)
-        bind = _host_port(host, port)
+        bind = _host_port(host, settings.port)
         try:
             bound = (server.add_secure_port(bind, credentials) if credentials is not None
                      else server.add_insecure_port(bind))
@@ -459,16 +461,15 @@ def serve(state_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 0, 
             raise ServerConfigError(f"cannot listen on {bind}: {e}") from None
         if not bound:
             raise ServerConfigError(f"cannot listen on {bind} (is the port taken?)")
-        ca = tls_ca if tls_ca is not None else tls_cert
-        settings = ServerSettings(
-            state_dir=state_dir, host=host, port=bound,
-            address=_worker_address(host, bound, advertise_address),
-            tls_ca=None if credentials is None else Path(ca).resolve(),
-            data_roots=state.data_roots, default_max_restarts=default_max_restarts,
-            runner_options=dict(runner_options or {}))
+        ca = settings.tls_ca if settings.tls_ca is not None else tls_cert
+        settings = replace(settings, state_dir=state_dir, port=bound,
+                           tls_ca=None if credentials is None else Path(ca).resolve(),
+                           data_roots=state.data_roots,
+                           default_max_restarts=default_max_restarts)
+        worker_address = _worker_address(host, bound, settings.advertise_address)
         metrics_http = None
-        if metrics_port is not None:
-            metrics_http = MetricsHTTPServer(host, metrics_port,
+        if settings.metrics_port is not None:
+            metrics_http = MetricsHTTPServer(host, settings.metrics_port,
                                              lambda: state.metrics.render(store))
     except BaseException:
         if server is not None:
@@ -480,12 +481,17 @@ def serve(state_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 0, 
     coordinator = CoordinatorServer(grpc_server=server, executor=executor, state=state,
                                     token=admin_token, settings=settings,
                                     address=_host_port(host, bound),
+                                    worker_address=worker_address,
                                     health_servicer=health_servicer, metrics_http=metrics_http)
     server.start()
-    if runner_factory is not None:
+    if settings.runner is not None or runner_factory is not None:
+        # The runner works in the server's state directory and its workers verify the
+        # server's certificate: set here, once, so the two can never disagree.
+        runner_settings = replace(settings.runner or RunnerSettings(state_dir),
+                                  state_dir=state_dir, tls_ca=settings.tls_ca)
         try:
-            coordinator.runner = state.runner = runner_factory(
-                store, state.blobs, state.cluster, settings.address, settings)
+            coordinator.runner = state.runner = (runner_factory or JobRunner)(
+                store, state.blobs, state.cluster, worker_address, runner_settings)
             coordinator.runner.start()
         except BaseException:
             coordinator.stop(grace=None)

@@ -22,9 +22,9 @@ from dptrain.coordinator.api.records import Event, EventKind, Job, JobState
 from dptrain.coordinator.client.client import Client
 from dptrain.coordinator.client.follow import curves_figure
 from dptrain.coordinator.server.launchers.mpiexec import read_run_record
-from dptrain.coordinator.server.runner import JobRunner
+from dptrain.coordinator.server.runner import RunnerSettings
 from dptrain.coordinator.server.scheduler import Cluster
-from dptrain.coordinator.server.server import serve
+from dptrain.coordinator.server.server import ServerSettings, serve
 from jobkit import (
     DPTRAIN,
     SLOW_SPEC,
@@ -67,8 +67,8 @@ def state_dir(tmp_path: Path):
 
 @pytest.fixture
 def server(state_dir: Path):
-    srv = serve(state_dir, runner_factory=JobRunner.factory, cluster=Cluster.local(2),
-                runner_options=RUNNER_OPTIONS)
+    srv = serve(ServerSettings(state_dir, cluster=Cluster.local(2),
+                               runner=RunnerSettings(state_dir, **RUNNER_OPTIONS)))
     yield srv
     srv.stop(grace=1.0)
 
@@ -353,9 +353,8 @@ def _rank(pid: int) -> int:
 
 
 def test_a_hung_rank_is_found_after_the_heartbeat_timeout(state_dir):
-    server = serve(state_dir, runner_factory=JobRunner.factory, cluster=Cluster.local(2),
-                   runner_options={**RUNNER_OPTIONS, "heartbeat_timeout": 10.0,
-                                   "kill_grace": 2.0})
+    server = serve(ServerSettings(state_dir, cluster=Cluster.local(2), runner=RunnerSettings(
+        state_dir, **{**RUNNER_OPTIONS, "heartbeat_timeout": 10.0, "kill_grace": 2.0})))
     try:
         with Client(server.address, token=server.token) as client:
             job = client.submit_job(spec(TINY_SPEC, name="hang", max_steps=1_000_000,

@@ -32,7 +32,7 @@ from dptrain.coordinator.api.limits import MAX_ERROR_MESSAGE, channel_options
 from dptrain.coordinator.api.records import Job, JobState, hash_token, new_job, new_token
 from dptrain.coordinator.server.auth import bearer_metadata
 from dptrain.coordinator.server.scheduler import Cluster
-from dptrain.coordinator.server.server import serve
+from dptrain.coordinator.server.server import ServerSettings, serve
 from dptrain.protos.dptrain.v1 import coordinator_pb2 as pb
 from dptrain.worker.spec import JobSpec
 from google.protobuf import descriptor, message_factory
@@ -273,7 +273,8 @@ def _upload_messages(job_id: str, step: int, data: bytes = b"weights",
 def target(tmp_path_factory) -> Iterator[Target]:
     root = tmp_path_factory.mktemp("fuzz")
     (root / "data").mkdir()
-    server = serve(root / "state", cluster=Cluster.local(4), data_roots=[root / "data"])
+    server = serve(ServerSettings(root / "state", cluster=Cluster.local(4),
+                                  data_roots=[root / "data"]))
     try:
         jobs = [server.store.create_job(_job(name)) for name in ("running", "queued", "x")]
         token = new_token()

@@ -25,9 +25,9 @@ from dptrain.coordinator.api.limits import MAX_ERROR_MESSAGE, channel_options
 from dptrain.coordinator.api.records import JobState, hash_token, new_token
 from dptrain.coordinator.client.client import Client, ClientError
 from dptrain.coordinator.server.auth import bearer_metadata
-from dptrain.coordinator.server.runner import JobRunner
+from dptrain.coordinator.server.runner import RunnerSettings
 from dptrain.coordinator.server.scheduler import Cluster
-from dptrain.coordinator.server.server import DB_FILE, serve
+from dptrain.coordinator.server.server import DB_FILE, ServerSettings, serve
 from dptrain.protos.dptrain.v1 import coordinator_pb2 as pb
 from dptrain.protos.dptrain.v1 import coordinator_pb2_grpc as pb_grpc
 from google.protobuf.duration_pb2 import Duration
@@ -49,7 +49,8 @@ DEADLINE = 30.0
 
 @pytest.fixture
 def server(tmp_path):
-    srv = serve(tmp_path / "state", cluster=Cluster.local(2), data_roots=[tmp_path / "data"])
+    srv = serve(ServerSettings(tmp_path / "state", cluster=Cluster.local(2),
+                               data_roots=[tmp_path / "data"]))
     try:
         yield srv
     finally:
@@ -234,9 +235,9 @@ def test_only_the_worker_imports_the_model_and_fails_the_job_once(tripwire, tmp_
 
 
 def test_a_missing_module_fails_the_job_once_without_restarts(tmp_path):
-    srv = serve(tmp_path / "state", cluster=Cluster.local(1), runner_factory=JobRunner.factory,
-                runner_options={"heartbeat_timeout": 60.0, "kill_grace": 5.0,
-                                "poll_interval": 0.1})
+    srv = serve(ServerSettings(tmp_path / "state", cluster=Cluster.local(1),
+                               runner=RunnerSettings(tmp_path / "state", heartbeat_timeout=60.0,
+                                                     kill_grace=5.0, poll_interval=0.1)))
     try:
         with Client(srv.address, token=srv.token) as c:
             job = c.submit_job({**SPEC, "model": {"name": "no_such_module_xyz:build"}},

@@ -14,7 +14,7 @@ from dptrain.coordinator.api.records import EventKind, JobState, hash_token, new
 from dptrain.coordinator.client.client import Client
 from dptrain.coordinator.client.worker_reporter import CoordinatorReporter, WorkerClient
 from dptrain.coordinator.server.scheduler import Cluster
-from dptrain.coordinator.server.server import serve
+from dptrain.coordinator.server.server import ServerSettings, serve
 from jobkit import TINY_SPEC, free_port, small_checkpoint, spec, wait_for
 
 SPEC = spec(TINY_SPEC, checkpoint={"every_steps": 5, "keep": 3})
@@ -29,7 +29,8 @@ def coordinator(tmp_path):
     port, servers = free_port(), []
 
     def start():
-        servers.append(serve(tmp_path / "state", port=port, cluster=Cluster.local(2)))
+        servers.append(serve(ServerSettings(tmp_path / "state", port=port,
+                                            cluster=Cluster.local(2))))
         return servers[-1]
 
     yield start

@@ -17,8 +17,9 @@ import pytest
 from dptrain.coordinator.api.errors import StateConflict
 from dptrain.coordinator.api.records import EventKind, JobState, hash_token, new_job
 from dptrain.coordinator.server.blobs import BlobStore
+from dptrain.coordinator.server.job_files import JobPaths, read_run_record
 from dptrain.coordinator.server.joblog import LineRateLimit, LogTail
-from dptrain.coordinator.server.launchers.mpiexec import JobPaths, read_run_record
+from dptrain.coordinator.server.launchers.mpiexec import MpiexecLauncher
 from dptrain.coordinator.server.runner import JobRunner, RunnerSettings
 from dptrain.coordinator.server.scheduler import Cluster
 from dptrain.coordinator.server.store import SqliteStore
@@ -63,10 +64,13 @@ def store(state_dir: Path):
 
 @pytest.fixture
 def make_runner(state_dir: Path, store: SqliteStore):
-    """``make_runner(slots=2, **settings) -> started JobRunner``; all are stopped at the end."""
+    """``make_runner(slots=2, mpiexec=None, **settings) -> started JobRunner`` (``mpiexec``: a
+    fake one for the `MpiexecLauncher`); all are stopped at the end."""
     runners: list[JobRunner] = []
 
-    def make(slots: int = 2, start: bool = True, **settings) -> JobRunner:
+    def make(slots: int = 2, start: bool = True, mpiexec: str | None = None,
+             **settings) -> JobRunner:
+        settings.setdefault("launcher", MpiexecLauncher(mpiexec=mpiexec))
         settings.setdefault("heartbeat_timeout", None)
         settings.setdefault("kill_grace", 3.0)
         settings.setdefault("poll_interval", 0.05)
@@ -92,6 +96,18 @@ def submit(store: SqliteStore, runner: JobRunner, job_spec: dict, **options) -> 
 def wait_state(store: SqliteStore, job_id: str, *states: JobState, timeout: float = 90):
     return wait_for(lambda: (job := store.get_job(job_id)).state in states and job,
                     timeout, what=f"job {job_id} to be {'/'.join(s.value for s in states)}")
+
+
+def cancel(store: SqliteStore, runner: JobRunner, job_id: str):
+    """Cancel as the server does (`jobs.cancel_job`): the store first, then the runner."""
+    job = store.get_job(job_id)
+    while not job.state.terminal:
+        try:
+            job = store.transition(job_id, job.state, S.CANCELLED, error="cancelled by a user")
+        except StateConflict:  # it moved meanwhile (e.g. it started): look again
+            job = store.get_job(job_id)
+    runner.cancel(job_id)
+    return job
 
 
 def states_of(store: SqliteStore, job_id: str) -> list[str]:
@@ -181,7 +197,7 @@ def test_cancel_running_job_ends_its_workers(store, make_runner, state_dir):
     wait_for(lambda: any("checkpoint written" in line for line in log_lines(store, job_id)),
              90, what="training to be under way")
     record = read_run_record(JobPaths(state_dir / "jobs" / job_id).run)
-    job = runner.cancel(job_id)
+    job = cancel(store, runner, job_id)
     assert job.state is S.CANCELLED and job.placement == ()
     wait_for(lambda: not processes_with_env(record["run_id"]), 30, what="the workers to end")
     wait_for(lambda: not runner.running(), 10, what="the runner to forget the group")
@@ -237,7 +253,7 @@ def test_exit_0_without_the_final_checkpoint_is_no_success(store, make_runner, t
     assert states_of(store, job_id) == ["QUEUED", "RUNNING", "RESTARTING", "RUNNING", "FAILED"]
     first_line = job.error.splitlines()[0]
     if ending == "no checkpoint":
-        directory = JobPaths.of(runner.settings, job_id).checkpoints / "step-00000020"
+        directory = runner.settings.job_paths(job_id).checkpoints / "step-00000020"
         assert first_line == (f"the workers exited with code 0, but the final checkpoint "
                               f"(step 20) cannot be stored from {directory}: incomplete: it has "
                               f"no manifest.json (gave up after 1 restart(s))")
@@ -280,10 +296,10 @@ def test_cancel_queued_job_never_starts(store, make_runner, tmp_path):
     running = submit(store, runner, TINY_SPEC)
     wait_state(store, running, S.RUNNING)
     queued = submit(store, runner, spec(TINY_SPEC, name="queued"))
-    assert runner.cancel(queued).state is S.CANCELLED
+    assert cancel(store, runner, queued).state is S.CANCELLED
     assert wait_state(store, running, S.SUCCEEDED).state is S.SUCCEEDED
     assert states_of(store, queued) == ["QUEUED", "CANCELLED"]
-    assert runner.cancel(queued).state is S.CANCELLED  # again: a no-op
+    assert cancel(store, runner, queued).state is S.CANCELLED  # again: a no-op
 
 
 def test_log_lines_are_streamed_at_a_bounded_rate(store, make_runner, tmp_path, state_dir):
@@ -333,13 +349,15 @@ def test_recovery_after_coordinator_kill9(store, make_runner, tmp_path, state_di
     job_id = store.create_job(new_job("tiny", TINY_SPEC, workers=2)).id
     queued = store.create_job(new_job("later", spec(TINY_SPEC, name="later"), workers=2)).id
     code = (f"import time\nfrom dptrain.coordinator.server.blobs import BlobStore\n"
+            f"from dptrain.coordinator.server.launchers.mpiexec import MpiexecLauncher\n"
             f"from dptrain.coordinator.server.runner import JobRunner, RunnerSettings\n"
             f"from dptrain.coordinator.server.scheduler import Cluster\n"
             f"from dptrain.coordinator.server.store import "
             f"SqliteStore\nstore = SqliteStore({str(state_dir / 'coordinator.db')!r})\n"
             f"JobRunner(store, BlobStore({str(state_dir / 'blobs')!r}), Cluster.local(3), "
             f"None, RunnerSettings("
-            f"{str(state_dir)!r}, mpiexec={mpiexec!r}, heartbeat_timeout=None)).start()\n"
+            f"{str(state_dir)!r}, launcher=MpiexecLauncher(mpiexec={mpiexec!r}), "
+            f"heartbeat_timeout=None)).start()\n"
             f"time.sleep(600)\n")
     first = subprocess.Popen([sys.executable, "-c", code], start_new_session=True)
     try:

@@ -145,7 +145,6 @@ def test_multi_host_placement():
     d = schedule([P("six", 6)], [], cluster, 0.0)
     launch = d.launches[0]
     assert launch.placement == (("a", 4), ("c", 2)) and launch.ranks == 6
-    assert launch.hosts_arg == "a:4,c:2" and launch.hostfile() == "a:4\nc:2\n"
     d = schedule([P("ten", 10)], [], cluster, 0.0)
     assert d.launches[0].placement == (("a", 4), ("b", 2), ("c", 4))
 

@@ -33,7 +33,7 @@ from dptrain.coordinator.client.worker_reporter import (
 )
 from dptrain.coordinator.server.auth import bearer_metadata
 from dptrain.coordinator.server.scheduler import Cluster
-from dptrain.coordinator.server.server import ServerConfigError, serve
+from dptrain.coordinator.server.server import ServerConfigError, ServerSettings, serve
 from dptrain.protos.dptrain.v1 import coordinator_pb2 as pb
 from dptrain.protos.dptrain.v1 import coordinator_pb2_grpc as pb_grpc
 from dptrain.worker.checkpoint import (
@@ -85,9 +85,10 @@ def data_root(tmp_path):
 
 @pytest.fixture
 def server(tmp_path, data_root):
-    srv = serve(tmp_path / "state", port=0, runner_factory=RecordingRunner,
-                cluster=Cluster.local(SLOTS), data_roots=[data_root], metrics_port=0,
-                max_checkpoint_bytes=MAX_CHECKPOINT_BYTES)
+    srv = serve(ServerSettings(tmp_path / "state", port=0, cluster=Cluster.local(SLOTS),
+                               data_roots=[data_root], metrics_port=0,
+                               max_checkpoint_bytes=MAX_CHECKPOINT_BYTES),
+                runner_factory=RecordingRunner)
     try:
         yield srv
     finally:
@@ -263,7 +264,7 @@ def test_watch_unknown_job_is_not_found(client):
 
 
 def test_stopping_the_server_ends_open_watches(tmp_path):
-    srv = serve(tmp_path / "state", port=0, cluster=Cluster.local(SLOTS))
+    srv = serve(ServerSettings(tmp_path / "state", port=0, cluster=Cluster.local(SLOTS)))
     with Client(srv.address, token=srv.token) as c:
         job = c.submit_job(SPEC)
         items: queue.Queue = queue.Queue()
@@ -596,14 +597,14 @@ def test_health_and_reflection(server, client):
 
 def test_listening_beyond_loopback_needs_tls(tmp_path):
     with pytest.raises(ServerConfigError, match="refusing to listen on 0.0.0.0 without TLS"):
-        serve(tmp_path / "state", host="0.0.0.0", port=0)
+        serve(ServerSettings(tmp_path / "state", host="0.0.0.0", port=0))
     with pytest.raises(ServerConfigError, match="both a certificate and its private key"):
-        serve(tmp_path / "state", port=0, tls_cert=tmp_path / "cert.pem")
+        serve(ServerSettings(tmp_path / "state", port=0, tls_cert=tmp_path / "cert.pem"))
 
 
 def test_a_taken_port_is_a_clear_error(server, tmp_path):
     with pytest.raises(ServerConfigError, match=f"cannot listen on 127.0.0.1:{server.port}"):
-        serve(tmp_path / "other", port=server.port)
+        serve(ServerSettings(tmp_path / "other", port=server.port))
 
 
 def _self_signed(directory: Path) -> tuple[Path, Path]:
@@ -647,7 +648,7 @@ def _self_signed(directory: Path) -> tuple[Path, Path]:
 
 def test_tls_with_a_self_signed_certificate(tmp_path):
     cert, key = _self_signed(tmp_path)
-    srv = serve(tmp_path / "state", port=0, tls_cert=cert, tls_key=key)
+    srv = serve(ServerSettings(tmp_path / "state", port=0, tls_cert=cert, tls_key=key))
     try:
         assert srv.settings.tls_ca == cert.resolve()
         with Client(srv.address, token=srv.token, tls_ca=cert) as secure:

@@ -15,7 +15,7 @@ import pytest
 from dptrain.coordinator.api.records import EventKind, JobState, hash_token, new_token
 from dptrain.coordinator.client.client import Client
 from dptrain.coordinator.server.scheduler import Cluster
-from dptrain.coordinator.server.server import serve
+from dptrain.coordinator.server.server import ServerSettings, serve
 from dptrain.worker.environment import worker_environment
 
 REPO = Path(__file__).resolve().parents[2]
@@ -40,7 +40,7 @@ def _run_worker(job_file: Path, checkpoint_dir: Path, env: dict[str, str], *flag
 
 @pytest.fixture
 def server(tmp_path):
-    srv = serve(tmp_path / "state", port=0, cluster=Cluster.local(2))
+    srv = serve(ServerSettings(tmp_path / "state", port=0, cluster=Cluster.local(2)))
     try:
         yield srv
     finally:

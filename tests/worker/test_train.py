@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import yaml
 from dptrain.worker.data import train_validation_split
-from dptrain.worker.launch import LaunchSettings, mpiexec_command
+from dptrain.worker.mpiexec_command import LaunchSettings, mpiexec_command
 
 REPO = Path(__file__).resolve().parents[2]
 WORKER = "import sys\nfrom dptrain.worker.__main__ import main\nsys.exit(main())\n"

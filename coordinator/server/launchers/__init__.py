@@ -1,1 +1,2 @@
-"""How a job's ranks are started: one launcher per way (``mpiexec`` locally or on a hostfile)."""
+"""What starts a job's ranks, behind one interface (`base.Launcher`): ``mpiexec`` on this
+machine or on a hostfile's hosts (`mpiexec.MpiexecLauncher`)."""

@@ -1,296 +1,177 @@
-"""How the runner launches a job's workers: settings, paths, the command line and environment,
-the run record, and finding a run's processes again.
+"""`MpiexecLauncher`: a job's ranks as one local ``mpiexec`` (MPICH's Hydra), on this machine or
+on a hostfile's hosts.
 
-Everything here is plain functions and small classes, so the command line is tested by
-comparing strings (Horovod's pattern) and the process bookkeeping without starting a job.
+The command line is a pure function of the launcher's settings and the attempt
+(`MpiexecLauncher.command`), tested by comparing strings (Horovod's pattern); it is built by
+`dptrain.worker.mpiexec_command`, which ``dptrain run`` uses too.
 
-One attempt of a job is one ``mpiexec`` process started in a new session. MPICH's Hydra puts
-its proxy and every rank in sessions of their own, so the ``mpiexec`` process group holds only
-``mpiexec``; the runner therefore signals ``mpiexec`` (which forwards SIGTERM to every rank and,
-when it is killed, has its proxies kill the ranks) and finds stragglers on this host by a
-marker in their environment, ``DPTRAIN_RUN_ID``, which Hydra passes on to every rank.
-
-Files of a job, under ``STATE/jobs/ID/``:
-
-==================  ===========================================================================
-``spec.json``       the job spec every rank reads
-``checkpoints/``    the worker's ``--checkpoint-dir`` (``step-NNNNNNNN/`` directories)
-``worker.log``      every attempt's output, appended, each attempt after a ``====`` header
-``run.json``        the current attempt: ``mpiexec``'s pid (= its process group id), its start
-                    time, the machine's boot id, the coordinator's pid, the run marker
-``hostfile``        the placement as an MPICH hostfile (multi-host clusters only)
-==================  ===========================================================================
+One attempt is one ``mpiexec`` process started in a new session. Hydra puts its proxy and every
+rank in sessions of their own, so the ``mpiexec`` process group holds only ``mpiexec``; the
+launcher therefore signals ``mpiexec`` (which forwards SIGTERM to every rank and, when it is
+killed, has its proxies kill the ranks) and finds stragglers on this host by a marker in their
+environment, ``DPTRAIN_RUN_ID``, which Hydra passes on to every rank. ``run.json`` keeps
+``mpiexec``'s pid (= its process group id), its start time and the machine's boot id, so that
+a restarted coordinator finds the attempt again (`MpiexecLauncher.recover`).
 """
 
 from __future__ import annotations
 
-import fcntl
-import json
 import os
-import secrets
 import signal
+import subprocess
 import sys
+import time
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field, fields
-from pathlib import Path
+from dataclasses import dataclass
 from typing import IO, Any
 
-from dptrain.coordinator.server.private_files import open_private, write_private
-from dptrain.coordinator.server.scheduler import Cluster, Launch
-from dptrain.worker import environment as worker_env
-from dptrain.worker.launch import LaunchSettings, mpiexec_command
+from dptrain.coordinator.server.job_files import (
+    JobPaths,
+    read_run_record,
+    write_run_record,
+)
+from dptrain.coordinator.server.launchers.base import (
+    RUN_ID_ENV,
+    Launcher,
+    LaunchError,
+    Placement,
+    RunHandle,
+    WorkerLaunch,
+)
+from dptrain.coordinator.server.private_files import PRIVATE_UMASK, write_private
+from dptrain.worker.mpiexec_command import LaunchSettings, mpiexec_command
 
 __all__ = [
-    "RunnerSettings", "JobPaths", "worker_command", "worker_environment", "needs_hostfile",
-    "RUN_ID_ENV", "new_run_id", "lock_state_dir", "write_run_record", "read_run_record", "boot_id",
-    "process_start_ticks", "marked_processes", "signal_marked", "signal_recorded", "run_alive",
-    "kill_group", "failure_message",
+    "MpiexecLauncher", "needs_hostfile", "hostfile_text", "boot_id", "process_start_ticks",
+    "marked_processes", "signal_marked", "signal_recorded", "run_alive", "kill_group",
 ]
 
-#: The environment variable that marks every process of one attempt (not a secret).
-RUN_ID_ENV = "DPTRAIN_RUN_ID"
 _LOCAL_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
+_STRAGGLER_GRACE_S = 2.0  # after mpiexec exits, for its proxy and ranks to finish writing
+
+
+def needs_hostfile(placement: Placement) -> bool:
+    """False for a placement on this machine alone (``localhost``): ``mpiexec`` then starts
+    every rank here without one."""
+    return not all(host in _LOCAL_HOSTS for host, _ in placement)
+
+
+def hostfile_text(placement: Placement) -> str:
+    """The placement as an MPICH hostfile (``mpiexec -f``), one ``host:slots`` per line."""
+    return "".join(f"{host}:{n}\n" for host, n in placement)
 
 
 @dataclass(frozen=True)
-class RunnerSettings:
-    """How the runner launches and supervises worker groups.
+class MpiexecLauncher(Launcher):
+    """Starts each attempt as one ``mpiexec`` running ``python -m dptrain.worker`` on every
+    rank, checkpointing to the job's directory, without a progress bar.
 
     Attributes:
-        state_dir: the coordinator's state directory (jobs go to ``state_dir/jobs/ID``).
-        heartbeat_timeout: seconds without training progress (the workers heartbeat only
-            while steps advance) after which a running job counts as failed (its group is
-            killed and the restart policy applies); None: never. Passed to the workers
-            (``DPTRAIN_HEARTBEAT_TIMEOUT``); it must exceed the longest step, evaluation or
-            checkpoint upload.
-        startup_grace: seconds a new attempt may take to report its start (imports, data
-            loading and fetching the checkpoint come first); at least `heartbeat_timeout`.
-        kill_grace: seconds between SIGTERM (workers checkpoint and exit) and SIGKILL.
         python: the interpreter the ranks run (default: the coordinator's).
-        mpiexec: the launcher (default: the ``mpiexec`` beside `python`).
+        mpiexec: the ``mpiexec`` to run (default: the one beside `python`).
         mpiexec_args: extra ``mpiexec`` arguments, e.g. ``("-launcher", "ssh")``.
         blas_threads: BLAS threads per rank (None: leave the environment's setting).
         bind_to: Hydra's ``-bind-to`` for the ranks; None (the default) leaves them unpinned,
             because Hydra pins each job to the first cores of a host without knowing of the
             other jobs the coordinator runs there.
-        tls_ca: the CA certificate workers use to verify the coordinator (``DPTRAIN_TLS_CA``).
-        extra_env: more variables for every rank.
-        log_rate: log lines per second per job streamed as ``log`` events (the log file
-            keeps every line).
-        log_burst: lines that may be streamed at once before `log_rate` applies.
-        error_lines: how many of the last log lines a failed job's error keeps.
-        poll_interval: seconds between reads of a running job's log.
     """
 
-    state_dir: Path
-    heartbeat_timeout: float | None = 60.0
-    startup_grace: float = 120.0
-    kill_grace: float = 10.0
     python: str = sys.executable
     mpiexec: str | None = None
     mpiexec_args: tuple[str, ...] = ()
     blas_threads: int | None = 1
     bind_to: str | None = None
-    tls_ca: str | None = None
-    extra_env: Mapping[str, str] = field(default_factory=dict)
-    log_rate: float = 50.0
-    log_burst: int = 500
-    error_lines: int = 20
-    poll_interval: float = 0.25
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "state_dir", Path(self.state_dir))
-        if self.heartbeat_timeout is not None and self.heartbeat_timeout <= 0:
-            raise ValueError(f"heartbeat_timeout: must be > 0 seconds or None, got "
-                             f"{self.heartbeat_timeout!r}")
-        if self.kill_grace < 0:
-            raise ValueError(f"kill_grace: must be >= 0 seconds, got {self.kill_grace!r}")
-
-    @classmethod
-    def from_object(cls, settings: Any, **overrides: Any) -> RunnerSettings:
-        """Settings from another settings object, e.g. the server's ``ServerSettings``.
-
-        Every attribute (or key) with a field's name is taken, then the entries of its
-        ``runner_options`` mapping (how ``dptrain serve`` passes ``--heartbeat-timeout``),
-        then `overrides`.
+    def command(self, launch: WorkerLaunch) -> list[str]:
+        """The command line of one attempt (with ``-f paths.hostfile`` beyond this machine,
+        see `needs_hostfile`).
 
         Args:
-            settings: a `RunnerSettings`, a mapping, or any object with a ``state_dir``.
-            overrides: field values to set.
+            launch: the attempt.
 
         Returns:
-            The settings.
-
-        Raises:
-            ValueError: an option that is not a field, or a bad value.
+            The argument list (secrets never appear in it: they travel in the environment).
         """
-        if isinstance(settings, RunnerSettings) and not overrides:
-            return settings
-        get = settings.get if isinstance(settings, Mapping) else (
-            lambda name, default: getattr(settings, name, default))
-        names = {f.name for f in fields(cls)}
-        values = {name: get(name, None) for name in names}
-        values = {k: v for k, v in values.items() if v is not None}
-        options = dict(get("runner_options", None) or {})
-        options.update(overrides)
-        unknown = sorted(set(options) - names)
-        if unknown:
-            raise ValueError(f"runner options: unknown {', '.join(unknown)} (known: "
-                             f"{', '.join(sorted(names))})")
-        return cls(**{**values, **options})
+        paths = launch.paths
+        return mpiexec_command(LaunchSettings(
+            job=str(paths.spec), num_procs=launch.ranks, checkpoint_dir=str(paths.checkpoints),
+            resume=launch.resume,
+            hostfile=str(paths.hostfile) if needs_hostfile(launch.placement) else None,
+            blas_threads=self.blas_threads, bind_to=self.bind_to, progress=False,
+            python=self.python, mpiexec=self.mpiexec, mpiexec_args=tuple(self.mpiexec_args)))
 
-    @property
-    def jobs_dir(self) -> Path:
-        """Where the job directories are."""
-        return self.state_dir / "jobs"
+    def start(self, launch: WorkerLaunch, output: IO[bytes]) -> RunHandle:
+        """Start ``mpiexec`` in a session of its own, output appended to `output`."""
+        paths = launch.paths
+        command = self.command(launch)
+        record = {**launch.record(), "pgid": None, "pid_start_ticks": None,
+                  "boot_id": boot_id(), "coordinator_pid": os.getpid(), "command": command}
+        try:
+            if needs_hostfile(launch.placement):
+                write_private(paths.hostfile, hostfile_text(launch.placement))
+            write_run_record(paths.run, record)  # before Popen: a crash now leaves a marker
+        except OSError as e:
+            raise LaunchError(f"{e.filename}: {e.strerror or e}") from None
+        try:
+            proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=output,
+                                    stderr=subprocess.STDOUT, env=dict(launch.env),
+                                    cwd=paths.root, start_new_session=True,
+                                    umask=PRIVATE_UMASK)
+        except OSError as e:
+            raise LaunchError(f"{command[0]}: {e.strerror or e}") from None
+        write_run_record(paths.run, {**record, "pgid": proc.pid,
+                                     "pid_start_ticks": process_start_ticks(proc.pid)})
+        return _MpiexecRun(proc, launch.run_id)
 
-
-@dataclass(frozen=True)
-class JobPaths:
-    """The files of one job (see the module docstring)."""
-
-    root: Path
-
-    @classmethod
-    def of(cls, settings: RunnerSettings, job_id: str) -> JobPaths:
-        """The paths of `job_id` under the settings' state directory."""
-        return cls(settings.jobs_dir / job_id)
-
-    @property
-    def spec(self) -> Path:
-        """The job spec the ranks read."""
-        return self.root / "spec.json"
-
-    @property
-    def checkpoints(self) -> Path:
-        """The worker's checkpoint directory."""
-        return self.root / "checkpoints"
-
-    @property
-    def log(self) -> Path:
-        """Every attempt's output."""
-        return self.root / "worker.log"
-
-    @property
-    def run(self) -> Path:
-        """The current attempt's record."""
-        return self.root / "run.json"
-
-    @property
-    def hostfile(self) -> Path:
-        """The placement's hostfile."""
-        return self.root / "hostfile"
+    def recover(self, paths: JobPaths) -> RunHandle | None:
+        """The recorded attempt's processes on this machine, if any still runs."""
+        record = read_run_record(paths.run) or {}
+        return _RecordedRun(record) if record and run_alive(record) else None
 
 
-def needs_hostfile(cluster: Cluster) -> bool:
-    """False for a one-host cluster that is this machine (``localhost``): ``mpiexec`` then
-    starts every rank here without one."""
-    return not (len(cluster.hosts) == 1 and cluster.hosts[0].name in _LOCAL_HOSTS)
+class _MpiexecRun(RunHandle):
+    """An attempt this coordinator started: its ``mpiexec`` child and the run marker."""
+
+    def __init__(self, proc: subprocess.Popen, run_id: str):
+        self.proc, self.run_id = proc, run_id
+        self.description = f"mpiexec pid {proc.pid}"
+
+    def poll(self) -> int | None:
+        code = self.proc.poll()
+        return None if code is None else 128 - code if code < 0 else code
+
+    def terminate(self) -> None:
+        kill_group(self.proc.pid, signal.SIGTERM)
+
+    def kill(self) -> None:
+        kill_group(self.proc.pid, signal.SIGKILL)
+        signal_marked(self.run_id, signal.SIGKILL)
+
+    def reap(self) -> None:
+        # mpiexec has exited, but Hydra's proxy and the ranks (in sessions of their own,
+        # holding the log file too) may still be writing their last lines, the final metrics
+        # among them: let them finish for a moment, then end any straggler.
+        deadline = time.monotonic() + _STRAGGLER_GRACE_S
+        while marked_processes(self.run_id) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        signal_marked(self.run_id, signal.SIGKILL)
 
 
-def worker_command(launch: Launch, paths: JobPaths, settings: RunnerSettings, *,
-                   resume: bool, hostfile: bool) -> list[str]:
-    """The command line of one attempt: ``mpiexec`` running ``python -m dptrain.worker`` on every
-    rank of the placement, checkpointing to the job's directory, without a progress bar.
+class _RecordedRun(RunHandle):
+    """An attempt a previous coordinator started, known by its ``run.json``."""
 
-    Args:
-        launch: the scheduler's decision (its ranks and hosts).
-        paths: the job's files.
-        settings: interpreter, launcher and BLAS threads.
-        resume: pass ``--resume`` (every attempt after the first).
-        hostfile: pass ``-f paths.hostfile`` (see `needs_hostfile`).
+    def __init__(self, record: Mapping[str, Any]):
+        self.record = dict(record)
+        self.description = f"mpiexec pid {record.get('pgid')} (recovered)"
 
-    Returns:
-        The argument list (secrets never appear in it: they travel in the environment).
-    """
-    return mpiexec_command(LaunchSettings(
-        job=str(paths.spec), num_procs=launch.ranks, checkpoint_dir=str(paths.checkpoints),
-        resume=resume, hostfile=str(paths.hostfile) if hostfile else None,
-        blas_threads=settings.blas_threads, bind_to=settings.bind_to, progress=False,
-        python=settings.python, mpiexec=settings.mpiexec,
-        mpiexec_args=tuple(settings.mpiexec_args)))
+    def poll(self) -> int | None:
+        return None if run_alive(self.record) else -1
 
+    def terminate(self) -> None:
+        signal_recorded(self.record, signal.SIGTERM)
 
-def worker_environment(base: Mapping[str, str], *, job_id: str, token: str, run_id: str,
-                       server_address: str | None, tls_ca: str | None = None,
-                       heartbeat_timeout: float | None = None,
-                       extra: Mapping[str, str] | None = None) -> dict[str, str]:
-    """The environment of one attempt's ``mpiexec`` (Hydra passes it on to every rank).
-
-    The worker token travels here, never on the command line (where ``ps`` would show it).
-    Every inherited ``DPTRAIN_*`` variable is dropped first, so the coordinator's own bearer
-    token (``DPTRAIN_TOKEN``) never reaches a worker; the worker gets its job's token instead.
-
-    Args:
-        base: the coordinator's environment.
-        job_id: the job.
-        token: the attempt's worker token (its hash is in the store).
-        run_id: the attempt's marker (`RUN_ID_ENV`).
-        server_address: the coordinator's address for progress reports; None: the workers
-            report to their console only.
-        tls_ca: the CA certificate file to verify the coordinator with.
-        heartbeat_timeout: the runner's heartbeat timeout, for the workers to heartbeat within.
-        extra: more variables (they win over `base`).
-
-    Returns:
-        The environment.
-    """
-    env = {k: v for k, v in base.items() if not k.startswith("DPTRAIN_")}
-    env.update(extra or {})
-    env.update({RUN_ID_ENV: run_id, "PYTHONUNBUFFERED": "1"})
-    if server_address:
-        env.update(worker_env.worker_environment(server_address, job_id, token, tls_ca,
-                                                 heartbeat_timeout))
-    else:
-        env.update({worker_env.JOB_ID: job_id, worker_env.JOB_TOKEN: token})
-    return env
-
-
-def new_run_id(job_id: str, attempt: int) -> str:
-    """A fresh marker for one attempt: ``ID.ATTEMPT.RANDOM``."""
-    return f"{job_id}.{attempt}.{secrets.token_hex(4)}"
-
-
-# ---------------------------------------------------------------- the run record
-
-def lock_state_dir(state_dir: Path) -> IO[str]:
-    """Take ``state_dir/runner.lock`` (an exclusive ``flock``, released when the file is
-    closed or the process dies, even by kill -9) and write our pid into it.
-
-    Returns:
-        The open lock file: keep it open while running, close it to release the lock.
-
-    Raises:
-        RuntimeError: another process holds it.
-    """
-    path = Path(state_dir) / "runner.lock"
-    lock_file = os.fdopen(open_private(path, os.O_RDWR | os.O_APPEND), "a+", encoding="utf-8")
-    try:
-        fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        lock_file.close()
-        raise RuntimeError(f"{state_dir}: another coordinator is using this state directory "
-                           f"(it holds {path})") from None
-    lock_file.seek(0)
-    lock_file.truncate()
-    lock_file.write(f"{os.getpid()}\n")
-    lock_file.flush()
-    return lock_file
-
-
-def write_run_record(path: Path, record: Mapping[str, Any]) -> None:
-    """Save the current attempt's record (``run.json``) atomically."""
-    write_private(path, json.dumps(dict(record), indent=1, sort_keys=True) + "\n")
-
-
-def read_run_record(path: Path) -> dict[str, Any] | None:
-    """The saved attempt record, or None when there is none (or it is unreadable)."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            record = json.load(f)
-    except (OSError, ValueError):
-        return None
-    return record if isinstance(record, dict) else None
+    def kill(self) -> None:
+        signal_marked(str(self.record.get("run_id", "")), signal.SIGKILL)
 
 
 # ---------------------------------------------------------------- finding processes again
@@ -384,29 +265,6 @@ def signal_recorded(record: Mapping[str, Any], sig: int) -> None:
         kill_group(pgid, sig)
     else:
         signal_marked(str(record.get("run_id", "")), sig)
-
-
-def failure_message(lines: list[str], code: int, detail: str = "", note: str = "") -> str:
-    """A failed attempt's error: one line saying what happened, then its last log lines.
-
-    Args:
-        lines: the attempt's last log lines.
-        code: ``mpiexec``'s exit code.
-        detail: why the runner ended the group, if it did (replaces the exit code line).
-        note: appended to the first line, e.g. that the restarts are used up.
-
-    Returns:
-        The message; its first line names the likeliest cause (the last line mentioning an
-        error or a failure, else the last line).
-    """
-    lines = [line for line in lines if line.strip()]
-    if detail:
-        summary = detail
-    else:
-        cause = next((line for line in reversed(lines) if "error" in line.lower()
-                      or "failed" in line.lower()), lines[-1] if lines else "")
-        summary = f"the worker group exited with code {code}" + (f": {cause}" if cause else "")
-    return summary + note + ("\nlast log lines:\n" + "\n".join(lines) if lines else "")
 
 
 def kill_group(pgid: int, sig: int = signal.SIGKILL) -> bool:

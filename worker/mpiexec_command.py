@@ -1,6 +1,7 @@
-"""The launcher: a pure function from launch settings to the ``mpiexec`` command line
+"""The ``mpiexec`` command line: a pure function from launch settings to the argument list
 (Horovod's ``mpi_run`` pattern), so that it is tested by comparing strings and shared by
-``dptrain run`` and the coordinator.
+``dptrain run`` and the coordinator's ``mpiexec`` launcher
+(`dptrain.coordinator.server.launchers.mpiexec`).
 
 MPICH's Hydra ``mpiexec`` syntax: ``-n N`` ranks, ``-f HOSTFILE`` hosts, ``-bind-to core``
 to pin each rank to a core, and ``-genv NAME VALUE`` for an environment variable set on every rank.
