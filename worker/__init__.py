@@ -1,10 +1,24 @@
-"""dptrain worker: data-parallel training over MPI (gradient all-reduce across processes)."""
+"""dptrain worker: data-parallel training over MPI (gradient all-reduce across processes).
 
-from dptrain.worker.comm import Communicator
-from dptrain.worker.ddp import DistributedDataParallel
-from dptrain.worker.sampler import DistributedSampler
-from dptrain.worker.spec import JobSpec, JobSpecError, load_spec
-from dptrain.worker.train import TrainResult, run_job
+The public names load on first use, so the coordinator and the CLI can read a job spec
+(`dptrain.worker.spec`) without loading the engine, MPI or the training loop.
+"""
 
-__all__ = ["Communicator", "DistributedDataParallel", "DistributedSampler",
-           "JobSpec", "JobSpecError", "load_spec", "run_job", "TrainResult"]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_LAZY = {
+    "Communicator": "comm", "DistributedDataParallel": "ddp", "DistributedSampler": "sampler",
+    "JobSpec": "spec", "JobSpecError": "spec", "load_spec": "spec",
+    "run_job": "train", "TrainResult": "train",
+}
+
+__all__ = list(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

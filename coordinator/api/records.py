@@ -39,7 +39,8 @@ __all__ = [
     "Job", "Event", "CheckpointRecord",
     "check_transition", "new_job", "new_job_id", "apply_transition", "apply_update",
     "state_event_payload", "check_payload", "new_token", "hash_token", "verify_token",
-    "check_checkpoint", "placement_slots", "MUTABLE_FIELDS",
+    "check_checkpoint", "placement_slots", "MUTABLE_FIELDS", "SubmitRequest", "ListRequest",
+    "FileEntry", "CheckpointUpload", "record_files",
 ]
 
 
@@ -176,6 +177,67 @@ class CheckpointRecord:
     size: int
     created_at: float
     manifest: dict[str, Any] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------- requests and uploads
+
+@dataclass(frozen=True)
+class SubmitRequest:
+    """A submission: the job file's data and how to run it.
+
+    Attributes:
+        spec: the job spec as plain data (fields left out take the worker's defaults).
+        priority: higher runs first.
+        max_restarts: None: the server's default.
+        time_limit: seconds per run, or None when unknown.
+    """
+
+    spec: Mapping[str, Any]
+    priority: int = 0
+    max_restarts: int | None = None
+    time_limit: float | None = None
+
+
+@dataclass(frozen=True)
+class ListRequest:
+    """A page of the job list: jobs in `states` (empty: all), newest first."""
+
+    states: tuple[JobState, ...] = ()
+    page_size: int = 0
+    page_token: str = ""
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    """One file of a checkpoint: its name, size in bytes and sha256."""
+
+    name: str
+    size: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class CheckpointUpload:
+    """The header of an upload (and of a fetch): which checkpoint, and its files in order.
+
+    Attributes:
+        job_id: the job.
+        step: the checkpoint's step.
+        manifest_json: the bytes of its ``manifest.json``.
+        files: every other file, in the order their bytes follow.
+    """
+
+    job_id: str
+    step: int
+    manifest_json: bytes
+    files: tuple[FileEntry, ...]
+
+
+def record_files(record: CheckpointRecord) -> list[FileEntry]:
+    """The files of a stored checkpoint besides ``manifest.json``, sorted by name."""
+    files = record.manifest.get("files") or {}
+    return [FileEntry(name, int(entry["bytes"]), entry["sha256"])
+            for name, entry in sorted(files.items())]
 
 
 # ---------------------------------------------------------------- construction and validation

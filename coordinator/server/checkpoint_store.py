@@ -31,7 +31,6 @@ import re
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -50,7 +49,14 @@ from dptrain.coordinator.api.limits import (
     MAX_MANIFEST_BYTES,
     MAX_MANIFEST_DEPTH,
 )
-from dptrain.coordinator.api.records import CheckpointRecord, EventKind, JobState
+from dptrain.coordinator.api.records import (
+    CheckpointRecord,
+    CheckpointUpload,
+    EventKind,
+    FileEntry,
+    JobState,
+    record_files,
+)
 from dptrain.coordinator.api.strict_json import loads
 from dptrain.coordinator.server.blobs import BlobStore, check_sha256
 
@@ -73,39 +79,6 @@ _FILE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 #: The job states in which its workers may upload and fetch checkpoints (see the docstring).
 WORKER_STATES = frozenset({JobState.RUNNING, JobState.RESTARTING})
 _MAX_DOUBLE = sys.float_info.max
-
-
-@dataclass(frozen=True)
-class FileEntry:
-    """One file of a checkpoint: its name, size in bytes and sha256."""
-
-    name: str
-    size: int
-    sha256: str
-
-
-@dataclass(frozen=True)
-class CheckpointUpload:
-    """The header of an upload (and of a fetch): which checkpoint, and its files in order.
-
-    Attributes:
-        job_id: the job.
-        step: the checkpoint's step.
-        manifest_json: the bytes of its ``manifest.json``.
-        files: every other file, in the order their bytes follow.
-    """
-
-    job_id: str
-    step: int
-    manifest_json: bytes
-    files: tuple[FileEntry, ...]
-
-
-def record_files(record: CheckpointRecord) -> list[FileEntry]:
-    """The files of a stored checkpoint besides ``manifest.json``, sorted by name."""
-    files = record.manifest.get("files") or {}
-    return [FileEntry(name, int(entry["bytes"]), entry["sha256"])
-            for name, entry in sorted(files.items())]
 
 
 def record_blobs(record: CheckpointRecord) -> dict[str, str]:

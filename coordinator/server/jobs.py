@@ -31,7 +31,15 @@ from dptrain.coordinator.api.limits import (
     MAX_RESTARTS,
     MAX_TIME_LIMIT_S,
 )
-from dptrain.coordinator.api.records import Event, EventKind, Job, JobState, new_job
+from dptrain.coordinator.api.records import (
+    Event,
+    EventKind,
+    Job,
+    JobState,
+    ListRequest,
+    SubmitRequest,
+    new_job,
+)
 from dptrain.coordinator.server.blobs import BlobStore
 from dptrain.coordinator.server.metrics import Metrics
 from dptrain.coordinator.server.scheduler import Cluster, validate_request
@@ -93,32 +101,6 @@ class ServiceState:
     runner: Runner | None = None
     metrics: Metrics = field(default_factory=Metrics)
     stopping: threading.Event = field(default_factory=threading.Event)
-
-
-@dataclass(frozen=True)
-class SubmitRequest:
-    """A submission: the job file's data and how to run it.
-
-    Attributes:
-        spec: the job spec as plain data (fields left out take the worker's defaults).
-        priority: higher runs first.
-        max_restarts: None: the server's default.
-        time_limit: seconds per run, or None when unknown.
-    """
-
-    spec: Mapping[str, Any]
-    priority: int = 0
-    max_restarts: int | None = None
-    time_limit: float | None = None
-
-
-@dataclass(frozen=True)
-class ListRequest:
-    """A page of the job list: jobs in `states` (empty: all), newest first."""
-
-    states: tuple[JobState, ...] = ()
-    page_size: int = 0
-    page_token: str = ""
 
 
 class SpecInvalid(ValidationError):
