@@ -44,21 +44,17 @@ from dptrain.coordinator.server.blobs import BlobStore
 from dptrain.coordinator.server.metrics import Metrics
 from dptrain.coordinator.server.scheduler import Cluster, validate_request
 from dptrain.coordinator.server.store import Store
+from dptrain.worker.data import data_paths
 from dptrain.worker.spec import JobSpec, JobSpecError
 
 __all__ = [
-    "Runner", "ServiceState", "SubmitRequest", "ListRequest", "SpecInvalid", "PATH_ARGUMENTS",
+    "Runner", "ServiceState", "SubmitRequest", "ListRequest", "SpecInvalid",
     "validate_spec", "check_data_paths", "prepare_job", "queue_job", "submit_job", "get_job",
     "list_jobs", "cancel_job", "watch_job", "report_progress", "heartbeat",
 ]
 
 log = logging.getLogger("dptrain.coordinator")
 
-#: Data set arguments that name files or directories (besides names ending in ``_path``,
-#: ``_file`` or ``_dir``): they must lie inside a data root.
-PATH_ARGUMENTS = frozenset({"path", "file", "files", "images", "labels", "x", "y", "root",
-                            "dir", "directory"})
-_PATH_SUFFIXES = ("_path", "_file", "_dir")
 _ACTIVE = frozenset({JobState.QUEUED, JobState.RUNNING, JobState.RESTARTING})
 
 
@@ -131,10 +127,6 @@ class SpecInvalid(ValidationError):
 
 # ---------------------------------------------------------------- validation
 
-def _is_path_argument(name: str) -> bool:
-    return name in PATH_ARGUMENTS or name.endswith(_PATH_SUFFIXES)
-
-
 def _inside(path: str, root: str) -> bool:
     return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
 
@@ -142,9 +134,8 @@ def _inside(path: str, root: str) -> bool:
 def check_data_paths(spec: JobSpec, roots: Sequence[str | os.PathLike]) -> None:
     """Refuse data set arguments that name files outside the data roots.
 
-    Arguments count as paths by name (`PATH_ARGUMENTS`, or ending in ``_path``, ``_file``,
-    ``_dir``); each string among them must be absolute and, with symbolic links resolved,
-    inside one of `roots`.
+    The paths are the arguments the data set's loader declares (``worker.data.data_paths``);
+    each must be an absolute path and, with symbolic links resolved, inside one of `roots`.
 
     Args:
         spec: the validated spec.
@@ -154,23 +145,20 @@ def check_data_paths(spec: JobSpec, roots: Sequence[str | os.PathLike]) -> None:
         ValidationError: naming ``dataset.args.<name>``.
     """
     real_roots = [os.path.realpath(r) for r in roots]
-    for name, value in spec.dataset.args.items():
-        if not _is_path_argument(name):
-            continue
-        path = f"dataset.args.{name}"
-        for item in value if isinstance(value, (list, tuple)) else [value]:
-            if not isinstance(item, str):
-                raise ValidationError(path, "must be a path (a string)", item)
-            if "\0" in item:  # no file name holds one; the OS calls below would refuse it
-                raise ValidationError(path, "must not contain a NUL byte", item)
-            if not real_roots:
-                raise ValidationError(path, "names a data file, but the coordinator allows "
-                                      "none (start it with --data-root DIR)", item)
-            if not os.path.isabs(item):
-                raise ValidationError(path, "must be an absolute path", item)
-            if not any(_inside(os.path.realpath(item), r) for r in real_roots):
-                raise ValidationError(path, "must lie inside a data root ("
-                                      + ", ".join(os.fspath(r) for r in roots) + ")", item)
+    for name in sorted(data_paths(spec.dataset.name) & spec.dataset.args.keys()):
+        path, item = f"dataset.args.{name}", spec.dataset.args[name]
+        if not isinstance(item, str):
+            raise ValidationError(path, "must be a path (a string)", item)
+        if "\0" in item:  # no file name holds one; the OS calls below would refuse it
+            raise ValidationError(path, "must not contain a NUL byte", item)
+        if not real_roots:
+            raise ValidationError(path, "names a data file, but the coordinator allows "
+                                  "none (start it with --data-root DIR)", item)
+        if not os.path.isabs(item):
+            raise ValidationError(path, "must be an absolute path", item)
+        if not any(_inside(os.path.realpath(item), r) for r in real_roots):
+            raise ValidationError(path, "must lie inside a data root ("
+                                  + ", ".join(os.fspath(r) for r in roots) + ")", item)
 
 
 def validate_spec(spec: Mapping[str, Any], state: ServiceState) -> JobSpec:
