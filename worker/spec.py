@@ -40,7 +40,8 @@ __all__ = [
     "JobSpecError", "FieldError", "ECHO_CHARS", "echo", "cut", "ModelSpec", "DatasetSpec",
     "OptimizerSpec", "SchedulerSpec", "CheckpointSpec", "JobSpec", "load_spec", "spec_hash",
     "model_constructor", "build_model", "validate", "trajectory_differences",
-    "OPTIMIZERS", "SCHEDULERS", "DEVICES", "MAX_BATCH_SIZE", "MAX_STEPS",
+    "OPTIMIZERS", "SCHEDULERS", "DEVICES", "MAX_BATCH_SIZE", "MAX_STEPS", "NAME_RULE",
+    "check_name", "check_shards", "read_spec_file",
 ]
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
@@ -54,6 +55,9 @@ MAX_STEPS = 10**9
 them): more could only run until someone cancels it."""
 _NO_VALUE: Any = type("_NoValue", (), {"__repr__": lambda self: "<no value>"})()
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+NAME_RULE = ("must be 1-128 characters of letters, digits, '.', '_' or '-', starting with a "
+             "letter or digit")
+"""What a job's name must be (the one statement of the rule; `check_name` applies it)."""
 
 
 ECHO_CHARS = 120
@@ -260,17 +264,20 @@ _Yaml12Loader.add_implicit_resolver(
     list("-+0123456789"))
 
 
-def load_spec(path: str | os.PathLike) -> JobSpec:
-    """Read and validate a job file (``.yaml``/``.yml`` or ``.json``).
+def read_spec_file(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a job file (``.yaml``/``.yml`` or ``.json``) as plain data, checking no field.
+
+    A client sends this to the coordinator, which validates it (`JobSpec.from_dict`); reading
+    it imports neither the engine nor any code the job names.
 
     Args:
         path: the job file.
 
     Returns:
-        The validated spec.
+        The file's mapping of job fields.
 
     Raises:
-        JobSpecError: the file is missing, does not parse, or breaks a rule.
+        JobSpecError: the file is missing, does not parse, or holds no mapping.
     """
     path = os.fspath(path)
     try:
@@ -292,7 +299,22 @@ def load_spec(path: str | os.PathLike) -> JobSpec:
     if not isinstance(data, Mapping):
         raise JobSpecError([FieldError(path, "must hold a mapping of job fields",
                                        type(data).__name__)])
-    return JobSpec.from_dict(data)
+    return dict(data)
+
+
+def load_spec(path: str | os.PathLike) -> JobSpec:
+    """Read and validate a job file (``.yaml``/``.yml`` or ``.json``).
+
+    Args:
+        path: the job file.
+
+    Returns:
+        The validated spec.
+
+    Raises:
+        JobSpecError: the file is missing, does not parse, or breaks a rule.
+    """
+    return JobSpec.from_dict(read_spec_file(path))
 
 
 # ---------------------------------------------------------------- parsing (types)
@@ -378,6 +400,39 @@ def _check_type(path: str, annotation: str, value: Any, errors: list[FieldError]
 
 
 # ---------------------------------------------------------------- validation (rules)
+
+def check_name(name: Any) -> FieldError | None:
+    """The broken rule of a job's name, or None for a good one.
+
+    Args:
+        name: the name as sent (any type).
+
+    Returns:
+        A `FieldError` for ``name``, or None.
+    """
+    if isinstance(name, str) and _NAME_RE.fullmatch(name):
+        return None
+    return FieldError("name", NAME_RULE, name)
+
+
+def check_shards(batch_size: int, ranks: int) -> FieldError | None:
+    """The broken rule when a global batch cannot be split evenly among `ranks` processes.
+
+    Every rank takes a contiguous ``batch_size / ranks`` of each batch, so the spec's
+    ``workers``, ``dptrain run -n`` and the ranks a run starts with are all held to it.
+
+    Args:
+        batch_size: the global batch (>= 1).
+        ranks: the number of processes (>= 1).
+
+    Returns:
+        A `FieldError` for ``batch_size``, or None.
+    """
+    if batch_size % ranks:
+        return FieldError("batch_size", f"must be divisible by the number of ranks ({ranks})",
+                          batch_size)
+    return None
+
 
 def model_constructor(name: str) -> Callable[..., Any] | None:
     """The model zoo's constructor for `name`, to check a spec's arguments without building
@@ -479,9 +534,8 @@ def validate(spec: JobSpec) -> list[FieldError]:
     from dptrain.worker import data  # the data registry; imported here to keep spec import light
 
     e: list[FieldError] = []
-    if not _NAME_RE.fullmatch(spec.name):
-        e.append(FieldError("name", "must be 1-128 characters of letters, digits, '.', '_' "
-                            "or '-', starting with a letter or digit", spec.name))
+    if (error := check_name(spec.name)) is not None:
+        e.append(error)
     # model
     try:
         ctor = model_constructor(spec.model.name)
@@ -542,9 +596,8 @@ def validate(spec: JobSpec) -> list[FieldError]:
                             spec.batch_size))
     if spec.workers < 1:
         e.append(FieldError("workers", "must be >= 1", spec.workers))
-    elif spec.batch_size >= 1 and spec.batch_size % spec.workers:
-        e.append(FieldError("batch_size", f"must be divisible by workers ({spec.workers}) "
-                            f"so that every rank gets an equal shard", spec.batch_size))
+    elif spec.batch_size >= 1 and (error := check_shards(spec.batch_size, spec.workers)):
+        e.append(error)
     if spec.epochs is None and spec.max_steps is None:
         e.append(FieldError("epochs", "epochs or max_steps (or both) must be given"))
     for name in ("epochs", "max_steps"):  # an epoch is at least one step

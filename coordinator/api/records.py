@@ -33,6 +33,7 @@ from enum import Enum
 from typing import Any
 
 from dptrain.coordinator.api.errors import InvalidTransition, ValidationError
+from dptrain.worker.spec import check_name
 
 __all__ = [
     "JobState", "EventKind", "TRANSITIONS", "TERMINAL_STATES", "PENDING_STATES",
@@ -242,7 +243,6 @@ def record_files(record: CheckpointRecord) -> list[FileEntry]:
 
 # ---------------------------------------------------------------- construction and validation
 
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _JOB_ID_RE = re.compile(r"^j-[0-9a-f]{12}$")
 _INT64 = 2**63
 
@@ -353,9 +353,8 @@ def new_job(name: str, spec: Mapping[str, Any], *, workers: int, priority: int =
     Raises:
         ValidationError: naming the first field that breaks a rule.
     """
-    if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
-        raise ValidationError("name", "must be 1-128 of A-Z a-z 0-9 . _ - starting with a "
-                              "letter or digit", name)
+    if (error := check_name(name)) is not None:
+        raise ValidationError(error.path, error.rule, name)
     if job_id is not None and (not isinstance(job_id, str) or not _JOB_ID_RE.fullmatch(job_id)):
         raise ValidationError("id", "must be 'j-' and 12 lowercase hex digits", job_id)
     return Job(

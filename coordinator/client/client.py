@@ -35,6 +35,7 @@ from dptrain.coordinator.api.limits import channel_options
 from dptrain.coordinator.api.records import CheckpointRecord, Event, Job, JobState
 from dptrain.protos.dptrain.v1 import coordinator_pb2 as pb
 from dptrain.protos.dptrain.v1 import coordinator_pb2_grpc as pb_grpc
+from dptrain.worker.spec import JobSpecError, read_spec_file
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 __all__ = ["Client", "ClientError", "DownloadedFile", "DEFAULT_TIMEOUT"]
@@ -170,10 +171,8 @@ class Client:
             ClientError: INVALID_ARGUMENT naming the field at fault, UNAUTHENTICATED, ...
         """
         if isinstance(spec, (str, os.PathLike)):
-            from dptrain.worker.spec import JobSpecError, load_spec
-
-            try:
-                spec = load_spec(spec)
+            try:  # read here, validated once by the coordinator (which knows its models)
+                spec = read_spec_file(spec)
             except JobSpecError as e:
                 raise ClientError("INVALID_ARGUMENT", str(e)) from None
         try:
