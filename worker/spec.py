@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
+from dptrain.worker.spec_errors import ECHO_CHARS, FieldError, JobSpecError, cut, echo
 
 __all__ = [
     "JobSpecError", "FieldError", "ECHO_CHARS", "echo", "cut", "ModelSpec", "DatasetSpec",
@@ -53,70 +54,10 @@ MAX_BATCH_SIZE = 2**20
 MAX_STEPS = 10**9
 """The most optimizer steps a run may take (``max_steps``; ``epochs`` as the workers count
 them): more could only run until someone cancels it."""
-_NO_VALUE: Any = type("_NoValue", (), {"__repr__": lambda self: "<no value>"})()
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 NAME_RULE = ("must be 1-128 characters of letters, digits, '.', '_' or '-', starting with a "
              "letter or digit")
 """What a job's name must be (the one statement of the rule; `check_name` applies it)."""
-
-
-ECHO_CHARS = 120
-"""The most characters of a value (or of a field path) an error message quotes."""
-
-
-def echo(value: Any, limit: int = ECHO_CHARS) -> str:
-    """``repr(value)`` cut to `limit` characters, for quoting what was sent in an error message.
-
-    A message is cut to a fixed length on its way to a client; quoting the value short keeps
-    the rule, which says what to fix, inside that length.
-
-    Args:
-        value: anything.
-        limit: the most characters to return.
-
-    Returns:
-        The repr, or its first characters and ``"..."``.
-
-    Example:
-        >>> echo("x" * 1000, limit=8)
-        "'xxxx..."
-    """
-    try:
-        text = repr(value)
-    except ValueError:  # an int too long to print
-        text = f"<an integer of {value.bit_length()} bits>"
-    return text if len(text) <= limit else text[:limit - 3] + "..."
-
-
-def cut(text: str, limit: int = ECHO_CHARS) -> str:
-    """`text` cut to `limit` characters (a field path that quotes a user's key)."""
-    return text if len(text) <= limit else text[:limit - 3] + "..."
-
-
-@dataclass(frozen=True)
-class FieldError:
-    """One broken rule: the field's dotted path, the rule, and the offending value."""
-
-    path: str
-    rule: str
-    value: Any = _NO_VALUE
-
-    def __str__(self) -> str:
-        if self.value is _NO_VALUE:
-            return f"{cut(self.path)}: {self.rule}"
-        return f"{cut(self.path)}: {self.rule}, got {echo(self.value)}"
-
-
-class JobSpecError(ValueError):
-    """A job spec that cannot run; ``errors`` lists every broken rule (path, rule, value).
-
-    Args:
-        errors: the broken rules (at least one).
-    """
-
-    def __init__(self, errors: list[FieldError]):
-        self.errors = list(errors)
-        super().__init__("; ".join(str(e) for e in self.errors))
 
 
 @dataclass
