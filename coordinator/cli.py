@@ -36,7 +36,7 @@ class CommandError(Exception):
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from dptrain.worker.mpiexec_command import LaunchSettings, mpiexec_command
-    from dptrain.worker.spec import JobSpecError, load_spec
+    from dptrain.worker.spec import JobSpecError, check_shards, load_spec
 
     try:
         spec = load_spec(args.job)
@@ -45,9 +45,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     n = spec.workers if args.n is None else args.n
     if n < 1:
         raise CommandError(f"-n must be >= 1, got {n}")
-    if spec.batch_size % n:
-        raise CommandError(f"batch_size: must be divisible by the number of ranks ({n}) so "
-                           f"that every rank gets an equal shard, got {spec.batch_size}")
+    if (error := check_shards(spec.batch_size, n)) is not None:
+        raise CommandError(str(error))
     if args.resume and args.checkpoint_dir is None:
         raise CommandError("--resume needs --checkpoint-dir")
     settings = LaunchSettings(

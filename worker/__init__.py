@@ -2,7 +2,7 @@
 
 The public names below are loaded on first use, as the root package does, so that importing a
 light module of the worker (`dptrain.worker.environment`, `dptrain.worker.exit_codes`,
-`dptrain.worker.checkpoint_manifest`, `dptrain.worker.atomic_files`) loads neither the engine
+`dptrain.worker.checkpoint_manifest`, `dptrain.worker.spec`) loads neither the engine
 nor mpi4py: the coordinator and rank 0's reporter import those.
 """
 

@@ -29,7 +29,7 @@ __all__ = [
     "Dataset", "ArrayDataset", "TokenWindows", "Subset", "DATASETS", "load_dataset",
     "train_validation_split", "epoch_batches", "DataError",
     "digits", "synthetic", "npz", "npy", "idx", "text", "read_idx", "synthetic_problems",
-    "SYNTHETIC_MAX_SAMPLES", "SYNTHETIC_MAX_VALUES",
+    "SYNTHETIC_MAX_SAMPLES", "SYNTHETIC_MAX_VALUES", "reads_files", "data_paths",
 ]
 
 TASKS = ("classification", "regression", "tokens")
@@ -217,6 +217,34 @@ def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> np.ndarray:
 
 # ---------------------------------------------------------------- the registry
 
+def reads_files(*arguments: str) -> Callable[[Callable[..., Dataset]], Callable[..., Dataset]]:
+    """Declare which of a loader's arguments name files or directories (its ``data_paths``).
+
+    The coordinator holds exactly these arguments of a submitted job to its ``--data-root``
+    directories; a loader that declares none reads no files a job names.
+
+    Args:
+        arguments: the argument names, each a path (a string).
+
+    Returns:
+        A decorator that sets ``loader.data_paths`` and returns the loader.
+    """
+    def declare(loader: Callable[..., Dataset]) -> Callable[..., Dataset]:
+        loader.data_paths = frozenset(arguments)  # type: ignore[attr-defined]
+        return loader
+    return declare
+
+
+def data_paths(name: str) -> frozenset[str]:
+    """The arguments of registered data set `name` that name files (empty for none).
+
+    Example:
+        >>> sorted(data_paths("idx"))
+        ['images', 'labels']
+    """
+    return getattr(DATASETS[name], "data_paths", frozenset())
+
+
 def _path(path: str | os.PathLike, what: str) -> str:
     path = os.fspath(path)
     if not os.path.isfile(path):
@@ -367,6 +395,7 @@ def synthetic_problems(args: dict[str, Any]) -> list[tuple[str, str, Any]]:
     return [(name, rule, a[name]) for name, values, rule in checks if values > limit][:1]
 
 
+@reads_files("path")
 def npz(path: str, x_key: str = "x", y_key: str = "y", task: str | None = None,
         scale: float = 1.0) -> ArrayDataset:
     """Arrays from one ``.npz`` file (loaded into memory).
@@ -396,6 +425,7 @@ def npz(path: str, x_key: str = "x", y_key: str = "y", task: str | None = None,
     return _checked(ArrayDataset, path, x, y, task, scale)
 
 
+@reads_files("path")
 def npy(path: str, task: str | None = None, scale: float = 1.0) -> ArrayDataset:
     """Memory-mapped ``x.npy`` and ``y.npy`` from a directory: data larger than memory, of
     which each rank reads only the rows it gathers.
@@ -489,6 +519,7 @@ def read_idx(path: str) -> np.ndarray:
     return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape)
 
 
+@reads_files("images", "labels")
 def idx(images: str, labels: str, flatten: bool = True, scale: float = 1.0 / 255.0
         ) -> ArrayDataset:
     """MNIST-style images and labels in IDX files (MNIST, Fashion-MNIST, EMNIST...).
@@ -513,6 +544,7 @@ def idx(images: str, labels: str, flatten: bool = True, scale: float = 1.0 / 255
     return ArrayDataset(x, y, "classification", scale)
 
 
+@reads_files("path")
 def text(path: str, seq_len: int = 64, stride: int | None = None, encoding: str = "utf-8"
          ) -> TokenWindows:
     """A character-level corpus: every distinct character is a token (ids in sorted order).

@@ -35,12 +35,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
+from dptrain.worker.spec_errors import ECHO_CHARS, FieldError, JobSpecError, cut, echo
 
 __all__ = [
     "JobSpecError", "FieldError", "ECHO_CHARS", "echo", "cut", "ModelSpec", "DatasetSpec",
     "OptimizerSpec", "SchedulerSpec", "CheckpointSpec", "JobSpec", "load_spec", "spec_hash",
     "model_constructor", "build_model", "validate", "trajectory_differences",
-    "OPTIMIZERS", "SCHEDULERS", "DEVICES", "MAX_BATCH_SIZE", "MAX_STEPS",
+    "OPTIMIZERS", "SCHEDULERS", "DEVICES", "MAX_BATCH_SIZE", "MAX_STEPS", "NAME_RULE",
+    "check_name", "check_shards", "read_spec_file",
 ]
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
@@ -52,67 +54,10 @@ MAX_BATCH_SIZE = 2**20
 MAX_STEPS = 10**9
 """The most optimizer steps a run may take (``max_steps``; ``epochs`` as the workers count
 them): more could only run until someone cancels it."""
-_NO_VALUE: Any = type("_NoValue", (), {"__repr__": lambda self: "<no value>"})()
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-
-
-ECHO_CHARS = 120
-"""The most characters of a value (or of a field path) an error message quotes."""
-
-
-def echo(value: Any, limit: int = ECHO_CHARS) -> str:
-    """``repr(value)`` cut to `limit` characters, for quoting what was sent in an error message.
-
-    A message is cut to a fixed length on its way to a client; quoting the value short keeps
-    the rule, which says what to fix, inside that length.
-
-    Args:
-        value: anything.
-        limit: the most characters to return.
-
-    Returns:
-        The repr, or its first characters and ``"..."``.
-
-    Example:
-        >>> echo("x" * 1000, limit=8)
-        "'xxxx..."
-    """
-    try:
-        text = repr(value)
-    except ValueError:  # an int too long to print
-        text = f"<an integer of {value.bit_length()} bits>"
-    return text if len(text) <= limit else text[:limit - 3] + "..."
-
-
-def cut(text: str, limit: int = ECHO_CHARS) -> str:
-    """`text` cut to `limit` characters (a field path that quotes a user's key)."""
-    return text if len(text) <= limit else text[:limit - 3] + "..."
-
-
-@dataclass(frozen=True)
-class FieldError:
-    """One broken rule: the field's dotted path, the rule, and the offending value."""
-
-    path: str
-    rule: str
-    value: Any = _NO_VALUE
-
-    def __str__(self) -> str:
-        if self.value is _NO_VALUE:
-            return f"{cut(self.path)}: {self.rule}"
-        return f"{cut(self.path)}: {self.rule}, got {echo(self.value)}"
-
-
-class JobSpecError(ValueError):
-    """A job spec that cannot run; ``errors`` lists every broken rule (path, rule, value).
-
-    Args:
-        errors: the broken rules (at least one).
-    """
-
-    def __init__(self, errors: list[FieldError]):
-        self.errors = list(errors)
-        super().__init__("; ".join(str(e) for e in self.errors))
+NAME_RULE = ("must be 1-128 characters of letters, digits, '.', '_' or '-', starting with a "
+             "letter or digit")
+"""What a job's name must be (the one statement of the rule; `check_name` applies it)."""
 
 
 @dataclass
@@ -260,17 +205,20 @@ _Yaml12Loader.add_implicit_resolver(
     list("-+0123456789"))
 
 
-def load_spec(path: str | os.PathLike) -> JobSpec:
-    """Read and validate a job file (``.yaml``/``.yml`` or ``.json``).
+def read_spec_file(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a job file (``.yaml``/``.yml`` or ``.json``) as plain data, checking no field.
+
+    A client sends this to the coordinator, which validates it (`JobSpec.from_dict`); reading
+    it imports neither the engine nor any code the job names.
 
     Args:
         path: the job file.
 
     Returns:
-        The validated spec.
+        The file's mapping of job fields.
 
     Raises:
-        JobSpecError: the file is missing, does not parse, or breaks a rule.
+        JobSpecError: the file is missing, does not parse, or holds no mapping.
     """
     path = os.fspath(path)
     try:
@@ -292,7 +240,22 @@ def load_spec(path: str | os.PathLike) -> JobSpec:
     if not isinstance(data, Mapping):
         raise JobSpecError([FieldError(path, "must hold a mapping of job fields",
                                        type(data).__name__)])
-    return JobSpec.from_dict(data)
+    return dict(data)
+
+
+def load_spec(path: str | os.PathLike) -> JobSpec:
+    """Read and validate a job file (``.yaml``/``.yml`` or ``.json``).
+
+    Args:
+        path: the job file.
+
+    Returns:
+        The validated spec.
+
+    Raises:
+        JobSpecError: the file is missing, does not parse, or breaks a rule.
+    """
+    return JobSpec.from_dict(read_spec_file(path))
 
 
 # ---------------------------------------------------------------- parsing (types)
@@ -378,6 +341,39 @@ def _check_type(path: str, annotation: str, value: Any, errors: list[FieldError]
 
 
 # ---------------------------------------------------------------- validation (rules)
+
+def check_name(name: Any) -> FieldError | None:
+    """The broken rule of a job's name, or None for a good one.
+
+    Args:
+        name: the name as sent (any type).
+
+    Returns:
+        A `FieldError` for ``name``, or None.
+    """
+    if isinstance(name, str) and _NAME_RE.fullmatch(name):
+        return None
+    return FieldError("name", NAME_RULE, name)
+
+
+def check_shards(batch_size: int, ranks: int) -> FieldError | None:
+    """The broken rule when a global batch cannot be split evenly among `ranks` processes.
+
+    Every rank takes a contiguous ``batch_size / ranks`` of each batch, so the spec's
+    ``workers``, ``dptrain run -n`` and the ranks a run starts with are all held to it.
+
+    Args:
+        batch_size: the global batch (>= 1).
+        ranks: the number of processes (>= 1).
+
+    Returns:
+        A `FieldError` for ``batch_size``, or None.
+    """
+    if batch_size % ranks:
+        return FieldError("batch_size", f"must be divisible by the number of ranks ({ranks})",
+                          batch_size)
+    return None
+
 
 def model_constructor(name: str) -> Callable[..., Any] | None:
     """The model zoo's constructor for `name`, to check a spec's arguments without building
@@ -479,9 +475,8 @@ def validate(spec: JobSpec) -> list[FieldError]:
     from dptrain.worker import data  # the data registry; imported here to keep spec import light
 
     e: list[FieldError] = []
-    if not _NAME_RE.fullmatch(spec.name):
-        e.append(FieldError("name", "must be 1-128 characters of letters, digits, '.', '_' "
-                            "or '-', starting with a letter or digit", spec.name))
+    if (error := check_name(spec.name)) is not None:
+        e.append(error)
     # model
     try:
         ctor = model_constructor(spec.model.name)
@@ -542,9 +537,8 @@ def validate(spec: JobSpec) -> list[FieldError]:
                             spec.batch_size))
     if spec.workers < 1:
         e.append(FieldError("workers", "must be >= 1", spec.workers))
-    elif spec.batch_size >= 1 and spec.batch_size % spec.workers:
-        e.append(FieldError("batch_size", f"must be divisible by workers ({spec.workers}) "
-                            f"so that every rank gets an equal shard", spec.batch_size))
+    elif spec.batch_size >= 1 and (error := check_shards(spec.batch_size, spec.workers)):
+        e.append(error)
     if spec.epochs is None and spec.max_steps is None:
         e.append(FieldError("epochs", "epochs or max_steps (or both) must be given"))
     for name in ("epochs", "max_steps"):  # an epoch is at least one step

@@ -63,6 +63,7 @@ from dptrain.worker.spec import (
     JobSpec,
     JobSpecError,
     build_model,
+    check_shards,
     spec_hash,
     trajectory_differences,
 )
@@ -464,10 +465,8 @@ def run_job(spec: JobSpec, comm: Any = None, checkpoint_dir: str | None = None,
 
     comm = Communicator() if comm is None else comm
     install_preemption_handler()
-    if spec.batch_size % comm.size:
-        raise JobFailed(str(JobSpecError([FieldError(
-            "batch_size", f"must be divisible by the number of ranks ({comm.size})",
-            spec.batch_size)])))
+    if (error := check_shards(spec.batch_size, comm.size)) is not None:
+        raise JobFailed(str(error))
     if resume and checkpoint_dir is None:
         raise JobFailed("--resume needs a checkpoint directory (--checkpoint-dir)")
     run = _Run(spec, comm, checkpoint_dir, list(reporters or []))

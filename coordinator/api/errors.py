@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Collection
 from typing import TYPE_CHECKING, Any
 
-from dptrain.worker.spec import cut, echo
+from dptrain.worker.spec_errors import cut, echo
 
 if TYPE_CHECKING:
     from dptrain.coordinator.api.records import JobState

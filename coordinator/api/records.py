@@ -33,13 +33,14 @@ from enum import Enum
 from typing import Any
 
 from dptrain.coordinator.api.errors import InvalidTransition, ValidationError
+from dptrain.worker.spec import check_name
 
 __all__ = [
     "JobState", "EventKind", "TRANSITIONS", "TERMINAL_STATES", "PENDING_STATES",
     "Job", "Event", "CheckpointRecord",
     "check_transition", "new_job", "new_job_id", "apply_transition", "apply_update",
     "state_event_payload", "check_payload", "new_token", "hash_token", "verify_token",
-    "check_checkpoint", "MUTABLE_FIELDS",
+    "check_checkpoint", "MUTABLE_FIELDS", "SubmitRequest", "ListRequest",
 ]
 
 
@@ -178,9 +179,36 @@ class CheckpointRecord:
     manifest: dict[str, Any] = field(default_factory=dict)
 
 
+# ---------------------------------------------------------------- requests
+
+@dataclass(frozen=True)
+class SubmitRequest:
+    """A submission: the job file's data and how to run it.
+
+    Attributes:
+        spec: the job spec as plain data (fields left out take the worker's defaults).
+        priority: higher runs first.
+        max_restarts: None: the server's default.
+        time_limit: seconds per run, or None when unknown.
+    """
+
+    spec: Mapping[str, Any]
+    priority: int = 0
+    max_restarts: int | None = None
+    time_limit: float | None = None
+
+
+@dataclass(frozen=True)
+class ListRequest:
+    """A page of the job list: jobs in `states` (empty: all), newest first."""
+
+    states: tuple[JobState, ...] = ()
+    page_size: int = 0
+    page_token: str = ""
+
+
 # ---------------------------------------------------------------- construction and validation
 
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _JOB_ID_RE = re.compile(r"^j-[0-9a-f]{12}$")
 _INT64 = 2**63
 
@@ -291,9 +319,8 @@ def new_job(name: str, spec: Mapping[str, Any], *, workers: int, priority: int =
     Raises:
         ValidationError: naming the first field that breaks a rule.
     """
-    if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
-        raise ValidationError("name", "must be 1-128 of A-Z a-z 0-9 . _ - starting with a "
-                              "letter or digit", name)
+    if (error := check_name(name)) is not None:
+        raise ValidationError(error.path, error.rule, name)
     if job_id is not None and (not isinstance(job_id, str) or not _JOB_ID_RE.fullmatch(job_id)):
         raise ValidationError("id", "must be 'j-' and 12 lowercase hex digits", job_id)
     return Job(

@@ -23,9 +23,16 @@ from typing import Any
 from dptrain.coordinator.api.checkpoint_upload import CheckpointUpload, FileEntry, record_files
 from dptrain.coordinator.api.errors import ValidationError
 from dptrain.coordinator.api.limits import MAX_ARGS_DEPTH, MAX_ARGS_JSON_BYTES, MAX_SPEC_BYTES
-from dptrain.coordinator.api.records import CheckpointRecord, Event, EventKind, Job, JobState
+from dptrain.coordinator.api.records import (
+    CheckpointRecord,
+    Event,
+    EventKind,
+    Job,
+    JobState,
+    ListRequest,
+    SubmitRequest,
+)
 from dptrain.coordinator.api.strict_json import loads
-from dptrain.coordinator.server.jobs import ListRequest, SubmitRequest
 from dptrain.protos.dptrain.v1 import coordinator_pb2 as pb
 from dptrain.worker.spec import JobSpec
 from google.protobuf import descriptor

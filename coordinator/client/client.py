@@ -28,13 +28,14 @@ from typing import Any
 
 import grpc
 from dptrain.coordinator.api import serde
+from dptrain.coordinator.api.credentials import bearer_metadata, resolve_token
 from dptrain.coordinator.api.errors import ValidationError
 from dptrain.coordinator.api.hashed_io import write_hashed
 from dptrain.coordinator.api.limits import channel_options
 from dptrain.coordinator.api.records import CheckpointRecord, Event, Job, JobState
-from dptrain.coordinator.server.auth import bearer_metadata, resolve_token
 from dptrain.protos.dptrain.v1 import coordinator_pb2 as pb
 from dptrain.protos.dptrain.v1 import coordinator_pb2_grpc as pb_grpc
+from dptrain.worker.spec import JobSpecError, read_spec_file
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 __all__ = ["Client", "ClientError", "DownloadedFile", "DEFAULT_TIMEOUT"]
@@ -84,7 +85,7 @@ class Client:
         address: ``host:port``.
         token: the coordinator token (or a worker token, with `job_id`); default from
             `token_file`, ``$DPTRAIN_TOKEN``, ``$DPTRAIN_TOKEN_FILE`` or ``state_dir/token``
-            (see `coordinator.auth.resolve_token`).
+            (see `dptrain.coordinator.api.credentials.resolve_token`).
         tls_ca: PEM certificate(s) to verify the server's TLS certificate with (a path or the
             bytes); None: a plaintext connection.
         timeout: seconds each unary call may take.
@@ -170,10 +171,8 @@ class Client:
             ClientError: INVALID_ARGUMENT naming the field at fault, UNAUTHENTICATED, ...
         """
         if isinstance(spec, (str, os.PathLike)):
-            from dptrain.worker.spec import JobSpecError, load_spec
-
-            try:
-                spec = load_spec(spec)
+            try:  # read here, validated once by the coordinator (which knows its models)
+                spec = read_spec_file(spec)
             except JobSpecError as e:
                 raise ClientError("INVALID_ARGUMENT", str(e)) from None
         try:

@@ -92,7 +92,7 @@ def _outcome(state: JobState) -> int:
 # ---------------------------------------------------------------- serve
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from dptrain.coordinator.server.auth import read_token_file
+    from dptrain.coordinator.api.credentials import read_token_file
     from dptrain.coordinator.server.runner_settings import RunnerSettings
     from dptrain.coordinator.server.scheduler import Cluster
     from dptrain.coordinator.server.server import ServerSettings, serve

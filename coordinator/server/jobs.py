@@ -31,26 +31,30 @@ from dptrain.coordinator.api.limits import (
     MAX_RESTARTS,
     MAX_TIME_LIMIT_S,
 )
-from dptrain.coordinator.api.records import Event, EventKind, Job, JobState, new_job
+from dptrain.coordinator.api.records import (
+    Event,
+    EventKind,
+    Job,
+    JobState,
+    ListRequest,
+    SubmitRequest,
+    new_job,
+)
 from dptrain.coordinator.server.blobs import BlobStore
 from dptrain.coordinator.server.metrics import Metrics
 from dptrain.coordinator.server.scheduler import Cluster, validate_request
 from dptrain.coordinator.server.store import Store
+from dptrain.worker.data import data_paths
 from dptrain.worker.spec import JobSpec, JobSpecError
 
 __all__ = [
-    "Runner", "ServiceState", "SubmitRequest", "ListRequest", "SpecInvalid", "PATH_ARGUMENTS",
+    "Runner", "ServiceState", "SubmitRequest", "ListRequest", "SpecInvalid",
     "validate_spec", "check_data_paths", "prepare_job", "queue_job", "submit_job", "get_job",
     "list_jobs", "cancel_job", "watch_job", "report_progress", "heartbeat",
 ]
 
 log = logging.getLogger("dptrain.coordinator")
 
-#: Data set arguments that name files or directories (besides names ending in ``_path``,
-#: ``_file`` or ``_dir``): they must lie inside a data root.
-PATH_ARGUMENTS = frozenset({"path", "file", "files", "images", "labels", "x", "y", "root",
-                            "dir", "directory"})
-_PATH_SUFFIXES = ("_path", "_file", "_dir")
 _ACTIVE = frozenset({JobState.QUEUED, JobState.RUNNING, JobState.RESTARTING})
 
 
@@ -95,32 +99,6 @@ class ServiceState:
     stopping: threading.Event = field(default_factory=threading.Event)
 
 
-@dataclass(frozen=True)
-class SubmitRequest:
-    """A submission: the job file's data and how to run it.
-
-    Attributes:
-        spec: the job spec as plain data (fields left out take the worker's defaults).
-        priority: higher runs first.
-        max_restarts: None: the server's default.
-        time_limit: seconds per run, or None when unknown.
-    """
-
-    spec: Mapping[str, Any]
-    priority: int = 0
-    max_restarts: int | None = None
-    time_limit: float | None = None
-
-
-@dataclass(frozen=True)
-class ListRequest:
-    """A page of the job list: jobs in `states` (empty: all), newest first."""
-
-    states: tuple[JobState, ...] = ()
-    page_size: int = 0
-    page_token: str = ""
-
-
 class SpecInvalid(ValidationError):
     """A job spec the worker's validation refused; the message lists every broken rule.
 
@@ -149,10 +127,6 @@ class SpecInvalid(ValidationError):
 
 # ---------------------------------------------------------------- validation
 
-def _is_path_argument(name: str) -> bool:
-    return name in PATH_ARGUMENTS or name.endswith(_PATH_SUFFIXES)
-
-
 def _inside(path: str, root: str) -> bool:
     return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
 
@@ -160,9 +134,8 @@ def _inside(path: str, root: str) -> bool:
 def check_data_paths(spec: JobSpec, roots: Sequence[str | os.PathLike]) -> None:
     """Refuse data set arguments that name files outside the data roots.
 
-    Arguments count as paths by name (`PATH_ARGUMENTS`, or ending in ``_path``, ``_file``,
-    ``_dir``); each string among them must be absolute and, with symbolic links resolved,
-    inside one of `roots`.
+    The paths are the arguments the data set's loader declares (``worker.data.data_paths``);
+    each must be an absolute path and, with symbolic links resolved, inside one of `roots`.
 
     Args:
         spec: the validated spec.
@@ -172,23 +145,20 @@ def check_data_paths(spec: JobSpec, roots: Sequence[str | os.PathLike]) -> None:
         ValidationError: naming ``dataset.args.<name>``.
     """
     real_roots = [os.path.realpath(r) for r in roots]
-    for name, value in spec.dataset.args.items():
-        if not _is_path_argument(name):
-            continue
-        path = f"dataset.args.{name}"
-        for item in value if isinstance(value, (list, tuple)) else [value]:
-            if not isinstance(item, str):
-                raise ValidationError(path, "must be a path (a string)", item)
-            if "\0" in item:  # no file name holds one; the OS calls below would refuse it
-                raise ValidationError(path, "must not contain a NUL byte", item)
-            if not real_roots:
-                raise ValidationError(path, "names a data file, but the coordinator allows "
-                                      "none (start it with --data-root DIR)", item)
-            if not os.path.isabs(item):
-                raise ValidationError(path, "must be an absolute path", item)
-            if not any(_inside(os.path.realpath(item), r) for r in real_roots):
-                raise ValidationError(path, "must lie inside a data root ("
-                                      + ", ".join(os.fspath(r) for r in roots) + ")", item)
+    for name in sorted(data_paths(spec.dataset.name) & spec.dataset.args.keys()):
+        path, item = f"dataset.args.{name}", spec.dataset.args[name]
+        if not isinstance(item, str):
+            raise ValidationError(path, "must be a path (a string)", item)
+        if "\0" in item:  # no file name holds one; the OS calls below would refuse it
+            raise ValidationError(path, "must not contain a NUL byte", item)
+        if not real_roots:
+            raise ValidationError(path, "names a data file, but the coordinator allows "
+                                  "none (start it with --data-root DIR)", item)
+        if not os.path.isabs(item):
+            raise ValidationError(path, "must be an absolute path", item)
+        if not any(_inside(os.path.realpath(item), r) for r in real_roots):
+            raise ValidationError(path, "must lie inside a data root ("
+                                  + ", ".join(os.fspath(r) for r in roots) + ")", item)
 
 
 def validate_spec(spec: Mapping[str, Any], state: ServiceState) -> JobSpec:

@@ -65,8 +65,8 @@ def test_new_job_defaults_and_id():
 
 
 @pytest.mark.parametrize("kw, message", [
-    ({"name": ""}, "name: must be 1-128 of"),
-    ({"name": "bad name"}, "name: must be 1-128 of"),
+    ({"name": ""}, "name: must be 1-128 characters of"),
+    ({"name": "bad name"}, "name: must be 1-128 characters of"),
     ({"workers": 0}, "workers: must be >= 1, got 0"),
     ({"workers": "2"}, "workers: must be an integer, got '2'"),
     ({"priority": 1.5}, "priority: must be an integer, got 1.5"),

@@ -111,8 +111,9 @@ def test_validation_names_field_rule_and_value(path, value, message):
 
 
 def test_batch_must_divide_among_workers():
-    with pytest.raises(JobSpecError, match=r"batch_size: must be divisible by workers \(3\) "
-                                           r".*got 16"):
+    with pytest.raises(JobSpecError,
+                       match=r"batch_size: must be divisible by the number of ranks \(3\), "
+                             r"got 16"):
         JobSpec.from_dict({**BASE, "workers": 3})
 
 

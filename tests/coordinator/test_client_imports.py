@@ -1,0 +1,48 @@
+"""The user's client stays light: importing it loads neither the server's store and logic nor
+the engine nor the worker's training code (checked in a fresh interpreter, whose
+``sys.modules`` is the independent record of what an import loaded)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+#: Prefixes a client process must not load: the coordinator's server side (store, scheduler,
+#: metrics, runner), the engine, the worker's training code and MPI, and their numeric stack.
+FORBIDDEN = ("dptrain.coordinator.server", "dptrain.engine", "dptrain.worker.train",
+             "dptrain.worker.ddp", "dptrain.worker.comm", "dptrain.worker.data",
+             "dptrain.worker.checkpoint", "dptrain.worker.sampler", "mpi4py", "numpy",
+             "sqlite3")
+
+
+def _loaded(statement: str) -> list[str]:
+    """The forbidden modules a fresh interpreter holds after running the import `statement`."""
+    code = (f"import json, sys\n{statement}\n"
+            f"prefixes = {FORBIDDEN!r}\n"
+            "print(json.dumps(sorted(m for m in sys.modules\n"
+            "    if any(m == p or m.startswith(p + '.') for p in prefixes))))\n")
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+@pytest.mark.parametrize("module", [
+    "dptrain.coordinator.client", "dptrain.coordinator.client.client",
+    "dptrain.coordinator.client.commands", "dptrain.coordinator.client.follow",
+    "dptrain.coordinator.api.serde", "dptrain.coordinator.api.credentials",
+    "dptrain.coordinator.api.records", "dptrain.coordinator.cli",
+])
+def test_importing_a_client_module_loads_no_server_engine_or_training_code(module):
+    assert _loaded(f"import {module}") == []
+
+
+def test_the_client_class_loads_no_server_engine_or_training_code():
+    # The lazily exported names, as a user writes them.
+    assert _loaded("from dptrain.coordinator.client import Client, ClientError") == []
