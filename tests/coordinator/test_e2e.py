@@ -55,22 +55,19 @@ def _leftovers(state_dir: Path) -> list[int]:
 
 
 @pytest.fixture
-def state_dir(tmp_path: Path):
+def state_dir(state_dir: Path):
     """The coordinator's state directory; afterwards no worker or child may be left."""
-    state = tmp_path / "state"
-    yield state
-    leftovers, children = _leftovers(state), descendants(os.getpid())
+    yield state_dir
+    leftovers, children = _leftovers(state_dir), descendants(os.getpid())
     kill_all(leftovers + children)
     assert not leftovers, f"worker processes were left running: {leftovers}"
     assert not children, f"child processes were left running: {children}"
 
 
 @pytest.fixture
-def server(state_dir: Path):
-    srv = serve(state_dir, runner_factory=JobRunner.factory, cluster=Cluster.local(2),
-                runner_options=RUNNER_OPTIONS)
-    yield srv
-    srv.stop(grace=1.0)
+def server(serve_coordinator):
+    return serve_coordinator(stop_grace=1.0, runner_factory=JobRunner.factory,
+                             cluster=Cluster.local(2), runner_options=RUNNER_OPTIONS)
 
 
 @pytest.fixture

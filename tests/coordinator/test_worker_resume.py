@@ -16,9 +16,8 @@ from dptrain.coordinator.api.records import EventKind, JobState, hash_token, new
 from dptrain.coordinator.api.worker_env import worker_environment
 from dptrain.coordinator.client.client import Client
 from dptrain.coordinator.server.scheduler import Cluster
-from dptrain.coordinator.server.server import serve
+from repo import REPO
 
-REPO = Path(__file__).resolve().parents[2]
 SPEC = {
     "name": "resume", "model": {"name": "mlp", "args": {"in_features": 8, "hidden": [16],
                                                        "num_classes": 3}},
@@ -39,12 +38,8 @@ def _run_worker(job_file: Path, checkpoint_dir: Path, env: dict[str, str], *flag
 
 
 @pytest.fixture
-def server(tmp_path):
-    srv = serve(tmp_path / "state", port=0, cluster=Cluster.local(2))
-    try:
-        yield srv
-    finally:
-        srv.stop(grace=0)
+def server(serve_coordinator):
+    return serve_coordinator(cluster=Cluster.local(2))
 
 
 def test_worker_reports_uploads_and_resumes_from_the_coordinator(server, tmp_path):

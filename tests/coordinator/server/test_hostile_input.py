@@ -48,12 +48,8 @@ DEADLINE = 30.0
 
 
 @pytest.fixture
-def server(tmp_path):
-    srv = serve(tmp_path / "state", cluster=Cluster.local(2), data_roots=[tmp_path / "data"])
-    try:
-        yield srv
-    finally:
-        srv.stop(grace=0)
+def server(serve_coordinator, tmp_path):
+    return serve_coordinator(cluster=Cluster.local(2), data_roots=[tmp_path / "data"])
 
 
 @pytest.fixture
