@@ -42,7 +42,7 @@ from jobkit import (
     wait_for,
 )
 
-pytestmark = pytest.mark.timeout(240)
+pytestmark = [pytest.mark.timeout(240), pytest.mark.e2e, pytest.mark.mpi]
 S = JobState
 RUNNER_OPTIONS = {"heartbeat_timeout": 60.0, "kill_grace": 5.0, "poll_interval": 0.1}
 

@@ -18,6 +18,7 @@ from dptrain.coordinator.client.client import Client
 from dptrain.coordinator.server.scheduler import Cluster
 from repo import REPO
 
+pytestmark = [pytest.mark.e2e, pytest.mark.mpi]
 SPEC = {
     "name": "resume", "model": {"name": "mlp", "args": {"in_features": 8, "hidden": [16],
                                                        "num_classes": 3}},
