@@ -1,6 +1,7 @@
 # Quick start on a machine with only python3 and make:
 #   make demo   trains the digits MLP and prints its held-out accuracy
 #   make test   runs the test suite
+#   make test-fast  the suite without the e2e and mpi tests (a quick inner loop)
 # Each target creates .venv on first use and refreshes it whenever pyproject.toml changes.
 
 PYTHON ?= python3
@@ -8,7 +9,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.stamp-$(shell $(PYTHON) -c "import hashlib;print(hashlib.sha256(open('pyproject.toml','rb').read()).hexdigest()[:16])")
 
-.PHONY: venv test demo lint bench clean protos
+.PHONY: venv test test-fast demo lint bench clean protos
 
 venv: $(STAMP)
 
@@ -21,6 +22,11 @@ $(STAMP): pyproject.toml
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# Leaves out the tests that start MPI processes or a coordinator with workers (markers in
+# pyproject.toml): the minutes they take are for `make test` and CI.
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not e2e and not mpi"
 
 demo: $(STAMP)
 	$(VENV)/bin/dptrain demo

@@ -1,7 +1,7 @@
 """Regenerate the checked-in gRPC Python code from ``protos/dptrain/v1/*.proto``.
 
 The one way the generated files are made (``make protos`` runs this; the test
-``tests/coordinator/test_protos_fresh.py`` runs `generate` into a temporary directory and fails
+``tests/protos/test_protos_fresh.py`` runs `generate` into a temporary directory and fails
 when the checked-in files differ)::
 
     python -m grpc_tools.protoc -Iprotos --python_out=protos --pyi_out=protos \\

@@ -42,7 +42,7 @@ from jobkit import (
     wait_for,
 )
 
-pytestmark = pytest.mark.timeout(240)
+pytestmark = [pytest.mark.timeout(240), pytest.mark.e2e, pytest.mark.mpi]
 S = JobState
 RUNNER_OPTIONS = {"heartbeat_timeout": 60.0, "kill_grace": 5.0, "poll_interval": 0.1}
 
@@ -55,22 +55,19 @@ def _leftovers(state_dir: Path) -> list[int]:
 
 
 @pytest.fixture
-def state_dir(tmp_path: Path):
+def state_dir(state_dir: Path):
     """The coordinator's state directory; afterwards no worker or child may be left."""
-    state = tmp_path / "state"
-    yield state
-    leftovers, children = _leftovers(state), descendants(os.getpid())
+    yield state_dir
+    leftovers, children = _leftovers(state_dir), descendants(os.getpid())
     kill_all(leftovers + children)
     assert not leftovers, f"worker processes were left running: {leftovers}"
     assert not children, f"child processes were left running: {children}"
 
 
 @pytest.fixture
-def server(state_dir: Path):
-    srv = serve(ServerSettings(state_dir, cluster=Cluster.local(2),
-                               runner=RunnerSettings(state_dir, **RUNNER_OPTIONS)))
-    yield srv
-    srv.stop(grace=1.0)
+def server(serve_coordinator, state_dir: Path):
+    return serve_coordinator(stop_grace=1.0, cluster=Cluster.local(2),
+                             runner=RunnerSettings(state_dir, **RUNNER_OPTIONS))
 
 
 @pytest.fixture

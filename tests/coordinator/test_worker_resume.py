@@ -15,10 +15,10 @@ import pytest
 from dptrain.coordinator.api.records import EventKind, JobState, hash_token, new_token
 from dptrain.coordinator.client.client import Client
 from dptrain.coordinator.server.scheduler import Cluster
-from dptrain.coordinator.server.server import ServerSettings, serve
 from dptrain.worker.environment import worker_environment
+from repo import REPO
 
-REPO = Path(__file__).resolve().parents[2]
+pytestmark = [pytest.mark.e2e, pytest.mark.mpi]
 SPEC = {
     "name": "resume", "model": {"name": "mlp", "args": {"in_features": 8, "hidden": [16],
                                                        "num_classes": 3}},
@@ -39,12 +39,8 @@ def _run_worker(job_file: Path, checkpoint_dir: Path, env: dict[str, str], *flag
 
 
 @pytest.fixture
-def server(tmp_path):
-    srv = serve(ServerSettings(tmp_path / "state", port=0, cluster=Cluster.local(2)))
-    try:
-        yield srv
-    finally:
-        srv.stop(grace=0)
+def server(serve_coordinator):
+    return serve_coordinator(cluster=Cluster.local(2))
 
 
 def test_worker_reports_uploads_and_resumes_from_the_coordinator(server, tmp_path):

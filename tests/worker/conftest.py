@@ -90,10 +90,6 @@ def json_lines(stdout: str) -> list:
     return found
 
 
-def pytest_configure(config) -> None:
-    config.addinivalue_line("markers", "mpi: runs a job under mpiexec (a child process)")
-
-
 @pytest.fixture(scope="session")
 def run_mpi():
     """`run_mpi_script`: ``run_mpi(n, script_path_or_code, *args, env=None, timeout=120)``."""

@@ -124,6 +124,7 @@ def reference_2_ranks(tmp_path_factory, run_mpi):
     return sha256(Path(metrics["checkpoint"]) / "model.safetensors"), metrics
 
 
+@pytest.mark.mpi
 def test_every_epoch_feeds_each_training_sample_once_in_a_new_order(tmp_path, worker):
     (tmp_path / "recorder.py").write_text(RECORDING_MODEL)
     n, n_val, batch, epochs = 80, 16, 16, 3  # 64 training samples: 4 steps per epoch
@@ -152,6 +153,7 @@ def test_every_epoch_feeds_each_training_sample_once_in_a_new_order(tmp_path, wo
     assert len({tuple(seen) for seen in per_epoch}) == epochs, "an epoch repeated an order"
 
 
+@pytest.mark.mpi
 @pytest.mark.parametrize("n", [1, 3])
 def test_stop_at_max_steps_and_resume_is_bit_identical(tmp_path, worker, n):
     straight = worker(n, write_job(tmp_path, "a.yaml"), "--checkpoint-dir", tmp_path / "a")
@@ -174,6 +176,7 @@ def test_stop_at_max_steps_and_resume_is_bit_identical(tmp_path, worker, n):
         sha256(tmp_path / "a/step-00000060/optimizer.safetensors")
 
 
+@pytest.mark.mpi
 def test_a_run_resumed_at_its_final_step_ends_naming_its_final_checkpoint(tmp_path, worker):
     job = write_job(tmp_path, max_steps=12)
     first = worker(1, job, "--checkpoint-dir", tmp_path / "c")
@@ -188,6 +191,7 @@ def test_a_run_resumed_at_its_final_step_ends_naming_its_final_checkpoint(tmp_pa
     assert (final / "manifest.json").read_bytes() == written  # not written again
 
 
+@pytest.mark.mpi
 def test_sigterm_checkpoints_exits_143_and_resumes_exactly(tmp_path, worker,
                                                            reference_2_ranks):
     job = write_job(tmp_path, "long.yaml", max_steps=100_000,
@@ -228,6 +232,7 @@ def test_sigterm_checkpoints_exits_143_and_resumes_exactly(tmp_path, worker,
     assert sha256(tmp_path / "ckpt/step-00000400/model.safetensors") == reference_2_ranks[0]
 
 
+@pytest.mark.mpi
 def test_corrupted_newest_checkpoint_falls_back_and_still_resumes_exactly(
         tmp_path, worker, reference_2_ranks):
     first = worker(2, write_job(tmp_path, max_steps=50), "--checkpoint-dir", tmp_path / "ckpt")
@@ -246,6 +251,7 @@ def test_corrupted_newest_checkpoint_falls_back_and_still_resumes_exactly(
     assert sha256(tmp_path / "ckpt/step-00000400/model.safetensors") == reference_2_ranks[0]
 
 
+@pytest.mark.mpi
 def test_resume_refuses_a_checkpoint_of_a_different_job(tmp_path, worker):
     first = worker(1, write_job(tmp_path, max_steps=10), "--checkpoint-dir", tmp_path / "c")
     assert first.returncode == 0, first.stderr
@@ -256,6 +262,7 @@ def test_resume_refuses_a_checkpoint_of_a_different_job(tmp_path, worker):
     assert result.stderr.count("dptrain worker: error:") == 1  # rank 0 speaks for all
 
 
+@pytest.mark.mpi
 def test_a_failing_rank_ends_the_whole_job(tmp_path, worker):
     (tmp_path / "faulty.py").write_text(FAULTY_MODEL)
     job = write_job(tmp_path, model={"name": "faulty:build", "args": {"mode": "raise"}})
@@ -267,6 +274,7 @@ def test_a_failing_rank_ends_the_whole_job(tmp_path, worker):
     assert result.stdout == ""  # aborted: no rank went on to report final metrics
 
 
+@pytest.mark.mpi
 def test_a_non_finite_loss_stops_the_job_naming_the_step(tmp_path, worker):
     (tmp_path / "faulty.py").write_text(FAULTY_MODEL)
     job = write_job(tmp_path, model={"name": "faulty:build", "args": {"mode": "nan",
@@ -280,6 +288,7 @@ def test_a_non_finite_loss_stops_the_job_naming_the_step(tmp_path, worker):
     assert not (tmp_path / "c").exists()  # nothing written from a diverged state
 
 
+@pytest.mark.mpi
 def test_invalid_jobs_exit_2_with_one_message(tmp_path, worker):
     bad = write_job(tmp_path, optimizer={"name": "adam", "lr": -1})
     result = worker(2, bad)
@@ -296,6 +305,7 @@ def test_invalid_jobs_exit_2_with_one_message(tmp_path, worker):
     assert "batch_size: must be divisible by the number of ranks (3), got 50" in result.stderr
 
 
+@pytest.mark.mpi
 def test_dptrain_run_digits_on_two_ranks():
     dptrain = Path(sys.executable).parent / "dptrain"
     result = subprocess.run([str(dptrain), "run", "examples/digits_mlp.yaml", "-n", "2"],

@@ -2,7 +2,7 @@
 
 `Store` is the interface (`coordinator.store.base`); `MemoryStore` keeps everything in memory
 (tests, throw-away servers) and `SqliteStore` in the state directory's SQLite database. Both
-pass the one contract test class in ``tests/coordinator/test_store.py``.
+pass the one contract test class in ``tests/coordinator/server/test_store.py``.
 """
 
 from dptrain.coordinator.api.errors import (

@@ -120,6 +120,7 @@ def log_lines(store: SqliteStore, job_id: str) -> list[str]:
 
 # ---------------------------------------------------------------- real mpiexec workers
 
+@pytest.mark.mpi
 def test_job_runs_to_success_with_its_log_streamed(store, make_runner, state_dir):
     runner = make_runner()
     job_id = submit(store, runner, TINY_SPEC)
@@ -157,6 +158,7 @@ def test_job_runs_to_success_with_its_log_streamed(store, make_runner, state_dir
     assert job.token_hash not in json.dumps(record)
 
 
+@pytest.mark.mpi
 def test_killed_rank_restarts_from_checkpoint_and_succeeds(store, make_runner, state_dir):
     runner = make_runner()
     job_id = submit(store, runner, SLOW_SPEC)
@@ -181,6 +183,7 @@ def test_killed_rank_restarts_from_checkpoint_and_succeeds(store, make_runner, s
     assert "--resume" in read_run_record(JobPaths(state_dir / "jobs" / job_id).run)["command"]
 
 
+@pytest.mark.mpi
 def test_invalid_job_fails_at_once_without_restarts(store, make_runner, tmp_path):
     runner = make_runner()
     bad = spec(TINY_SPEC, dataset={"name": "npz", "args": {"path": str(tmp_path / "no.npz")}})
@@ -191,6 +194,7 @@ def test_invalid_job_fails_at_once_without_restarts(store, make_runner, tmp_path
     assert job.error.splitlines()[0].startswith("the worker group exited with code 2")
 
 
+@pytest.mark.mpi
 def test_cancel_running_job_ends_its_workers(store, make_runner, state_dir):
     runner = make_runner(kill_grace=5.0)
     job_id = submit(store, runner, spec(SLOW_SPEC, max_steps=5000))

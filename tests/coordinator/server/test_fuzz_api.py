@@ -9,7 +9,7 @@ The server has no job runner, so accepted jobs stay QUEUED and nothing is launch
 moved to RUNNING with a worker token, as the runner does, so that the worker service's calls
 reach their logic. Hypothesis runs derandomized (the same examples on every run), a bounded
 number of them: ``DPTRAIN_FUZZ_EXAMPLES`` sets how many in all (default 1500), e.g.
-``DPTRAIN_FUZZ_EXAMPLES=10000 pytest tests/coordinator/test_fuzz_api.py``.
+``DPTRAIN_FUZZ_EXAMPLES=10000 pytest tests/coordinator/server/test_fuzz_api.py``.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ TLS and metrics.
 No workers run here. The job runner is replaced by `RecordingRunner`, a test double at the
 scheduler boundary that only records the server's calls; where a test needs a running job it
 does what the runner does on launch: `_launch` moves the job to RUNNING with a fresh worker token.
-The end-to-end tests with real mpiexec workers are tests/coordinator/test_e2e_*.py.
+The end-to-end tests with real mpiexec workers are in tests/coordinator/test_e2e.py.
 """
 
 from __future__ import annotations
@@ -84,15 +84,10 @@ def data_root(tmp_path):
 
 
 @pytest.fixture
-def server(tmp_path, data_root):
-    srv = serve(ServerSettings(tmp_path / "state", port=0, cluster=Cluster.local(SLOTS),
-                               data_roots=[data_root], metrics_port=0,
-                               max_checkpoint_bytes=MAX_CHECKPOINT_BYTES),
-                runner_factory=RecordingRunner)
-    try:
-        yield srv
-    finally:
-        srv.stop(grace=0)
+def server(serve_coordinator, data_root):
+    return serve_coordinator(runner_factory=RecordingRunner, cluster=Cluster.local(SLOTS),
+                             data_roots=[data_root], metrics_port=0,
+                             max_checkpoint_bytes=MAX_CHECKPOINT_BYTES)
 
 
 @pytest.fixture
@@ -159,8 +154,8 @@ def test_submit_queues_the_job_and_wakes_the_runner(server, client):
     assert stored.state is JobState.QUEUED and stored.spec == job.spec
 
 
-def test_submit_a_job_file(client):
-    job = client.submit_job(Path(__file__).resolve().parents[2] / "examples/digits_mlp.yaml")
+def test_submit_a_job_file(client, repo_root):
+    job = client.submit_job(repo_root / "examples/digits_mlp.yaml")
     assert (job.name, job.workers, job.max_restarts) == ("digits-mlp", 2, 3)
 
 

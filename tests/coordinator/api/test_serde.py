@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from pathlib import Path
 
 import pytest
 import yaml
@@ -15,8 +14,8 @@ from dptrain.coordinator.api.records import CheckpointRecord, Event, EventKind, 
 from dptrain.protos.dptrain.v1 import coordinator_pb2 as pb
 from dptrain.worker import spec as worker_spec
 from dptrain.worker.spec import JobSpec, load_spec
+from repo import REPO
 
-REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = sorted((REPO / "examples").glob("*.yaml"))
 
 # Every field of the worker's job spec set, none to its default.

@@ -16,7 +16,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[2]
 DPTRAIN = str(Path(sys.executable).parent / "dptrain")
 
 #: A digits MLP that trains in well under a second: 20 steps, a checkpoint every 5.

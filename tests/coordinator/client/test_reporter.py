@@ -14,7 +14,6 @@ from dptrain.coordinator.api.records import EventKind, JobState, hash_token, new
 from dptrain.coordinator.client.client import Client
 from dptrain.coordinator.client.worker_reporter import CoordinatorReporter, WorkerClient
 from dptrain.coordinator.server.scheduler import Cluster
-from dptrain.coordinator.server.server import ServerSettings, serve
 from jobkit import TINY_SPEC, free_port, small_checkpoint, spec, wait_for
 
 SPEC = spec(TINY_SPEC, checkpoint={"every_steps": 5, "keep": 3})
@@ -23,19 +22,11 @@ START = {"name": "tiny", "world_size": 2, "start_step": 0, "total_steps": 20,
 
 
 @pytest.fixture
-def coordinator(tmp_path):
+def coordinator(serve_coordinator):
     """``coordinator()`` starts a server on the test's state directory and port; a later call
     starts another one there after the first was stopped. All are stopped at the end."""
-    port, servers = free_port(), []
-
-    def start():
-        servers.append(serve(ServerSettings(tmp_path / "state", port=port,
-                                            cluster=Cluster.local(2))))
-        return servers[-1]
-
-    yield start
-    for server in servers:
-        server.stop(grace=0)
+    port = free_port()
+    return lambda: serve_coordinator(port=port, cluster=Cluster.local(2))
 
 
 def _launch(server, job_id: str, from_state: JobState = JobState.QUEUED) -> str:

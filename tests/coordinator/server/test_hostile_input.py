@@ -48,13 +48,8 @@ DEADLINE = 30.0
 
 
 @pytest.fixture
-def server(tmp_path):
-    srv = serve(ServerSettings(tmp_path / "state", cluster=Cluster.local(2),
-                               data_roots=[tmp_path / "data"]))
-    try:
-        yield srv
-    finally:
-        srv.stop(grace=0)
+def server(serve_coordinator, tmp_path):
+    return serve_coordinator(cluster=Cluster.local(2), data_roots=[tmp_path / "data"])
 
 
 @pytest.fixture
@@ -222,6 +217,7 @@ def test_coordinator_and_cli_never_import_the_models_a_job_names(server, client,
                           "named 'package.module:function'")
 
 
+@pytest.mark.mpi
 def test_only_the_worker_imports_the_model_and_fails_the_job_once(tripwire, tmp_path):
     module, marker, env = tripwire
     job = tmp_path / "job.yaml"
@@ -234,6 +230,8 @@ def test_only_the_worker_imports_the_model_and_fails_the_job_once(tripwire, tmp_
             f"failed: SystemExit: 3") in run.stderr
 
 
+@pytest.mark.e2e
+@pytest.mark.mpi
 def test_a_missing_module_fails_the_job_once_without_restarts(tmp_path):
     srv = serve(ServerSettings(tmp_path / "state", cluster=Cluster.local(1),
                                runner=RunnerSettings(tmp_path / "state", heartbeat_timeout=60.0,
@@ -387,6 +385,7 @@ def test_a_time_limit_beyond_a_year_is_refused(server, stub):
                    "time_limit: must be > 0 and at most 31622400 seconds")
 
 
+@pytest.mark.mpi
 def test_epochs_that_make_more_than_a_billion_steps_fail_on_the_worker(tmp_path):
     job = tmp_path / "job.yaml"
     job.write_text(yaml.safe_dump({**SPEC, "max_steps": None, "epochs": 10**9}))
@@ -397,6 +396,7 @@ def test_epochs_that_make_more_than_a_billion_steps_fail_on_the_worker(tmp_path)
             "(or give max_steps), got 1000000000") in run.stderr
 
 
+@pytest.mark.mpi
 def test_a_data_set_argument_its_constructor_refuses_fails_the_job_once(tmp_path):
     np.savez(tmp_path / "data.npz", x=np.zeros((16, 4), np.float32), y=np.zeros(16, np.int64))
     job = tmp_path / "job.yaml"

@@ -9,7 +9,6 @@ import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 from dptrain.coordinator.api.checkpoint_upload import CheckpointUpload, FileEntry
@@ -28,8 +27,8 @@ from dptrain.coordinator.server.jobs import ListRequest, ServiceState, SubmitReq
 from dptrain.coordinator.server.scheduler import Cluster
 from dptrain.coordinator.server.store import MemoryStore
 from dptrain.worker.spec import JobSpec
+from repo import REPO
 
-REPO = Path(__file__).resolve().parents[2]
 SPEC = {"name": "tiny", "model": {"name": "mlp"}, "dataset": {"name": "digits"},
         "optimizer": {"name": "adam", "lr": 0.01}, "batch_size": 8, "max_steps": 5,
         "workers": 2, "checkpoint": {"keep": 2}}

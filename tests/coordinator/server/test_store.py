@@ -11,7 +11,6 @@ import sys
 import textwrap
 import threading
 import time
-from pathlib import Path
 
 import dptrain.coordinator.server.store.base as store_base
 import pytest
@@ -29,8 +28,8 @@ from dptrain.coordinator.server.store import (
     StoreClosed,
 )
 from dptrain.coordinator.server.store.sqlite import MIGRATIONS
+from repo import REPO
 
-REPO = Path(__file__).resolve().parents[2]
 SHA_A, SHA_B = "a" * 64, "b" * 64
 Q, R, RS = JobState.QUEUED, JobState.RUNNING, JobState.RESTARTING
 
