@@ -116,8 +116,23 @@ def build_parser() -> argparse.ArgumentParser:
     from dptrain.coordinator.client.commands import add_commands, add_global_options
 
     add_global_options(parser)
-    add_commands(commands)
+    add_commands(commands, serve=_cmd_serve, demo=_cmd_demo)
     return parser
+
+
+# serve and demo run a server: this top layer may import both sides, the client commands may not.
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from dptrain.coordinator.client.commands import default_state_dir
+    from dptrain.coordinator.server.command import run_server
+
+    args.state_dir = args.state_dir or default_state_dir()
+    return run_server(args)
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from dptrain.coordinator.demo import run_demo
+
+    return run_demo(output=args.output, workers=args.workers)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,11 +11,9 @@ TLS with ``--tls-ca`` or ``$DPTRAIN_TLS_CA``.
 from __future__ import annotations
 
 import argparse
-import logging
 import os
-import signal
 import sys
-import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -87,43 +85,6 @@ def connect(args: argparse.Namespace) -> Client:
 
 def _outcome(state: JobState) -> int:
     return 0 if state is JobState.SUCCEEDED else EXIT_JOB_FAILED
-
-
-# ---------------------------------------------------------------- serve
-
-def _cmd_serve(args: argparse.Namespace) -> int:
-    from dptrain.coordinator.api.credentials import read_token_file
-    from dptrain.coordinator.server.runner_settings import RunnerSettings
-    from dptrain.coordinator.server.scheduler import Cluster
-    from dptrain.coordinator.server.server import ServerSettings, serve
-
-    if args.slots is not None and args.hostfile:
-        raise ValueError("give --slots or --hostfile, not both")
-    cluster = (Cluster.from_hostfile(args.hostfile) if args.hostfile
-               else Cluster.local(args.slots))
-    state_dir = Path(args.state_dir or default_state_dir())
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    server = serve(ServerSettings(
-        state_dir, args.host, args.port,
-        token=read_token_file(args.token_file) if args.token_file else None,
-        tls_cert=args.tls_cert, tls_key=args.tls_key, tls_ca=args.tls_ca, insecure=args.insecure,
-        data_roots=args.data_root, metrics_port=args.metrics_port, cluster=cluster,
-        default_max_restarts=args.max_restarts, advertise_address=args.advertise_address,
-        runner=RunnerSettings(state_dir, heartbeat_timeout=args.heartbeat_timeout or None)))
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda signum, frame: stop.set())
-    token_note = args.token_file or state_dir / "token"
-    print(f"dptrain coordinator listening on {server.address} with {cluster.capacity} slot(s) "
-          f"(state {state_dir}, token in {token_note}); Ctrl-C stops it", file=sys.stderr,
-          flush=True)
-    while not stop.wait(0.5):
-        pass
-    print("dptrain coordinator: stopping (running jobs checkpoint and resume at the next "
-          "start)", file=sys.stderr, flush=True)
-    server.stop(grace=5.0)
-    return 0
 
 
 # ---------------------------------------------------------------- client commands
@@ -230,12 +191,6 @@ def _cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_demo(args: argparse.Namespace) -> int:
-    from dptrain.coordinator.demo import run_demo
-
-    return run_demo(output=args.output, workers=args.workers)
-
-
 # ---------------------------------------------------------------- the parser
 
 def _connection_options(parser: argparse.ArgumentParser, suppress: bool) -> None:
@@ -261,11 +216,15 @@ def add_global_options(parser: argparse.ArgumentParser) -> None:
     _connection_options(parser, suppress=False)
 
 
-def add_commands(commands: Any) -> None:
+def add_commands(commands: Any, serve: Callable[[argparse.Namespace], int],
+                 demo: Callable[[argparse.Namespace], int]) -> None:
     """Add ``serve``, the client commands and ``demo`` to the ``dptrain`` subparsers.
 
     Args:
         commands: the ``add_subparsers()`` object of the ``dptrain`` parser.
+        serve: the handler of ``dptrain serve`` (it runs the server, so the CLI's top layer
+            provides it: this client module never imports the server).
+        demo: the handler of ``dptrain demo`` (likewise: an embedded server and a client).
     """
     fmt = argparse.RawDescriptionHelpFormatter
 
@@ -276,38 +235,38 @@ def add_commands(commands: Any) -> None:
         parser.set_defaults(handler=handler)
         return parser
 
-    serve = add("serve", _cmd_serve, "run the coordinator: a gRPC job service that schedules "
+    serve_parser = add("serve", serve, "run the coordinator: a gRPC job service that schedules "
                 "jobs on this machine's cores or a hostfile's hosts",
                 "It creates the state directory and what it holds (jobs, logs, checkpoints,\n"
                 "the token) private to this user: directories 0700, files 0600, whatever the\n"
                 "umask.\n\n"
                 "example:\n  dptrain serve --state-dir /var/lib/dptrain --slots 8\n\n")
-    serve.add_argument("--host", default="127.0.0.1",
+    serve_parser.add_argument("--host", default="127.0.0.1",
                        help="address to listen on (default 127.0.0.1; beyond loopback only "
                             "with TLS or --insecure)")
-    serve.add_argument("--port", type=int, default=DEFAULT_PORT,
+    serve_parser.add_argument("--port", type=int, default=DEFAULT_PORT,
                        help=f"port (default {DEFAULT_PORT}; 0: any free one)")
-    serve.add_argument("--slots", type=int, default=None,
+    serve_parser.add_argument("--slots", type=int, default=None,
                        help="worker ranks that may run at once on this machine (default: "
                             "one per core)")
-    serve.add_argument("--hostfile", metavar="FILE",
+    serve_parser.add_argument("--hostfile", metavar="FILE",
                        help="hosts and their slots, 'host:slots' per line (MPICH) or "
                             "'host slots=N' (Open MPI)")
-    serve.add_argument("--tls-cert", metavar="PEM", help="serve TLS with this certificate")
-    serve.add_argument("--tls-key", metavar="PEM", help="the certificate's private key")
-    serve.add_argument("--insecure", action="store_true",
+    serve_parser.add_argument("--tls-cert", metavar="PEM", help="serve TLS with this certificate")
+    serve_parser.add_argument("--tls-key", metavar="PEM", help="the certificate's private key")
+    serve_parser.add_argument("--insecure", action="store_true",
                        help="allow plaintext on a non-loopback address")
-    serve.add_argument("--data-root", metavar="DIR", action="append", default=[],
+    serve_parser.add_argument("--data-root", metavar="DIR", action="append", default=[],
                        help="directory job data files may come from (repeatable)")
-    serve.add_argument("--metrics-port", type=int, default=None,
+    serve_parser.add_argument("--metrics-port", type=int, default=None,
                        help="serve Prometheus metrics on this port")
-    serve.add_argument("--heartbeat-timeout", type=float, default=60.0, metavar="S",
+    serve_parser.add_argument("--heartbeat-timeout", type=float, default=60.0, metavar="S",
                        help="seconds without training progress (the workers heartbeat only "
                             "while steps advance) before a running job counts as failed; "
                             "set it above the longest step (default 60; 0: never)")
-    serve.add_argument("--max-restarts", type=int, default=3,
+    serve_parser.add_argument("--max-restarts", type=int, default=3,
                        help="restarts of jobs submitted without max_restarts (default 3)")
-    serve.add_argument("--advertise-address", metavar="HOST:PORT",
+    serve_parser.add_argument("--advertise-address", metavar="HOST:PORT",
                        help="the address workers reach the coordinator at (default: from "
                             "--host)")
 
@@ -350,8 +309,8 @@ def add_commands(commands: Any) -> None:
     plot.add_argument("id", metavar="ID", help="the job's id")
     plot.add_argument("-o", "--output", default="curves.png", metavar="PNG",
                       help="the image (default curves.png)")
-    demo = add("demo", _cmd_demo, "train the digits MLP through an embedded coordinator on "
+    demo_parser = add("demo", demo, "train the digits MLP through an embedded coordinator on "
                "2 worker processes, then download its parameters")
-    demo.add_argument("-o", "--output", default="digits-mlp.safetensors", metavar="PATH",
+    demo_parser.add_argument("-o", "--output", default="digits-mlp.safetensors", metavar="PATH",
                       help="where the trained parameters go (default digits-mlp.safetensors)")
-    demo.add_argument("--workers", type=int, default=2, help="worker processes (default 2)")
+    demo_parser.add_argument("--workers", type=int, default=2, help="worker processes (default 2)")

@@ -1,0 +1,57 @@
+"""``dptrain serve``: the coordinator as a long-running command (the CLI's top layer calls
+`run_server`; the client side never imports this)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+from pathlib import Path
+
+from dptrain.coordinator.api.credentials import read_token_file
+from dptrain.coordinator.server.runner_settings import RunnerSettings
+from dptrain.coordinator.server.scheduler import Cluster
+from dptrain.coordinator.server.server import ServerSettings, serve
+
+__all__ = ["run_server"]
+
+
+def run_server(args: argparse.Namespace) -> int:
+    """``dptrain serve``: run the coordinator until SIGINT or SIGTERM, then stop it gracefully
+    (running jobs checkpoint and resume at the next start).
+
+    Args:
+        args: the parsed ``serve`` options; ``args.state_dir`` already resolved.
+
+    Returns:
+        The exit code (0).
+    """
+    if args.slots is not None and args.hostfile:
+        raise ValueError("give --slots or --hostfile, not both")
+    cluster = (Cluster.from_hostfile(args.hostfile) if args.hostfile
+               else Cluster.local(args.slots))
+    state_dir = Path(args.state_dir)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    server = serve(ServerSettings(
+        state_dir, args.host, args.port,
+        token=read_token_file(args.token_file) if args.token_file else None,
+        tls_cert=args.tls_cert, tls_key=args.tls_key, tls_ca=args.tls_ca, insecure=args.insecure,
+        data_roots=args.data_root, metrics_port=args.metrics_port, cluster=cluster,
+        default_max_restarts=args.max_restarts, advertise_address=args.advertise_address,
+        runner=RunnerSettings(state_dir, heartbeat_timeout=args.heartbeat_timeout or None)))
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda signum, frame: stop.set())
+    token_note = args.token_file or state_dir / "token"
+    print(f"dptrain coordinator listening on {server.address} with {cluster.capacity} slot(s) "
+          f"(state {state_dir}, token in {token_note}); Ctrl-C stops it", file=sys.stderr,
+          flush=True)
+    while not stop.wait(0.5):
+        pass
+    print("dptrain coordinator: stopping (running jobs checkpoint and resume at the next "
+          "start)", file=sys.stderr, flush=True)
+    server.stop(grace=5.0)
+    return 0
