@@ -67,8 +67,6 @@ def test_rank_0s_reporter_loads_neither_the_engine_nor_the_checkpoint_server():
     assert sorted(loaded & checkpoint_server) == []
 
 
-@pytest.mark.xfail(strict=True, reason="api.serde still imports server.jobs (ListRequest, "
-                   "SubmitRequest) and client.client imports server.auth (bearer_metadata)")
 def test_rank_0s_reporter_loads_no_server_module():
     loaded = _loaded_by("import dptrain.coordinator.client.worker_reporter")
     assert sorted(m for m in loaded if m.startswith("dptrain.coordinator.server")) == []
