@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
 from dptrain.coordinator.api.records import JobState
 from dptrain.coordinator.client.client import Client
 from dptrain.coordinator.client.follow import final_summary, follow_job

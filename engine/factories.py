@@ -8,6 +8,7 @@ Floating data defaults to float32; integer and boolean data keep an integer or b
 from __future__ import annotations
 
 import numpy
+
 from dptrain.engine.backend import Device, check_dtype, generator, get_array_module
 from dptrain.engine.dtypes import default_float
 from dptrain.engine.tensor import Tensor

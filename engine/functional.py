@@ -10,6 +10,7 @@ are defined (``@export(FUNCTIONAL)``), as the functions below do; the module's n
 from __future__ import annotations
 
 import numpy
+
 from dptrain.engine.backend import get_array_module
 from dptrain.engine.ops.activation import log_softmax
 from dptrain.engine.ops.elementwise import softplus, where

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import numpy
+
 from dptrain.engine.tensor import Tensor
 
 

@@ -20,6 +20,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy
+
 from dptrain.atomic_files import write_atomically
 from dptrain.engine.backend import Device
 from dptrain.engine.tensor import Tensor

@@ -14,6 +14,7 @@ import threading
 from collections.abc import Callable
 
 import numpy
+
 from dptrain.engine.backend import FLOAT_DTYPES, get_array_module, get_device
 
 __all__ = [

@@ -6,6 +6,7 @@ import os
 import stat
 
 import pytest
+
 from dptrain.atomic_files import write_atomically
 
 

@@ -29,6 +29,7 @@ from collections.abc import Callable
 from typing import Any, NoReturn
 
 import numpy
+
 from dptrain.engine.backend import get_array_module
 
 __all__ = ["Communicator", "Request", "REDUCE_OPS"]

@@ -36,6 +36,7 @@ from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
 import numpy
+
 from dptrain.engine.backend import get_array_module
 from dptrain.engine.nn.module import Module
 from dptrain.engine.tensor import (

@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
+
 from dptrain.worker.spec_errors import ECHO_CHARS, FieldError, JobSpecError, cut, echo
 
 __all__ = [

@@ -34,8 +34,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import dptrain.engine.functional as F
 import numpy as np
+
+import dptrain.engine.functional as F
 from dptrain import engine
 from dptrain.engine.backend import gpu_count
 from dptrain.engine.optim import lr_scheduler

@@ -20,6 +20,11 @@ import math
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
+from google.protobuf import descriptor
+from google.protobuf.duration_pb2 import Duration
+from google.protobuf.message import Message
+from google.protobuf.timestamp_pb2 import Timestamp
+
 from dptrain.coordinator.api.checkpoint_upload import CheckpointUpload, FileEntry, record_files
 from dptrain.coordinator.api.errors import ValidationError
 from dptrain.coordinator.api.limits import MAX_ARGS_DEPTH, MAX_ARGS_JSON_BYTES, MAX_SPEC_BYTES
@@ -35,10 +40,6 @@ from dptrain.coordinator.api.records import (
 from dptrain.coordinator.api.strict_json import loads
 from dptrain.protos.dptrain.v1 import coordinator_pb2 as pb
 from dptrain.worker.spec import JobSpec
-from google.protobuf import descriptor
-from google.protobuf.duration_pb2 import Duration
-from google.protobuf.message import Message
-from google.protobuf.timestamp_pb2 import Timestamp
 
 __all__ = [
     "spec_to_proto", "spec_from_proto", "submit_request_to_proto", "submit_request_from_proto",

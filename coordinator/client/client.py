@@ -27,6 +27,8 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
 from dptrain.coordinator.api import serde
 from dptrain.coordinator.api.credentials import bearer_metadata, resolve_token
 from dptrain.coordinator.api.errors import ValidationError
@@ -36,7 +38,6 @@ from dptrain.coordinator.api.records import CheckpointRecord, Event, Job, JobSta
 from dptrain.protos.dptrain.v1 import coordinator_pb2 as pb
 from dptrain.protos.dptrain.v1 import coordinator_pb2_grpc as pb_grpc
 from dptrain.worker.spec import JobSpecError, read_spec_file
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 __all__ = ["Client", "ClientError", "DownloadedFile", "DEFAULT_TIMEOUT"]
 

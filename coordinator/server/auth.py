@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+
 from dptrain.coordinator.api.credentials import (
     AUTHORIZATION,
     JOB_ID_HEADER,

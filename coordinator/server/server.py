@@ -31,6 +31,9 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
 from dptrain.coordinator.api.errors import CorruptRecord, JobNotFound, ValidationError
 from dptrain.coordinator.api.limits import DEFAULT_MAX_CHECKPOINT_BYTES, channel_options
 from dptrain.coordinator.server.auth import AuthInterceptor, load_or_create_token
@@ -46,8 +49,6 @@ from dptrain.coordinator.server.service import CoordinatorServicer, WorkerServic
 from dptrain.coordinator.server.store import SqliteStore, Store
 from dptrain.protos.dptrain.v1 import coordinator_pb2 as pb
 from dptrain.protos.dptrain.v1 import coordinator_pb2_grpc as pb_grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 __all__ = ["serve", "CoordinatorServer", "ServerSettings", "ServerConfigError", "Runner",
            "RunnerFactory", "RequestDecodingInterceptor", "UndecodableRequest", "SERVICE_NAMES",

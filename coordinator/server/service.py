@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import grpc
+
 from dptrain.coordinator.api import serde
 from dptrain.coordinator.api.errors import ValidationError, status_name
 from dptrain.coordinator.api.limits import MAX_ERROR_MESSAGE

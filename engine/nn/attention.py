@@ -15,6 +15,7 @@ import numbers
 from collections.abc import Callable
 
 import numpy
+
 from dptrain.engine import functional as F
 from dptrain.engine.backend import get_array_module
 from dptrain.engine.nn import init

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 
 import numpy
+
 from dptrain.engine import backend
 from dptrain.engine.tensor import Tensor
 

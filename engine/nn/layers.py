@@ -10,6 +10,7 @@ import math
 import warnings
 
 import numpy
+
 from dptrain.engine import functional as F
 from dptrain.engine.backend import Device, check_dtype
 from dptrain.engine.dtypes import default_float

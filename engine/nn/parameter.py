@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy
+
 from dptrain.engine.dtypes import default_float
 from dptrain.engine.tensor import Tensor
 

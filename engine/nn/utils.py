@@ -11,6 +11,7 @@ import warnings
 from collections.abc import Iterable
 
 import numpy
+
 from dptrain.engine.backend import get_array_module
 from dptrain.engine.ops import cat
 from dptrain.engine.tensor import Tensor

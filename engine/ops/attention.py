@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 
 import numpy
+
 from dptrain.engine.backend import get_array_module
 from dptrain.engine.ops.core import Op, apply
 from dptrain.engine.ops.elementwise import dropout

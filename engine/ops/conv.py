@@ -23,6 +23,7 @@ Python loops run over chunks and kernel positions, never over output pixels.
 from __future__ import annotations
 
 import numpy
+
 from dptrain.engine.ops.core import Op, apply
 from dptrain.engine.ops.registry import FUNCTIONAL, export
 from dptrain.engine.tensor import Tensor

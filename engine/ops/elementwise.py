@@ -9,6 +9,7 @@ from __future__ import annotations
 import numbers
 
 import numpy
+
 from dptrain.engine.backend import generator, get_array_module, special
 from dptrain.engine.dtypes import default_float
 from dptrain.engine.ops.convert import _to

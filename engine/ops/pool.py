@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 
 import numpy
+
 from dptrain.engine.ops.conv import _positive, _tuple
 from dptrain.engine.ops.core import Op, apply
 from dptrain.engine.ops.registry import FUNCTIONAL, export

@@ -10,6 +10,7 @@ import builtins
 import numbers
 
 import numpy
+
 from dptrain.engine.ops.core import Op, apply
 from dptrain.engine.ops.registry import FUNCTION, FUNCTIONAL, METHOD, PROPERTY, export
 from dptrain.engine.tensor import IndexedGrad, Tensor

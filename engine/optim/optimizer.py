@@ -15,6 +15,7 @@ from numbers import Real
 from typing import Any
 
 import numpy
+
 from dptrain.engine.backend import FLOAT_DTYPES, get_array_module
 from dptrain.engine.tensor import Tensor, enable_grad
 

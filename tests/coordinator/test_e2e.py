@@ -17,14 +17,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from dptrain import engine
-from dptrain.coordinator.api.records import Event, EventKind, Job, JobState
-from dptrain.coordinator.client.client import Client
-from dptrain.coordinator.client.follow import curves_figure
-from dptrain.coordinator.server.launchers.mpiexec import read_run_record
-from dptrain.coordinator.server.runner import RunnerSettings
-from dptrain.coordinator.server.scheduler import Cluster
-from dptrain.coordinator.server.server import ServerSettings, serve
 from jobkit import (
     DPTRAIN,
     SLOW_SPEC,
@@ -41,6 +33,15 @@ from jobkit import (
     tensor_digests,
     wait_for,
 )
+
+from dptrain import engine
+from dptrain.coordinator.api.records import Event, EventKind, Job, JobState
+from dptrain.coordinator.client.client import Client
+from dptrain.coordinator.client.follow import curves_figure
+from dptrain.coordinator.server.launchers.mpiexec import read_run_record
+from dptrain.coordinator.server.runner import RunnerSettings
+from dptrain.coordinator.server.scheduler import Cluster
+from dptrain.coordinator.server.server import ServerSettings, serve
 
 pytestmark = [pytest.mark.timeout(240), pytest.mark.e2e, pytest.mark.mpi]
 S = JobState

@@ -12,11 +12,12 @@ import sys
 from pathlib import Path
 
 import pytest
+from repo import REPO
+
 from dptrain.coordinator.api.records import EventKind, JobState, hash_token, new_token
 from dptrain.coordinator.client.client import Client
 from dptrain.coordinator.server.scheduler import Cluster
 from dptrain.worker.environment import worker_environment
-from repo import REPO
 
 pytestmark = [pytest.mark.e2e, pytest.mark.mpi]
 SPEC = {

@@ -11,6 +11,7 @@ import re
 
 import numpy as np
 import pytest
+
 from dptrain import engine
 
 

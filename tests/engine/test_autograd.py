@@ -5,6 +5,7 @@ import weakref
 
 import numpy as np
 import pytest
+
 from dptrain import engine
 from dptrain.engine.tensor import Tensor
 

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import itertools
 
-import dptrain.engine.functional as F
 import numpy as np
 import pytest
+
+import dptrain.engine.functional as F
 from dptrain import engine
 from dptrain.engine.ops import conv as conv_ops
 

@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import math
 
-import dptrain.engine.functional as F
 import numpy as np
 import pytest
+
+import dptrain.engine.functional as F
 from dptrain import engine
 
 F64 = engine.float64

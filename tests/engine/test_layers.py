@@ -13,6 +13,7 @@ import math
 
 import numpy as np
 import pytest
+
 from dptrain import engine
 from dptrain.engine import nn
 

@@ -12,9 +12,10 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import dptrain.engine.functional as F
 import numpy as np
 import pytest
+
+import dptrain.engine.functional as F
 from dptrain import engine
 from dptrain.engine import nn
 from dptrain.engine.models import (

@@ -13,6 +13,7 @@ from collections import OrderedDict
 
 import numpy as np
 import pytest
+
 from dptrain import engine
 from dptrain.engine import nn
 from dptrain.engine.nn import init

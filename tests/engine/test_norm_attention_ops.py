@@ -7,9 +7,10 @@ must raise. PyTorch is an optional second reference.
 
 from __future__ import annotations
 
-import dptrain.engine.functional as F
 import numpy as np
 import pytest
+
+import dptrain.engine.functional as F
 from dptrain import engine
 
 F64 = engine.float64

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from dptrain import engine
 
 F64 = engine.float64

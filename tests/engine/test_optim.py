@@ -3,9 +3,10 @@
 import copy
 import math
 
-import dptrain.engine.optim.optimizer as optimizer_module
 import numpy as np
 import pytest
+
+import dptrain.engine.optim.optimizer as optimizer_module
 from dptrain.engine.optim import SGD, Adam, AdamW, Optimizer
 from dptrain.engine.optim.lr_scheduler import CosineAnnealingLR, LambdaLR, LinearLR, StepLR
 from dptrain.engine.tensor import Tensor, is_grad_enabled, no_grad

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from dptrain import engine
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import array_shapes, mutually_broadcastable_shapes
+
+from dptrain import engine
 
 F64 = engine.float64
 SETTINGS = settings(max_examples=40, deadline=None)

@@ -7,9 +7,10 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-import dptrain.engine.functional as F
 import numpy as np
 import pytest
+
+import dptrain.engine.functional as F
 from dptrain import engine
 from dptrain.engine.ops.core import Op, apply
 from dptrain.engine.ops.registry import FUNCTION, FUNCTIONAL, METHOD, PROPERTY, Exports, export

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import safetensors
 import safetensors.numpy
+
 from dptrain.engine.optim import Adam
 from dptrain.engine.serialization import load, load_metadata, save
 from dptrain.engine.tensor import Tensor

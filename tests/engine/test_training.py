@@ -9,6 +9,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
 
 import digits_mlp  # noqa: E402
+
 from dptrain import engine  # noqa: E402
 
 

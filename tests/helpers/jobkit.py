@@ -55,9 +55,10 @@ def held_out_metrics(model_file: str | Path, job_spec: dict[str, Any]) -> tuple[
         ``(val_accuracy, val_loss)``.
     """
     import numpy as np
-    from dptrain.worker.data import train_validation_split
     from safetensors.numpy import load_file
     from sklearn.datasets import load_digits
+
+    from dptrain.worker.data import train_validation_split
 
     weights = {k: v.astype(np.float64) for k, v in load_file(str(model_file)).items()}
     digits = load_digits()

@@ -6,10 +6,11 @@ import hashlib
 import json
 import os
 
-import dptrain.engine.functional as F
 import numpy as np
 import pytest
 import safetensors.numpy
+
+import dptrain.engine.functional as F
 from dptrain import engine
 from dptrain.engine import nn
 from dptrain.worker import checkpoint as ckpt

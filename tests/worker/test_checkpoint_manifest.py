@@ -6,6 +6,7 @@ import hashlib
 import json
 
 import pytest
+
 from dptrain.worker.checkpoint_manifest import (
     MANIFEST,
     CheckpointError,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from dptrain.worker.comm import Request
 
 pytestmark = pytest.mark.mpi

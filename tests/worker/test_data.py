@@ -7,6 +7,7 @@ import struct
 
 import numpy as np
 import pytest
+
 from dptrain.worker import data
 from dptrain.worker.data import DataError, Subset, load_dataset
 

@@ -3,9 +3,10 @@ unused parameters and mismatched models; API details in-process with a stand-in 
 
 from __future__ import annotations
 
-import dptrain.engine.functional as F
 import numpy as np
 import pytest
+
+import dptrain.engine.functional as F
 from dptrain import engine
 from dptrain.engine import nn
 from dptrain.worker import DistributedDataParallel

@@ -6,9 +6,10 @@ import math
 
 import numpy as np
 import pytest
-from dptrain.worker import DistributedSampler
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
+from dptrain.worker import DistributedSampler
 
 sizes = st.integers(min_value=0, max_value=300)
 replicas = st.integers(min_value=1, max_value=9)

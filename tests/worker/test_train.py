@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+
 from dptrain.worker.data import train_validation_split
 from dptrain.worker.mpiexec_command import LaunchSettings, mpiexec_command
 

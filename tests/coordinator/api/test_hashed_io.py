@@ -8,6 +8,7 @@ import os
 import threading
 
 import pytest
+
 from dptrain.coordinator.api import hashed_io
 from dptrain.coordinator.api.hashed_io import write_hashed
 

@@ -8,13 +8,14 @@ import math
 
 import pytest
 import yaml
+from repo import REPO
+
 from dptrain.coordinator.api import serde
 from dptrain.coordinator.api.errors import ValidationError
 from dptrain.coordinator.api.records import CheckpointRecord, Event, EventKind, Job, JobState
 from dptrain.protos.dptrain.v1 import coordinator_pb2 as pb
 from dptrain.worker import spec as worker_spec
 from dptrain.worker.spec import JobSpec, load_spec
-from repo import REPO
 
 EXAMPLES = sorted((REPO / "examples").glob("*.yaml"))
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+
 from dptrain.coordinator.client.client import Client, ClientError
 from dptrain.protos.dptrain.v1 import coordinator_pb2 as pb
 from dptrain.protos.dptrain.v1 import coordinator_pb2_grpc as pb_grpc

@@ -10,11 +10,12 @@ import shutil
 import time
 
 import pytest
+from jobkit import TINY_SPEC, free_port, small_checkpoint, spec, wait_for
+
 from dptrain.coordinator.api.records import EventKind, JobState, hash_token, new_token
 from dptrain.coordinator.client.client import Client
 from dptrain.coordinator.client.worker_reporter import CoordinatorReporter, WorkerClient
 from dptrain.coordinator.server.scheduler import Cluster
-from jobkit import TINY_SPEC, free_port, small_checkpoint, spec, wait_for
 
 SPEC = spec(TINY_SPEC, checkpoint={"every_steps": 5, "keep": 3})
 START = {"name": "tiny", "world_size": 2, "start_step": 0, "total_steps": 20,

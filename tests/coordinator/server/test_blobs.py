@@ -11,6 +11,7 @@ import stat
 import time
 
 import pytest
+
 from dptrain.coordinator.api.errors import (
     BlobCorrupted,
     BlobNotFound,

@@ -27,6 +27,11 @@ from typing import Any
 
 import grpc
 import pytest
+from google.protobuf import descriptor, message_factory
+from google.protobuf.message import Message
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
 from dptrain.coordinator.api import serde
 from dptrain.coordinator.api.limits import MAX_ERROR_MESSAGE, channel_options
 from dptrain.coordinator.api.records import Job, JobState, hash_token, new_job, new_token
@@ -35,10 +40,6 @@ from dptrain.coordinator.server.scheduler import Cluster
 from dptrain.coordinator.server.server import ServerSettings, serve
 from dptrain.protos.dptrain.v1 import coordinator_pb2 as pb
 from dptrain.worker.spec import JobSpec
-from google.protobuf import descriptor, message_factory
-from google.protobuf.message import Message
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
 pytestmark = pytest.mark.timeout(600)
 

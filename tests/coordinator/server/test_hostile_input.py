@@ -21,6 +21,11 @@ import grpc
 import numpy as np
 import pytest
 import yaml
+from google.protobuf.duration_pb2 import Duration
+from google.protobuf.message import Message
+from grpc_reflection.v1alpha import reflection_pb2
+from jobkit import descendants, kill_all, wait_for
+
 from dptrain.coordinator.api.limits import MAX_ERROR_MESSAGE, channel_options
 from dptrain.coordinator.api.records import JobState, hash_token, new_token
 from dptrain.coordinator.client.client import Client, ClientError
@@ -30,10 +35,6 @@ from dptrain.coordinator.server.scheduler import Cluster
 from dptrain.coordinator.server.server import DB_FILE, ServerSettings, serve
 from dptrain.protos.dptrain.v1 import coordinator_pb2 as pb
 from dptrain.protos.dptrain.v1 import coordinator_pb2_grpc as pb_grpc
-from google.protobuf.duration_pb2 import Duration
-from google.protobuf.message import Message
-from grpc_reflection.v1alpha import reflection_pb2
-from jobkit import descendants, kill_all, wait_for
 
 pytestmark = pytest.mark.timeout(120)
 DPTRAIN = str(Path(sys.executable).parent / "dptrain")

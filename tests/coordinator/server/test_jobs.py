@@ -11,6 +11,8 @@ import sys
 import time
 
 import pytest
+from repo import REPO
+
 from dptrain.coordinator.api.checkpoint_upload import CheckpointUpload, FileEntry
 from dptrain.coordinator.api.errors import (
     BlobCorrupted,
@@ -27,7 +29,6 @@ from dptrain.coordinator.server.jobs import ListRequest, ServiceState, SubmitReq
 from dptrain.coordinator.server.scheduler import Cluster
 from dptrain.coordinator.server.store import MemoryStore
 from dptrain.worker.spec import JobSpec
-from repo import REPO
 
 SPEC = {"name": "tiny", "model": {"name": "mlp"}, "dataset": {"name": "digits"},
         "optimizer": {"name": "adam", "lr": 0.01}, "batch_size": 8, "max_steps": 5,

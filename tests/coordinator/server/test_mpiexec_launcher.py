@@ -8,6 +8,8 @@ import signal
 from pathlib import Path
 
 import pytest
+from jobkit import fake_mpiexec, processes_with_env, wait_for
+
 from dptrain.coordinator.client.worker_reporter import create_reporter
 from dptrain.coordinator.server.job_files import JobPaths, read_run_record
 from dptrain.coordinator.server.launchers.base import (
@@ -21,7 +23,6 @@ from dptrain.coordinator.server.launchers.mpiexec import (
     hostfile_text,
     needs_hostfile,
 )
-from jobkit import fake_mpiexec, processes_with_env, wait_for
 
 BLAS = ["-genv", "OMP_NUM_THREADS", "1", "-genv", "OPENBLAS_NUM_THREADS", "1",
         "-genv", "MKL_NUM_THREADS", "1"]

@@ -14,15 +14,6 @@ import time
 from pathlib import Path
 
 import pytest
-from dptrain.coordinator.api.errors import StateConflict
-from dptrain.coordinator.api.records import EventKind, JobState, hash_token, new_job
-from dptrain.coordinator.server.blobs import BlobStore
-from dptrain.coordinator.server.job_files import JobPaths, read_run_record
-from dptrain.coordinator.server.joblog import LineRateLimit, LogTail
-from dptrain.coordinator.server.launchers.mpiexec import MpiexecLauncher
-from dptrain.coordinator.server.runner import JobRunner, RunnerSettings
-from dptrain.coordinator.server.scheduler import Cluster
-from dptrain.coordinator.server.store import SqliteStore
 from jobkit import (
     SLOW_SPEC,
     TINY_SPEC,
@@ -36,6 +27,16 @@ from jobkit import (
     spec,
     wait_for,
 )
+
+from dptrain.coordinator.api.errors import StateConflict
+from dptrain.coordinator.api.records import EventKind, JobState, hash_token, new_job
+from dptrain.coordinator.server.blobs import BlobStore
+from dptrain.coordinator.server.job_files import JobPaths, read_run_record
+from dptrain.coordinator.server.joblog import LineRateLimit, LogTail
+from dptrain.coordinator.server.launchers.mpiexec import MpiexecLauncher
+from dptrain.coordinator.server.runner import JobRunner, RunnerSettings
+from dptrain.coordinator.server.scheduler import Cluster
+from dptrain.coordinator.server.store import SqliteStore
 
 pytestmark = pytest.mark.timeout(180)
 S = JobState

@@ -6,6 +6,9 @@ from __future__ import annotations
 import os
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from dptrain.coordinator.api.errors import HostfileError, ValidationError
 from dptrain.coordinator.api.records import JobState, new_job
 from dptrain.coordinator.server.scheduler import (
@@ -20,8 +23,6 @@ from dptrain.coordinator.server.scheduler import (
     schedule,
     validate_request,
 )
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 
 def P(job_id, ranks, priority=0, submitted=0.0, limit=None):  # noqa: N802 - reads as a table

@@ -24,6 +24,8 @@ import grpc
 import numpy as np
 import pytest
 import safetensors.numpy
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
 from dptrain import engine
 from dptrain.coordinator.api.records import EventKind, Job, JobState, hash_token, new_token
 from dptrain.coordinator.client.client import Client, ClientError
@@ -43,7 +45,6 @@ from dptrain.worker.checkpoint import (
     write_checkpoint,
 )
 from dptrain.worker.environment import worker_environment
-from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 SLOTS = 4
 MAX_CHECKPOINT_BYTES = 1 << 20

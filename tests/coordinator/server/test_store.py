@@ -12,8 +12,10 @@ import textwrap
 import threading
 import time
 
-import dptrain.coordinator.server.store.base as store_base
 import pytest
+from repo import REPO
+
+import dptrain.coordinator.server.store.base as store_base
 from dptrain.coordinator.api.errors import InvalidTransition, ValidationError
 from dptrain.coordinator.api.records import CheckpointRecord, EventKind, JobState, new_job
 from dptrain.coordinator.server.store import (
@@ -28,7 +30,6 @@ from dptrain.coordinator.server.store import (
     StoreClosed,
 )
 from dptrain.coordinator.server.store.sqlite import MIGRATIONS
-from repo import REPO
 
 SHA_A, SHA_B = "a" * 64, "b" * 64
 Q, R, RS = JobState.QUEUED, JobState.RUNNING, JobState.RESTARTING

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 from _common import error_of, report
+
 from dptrain.worker import DistributedSampler
 from dptrain.worker.comm import Communicator
 

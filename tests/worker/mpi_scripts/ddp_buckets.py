@@ -9,9 +9,10 @@ model whose gradients are all-reduced one tensor at a time.
 
 from __future__ import annotations
 
-import dptrain.engine.functional as F
 import numpy as np
 from _common import grads_hash, report
+
+import dptrain.engine.functional as F
 from dptrain import engine
 from dptrain.engine import nn
 from dptrain.worker import DistributedDataParallel

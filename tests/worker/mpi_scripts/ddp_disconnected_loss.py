@@ -10,9 +10,10 @@ in step afterwards. Run once with each ``find_unused_parameters`` setting.
 
 from __future__ import annotations
 
-import dptrain.engine.functional as F
 import numpy as np
 from _common import report
+
+import dptrain.engine.functional as F
 from dptrain import engine
 from dptrain.engine import nn
 from dptrain.worker import DistributedDataParallel

@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import sys
 
-import dptrain.engine.functional as F
 import numpy as np
 from _common import params_hash, report
+
+import dptrain.engine.functional as F
 from dptrain import engine
 from dptrain.engine import nn
 from dptrain.worker import DistributedDataParallel

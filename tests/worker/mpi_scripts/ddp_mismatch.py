@@ -8,6 +8,7 @@ everywhere, rank 1 alone asks for another bucket size. Each rank prints what it 
 from __future__ import annotations
 
 from _common import error_of, report
+
 from dptrain import engine
 from dptrain.engine import nn
 from dptrain.worker import DistributedDataParallel

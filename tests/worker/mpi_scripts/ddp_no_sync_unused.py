@@ -12,9 +12,10 @@ copies of the model and gathered with ``allgather_object``.
 
 from __future__ import annotations
 
-import dptrain.engine.functional as F
 import numpy as np
 from _common import grads_hash, params_hash, report
+
+import dptrain.engine.functional as F
 from dptrain import engine
 from dptrain.engine import nn
 from dptrain.worker import DistributedDataParallel
