@@ -33,6 +33,7 @@ demo: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports
 
 # Benchmarks unset the variables that pin OpenBLAS to slow kernels on these machines (never in tests).
 bench: $(STAMP)
