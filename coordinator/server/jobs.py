@@ -334,10 +334,14 @@ def watch_job(job_id: str, after_seq: int, state: ServiceState,
     yield store.get_job(job_id)
     seq = after_seq
     while is_active() and not state.stopping.is_set():
+        # Look at the state *before* reading the events: the final state event is written in
+        # the same transaction as the change, so once the job was terminal before a read, that
+        # read holds everything. Looked at after, a change landing in between would end the
+        # watch without its final event.
+        ended = store.get_job(job_id).state.terminal
         events = store.events(job_id, seq)
         if not events:
-            if store.get_job(job_id).state.terminal:
-                # The final state event is written with the change: nothing more will come.
+            if ended:
                 return
             events = store.wait_events(job_id, seq, timeout=poll_s)
         for event in events:

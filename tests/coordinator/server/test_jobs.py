@@ -142,6 +142,34 @@ def test_watch_yields_job_then_events_and_ends_after_the_final_state(state):
     assert all(isinstance(e, Event) for e in items[1:])
 
 
+class _FinishingStore(MemoryStore):
+    """A real MemoryStore whose job ends right after a watcher found no new events: the order
+    in which a busy server can interleave the runner's final transition with a watch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.finish: str | None = None  # the job to end after its next empty read
+
+    def events(self, job_id, after_seq=0, limit=1000):
+        found = super().events(job_id, after_seq, limit)
+        if not found and job_id == self.finish:
+            self.finish = None
+            self.transition(job_id, JobState.RUNNING, JobState.SUCCEEDED, exit_code=0)
+        return found
+
+
+def test_watch_yields_the_final_state_that_lands_between_its_reads(tmp_path):
+    store = _FinishingStore()
+    state = ServiceState(store=store, blobs=BlobStore(tmp_path / "blobs"),
+                         cluster=Cluster.local(4), data_roots=())
+    job = jobs.submit_job(SubmitRequest(SPEC), state)
+    store.transition(job.id, JobState.QUEUED, JobState.RUNNING)
+    store.finish = job.id
+    items = list(jobs.watch_job(job.id, 2, state, poll_s=0.01))
+    assert [(e.seq, e.payload["state"]) for e in items[1:]] == [(3, "SUCCEEDED")]
+    store.close()
+
+
 def test_watch_stops_when_the_client_leaves(state):
     job = jobs.submit_job(SubmitRequest(SPEC), state)
     active = iter([True, False])
