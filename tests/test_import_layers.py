@@ -4,12 +4,10 @@ coordinator load to talk about a job stays light (no engine, no server for a wor
 from __future__ import annotations
 
 import ast
-import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from fresh_imports import modules_loaded_by
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -31,15 +29,6 @@ def _imported_modules(source: str, package: str) -> list[tuple[int, str]]:
     return found
 
 
-def _loaded_by(statement: str) -> set[str]:
-    """The dptrain modules a fresh interpreter has loaded after running `statement`."""
-    code = (f"import json, sys\n{statement}\n"
-            "print(json.dumps(sorted(m for m in sys.modules if m.startswith('dptrain'))))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         check=True, cwd=REPO).stdout
-    return set(json.loads(out.splitlines()[-1]))
-
-
 def test_the_scan_sees_imports_inside_functions_and_relative_ones():
     source = ("def f():\n    from dptrain.coordinator import client\n"
               "    from .. import coordinator\n")
@@ -58,7 +47,7 @@ def test_worker_modules_never_import_the_coordinator():
 
 
 def test_rank_0s_reporter_loads_neither_the_engine_nor_the_checkpoint_server():
-    loaded = _loaded_by("import dptrain.coordinator.client.worker_reporter")
+    loaded = modules_loaded_by("import dptrain.coordinator.client.worker_reporter")
     assert "dptrain.coordinator.client.worker_reporter" in loaded
     assert sorted(m for m in loaded if m.startswith("dptrain.engine")) == []
     checkpoint_server = {"dptrain.coordinator.server.checkpoint_store",
@@ -68,7 +57,7 @@ def test_rank_0s_reporter_loads_neither_the_engine_nor_the_checkpoint_server():
 
 
 def test_rank_0s_reporter_loads_no_server_module():
-    loaded = _loaded_by("import dptrain.coordinator.client.worker_reporter")
+    loaded = modules_loaded_by("import dptrain.coordinator.client.worker_reporter")
     assert sorted(m for m in loaded if m.startswith("dptrain.coordinator.server")) == []
 
 
@@ -78,6 +67,6 @@ def test_rank_0s_reporter_loads_no_server_module():
     "dptrain.coordinator.server.blobs", "dptrain.coordinator.server.runner",
 ])
 def test_shared_light_modules_load_no_engine(module):
-    loaded = _loaded_by(f"import {module}")
+    loaded = modules_loaded_by(f"import {module}")
     assert module in loaded
     assert sorted(m for m in loaded if m.startswith("dptrain.engine")) == []

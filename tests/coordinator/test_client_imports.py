@@ -4,14 +4,8 @@ the engine nor the worker's training code (checked in a fresh interpreter, whose
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
-
-REPO = Path(__file__).resolve().parents[2]
+from fresh_imports import modules_loaded_by, within
 
 #: Prefixes a client process must not load: the coordinator's server side (store, scheduler,
 #: metrics, runner), the engine, the worker's training code and MPI, and their numeric stack.
@@ -23,14 +17,7 @@ FORBIDDEN = ("dptrain.coordinator.server", "dptrain.engine", "dptrain.worker.tra
 
 def _loaded(statement: str) -> list[str]:
     """The forbidden modules a fresh interpreter holds after running the import `statement`."""
-    code = (f"import json, sys\n{statement}\n"
-            f"prefixes = {FORBIDDEN!r}\n"
-            "print(json.dumps(sorted(m for m in sys.modules\n"
-            "    if any(m == p or m.startswith(p + '.') for p in prefixes))))\n")
-    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
-                            text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
-    return json.loads(result.stdout)
+    return within(modules_loaded_by(statement), *FORBIDDEN)
 
 
 @pytest.mark.parametrize("module", [
