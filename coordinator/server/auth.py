@@ -7,8 +7,9 @@
   sends it together with ``dptrain-job-id: <job id>``; it may call ``dptrain.v1.WorkerService``
   for that job and nothing else. It dies with its attempt: the next launch replaces it (the
   old one is then UNAUTHENTICATED), and once the job is over (SUCCEEDED, FAILED, CANCELLED)
-  every worker call is refused with FAILED_PRECONDITION (`coordinator.jobs` and
-  `coordinator.checkpoints` check the job's state where they write).
+  every worker call is refused with FAILED_PRECONDITION (`server.jobs` and
+  `server.checkpoint_store` check the job's state where they write). The token's client side
+  (files, environment, metadata) is `api.credentials`.
 * Every RPC but the standard health service needs one of them: without a valid token the
   answer is UNAUTHENTICATED; a worker token outside its scope gets PERMISSION_DENIED.
 
@@ -31,22 +32,16 @@ import grpc
 from dptrain.coordinator.api.credentials import (
     AUTHORIZATION,
     JOB_ID_HEADER,
-    TOKEN_ENV,
     TOKEN_FILE,
-    TOKEN_FILE_ENV,
-    bearer_metadata,
     read_token_file,
-    resolve_token,
 )
 from dptrain.coordinator.api.errors import CoordinatorError
 from dptrain.coordinator.api.records import verify_token
 from dptrain.coordinator.server.private_files import make_private_dir
 
 __all__ = [
-    "TOKEN_FILE", "TOKEN_ENV", "TOKEN_FILE_ENV", "AUTHORIZATION", "JOB_ID_HEADER",
     "WORKER_SERVICE", "HEALTH_SERVICE", "Unauthenticated", "PermissionDenied", "Principal",
-    "load_or_create_token", "read_token_file", "resolve_token", "bearer_metadata",
-    "authenticate", "AuthInterceptor",
+    "load_or_create_token", "authenticate", "AuthInterceptor",
 ]
 
 WORKER_SERVICE = "/dptrain.v1.WorkerService/"

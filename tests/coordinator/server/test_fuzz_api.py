@@ -33,9 +33,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from dptrain.coordinator.api import serde
+from dptrain.coordinator.api.credentials import bearer_metadata
 from dptrain.coordinator.api.limits import MAX_ERROR_MESSAGE, channel_options
 from dptrain.coordinator.api.records import Job, JobState, hash_token, new_job, new_token
-from dptrain.coordinator.server.auth import bearer_metadata
 from dptrain.coordinator.server.scheduler import Cluster
 from dptrain.coordinator.server.server import ServerSettings, serve
 from dptrain.protos.dptrain.v1 import coordinator_pb2 as pb

@@ -26,10 +26,10 @@ from google.protobuf.message import Message
 from grpc_reflection.v1alpha import reflection_pb2
 from jobkit import descendants, kill_all, wait_for
 
+from dptrain.coordinator.api.credentials import bearer_metadata
 from dptrain.coordinator.api.limits import MAX_ERROR_MESSAGE, channel_options
 from dptrain.coordinator.api.records import JobState, hash_token, new_token
 from dptrain.coordinator.client.client import Client, ClientError
-from dptrain.coordinator.server.auth import bearer_metadata
 from dptrain.coordinator.server.runner import RunnerSettings
 from dptrain.coordinator.server.scheduler import Cluster
 from dptrain.coordinator.server.server import DB_FILE, ServerSettings, serve

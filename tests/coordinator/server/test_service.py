@@ -27,13 +27,13 @@ import safetensors.numpy
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from dptrain import engine
+from dptrain.coordinator.api.credentials import bearer_metadata
 from dptrain.coordinator.api.records import EventKind, Job, JobState, hash_token, new_token
 from dptrain.coordinator.client.client import Client, ClientError
 from dptrain.coordinator.client.worker_reporter import (
     WorkerClient,
     fetch_resume_checkpoint,
 )
-from dptrain.coordinator.server.auth import bearer_metadata
 from dptrain.coordinator.server.scheduler import Cluster
 from dptrain.coordinator.server.server import ServerConfigError, ServerSettings, serve
 from dptrain.protos.dptrain.v1 import coordinator_pb2 as pb
