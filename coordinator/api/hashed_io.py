@@ -2,7 +2,7 @@
 
 Both ends of a checkpoint transfer receive a file as chunks and must hash it, write it and fsync
 it: the server storing an upload as a blob (`coordinator.blobs.BlobStore.put`) and the client
-saving a download (`coordinator.client.Client.download_checkpoint`). Done one after another in
+saving a download (`client.client.Client.download_checkpoint`). Done one after another in
 the receiving thread, those steps cost their sum, and the final fsync then waits for the whole
 file to reach the disk. Here the caller's thread receives and hashes while a writer thread
 writes (hashlib and file writes release the GIL for large buffers), and the writer asks the

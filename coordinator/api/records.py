@@ -1,7 +1,7 @@
 """The coordinator's domain types: job states and their transitions, jobs, events, checkpoints.
 
 Plain data, no I/O and no grpc: the store persists these records, the scheduler reads them and
-the servicer converts them to and from protobuf messages (in one module, `coordinator.serde`).
+the servicer converts them to and from protobuf messages (in one module, `api.serde`).
 
 A job moves through this state machine (`TRANSITIONS` is the single source of truth)::
 
@@ -164,7 +164,7 @@ class CheckpointRecord:
         step: the training step the checkpoint holds.
         sha256: the digest of its ``manifest.json``, which is also that file's blob name.
             The other files (``model.safetensors``, ``optimizer.safetensors``) are blobs
-            named by the sha256s the manifest lists (see `coordinator.checkpoints`).
+            named by the sha256s the manifest lists (see `server.checkpoint_store`).
         size: the bytes of all its files together, ``manifest.json`` included.
         created_at: when it was recorded (unix seconds).
         manifest: the parsed ``manifest.json`` (step, ``files: {name: {sha256, bytes}}``,

@@ -1,7 +1,7 @@
 """Every conversion between protobuf messages and the coordinator's domain objects: one module.
 
-The servicer decodes each request here, calls plain logic (`coordinator.jobs`,
-`coordinator.checkpoints`) with domain objects, and encodes the answer here; the clients use
+The servicer decodes each request here, calls plain logic (`server.jobs`,
+`server.checkpoint_store`) with domain objects, and encodes the answer here; the clients use
 the same functions the other way round. Nothing else touches protobuf fields.
 
 Job specs: a job file's plain data (``worker.spec.JobSpec.to_dict()`` or a parsed YAML file)
@@ -420,7 +420,7 @@ def event_to_proto(event: Event) -> pb.Event:
     """A stored event as an ``Event`` message.
 
     Args:
-        event: the event (payloads as documented on `coordinator.model.Event`).
+        event: the event (payloads as documented on `api.records.Event`).
 
     Returns:
         The message, its payload in the oneof matching the kind.
@@ -522,7 +522,7 @@ def checkpoint_to_proto(record: CheckpointRecord) -> pb.Checkpoint:
     Returns:
         The message, with the files, epoch and numeric metrics of the manifest.
     """
-    # Uploads are checked (`coordinator.checkpoints`); records stored before those checks may
+    # Uploads are checked (`server.checkpoint_store`); records stored before those checks may
     # hold an epoch or metrics the message cannot carry, which are left out here.
     manifest = record.manifest
     epoch, metrics = manifest.get("epoch"), manifest.get("metrics")

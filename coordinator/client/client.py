@@ -1,6 +1,6 @@
 """`Client`: the Python client of a dptrain coordinator, one method per RPC.
 
-Results are the coordinator's domain objects (`coordinator.model.Job`, ``Event``,
+Results are the coordinator's domain objects (`api.records.Job`, ``Event``,
 ``CheckpointRecord``), and every failure is a `ClientError` whose message is one readable line
 starting with the gRPC status code's name, e.g.
 ``INVALID_ARGUMENT: optimizer.lr: must be a finite number >= 0, got -0.1``.

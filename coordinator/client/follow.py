@@ -1,6 +1,6 @@
 """What the CLI shows of a job: the live progress bar, event lines, tables, and loss curves.
 
-Everything here reads a `coordinator.client.Client`'s domain objects (`Job`, `Event`) and
+Everything here reads a `client.client.Client`'s domain objects (`Job`, `Event`) and
 writes text (or a PNG); nothing talks grpc directly.
 """
 
@@ -208,7 +208,7 @@ def events_now(client: Any, job_id: str, *, follow: bool = False, idle: float = 
     event arrived for `idle` seconds (the server sends what it has at once).
 
     Args:
-        client: a `coordinator.client.Client`.
+        client: a `client.client.Client`.
         job_id: the job.
         follow: keep going until the job reaches a final state.
         idle: seconds of silence that end the listing (without `follow`).

@@ -15,7 +15,7 @@ and an upload thread retries (oldest first, backing off up to ``retry_interval``
 coordinator stores it, refuses it for good (the job is over, a file changed), or a newer
 checkpoint replaced it on disk; so is the one a run ends with, even when an earlier attempt
 wrote it (a run resumed at its final step). What is still queued at exit the coordinator
-stores itself from the job's checkpoint directory (``coordinator.ingest``). A dead token
+stores itself from the job's checkpoint directory (``server.ingest``). A dead token
 (replaced by a newer launch) stops everything. Per-step metrics go at most every
 ``step_interval`` seconds (the newest step is never lost), everything else always; pending
 events are sent every ``flush_interval`` seconds.

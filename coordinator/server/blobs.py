@@ -10,7 +10,7 @@ DATA_LOSS instead of completing).
 
 Blobs know nothing of jobs or checkpoints: which blobs a checkpoint consists of, which one is
 the newest intact checkpoint, retention and the set of referenced blobs are
-`coordinator.checkpoints`'s business. `BlobStore.collect_garbage` removes what nothing refers
+`server.checkpoint_store`'s business. `BlobStore.collect_garbage` removes what nothing refers
 to any more and what a crash left behind, given that set.
 
 Example::
@@ -253,7 +253,7 @@ class BlobStore:
 
         Args:
             referenced: the digests to keep: every blob of every checkpoint record,
-                ``coordinator.checkpoints.referenced_blobs(store)``.
+                ``server.checkpoint_store.referenced_blobs(store)``.
             min_age: seconds since a file's last modification before it may go.
             now: the current time (unix seconds); default the clock.
 

@@ -1,6 +1,6 @@
 """What the job RPCs do, as plain functions of ``(request, state)``: no grpc here.
 
-The servicer (`coordinator.service`) decodes a request into the small domain objects below,
+The servicer (`server.service`) decodes a request into the small domain objects below,
 calls one of these functions with the server's `ServiceState`, and encodes the result; errors
 are `coordinator.errors` exceptions, which it turns into status codes. So every rule here is
 tested without a server, and a second transport could call the same functions.

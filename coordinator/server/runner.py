@@ -2,9 +2,9 @@
 
 One scheduling thread does the deciding: woken by `JobRunner.wake` (after a submission), by a
 job's end and by timers, it kills groups past their grace period, ends jobs whose training
-made no progress for the heartbeat timeout, and asks `coordinator.scheduler.schedule` which
+made no progress for the heartbeat timeout, and asks `server.scheduler.schedule` which
 pending jobs (QUEUED and RESTARTING) start now. The settings' `Launcher` starts each attempt
-(``mpiexec`` by default; `coordinator.server.launchers`) and returns a handle the runner polls
+(``mpiexec`` by default; `server.server.launchers`) and returns a handle the runner polls
 and stops; nothing here knows how ranks are started or found. Each launched attempt gets a
 monitor thread that streams its log lines into the store as ``log`` events (at a bounded rate)
 and, when the attempt exits, decides what happens to the job:
@@ -28,7 +28,7 @@ has exactly one winner. A cancelled group keeps its slots, for scheduling, until
 No checkpoint is lost. The workers upload each checkpoint as they write it, but they cannot
 while the coordinator is down, and a token whose attempt is over may no longer. So the runner
 itself stores what the job's checkpoint directory holds beyond the newest stored checkpoint
-(`coordinator.ingest`): when an attempt ends (unless cancelled) and before every relaunch. A
+(`server.ingest`): when an attempt ends (unless cancelled) and before every relaunch. A
 job is SUCCEEDED only when the store holds its final checkpoint (the step of the worker's
 final JSON line) and its blobs verify; when it cannot be stored, the attempt counts as failed
 and the job restarts (resuming at that final step) or fails.
@@ -206,7 +206,7 @@ class JobRunner:
     def cancel(self, job_id: str) -> None:
         """End a cancelled job's group, if it has one: terminate it (the workers checkpoint
         and exit), kill it after ``kill_grace``. The caller has moved the job to CANCELLED in
-        the store already (`coordinator.server.jobs.cancel_job`); its slots stay held until
+        the store already (`server.server.jobs.cancel_job`); its slots stay held until
         the group is gone.
 
         Args:

@@ -1,5 +1,5 @@
-"""The gRPC servicers: thin. Each method decodes its request (`coordinator.serde`), calls the
-plain logic (`coordinator.jobs`, `coordinator.checkpoints`) with the server's `ServiceState`, and
+"""The gRPC servicers: thin. Each method decodes its request (`api.serde`), calls the
+plain logic (`server.jobs`, `server.checkpoint_store`) with the server's `ServiceState`, and
 encodes the answer; any error becomes ``context.abort(code, one-line message)``, the code taken
 from the error's class (`coordinator.errors.status_name`, or its ``status`` attribute).
 """

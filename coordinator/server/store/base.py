@@ -2,7 +2,7 @@
 
 One interface, two implementations that pass the same contract tests: `MemoryStore` (tests,
 throw-away servers) and `SqliteStore` (the state directory's database). All the rules — state
-transitions checked and applied by `coordinator.model`, per-job event numbering, the ``state``
+transitions checked and applied by `api.records`, per-job event numbering, the ``state``
 event written in the same transaction as the change it reports — live once, in `Store`; an
 implementation supplies only a transaction object with a handful of primitive reads and writes.
 
@@ -116,8 +116,8 @@ class Store(ABC):
     """The coordinator's state: jobs, their event logs and their checkpoint records.
 
     Errors: `JobNotFound`/`CheckpointNotFound` (NOT_FOUND), `AlreadyExists`, `StateConflict`
-    (FAILED_PRECONDITION), `coordinator.model.ValidationError` (INVALID_ARGUMENT),
-    `coordinator.model.InvalidTransition` (a transition the state machine forbids),
+    (FAILED_PRECONDITION), `api.records.ValidationError` (INVALID_ARGUMENT),
+    `api.records.InvalidTransition` (a transition the state machine forbids),
     `StoreClosed`. Use it as a context manager or call `close`.
     """
 
@@ -153,7 +153,7 @@ class Store(ABC):
     # -- jobs
 
     def create_job(self, job: Job) -> Job:
-        """Store a new job (build it with `coordinator.model.new_job`) and its first event.
+        """Store a new job (build it with `api.records.new_job`) and its first event.
 
         Args:
             job: the job, normally QUEUED.
@@ -233,7 +233,7 @@ class Store(ABC):
         Args:
             job_id: the job.
             states: when given, change it only while its state is one of these.
-            fields: names from `coordinator.model.MUTABLE_FIELDS`, e.g. ``heartbeat_at=t``.
+            fields: names from `api.records.MUTABLE_FIELDS`, e.g. ``heartbeat_at=t``.
 
         Returns:
             The updated job.
@@ -251,7 +251,7 @@ class Store(ABC):
                    to_state: JobState, *, now: float | None = None, **fields: Any) -> Job:
         """Atomically move a job from one of `from_states` to `to_state` (compare-and-set).
 
-        The change, its bookkeeping (`coordinator.model.apply_transition`) and a ``state``
+        The change, its bookkeeping (`api.records.apply_transition`) and a ``state``
         event are written in one transaction, so of several racing callers exactly one wins.
 
         Args:
@@ -298,7 +298,7 @@ class Store(ABC):
         Args:
             job_id: the job.
             kind: ``state``, ``metrics``, ``log`` or ``checkpoint``.
-            payload: JSON-serialisable mapping (see `coordinator.model.Event`).
+            payload: JSON-serialisable mapping (see `api.records.Event`).
             now: the event's time; default the current time.
 
         Returns:
@@ -449,7 +449,7 @@ class Store(ABC):
 
     def delete_checkpoint(self, job_id: str, step: int) -> CheckpointRecord:
         """Forget a checkpoint record (its blobs stay: see
-        `coordinator.checkpoints.prune_job_checkpoints`).
+        `server.checkpoint_store.prune_job_checkpoints`).
 
         Returns:
             The deleted record.
@@ -469,7 +469,7 @@ class Store(ABC):
         """Every job's checkpoint records, read in one snapshot (by job, then step).
 
         Which blobs they refer to is the checkpoint format's business, not the store's: see
-        `coordinator.checkpoints.referenced_blobs`.
+        `server.checkpoint_store.referenced_blobs`.
         """
         with self._read() as tx:
             return tx.all_checkpoints()
