@@ -349,7 +349,10 @@ def job_from_proto(m: pb.Job) -> Job:
     for f in dataclasses.fields(JobSpec):
         if f.default is None:
             spec.setdefault(f.name, None)
-    return Job(id=m.id, name=m.name, spec=spec, workers=m.workers,
+    # The message repeats the spec's workers for clients in other languages; a summary of a
+    # record that cannot be sent whole (`stored_job_to_proto`) has no spec but still says it.
+    spec.setdefault("workers", m.workers)
+    return Job(id=m.id, name=m.name, spec=spec,
                submitted_at=seconds(m.submitted_at), priority=m.priority,
                state=state_from_proto(m.state), max_restarts=m.max_restarts,
                time_limit=opt_time("time_limit"), started_at=opt_time("started_at"),

@@ -218,7 +218,7 @@ def test_oversized_spec_is_refused():
 
 def _job(**changes):
     spec = JobSpec.from_dict(FULL).to_dict()
-    job = Job(id="j-0123456789ab", name="full-spec", spec=spec, workers=2,
+    job = Job(id="j-0123456789ab", name="full-spec", spec=spec,
               submitted_at=1_700_000_000.25, priority=5, state=JobState.RUNNING, max_restarts=4,
               time_limit=600.5, started_at=1_700_000_010.5, finished_at=None, restarts=1,
               error="worker 1 died", exit_code=None, heartbeat_at=1_700_000_020.75,
@@ -237,6 +237,7 @@ def test_job_round_trip_keeps_every_field_but_the_token_hash():
     assert not message.HasField("finished_at") and not message.HasField("exit_code")
     assert [(p.host, p.slots) for p in message.placement] == [("node1", 1), ("node2", 1)]
     assert "secret-hash" not in str(message)
+    assert message.workers == 2  # the spec's, repeated for other clients
     assert serde.job_from_proto(message) == dataclasses.replace(job, token_hash="")
 
 
