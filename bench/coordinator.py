@@ -60,8 +60,7 @@ def serve_child(state_dir: str, worker_token: str) -> None:
 
     Path(state_dir).mkdir(parents=True, exist_ok=True)
     with SqliteStore(Path(state_dir) / "coordinator.db") as store:
-        job = store.create_job(new_job("watched", SPEC, workers=1,
-                                       token_hash=hash_token(worker_token)))
+        job = store.create_job(new_job("watched", SPEC, token_hash=hash_token(worker_token)))
         store.transition(job.id, JobState.QUEUED, JobState.RUNNING, placement={"localhost": 1})
     server = serve(ServerSettings(state_dir, cluster=Cluster.local(64), max_workers=600))
     print(json.dumps({"address": server.address, "token": server.token, "job_id": job.id}),

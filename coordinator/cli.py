@@ -50,7 +50,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if args.resume and args.checkpoint_dir is None:
         raise CommandError("--resume needs --checkpoint-dir")
     settings = LaunchSettings(
-        job=os.path.abspath(args.job), num_procs=n,
+        job=os.path.abspath(args.job), workers=n,
         checkpoint_dir=None if args.checkpoint_dir is None else os.path.abspath(
             args.checkpoint_dir),
         resume=args.resume, hostfile=args.hostfile,

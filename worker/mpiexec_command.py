@@ -52,7 +52,7 @@ class LaunchSettings:
 
     Attributes:
         job: the job file every rank reads.
-        num_procs: the number of ranks, >= 1.
+        workers: the number of ranks, >= 1 (the spec's ``workers``; Hydra's ``-n``).
         checkpoint_dir: passed to the worker as ``--checkpoint-dir`` (None: omitted).
         resume: pass ``--resume``.
         hostfile: a Hydra hostfile (``host:slots`` per line) for several machines.
@@ -69,7 +69,7 @@ class LaunchSettings:
     """
 
     job: str
-    num_procs: int
+    workers: int
     checkpoint_dir: str | None = None
     resume: bool = False
     hostfile: str | None = None
@@ -83,7 +83,7 @@ class LaunchSettings:
 
 
 def mpiexec_command(settings: LaunchSettings) -> list[str]:
-    """The command line that runs a job's worker entry point on ``num_procs`` ranks.
+    """The command line that runs a job's worker entry point on ``workers`` ranks.
 
     Args:
         settings: what to launch.
@@ -92,14 +92,14 @@ def mpiexec_command(settings: LaunchSettings) -> list[str]:
         The argument list for `subprocess` (no shell involved).
 
     Raises:
-        ValueError: ``num_procs`` or ``blas_threads`` below 1.
+        ValueError: ``workers`` or ``blas_threads`` below 1.
     """
     s = settings
-    if isinstance(s.num_procs, bool) or not isinstance(s.num_procs, int) or s.num_procs < 1:
-        raise ValueError(f"num_procs must be an integer >= 1, got {s.num_procs!r}")
+    if isinstance(s.workers, bool) or not isinstance(s.workers, int) or s.workers < 1:
+        raise ValueError(f"workers must be an integer >= 1, got {s.workers!r}")
     if s.blas_threads is not None and s.blas_threads < 1:
         raise ValueError(f"blas_threads must be >= 1 (or None), got {s.blas_threads!r}")
-    cmd = [s.mpiexec or default_mpiexec(s.python), "-n", str(s.num_procs)]
+    cmd = [s.mpiexec or default_mpiexec(s.python), "-n", str(s.workers)]
     if s.hostfile:
         cmd += ["-f", os.fspath(s.hostfile)]
     if s.bind_to:

@@ -43,7 +43,7 @@ __all__ = [
     "OptimizerSpec", "SchedulerSpec", "CheckpointSpec", "JobSpec", "load_spec", "spec_hash",
     "model_constructor", "build_model", "validate", "trajectory_differences",
     "OPTIMIZERS", "SCHEDULERS", "DEVICES", "MAX_BATCH_SIZE", "MAX_STEPS", "NAME_RULE",
-    "check_name", "check_shards", "read_spec_file",
+    "check_name", "check_shards", "read_spec_file", "check_types",
 ]
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
@@ -259,6 +259,26 @@ def load_spec(path: str | os.PathLike) -> JobSpec:
     return JobSpec.from_dict(read_spec_file(path))
 
 
+def check_types(data: Mapping[str, Any]) -> None:
+    """Check a job's plain data for unknown fields and wrong types only: the first stage of
+    `JobSpec.from_dict`, without the rules that need the model zoo or the data registry.
+
+    A client runs this before it sends a job (its errors name the field as the coordinator's
+    would); the coordinator runs all of `JobSpec.from_dict`. Nothing here imports the engine
+    or any code the job names.
+
+    Args:
+        data: the job file's data.
+
+    Raises:
+        JobSpecError: naming every unknown field and every value of the wrong type.
+    """
+    errors: list[FieldError] = []
+    _parse(JobSpec, data, "", errors)
+    if errors:
+        raise JobSpecError(errors)
+
+
 # ---------------------------------------------------------------- parsing (types)
 
 _SECTIONS = {"model": ModelSpec, "dataset": DatasetSpec, "optimizer": OptimizerSpec,
@@ -315,8 +335,11 @@ def _check_type(path: str, annotation: str, value: Any, errors: list[FieldError]
         errors.append(FieldError(path, "must be a string", value))
     elif kind == "int":
         if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        errors.append(FieldError(path, "must be an integer", value))
+            if -(2**63) <= value < 2**63:  # what the coordinator's messages and store carry
+                return value
+            errors.append(FieldError(path, "must fit in 64 bits (-2**63..2**63-1)", value))
+        else:
+            errors.append(FieldError(path, "must be an integer", value))
     elif kind == "float":
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
@@ -327,6 +350,11 @@ def _check_type(path: str, annotation: str, value: Any, errors: list[FieldError]
         errors.append(FieldError(path, "must be true or false", value))
     elif kind == "dict[str,Any]":
         if isinstance(value, Mapping) and all(isinstance(k, str) for k in value):
+            try:  # arguments travel and are stored as JSON text
+                json.dumps(value, allow_nan=False)
+            except (TypeError, ValueError, RecursionError) as e:
+                errors.append(FieldError(path, f"must be JSON data ({e})", value))
+                return None
             return dict(value)
         if value is None:
             return {}
@@ -552,8 +580,6 @@ def validate(spec: JobSpec) -> list[FieldError]:
     for name in ("eval_every", "seed"):
         if getattr(spec, name) < 0:
             e.append(FieldError(name, "must be >= 0", getattr(spec, name)))
-    if spec.seed >= 2**63:
-        e.append(FieldError("seed", "must be < 2**63", spec.seed))
     if spec.device not in DEVICES:
         e.append(FieldError("device", f"must be one of {', '.join(DEVICES)}", spec.device))
     if spec.checkpoint.every_steps < 0:

@@ -110,7 +110,8 @@ class Job:
     """One submitted job, as the store keeps it.
 
     ``spec`` is the worker's job spec as plain JSON data (``worker.spec.JobSpec.to_dict()``;
-    ``JobSpec.from_dict(job.spec)`` turns it back). ``workers`` is the number of ranks.
+    ``JobSpec.from_dict(job.spec)`` turns it back); the number of ranks is the spec's
+    ``workers``, read by the `workers` property and stored nowhere else.
     ``time_limit`` (seconds per run, None: unknown) lets the scheduler reserve slots for the
     head of the queue. ``started_at`` and ``heartbeat_at`` are reset on every entry to RUNNING,
     so they describe the current run; ``placement`` lists ``(host, slots)`` of the current run
@@ -121,7 +122,6 @@ class Job:
     id: str
     name: str
     spec: dict[str, Any]
-    workers: int
     submitted_at: float
     priority: int = 0
     state: JobState = JobState.QUEUED
@@ -137,6 +137,11 @@ class Job:
     metrics: dict[str, Any] = field(default_factory=dict)
     placement: tuple[tuple[str, int], ...] = ()
     token_hash: str = ""
+
+    @property
+    def workers(self) -> int:
+        """The number of ranks: the spec's ``workers`` (a stored spec is complete)."""
+        return self.spec["workers"]
 
 
 @dataclass(frozen=True)
@@ -297,15 +302,15 @@ def _checked_fields(fields: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def new_job(name: str, spec: Mapping[str, Any], *, workers: int, priority: int = 0,
+def new_job(name: str, spec: Mapping[str, Any], *, priority: int = 0,
             max_restarts: int = 3, time_limit: float | None = None, token_hash: str = "",
             now: float | None = None, job_id: str | None = None) -> Job:
     """A validated QUEUED job, ready for `Store.create_job`.
 
     Args:
         name: a label, 1-128 of ``A-Z a-z 0-9 . _ -``, starting with a letter or digit.
-        spec: the worker job spec as plain data (``JobSpec.to_dict()``).
-        workers: ranks (>= 1); check it against the cluster with `scheduler.validate_request`.
+        spec: the worker job spec as plain data (``JobSpec.to_dict()``, its ``workers``
+            included: the server validates it first, `jobs.validate_spec`).
         priority: higher runs first.
         max_restarts: how often a failed worker group is relaunched before the job FAILS.
         time_limit: seconds per run, > 0, or None when unknown (disables backfill past it).
@@ -325,7 +330,7 @@ def new_job(name: str, spec: Mapping[str, Any], *, workers: int, priority: int =
         raise ValidationError("id", "must be 'j-' and 12 lowercase hex digits", job_id)
     return Job(
         id=job_id or new_job_id(), name=name, spec=_check_json("spec", spec),
-        workers=_check_int("workers", workers, 1), priority=_check_int("priority", priority),
+        priority=_check_int("priority", priority),
         max_restarts=_check_int("max_restarts", max_restarts, 0),
         time_limit=_check_time("time_limit", time_limit, positive=True),
         token_hash=_check_str("token_hash", token_hash),

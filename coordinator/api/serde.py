@@ -8,8 +8,10 @@ Job specs: a job file's plain data (``worker.spec.JobSpec.to_dict()`` or a parse
 maps field for field onto the ``JobSpec`` message. Every scalar there is ``optional``, so a field
 left out of the file stays unset in the message and comes back left out, taking the worker's
 default. Model, data set and scheduler ``args`` travel as JSON text (``args_json``), which keeps
-integers and floats apart (the .proto file says why). Type errors name the field, e.g.
-``batch_size: must be an integer, got '64'``, as `coordinator.errors.ValidationError`.
+integers and floats apart (the .proto file says why). The mapping is generic, field by field from
+the message's descriptor: the types of a spec are the spec owner's (``worker.spec``), which
+the client applies before sending and the server after receiving. A value protobuf cannot hold
+is a `coordinator.errors.ValidationError` naming its path.
 """
 
 from __future__ import annotations
@@ -108,65 +110,41 @@ def state_from_proto(value: int) -> JobState:
 
 # ---------------------------------------------------------------- job specs
 
-def _check_scalar(path: str, field: descriptor.FieldDescriptor, value: Any) -> Any:
-    """`value` as the field's Python type, or a ValidationError naming `path`."""
-    t = field.type
-    if t == field.TYPE_STRING:
-        if isinstance(value, str):
-            return value
-        raise ValidationError(path, "must be a string", value)
-    if t == field.TYPE_BOOL:
-        if isinstance(value, bool):
-            return value
-        raise ValidationError(path, "must be true or false", value)
-    if t in (field.TYPE_INT64, field.TYPE_INT32):
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ValidationError(path, "must be an integer", value)
-        if not -(2**63) <= value < 2**63:
-            raise ValidationError(path, "must fit in 64 bits", value)
-        return value
-    if t == field.TYPE_DOUBLE:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ValidationError(path, "must be a number", value)
-        return float(value)
-    raise TypeError(f"{path}: unsupported field type {t}")  # pragma: no cover - proto changed
+def _set(message: Message, field: descriptor.FieldDescriptor, value: Any, path: str) -> None:
+    """Set one field of `message` from plain data, as protobuf converts it.
 
-
-def _args_json(path: str, value: Any) -> str:
-    if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
-        raise ValidationError(path, "must be a mapping of argument names to values", value)
+    Types are the spec owner's (``worker.spec``): clients check a spec there before sending,
+    the server after receiving. A value protobuf itself cannot hold is reported by its path.
+    """
+    name = field.name
+    if field.type == field.TYPE_MESSAGE and not field.is_repeated:
+        _fill(getattr(message, name), value, f"{path}.")
+        getattr(message, name).SetInParent()  # present even when given as {}
+        return
     try:
-        return json.dumps(dict(value), allow_nan=False, separators=(",", ":"))
+        if name == "args_json":
+            setattr(message, name, json.dumps(value, allow_nan=False, separators=(",", ":")))
+        elif field.is_repeated:
+            getattr(message, name).extend(value)
+        else:
+            setattr(message, name, value)
     except (TypeError, ValueError, RecursionError) as e:
-        raise ValidationError(path, f"must be JSON data ({e})", value) from None
+        raise ValidationError(path, f"cannot be carried by the message ({e})", value) from None
 
 
 def _fill(message: Message, data: Any, prefix: str) -> None:
-    where = prefix.rstrip(".") or "job"
+    """Copy `data` into `message` key by key; ``args`` is carried as ``args_json``."""
+    where = prefix.rstrip(".") or "spec"
     if not isinstance(data, Mapping):
-        raise ValidationError(where, "must be a mapping", data)
+        raise ValidationError(where, "cannot be carried by the message (it needs a mapping)",
+                              data)
     fields = message.DESCRIPTOR.fields_by_name
-    known = [("args" if name == "args_json" else name) for name in fields]
     for key, value in data.items():
-        path = f"{prefix}{key}"
         name = _ARGS_FIELDS.get(key, key)
         if not isinstance(key, str) or name not in fields or key == "args_json":
-            raise ValidationError(path, f"unknown field; {where} has {', '.join(known)}", value)
-        if value is None:  # left out, as YAML's `epochs: ~` or to_dict()'s `scheduler: None`
-            continue
-        field = fields[name]
-        if name == "args_json":
-            setattr(message, name, _args_json(path, value))
-        elif field.type == field.TYPE_MESSAGE:
-            _fill(getattr(message, name), value, f"{path}.")
-            getattr(message, name).SetInParent()  # present even when given as {}
-        elif field.is_repeated:
-            if not isinstance(value, (list, tuple)):
-                raise ValidationError(path, "must be a list", value)
-            getattr(message, name).extend(
-                _check_scalar(f"{path}[{i}]", field, v) for i, v in enumerate(value))
-        else:
-            setattr(message, name, _check_scalar(path, field, value))
+            raise ValidationError(f"{prefix}{key}", f"is not a field of {where}", value)
+        if value is not None:  # left out, as YAML's `epochs: ~` or to_dict()'s `scheduler: None`
+            _set(message, fields[name], value, f"{prefix}{key}")
 
 
 def spec_to_proto(spec: Mapping[str, Any] | Any) -> pb.JobSpec:
@@ -179,7 +157,8 @@ def spec_to_proto(spec: Mapping[str, Any] | Any) -> pb.JobSpec:
         The message; fields absent (or None) in `spec` stay unset.
 
     Raises:
-        ValidationError: an unknown field or a value of the wrong type, naming its path.
+        ValidationError: naming the path of a key the message has no field for, or of a value
+            protobuf cannot hold (the types of a spec are checked by ``worker.spec``).
     """
     if hasattr(spec, "to_dict"):
         spec = spec.to_dict()
@@ -204,10 +183,8 @@ def _read(message: Message, prefix: str) -> dict[str, Any]:
             if len(text.encode()) > MAX_ARGS_JSON_BYTES:
                 raise ValidationError(key, f"must be at most {MAX_ARGS_JSON_BYTES} bytes of "
                                       "JSON", f"{len(text.encode())} bytes")
-            args = loads(text, key, max_depth=MAX_ARGS_DEPTH) if text.strip() else {}
-            if not isinstance(args, dict):
-                raise ValidationError(key, "must be a JSON object", args)
-            out["args"] = args
+            # JSON text's own rules here; what the arguments must be, the spec owner says.
+            out["args"] = loads(text, key, max_depth=MAX_ARGS_DEPTH) if text.strip() else {}
         elif field.type == field.TYPE_MESSAGE:
             out[name] = _read(getattr(message, name), f"{path}.")
         else:
@@ -225,7 +202,7 @@ def spec_from_proto(message: pb.JobSpec) -> dict[str, Any]:
         Only the fields that are set (so the worker's defaults apply to the rest).
 
     Raises:
-        ValidationError: a too large spec, or ``args_json`` that is not a JSON object.
+        ValidationError: a too large spec, or ``args_json`` that is not JSON text.
     """
     size = message.ByteSize()
     if size > MAX_SPEC_BYTES:
@@ -254,8 +231,7 @@ def submit_request_to_proto(spec: Mapping[str, Any] | Any, priority: int = 0,
         ValidationError: naming a bad field.
     """
     request = pb.SubmitJobRequest(spec=spec_to_proto(spec))
-    request.priority = _check_scalar("priority", pb.SubmitJobRequest.DESCRIPTOR
-                                     .fields_by_name["priority"], priority)
+    _set(request, request.DESCRIPTOR.fields_by_name["priority"], priority, "priority")
     if max_restarts is not None:
         if isinstance(max_restarts, bool) or not isinstance(max_restarts, int) or not (
                 0 <= max_restarts < 2**31):
@@ -373,7 +349,10 @@ def job_from_proto(m: pb.Job) -> Job:
     for f in dataclasses.fields(JobSpec):
         if f.default is None:
             spec.setdefault(f.name, None)
-    return Job(id=m.id, name=m.name, spec=spec, workers=m.workers,
+    # The message repeats the spec's workers for clients in other languages; a summary of a
+    # record that cannot be sent whole (`stored_job_to_proto`) has no spec but still says it.
+    spec.setdefault("workers", m.workers)
+    return Job(id=m.id, name=m.name, spec=spec,
                submitted_at=seconds(m.submitted_at), priority=m.priority,
                state=state_from_proto(m.state), max_restarts=m.max_restarts,
                time_limit=opt_time("time_limit"), started_at=opt_time("started_at"),

@@ -37,7 +37,7 @@ from dptrain.coordinator.api.limits import channel_options
 from dptrain.coordinator.api.records import CheckpointRecord, Event, Job, JobState
 from dptrain.protos.dptrain.v1 import coordinator_pb2 as pb
 from dptrain.protos.dptrain.v1 import coordinator_pb2_grpc as pb_grpc
-from dptrain.worker.spec import JobSpecError, read_spec_file
+from dptrain.worker.spec import JobSpecError, check_types, read_spec_file
 
 __all__ = ["Client", "ClientError", "DownloadedFile", "DEFAULT_TIMEOUT"]
 
@@ -171,11 +171,14 @@ class Client:
         Raises:
             ClientError: INVALID_ARGUMENT naming the field at fault, UNAUTHENTICATED, ...
         """
-        if isinstance(spec, (str, os.PathLike)):
-            try:  # read here, validated once by the coordinator (which knows its models)
+        if hasattr(spec, "to_dict"):
+            spec = spec.to_dict()
+        try:  # fields and types checked here; the rules, by the coordinator (it knows the models)
+            if isinstance(spec, (str, os.PathLike)):
                 spec = read_spec_file(spec)
-            except JobSpecError as e:
-                raise ClientError("INVALID_ARGUMENT", str(e)) from None
+            check_types(spec)
+        except JobSpecError as e:
+            raise ClientError("INVALID_ARGUMENT", str(e)) from None
         try:
             request = serde.submit_request_to_proto(spec, priority, max_restarts, time_limit)
         except ValidationError as e:

@@ -212,7 +212,7 @@ def prepare_job(request: SubmitRequest, state: ServiceState, *,
     if request.time_limit is not None and not 0 < request.time_limit <= MAX_TIME_LIMIT_S:
         raise ValidationError("time_limit", f"must be > 0 and at most {MAX_TIME_LIMIT_S} "
                               "seconds", request.time_limit)
-    return new_job(spec.name, spec.to_dict(), workers=spec.workers, priority=request.priority,
+    return new_job(spec.name, spec.to_dict(), priority=request.priority,
                    max_restarts=max_restarts, time_limit=request.time_limit, now=now)
 
 

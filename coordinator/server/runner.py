@@ -48,7 +48,7 @@ Example::
 
     runner = JobRunner(store, blobs, Cluster.local(2), None, RunnerSettings("state"))
     runner.start()
-    store.create_job(new_job("digits", spec, workers=2)); runner.wake()
+    store.create_job(new_job("digits", spec)); runner.wake()
     ...
     runner.stop()
 """
@@ -332,7 +332,7 @@ class JobRunner:
             where = placement_text(launch.placement)
             resuming = ", resuming from the latest checkpoint" if attempt > 1 else ""
             header = (f"==== dptrain: attempt {attempt} of job {job.id} ({job.name}) at "
-                      f"{time.strftime('%Y-%m-%d %H:%M:%S %z')}: {launch.ranks} rank(s) on "
+                      f"{time.strftime('%Y-%m-%d %H:%M:%S %z')}: {launch.workers} rank(s) on "
                       f"{where}{resuming}\n")
             request = WorkerLaunch(job.id, attempt, run_id, launch.placement, paths, env,
                                    resume=attempt > 1, started_at=job.started_at)

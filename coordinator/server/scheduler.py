@@ -165,21 +165,19 @@ def _positive_int(text: str) -> int | None:
     return int(text) if text.isdigit() and int(text) >= 1 else None
 
 
-def validate_request(ranks: int, cluster: Cluster) -> None:
+def validate_request(workers: int, cluster: Cluster) -> None:
     """Refuse, at submission, a job that could never run on this cluster.
 
     Args:
-        ranks: the job's ``workers``.
+        workers: the job's ``workers`` (>= 1: the spec's own rule, checked before).
         cluster: where it would run.
 
     Raises:
         ValidationError: naming ``workers``, the rule (with the capacity) and the value.
     """
-    if isinstance(ranks, bool) or not isinstance(ranks, int) or ranks < 1:
-        raise ValidationError("workers", "must be an integer >= 1", ranks)
-    if ranks > cluster.capacity:
+    if workers > cluster.capacity:
         raise ValidationError("workers", f"must be at most the cluster's capacity of "
-                              f"{cluster.capacity} slots", ranks)
+                              f"{cluster.capacity} slots", workers)
 
 
 @dataclass(frozen=True)
@@ -190,7 +188,7 @@ class PendingJob:
     """
 
     id: str
-    ranks: int
+    workers: int
     priority: int = 0
     submitted_at: float = 0.0
     time_limit: float | None = None
@@ -230,7 +228,7 @@ class Launch:
     placement: Placement
 
     @property
-    def ranks(self) -> int:
+    def workers(self) -> int:
         """The number of ranks (the sum of the placement's slots)."""
         return sum(n for _, n in self.placement)
 
@@ -293,10 +291,10 @@ def schedule(pending: Iterable[PendingJob], running: Iterable[RunningJob], clust
     queue = queue_order(pending)
     limits = {job.id: job.time_limit for job in queue}
     for job in queue:
-        if job.ranks > cluster.capacity:
+        if job.workers > cluster.capacity:
             unschedulable.append(job.id)
             continue
-        if _usable(free) < job.ranks:
+        if _usable(free) < job.workers:
             if reservation is None:
                 started = [RunningJob(lj.job_id, lj.placement, now, limits[lj.job_id])
                            for lj in launches]
@@ -307,10 +305,10 @@ def schedule(pending: Iterable[PendingJob], running: Iterable[RunningJob], clust
             ends_in_time = (reservation.start_at is not None and job.time_limit is not None
                             and now + job.time_limit <= reservation.start_at)
             if not ends_in_time:
-                if job.ranks > spare:
+                if job.workers > spare:
                     continue
-                spare -= job.ranks
-        launches.append(Launch(job.id, _place(free, job.ranks, order)))
+                spare -= job.workers
+        launches.append(Launch(job.id, _place(free, job.workers, order)))
     return Decision(tuple(launches), reservation, tuple(unschedulable))
 
 
@@ -332,8 +330,8 @@ def _reserve(head: PendingJob, free: Mapping[str, int], running: list[RunningJob
                 if host in projected:
                     projected[host] += n
             i += 1
-        if _usable(projected) >= head.ranks:
-            return Reservation(head.id, t, _usable(projected) - head.ranks)
+        if _usable(projected) >= head.workers:
+            return Reservation(head.id, t, _usable(projected) - head.workers)
     return Reservation(head.id, None, 0)
 
 

@@ -362,7 +362,7 @@ def test_launch_command_can_leave_blas_threads_alone_and_checks_counts():
     cmd = mpiexec_command(LaunchSettings("j.yaml", 1, blas_threads=None, bind_to=None,
                                          python="/p/python"))
     assert cmd == ["/p/mpiexec", "-n", "1", "/p/python", "-m", "dptrain.worker", "j.yaml"]
-    with pytest.raises(ValueError, match="num_procs must be an integer >= 1, got 0"):
+    with pytest.raises(ValueError, match="workers must be an integer >= 1, got 0"):
         mpiexec_command(LaunchSettings("j.yaml", 0))
     with pytest.raises(ValueError, match="blas_threads must be >= 1"):
         mpiexec_command(LaunchSettings("j.yaml", 1, blas_threads=0))

@@ -108,8 +108,8 @@ class WorkerLaunch:
     started_at: float | None = None
 
     @property
-    def ranks(self) -> int:
-        """How many ranks the attempt runs."""
+    def workers(self) -> int:
+        """How many ranks the attempt runs (the spec's ``workers``)."""
         return sum(n for _, n in self.placement)
 
     def record(self) -> dict[str, Any]:

@@ -94,7 +94,7 @@ class MpiexecLauncher(Launcher):
         """
         paths = launch.paths
         return mpiexec_command(LaunchSettings(
-            job=str(paths.spec), num_procs=launch.ranks, checkpoint_dir=str(paths.checkpoints),
+            job=str(paths.spec), workers=launch.workers, checkpoint_dir=str(paths.checkpoints),
             resume=launch.resume,
             hostfile=str(paths.hostfile) if needs_hostfile(launch.placement) else None,
             blas_threads=self.blas_threads, bind_to=self.bind_to, progress=False,

@@ -12,7 +12,7 @@ either happens completely or not at all. Watchers block in `Store.wait_events` i
 Example::
 
     store = SqliteStore("state/coordinator.db")
-    job = store.create_job(new_job("digits", spec, workers=2))
+    job = store.create_job(new_job("digits", spec))
     store.transition(job.id, JobState.QUEUED, JobState.RUNNING, placement={"localhost": 2})
     for event in store.events(job.id):
         print(event.seq, event.kind, event.payload)

@@ -87,9 +87,15 @@ def _create_schema_1(conn: sqlite3.Connection) -> None:
         conn.execute(statement)
 
 
+def _drop_workers_column(conn: sqlite3.Connection) -> None:
+    """Version 2: a job's number of ranks is its spec's ``workers`` and nothing else, so the
+    copy version 1 kept beside the spec goes (the spec of every stored job holds it)."""
+    conn.execute("ALTER TABLE jobs DROP COLUMN workers")
+
+
 #: Schema steps: ``MIGRATIONS[i](connection)`` upgrades version i to i+1 inside the opening
 #: transaction. Append a step (never edit a released one) to change the schema.
-MIGRATIONS: tuple[Migration, ...] = (_create_schema_1,)
+MIGRATIONS: tuple[Migration, ...] = (_create_schema_1, _drop_workers_column)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 _JOB_COLUMNS = tuple(f.name for f in dataclasses.fields(Job))

@@ -15,7 +15,7 @@ from dptrain.coordinator.api.errors import ValidationError
 from dptrain.coordinator.api.records import CheckpointRecord, Event, EventKind, Job, JobState
 from dptrain.protos.dptrain.v1 import coordinator_pb2 as pb
 from dptrain.worker import spec as worker_spec
-from dptrain.worker.spec import JobSpec, load_spec
+from dptrain.worker.spec import JobSpec, JobSpecError, load_spec
 
 EXAMPLES = sorted((REPO / "examples").glob("*.yaml"))
 
@@ -148,8 +148,8 @@ def test_an_empty_section_is_present():
     ({"seed": 2**64}, "seed", "must fit in 64 bits"),
     ({"optimizer": {"lr": "fast"}}, "optimizer.lr", "must be a number"),
     ({"optimizer": {"nesterov": 1}}, "optimizer.nesterov", "must be true or false"),
-    ({"optimizer": {"betas": 0.9}}, "optimizer.betas", "must be a list"),
-    ({"optimizer": {"betas": [0.9, "x"]}}, "optimizer.betas[1]", "must be a number"),
+    ({"optimizer": {"betas": 0.9}}, "optimizer.betas", "must be a pair of numbers"),
+    ({"optimizer": {"betas": [0.9, "x"]}}, "optimizer.betas", "must be a pair of numbers"),
     ({"name": 5}, "name", "must be a string"),
     ({"batch_szie": 64}, "batch_szie", "unknown field"),
     ({"model": {"name": "mlp", "arg": {}}}, "model.arg", "unknown field"),
@@ -158,21 +158,47 @@ def test_an_empty_section_is_present():
     ({"model": {"args": {"x": {1, 2}}}}, "model.args", "must be JSON data"),
     ({"dataset": {"args": {"scale": math.nan}}}, "dataset.args", "must be JSON data"),
 ])
-def test_type_errors_name_the_field(data, field, rule):
+def test_type_errors_name_the_field_in_the_spec_owner_before_serde(data, field, rule):
+    # The client checks here before it maps the spec; the server runs the same check.
+    with pytest.raises(JobSpecError) as info:
+        worker_spec.check_types(data)
+    first = [e for e in info.value.errors if e.path == field]
+    assert first and rule in first[0].rule, info.value
+
+
+@pytest.mark.parametrize("data, field", [
+    ({"batch_size": "64"}, "batch_size"),
+    ({"seed": 2**64}, "seed"),
+    ({"optimizer": {"lr": "fast"}}, "optimizer.lr"),
+    ({"optimizer": {"betas": 0.9}}, "optimizer.betas"),
+    ({"name": 5}, "name"),
+    ({"batch_szie": 64}, "batch_szie"),
+    ({"model": "mlp"}, "model"),
+    ({"model": {"args": {"x": {1, 2}}}}, "model.args"),
+    ({"dataset": {"args": {"scale": math.nan}}}, "dataset.args"),
+])
+def test_what_protobuf_cannot_carry_names_the_field(data, field):
+    # serde maps generically: what the message cannot hold still names its path.
     with pytest.raises(ValidationError) as info:
         serde.spec_to_proto(data)
-    assert info.value.field == field
-    assert rule in str(info.value) and str(info.value).startswith(f"{field}: ")
+    assert info.value.field == field and str(info.value).startswith(f"{field}: ")
 
 
 @pytest.mark.parametrize("args_json, rule", [
-    ("[1, 2]", "must be a JSON object"),
-    ("{not json", "must be JSON text"),
-    ('"text"', "must be a JSON object"),
+    ("[1, 2]", "must be a mapping of argument names to values"),
+    ('"text"', "must be a mapping of argument names to values"),
 ])
-def test_bad_args_json_from_other_clients_names_the_field(args_json, rule):
+def test_args_json_that_is_not_an_object_is_refused_by_the_spec_owner(args_json, rule):
     message = pb.JobSpec(model=pb.ModelSpec(name="mlp", args_json=args_json))
-    with pytest.raises(ValidationError, match=rule) as info:
+    with pytest.raises(JobSpecError) as info:
+        worker_spec.check_types(serde.spec_from_proto(message))
+    assert [str(e) for e in info.value.errors if e.path == "model.args"][0].startswith(
+        f"model.args: {rule}")
+
+
+def test_args_json_that_is_not_json_text_names_the_field():
+    message = pb.JobSpec(model=pb.ModelSpec(name="mlp", args_json="{not json"))
+    with pytest.raises(ValidationError, match="must be JSON text") as info:
         serde.spec_from_proto(message)
     assert info.value.field == "model.args"
 
@@ -192,7 +218,7 @@ def test_oversized_spec_is_refused():
 
 def _job(**changes):
     spec = JobSpec.from_dict(FULL).to_dict()
-    job = Job(id="j-0123456789ab", name="full-spec", spec=spec, workers=2,
+    job = Job(id="j-0123456789ab", name="full-spec", spec=spec,
               submitted_at=1_700_000_000.25, priority=5, state=JobState.RUNNING, max_restarts=4,
               time_limit=600.5, started_at=1_700_000_010.5, finished_at=None, restarts=1,
               error="worker 1 died", exit_code=None, heartbeat_at=1_700_000_020.75,
@@ -211,6 +237,7 @@ def test_job_round_trip_keeps_every_field_but_the_token_hash():
     assert not message.HasField("finished_at") and not message.HasField("exit_code")
     assert [(p.host, p.slots) for p in message.placement] == [("node1", 1), ("node2", 1)]
     assert "secret-hash" not in str(message)
+    assert message.workers == 2  # the spec's, repeated for other clients
     assert serde.job_from_proto(message) == dataclasses.replace(job, token_hash="")
 
 

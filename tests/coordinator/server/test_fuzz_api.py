@@ -296,7 +296,7 @@ def target(tmp_path_factory) -> Iterator[Target]:
 
 def _job(name: str) -> Job:
     spec = JobSpec.from_dict({**SPEC, "name": name})
-    return new_job(name, spec.to_dict(), workers=spec.workers)
+    return new_job(name, spec.to_dict())
 
 
 # ---------------------------------------------------------------- calling and judging

@@ -148,7 +148,8 @@ def test_listing_survives_unreadable_job_records(server, client, tmp_path):
     assert jobs[good.id].spec == good.spec and jobs[good.id].error == ""
     marked = jobs["j-00000000000a"]
     assert (marked.name, marked.state) == ("tiny", JobState.QUEUED)
-    assert marked.error.startswith("unreadable record: model.args: must be JSON data")
+    assert marked.error.startswith("unreadable record: model.args: cannot be carried by the "
+                                    "message (Out of range float values are not JSON")
     assert client.get_job("j-00000000000a").error == marked.error
     with pytest.raises(ClientError) as info:
         client.get_job("j-00000000000b")

@@ -88,8 +88,7 @@ def make_runner(state_dir: Path, store: SqliteStore):
 
 
 def submit(store: SqliteStore, runner: JobRunner, job_spec: dict, **options) -> str:
-    job = store.create_job(new_job(job_spec["name"], job_spec, workers=job_spec["workers"],
-                                   **options))
+    job = store.create_job(new_job(job_spec["name"], job_spec, **options))
     runner.wake()
     return job.id
 
@@ -351,8 +350,8 @@ def test_recovery_after_coordinator_kill9(store, make_runner, tmp_path, state_di
                                      'exit 0;; esac\n'
                                      "trap 'echo terminated; complete \"$@\"; exit 143' TERM\n"
                                      "echo working\nwhile :; do sleep 0.1; done\n")
-    job_id = store.create_job(new_job("tiny", TINY_SPEC, workers=2)).id
-    queued = store.create_job(new_job("later", spec(TINY_SPEC, name="later"), workers=2)).id
+    job_id = store.create_job(new_job("tiny", TINY_SPEC)).id
+    queued = store.create_job(new_job("later", spec(TINY_SPEC, name="later"))).id
     code = (f"import time\nfrom dptrain.coordinator.server.blobs import BlobStore\n"
             f"from dptrain.coordinator.server.launchers.mpiexec import MpiexecLauncher\n"
             f"from dptrain.coordinator.server.runner import JobRunner, RunnerSettings\n"

@@ -296,6 +296,22 @@ def test_bad_specs_are_invalid_argument_naming_the_field(client, change, field):
     assert f"{field}:" in info.value.details
 
 
+@pytest.mark.parametrize("change, message", [
+    ({"batch_size": "64"}, "batch_size: must be an integer, got '64'"),
+    ({"optimizer": {"name": "sgd", "lr": "fast"}}, "optimizer.lr: must be a number, got 'fast'"),
+    ({"seed": 2**64}, "seed: must fit in 64 bits"),
+    ({"model": {"name": "mlp", "args": {"x": float("nan")}}}, "model.args: must be JSON data"),
+    ({"batch_szie": 8}, "batch_szie: unknown field (did you mean 'batch_size'?)"),
+])
+def test_the_python_client_names_a_wrong_type_before_sending(server, client, change, message):
+    before = sum(server.store.count_by_state().values())
+    with pytest.raises(ClientError) as info:
+        client.submit_job({**SPEC, **change})
+    assert _code(info) == "INVALID_ARGUMENT"
+    assert info.value.details.startswith(message), info.value.details
+    assert sum(server.store.count_by_state().values()) == before
+
+
 def test_spec_checks_happen_on_the_server(server):
     # A client in another language sends whatever it likes; the server names the field.
     with grpc.insecure_channel(server.address) as channel:
@@ -304,7 +320,8 @@ def test_spec_checks_happen_on_the_server(server):
         with pytest.raises(grpc.RpcError) as info:
             stub.SubmitJob(pb.SubmitJobRequest(spec=bad), metadata=bearer_metadata(server.token))
         assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT
-        assert info.value.details().startswith("model.args: must be a JSON object")
+        assert info.value.details().startswith(
+            "model.args: must be a mapping of argument names to values")
         with pytest.raises(grpc.RpcError) as info:
             stub.SubmitJob(pb.SubmitJobRequest(), metadata=bearer_metadata(server.token))
         assert info.value.details().startswith("spec: is required")

@@ -3,6 +3,7 @@ WAL, schema versions and migrations, threads, and no loss across a kill -9."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sqlite3
@@ -13,11 +14,15 @@ import threading
 import time
 
 import pytest
+from jobkit import TINY_SPEC, wait_for
 from repo import REPO
 
 import dptrain.coordinator.server.store.base as store_base
 from dptrain.coordinator.api.errors import InvalidTransition, ValidationError
 from dptrain.coordinator.api.records import CheckpointRecord, EventKind, JobState, new_job
+from dptrain.coordinator.server.runner_settings import RunnerSettings
+from dptrain.coordinator.server.scheduler import Cluster
+from dptrain.coordinator.server.server import DB_FILE
 from dptrain.coordinator.server.store import (
     SCHEMA_VERSION,
     AlreadyExists,
@@ -30,6 +35,7 @@ from dptrain.coordinator.server.store import (
     StoreClosed,
 )
 from dptrain.coordinator.server.store.sqlite import MIGRATIONS
+from dptrain.worker.spec import JobSpec
 
 SHA_A, SHA_B = "a" * 64, "b" * 64
 Q, R, RS = JobState.QUEUED, JobState.RUNNING, JobState.RESTARTING
@@ -43,7 +49,7 @@ def store(request, tmp_path):
 
 
 def _job(name="job", *, now=100.0, workers=2, **kw):
-    return new_job(name, {"model": {"name": "mlp"}, "batch_size": 64}, workers=workers,
+    return new_job(name, {"model": {"name": "mlp"}, "batch_size": 64, "workers": workers},
                    now=now, **kw)
 
 
@@ -73,7 +79,8 @@ class TestStoreContract:
         job = store.create_job(_job())
         job.spec["batch_size"] = 1
         store.get_job(job.id).spec["model"]["name"] = "changed"
-        assert store.get_job(job.id).spec == {"model": {"name": "mlp"}, "batch_size": 64}
+        assert store.get_job(job.id).spec == {"model": {"name": "mlp"}, "batch_size": 64,
+                                              "workers": 2}
 
     def test_list_jobs_is_newest_first_with_id_breaking_ties(self, store):
         ids = [store.create_job(_job(now=t)).id for t in (1.0, 3.0, 2.0, 2.0)]
@@ -436,6 +443,46 @@ def test_sqlite_failed_migration_leaves_the_database_unchanged(tmp_path):
         assert "half_done" not in tables
 
 
+def write_version_1_database(path, job_spec: dict, job_id: str = "j-0123456789ab") -> None:
+    """A database as version 1 of the schema left it: one QUEUED job whose ``workers`` column
+    repeats its spec's (as every version-1 coordinator wrote them)."""
+    conn = sqlite3.connect(path)
+    MIGRATIONS[0](conn)
+    conn.execute(
+        "INSERT INTO jobs (id, name, spec, workers, submitted_at, priority, state, "
+        "max_restarts, restarts, error, metrics, placement, token_hash) "
+        "VALUES (?, ?, ?, ?, 100.0, 0, 'QUEUED', 0, 0, '', '{}', '[]', '')",
+        (job_id, job_spec["name"], json.dumps(job_spec, sort_keys=True), job_spec["workers"]))
+    conn.execute("PRAGMA user_version = 1")
+    conn.commit()
+    conn.close()
+
+
+def test_a_version_1_database_opens_and_reads_workers_from_the_spec(tmp_path):
+    path = tmp_path / "state.db"
+    write_version_1_database(path, {"name": "old", "batch_size": 64, "workers": 4})
+    with SqliteStore(path) as store:
+        assert store.schema_version == SCHEMA_VERSION == 2
+        job = store.get_job("j-0123456789ab")
+        assert (job.name, job.workers, job.state) == ("old", 4, Q)
+        with store._connection() as conn:
+            columns = [row[1] for row in conn.execute("PRAGMA table_info(jobs)")]
+        assert "workers" not in columns and "spec" in columns
+        new = store.create_job(_job("new", workers=3))
+        assert store.get_job(new.id).workers == 3
+
+
+@pytest.mark.mpi
+def test_a_job_queued_in_a_version_1_database_runs(serve_coordinator, state_dir):
+    state_dir.mkdir(mode=0o700)
+    write_version_1_database(state_dir / DB_FILE, JobSpec.from_dict(TINY_SPEC).to_dict())
+    server = serve_coordinator(cluster=Cluster.local(2), runner=RunnerSettings(state_dir))
+    job = wait_for(lambda: (j := server.store.get_job("j-0123456789ab")).state.terminal and j,
+                   timeout=300)
+    assert (job.state, job.exit_code, job.workers) == (JobState.SUCCEEDED, 0, 2), job.error
+    assert job.last_step == TINY_SPEC["max_steps"]
+
+
 def test_sqlite_is_safe_from_many_threads(tmp_path):
     store = SqliteStore(tmp_path / "state.db")
     shared = store.create_job(_job())
@@ -475,7 +522,7 @@ _WRITER = textwrap.dedent("""
     store = SqliteStore(sys.argv[1])
     i = 0
     while True:
-        job = store.create_job(new_job(f"job-{i}", {"i": i}, workers=1))
+        job = store.create_job(new_job(f"job-{i}", {"i": i, "workers": 1}))
         store.append_events(job.id, [("log", {"line": "x" * 200, "i": i})])
         store.transition(job.id, JobState.QUEUED, JobState.RUNNING)
         print(job.id, flush=True)  # only after the transition has committed
