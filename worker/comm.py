@@ -259,6 +259,14 @@ class Communicator:
         """Block until every rank has called `barrier`."""
         self._comm.Barrier()
 
+    def ibarrier(self) -> Request:
+        """Start a barrier without blocking (``Ibarrier``).
+
+        Returns:
+            A `Request`; its ``wait()`` returns once every rank has called `ibarrier`.
+        """
+        return Request(self._comm.Ibarrier())
+
     def allgather_object(self, obj: Any) -> list:
         """Gather a picklable object from every rank onto every rank.
 
