@@ -116,19 +116,24 @@ class GradientBucket:
         self.request = None
 
 
-def _assign_buckets(named: list[tuple[str, Tensor]], cap_bytes: int) -> list[GradientBucket]:
+def _assign_buckets(named: list[tuple[str, Tensor]], cap_bytes: int,
+                    first_cap_bytes: int | None = None) -> list[GradientBucket]:
     """Group parameters, in reverse registration order, into buckets of at most `cap_bytes`
-    (a larger parameter gets a bucket of its own), one open bucket per array type and dtype."""
-    open_groups: dict[tuple, list[tuple[str, Tensor]]] = {}
+    (a larger parameter gets a bucket of its own), one open bucket per array type and dtype.
+    The first bucket of each kind holds at most `first_cap_bytes` (default `cap_bytes`), so
+    that its all-reduce starts early in backward, as PyTorch's 1 MB first bucket does."""
+    first_cap = cap_bytes if first_cap_bytes is None else min(first_cap_bytes, cap_bytes)
+    open_groups: dict[tuple, tuple[list[tuple[str, Tensor]], int]] = {}  # key: (group, cap)
     groups: list[list[tuple[str, Tensor]]] = []
     sizes: dict[int, int] = {}
     for name, p in reversed(named):
         key = (get_array_module(p.data).__name__, p.dtype.str)
-        group = open_groups.get(key)
+        group, cap = open_groups.get(key, (None, first_cap))
         nbytes = p.numel() * p.dtype.itemsize
-        if group is None or (group and sizes[id(group)] + nbytes > cap_bytes):
+        if group is None or (group and sizes[id(group)] + nbytes > cap):
+            cap = first_cap if group is None else cap_bytes
             group = []
-            open_groups[key] = group
+            open_groups[key] = (group, cap)
             groups.append(group)
             sizes[id(group)] = 0
         group.append((name, p))
@@ -211,6 +216,9 @@ class DistributedDataParallel:
         comm: the ranks to average over (default: MPI's world).
         bucket_cap_mb: the size of a gradient bucket in MiB; smaller buckets start
             communicating earlier, larger ones make fewer, more efficient collectives.
+        first_bucket_cap_mb: the size of the first bucket in MiB (at most `bucket_cap_mb`):
+            small, as PyTorch's, so that the last layers' gradients start their all-reduce
+            while backward goes on instead of waiting for a whole 25 MB bucket.
         broadcast_buffers: broadcast rank 0's buffers before every forward that records a
             graph (not in `no_sync` and not under ``engine.no_grad()``, so evaluation may run
             a different number of batches on each rank).
@@ -234,18 +242,21 @@ class DistributedDataParallel:
 
     def __init__(self, module: Module, comm: Communicator | None = None,
                  bucket_cap_mb: float = 25, broadcast_buffers: bool = True,
-                 find_unused_parameters: bool = False):
+                 find_unused_parameters: bool = False, first_bucket_cap_mb: float = 1):
         if not isinstance(module, Module):
             raise TypeError(f"DistributedDataParallel wraps an engine.nn.Module, got "
                             f"{type(module).__name__}")
         if not bucket_cap_mb > 0:
             raise ValueError(f"bucket_cap_mb must be positive, got {bucket_cap_mb!r}")
+        if not first_bucket_cap_mb > 0:
+            raise ValueError(f"first_bucket_cap_mb must be positive, got "
+                             f"{first_bucket_cap_mb!r}")
         self.module = module
         self.comm = Communicator() if comm is None else comm
         self.broadcast_buffers = bool(broadcast_buffers)
         self.find_unused_parameters = bool(find_unused_parameters)
         self.bucket_cap_mb = bucket_cap_mb
-        settings = {"bucket_cap_mb": bucket_cap_mb,
+        settings = {"bucket_cap_mb": bucket_cap_mb, "first_bucket_cap_mb": first_bucket_cap_mb,
                     "find_unused_parameters": self.find_unused_parameters,
                     "broadcast_buffers": self.broadcast_buffers}
         error = _mismatch_message(self.comm.allgather_object(_describe(module, settings)))
@@ -256,7 +267,8 @@ class DistributedDataParallel:
             _broadcast_tensors(self.comm, [p for _, p in module.named_parameters()]
                                + self._buffers)
         trained = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
-        self._buckets = _assign_buckets(trained, int(bucket_cap_mb * 1024 * 1024))
+        self._buckets = _assign_buckets(trained, int(bucket_cap_mb * 1024 * 1024),
+                                        int(first_bucket_cap_mb * 1024 * 1024))
         self._scale = 1.0 / self.comm.size
         self._comm_hook: CommHook = allreduce_hook
         self._sync = True
