@@ -64,6 +64,13 @@ def test_error_feedback_keeps_the_sum_over_steps_within_one_step_bound(hooked, f
         assert r[f"{fmt}_no_ef_8_steps"]["err_over_bound"] > 1.0
 
 
+def test_hierarchical_with_bfloat16_across_nodes_stays_within_the_format_bound(hooked):
+    # Node sums in float32, then CompressedAllreduce among the leaders: the same bound, with
+    # the node's float32 additions counted among the sums (mpi_scripts/ddp_comm_hooks.py).
+    for r in hooked["ranks"]:
+        assert 0 < r["hier_bf16"]["err_over_bound"] <= 1.0
+
+
 def test_bad_arguments_name_the_field_and_the_value(hooked):
     errors = hooked["ranks"][0]["errors"]
     assert errors["dtype"] == [

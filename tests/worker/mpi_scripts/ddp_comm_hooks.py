@@ -66,8 +66,10 @@ def run(hook_factory, dtype: str, steps: int = 1) -> dict:
             "steps": steps}
 
 
-def summary(out: dict, u: float | None = None, eta: float | None = None) -> dict:
-    """Worst |result - exact| relative to the tolerance, and the one-process agreement."""
+def summary(out: dict, u: float | None = None, eta: float | None = None,
+            sums: int | None = None) -> dict:
+    """Worst |result - exact| relative to the tolerance, and the one-process agreement.
+    `sums`: how many float32 additions a result went through (default: the world size)."""
     steps = out["steps"]
     worst_exact, worst_bound = 0.0, 0.0
     for n, exact in out["exact"].items():
@@ -75,7 +77,7 @@ def summary(out: dict, u: float | None = None, eta: float | None = None) -> dict
         if u is None:
             worst_exact = max(worst_exact, float((err / (1 + out["abs_sum"][n])).max()))
         else:
-            p = size
+            p = size if sums is None else sums
             bound = ((2 * u + u * u + p * 2.0 ** -24 * (1 + u)) * out["abs_sum"][n]
                      + (p + 1) * eta)
             worst_bound = max(worst_bound, float((err / bound).max()))
@@ -101,6 +103,12 @@ for fmt in ("float16", "bfloat16"):
     result[f"{fmt}_no_ef_8_steps"] = summary(
         run(lambda fmt=fmt: CompressedAllreduce(comm, fmt, error_feedback=False), "float32",
             steps=8), u, eta)
+# float32 sums within a node (2 ranks), then bfloat16 across the nodes' leaders: the bound
+# of the formats with the node's additions counted too; rounding happens among nodes only.
+nodes = -(-size // 2)
+result["hier_bf16"] = summary(
+    run(lambda: HierarchicalAllreduce(comm, 2, lambda leaders: CompressedAllreduce(leaders)),
+        "float32"), 2.0 ** -8, 2.0 ** -134, sums=nodes + 2)
 result["errors"] = {
     "dtype": error_of(lambda: CompressedAllreduce(comm, "int8")),
     "ranks_per_node": error_of(lambda: HierarchicalAllreduce(comm, ranks_per_node=0)),
