@@ -25,6 +25,7 @@ reduction have. Efficiency = compute time / step time. Reductions, with g ranks 
 * hierarchical (`HierarchicalAllreduce`): the node's reduce + broadcast on shared memory (this
   machine's α, β, g ranks) plus a ring over the p/g node leaders on the network;
 * compressed (`CompressedAllreduce`, 16-bit): a ring carrying n/2 bytes, plus the codec time;
+* hierarchical+compressed: the node's stages, then a 16-bit ring over the leaders;
 * tensor fusion sized by the model: for each algorithm the bucket size (DDP's
   ``bucket_cap_mb``, Horovod's fusion threshold) that minimises the modelled step.
 
@@ -47,6 +48,10 @@ MODELS = {"ResNet-50": 25.6e6, "BERT-large": 340e6}
 LINKS = {"25 Gb/s": (25e-6, 8 / 25e9), "100 Gb/s": (5e-6, 8 / 100e9)}  # (α s, β s/byte)
 RANKS = (8, 16, 32, 64, 128, 256, 512)
 FIRST_BUCKET = 1024 * 1024
+#: The comm hooks the model knows: the default Iallreduce, `HierarchicalAllreduce`,
+#: `CompressedAllreduce` (bfloat16), and `HierarchicalAllreduce` with `CompressedAllreduce`
+#: among the node leaders.
+ALGORITHMS = ("ring", "hierarchical", "compressed", "hierarchical+compressed")
 FUSION_CANDIDATES_MB = (1, 2, 4, 8, 16, 25, 32, 64, 128, 256, 512, 1024, 2048)
 
 
@@ -73,18 +78,21 @@ def ring_time(nbytes: float, p: int, alpha: float, beta: float) -> float:
 
 def reduce_time(algorithm: str, nbytes: float, p: int, net: Network,
                 codec_s_per_byte: float = 0.0) -> float:
-    """Seconds to reduce one bucket of `nbytes` (float32) over `p` ranks with `algorithm`:
-    'ring', 'hierarchical' or 'compressed'."""
+    """Seconds to reduce one bucket of `nbytes` (float32) over `p` ranks with `algorithm`,
+    one of `ALGORITHMS`."""
     if algorithm == "ring":
         return ring_time(nbytes, p, net.alpha, net.beta)
     if algorithm == "compressed":
         return ring_time(nbytes / 2, p, net.alpha, net.beta) + nbytes * codec_s_per_byte
-    if algorithm == "hierarchical":
+    if algorithm in ("hierarchical", "hierarchical+compressed"):
         g = min(net.ranks_per_node, p)
         nodes = -(-p // g)
-        return (ring_time(nbytes, g, net.local_alpha, net.local_beta)
-                + ring_time(nbytes, nodes, net.alpha, net.beta))
-    raise ValueError(f"algorithm must be ring, hierarchical or compressed, got {algorithm!r}")
+        local = ring_time(nbytes, g, net.local_alpha, net.local_beta)
+        if algorithm == "hierarchical":
+            return local + ring_time(nbytes, nodes, net.alpha, net.beta)
+        codec = nbytes * codec_s_per_byte if nodes > 1 else 0.0
+        return local + ring_time(nbytes / 2, nodes, net.alpha, net.beta) + codec
+    raise ValueError(f"algorithm must be one of {', '.join(ALGORITHMS)}, got {algorithm!r}")
 
 
 def bucket_sizes(total_bytes: float, cap_bytes: float,
@@ -215,6 +223,11 @@ def main() -> None:
                         default=[1.0, 10.0],
                         help="also model compute this many times faster than this engine, "
                              "e.g. a GPU (comma-separated; default 1,10)")
+    parser.add_argument("--node-gbps", type=float, default=None,
+                        help="bandwidth within a node in GB/s (default: fitted here)")
+    parser.add_argument("--codec-gbps", type=float, default=None,
+                        help="16-bit codec throughput in GB/s of float32 (default: measured "
+                             "here)")
     args = parser.parse_args()
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from allreduce import machine
@@ -254,11 +267,18 @@ def main() -> None:
         print(f"| {algorithm} | {1e3 * meas:.2f} | {1e3 * pred[0]:.2f} | {1e3 * pred[1]:.2f} | "
               f"{pred[1] / meas:.2f} |")
     goals = []
+    local_beta = m["beta"] if args.node_gbps is None else 1 / (args.node_gbps * 1e9)
+    codec_s = (m["codec_s_per_byte"] if args.codec_gbps is None
+               else 1 / (args.codec_gbps * 1e9))
+    print(f"\nModelled clusters: within a node α = {1e6 * m['alpha']:.2f} µs (fitted here) and "
+          f"{1e-9 / local_beta:.1f} GB/s ({'fitted here' if args.node_gbps is None else 'given'}"
+          f"); codec {1e-9 / codec_s:.2f} GB/s "
+          f"({'measured here' if args.codec_gbps is None else 'given'})")
     for speedup in args.speedups:
         for model_name, params in MODELS.items():
             forward, backward = tau_rest * params / speedup, tau_b * params / speedup
             for link, (alpha, beta) in LINKS.items():
-                net = Network(alpha, beta, m["alpha"], m["beta"], args.ranks_per_node)
+                net = Network(alpha, beta, m["alpha"], local_beta, args.ranks_per_node)
                 print(f"\n{model_name} ({params / 1e6:.1f}M parameters), compute "
                       f"{1e3 * (forward + backward):.0f} ms per step (this engine"
                       f"{'' if speedup == 1 else f' {speedup:g}x faster'}), {link}, α = "
@@ -266,13 +286,13 @@ def main() -> None:
                       "efficiency\n")
                 print("| algorithm | " + " | ".join(map(str, RANKS)) + " |\n|---|"
                       + "---:|" * len(RANKS))
-                for algorithm in ("ring", "hierarchical", "compressed"):
+                for algorithm in ALGORITHMS:
                     cells, fused = [], []
                     for p in RANKS:
                         t = step_time(params, forward, backward, p, net, algorithm,
-                                      codec_s_per_byte=m["codec_s_per_byte"])
+                                      codec_s_per_byte=codec_s)
                         mb, t_best = best_fusion(params, forward, backward, p, net, algorithm,
-                                                 m["codec_s_per_byte"])
+                                                 codec_s)
                         cells.append(f"{100 * (forward + backward) / t:.0f}%")
                         fused.append(f"{100 * (forward + backward) / t_best:.0f}% ({mb} MB)")
                         if (p, model_name, link) == (512, "ResNet-50", "100 Gb/s"):
