@@ -29,6 +29,9 @@ reduction have. Efficiency = compute time / step time. Reductions, with g ranks 
 * tensor fusion sized by the model: for each algorithm the bucket size (DDP's
   ``bucket_cap_mb``, Horovod's fusion threshold) that minimises the modelled step.
 
+On the modelled clusters the first bucket is PyTorch's 1 MiB (``first_bucket_cap_mb=1``: the
+network moves it while backward goes on); the 2-rank check models DDP's defaults.
+
 It prints the fit, the 2-rank check and the tables for ResNet-50 (25.6M parameters) and
 BERT-large (340M) on 25 Gb/s (α = 25 µs) and 100 Gb/s (α = 5 µs) links at 8…512 ranks.
 """
@@ -96,10 +99,11 @@ def reduce_time(algorithm: str, nbytes: float, p: int, net: Network,
 
 
 def bucket_sizes(total_bytes: float, cap_bytes: float,
-                 first_bytes: float = FIRST_BUCKET) -> list[float]:
-    """DDP's buckets for a model of `total_bytes` with evenly spread parameters."""
+                 first_bytes: float | None = None) -> list[float]:
+    """DDP's buckets for a model of `total_bytes` with evenly spread parameters (the first one
+    at most `first_bytes`, DDP's ``first_bucket_cap_mb``)."""
     sizes, left = [], total_bytes
-    cap = min(first_bytes, cap_bytes)
+    cap = cap_bytes if first_bytes is None else min(first_bytes, cap_bytes)
     while left > 0:
         sizes.append(min(cap, left))
         left -= sizes[-1]
@@ -109,19 +113,21 @@ def bucket_sizes(total_bytes: float, cap_bytes: float,
 
 def step_time(params: float, forward_s: float, backward_s: float, p: int, net: Network,
               algorithm: str = "ring", cap_bytes: float = 25 * 1024 * 1024,
-              codec_s_per_byte: float = 0.0, overlap: bool = True) -> float:
+              codec_s_per_byte: float = 0.0, overlap: bool = True,
+              first_bytes: float | None = FIRST_BUCKET) -> float:
     """Seconds of one data-parallel step: forward, then backward overlapped with the bucket
     reductions, which run one at a time in bucket order. With ``overlap=False`` reductions
-    and backward take turns (a reduction over shared memory runs on the computing cores)."""
+    and backward take turns (a reduction over shared memory runs on the computing cores).
+    `first_bytes`: the first bucket's cap (PyTorch's 1 MiB, for a cluster; None for one cap)."""
     total = 4 * params
     ready = end = 0.0
-    for size in bucket_sizes(total, cap_bytes):
+    for size in bucket_sizes(total, cap_bytes, first_bytes):
         ready += backward_s * size / total
         end = max(end, ready) + reduce_time(algorithm, size, p, net, codec_s_per_byte)
     if not overlap:
         return forward_s + backward_s + sum(
             reduce_time(algorithm, size, p, net, codec_s_per_byte)
-            for size in bucket_sizes(total, cap_bytes))
+            for size in bucket_sizes(total, cap_bytes, first_bytes))
     return forward_s + max(backward_s, end)
 
 
@@ -261,7 +267,7 @@ def main() -> None:
     print(f"| no communication | {1e3 * base:.2f} | | | |")
     for algorithm in ("ring", "hierarchical", "compressed"):
         pred = [step_time(m["params"], rest, m["backward"], comm.size, here, algorithm,
-                          codec_s_per_byte=m["codec_s_per_byte"], overlap=o)
+                          codec_s_per_byte=m["codec_s_per_byte"], overlap=o, first_bytes=None)
                 for o in (True, False)]
         meas = m["steps"][algorithm]
         print(f"| {algorithm} | {1e3 * meas:.2f} | {1e3 * pred[0]:.2f} | {1e3 * pred[1]:.2f} | "

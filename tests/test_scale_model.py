@@ -35,7 +35,8 @@ def test_reduce_time_of_each_algorithm():
 
 def test_buckets_start_with_the_small_first_one():
     mib = 1024 * 1024
-    assert sm.bucket_sizes(60 * mib, 25 * mib) == [mib, 25 * mib, 25 * mib, 9 * mib]
+    assert sm.bucket_sizes(60 * mib, 25 * mib, mib) == [mib, 25 * mib, 25 * mib, 9 * mib]
+    assert sm.bucket_sizes(60 * mib, 25 * mib) == [25 * mib, 25 * mib, 10 * mib]
 
 
 def test_step_overlaps_reductions_with_backward_one_at_a_time():

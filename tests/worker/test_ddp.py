@@ -310,9 +310,10 @@ def test_the_first_bucket_has_its_own_smaller_cap():
     ddp = DistributedDataParallel(_mlp(), comm=StandInComm(2), bucket_cap_mb=1000 / mib,
                                   first_bucket_cap_mb=40 / mib)
     assert ddp.bucket_assignment == [["2.bias", "2.weight"], ["0.bias", "0.weight"]]
-    # By default the first bucket is 1 MiB and the rest bucket_cap_mb: all here fits one.
-    assert DistributedDataParallel(_mlp(), comm=StandInComm(2)).bucket_assignment == [
-        ["2.bias", "2.weight", "0.bias", "0.weight"]]
+    # By default the first bucket is bucket_cap_mb too.
+    assert DistributedDataParallel(_mlp(), comm=StandInComm(2),
+                                   bucket_cap_mb=40 / mib).bucket_assignment == [
+        ["2.bias", "2.weight"], ["0.bias"], ["0.weight"]]
 
 
 def test_bad_arguments():
