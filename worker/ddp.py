@@ -227,7 +227,7 @@ class DistributedDataParallel:
             or None for `bucket_cap_mb`. PyTorch's 1 MiB starts the last layers' all-reduce
             early, which pays where the network moves data while the cores compute; on a
             machine whose cores all compute (2 ranks on 2 cores) it only adds a collective:
-            the 2-rank MLP step of bench/ddp_vs_torch.py was 10-30% slower with it.
+            the 2-rank MLP step was 3-8% slower with it in 5 of 7 interleaved runs here.
         broadcast_buffers: broadcast rank 0's buffers before every forward that records a
             graph (not in `no_sync` and not under ``engine.no_grad()``, so evaluation may run
             a different number of batches on each rank).
