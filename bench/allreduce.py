@@ -183,6 +183,26 @@ def gradient_sync_rows(comm: Communicator, repeat: int) -> tuple[list[Row], str]
     return rows, context
 
 
+def init_gloo(comm: Communicator) -> None:
+    """Start torch.distributed's gloo process group over loopback on the ranks of `comm`
+    (torch must be importable); it is destroyed at exit."""
+    import torch.distributed as dist
+
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    path = comm.broadcast_object(
+        os.path.join(tempfile.gettempdir(), f"dptrain-gloo-{os.getpid()}-{time.time_ns()}")
+        if comm.rank == 0 else None)
+    dist.init_process_group("gloo", init_method=f"file://{path}", rank=comm.rank,
+                            world_size=comm.size)
+
+    def close() -> None:
+        dist.destroy_process_group()
+        if comm.rank == 0 and os.path.exists(path):
+            os.unlink(path)
+
+    atexit.register(close)
+
+
 def _gloo_allreduce(comm: Communicator, numel: int):
     """A function all-reducing a `numel` float32 torch tensor over gloo, or None."""
     try:
@@ -191,20 +211,8 @@ def _gloo_allreduce(comm: Communicator, numel: int):
     except ImportError:  # torch is a peer for comparison only, never a dependency
         return None
     torch.set_num_threads(1)
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    path = comm.broadcast_object(
-        os.path.join(tempfile.gettempdir(), f"dptrain-gloo-{os.getpid()}-{time.time_ns()}")
-        if comm.rank == 0 else None)
-    dist.init_process_group("gloo", init_method=f"file://{path}", rank=comm.rank,
-                            world_size=comm.size)
+    init_gloo(comm)
     tensor = torch.ones(numel, dtype=torch.float32)
-
-    def close() -> None:
-        dist.destroy_process_group()
-        if comm.rank == 0 and os.path.exists(path):
-            os.unlink(path)
-
-    atexit.register(close)
     return lambda: dist.all_reduce(tensor)
 
 

@@ -25,12 +25,9 @@ Rank 0 prints a markdown table of medians, ratios and speed-ups; see docs/benchm
 from __future__ import annotations
 
 import argparse
-import atexit
 import os
 import statistics
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -44,7 +41,7 @@ from dptrain.worker import DistributedDataParallel  # noqa: E402
 from dptrain.worker.comm import Communicator  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from allreduce import interleaved, machine  # noqa: E402
+from allreduce import init_gloo, interleaved, machine  # noqa: E402
 
 try:
     import torch
@@ -107,23 +104,6 @@ def torch_mlp():
                 twin.bias.copy_(torch.from_numpy(lin.bias.numpy()))
             layers += [twin, torch.nn.ReLU()]
     return torch.nn.Sequential(*layers[:-1])
-
-
-def init_gloo(comm: Communicator) -> None:
-    import torch.distributed as dist
-
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    path = comm.broadcast_object(
-        os.path.join(tempfile.gettempdir(), f"dptrain-gloo-{os.getpid()}-{time.time_ns()}")
-        if comm.rank == 0 else None)
-    dist.init_process_group("gloo", init_method=f"file://{path}", rank=comm.rank,
-                            world_size=comm.size)
-
-    def close() -> None:
-        dist.destroy_process_group()
-        if comm.rank == 0 and os.path.exists(path):
-            os.unlink(path)
-    atexit.register(close)
 
 
 def rank0_alone(comm: Communicator, step):
