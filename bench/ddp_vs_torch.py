@@ -124,10 +124,8 @@ def main() -> None:
     local = GLOBAL_BATCH // comm.size
     x, y = batch(comm.rank, local)
     x_all, y_all = batch(comm.size, GLOBAL_BATCH)
-    # In every interleaved run the wrapper built first in a process stepped 5-15% slower than
-    # identical ones built after it (not malloc's mmap threshold; cause unknown): build one
-    # that is not timed (and kept alive), so that the rows compare like with like.
-    first_built = DistributedDataParallel(engine_mlp(), comm=comm)
+    # Identical wrappers timed side by side here differed by up to 15% at the machine's usual
+    # load, so a difference of that size between the two DDP rows is not a finding.
     ddp = DistributedDataParallel(engine_mlp(), comm=comm)
     small_first = DistributedDataParallel(engine_mlp(), comm=comm, first_bucket_cap_mb=1)
     contenders = {
@@ -148,7 +146,6 @@ def main() -> None:
         contenders["torch_single"] = rank0_alone(comm, torch_step(torch_mlp(), x_all, y_all))
     samples: dict[str, list[float]] = {}
     interleaved(comm, contenders, samples, args.repeat)
-    del first_built
     if comm.rank != 0:
         return
     ms = {k: 1e3 * statistics.median(v) for k, v in samples.items()}

@@ -226,8 +226,8 @@ class DistributedDataParallel:
         first_bucket_cap_mb: the size of the first bucket in MiB (at most `bucket_cap_mb`),
             or None for `bucket_cap_mb`. PyTorch's 1 MiB starts the last layers' all-reduce
             early, which pays where the network moves data while the cores compute; on a
-            machine whose cores all compute (2 ranks on 2 cores) it only adds a collective:
-            the 2-rank MLP step was 3-8% slower with it in 5 of 7 interleaved runs here.
+            machine whose cores all compute (2 ranks on 2 cores) there is nothing to overlap
+            and it only adds a collective (measured here: no difference beyond the noise).
         broadcast_buffers: broadcast rank 0's buffers before every forward that records a
             graph (not in `no_sync` and not under ``engine.no_grad()``, so evaluation may run
             a different number of batches on each rank).
