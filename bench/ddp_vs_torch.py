@@ -124,7 +124,7 @@ def main() -> None:
     local = GLOBAL_BATCH // comm.size
     x, y = batch(comm.rank, local)
     x_all, y_all = batch(comm.size, GLOBAL_BATCH)
-    # Identical wrappers timed side by side here differed by up to 15% at the machine's usual
+    # Identical wrappers timed side by side here differed by up to 8% at the machine's usual
     # load, so a difference of that size between the two DDP rows is not a finding.
     ddp = DistributedDataParallel(engine_mlp(), comm=comm)
     small_first = DistributedDataParallel(engine_mlp(), comm=comm, first_bucket_cap_mb=1)
