@@ -53,6 +53,10 @@ def test_a_late_partner_still_gets_the_sum(collectives):
         assert r["late_partner_sum"] == [s, s]
 
 
+def test_ibarrier_waits_for_the_late_rank(collectives):
+    assert all(r["ibarrier_after_late_rank"] == [True, True] for r in collectives["ranks"])
+
+
 def test_nonblocking_reduce_and_broadcast(collectives):
     n = collectives["size"]
     s = n * (n + 1) / 2

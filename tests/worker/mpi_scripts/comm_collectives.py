@@ -6,6 +6,8 @@ computes by hand.
 
 from __future__ import annotations
 
+import os
+import tempfile
 import time
 
 import numpy as np
@@ -63,6 +65,19 @@ if r == n - 1:
     time.sleep(200 * SPIN_S)
 comm.iallreduce_(late).wait()
 out["late_partner_sum"] = [float(late.min()), float(late.max())]
+# Ibarrier: no rank gets past it before the late rank has arrived, which writes a file first.
+marker = comm.broadcast_object(
+    os.path.join(tempfile.gettempdir(), f"ibarrier-{os.getpid()}-{time.time_ns()}") if r == 0
+    else None)
+if r == n - 1:
+    time.sleep(200 * SPIN_S)
+    open(marker, "w").close()
+barrier = comm.ibarrier()
+barrier.wait()
+out["ibarrier_after_late_rank"] = [barrier.done, os.path.exists(marker)]
+comm.barrier()
+if r == n - 1:
+    os.unlink(marker)
 # Non-blocking reduce onto a root and broadcast from it (the hierarchical hook's stages).
 part = np.full(4, float(r + 1))
 comm.ireduce_(part, root=n - 1).wait()
