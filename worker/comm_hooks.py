@@ -107,7 +107,8 @@ class HierarchicalAllreduce:
     """Reduce in the node, all-reduce across node leaders, broadcast in the node.
 
     Exact up to the order of floating-point additions (as the plain all-reduce), unless
-    `across_nodes` says otherwise.
+    `across_nodes` says otherwise. Buckets must be numpy arrays (GPU buckets are not staged
+    through the host here, unlike `Communicator.iallreduce_`).
 
     Args:
         comm: the DDP wrapper's communicator (``ddp.comm``). Building the hook is collective:
