@@ -44,10 +44,11 @@ _unmarked_mpi: dict[str, list[str]] = {}  # node id -> the MPI command lines it 
 
 
 def _starts_mpi(words: list[str]) -> bool:
-    """Whether a command line is ``mpiexec ...`` or ``python -m dptrain.worker ...`` (a
+    """Whether a command line is ``mpiexec ...`` or ``python [-m mpi4py] -m dptrain.worker ...`` (a
     stand-in ``mpiexec`` script that gets a worker's command line is neither)."""
     return (bool(words) and os.path.basename(words[0]) == "mpiexec"
-            or words[1:3] == ["-m", "dptrain.worker"])
+            or words[1:3] == ["-m", "dptrain.worker"]
+            or words[1:5] == ["-m", "mpi4py", "-m", "dptrain.worker"])
 
 
 def _note_unmarked_mpi(event: str, args: tuple) -> None:

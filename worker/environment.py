@@ -22,9 +22,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 __all__ = [
-    "COORDINATOR", "JOB_ID", "JOB_TOKEN", "TLS_CA", "HEARTBEAT_TIMEOUT", "WorkerEnvironment",
-    "worker_environment", "read_worker_environment",
+    "MPIEXEC", "COORDINATOR", "JOB_ID", "JOB_TOKEN", "TLS_CA", "HEARTBEAT_TIMEOUT",
+    "WorkerEnvironment", "worker_environment", "read_worker_environment",
 ]
+
+MPIEXEC = "DPTRAIN_MPIEXEC"
+"""The MPI launcher ``dptrain run`` and the coordinator start ranks with, e.g. a cluster's own
+``/opt/intel/mpi/bin/mpiexec`` (with mpi4py built against that MPI); unset: the ``mpiexec`` of
+the ``mpich`` wheel beside the interpreter. Read by ``worker.mpiexec_command.default_mpiexec``;
+it must take Hydra's options (MPICH, Intel MPI, MVAPICH)."""
 
 COORDINATOR = "DPTRAIN_COORDINATOR"
 """``host:port`` of the coordinator's gRPC server, as the workers reach it."""
