@@ -1,4 +1,5 @@
-"""The ``dptrain`` command: ``dptrain run JOB.yaml -n N`` trains a job on this machine;
+"""The ``dptrain`` command: ``dptrain run JOB.yaml -n N`` trains a job on this machine (or a
+hostfile's hosts); ``dptrain tls init`` writes a coordinator's TLS files;
 ``dptrain serve`` runs the coordinator and ``submit``, ``jobs``, ``status``, ``watch``, ``logs``,
 ``cancel``, ``checkpoints``, ``download``, ``plot`` and ``demo`` use it
 (`coordinator.commands`).
@@ -144,7 +145,43 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_global_options(parser)
     add_commands(commands, serve=_cmd_serve, demo=_cmd_demo)
+    _add_tls_command(commands)
     return parser
+
+
+def _add_tls_command(commands: argparse._SubParsersAction) -> None:
+    tls = commands.add_parser(
+        "tls", help="TLS files for a coordinator that other hosts reach",
+        description="TLS files for a coordinator that other hosts reach.")
+    actions = tls.add_subparsers(dest="tls_command", metavar="ACTION", required=True)
+    init = actions.add_parser(
+        "init", formatter_class=argparse.RawDescriptionHelpFormatter,
+        help="write a CA and the coordinator's certificate and key",
+        description="Write DIR/ca.pem (a new CA: what workers and users verify the coordinator\n"
+                    "with), DIR/server.pem (the coordinator's certificate, signed by that CA,\n"
+                    "for every --host) and DIR/server.key (mode 0600), then print the\n"
+                    "dptrain serve and client flags that use them. The CA's key is not kept.",
+        epilog="example:\n  dptrain tls init /etc/dptrain/tls --host coord.example.org "
+               "--host 10.0.0.5\n")
+    init.add_argument("directory", metavar="DIR", help="where to write the files")
+    init.add_argument("--host", metavar="NAME", action="append", required=True,
+                      help="a DNS name or IP address the coordinator is reached at "
+                           "(repeatable; the first is the one printed)")
+    init.add_argument("--port", type=int, default=50051,
+                      help="the coordinator's port, for the printed flags (default 50051)")
+    init.add_argument("--force", action="store_true", help="replace existing files")
+    init.set_defaults(handler=_cmd_tls_init)
+
+
+def _cmd_tls_init(args: argparse.Namespace) -> int:
+    from dptrain.coordinator.server.tls_init import init_tls, usage_lines
+
+    try:
+        files = init_tls(args.directory, args.host, force=args.force)
+    except ValueError as e:
+        raise CommandError(str(e)) from None
+    print("\n".join(usage_lines(files, args.host, args.port)))
+    return 0
 
 
 # serve and demo run a server: this top layer may import both sides, the client commands may not.
