@@ -7,7 +7,7 @@ down unnoticed: an audit hook sees every process this one starts (not those its 
 start) and the test that started it fails.
 
 Some tests skip where an optional tool is missing (the PyTorch parity tests without the
-``test-torch`` extra, the TLS test without ``openssl`` or ``cryptography``), which is right on
+``test-torch`` extra, the several-hosts tests without root and iproute2), which is right on
 a newcomer's machine and wrong in CI: there a skip would hide that the tests never ran. CI
 sets the variable, and every skip, whether in collection, set-up or the test itself, becomes a
 failure that keeps the skip's reason.

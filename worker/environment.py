@@ -13,6 +13,9 @@ The worker token is made fresh for every launch of a job: the runner calls
 ``token_hash`` in the same transition that moves the job to RUNNING, and hands the token itself
 only to the workers.
 A relaunch therefore locks out the workers of the run before it.
+
+One more name lives here because both ``dptrain run`` and the coordinator read it, never a
+worker: `MPIEXEC`, the MPI launcher to start ranks with.
 """
 
 from __future__ import annotations
