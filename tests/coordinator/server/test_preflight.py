@@ -6,9 +6,11 @@ namespaces, through the coordinator, are in tests/coordinator/test_several_hosts
 from __future__ import annotations
 
 import shutil
+import subprocess
 import sys
 
 import pytest
+from jobkit import DPTRAIN
 
 import dptrain
 from dptrain.coordinator.server.launchers.base import LaunchError
@@ -92,3 +94,18 @@ def test_a_missing_remote_shell_and_several_failures():
     with pytest.raises(LaunchError, match=r"^preflight: host a: unreachable through sh \(exit "
                                           r"code 3\): down \(and 1 more host\(s\)\)$"):
         run_preflight([_here("a", "echo down; exit 3"), _here("b", "exit 255")])
+
+
+def test_dptrain_run_runs_the_preflight_before_mpiexec(tmp_path, repo_root):
+    if shutil.which("ssh") is None:
+        pytest.skip("needs the ssh client (Debian: apt-get install openssh-client)")
+    hostfile = tmp_path / "hosts"
+    hostfile.write_text("localhost slots=1\nnode-that-does-not-exist.invalid slots=1\n")
+    result = subprocess.run(
+        [DPTRAIN, "run", "examples/digits_mlp.yaml", "-n", "2", "--hostfile", str(hostfile)],
+        cwd=repo_root, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    assert result.stderr.startswith(
+        "dptrain: error: preflight: host node-that-does-not-exist.invalid: unreachable through "
+        "ssh (exit code 255): ssh: Could not resolve hostname node-that-does-not-exist.invalid")
+    assert result.stderr.count("\n") == 1 and result.stdout == ""
