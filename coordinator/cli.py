@@ -1,4 +1,5 @@
-"""The ``dptrain`` command: ``dptrain run JOB.yaml -n N`` trains a job on this machine;
+"""The ``dptrain`` command: ``dptrain run JOB.yaml -n N`` trains a job on this machine (or a
+hostfile's hosts); ``dptrain tls init`` writes a coordinator's TLS files;
 ``dptrain serve`` runs the coordinator and ``submit``, ``jobs``, ``status``, ``watch``, ``logs``,
 ``cancel``, ``checkpoints``, ``download``, ``plot`` and ``demo`` use it
 (`coordinator.commands`).
@@ -17,6 +18,10 @@ import signal
 import subprocess
 import sys
 from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from dptrain.worker.mpiexec_command import LaunchSettings
 
 __all__ = ["main", "build_parser", "CommandError"]
 
@@ -35,6 +40,7 @@ class CommandError(Exception):
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    from dptrain.worker.hostfile import is_local, read_hostfile
     from dptrain.worker.mpiexec_command import LaunchSettings, mpiexec_command
     from dptrain.worker.spec import JobSpecError, check_shards, load_spec
 
@@ -49,11 +55,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
         raise CommandError(str(error))
     if args.resume and args.checkpoint_dir is None:
         raise CommandError("--resume needs --checkpoint-dir")
+    hosts = read_hostfile(args.hostfile) if args.hostfile else None
     settings = LaunchSettings(
         job=os.path.abspath(args.job), workers=n,
         checkpoint_dir=None if args.checkpoint_dir is None else os.path.abspath(
             args.checkpoint_dir),
-        resume=args.resume, hostfile=args.hostfile,
+        resume=args.resume, hosts=hosts, launcher_exec=args.launcher_exec,
         # One rank per core, pinned; with more ranks than local cores pinning would stack them.
         bind_to="core" if args.hostfile or n <= (os.cpu_count() or 1) else None,
         blas_threads=None if args.blas_threads == 0 else args.blas_threads,
@@ -61,8 +68,24 @@ def _cmd_run(args: argparse.Namespace) -> int:
     cmd = mpiexec_command(settings)
     if not (os.path.isfile(cmd[0]) or shutil.which(cmd[0])):
         raise CommandError(f"mpiexec not found at {cmd[0]} (install the mpich wheel into "
-                           f"this environment: pip install mpich)")
+                           f"this environment: pip install mpich, or name your MPI's in "
+                           f"DPTRAIN_MPIEXEC)")
+    if hosts and not is_local(hosts):
+        _preflight(hosts, settings)
     return _run_forwarding_signals(cmd)
+
+
+def _preflight(hosts: tuple[tuple[str, int], ...], settings: LaunchSettings) -> None:
+    """The coordinator's preflight, for ``dptrain run --hostfile``: every other host reached
+    through the same remote shell, the interpreter, dptrain's version and the job file there."""
+    from dptrain.coordinator.server.launchers.preflight import preflight_commands, run_preflight
+
+    paths = [settings.job] + ([settings.checkpoint_dir] if settings.resume else [])
+    try:
+        run_preflight(preflight_commands(hosts, python=settings.python, paths=paths,
+                                         launcher_exec=settings.launcher_exec))
+    except OSError as e:
+        raise CommandError(str(e)) from None
 
 
 def _run_forwarding_signals(cmd: list[str]) -> int:
@@ -93,7 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     run = commands.add_parser(
         "run", formatter_class=argparse.RawDescriptionHelpFormatter,
-        help="train a job on this machine: mpiexec -n N python -m dptrain.worker JOB",
+        help="train a job here or on a hostfile's hosts: mpiexec -n N python -m mpi4py -m "
+             "dptrain.worker JOB",
         description="Train a job with N ranks on this machine (or the hosts of --hostfile)\n"
                     "through this environment's mpiexec. Rank 0 shows a progress bar; the\n"
                     "run ends with one JSON line of final metrics on stdout.",
@@ -108,7 +132,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="continue from the newest intact checkpoint in D (from step 0 when "
                           "there is none)")
     run.add_argument("--hostfile", metavar="FILE", default=None,
-                     help="MPICH hostfile (host:slots per line) to run across machines")
+                     help="run across machines: one 'host', 'host:N' or 'host slots=N' per "
+                          "line (# comments); the same file as dptrain serve --hostfile")
+    run.add_argument("--launcher-exec", metavar="CMD", default=None,
+                     help="the remote shell that starts ranks on the other hosts (mpiexec's "
+                          "-launcher-exec; called like ssh: CMD -x HOST 'command'; default ssh)")
     run.add_argument("--blas-threads", type=int, default=1, metavar="T",
                      help="BLAS threads per rank (default 1; 0 keeps the environment's)")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -117,7 +145,43 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_global_options(parser)
     add_commands(commands, serve=_cmd_serve, demo=_cmd_demo)
+    _add_tls_command(commands)
     return parser
+
+
+def _add_tls_command(commands: argparse._SubParsersAction) -> None:
+    tls = commands.add_parser(
+        "tls", help="TLS files for a coordinator that other hosts reach",
+        description="TLS files for a coordinator that other hosts reach.")
+    actions = tls.add_subparsers(dest="tls_command", metavar="ACTION", required=True)
+    init = actions.add_parser(
+        "init", formatter_class=argparse.RawDescriptionHelpFormatter,
+        help="write a CA and the coordinator's certificate and key",
+        description="Write DIR/ca.pem (a new CA: what workers and users verify the coordinator\n"
+                    "with), DIR/server.pem (the coordinator's certificate, signed by that CA,\n"
+                    "for every --host) and DIR/server.key (mode 0600), then print the\n"
+                    "dptrain serve and client flags that use them. The CA's key is not kept.",
+        epilog="example:\n  dptrain tls init /etc/dptrain/tls --host coord.example.org "
+               "--host 10.0.0.5\n")
+    init.add_argument("directory", metavar="DIR", help="where to write the files")
+    init.add_argument("--host", metavar="NAME", action="append", required=True,
+                      help="a DNS name or IP address the coordinator is reached at "
+                           "(repeatable; the first is the one printed)")
+    init.add_argument("--port", type=int, default=50051,
+                      help="the coordinator's port, for the printed flags (default 50051)")
+    init.add_argument("--force", action="store_true", help="replace existing files")
+    init.set_defaults(handler=_cmd_tls_init)
+
+
+def _cmd_tls_init(args: argparse.Namespace) -> int:
+    from dptrain.coordinator.server.tls_init import init_tls, usage_lines
+
+    try:
+        files = init_tls(args.directory, args.host, force=args.force)
+    except ValueError as e:
+        raise CommandError(str(e)) from None
+    print("\n".join(usage_lines(files, args.host, args.port)))
+    return 0
 
 
 # serve and demo run a server: this top layer may import both sides, the client commands may not.

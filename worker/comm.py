@@ -399,6 +399,15 @@ class Communicator:
         self._check_root(root)
         return self._comm.bcast(obj, root=root)
 
+    def finalize(self) -> None:
+        """End MPI on this rank (``MPI_Finalize``; every rank must call it): the way out when
+        every rank agreed how the job ends. Under ``python -m mpi4py`` a non-zero exit after
+        it is a plain exit code, not an ``MPI_Abort`` that could cut off the other ranks'
+        last output. Idempotent."""
+        MPI = _mpi()
+        if not MPI.Is_finalized():
+            MPI.Finalize()
+
     def abort(self, code: int = 1) -> NoReturn:
         """End every process of the job at once with exit code `code` (``MPI_Abort``): the
         way out when one rank fails while the others may be blocked in a collective.

@@ -250,8 +250,12 @@ def add_commands(commands: Any, serve: Callable[[argparse.Namespace], int],
                        help="worker ranks that may run at once on this machine (default: "
                             "one per core)")
     serve_parser.add_argument("--hostfile", metavar="FILE",
-                       help="hosts and their slots, 'host:slots' per line (MPICH) or "
-                            "'host slots=N' (Open MPI)")
+                       help="hosts and their slots: one 'host', 'host:N' or 'host slots=N' "
+                            "per line (# comments); see docs/deploy.md")
+    serve_parser.add_argument("--launcher-exec", metavar="CMD", default=None,
+                       help="the remote shell that starts ranks on the hostfile's other hosts "
+                            "(mpiexec's -launcher-exec, called like ssh: CMD -x HOST "
+                            "'command'; default ssh); the preflight uses it too")
     serve_parser.add_argument("--tls-cert", metavar="PEM", help="serve TLS with this certificate")
     serve_parser.add_argument("--tls-key", metavar="PEM", help="the certificate's private key")
     serve_parser.add_argument("--insecure", action="store_true",

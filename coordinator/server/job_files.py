@@ -10,7 +10,6 @@ Files of a job, under ``STATE/jobs/ID/``:
 ``run.json``        the current attempt: its number and marker, and what its launcher needs to
                     find it again after a coordinator restart (for ``mpiexec``: its pid, start
                     time and the machine's boot id)
-``hostfile``        the placement as an MPICH hostfile (``mpiexec`` beyond this machine only)
 ==================  ===========================================================================
 
 ``STATE/runner.lock`` keeps two coordinators off one state directory.
@@ -61,11 +60,6 @@ class JobPaths:
     def run(self) -> Path:
         """The current attempt's record."""
         return self.root / "run.json"
-
-    @property
-    def hostfile(self) -> Path:
-        """The placement's hostfile."""
-        return self.root / "hostfile"
 
 
 def write_run_record(path: Path, record: Mapping[str, Any]) -> None:
