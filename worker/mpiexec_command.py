@@ -66,6 +66,9 @@ class LaunchSettings:
         python: the interpreter the ranks run (default: this one).
         mpiexec: the launcher (default: the ``mpiexec`` beside `python`).
         mpiexec_args: extra arguments for ``mpiexec``, placed before the program.
+        abort_on_exception: run the ranks as ``python -m mpi4py -m dptrain.worker``, so that
+            an uncaught exception on any rank calls ``MPI_Abort`` and ends the whole job (across
+            hosts Hydra does not end a job when one rank raises).
     """
 
     job: str
@@ -80,6 +83,7 @@ class LaunchSettings:
     python: str = sys.executable
     mpiexec: str | None = None
     mpiexec_args: tuple[str, ...] = ()
+    abort_on_exception: bool = False
 
 
 def mpiexec_command(settings: LaunchSettings) -> list[str]:
@@ -109,7 +113,8 @@ def mpiexec_command(settings: LaunchSettings) -> list[str]:
             cmd += ["-genv", name, str(s.blas_threads)]
     for name in sorted(s.env):
         cmd += ["-genv", name, str(s.env[name])]
-    cmd += [*s.mpiexec_args, s.python, "-m", "dptrain.worker", os.fspath(s.job)]
+    runner = ["-m", "mpi4py"] if s.abort_on_exception else []
+    cmd += [*s.mpiexec_args, s.python, *runner, "-m", "dptrain.worker", os.fspath(s.job)]
     if s.checkpoint_dir is not None:
         cmd += ["--checkpoint-dir", os.fspath(s.checkpoint_dir)]
     if s.resume:
