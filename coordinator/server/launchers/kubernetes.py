@@ -20,6 +20,7 @@ finished attempt's MPIJob is deleted once the runner has its last log lines (`Ru
 from __future__ import annotations
 
 import logging
+import os
 from typing import IO, Any
 
 from dptrain.coordinator.server.job_files import JobPaths, read_run_record, write_run_record
@@ -59,7 +60,8 @@ class KubernetesLauncher(Launcher):
     Args:
         settings: the image, namespace, state volume, ... of the MPIJobs.
         configuration: a ``kubernetes.client.Configuration`` to talk to the API server with
-            (default: the pod's service account inside a cluster, else ``~/.kube/config``).
+            (default: the pod's service account inside a cluster, else ``$KUBECONFIG`` or
+            ``~/.kube/config``).
 
     Raises:
         LaunchError: the ``kubernetes`` package is missing, or no configuration is found.
@@ -69,15 +71,17 @@ class KubernetesLauncher(Launcher):
         self.settings = settings
         k8s = _import_client()
         if configuration is None:
+            configuration = k8s.client.Configuration()
             try:
-                k8s.config.load_incluster_config()
+                k8s.config.load_incluster_config(client_configuration=configuration)
             except k8s.config.ConfigException:
-                try:
-                    k8s.config.load_kube_config()
+                try:  # read $KUBECONFIG now: the client read it when it was imported
+                    k8s.config.load_kube_config(config_file=os.environ.get("KUBECONFIG"),
+                                                client_configuration=configuration)
                 except (k8s.config.ConfigException, OSError) as e:
                     raise LaunchError(f"kubernetes: no API server configured (neither in a "
-                                      f"cluster nor in ~/.kube/config): {e}") from None
-            configuration = k8s.client.Configuration.get_default_copy()
+                                      f"cluster nor in $KUBECONFIG or ~/.kube/config): "
+                                      f"{e}") from None
         api = k8s.client.ApiClient(configuration)
         self._ApiException = k8s.client.ApiException
         self._custom = k8s.client.CustomObjectsApi(api)

@@ -35,9 +35,9 @@ from dptrain.coordinator.server.launchers.base import WorkerLaunch
 from dptrain.worker import environment as worker_env
 from dptrain.worker.mpiexec_command import LaunchSettings, mpiexec_command
 
-__all__ = ["KubernetesSettings", "mpijob_manifest", "token_secret_manifest", "mpijob_name",
-           "pod_environment", "API_VERSION", "GROUP", "VERSION", "PLURAL", "TOKEN_KEY",
-           "IMAGE_PYTHON", "IMAGE_UID"]
+__all__ = ["KubernetesSettings", "settings_from_options", "mpijob_manifest",
+           "token_secret_manifest", "mpijob_name", "pod_environment", "API_VERSION", "GROUP",
+           "VERSION", "PLURAL", "TOKEN_KEY", "IMAGE_PYTHON", "IMAGE_UID"]
 
 GROUP, VERSION, PLURAL = "kubeflow.org", "v2beta1", "mpijobs"
 API_VERSION = f"{GROUP}/{VERSION}"
@@ -68,10 +68,10 @@ class KubernetesSettings:
         slots_per_worker: ranks per worker pod (the operator's ``slotsPerWorker``).
         python: the interpreter in the image.
         tls_secret: a Secret holding the CA certificate the workers verify the coordinator
-            with, mounted at `tls_dir` (None: the coordinator listens without TLS).
-        tls_dir: where `tls_secret` is mounted; the coordinator's ``--tls-ca`` (or
-            ``--tls-cert``) must lie in the same directory, so the path the runner hands the
-            workers holds in the pods too.
+            with (key `tls_ca_key`), mounted at `tls_dir`; the workers' ``DPTRAIN_TLS_CA``
+            names the file there (None: the coordinator listens without TLS).
+        tls_dir: where `tls_secret` is mounted.
+        tls_ca_key: the key of `tls_secret` that holds the CA certificate.
         blas_threads: BLAS/OpenMP threads per rank.
         cpu_per_rank: the CPU request (and limit) of a worker pod per slot, e.g. ``"1"``
             (None: no resources are set).
@@ -87,6 +87,7 @@ class KubernetesSettings:
     python: str = IMAGE_PYTHON
     tls_secret: str | None = None
     tls_dir: str = "/etc/dptrain/tls"
+    tls_ca_key: str = "ca.crt"
     blas_threads: int = 1
     cpu_per_rank: str | None = None
     memory_per_rank: str | None = None
@@ -103,6 +104,29 @@ class KubernetesSettings:
         slots = self.slots_per_worker
         if isinstance(slots, bool) or not isinstance(slots, int) or slots < 1:
             raise ValueError(f"slots_per_worker: must be an integer >= 1, got {slots!r}")
+        for name in ("cpu_per_rank", "memory_per_rank"):
+            if (quantity := getattr(self, name)) is not None:
+                _times(name, quantity, slots)
+
+
+def settings_from_options(options: Any) -> KubernetesSettings:
+    """The settings from the kubernetes options of ``dptrain serve`` and ``dptrain render-job``
+    (``coordinator.client.commands.add_kubernetes_options``).
+
+    Raises:
+        ValueError: an option is missing or wrong (the message names it).
+    """
+    if not options.image:
+        raise ValueError("--image: the kubernetes launcher needs the workers' container image "
+                         "(built from deploy/Dockerfile)")
+    try:
+        return KubernetesSettings(
+            image=options.image, namespace=options.namespace, state_claim=options.state_claim,
+            slots_per_worker=options.slots_per_worker, tls_secret=options.tls_secret,
+            cpu_per_rank=options.cpu_per_rank, memory_per_rank=options.memory_per_rank)
+    except ValueError as e:  # name the option, not the field
+        field_name, _, rule = str(e).partition(": ")
+        raise ValueError(f"--{field_name.replace('_', '-')}: {rule}") from None
 
 
 def mpijob_name(job_id: str, attempt: int) -> str:
@@ -165,20 +189,20 @@ def _pod_spec(settings: KubernetesSettings, launch: WorkerLaunch, container: dic
 def _resources(settings: KubernetesSettings) -> dict[str, Any] | None:
     amounts = {}
     if settings.cpu_per_rank:
-        amounts["cpu"] = _times(settings.cpu_per_rank, settings.slots_per_worker)
+        amounts["cpu"] = _times("cpu_per_rank", settings.cpu_per_rank,
+                                settings.slots_per_worker)
     if settings.memory_per_rank:
-        amounts["memory"] = _times(settings.memory_per_rank, settings.slots_per_worker)
+        amounts["memory"] = _times("memory_per_rank", settings.memory_per_rank,
+                                   settings.slots_per_worker)
     return {"requests": amounts, "limits": dict(amounts)} if amounts else None
 
 
-def _times(quantity: str, n: int) -> str:
+def _times(field_name: str, quantity: str, n: int) -> str:
     """A Kubernetes quantity times `n` (``"2Gi"`` x 2 = ``"4Gi"``; ``"500m"`` x 2 = ``"1"``)."""
-    if n == 1:
-        return quantity
     match = re.fullmatch(r"(\d+)(m|[KMGTPE]i?)?", quantity)
     if not match:
-        raise ValueError(f"resources: a per-rank quantity must be an integer with an optional "
-                         f"unit (500m, 2Gi), got {quantity!r}")
+        raise ValueError(f"{field_name}: must be an integer with an optional unit (500m, 2Gi), "
+                         f"got {quantity!r}")
     value, unit = int(match.group(1)) * n, match.group(2) or ""
     if unit == "m" and value % 1000 == 0:
         return str(value // 1000)
@@ -207,7 +231,10 @@ def mpijob_manifest(settings: KubernetesSettings, launch: WorkerLaunch) -> dict[
     # reads progress and the final metrics; `exec` makes mpiexec the container's first
     # process, so it gets the pod's SIGTERM and passes it on to every rank.
     shell = f"umask 077; exec \"$@\" >>{shlex.quote(str(paths.log))} 2>&1"
-    env = [{"name": k, "value": v} for k, v in pod_environment(launch.env).items()]
+    variables = pod_environment(launch.env)
+    if settings.tls_secret:  # the coordinator's path of its CA file is not the pods'
+        variables[worker_env.TLS_CA] = f"{settings.tls_dir}/{settings.tls_ca_key}"
+    env = [{"name": k, "value": v} for k, v in sorted(variables.items())]
     env.append({"name": worker_env.JOB_TOKEN, "valueFrom": {"secretKeyRef": {
         "name": name, "key": TOKEN_KEY}}})
     launcher = {"name": "launcher", "command": ["sh", "-c", shell, "sh", *command], "env": env}
@@ -218,10 +245,10 @@ def mpijob_manifest(settings: KubernetesSettings, launch: WorkerLaunch) -> dict[
                            "periodSeconds": 2}}
     if (resources := _resources(settings)) is not None:
         worker["resources"] = resources
-    labels = _labels(launch)
     return {
         "apiVersion": API_VERSION, "kind": "MPIJob",
-        "metadata": {"name": name, "namespace": settings.namespace, "labels": labels},
+        "metadata": {"name": name, "namespace": settings.namespace,
+                     "labels": _labels(launch)},
         "spec": {
             "slotsPerWorker": settings.slots_per_worker,
             "mpiImplementation": "MPICH",
@@ -230,10 +257,10 @@ def mpijob_manifest(settings: KubernetesSettings, launch: WorkerLaunch) -> dict[
             "runPolicy": {"backoffLimit": 0, "cleanPodPolicy": "Running"},
             "mpiReplicaSpecs": {
                 "Launcher": {"replicas": 1, "restartPolicy": "Never", "template": {
-                    "metadata": {"labels": labels},
+                    "metadata": {"labels": _labels(launch)},
                     "spec": _pod_spec(settings, launch, launcher)}},
                 "Worker": {"replicas": workers, "restartPolicy": "Never", "template": {
-                    "metadata": {"labels": labels},
+                    "metadata": {"labels": _labels(launch)},
                     "spec": _pod_spec(settings, launch, worker)}},
             },
         },

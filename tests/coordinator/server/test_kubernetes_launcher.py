@@ -166,10 +166,20 @@ def test_bad_settings_are_refused_naming_the_field(kwargs, message):
         KubernetesSettings(**kwargs)
 
 
-def test_a_bad_per_rank_quantity_is_refused():
-    settings = KubernetesSettings(image="i", slots_per_worker=2, memory_per_rank="2 GB")
-    with pytest.raises(ValueError, match="resources: a per-rank quantity .* got '2 GB'"):
-        mpijob_manifest(settings, attempt())
+@pytest.mark.parametrize("field", ["cpu_per_rank", "memory_per_rank"])
+def test_a_bad_per_rank_quantity_is_refused(field):
+    with pytest.raises(ValueError, match=rf"^{field}: must be an integer with an optional unit "
+                                         rf"\(500m, 2Gi\), got '2 GB'$"):
+        KubernetesSettings(image="i", **{field: "2 GB"})
+
+
+def test_with_tls_the_workers_verify_with_the_mounted_ca():
+    settings = KubernetesSettings(image="i", tls_secret="dptrain-tls")
+    env = {**ENV, "DPTRAIN_TLS_CA": "/etc/dptrain/tls/..2026_12_06/ca.crt"}  # as resolved
+    manifest = mpijob_manifest(settings, attempt(env=env))
+    launcher = manifest["spec"]["mpiReplicaSpecs"]["Launcher"]["template"]["spec"]
+    assert {"name": "DPTRAIN_TLS_CA", "value": "/etc/dptrain/tls/ca.crt"} in (
+        launcher["containers"][0]["env"])
 
 
 # ---------------------------------------------------------------- against the FAKE API server
