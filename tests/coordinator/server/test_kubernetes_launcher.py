@@ -8,9 +8,13 @@ can run on these machines; the tests play the operator's part by setting the MPI
 from __future__ import annotations
 
 import io
+import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
+import jobkit
 import pytest
 
 from dptrain.coordinator.server.job_files import JobPaths, read_run_record
@@ -180,6 +184,34 @@ def test_with_tls_the_workers_verify_with_the_mounted_ca():
     launcher = manifest["spec"]["mpiReplicaSpecs"]["Launcher"]["template"]["spec"]
     assert {"name": "DPTRAIN_TLS_CA", "value": "/etc/dptrain/tls/ca.crt"} in (
         launcher["containers"][0]["env"])
+
+
+@pytest.mark.mpi
+@pytest.mark.slow
+def test_the_launcher_pods_command_trains_the_job_into_its_directory(tmp_path):
+    # The launcher container's command, run here with this venv in place of the image's (Hydra
+    # starts both ranks on this machine where, in a cluster, it would ssh to the worker pods):
+    # the output lands in the job's log, with the final metrics, and checkpoints in its dir.
+    paths = JobPaths(tmp_path / "jobs" / JOB)
+    paths.checkpoints.mkdir(parents=True)
+    paths.spec.write_text(json.dumps(jobkit.spec(jobkit.TINY_SPEC, workers=2)))
+    env = {"DPTRAIN_JOB_ID": JOB, "DPTRAIN_JOB_TOKEN": "t", "DPTRAIN_RUN_ID": f"{JOB}.1.ab",
+           "PYTHONUNBUFFERED": "1"}
+    launch = WorkerLaunch(JOB, 1, f"{JOB}.1.ab", (("pod", 2),), paths, env, resume=False)
+    manifest = mpijob_manifest(KubernetesSettings(image="i", python=sys.executable), launch)
+    (container,) = manifest["spec"]["mpiReplicaSpecs"]["Launcher"]["template"]["spec"][
+        "containers"]
+    pod_env = {e["name"]: e["value"] for e in container["env"] if "value" in e}
+    pod_env.update(DPTRAIN_JOB_TOKEN="t", PATH=os.environ["PATH"])
+    result = subprocess.run(container["command"], env=pod_env, capture_output=True, text=True,
+                            timeout=300)
+    log = paths.log.read_text()
+    assert (result.returncode, result.stdout, result.stderr) == (0, "", ""), log
+    final = json.loads([line for line in log.splitlines() if line.startswith("{")][-1])
+    assert (final["status"], final["step"]) == ("completed", 20)
+    assert sorted(p.name for p in paths.checkpoints.iterdir()) == [
+        "step-00000015", "step-00000020"]  # every 5 steps, the last 2 kept
+    assert paths.log.stat().st_mode & 0o077 == 0  # umask 077: private, as the runner's
 
 
 # ---------------------------------------------------------------- against the FAKE API server
