@@ -12,8 +12,9 @@ The manifest is a pure function (`kubernetes_manifest.mpijob_manifest`). One att
 
 The attempt's state is the MPIJob's status conditions, polled: ``Succeeded`` is exit 0;
 ``Failed`` is the launcher pod's exit code (the worker's own: 2 invalid job, 3 diverged, ...),
-or 1 when that pod is gone. Terminating deletes the MPIJob (its pods get SIGTERM; the launcher
-pod's ``mpiexec`` passes it on to the ranks), killing deletes it with no grace period; a
+or 1 when that pod is gone. Terminating deletes the MPIJob in the foreground (its pods get
+SIGTERM; the launcher pod's ``mpiexec`` passes it on to the ranks) and the attempt has ended
+when the MPIJob is gone, which is after its pods; killing deletes it with no grace period. A
 finished attempt's MPIJob is deleted once the runner has its last log lines (`RunHandle.reap`).
 """
 
@@ -145,11 +146,16 @@ class KubernetesLauncher(Launcher):
             raise
 
     def _delete(self, ns: str, name: str, grace: int | None) -> None:
-        """Delete an MPIJob and what it owns (its pods, its token Secret)."""
+        """Delete an MPIJob and what it owns (its pods, its token Secret).
+
+        In the foreground: the MPIJob stays, being deleted, until its pods are gone, so that
+        `poll` reports the end of an attempt only when none of its ranks can still write to
+        the job's directory (the next attempt resumes from it).
+        """
         try:
             self._custom.delete_namespaced_custom_object(
                 GROUP, VERSION, ns, PLURAL, name, grace_period_seconds=grace,
-                propagation_policy="Background")
+                propagation_policy="Foreground")
         except self._ApiException as e:
             if e.status != 404:
                 log.warning("kubernetes: deleting MPIJob %s/%s failed: %s %s", ns, name,
@@ -220,6 +226,8 @@ class _MPIJobRun(RunHandle):
             mpijob = self.launcher._read(self.ns, self.name)
             if mpijob is None:
                 self._code = _GONE if self._ended_by is None else self._ended_by
+            elif self._ended_by is not None:  # deleted by us: over when its pods are gone
+                pass
             elif (state := condition(mpijob)) == "Succeeded":
                 self._code = 0
             elif state == "Failed":

@@ -295,9 +295,20 @@ def test_terminate_deletes_the_mpijob_with_its_grace_period(fake_api, launcher, 
     handle.terminate()
     deletes = [r for r in fake_api.requests if r.method == "DELETE" and r.kind == "mpijobs"]
     assert [(r.name, r.query.get("gracePeriodSeconds")) for r in deletes] == [(NAME, None)]
-    assert deletes[0].query["propagationPolicy"] == ["Background"]
+    assert deletes[0].query["propagationPolicy"] == ["Foreground"]
     assert fake_api.get("mpijobs", "ml", NAME) is None
     assert fake_api.get("secrets", "ml", NAME) is None
+    assert handle.poll() == 128 + 15
+
+
+def test_a_terminated_attempt_ends_only_when_its_pods_are_gone(fake_api, launcher, tmp_path):
+    fake_api.on_deleted = lambda mpijob, grace: None  # pods that take their time to end
+    _, handle, _ = start(launcher, tmp_path)
+    fake_api.set_condition("ml", NAME, "Failed")  # what an operator may say as pods go
+    handle.terminate()
+    assert fake_api.get("mpijobs", "ml", NAME)["metadata"]["deletionTimestamp"]
+    assert handle.poll() is None  # its ranks may still write into the job's directory
+    fake_api.finish_deletion("ml", NAME)
     assert handle.poll() == 128 + 15
 
 
