@@ -36,7 +36,8 @@ from dptrain.coordinator.server.launchers.kubernetes_manifest import (
     token_secret_manifest,
 )
 
-__all__ = ["KubernetesLauncher", "KubernetesSettings", "EXTRA_HINT", "launcher_exit_code"]
+__all__ = ["KubernetesLauncher", "KubernetesSettings", "EXTRA_HINT", "launcher_exit_code",
+           "condition"]
 
 log = logging.getLogger("dptrain.coordinator.kubernetes")
 
@@ -44,6 +45,13 @@ log = logging.getLogger("dptrain.coordinator.kubernetes")
 EXTRA_HINT = "pip install 'dptrain[kubernetes]'"
 _TERMINATED, _KILLED = 128 + 15, 128 + 9  # what a deleted attempt reports, as a signal would
 _GONE = -1  # an attempt that vanished without this coordinator's doing
+_TIMEOUT_S = 30  # per API call: an API server that does not answer must not hang the runner
+
+
+def _urllib3_error() -> type[Exception]:
+    import urllib3
+
+    return urllib3.exceptions.HTTPError
 
 
 def _import_client() -> Any:
@@ -85,6 +93,9 @@ class KubernetesLauncher(Launcher):
                                       f"{e}") from None
         api = k8s.client.ApiClient(configuration)
         self._ApiException = k8s.client.ApiException
+        # what a call raises: an answer of the API server, or none (urllib3, under the client)
+        self._errors = (k8s.client.ApiException, _urllib3_error())
+        self._host = configuration.host
         self._custom = k8s.client.CustomObjectsApi(api)
         self._core = k8s.client.CoreV1Api(api)
 
@@ -104,20 +115,21 @@ class KubernetesLauncher(Launcher):
             raise LaunchError(f"{e.filename}: {e.strerror or e}") from None
         created = None
         try:
-            self._core.create_namespaced_secret(ns, token_secret_manifest(self.settings, launch))
-            created = self._custom.create_namespaced_custom_object(GROUP, VERSION, ns, PLURAL,
-                                                                   manifest)
+            self._core.create_namespaced_secret(ns, token_secret_manifest(self.settings, launch),
+                                                _request_timeout=_TIMEOUT_S)
+            created = self._custom.create_namespaced_custom_object(
+                GROUP, VERSION, ns, PLURAL, manifest, _request_timeout=_TIMEOUT_S)
             owner = {"apiVersion": manifest["apiVersion"], "kind": manifest["kind"],
                      "name": name, "uid": created["metadata"]["uid"],
                      "blockOwnerDeletion": False}
             self._core.patch_namespaced_secret(name, ns, {"metadata": {
-                "ownerReferences": [owner]}})
-        except self._ApiException as e:
+                "ownerReferences": [owner]}}, _request_timeout=_TIMEOUT_S)
+        except self._errors as e:
             if created is not None:
                 self._delete(ns, name, grace=0)
             self._delete_secret(ns, name, grace=0)  # the token must not outlive the attempt
-            raise LaunchError(f"kubernetes: cannot create MPIJob {ns}/{name}: {e.status} "
-                              f"{e.reason}{_hint(e.status)}") from None
+            raise LaunchError(f"kubernetes: cannot create MPIJob {ns}/{name}: "
+                              f"{self._describe(e)}") from None
         output.write(f"[dptrain] created MPIJob {ns}/{name}: {launch.ranks} rank(s) on "
                      f"{manifest['spec']['mpiReplicaSpecs']['Worker']['replicas']} worker "
                      f"pod(s) of {self.settings.image}\n".encode())
@@ -130,16 +142,27 @@ class KubernetesLauncher(Launcher):
         name, ns = record.get("mpijob"), record.get("namespace")
         if not isinstance(name, str) or not isinstance(ns, str):
             return None
-        if self._read(ns, name) is None:
-            return None
+        try:
+            if self._read(ns, name) is None:
+                return None
+        except self._errors as e:  # it may run: starting over beside it could corrupt the job
+            raise LaunchError(f"kubernetes: cannot look for MPIJob {ns}/{name} of job "
+                              f"{record.get('job_id')}: {self._describe(e)}") from None
         return _MPIJobRun(self, ns, name, recovered=True)
 
     # ------------------------------------------------------------ API calls
 
+    def _describe(self, error: Exception) -> str:
+        """An API call's failure in one line."""
+        if isinstance(error, self._ApiException):
+            return f"{error.status} {error.reason}{_hint(error.status)}"
+        return f"cannot reach the API server at {self._host}: {type(error).__name__}"
+
     def _read(self, ns: str, name: str) -> dict[str, Any] | None:
         """The MPIJob, or None when it does not exist."""
         try:
-            return self._custom.get_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, name)
+            return self._custom.get_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, name,
+                                                             _request_timeout=_TIMEOUT_S)
         except self._ApiException as e:
             if e.status == 404:
                 return None
@@ -155,24 +178,26 @@ class KubernetesLauncher(Launcher):
         try:
             self._custom.delete_namespaced_custom_object(
                 GROUP, VERSION, ns, PLURAL, name, grace_period_seconds=grace,
-                propagation_policy="Foreground")
-        except self._ApiException as e:
-            if e.status != 404:
-                log.warning("kubernetes: deleting MPIJob %s/%s failed: %s %s", ns, name,
-                            e.status, e.reason)
+                propagation_policy="Foreground", _request_timeout=_TIMEOUT_S)
+        except self._errors as e:  # the runner kills again after its grace period
+            if getattr(e, "status", None) != 404:
+                log.warning("kubernetes: deleting MPIJob %s/%s failed: %s", ns, name,
+                            self._describe(e))
 
     def _delete_secret(self, ns: str, name: str, grace: int | None) -> None:
         try:
-            self._core.delete_namespaced_secret(name, ns, grace_period_seconds=grace)
-        except self._ApiException as e:
-            if e.status != 404:
-                log.warning("kubernetes: deleting Secret %s/%s failed: %s %s", ns, name,
-                            e.status, e.reason)
+            self._core.delete_namespaced_secret(name, ns, grace_period_seconds=grace,
+                                                _request_timeout=_TIMEOUT_S)
+        except self._errors as e:
+            if getattr(e, "status", None) != 404:
+                log.warning("kubernetes: deleting Secret %s/%s failed: %s", ns, name,
+                            self._describe(e))
 
     def _launcher_exit_code(self, ns: str, name: str) -> int | None:
         selector = (f"training.kubeflow.org/job-name={name},"
                     f"training.kubeflow.org/job-role=launcher")
-        pods = self._core.list_namespaced_pod(ns, label_selector=selector)
+        pods = self._core.list_namespaced_pod(ns, label_selector=selector,
+                                              _request_timeout=_TIMEOUT_S)
         return launcher_exit_code(self._core.api_client.sanitize_for_serialization(pods))
 
 
@@ -233,11 +258,9 @@ class _MPIJobRun(RunHandle):
             elif state == "Failed":
                 code = self.launcher._launcher_exit_code(self.ns, self.name)
                 self._code = 1 if not code else code
-        except self.launcher._ApiException as e:  # the API server is away: ask again later
-            log.warning("kubernetes: reading MPIJob %s/%s failed: %s %s", self.ns, self.name,
-                        e.status, e.reason)
-        except OSError as e:
-            log.warning("kubernetes: reading MPIJob %s/%s failed: %s", self.ns, self.name, e)
+        except self.launcher._errors as e:  # the API server is away: ask again later
+            log.warning("kubernetes: reading MPIJob %s/%s failed: %s", self.ns, self.name,
+                        self.launcher._describe(e))
         return self._code
 
     def terminate(self) -> None:

@@ -361,6 +361,21 @@ def test_without_the_operator_the_error_says_so(tmp_path):
         api.stop()
 
 
+def test_an_unreachable_api_server_is_a_launch_error_naming_it(tmp_path):
+    api = FakeKubernetesApi().start()
+    configuration = api.configuration()
+    api.stop()  # nothing listens there any more
+    launcher = KubernetesLauncher(KubernetesSettings(image="img:1", namespace="ml"),
+                                  configuration=configuration)
+    with pytest.raises(LaunchError, match=f"^kubernetes: cannot create MPIJob ml/{NAME}: cannot "
+                                          f"reach the API server at {api.url}: "):
+        start(launcher, tmp_path)
+    launch = attempt(root=str(tmp_path / "jobs" / JOB))
+    with pytest.raises(LaunchError, match=f"^kubernetes: cannot look for MPIJob ml/{NAME} of "
+                                          f"job {JOB}: cannot reach the API server"):
+        launcher.recover(launch.paths)  # run.json names it: it may still run
+
+
 def test_launcher_exit_code_takes_the_newest_terminated_pod():
     def pod(created, code):
         return {"metadata": {"creationTimestamp": created}, "status": {"containerStatuses": [
