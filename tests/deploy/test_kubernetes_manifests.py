@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import base64
 import copy
+import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -163,6 +165,23 @@ def test_the_kustomization_renders_a_valid_coordinator(tmp_path):
             ("ServiceAccount", "dptrain-coordinator")]
         assert {d["metadata"].get("namespace") for d in docs if d["kind"] != "Namespace"} \
             == {"dptrain"}
+
+
+def test_the_kubernetes_validate_command_line_passes_them_too(tmp_path):
+    # The same validator as a user runs it: `kubernetes-validate --strict FILE...`. It only
+    # warns about a kind it has no schema for, so its output is checked for that too.
+    command = shutil.which("kubernetes-validate", path=os.path.dirname(sys.executable))
+    assert command is not None  # installed with the kubernetes_validate module
+    files = []
+    for i, doc in enumerate(renders(tmp_path)[0]):
+        files.append(tmp_path / f"{i}-{doc['kind']}.yaml")
+        files[-1].write_text(yaml.safe_dump(doc))
+    result = subprocess.run([command, "--strict", "-k", K8S_VERSION, *map(str, files)],
+                            capture_output=True, text=True, timeout=300)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    assert "couldn't find schema" not in output.lower(), output
+    assert output.count(" passed for resource ") == len(files), output
 
 
 def test_the_coordinators_role_allows_what_the_launcher_calls():
