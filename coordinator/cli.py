@@ -2,7 +2,8 @@
 hostfile's hosts); ``dptrain tls init`` writes a coordinator's TLS files;
 ``dptrain serve`` runs the coordinator and ``submit``, ``jobs``, ``status``, ``watch``, ``logs``,
 ``cancel``, ``checkpoints``, ``download``, ``plot`` and ``demo`` use it
-(`coordinator.commands`).
+(`coordinator.commands`); ``dptrain render-job`` prints the manifest a launcher would give a
+job.
 
 Subcommands are argparse subparsers, each with its own ``handler(args) -> exit code``. Errors
 are one readable line on stderr, never a traceback (``DPTRAIN_DEBUG=1`` shows the traceback of
@@ -18,6 +19,7 @@ import signal
 import subprocess
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -141,11 +143,37 @@ def build_parser() -> argparse.ArgumentParser:
                      help="BLAS threads per rank (default 1; 0 keeps the environment's)")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     run.set_defaults(handler=_cmd_run)
-    from dptrain.coordinator.client.commands import add_commands, add_global_options
+    from dptrain.coordinator.client.commands import (
+        add_commands,
+        add_global_options,
+        add_kubernetes_options,
+    )
 
     add_global_options(parser)
     add_commands(commands, serve=_cmd_serve, demo=_cmd_demo)
     _add_tls_command(commands)
+    render = commands.add_parser(
+        "render-job", formatter_class=argparse.RawDescriptionHelpFormatter,
+        help="print the manifest a job would get from a launcher (kubernetes: its MPIJob)",
+        description="Print, as YAML, the MPIJob the coordinator's kubernetes launcher would\n"
+                    "create for a job's first attempt. Nothing is contacted: the job file is\n"
+                    "read, not validated (the coordinator validates it at submission).",
+        epilog="example:\n  dptrain render-job examples/digits_mlp.yaml --launcher kubernetes "
+               "\\\n      --image registry.example.org/dptrain:0.1.0 --namespace ml\n\n"
+               "exit codes:\n  0  printed\n  2  bad command line or unreadable job file\n")
+    render.add_argument("job", metavar="JOB.yaml", help="the job file (.yaml, .yml or .json)")
+    render.add_argument("--launcher", choices=["kubernetes"], required=True,
+                        help="the launcher whose manifest to print")
+    render.add_argument("--job-id", default="j-000000000000", metavar="ID",
+                        help="the job id to render with (default j-000000000000)")
+    render.add_argument("--coordinator", metavar="HOST:PORT", default=None,
+                        help="the coordinator's address as the pods reach it (default: "
+                             "dptrain-coordinator.NS.svc:50051, deploy/kubernetes' Service)")
+    render.add_argument("--cluster-state-dir", metavar="DIR", default="/var/lib/dptrain",
+                        help="the coordinator's state directory in the cluster (default "
+                             "/var/lib/dptrain, deploy/kubernetes' Deployment)")
+    add_kubernetes_options(render)
+    render.set_defaults(handler=_cmd_render_job)
     return parser
 
 
@@ -181,6 +209,48 @@ def _cmd_tls_init(args: argparse.Namespace) -> int:
     except ValueError as e:
         raise CommandError(str(e)) from None
     print("\n".join(usage_lines(files, args.host, args.port)))
+    return 0
+
+
+def _cmd_render_job(args: argparse.Namespace) -> int:
+    # The manifest is a pure function on the server's side; it and what it imports are light
+    # (no gRPC, no store), and nothing the job names is imported: the file is only read.
+    import yaml
+
+    from dptrain.coordinator.server.job_files import JobPaths
+    from dptrain.coordinator.server.launchers.base import (
+        WorkerLaunch,
+        attempt_environment,
+    )
+    from dptrain.coordinator.server.launchers.kubernetes_manifest import (
+        mpijob_manifest,
+        settings_from_options,
+    )
+    from dptrain.worker.spec import JobSpecError, check_types, read_spec_file
+
+    try:
+        settings = settings_from_options(args)
+    except ValueError as e:
+        raise CommandError(str(e)) from None
+    try:
+        spec = read_spec_file(args.job)
+    except JobSpecError as e:
+        raise CommandError(str(e)) from None
+    try:
+        check_types(spec)  # the spec owner's types; nothing the job names is imported
+    except JobSpecError as e:
+        raise CommandError(f"{args.job}: {e}") from None
+    workers = spec.get("workers", 1)
+    if workers < 1:
+        raise CommandError(f"{args.job}: workers: must be >= 1, got {workers!r}")
+    address = args.coordinator or f"dptrain-coordinator.{settings.namespace}.svc:50051"
+    run_id = f"{args.job_id}.1.00000000"  # a fixed marker: the same job renders the same
+    env = attempt_environment({}, job_id=args.job_id, token="", run_id=run_id,
+                              server_address=address, heartbeat_timeout=60.0)
+    launch = WorkerLaunch(args.job_id, 1, run_id, (("pod", workers),),
+                          JobPaths.of(Path(args.cluster_state_dir) / "jobs", args.job_id), env,
+                          resume=False)
+    print(yaml.safe_dump(mpijob_manifest(settings, launch), sort_keys=False), end="")
     return 0
 
 
