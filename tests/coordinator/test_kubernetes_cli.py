@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 
 import pytest
 import yaml
@@ -79,10 +80,14 @@ def test_render_job_refuses_bad_options_naming_them(capsys, args, message):
 
 def test_render_job_refuses_a_job_without_a_usable_workers_count(capsys, tmp_path):
     job = tmp_path / "job.yaml"
-    job.write_text("name: x\nworkers: 0\n")
+    example = (REPO / "examples" / "digits_mlp.yaml").read_text()
+    job.write_text(re.sub(r"(?m)^workers: .*$", "workers: 0", example))
     code, _, err = render(capsys, str(job), "--launcher", "kubernetes", "--image", "i")
     assert code == 2
-    assert err == f"dptrain: error: {job}: workers: must be an integer >= 1, got 0\n"
+    assert err == f"dptrain: error: {job}: workers: must be >= 1, got 0\n"
+    job.write_text("name: x\nworkers: two\n")  # the spec's own type rules, and only those
+    code, _, err = render(capsys, str(job), "--launcher", "kubernetes", "--image", "i")
+    assert code == 2 and "workers: must be an integer, got 'two'" in err
     code, _, err = render(capsys, str(tmp_path / "none.yaml"), "--launcher", "kubernetes",
                           "--image", "i")
     assert code == 2 and "cannot read the job file" in err
@@ -92,7 +97,8 @@ def test_render_job_loads_no_server_engine_grpc_or_job_code(tmp_path):
     # A job naming a module of its own: rendering must not import it (it would print).
     (tmp_path / "own_model.py").write_text("print('IMPORTED')\n")
     job = tmp_path / "job.yaml"
-    job.write_text("name: own\nmodel: {name: own_model.Net}\nworkers: 3\n")
+    spec = yaml.safe_load((REPO / "examples" / "digits_mlp.yaml").read_text())
+    job.write_text(yaml.safe_dump({**spec, "workers": 3, "model": {"name": "own_model:Net"}}))
     statement = (f"import os, sys; os.chdir({str(tmp_path)!r}); sys.path.insert(0, '.')\n"
                  f"from dptrain.coordinator.cli import main\n"
                  f"assert main(['render-job', 'job.yaml', '--launcher', 'kubernetes', "

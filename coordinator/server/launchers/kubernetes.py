@@ -130,7 +130,7 @@ class KubernetesLauncher(Launcher):
             self._delete_secret(ns, name, grace=0)  # the token must not outlive the attempt
             raise LaunchError(f"kubernetes: cannot create MPIJob {ns}/{name}: "
                               f"{self._describe(e)}") from None
-        output.write(f"[dptrain] created MPIJob {ns}/{name}: {launch.ranks} rank(s) on "
+        output.write(f"[dptrain] created MPIJob {ns}/{name}: {launch.workers} rank(s) on "
                      f"{manifest['spec']['mpiReplicaSpecs']['Worker']['replicas']} worker "
                      f"pod(s) of {self.settings.image}\n".encode())
         output.flush()

@@ -222,7 +222,7 @@ def mpijob_manifest(settings: KubernetesSettings, launch: WorkerLaunch) -> dict[
     """
     name = mpijob_name(launch.job_id, launch.attempt)
     paths = launch.paths
-    workers = -(-launch.ranks // settings.slots_per_worker)
+    pods = -(-launch.workers // settings.slots_per_worker)
     command = mpiexec_command(LaunchSettings(
         job=str(paths.spec), workers=launch.workers, checkpoint_dir=str(paths.checkpoints),
         resume=launch.resume, bind_to=None, blas_threads=settings.blas_threads, progress=False,
@@ -259,7 +259,7 @@ def mpijob_manifest(settings: KubernetesSettings, launch: WorkerLaunch) -> dict[
                 "Launcher": {"replicas": 1, "restartPolicy": "Never", "template": {
                     "metadata": {"labels": _labels(launch)},
                     "spec": _pod_spec(settings, launch, launcher)}},
-                "Worker": {"replicas": workers, "restartPolicy": "Never", "template": {
+                "Worker": {"replicas": pods, "restartPolicy": "Never", "template": {
                     "metadata": {"labels": _labels(launch)},
                     "spec": _pod_spec(settings, launch, worker)}},
             },
