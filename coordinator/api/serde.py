@@ -307,16 +307,19 @@ def _numbers(values: Mapping[str, Any]) -> dict[str, float]:
     return out
 
 
-def job_to_proto(job: Job) -> pb.Job:
+def job_to_proto(job: Job, spec: pb.JobSpec | None = None) -> pb.Job:
     """A stored job as a ``Job`` message (the worker token's hash stays on the server).
 
     Args:
         job: the job.
+        spec: ``spec_to_proto(job.spec)`` when the caller keeps it (a job's spec never
+            changes, and encoding it is most of this function's cost); None: encode it here.
 
     Returns:
         The message; only numeric metrics are included.
     """
-    m = pb.Job(id=job.id, name=job.name, spec=spec_to_proto(job.spec), workers=job.workers,
+    m = pb.Job(id=job.id, name=job.name,
+               spec=spec_to_proto(job.spec) if spec is None else spec, workers=job.workers,
                priority=job.priority, state=state_to_proto(job.state),
                max_restarts=job.max_restarts, restarts=job.restarts, error=job.error,
                submitted_at=timestamp(job.submitted_at), metrics=_numbers(job.metrics),
@@ -334,7 +337,7 @@ def job_to_proto(job: Job) -> pb.Job:
     return m
 
 
-def stored_job_to_proto(job: Job) -> pb.Job:
+def stored_job_to_proto(job: Job, spec: pb.JobSpec | None = None) -> pb.Job:
     """A stored job as a ``Job`` message, even when its record cannot be sent whole.
 
     A record stored before today's checks may hold what the API cannot carry (a NaN in its
@@ -343,12 +346,13 @@ def stored_job_to_proto(job: Job) -> pb.Job:
 
     Args:
         job: the job.
+        spec: its encoded spec, as for `job_to_proto`.
 
     Returns:
         `job_to_proto`'s message, or that marked summary.
     """
     try:
-        return job_to_proto(job)
+        return job_to_proto(job, spec)
     except (ValueError, OverflowError, TypeError) as e:
         reason = " ".join(str(e).split())[:300]
         return pb.Job(id=job.id, name=job.name, state=state_to_proto(job.state),

@@ -111,11 +111,16 @@ def _job_values(job: Job) -> tuple:
     return tuple(values)
 
 
+_EMPTY_JSON = {"{}": dict, "[]": list}  # most jobs' metrics and placement: no parse needed
+
+
 def _job_from_row(row: Sequence) -> Job:
     fields = dict(zip(_JOB_COLUMNS, row))
     try:
         for name in _JSON_COLUMNS:
-            fields[name] = json.loads(fields[name])
+            text = fields[name]
+            empty = _EMPTY_JSON.get(text)
+            fields[name] = empty() if empty is not None else json.loads(text)
         fields["placement"] = tuple((host, slots) for host, slots in fields["placement"])
         fields["state"] = JobState(fields["state"])
     except (ValueError, TypeError) as e:  # a row changed behind our back

@@ -27,8 +27,16 @@ import safetensors.numpy
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from dptrain import engine
+from dptrain.coordinator.api import serde
 from dptrain.coordinator.api.credentials import bearer_metadata
-from dptrain.coordinator.api.records import EventKind, Job, JobState, hash_token, new_token
+from dptrain.coordinator.api.records import (
+    EventKind,
+    Job,
+    JobState,
+    hash_token,
+    new_job,
+    new_token,
+)
 from dptrain.coordinator.client.client import Client, ClientError
 from dptrain.coordinator.client.worker_reporter import (
     WorkerClient,
@@ -36,6 +44,7 @@ from dptrain.coordinator.client.worker_reporter import (
 )
 from dptrain.coordinator.server.scheduler import Cluster
 from dptrain.coordinator.server.server import ServerConfigError, ServerSettings, serve
+from dptrain.coordinator.server.service import SpecMessages
 from dptrain.protos.dptrain.v1 import coordinator_pb2 as pb
 from dptrain.protos.dptrain.v1 import coordinator_pb2_grpc as pb_grpc
 from dptrain.worker.checkpoint import (
@@ -45,6 +54,7 @@ from dptrain.worker.checkpoint import (
     write_checkpoint,
 )
 from dptrain.worker.environment import worker_environment
+from dptrain.worker.spec import JobSpec
 
 SLOTS = 4
 MAX_CHECKPOINT_BYTES = 1 << 20
@@ -153,6 +163,32 @@ def test_submit_queues_the_job_and_wakes_the_runner(server, client):
     assert client.get_job(job.id) == job
     stored = server.store.get_job(job.id)
     assert stored.state is JobState.QUEUED and stored.spec == job.spec
+
+
+def test_every_reply_carries_the_spec_the_workers_validation_gives(client):
+    # The servicer encodes each job's spec once (SpecMessages): the replies after the first,
+    # served from that cache, must carry the spec as JobSpec.to_dict() gives it.
+    expected = {f"job{i}": JobSpec.from_dict({**SPEC, "name": f"job{i}"}).to_dict()
+                for i in range(3)}
+    submitted = [client.submit_job({**SPEC, "name": name}) for name in expected]
+    assert [j.spec for j in submitted] == list(expected.values())
+    for _ in range(2):
+        for job in submitted:
+            assert client.get_job(job.id).spec == expected[job.name]
+        page, _ = client.list_jobs()
+        assert {j.name: j.spec for j in page} == expected
+    assert client.cancel_job(submitted[0].id).spec == expected["job0"]
+
+
+def test_spec_messages_forget_the_oldest_and_encode_it_again():
+    specs = SpecMessages(capacity=2)
+    jobs = [new_job(f"job{i}", JobSpec.from_dict({**SPEC, "name": f"job{i}"}).to_dict(),
+                    workers=2) for i in range(3)]
+    for job in jobs:
+        assert serde.job_from_proto(specs.job_message(job)).spec == job.spec
+    assert list(specs._specs) == [jobs[1].id, jobs[2].id]
+    assert serde.job_from_proto(specs.job_message(jobs[0])).spec == jobs[0].spec
+    assert list(specs._specs) == [jobs[2].id, jobs[0].id]
 
 
 def test_submit_a_job_file(client, repo_root):
