@@ -19,8 +19,9 @@ Clients run in further child processes, many threads each, one connection per cl
    benchmark sends a log line as the job's worker (ReportProgress with its worker token) and
    times until every watcher has it (and until half have it). Median over rounds.
 3. Checkpoint transfer: a worker uploads a checkpoint whose model file is 64 MiB of random
-   bytes (UploadCheckpoint, chunked and checksummed, stored durably), and a client downloads
-   that file (DownloadCheckpoint, sha256-verified, written with fsync), against a plain copy
+   bytes (UploadCheckpoint, chunked, verified against its BLAKE3 manifest entry and stored
+   durably), and a client downloads that file (DownloadCheckpoint, verified as it arrives,
+   written with fsync), against a plain copy
    of the same file on the same disk (``shutil.copyfile`` then ``fsync``: both transfers make
    their result durable too) and, for reference, the copy without fsync. Medians over rounds.
 
@@ -31,7 +32,6 @@ a median (or a percentile over thousands of calls) and the ratios are what to re
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import multiprocessing as mp
 import os
@@ -281,9 +281,10 @@ def _durable_copy(src: Path, dst: Path) -> None:
 
 
 def bench_transfer(info: dict, worker_token: str, work: Path, size_mib: int,
-                   rounds: int) -> list[str]:
+                   rounds: int, algorithm: str) -> list[str]:
     from dptrain.coordinator.client.client import Client
     from dptrain.coordinator.client.worker_reporter import WorkerClient
+    from dptrain.worker.checkpoint_manifest import write_manifest
 
     data = os.urandom(size_mib << 20)
     times: dict[str, list[float]] = {"upload": [], "download": [], "copy": [], "copy_nosync": []}
@@ -294,9 +295,7 @@ def bench_transfer(info: dict, worker_token: str, work: Path, size_mib: int,
         ckpt.mkdir()
         model = ckpt / "model.safetensors"
         model.write_bytes(data)
-        files = {"model.safetensors": {"sha256": hashlib.sha256(data).hexdigest(),
-                                       "bytes": len(data)}}
-        (ckpt / "manifest.json").write_text(json.dumps({"step": step, "files": files}))
+        write_manifest(ckpt, {"step": step}, ["model.safetensors"], algorithm)
         start = time.perf_counter()
         worker.upload_checkpoint(ckpt)
         times["upload"].append(time.perf_counter() - start)
@@ -345,6 +344,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=15, help="fan-out events")
     parser.add_argument("--size-mib", type=int, default=64, help="checkpoint file size")
     parser.add_argument("--transfers", type=int, default=5, help="upload/download rounds")
+    parser.add_argument("--hash", default="blake3", choices=("blake3", "sha256"),
+                        help="the checkpoint manifest's hash (sha256: as written before)")
     parser.add_argument("--serve-child", metavar="STATE_DIR", help=argparse.SUPPRESS)
     parser.add_argument("--worker-token", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -371,8 +372,8 @@ def main() -> None:
                        if "rpc" in parts else [])
             fanout = (bench_fanout(ctx, info, worker_token, args.watchers, 4, args.rounds)
                       if "fanout" in parts else [])
-            transfer = (bench_transfer(info, worker_token, work, args.size_mib, args.transfers)
-                        if "transfer" in parts else [])
+            transfer = (bench_transfer(info, worker_token, work, args.size_mib, args.transfers,
+                                       args.hash) if "transfer" in parts else [])
         finally:
             server.stdin.close()
             server.wait(60)
@@ -389,8 +390,8 @@ def main() -> None:
         print("|---:|---:|---:|---:|---:|")
         print("\n".join(fanout) + "\n")
     if transfer:
-        print(f"Checkpoint transfer, median of {args.transfers} rounds; peer: "
-              f"`shutil.copyfile` + `fsync` of the same file\n")
+        print(f"Checkpoint transfer ({args.hash} manifest), median of {args.transfers} rounds; "
+              f"peer: `shutil.copyfile` + `fsync` of the same file\n")
         print("| transfer | file | rate | plain copy | ratio | goal |")
         print("|---|---:|---:|---:|---:|---|")
         print("\n".join(transfer))

@@ -508,13 +508,21 @@ def worker_event_from_proto(m: pb.WorkerEvent) -> tuple[EventKind, dict[str, Any
 # ---------------------------------------------------------------- checkpoints
 
 def file_entry_to_proto(entry: FileEntry) -> pb.CheckpointFile:
-    """A `FileEntry` as a ``CheckpointFile``."""
-    return pb.CheckpointFile(name=entry.name, size=entry.size, sha256=entry.sha256)
+    """A `FileEntry` as a ``CheckpointFile``: its digest in the field named by its algorithm.
+
+    Raises:
+        ValidationError: naming ``algorithm`` when the message has no field for it.
+    """
+    if entry.algorithm not in ("sha256", "blake3"):
+        raise ValidationError("algorithm", "must be sha256 or blake3", entry.algorithm)
+    return pb.CheckpointFile(name=entry.name, size=entry.size, **{entry.algorithm: entry.digest})
 
 
 def file_entry_from_proto(m: pb.CheckpointFile) -> FileEntry:
-    """A ``CheckpointFile`` as a `FileEntry`."""
-    return FileEntry(name=m.name, size=m.size, sha256=m.sha256)
+    """A ``CheckpointFile`` as a `FileEntry` (BLAKE3 when ``blake3`` is set, else sha256)."""
+    if m.blake3:
+        return FileEntry(name=m.name, size=m.size, digest=m.blake3, algorithm="blake3")
+    return FileEntry(name=m.name, size=m.size, digest=m.sha256, algorithm="sha256")
 
 
 def checkpoint_to_proto(record: CheckpointRecord) -> pb.Checkpoint:
@@ -543,10 +551,11 @@ def checkpoint_from_proto(m: pb.Checkpoint) -> CheckpointRecord:
     """A ``Checkpoint`` message as a `CheckpointRecord` (for clients).
 
     The manifest holds what the message carries: step, epoch, metrics and
-    ``files: {name: {sha256, bytes}}`` as in the worker's ``manifest.json``.
+    ``files: {name: {blake3 or sha256, bytes}}`` as in the worker's ``manifest.json``.
     """
+    files = (file_entry_from_proto(f) for f in m.files)
     manifest = {"step": m.step, "epoch": m.epoch, "metrics": dict(m.metrics),
-                "files": {f.name: {"sha256": f.sha256, "bytes": f.size} for f in m.files}}
+                "files": {f.name: f.manifest_entry() for f in files}}
     return CheckpointRecord(m.job_id, m.step, m.sha256, m.size, seconds(m.created_at), manifest)
 
 

@@ -32,7 +32,6 @@ without progress rank 0 says so in the job's log.
 from __future__ import annotations
 
 import collections
-import hashlib
 import itertools
 import os
 import shutil
@@ -56,6 +55,7 @@ from dptrain.worker.checkpoint_manifest import (
     MANIFEST,
     CheckpointError,
     checkpoint_name,
+    new_hasher,
     verify_checkpoint,
 )
 from dptrain.worker.environment import COORDINATOR, read_worker_environment
@@ -149,7 +149,7 @@ class WorkerClient(Client):
     def fetch_checkpoint(self, dest_dir: str | os.PathLike) -> str | None:
         """Download the job's newest intact checkpoint as ``dest_dir/step-XXXXXXXX``.
 
-        Files are written into a temporary directory, checked against their sha256s and by
+        Files are written into a temporary directory, checked against their digests and by
         ``worker.checkpoint_manifest.verify_checkpoint``, and renamed into place (replacing a
         damaged copy of the same step). An identical intact copy already there is kept as it is.
 
@@ -160,7 +160,7 @@ class WorkerClient(Client):
             The checkpoint's directory, or None when the job has no intact checkpoint.
 
         Raises:
-            ClientError: the transfer failed, or DATA_LOSS when a file fails its sha256.
+            ClientError: the transfer failed, or DATA_LOSS when a file fails its digest.
         """
         dest = Path(dest_dir)
         dest.mkdir(parents=True, exist_ok=True)
@@ -219,16 +219,17 @@ def _write_files(header: CheckpointUpload, chunks: Iterable[tuple[str, bytes]],
         if name not in expected or name in written:
             raise ClientError("INTERNAL", f"unexpected chunk of {name!r} in the stream")
         with open(directory / name, "wb") as f:
-            written[name] = write_hashed((data for _, data in group), f)
+            written[name] = write_hashed((data for _, data in group), f,
+                                         expected[name].algorithm)
     for name, entry in expected.items():
         if name not in written and entry.size == 0:  # an empty file has no chunks
             (directory / name).write_bytes(b"")
-            written[name] = (hashlib.sha256().hexdigest(), 0)
+            written[name] = (new_hasher(entry.algorithm).hexdigest(), 0)
         got = written.get(name)
-        if got != (entry.sha256, entry.size):
+        if got != (entry.digest, entry.size):
             raise ClientError("DATA_LOSS", f"{name}: received {got[1] if got else 0} bytes "
                               f"hashing to {got[0] if got else 'nothing'}, expected "
-                              f"{entry.size} bytes with sha256 {entry.sha256}")
+                              f"{entry.size} bytes with {entry.algorithm} {entry.digest}")
 
 
 class CoordinatorReporter(Reporter):

@@ -11,6 +11,7 @@ The end-to-end tests with real mpiexec workers are in tests/coordinator/test_e2e
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import queue
 import shutil
@@ -20,6 +21,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import blake3
 import grpc
 import numpy as np
 import pytest
@@ -143,8 +145,14 @@ def _sha256(path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
-def _blob_path(server, sha256) -> Path:
-    return server.blobs.root / sha256[:2] / sha256[2:]
+def _blake3(path) -> str:
+    return blake3.blake3(Path(path).read_bytes()).hexdigest()
+
+
+def _blob_path(server, digest, algorithm="blake3") -> Path:
+    """Where the blob store's docstring says the blob of this digest lies."""
+    root = server.blobs.root if algorithm == "sha256" else server.blobs.root / algorithm
+    return root / digest[:2] / digest[2:]
 
 
 def _code(info) -> str:
@@ -515,7 +523,8 @@ def test_checkpoint_upload_list_and_download(server, client, tmp_path):
     assert events[0].payload == {"step": 5, "sha256": record.sha256, "size": listed[0].size}
 
     got = client.download_checkpoint(job.id, dest=tmp_path / "model.safetensors")
-    assert got.step == 5 and got.sha256 == manifest["files"][MODEL_FILE]["sha256"]
+    assert got.step == 5 and got.algorithm == "blake3"
+    assert got.digest == manifest["files"][MODEL_FILE]["blake3"] == _blake3(got.path)
     assert _sha256(got.path) == _sha256(Path(path) / MODEL_FILE)
     loaded = engine.load(got.path)
     by_library = safetensors.numpy.load_file(str(got.path))
@@ -526,7 +535,7 @@ def test_checkpoint_upload_list_and_download(server, client, tmp_path):
     opt = client.download_checkpoint(job.id, step=5, file="optimizer.safetensors",
                                      dest=tmp_path)
     assert opt.path == tmp_path / "optimizer.safetensors"
-    assert _sha256(opt.path) == manifest["files"]["optimizer.safetensors"]["sha256"]
+    assert _blake3(opt.path) == manifest["files"]["optimizer.safetensors"]["blake3"]
     with pytest.raises(ClientError) as info:
         client.download_checkpoint(job.id, step=6, dest=tmp_path)
     assert _code(info) == "NOT_FOUND"
@@ -541,14 +550,17 @@ def test_corrupted_blob_is_data_loss_and_resume_falls_back(server, client, tmp_p
         for step in (5, 10):
             worker.upload_checkpoint(_checkpoint(tmp_path / "ckpt", step, seed=step)[0])
     newest = client.list_checkpoints(job.id)[-1]
-    blob = _blob_path(server, newest.manifest["files"][MODEL_FILE]["sha256"])
+    expected = newest.manifest["files"][MODEL_FILE]["blake3"]
+    blob = _blob_path(server, expected)
     data = bytearray(blob.read_bytes())
     data[-1] ^= 0xFF
     blob.write_bytes(bytes(data))
 
     with pytest.raises(ClientError) as info:
         client.download_checkpoint(job.id, step=10, dest=tmp_path / "m.safetensors")
-    assert _code(info) == "DATA_LOSS" and "corrupted" in str(info.value)
+    assert _code(info) == "DATA_LOSS"
+    assert f"hashing to blake3 {blake3.blake3(data).hexdigest()}" in str(info.value)
+    assert f"with blake3 {expected}" in str(info.value)
     assert not (tmp_path / "m.safetensors").exists()
     assert not list(tmp_path.glob(".m.safetensors.*"))  # nor its temporary file
     assert client.download_checkpoint(job.id, dest=tmp_path / "m.safetensors").step == 5
@@ -562,6 +574,37 @@ def test_corrupted_blob_is_data_loss_and_resume_falls_back(server, client, tmp_p
     assert fetch_resume_checkpoint(resume_dir, env) == path  # an intact copy is kept
     logs = [e.payload["line"] for e in server.store.events(job.id) if e.kind is EventKind.LOG]
     assert any("step 10 is damaged" in line for line in logs)
+
+
+def test_an_old_sha256_checkpoint_uploads_downloads_resumes_and_catches_damage(
+        server, client, tmp_path):
+    # A checkpoint as dptrain wrote it before BLAKE3: its manifest lists sha256 digests.
+    job, worker = _running_job(server, client)
+    path, _ = _checkpoint(tmp_path / "ckpt", 5)
+    manifest = json.loads((Path(path) / "manifest.json").read_text())
+    manifest["files"] = {name: {"sha256": _sha256(Path(path) / name),
+                                "bytes": (Path(path) / name).stat().st_size}
+                         for name in manifest["files"]}
+    (Path(path) / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True)
+                                              + "\n")
+    with worker:
+        worker.upload_checkpoint(path)
+    assert client.list_checkpoints(job.id)[0].manifest["files"] == manifest["files"]
+    got = client.download_checkpoint(job.id, dest=tmp_path / "m.safetensors")
+    assert (got.algorithm, got.digest) == ("sha256", manifest["files"][MODEL_FILE]["sha256"])
+    assert _sha256(got.path) == _sha256(Path(path) / MODEL_FILE)
+    env = worker_environment(server.address, job.id, worker.token)
+    resumed = fetch_resume_checkpoint(tmp_path / "resume", env)
+    assert read_checkpoint(resumed).step == 5  # verified by the worker's own code
+
+    blob = _blob_path(server, got.digest, "sha256")
+    data = bytearray(blob.read_bytes())
+    data[-1] ^= 0xFF
+    blob.write_bytes(bytes(data))
+    with pytest.raises(ClientError) as info:
+        client.download_checkpoint(job.id, step=5, dest=tmp_path / "again.safetensors")
+    assert _code(info) == "DATA_LOSS" and f"with sha256 {got.digest}" in str(info.value)
+    assert not (tmp_path / "again.safetensors").exists()
 
 
 def test_fetch_without_checkpoints_returns_none(server, client, tmp_path):
