@@ -90,6 +90,13 @@ class _Writer:
         self._thread.join()
 
 
+def _immutable(chunk: object) -> bool:
+    """Bytes, or a view of bytes (as `api.chunk_wire` decodes a received chunk): nobody can
+    change them while the writer thread has them, so they need no copy."""
+    return isinstance(chunk, bytes) or (isinstance(chunk, memoryview) and chunk.readonly
+                                        and isinstance(chunk.obj, bytes))
+
+
 def write_hashed(chunks: Iterable[BytesLike], f: BinaryIO, algorithm: str) -> tuple[str, int]:
     """Write every chunk to the open file `f`, fsync it, and return the bytes' digest.
 
@@ -98,8 +105,9 @@ def write_hashed(chunks: Iterable[BytesLike], f: BinaryIO, algorithm: str) -> tu
     with the one it expects, then renames the file into place or deletes it.
 
     Args:
-        chunks: the bytes, in order (e.g. a transfer stream's payloads). A chunk that is not
-            ``bytes`` is copied first, so the caller may reuse its buffer.
+        chunks: the bytes, in order (e.g. a transfer stream's payloads). A chunk that is
+            neither ``bytes`` nor a view of ``bytes`` is copied first, so the caller may reuse
+            its buffer.
         f: a file open for binary writing (``open(path, "wb")``); left open, flushed and
             fsynced.
         algorithm: the hash algorithm (``worker.checkpoint_manifest.HASH_ALGORITHMS``).
@@ -124,7 +132,7 @@ def write_hashed(chunks: Iterable[BytesLike], f: BinaryIO, algorithm: str) -> tu
     writer = _Writer(f)
     try:
         for chunk in chunks:
-            if not isinstance(chunk, bytes):  # the writer must see the bytes as they are now
+            if not _immutable(chunk):  # the writer must see the bytes as they are now
                 if not isinstance(chunk, (bytearray, memoryview)):
                     raise TypeError(f"chunks must be bytes-like, got {type(chunk).__name__}")
                 chunk = bytes(chunk)

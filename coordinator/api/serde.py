@@ -26,7 +26,9 @@ from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from dptrain.coordinator.api.checkpoint_upload import CheckpointUpload, FileEntry, record_files
+from dptrain.coordinator.api.chunk_wire import Chunk
 from dptrain.coordinator.api.errors import ValidationError
+from dptrain.coordinator.api.hashed_io import BytesLike
 from dptrain.coordinator.api.limits import MAX_ARGS_DEPTH, MAX_ARGS_JSON_BYTES, MAX_SPEC_BYTES
 from dptrain.coordinator.api.records import (
     CheckpointRecord,
@@ -572,20 +574,23 @@ def upload_header_from_proto(m: pb.CheckpointHeader) -> CheckpointUpload:
                             files=tuple(file_entry_from_proto(f) for f in m.files))
 
 
-def chunks_from_upload(messages: Iterable[Any]) -> Iterator[tuple[str, bytes]]:
+def chunks_from_upload(messages: Iterable[Any]) -> Iterator[tuple[str, BytesLike]]:
     """The ``(file name, bytes)`` chunks of an upload or fetch stream after its header.
 
     Args:
-        messages: the rest of the stream (``UploadCheckpointRequest`` or
-            ``FetchCheckpointResponse`` messages).
+        messages: the rest of the stream: ``api.chunk_wire.Chunk``s as its decoder gives them,
+            or ``UploadCheckpointRequest`` / ``FetchCheckpointResponse`` messages.
 
     Yields:
-        Each chunk's file name and data.
+        Each chunk's file name and data (a read-only view of the received bytes, or bytes).
 
     Raises:
         ValidationError: naming ``header`` when a second header arrives.
     """
     for m in messages:
+        if isinstance(m, Chunk):
+            yield m
+            continue
         if m.WhichOneof("item") != "chunk":
             raise ValidationError("header", "only the first message may be a header",
                                   "a second header")

@@ -29,10 +29,10 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from dptrain.coordinator.api import serde
+from dptrain.coordinator.api import chunk_wire, serde
 from dptrain.coordinator.api.credentials import bearer_metadata, resolve_token
 from dptrain.coordinator.api.errors import ValidationError
-from dptrain.coordinator.api.hashed_io import write_hashed
+from dptrain.coordinator.api.hashed_io import BytesLike, write_hashed
 from dptrain.coordinator.api.limits import channel_options
 from dptrain.coordinator.api.records import CheckpointRecord, Event, Job, JobState
 from dptrain.protos.dptrain.v1 import coordinator_pb2 as pb
@@ -57,6 +57,17 @@ class ClientError(Exception):
     def __init__(self, code: str, details: str):
         self.code, self.details = code, " ".join(str(details).split())
         super().__init__(f"{code}: {self.details}")
+
+
+def _download_data(stream: Iterator[Any]) -> Iterator[BytesLike]:
+    """The file's bytes from a download stream after its first message."""
+    for item in stream:
+        if isinstance(item, chunk_wire.Chunk):
+            yield item.data
+        elif item.WhichOneof("item") == "chunk":  # a sender encoding its own way
+            yield item.chunk
+        else:
+            raise ClientError("INTERNAL", "the download stream described its file twice")
 
 
 @dataclass(frozen=True)
@@ -124,6 +135,7 @@ class Client:
             self.channel = grpc.insecure_channel(address, options=channel_options())
         self._stub = pb_grpc.CoordinatorStub(self.channel)
         self._worker_stub = pb_grpc.WorkerServiceStub(self.channel)
+        self._download = chunk_wire.download_stub(self.channel)
         self._health = health_pb2_grpc.HealthStub(self.channel)
 
     # ------------------------------------------------------------ plumbing
@@ -288,7 +300,7 @@ class Client:
         target = Path(file if dest is None else dest)
         if target.is_dir():
             target = target / file
-        stream = self._stream(self._stub.DownloadCheckpoint, request)
+        stream = self._stream(self._download, request)
         with contextlib.closing(stream):
             first = next(stream, None)
             if first is None or first.WhichOneof("item") != "info":
@@ -304,8 +316,7 @@ class Client:
             with os.fdopen(fd, "wb") as f:
                 # Hashing and writing overlap with receiving; a stream that ends with an error
                 # raises here.
-                digest, size = write_hashed((message.chunk for message in stream), f,
-                                            expected.algorithm)
+                digest, size = write_hashed(_download_data(stream), f, expected.algorithm)
             if digest != expected.digest or size != expected.size:
                 raise ClientError("DATA_LOSS", f"{expected.name} of step {info.step}: received "
                                   f"{size} bytes hashing to {expected.algorithm} {digest}, "

@@ -43,7 +43,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from dptrain.coordinator.api import serde
+from dptrain.coordinator.api import chunk_wire, serde
 from dptrain.coordinator.api.checkpoint_upload import CheckpointUpload, read_checkpoint_directory
 from dptrain.coordinator.api.errors import ValidationError
 from dptrain.coordinator.api.hashed_io import write_hashed
@@ -138,12 +138,12 @@ class WorkerClient(Client):
         """
         header, chunks = read_checkpoint_directory(self.job_id, path, on_chunk)
 
-        def requests() -> Iterator[pb.UploadCheckpointRequest]:
+        def requests() -> Iterator[pb.UploadCheckpointRequest | chunk_wire.Chunk]:
             yield pb.UploadCheckpointRequest(header=serde.upload_header_to_proto(header))
             for name, data in chunks:
-                yield pb.UploadCheckpointRequest(chunk=pb.FileChunk(name=name, data=data))
+                yield chunk_wire.Chunk(name, data)
 
-        response = self._unary(self._worker_stub.UploadCheckpoint, requests(), timeout)
+        response = self._unary(chunk_wire.upload_stub(self.channel), requests(), timeout)
         return serde.checkpoint_from_proto(response)
 
     def fetch_checkpoint(self, dest_dir: str | os.PathLike) -> str | None:
@@ -164,7 +164,7 @@ class WorkerClient(Client):
         """
         dest = Path(dest_dir)
         dest.mkdir(parents=True, exist_ok=True)
-        stream = self._stream(self._worker_stub.FetchCheckpoint,
+        stream = self._stream(chunk_wire.fetch_stub(self.channel),
                               pb.FetchCheckpointRequest(job_id=self.job_id), timeout=3600.0)
         try:
             try:
@@ -173,7 +173,8 @@ class WorkerClient(Client):
                 if e.code == "NOT_FOUND":
                     return None
                 raise
-            if first is None or first.WhichOneof("item") != "header":
+            if (first is None or isinstance(first, chunk_wire.Chunk)
+                    or first.WhichOneof("item") != "header"):
                 raise ClientError("INTERNAL", "the fetch stream did not start with a header")
             header = serde.upload_header_from_proto(first.header)
             final = dest / checkpoint_name(header.step)

@@ -15,6 +15,7 @@ from typing import Any
 import grpc
 
 from dptrain.coordinator.api import serde
+from dptrain.coordinator.api.chunk_wire import Chunk
 from dptrain.coordinator.api.errors import ValidationError, status_name
 from dptrain.coordinator.api.limits import MAX_ERROR_MESSAGE
 from dptrain.coordinator.api.records import Job
@@ -172,8 +173,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
                 request.file, self.state)
             yield pb.DownloadCheckpointResponse(
                 info=pb.DownloadInfo(step=step, file=serde.file_entry_to_proto(entry)))
-            for chunk in chunks:
-                yield pb.DownloadCheckpointResponse(chunk=chunk)
+            yield from chunks  # bytes: encoded by `api.chunk_wire` (server.ChunkWireInterceptor)
 
 
 class WorkerServicer(pb_grpc.WorkerServiceServicer):
@@ -213,10 +213,11 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
                          context: Any) -> pb.Checkpoint:
         """Store an uploaded checkpoint (`checkpoints.receive_checkpoint`)."""
         with _aborting(context):
-            first = next(request_iterator, None)
-            if first is None or first.WhichOneof("item") != "header":
-                raise ValidationError("header", "the first message must be the header",
-                                      None if first is None else first.WhichOneof("item"))
+            first = next(request_iterator, None)  # a message, or an `api.chunk_wire.Chunk`
+            item = None if first is None else "chunk" if isinstance(first, Chunk) else (
+                first.WhichOneof("item"))
+            if item != "header":
+                raise ValidationError("header", "the first message must be the header", item)
             upload = serde.upload_header_from_proto(first.header)
             self._require_job(context, "UploadCheckpoint", upload.job_id)
             record = checkpoints.receive_checkpoint(
@@ -230,5 +231,5 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
             self._require_job(context, "FetchCheckpoint", request.job_id)
             header, chunks = checkpoints.open_fetch(request.job_id, self.state)
             yield pb.FetchCheckpointResponse(header=serde.upload_header_to_proto(header))
-            for name, data in chunks:
-                yield pb.FetchCheckpointResponse(chunk=pb.FileChunk(name=name, data=data))
+            for name, data in chunks:  # encoded by `api.chunk_wire`
+                yield Chunk(name, data)

@@ -30,6 +30,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from dptrain import engine
 from dptrain.coordinator.api import serde
+from dptrain.coordinator.api.checkpoint_upload import read_checkpoint_directory
 from dptrain.coordinator.api.credentials import bearer_metadata
 from dptrain.coordinator.api.records import (
     EventKind,
@@ -605,6 +606,32 @@ def test_an_old_sha256_checkpoint_uploads_downloads_resumes_and_catches_damage(
         client.download_checkpoint(job.id, step=5, dest=tmp_path / "again.safetensors")
     assert _code(info) == "DATA_LOSS" and f"with sha256 {got.digest}" in str(info.value)
     assert not (tmp_path / "again.safetensors").exists()
+
+
+def test_protobufs_own_encoding_of_transfers_still_works_both_ways(server, client, tmp_path):
+    # The client and the server (de)serialize chunks by hand (api.chunk_wire); a peer using
+    # the generated code, e.g. another language's, must see no difference.
+    job, worker = _running_job(server, client)
+    path, _ = _checkpoint(tmp_path / "ckpt", 5)
+    header, chunks = read_checkpoint_directory(job.id, path)
+    stub = pb_grpc.WorkerServiceStub(worker.channel)
+    requests = [pb.UploadCheckpointRequest(header=serde.upload_header_to_proto(header))] + [
+        pb.UploadCheckpointRequest(chunk=pb.FileChunk(name=n, data=d)) for n, d in chunks]
+    metadata = bearer_metadata(worker.token, job.id)
+    assert stub.UploadCheckpoint(iter(requests), metadata=metadata, timeout=60).step == 5
+    fetched = list(stub.FetchCheckpoint(pb.FetchCheckpointRequest(job_id=job.id),
+                                        metadata=metadata, timeout=60))
+    assert fetched[0].header.manifest_json == header.manifest_json
+    by_file = {}
+    for m in fetched[1:]:
+        by_file[m.chunk.name] = by_file.get(m.chunk.name, b"") + m.chunk.data
+    assert by_file == {f.name: (Path(path) / f.name).read_bytes() for f in header.files}
+    download = list(pb_grpc.CoordinatorStub(client.channel).DownloadCheckpoint(
+        pb.DownloadCheckpointRequest(job_id=job.id, file=MODEL_FILE),
+        metadata=bearer_metadata(server.token), timeout=60))
+    assert download[0].info.file.blake3 == _blake3(Path(path) / MODEL_FILE)
+    assert b"".join(m.chunk for m in download[1:]) == (Path(path) / MODEL_FILE).read_bytes()
+    worker.close()
 
 
 def test_fetch_without_checkpoints_returns_none(server, client, tmp_path):
