@@ -3,7 +3,7 @@
 Starts a coordinator on a free loopback port with a temporary state directory and the real
 runner, submits ``examples/digits_mlp.yaml`` on 2 worker processes through the gRPC client,
 follows it with the progress bar, prints the final held-out accuracy, downloads the trained
-parameters (``model.safetensors`` of the last checkpoint, sha256-verified) and shuts
+parameters (``model.safetensors`` of the last checkpoint, its digest verified) and shuts
 everything down: the server, the runner and every worker process.
 """
 
@@ -87,7 +87,7 @@ def run_demo(output: str | os.PathLike = "digits-mlp.safetensors", workers: int 
         print(f"held-out accuracy: {accuracy:.4f}" if isinstance(accuracy, float)
               else "held-out accuracy: not reported", flush=True)
         print(f"trained parameters: {Path(got.path).resolve()} (step {got.step}, "
-              f"{got.size} bytes, sha256 {got.sha256[:16]}…; open with dptrain.load or "
+              f"{got.size} bytes, {got.algorithm} {got.digest[:16]}…; open with dptrain.load or "
               f"safetensors)", flush=True)
         print(f"dptrain demo: done in {time.monotonic() - started:.0f} s", file=stream,
               flush=True)

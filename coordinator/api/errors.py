@@ -138,10 +138,11 @@ class BlobError(CoordinatorError):
 
 
 class BlobNotFound(BlobError, LookupError):
-    """No blob with this sha256 (NOT_FOUND; for a checkpoint: fall back to the previous one).
+    """No blob with this name (NOT_FOUND; for a checkpoint: fall back to the previous one).
 
     Args:
-        sha256: the digest asked for.
+        sha256: the blob's name asked for (``server.blobs.blob_id``: a sha256, or an
+            algorithm-prefixed digest such as ``blake3:…``).
     """
 
     def __init__(self, sha256: str):
@@ -153,7 +154,7 @@ class BlobCorrupted(BlobError):
     """A stored blob whose content no longer hashes to its name (DATA_LOSS; fall back).
 
     Args:
-        sha256: the digest the blob is stored under.
+        sha256: the name the blob is stored under (``server.blobs.blob_id``).
         actual: what its bytes hash to now.
         size: how many bytes were read.
     """
@@ -164,7 +165,7 @@ class BlobCorrupted(BlobError):
 
 
 class ChecksumMismatch(BlobError, ValueError):
-    """Uploaded bytes that do not hash to the sha256 the sender declared (DATA_LOSS).
+    """Uploaded bytes that do not hash to the digest the sender declared (DATA_LOSS).
 
     Args:
         expected: the declared digest.
@@ -174,7 +175,7 @@ class ChecksumMismatch(BlobError, ValueError):
 
     def __init__(self, expected: str, actual: str, size: int):
         self.expected, self.actual, self.size = expected, actual, size
-        super().__init__(f"sha256: the {size} bytes received hash to {actual}, "
+        super().__init__(f"checksum: the {size} bytes received hash to {actual}, "
                          f"not the declared {expected}; nothing was stored")
 
 

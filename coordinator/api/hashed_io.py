@@ -5,7 +5,7 @@ it: the server storing an upload as a blob (`coordinator.blobs.BlobStore.put`) a
 saving a download (`client.client.Client.download_checkpoint`). Done one after another in
 the receiving thread, those steps cost their sum, and the final fsync then waits for the whole
 file to reach the disk. Here the caller's thread receives and hashes while a writer thread
-writes (hashlib and file writes release the GIL for large buffers), and the writer asks the
+writes (the hashers and file writes release the GIL for large buffers), and the writer asks the
 disk to write back every `SYNC_BYTES` as it goes, so the final fsync only waits for the tail.
 Measured on a 2-core machine, the two overlaps each made a 64 MiB transfer about 15% faster
 (docs/benchmarks.md, "Coordinator").
@@ -13,19 +13,20 @@ Measured on a 2-core machine, the two overlaps each made a 64 MiB transfer about
 Example::
 
     with open(tmp, "wb") as f:
-        sha256, size = write_hashed((message.chunk for message in stream), f)
-    if sha256 != expected:
+        digest, size = write_hashed((message.chunk for message in stream), f, "blake3")
+    if digest != expected:
         ...  # delete tmp, else rename it into place
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 import queue
 import threading
 from collections.abc import Iterable
 from typing import BinaryIO
+
+from dptrain.worker.checkpoint_manifest import new_hasher
 
 __all__ = ["write_hashed", "BytesLike", "DEPTH", "SYNC_BYTES"]
 
@@ -89,23 +90,33 @@ class _Writer:
         self._thread.join()
 
 
-def write_hashed(chunks: Iterable[BytesLike], f: BinaryIO) -> tuple[str, int]:
-    """Write every chunk to the open file `f`, fsync it, and return the bytes' sha256.
+def _immutable(chunk: object) -> bool:
+    """Bytes, or a view of bytes (as `api.chunk_wire` decodes a received chunk): nobody can
+    change them while the writer thread has them, so they need no copy."""
+    return isinstance(chunk, bytes) or (isinstance(chunk, memoryview) and chunk.readonly
+                                        and isinstance(chunk.obj, bytes))
+
+
+def write_hashed(chunks: Iterable[BytesLike], f: BinaryIO, algorithm: str) -> tuple[str, int]:
+    """Write every chunk to the open file `f`, fsync it, and return the bytes' digest.
 
     The caller's thread iterates `chunks` (e.g. receives them) and hashes each while a writer
     thread writes the previous ones. Nothing is verified here: the caller compares the digest
     with the one it expects, then renames the file into place or deletes it.
 
     Args:
-        chunks: the bytes, in order (e.g. a transfer stream's payloads). A chunk that is not
-            ``bytes`` is copied first, so the caller may reuse its buffer.
+        chunks: the bytes, in order (e.g. a transfer stream's payloads). A chunk that is
+            neither ``bytes`` nor a view of ``bytes`` is copied first, so the caller may reuse
+            its buffer.
         f: a file open for binary writing (``open(path, "wb")``); left open, flushed and
             fsynced.
+        algorithm: the hash algorithm (``worker.checkpoint_manifest.HASH_ALGORITHMS``).
 
     Returns:
-        ``(sha256 hex digest, size in bytes)`` of what was written.
+        ``(hex digest, size in bytes)`` of what was written.
 
     Raises:
+        ValueError: an unknown algorithm.
         TypeError: a chunk is not bytes-like.
         OSError: writing or syncing failed.
         Exception: whatever iterating `chunks` raised, unchanged (after the writer stopped).
@@ -114,14 +125,14 @@ def write_hashed(chunks: Iterable[BytesLike], f: BinaryIO) -> tuple[str, int]:
 
         >>> import tempfile
         >>> with tempfile.TemporaryFile() as f:
-        ...     write_hashed([b"ab", b"c"], f)[1]
+        ...     write_hashed([b"ab", b"c"], f, "blake3")[1]
         3
     """
-    digest, size = hashlib.sha256(), 0
+    digest, size = new_hasher(algorithm), 0
     writer = _Writer(f)
     try:
         for chunk in chunks:
-            if not isinstance(chunk, bytes):  # the writer must see the bytes as they are now
+            if not _immutable(chunk):  # the writer must see the bytes as they are now
                 if not isinstance(chunk, (bytearray, memoryview)):
                     raise TypeError(f"chunks must be bytes-like, got {type(chunk).__name__}")
                 chunk = bytes(chunk)

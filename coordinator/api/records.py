@@ -247,10 +247,10 @@ def _check_json(name: str, value: Any) -> dict[str, Any]:
     if not isinstance(value, Mapping):
         raise ValidationError(name, "must be a mapping", value)
     try:
-        json.dumps(value)
+        text = json.dumps(value)
     except (TypeError, ValueError) as e:
         raise ValidationError(name, f"must be JSON-serialisable ({e})", value) from None
-    return json.loads(json.dumps(value))  # a deep, plain copy: dicts, lists and scalars only
+    return json.loads(text)  # a deep, plain copy: dicts, lists and scalars only
 
 
 def _check_placement(name: str, value: Any) -> tuple[tuple[str, int], ...]:

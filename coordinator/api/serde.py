@@ -28,7 +28,9 @@ from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from dptrain.coordinator.api.checkpoint_upload import CheckpointUpload, FileEntry, record_files
+from dptrain.coordinator.api.chunk_wire import Chunk
 from dptrain.coordinator.api.errors import ValidationError
+from dptrain.coordinator.api.hashed_io import BytesLike
 from dptrain.coordinator.api.limits import MAX_ARGS_DEPTH, MAX_ARGS_JSON_BYTES, MAX_SPEC_BYTES
 from dptrain.coordinator.api.records import (
     CheckpointRecord,
@@ -283,16 +285,19 @@ def _numbers(values: Mapping[str, Any]) -> dict[str, float]:
     return out
 
 
-def job_to_proto(job: Job) -> pb.Job:
+def job_to_proto(job: Job, spec: pb.JobSpec | None = None) -> pb.Job:
     """A stored job as a ``Job`` message (the worker token's hash stays on the server).
 
     Args:
         job: the job.
+        spec: ``spec_to_proto(job.spec)`` when the caller keeps it (a job's spec never
+            changes, and encoding it is most of this function's cost); None: encode it here.
 
     Returns:
         The message; only numeric metrics are included.
     """
-    m = pb.Job(id=job.id, name=job.name, spec=spec_to_proto(job.spec), workers=job.workers,
+    m = pb.Job(id=job.id, name=job.name,
+               spec=spec_to_proto(job.spec) if spec is None else spec, workers=job.workers,
                priority=job.priority, state=state_to_proto(job.state),
                max_restarts=job.max_restarts, restarts=job.restarts, error=job.error,
                submitted_at=timestamp(job.submitted_at), metrics=_numbers(job.metrics),
@@ -310,7 +315,7 @@ def job_to_proto(job: Job) -> pb.Job:
     return m
 
 
-def stored_job_to_proto(job: Job) -> pb.Job:
+def stored_job_to_proto(job: Job, spec: pb.JobSpec | None = None) -> pb.Job:
     """A stored job as a ``Job`` message, even when its record cannot be sent whole.
 
     A record stored before today's checks may hold what the API cannot carry (a NaN in its
@@ -319,12 +324,13 @@ def stored_job_to_proto(job: Job) -> pb.Job:
 
     Args:
         job: the job.
+        spec: its encoded spec, as for `job_to_proto`.
 
     Returns:
         `job_to_proto`'s message, or that marked summary.
     """
     try:
-        return job_to_proto(job)
+        return job_to_proto(job, spec)
     except (ValueError, OverflowError, TypeError) as e:
         reason = " ".join(str(e).split())[:300]
         return pb.Job(id=job.id, name=job.name, state=state_to_proto(job.state),
@@ -483,13 +489,21 @@ def worker_event_from_proto(m: pb.WorkerEvent) -> tuple[EventKind, dict[str, Any
 # ---------------------------------------------------------------- checkpoints
 
 def file_entry_to_proto(entry: FileEntry) -> pb.CheckpointFile:
-    """A `FileEntry` as a ``CheckpointFile``."""
-    return pb.CheckpointFile(name=entry.name, size=entry.size, sha256=entry.sha256)
+    """A `FileEntry` as a ``CheckpointFile``: its digest in the field named by its algorithm.
+
+    Raises:
+        ValidationError: naming ``algorithm`` when the message has no field for it.
+    """
+    if entry.algorithm not in ("sha256", "blake3"):
+        raise ValidationError("algorithm", "must be sha256 or blake3", entry.algorithm)
+    return pb.CheckpointFile(name=entry.name, size=entry.size, **{entry.algorithm: entry.digest})
 
 
 def file_entry_from_proto(m: pb.CheckpointFile) -> FileEntry:
-    """A ``CheckpointFile`` as a `FileEntry`."""
-    return FileEntry(name=m.name, size=m.size, sha256=m.sha256)
+    """A ``CheckpointFile`` as a `FileEntry` (BLAKE3 when ``blake3`` is set, else sha256)."""
+    if m.blake3:
+        return FileEntry(name=m.name, size=m.size, digest=m.blake3, algorithm="blake3")
+    return FileEntry(name=m.name, size=m.size, digest=m.sha256, algorithm="sha256")
 
 
 def checkpoint_to_proto(record: CheckpointRecord) -> pb.Checkpoint:
@@ -518,10 +532,11 @@ def checkpoint_from_proto(m: pb.Checkpoint) -> CheckpointRecord:
     """A ``Checkpoint`` message as a `CheckpointRecord` (for clients).
 
     The manifest holds what the message carries: step, epoch, metrics and
-    ``files: {name: {sha256, bytes}}`` as in the worker's ``manifest.json``.
+    ``files: {name: {blake3 or sha256, bytes}}`` as in the worker's ``manifest.json``.
     """
+    files = (file_entry_from_proto(f) for f in m.files)
     manifest = {"step": m.step, "epoch": m.epoch, "metrics": dict(m.metrics),
-                "files": {f.name: {"sha256": f.sha256, "bytes": f.size} for f in m.files}}
+                "files": {f.name: f.manifest_entry() for f in files}}
     return CheckpointRecord(m.job_id, m.step, m.sha256, m.size, seconds(m.created_at), manifest)
 
 
@@ -538,20 +553,23 @@ def upload_header_from_proto(m: pb.CheckpointHeader) -> CheckpointUpload:
                             files=tuple(file_entry_from_proto(f) for f in m.files))
 
 
-def chunks_from_upload(messages: Iterable[Any]) -> Iterator[tuple[str, bytes]]:
+def chunks_from_upload(messages: Iterable[Any]) -> Iterator[tuple[str, BytesLike]]:
     """The ``(file name, bytes)`` chunks of an upload or fetch stream after its header.
 
     Args:
-        messages: the rest of the stream (``UploadCheckpointRequest`` or
-            ``FetchCheckpointResponse`` messages).
+        messages: the rest of the stream: ``api.chunk_wire.Chunk``s as its decoder gives them,
+            or ``UploadCheckpointRequest`` / ``FetchCheckpointResponse`` messages.
 
     Yields:
-        Each chunk's file name and data.
+        Each chunk's file name and data (a read-only view of the received bytes, or bytes).
 
     Raises:
         ValidationError: naming ``header`` when a second header arrives.
     """
     for m in messages:
+        if isinstance(m, Chunk):
+            yield m
+            continue
         if m.WhichOneof("item") != "chunk":
             raise ValidationError("header", "only the first message may be a header",
                                   "a second header")

@@ -29,10 +29,10 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from dptrain.coordinator.api import serde
+from dptrain.coordinator.api import chunk_wire, serde
 from dptrain.coordinator.api.credentials import bearer_metadata, resolve_token
 from dptrain.coordinator.api.errors import ValidationError
-from dptrain.coordinator.api.hashed_io import write_hashed
+from dptrain.coordinator.api.hashed_io import BytesLike, write_hashed
 from dptrain.coordinator.api.limits import channel_options
 from dptrain.coordinator.api.records import CheckpointRecord, Event, Job, JobState
 from dptrain.protos.dptrain.v1 import coordinator_pb2 as pb
@@ -59,15 +59,37 @@ class ClientError(Exception):
         super().__init__(f"{code}: {self.details}")
 
 
+def _download_data(stream: Iterator[Any]) -> Iterator[BytesLike]:
+    """The file's bytes from a download stream after its first message."""
+    for item in stream:
+        if isinstance(item, chunk_wire.Chunk):
+            yield item.data
+        elif item.WhichOneof("item") == "chunk":  # a sender encoding its own way
+            yield item.chunk
+        else:
+            raise ClientError("INTERNAL", "the download stream described its file twice")
+
+
 @dataclass(frozen=True)
 class DownloadedFile:
-    """A checkpoint file written by `Client.download_checkpoint`, its sha256 verified."""
+    """A checkpoint file written by `Client.download_checkpoint`, its digest verified.
+
+    Attributes:
+        path: where it was written.
+        step: the checkpoint's step.
+        name: the file's name in the checkpoint.
+        size: its size in bytes.
+        digest: the hex digest its bytes were verified against.
+        algorithm: that digest's algorithm (``blake3``, or ``sha256`` for files of
+            checkpoints written before BLAKE3, and for ``manifest.json``).
+    """
 
     path: Path
     step: int
     name: str
     size: int
-    sha256: str
+    digest: str
+    algorithm: str
 
 
 def _read_ca(tls_ca: str | os.PathLike | bytes) -> bytes:
@@ -113,6 +135,7 @@ class Client:
             self.channel = grpc.insecure_channel(address, options=channel_options())
         self._stub = pb_grpc.CoordinatorStub(self.channel)
         self._worker_stub = pb_grpc.WorkerServiceStub(self.channel)
+        self._download = chunk_wire.download_stub(self.channel)
         self._health = health_pb2_grpc.HealthStub(self.channel)
 
     # ------------------------------------------------------------ plumbing
@@ -246,7 +269,7 @@ class Client:
 
     def list_checkpoints(self, job_id: str) -> list[CheckpointRecord]:
         """A job's stored checkpoints, oldest step first (manifest: step, epoch, metrics,
-        ``files: {name: {sha256, bytes}}``)."""
+        ``files: {name: {blake3 or sha256, bytes}}``)."""
         response = self._unary(self._stub.ListCheckpoints,
                                pb.ListCheckpointsRequest(job_id=job_id))
         return [serde.checkpoint_from_proto(c) for c in response.checkpoints]
@@ -254,7 +277,12 @@ class Client:
     def download_checkpoint(self, job_id: str, step: int | None = None,
                             file: str = "model.safetensors",
                             dest: str | os.PathLike | None = None) -> DownloadedFile:
-        """Download one file of a checkpoint, verifying its sha256 before it appears at `dest`.
+        """Download one file of a checkpoint, verifying its digest before it appears at `dest`.
+
+        The bytes are hashed here as they arrive (BLAKE3, or sha256 for a checkpoint written
+        before BLAKE3) and compared with the digest the server's first message declares, the
+        one in the checkpoint's manifest: a file damaged on the server's disk or on the way is
+        never left at `dest` (the server does not hash it a second time while sending).
 
         Args:
             job_id: the job.
@@ -264,10 +292,10 @@ class Client:
                 the current directory). Written atomically.
 
         Returns:
-            Where it went, with its step, size and sha256.
+            Where it went, with its step, size and digest.
 
         Raises:
-            ClientError: NOT_FOUND, DATA_LOSS (stored or received bytes fail the sha256), ...
+            ClientError: NOT_FOUND, DATA_LOSS (the bytes received fail the digest), ...
         """
         request = pb.DownloadCheckpointRequest(job_id=job_id, file=file)
         if step is not None:
@@ -275,7 +303,7 @@ class Client:
         target = Path(file if dest is None else dest)
         if target.is_dir():
             target = target / file
-        stream = self._stream(self._stub.DownloadCheckpoint, request)
+        stream = self._stream(self._download, request)
         with contextlib.closing(stream):
             first = next(stream, None)
             if first is None or first.WhichOneof("item") != "info":
@@ -285,21 +313,24 @@ class Client:
 
     @staticmethod
     def _receive(info: pb.DownloadInfo, stream: Iterator[Any], target: Path) -> DownloadedFile:
+        expected = serde.file_entry_from_proto(info.file)
         fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
         try:
             with os.fdopen(fd, "wb") as f:
                 # Hashing and writing overlap with receiving; a stream that ends with an error
-                # (the server's own check failed: DATA_LOSS) raises here.
-                sha256, size = write_hashed((message.chunk for message in stream), f)
-            if sha256 != info.file.sha256 or size != info.file.size:
-                raise ClientError("DATA_LOSS", f"{info.file.name} of step {info.step}: received "
-                                  f"{size} bytes hashing to {sha256}, expected "
-                                  f"{info.file.size} bytes with sha256 {info.file.sha256}")
+                # raises here.
+                digest, size = write_hashed(_download_data(stream), f, expected.algorithm)
+            if digest != expected.digest or size != expected.size:
+                raise ClientError("DATA_LOSS", f"{expected.name} of step {info.step}: received "
+                                  f"{size} bytes hashing to {expected.algorithm} {digest}, "
+                                  f"expected {expected.size} bytes with {expected.algorithm} "
+                                  f"{expected.digest}")
             os.replace(tmp, target)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
-        return DownloadedFile(target, info.step, info.file.name, size, info.file.sha256)
+        return DownloadedFile(target, info.step, expected.name, size, expected.digest,
+                              expected.algorithm)
 
     # ------------------------------------------------------------ health
 

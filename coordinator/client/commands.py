@@ -175,7 +175,8 @@ def _cmd_download(args: argparse.Namespace) -> int:
     with connect(args) as client:
         got = client.download_checkpoint(args.id, step=args.step, file=args.file,
                                          dest=args.output)
-    print(f"{got.path}: {got.name} of step {got.step}, {got.size} bytes, sha256 {got.sha256}")
+    print(f"{got.path}: {got.name} of step {got.step}, {got.size} bytes, {got.algorithm} "
+          f"{got.digest}")
     return 0
 
 
@@ -330,7 +331,7 @@ def add_commands(commands: Any, serve: Callable[[argparse.Namespace], int],
     logs = add("logs", _cmd_logs, "print a job's log lines")
     logs.add_argument("id", metavar="ID", help="the job's id")
     logs.add_argument("--follow", "-f", action="store_true", help="keep printing until it ends")
-    download = add("download", _cmd_download, "download a checkpoint file (sha256 verified)",
+    download = add("download", _cmd_download, "download a checkpoint file (its digest verified)",
                    "example:\n  dptrain download j-0123456789ab -o model.safetensors\n\n")
     download.add_argument("id", metavar="ID", help="the job's id")
     download.add_argument("--step", type=int, default=None,

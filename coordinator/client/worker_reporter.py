@@ -32,7 +32,6 @@ without progress rank 0 says so in the job's log.
 from __future__ import annotations
 
 import collections
-import hashlib
 import itertools
 import os
 import shutil
@@ -44,7 +43,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from dptrain.coordinator.api import serde
+from dptrain.coordinator.api import chunk_wire, serde
 from dptrain.coordinator.api.checkpoint_upload import CheckpointUpload, read_checkpoint_directory
 from dptrain.coordinator.api.errors import ValidationError
 from dptrain.coordinator.api.hashed_io import write_hashed
@@ -56,6 +55,7 @@ from dptrain.worker.checkpoint_manifest import (
     MANIFEST,
     CheckpointError,
     checkpoint_name,
+    new_hasher,
     verify_checkpoint,
 )
 from dptrain.worker.environment import COORDINATOR, read_worker_environment
@@ -138,18 +138,18 @@ class WorkerClient(Client):
         """
         header, chunks = read_checkpoint_directory(self.job_id, path, on_chunk)
 
-        def requests() -> Iterator[pb.UploadCheckpointRequest]:
+        def requests() -> Iterator[pb.UploadCheckpointRequest | chunk_wire.Chunk]:
             yield pb.UploadCheckpointRequest(header=serde.upload_header_to_proto(header))
             for name, data in chunks:
-                yield pb.UploadCheckpointRequest(chunk=pb.FileChunk(name=name, data=data))
+                yield chunk_wire.Chunk(name, data)
 
-        response = self._unary(self._worker_stub.UploadCheckpoint, requests(), timeout)
+        response = self._unary(chunk_wire.upload_stub(self.channel), requests(), timeout)
         return serde.checkpoint_from_proto(response)
 
     def fetch_checkpoint(self, dest_dir: str | os.PathLike) -> str | None:
         """Download the job's newest intact checkpoint as ``dest_dir/step-XXXXXXXX``.
 
-        Files are written into a temporary directory, checked against their sha256s and by
+        Files are written into a temporary directory, checked against their digests and by
         ``worker.checkpoint_manifest.verify_checkpoint``, and renamed into place (replacing a
         damaged copy of the same step). An identical intact copy already there is kept as it is.
 
@@ -160,11 +160,11 @@ class WorkerClient(Client):
             The checkpoint's directory, or None when the job has no intact checkpoint.
 
         Raises:
-            ClientError: the transfer failed, or DATA_LOSS when a file fails its sha256.
+            ClientError: the transfer failed, or DATA_LOSS when a file fails its digest.
         """
         dest = Path(dest_dir)
         dest.mkdir(parents=True, exist_ok=True)
-        stream = self._stream(self._worker_stub.FetchCheckpoint,
+        stream = self._stream(chunk_wire.fetch_stub(self.channel),
                               pb.FetchCheckpointRequest(job_id=self.job_id), timeout=3600.0)
         try:
             try:
@@ -173,7 +173,8 @@ class WorkerClient(Client):
                 if e.code == "NOT_FOUND":
                     return None
                 raise
-            if first is None or first.WhichOneof("item") != "header":
+            if (first is None or isinstance(first, chunk_wire.Chunk)
+                    or first.WhichOneof("item") != "header"):
                 raise ClientError("INTERNAL", "the fetch stream did not start with a header")
             header = serde.upload_header_from_proto(first.header)
             final = dest / checkpoint_name(header.step)
@@ -219,16 +220,17 @@ def _write_files(header: CheckpointUpload, chunks: Iterable[tuple[str, bytes]],
         if name not in expected or name in written:
             raise ClientError("INTERNAL", f"unexpected chunk of {name!r} in the stream")
         with open(directory / name, "wb") as f:
-            written[name] = write_hashed((data for _, data in group), f)
+            written[name] = write_hashed((data for _, data in group), f,
+                                         expected[name].algorithm)
     for name, entry in expected.items():
         if name not in written and entry.size == 0:  # an empty file has no chunks
             (directory / name).write_bytes(b"")
-            written[name] = (hashlib.sha256().hexdigest(), 0)
+            written[name] = (new_hasher(entry.algorithm).hexdigest(), 0)
         got = written.get(name)
-        if got != (entry.sha256, entry.size):
+        if got != (entry.digest, entry.size):
             raise ClientError("DATA_LOSS", f"{name}: received {got[1] if got else 0} bytes "
                               f"hashing to {got[0] if got else 'nothing'}, expected "
-                              f"{entry.size} bytes with sha256 {entry.sha256}")
+                              f"{entry.size} bytes with {entry.algorithm} {entry.digest}")
 
 
 class CoordinatorReporter(Reporter):

@@ -1,12 +1,16 @@
-"""Checkpoint blobs on disk, content-addressed by sha256: `BlobStore`.
+"""Checkpoint blobs on disk, content-addressed: `BlobStore`.
 
-A blob is stored under its digest, ``ROOT/ab/cdef…`` (the first two hex digits name a shard
-directory, so no directory grows huge). `BlobStore.put` writes to a temporary file in
+A blob is named by its digest (`blob_id`): a sha256 is the name itself and lies at
+``ROOT/ab/cdef…`` (the first two hex digits name a shard directory, so no directory grows
+huge); a BLAKE3 digest is named ``blake3:abcdef…`` and lies at ``ROOT/blake3/ab/cdef…``.
+Checkpoint files are BLAKE3 blobs now (``worker.checkpoint_manifest.DEFAULT_HASH``), so a blob's
+name is its manifest entry; those of checkpoints stored before, and every ``manifest.json``, are
+sha256 blobs where they always were. `BlobStore.put` writes to a temporary file in
 ``ROOT/tmp/``, hashing as it goes, fsyncs it, checks the digest the sender declared, renames it
 into place and fsyncs the directory: a blob is visible only once complete and durable, and a
-failed or refused upload leaves nothing behind. Reads verify the digest while streaming, so a
-blob damaged on disk raises `BlobCorrupted` after its last chunk (a download ends with
-DATA_LOSS instead of completing).
+failed or refused upload leaves nothing behind. Reads verify the digest while streaming unless
+told not to (a download leaves that to its receiver, which hashes what it gets anyway), so a
+blob damaged on disk raises `BlobCorrupted` after its last chunk.
 
 Blobs know nothing of jobs or checkpoints: which blobs a checkpoint consists of, which one is
 the newest intact checkpoint, retention and the set of referenced blobs are
@@ -16,14 +20,13 @@ to any more and what a crash left behind, given that set.
 Example::
 
     blobs = BlobStore(state_dir / "blobs")
-    sha256, size = blobs.put(chunks, expected_sha256=declared)   # from the upload stream
-    for chunk in blobs.read(sha256):                               # to the download stream
+    name, size = blobs.put(chunks, expected=blob_id("blake3", declared))  # an upload stream
+    for chunk in blobs.read(name):                                          # verified
         ...
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import tempfile
@@ -42,30 +45,53 @@ from dptrain.coordinator.api.errors import (
 from dptrain.coordinator.api.hashed_io import BytesLike, write_hashed
 from dptrain.coordinator.api.limits import CHUNK_BYTES
 from dptrain.coordinator.server.private_files import make_private_dir
+from dptrain.worker.checkpoint_manifest import HASH_ALGORITHMS, check_digest, new_hasher
 
-__all__ = ["BlobStore", "check_sha256"]
+__all__ = ["BlobStore", "blob_id", "parse_blob_id"]
 
-_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+_HEX64_RE = re.compile(r"^[0-9a-f]{64}$")
 _TMP = "tmp"
+_LEGACY = "sha256"  # the algorithm whose blobs are named by the bare digest, at the root
 
 
-def check_sha256(value: object, field: str = "sha256") -> str:
-    """Return `value` if it is a sha256 hex digest (64 lowercase hex digits).
+def blob_id(algorithm: str, digest: str, field: str = "sha256") -> str:
+    """The name of the blob whose bytes have this digest.
 
     Args:
-        value: the digest to check.
-        field: the field name the error should mention.
+        algorithm: ``sha256`` or ``blake3`` (``worker.checkpoint_manifest.HASH_ALGORITHMS``).
+        digest: 64 lowercase hex digits.
+        field: the field name an error should mention.
+
+    Returns:
+        The digest itself for sha256, ``"blake3:<digest>"`` for BLAKE3.
 
     Raises:
-        ValidationError: naming `field`.
+        ValidationError: naming `field`: an unknown algorithm or a malformed digest.
     """
-    if not isinstance(value, str) or not _SHA256_RE.fullmatch(value):
-        raise ValidationError(field, "must be 64 lowercase hex digits (a sha256 digest)", value)
-    return value
+    rule = check_digest(algorithm, digest)
+    if rule is not None:
+        raise ValidationError(field, rule, digest if algorithm == _LEGACY else
+                              f"{algorithm}:{digest}")
+    return digest if algorithm == _LEGACY else f"{algorithm}:{digest}"
+
+
+def parse_blob_id(name: object, field: str = "sha256") -> tuple[str, str]:
+    """The ``(algorithm, digest)`` of a blob name made by `blob_id`.
+
+    Raises:
+        ValidationError: naming `field`, for anything `blob_id` does not make.
+    """
+    if isinstance(name, str) and _HEX64_RE.fullmatch(name):
+        return _LEGACY, name
+    algorithm, _, digest = name.partition(":") if isinstance(name, str) else ("", "", "")
+    if algorithm == _LEGACY or check_digest(algorithm, digest) is not None:
+        raise ValidationError(field, "must be a sha256 (64 lowercase hex digits) or "
+                              "blake3:<64 lowercase hex digits>", name)
+    return algorithm, digest
 
 
 class BlobStore:
-    """Immutable byte blobs in a directory, named by their sha256.
+    """Immutable byte blobs in a directory, named by their digest (`blob_id`).
 
     Safe for many threads: every write goes to its own temporary file and lands with an atomic
     rename; putting the same content twice stores it once.
@@ -79,55 +105,61 @@ class BlobStore:
         self.root = Path(root)
         self.max_size = max_size
         make_private_dir(self.root / _TMP)
+        make_private_dir(self.root / "blake3")  # so a new shard's parent always exists
 
-    def _path(self, sha256: str) -> Path:
-        check_sha256(sha256)
-        return self.root / sha256[:2] / sha256[2:]
+    def _path(self, name: str) -> Path:
+        algorithm, digest = parse_blob_id(name)
+        root = self.root if algorithm == _LEGACY else self.root / algorithm
+        return root / digest[:2] / digest[2:]
 
     # -- writing
 
-    def put(self, data: BytesLike | Iterable[BytesLike], *,
-            expected_sha256: str | None = None) -> tuple[str, int]:
+    def put(self, data: BytesLike | Iterable[BytesLike], *, expected: str | None = None,
+            algorithm: str = _LEGACY) -> tuple[str, int]:
         """Store bytes, atomically: complete and durable, or not at all.
 
         Args:
             data: the bytes, or an iterable of chunks (e.g. an upload stream's payloads).
-            expected_sha256: the digest the sender declared; the blob is refused unless the
-                bytes match it.
+            expected: the blob name (`blob_id`) of the digest the sender declared; the blob is
+                refused unless the bytes match it. Its algorithm is the one used.
+            algorithm: the hash algorithm when nothing is `expected`.
 
         Returns:
-            ``(sha256, size)`` of the stored blob.
+            ``(name, size)`` of the stored blob.
 
         Raises:
-            ValidationError: `expected_sha256` is not a digest.
+            ValidationError: `expected` is not a blob name, or `algorithm` is unknown.
             TypeError: `data` is a str (encode it first) or yields something not bytes-like.
-            ChecksumMismatch: the bytes do not hash to `expected_sha256`.
+            ChecksumMismatch: the bytes do not hash to `expected`.
             BlobTooLarge: more than ``max_size`` bytes.
             Exception: whatever iterating `data` raised (a broken upload), unchanged.
         """
-        if expected_sha256 is not None:
-            check_sha256(expected_sha256, "expected_sha256")
+        if expected is not None:
+            algorithm, _ = parse_blob_id(expected, "expected")
+        elif algorithm not in HASH_ALGORITHMS:
+            raise ValidationError("algorithm", f"must be one of {', '.join(HASH_ALGORITHMS)}",
+                                  algorithm)
         if isinstance(data, str):
             raise TypeError("data: must be bytes or an iterable of bytes chunks, got a str")
         chunks = [data] if isinstance(data, (bytes, bytearray, memoryview)) else data
         fd, tmp = tempfile.mkstemp(dir=self.root / _TMP, suffix=".tmp")
         try:
             with os.fdopen(fd, "wb") as f:
-                sha256, size = write_hashed(self._limited(chunks), f)
-            if expected_sha256 is not None and sha256 != expected_sha256:
-                raise ChecksumMismatch(expected_sha256, sha256, size)
-            final = self._path(sha256)
-            created = not final.parent.is_dir()
-            if created:
+                digest, size = write_hashed(self._limited(chunks), f, algorithm)
+            name = blob_id(algorithm, digest)
+            if expected is not None and name != expected:
+                raise ChecksumMismatch(expected, name, size)
+            final = self._path(name)
+            if not final.parent.is_dir():
                 make_private_dir(final.parent)
-                fsync_directory(self.root)
+                fsync_directory(final.parent.parent)
             # Replace rather than skip an existing file: a damaged copy gets repaired.
             os.replace(tmp, final)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
         fsync_directory(final.parent)
-        return sha256, size
+        return name, size
 
     def _limited(self, chunks: Iterable[BytesLike]) -> Iterator[BytesLike]:
         """`chunks`, raising `BlobTooLarge` before the first byte beyond ``max_size``."""
@@ -138,16 +170,16 @@ class BlobStore:
                 raise BlobTooLarge(self.max_size)
             yield chunk
 
-    def delete(self, sha256: str) -> bool:
+    def delete(self, name: str) -> bool:
         """Remove a blob.
 
         Args:
-            sha256: its digest.
+            name: its name (`blob_id`).
 
         Returns:
             True when it existed.
         """
-        path = self._path(sha256)
+        path = self._path(name)
         try:
             path.unlink()
         except FileNotFoundError:
@@ -157,33 +189,34 @@ class BlobStore:
 
     # -- reading
 
-    def exists(self, sha256: str) -> bool:
-        """True when a blob with this digest is stored (not verified)."""
-        return self._path(sha256).is_file()
+    def exists(self, name: str) -> bool:
+        """True when a blob of this name is stored (not verified)."""
+        return self._path(name).is_file()
 
-    def size(self, sha256: str) -> int:
+    def size(self, name: str) -> int:
         """The stored blob's size in bytes.
 
         Raises:
             BlobNotFound: no such blob.
         """
         try:
-            return self._path(sha256).stat().st_size
+            return self._path(name).stat().st_size
         except FileNotFoundError:
-            raise BlobNotFound(sha256) from None
+            raise BlobNotFound(name) from None
 
-    def read(self, sha256: str, *, chunk_size: int = CHUNK_BYTES,
+    def read(self, name: str, *, chunk_size: int = CHUNK_BYTES,
              verify: bool = True) -> Iterator[bytes]:
         """The blob's bytes in chunks, verified while streaming.
 
-        When the bytes do not hash to `sha256`, `BlobCorrupted` is raised after the last chunk,
-        so a download stream ends with an error instead of completing. Use `verify` first to
+        When the bytes do not hash to their name, `BlobCorrupted` is raised after the last
+        chunk, so a stream ends with an error instead of completing. Use `verify` first to
         check a blob before sending any of it.
 
         Args:
-            sha256: its digest.
+            name: the blob's name (`blob_id`).
             chunk_size: bytes per chunk.
-            verify: check the digest at the end.
+            verify: hash the bytes and check the digest at the end; False where the receiver
+                hashes them anyway (a download), so that they are hashed once, not twice.
 
         Returns:
             An iterator of chunks of at most `chunk_size` bytes.
@@ -191,27 +224,29 @@ class BlobStore:
         Raises:
             BlobNotFound, BlobCorrupted.
         """
-        path = self._path(sha256)
+        path = self._path(name)
         if not path.is_file():  # raise now, not at the first next()
-            raise BlobNotFound(sha256)
-        return self._read(path, sha256, chunk_size, verify)
+            raise BlobNotFound(name)
+        return self._read(path, name, chunk_size, verify)
 
     @staticmethod
-    def _read(path: Path, sha256: str, chunk_size: int, verify: bool) -> Iterator[bytes]:
-        digest, size = hashlib.sha256(), 0
+    def _read(path: Path, name: str, chunk_size: int, verify: bool) -> Iterator[bytes]:
+        algorithm, expected = parse_blob_id(name)
+        digest, size = new_hasher(algorithm) if verify else None, 0
         try:
             f = open(path, "rb")
         except FileNotFoundError:  # deleted since read() looked
-            raise BlobNotFound(sha256) from None
+            raise BlobNotFound(name) from None
         with f:
             while chunk := f.read(chunk_size):
-                digest.update(chunk)
+                if digest is not None:
+                    digest.update(chunk)
                 size += len(chunk)
                 yield chunk
-        if verify and digest.hexdigest() != sha256:
-            raise BlobCorrupted(sha256, digest.hexdigest(), size)
+        if digest is not None and digest.hexdigest() != expected:
+            raise BlobCorrupted(name, blob_id(algorithm, digest.hexdigest()), size)
 
-    def verify(self, sha256: str) -> int:
+    def verify(self, name: str) -> int:
         """Read the whole blob and check its digest.
 
         Returns:
@@ -220,9 +255,9 @@ class BlobStore:
         Raises:
             BlobNotFound, BlobCorrupted.
         """
-        return sum(len(chunk) for chunk in self.read(sha256))
+        return sum(len(chunk) for chunk in self.read(name))
 
-    def get(self, sha256: str, *, verify: bool = True) -> Path:
+    def get(self, name: str, *, verify: bool = True) -> Path:
         """The path of a stored blob, verified first: for handing the file to a local reader.
 
         The file must be treated as read-only; it stays valid until `delete`.
@@ -231,18 +266,21 @@ class BlobStore:
             BlobNotFound, BlobCorrupted.
         """
         if verify:
-            self.verify(sha256)
-        elif not self.exists(sha256):
-            raise BlobNotFound(sha256)
-        return self._path(sha256)
+            self.verify(name)
+        elif not self.exists(name):
+            raise BlobNotFound(name)
+        return self._path(name)
 
     def __iter__(self) -> Iterator[str]:
-        """The digests of all stored blobs (in no particular order)."""
-        for shard in self.root.iterdir():
-            if len(shard.name) == 2 and shard.is_dir():
-                for blob in shard.iterdir():
-                    if _SHA256_RE.match(shard.name + blob.name):
-                        yield shard.name + blob.name
+        """The names of all stored blobs (in no particular order)."""
+        for root, prefix in ((self.root, ""), (self.root / "blake3", "blake3:")):
+            if not root.is_dir():
+                continue
+            for shard in root.iterdir():
+                if len(shard.name) == 2 and shard.is_dir():
+                    for blob in shard.iterdir():
+                        if _HEX64_RE.match(shard.name + blob.name):
+                            yield prefix + shard.name + blob.name
 
     def collect_garbage(self, referenced: Container[str], *, min_age: float = 3600.0,
                         now: float | None = None) -> list[str]:
@@ -252,28 +290,28 @@ class BlobStore:
         recorded, or an upload in progress, is never removed.
 
         Args:
-            referenced: the digests to keep: every blob of every checkpoint record,
+            referenced: the names to keep: every blob of every checkpoint record,
                 ``server.checkpoint_store.referenced_blobs(store)``.
             min_age: seconds since a file's last modification before it may go.
             now: the current time (unix seconds); default the clock.
 
         Returns:
-            The digests of the deleted blobs.
+            The names of the deleted blobs.
         """
         cutoff = (time.time() if now is None else now) - min_age
         for tmp in (self.root / _TMP).iterdir():
             if _modified(tmp) <= cutoff:
                 tmp.unlink(missing_ok=True)
         deleted = []
-        for sha256 in list(self):
-            if sha256 not in referenced and _modified(self._path(sha256)) <= cutoff:
-                if self.delete(sha256):
-                    deleted.append(sha256)
+        for name in list(self):
+            if name not in referenced and _modified(self._path(name)) <= cutoff:
+                if self.delete(name):
+                    deleted.append(name)
         return deleted
 
-    def modified(self, sha256: str) -> float:
+    def modified(self, name: str) -> float:
         """When the blob was last written (unix seconds); ``inf`` when it is missing."""
-        return _modified(self._path(sha256))
+        return _modified(self._path(name))
 
 
 def _modified(path: Path) -> float:

@@ -1,12 +1,18 @@
 """What the checkpoint RPCs do, as plain functions of ``(request, state)``: no grpc here.
 
 A worker checkpoint is a directory: ``model.safetensors``, ``optimizer.safetensors`` and
-``manifest.json``, which lists every other file's size and sha256
-(``worker/checkpoint_manifest.py``, the format's one owner).
+``manifest.json``, which lists every other file's size and digest, BLAKE3 (or sha256 in
+checkpoints written before; ``worker/checkpoint_manifest.py``, the format's one owner).
 The coordinator stores each file as a content-addressed blob (`server.blobs.BlobStore`),
-so the manifest's sha256 of a file *is* the name of its blob, and records a `CheckpointRecord`
-whose ``sha256`` names the ``manifest.json`` blob, whose ``size`` is the total of all the files,
-and whose ``manifest`` is the parsed manifest (``files: {name: {sha256, bytes}}``).
+so the manifest's digest of a file *is* the name of its blob (`server.blobs.blob_id`), and
+records a `CheckpointRecord` whose ``sha256`` names the ``manifest.json`` blob, whose ``size``
+is the total of all the files, and whose ``manifest`` is the parsed manifest
+(``files: {name: {blake3 or sha256, bytes}}``).
+
+Each file is hashed once per side of a transfer: an upload as the blob store writes it (the
+blob becomes visible only if it matches), a download by its receiver (the client, or a
+resuming worker), which keeps nothing that fails; the server streams a download without
+hashing it again.
 
 A checkpoint is intact when every one of its blobs is present and hashes to its name; resuming
 (`open_fetch`) skips damaged ones, newest first (`intact_checkpoint`). Retention
@@ -50,7 +56,7 @@ from dptrain.coordinator.api.limits import (
 )
 from dptrain.coordinator.api.records import CheckpointRecord, EventKind, JobState
 from dptrain.coordinator.api.strict_json import loads
-from dptrain.coordinator.server.blobs import BlobStore, check_sha256
+from dptrain.coordinator.server.blobs import BlobStore, blob_id
 from dptrain.worker.checkpoint_manifest import MANIFEST, FileEntry
 
 if TYPE_CHECKING:
@@ -73,8 +79,9 @@ _MAX_DOUBLE = sys.float_info.max
 
 
 def record_blobs(record: CheckpointRecord) -> dict[str, str]:
-    """File name -> blob sha256 for every file of a checkpoint, ``manifest.json`` included."""
-    return {MANIFEST: record.sha256, **{f.name: f.sha256 for f in record_files(record)}}
+    """File name -> blob name for every file of a checkpoint, ``manifest.json`` included."""
+    return {MANIFEST: record.sha256,
+            **{f.name: blob_id(f.algorithm, f.digest) for f in record_files(record)}}
 
 
 # ---------------------------------------------------------------- upload
@@ -108,13 +115,13 @@ def _check_upload(upload: CheckpointUpload, max_size: int | None) -> dict[str, A
         if not _FILE_NAME.fullmatch(f.name) or f.name == MANIFEST:
             raise ValidationError(f"{where}.name", "must be a plain file name (letters, digits, "
                                   "'.', '_', '-'), not manifest.json", f.name)
-        check_sha256(f.sha256, f"{where}.sha256")
+        blob_id(f.algorithm, f.digest, f"{where}.{f.algorithm}")
         if f.size < 0:
             raise ValidationError(f"{where}.size", "must be >= 0", f.size)
         if max_size is not None and f.size > max_size:
             raise BlobTooLarge(max_size)
         listed = manifest["files"].get(f.name)
-        if listed != {"sha256": f.sha256, "bytes": f.size}:
+        if listed != f.manifest_entry():
             raise ValidationError(f"{where}", "must match the manifest's entry for the file",
                                   listed)
     missing = sorted(set(manifest["files"]) - set(names))
@@ -197,7 +204,7 @@ def store_checkpoint(upload: CheckpointUpload, chunks: Iterable[tuple[str, bytes
         JobNotFound: no such job.
         StateConflict: the job is not in one of `states`.
         ValidationError: a header that contradicts its manifest, or chunks out of order.
-        ChecksumMismatch: a file's bytes do not match its sha256 (DATA_LOSS).
+        ChecksumMismatch: a file's bytes do not match its digest (DATA_LOSS).
         BlobTooLarge: a file larger than the server allows (RESOURCE_EXHAUSTED).
     """
     job = store.get_job(upload.job_id)
@@ -212,8 +219,8 @@ def store_checkpoint(upload: CheckpointUpload, chunks: Iterable[tuple[str, bytes
             raise ValidationError("chunk.name", f"expected the bytes of {entry.name}",
                                   None if head is None else head[0])
         _, size = blobs.put(_file_chunks(stream, entry.name, received),
-                            expected_sha256=entry.sha256)
-        if size != entry.size:  # the sha256 matched, so the declared size was wrong
+                            expected=blob_id(entry.algorithm, entry.digest))
+        if size != entry.size:  # the digest matched, so the declared size was wrong
             raise ValidationError(f"header.files.{entry.name}.size",
                                   f"must be the file's size ({size})", entry.size)
     if stream.peek() is not None:
@@ -274,10 +281,10 @@ def verify_record(record: CheckpointRecord, blobs: BlobStore) -> None:
 
     Raises:
         BlobNotFound: a file is missing.
-        BlobCorrupted: a file no longer matches its sha256.
+        BlobCorrupted: a file no longer matches its digest.
     """
-    for sha256 in record_blobs(record).values():
-        blobs.verify(sha256)
+    for name in record_blobs(record).values():
+        blobs.verify(name)
 
 
 def intact_checkpoint(job_id: str, state: ServiceState) -> CheckpointRecord | None:
@@ -306,12 +313,12 @@ def intact_checkpoint(job_id: str, state: ServiceState) -> CheckpointRecord | No
 
 def open_download(job_id: str, step: int | None, name: str, state: ServiceState
                   ) -> tuple[int, FileEntry, Iterator[bytes]]:
-    """One file of a checkpoint, its sha256 verified while it streams.
+    """One file of a checkpoint, for its receiver to verify while it streams.
 
-    The file is read once: hashed as its chunks go out, and checked after the last one, so a
-    damaged file ends the stream with `BlobCorrupted` (DATA_LOSS) instead of completing; the
-    client checks the sha256 too and keeps nothing then. Only choosing the newest intact
-    checkpoint (`step` None) reads its files beforehand, to fall back past damage.
+    The file is read once and not hashed here: the receiver hashes what it gets anyway
+    (``client.Client.download_checkpoint`` keeps nothing that fails the returned digest), so a
+    second pass here would only double the CPU a download costs. Only choosing the newest
+    intact checkpoint (`step` None) reads its files beforehand, to fall back past damage.
 
     Args:
         job_id: the job.
@@ -321,14 +328,13 @@ def open_download(job_id: str, step: int | None, name: str, state: ServiceState
 
     Returns:
         ``(step, file, chunks)``; the chunks are at most `CHUNK_BYTES` each. ``file.size`` is
-        the stored file's size.
+        the stored file's size; ``file.digest`` and ``file.algorithm`` are what the bytes must
+        hash to (the manifest's entry; sha256 for ``manifest.json``).
 
     Raises:
         JobNotFound, CheckpointNotFound: no such job or checkpoint.
         ValidationError: naming ``file`` when the checkpoint has no such file.
         BlobNotFound: the stored file is missing.
-        BlobCorrupted: from the chunks, after the last one, when the stored file no longer
-            matches its sha256 (DATA_LOSS).
     """
     name = name or DEFAULT_FILE
     if step is None:
@@ -340,8 +346,11 @@ def open_download(job_id: str, step: int | None, name: str, state: ServiceState
     blobs = record_blobs(record)
     if name not in blobs:
         raise ValidationError("file", "must be one of " + ", ".join(sorted(blobs)), name)
-    chunks = state.blobs.read(blobs[name], chunk_size=CHUNK_BYTES)  # verifies at the end
-    entry = FileEntry(name, state.blobs.size(blobs[name]), blobs[name])
+    chunks = state.blobs.read(blobs[name], chunk_size=CHUNK_BYTES, verify=False)
+    listed = {f.name: f for f in record_files(record)}.get(name)
+    digest, algorithm = (record.sha256, "sha256") if listed is None else (listed.digest,
+                                                                          listed.algorithm)
+    entry = FileEntry(name, state.blobs.size(blobs[name]), digest, algorithm)
     return record.step, entry, _counted(state, chunks)
 
 
@@ -379,8 +388,11 @@ def open_fetch(job_id: str, state: ServiceState
     header = CheckpointUpload(job_id, record.step, manifest_json, files)
 
     def chunks() -> Iterator[tuple[str, bytes]]:
+        # Not hashed again: `intact_checkpoint` just did, and the worker checks every file.
         for f in files:
-            for chunk in _counted(state, state.blobs.read(f.sha256, chunk_size=CHUNK_BYTES)):
+            blob = state.blobs.read(blob_id(f.algorithm, f.digest), chunk_size=CHUNK_BYTES,
+                                    verify=False)
+            for chunk in _counted(state, blob):
                 yield f.name, chunk
 
     return header, chunks()
@@ -400,7 +412,7 @@ def referenced_blobs(store: Store) -> set[str]:
         store: the records (of every job).
 
     Returns:
-        The blobs' sha256s.
+        The blobs' names (`server.blobs.blob_id`).
     """
     return {sha for record in store.all_checkpoints() for sha in record_blobs(record).values()}
 
@@ -443,7 +455,7 @@ def prune_job_checkpoints(store: Store, blobs: BlobStore, job_id: str, keep: int
     if old:
         # What is referenced is read first, each blob's age again after: bytes that an upload
         # stored again meanwhile carry a new time and are spared.
-        for sha256 in old - referenced_blobs(store):
-            if blobs.modified(sha256) <= cutoff:
-                blobs.delete(sha256)
+        for name in old - referenced_blobs(store):
+            if blobs.modified(name) <= cutoff:
+                blobs.delete(name)
     return removed

@@ -34,6 +34,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from dptrain.coordinator.api import chunk_wire
 from dptrain.coordinator.api.errors import CorruptRecord, JobNotFound, ValidationError
 from dptrain.coordinator.api.limits import DEFAULT_MAX_CHECKPOINT_BYTES, channel_options
 from dptrain.coordinator.server.auth import AuthInterceptor, load_or_create_token
@@ -291,6 +292,16 @@ class RequestDecodingInterceptor(grpc.ServerInterceptor):
                          tolerant)
 
 
+class ChunkWireInterceptor(grpc.ServerInterceptor):
+    """Gives the checkpoint transfer methods the codecs of `api.chunk_wire`, which (de)serialize
+    their chunks without copying the bytes (the generated handlers would use protobuf's)."""
+
+    def intercept_service(self, continuation: Callable, handler_call_details: Any) -> Any:
+        """The method's handler, with chunk_wire's codecs for the transfer methods."""
+        return chunk_wire.server_codecs(handler_call_details.method,
+                                        continuation(handler_call_details))
+
+
 class CoordinatorServer:
     """A running coordinator; build it with `serve`.
 
@@ -443,7 +454,8 @@ def serve(settings: ServerSettings, *,
         # No SO_REUSEPORT: a second coordinator on a taken port fails instead of sharing it.
         # In this order: the auth interceptor refuses a caller before its request is decoded.
         server = grpc.server(executor, interceptors=[MetricsInterceptor(state.metrics), auth,
-                                                     RequestDecodingInterceptor()],
+                                                     RequestDecodingInterceptor(),
+                                                     ChunkWireInterceptor()],
                              options=[*channel_options(), ("grpc.so_reuseport", 0)])
         pb_grpc.add_CoordinatorServicer_to_server(CoordinatorServicer(state), server)
         pb_grpc.add_WorkerServiceServicer_to_server(WorkerServicer(state, auth), server)

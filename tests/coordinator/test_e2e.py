@@ -3,7 +3,6 @@ gRPC, the Python client and the ``dptrain`` command line. Jobs are tiny digits M
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -14,6 +13,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import blake3
 import numpy as np
 import pytest
 import yaml
@@ -81,8 +81,8 @@ def watch_all(client: Client, job_id: str) -> list[Event]:
     return [item for item in client.watch_job(job_id) if isinstance(item, Event)]
 
 
-def sha256_of(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+def blake3_of(path: Path) -> str:
+    return blake3.blake3(path.read_bytes()).hexdigest()
 
 
 def run_record(state_dir: Path, job_id: str) -> dict:
@@ -106,16 +106,16 @@ def test_submit_to_success_with_metrics_and_checkpoints(client, state_dir, tmp_p
     records = client.list_checkpoints(job.id)
     assert [r.step for r in records] == [15, 20]  # checkpoint.keep = 2
     got = client.download_checkpoint(job.id, dest=tmp_path / "model.safetensors")
-    assert got.step == 20 and sha256_of(got.path) == got.sha256
+    assert got.step == 20 and got.algorithm == "blake3" and blake3_of(got.path) == got.digest
     # The reported validation metrics are those of the final model, and it learned.
     accuracy, loss = held_out_metrics(got.path, TINY_SPEC)
     assert job.metrics["val_accuracy"] == pytest.approx(accuracy, abs=1e-12)
     assert job.metrics["val_loss"] == pytest.approx(loss, rel=1e-5)
     assert accuracy >= TINY_VAL_ACCURACY
-    assert got.sha256 == records[-1].manifest["files"]["model.safetensors"]["sha256"]
+    assert got.digest == records[-1].manifest["files"]["model.safetensors"]["blake3"]
     # The same bytes the worker wrote into its checkpoint directory.
     local = state_dir / "jobs" / job.id / "checkpoints" / "step-00000020" / "model.safetensors"
-    assert sha256_of(local) == got.sha256
+    assert blake3_of(local) == got.digest
     ours = engine.load(got.path)
     from safetensors.numpy import load_file
 
@@ -199,7 +199,7 @@ def test_killed_worker_resumes_to_the_same_parameters(client, state_dir, tmp_pat
     assert final.restarts == 1 and final.last_step == 250
     resumed = client.download_checkpoint(job.id, dest=tmp_path / "b.safetensors")
     assert resumed.step == reference.step == 250
-    assert resumed.sha256 == reference.sha256  # bit-identical to the undisturbed run
+    assert resumed.digest == reference.digest  # bit-identical to the undisturbed run
 
 
 @pytest.fixture

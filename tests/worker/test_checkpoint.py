@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 
+import blake3
 import numpy as np
 import pytest
 import safetensors.numpy
@@ -54,7 +54,7 @@ def test_layout_and_manifest(tmp_path):
     assert manifest["format_version"] == 1 and manifest["step"] == 2
     for name in ("model.safetensors", "optimizer.safetensors"):
         raw = (tmp_path / "step-00000002" / name).read_bytes()
-        assert manifest["files"][name] == {"sha256": hashlib.sha256(raw).hexdigest(),
+        assert manifest["files"][name] == {"blake3": blake3.blake3(raw).hexdigest(),
                                            "bytes": len(raw)}
     # The arrays open with the safetensors library itself.
     weights = safetensors.numpy.load_file(os.path.join(path, "model.safetensors"))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 
+import blake3
 import pytest
 
 from dptrain.worker.checkpoint_manifest import (
@@ -21,7 +22,10 @@ from dptrain.worker.checkpoint_manifest import (
 
 MODEL = b"model bytes"
 OPTIMIZER = b""
-# The digests a reader outside dptrain computes: sha256 of the bytes above.
+# The digests a reader outside dptrain computes: blake3 (what manifests hold now) and sha256
+# (what they held before) of the bytes above; the empty inputs' digests are the published ones.
+MODEL_B3 = blake3.blake3(MODEL).hexdigest()
+EMPTY_B3 = "af1349b9f5f9a1a6a0404dea36dcc9499bcb25c9adc112b7cc9a93cae41f3262"
 MODEL_SHA = hashlib.sha256(MODEL).hexdigest()
 EMPTY_SHA = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
 
@@ -36,8 +40,17 @@ def _directory(tmp_path, step=5):
 
 def _hand_written(step=5):
     return {"format_version": 1, "step": step, "epoch": 0, "files": {
-        "model.safetensors": {"sha256": MODEL_SHA, "bytes": len(MODEL)},
-        "optimizer.safetensors": {"sha256": EMPTY_SHA, "bytes": 0}}}
+        "model.safetensors": {"blake3": MODEL_B3, "bytes": len(MODEL)},
+        "optimizer.safetensors": {"blake3": EMPTY_B3, "bytes": 0}}}
+
+
+def _old_sha256_manifest_text(step=5) -> str:
+    """A manifest exactly as dptrain wrote it before BLAKE3: sha256 entries, json.dumps with
+    indent=1 and sorted keys, and a final newline."""
+    return ('{\n "epoch": 0,\n "files": {\n  "model.safetensors": {\n   "bytes": 11,\n'
+            f'   "sha256": "{MODEL_SHA}"\n  }},\n  "optimizer.safetensors": {{\n'
+            f'   "bytes": 0,\n   "sha256": "{EMPTY_SHA}"\n  }}\n }},\n'
+            f' "format_version": 1,\n "step": {step}\n}}\n')
 
 
 def test_write_records_every_file_as_a_reader_would_compute_it(tmp_path):
@@ -53,15 +66,32 @@ def test_a_hand_written_manifest_reads_and_verifies(tmp_path):
     assert read_manifest(path) == _hand_written()
     assert verify_checkpoint(path) == _hand_written()
     assert manifest_files(_hand_written()) == (
-        FileEntry("model.safetensors", len(MODEL), MODEL_SHA),
-        FileEntry("optimizer.safetensors", 0, EMPTY_SHA))
+        FileEntry("model.safetensors", len(MODEL), MODEL_B3, "blake3"),
+        FileEntry("optimizer.safetensors", 0, EMPTY_B3, "blake3"))
+
+
+def test_an_old_sha256_manifest_reads_and_verifies_and_catches_a_flipped_byte(tmp_path):
+    path = _directory(tmp_path)
+    (path / MANIFEST).write_text(_old_sha256_manifest_text())
+    manifest = verify_checkpoint(path)
+    assert manifest["files"]["model.safetensors"] == {"sha256": MODEL_SHA, "bytes": 11}
+    assert manifest_files(manifest) == (
+        FileEntry("model.safetensors", len(MODEL), MODEL_SHA, "sha256"),
+        FileEntry("optimizer.safetensors", 0, EMPTY_SHA, "sha256"))
+    (path / "model.safetensors").write_bytes(b"model bytez")
+    with pytest.raises(CheckpointError, match="model.safetensors fails its checksum .sha256"):
+        verify_checkpoint(path)
 
 
 @pytest.mark.parametrize("edit, message", [
     (lambda m: m.update(format_version=2), "format version 2"),
     (lambda m: m["files"].pop("optimizer.safetensors"), "does not list optimizer"),
-    (lambda m: m["files"].update({"../x": {"sha256": EMPTY_SHA, "bytes": 0}}),
+    (lambda m: m["files"].update({"../x": {"blake3": EMPTY_B3, "bytes": 0}}),
      "lists '../x' wrongly"),
+    (lambda m: m["files"]["model.safetensors"].update(sha256=MODEL_SHA),
+     "one digest .blake3 or sha256."),
+    (lambda m: m["files"]["optimizer.safetensors"].update(md5="d41d8cd98f00b204"),
+     "one digest"),
 ])
 def test_verify_refuses_a_wrong_manifest(tmp_path, edit, message):
     path = _directory(tmp_path)
@@ -88,9 +118,15 @@ def test_verify_refuses_a_damaged_directory(tmp_path, damage, message):
         verify_checkpoint(path)
 
 
-def test_manifest_files_refuses_a_wrong_layout():
-    with pytest.raises(CheckpointError, match="lists its files wrongly"):
-        manifest_files({"files": {"model.safetensors": {"sha256": MODEL_SHA}}})
+@pytest.mark.parametrize("entry, message", [
+    ({"sha256": MODEL_SHA}, "bytes None"),
+    ({"bytes": 11}, "one digest"),
+    ({"bytes": "11", "blake3": MODEL_B3}, "bytes '11'"),
+    ([MODEL_B3, 11], "not an object"),
+])
+def test_manifest_files_refuses_a_wrong_layout(entry, message):
+    with pytest.raises(CheckpointError, match=f"lists 'model.safetensors' wrongly.*{message}"):
+        manifest_files({"files": {"model.safetensors": entry}})
 
 
 def test_checkpoint_directories_sort_by_step(tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 from pathlib import Path
 
@@ -57,6 +58,17 @@ def test_defaults_are_filled_and_round_trip():
     data = spec.to_dict()
     json.dumps(data)  # plain data
     assert JobSpec.from_dict(data) == spec
+
+
+def test_to_dict_matches_dataclasses_asdict_and_shares_nothing():
+    # The reference: the standard library's deep copy, with tuples as lists (JSON data).
+    spec = JobSpec.from_dict(with_change("model.args", {"in_features": 64, "hidden": [32, 16],
+                                                        "num_classes": 10}))
+    reference = json.loads(json.dumps(dataclasses.asdict(spec)))
+    data = spec.to_dict()
+    assert data == reference
+    data["model"]["args"]["hidden"].append(8)
+    assert spec.model.args["hidden"] == [32, 16]
 
 
 def test_hash_is_stable_under_key_order_and_explicit_defaults():

@@ -10,6 +10,13 @@ writers (WAL gives each read a snapshot); writers queue on an in-process lock, t
 SQLite's write lock with ``BEGIN IMMEDIATE`` (a second process, e.g. an admin tool, waits up to
 ``busy_timeout``).
 
+Group commit: a writer that finds others queued behind it leaves its transaction open for them
+instead of committing; each runs inside a savepoint of it (a failing one rolls back only its
+own changes), and the last of the group, or the `MAX_GROUP`-th, commits them all with one
+fsync. Every write method still returns only once its change is committed. With fsync on every
+commit, writers queued on one another's fsync were what limited SubmitJob under many clients
+(docs/benchmarks.md).
+
 Schema: ``PRAGMA user_version`` holds the schema version; `MIGRATIONS` is the list of steps, the
 i-th upgrading version i to i+1. Opening a database runs the steps it lacks in one transaction
 and refuses a database newer than this code.
@@ -31,11 +38,15 @@ from dptrain.coordinator.api.records import CheckpointRecord, Event, EventKind, 
 from dptrain.coordinator.server.private_files import open_private
 from dptrain.coordinator.server.store.base import Store
 
-__all__ = ["SqliteStore", "MIGRATIONS", "SCHEMA_VERSION", "Migration"]
+__all__ = ["SqliteStore", "MIGRATIONS", "SCHEMA_VERSION", "MAX_GROUP", "Migration"]
 
 log = logging.getLogger("dptrain.coordinator")
 
 Migration = Callable[[sqlite3.Connection], None]
+
+MAX_GROUP = 32
+"""At most this many writes share one commit (so a steady stream of writers cannot keep a
+group open, and its first member waiting, for ever)."""
 
 _SCHEMA_1 = (
     """CREATE TABLE jobs (
@@ -117,11 +128,16 @@ def _job_values(job: Job) -> tuple:
     return tuple(values)
 
 
+_EMPTY_JSON = {"{}": dict, "[]": list}  # most jobs' metrics and placement: no parse needed
+
+
 def _job_from_row(row: Sequence) -> Job:
     fields = dict(zip(_JOB_COLUMNS, row))
     try:
         for name in _JSON_COLUMNS:
-            fields[name] = json.loads(fields[name])
+            text = fields[name]
+            empty = _EMPTY_JSON.get(text)
+            fields[name] = empty() if empty is not None else json.loads(text)
         fields["placement"] = tuple((host, slots) for host, slots in fields["placement"])
         fields["state"] = JobState(fields["state"])
     except (ValueError, TypeError) as e:  # a row changed behind our back
@@ -233,6 +249,16 @@ class _SqlTransaction:
         return [_checkpoint_from_row(r) for r in rows]
 
 
+class _Group:
+    """Writes sharing one transaction on `conn`, committed together (see the module)."""
+
+    def __init__(self, conn: sqlite3.Connection):
+        self.conn = conn
+        self.members = 0
+        self.done = threading.Event()
+        self.error: BaseException | None = None
+
+
 class SqliteStore(Store):
     """A `Store` in an SQLite database file, safe for many threads of one process.
 
@@ -261,6 +287,8 @@ class SqliteStore(Store):
         self._synchronous, self._busy_timeout = synchronous, busy_timeout
         self._pool_lock = threading.Lock()
         self._write_lock = threading.Lock()
+        self._group: _Group | None = None  # the open group transaction (under _write_lock)
+        self._queued = 0  # writers waiting for _write_lock (under _pool_lock)
         self._idle: list[sqlite3.Connection] = []
         self._open: list[sqlite3.Connection] = []
         # SQLite would create the file 0644 (0666 under umask 0); its -wal and -shm files
@@ -313,8 +341,7 @@ class SqliteStore(Store):
         with self._connection() as conn:
             return conn.execute("PRAGMA user_version").fetchone()[0]
 
-    @contextmanager
-    def _connection(self) -> Iterator[sqlite3.Connection]:
+    def _check_out(self) -> sqlite3.Connection:
         with self._pool_lock:
             if self._closed:
                 raise StoreClosed(f"the store {self.path} is closed")
@@ -323,27 +350,82 @@ class SqliteStore(Store):
             conn = self._connect()
             with self._pool_lock:
                 self._open.append(conn)
+        return conn
+
+    def _check_in(self, conn: sqlite3.Connection) -> None:
+        with self._pool_lock:
+            if self._closed:  # closed while we worked: close() left this one to us
+                self._open.remove(conn)
+                conn.close()
+            else:
+                self._idle.append(conn)
+
+    @contextmanager
+    def _connection(self) -> Iterator[sqlite3.Connection]:
+        conn = self._check_out()
         try:
             yield conn
         finally:
-            with self._pool_lock:
-                if self._closed:  # closed while we worked: close() left this one to us
-                    self._open.remove(conn)
-                    conn.close()
-                else:
-                    self._idle.append(conn)
+            self._check_in(conn)
 
     @contextmanager
     def _write(self) -> Iterator[_SqlTransaction]:
-        with self._write_lock, self._connection() as conn:
-            conn.execute("BEGIN IMMEDIATE")
+        with self._pool_lock:
+            self._queued += 1
+        try:
+            self._write_lock.acquire()
+        finally:
+            with self._pool_lock:
+                self._queued -= 1
+        try:
+            group = self._group
+            if group is None:
+                conn = self._check_out()
+                try:
+                    conn.execute("BEGIN IMMEDIATE")
+                except BaseException:
+                    self._check_in(conn)
+                    raise
+                group = self._group = _Group(conn)
+            conn = group.conn
+            group.members += 1
+            conn.execute("SAVEPOINT write")
             try:
                 yield _SqlTransaction(conn)
-                conn.execute("COMMIT")
             except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
+                conn.execute("ROLLBACK TO write")
+                conn.execute("RELEASE write")
                 raise
+            conn.execute("RELEASE write")
+        finally:
+            try:
+                with self._pool_lock:
+                    joining = self._queued > 0
+                if group is not None and (not joining or group.members >= MAX_GROUP):
+                    self._commit(group)
+            finally:
+                self._write_lock.release()
+        while not group.done.wait(1.0):
+            # The writer counted as joining never came (its wait for the lock was interrupted):
+            # commit the group ourselves rather than wait for ever.
+            with self._write_lock:
+                if self._group is group:
+                    self._commit(group)
+        if group.error is not None:
+            raise group.error
+
+    def _commit(self, group: _Group) -> None:
+        """Commit a group's transaction (under the write lock) and wake its members."""
+        self._group = None
+        try:
+            group.conn.execute("COMMIT")
+        except BaseException as e:
+            group.error = e
+            if group.conn.in_transaction:
+                group.conn.execute("ROLLBACK")
+        finally:
+            self._check_in(group.conn)
+            group.done.set()
 
     @contextmanager
     def _read(self) -> Iterator[_SqlTransaction]:

@@ -127,10 +127,9 @@ class CoordinatorServicer:
 
     def DownloadCheckpoint(self, request, context):
         """One file of a stored checkpoint (by default the model's parameters). The first message
-        describes the file (step, size, sha256); the rest carry its bytes in order. The server
-        checks the sha256 as it sends: a stored file that no longer matches it ends the stream
-        with DATA_LOSS after its last chunk, so keep the bytes only when the call succeeds (and
-        their sha256 matches the first message's).
+        describes the file (step, size, and its digest: blake3 or sha256); the rest carry its
+        bytes in order. The server does not hash them again as it sends: keep the bytes only
+        when they hash to the first message's digest (a stored file damaged on disk fails that).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -432,8 +431,8 @@ class WorkerServiceServicer:
 
     def UploadCheckpoint(self, request_iterator, context):
         """Store a checkpoint directory: first a header (step, manifest.json and every file's name,
-        size and sha256), then each file's bytes in chunks, file after file in the header's order.
-        Each file must match its declared sha256 (DATA_LOSS otherwise) and fit the server's limit
+        size and digest), then each file's bytes in chunks, file after file in the header's order.
+        Each file must match its declared digest (DATA_LOSS otherwise) and fit the server's limit
         (RESOURCE_EXHAUSTED). The checkpoint becomes visible only once every file is stored.
         Taken while the job is RUNNING or RESTARTING; FAILED_PRECONDITION, storing nothing, once
         it is over (a worker token dies with its attempt).

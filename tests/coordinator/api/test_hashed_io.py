@@ -1,5 +1,5 @@
-"""write_hashed: what is written, its sha256 against hashlib, fsync after the last byte, and
-every failure stopping the writer thread."""
+"""write_hashed: what is written, its digest against hashlib's sha256 and the blake3 package,
+fsync after the last byte, and every failure stopping the writer thread."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import hashlib
 import os
 import threading
 
+import blake3
 import pytest
 
 from dptrain.coordinator.api import hashed_io
@@ -23,15 +24,24 @@ def _writer_threads():
     return [t for t in threading.enumerate() if t.name == "dptrain-writer"]
 
 
-def test_writes_the_bytes_and_returns_their_sha256(tmp_path):
+@pytest.mark.parametrize("algorithm, reference", [("blake3", blake3.blake3),
+                                                   ("sha256", hashlib.sha256)])
+def test_writes_the_bytes_and_returns_their_digest(tmp_path, algorithm, reference):
     path = tmp_path / "f"
     with open(path, "wb") as f:
-        assert write_hashed(_chunks(DATA), f) == (hashlib.sha256(DATA).hexdigest(), len(DATA))
+        assert write_hashed(_chunks(DATA), f, algorithm) == (reference(DATA).hexdigest(),
+                                                             len(DATA))
     assert path.read_bytes() == DATA
     with open(tmp_path / "empty", "wb") as f:
-        assert write_hashed([], f) == (hashlib.sha256(b"").hexdigest(), 0)
+        assert write_hashed([], f, algorithm) == (reference(b"").hexdigest(), 0)
     assert (tmp_path / "empty").read_bytes() == b""
     assert _writer_threads() == []
+
+
+def test_an_unknown_algorithm_is_refused_before_anything_is_written(tmp_path):
+    with open(tmp_path / "f", "wb") as f, pytest.raises(ValueError, match="unknown hash .*md5"):
+        write_hashed(_chunks(DATA), f, "md5")
+    assert (tmp_path / "f").read_bytes() == b"" and _writer_threads() == []
 
 
 def test_a_reused_buffer_is_written_as_it_was_when_yielded(tmp_path):
@@ -45,7 +55,8 @@ def test_a_reused_buffer_is_written_as_it_was_when_yielded(tmp_path):
     expected = b"".join(i.to_bytes(4, "little") + i.to_bytes(4, "little")[:2]
                         for i in range(1000))
     with open(tmp_path / "f", "wb") as f:
-        assert write_hashed(reusing(), f) == (hashlib.sha256(expected).hexdigest(), 6000)
+        assert write_hashed(reusing(), f, "blake3") == (blake3.blake3(expected).hexdigest(),
+                                                         6000)
     assert (tmp_path / "f").read_bytes() == expected
 
 
@@ -62,7 +73,7 @@ def test_fsync_comes_after_the_last_byte_and_write_back_starts_early(tmp_path, m
 
     monkeypatch.setattr(hashed_io.os, "fsync", fsync)
     with open(path, "wb") as f:
-        write_hashed(_chunks(DATA), f)
+        write_hashed(_chunks(DATA), f, "blake3")
     assert synced_sizes == [len(DATA)]
     assert early == [(i + 1) << 20 for i in range(5)]
 
@@ -73,18 +84,18 @@ def test_a_broken_stream_raises_its_own_error_and_stops_the_writer(tmp_path):
         raise ConnectionError("the peer went away")
 
     with open(tmp_path / "f", "wb") as f, pytest.raises(ConnectionError, match="went away"):
-        write_hashed(broken(), f)
+        write_hashed(broken(), f, "blake3")
     assert _writer_threads() == []
 
 
 def test_a_failing_write_is_raised_in_the_callers_thread(tmp_path):
     (tmp_path / "f").write_bytes(b"")
     with open(tmp_path / "f", "rb") as f, pytest.raises(OSError):  # not open for writing
-        write_hashed(_chunks(DATA), f)
+        write_hashed(_chunks(DATA), f, "blake3")
     assert _writer_threads() == []
 
 
 def test_chunks_must_be_bytes_like(tmp_path):
     with open(tmp_path / "f", "wb") as f, pytest.raises(TypeError, match="got str"):
-        write_hashed([b"ok", "text"], f)
+        write_hashed([b"ok", "text"], f, "blake3")
     assert _writer_threads() == []

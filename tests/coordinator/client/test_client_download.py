@@ -1,10 +1,11 @@
 """`Client.download_checkpoint` verifies what it receives, whatever the server claims.
 
-The coordinator checks a blob while streaming it, so a real coordinator never sends bytes that
-fail their sha256; the client's own check guards the path between them. Here a real gRPC server
-on a loopback port implements only the download RPC and streams bytes that do not match the
-description it sends first: the real client must refuse them with DATA_LOSS and leave nothing
-behind at the destination.
+The coordinator streams a stored file without hashing it again (each side of a transfer hashes
+once), so the client's check is the one that catches a file damaged on the server's disk or on
+the way. Here a real gRPC server on a loopback port implements only the download RPC and
+streams bytes that do not match the description it sends first (a BLAKE3 digest, or a sha256
+one as for checkpoints written before BLAKE3): the real client must refuse them with DATA_LOSS
+and leave nothing behind at the destination.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import hashlib
 from concurrent import futures
 from pathlib import Path
 
+import blake3
 import grpc
 import pytest
 
@@ -22,18 +24,21 @@ from dptrain.protos.dptrain.v1 import coordinator_pb2_grpc as pb_grpc
 
 PAYLOAD = bytes(range(256)) * 5000  # 1.28 MB: more than one chunk
 CHUNK = 1 << 20
+HASHERS = {"blake3": blake3.blake3, "sha256": hashlib.sha256}  # the references
 
 
 class ScriptedDownloads(pb_grpc.CoordinatorServicer):
-    """Streams `sent` for every download, described as `declared` bytes."""
+    """Streams `sent` for every download, described as `declared` bytes hashed with
+    `algorithm`."""
 
     def __init__(self) -> None:
-        self.declared, self.sent = PAYLOAD, PAYLOAD
+        self.declared, self.sent, self.algorithm = PAYLOAD, PAYLOAD, "blake3"
 
     def DownloadCheckpoint(self, request, context):
+        digest = HASHERS[self.algorithm](self.declared).hexdigest()
         info = pb.DownloadInfo(step=7, file=pb.CheckpointFile(
             name=request.file or "model.safetensors", size=len(self.declared),
-            sha256=hashlib.sha256(self.declared).hexdigest()))
+            **{self.algorithm: digest}))
         yield pb.DownloadCheckpointResponse(info=info)
         for i in range(0, len(self.sent), CHUNK):
             yield pb.DownloadCheckpointResponse(chunk=self.sent[i:i + CHUNK])
@@ -60,31 +65,35 @@ def _corrupt(data: bytes) -> bytes:
     return bytes(flipped)
 
 
-def test_matching_bytes_are_saved(downloads, tmp_path):
-    _, client = downloads  # the scripted server is a faithful one unless told otherwise
+@pytest.mark.parametrize("algorithm", ["blake3", "sha256"])
+def test_matching_bytes_are_saved(downloads, tmp_path, algorithm):
+    servicer, client = downloads  # the scripted server is a faithful one unless told otherwise
+    servicer.algorithm = algorithm
     got = client.download_checkpoint("j-000000000001", dest=tmp_path / "m.safetensors")
     assert got.step == 7 and got.size == len(PAYLOAD)
+    assert (got.algorithm, got.digest) == (algorithm, HASHERS[algorithm](PAYLOAD).hexdigest())
     assert (tmp_path / "m.safetensors").read_bytes() == PAYLOAD
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.safetensors"]
 
 
+@pytest.mark.parametrize("algorithm", ["blake3", "sha256"])
 @pytest.mark.parametrize("sent", [
     pytest.param(_corrupt(PAYLOAD), id="one-flipped-bit"),
     pytest.param(PAYLOAD[:-1], id="one-byte-short"),
     pytest.param(PAYLOAD + b"\0", id="one-byte-too-many"),
 ])
-def test_bytes_that_fail_the_declared_sha256_are_data_loss_and_leave_no_file(
-        downloads, tmp_path, sent):
+def test_bytes_that_fail_the_declared_digest_are_data_loss_and_leave_no_file(
+        downloads, tmp_path, sent, algorithm):
     servicer, client = downloads
-    servicer.sent = sent
-    expected = hashlib.sha256(PAYLOAD).hexdigest()
+    servicer.sent, servicer.algorithm = sent, algorithm
+    expected = HASHERS[algorithm](PAYLOAD).hexdigest()
     with pytest.raises(ClientError) as info:
         client.download_checkpoint("j-000000000001", dest=tmp_path / "m.safetensors")
     assert info.value.code == "DATA_LOSS"
     assert str(info.value) == (
         f"DATA_LOSS: model.safetensors of step 7: received {len(sent)} bytes hashing to "
-        f"{hashlib.sha256(sent).hexdigest()}, expected {len(PAYLOAD)} bytes with sha256 "
-        f"{expected}")
+        f"{algorithm} {HASHERS[algorithm](sent).hexdigest()}, expected {len(PAYLOAD)} bytes "
+        f"with {algorithm} {expected}")
     assert list(tmp_path.iterdir()) == []  # neither the file nor its temporary part
 
 

@@ -10,6 +10,7 @@ import os
 import stat
 import time
 
+import blake3
 import pytest
 
 from dptrain.coordinator.api.errors import (
@@ -20,10 +21,11 @@ from dptrain.coordinator.api.errors import (
     ValidationError,
 )
 from dptrain.coordinator.server import blobs as blobs_module
-from dptrain.coordinator.server.blobs import BlobStore
+from dptrain.coordinator.server.blobs import BlobStore, blob_id, parse_blob_id
 
 DATA = bytes(range(256)) * 1000  # 256 kB
 SHA = hashlib.sha256(DATA).hexdigest()
+B3 = blake3.blake3(DATA).hexdigest()
 
 
 @pytest.fixture
@@ -44,9 +46,32 @@ def test_put_stores_bytes_under_their_sha256(blobs):
     assert blobs.get(SHA) == path
 
 
+def test_blake3_blobs_live_apart_named_by_algorithm_and_digest(blobs):
+    name = f"blake3:{B3}"
+    assert blobs.put(DATA, algorithm="blake3") == (name, len(DATA))
+    assert blobs.put(DATA, expected=name) == (name, len(DATA))
+    path = blobs.root / "blake3" / B3[:2] / B3[2:]
+    assert path.read_bytes() == DATA
+    assert blobs.put(DATA) == (SHA, len(DATA))  # the same bytes as a sha256 blob: a second one
+    assert _files(blobs.root) == [f"{SHA[:2]}/{SHA[2:]}", f"blake3/{B3[:2]}/{B3[2:]}"]
+    assert sorted(blobs) == sorted([SHA, name])
+    assert blobs.get(name) == path and blobs.verify(name) == len(DATA)
+    assert blob_id("blake3", B3) == name and parse_blob_id(name) == ("blake3", B3)
+    assert blob_id("sha256", SHA) == SHA and parse_blob_id(SHA) == ("sha256", SHA)
+
+
+def test_a_corrupted_blake3_blob_is_detected_unless_the_reader_verifies_itself(blobs):
+    name, _ = blobs.put(DATA, algorithm="blake3")
+    path = blobs.get(name)
+    path.write_bytes(b"x" + DATA[1:])
+    with pytest.raises(BlobCorrupted, match=f"blob {name} is corrupted"):
+        blobs.verify(name)
+    assert b"".join(blobs.read(name, verify=False)) == b"x" + DATA[1:]
+
+
 def test_put_accepts_a_stream_of_chunks_and_stores_content_once(blobs):
     chunks = (DATA[i:i + 7000] for i in range(0, len(DATA), 7000))
-    assert blobs.put(chunks, expected_sha256=SHA) == (SHA, len(DATA))
+    assert blobs.put(chunks, expected=SHA) == (SHA, len(DATA))
     assert blobs.put([bytearray(DATA[:10]), memoryview(DATA[10:])]) == (SHA, len(DATA))
     assert list(blobs) == [SHA]
     assert b"".join(blobs.read(SHA, chunk_size=4096)) == DATA
@@ -85,16 +110,19 @@ def test_a_failing_upload_leaves_nothing(blobs):
 def test_expected_sha256_mismatch_is_refused_and_nothing_stored(blobs):
     wrong = hashlib.sha256(b"other").hexdigest()
     with pytest.raises(ChecksumMismatch) as e:
-        blobs.put(DATA, expected_sha256=wrong)
+        blobs.put(DATA, expected=wrong)
     assert (e.value.expected, e.value.actual, e.value.size) == (wrong, SHA, len(DATA))
     assert "nothing was stored" in str(e.value)
     assert _files(blobs.root) == []
 
 
-@pytest.mark.parametrize("bad", ["abc", SHA.upper(), SHA + "0", 42])
-def test_malformed_expected_sha256_names_the_field(blobs, bad):
-    with pytest.raises(ValidationError, match="expected_sha256: must be 64 lowercase hex"):
-        blobs.put(DATA, expected_sha256=bad)
+@pytest.mark.parametrize("bad", ["abc", SHA.upper(), SHA + "0", 42, f"sha256:{SHA}",
+                                 f"md5:{SHA}", f"blake3:{B3.upper()}", "blake3:"])
+def test_malformed_expected_names_the_field(blobs, bad):
+    with pytest.raises(ValidationError, match="expected: must be a sha256 .64 lowercase hex"):
+        blobs.put(DATA, expected=bad)
+    with pytest.raises(ValidationError, match="algorithm: must be one of blake3, sha256"):
+        blobs.put(DATA, algorithm="md5")
 
 
 def test_size_limit(tmp_path):

@@ -8,12 +8,12 @@ import json
 import os
 import time
 
+import blake3
 import pytest
 from fresh_imports import modules_loaded_by, within
 
 from dptrain.coordinator.api.checkpoint_upload import CheckpointUpload, FileEntry
 from dptrain.coordinator.api.errors import (
-    BlobCorrupted,
     ChecksumMismatch,
     StateConflict,
     ValidationError,
@@ -194,12 +194,22 @@ def test_progress_updates_the_summary_and_needs_a_running_job(state):
 
 # ---------------------------------------------------------------- checkpoints
 
-def _upload(job_id, step, files: dict[str, bytes]) -> tuple[CheckpointUpload, list]:
-    entries = {name: {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+HASHERS = {"blake3": blake3.blake3, "sha256": hashlib.sha256}  # the references
+
+
+def _blob(data: bytes, algorithm="blake3") -> str:
+    """The blob name of `data`, as the blob store's docstring defines it."""
+    digest = HASHERS[algorithm](data).hexdigest()
+    return digest if algorithm == "sha256" else f"{algorithm}:{digest}"
+
+
+def _upload(job_id, step, files: dict[str, bytes],
+            algorithm="blake3") -> tuple[CheckpointUpload, list]:
+    entries = {name: {algorithm: HASHERS[algorithm](data).hexdigest(), "bytes": len(data)}
                for name, data in files.items()}
     manifest = json.dumps({"step": step, "files": entries}).encode()
     upload = CheckpointUpload(job_id, step, manifest, tuple(
-        FileEntry(n, e["bytes"], e["sha256"]) for n, e in entries.items()))
+        FileEntry(n, e["bytes"], e[algorithm], algorithm) for n, e in entries.items()))
     chunks = [(name, data[i:i + 3]) for name, data in files.items()
               for i in range(0, len(data), 3)]
     return upload, chunks
@@ -211,15 +221,18 @@ def _launched(state) -> Job:
     return state.store.transition(job.id, JobState.QUEUED, JobState.RUNNING)
 
 
-def test_receive_stores_blobs_then_the_record(state):
+@pytest.mark.parametrize("algorithm", ["blake3", "sha256"])  # sha256: an older worker's
+def test_receive_stores_blobs_then_the_record(state, algorithm):
     job = _launched(state)
-    upload, chunks = _upload(job.id, 5, {"model.safetensors": b"model-bytes",
-                                         "optimizer.safetensors": b"", "extra.bin": b"x"})
+    files = {"model.safetensors": b"model-bytes", "optimizer.safetensors": b"", "extra.bin": b"x"}
+    upload, chunks = _upload(job.id, 5, files, algorithm)
     record = checkpoints.receive_checkpoint(upload, chunks, state, now=1.0)
     assert record.sha256 == hashlib.sha256(upload.manifest_json).hexdigest()
     assert record.size == len(upload.manifest_json) + 12
-    for name, sha in checkpoints.record_blobs(record).items():
-        assert state.blobs.exists(sha), name
+    assert checkpoints.record_blobs(record) == {
+        "manifest.json": record.sha256, **{n: _blob(d, algorithm) for n, d in files.items()}}
+    for name, blob in checkpoints.record_blobs(record).items():
+        assert state.blobs.exists(blob), name
     assert state.metrics.checkpoint_bytes("stored") == record.size
 
 
@@ -231,7 +244,13 @@ def test_receive_stores_blobs_then_the_record(state):
     (lambda u, c: (CheckpointUpload(u.job_id, 5, u.manifest_json, u.files[:1]), c[:4]),
      "header.files"),
     (lambda u, c: (CheckpointUpload(u.job_id, 5, u.manifest_json, (FileEntry(
-        "../x", 3, "a" * 64),) + u.files[1:]), c), "header.files[0].name"),
+        "../x", 3, "a" * 64, "blake3"),) + u.files[1:]), c), "header.files[0].name"),
+    (lambda u, c: (CheckpointUpload(u.job_id, 5, u.manifest_json, (FileEntry(
+        "model.safetensors", 11, "A" * 64, "blake3"),) + u.files[1:]), c),
+     "header.files[0].blake3"),
+    (lambda u, c: (CheckpointUpload(u.job_id, 5, u.manifest_json, (FileEntry(
+        u.files[0].name, u.files[0].size, hashlib.sha256(b"model-bytes").hexdigest(),
+        "sha256"),) + u.files[1:]), c), "header.files[0]"),  # not the manifest's entry
     (lambda u, c: (CheckpointUpload(u.job_id, 5, b"{not json", u.files), c),
      "header.manifest_json"),
 ])
@@ -267,8 +286,8 @@ def test_retention_deletes_blobs_no_record_needs(state):
     checkpoints.receive_checkpoint(upload, chunks, state)
     assert [r.step for r in state.store.list_checkpoints(job.id)] == [3, 4]
     gone = before - set(state.blobs)
-    assert gone == {hashlib.sha256(b"m2").hexdigest(), records[0].sha256}
-    assert state.blobs.exists(hashlib.sha256(shared).hexdigest())
+    assert gone == {_blob(b"m2"), records[0].sha256}
+    assert state.blobs.exists(_blob(shared))
     assert checkpoints.referenced_blobs(state.store) <= set(state.blobs)
 
 
@@ -277,7 +296,7 @@ def test_intact_checkpoint_skips_damage_and_says_so(state):
     for step in (1, 2):
         upload, chunks = _upload(job.id, step, {"model.safetensors": b"model%d" % step})
         checkpoints.receive_checkpoint(upload, chunks, state)
-    state.blobs.delete(hashlib.sha256(b"model2").hexdigest())
+    state.blobs.delete(_blob(b"model2"))
     assert checkpoints.intact_checkpoint(job.id, state).step == 1
     assert "step 2 is damaged" in state.store.events(job.id)[-1].payload["line"]
     header, stream = checkpoints.open_fetch(job.id, state)
@@ -292,7 +311,7 @@ def test_intact_checkpoint_falls_back_past_corrupted_and_missing_files(state):
         checkpoints.receive_checkpoint(upload, chunks, state)
     records = {r.step: r for r in state.store.list_checkpoints(job.id)}
     assert sorted(records) == [2, 3]  # keep: 2
-    _corrupt(state, hashlib.sha256(b"opt3").hexdigest())
+    _corrupt(state, _blob(b"opt3"))
     assert checkpoints.intact_checkpoint(job.id, state) == records[2]
     state.blobs.delete(records[2].sha256)  # its manifest.json
     assert checkpoints.intact_checkpoint(job.id, state) is None
@@ -301,29 +320,34 @@ def test_intact_checkpoint_falls_back_past_corrupted_and_missing_files(state):
     assert sum("step 2 is damaged" in line for line in lines) == 1
 
 
-def _corrupt(state, sha256):
-    path = state.blobs.get(sha256, verify=False)
+def _corrupt(state, blob):
+    path = state.blobs.get(blob, verify=False)
     data = bytearray(path.read_bytes())
     data[0] ^= 0xFF
     path.write_bytes(bytes(data))
 
 
-def test_download_verifies_while_streaming(state):
+@pytest.mark.parametrize("algorithm", ["blake3", "sha256"])
+def test_download_streams_the_stored_bytes_with_the_manifests_digest(state, algorithm):
     job = _launched(state)
     model = os.urandom(3 * CHUNK_BYTES + 5)
-    upload, _ = _upload(job.id, 1, {"model.safetensors": model})
+    upload, _ = _upload(job.id, 1, {"model.safetensors": model}, algorithm)
     checkpoints.receive_checkpoint(upload, [("model.safetensors", model)], state)
     step, entry, chunks = checkpoints.open_download(job.id, 1, "", state)
     assert (step, entry.name, entry.size) == (1, "model.safetensors", len(model))
-    assert entry.sha256 == hashlib.sha256(model).hexdigest()
+    assert (entry.algorithm, entry.digest) == (algorithm, HASHERS[algorithm](model).hexdigest())
     assert b"".join(chunks) == model
-    _corrupt(state, entry.sha256)
-    _, _, chunks = checkpoints.open_download(job.id, 1, "model.safetensors", state)
-    received = []
-    with pytest.raises(BlobCorrupted):  # after the last chunk: the stream ends in DATA_LOSS
-        for chunk in chunks:
-            received.append(chunk)
-    assert len(b"".join(received)) == len(model)
+    _, manifest, chunks = checkpoints.open_download(job.id, 1, "manifest.json", state)
+    assert (manifest.algorithm, manifest.digest) == (
+        "sha256", hashlib.sha256(upload.manifest_json).hexdigest())
+    assert b"".join(chunks) == upload.manifest_json
+    # Damage on disk goes out as it is, unhashed: the receiver's check catches it
+    # (tests/coordinator/client/test_client_download.py), hashing the bytes once, not twice.
+    _corrupt(state, _blob(model, algorithm))
+    _, entry, chunks = checkpoints.open_download(job.id, 1, "model.safetensors", state)
+    received = b"".join(chunks)
+    assert len(received) == len(model) and received != model
+    assert HASHERS[algorithm](received).hexdigest() != entry.digest
 
 
 @pytest.mark.parametrize("keep", [0, -1, 1.5, True])
@@ -342,7 +366,7 @@ def test_retention_spares_files_another_job_still_uses(state):
     checkpoints.receive_checkpoint(*_upload(a.id, 2, {"model.safetensors": b"m2"}), state)
     removed = checkpoints.prune_job_checkpoints(state.store, state.blobs, a.id, 1, grace_s=0)
     assert [r.step for r in removed] == [1]
-    assert state.blobs.exists(hashlib.sha256(shared).hexdigest())
+    assert state.blobs.exists(_blob(shared))
     assert checkpoints.intact_checkpoint(b.id, state).step == 1
 
 
@@ -355,7 +379,7 @@ def test_garbage_collection_keeps_every_file_of_every_checkpoint(state):
     old = time.time() - 7200
     for sha in state.blobs:
         os.utime(state.blobs.get(sha, verify=False), (old, old))
-    live = {hashlib.sha256(data).hexdigest() for data in (*files.values(), upload.manifest_json)}
+    live = {*(_blob(data) for data in files.values()), _blob(upload.manifest_json, "sha256")}
     assert checkpoints.referenced_blobs(state.store) == live
     assert state.blobs.collect_garbage(checkpoints.referenced_blobs(state.store)) == [orphan]
     assert set(state.blobs) == live

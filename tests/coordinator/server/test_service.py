@@ -11,6 +11,7 @@ The end-to-end tests with real mpiexec workers are in tests/coordinator/test_e2e
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import queue
 import threading
@@ -18,6 +19,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import blake3
 import grpc
 import numpy as np
 import pytest
@@ -25,8 +27,17 @@ import safetensors.numpy
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from dptrain import engine
+from dptrain.coordinator.api import serde
+from dptrain.coordinator.api.checkpoint_upload import read_checkpoint_directory
 from dptrain.coordinator.api.credentials import bearer_metadata
-from dptrain.coordinator.api.records import EventKind, Job, JobState, hash_token, new_token
+from dptrain.coordinator.api.records import (
+    EventKind,
+    Job,
+    JobState,
+    hash_token,
+    new_job,
+    new_token,
+)
 from dptrain.coordinator.client.client import Client, ClientError
 from dptrain.coordinator.client.worker_reporter import (
     WorkerClient,
@@ -34,6 +45,7 @@ from dptrain.coordinator.client.worker_reporter import (
 )
 from dptrain.coordinator.server.scheduler import Cluster
 from dptrain.coordinator.server.server import ServerConfigError, ServerSettings, serve
+from dptrain.coordinator.server.service import SpecMessages
 from dptrain.protos.dptrain.v1 import coordinator_pb2 as pb
 from dptrain.protos.dptrain.v1 import coordinator_pb2_grpc as pb_grpc
 from dptrain.worker.checkpoint import (
@@ -43,6 +55,7 @@ from dptrain.worker.checkpoint import (
     write_checkpoint,
 )
 from dptrain.worker.environment import worker_environment
+from dptrain.worker.spec import JobSpec
 
 SLOTS = 4
 MAX_CHECKPOINT_BYTES = 1 << 20
@@ -131,8 +144,14 @@ def _sha256(path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
-def _blob_path(server, sha256) -> Path:
-    return server.blobs.root / sha256[:2] / sha256[2:]
+def _blake3(path) -> str:
+    return blake3.blake3(Path(path).read_bytes()).hexdigest()
+
+
+def _blob_path(server, digest, algorithm="blake3") -> Path:
+    """Where the blob store's docstring says the blob of this digest lies."""
+    root = server.blobs.root if algorithm == "sha256" else server.blobs.root / algorithm
+    return root / digest[:2] / digest[2:]
 
 
 def _code(info) -> str:
@@ -151,6 +170,32 @@ def test_submit_queues_the_job_and_wakes_the_runner(server, client):
     assert client.get_job(job.id) == job
     stored = server.store.get_job(job.id)
     assert stored.state is JobState.QUEUED and stored.spec == job.spec
+
+
+def test_every_reply_carries_the_spec_the_workers_validation_gives(client):
+    # The servicer encodes each job's spec once (SpecMessages): the replies after the first,
+    # served from that cache, must carry the spec as JobSpec.to_dict() gives it.
+    expected = {f"job{i}": JobSpec.from_dict({**SPEC, "name": f"job{i}"}).to_dict()
+                for i in range(3)}
+    submitted = [client.submit_job({**SPEC, "name": name}) for name in expected]
+    assert [j.spec for j in submitted] == list(expected.values())
+    for _ in range(2):
+        for job in submitted:
+            assert client.get_job(job.id).spec == expected[job.name]
+        page, _ = client.list_jobs()
+        assert {j.name: j.spec for j in page} == expected
+    assert client.cancel_job(submitted[0].id).spec == expected["job0"]
+
+
+def test_spec_messages_forget_the_oldest_and_encode_it_again():
+    specs = SpecMessages(capacity=2)
+    jobs = [new_job(f"job{i}", JobSpec.from_dict({**SPEC, "name": f"job{i}"}).to_dict())
+            for i in range(3)]
+    for job in jobs:
+        assert serde.job_from_proto(specs.job_message(job)).spec == job.spec
+    assert list(specs._specs) == [jobs[1].id, jobs[2].id]
+    assert serde.job_from_proto(specs.job_message(jobs[0])).spec == jobs[0].spec
+    assert list(specs._specs) == [jobs[2].id, jobs[0].id]
 
 
 def test_submit_a_job_file(client, repo_root):
@@ -494,7 +539,8 @@ def test_checkpoint_upload_list_and_download(server, client, tmp_path):
     assert events[0].payload == {"step": 5, "sha256": record.sha256, "size": listed[0].size}
 
     got = client.download_checkpoint(job.id, dest=tmp_path / "model.safetensors")
-    assert got.step == 5 and got.sha256 == manifest["files"][MODEL_FILE]["sha256"]
+    assert got.step == 5 and got.algorithm == "blake3"
+    assert got.digest == manifest["files"][MODEL_FILE]["blake3"] == _blake3(got.path)
     assert _sha256(got.path) == _sha256(Path(path) / MODEL_FILE)
     loaded = engine.load(got.path)
     by_library = safetensors.numpy.load_file(str(got.path))
@@ -505,7 +551,7 @@ def test_checkpoint_upload_list_and_download(server, client, tmp_path):
     opt = client.download_checkpoint(job.id, step=5, file="optimizer.safetensors",
                                      dest=tmp_path)
     assert opt.path == tmp_path / "optimizer.safetensors"
-    assert _sha256(opt.path) == manifest["files"]["optimizer.safetensors"]["sha256"]
+    assert _blake3(opt.path) == manifest["files"]["optimizer.safetensors"]["blake3"]
     with pytest.raises(ClientError) as info:
         client.download_checkpoint(job.id, step=6, dest=tmp_path)
     assert _code(info) == "NOT_FOUND"
@@ -520,14 +566,17 @@ def test_corrupted_blob_is_data_loss_and_resume_falls_back(server, client, tmp_p
         for step in (5, 10):
             worker.upload_checkpoint(_checkpoint(tmp_path / "ckpt", step, seed=step)[0])
     newest = client.list_checkpoints(job.id)[-1]
-    blob = _blob_path(server, newest.manifest["files"][MODEL_FILE]["sha256"])
+    expected = newest.manifest["files"][MODEL_FILE]["blake3"]
+    blob = _blob_path(server, expected)
     data = bytearray(blob.read_bytes())
     data[-1] ^= 0xFF
     blob.write_bytes(bytes(data))
 
     with pytest.raises(ClientError) as info:
         client.download_checkpoint(job.id, step=10, dest=tmp_path / "m.safetensors")
-    assert _code(info) == "DATA_LOSS" and "corrupted" in str(info.value)
+    assert _code(info) == "DATA_LOSS"
+    assert f"hashing to blake3 {blake3.blake3(data).hexdigest()}" in str(info.value)
+    assert f"with blake3 {expected}" in str(info.value)
     assert not (tmp_path / "m.safetensors").exists()
     assert not list(tmp_path.glob(".m.safetensors.*"))  # nor its temporary file
     assert client.download_checkpoint(job.id, dest=tmp_path / "m.safetensors").step == 5
@@ -541,6 +590,63 @@ def test_corrupted_blob_is_data_loss_and_resume_falls_back(server, client, tmp_p
     assert fetch_resume_checkpoint(resume_dir, env) == path  # an intact copy is kept
     logs = [e.payload["line"] for e in server.store.events(job.id) if e.kind is EventKind.LOG]
     assert any("step 10 is damaged" in line for line in logs)
+
+
+def test_an_old_sha256_checkpoint_uploads_downloads_resumes_and_catches_damage(
+        server, client, tmp_path):
+    # A checkpoint as dptrain wrote it before BLAKE3: its manifest lists sha256 digests.
+    job, worker = _running_job(server, client)
+    path, _ = _checkpoint(tmp_path / "ckpt", 5)
+    manifest = json.loads((Path(path) / "manifest.json").read_text())
+    manifest["files"] = {name: {"sha256": _sha256(Path(path) / name),
+                                "bytes": (Path(path) / name).stat().st_size}
+                         for name in manifest["files"]}
+    (Path(path) / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True)
+                                              + "\n")
+    with worker:
+        worker.upload_checkpoint(path)
+    assert client.list_checkpoints(job.id)[0].manifest["files"] == manifest["files"]
+    got = client.download_checkpoint(job.id, dest=tmp_path / "m.safetensors")
+    assert (got.algorithm, got.digest) == ("sha256", manifest["files"][MODEL_FILE]["sha256"])
+    assert _sha256(got.path) == _sha256(Path(path) / MODEL_FILE)
+    env = worker_environment(server.address, job.id, worker.token)
+    resumed = fetch_resume_checkpoint(tmp_path / "resume", env)
+    assert read_checkpoint(resumed).step == 5  # verified by the worker's own code
+
+    blob = _blob_path(server, got.digest, "sha256")
+    data = bytearray(blob.read_bytes())
+    data[-1] ^= 0xFF
+    blob.write_bytes(bytes(data))
+    with pytest.raises(ClientError) as info:
+        client.download_checkpoint(job.id, step=5, dest=tmp_path / "again.safetensors")
+    assert _code(info) == "DATA_LOSS" and f"with sha256 {got.digest}" in str(info.value)
+    assert not (tmp_path / "again.safetensors").exists()
+
+
+def test_protobufs_own_encoding_of_transfers_still_works_both_ways(server, client, tmp_path):
+    # The client and the server (de)serialize chunks by hand (api.chunk_wire); a peer using
+    # the generated code, e.g. another language's, must see no difference.
+    job, worker = _running_job(server, client)
+    path, _ = _checkpoint(tmp_path / "ckpt", 5)
+    header, chunks = read_checkpoint_directory(job.id, path)
+    stub = pb_grpc.WorkerServiceStub(worker.channel)
+    requests = [pb.UploadCheckpointRequest(header=serde.upload_header_to_proto(header))] + [
+        pb.UploadCheckpointRequest(chunk=pb.FileChunk(name=n, data=d)) for n, d in chunks]
+    metadata = bearer_metadata(worker.token, job.id)
+    assert stub.UploadCheckpoint(iter(requests), metadata=metadata, timeout=60).step == 5
+    fetched = list(stub.FetchCheckpoint(pb.FetchCheckpointRequest(job_id=job.id),
+                                        metadata=metadata, timeout=60))
+    assert fetched[0].header.manifest_json == header.manifest_json
+    by_file = {}
+    for m in fetched[1:]:
+        by_file[m.chunk.name] = by_file.get(m.chunk.name, b"") + m.chunk.data
+    assert by_file == {f.name: (Path(path) / f.name).read_bytes() for f in header.files}
+    download = list(pb_grpc.CoordinatorStub(client.channel).DownloadCheckpoint(
+        pb.DownloadCheckpointRequest(job_id=job.id, file=MODEL_FILE),
+        metadata=bearer_metadata(server.token), timeout=60))
+    assert download[0].info.file.blake3 == _blake3(Path(path) / MODEL_FILE)
+    assert b"".join(m.chunk for m in download[1:]) == (Path(path) / MODEL_FILE).read_bytes()
+    worker.close()
 
 
 def test_fetch_without_checkpoints_returns_none(server, client, tmp_path):

@@ -514,6 +514,69 @@ def test_sqlite_is_safe_from_many_threads(tmp_path):
     assert store._open == []  # every pooled connection closed
 
 
+class _CountingCommits(SqliteStore):
+    """Records how many writes each commit carried."""
+
+    def __init__(self, path):
+        super().__init__(path)
+        self.commits = []
+
+    def _commit(self, group):
+        self.commits.append(group.members)
+        super()._commit(group)
+
+
+def _queued_writers(store, jobs):
+    """Start one create_job thread per job while the test holds the write lock, wait until
+    all of them queue for it, release it; return their results (a job or an exception)."""
+    results = [None] * len(jobs)
+
+    def create(i):
+        try:
+            results[i] = store.create_job(jobs[i])
+        except Exception as e:
+            results[i] = e
+
+    with store._write_lock:
+        threads = [threading.Thread(target=create, args=(i,)) for i in range(len(jobs))]
+        for t in threads:
+            t.start()
+        while store._queued < len(jobs):
+            time.sleep(0.001)
+    for t in threads:
+        t.join()
+    return results
+
+
+def test_sqlite_queued_writers_share_one_commit_and_each_sees_it_done(tmp_path):
+    store = _CountingCommits(tmp_path / "state.db")
+    first = store.create_job(_job("first"))
+    jobs = [_job(f"w{i}") for i in range(10)]
+    jobs[4] = new_job("dup", {"x": 1, "workers": 1}, job_id=first.id)  # fails, alone
+    results = _queued_writers(store, jobs)
+    assert isinstance(results[4], AlreadyExists)
+    assert [r.id for i, r in enumerate(results) if i != 4] == [
+        j.id for i, j in enumerate(jobs) if i != 4]
+    assert store.commits == [1, 10]  # the first job alone, then one fsync for ten writes
+    # Committed as each call returned: a separate connection sees every row.
+    with sqlite3.connect(tmp_path / "state.db") as other:
+        names = sorted(n for (n,) in other.execute("SELECT name FROM jobs"))
+    assert names == sorted(["first"] + [f"w{i}" for i in range(10) if i != 4])
+    assert store.get_job(first.id).name == "first"
+    store.close()
+
+
+def test_sqlite_a_group_commits_after_max_group_writes(tmp_path):
+    from dptrain.coordinator.server.store.sqlite import MAX_GROUP
+
+    store = _CountingCommits(tmp_path / "state.db")
+    results = _queued_writers(store, [_job(f"w{i}") for i in range(MAX_GROUP + 8)])
+    assert all(not isinstance(r, Exception) for r in results)
+    assert store.commits == [MAX_GROUP, 8]
+    assert len(store.all_jobs()) == MAX_GROUP + 8
+    store.close()
+
+
 _WRITER = textwrap.dedent("""
     import sys
     from dptrain.coordinator.api.records import JobState, new_job
