@@ -32,6 +32,7 @@ def log_softmax_ref(z, axis):
 
 LINEAR_SHAPES = [
     pytest.param((4,), id="1d"), pytest.param((2, 4), id="2d"), pytest.param((2, 5, 4), id="3d"),
+    pytest.param((3, 2, 5, 4), id="4d"),
 ]
 
 
@@ -45,6 +46,12 @@ def test_linear_without_bias(check, x_shape):
     check(lambda x, w: F.linear(x, w), lambda a, w: np.einsum("...i,oi->...o", a, w),
           x_shape, (3, 4))
     check(lambda x, w: engine.linear(x, w, None), lambda a, w: a @ w.T, x_shape, (3, 4))
+
+
+def test_linear_on_a_non_contiguous_input(check):
+    """The leading dims are folded into one matrix product: a transposed input takes a copy."""
+    check(lambda x, w, b: F.linear(x.transpose(0, 1), w, b),
+          lambda a, w, b: a.transpose(1, 0, 2) @ w.T + b, (5, 2, 4), (3, 4), (3,))
 
 
 # ---------------------------------------------------------------- activations
