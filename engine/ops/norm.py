@@ -41,22 +41,32 @@ def _bn_forward(xp, x, weight, bias, mean, invstd, training):
     return out
 
 
+def _channel_dot(xp, a, b):
+    """``sum(a * b)`` per channel (dim 1) as one batched dot product per (sample, channel) row:
+    one read of each, no temporary."""
+    n, c = a.shape[:2]
+    if a.ndim == 2:
+        return xp.matmul(a.T[:, None, :], b.T[:, :, None]).reshape(c)
+    return xp.matmul(a.reshape(n, c, 1, -1), b.reshape(n, c, -1, 1)).reshape(n, c).sum(axis=0)
+
+
 def _bn_backward(xp, g, ans, x, weight, bias, mean, invstd, training):
     shape = _bshape(x)
     m = x.size // x.shape[1]
     db = _channel_sum(g)
-    xc = x - mean.reshape(shape)
-    dot = _channel_sum(g * xc)  # sum(g * xhat) / invstd
+    dot = _channel_dot(xp, g, x) - mean * db  # sum(g * (x - mean)) = sum(g * xhat) / invstd
     dw = dot * invstd
     k = invstd if weight is None else weight * invstd
     if not training:  # mean and invstd are constants
         return g * k.reshape(shape), dw, db, None, None
-    # g - mean(g) - xhat * mean(g * xhat), built in xc's memory
-    xc *= (-(invstd * invstd) * dot / m).reshape(shape)
-    xc += g
-    xc -= (db / m).reshape(shape)
-    xc *= k.reshape(shape)
-    return xc, dw, db, None, None
+    # dx = k (g - mean(g) - xhat mean(g xhat)) = g A + x B + C per channel: three passes over
+    # full-size arrays instead of building it from (x - mean)
+    b = -k * invstd * invstd * dot / m
+    c = -k * db / m - b * mean
+    dx = x * b.reshape(shape)
+    dx += c.reshape(shape)
+    dx += g * k.reshape(shape)
+    return dx, dw, db, None, None
 
 
 _batch_norm = Op("batch_norm", _bn_forward, backward=_bn_backward, save=(0, 1, 3, 4))
