@@ -13,6 +13,8 @@ are functions of x. The running statistics are updated in place there too, as Py
 
 from __future__ import annotations
 
+import math
+
 from dptrain.engine.backend import get_array_module
 from dptrain.engine.ops.core import Op, apply
 from dptrain.engine.ops.registry import FUNCTIONAL, export
@@ -153,6 +155,15 @@ def batch_norm(input: Tensor, running_mean: Tensor | None, running_var: Tensor |
 # graph and handed in as constants, so the op keeps only x, mean and rstd (two small arrays)
 # where a graph of primitives would keep several full-size intermediates.
 
+def _row_dot(xp, a, b, axes):
+    """``sum(a * b)`` over the trailing `axes`, keeping them as size-1 dims: one batched dot
+    product per row, no temporary."""
+    lead = a.shape[:a.ndim - len(axes)]
+    rows = a.reshape(-1, 1, math.prod(a.shape[len(lead):]))
+    dot = xp.matmul(rows, b.reshape(rows.shape[0], -1, 1))
+    return dot.reshape(lead + (1,) * len(axes))
+
+
 def _ln_forward(xp, x, weight, bias, mean, rstd, axes):
     out = x - mean
     out *= rstd
@@ -167,14 +178,17 @@ def _ln_backward(xp, g, ans, x, weight, bias, mean, rstd, axes):
     xhat = x - mean
     xhat *= rstd
     lead = tuple(range(x.ndim - len(axes)))
-    dw = None if weight is None else (g * xhat).sum(axis=lead)
+    letters = "abcdefghijklmnopqrstuvwxyz"[:x.ndim]
+    # sum over the rows of g * xhat without a full-size product
+    dw = None if weight is None else xp.einsum(
+        f"{letters},{letters}->{letters[len(lead):]}", g, xhat)
     db = None if bias is None else g.sum(axis=lead)
     gx = g if weight is None else g * weight
+    n = math.prod(x.shape[len(lead):])
     # dx = rstd * (gx - mean(gx) - xhat * mean(gx * xhat)), built in xhat's memory
-    proj = (gx * xhat).mean(axis=axes, keepdims=True)
-    xhat *= -proj
+    xhat *= _row_dot(xp, gx, xhat, axes) / -n
     xhat += gx
-    xhat -= gx.mean(axis=axes, keepdims=True)
+    xhat -= gx.sum(axis=axes, keepdims=True) / n
     xhat *= rstd
     return xhat, dw, db, None, None
 
@@ -210,7 +224,9 @@ def layer_norm(input: Tensor, normalized_shape, weight: Tensor | None = None,
     xp = get_array_module(x)
     axes = tuple(range(x.ndim - len(shape), x.ndim))
     mean = x.mean(axis=axes, keepdims=True)
-    var = xp.var(x, axis=axes, keepdims=True)
+    xc = x - mean
+    var = _row_dot(xp, xc, xc, axes) / math.prod(shape)
+    del xc
     var += eps
     rstd = 1 / xp.sqrt(var)
     return apply(_layer_norm, input, weight, bias, mean, rstd, axes=axes)
