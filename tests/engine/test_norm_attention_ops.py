@@ -175,6 +175,15 @@ def test_attention_matches_numpy_and_finite_differences(check, qs, ks, vs, mask,
           lambda q, k, v: attention_ref(q, k, v, m, causal, scale), qs, ks, vs)
 
 
+@pytest.mark.parametrize("L, S", [(70, 70), (70, 40), (40, 70)], ids=str)
+def test_causal_attention_in_blocks_of_queries(check, L, S):
+    # Causal attention runs by blocks of 32 queries, each against the keys it may see: rows
+    # past the first block, and more queries or more keys than that, against the reference.
+    check(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True),
+          lambda q, k, v: attention_ref(q, k, v, None, True, None), (1, L, 2), (1, S, 2),
+          (1, S, 2))
+
+
 def test_attention_float_mask_gets_a_gradient():
     q, k, v = (engine.randn(2, 3, 4, dtype=F64) for _ in range(3))
     mask = engine.randn(3, 3, dtype=F64, requires_grad=True)
