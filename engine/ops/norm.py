@@ -130,8 +130,7 @@ def batch_norm(input: Tensor, running_mean: Tensor | None, running_var: Tensor |
                              f"training, got input of shape {input.shape}")
         mean = _channel_sum(x) / m
         xc = x - mean.reshape(_bshape(x))
-        xc *= xc
-        var = _channel_sum(xc) / m
+        var = _channel_dot(xp, xc, xc) / m
         del xc
         for buf, stat in ((running_mean, mean), (running_var, var * (m / (m - 1)))):
             if buf is not None:
