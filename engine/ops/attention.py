@@ -1,10 +1,14 @@
-"""Scaled dot-product attention, composed of matmul, an additive mask and one masked softmax.
+"""Scaled dot-product attention: ``softmax(q k^T * scale + mask) v``.
 
-``softmax(q k^T * scale + mask) v``. The only primitive of its own is `_masked_softmax`: a stable
-softmax over the last dim that takes a boolean mask (True = take part) and gives a row with no
-allowed key all zeros, as PyTorch 2.5+ does, so a fully masked query gets a zero output and a
-zero gradient instead of NaN. The (…, L, S) attention weights are the only array kept for
-backward besides q, k and v.
+Without dropout and with no mask, a causal mask or a boolean one, attention is one primitive,
+`_attention`, that keeps only q, k and v: its backward computes the (…, L, S) weights again
+(one more matrix product and softmax) instead of keeping them, as PyTorch's fused CPU kernels
+do. A causal mask runs by blocks of queries, each against only the keys it may see, so about
+a third of the products and exponentials are never computed. With a float mask (which may
+itself need a gradient) or dropout on the weights, attention is composed of matmul, an add and
+`_masked_softmax`. Either way the softmax is `_masked_softmax_forward`: stable, and a row with
+no allowed key is all zeros, as PyTorch 2.5+ does, so a fully masked query gets a zero output
+and a zero gradient instead of NaN.
 """
 
 from __future__ import annotations
@@ -20,22 +24,92 @@ from dptrain.engine.ops.registry import FUNCTIONAL, export
 from dptrain.engine.tensor import Tensor
 
 
+def _softmax_in_place(xp, scores):
+    """Softmax over the last dim in `scores`' own memory; -inf entries get 0, and a row with
+    no finite entry all zeros (its shift is 0 instead of -inf, which would give exp(nan))."""
+    top = scores.max(axis=-1, keepdims=True)
+    top[top == -numpy.inf] = 0
+    scores -= top
+    xp.exp(scores, out=scores)
+    total = scores.sum(axis=-1, keepdims=True)
+    total[total == 0] = 1
+    scores /= total
+    return scores
+
+
 def _masked_softmax_forward(xp, x, mask):
-    if mask is not None:
-        x = xp.where(mask, x, -numpy.inf)
-    top = x.max(axis=-1, keepdims=True)
-    # A row of -inf (every key masked) would give exp(nan); shift it by 0 instead: all zeros.
-    top = xp.where(top == -numpy.inf, 0, top)
-    e = xp.exp(x - top)
-    total = e.sum(axis=-1, keepdims=True)
-    e /= xp.where(total == 0, 1, total)
-    return e
+    return _softmax_in_place(xp, x.copy() if mask is None else xp.where(mask, x, -numpy.inf))
 
 
 _masked_softmax = Op("masked_softmax", _masked_softmax_forward, (
     lambda xp, g, ans, x, mask: ans * (g - (g * ans).sum(axis=-1, keepdims=True)),
     None,
 ), save=False, save_ans=True)
+
+
+# Queries per block of a causal attention: block b sees keys [0, (b + 1) * block) only.
+_CAUSAL_BLOCK = 32
+
+
+def _query_blocks(L: int, S: int, causal: bool):
+    """``(i0, i1, s1)``: query rows [i0, i1) and the keys [0, s1) they may see."""
+    if not causal:
+        return [(0, L, S)]
+    return [(i0, min(L, i0 + _CAUSAL_BLOCK), min(S, i0 + _CAUSAL_BLOCK))
+            for i0 in range(0, L, _CAUSAL_BLOCK)]
+
+
+def _block_weights(xp, q, k, mask, scale, causal, i0, i1, s1):
+    """softmax over the keys [0, s1) of the scores of query rows [i0, i1)."""
+    scores = q[..., i0:i1, :] @ k[..., :s1, :].swapaxes(-1, -2)
+    scores *= scale
+    if causal:  # query i sees keys j <= i
+        xp.copyto(scores, -numpy.inf, where=~xp.tri(i1 - i0, s1, i0, dtype=bool))
+    elif mask is not None:
+        xp.copyto(scores, -numpy.inf, where=~mask[..., i0:i1, :s1])
+    return _softmax_in_place(xp, scores)
+
+
+def _full_mask(xp, mask, L: int, S: int):
+    """A boolean mask as a (…, L, S) view, so that blocks of rows can be sliced from it."""
+    if mask is None:
+        return None
+    return xp.broadcast_to(mask, numpy.broadcast_shapes(mask.shape, (L, S)))
+
+
+def _attention_forward(xp, q, k, v, mask, scale, causal):
+    L, S = q.shape[-2], k.shape[-2]
+    batch = numpy.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
+    mask = _full_mask(xp, mask, L, S)
+    out = xp.empty(batch + (L, v.shape[-1]), dtype=xp.result_type(q, k, v))
+    for i0, i1, s1 in _query_blocks(L, S, causal):
+        out[..., i0:i1, :] = _block_weights(xp, q, k, mask, scale, causal, i0, i1, s1) \
+            @ v[..., :s1, :]
+    return out
+
+
+def _attention_backward(xp, g, ans, q, k, v, mask, scale, causal):
+    L, S = q.shape[-2], k.shape[-2]
+    batch = g.shape[:-2]
+    mask = _full_mask(xp, mask, L, S)
+    dq = xp.empty(batch + q.shape[-2:], dtype=g.dtype)
+    dk = xp.zeros(batch + k.shape[-2:], dtype=g.dtype)
+    dv = xp.zeros(batch + v.shape[-2:], dtype=g.dtype)
+    for i0, i1, s1 in _query_blocks(L, S, causal):
+        w = _block_weights(xp, q, k, mask, scale, causal, i0, i1, s1)
+        gb = g[..., i0:i1, :]
+        dv[..., :s1, :] += w.swapaxes(-1, -2) @ gb
+        # the softmax's rule, in dw's memory: w * (dw - sum(dw * w)) * scale
+        dw = gb @ v[..., :s1, :].swapaxes(-1, -2)
+        dw -= xp.einsum("...ij,...ij->...i", dw, w)[..., None]
+        dw *= w
+        dw *= scale
+        dq[..., i0:i1, :] = dw @ k[..., :s1, :]
+        dk[..., :s1, :] += dw.swapaxes(-1, -2) @ q[..., i0:i1, :]
+    return dq, dk, dv, None
+
+
+_attention = Op("attention", _attention_forward, backward=_attention_backward, save=(0, 1, 2, 3))
 
 
 def _check_mask(mask, scores_shape: tuple):
@@ -103,13 +177,16 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor,
     L, S = query.shape[-2], key.shape[-2]
     scores_shape = tuple(batch) + (L, S)
     scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
+    if attn_mask is not None:
+        _check_mask(attn_mask, scores_shape)
+    m = attn_mask.data if isinstance(attn_mask, Tensor) else attn_mask
+    if dropout_p == 0.0 and (m is None or m.dtype.kind == "b"):
+        return apply(_attention, query, key, value, m, scale=scale, causal=bool(is_causal))
     scores = (query * scale) @ key.transpose(-2, -1)
     mask = None
     if is_causal:
         mask = get_array_module(query.data).tri(L, S, dtype=bool)
     elif attn_mask is not None:
-        _check_mask(attn_mask, scores_shape)
-        m = attn_mask.data if isinstance(attn_mask, Tensor) else attn_mask
         if m.dtype.kind == "b":
             mask = m
         else:  # added in the scores' dtype (a float64 mask must not promote float32 scores)

@@ -12,7 +12,9 @@ per output row are computed and dropped, in exchange for a copy made of long run
 short rows (faster overall even for 8x8 images).
 
 Backward: the weight gradient recomputes the columns chunk by chunk (nothing the size of the
-columns is kept from the forward) and contracts them with the output gradient, ``cols @ g^T``.
+columns is kept from the forward: that would cost the columns of the whole batch, several times
+the input) and contracts them with the output gradient, ``cols @ g^T``, one GEMM per chunk with
+the chunk's samples in the contraction.
 The input gradient takes whichever of two equivalent routes moves less memory: for stride 1, a
 forward convolution of the output gradient with the flipped, channel-transposed kernel; or the
 columns' gradient ``w^T @ g`` scatter-added into the padded input, which is split into its stride
@@ -227,17 +229,22 @@ def _dw(xp, g, ans, x, w, b, stride, pads, dilation, groups):
     windows = geo.windows(xp, geo.padded(xp, x))
     dwt = xp.zeros((G, K, O // G), dtype=g.dtype)
     cols = gw = None
+    # A chunk's columns are laid out (C, kh, kw, samples, L) and its output gradient (O,
+    # samples, L): then the samples are part of one GEMM's contraction, instead of one product
+    # per sample summed afterwards.
     for n0, n1 in geo.chunks(xp, G * K * L * x.itemsize):
         m = n1 - n0
-        if cols is None:
-            cols = xp.empty((m, G * K * L), dtype=x.dtype)
-            gw = xp.zeros((m, O, geo.Ho, geo.row), dtype=g.dtype)
+        if cols is None:  # buffers for the first (largest) chunk, reused by the others
+            cols = xp.empty(G * K * m * L, dtype=x.dtype)
+            # zeros in the columns past Wo of every row, whatever the chunk's shape
+            gw = xp.zeros(O * m * geo.Ho * geo.row, dtype=g.dtype)
         view = windows[n0:n1]
-        xp.copyto(cols[:m].reshape(view.shape), view)
-        gw[:m, :, :, :geo.Wo] = g[n0:n1]
+        c = cols[:G * K * m * L].reshape(view.shape[1:4] + (m,) + view.shape[4:])
+        xp.copyto(c, view.transpose((1, 2, 3, 0) + tuple(range(4, view.ndim))))
+        gm = gw[:O * m * geo.Ho * geo.row].reshape(O, m, geo.Ho, geo.row)
+        gm[..., :geo.Wo] = g[n0:n1].transpose(1, 0, 2, 3)
         # cols @ g^T, not g @ cols^T: OpenBLAS runs this orientation about twice as fast.
-        dwt += (cols[:m].reshape(m, G, K, L) @ gw[:m].reshape(m, G, O // G, L).swapaxes(-1, -2)
-                ).sum(axis=0)
+        dwt += c.reshape(G, K, m * L) @ gm.reshape(G, O // G, m * L).swapaxes(-1, -2)
     return dwt.swapaxes(1, 2).reshape(w.shape)
 
 

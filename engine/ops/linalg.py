@@ -11,11 +11,22 @@ def _mT(a):
     return a.swapaxes(-1, -2)
 
 
+def _fold(a, b):
+    """``a @ b`` for a (..., k) and a 2-D b as one 2-D GEMM over all of a's rows: numpy runs a
+    stacked product as one small GEMM per leading index (measured ~20% slower for (16, 128,
+    256) @ (256, 768)). The reshape copies only when a is not contiguous."""
+    if a.ndim <= 2:
+        return a @ b
+    return (a.reshape(-1, a.shape[-1]) @ b).reshape(a.shape[:-1] + b.shape[-1:])
+
+
 def _matmul_dx(xp, g, ans, x, y):
     if y.ndim == 1:
         return g * y if x.ndim == 1 else g[..., None] * y
     if x.ndim == 1:
         return (g[..., None, :] @ _mT(y))[..., 0, :]
+    if y.ndim == 2:
+        return _fold(g, y.T)
     return g @ _mT(y)
 
 
@@ -29,11 +40,12 @@ def _matmul_dy(xp, g, ans, x, y):
     return _mT(x) @ g
 
 
-_matmul = Op("matmul", lambda xp, x, y: x @ y, (_matmul_dx, _matmul_dy))
+_matmul = Op("matmul", lambda xp, x, y: _fold(x, y) if y.ndim == 2 else x @ y,
+             (_matmul_dx, _matmul_dy))
 
 
 def _linear_forward(xp, x, w, b):
-    out = x @ w.T
+    out = _fold(x, w.T)
     if b is not None:
         out += b
     return out
@@ -48,7 +60,7 @@ def _linear_db(xp, g, ans, x, w, b):
 
 
 _linear = Op("linear", _linear_forward, (
-    lambda xp, g, ans, x, w, b: g @ w,
+    lambda xp, g, ans, x, w, b: _fold(g, w),
     _linear_dw,
     _linear_db,
 ), save=(0, 1))

@@ -13,6 +13,8 @@ are functions of x. The running statistics are updated in place there too, as Py
 
 from __future__ import annotations
 
+import math
+
 from dptrain.engine.backend import get_array_module
 from dptrain.engine.ops.core import Op, apply
 from dptrain.engine.ops.registry import FUNCTIONAL, export
@@ -41,22 +43,32 @@ def _bn_forward(xp, x, weight, bias, mean, invstd, training):
     return out
 
 
+def _channel_dot(xp, a, b):
+    """``sum(a * b)`` per channel (dim 1) as one batched dot product per (sample, channel) row:
+    one read of each, no temporary."""
+    n, c = a.shape[:2]
+    if a.ndim == 2:
+        return xp.matmul(a.T[:, None, :], b.T[:, :, None]).reshape(c)
+    return xp.matmul(a.reshape(n, c, 1, -1), b.reshape(n, c, -1, 1)).reshape(n, c).sum(axis=0)
+
+
 def _bn_backward(xp, g, ans, x, weight, bias, mean, invstd, training):
     shape = _bshape(x)
     m = x.size // x.shape[1]
     db = _channel_sum(g)
-    xc = x - mean.reshape(shape)
-    dot = _channel_sum(g * xc)  # sum(g * xhat) / invstd
+    dot = _channel_dot(xp, g, x) - mean * db  # sum(g * (x - mean)) = sum(g * xhat) / invstd
     dw = dot * invstd
     k = invstd if weight is None else weight * invstd
     if not training:  # mean and invstd are constants
         return g * k.reshape(shape), dw, db, None, None
-    # g - mean(g) - xhat * mean(g * xhat), built in xc's memory
-    xc *= (-(invstd * invstd) * dot / m).reshape(shape)
-    xc += g
-    xc -= (db / m).reshape(shape)
-    xc *= k.reshape(shape)
-    return xc, dw, db, None, None
+    # dx = k (g - mean(g) - xhat mean(g xhat)) = g A + x B + C per channel: three passes over
+    # full-size arrays instead of building it from (x - mean)
+    b = -k * invstd * invstd * dot / m
+    c = -k * db / m - b * mean
+    dx = x * b.reshape(shape)
+    dx += c.reshape(shape)
+    dx += g * k.reshape(shape)
+    return dx, dw, db, None, None
 
 
 _batch_norm = Op("batch_norm", _bn_forward, backward=_bn_backward, save=(0, 1, 3, 4))
@@ -118,8 +130,7 @@ def batch_norm(input: Tensor, running_mean: Tensor | None, running_var: Tensor |
                              f"training, got input of shape {input.shape}")
         mean = _channel_sum(x) / m
         xc = x - mean.reshape(_bshape(x))
-        xc *= xc
-        var = _channel_sum(xc) / m
+        var = _channel_dot(xp, xc, xc) / m
         del xc
         for buf, stat in ((running_mean, mean), (running_var, var * (m / (m - 1)))):
             if buf is not None:
@@ -143,6 +154,15 @@ def batch_norm(input: Tensor, running_mean: Tensor | None, running_var: Tensor |
 # graph and handed in as constants, so the op keeps only x, mean and rstd (two small arrays)
 # where a graph of primitives would keep several full-size intermediates.
 
+def _row_dot(xp, a, b, axes):
+    """``sum(a * b)`` over the trailing `axes`, keeping them as size-1 dims: one batched dot
+    product per row, no temporary."""
+    lead = a.shape[:a.ndim - len(axes)]
+    rows = a.reshape(-1, 1, math.prod(a.shape[len(lead):]))
+    dot = xp.matmul(rows, b.reshape(rows.shape[0], -1, 1))
+    return dot.reshape(lead + (1,) * len(axes))
+
+
 def _ln_forward(xp, x, weight, bias, mean, rstd, axes):
     out = x - mean
     out *= rstd
@@ -157,14 +177,17 @@ def _ln_backward(xp, g, ans, x, weight, bias, mean, rstd, axes):
     xhat = x - mean
     xhat *= rstd
     lead = tuple(range(x.ndim - len(axes)))
-    dw = None if weight is None else (g * xhat).sum(axis=lead)
+    letters = "abcdefghijklmnopqrstuvwxyz"[:x.ndim]
+    # sum over the rows of g * xhat without a full-size product
+    dw = None if weight is None else xp.einsum(
+        f"{letters},{letters}->{letters[len(lead):]}", g, xhat)
     db = None if bias is None else g.sum(axis=lead)
     gx = g if weight is None else g * weight
+    n = math.prod(x.shape[len(lead):])
     # dx = rstd * (gx - mean(gx) - xhat * mean(gx * xhat)), built in xhat's memory
-    proj = (gx * xhat).mean(axis=axes, keepdims=True)
-    xhat *= -proj
+    xhat *= _row_dot(xp, gx, xhat, axes) / -n
     xhat += gx
-    xhat -= gx.mean(axis=axes, keepdims=True)
+    xhat -= gx.sum(axis=axes, keepdims=True) / n
     xhat *= rstd
     return xhat, dw, db, None, None
 
@@ -200,7 +223,9 @@ def layer_norm(input: Tensor, normalized_shape, weight: Tensor | None = None,
     xp = get_array_module(x)
     axes = tuple(range(x.ndim - len(shape), x.ndim))
     mean = x.mean(axis=axes, keepdims=True)
-    var = xp.var(x, axis=axes, keepdims=True)
+    xc = x - mean
+    var = _row_dot(xp, xc, xc, axes) / math.prod(shape)
+    del xc
     var += eps
     rstd = 1 / xp.sqrt(var)
     return apply(_layer_norm, input, weight, bias, mean, rstd, axes=axes)

@@ -32,6 +32,7 @@ def log_softmax_ref(z, axis):
 
 LINEAR_SHAPES = [
     pytest.param((4,), id="1d"), pytest.param((2, 4), id="2d"), pytest.param((2, 5, 4), id="3d"),
+    pytest.param((3, 2, 5, 4), id="4d"),
 ]
 
 
@@ -45,6 +46,12 @@ def test_linear_without_bias(check, x_shape):
     check(lambda x, w: F.linear(x, w), lambda a, w: np.einsum("...i,oi->...o", a, w),
           x_shape, (3, 4))
     check(lambda x, w: engine.linear(x, w, None), lambda a, w: a @ w.T, x_shape, (3, 4))
+
+
+def test_linear_on_a_non_contiguous_input(check):
+    """The leading dims are folded into one matrix product: a transposed input takes a copy."""
+    check(lambda x, w, b: F.linear(x.transpose(0, 1), w, b),
+          lambda a, w, b: a.transpose(1, 0, 2) @ w.T + b, (5, 2, 4), (3, 4), (3,))
 
 
 # ---------------------------------------------------------------- activations
@@ -608,3 +615,22 @@ def test_gelu_float32_matches_a_float64_reference(approximate):
     x_ref = engine.tensor(x64, requires_grad=True)
     engine.functional.gelu(x_ref, approximate=approximate).sum().backward()
     np.testing.assert_allclose(x.grad.numpy(), x_ref.grad.numpy(), rtol=2e-6, atol=2e-6)
+
+
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+@pytest.mark.parametrize("dtype", [engine.float32, F64], ids=str)
+def test_gelu_gradient_at_and_near_zero(approximate, dtype):
+    # The rule recovers the forward's CDF as gelu(x) / x, which is 0 / 0 at 0 and loses its
+    # digits for tiny (even subnormal) x: there the derivative is 1/2.
+    x = engine.tensor([0.0, 1e-40, -1e-40, 1e-30, -1e-20, 1.0, -1.0], dtype=dtype,
+                      requires_grad=True)
+    F.gelu(x, approximate=approximate).sum().backward()
+    pdf = math.exp(-0.5) / math.sqrt(2 * math.pi)
+    if approximate == "none":
+        d1 = 0.5 * (1 + math.erf(1 / math.sqrt(2))) + pdf
+    else:
+        u = math.sqrt(2 / math.pi) * (1 + 0.044715)
+        d1 = (0.5 * (1 + math.tanh(u)) + 0.5 * (1 - math.tanh(u) ** 2)
+              * math.sqrt(2 / math.pi) * (1 + 3 * 0.044715))
+    expected = [0.5] * 5 + [d1, 1 - d1]
+    np.testing.assert_allclose(x.grad.numpy(), expected, rtol=1e-6, atol=1e-7)

@@ -95,6 +95,23 @@ def test_batch_norm_float32_stays_float32():
     assert out.dtype == x.grad.dtype == w.grad.dtype == rm.dtype == engine.float32
 
 
+def test_batch_norm_float32_gradient_with_a_large_mean():
+    # The rule sums g * x and subtracts mean * sum(g), which cancels when the mean is far from
+    # zero: 100 standard deviations off, float32 must still give the float64 gradients to a few
+    # units in the 6th digit (the weight's) and better (the input's, the bias'); measured
+    # 1.7e-5, 8e-7 and 3e-7 (a sum of squares minus the squared mean would lose them all).
+    rng = np.random.default_rng(5)
+    x64, g64 = 100 + rng.normal(size=(16, 4, 8, 8)), rng.normal(size=(16, 4, 8, 8))
+    w64, b64 = rng.uniform(0.5, 2, size=4), rng.normal(size=4)
+    grads = {}
+    for dtype in (engine.float32, F64):
+        x, w, b = (engine.tensor(a, dtype=dtype, requires_grad=True) for a in (x64, w64, b64))
+        F.batch_norm(x, None, None, w, b, training=True).backward(engine.tensor(g64, dtype=dtype))
+        grads[dtype] = [t.grad.numpy().astype(np.float64) for t in (x, w, b)]
+    for got, ref, tol in zip(grads[engine.float32], grads[F64], (4e-6, 5e-5, 1e-6)):
+        np.testing.assert_allclose(got, ref, atol=tol * np.abs(ref).max(), rtol=0)
+
+
 @pytest.mark.parametrize("call, error, words", [
     (lambda: F.batch_norm(engine.ones(4), None, None, training=True), RuntimeError,
      ["at least 2 dims", "(4,)"]),
@@ -156,6 +173,15 @@ def test_attention_matches_numpy_and_finite_differences(check, qs, ks, vs, mask,
     check(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, em, is_causal=causal,
                                                           scale=scale),
           lambda q, k, v: attention_ref(q, k, v, m, causal, scale), qs, ks, vs)
+
+
+@pytest.mark.parametrize("L, S", [(70, 70), (70, 40), (40, 70)], ids=str)
+def test_causal_attention_in_blocks_of_queries(check, L, S):
+    # Causal attention runs by blocks of 32 queries, each against the keys it may see: rows
+    # past the first block, and more queries or more keys than that, against the reference.
+    check(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True),
+          lambda q, k, v: attention_ref(q, k, v, None, True, None), (1, L, 2), (1, S, 2),
+          (1, S, 2))
 
 
 def test_attention_float_mask_gets_a_gradient():
