@@ -22,8 +22,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 __all__ = [
-    "COORDINATOR", "JOB_ID", "JOB_TOKEN", "TLS_CA", "HEARTBEAT_TIMEOUT", "WorkerEnvironment",
-    "worker_environment", "read_worker_environment",
+    "COORDINATOR", "JOB_ID", "JOB_TOKEN", "TLS_CA", "HEARTBEAT_TIMEOUT", "SLURM_NTASKS",
+    "WorkerEnvironment", "worker_environment", "read_worker_environment", "world_size_error",
 ]
 
 COORDINATOR = "DPTRAIN_COORDINATOR"
@@ -43,6 +43,11 @@ HEARTBEAT_TIMEOUT = "DPTRAIN_HEARTBEAT_TIMEOUT"
 """The coordinator's heartbeat timeout in seconds (``--heartbeat-timeout``): how long training
 may make no progress before the coordinator ends the job. Rank 0's reporter derives how often it
 tells the coordinator of progress from it; unset when the coordinator has none."""
+
+SLURM_NTASKS = "SLURM_NTASKS"
+"""Set by Slurm (``srun``, ``sbatch``): how many tasks it started. Under ``srun --mpi=pmi2``
+every task is one rank of one MPI world of that size; a mismatch means each task runs alone
+(`world_size_error`)."""
 
 
 @dataclass(frozen=True)
@@ -118,3 +123,26 @@ def read_worker_environment(environ: Mapping[str, str] | None = None) -> WorkerE
                              f"{environ[HEARTBEAT_TIMEOUT]!r}")
     return WorkerEnvironment(values[COORDINATOR], values[JOB_ID], values[JOB_TOKEN],
                              environ.get(TLS_CA) or None, timeout)
+
+
+def world_size_error(world_size: int, environ: Mapping[str, str] | None = None) -> str | None:
+    """Why this MPI world is not the one Slurm started, or None when it is (or no Slurm).
+
+    ``srun --mpi=none``, or an MPI library that does not speak the PMI Slurm serves, starts
+    every task as a world of one rank: each would train the whole job alone, silently.
+
+    Args:
+        world_size: ``MPI_COMM_WORLD``'s size.
+        environ: the environment (default: ``os.environ``).
+
+    Returns:
+        A one-line message naming `SLURM_NTASKS`, the sizes and the fix, or None.
+    """
+    environ = os.environ if environ is None else environ
+    tasks = environ.get(SLURM_NTASKS, "")
+    if not tasks.isdigit() or int(tasks) == world_size:
+        return None
+    return (f"{SLURM_NTASKS}: Slurm started {tasks} task(s) but the MPI world has "
+            f"{world_size} rank(s), so the tasks do not see each other; start them with "
+            f"'srun --mpi=pmi2' (the mpich wheel speaks PMI-2: not --mpi=none, not pmix), "
+            f"or with as many ranks as the allocation has tasks")
