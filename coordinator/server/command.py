@@ -11,11 +11,48 @@ import threading
 from pathlib import Path
 
 from dptrain.coordinator.api.credentials import read_token_file
+from dptrain.coordinator.server.launchers.base import Launcher
+from dptrain.coordinator.server.launchers.mpiexec import MpiexecLauncher
+from dptrain.coordinator.server.launchers.slurm import SlurmLauncher, partition_cpus
 from dptrain.coordinator.server.runner_settings import RunnerSettings
 from dptrain.coordinator.server.scheduler import Cluster
 from dptrain.coordinator.server.server import ServerSettings, serve
 
-__all__ = ["run_server"]
+__all__ = ["run_server", "launcher_and_cluster"]
+
+#: ``serve`` options that only the Slurm launcher takes (argparse dest -> option).
+_SLURM_OPTIONS = {"partition": "--partition", "account": "--account",
+                  "sbatch_arg": "--sbatch-arg"}
+
+
+def launcher_and_cluster(args: argparse.Namespace) -> tuple[Launcher, Cluster]:
+    """The launcher ``serve``'s options choose, and the slots the scheduler hands out.
+
+    ``--launcher mpiexec`` (the default) runs ranks on this machine's cores (``--slots``) or a
+    hostfile's hosts. ``--launcher slurm`` submits each attempt to Slurm, which places the
+    ranks; the scheduler then sees one pool named ``slurm`` of ``--slots`` ranks, by default
+    every CPU of the partition (``sinfo``): the coordinator never submits more ranks at once.
+
+    Raises:
+        ValueError: options that do not go together, naming them.
+    """
+    launcher = getattr(args, "launcher", "mpiexec")
+    if launcher == "slurm":
+        if args.hostfile:
+            raise ValueError("--hostfile: Slurm places the ranks; give --slots (or nothing: "
+                             "the partition's CPUs) with --launcher slurm")
+        slurm = SlurmLauncher(partition=args.partition, account=args.account,
+                              sbatch_args=tuple(args.sbatch_arg or ()))
+        slots = args.slots if args.slots is not None else partition_cpus(args.partition)
+        return slurm, Cluster.local(slots, host="slurm")
+    given = [option for dest, option in _SLURM_OPTIONS.items() if getattr(args, dest, None)]
+    if given:
+        raise ValueError(f"{given[0]}: only with --launcher slurm (got --launcher {launcher})")
+    if args.slots is not None and args.hostfile:
+        raise ValueError("give --slots or --hostfile, not both")
+    cluster = (Cluster.from_hostfile(args.hostfile) if args.hostfile
+               else Cluster.local(args.slots))
+    return MpiexecLauncher(), cluster
 
 
 def run_server(args: argparse.Namespace) -> int:
@@ -28,10 +65,7 @@ def run_server(args: argparse.Namespace) -> int:
     Returns:
         The exit code (0).
     """
-    if args.slots is not None and args.hostfile:
-        raise ValueError("give --slots or --hostfile, not both")
-    cluster = (Cluster.from_hostfile(args.hostfile) if args.hostfile
-               else Cluster.local(args.slots))
+    launcher, cluster = launcher_and_cluster(args)
     state_dir = Path(args.state_dir)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -41,7 +75,8 @@ def run_server(args: argparse.Namespace) -> int:
         tls_cert=args.tls_cert, tls_key=args.tls_key, tls_ca=args.tls_ca, insecure=args.insecure,
         data_roots=args.data_root, metrics_port=args.metrics_port, cluster=cluster,
         default_max_restarts=args.max_restarts, advertise_address=args.advertise_address,
-        runner=RunnerSettings(state_dir, heartbeat_timeout=args.heartbeat_timeout or None)))
+        runner=RunnerSettings(state_dir, launcher=launcher,
+                              heartbeat_timeout=args.heartbeat_timeout or None)))
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda signum, frame: stop.set())
