@@ -29,6 +29,7 @@ when it died between ``sbatch`` and writing the id (`SlurmLauncher.recover`).
 
 from __future__ import annotations
 
+import logging
 import shlex
 import subprocess
 import sys
@@ -47,8 +48,10 @@ from dptrain.coordinator.server.launchers.base import (
 from dptrain.coordinator.server.private_files import write_private
 from dptrain.worker.mpiexec_command import BLAS_THREAD_VARIABLES
 
-__all__ = ["SlurmLauncher", "SlurmJobState", "parse_scontrol", "partition_cpus",
+__all__ = ["SlurmLauncher", "SlurmJobState", "parse_scontrol", "job_state", "partition_cpus",
            "SCRIPT_NAME"]
+
+log = logging.getLogger("dptrain.coordinator.launchers.slurm")
 
 #: The batch script's file name in the job's directory.
 SCRIPT_NAME = "job.sbatch"
@@ -59,6 +62,7 @@ _FINISHED = frozenset({"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL
 #: A finished job that Slurm no longer knows (no accounting): its exit code is unknown, -1.
 _FORGOTTEN = "FORGOTTEN"
 _QUERY_EVERY_S = 1.0  # a running job's state is asked of slurmctld at most this often
+_SILENT_AFTER_KILL_S = 60.0  # then a killed job that Slurm says nothing of counts as gone
 
 
 @dataclass(frozen=True)
@@ -272,23 +276,48 @@ class _SlurmRun(RunHandle):
         self.job_id = job_id
         self.description = f"slurm job {job_id}" + (" (recovered)" if recovered else "")
         self._asked_at = float("-inf")
+        self._killed_at: float | None = None
         self._code: int | None = None
 
     def poll(self) -> int | None:
         if self._code is not None or time.monotonic() - self._asked_at < _QUERY_EVERY_S:
             return self._code
         self._asked_at = time.monotonic()
-        state = job_state(self.job_id)
+        try:
+            state = job_state(self.job_id)
+        except LaunchError:  # scontrol missing or not answering: as if slurmctld were silent
+            state = None
         if state is not None and state.finished:
             self._code = state.exit_code
+        elif (state is None and self._killed_at is not None
+              and time.monotonic() - self._killed_at > _SILENT_AFTER_KILL_S):
+            # Slurm does not answer (slurmctld down, the configuration gone): after a kill,
+            # waiting on would keep the coordinator from ever stopping.
+            self._code = -1
         return self._code
 
     def terminate(self) -> None:
         # The TERM goes to the job's steps, i.e. to every rank (not to the batch shell, which
         # exec'd srun). A job still waiting in the queue has no steps: it is cancelled.
-        if _run(["scancel", "--signal=TERM", str(self.job_id)]).returncode != 0:
-            _run(["scancel", str(self.job_id)])
+        if not _scancel(["--signal=TERM"], self.job_id):
+            _scancel([], self.job_id)
 
     def kill(self) -> None:
-        _run(["scancel", "--signal=KILL", "--full", str(self.job_id)])
-        _run(["scancel", str(self.job_id)])
+        if self._killed_at is None:
+            self._killed_at = time.monotonic()
+        _scancel(["--signal=KILL", "--full"], self.job_id)
+        _scancel([], self.job_id)
+
+
+def _scancel(options: list[str], job_id: int) -> bool:
+    """``scancel OPTIONS JOB``; whether it succeeded (a failure is logged, never raised: the
+    runner escalates to a kill, and `poll` learns when the job is gone)."""
+    try:
+        got = _run(["scancel", *options, str(job_id)])
+    except LaunchError as e:
+        log.warning("slurm job %d: %s", job_id, e)
+        return False
+    if got.returncode != 0:
+        log.info("slurm job %d: scancel %s: %s", job_id, " ".join(options),
+                 _one_line(got.stderr))
+    return got.returncode == 0
