@@ -242,5 +242,18 @@ def test_singleton_ranks_under_srun_mpi_none_are_refused(slurm, tmp_path):
     assert not list(tmp_path.glob("step-*"))
 
 
+def test_mpiexec_inside_an_allocation_is_not_refused(slurm, tmp_path):
+    # Hydra starts its proxy as one Slurm task (SLURM_NTASKS=1 in the ranks) and gives the
+    # ranks a world of its own: the world-size check must tell this from singletons.
+    (tmp_path / "job.json").write_text(json.dumps(TINY_SPEC))
+    python = DPTRAIN.replace("/dptrain", "/python")
+    got = subprocess.run(["salloc", "--ntasks=2", DPTRAIN.replace("/dptrain", "/mpiexec"),
+                          "-n", "2", python, "-m", "dptrain.worker", str(tmp_path / "job.json"),
+                          "--no-progress"], capture_output=True, text=True, timeout=300,
+                         cwd=tmp_path)
+    assert got.returncode == 0, got.stderr
+    assert json.loads(got.stdout.strip().splitlines()[-1])["world_size"] == 2
+
+
 def test_the_default_slots_are_the_partitions_cpus(slurm):
     assert partition_cpus() == partition_cpus("debug") == os.cpu_count()

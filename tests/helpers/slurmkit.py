@@ -29,7 +29,7 @@ from pathlib import Path
 
 #: The programs a bring-up needs, from Debian's slurmctld, slurmd, slurm-client and munge.
 PROGRAMS = ("munged", "slurmctld", "slurmd", "sbatch", "squeue", "scontrol", "scancel",
-            "sinfo", "srun")
+            "sinfo", "srun", "salloc")
 
 PARTITION = "debug"
 
