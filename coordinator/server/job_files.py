@@ -9,8 +9,9 @@ Files of a job, under ``STATE/jobs/ID/``:
 ``worker.log``      every attempt's output, appended, each attempt after a ``====`` header
 ``run.json``        the current attempt: its number and marker, and what its launcher needs to
                     find it again after a coordinator restart (for ``mpiexec``: its pid, start
-                    time and the machine's boot id)
+                    time and the machine's boot id; for Slurm: the Slurm job id)
 ``hostfile``        the placement as an MPICH hostfile (``mpiexec`` beyond this machine only)
+``job.sbatch``      the current attempt's Slurm batch script (the Slurm launcher only)
 ==================  ===========================================================================
 
 ``STATE/runner.lock`` keeps two coordinators off one state directory.
