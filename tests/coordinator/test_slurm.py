@@ -119,6 +119,17 @@ def test_a_job_runs_as_a_slurm_job_to_the_parameters_of_a_local_run(client, stat
     assert downloaded(client, job.id, tmp_path / "got.safetensors") == reference(TINY_SPEC)[0]
 
 
+def test_a_job_sbatch_refuses_fails_with_sbatchs_words(slurm, serve_coordinator, state_dir):
+    server = serve_coordinator(cluster=Cluster.local(2, host="slurm"), runner=RunnerSettings(
+        state_dir, launcher=SlurmLauncher(partition="nosuch"), **RUNNER_OPTIONS))
+    with Client(server.address, token=server.token) as client:
+        job = client.submit_job(TINY_SPEC)
+        assert states_of(client, job.id) == ["QUEUED", "RUNNING", "FAILED"]
+        assert client.get_job(job.id).error == (
+            "cannot start the workers: sbatch: invalid partition specified: nosuch; Batch job "
+            "submission failed: Invalid partition name specified")
+
+
 def test_cancel_reaches_the_ranks_through_scancel(client, state_dir):
     job = client.submit_job(LONG_SPEC)
     wait_for(lambda: client.list_checkpoints(job.id), 120, what="a first checkpoint")

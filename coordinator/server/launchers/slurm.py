@@ -134,8 +134,11 @@ def job_state(job_id: int) -> SlurmJobState | None:
         return parse_scontrol(got.stdout)
     if "invalid job id" not in (got.stdout + got.stderr).lower():
         return None  # slurmctld busy or restarting: ask again later
-    got = _run(["sacct", "--noheader", "--parsable2", "--allocations", f"--jobs={job_id}",
-                "--format=State,ExitCode"])
+    try:
+        got = _run(["sacct", "--noheader", "--parsable2", "--allocations", f"--jobs={job_id}",
+                    "--format=State,ExitCode"])
+    except LaunchError:  # no sacct here: Slurm has forgotten the job all the same
+        return SlurmJobState(_FORGOTTEN, -1)
     line = got.stdout.strip().splitlines()[:1] if got.returncode == 0 else []
     if not line or "|" not in line[0]:
         return SlurmJobState(_FORGOTTEN, -1)
@@ -244,7 +247,9 @@ class SlurmLauncher(Launcher):
                    cwd=str(paths.root))
         job_id = got.stdout.strip().split(";")[0]
         if got.returncode != 0 or not job_id.isdigit():
-            raise LaunchError(f"sbatch: {_one_line(got.stderr or got.stdout) or 'failed'}")
+            said = [line.strip().removeprefix("sbatch: error: ").removeprefix("sbatch: ")
+                    for line in (got.stderr or got.stdout).splitlines() if line.strip()]
+            raise LaunchError(f"sbatch: {'; '.join(said) or 'failed'}")
         write_run_record(paths.run, {**record, "slurm_job_id": int(job_id)})
         return _SlurmRun(int(job_id))
 
