@@ -137,3 +137,9 @@ def test_serve_with_slurm_and_slots():
 def test_serve_options_that_do_not_go_together(argv, message):
     with pytest.raises(ValueError, match="^" + message.replace("(", r"\(").replace(")", r"\)")):
         launcher_and_cluster(serve_args(*argv))
+
+
+def test_default_slots_without_slurm_commands_is_one_line(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no sinfo there
+    with pytest.raises(LaunchError, match=r"^sinfo: not found: the Slurm client commands "):
+        launcher_and_cluster(serve_args("--launcher", "slurm"))
