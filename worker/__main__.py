@@ -102,11 +102,14 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace, comm: Communicator) -> int:
     """The job on this rank; returns the exit code every rank agreed on."""
-    from dptrain.worker.environment import COORDINATOR
+    from dptrain.worker.environment import COORDINATOR, world_size_error
     from dptrain.worker.events import build_reporters
     from dptrain.worker.spec import JobSpecError, load_spec
     from dptrain.worker.train import run_job
 
+    if (mismatch := world_size_error(comm.size)) is not None:
+        print(f"dptrain worker: error: {mismatch}", file=sys.stderr, flush=True)
+        return EXIT_INVALID  # every task is alone in its world: each exits by itself
     reporters = []
     try:
         spec = agree(comm, lambda: load_spec(args.job), (JobSpecError,))

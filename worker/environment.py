@@ -26,7 +26,8 @@ from dataclasses import dataclass
 
 __all__ = [
     "MPIEXEC", "COORDINATOR", "JOB_ID", "JOB_TOKEN", "TLS_CA", "HEARTBEAT_TIMEOUT",
-    "WorkerEnvironment", "worker_environment", "read_worker_environment",
+    "SLURM_NTASKS", "PMI_SIZE", "WorkerEnvironment", "worker_environment",
+    "read_worker_environment", "world_size_error",
 ]
 
 MPIEXEC = "DPTRAIN_MPIEXEC"
@@ -52,6 +53,15 @@ HEARTBEAT_TIMEOUT = "DPTRAIN_HEARTBEAT_TIMEOUT"
 """The coordinator's heartbeat timeout in seconds (``--heartbeat-timeout``): how long training
 may make no progress before the coordinator ends the job. Rank 0's reporter derives how often it
 tells the coordinator of progress from it; unset when the coordinator has none."""
+
+SLURM_NTASKS = "SLURM_NTASKS"
+"""Set by Slurm (``srun``, ``sbatch``): how many tasks it started. Under ``srun --mpi=pmi2``
+every task is one rank of one MPI world of that size; a mismatch means each task runs alone
+(`world_size_error`)."""
+
+PMI_SIZE = "PMI_SIZE"
+"""Set by the process manager that gave this rank its MPI world (Slurm's PMI-2 plugin, Hydra's
+``mpiexec``): the world's size. Absent for a singleton."""
 
 
 @dataclass(frozen=True)
@@ -127,3 +137,30 @@ def read_worker_environment(environ: Mapping[str, str] | None = None) -> WorkerE
                              f"{environ[HEARTBEAT_TIMEOUT]!r}")
     return WorkerEnvironment(values[COORDINATOR], values[JOB_ID], values[JOB_TOKEN],
                              environ.get(TLS_CA) or None, timeout)
+
+
+def world_size_error(world_size: int, environ: Mapping[str, str] | None = None) -> str | None:
+    """Why this MPI world is not the one Slurm started, or None when it is (or no Slurm).
+
+    ``srun --mpi=none``, or an MPI library that does not speak the PMI Slurm serves, starts
+    every task as a world of one rank: each would train the whole job alone, silently. Ranks
+    that another process manager started inside the allocation (Hydra's ``mpiexec``, which
+    starts its proxy as one Slurm task and sets `PMI_SIZE` for its own world) are left alone:
+    measured here, they see ``SLURM_NTASKS=1`` (the proxy's step) and ``PMI_SIZE=2``.
+
+    Args:
+        world_size: ``MPI_COMM_WORLD``'s size.
+        environ: the environment (default: ``os.environ``).
+
+    Returns:
+        A one-line message naming `SLURM_NTASKS`, the sizes and the fix, or None.
+    """
+    environ = os.environ if environ is None else environ
+    tasks = environ.get(SLURM_NTASKS, "")
+    if not tasks.isdigit() or int(tasks) == world_size:
+        return None
+    if environ.get(PMI_SIZE, tasks) != tasks:  # another process manager's world
+        return None
+    return (f"{SLURM_NTASKS}: Slurm started {tasks} task(s) but the MPI world has "
+            f"{world_size} rank(s), so the tasks do not see each other; start them with "
+            f"'srun --mpi=pmi2' (the mpich wheel speaks PMI-2: not --mpi=none, not pmix)")

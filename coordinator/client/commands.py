@@ -266,7 +266,9 @@ def add_commands(commands: Any, serve: Callable[[argparse.Namespace], int],
                 "It creates the state directory and what it holds (jobs, logs, checkpoints,\n"
                 "the token) private to this user: directories 0700, files 0600, whatever the\n"
                 "umask.\n\n"
-                "example:\n  dptrain serve --state-dir /var/lib/dptrain --slots 8\n\n")
+                "examples:\n  dptrain serve --state-dir /var/lib/dptrain --slots 8\n"
+                "  dptrain serve --launcher slurm --partition gpu --account proj "
+                "--sbatch-arg=--time=4:00:00\n\n")
     serve_parser.add_argument("--host", default="127.0.0.1",
                        help="address to listen on (default 127.0.0.1; beyond loopback only "
                             "with TLS or --insecure)")
@@ -299,11 +301,19 @@ def add_commands(commands: Any, serve: Callable[[argparse.Namespace], int],
     serve_parser.add_argument("--advertise-address", metavar="HOST:PORT",
                        help="the address workers reach the coordinator at (default: from "
                             "--host)")
-    serve_parser.add_argument("--launcher", choices=["mpiexec", "kubernetes"],
+    serve_parser.add_argument("--launcher", choices=["mpiexec", "slurm", "kubernetes"],
                               default="mpiexec",
                               help="what starts each job's ranks: mpiexec on this machine or "
-                                   "the hostfile's hosts (default), or one Kubeflow MPIJob per "
-                                   "attempt in a Kubernetes cluster")
+                                   "the hostfile's hosts (default); slurm: one sbatch job per "
+                                   "attempt (srun --mpi=pmi2), with --slots defaulting to the "
+                                   "partition's CPUs; kubernetes: one Kubeflow MPIJob per "
+                                   "attempt")
+    serve_parser.add_argument("--partition", metavar="P",
+                              help="Slurm partition for the jobs (default: Slurm's default)")
+    serve_parser.add_argument("--account", metavar="A", help="Slurm account to charge")
+    serve_parser.add_argument("--sbatch-arg", metavar="ARG", action="append", default=[],
+                              help="one more #SBATCH option, e.g. --sbatch-arg=--time=2:00:00 "
+                                   "(repeatable)")
     add_kubernetes_options(serve_parser)
 
     submit = add("submit", _cmd_submit, "submit a job file to the coordinator",

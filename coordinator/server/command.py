@@ -14,12 +14,17 @@ from dptrain.coordinator.api.credentials import read_token_file
 from dptrain.coordinator.server.launchers.base import Launcher
 from dptrain.coordinator.server.launchers.kubernetes_manifest import settings_from_options
 from dptrain.coordinator.server.launchers.mpiexec import MpiexecLauncher
+from dptrain.coordinator.server.launchers.slurm import SlurmLauncher, partition_cpus
 from dptrain.coordinator.server.runner_settings import RunnerSettings
 from dptrain.coordinator.server.scheduler import Cluster
 from dptrain.coordinator.server.server import ServerSettings, is_loopback, serve
 from dptrain.worker.hostfile import LOCAL_HOSTS
 
-__all__ = ["run_server", "unreachable_note", "launcher_from_args"]
+__all__ = ["run_server", "unreachable_note", "launcher_and_cluster"]
+
+#: ``serve`` options that only the Slurm launcher takes (argparse dest -> option).
+_SLURM_OPTIONS = {"partition": "--partition", "account": "--account",
+                  "sbatch_arg": "--sbatch-arg"}
 
 
 def unreachable_note(cluster: Cluster, host: str, advertise_address: str | None) -> str | None:
@@ -39,14 +44,33 @@ def unreachable_note(cluster: Cluster, host: str, advertise_address: str | None)
             f"--tls-cert/--tls-key, see dptrain tls init) or the workers report nothing")
 
 
-def launcher_from_args(args: argparse.Namespace) -> Launcher:
-    """The launcher ``--launcher`` names, from its options.
+def launcher_and_cluster(args: argparse.Namespace) -> tuple[Launcher, Cluster]:
+    """The launcher ``serve``'s options choose, and the slots the scheduler hands out.
+
+    ``--launcher mpiexec`` (the default) runs ranks on this machine's cores (``--slots``) or a
+    hostfile's hosts. ``--launcher slurm`` submits each attempt to Slurm, which places the
+    ranks; the scheduler then sees one pool named ``slurm`` of ``--slots`` ranks, by default
+    every CPU of the partition (``sinfo``): the coordinator never submits more ranks at once.
+    ``--launcher kubernetes`` runs each attempt as an MPIJob; the scheduler sees one pool of
+    ``--slots`` ranks (required: the coordinator's own cores say nothing of the cluster's).
 
     Raises:
-        ValueError: the options do not fit the launcher (the message names the option).
+        ValueError: options that do not go together, naming them.
         LaunchError: the launcher cannot work here (e.g. a missing package).
     """
-    if args.launcher == "kubernetes":
+    launcher = getattr(args, "launcher", "mpiexec")
+    given = [option for dest, option in _SLURM_OPTIONS.items() if getattr(args, dest, None)]
+    if given and launcher != "slurm":
+        raise ValueError(f"{given[0]}: only with --launcher slurm (got --launcher {launcher})")
+    if launcher == "slurm":
+        if args.hostfile:
+            raise ValueError("--hostfile: Slurm places the ranks; give --slots (or nothing: "
+                             "the partition's CPUs) with --launcher slurm")
+        slurm = SlurmLauncher(partition=args.partition, account=args.account,
+                              sbatch_args=tuple(args.sbatch_arg or ()))
+        slots = args.slots if args.slots is not None else partition_cpus(args.partition)
+        return slurm, Cluster.local(slots, host="slurm")
+    if launcher == "kubernetes":
         if args.hostfile:
             raise ValueError("--hostfile: the kubernetes launcher places ranks in worker pods; "
                              "give --slots, the ranks that may run at once in the cluster")
@@ -60,8 +84,12 @@ def launcher_from_args(args: argparse.Namespace) -> Launcher:
                              "ca.crt)")
         from dptrain.coordinator.server.launchers.kubernetes import KubernetesLauncher
 
-        return KubernetesLauncher(settings_from_options(args))
-    return MpiexecLauncher(launcher_exec=args.launcher_exec)
+        return KubernetesLauncher(settings_from_options(args)), Cluster.local(args.slots)
+    if args.slots is not None and args.hostfile:
+        raise ValueError("give --slots or --hostfile, not both")
+    cluster = (Cluster.from_hostfile(args.hostfile) if args.hostfile
+               else Cluster.local(args.slots))
+    return MpiexecLauncher(launcher_exec=args.launcher_exec), cluster
 
 
 def run_server(args: argparse.Namespace) -> int:
@@ -74,11 +102,7 @@ def run_server(args: argparse.Namespace) -> int:
     Returns:
         The exit code (0).
     """
-    if args.slots is not None and args.hostfile:
-        raise ValueError("give --slots or --hostfile, not both")
-    launcher = launcher_from_args(args)
-    cluster = (Cluster.from_hostfile(args.hostfile) if args.hostfile
-               else Cluster.local(args.slots))
+    launcher, cluster = launcher_and_cluster(args)
     state_dir = Path(args.state_dir)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -10,7 +10,8 @@ Files of a job, under ``STATE/jobs/ID/``:
 ``run.json``        the current attempt: its number and marker, and what its launcher needs to
                     find it again after a coordinator restart (for ``mpiexec``: its pid, start
                     time and the machine's boot id; for kubernetes: the MPIJob's name and
-                    namespace)
+                    namespace; for Slurm: the Slurm job id)
+``job.sbatch``      the current attempt's Slurm batch script (the Slurm launcher only)
 ==================  ===========================================================================
 
 ``STATE/runner.lock`` keeps two coordinators off one state directory.

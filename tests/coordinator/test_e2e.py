@@ -240,35 +240,6 @@ KILL_SPEC = spec(TINY_SPEC, name="kills", max_steps=2000, eval_every=500, worker
                  checkpoint={"every_steps": 100, "keep": 2})
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    """``reference(*specs)``: for each spec, the tensor digests of the final parameters of an
-    undisturbed ``dptrain run`` of it (the runs go in parallel; each spec runs once)."""
-    known: dict[str, dict[str, str]] = {}
-
-    def digests(*specs: dict) -> list[dict[str, str]]:
-        runs = []
-        for job_spec in specs:
-            key = json.dumps(job_spec, sort_keys=True)
-            if key in known:
-                continue
-            directory = tmp_path_factory.mktemp("undisturbed")
-            (directory / "job.json").write_text(key)
-            runs.append((key, directory, subprocess.Popen(
-                [DPTRAIN, "run", str(directory / "job.json"), "-n", str(job_spec["workers"]),
-                 "--checkpoint-dir", str(directory / "ckpt"), "--no-progress"],
-                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                env={k: v for k, v in os.environ.items() if not k.startswith("DPTRAIN_")})))
-        for key, directory, proc in runs:
-            _, err = proc.communicate(timeout=300)
-            assert proc.returncode == 0, err
-            final = directory / "ckpt" / f"step-{json.loads(key)['max_steps']:08d}"
-            known[key] = tensor_digests(final / "model.safetensors")
-        return [known[json.dumps(job_spec, sort_keys=True)] for job_spec in specs]
-
-    return digests
-
-
 def _downloaded(coordinator: ServeProcess, job_id: str, dest: Path) -> dict[str, str]:
     """The tensor digests of ``dptrain download JOB``."""
     got = run_cli(coordinator.address, coordinator.state_dir, "download", job_id, "-o", str(dest))

@@ -14,7 +14,7 @@ from fresh_imports import modules_loaded_by, within
 from repo import REPO
 
 from dptrain.coordinator.cli import build_parser, main
-from dptrain.coordinator.server.command import launcher_from_args
+from dptrain.coordinator.server.command import launcher_and_cluster
 from dptrain.coordinator.server.launchers.mpiexec import MpiexecLauncher
 
 DIGITS = str(REPO / "examples" / "digits_mlp.yaml")
@@ -117,7 +117,7 @@ def serve_args(*argv: str) -> argparse.Namespace:
 
 
 def test_serve_defaults_to_the_mpiexec_launcher():
-    assert isinstance(launcher_from_args(serve_args()), MpiexecLauncher)
+    assert isinstance(launcher_and_cluster(serve_args())[0], MpiexecLauncher)
 
 
 @pytest.mark.parametrize(("argv", "message"), [
@@ -130,7 +130,7 @@ def test_serve_defaults_to_the_mpiexec_launcher():
 ])
 def test_serve_kubernetes_refuses_options_that_cannot_work(argv, message):
     with pytest.raises(ValueError, match="^" + message):
-        launcher_from_args(serve_args("--launcher", "kubernetes", *argv))
+        launcher_and_cluster(serve_args("--launcher", "kubernetes", *argv))
 
 
 def test_serve_kubernetes_builds_its_launcher_from_the_options(tmp_path, monkeypatch):
@@ -145,7 +145,7 @@ def test_serve_kubernetes_builds_its_launcher_from_the_options(tmp_path, monkeyp
         "users": [{"name": "u", "user": {}}],
         "contexts": [{"name": "c", "context": {"cluster": "k", "user": "u"}}]}))
     monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
-    launcher = launcher_from_args(serve_args(
+    launcher, _ = launcher_and_cluster(serve_args(
         "--launcher", "kubernetes", "--image", "reg/dp:1", "--namespace", "ml", "--slots", "8",
         "--slots-per-worker", "4", "--state-claim", "dp-state", "--cpu-per-rank", "1"))
     assert isinstance(launcher, KubernetesLauncher)

@@ -221,7 +221,8 @@ def processes_with_env(text: str) -> list[int]:
 
 
 def rank_pids(run_id: str) -> list[int]:
-    """The ``python -m dptrain.worker`` processes of one attempt (by its ``DPTRAIN_RUN_ID``)."""
+    """The ``python -m dptrain.worker`` processes of one attempt (by its ``DPTRAIN_RUN_ID``),
+    not the ``mpiexec`` or ``srun`` that started them with the same words."""
     pids = []
     for pid in processes_with_env(f"DPTRAIN_RUN_ID={run_id}"):
         try:
@@ -230,7 +231,8 @@ def rank_pids(run_id: str) -> list[int]:
         except OSError:
             continue
         is_rank = b"dptrain.worker" in argv and b"-m" in argv
-        if is_rank and not any(b"mpiexec" in a for a in argv[:1]):
+        starter = os.path.basename(argv[0])
+        if is_rank and b"mpiexec" not in starter and starter != b"srun":
             pids.append(pid)
     return pids
 
