@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import importlib.util
 import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-import scale_model as sm  # noqa: E402
+# Loaded from its file, not through sys.path: bench/ holds modules named like the package's
+# folders (bench/engine.py), which must not shadow anything for the tests collected after this.
+_SPEC = importlib.util.spec_from_file_location(
+    "bench_scale_model", Path(__file__).resolve().parents[1] / "bench" / "scale_model.py")
+sm = sys.modules[_SPEC.name] = importlib.util.module_from_spec(_SPEC)  # for its dataclasses
+_SPEC.loader.exec_module(sm)
 
 NET = sm.Network(alpha=1e-3, beta=1e-8, local_alpha=1e-4, local_beta=1e-9, ranks_per_node=8)
 

@@ -91,9 +91,9 @@ def test_bad_argument_values_name_the_model_and_accepted_arguments(name, args, m
 
 
 def test_package_module_function_names_a_users_constructor():
-    m = get_model("engine.nn:Linear", in_features=3, out_features=2)
+    m = get_model("dptrain.engine.nn:Linear", in_features=3, out_features=2)
     assert isinstance(m, nn.Linear) and m.weight.shape == (2, 3)
-    assert get_constructor("engine.nn:Linear") is nn.Linear
+    assert get_constructor("dptrain.engine.nn:Linear") is nn.Linear
     assert get_constructor("lenet").__name__ == "LeNet"
     assert model_signature("dptrain.engine.models.mlp:mlp") == \
         "in_features=64, hidden=(128, 64), num_classes=10, dropout=0.0"
