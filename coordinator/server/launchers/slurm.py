@@ -210,7 +210,7 @@ class SlurmLauncher(Launcher):
             exec srun --mpi=pmi2 --kill-on-bad-exit=1 /venv/bin/python -m mpi4py -m ...
         """
         paths, q = launch.paths, shlex.quote
-        options = [f"--job-name=dptrain-{launch.run_id}", f"--ntasks={launch.ranks}",
+        options = [f"--job-name=dptrain-{launch.run_id}", f"--ntasks={launch.workers}",
                    f"--output={paths.log}", "--open-mode=append", f"--chdir={paths.root}"]
         if self.partition:
             options.append(f"--partition={self.partition}")
