@@ -87,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     from dptrain.worker.comm import Communicator
     from dptrain.worker.environment import COORDINATOR
     from dptrain.worker.events import build_reporters
+    from dptrain.worker.job_code import code_directory, put_first_on_path
     from dptrain.worker.spec import JobSpecError, load_spec
     from dptrain.worker.train import run_job
 
@@ -94,6 +95,9 @@ def main(argv: list[str] | None = None) -> int:
     reporters = []
     try:
         spec = agree(comm, lambda: load_spec(args.job), (JobSpecError,))
+        # The job's own modules come first, on every rank, whoever started it.
+        put_first_on_path(agree(comm, lambda: code_directory(args.job, spec.code),
+                                (JobSpecError,)))
         if args.resume and args.checkpoint_dir and os.environ.get(COORDINATOR):
             # Rank 0 fetches the job's latest checkpoint; agree() is the barrier the others wait at.
             agree(comm, lambda: _fetch_resume_checkpoint(comm.rank, args.checkpoint_dir),

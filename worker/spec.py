@@ -15,6 +15,13 @@ A job file (YAML or JSON) maps one to one onto `JobSpec`; the coordinator's prot
     workers: 2
     device: cpu
     checkpoint: {every_steps: 100, keep: 3}
+    loss: mylosses:focal                             # optional: package.module:function
+    code: src                                        # optional: where your modules are
+
+A model, a data set (``dataset.name``) and the ``loss`` may be your own, named
+``package.module:function``: the ranks import them from the job file's directory, or from
+``code`` (a directory relative to the job file), which they put first on ``sys.path``
+(`dptrain.worker.job_code`). Validating a spec checks their syntax only.
 
 Every error names the field's path, the rule it broke and the value it got, e.g.
 ``optimizer.lr: must be >= 0, got -0.1``; all errors of a spec are reported together.
@@ -71,7 +78,8 @@ class ModelSpec:
 
 @dataclass
 class DatasetSpec:
-    """The data set: a name in `worker.data`'s registry, its arguments, and the held-out share."""
+    """The data set: a name in `worker.data`'s registry (or ``package.module:function``), its
+    arguments, and the held-out share."""
 
     name: str
     args: dict[str, Any] = field(default_factory=dict)
@@ -115,7 +123,10 @@ class JobSpec:
 
     ``batch_size`` is the global batch: each of the ``workers`` ranks takes a contiguous
     ``batch_size / workers`` of it. The run stops after ``epochs`` epochs or ``max_steps``
-    optimizer steps, whichever comes first.
+    optimizer steps, whichever comes first. ``loss`` (``package.module:function``, called as
+    ``loss(output, target)``) replaces the task's own loss (cross-entropy, or MSE for
+    regression); ``code`` is the directory of the job's own modules, relative to the job file
+    (default: the job file's directory).
     """
 
     name: str
@@ -131,6 +142,8 @@ class JobSpec:
     workers: int = 1
     device: str = "cpu"
     checkpoint: CheckpointSpec = field(default_factory=CheckpointSpec)
+    loss: str | None = None
+    code: str | None = None
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> JobSpec:
@@ -515,7 +528,9 @@ def validate(spec: JobSpec) -> list[FieldError]:
         if ctor is not None:
             e += _check_args("model.args", ctor, spec.model.args, f"model {spec.model.name!r}")
     # dataset
-    if spec.dataset.name not in data.DATASETS:
+    if ":" in spec.dataset.name:
+        e += _reference_errors("dataset.name", spec.dataset.name, "data set")
+    elif spec.dataset.name not in data.DATASETS:
         e.append(FieldError("dataset.name", f"unknown data set (known: "
                             f"{', '.join(sorted(data.DATASETS))})", spec.dataset.name))
     else:
@@ -587,14 +602,32 @@ def validate(spec: JobSpec) -> list[FieldError]:
                             spec.checkpoint.every_steps))
     if spec.checkpoint.keep < 1:
         e.append(FieldError("checkpoint.keep", "must be >= 1", spec.checkpoint.keep))
+    if spec.loss is not None:
+        e += _reference_errors("loss", spec.loss, "loss")
+    if spec.code is not None and (not spec.code.strip() or os.path.isabs(spec.code)
+                                  or "\0" in spec.code):
+        e.append(FieldError("code", "must be a directory relative to the job file", spec.code))
     return e
+
+
+def _reference_errors(path: str, name: str, what: str) -> list[FieldError]:
+    """The syntax error of a ``package.module:function`` reference, if any (nothing is
+    imported: the workers do that, `dptrain.worker.job_code`)."""
+    from dptrain.engine.models import parse_reference
+
+    try:
+        parse_reference(name, what)
+    except ValueError as err:
+        return [FieldError(path, str(err))]
+    return []
 
 
 def trajectory_differences(saved: Mapping[str, Any], spec: JobSpec) -> list[str]:
     """The fields whose change would make a resumed run differ from an uninterrupted one.
 
-    ``name``, ``epochs``, ``max_steps``, ``eval_every``, ``workers`` and ``checkpoint`` may
-    change between a checkpoint and its resumption; everything else must not.
+    ``name``, ``epochs``, ``max_steps``, ``eval_every``, ``workers``, ``checkpoint`` and
+    ``code`` (where the same modules are found) may change between a checkpoint and its
+    resumption; everything else must not.
 
     Args:
         saved: the spec (as `JobSpec.to_dict` gave it) recorded in a checkpoint.
@@ -603,7 +636,7 @@ def trajectory_differences(saved: Mapping[str, Any], spec: JobSpec) -> list[str]
     Returns:
         Dotted paths of the fields that differ, empty when the run can resume exactly.
     """
-    free = {"name", "epochs", "max_steps", "eval_every", "workers", "checkpoint"}
+    free = {"name", "epochs", "max_steps", "eval_every", "workers", "checkpoint", "code"}
     now = spec.to_dict()
     out = []
     for key in sorted(set(saved) | set(now)):

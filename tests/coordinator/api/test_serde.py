@@ -38,6 +38,8 @@ FULL = {
     "workers": 2,
     "device": "cuda",
     "checkpoint": {"every_steps": 10, "keep": 2},
+    "loss": "mylosses:focal",
+    "code": "src",
 }
 
 
