@@ -24,6 +24,10 @@ EPILOG = f"""\
 Run every rank of the job with the same arguments, e.g.
   mpiexec -n 2 .venv/bin/python -m dptrain.worker examples/digits_mlp.yaml --checkpoint-dir ckpt
 
+A job with an entrypoint runs its own training script on every rank instead (see
+dptrain.worker.init); the script's modules, like a job's own model, loss and data set, are
+imported from the job file's directory (or its code: directory), put first on sys.path.
+
 Rank 0 shows a progress bar and messages on stderr and prints the final metrics as one JSON
 line on stdout. Checkpoints go to CHECKPOINT_DIR/step-NNNNNNNN/ (model.safetensors,
 optimizer.safetensors, manifest.json). SIGTERM finishes the current step, writes a
@@ -85,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     install_preemption_handler()  # before anything slow, so SIGTERM never kills a rank mid-step
     from dptrain.worker.comm import Communicator
+    from dptrain.worker.context import Launch, entrypoint_script, run_entrypoint
     from dptrain.worker.environment import COORDINATOR
     from dptrain.worker.events import build_reporters
     from dptrain.worker.job_code import code_directory, put_first_on_path
@@ -96,8 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         spec = agree(comm, lambda: load_spec(args.job), (JobSpecError,))
         # The job's own modules come first, on every rank, whoever started it.
-        put_first_on_path(agree(comm, lambda: code_directory(args.job, spec.code),
-                                (JobSpecError,)))
+        code_dir = agree(comm, lambda: code_directory(args.job, spec.code), (JobSpecError,))
+        put_first_on_path(code_dir)
         if args.resume and args.checkpoint_dir and os.environ.get(COORDINATOR):
             # Rank 0 fetches the job's latest checkpoint; agree() is the barrier the others wait at.
             agree(comm, lambda: _fetch_resume_checkpoint(comm.rank, args.checkpoint_dir),
@@ -105,6 +110,12 @@ def main(argv: list[str] | None = None) -> int:
         reporters = agree(comm, lambda: build_reporters(comm.rank, os.environ,
                                                         progress=not args.no_progress),
                           (ImportError, AttributeError), exit_code=EXIT_INVALID)
+        if spec.entrypoint is not None:  # the job's own loop: its script on every rank
+            launch = Launch(comm, reporters, args.checkpoint_dir, args.resume,
+                            spec.to_dict(), spec.checkpoint.keep)
+            agree(comm, lambda: entrypoint_script(spec.entrypoint, code_dir), (JobSpecError,))
+            run_entrypoint(spec.entrypoint, code_dir, launch)
+            return EXIT_OK
         result = run_job(spec, comm, checkpoint_dir=args.checkpoint_dir, resume=args.resume,
                          reporters=reporters)
         return result.exit_code

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 __all__ = [
     "COORDINATOR", "JOB_ID", "JOB_TOKEN", "TLS_CA", "HEARTBEAT_TIMEOUT", "WorkerEnvironment",
-    "worker_environment", "read_worker_environment",
+    "worker_environment", "read_worker_environment", "CHECKPOINT_DIR", "RESUME",
 ]
 
 COORDINATOR = "DPTRAIN_COORDINATOR"
@@ -43,6 +43,15 @@ HEARTBEAT_TIMEOUT = "DPTRAIN_HEARTBEAT_TIMEOUT"
 """The coordinator's heartbeat timeout in seconds (``--heartbeat-timeout``): how long training
 may make no progress before the coordinator ends the job. Rank 0's reporter derives how often it
 tells the coordinator of progress from it; unset when the coordinator has none."""
+
+
+CHECKPOINT_DIR = "DPTRAIN_CHECKPOINT_DIR"
+"""Where an own training script's checkpoints go when it runs without a job file (``dptrain
+run train.py --checkpoint-dir D`` sets it); unset: ``ctx.save_checkpoint`` writes nothing."""
+
+RESUME = "DPTRAIN_RESUME"
+"""``1``: an own training script resumes from the newest intact checkpoint in
+`CHECKPOINT_DIR` (``dptrain run train.py --checkpoint-dir D --resume``)."""
 
 
 @dataclass(frozen=True)

@@ -127,13 +127,20 @@ class JobSpec:
     ``loss(output, target)``) replaces the task's own loss (cross-entropy, or MSE for
     regression); ``code`` is the directory of the job's own modules, relative to the job file
     (default: the job file's directory).
+
+    ``entrypoint`` (``train.py --lr 0.1``: a script in the code directory and its arguments)
+    makes the job your own training loop, run on every rank (`dptrain.worker.context`): then
+    ``model``, ``dataset``, ``optimizer``, ``batch_size`` and the rest of the declarative loop
+    are the script's business and must be left out; ``name``, ``workers``, ``device``,
+    ``seed``, ``checkpoint`` and ``code`` still apply. Without it, ``model``, ``dataset``,
+    ``optimizer`` and ``batch_size`` are required.
     """
 
     name: str
-    model: ModelSpec
-    dataset: DatasetSpec
-    optimizer: OptimizerSpec
-    batch_size: int
+    model: ModelSpec | None = None
+    dataset: DatasetSpec | None = None
+    optimizer: OptimizerSpec | None = None
+    batch_size: int | None = None
     epochs: int | None = None
     max_steps: int | None = None
     scheduler: SchedulerSpec | None = None
@@ -144,6 +151,7 @@ class JobSpec:
     checkpoint: CheckpointSpec = field(default_factory=CheckpointSpec)
     loss: str | None = None
     code: str | None = None
+    entrypoint: str | None = None
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> JobSpec:
@@ -323,7 +331,7 @@ def _parse(cls: type, data: Any, prefix: str, errors: list[FieldError]) -> Any:
             continue
         value = data[name]
         if name in _SECTIONS and prefix == "":
-            if value is None and name == "scheduler":
+            if value is None and f.default is None:  # an optional section left out
                 kwargs[name] = None
                 continue
             value = _parse(_SECTIONS[name], value, f"{path}.", errors)
@@ -514,11 +522,48 @@ def validate(spec: JobSpec) -> list[FieldError]:
     Returns:
         The broken rules, empty when the spec can run.
     """
-    from dptrain.worker import data  # the data registry; imported here to keep spec import light
-
     e: list[FieldError] = []
     if (error := check_name(spec.name)) is not None:
         e.append(error)
+    if spec.entrypoint is not None:
+        return e + _entrypoint_errors(spec)
+    missing = [FieldError(name, "is required (or give an entrypoint: your own training script)")
+               for name in _DECLARATIVE_REQUIRED if getattr(spec, name) is None]
+    return e + (missing or _declarative_errors(spec))
+
+
+#: What a declarative job must give (an entrypoint job gives none of it).
+_DECLARATIVE_REQUIRED = ("model", "dataset", "optimizer", "batch_size")
+#: What only the declarative loop reads (an entrypoint job must leave it out).
+_DECLARATIVE_ONLY = (*_DECLARATIVE_REQUIRED, "epochs", "max_steps", "scheduler", "loss")
+
+
+def _entrypoint_errors(spec: JobSpec) -> list[FieldError]:
+    """The broken rules of a job that runs its own training script."""
+    import shlex
+
+    e = [FieldError(name, "does not apply to an entrypoint job (the script trains)",
+                    getattr(spec, name)) for name in _DECLARATIVE_ONLY
+         if getattr(spec, name) is not None]
+    try:
+        words = shlex.split(spec.entrypoint)
+    except ValueError as err:
+        words, problem = [], f"must split into a script and its arguments ({err})"
+    else:
+        problem = "must name a script (relative to the code directory) and its arguments"
+    if not words or os.path.isabs(words[0]) or "\0" in spec.entrypoint:
+        e.append(FieldError("entrypoint", problem, spec.entrypoint))
+    if spec.eval_every != 0:
+        e.append(FieldError("eval_every", "does not apply to an entrypoint job (the script "
+                            "trains)", spec.eval_every))
+    return e + _common_errors(spec)
+
+
+def _declarative_errors(spec: JobSpec) -> list[FieldError]:
+    """The broken rules of a job the declarative loop trains (`dptrain.worker.train`)."""
+    from dptrain.worker import data  # the data registry; imported here to keep spec import light
+
+    e: list[FieldError] = []
     # model
     try:
         ctor = model_constructor(spec.model.name)
@@ -579,9 +624,8 @@ def validate(spec: JobSpec) -> list[FieldError]:
     elif spec.batch_size > MAX_BATCH_SIZE:
         e.append(FieldError("batch_size", f"must be at most {MAX_BATCH_SIZE} (2**20)",
                             spec.batch_size))
-    if spec.workers < 1:
-        e.append(FieldError("workers", "must be >= 1", spec.workers))
-    elif spec.batch_size >= 1 and (error := check_shards(spec.batch_size, spec.workers)):
+    if spec.workers >= 1 and spec.batch_size >= 1 and (
+            error := check_shards(spec.batch_size, spec.workers)):
         e.append(error)
     if spec.epochs is None and spec.max_steps is None:
         e.append(FieldError("epochs", "epochs or max_steps (or both) must be given"))
@@ -592,9 +636,20 @@ def validate(spec: JobSpec) -> list[FieldError]:
         elif value is not None and value > MAX_STEPS:
             e.append(FieldError(name, f"must be at most {MAX_STEPS} (a run of at most 10**9 "
                                 "steps)", value))
-    for name in ("eval_every", "seed"):
-        if getattr(spec, name) < 0:
-            e.append(FieldError(name, "must be >= 0", getattr(spec, name)))
+    if spec.eval_every < 0:
+        e.append(FieldError("eval_every", "must be >= 0", spec.eval_every))
+    if spec.loss is not None:
+        e += _reference_errors("loss", spec.loss, "loss")
+    return e + _common_errors(spec)
+
+
+def _common_errors(spec: JobSpec) -> list[FieldError]:
+    """The rules of the fields every job has, declarative or not."""
+    e: list[FieldError] = []
+    if spec.workers < 1:
+        e.append(FieldError("workers", "must be >= 1", spec.workers))
+    if spec.seed < 0:
+        e.append(FieldError("seed", "must be >= 0", spec.seed))
     if spec.device not in DEVICES:
         e.append(FieldError("device", f"must be one of {', '.join(DEVICES)}", spec.device))
     if spec.checkpoint.every_steps < 0:
@@ -602,8 +657,6 @@ def validate(spec: JobSpec) -> list[FieldError]:
                             spec.checkpoint.every_steps))
     if spec.checkpoint.keep < 1:
         e.append(FieldError("checkpoint.keep", "must be >= 1", spec.checkpoint.keep))
-    if spec.loss is not None:
-        e += _reference_errors("loss", spec.loss, "loss")
     if spec.code is not None and (not spec.code.strip() or os.path.isabs(spec.code)
                                   or "\0" in spec.code):
         e.append(FieldError("code", "must be a directory relative to the job file", spec.code))
