@@ -19,6 +19,9 @@ from typing import Any
 import numpy as np
 
 from dptrain.worker.data import ArrayDataset, DataError, Dataset
+from dptrain.worker.environment import COORDINATOR
+from dptrain.worker.events import fetch_code
+from dptrain.worker.spec import code_digest
 from dptrain.worker.spec_errors import FieldError, JobSpecError
 
 __all__ = ["code_directory", "put_first_on_path", "resolve_loss", "load_user_dataset",
@@ -33,12 +36,27 @@ def code_directory(job_file: str | os.PathLike, code: str | None) -> str:
         code: the spec's ``code`` (relative to the job file's directory), or None.
 
     Returns:
-        The absolute directory: ``code`` resolved, else the job file's directory.
+        The absolute directory: ``code`` resolved, else the job file's directory. Code a
+        coordinator stores (``code: "sha256:<digest>"``) is fetched from it, verified and
+        unpacked into ``code/<digest>/`` beside the job file, once per host (restarts find
+        it there).
 
     Raises:
-        JobSpecError: naming ``code`` when that directory does not exist.
+        JobSpecError: naming ``code`` when that directory does not exist, or when the code
+            is a coordinator's and no coordinator is set (``DPTRAIN_COORDINATOR``).
+        Exception: the fetch failed (the plug-in's errors, e.g. the coordinator unreachable).
     """
     base = os.path.dirname(os.path.abspath(os.fspath(job_file)))
+    digest = code_digest(code)
+    if digest is not None:
+        target = os.path.join(base, "code", digest)
+        if not os.path.isdir(target):
+            if not os.environ.get(COORDINATOR):
+                raise JobSpecError([FieldError("code", "names code stored on a coordinator, "
+                                               f"which only its workers can fetch ({COORDINATOR}"
+                                               " is not set)", code)])
+            fetch_code(digest, target, os.environ)
+        return target
     directory = os.path.normpath(os.path.join(base, code)) if code else base
     if not os.path.isdir(directory):
         raise JobSpecError([FieldError("code", "must be a directory (relative to the job "

@@ -453,3 +453,33 @@ class FetchCheckpointResponse(_message.Message):
     header: CheckpointHeader
     chunk: FileChunk
     def __init__(self, header: _Optional[_Union[CheckpointHeader, _Mapping]] = ..., chunk: _Optional[_Union[FileChunk, _Mapping]] = ...) -> None: ...
+
+class CodeArchive(_message.Message):
+    __slots__ = ("sha256", "size")
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    sha256: str
+    size: int
+    def __init__(self, sha256: _Optional[str] = ..., size: _Optional[int] = ...) -> None: ...
+
+class UploadCodeRequest(_message.Message):
+    __slots__ = ("header", "chunk")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    header: CodeArchive
+    chunk: bytes
+    def __init__(self, header: _Optional[_Union[CodeArchive, _Mapping]] = ..., chunk: _Optional[bytes] = ...) -> None: ...
+
+class FetchCodeRequest(_message.Message):
+    __slots__ = ("job_id",)
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    def __init__(self, job_id: _Optional[str] = ...) -> None: ...
+
+class FetchCodeResponse(_message.Message):
+    __slots__ = ("info", "chunk")
+    INFO_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    info: CodeArchive
+    chunk: bytes
+    def __init__(self, info: _Optional[_Union[CodeArchive, _Mapping]] = ..., chunk: _Optional[bytes] = ...) -> None: ...
