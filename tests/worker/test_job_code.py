@@ -178,3 +178,13 @@ def test_an_unusable_reference_fails_the_job_naming_the_field(project, change, m
     assert result.returncode == 2, result.stderr
     assert message in result.stderr
     assert result.stderr.count(message) == 1  # said once, by rank 0
+
+
+@pytest.mark.mpi
+def test_dptrain_run_of_the_custom_example(tmp_path):
+    # From another directory: the example's modules come from beside its job file.
+    example = Path(__file__).resolve().parents[2] / "examples" / "custom" / "job.yaml"
+    metrics = final(run(DPTRAIN, "run", str(example), "--no-progress", cwd=tmp_path))
+    assert (metrics["status"], metrics["world_size"], metrics["step"]) == ("completed", 2, 84)
+    # 4 epochs of the small CNN with the focal loss: far above chance (0.1) on held-out digits.
+    assert metrics["val_accuracy"] > 0.8 and metrics["val_samples"] == 449
