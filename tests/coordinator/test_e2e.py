@@ -556,3 +556,24 @@ def test_an_own_loop_job_reports_checkpoints_restarts_and_resumes(client, state_
     assert final.restarts == 1 and final.last_step == 12 * 28
     resumed = client.download_checkpoint(job.id, dest=tmp_path / "b.safetensors")
     assert resumed.sha256 == reference.sha256  # resumed after the checkpoint's epoch, exactly
+
+
+def test_an_own_loop_job_with_shipped_code_survives_a_coordinator_kill9(coordinator, state_dir,
+                                                                          tmp_path):
+    job_file = _own_project(tmp_path, {"name": "own-loop", "workers": 2,
+                                       "entrypoint": "train.py --epochs 20",
+                                       "checkpoint": {"keep": 2}})
+    coordinator.start()
+    with coordinator.client() as client:
+        job = client.submit_job(job_file)
+        wait_for(lambda: client.list_checkpoints(job.id), 90, what="a first checkpoint")
+    coordinator.kill()
+    coordinator.start()  # its start-up clean-up keeps the code blob the job names
+    digest = job.spec["code"].removeprefix("sha256:")
+    assert (state_dir / "blobs" / digest[:2] / digest[2:]).is_file()
+    with coordinator.client() as client:
+        watch_all(client, job.id)
+        final = client.get_job(job.id)
+        assert final.state is S.SUCCEEDED, final.error
+        assert final.last_step == 20 * 28
+        assert client.list_checkpoints(job.id)[-1].step == 20 * 28
