@@ -7,7 +7,7 @@ down unnoticed: an audit hook sees every process this one starts (not those its 
 start) and the test that started it fails.
 
 Some tests skip where an optional tool is missing (the PyTorch parity tests without the
-``test-torch`` extra, the TLS test without ``openssl`` or ``cryptography``), which is right on
+``test-torch`` extra, the several-hosts tests without root and iproute2), which is right on
 a newcomer's machine and wrong in CI: there a skip would hide that the tests never ran. CI
 sets the variable, and every skip, whether in collection, set-up or the test itself, becomes a
 failure that keeps the skip's reason.
@@ -44,10 +44,11 @@ _unmarked_mpi: dict[str, list[str]] = {}  # node id -> the MPI command lines it 
 
 
 def _starts_mpi(words: list[str]) -> bool:
-    """Whether a command line is ``mpiexec ...`` or ``python -m dptrain.worker ...`` (a
+    """Whether a command line is ``mpiexec ...`` or ``python [-m mpi4py] -m dptrain.worker ...`` (a
     stand-in ``mpiexec`` script that gets a worker's command line is neither)."""
     return (bool(words) and os.path.basename(words[0]) == "mpiexec"
-            or words[1:3] == ["-m", "dptrain.worker"])
+            or words[1:3] == ["-m", "dptrain.worker"]
+            or words[1:5] == ["-m", "mpi4py", "-m", "dptrain.worker"])
 
 
 def _note_unmarked_mpi(event: str, args: tuple) -> None:

@@ -3,36 +3,19 @@ coordinator load to talk about a job stays light (no engine, no server for a wor
 
 from __future__ import annotations
 
-import ast
 from pathlib import Path
 
 import pytest
 from fresh_imports import modules_loaded_by
+from import_scan import imported_modules
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _imported_modules(source: str, package: str) -> list[tuple[int, str]]:
-    """Every module an ``import`` statement of a module of `package` names, at any depth
-    (inside functions too), resolved to its absolute name."""
-    found = []
-    for node in ast.walk(ast.parse(source)):
-        if isinstance(node, ast.Import):
-            found += [(node.lineno, alias.name) for alias in node.names]
-        elif isinstance(node, ast.ImportFrom):
-            base = node.module or ""
-            if node.level:  # relative: from the file's package upwards
-                parts = package.split(".")
-                base = ".".join(parts[:len(parts) - node.level + 1] + ([base] if base else []))
-            found += [(node.lineno, base)] + [(node.lineno, f"{base}.{a.name}")
-                                               for a in node.names]
-    return found
 
 
 def test_the_scan_sees_imports_inside_functions_and_relative_ones():
     source = ("def f():\n    from dptrain.coordinator import client\n"
               "    from .. import coordinator\n")
-    found = _imported_modules(source, "dptrain.worker")
+    found = imported_modules(source, "dptrain.worker")
     assert (2, "dptrain.coordinator") in found
     assert (3, "dptrain.coordinator") in found
 
@@ -40,7 +23,7 @@ def test_the_scan_sees_imports_inside_functions_and_relative_ones():
 def test_worker_modules_never_import_the_coordinator():
     offenders = [f"{path.relative_to(REPO)}:{line}: {name}"
                  for path in sorted((REPO / "worker").rglob("*.py"))
-                 for line, name in _imported_modules(
+                 for line, name in imported_modules(
                      path.read_text(), ".".join(["dptrain", *path.relative_to(REPO).parent.parts]))
                  if name == "dptrain.coordinator" or name.startswith("dptrain.coordinator.")]
     assert offenders == []

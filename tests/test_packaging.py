@@ -64,3 +64,59 @@ def test_the_dptrain_command_runs_the_coordinator_cli(wheel, repo_root):
     parser = configparser.ConfigParser()
     parser.read_string(wheel.read(entry_points).decode())
     assert dict(parser["console_scripts"]) == {"dptrain": "dptrain.coordinator.cli:main"}
+
+
+#: Import name -> distribution for optional dependencies this machine may not have installed.
+NOT_INSTALLED_HERE = {"cupy": ["cupy-cuda12x"], "cupyx": ["cupy-cuda12x"]}
+
+
+def _requirements(wheel: zipfile.ZipFile) -> tuple[set[str], dict[str, set[str]]]:
+    """The wheel's Requires-Dist: names always installed, and extra -> names."""
+    [metadata] = [n for n in wheel.namelist() if n.endswith(".dist-info/METADATA")]
+    always: set[str] = set()
+    extras: dict[str, set[str]] = {}
+    for line in wheel.read(metadata).decode().splitlines():
+        if not line.startswith("Requires-Dist:"):
+            continue
+        requirement = line.split(":", 1)[1].strip()
+        name = re.match(r"[A-Za-z0-9._-]+", requirement)[0].lower().replace("_", "-")
+        extra = re.search(r"""extra\s*==\s*["']([^"']+)["']""", requirement)
+        if extra:
+            extras.setdefault(extra[1], set()).add(name)
+        else:
+            always.add(name)
+    return always, extras
+
+
+def _third_party_imports(path: Path) -> set[str]:
+    """The distributions (lower-case names) of the non-stdlib modules a file imports."""
+    import ast
+    from importlib.metadata import packages_distributions
+
+    tree = ast.parse(path.read_text(), str(path))
+    tops = {alias.name.split(".")[0] for node in ast.walk(tree)
+            if isinstance(node, ast.Import) for alias in node.names}
+    tops |= {node.module.split(".")[0] for node in ast.walk(tree)
+             if isinstance(node, ast.ImportFrom) and node.module and node.level == 0}
+    tops -= set(sys.stdlib_module_names) | {"dptrain", "__future__"}
+    mapping = {**packages_distributions(), **NOT_INSTALLED_HERE}
+    return {dist.lower().replace("_", "-") for top in tops for dist in mapping.get(top, [top])}
+
+
+def test_pip_install_alone_runs_the_demo_and_the_digits_examples(wheel, repo_root):
+    """What the demo and the digits examples import is installed with dptrain itself (not only
+    by the dev extra), and every import of the package is a requirement or an optional extra."""
+    always, extras = _requirements(wheel)
+    optional = set().union(*(names for extra, names in extras.items()
+                             if extra != "dev" and not extra.startswith("test")))
+    demo_path = [repo_root / "coordinator/demo.py", repo_root / "worker/data.py",
+                 *sorted((repo_root / "examples").glob("digits_*.py"))]
+    needed = set().union(*(_third_party_imports(path) for path in demo_path))
+    assert "scikit-learn" in needed  # the digits data: the walk does see it
+    assert needed <= always, f"not installed by `pip install dptrain`: {needed - always}"
+    for name in PACKAGE_FOLDERS:
+        for path in (repo_root / name).rglob("*.py"):
+            if "_pb2" in path.name:
+                continue
+            missing = _third_party_imports(path) - always - optional
+            assert not missing, f"{path.relative_to(repo_root)} imports {missing}: not required"

@@ -8,6 +8,7 @@ import os
 import sys
 import time
 import traceback
+from typing import TYPE_CHECKING
 
 from dptrain.worker.exit_codes import (
     EXIT_DIVERGED,
@@ -18,11 +19,16 @@ from dptrain.worker.exit_codes import (
 )
 from dptrain.worker.train import JobFailed, agree, install_preemption_handler
 
+if TYPE_CHECKING:
+    from dptrain.worker.comm import Communicator
+
 _FORWARD_S = 0.5  # how long a failing rank waits for its message to be relayed before aborting
 
 EPILOG = f"""\
 Run every rank of the job with the same arguments, e.g.
-  mpiexec -n 2 .venv/bin/python -m dptrain.worker examples/digits_mlp.yaml --checkpoint-dir ckpt
+  mpiexec -n 2 .venv/bin/python -m mpi4py -m dptrain.worker examples/digits_mlp.yaml \
+      --checkpoint-dir ckpt
+(-m mpi4py: an uncaught exception on any rank ends every rank through MPI_Abort)
 
 A job with an entrypoint runs its own training script on every rank instead (see
 dptrain.worker.init); the script's modules, like a job's own model, loss and data set, are
@@ -89,6 +95,17 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     install_preemption_handler()  # before anything slow, so SIGTERM never kills a rank mid-step
     from dptrain.worker.comm import Communicator
+
+    comm = Communicator()
+    code = _run(args, comm)
+    # Every rank agreed on `code` (a rank failing alone aborts the job instead): end MPI
+    # together, so that the exit code reaches mpiexec without MPI_Abort cutting off the others.
+    comm.finalize()
+    return code
+
+
+def _run(args: argparse.Namespace, comm: Communicator) -> int:
+    """The job on this rank; returns the exit code every rank agreed on."""
     from dptrain.worker.context import Launch, entrypoint_script, run_entrypoint
     from dptrain.worker.environment import COORDINATOR
     from dptrain.worker.events import build_reporters
@@ -96,7 +113,6 @@ def main(argv: list[str] | None = None) -> int:
     from dptrain.worker.spec import JobSpecError, load_spec
     from dptrain.worker.train import run_job
 
-    comm = Communicator()
     reporters = []
     try:
         spec = agree(comm, lambda: load_spec(args.job), (JobSpecError,))

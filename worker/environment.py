@@ -13,6 +13,9 @@ The worker token is made fresh for every launch of a job: the runner calls
 ``token_hash`` in the same transition that moves the job to RUNNING, and hands the token itself
 only to the workers.
 A relaunch therefore locks out the workers of the run before it.
+
+One more name lives here because both ``dptrain run`` and the coordinator read it, never a
+worker: `MPIEXEC`, the MPI launcher to start ranks with.
 """
 
 from __future__ import annotations
@@ -22,9 +25,16 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 __all__ = [
-    "COORDINATOR", "JOB_ID", "JOB_TOKEN", "TLS_CA", "HEARTBEAT_TIMEOUT", "WorkerEnvironment",
-    "worker_environment", "read_worker_environment", "CHECKPOINT_DIR", "RESUME",
+    "MPIEXEC", "COORDINATOR", "JOB_ID", "JOB_TOKEN", "TLS_CA", "HEARTBEAT_TIMEOUT",
+    "WorkerEnvironment", "worker_environment", "read_worker_environment", "CHECKPOINT_DIR",
+    "RESUME",
 ]
+
+MPIEXEC = "DPTRAIN_MPIEXEC"
+"""The MPI launcher ``dptrain run`` and the coordinator start ranks with, e.g. a cluster's own
+``/opt/intel/mpi/bin/mpiexec`` (with mpi4py built against that MPI); unset: the ``mpiexec`` of
+the ``mpich`` wheel beside the interpreter. Read by ``worker.mpiexec_command.default_mpiexec``;
+it must take Hydra's options (MPICH, Intel MPI, MVAPICH)."""
 
 COORDINATOR = "DPTRAIN_COORDINATOR"
 """``host:port`` of the coordinator's gRPC server, as the workers reach it."""

@@ -3,8 +3,20 @@
 ``dptrain run`` and the coordinator's ``mpiexec`` launcher
 (`dptrain.coordinator.server.launchers.mpiexec`).
 
-MPICH's Hydra ``mpiexec`` syntax: ``-n N`` ranks, ``-f HOSTFILE`` hosts, ``-bind-to core``
-to pin each rank to a core, and ``-genv NAME VALUE`` for an environment variable set on every rank.
+MPICH's Hydra ``mpiexec`` syntax (MPICH, Intel MPI, MVAPICH, the ``mpich`` wheel): ``-n N``
+ranks, ``-hosts node1:4,node2:2`` where they run (a placement from `dptrain.worker.hostfile`),
+``-launcher-exec CMD`` for the remote shell that starts Hydra's proxy on another host (default
+ssh), ``-bind-to core`` to pin each rank to a core, and ``-genv NAME VALUE`` for an environment
+variable set on every rank. Hydra hands the rest of its own environment to every rank on every
+host, ``HYDRA_*``, ``MPIR_CVAR_*`` and ``FI_*`` variables included.
+
+Ranks run ``python -m mpi4py -m dptrain.worker``: mpi4py calls ``MPI_Abort`` when a rank ends
+by an uncaught exception, which is what ends a job spanning hosts (measured: with two hosts,
+Hydra leaves the other ranks blocked when one rank raises; MPI_Abort ends them in under a
+second).
+
+The launcher is the ``mpiexec`` beside the interpreter (the ``mpich`` wheel's) unless
+``DPTRAIN_MPIEXEC`` names another, such as a cluster's own MPI (`default_mpiexec`).
 
 Two defaults matter for speed. Each rank gets one BLAS thread: with more threads than cores
 per rank, data-parallel ranks fight over the cores and throughput halves. And each rank is
@@ -18,7 +30,7 @@ Example:
     ...                                mpiexec="/v/bin/mpiexec"))  # doctest: +NORMALIZE_WHITESPACE
     ['/v/bin/mpiexec', '-n', '2', '-bind-to', 'core', '-genv', 'OMP_NUM_THREADS', '1',
      '-genv', 'OPENBLAS_NUM_THREADS', '1', '-genv', 'MKL_NUM_THREADS', '1', '/v/bin/python',
-     '-m', 'dptrain.worker', 'job.yaml']
+     '-m', 'mpi4py', '-m', 'dptrain.worker', 'job.yaml']
 """
 
 from __future__ import annotations
@@ -28,7 +40,8 @@ import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from dptrain.worker.environment import CHECKPOINT_DIR, RESUME
+from dptrain.worker.environment import CHECKPOINT_DIR, MPIEXEC, RESUME
+from dptrain.worker.hostfile import Placement, hosts_argument, is_local
 
 __all__ = ["LaunchSettings", "mpiexec_command", "default_mpiexec", "BLAS_THREAD_VARIABLES"]
 
@@ -36,16 +49,19 @@ __all__ = ["LaunchSettings", "mpiexec_command", "default_mpiexec", "BLAS_THREAD_
 BLAS_THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 
 
-def default_mpiexec(python: str) -> str:
-    """The ``mpiexec`` beside `python` (the virtual environment's, from the mpich wheel).
+def default_mpiexec(python: str, environ: Mapping[str, str] | None = None) -> str:
+    """The launcher to use: ``$DPTRAIN_MPIEXEC`` (a cluster's own MPI), else the ``mpiexec``
+    beside `python` (the virtual environment's, from the mpich wheel).
 
     Args:
         python: the interpreter path.
+        environ: the environment (default: ``os.environ``).
 
     Returns:
-        The path of ``mpiexec`` in the same directory.
+        The path (or name, looked up on ``PATH``) of ``mpiexec``.
     """
-    return os.path.join(os.path.dirname(python), "mpiexec")
+    chosen = (os.environ if environ is None else environ).get(MPIEXEC)
+    return chosen or os.path.join(os.path.dirname(python), "mpiexec")
 
 
 @dataclass(frozen=True)
@@ -59,7 +75,10 @@ class LaunchSettings:
         workers: the number of ranks, >= 1 (the spec's ``workers``; Hydra's ``-n``).
         checkpoint_dir: passed to the worker as ``--checkpoint-dir`` (None: omitted).
         resume: pass ``--resume``.
-        hostfile: a Hydra hostfile (``host:slots`` per line) for several machines.
+        hosts: ``(host, slots)`` pairs to run on (`dptrain.worker.hostfile`); None, or only
+            this machine's names, runs every rank here.
+        launcher_exec: the remote shell Hydra starts its proxies on other hosts with
+            (``-launcher-exec``; called like ssh: ``CMD -x HOST "command"``); None: ssh.
         bind_to: Hydra's ``-bind-to`` unit pinning each rank (``core``, ``hwthread``,
             ``socket`` ...); None leaves ranks unpinned (for more ranks than cores).
         blas_threads: BLAS/OpenMP threads per rank, set through `BLAS_THREAD_VARIABLES`;
@@ -68,7 +87,7 @@ class LaunchSettings:
             in sorted order after the BLAS ones.
         progress: False passes ``--no-progress``.
         python: the interpreter the ranks run (default: this one).
-        mpiexec: the launcher (default: the ``mpiexec`` beside `python`).
+        mpiexec: the launcher (default: `default_mpiexec`).
         mpiexec_args: extra arguments for ``mpiexec``, placed before the program.
         script_args: the arguments of a training script (`job` ``*.py``).
     """
@@ -77,7 +96,8 @@ class LaunchSettings:
     workers: int
     checkpoint_dir: str | None = None
     resume: bool = False
-    hostfile: str | None = None
+    hosts: Placement | None = None
+    launcher_exec: str | None = None
     bind_to: str | None = "core"
     blas_threads: int | None = 1
     env: Mapping[str, str] = field(default_factory=dict)
@@ -106,8 +126,10 @@ def mpiexec_command(settings: LaunchSettings) -> list[str]:
     if s.blas_threads is not None and s.blas_threads < 1:
         raise ValueError(f"blas_threads must be >= 1 (or None), got {s.blas_threads!r}")
     cmd = [s.mpiexec or default_mpiexec(s.python), "-n", str(s.workers)]
-    if s.hostfile:
-        cmd += ["-f", os.fspath(s.hostfile)]
+    if s.hosts and not is_local(s.hosts):
+        cmd += ["-hosts", hosts_argument(s.hosts)]
+    if s.launcher_exec:
+        cmd += ["-launcher-exec", s.launcher_exec]
     if s.bind_to:
         cmd += ["-bind-to", s.bind_to]
     if s.blas_threads is not None:
@@ -121,9 +143,11 @@ def mpiexec_command(settings: LaunchSettings) -> list[str]:
         env[RESUME] = "1"
     for name in sorted(env):
         cmd += ["-genv", name, str(env[name])]
-    if script:  # as `python train.py ARGS` on every rank
-        return [*cmd, *s.mpiexec_args, s.python, os.fspath(s.job), *s.script_args]
-    cmd += [*s.mpiexec_args, s.python, "-m", "dptrain.worker", os.fspath(s.job)]
+    if script:  # as `python train.py ARGS` on every rank (under mpi4py's runner, as the worker)
+        return [*cmd, *s.mpiexec_args, s.python, "-m", "mpi4py", os.fspath(s.job),
+                *s.script_args]
+    cmd += [*s.mpiexec_args, s.python, "-m", "mpi4py", "-m", "dptrain.worker",
+            os.fspath(s.job)]
     if s.checkpoint_dir is not None:
         cmd += ["--checkpoint-dir", os.fspath(s.checkpoint_dir)]
     if s.resume:

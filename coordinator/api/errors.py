@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Collection
 from typing import TYPE_CHECKING, Any
 
+from dptrain.worker.hostfile import HostfileError  # parsed in the worker, for `dptrain run` too
 from dptrain.worker.spec_errors import cut, echo
 
 if TYPE_CHECKING:
@@ -187,20 +188,6 @@ class BlobTooLarge(BlobError, ValueError):
     def __init__(self, limit: int):
         self.limit = limit
         super().__init__(f"size: a blob may hold at most {limit} bytes; nothing was stored")
-
-
-class HostfileError(CoordinatorError, ValueError):
-    """A hostfile line that cannot be parsed; the message starts with ``file:line:``.
-
-    Args:
-        source: the file's name.
-        line: the 1-based line number (0: the file as a whole).
-        message: what is wrong.
-    """
-
-    def __init__(self, source: str, line: int, message: str):
-        self.source, self.line = source, line
-        super().__init__(f"{source}:{line}: {message}" if line else f"{source}: {message}")
 
 
 #: Error class -> the name of the ``grpc.StatusCode`` a servicer aborts with. Look it up with

@@ -211,6 +211,31 @@ def _connection_options(parser: argparse.ArgumentParser, suppress: bool) -> None
                             f"~/.local/state/dptrain)")
 
 
+def add_kubernetes_options(parser: argparse.ArgumentParser) -> None:
+    """The kubernetes launcher's options, shared by ``dptrain serve --launcher kubernetes`` and
+    ``dptrain render-job`` (``server.launchers.kubernetes_manifest.settings_from_options``
+    reads them)."""
+    group = parser.add_argument_group("kubernetes launcher (one MPIJob per job attempt; see "
+                                      "docs/deploy.md)")
+    group.add_argument("--image", metavar="IMAGE",
+                       help="the workers' container image (built from deploy/Dockerfile)")
+    group.add_argument("--namespace", default="default", metavar="NS",
+                       help="the namespace of the MPIJobs (default 'default')")
+    group.add_argument("--state-claim", default="dptrain-state", metavar="PVC",
+                       help="the ReadWriteMany PersistentVolumeClaim holding the coordinator's "
+                            "state directory; pods mount their job's directory from it "
+                            "(default dptrain-state)")
+    group.add_argument("--slots-per-worker", type=int, default=1, metavar="N",
+                       help="ranks per worker pod (default 1)")
+    group.add_argument("--tls-secret", metavar="NAME",
+                       help="the Secret holding the CA certificate (key ca.crt) the workers "
+                            "verify the coordinator with; needed when it serves TLS")
+    group.add_argument("--cpu-per-rank", metavar="CPU",
+                       help="CPU request and limit per rank, e.g. 1 or 500m (default: none)")
+    group.add_argument("--memory-per-rank", metavar="MEM",
+                       help="memory request and limit per rank, e.g. 2Gi (default: none)")
+
+
 def add_global_options(parser: argparse.ArgumentParser) -> None:
     """Add the connection options to the top-level ``dptrain`` parser."""
     _connection_options(parser, suppress=False)
@@ -250,8 +275,12 @@ def add_commands(commands: Any, serve: Callable[[argparse.Namespace], int],
                        help="worker ranks that may run at once on this machine (default: "
                             "one per core)")
     serve_parser.add_argument("--hostfile", metavar="FILE",
-                       help="hosts and their slots, 'host:slots' per line (MPICH) or "
-                            "'host slots=N' (Open MPI)")
+                       help="hosts and their slots: one 'host', 'host:N' or 'host slots=N' "
+                            "per line (# comments); see docs/deploy.md")
+    serve_parser.add_argument("--launcher-exec", metavar="CMD", default=None,
+                       help="the remote shell that starts ranks on the hostfile's other hosts "
+                            "(mpiexec's -launcher-exec, called like ssh: CMD -x HOST "
+                            "'command'; default ssh); the preflight uses it too")
     serve_parser.add_argument("--tls-cert", metavar="PEM", help="serve TLS with this certificate")
     serve_parser.add_argument("--tls-key", metavar="PEM", help="the certificate's private key")
     serve_parser.add_argument("--insecure", action="store_true",
@@ -269,6 +298,12 @@ def add_commands(commands: Any, serve: Callable[[argparse.Namespace], int],
     serve_parser.add_argument("--advertise-address", metavar="HOST:PORT",
                        help="the address workers reach the coordinator at (default: from "
                             "--host)")
+    serve_parser.add_argument("--launcher", choices=["mpiexec", "kubernetes"],
+                              default="mpiexec",
+                              help="what starts each job's ranks: mpiexec on this machine or "
+                                   "the hostfile's hosts (default), or one Kubeflow MPIJob per "
+                                   "attempt in a Kubernetes cluster")
+    add_kubernetes_options(serve_parser)
 
     submit = add("submit", _cmd_submit, "submit a job file to the coordinator",
                  "examples:\n  dptrain submit examples/digits_mlp.yaml --follow\n"

@@ -11,11 +11,57 @@ import threading
 from pathlib import Path
 
 from dptrain.coordinator.api.credentials import read_token_file
+from dptrain.coordinator.server.launchers.base import Launcher
+from dptrain.coordinator.server.launchers.kubernetes_manifest import settings_from_options
+from dptrain.coordinator.server.launchers.mpiexec import MpiexecLauncher
 from dptrain.coordinator.server.runner_settings import RunnerSettings
 from dptrain.coordinator.server.scheduler import Cluster
-from dptrain.coordinator.server.server import ServerSettings, serve
+from dptrain.coordinator.server.server import ServerSettings, is_loopback, serve
+from dptrain.worker.hostfile import LOCAL_HOSTS
 
-__all__ = ["run_server"]
+__all__ = ["run_server", "unreachable_note", "launcher_from_args"]
+
+
+def unreachable_note(cluster: Cluster, host: str, advertise_address: str | None) -> str | None:
+    """The warning for a coordinator that schedules on other hosts while its workers could
+    reach it only on this machine (a loopback address and nothing advertised), else None.
+
+    Args:
+        cluster: the hosts it schedules on.
+        host: the address it listens on (``--host``).
+        advertise_address: the address workers are told (``--advertise-address``).
+    """
+    remote = [h.name for h in cluster.hosts if h.name not in LOCAL_HOSTS]
+    if not remote or not is_loopback(host) or advertise_address:
+        return None
+    return (f"the hostfile names other hosts ({', '.join(remote)}) but the coordinator "
+            f"listens on {host}, which their ranks cannot reach: give --host (with "
+            f"--tls-cert/--tls-key, see dptrain tls init) or the workers report nothing")
+
+
+def launcher_from_args(args: argparse.Namespace) -> Launcher:
+    """The launcher ``--launcher`` names, from its options.
+
+    Raises:
+        ValueError: the options do not fit the launcher (the message names the option).
+        LaunchError: the launcher cannot work here (e.g. a missing package).
+    """
+    if args.launcher == "kubernetes":
+        if args.hostfile:
+            raise ValueError("--hostfile: the kubernetes launcher places ranks in worker pods; "
+                             "give --slots, the ranks that may run at once in the cluster")
+        if args.slots is None:
+            raise ValueError("--slots: with --launcher kubernetes, give how many ranks may run "
+                             "at once in the cluster (the coordinator's own cores say nothing "
+                             "of it)")
+        if args.tls_cert and not args.tls_secret:
+            raise ValueError("--tls-secret: the coordinator serves TLS, so the worker pods "
+                             "need its CA certificate: name the Secret that holds it (key "
+                             "ca.crt)")
+        from dptrain.coordinator.server.launchers.kubernetes import KubernetesLauncher
+
+        return KubernetesLauncher(settings_from_options(args))
+    return MpiexecLauncher(launcher_exec=args.launcher_exec)
 
 
 def run_server(args: argparse.Namespace) -> int:
@@ -30,18 +76,22 @@ def run_server(args: argparse.Namespace) -> int:
     """
     if args.slots is not None and args.hostfile:
         raise ValueError("give --slots or --hostfile, not both")
+    launcher = launcher_from_args(args)
     cluster = (Cluster.from_hostfile(args.hostfile) if args.hostfile
                else Cluster.local(args.slots))
     state_dir = Path(args.state_dir)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if (note := unreachable_note(cluster, args.host, args.advertise_address)) is not None:
+        print(f"dptrain coordinator: warning: {note}", file=sys.stderr, flush=True)
     server = serve(ServerSettings(
         state_dir, args.host, args.port,
         token=read_token_file(args.token_file) if args.token_file else None,
         tls_cert=args.tls_cert, tls_key=args.tls_key, tls_ca=args.tls_ca, insecure=args.insecure,
         data_roots=args.data_root, metrics_port=args.metrics_port, cluster=cluster,
         default_max_restarts=args.max_restarts, advertise_address=args.advertise_address,
-        runner=RunnerSettings(state_dir, heartbeat_timeout=args.heartbeat_timeout or None)))
+        runner=RunnerSettings(state_dir, launcher=launcher,
+                              heartbeat_timeout=args.heartbeat_timeout or None)))
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda signum, frame: stop.set())

@@ -9,8 +9,8 @@ Files of a job, under ``STATE/jobs/ID/``:
 ``worker.log``      every attempt's output, appended, each attempt after a ``====`` header
 ``run.json``        the current attempt: its number and marker, and what its launcher needs to
                     find it again after a coordinator restart (for ``mpiexec``: its pid, start
-                    time and the machine's boot id)
-``hostfile``        the placement as an MPICH hostfile (``mpiexec`` beyond this machine only)
+                    time and the machine's boot id; for kubernetes: the MPIJob's name and
+                    namespace)
 ==================  ===========================================================================
 
 ``STATE/runner.lock`` keeps two coordinators off one state directory.
@@ -61,11 +61,6 @@ class JobPaths:
     def run(self) -> Path:
         """The current attempt's record."""
         return self.root / "run.json"
-
-    @property
-    def hostfile(self) -> Path:
-        """The placement's hostfile."""
-        return self.root / "hostfile"
 
 
 def write_run_record(path: Path, record: Mapping[str, Any]) -> None:

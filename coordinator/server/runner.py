@@ -305,6 +305,8 @@ class JobRunner:
         # Before the lock (it may take a while): what an earlier attempt wrote, for the
         # workers to resume from. Nothing is there for a job's first attempt.
         self._ingest(launch.job_id)
+        if not self._preflight(launch):
+            return
         with self._lock:
             try:
                 job = self.store.get_job(launch.job_id)
@@ -356,10 +358,26 @@ class JobRunner:
                      handle.description)
             run.thread.start()
 
+    def _preflight(self, launch: Launch) -> bool:
+        """The launcher's check of the placement's hosts (outside the lock: it reaches other
+        hosts). A failure fails the job at once, its restarts untouched: another attempt on
+        the same hosts would fail the same way. Returns whether to launch."""
+        paths = self.settings.job_paths(launch.job_id)
+        make_private_dir(paths.checkpoints)  # the job's directory, which the hosts must see
+        try:
+            self.launcher.preflight(launch.placement, paths)
+        except LaunchError as e:
+            self._event(launch.job_id, f"[dptrain] {e}")
+            self._fail_pending(launch.job_id, str(e))
+            log.info("job %s: FAILED: %s", launch.job_id, e)
+            return False
+        return True
+
     def _fail_pending(self, job_id: str, error: str) -> None:
         try:
             job = self.store.get_job(job_id)
-            self.store.transition(job_id, job.state, _S.FAILED, error=error)
+            if job.state in PENDING_STATES:  # not cancelled meanwhile
+                self.store.transition(job_id, job.state, _S.FAILED, error=error)
         except (StateConflict, JobNotFound):
             pass
 

@@ -1,8 +1,8 @@
 """Which queued jobs start now, and where: a pure policy over slots (no grpc, no processes).
 
 The cluster is a set of hosts with a number of *slots* each (one slot runs one worker rank; by
-default one host, ``localhost``, with a slot per core; `Cluster.from_hostfile` reads an
-MPICH-style hostfile). `schedule` is called whenever something changes (a job submitted,
+default one host, ``localhost``, with a slot per core; `Cluster.from_hostfile` reads a
+hostfile). `schedule` is called whenever something changes (a job submitted,
 finished or failed, a time limit passed) with the pending jobs, the running jobs and the time,
 and returns the jobs to launch now with their placements. It keeps no state between calls.
 
@@ -31,23 +31,17 @@ time, so they come before later submissions of the same priority.
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from dptrain.coordinator.api.errors import HostfileError, ValidationError
+from dptrain.coordinator.api.errors import ValidationError
 from dptrain.coordinator.api.records import Job
+from dptrain.worker.hostfile import Placement, read_hostfile
 
 __all__ = [
     "Host", "Cluster", "PendingJob", "RunningJob", "Launch", "Reservation", "Decision",
     "schedule", "validate_request", "queue_order",
 ]
-
-_HOST_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-_COLON_LINE = re.compile(r"^(?P<host>[^\s:]+)(?::(?P<slots>[^\s:]*))?$")
-_SLOTS_LINE = re.compile(r"^(?P<host>[^\s:]+)\s+slots\s*=\s*(?P<slots>\S*)$")
-
-Placement = tuple[tuple[str, int], ...]
 
 
 @dataclass(frozen=True)
@@ -60,7 +54,7 @@ class Host:
 
 @dataclass(frozen=True)
 class Cluster:
-    """The hosts jobs may run on. Build it with `local`, `from_hostfile` or `parse_hostfile`.
+    """The hosts jobs may run on. Build it with `local` or `from_hostfile`.
 
     Args:
         hosts: at least one host; names unique, slots >= 1.
@@ -99,70 +93,13 @@ class Cluster:
 
     @classmethod
     def from_hostfile(cls, path: str | os.PathLike) -> Cluster:
-        """Read a hostfile (see `parse_hostfile`).
+        """The hosts of a hostfile (`dptrain.worker.hostfile`, the parser ``dptrain run``
+        uses too), in file order.
 
         Raises:
             HostfileError: unreadable, or a bad line (the message gives ``path:line:``).
         """
-        try:
-            with open(path, encoding="utf-8") as f:
-                text = f.read()
-        except (OSError, UnicodeDecodeError) as e:
-            raise HostfileError(os.fspath(path), 0, f"cannot read the hostfile: {e}") from None
-        return cls.parse_hostfile(text, os.fspath(path))
-
-    @classmethod
-    def parse_hostfile(cls, text: str, source: str = "<hostfile>") -> Cluster:
-        """Parse an MPICH-style hostfile.
-
-        One host per line: ``host`` (1 slot), ``host:N`` (MPICH) or ``host slots=N`` (Open MPI);
-        ``#`` starts a comment; blank lines are skipped. Example::
-
-            # two nodes
-            node1:8
-            node2 slots=4
-
-        Args:
-            text: the file's content.
-            source: the name used in error messages.
-
-        Returns:
-            The cluster, hosts in file order.
-
-        Raises:
-            HostfileError: ``source:line: what is wrong, got 'value'``; a repeated host, or a
-                file without hosts, is an error too.
-        """
-        hosts: list[Host] = []
-        first_line: dict[str, int] = {}
-        for number, raw in enumerate(text.splitlines(), start=1):
-            line = raw.split("#", 1)[0].strip()
-            if not line:
-                continue
-            match = _COLON_LINE.match(line) or _SLOTS_LINE.match(line)
-            if match is None:
-                raise HostfileError(source, number, "expected 'host', 'host:slots' or "
-                                    f"'host slots=N', got {line!r}")
-            name, slots_text = match["host"], match["slots"]
-            if not _HOST_RE.match(name):
-                raise HostfileError(source, number, "host: must be letters, digits, '.', '_' "
-                                    f"or '-', starting with a letter or digit, got {name!r}")
-            slots = 1 if slots_text is None else _positive_int(slots_text)
-            if slots is None:
-                raise HostfileError(source, number,
-                                    f"slots: must be an integer >= 1, got {slots_text!r}")
-            if name in first_line:
-                raise HostfileError(source, number, f"host {name!r} is listed again (first on "
-                                    f"line {first_line[name]}); give it one line with its slots")
-            first_line[name] = number
-            hosts.append(Host(name, slots))
-        if not hosts:
-            raise HostfileError(source, 0, "lists no hosts")
-        return cls(tuple(hosts))
-
-
-def _positive_int(text: str) -> int | None:
-    return int(text) if text.isdigit() and int(text) >= 1 else None
+        return cls(tuple(Host(name, slots) for name, slots in read_hostfile(path)))
 
 
 def validate_request(workers: int, cluster: Cluster) -> None:

@@ -4,11 +4,11 @@ op modules sit below the functional layer."""
 
 from __future__ import annotations
 
-import ast
 from pathlib import Path
 
 import numpy as np
 import pytest
+from import_scan import imported_modules
 
 import dptrain.engine.functional as F
 from dptrain import engine
@@ -125,20 +125,11 @@ def test_a_bad_declaration_is_refused(args, kwargs, message):
         Exports()(*args, **kwargs)
 
 
-def _imported_modules(path: Path) -> set[str]:
-    names = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.Import):
-            names.update(a.name for a in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.module:  # `from engine import nn` too
-            names.update([node.module, *(f"{node.module}.{a.name}" for a in node.names)])
-    return names
-
-
 @pytest.mark.parametrize("path", sorted(OPS_DIR.glob("*.py")), ids=lambda p: p.name)
 def test_op_modules_import_nothing_above_them(path):
     # engine.functional, nn, optim and models are built on the ops; an op importing them (even
     # inside a function) is an import cycle.
     above = tuple(f"dptrain.engine.{m}" for m in ("functional", "nn", "optim", "models"))
-    wrong = sorted(m for m in _imported_modules(path) if m.startswith(above))
+    wrong = sorted(name for _, name in imported_modules(path.read_text())
+                   if name.startswith(above))
     assert not wrong, f"{path.name} imports {wrong}"

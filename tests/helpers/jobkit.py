@@ -43,6 +43,33 @@ SLOW_SPEC: dict[str, Any] = {
 }
 
 
+#: A user's model (``faulty:build``, for a job on synthetic data with 32 features and 5
+#: classes) that raises, or produces NaN, on one rank from a given training step on.
+FAULTY_MODEL = '''
+from dptrain.engine import nn
+from dptrain.worker.comm import Communicator
+
+
+class Faulty(nn.Module):
+    def __init__(self, mode, rank, step):
+        super().__init__()
+        self.linear = nn.Linear(32, 5)
+        self.mode, self.rank, self.step, self.calls = mode, rank, step, 0
+
+    def forward(self, x):
+        self.calls += self.training
+        if Communicator().rank == self.rank and self.calls >= self.step:
+            if self.mode == "raise":
+                raise RuntimeError(f"injected failure at step {self.calls}")
+            return self.linear(x) * float("nan")
+        return self.linear(x)
+
+
+def build(mode="raise", rank=1, step=3):
+    return Faulty(mode, rank, step)
+'''
+
+
 def held_out_metrics(model_file: str | Path, job_spec: dict[str, Any]) -> tuple[float, float]:
     """The accuracy and mean cross-entropy of a digits MLP checkpoint on its job's validation
     split, computed here in float64 numpy: an independent check of what the worker reports.

@@ -46,6 +46,26 @@ def test_nonblocking_allreduce(collectives):
         assert r["requests_done"] == [True, True]
 
 
+def test_a_late_partner_still_gets_the_sum(collectives):
+    n = collectives["size"]
+    s = n * (n + 1) / 2
+    for r in collectives["ranks"]:
+        assert r["late_partner_sum"] == [s, s]
+
+
+def test_ibarrier_waits_for_the_late_rank(collectives):
+    assert all(r["ibarrier_after_late_rank"] == [True, True] for r in collectives["ranks"])
+
+
+def test_nonblocking_reduce_and_broadcast(collectives):
+    n = collectives["size"]
+    s = n * (n + 1) / 2
+    ranks = collectives["ranks"]
+    assert ranks[n - 1]["ireduce_root"] == [s] * 4
+    assert all(r["ireduce_others_unchanged"] for r in ranks)
+    assert all(r["ibroadcast"] == [s] * 4 for r in ranks)  # the root's sum, everywhere
+
+
 def test_broadcast_and_objects(collectives):
     n = collectives["size"]
     for r in collectives["ranks"]:

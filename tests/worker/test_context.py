@@ -67,7 +67,7 @@ def test_a_script_runs_as_python_script_args_with_its_checkpoints_in_the_environ
                                          python="/v/bin/python", blas_threads=None,
                                          bind_to=None, script_args=("--lr", "0.1")))
     assert " ".join(cmd) == ("/v/bin/mpiexec -n 2 -genv DPTRAIN_CHECKPOINT_DIR ck "
-                             "-genv DPTRAIN_RESUME 1 /v/bin/python train.py --lr 0.1")
+                             "-genv DPTRAIN_RESUME 1 /v/bin/python -m mpi4py train.py --lr 0.1")
 
 
 # ---------------------------------------------------------------- runs

@@ -304,11 +304,25 @@ def test_frozen_parameters_get_no_bucket():
     assert module[0].weight.grad is None
 
 
+def test_the_first_bucket_has_its_own_smaller_cap():
+    # Reverse order: 2.bias 8 B, 2.weight 32 B, 0.bias 16 B, 0.weight 48 B (float32).
+    mib = 1024 * 1024
+    ddp = DistributedDataParallel(_mlp(), comm=StandInComm(2), bucket_cap_mb=1000 / mib,
+                                  first_bucket_cap_mb=40 / mib)
+    assert ddp.bucket_assignment == [["2.bias", "2.weight"], ["0.bias", "0.weight"]]
+    # By default the first bucket is bucket_cap_mb too.
+    assert DistributedDataParallel(_mlp(), comm=StandInComm(2),
+                                   bucket_cap_mb=40 / mib).bucket_assignment == [
+        ["2.bias", "2.weight"], ["0.bias"], ["0.weight"]]
+
+
 def test_bad_arguments():
     with pytest.raises(TypeError, match="engine.nn.Module"):
         DistributedDataParallel(lambda x: x, comm=StandInComm())
     with pytest.raises(ValueError, match="bucket_cap_mb"):
         DistributedDataParallel(_mlp(), comm=StandInComm(), bucket_cap_mb=0)
+    with pytest.raises(ValueError, match="first_bucket_cap_mb must be positive, got -1"):
+        DistributedDataParallel(_mlp(), comm=StandInComm(), first_bucket_cap_mb=-1)
 
 
 def test_casting_the_module_after_wrapping_is_an_error():

@@ -17,9 +17,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from jobkit import FAULTY_MODEL
 
 from dptrain.worker.data import train_validation_split
-from dptrain.worker.mpiexec_command import LaunchSettings, mpiexec_command
+from dptrain.worker.mpiexec_command import LaunchSettings, default_mpiexec, mpiexec_command
 
 REPO = Path(__file__).resolve().parents[2]
 WORKER = "import sys\nfrom dptrain.worker.__main__ import main\nsys.exit(main())\n"
@@ -36,30 +37,6 @@ JOB = {
     "seed": 3,
     "checkpoint": {"every_steps": 10, "keep": 2},
 }
-# A user's model (``package.module:function``) that fails or produces NaN on one rank.
-FAULTY_MODEL = '''
-from dptrain.engine import nn
-from dptrain.worker.comm import Communicator
-
-
-class Faulty(nn.Module):
-    def __init__(self, mode, rank, step):
-        super().__init__()
-        self.linear = nn.Linear(32, 5)
-        self.mode, self.rank, self.step, self.calls = mode, rank, step, 0
-
-    def forward(self, x):
-        self.calls += self.training
-        if Communicator().rank == self.rank and self.calls >= self.step:
-            if self.mode == "raise":
-                raise RuntimeError(f"injected failure at step {self.calls}")
-            return self.linear(x) * float("nan")
-        return self.linear(x)
-
-
-def build(mode="raise", rank=1, step=3):
-    return Faulty(mode, rank, step)
-'''
 
 
 # A user's model that appends, on every training forward, the sample ids it was fed (the
@@ -342,26 +319,55 @@ def test_launch_command_defaults():
     cmd = mpiexec_command(LaunchSettings("job.yaml", 2, python="/venv/bin/python"))
     assert " ".join(cmd) == (
         "/venv/bin/mpiexec -n 2 -bind-to core -genv OMP_NUM_THREADS 1 -genv OPENBLAS_NUM_THREADS 1 "
-        "-genv MKL_NUM_THREADS 1 /venv/bin/python -m dptrain.worker job.yaml")
+        "-genv MKL_NUM_THREADS 1 /venv/bin/python -m mpi4py -m dptrain.worker job.yaml")
 
 
 def test_launch_command_with_everything():
     settings = LaunchSettings(
-        "/jobs/j.yaml", 4, checkpoint_dir="/ck/j", resume=True, hostfile="/etc/hosts.mpi",
+        "/jobs/j.yaml", 4, checkpoint_dir="/ck/j", resume=True, hosts=(("n1", 2), ("n2", 2)),
+        launcher_exec="/bin/rsh-ish",
         bind_to="socket", blas_threads=2, env={"DPTRAIN_COORDINATOR": "127.0.0.1:7000", "A": "1"},
         progress=False, python="/py", mpiexec="/usr/bin/mpiexec", mpiexec_args=("-bind-to",
                                                                                 "core"))
     assert " ".join(mpiexec_command(settings)) == (
-        "/usr/bin/mpiexec -n 4 -f /etc/hosts.mpi -bind-to socket -genv OMP_NUM_THREADS 2 "
+        "/usr/bin/mpiexec -n 4 -hosts n1:2,n2:2 -launcher-exec /bin/rsh-ish -bind-to socket "
+        "-genv OMP_NUM_THREADS 2 "
         "-genv OPENBLAS_NUM_THREADS 2 -genv MKL_NUM_THREADS 2 -genv A 1 "
-        "-genv DPTRAIN_COORDINATOR 127.0.0.1:7000 -bind-to core /py -m dptrain.worker /jobs/j.yaml "
+        "-genv DPTRAIN_COORDINATOR 127.0.0.1:7000 -bind-to core /py -m mpi4py -m dptrain.worker "
+        "/jobs/j.yaml "
         "--checkpoint-dir /ck/j --resume --no-progress")
+
+
+def test_dptrain_mpiexec_names_the_launcher():
+    assert default_mpiexec("/v/bin/python", {}) == "/v/bin/mpiexec"
+    assert default_mpiexec("/v/bin/python", {"DPTRAIN_MPIEXEC": ""}) == "/v/bin/mpiexec"
+    site = {"DPTRAIN_MPIEXEC": "/opt/intel/mpi/bin/mpiexec"}
+    assert default_mpiexec("/v/bin/python", site) == "/opt/intel/mpi/bin/mpiexec"
+
+
+@pytest.mark.mpi
+def test_dptrain_run_starts_the_ranks_with_the_mpiexec_dptrain_mpiexec_names(tmp_path):
+    # A cluster's own MPI stands here as the mpich wheel's Hydra under its other name, behind
+    # a script that leaves a mark when it is the one run.
+    hydra = Path(sys.executable).parent / "mpiexec.hydra"
+    site = tmp_path / "site-mpiexec"
+    site.write_text(f'#!/bin/sh\nprintf "%s\\n" "$*" > {tmp_path}/used\nexec {hydra} "$@"\n')
+    site.chmod(0o755)
+    job = write_job(tmp_path, max_steps=3)
+    env = {**os.environ, "DPTRAIN_MPIEXEC": str(site)}
+    dptrain = Path(sys.executable).parent / "dptrain"
+    result = subprocess.run([str(dptrain), "run", str(job), "-n", "2", "--no-progress"],
+                            cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert final_metrics(result.stdout)["world_size"] == 2
+    assert (tmp_path / "used").read_text().startswith("-n 2 ")
 
 
 def test_launch_command_can_leave_blas_threads_alone_and_checks_counts():
     cmd = mpiexec_command(LaunchSettings("j.yaml", 1, blas_threads=None, bind_to=None,
                                          python="/p/python"))
-    assert cmd == ["/p/mpiexec", "-n", "1", "/p/python", "-m", "dptrain.worker", "j.yaml"]
+    assert cmd == ["/p/mpiexec", "-n", "1", "/p/python", "-m", "mpi4py", "-m", "dptrain.worker",
+                   "j.yaml"]
     with pytest.raises(ValueError, match="workers must be an integer >= 1, got 0"):
         mpiexec_command(LaunchSettings("j.yaml", 0))
     with pytest.raises(ValueError, match="blas_threads must be >= 1"):

@@ -5,8 +5,10 @@ from the latest checkpoint, recovery after a coordinator restart) speaks only to
 interfaces. A launcher gets one attempt as a `WorkerLaunch` — the placement (hosts x slots),
 the job's files, the environment of every rank, whether to resume — and returns a `RunHandle`
 that the runner polls for the exit code and asks to terminate (the workers checkpoint and
-exit) or to kill. After a coordinator restart, `Launcher.recover` finds what a previous
-coordinator left running of an attempt, from the attempt's record (``run.json``).
+exit) or to kill. Before that, `Launcher.preflight` may check that the placement's hosts can
+run the job at all: its failure fails the job at once, without counting a restart, since
+trying again would fail the same way. After a coordinator restart, `Launcher.recover` finds
+what a previous coordinator left running of an attempt, from the attempt's record (``run.json``).
 
 A launcher appends the attempt's output to the file it is given (the runner streams the job's
 log from there) and keeps whatever identifies the attempt for `recover` in the run record,
@@ -25,6 +27,7 @@ from typing import IO, Any
 from dptrain.coordinator.server.job_files import JobPaths
 from dptrain.coordinator.server.scheduler import Placement
 from dptrain.worker import environment as worker_env
+from dptrain.worker.hostfile import hosts_argument
 
 __all__ = ["Placement", "WorkerLaunch", "RunHandle", "Launcher", "LaunchError",
            "placement_text", "attempt_environment", "new_run_id", "RUN_ID_ENV"]
@@ -38,8 +41,8 @@ class LaunchError(OSError):
 
 
 def placement_text(placement: Placement) -> str:
-    """A placement for people: ``node1:4,node2:2``."""
-    return ",".join(f"{host}:{n}" for host, n in placement)
+    """A placement for people: ``node1:4,node2:2`` (Hydra's ``-hosts`` form)."""
+    return hosts_argument(placement)
 
 
 def new_run_id(job_id: str, attempt: int) -> str:
@@ -162,6 +165,15 @@ class Launcher(abc.ABC):
         Raises:
             LaunchError: the workers cannot be started.
         """
+
+    def preflight(self, placement: Placement, paths: JobPaths) -> None:
+        """Check, before an attempt starts, that the placement's hosts can run it (reachable,
+        the software and the job's files there); called outside the runner's lock.
+
+        Raises:
+            LaunchError: one line naming the host and the cause.
+        """
+        return None  # a launcher whose hosts need no checking
 
     @abc.abstractmethod
     def recover(self, paths: JobPaths) -> RunHandle | None:

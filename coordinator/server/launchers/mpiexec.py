@@ -1,5 +1,5 @@
 """`MpiexecLauncher`: a job's ranks as one local ``mpiexec`` (MPICH's Hydra), on this machine or
-on a hostfile's hosts.
+on a hostfile's hosts (``-hosts node1:4,node2:2``, started over ssh or ``launcher_exec``).
 
 The command line is a pure function of the launcher's settings and the attempt
 (`MpiexecLauncher.command`), tested by comparing strings (Horovod's pattern); it is built by
@@ -38,38 +38,30 @@ from dptrain.coordinator.server.launchers.base import (
     RunHandle,
     WorkerLaunch,
 )
-from dptrain.coordinator.server.private_files import PRIVATE_UMASK, write_private
+from dptrain.coordinator.server.launchers.preflight import preflight_commands, run_preflight
+from dptrain.coordinator.server.private_files import PRIVATE_UMASK
 from dptrain.worker.mpiexec_command import LaunchSettings, mpiexec_command
 
 __all__ = [
-    "MpiexecLauncher", "needs_hostfile", "hostfile_text", "boot_id", "process_start_ticks",
-    "marked_processes", "signal_marked", "signal_recorded", "run_alive", "kill_group",
+    "MpiexecLauncher", "boot_id", "process_start_ticks", "marked_processes", "signal_marked",
+    "signal_recorded", "run_alive", "kill_group",
 ]
 
-_LOCAL_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
 _STRAGGLER_GRACE_S = 2.0  # after mpiexec exits, for its proxy and ranks to finish writing
-
-
-def needs_hostfile(placement: Placement) -> bool:
-    """False for a placement on this machine alone (``localhost``): ``mpiexec`` then starts
-    every rank here without one."""
-    return not all(host in _LOCAL_HOSTS for host, _ in placement)
-
-
-def hostfile_text(placement: Placement) -> str:
-    """The placement as an MPICH hostfile (``mpiexec -f``), one ``host:slots`` per line."""
-    return "".join(f"{host}:{n}\n" for host, n in placement)
 
 
 @dataclass(frozen=True)
 class MpiexecLauncher(Launcher):
-    """Starts each attempt as one ``mpiexec`` running ``python -m dptrain.worker`` on every
-    rank, checkpointing to the job's directory, without a progress bar.
+    """Starts each attempt as one ``mpiexec`` running ``python -m mpi4py -m dptrain.worker`` on
+    every rank, checkpointing to the job's directory, without a progress bar; beyond this
+    machine, after a preflight of the placement's hosts (`preflight`).
 
     Attributes:
         python: the interpreter the ranks run (default: the coordinator's).
         mpiexec: the ``mpiexec`` to run (default: the one beside `python`).
-        mpiexec_args: extra ``mpiexec`` arguments, e.g. ``("-launcher", "ssh")``.
+        mpiexec_args: extra ``mpiexec`` arguments, e.g. ``("-iface", "ib0")``.
+        launcher_exec: the remote shell that reaches the other hosts (Hydra's
+            ``-launcher-exec``; None: ssh). The preflight uses it too.
         blas_threads: BLAS threads per rank (None: leave the environment's setting).
         bind_to: Hydra's ``-bind-to`` for the ranks; None (the default) leaves them unpinned,
             because Hydra pins each job to the first cores of a host without knowing of the
@@ -79,12 +71,12 @@ class MpiexecLauncher(Launcher):
     python: str = sys.executable
     mpiexec: str | None = None
     mpiexec_args: tuple[str, ...] = ()
+    launcher_exec: str | None = None
     blas_threads: int | None = 1
     bind_to: str | None = None
 
     def command(self, launch: WorkerLaunch) -> list[str]:
-        """The command line of one attempt (with ``-f paths.hostfile`` beyond this machine,
-        see `needs_hostfile`).
+        """The command line of one attempt (``-hosts`` beyond this machine).
 
         Args:
             launch: the attempt.
@@ -96,7 +88,7 @@ class MpiexecLauncher(Launcher):
         return mpiexec_command(LaunchSettings(
             job=str(paths.spec), workers=launch.workers, checkpoint_dir=str(paths.checkpoints),
             resume=launch.resume,
-            hostfile=str(paths.hostfile) if needs_hostfile(launch.placement) else None,
+            hosts=launch.placement, launcher_exec=self.launcher_exec,
             blas_threads=self.blas_threads, bind_to=self.bind_to, progress=False,
             python=self.python, mpiexec=self.mpiexec, mpiexec_args=tuple(self.mpiexec_args)))
 
@@ -107,8 +99,6 @@ class MpiexecLauncher(Launcher):
         record = {**launch.record(), "pgid": None, "pid_start_ticks": None,
                   "boot_id": boot_id(), "coordinator_pid": os.getpid(), "command": command}
         try:
-            if needs_hostfile(launch.placement):
-                write_private(paths.hostfile, hostfile_text(launch.placement))
             write_run_record(paths.run, record)  # before Popen: a crash now leaves a marker
         except OSError as e:
             raise LaunchError(f"{e.filename}: {e.strerror or e}") from None
@@ -122,6 +112,17 @@ class MpiexecLauncher(Launcher):
         write_run_record(paths.run, {**record, "pgid": proc.pid,
                                      "pid_start_ticks": process_start_ticks(proc.pid)})
         return _MpiexecRun(proc, launch.run_id)
+
+    def preflight(self, placement: Placement, paths: JobPaths) -> None:
+        """Reach every other host of `placement` through the remote shell Hydra would use,
+        and check the interpreter, dptrain's version and the job's directory there
+        (`dptrain.coordinator.server.launchers.preflight`).
+
+        Raises:
+            LaunchError: one line naming the first host that failed and why.
+        """
+        run_preflight(preflight_commands(placement, python=self.python, paths=[paths.root],
+                                         launcher_exec=self.launcher_exec))
 
     def recover(self, paths: JobPaths) -> RunHandle | None:
         """The recorded attempt's processes on this machine, if any still runs."""

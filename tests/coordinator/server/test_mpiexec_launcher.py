@@ -18,11 +18,7 @@ from dptrain.coordinator.server.launchers.base import (
     attempt_environment,
     placement_text,
 )
-from dptrain.coordinator.server.launchers.mpiexec import (
-    MpiexecLauncher,
-    hostfile_text,
-    needs_hostfile,
-)
+from dptrain.coordinator.server.launchers.mpiexec import MpiexecLauncher
 
 BLAS = ["-genv", "OMP_NUM_THREADS", "1", "-genv", "OPENBLAS_NUM_THREADS", "1",
         "-genv", "MKL_NUM_THREADS", "1"]
@@ -41,24 +37,26 @@ def launcher() -> MpiexecLauncher:
 
 def test_first_attempt_on_this_machine(launcher):
     cmd = launcher.command(attempt([("localhost", 2)]))
-    assert cmd == ["/venv/bin/mpiexec", "-n", "2", *BLAS, "/venv/bin/python", "-m",
-                   "dptrain.worker",
+    assert cmd == ["/venv/bin/mpiexec", "-n", "2", *BLAS, "/venv/bin/python", "-m", "mpi4py",
+                   "-m", "dptrain.worker",
                    "/state/jobs/j-0123456789ab/spec.json",
                    "--checkpoint-dir", "/state/jobs/j-0123456789ab/checkpoints",
                    "--no-progress"]
 
 
-def test_restart_across_hosts_uses_the_placement_hostfile():
+def test_restart_across_hosts_names_the_placement_in_hydras_form():
     launcher = MpiexecLauncher(python="/venv/bin/python", mpiexec="/opt/mpi/mpiexec",
-                               mpiexec_args=("-launcher", "ssh"), blas_threads=2)
+                               mpiexec_args=("-iface", "ib0"), blas_threads=2,
+                               launcher_exec="/usr/local/bin/site-rsh --quiet")
     placement = (("node1", 4), ("node2", 2))
     cmd = launcher.command(attempt(placement, resume=True))
+    assert cmd[cmd.index("-launcher-exec") + 1] == "/usr/local/bin/site-rsh --quiet"
     assert " ".join(cmd) == (
-        "/opt/mpi/mpiexec -n 6 -f /state/jobs/j-0123456789ab/hostfile "
-        "-genv OMP_NUM_THREADS 2 -genv OPENBLAS_NUM_THREADS 2 -genv MKL_NUM_THREADS 2 "
-        "-launcher ssh /venv/bin/python -m dptrain.worker /state/jobs/j-0123456789ab/spec.json "
+        "/opt/mpi/mpiexec -n 6 -hosts node1:4,node2:2 -launcher-exec /usr/local/bin/site-rsh "
+        "--quiet -genv OMP_NUM_THREADS 2 -genv OPENBLAS_NUM_THREADS 2 -genv MKL_NUM_THREADS 2 "
+        "-iface ib0 /venv/bin/python -m mpi4py -m dptrain.worker "
+        "/state/jobs/j-0123456789ab/spec.json "
         "--checkpoint-dir /state/jobs/j-0123456789ab/checkpoints --resume --no-progress")
-    assert hostfile_text(placement) == "node1:4\nnode2:2\n"
     assert placement_text(placement) == "node1:4,node2:2"  # the log's and run.json's
 
 
@@ -70,10 +68,10 @@ def test_ranks_are_not_pinned_by_default(launcher):
     assert "-bind-to core" in " ".join(pinned.command(attempt([("localhost", 1)], root="/s")))
 
 
-def test_hostfile_only_beyond_this_machine():
-    assert not needs_hostfile((("localhost", 4),))
-    assert needs_hostfile((("node1", 4),))
-    assert needs_hostfile((("localhost", 2), ("node2", 2)))
+def test_hosts_only_beyond_this_machine(launcher):
+    assert "-hosts" not in launcher.command(attempt([("localhost", 4)]))
+    cmd = launcher.command(attempt([("localhost", 2), ("node2", 2)]))
+    assert cmd[cmd.index("-hosts") + 1] == "localhost:2,node2:2"
 
 
 def test_environment_carries_the_job_token_not_the_coordinators():

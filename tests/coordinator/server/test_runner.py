@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -35,7 +36,7 @@ from dptrain.coordinator.server.job_files import JobPaths, read_run_record
 from dptrain.coordinator.server.joblog import LineRateLimit, LogTail
 from dptrain.coordinator.server.launchers.mpiexec import MpiexecLauncher
 from dptrain.coordinator.server.runner import JobRunner, RunnerSettings
-from dptrain.coordinator.server.scheduler import Cluster
+from dptrain.coordinator.server.scheduler import Cluster, Host
 from dptrain.coordinator.server.store import SqliteStore
 
 pytestmark = pytest.mark.timeout(180)
@@ -192,6 +193,27 @@ def test_invalid_job_fails_at_once_without_restarts(store, make_runner, tmp_path
     assert job.state is S.FAILED and job.restarts == 0 and job.exit_code == 2
     assert "no.npz" in job.error
     assert job.error.splitlines()[0].startswith("the worker group exited with code 2")
+
+
+def test_an_unreachable_host_fails_the_job_in_the_preflight_without_restarts(
+        store, state_dir, tmp_path):
+    if shutil.which("ssh") is None:
+        pytest.skip("needs the ssh client (Debian: apt-get install openssh-client)")
+    host = "node-that-does-not-exist.invalid"
+    runner = JobRunner(store, BlobStore(state_dir / "blobs"), Cluster((Host(host, 2),)), None,
+                       RunnerSettings(state_dir, heartbeat_timeout=None, poll_interval=0.05))
+    runner.start()
+    try:
+        job_id = submit(store, runner, TINY_SPEC, max_restarts=3)
+        job = wait_state(store, job_id, S.FAILED, S.SUCCEEDED)
+    finally:
+        runner.stop()
+    assert job.state is S.FAILED and job.restarts == 0 and job.exit_code is None
+    assert job.error.startswith(f"preflight: host {host}: unreachable through ssh (exit code "
+                                f"255): ssh: Could not resolve hostname {host}")
+    assert "\n" not in job.error
+    assert states_of(store, job_id) == ["QUEUED", "FAILED"]  # it never ran
+    assert log_lines(store, job_id) == [f"[dptrain] {job.error}"]
 
 
 @pytest.mark.mpi

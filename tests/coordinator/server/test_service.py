@@ -13,8 +13,6 @@ from __future__ import annotations
 import hashlib
 import os
 import queue
-import shutil
-import subprocess
 import threading
 import time
 import urllib.request
@@ -621,22 +619,12 @@ def test_a_taken_port_is_a_clear_error(server, tmp_path):
 
 
 def _self_signed(directory: Path) -> tuple[Path, Path]:
+    # A user's own certificate, its own CA (dptrain tls init makes a CA-signed one instead).
     cert, key = directory / "cert.pem", directory / "key.pem"
-    try:
-        from cryptography import x509  # noqa: F401 - preferred when installed
-    except ImportError:
-        if shutil.which("openssl") is None:
-            pytest.skip("neither the cryptography package nor the openssl command is "
-                        "available to make a self-signed certificate")
-        subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
-                        "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", str(key), "-out",
-                        str(cert), "-days", "1", "-subj", "/CN=localhost", "-addext",
-                        "subjectAltName=DNS:localhost,IP:127.0.0.1"],
-                       check=True, capture_output=True, timeout=60)
-        return cert, key
     import datetime
     import ipaddress
 
+    from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.x509.oid import NameOID

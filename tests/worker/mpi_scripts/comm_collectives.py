@@ -6,11 +6,15 @@ computes by hand.
 
 from __future__ import annotations
 
+import os
+import tempfile
+import time
+
 import numpy as np
 from _common import error_of, report
 
 from dptrain.worker import DistributedSampler
-from dptrain.worker.comm import Communicator
+from dptrain.worker.comm import SPIN_S, Communicator
 
 comm = Communicator()
 r, n = comm.rank, comm.size
@@ -53,6 +57,34 @@ req_small.wait()  # idempotent
 out["iallreduce_big"] = [float(big.min()), float(big.max())]
 out["iallreduce_mean"] = small.tolist()
 out["requests_done"] = [req_big.done, req_small.done]
+
+# A partner far later than Request.wait's busy-poll budget: the waiting ranks go on polling
+# between sleeps, and every rank still gets the sum. The last rank joins 0.2 s late.
+late = np.full(1 << 20, float(r + 1), dtype=np.float32)
+if r == n - 1:
+    time.sleep(200 * SPIN_S)
+comm.iallreduce_(late).wait()
+out["late_partner_sum"] = [float(late.min()), float(late.max())]
+# Ibarrier: no rank gets past it before the late rank has arrived, which writes a file first.
+marker = comm.broadcast_object(
+    os.path.join(tempfile.gettempdir(), f"ibarrier-{os.getpid()}-{time.time_ns()}") if r == 0
+    else None)
+if r == n - 1:
+    time.sleep(200 * SPIN_S)
+    open(marker, "w").close()
+barrier = comm.ibarrier()
+barrier.wait()
+out["ibarrier_after_late_rank"] = [barrier.done, os.path.exists(marker)]
+comm.barrier()
+if r == n - 1:
+    os.unlink(marker)
+# Non-blocking reduce onto a root and broadcast from it (the hierarchical hook's stages).
+part = np.full(4, float(r + 1))
+comm.ireduce_(part, root=n - 1).wait()
+out["ireduce_root"] = part.tolist() if r == n - 1 else None
+out["ireduce_others_unchanged"] = part.tolist() == [float(r + 1)] * 4 if r != n - 1 else True
+comm.ibroadcast_(part, root=n - 1).wait()
+out["ibroadcast"] = part.tolist()
 
 root = n - 1
 x = np.full(5, float(r), dtype=np.float32)

@@ -1,0 +1,180 @@
+"""Data-parallel training step: DistributedDataParallel against PyTorch DDP and the ceiling.
+
+Run it under MPI, one BLAS thread per rank:
+
+    env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 \
+        MKL_NUM_THREADS=1 .venv/bin/mpiexec -n 2 .venv/bin/python bench/ddp_vs_torch.py
+
+One SGD step of the MLP 784-1024-1024-10 on a global batch of 256 (256 / ranks samples per
+rank), every row measured in this one run, its repetitions interleaved round-robin with the
+other rows', each time the median over repetitions of the slowest rank's time:
+
+* dptrain `DistributedDataParallel`, with its defaults (all 7.5 MB of gradients in one 25 MB
+  bucket) and with PyTorch's 1 MB first bucket;
+* the ceiling: every rank runs the same step on its half batch with no communication at all
+  (two independent half-batch processes);
+* one process on the whole batch (rank 0 alone; the other ranks wait asleep): the 1-rank step
+  the speed-ups are counted from;
+* PyTorch ``DistributedDataParallel`` over gloo (loopback) and PyTorch on one process, when
+  torch is importable (a peer for comparison only, never a dependency);
+* a raw mpi4py ``Allreduce(IN_PLACE)`` of the same 7.5 MB of gradients, for scale.
+
+Rank 0 prints a markdown table of medians, ratios and speed-ups; see docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import dptrain.engine.functional as F  # noqa: E402
+from dptrain import engine  # noqa: E402
+from dptrain.engine import nn  # noqa: E402
+from dptrain.worker import DistributedDataParallel  # noqa: E402
+from dptrain.worker.comm import Communicator  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from allreduce import init_gloo, interleaved, machine  # noqa: E402
+
+try:
+    import torch
+
+    torch.set_num_threads(1)
+except ImportError:  # PyTorch is a peer for comparison only, never a dependency
+    torch = None
+
+SIZES = (784, 1024, 1024, 10)
+GLOBAL_BATCH = 256
+LR = 0.01
+
+
+def engine_mlp() -> nn.Module:
+    """The MLP, seeded, so that every rank and every contender starts from the same weights."""
+    engine.manual_seed(1)
+    layers = []
+    for fan_in, fan_out in zip(SIZES, SIZES[1:]):
+        layers += [nn.Linear(fan_in, fan_out), nn.ReLU()]
+    return nn.Sequential(*layers[:-1])
+
+
+def batch(rank: int, size: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(rank)
+    return (rng.standard_normal((size, SIZES[0])).astype(np.float32),
+            rng.integers(0, SIZES[-1], size))
+
+
+def engine_step(model, x: np.ndarray, y: np.ndarray):
+    """One step of `model` (an engine module or a DDP wrapper) on (x, y)."""
+    opt = engine.optim.SGD(model.parameters(), lr=LR)
+    xt, yt = engine.from_numpy(x), engine.from_numpy(y)
+
+    def step() -> None:
+        opt.zero_grad()
+        F.cross_entropy(model(xt), yt).backward()
+        opt.step()
+    return step
+
+
+def torch_step(model, x: np.ndarray, y: np.ndarray):
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+
+    def step() -> None:
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(xt), yt).backward()
+        opt.step()
+    return step
+
+
+def torch_mlp():
+    """The same MLP in PyTorch, loaded with the engine model's initial weights."""
+    layers = []
+    for lin in engine_mlp():
+        if isinstance(lin, nn.Linear):
+            twin = torch.nn.Linear(lin.in_features, lin.out_features)
+            with torch.no_grad():
+                twin.weight.copy_(torch.from_numpy(lin.weight.numpy()))
+                twin.bias.copy_(torch.from_numpy(lin.bias.numpy()))
+            layers += [twin, torch.nn.ReLU()]
+    return torch.nn.Sequential(*layers[:-1])
+
+
+def rank0_alone(comm: Communicator, step):
+    """`step` on rank 0 while the other ranks wait without spinning (so they leave rank 0
+    its core, as an idle machine would)."""
+    def run() -> None:
+        if comm.rank == 0:
+            step()
+        comm.ibarrier().wait()
+    return run
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeat", type=int, default=41, help="repetitions per row (median)")
+    args = parser.parse_args()
+    comm = Communicator()
+    local = GLOBAL_BATCH // comm.size
+    x, y = batch(comm.rank, local)
+    x_all, y_all = batch(comm.size, GLOBAL_BATCH)
+    # Identical wrappers timed side by side here differed by up to 8% at the machine's usual
+    # load, so a difference of that size between the two DDP rows is not a finding.
+    ddp = DistributedDataParallel(engine_mlp(), comm=comm)
+    small_first = DistributedDataParallel(engine_mlp(), comm=comm, first_bucket_cap_mb=1)
+    contenders = {
+        "ddp": engine_step(ddp, x, y),
+        "ddp_small_first": engine_step(small_first, x, y),
+        "ceiling": engine_step(engine_mlp(), x, y),
+        "single": rank0_alone(comm, engine_step(engine_mlp(), x_all, y_all)),
+    }
+    flat = np.ones(sum(p.numel() for p in ddp.parameters()), dtype=np.float32)
+    mpi_comm = comm.mpi_comm
+    from mpi4py import MPI  # the raw peer, called directly
+
+    contenders["raw"] = lambda: mpi_comm.Allreduce(MPI.IN_PLACE, flat)
+    if torch is not None:
+        init_gloo(comm)
+        contenders["torch_ddp"] = torch_step(
+            torch.nn.parallel.DistributedDataParallel(torch_mlp()), x, y)
+        contenders["torch_single"] = rank0_alone(comm, torch_step(torch_mlp(), x_all, y_all))
+    samples: dict[str, list[float]] = {}
+    interleaved(comm, contenders, samples, args.repeat)
+    if comm.rank != 0:
+        return
+    ms = {k: 1e3 * statistics.median(v) for k, v in samples.items()}
+    load = " ".join(f"{v:.2f}" for v in os.getloadavg())
+    print(f"machine: {machine(comm)}; torch {torch.__version__ if torch else 'not installed'}; "
+          f"{args.repeat} repetitions per row; load average at the end {load}\n")
+    print(f"MLP {'-'.join(map(str, SIZES))}, global batch {GLOBAL_BATCH} ({local} per rank), "
+          f"SGD, {flat.nbytes / 1e6:.1f} MB of gradients\n")
+    print("| what | median ms | vs the independent-process ceiling | speed-up over 1 process |"
+          "\n|---|---:|---:|---:|")
+    rows = [("dptrain DDP step", "ddp", "single"),
+            ("dptrain DDP step, PyTorch's 1 MB first bucket (`first_bucket_cap_mb=1`)",
+             "ddp_small_first", "single"),
+            ("independent half-batch processes (ceiling, no communication)", "ceiling",
+             "single"),
+            ("dptrain, 1 process, whole batch", "single", "single")]
+    if torch is not None:
+        rows += [("PyTorch DDP (gloo) step", "torch_ddp", "torch_single"),
+                 ("PyTorch, 1 process, whole batch", "torch_single", "torch_single")]
+    for name, key, one in rows:
+        print(f"| {name} | {ms[key]:.2f} | {100 * ms['ceiling'] / ms[key]:.0f}% | "
+              f"{ms[one] / ms[key]:.2f}x |")
+    print(f"| raw `Allreduce` of the same {flat.nbytes / 1e6:.1f} MB | {ms['raw']:.2f} | | |")
+    if torch is not None:
+        print(f"\ndptrain DDP step / PyTorch DDP step: {ms['ddp'] / ms['torch_ddp']:.2f}x "
+              "(goal <= 0.9x)")
+    print(f"dptrain DDP step reaches {100 * ms['ceiling'] / ms['ddp']:.0f}% of the "
+          "independent-process ceiling (goal >= 90%)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,80 @@
+"""Comm hooks on 3 and 4 real MPI ranks against one process on the whole batch.
+
+The tolerance of the 16-bit hooks comes from the formats, not from observed runs: with unit
+roundoff u (float16 2^-11, bfloat16 2^-8: half the spacing of numbers in [1, 2)) and η the
+largest rounding error of a number below the smallest normal one (half the smallest
+subnormal, or of float32's for bfloat16), one step rounds each of the p inputs c_i once
+(≤ u|c_i| + η), sums the p rounded values in float32 (≤ p·2^-24·(1 + u)·Σ|c_i|) and rounds the
+sum once more (≤ u·(1 + u)·Σ|c_i| + η):
+    |result - Σ c_i| ≤ (2u + u² + p·2^-24·(1 + u))·Σ|c_i| + (p + 1)·η.
+The script (mpi_scripts/ddp_comm_hooks.py) reports the worst error divided by this bound.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+pytestmark = pytest.mark.mpi
+
+
+@pytest.fixture(scope="module", params=[3, 4], ids=lambda n: f"ranks{n}")
+def hooked(request, run_mpi, mpi_json, mpi_scripts):
+    result = run_mpi(request.param, mpi_scripts / "ddp_comm_hooks.py")
+    assert result.returncode == 0, result.stderr
+    (report,) = mpi_json(result.stdout)
+    assert report["size"] == request.param
+    return report
+
+
+def test_the_exact_reduction_is_the_one_process_gradient(hooked):
+    # The reference the hooks are held to: the sum of every rank's bucket, in float64,
+    # equals the gradient of one process on the whole batch (float32 model: float32 noise).
+    for r in hooked["ranks"]:
+        for case in ("float16", "bfloat16"):
+            assert r[case]["exact_vs_single"] < 1e-6
+        assert r["hier_shared"]["exact_vs_single"] < 1e-14
+
+
+@pytest.mark.parametrize("case", ["hier_shared", "hier_2_per_node"])
+def test_hierarchical_allreduce_equals_one_process(hooked, case):
+    for r in hooked["ranks"]:
+        assert r[case]["rel_to_exact"] < 1e-14  # float64: only the order of additions differs
+        assert r[case]["exact_vs_single"] < 1e-14
+
+
+def test_two_ranks_per_node_make_the_expected_nodes(hooked):
+    n = hooked["size"]
+    for r in hooked["ranks"]:
+        assert r["nodes_2_per_node"] == -(-n // 2)
+    assert [r["node_size_2_per_node"] for r in hooked["ranks"]] == [
+        min(2, n - 2 * (k // 2)) for k in range(n)]
+
+
+@pytest.mark.parametrize("fmt", ["float16", "bfloat16"])
+def test_compressed_allreduce_stays_within_the_format_bound(hooked, fmt):
+    for r in hooked["ranks"]:
+        assert 0 < r[fmt]["err_over_bound"] <= 1.0  # > 0: the rounding did happen
+
+
+@pytest.mark.parametrize("fmt", ["float16", "bfloat16"])
+def test_error_feedback_keeps_the_sum_over_steps_within_one_step_bound(hooked, fmt):
+    for r in hooked["ranks"]:
+        assert r[f"{fmt}_ef_8_steps"]["err_over_bound"] <= 1.0
+        # Without it the 8 steps' rounding errors add up past the bound: the check has teeth.
+        assert r[f"{fmt}_no_ef_8_steps"]["err_over_bound"] > 1.0
+
+
+def test_hierarchical_with_bfloat16_across_nodes_stays_within_the_format_bound(hooked):
+    # Node sums in float32, then CompressedAllreduce among the leaders: the same bound, with
+    # the node's float32 additions counted among the sums (mpi_scripts/ddp_comm_hooks.py).
+    for r in hooked["ranks"]:
+        assert 0 < r["hier_bf16"]["err_over_bound"] <= 1.0
+
+
+def test_bad_arguments_name_the_field_and_the_value(hooked):
+    errors = hooked["ranks"][0]["errors"]
+    assert errors["dtype"] == [
+        "ValueError", "dtype must be one of float16, bfloat16, got 'int8'"]
+    assert errors["ranks_per_node"] == [
+        "ValueError", "ranks_per_node must be a positive integer or None, got 0"]
+    assert errors["float64_bucket"][0] == "TypeError" and "float64" in errors["float64_bucket"][1]
