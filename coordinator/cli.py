@@ -46,14 +46,25 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from dptrain.worker.mpiexec_command import LaunchSettings, mpiexec_command
     from dptrain.worker.spec import JobSpecError, check_shards, load_spec
 
-    try:
-        spec = load_spec(args.job)
-    except JobSpecError as e:
-        raise CommandError(str(e)) from None
-    n = spec.workers if args.n is None else args.n
+    script = args.job.endswith(".py")  # your own training script, run as is on every rank
+    if script:
+        if not os.path.isfile(args.job):
+            raise CommandError(f"{args.job}: no such script")
+        workers = 1
+    else:
+        if args.args:
+            raise CommandError(f"arguments after the job file ({' '.join(args.args)}) are "
+                               "for a training script (dptrain run train.py -- ARGS)")
+        try:
+            spec = load_spec(args.job)
+        except JobSpecError as e:
+            raise CommandError(str(e)) from None
+        workers = spec.workers
+    n = workers if args.n is None else args.n
     if n < 1:
         raise CommandError(f"-n must be >= 1, got {n}")
-    if (error := check_shards(spec.batch_size, n)) is not None:
+    if not script and spec.batch_size is not None and (
+            error := check_shards(spec.batch_size, n)) is not None:
         raise CommandError(str(error))
     if args.resume and args.checkpoint_dir is None:
         raise CommandError("--resume needs --checkpoint-dir")
@@ -66,7 +77,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         # One rank per core, pinned; with more ranks than local cores pinning would stack them.
         bind_to="core" if args.hostfile or n <= (os.cpu_count() or 1) else None,
         blas_threads=None if args.blas_threads == 0 else args.blas_threads,
-        progress=not args.no_progress)
+        progress=not args.no_progress, script_args=tuple(args.args))
     cmd = mpiexec_command(settings)
     if not (os.path.isfile(cmd[0]) or shutil.which(cmd[0])):
         raise CommandError(f"mpiexec not found at {cmd[0]} (install the mpich wheel into "
@@ -122,12 +133,19 @@ def build_parser() -> argparse.ArgumentParser:
              "dptrain.worker JOB",
         description="Train a job with N ranks on this machine (or the hosts of --hostfile)\n"
                     "through this environment's mpiexec. Rank 0 shows a progress bar; the\n"
-                    "run ends with one JSON line of final metrics on stdout.",
-        epilog="example:\n  dptrain run examples/digits_mlp.yaml -n 2 --checkpoint-dir ckpt\n\n"
+                    "run ends with one JSON line of final metrics on stdout. A job's own\n"
+                    "modules are imported from the job file's directory (or its code:).\n"
+                    "JOB may also be your own training script (train.py, using\n"
+                    "dptrain.worker.init()): every rank runs python train.py ARGS.",
+        epilog="examples:\n  dptrain run examples/digits_mlp.yaml -n 2 --checkpoint-dir ckpt\n"
+               "  dptrain run train.py -n 2 --checkpoint-dir ckpt -- --lr 0.1\n\n"
                + EXIT_CODES)
-    run.add_argument("job", metavar="JOB", help="the job file (.yaml, .yml or .json)")
+    run.add_argument("job", metavar="JOB", help="the job file (.yaml, .yml or .json), or a "
+                                                "training script (.py)")
+    run.add_argument("args", nargs="*", metavar="ARG",
+                     help="the training script's arguments (after --)")
     run.add_argument("-n", type=int, default=None, metavar="N",
-                     help="number of ranks (default: the job's workers)")
+                     help="number of ranks (default: the job's workers; 1 for a script)")
     run.add_argument("--checkpoint-dir", metavar="D", default=None,
                      help="write checkpoints to D/step-NNNNNNNN/ (default: none)")
     run.add_argument("--resume", action="store_true",
@@ -278,7 +296,15 @@ def main(argv: list[str] | None = None) -> int:
     Returns:
         The exit code (see ``dptrain --help``).
     """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # `dptrain run train.py -n 2 -- --lr 0.1`: what follows `--` is the script's, as it is.
+    script_args: list[str] = []
+    if "run" in argv and "--" in argv[argv.index("run"):]:
+        cut = argv.index("--", argv.index("run"))
+        argv, script_args = argv[:cut], argv[cut + 1:]
     args = build_parser().parse_args(argv)
+    if script_args:
+        args.args = [*getattr(args, "args", []), *script_args]
     handler: Callable[[argparse.Namespace], int] = args.handler
     try:
         return handler(args)

@@ -12,12 +12,12 @@ import importlib
 from typing import Any
 
 __all__ = ["Communicator", "DistributedDataParallel", "DistributedSampler",
-           "JobSpec", "JobSpecError", "load_spec", "run_job", "TrainResult"]
+           "JobSpec", "JobSpecError", "load_spec", "run_job", "TrainResult", "init", "Context"]
 
 _HOMES = {
     "Communicator": "comm", "DistributedDataParallel": "ddp", "DistributedSampler": "sampler",
     "JobSpec": "spec", "JobSpecError": "spec", "load_spec": "spec",
-    "run_job": "train", "TrainResult": "train",
+    "run_job": "train", "TrainResult": "train", "init": "context", "Context": "context",
 }
 
 

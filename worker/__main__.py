@@ -30,6 +30,10 @@ Run every rank of the job with the same arguments, e.g.
       --checkpoint-dir ckpt
 (-m mpi4py: an uncaught exception on any rank ends every rank through MPI_Abort)
 
+A job with an entrypoint runs its own training script on every rank instead (see
+dptrain.worker.init); the script's modules, like a job's own model, loss and data set, are
+imported from the job file's directory (or its code: directory), put first on sys.path.
+
 Rank 0 shows a progress bar and messages on stderr and prints the final metrics as one JSON
 line on stdout. Checkpoints go to CHECKPOINT_DIR/step-NNNNNNNN/ (model.safetensors,
 optimizer.safetensors, manifest.json). SIGTERM finishes the current step, writes a
@@ -102,8 +106,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace, comm: Communicator) -> int:
     """The job on this rank; returns the exit code every rank agreed on."""
+    from dptrain.worker.context import Launch, entrypoint_script, run_entrypoint
     from dptrain.worker.environment import COORDINATOR, world_size_error
     from dptrain.worker.events import build_reporters
+    from dptrain.worker.job_code import code_directory, put_first_on_path
     from dptrain.worker.spec import JobSpecError, load_spec
     from dptrain.worker.train import run_job
 
@@ -113,6 +119,9 @@ def _run(args: argparse.Namespace, comm: Communicator) -> int:
     reporters = []
     try:
         spec = agree(comm, lambda: load_spec(args.job), (JobSpecError,))
+        # The job's own modules come first, on every rank, whoever started it.
+        code_dir = agree(comm, lambda: code_directory(args.job, spec.code), (JobSpecError,))
+        put_first_on_path(code_dir)
         if args.resume and args.checkpoint_dir and os.environ.get(COORDINATOR):
             # Rank 0 fetches the job's latest checkpoint; agree() is the barrier the others wait at.
             agree(comm, lambda: _fetch_resume_checkpoint(comm.rank, args.checkpoint_dir),
@@ -120,6 +129,12 @@ def _run(args: argparse.Namespace, comm: Communicator) -> int:
         reporters = agree(comm, lambda: build_reporters(comm.rank, os.environ,
                                                         progress=not args.no_progress),
                           (ImportError, AttributeError), exit_code=EXIT_INVALID)
+        if spec.entrypoint is not None:  # the job's own loop: its script on every rank
+            launch = Launch(comm, reporters, args.checkpoint_dir, args.resume,
+                            spec.to_dict(), spec.checkpoint.keep)
+            agree(comm, lambda: entrypoint_script(spec.entrypoint, code_dir), (JobSpecError,))
+            run_entrypoint(spec.entrypoint, code_dir, launch)
+            return EXIT_OK
         result = run_job(spec, comm, checkpoint_dir=args.checkpoint_dir, resume=args.resume,
                          reporters=reporters)
         return result.exit_code

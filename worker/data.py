@@ -242,7 +242,7 @@ def data_paths(name: str) -> frozenset[str]:
         >>> sorted(data_paths("idx"))
         ['images', 'labels']
     """
-    return getattr(DATASETS[name], "data_paths", frozenset())
+    return getattr(DATASETS.get(name), "data_paths", frozenset())  # a user's: none declared
 
 
 def _path(path: str | os.PathLike, what: str) -> str:
@@ -580,10 +580,11 @@ DATASETS: dict[str, Callable[..., Dataset]] = {
 
 
 def load_dataset(name: str, args: dict[str, Any] | None = None) -> Dataset:
-    """Build a registered data set.
+    """Build a registered data set, or a user's (``package.module:function``, imported here:
+    `dptrain.worker.job_code.load_user_dataset`).
 
     Args:
-        name: a key of `DATASETS`.
+        name: a key of `DATASETS`, or a reference.
         args: keyword arguments of its constructor.
 
     Returns:
@@ -595,6 +596,10 @@ def load_dataset(name: str, args: dict[str, Any] | None = None) -> Dataset:
         >>> x.shape, x.dtype.name, y.dtype.name
         ((2, 4), 'float32', 'int64')
     """
+    if ":" in name:
+        from dptrain.worker.job_code import load_user_dataset
+
+        return load_user_dataset(name, args or {})
     if name not in DATASETS:
         raise DataError(f"unknown data set {name!r} (known: {', '.join(sorted(DATASETS))})")
     try:

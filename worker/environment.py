@@ -27,7 +27,7 @@ from dataclasses import dataclass
 __all__ = [
     "MPIEXEC", "COORDINATOR", "JOB_ID", "JOB_TOKEN", "TLS_CA", "HEARTBEAT_TIMEOUT",
     "SLURM_NTASKS", "PMI_SIZE", "WorkerEnvironment", "worker_environment",
-    "read_worker_environment", "world_size_error",
+    "read_worker_environment", "world_size_error", "CHECKPOINT_DIR", "RESUME",
 ]
 
 MPIEXEC = "DPTRAIN_MPIEXEC"
@@ -62,6 +62,15 @@ every task is one rank of one MPI world of that size; a mismatch means each task
 PMI_SIZE = "PMI_SIZE"
 """Set by the process manager that gave this rank its MPI world (Slurm's PMI-2 plugin, Hydra's
 ``mpiexec``): the world's size. Absent for a singleton."""
+
+
+CHECKPOINT_DIR = "DPTRAIN_CHECKPOINT_DIR"
+"""Where an own training script's checkpoints go when it runs without a job file (``dptrain
+run train.py --checkpoint-dir D`` sets it); unset: ``ctx.save_checkpoint`` writes nothing."""
+
+RESUME = "DPTRAIN_RESUME"
+"""``1``: an own training script resumes from the newest intact checkpoint in
+`CHECKPOINT_DIR` (``dptrain run train.py --checkpoint-dir D --resume``)."""
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,8 @@ from typing import Any, Protocol, TextIO
 from dptrain.worker.environment import COORDINATOR
 
 __all__ = ["Reporter", "ConsoleReporter", "ReporterPlugin", "build_reporters",
-           "load_reporter_plugin", "fetch_resume_checkpoint", "COORDINATOR_REPORTER_MODULE"]
+           "load_reporter_plugin", "fetch_resume_checkpoint", "fetch_code",
+           "COORDINATOR_REPORTER_MODULE"]
 
 COORDINATOR_REPORTER_MODULE = "dptrain.coordinator.client.worker_reporter"
 """The module implementing `ReporterPlugin` over gRPC, imported by name when the job runs
@@ -121,6 +122,15 @@ class ReporterPlugin(Protocol):
             The checkpoint's directory, or None when the job has none yet.
         """
 
+    def fetch_code(self, sha256: str, target: str | os.PathLike,
+                   environ: Mapping[str, str] | None = None) -> str:
+        """Fetch the job's code archive, verify `sha256` and unpack it safely into `target`
+        (every rank, before the job's modules are imported).
+
+        Returns:
+            `target`.
+        """
+
 
 def load_reporter_plugin() -> ReporterPlugin:
     """Import the coordinator's reporter plug-in (`COORDINATOR_REPORTER_MODULE`).
@@ -132,6 +142,21 @@ def load_reporter_plugin() -> ReporterPlugin:
         ImportError: it cannot be imported (grpc missing, ...).
     """
     return importlib.import_module(COORDINATOR_REPORTER_MODULE)
+
+
+def fetch_code(sha256: str, target: str | os.PathLike,
+               environ: Mapping[str, str] | None = None) -> str:
+    """Through the plug-in: fetch the job's code, verify its sha256, unpack it into `target`.
+
+    Args:
+        sha256: the digest the job's spec names.
+        target: the directory to create (an existing one is the same archive's, kept).
+        environ: the environment (default: ``os.environ``).
+
+    Returns:
+        `target`.
+    """
+    return load_reporter_plugin().fetch_code(sha256, target, environ)
 
 
 def fetch_resume_checkpoint(dest_dir: str | os.PathLike,

@@ -40,7 +40,7 @@ import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from dptrain.worker.environment import MPIEXEC
+from dptrain.worker.environment import CHECKPOINT_DIR, MPIEXEC, RESUME
 from dptrain.worker.hostfile import Placement, hosts_argument, is_local
 
 __all__ = ["LaunchSettings", "mpiexec_command", "default_mpiexec", "BLAS_THREAD_VARIABLES"]
@@ -69,7 +69,9 @@ class LaunchSettings:
     """What to launch and how.
 
     Attributes:
-        job: the job file every rank reads.
+        job: the job file every rank reads, or your own training script (``*.py``), which
+            every rank runs as ``python SCRIPT ARGS`` (checkpoint directory and resume passed
+            in the environment, ``worker.environment.CHECKPOINT_DIR`` and ``RESUME``).
         workers: the number of ranks, >= 1 (the spec's ``workers``; Hydra's ``-n``).
         checkpoint_dir: passed to the worker as ``--checkpoint-dir`` (None: omitted).
         resume: pass ``--resume``.
@@ -87,6 +89,7 @@ class LaunchSettings:
         python: the interpreter the ranks run (default: this one).
         mpiexec: the launcher (default: `default_mpiexec`).
         mpiexec_args: extra arguments for ``mpiexec``, placed before the program.
+        script_args: the arguments of a training script (`job` ``*.py``).
     """
 
     job: str
@@ -102,6 +105,7 @@ class LaunchSettings:
     python: str = sys.executable
     mpiexec: str | None = None
     mpiexec_args: tuple[str, ...] = ()
+    script_args: tuple[str, ...] = ()
 
 
 def mpiexec_command(settings: LaunchSettings) -> list[str]:
@@ -131,8 +135,17 @@ def mpiexec_command(settings: LaunchSettings) -> list[str]:
     if s.blas_threads is not None:
         for name in BLAS_THREAD_VARIABLES:
             cmd += ["-genv", name, str(s.blas_threads)]
-    for name in sorted(s.env):
-        cmd += ["-genv", name, str(s.env[name])]
+    env = dict(s.env)
+    script = os.fspath(s.job).endswith(".py")
+    if script and s.checkpoint_dir is not None:
+        env[CHECKPOINT_DIR] = os.fspath(s.checkpoint_dir)
+    if script and s.resume:
+        env[RESUME] = "1"
+    for name in sorted(env):
+        cmd += ["-genv", name, str(env[name])]
+    if script:  # as `python train.py ARGS` on every rank (under mpi4py's runner, as the worker)
+        return [*cmd, *s.mpiexec_args, s.python, "-m", "mpi4py", os.fspath(s.job),
+                *s.script_args]
     cmd += [*s.mpiexec_args, s.python, "-m", "mpi4py", "-m", "dptrain.worker",
             os.fspath(s.job)]
     if s.checkpoint_dir is not None:

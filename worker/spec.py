@@ -15,6 +15,13 @@ A job file (YAML or JSON) maps one to one onto `JobSpec`; the coordinator's prot
     workers: 2
     device: cpu
     checkpoint: {every_steps: 100, keep: 3}
+    loss: mylosses:focal                             # optional: package.module:function
+    code: src                                        # optional: where your modules are
+
+A model, a data set (``dataset.name``) and the ``loss`` may be your own, named
+``package.module:function``: the ranks import them from the job file's directory, or from
+``code`` (a directory relative to the job file), which they put first on ``sys.path``
+(`dptrain.worker.job_code`). Validating a spec checks their syntax only.
 
 Every error names the field's path, the rule it broke and the value it got, e.g.
 ``optimizer.lr: must be >= 0, got -0.1``; all errors of a spec are reported together.
@@ -24,42 +31,41 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import functools
 import hashlib
-import inspect
 import json
-import math
 import os
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
 
 from dptrain.worker.spec_errors import ECHO_CHARS, FieldError, JobSpecError, cut, echo
+from dptrain.worker.spec_rules import (
+    CODE_DIGEST_PREFIX,
+    DEVICES,
+    MAX_BATCH_SIZE,
+    MAX_STEPS,
+    NAME_RULE,
+    OPTIMIZERS,
+    SCHEDULERS,
+    build_model,
+    check_name,
+    check_shards,
+    code_digest,
+    model_constructor,
+    validate,
+)
 
 __all__ = [
     "JobSpecError", "FieldError", "ECHO_CHARS", "echo", "cut", "ModelSpec", "DatasetSpec",
     "OptimizerSpec", "SchedulerSpec", "CheckpointSpec", "JobSpec", "load_spec", "spec_hash",
     "model_constructor", "build_model", "validate", "trajectory_differences",
     "OPTIMIZERS", "SCHEDULERS", "DEVICES", "MAX_BATCH_SIZE", "MAX_STEPS", "NAME_RULE",
-    "check_name", "check_shards", "read_spec_file", "check_types",
+    "check_name", "check_shards", "read_spec_file", "check_types", "CODE_DIGEST_PREFIX",
+    "code_digest",
 ]
-
-OPTIMIZERS = ("sgd", "adam", "adamw")
-# Spec name -> engine.optim.lr_scheduler class name; stepped once per training step.
-SCHEDULERS = {"step": "StepLR", "cosine": "CosineAnnealingLR", "linear": "LinearLR"}
-DEVICES = ("cpu", "cuda")
-MAX_BATCH_SIZE = 2**20
-"""The largest global ``batch_size`` (a million samples per step)."""
-MAX_STEPS = 10**9
-"""The most optimizer steps a run may take (``max_steps``; ``epochs`` as the workers count
-them): more could only run until someone cancels it."""
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-NAME_RULE = ("must be 1-128 characters of letters, digits, '.', '_' or '-', starting with a "
-             "letter or digit")
-"""What a job's name must be (the one statement of the rule; `check_name` applies it)."""
 
 
 @dataclass
@@ -72,7 +78,8 @@ class ModelSpec:
 
 @dataclass
 class DatasetSpec:
-    """The data set: a name in `worker.data`'s registry, its arguments, and the held-out share."""
+    """The data set: a name in `worker.data`'s registry (or ``package.module:function``), its
+    arguments, and the held-out share."""
 
     name: str
     args: dict[str, Any] = field(default_factory=dict)
@@ -116,14 +123,24 @@ class JobSpec:
 
     ``batch_size`` is the global batch: each of the ``workers`` ranks takes a contiguous
     ``batch_size / workers`` of it. The run stops after ``epochs`` epochs or ``max_steps``
-    optimizer steps, whichever comes first.
+    optimizer steps, whichever comes first. ``loss`` (``package.module:function``, called as
+    ``loss(output, target)``) replaces the task's own loss (cross-entropy, or MSE for
+    regression); ``code`` is the directory of the job's own modules, relative to the job file
+    (default: the job file's directory).
+
+    ``entrypoint`` (``train.py --lr 0.1``: a script in the code directory and its arguments)
+    makes the job your own training loop, run on every rank (`dptrain.worker.context`): then
+    ``model``, ``dataset``, ``optimizer``, ``batch_size`` and the rest of the declarative loop
+    are the script's business and must be left out; ``name``, ``workers``, ``device``,
+    ``seed``, ``checkpoint`` and ``code`` still apply. Without it, ``model``, ``dataset``,
+    ``optimizer`` and ``batch_size`` are required.
     """
 
     name: str
-    model: ModelSpec
-    dataset: DatasetSpec
-    optimizer: OptimizerSpec
-    batch_size: int
+    model: ModelSpec | None = None
+    dataset: DatasetSpec | None = None
+    optimizer: OptimizerSpec | None = None
+    batch_size: int | None = None
     epochs: int | None = None
     max_steps: int | None = None
     scheduler: SchedulerSpec | None = None
@@ -132,6 +149,9 @@ class JobSpec:
     workers: int = 1
     device: str = "cpu"
     checkpoint: CheckpointSpec = field(default_factory=CheckpointSpec)
+    loss: str | None = None
+    code: str | None = None
+    entrypoint: str | None = None
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> JobSpec:
@@ -315,7 +335,7 @@ def _parse(cls: type, data: Any, prefix: str, errors: list[FieldError]) -> Any:
             continue
         value = data[name]
         if name in _SECTIONS and prefix == "":
-            if value is None and name == "scheduler":
+            if value is None and f.default is None:  # an optional section left out
                 kwargs[name] = None
                 continue
             value = _parse(_SECTIONS[name], value, f"{path}.", errors)
@@ -376,236 +396,12 @@ def _check_type(path: str, annotation: str, value: Any, errors: list[FieldError]
 
 # ---------------------------------------------------------------- validation (rules)
 
-def check_name(name: Any) -> FieldError | None:
-    """The broken rule of a job's name, or None for a good one.
-
-    Args:
-        name: the name as sent (any type).
-
-    Returns:
-        A `FieldError` for ``name``, or None.
-    """
-    if isinstance(name, str) and _NAME_RE.fullmatch(name):
-        return None
-    return FieldError("name", NAME_RULE, name)
-
-
-def check_shards(batch_size: int, ranks: int) -> FieldError | None:
-    """The broken rule when a global batch cannot be split evenly among `ranks` processes.
-
-    Every rank takes a contiguous ``batch_size / ranks`` of each batch, so the spec's
-    ``workers``, ``dptrain run -n`` and the ranks a run starts with are all held to it.
-
-    Args:
-        batch_size: the global batch (>= 1).
-        ranks: the number of processes (>= 1).
-
-    Returns:
-        A `FieldError` for ``batch_size``, or None.
-    """
-    if batch_size % ranks:
-        return FieldError("batch_size", f"must be divisible by the number of ranks ({ranks})",
-                          batch_size)
-    return None
-
-
-def model_constructor(name: str) -> Callable[..., Any] | None:
-    """The model zoo's constructor for `name`, to check a spec's arguments without building
-    the model; None for a user's ``package.module:function``, whose syntax alone is checked.
-
-    Validating a spec never imports a user's module: importing runs its code, and the
-    coordinator and the CLI validate every spec they are given. The workers import it when they
-    build the model (`build_model`); a module they cannot import fails the job there, once.
-
-    Args:
-        name: a zoo name (``mlp``, ``lenet``, ...) or ``package.module:function``.
-
-    Returns:
-        The zoo's constructor (a callable taking the model's arguments as keywords), or None.
-
-    Raises:
-        ValueError: an unknown zoo name (the message lists the names it knows), or a
-            reference that is not ``package.module:function``.
-    """
-    from dptrain.engine.models import get_constructor, parse_reference
-
-    if ":" in name:
-        parse_reference(name)
-        return None
-    try:
-        return get_constructor(name)
-    except (ValueError, TypeError) as e:
-        raise ValueError(str(e)) from None
-
-
-def build_model(name: str, args: Mapping[str, Any]) -> Any:
-    """Build a model from the zoo.
-
-    Args:
-        name: a zoo name or ``package.module:function``.
-        args: the constructor's keyword arguments.
-
-    Returns:
-        The new ``engine.nn.Module``.
-    """
-    from dptrain.engine.models import get_model
-
-    return get_model(name, **dict(args))
-
-
-@functools.lru_cache(maxsize=256)
-def _parameters(fn: Callable[..., Any]) -> tuple[inspect.Parameter, ...]:
-    """`fn`'s parameters; cached, as `inspect.signature` costs tens of microseconds and every
-    submission checks the same few constructors."""
-    try:
-        return tuple(inspect.signature(fn).parameters.values())
-    except (TypeError, ValueError):  # pragma: no cover - a builtin without a signature
-        return (inspect.Parameter("kwargs", inspect.Parameter.VAR_KEYWORD),)
-
-
-def _check_args(path: str, fn: Callable[..., Any], args: dict[str, Any], what: str,
-                skip: tuple[str, ...] = ()) -> list[FieldError]:
-    """Errors for keyword arguments that `fn`'s signature does not accept or misses."""
-    params = [p for p in _parameters(fn) if p.name not in skip]
-    if any(p.kind is p.VAR_KEYWORD for p in params):
-        return []
-    names = [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
-    errors = [FieldError(f"{path}.{k}", f"is not an argument of {what} (it takes "
-                         f"{', '.join(names) or 'none'})") for k in args if k not in names]
-    errors += [FieldError(f"{path}.{p.name}", f"is required by {what}") for p in params
-               if p.default is p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
-               and p.name not in args]
-    return errors
-
-
-def _check_scheduler(cls_name: str, scheduler: SchedulerSpec) -> list[FieldError]:
-    """Errors of a schedule's arguments: names its class does not take, then the values it
-    refuses, found by building it over a throw-away parameter (as the workers will)."""
-    from dptrain import engine
-    from dptrain.engine.optim import SGD, lr_scheduler
-
-    cls = getattr(lr_scheduler, cls_name)
-    errors = _check_args("scheduler.args", cls, scheduler.args,
-                         f"scheduler {scheduler.name!r}", skip=("optimizer", "last_epoch"))
-    if not errors:
-        try:
-            cls(SGD([engine.nn.Parameter(engine.zeros(1))], lr=1.0), **scheduler.args)
-        except (ValueError, TypeError) as err:
-            errors.append(FieldError("scheduler.args", str(err)))
-        except ArithmeticError as err:  # e.g. a T_max beyond a double's range
-            errors.append(FieldError("scheduler.args", f"cannot make a schedule of these values "
-                                     f"({type(err).__name__}: {err})", scheduler.args))
-    return errors
-
-
-def _nonneg(path: str, value: float, errors: list[FieldError]) -> None:
-    if not (math.isfinite(value) and value >= 0):
-        errors.append(FieldError(path, "must be a finite number >= 0", value))
-
-
-def validate(spec: JobSpec) -> list[FieldError]:
-    """Every rule a well-typed spec breaks.
-
-    Args:
-        spec: a spec whose fields have the right types.
-
-    Returns:
-        The broken rules, empty when the spec can run.
-    """
-    from dptrain.worker import data  # the data registry; imported here to keep spec import light
-
-    e: list[FieldError] = []
-    if (error := check_name(spec.name)) is not None:
-        e.append(error)
-    # model
-    try:
-        ctor = model_constructor(spec.model.name)
-    except ValueError as err:
-        e.append(FieldError("model.name", str(err)))
-    else:
-        if ctor is not None:
-            e += _check_args("model.args", ctor, spec.model.args, f"model {spec.model.name!r}")
-    # dataset
-    if spec.dataset.name not in data.DATASETS:
-        e.append(FieldError("dataset.name", f"unknown data set (known: "
-                            f"{', '.join(sorted(data.DATASETS))})", spec.dataset.name))
-    else:
-        arg_errors = _check_args("dataset.args", data.DATASETS[spec.dataset.name],
-                                 spec.dataset.args, f"data set {spec.dataset.name!r}")
-        if not arg_errors and spec.dataset.name == "synthetic":
-            arg_errors = [FieldError(f"dataset.args.{name}", rule, value) for name, rule, value
-                          in data.synthetic_problems(spec.dataset.args)]
-        e += arg_errors
-    vf = spec.dataset.validation_fraction
-    if not 0.0 <= vf < 1.0:
-        e.append(FieldError("dataset.validation_fraction", "must be in [0, 1)", vf))
-    # optimizer
-    opt = spec.optimizer
-    if opt.name not in OPTIMIZERS:
-        e.append(FieldError("optimizer.name", f"must be one of {', '.join(OPTIMIZERS)}",
-                            opt.name))
-    _nonneg("optimizer.lr", opt.lr, e)
-    _nonneg("optimizer.weight_decay", opt.weight_decay, e)
-    _nonneg("optimizer.momentum", opt.momentum, e)
-    _nonneg("optimizer.eps", opt.eps, e)
-    for i, beta in enumerate(opt.betas):
-        if not 0.0 <= beta < 1.0:
-            e.append(FieldError(f"optimizer.betas[{i}]", "must be in [0, 1)", beta))
-    if opt.name != "sgd":
-        if opt.momentum != 0.0:
-            e.append(FieldError("optimizer.momentum", f"applies to sgd only, not {opt.name}",
-                                opt.momentum))
-        if opt.nesterov:
-            e.append(FieldError("optimizer.nesterov", f"applies to sgd only, not {opt.name}",
-                                opt.nesterov))
-    elif opt.nesterov and opt.momentum <= 0:
-        e.append(FieldError("optimizer.nesterov", "needs optimizer.momentum > 0",
-                            opt.nesterov))
-    # scheduler
-    if spec.scheduler is not None:
-        cls_name = SCHEDULERS.get(spec.scheduler.name)
-        if cls_name is None:
-            e.append(FieldError("scheduler.name", f"must be one of {', '.join(SCHEDULERS)}",
-                                spec.scheduler.name))
-        else:
-            e += _check_scheduler(cls_name, spec.scheduler)
-    # length of the run and batching
-    if spec.batch_size < 1:
-        e.append(FieldError("batch_size", "must be >= 1", spec.batch_size))
-    elif spec.batch_size > MAX_BATCH_SIZE:
-        e.append(FieldError("batch_size", f"must be at most {MAX_BATCH_SIZE} (2**20)",
-                            spec.batch_size))
-    if spec.workers < 1:
-        e.append(FieldError("workers", "must be >= 1", spec.workers))
-    elif spec.batch_size >= 1 and (error := check_shards(spec.batch_size, spec.workers)):
-        e.append(error)
-    if spec.epochs is None and spec.max_steps is None:
-        e.append(FieldError("epochs", "epochs or max_steps (or both) must be given"))
-    for name in ("epochs", "max_steps"):  # an epoch is at least one step
-        value = getattr(spec, name)
-        if value is not None and value < 1:
-            e.append(FieldError(name, "must be >= 1", value))
-        elif value is not None and value > MAX_STEPS:
-            e.append(FieldError(name, f"must be at most {MAX_STEPS} (a run of at most 10**9 "
-                                "steps)", value))
-    for name in ("eval_every", "seed"):
-        if getattr(spec, name) < 0:
-            e.append(FieldError(name, "must be >= 0", getattr(spec, name)))
-    if spec.device not in DEVICES:
-        e.append(FieldError("device", f"must be one of {', '.join(DEVICES)}", spec.device))
-    if spec.checkpoint.every_steps < 0:
-        e.append(FieldError("checkpoint.every_steps", "must be >= 0 (0: only at the end)",
-                            spec.checkpoint.every_steps))
-    if spec.checkpoint.keep < 1:
-        e.append(FieldError("checkpoint.keep", "must be >= 1", spec.checkpoint.keep))
-    return e
-
-
 def trajectory_differences(saved: Mapping[str, Any], spec: JobSpec) -> list[str]:
     """The fields whose change would make a resumed run differ from an uninterrupted one.
 
-    ``name``, ``epochs``, ``max_steps``, ``eval_every``, ``workers`` and ``checkpoint`` may
-    change between a checkpoint and its resumption; everything else must not.
+    ``name``, ``epochs``, ``max_steps``, ``eval_every``, ``workers``, ``checkpoint`` and
+    ``code`` (where the same modules are found) may change between a checkpoint and its
+    resumption; everything else must not.
 
     Args:
         saved: the spec (as `JobSpec.to_dict` gave it) recorded in a checkpoint.
@@ -614,7 +410,7 @@ def trajectory_differences(saved: Mapping[str, Any], spec: JobSpec) -> list[str]
     Returns:
         Dotted paths of the fields that differ, empty when the run can resume exactly.
     """
-    free = {"name", "epochs", "max_steps", "eval_every", "workers", "checkpoint"}
+    free = {"name", "epochs", "max_steps", "eval_every", "workers", "checkpoint", "code"}
     now = spec.to_dict()
     out = []
     for key in sorted(set(saved) | set(now)):

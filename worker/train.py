@@ -57,6 +57,7 @@ from dptrain.worker.exit_codes import (
     EXIT_OK,
     EXIT_PREEMPTED,
 )
+from dptrain.worker.job_code import resolve_loss
 from dptrain.worker.spec import (
     MAX_STEPS,
     SCHEDULERS,
@@ -173,10 +174,17 @@ def _rank_seed(seed: int, rank: int) -> int:
     return int(np.random.SeedSequence([seed, rank]).generate_state(1, np.uint64)[0] >> 1)
 
 
-def _loss(task: str, out: Any, y: engine.Tensor) -> tuple[engine.Tensor, Any, int]:
-    """(mean loss, number correct as a Tensor or None, number of items averaged over)."""
+def _loss(task: str, out: Any, y: engine.Tensor, loss_fn: Callable[..., Any] | None = None
+          ) -> tuple[engine.Tensor, Any, int]:
+    """(mean loss, number correct as a Tensor or None, number of items averaged over); a
+    job's own `loss_fn` is the mean over the batch's samples."""
     if isinstance(out, tuple):  # models that also return a state (recurrent)
         out = out[0]
+    if loss_fn is not None:
+        correct = None
+        if task == "classification" and out.ndim == 2:
+            correct = (out.detach().argmax(dim=1) == y).sum()
+        return loss_fn(out, y), correct, y.shape[0]
     if task == "regression":
         target = y.reshape(*out.shape) if y.numel() == out.numel() else y
         return F.mse_loss(out, target), None, out.numel()
@@ -224,9 +232,11 @@ class _Run:
     def setup(self) -> None:
         spec = self.spec
         self.device = _device(spec, self.rank)
+        self.loss_fn = None if spec.loss is None else agree(
+            self.comm, lambda: resolve_loss(spec.loss), (JobSpecError,))
         data: Dataset = agree(self.comm, lambda: load_dataset(spec.dataset.name,
                                                               spec.dataset.args),
-                              (DataError, OSError))
+                              (DataError, OSError, JobSpecError))
         train_idx, val_idx = train_validation_split(len(data), spec.dataset.validation_fraction,
                                                     spec.seed)
         self.train_set, self.val_set = Subset(data, train_idx), Subset(data, val_idx)
@@ -309,7 +319,7 @@ class _Run:
             for i in range(0, len(shard), _EVAL_BATCH):
                 x, y = self.val_set.gather(shard[i:i + _EVAL_BATCH])
                 loss, correct, count = _loss(self.task, self.model(self._tensor(x)),
-                                             self._tensor(y))
+                                             self._tensor(y), self.loss_fn)
                 totals += (loss.item() * count, 0 if correct is None else correct.item(), count)
         self.model.train()
         if self.size > 1:
@@ -374,7 +384,8 @@ class _Run:
                                         pos.epoch)
             started = time.perf_counter()
             x, y = self.train_set.gather(batches[pos.in_epoch, rank * b:(rank + 1) * b])
-            loss, correct, count = _loss(self.task, ddp(self._tensor(x)), self._tensor(y))
+            loss, correct, count = _loss(self.task, ddp(self._tensor(x)), self._tensor(y),
+                                         self.loss_fn)
             stats[:] = (loss.item() * count, 0 if correct is None else correct.item(), count,
                         _preempted.is_set())
             # Started before backward, the metrics' all-reduce completes while DDP drives its

@@ -52,6 +52,7 @@ __all__ = [
     "worker_event_to_proto", "worker_event_from_proto", "checkpoint_to_proto",
     "checkpoint_from_proto", "upload_header_to_proto", "upload_header_from_proto",
     "file_entry_to_proto", "file_entry_from_proto", "chunks_from_upload", "timestamp", "seconds",
+    "code_header_from_upload", "code_chunks",
 ]
 
 _ARGS_FIELDS = {"args": "args_json"}  # job file key -> message field
@@ -566,6 +567,12 @@ def chunks_from_upload(messages: Iterable[Any]) -> Iterator[tuple[str, BytesLike
     Raises:
         ValidationError: naming ``header`` when a second header arrives.
     """
+    for chunk in _after_header(messages):
+        yield chunk.name, chunk.data
+
+
+def _after_header(messages: Iterable[Any]) -> Iterator[Any]:
+    """Each message's ``chunk`` (a stream's messages after its header)."""
     for m in messages:
         if isinstance(m, Chunk):
             yield m
@@ -573,4 +580,28 @@ def chunks_from_upload(messages: Iterable[Any]) -> Iterator[tuple[str, BytesLike
         if m.WhichOneof("item") != "chunk":
             raise ValidationError("header", "only the first message may be a header",
                                   "a second header")
-        yield m.chunk.name, m.chunk.data
+        yield m.chunk
+
+
+# ---------------------------------------------------------------- code
+
+def code_header_from_upload(first: Any) -> tuple[str, int]:
+    """The ``(sha256, size)`` a code upload's (or fetch's) first message declares.
+
+    Raises:
+        ValidationError: naming ``header`` when the first message is missing or not one.
+    """
+    kind = None if first is None else first.WhichOneof("item")
+    if kind not in ("header", "info"):
+        raise ValidationError("header", "the first message must be the archive's header", kind)
+    header = first.header if kind == "header" else first.info
+    return header.sha256, header.size
+
+
+def code_chunks(messages: Iterable[Any]) -> Iterator[bytes]:
+    """The archive's bytes of a code upload or fetch stream after its first message.
+
+    Raises:
+        ValidationError: naming ``header`` when a second header arrives.
+    """
+    return _after_header(messages)

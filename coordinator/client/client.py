@@ -19,6 +19,8 @@ Example::
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import itertools
 import os
 import tempfile
 from collections.abc import Iterable, Iterator, Mapping
@@ -37,7 +39,14 @@ from dptrain.coordinator.api.limits import channel_options
 from dptrain.coordinator.api.records import CheckpointRecord, Event, Job, JobState
 from dptrain.protos.dptrain.v1 import coordinator_pb2 as pb
 from dptrain.protos.dptrain.v1 import coordinator_pb2_grpc as pb_grpc
-from dptrain.worker.spec import JobSpecError, check_types, read_spec_file
+from dptrain.worker.code_archive import CodeArchiveError, pack_directory
+from dptrain.worker.spec import (
+    CODE_DIGEST_PREFIX,
+    JobSpecError,
+    check_types,
+    code_digest,
+    read_spec_file,
+)
 
 __all__ = ["Client", "ClientError", "DownloadedFile", "DEFAULT_TIMEOUT"]
 
@@ -182,6 +191,10 @@ class Client:
                    max_restarts: int | None = None, time_limit: float | None = None) -> Job:
         """Submit a job.
 
+        A spec naming ``code: DIR`` (relative to the job file, or to the current directory
+        for a mapping) ships that directory: it is packed (`worker.code_archive`), uploaded
+        once (`upload_code`) and the job names it by its digest, ``code: "sha256:..."``.
+
         Args:
             spec: a job file's path, its data (a mapping), or a ``worker.spec.JobSpec``.
             priority: higher runs first.
@@ -196,17 +209,46 @@ class Client:
         """
         if hasattr(spec, "to_dict"):
             spec = spec.to_dict()
+        base = "."
         try:  # fields and types checked here; the rules, by the coordinator (it knows the models)
             if isinstance(spec, (str, os.PathLike)):
+                base = os.path.dirname(os.path.abspath(os.fspath(spec)))
                 spec = read_spec_file(spec)
             check_types(spec)
-        except JobSpecError as e:
+            code = spec.get("code")
+            if code is not None and code_digest(code) is None:
+                packed = pack_directory(os.path.join(base, code))
+                spec = {**spec, "code": CODE_DIGEST_PREFIX + self.upload_code(packed.data)}
+        except (JobSpecError, CodeArchiveError) as e:
             raise ClientError("INVALID_ARGUMENT", str(e)) from None
         try:
             request = serde.submit_request_to_proto(spec, priority, max_restarts, time_limit)
         except ValidationError as e:
             raise ClientError("INVALID_ARGUMENT", str(e)) from None
         return serde.job_from_proto(self._unary(self._stub.SubmitJob, request))
+
+    def upload_code(self, archive: bytes, chunk_size: int = 1 << 20) -> str:
+        """Store a code archive on the coordinator (``worker.code_archive.pack_directory``
+        makes one); storing the same bytes again is a no-op.
+
+        Args:
+            archive: the archive's bytes.
+            chunk_size: bytes per message.
+
+        Returns:
+            Its sha256, for a spec's ``code: "sha256:<digest>"``.
+
+        Raises:
+            ClientError: INVALID_ARGUMENT (an unsafe archive), RESOURCE_EXHAUSTED (over the
+                server's limit), PERMISSION_DENIED (not the coordinator's token), ...
+        """
+        sha256 = hashlib.sha256(archive).hexdigest()
+        messages = itertools.chain(
+            [pb.UploadCodeRequest(header=pb.CodeArchive(sha256=sha256, size=len(archive)))],
+            (pb.UploadCodeRequest(chunk=archive[i:i + chunk_size])
+             for i in range(0, len(archive), chunk_size)))
+        return self._unary(self._stub.UploadCode, messages, timeout=max(self.timeout, 600.0)
+                           ).sha256
 
     def get_job(self, job_id: str) -> Job:
         """The job with this id (NOT_FOUND when there is none)."""

@@ -319,7 +319,9 @@ def add_commands(commands: Any, serve: Callable[[argparse.Namespace], int],
     submit = add("submit", _cmd_submit, "submit a job file to the coordinator",
                  "examples:\n  dptrain submit examples/digits_mlp.yaml --follow\n"
                  "  id=$(dptrain submit job.yaml --priority 5)\n\n")
-    submit.add_argument("job", metavar="JOB.yaml", help="the job file (.yaml, .yml, .json)")
+    submit.add_argument("job", metavar="JOB.yaml",
+                        help="the job file (.yaml, .yml, .json); its code: directory (relative "
+                             "to it) is packed and uploaded with the job")
     submit.add_argument("--follow", "-f", action="store_true",
                         help="show a progress bar until the job ends, then its final metrics")
     submit.add_argument("--priority", type=int, default=0, help="higher runs first (default 0)")

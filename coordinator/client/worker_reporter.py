@@ -58,6 +58,7 @@ from dptrain.worker.checkpoint_manifest import (
     new_hasher,
     verify_checkpoint,
 )
+from dptrain.worker.code_archive import unpack_archive
 from dptrain.worker.environment import COORDINATOR, read_worker_environment
 from dptrain.worker.events import Reporter
 
@@ -145,6 +146,43 @@ class WorkerClient(Client):
 
         response = self._unary(chunk_wire.upload_stub(self.channel), requests(), timeout)
         return serde.checkpoint_from_proto(response)
+
+    def fetch_code(self, sha256: str, target: str | os.PathLike) -> str:
+        """Download the job's code archive, verify its sha256 and unpack it into `target`
+        (``worker.code_archive.unpack_archive``: nothing is written outside it).
+
+        Args:
+            sha256: the digest the job's spec names.
+            target: the directory to create (kept when it exists: the same archive's).
+
+        Returns:
+            `target`.
+
+        Raises:
+            ClientError: the transfer failed, or DATA_LOSS when the bytes fail the sha256.
+            CodeArchiveError: the archive is not a safe code archive.
+        """
+        target = Path(target)
+        if target.is_dir():
+            return str(target)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        stream = self._stream(self._worker_stub.FetchCode,
+                              pb.FetchCodeRequest(job_id=self.job_id), timeout=3600.0)
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".code-", suffix=".tar.gz")
+        try:
+            try:
+                serde.code_header_from_upload(next(stream, None))
+                with os.fdopen(fd, "wb") as f:
+                    got, _ = write_hashed(serde.code_chunks(stream), f)
+            except ValidationError as e:
+                raise ClientError("INTERNAL", f"the code stream is malformed: {e}") from None
+            if got != sha256:
+                raise ClientError("DATA_LOSS", f"the job's code has sha256 {got}, not the "
+                                               f"{sha256} its spec names")
+            return unpack_archive(tmp, target)
+        finally:
+            stream.close()
+            Path(tmp).unlink(missing_ok=True)
 
     def fetch_checkpoint(self, dest_dir: str | os.PathLike) -> str | None:
         """Download the job's newest intact checkpoint as ``dest_dir/step-XXXXXXXX``.
@@ -585,6 +623,19 @@ def create_reporter(address: str, rank: int,
     return CoordinatorReporter(WorkerClient(env.address, env.job_id, env.token, env.tls_ca),
                                rank=rank, heartbeat_interval=interval, heartbeat_timeout=timeout,
                                flush_interval=min(0.5, interval))
+
+
+def fetch_code(sha256: str, target: str | os.PathLike,
+               environ: Mapping[str, str] | None = None) -> str:
+    """Fetch, verify and unpack the job's code into `target` (`WorkerClient.fetch_code`).
+
+    Raises:
+        KeyError: a required variable of `dptrain.worker.environment` is missing.
+        ClientError: the transfer failed (the message says why).
+        CodeArchiveError: the archive is not a safe code archive.
+    """
+    with WorkerClient.from_environment(environ) as client:
+        return client.fetch_code(sha256, target)
 
 
 def fetch_resume_checkpoint(dest_dir: str | os.PathLike,

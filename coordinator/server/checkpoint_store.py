@@ -58,6 +58,7 @@ from dptrain.coordinator.api.records import CheckpointRecord, EventKind, JobStat
 from dptrain.coordinator.api.strict_json import loads
 from dptrain.coordinator.server.blobs import BlobStore, blob_id
 from dptrain.worker.checkpoint_manifest import MANIFEST, FileEntry
+from dptrain.worker.spec import code_digest
 
 if TYPE_CHECKING:
     from dptrain.coordinator.server.jobs import ServiceState
@@ -402,7 +403,7 @@ def open_fetch(job_id: str, state: ServiceState
 
 def referenced_blobs(store: Store) -> set[str]:
     """Every blob some checkpoint record refers to: each record's ``manifest.json`` blob and
-    the blob of every file its manifest lists.
+    the blob of every file its manifest lists; and every job's code archive.
 
     What retention and garbage collection must keep, e.g. at a server's start::
 
@@ -414,7 +415,13 @@ def referenced_blobs(store: Store) -> set[str]:
     Returns:
         The blobs' names (`server.blobs.blob_id`).
     """
-    return {sha for record in store.all_checkpoints() for sha in record_blobs(record).values()}
+    blobs = {sha for record in store.all_checkpoints() for sha in record_blobs(record).values()}
+    page = ""
+    while True:  # and the code archive of every job that ships one (restarts fetch it again)
+        jobs, page = store.list_jobs(None, 1000, page)
+        blobs.update(d for job in jobs if (d := code_digest(job.spec.get("code"))))
+        if not page:
+            return blobs
 
 
 def prune_job_checkpoints(store: Store, blobs: BlobStore, job_id: str, keep: int, *,

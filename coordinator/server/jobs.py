@@ -7,7 +7,8 @@ tested without a server, and a second transport could call the same functions.
 
 Submission rules, each an INVALID_ARGUMENT naming the field: the spec must pass the worker's own
 validation (``worker.spec.JobSpec.from_dict``, every field), ask for no more ranks than the
-cluster has slots, and name data files only inside the configured data roots.
+cluster has slots, name data files only inside the configured data roots, and name its code
+by the digest of an uploaded archive.
 """
 
 from __future__ import annotations
@@ -44,13 +45,14 @@ from dptrain.coordinator.server.blobs import BlobStore
 from dptrain.coordinator.server.metrics import Metrics
 from dptrain.coordinator.server.scheduler import Cluster, validate_request
 from dptrain.coordinator.server.store import Store
+from dptrain.worker.code_archive import MAX_CODE_BYTES
 from dptrain.worker.data import data_paths
-from dptrain.worker.spec import JobSpec, JobSpecError
+from dptrain.worker.spec import JobSpec, JobSpecError, code_digest
 
 __all__ = [
     "Runner", "ServiceState", "SubmitRequest", "ListRequest", "SpecInvalid",
-    "validate_spec", "check_data_paths", "prepare_job", "queue_job", "submit_job", "get_job",
-    "list_jobs", "cancel_job", "watch_job", "report_progress", "heartbeat",
+    "validate_spec", "check_data_paths", "check_code", "prepare_job", "queue_job", "submit_job",
+    "get_job", "list_jobs", "cancel_job", "watch_job", "report_progress", "heartbeat",
 ]
 
 log = logging.getLogger("dptrain.coordinator")
@@ -85,6 +87,7 @@ class ServiceState:
         data_roots: directories data files must lie in (none: no data files allowed).
         default_max_restarts: a job's ``max_restarts`` when the submission gives none.
         runner: launches jobs; None when the server only queues them (tests).
+        max_code_bytes: the largest code archive accepted, packed or unpacked.
         metrics: counters for the Prometheus endpoint.
         stopping: set when the server shuts down (ends open watches).
     """
@@ -95,6 +98,7 @@ class ServiceState:
     data_roots: tuple[Path, ...] = ()
     default_max_restarts: int = 3
     runner: Runner | None = None
+    max_code_bytes: int = MAX_CODE_BYTES
     metrics: Metrics = field(default_factory=Metrics)
     stopping: threading.Event = field(default_factory=threading.Event)
 
@@ -144,6 +148,8 @@ def check_data_paths(spec: JobSpec, roots: Sequence[str | os.PathLike]) -> None:
     Raises:
         ValidationError: naming ``dataset.args.<name>``.
     """
+    if spec.dataset is None:  # an own training loop: its script reads what it reads
+        return
     real_roots = [os.path.realpath(r) for r in roots]
     for name in sorted(data_paths(spec.dataset.name) & spec.dataset.args.keys()):
         path, item = f"dataset.args.{name}", spec.dataset.args[name]
@@ -159,6 +165,25 @@ def check_data_paths(spec: JobSpec, roots: Sequence[str | os.PathLike]) -> None:
         if not any(_inside(os.path.realpath(item), r) for r in real_roots):
             raise ValidationError(path, "must lie inside a data root ("
                                   + ", ".join(os.fspath(r) for r in roots) + ")", item)
+
+
+def check_code(spec: JobSpec, state: ServiceState) -> None:
+    """The submission rule of a spec's ``code``: an uploaded archive, by digest.
+
+    Raises:
+        ValidationError: naming ``code`` (a directory the client did not upload, or a
+            digest no upload stored).
+    """
+    if spec.code is None:
+        return
+    digest = code_digest(spec.code)
+    if digest is None:
+        raise ValidationError("code", "must name uploaded code as 'sha256:<digest>' (clients "
+                                      "upload the directory a job file names: UploadCode)",
+                              spec.code)
+    if not state.blobs.exists(digest):
+        raise ValidationError("code", "names no uploaded archive (upload it first: "
+                                      "UploadCode)", spec.code)
 
 
 def validate_spec(spec: Mapping[str, Any], state: ServiceState) -> JobSpec:
@@ -181,6 +206,7 @@ def validate_spec(spec: Mapping[str, Any], state: ServiceState) -> JobSpec:
         raise SpecInvalid(e) from None
     validate_request(job_spec.workers, state.cluster)
     check_data_paths(job_spec, state.data_roots)
+    check_code(job_spec, state)
     return job_spec
 
 

@@ -50,6 +50,7 @@ from dptrain.coordinator.server.service import CoordinatorServicer, WorkerServic
 from dptrain.coordinator.server.store import SqliteStore, Store
 from dptrain.protos.dptrain.v1 import coordinator_pb2 as pb
 from dptrain.protos.dptrain.v1 import coordinator_pb2_grpc as pb_grpc
+from dptrain.worker.code_archive import MAX_CODE_BYTES
 
 __all__ = ["serve", "CoordinatorServer", "ServerSettings", "ServerConfigError", "Runner",
            "RunnerFactory", "RequestDecodingInterceptor", "UndecodableRequest", "SERVICE_NAMES",
@@ -86,6 +87,7 @@ class ServerSettings:
         cluster: the slots to schedule (default: this machine, a slot per core).
         max_workers: threads serving calls; every open watch or transfer holds one.
         max_checkpoint_bytes: the largest checkpoint file accepted.
+        max_code_bytes: the largest code archive accepted (packed or unpacked), 50 MiB.
         default_max_restarts: ``max_restarts`` of jobs submitted without one (None: 3).
         advertise_address: ``host:port`` workers should use (default: from `host`).
         runner: the job runner's settings (its launcher among them); None: no runner, jobs
@@ -106,6 +108,7 @@ class ServerSettings:
     cluster: Cluster | None = None
     max_workers: int = 256
     max_checkpoint_bytes: int = DEFAULT_MAX_CHECKPOINT_BYTES
+    max_code_bytes: int = MAX_CODE_BYTES
     default_max_restarts: int | None = 3
     advertise_address: str | None = None
     runner: RunnerSettings | None = None
@@ -437,7 +440,7 @@ def serve(settings: ServerSettings, *,
                                          max_size=settings.max_checkpoint_bytes),
             cluster=settings.cluster if settings.cluster is not None else Cluster.local(),
             data_roots=tuple(Path(r).resolve() for r in settings.data_roots),
-            default_max_restarts=default_max_restarts)
+            default_max_restarts=default_max_restarts, max_code_bytes=settings.max_code_bytes)
         # Before any upload can be in flight: drop blobs no checkpoint refers to (the leftovers
         # of an upload cut short by a crash) and stray temporary files.
         state.blobs.collect_garbage(referenced_blobs(store), min_age=0)

@@ -20,7 +20,7 @@ from dptrain.coordinator.api.errors import ValidationError, status_name
 from dptrain.coordinator.api.limits import MAX_ERROR_MESSAGE
 from dptrain.coordinator.api.records import Job
 from dptrain.coordinator.server import checkpoint_store as checkpoints
-from dptrain.coordinator.server import jobs
+from dptrain.coordinator.server import code_store, jobs
 from dptrain.coordinator.server.auth import WORKER_SERVICE, AuthInterceptor
 from dptrain.coordinator.server.jobs import ServiceState
 from dptrain.protos.dptrain.v1 import coordinator_pb2 as pb
@@ -175,6 +175,16 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
                 info=pb.DownloadInfo(step=step, file=serde.file_entry_to_proto(entry)))
             yield from chunks  # bytes: encoded by `api.chunk_wire` (server.ChunkWireInterceptor)
 
+    def UploadCode(self, request_iterator: Iterator[pb.UploadCodeRequest],
+                   context: Any) -> pb.CodeArchive:
+        """Store a job's code archive (`code_store.receive_code`; the coordinator token only,
+        as on this whole service)."""
+        with _aborting(context):
+            sha256, size = serde.code_header_from_upload(next(request_iterator, None))
+            sha256, size = code_store.receive_code(
+                sha256, size, serde.code_chunks(request_iterator), self.state)
+            return pb.CodeArchive(sha256=sha256, size=size)
+
 
 class WorkerServicer(pb_grpc.WorkerServiceServicer):
     """``dptrain.v1.WorkerService``: each call acts only on the job its worker token names.
@@ -233,3 +243,13 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
             yield pb.FetchCheckpointResponse(header=serde.upload_header_to_proto(header))
             for name, data in chunks:  # encoded by `api.chunk_wire`
                 yield Chunk(name, data)
+
+    def FetchCode(self, request: pb.FetchCodeRequest,
+                  context: Any) -> Iterator[pb.FetchCodeResponse]:
+        """The job's code archive (`code_store.open_code`)."""
+        with _aborting(context):
+            self._require_job(context, "FetchCode", request.job_id)
+            sha256, size, chunks = code_store.open_code(request.job_id, self.state)
+            yield pb.FetchCodeResponse(info=pb.CodeArchive(sha256=sha256, size=size))
+            for chunk in chunks:
+                yield pb.FetchCodeResponse(chunk=chunk)

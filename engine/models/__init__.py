@@ -19,6 +19,7 @@ from dptrain.engine.models.lstm_lm import LSTMLanguageModel
 from dptrain.engine.models.registry import (
     get_constructor,
     get_model,
+    import_reference,
     list_models,
     model_signature,
     parse_reference,
@@ -28,4 +29,5 @@ from dptrain.engine.models.resnet import BasicBlock, ResNet
 from dptrain.engine.models.transformer_lm import TransformerLM
 
 __all__ = ["get_model", "get_constructor", "list_models", "register_model", "model_signature",
-           "parse_reference", "LeNet", "ResNet", "BasicBlock", "TransformerLM", "LSTMLanguageModel"]
+           "parse_reference", "import_reference", "LeNet", "ResNet", "BasicBlock",
+           "TransformerLM", "LSTMLanguageModel"]

@@ -13,11 +13,12 @@ import importlib
 import inspect
 import keyword
 from collections.abc import Callable
+from typing import Any
 
 from dptrain.engine.nn.module import Module
 
 __all__ = ["register_model", "get_model", "get_constructor", "list_models", "model_signature",
-           "parse_reference"]
+           "parse_reference", "import_reference"]
 
 _REGISTRY: dict[str, Callable[..., Module]] = {}
 
@@ -67,7 +68,7 @@ def _dotted(text: str) -> bool:
     return all(part.isidentifier() and not keyword.iskeyword(part) for part in text.split("."))
 
 
-def parse_reference(name: str) -> tuple[str, str]:
+def parse_reference(name: str, what: str = "model") -> tuple[str, str]:
     """Split a user's constructor ``"package.module:function"`` into its module and attribute,
     checking its syntax only: nothing is imported.
 
@@ -76,6 +77,7 @@ def parse_reference(name: str) -> tuple[str, str]:
 
     Args:
         name: the reference; either side may be dotted (``pkg.mod:Class.build``).
+        what: what it names, for the message (``model``, ``loss``, ``data set``).
 
     Returns:
         ``(module, attribute)``.
@@ -89,34 +91,55 @@ def parse_reference(name: str) -> tuple[str, str]:
     """
     module, sep, attr = name.partition(":")
     if not sep or not _dotted(module) or not _dotted(attr):
-        raise ValueError(f"model {name!r}: a user's constructor is named "
+        raise ValueError(f"{what} {name!r}: a user's {what} is named "
                          "'package.module:function' (dotted Python identifiers)")
     return module, attr
+
+
+def import_reference(name: str, what: str = "model") -> Callable[..., Any]:
+    """Import the callable a ``"package.module:function"`` reference names.
+
+    Only the processes that run a job's code call this (the workers): importing runs the
+    module's code.
+
+    Args:
+        name: the reference (`parse_reference`'s syntax).
+        what: what it names, for the messages (``model``, ``loss``, ``data set``).
+
+    Returns:
+        The callable.
+
+    Raises:
+        ValueError: bad syntax, a module that cannot be imported (or fails while importing),
+            or a missing attribute.
+        TypeError: the attribute is not callable.
+    """
+    module_name, attr = parse_reference(name, what)
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ValueError(f"{what} {name!r}: cannot import module {module_name!r}: {e}") \
+            from None
+    except (Exception, SystemExit) as e:  # the module's own code failed, or exited
+        raise ValueError(f"{what} {name!r}: importing module {module_name!r} failed: "
+                         f"{type(e).__name__}: {e}") from None
+    fn = module
+    for part in attr.split("."):
+        fn = getattr(fn, part, None)
+        if fn is None:
+            raise ValueError(f"{what} {name!r}: module {module_name!r} has no attribute "
+                             f"{attr!r}")
+    if not callable(fn):
+        raise TypeError(f"{what} {name!r}: {attr!r} is a {type(fn).__name__}, not a "
+                        "callable")
+    return fn
 
 
 def _resolve(name: str) -> Callable[..., Module]:
     if not isinstance(name, str):
         raise TypeError(f"the model name must be a string, got {type(name).__name__}")
     if ":" in name:
-        module_name, attr = parse_reference(name)
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError as e:
-            raise ValueError(f"model {name!r}: cannot import module {module_name!r}: {e}") \
-                from None
-        except (Exception, SystemExit) as e:  # the module's own code failed, or exited
-            raise ValueError(f"model {name!r}: importing module {module_name!r} failed: "
-                             f"{type(e).__name__}: {e}") from None
-        fn = module
-        for part in attr.split("."):
-            fn = getattr(fn, part, None)
-            if fn is None:
-                raise ValueError(f"model {name!r}: module {module_name!r} has no attribute "
-                                 f"{attr!r}")
-        if not callable(fn):
-            raise TypeError(f"model {name!r}: {attr!r} is a {type(fn).__name__}, not a "
-                            "callable constructor")
-        return fn
+        return import_reference(name, "model")
     if name not in _REGISTRY:
         close = difflib.get_close_matches(name, list(_REGISTRY), n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""

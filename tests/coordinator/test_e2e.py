@@ -452,3 +452,99 @@ def test_cli_bad_spec_is_one_line(server, tmp_path):
                                   str(server.settings.state_dir / "token"), "jobs"],
                                  capture_output=True, text=True, timeout=60)
     assert unreachable.returncode == 5 and len(unreachable.stderr.strip().splitlines()) == 1
+
+
+# ---------------------------------------------------------------- your own code in a job
+
+CUSTOM = Path(__file__).resolve().parents[2] / "examples" / "custom"
+
+
+def _own_project(tmp_path: Path, job: dict) -> Path:
+    """examples/custom's modules in a directory on no path, with `job` as its job file."""
+    project = tmp_path / "somewhere" / "project"
+    project.mkdir(parents=True)
+    for name in ("mymodels.py", "mylosses.py", "mydata.py", "train.py"):
+        (project / name).write_text((CUSTOM / name).read_text())
+    (project / "job.yaml").write_text(yaml.safe_dump({**job, "code": "."}))
+    return project / "job.yaml"
+
+
+def _killed_once(client: Client, state_dir: Path, job_id: str, step: int) -> list[str]:
+    """Kill one rank of the job after a checkpoint of `step` or later is stored; the job's
+    state changes until it ends."""
+    wait_for(lambda: any(r.step >= step for r in client.list_checkpoints(job_id)), 120,
+             what=f"a checkpoint at step {step}")
+    ranks = rank_pids(run_record(state_dir, job_id)["run_id"])
+    assert len(ranks) == 2
+    os.kill(ranks[1], signal.SIGKILL)
+    return [e.payload["state"] for e in watch_all(client, job_id) if e.kind is EventKind.STATE]
+
+
+def test_shipped_code_job_restarts_after_a_killed_rank_to_the_same_parameters(
+        client, state_dir, tmp_path):
+    job_file = _own_project(tmp_path, {**yaml.safe_load((CUSTOM / "job.yaml").read_text()),
+                                       "epochs": 12, "checkpoint": {"every_steps": 10,
+                                                                    "keep": 2}})
+    undisturbed = client.submit_job(job_file)
+    assert undisturbed.spec["code"].startswith("sha256:")
+    watch_all(client, undisturbed.id)
+    done = client.get_job(undisturbed.id)
+    assert done.state is S.SUCCEEDED, done.error
+    reference = client.download_checkpoint(undisturbed.id, dest=tmp_path / "a.safetensors")
+
+    job = client.submit_job(job_file)
+    assert job.spec["code"] == undisturbed.spec["code"]  # the same bytes, stored once
+    states = _killed_once(client, state_dir, job.id, 30)
+    assert states == ["QUEUED", "RUNNING", "RESTARTING", "RUNNING", "SUCCEEDED"]
+    final = client.get_job(job.id)
+    assert final.restarts == 1 and final.last_step == done.last_step == 252
+    resumed = client.download_checkpoint(job.id, dest=tmp_path / "b.safetensors")
+    assert resumed.sha256 == reference.sha256  # bit-identical to the undisturbed run
+    # The ranks imported the shipped modules, unpacked beside the job's spec.
+    digest = job.spec["code"].removeprefix("sha256:")
+    assert (state_dir / "jobs" / job.id / "code" / digest / "mymodels.py").is_file()
+
+
+def test_an_own_loop_job_reports_checkpoints_restarts_and_resumes(client, state_dir, tmp_path):
+    job_file = _own_project(tmp_path, {"name": "own-loop", "workers": 2,
+                                       "entrypoint": "train.py --epochs 12 --lr 3e-3",
+                                       "checkpoint": {"keep": 2}})
+    undisturbed = client.submit_job(job_file)
+    events = watch_all(client, undisturbed.id)
+    done = client.get_job(undisturbed.id)
+    assert done.state is S.SUCCEEDED, done.error
+    assert done.last_step == 12 * 28 and done.metrics["loss"] > 0
+    losses = [e.payload["loss"] for e in events
+              if e.kind is EventKind.METRICS and "loss" in e.payload]
+    assert losses and losses[-1] < losses[0]  # progress streamed as it trained
+    assert [r.step for r in client.list_checkpoints(undisturbed.id)] == [11 * 28, 12 * 28]
+    reference = client.download_checkpoint(undisturbed.id, dest=tmp_path / "a.safetensors")
+
+    job = client.submit_job(job_file)
+    states = _killed_once(client, state_dir, job.id, 2 * 28)
+    assert states == ["QUEUED", "RUNNING", "RESTARTING", "RUNNING", "SUCCEEDED"]
+    final = client.get_job(job.id)
+    assert final.restarts == 1 and final.last_step == 12 * 28
+    resumed = client.download_checkpoint(job.id, dest=tmp_path / "b.safetensors")
+    assert resumed.sha256 == reference.sha256  # resumed after the checkpoint's epoch, exactly
+
+
+def test_an_own_loop_job_with_shipped_code_survives_a_coordinator_kill9(coordinator, state_dir,
+                                                                          tmp_path):
+    job_file = _own_project(tmp_path, {"name": "own-loop", "workers": 2,
+                                       "entrypoint": "train.py --epochs 20",
+                                       "checkpoint": {"keep": 2}})
+    coordinator.start()
+    with coordinator.client() as client:
+        job = client.submit_job(job_file)
+        wait_for(lambda: client.list_checkpoints(job.id), 90, what="a first checkpoint")
+    coordinator.kill()
+    coordinator.start()  # its start-up clean-up keeps the code blob the job names
+    digest = job.spec["code"].removeprefix("sha256:")
+    assert (state_dir / "blobs" / digest[:2] / digest[2:]).is_file()
+    with coordinator.client() as client:
+        watch_all(client, job.id)
+        final = client.get_job(job.id)
+        assert final.state is S.SUCCEEDED, final.error
+        assert final.last_step == 20 * 28
+        assert client.list_checkpoints(job.id)[-1].step == 20 * 28

@@ -29,7 +29,7 @@ FAILED: JobState
 CANCELLED: JobState
 
 class JobSpec(_message.Message):
-    __slots__ = ("name", "model", "dataset", "optimizer", "batch_size", "epochs", "max_steps", "scheduler", "eval_every", "seed", "workers", "device", "checkpoint")
+    __slots__ = ("name", "model", "dataset", "optimizer", "batch_size", "epochs", "max_steps", "scheduler", "eval_every", "seed", "workers", "device", "checkpoint", "loss", "code", "entrypoint")
     NAME_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     DATASET_FIELD_NUMBER: _ClassVar[int]
@@ -43,6 +43,9 @@ class JobSpec(_message.Message):
     WORKERS_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
+    LOSS_FIELD_NUMBER: _ClassVar[int]
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    ENTRYPOINT_FIELD_NUMBER: _ClassVar[int]
     name: str
     model: ModelSpec
     dataset: DatasetSpec
@@ -56,7 +59,10 @@ class JobSpec(_message.Message):
     workers: int
     device: str
     checkpoint: CheckpointSpec
-    def __init__(self, name: _Optional[str] = ..., model: _Optional[_Union[ModelSpec, _Mapping]] = ..., dataset: _Optional[_Union[DatasetSpec, _Mapping]] = ..., optimizer: _Optional[_Union[OptimizerSpec, _Mapping]] = ..., batch_size: _Optional[int] = ..., epochs: _Optional[int] = ..., max_steps: _Optional[int] = ..., scheduler: _Optional[_Union[SchedulerSpec, _Mapping]] = ..., eval_every: _Optional[int] = ..., seed: _Optional[int] = ..., workers: _Optional[int] = ..., device: _Optional[str] = ..., checkpoint: _Optional[_Union[CheckpointSpec, _Mapping]] = ...) -> None: ...
+    loss: str
+    code: str
+    entrypoint: str
+    def __init__(self, name: _Optional[str] = ..., model: _Optional[_Union[ModelSpec, _Mapping]] = ..., dataset: _Optional[_Union[DatasetSpec, _Mapping]] = ..., optimizer: _Optional[_Union[OptimizerSpec, _Mapping]] = ..., batch_size: _Optional[int] = ..., epochs: _Optional[int] = ..., max_steps: _Optional[int] = ..., scheduler: _Optional[_Union[SchedulerSpec, _Mapping]] = ..., eval_every: _Optional[int] = ..., seed: _Optional[int] = ..., workers: _Optional[int] = ..., device: _Optional[str] = ..., checkpoint: _Optional[_Union[CheckpointSpec, _Mapping]] = ..., loss: _Optional[str] = ..., code: _Optional[str] = ..., entrypoint: _Optional[str] = ...) -> None: ...
 
 class ModelSpec(_message.Message):
     __slots__ = ("name", "args_json")
@@ -449,3 +455,33 @@ class FetchCheckpointResponse(_message.Message):
     header: CheckpointHeader
     chunk: FileChunk
     def __init__(self, header: _Optional[_Union[CheckpointHeader, _Mapping]] = ..., chunk: _Optional[_Union[FileChunk, _Mapping]] = ...) -> None: ...
+
+class CodeArchive(_message.Message):
+    __slots__ = ("sha256", "size")
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    sha256: str
+    size: int
+    def __init__(self, sha256: _Optional[str] = ..., size: _Optional[int] = ...) -> None: ...
+
+class UploadCodeRequest(_message.Message):
+    __slots__ = ("header", "chunk")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    header: CodeArchive
+    chunk: bytes
+    def __init__(self, header: _Optional[_Union[CodeArchive, _Mapping]] = ..., chunk: _Optional[bytes] = ...) -> None: ...
+
+class FetchCodeRequest(_message.Message):
+    __slots__ = ("job_id",)
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    def __init__(self, job_id: _Optional[str] = ...) -> None: ...
+
+class FetchCodeResponse(_message.Message):
+    __slots__ = ("info", "chunk")
+    INFO_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    info: CodeArchive
+    chunk: bytes
+    def __init__(self, info: _Optional[_Union[CodeArchive, _Mapping]] = ..., chunk: _Optional[bytes] = ...) -> None: ...

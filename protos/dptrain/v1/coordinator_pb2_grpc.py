@@ -70,6 +70,11 @@ class CoordinatorStub:
                 request_serializer=dptrain_dot_v1_dot_coordinator__pb2.DownloadCheckpointRequest.SerializeToString,
                 response_deserializer=dptrain_dot_v1_dot_coordinator__pb2.DownloadCheckpointResponse.FromString,
                 _registered_method=True)
+        self.UploadCode = channel.stream_unary(
+                '/dptrain.v1.Coordinator/UploadCode',
+                request_serializer=dptrain_dot_v1_dot_coordinator__pb2.UploadCodeRequest.SerializeToString,
+                response_deserializer=dptrain_dot_v1_dot_coordinator__pb2.CodeArchive.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServicer:
@@ -135,6 +140,21 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def UploadCode(self, request_iterator, context):
+        """Store a job's code, content-addressed, before submitting the job: first a header (the
+        archive's sha256 and size), then its bytes in chunks. The archive is a gzip-compressed tar
+        of plain files and directories (clients pack it: worker/code_archive.py); one with
+        absolute names, `..`, links or anything else, or bytes that do not hash to the header's
+        sha256, is INVALID_ARGUMENT; one over the server's limit (default 50 MiB, packed or
+        unpacked) RESOURCE_EXHAUSTED; nothing is stored then. Shipped code runs on the workers
+        with the coordinator's permissions, so only the coordinator's token may call this (a
+        worker token gets PERMISSION_DENIED). A job then names it in its spec as
+        code: "sha256:<the digest>". Storing the same archive again is a no-op.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -172,6 +192,11 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.DownloadCheckpoint,
                     request_deserializer=dptrain_dot_v1_dot_coordinator__pb2.DownloadCheckpointRequest.FromString,
                     response_serializer=dptrain_dot_v1_dot_coordinator__pb2.DownloadCheckpointResponse.SerializeToString,
+            ),
+            'UploadCode': grpc.stream_unary_rpc_method_handler(
+                    servicer.UploadCode,
+                    request_deserializer=dptrain_dot_v1_dot_coordinator__pb2.UploadCodeRequest.FromString,
+                    response_serializer=dptrain_dot_v1_dot_coordinator__pb2.CodeArchive.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -374,6 +399,33 @@ class Coordinator:
             metadata,
             _registered_method=True)
 
+    @staticmethod
+    def UploadCode(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/dptrain.v1.Coordinator/UploadCode',
+            dptrain_dot_v1_dot_coordinator__pb2.UploadCodeRequest.SerializeToString,
+            dptrain_dot_v1_dot_coordinator__pb2.CodeArchive.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
 
 class WorkerServiceStub:
     """The service the workers of a job call (rank 0 of each job), with the job's worker token.
@@ -404,6 +456,11 @@ class WorkerServiceStub:
                 '/dptrain.v1.WorkerService/FetchCheckpoint',
                 request_serializer=dptrain_dot_v1_dot_coordinator__pb2.FetchCheckpointRequest.SerializeToString,
                 response_deserializer=dptrain_dot_v1_dot_coordinator__pb2.FetchCheckpointResponse.FromString,
+                _registered_method=True)
+        self.FetchCode = channel.unary_stream(
+                '/dptrain.v1.WorkerService/FetchCode',
+                request_serializer=dptrain_dot_v1_dot_coordinator__pb2.FetchCodeRequest.SerializeToString,
+                response_deserializer=dptrain_dot_v1_dot_coordinator__pb2.FetchCodeResponse.FromString,
                 _registered_method=True)
 
 
@@ -450,6 +507,15 @@ class WorkerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def FetchCode(self, request, context):
+        """The job's code (the archive its spec's code names): first its sha256 and size, then its
+        bytes in chunks; the workers verify the sha256 before unpacking. NOT_FOUND when the job
+        has no code; FAILED_PRECONDITION once the job is over.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WorkerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -472,6 +538,11 @@ def add_WorkerServiceServicer_to_server(servicer, server):
                     servicer.FetchCheckpoint,
                     request_deserializer=dptrain_dot_v1_dot_coordinator__pb2.FetchCheckpointRequest.FromString,
                     response_serializer=dptrain_dot_v1_dot_coordinator__pb2.FetchCheckpointResponse.SerializeToString,
+            ),
+            'FetchCode': grpc.unary_stream_rpc_method_handler(
+                    servicer.FetchCode,
+                    request_deserializer=dptrain_dot_v1_dot_coordinator__pb2.FetchCodeRequest.FromString,
+                    response_serializer=dptrain_dot_v1_dot_coordinator__pb2.FetchCodeResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -583,6 +654,33 @@ class WorkerService:
             '/dptrain.v1.WorkerService/FetchCheckpoint',
             dptrain_dot_v1_dot_coordinator__pb2.FetchCheckpointRequest.SerializeToString,
             dptrain_dot_v1_dot_coordinator__pb2.FetchCheckpointResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FetchCode(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/dptrain.v1.WorkerService/FetchCode',
+            dptrain_dot_v1_dot_coordinator__pb2.FetchCodeRequest.SerializeToString,
+            dptrain_dot_v1_dot_coordinator__pb2.FetchCodeResponse.FromString,
             options,
             channel_credentials,
             insecure,

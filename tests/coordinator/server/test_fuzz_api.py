@@ -27,6 +27,8 @@ from typing import Any
 
 import grpc
 import pytest
+from archives import HOSTILE as HOSTILE_ARCHIVES
+from archives import hostile as hostile_archive
 from google.protobuf import descriptor, message_factory
 from google.protobuf.message import Message
 from hypothesis import HealthCheck, given, settings
@@ -374,6 +376,7 @@ def _valid_requests(t: Target) -> dict[str, Any]:
             pb.WorkerEvent(log=pb.LogLine(line="hello", rank=0))]),
         "Heartbeat": pb.HeartbeatRequest(job_id=t.running),
         "FetchCheckpoint": pb.FetchCheckpointRequest(job_id=t.running),
+        "FetchCode": pb.FetchCodeRequest(job_id=t.running),
     }
 
 
@@ -388,6 +391,8 @@ def requests(draw: Any, t: Target, method: str) -> Any:
     _, m = METHODS[method]
     if method == "UploadCheckpoint":
         return draw(uploads(t))
+    if method == "UploadCode":
+        return draw(code_uploads())
     if method == "SubmitJob" and draw(st.booleans()):
         return draw(submissions(t))
     valid = _valid_requests(t)[method]
@@ -468,6 +473,24 @@ def uploads(draw: Any, t: Target) -> list[pb.UploadCheckpointRequest]:
     elif kind == "random":
         messages = draw(st.lists(random_message(pb.UploadCheckpointRequest.DESCRIPTOR),
                                  max_size=4))
+    return messages
+
+
+@st.composite
+def code_uploads(draw: Any) -> list[pb.UploadCodeRequest]:
+    """A code upload's messages: a valid or hostile archive, with its header right, wrong,
+    mutated or missing, reordered, or random messages."""
+    data = draw(st.sampled_from([hostile_archive(m) for m in HOSTILE_ARCHIVES.values()]
+                                + [b"", b"not an archive"]))
+    header = pb.CodeArchive(sha256=hashlib.sha256(data).hexdigest(), size=len(data))
+    messages = [pb.UploadCodeRequest(header=header), pb.UploadCodeRequest(chunk=data)]
+    kind = draw(st.sampled_from(["as is", "header", "order", "random"]))
+    if kind == "header":
+        messages[0] = pb.UploadCodeRequest(header=draw(mutated(header)))
+    elif kind == "order":
+        messages = draw(st.permutations(messages * draw(st.integers(0, 2))))
+    elif kind == "random":
+        messages = draw(st.lists(random_message(pb.UploadCodeRequest.DESCRIPTOR), max_size=4))
     return messages
 
 

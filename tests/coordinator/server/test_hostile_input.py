@@ -215,7 +215,7 @@ def test_coordinator_and_cli_never_import_the_models_a_job_names(server, client,
     assert module not in sys.modules and "unittest.__main__" not in sys.modules
     error = refusal(stub, server, pb.SubmitJobRequest(spec=raw_spec(
         model=pb.ModelSpec(name="os.path:join; rm -rf"))))
-    assert_invalid(error, "model.name: model 'os.path:join; rm -rf': a user's constructor is "
+    assert_invalid(error, "model.name: model 'os.path:join; rm -rf': a user's model is "
                           "named 'package.module:function'")
 
 
