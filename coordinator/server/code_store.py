@@ -22,7 +22,7 @@ from dptrain.coordinator.api.errors import (
     StateConflict,
     ValidationError,
 )
-from dptrain.coordinator.server.blobs import check_sha256
+from dptrain.coordinator.server.blobs import blob_id
 from dptrain.coordinator.server.checkpoint_store import WORKER_STATES
 from dptrain.coordinator.server.jobs import ServiceState
 from dptrain.worker.code_archive import CodeArchiveError, check_archive
@@ -64,12 +64,12 @@ def receive_code(sha256: str, size: int, chunks: Iterable[bytes],
             (INVALID_ARGUMENT); nothing is stored.
         BlobTooLarge: more than ``state.max_code_bytes`` (RESOURCE_EXHAUSTED).
     """
-    check_sha256(sha256, "header.sha256")
+    expected = blob_id("sha256", sha256, "header.sha256")  # code archives are named by sha256
     limit = state.max_code_bytes
     if size > limit:
         raise BlobTooLarge(limit)
     try:
-        stored, stored_size = state.blobs.put(_limited(chunks, limit), expected_sha256=sha256)
+        stored, stored_size = state.blobs.put(_limited(chunks, limit), expected=expected)
     except ChecksumMismatch as e:  # nothing was stored
         raise ValidationError("header.sha256", f"does not match the bytes sent ({e})",
                               sha256) from None
