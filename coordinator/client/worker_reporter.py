@@ -173,7 +173,7 @@ class WorkerClient(Client):
             try:
                 serde.code_header_from_upload(next(stream, None))
                 with os.fdopen(fd, "wb") as f:
-                    got, _ = write_hashed(serde.code_chunks(stream), f)
+                    got, _ = write_hashed(serde.code_chunks(stream), f, "sha256")
             except ValidationError as e:
                 raise ClientError("INTERNAL", f"the code stream is malformed: {e}") from None
             if got != sha256:
