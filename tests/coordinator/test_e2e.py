@@ -499,7 +499,7 @@ def test_shipped_code_job_restarts_after_a_killed_rank_to_the_same_parameters(
     final = client.get_job(job.id)
     assert final.restarts == 1 and final.last_step == done.last_step == 252
     resumed = client.download_checkpoint(job.id, dest=tmp_path / "b.safetensors")
-    assert resumed.sha256 == reference.sha256  # bit-identical to the undisturbed run
+    assert resumed.digest == reference.digest  # bit-identical to the undisturbed run
     # The ranks imported the shipped modules, unpacked beside the job's spec.
     digest = job.spec["code"].removeprefix("sha256:")
     assert (state_dir / "jobs" / job.id / "code" / digest / "mymodels.py").is_file()
@@ -526,7 +526,7 @@ def test_an_own_loop_job_reports_checkpoints_restarts_and_resumes(client, state_
     final = client.get_job(job.id)
     assert final.restarts == 1 and final.last_step == 12 * 28
     resumed = client.download_checkpoint(job.id, dest=tmp_path / "b.safetensors")
-    assert resumed.sha256 == reference.sha256  # resumed after the checkpoint's epoch, exactly
+    assert resumed.digest == reference.digest  # resumed after the checkpoint's epoch, exactly
 
 
 def test_an_own_loop_job_with_shipped_code_survives_a_coordinator_kill9(coordinator, state_dir,
