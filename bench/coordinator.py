@@ -246,7 +246,7 @@ def bench_latency(ctx: Any, info: dict, clients: int, procs: int, calls: int,
 
 def bench_fanout(ctx: Any, info: dict, worker_token: str, watchers: int, procs: int,
                  rounds: int) -> list[str]:
-    from dptrain.coordinator.client.worker_reporter import WorkerClient
+    from dptrain.coordinator.client.worker_client import WorkerClient
 
     after_seq = 0  # watchers first get the job's two state events, then wait for ours
     ready, out = ctx.Queue(), ctx.Queue()
@@ -282,7 +282,7 @@ def _durable_copy(src: Path, dst: Path) -> None:
 def bench_transfer(info: dict, worker_token: str, work: Path, size_mib: int,
                    rounds: int, algorithm: str) -> list[str]:
     from dptrain.coordinator.client.client import Client
-    from dptrain.coordinator.client.worker_reporter import WorkerClient
+    from dptrain.coordinator.client.worker_client import WorkerClient
     from dptrain.worker.checkpoint_manifest import write_manifest
 
     data = os.urandom(size_mib << 20)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-_LAZY = {"Client": "client", "ClientError": "client", "WorkerClient": "worker_reporter"}
+_LAZY = {"Client": "client", "ClientError": "client", "WorkerClient": "worker_client"}
 
 
 def __getattr__(name: str) -> Any:

@@ -14,7 +14,8 @@ from jobkit import TINY_SPEC, free_port, small_checkpoint, spec, wait_for
 
 from dptrain.coordinator.api.records import EventKind, JobState, hash_token, new_token
 from dptrain.coordinator.client.client import Client
-from dptrain.coordinator.client.worker_reporter import CoordinatorReporter, WorkerClient
+from dptrain.coordinator.client.worker_client import WorkerClient
+from dptrain.coordinator.client.worker_reporter import CoordinatorReporter
 from dptrain.coordinator.server.scheduler import Cluster
 
 SPEC = spec(TINY_SPEC, checkpoint={"every_steps": 5, "keep": 3})

@@ -16,7 +16,7 @@ from archives import HOSTILE, hostile
 from dptrain.coordinator.api.credentials import bearer_metadata
 from dptrain.coordinator.api.records import JobState, hash_token, new_token
 from dptrain.coordinator.client.client import Client, ClientError
-from dptrain.coordinator.client.worker_reporter import WorkerClient
+from dptrain.coordinator.client.worker_client import WorkerClient
 from dptrain.coordinator.server.checkpoint_store import referenced_blobs
 from dptrain.coordinator.server.scheduler import Cluster
 from dptrain.protos.dptrain.v1 import coordinator_pb2 as pb

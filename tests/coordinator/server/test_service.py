@@ -39,10 +39,8 @@ from dptrain.coordinator.api.records import (
     new_token,
 )
 from dptrain.coordinator.client.client import Client, ClientError
-from dptrain.coordinator.client.worker_reporter import (
-    WorkerClient,
-    fetch_resume_checkpoint,
-)
+from dptrain.coordinator.client.worker_client import WorkerClient
+from dptrain.coordinator.client.worker_reporter import fetch_resume_checkpoint
 from dptrain.coordinator.server.scheduler import Cluster
 from dptrain.coordinator.server.server import ServerConfigError, ServerSettings, serve
 from dptrain.coordinator.server.service import SpecMessages
