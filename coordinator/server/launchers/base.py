@@ -5,9 +5,12 @@ from the latest checkpoint, recovery after a coordinator restart) speaks only to
 interfaces. A launcher gets one attempt as a `WorkerLaunch` — the placement (hosts x slots),
 the job's files, the environment of every rank, whether to resume — and returns a `RunHandle`
 that the runner polls for the exit code and asks to terminate (the workers checkpoint and
-exit) or to kill. Before that, `Launcher.preflight` may check that the placement's hosts can
-run the job at all: its failure fails the job at once, without counting a restart, since
-trying again would fail the same way. After a coordinator restart, `Launcher.recover` finds
+exit) or to kill. An attempt may be accepted before its ranks run (a batch queue, pods waiting
+for nodes): the handle says so (`RunHandle.started`), and the runner starts its heartbeat
+clock only once they run, so a queued attempt is never taken for a hung one. Before an
+attempt, `Launcher.preflight` may check that the placement's hosts can run the job at all: its
+failure fails the job at once, without counting a restart, since trying again would fail the
+same way. After a coordinator restart, `Launcher.recover` finds
 what a previous coordinator left running of an attempt, from the attempt's record (``run.json``).
 
 A launcher appends the attempt's output to the file it is given (the runner streams the job's
@@ -141,6 +144,11 @@ class RunHandle(abc.ABC):
     @abc.abstractmethod
     def kill(self) -> None:
         """End every rank now."""
+
+    def started(self) -> bool:
+        """Whether the attempt's ranks run (or ran): False while it waits for resources, e.g.
+        in a batch queue; once True, it stays True. The runner asks after each `poll`."""
+        return True  # a launcher that starts the ranks itself, at once
 
     def reap(self) -> None:
         """After `poll` reported an exit: let the ranks write their last lines for a moment,

@@ -271,8 +271,10 @@ def test_start_creates_the_secret_and_the_mpijob_and_records_its_name(fake_api, 
 def test_running_then_succeeded_is_exit_0_and_reap_deletes_it(fake_api, launcher, tmp_path):
     _, handle, _ = start(launcher, tmp_path)
     assert handle.poll() is None  # created: no condition yet
+    assert not handle.started()  # its pods wait for nodes: no heartbeat clock yet
     fake_api.set_condition("ml", NAME, "Running")
     assert handle.poll() is None
+    assert handle.started()
     fake_api.set_condition("ml", NAME, "Succeeded")
     assert handle.poll() == 0
     handle.reap()
