@@ -122,7 +122,9 @@ def test_manifest_of_a_restart_packs_ranks_into_worker_pods_with_resources_and_t
     # 2 ranks per pod: twice the per-rank request (500m x 2 = 1 CPU, 2Gi x 2 = 4Gi)
     assert worker["containers"][0]["resources"] == {
         "requests": {"cpu": "1", "memory": "4Gi"}, "limits": {"cpu": "1", "memory": "4Gi"}}
-    tls_volume = {"name": "tls", "secret": {"secretName": "dptrain-tls"}}
+    # the CA only: the coordinator's key in the same Secret never reaches a pod
+    tls_volume = {"name": "tls", "secret": {"secretName": "dptrain-tls",
+                                            "items": [{"key": "ca.pem", "path": "ca.pem"}]}}
     tls_mount = {"name": "tls", "mountPath": "/etc/dptrain/tls", "readOnly": True}
     for pod in (launcher, worker):
         assert pod["volumes"] == [*STATE_VOLUME, tls_volume]
@@ -179,10 +181,10 @@ def test_a_bad_per_rank_quantity_is_refused(field):
 
 def test_with_tls_the_workers_verify_with_the_mounted_ca():
     settings = KubernetesSettings(image="i", tls_secret="dptrain-tls")
-    env = {**ENV, "DPTRAIN_TLS_CA": "/etc/dptrain/tls/..2026_12_06/ca.crt"}  # as resolved
+    env = {**ENV, "DPTRAIN_TLS_CA": "/etc/dptrain/tls/..2026_12_06/ca.pem"}  # as resolved
     manifest = mpijob_manifest(settings, attempt(env=env))
     launcher = manifest["spec"]["mpiReplicaSpecs"]["Launcher"]["template"]["spec"]
-    assert {"name": "DPTRAIN_TLS_CA", "value": "/etc/dptrain/tls/ca.crt"} in (
+    assert {"name": "DPTRAIN_TLS_CA", "value": "/etc/dptrain/tls/ca.pem"} in (
         launcher["containers"][0]["env"])
 
 
