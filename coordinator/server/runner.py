@@ -84,9 +84,11 @@ from dptrain.coordinator.server.blobs import BlobStore
 from dptrain.coordinator.server.ingest import ingest_new_checkpoints, store_final_checkpoint
 from dptrain.coordinator.server.job_files import lock_state_dir, read_run_record
 from dptrain.coordinator.server.joblog import LineRateLimit, LogTail, failure_message
+from dptrain.coordinator.server.jobs import data_files
 from dptrain.coordinator.server.launchers.base import (
     LaunchError,
     RunHandle,
+    SharedPath,
     WorkerLaunch,
     attempt_environment,
     new_run_id,
@@ -372,7 +374,20 @@ class JobRunner:
         paths = self.settings.job_paths(launch.job_id)
         make_private_dir(paths.checkpoints)  # the job's directory, which the hosts must see
         try:
-            self.launcher.preflight(launch.placement, paths)
+            spec = self.store.get_job(launch.job_id).spec
+        except JobNotFound:
+            return False
+        dataset = spec.get("dataset") or {}
+        shared = [SharedPath(item, f"{field}: the job's data files must be at the same path on "
+                                   f"every host")
+                  for field, item in data_files(dataset.get("name", ""), dataset.get("args") or {})
+                  if isinstance(item, str)]
+        if self.settings.tls_ca is not None:
+            shared.append(SharedPath(os.fspath(self.settings.tls_ca), "DPTRAIN_TLS_CA: the CA "
+                                     "certificate the workers verify the coordinator with must "
+                                     "be at the same path on every host"))
+        try:
+            self.launcher.preflight(launch.placement, paths, shared)
         except LaunchError as e:
             self._event(launch.job_id, f"[dptrain] {e}")
             self._fail_pending(launch.job_id, str(e))

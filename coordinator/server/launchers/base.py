@@ -23,7 +23,7 @@ from __future__ import annotations
 import abc
 import os
 import secrets
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import IO, Any
 
@@ -32,7 +32,7 @@ from dptrain.coordinator.server.scheduler import Placement
 from dptrain.worker import environment as worker_env
 from dptrain.worker.hostfile import hosts_argument
 
-__all__ = ["Placement", "WorkerLaunch", "RunHandle", "Launcher", "LaunchError",
+__all__ = ["Placement", "WorkerLaunch", "RunHandle", "Launcher", "LaunchError", "SharedPath",
            "placement_text", "attempt_environment", "new_run_id", "RUN_ID_ENV"]
 
 #: The environment variable that marks every process of one attempt (not a secret).
@@ -41,6 +41,20 @@ RUN_ID_ENV = "DPTRAIN_RUN_ID"
 
 class LaunchError(OSError):
     """The workers could not be started (the message says why)."""
+
+
+@dataclass(frozen=True)
+class SharedPath:
+    """A file or directory every rank reads, which must be at the same path on every host.
+
+    Attributes:
+        path: the path.
+        why: what it is and why it must be there, for the preflight's failure line
+            ``no PATH there (WHY)``.
+    """
+
+    path: str
+    why: str = "it must be on a file system every host shares"
 
 
 def placement_text(placement: Placement) -> str:
@@ -174,9 +188,16 @@ class Launcher(abc.ABC):
             LaunchError: the workers cannot be started.
         """
 
-    def preflight(self, placement: Placement, paths: JobPaths) -> None:
+    def preflight(self, placement: Placement, paths: JobPaths,
+                  shared: Sequence[SharedPath] = ()) -> None:
         """Check, before an attempt starts, that the placement's hosts can run it (reachable,
         the software and the job's files there); called outside the runner's lock.
+
+        Args:
+            placement: where the attempt's ranks would run.
+            paths: the job's files.
+            shared: more paths the ranks read besides the job's directory (the job's data
+                files, the CA certificate they verify the coordinator with).
 
         Raises:
             LaunchError: one line naming the host and the cause.

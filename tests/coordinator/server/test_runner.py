@@ -218,6 +218,40 @@ def test_an_unreachable_host_fails_the_job_in_the_preflight_without_restarts(
     assert log_lines(store, job_id) == [f"[dptrain] {job.error}"]
 
 
+def here_shell(folder: Path) -> str:
+    """A remote shell, called as Hydra calls ssh (``CMD -x HOST "command"``), that runs the
+    command on this machine: a host that shares this machine's file system."""
+    path = folder / "here-shell"
+    path.write_text('#!/bin/sh\nwhile [ "${1#-}" != "$1" ]; do shift; done\nshift\n'
+                    'exec sh -c "$*"\n')
+    path.chmod(0o755)
+    return str(path)
+
+
+@pytest.mark.parametrize("missing", ["data", "ca"])
+def test_the_preflight_names_a_missing_data_file_or_ca_certificate_on_a_host(
+        store, make_runner, tmp_path, missing):
+    data, ca = tmp_path / "data" / "train.npz", tmp_path / "tls" / "ca.pem"
+    for path in ([ca] if missing == "data" else [data]):
+        path.parent.mkdir()
+        path.write_bytes(b"")
+    job_spec = {**TINY_SPEC, "dataset": {"name": "npz", "args": {"path": str(data)}}}
+    runner = make_runner(start=False, tls_ca=ca,
+                         launcher=MpiexecLauncher(launcher_exec=here_shell(tmp_path)))
+    runner.cluster = Cluster((Host("node2", 2),))
+    runner.start()
+    job_id = submit(store, runner, job_spec, max_restarts=3)
+    job = wait_state(store, job_id, S.FAILED, S.SUCCEEDED)
+    assert job.state is S.FAILED and job.restarts == 0
+    assert job.error == {
+        "data": f"preflight: host node2: no {data} there (dataset.args.path: the job's data "
+                f"files must be at the same path on every host)",
+        "ca": f"preflight: host node2: no {ca} there (DPTRAIN_TLS_CA: the CA certificate the "
+              f"workers verify the coordinator with must be at the same path on every host)",
+    }[missing]
+    assert states_of(store, job_id) == ["QUEUED", "FAILED"]  # it never ran
+
+
 @pytest.mark.mpi
 def test_cancel_running_job_ends_its_workers(store, make_runner, state_dir):
     runner = make_runner(kill_grace=5.0)
