@@ -28,7 +28,8 @@ from slurmkit import SlurmCluster, missing_reason
 
 from dptrain.coordinator.api.records import Event, EventKind, JobState
 from dptrain.coordinator.client.client import Client
-from dptrain.coordinator.server.job_files import read_run_record
+from dptrain.coordinator.server.job_files import JobPaths, read_run_record
+from dptrain.coordinator.server.launchers.base import WorkerLaunch
 from dptrain.coordinator.server.launchers.slurm import (
     SlurmLauncher,
     job_state,
@@ -166,6 +167,28 @@ def test_a_job_waiting_in_slurms_queue_is_not_taken_for_a_hung_one(slurm, serve_
                    line.endswith(f" s waiting (slurm job {slurm_job})") for line in lines)
         assert downloaded(client, job.id, tmp_path / "got.safetensors") == reference(
             TINY_SPEC)[0]
+
+
+def test_the_account_and_sbatch_args_reach_slurm(slurm, tmp_path):
+    # Slurm checks an account only with accounting (slurmdbd and its database, which this
+    # cluster does not run: it takes any name); what is tested is that the name gets there.
+    launcher = SlurmLauncher(account="proj-7", sbatch_args=("--hold",))  # held: never runs
+    paths = JobPaths(tmp_path / "jobs" / "j-0123456789ab")
+    paths.checkpoints.mkdir(parents=True)
+    launch = WorkerLaunch("j-0123456789ab", 1, "j-0123456789ab.1.ab", (("slurm", 2),), paths,
+                          dict(os.environ), resume=False)
+    with open(paths.log, "ab") as output:
+        handle = launcher.start(launch, output)
+    slurm_job = str(read_run_record(paths.run)["slurm_job_id"])
+    try:
+        shown = scontrol("show", "job", "-o", slurm_job)
+        assert "Account=proj-7" in shown and "JobState=PENDING" in shown
+        assert "Reason=JobHeldUser" in shown
+        kept = scontrol("write", "batch_script", slurm_job, "-")
+        assert "#SBATCH --account=proj-7\n#SBATCH --hold\n" in kept
+        assert handle.poll() is None and not handle.started()  # held: no heartbeat clock
+    finally:
+        handle.kill()
 
 
 def test_cancel_reaches_the_ranks_through_scancel(client, state_dir):
