@@ -1,17 +1,17 @@
 """The seam between the runner and whatever starts a job's ranks: `Launcher` and `RunHandle`.
 
-The runner's state machine (queued -> running -> restarting -> done, heartbeats, restarts
-from the latest checkpoint, recovery after a coordinator restart) speaks only to these two
+The runner's state machine (queued -> running -> restarting -> done, heartbeats, restarts from
+the latest checkpoint, recovery after a coordinator restart) speaks only to these two
 interfaces. A launcher gets one attempt as a `WorkerLaunch` — the placement (hosts x slots),
 the job's files, the environment of every rank, whether to resume — and returns a `RunHandle`
-that the runner polls for the exit code and asks to terminate (the workers checkpoint and
-exit) or to kill. An attempt may be accepted before its ranks run (a batch queue, pods waiting
-for nodes): the handle says so (`RunHandle.started`), and the runner starts its heartbeat
-clock only once they run, so a queued attempt is never taken for a hung one. Before an
-attempt, `Launcher.preflight` may check that the placement's hosts can run the job at all: its
-failure fails the job at once, without counting a restart, since trying again would fail the
-same way. After a coordinator restart, `Launcher.recover` finds
-what a previous coordinator left running of an attempt, from the attempt's record (``run.json``).
+that the runner polls for the exit code and asks to terminate (the workers checkpoint and exit)
+or to kill. An attempt may be accepted before its ranks run (a batch queue, pods waiting for
+nodes): the handle says so (`RunHandle.started`), and the runner starts its heartbeat clock
+only once they run, so a queued attempt is never taken for a hung one. Before an attempt,
+`Launcher.preflight` may check that the placement's hosts can run the job at all: its failure
+fails the job at once, without counting a restart, since trying again would fail the same way.
+After a coordinator restart, `Launcher.recover` finds what a previous coordinator left running
+of an attempt, from the attempt's record (``run.json``).
 
 A launcher appends the attempt's output to the file it is given (the runner streams the job's
 log from there) and keeps whatever identifies the attempt for `recover` in the run record,

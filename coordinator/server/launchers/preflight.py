@@ -5,15 +5,14 @@ host and the cause instead of ``mpiexec`` exiting 255 with the cause buried in t
 Each check is one remote-shell command line, a pure function of the placement
 (`preflight_commands`, tested by comparing strings): ``ssh -x -o BatchMode=yes HOST "script"``
 by default, or ``CMD -x HOST "script"`` when Hydra gets ``-launcher-exec CMD``, since Hydra
-calls its launcher exactly so. The script checks, in this order, that the interpreter the
-ranks run exists, that it imports dptrain of this very version, and that the paths every rank
-reads are there: the job's directory or file (on a shared file system), the data files its
-spec names (inside the coordinator's ``--data-root`` directories) and the CA certificate the
-workers verify the coordinator with (`base.SharedPath`), each failure naming the path and what
-it is for. Hosts that mean this
-machine (``localhost``) are not checked: ``mpiexec`` starts their ranks without a remote
-shell. `run_preflight` runs the checks on every host at once and raises `LaunchError` for the
-first failing host in placement order.
+calls its launcher exactly so. The script checks, in this order, that the interpreter the ranks
+run exists, that it imports dptrain of this very version, and that the paths every rank reads
+are there: the job's directory or file (on a shared file system), the data files its spec names
+(inside the coordinator's ``--data-root`` directories) and the CA certificate the workers
+verify the coordinator with (`base.SharedPath`), each failure naming the path and what it is
+for. Hosts that mean this machine (``localhost``) are not checked: ``mpiexec`` starts their
+ranks without a remote shell. `run_preflight` runs the checks on every host at once and raises
+`LaunchError` for the first failing host in placement order.
 
 Both the coordinator's `MpiexecLauncher` and ``dptrain run --hostfile`` run it.
 """
