@@ -229,7 +229,7 @@ def add_kubernetes_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--slots-per-worker", type=int, default=1, metavar="N",
                        help="ranks per worker pod (default 1)")
     group.add_argument("--tls-secret", metavar="NAME",
-                       help="the Secret holding the CA certificate (key ca.crt) the workers "
+                       help="the Secret holding the CA certificate (key ca.pem) the workers "
                             "verify the coordinator with; needed when it serves TLS")
     group.add_argument("--cpu-per-rank", metavar="CPU",
                        help="CPU request and limit per rank, e.g. 1 or 500m (default: none)")

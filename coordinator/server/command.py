@@ -81,7 +81,7 @@ def launcher_and_cluster(args: argparse.Namespace) -> tuple[Launcher, Cluster]:
         if args.tls_cert and not args.tls_secret:
             raise ValueError("--tls-secret: the coordinator serves TLS, so the worker pods "
                              "need its CA certificate: name the Secret that holds it (key "
-                             "ca.crt)")
+                             "ca.pem, as `dptrain tls init` names it)")
         from dptrain.coordinator.server.launchers.kubernetes import KubernetesLauncher
 
         return KubernetesLauncher(settings_from_options(args)), Cluster.local(args.slots)

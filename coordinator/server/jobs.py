@@ -135,6 +135,18 @@ def _inside(path: str, root: str) -> bool:
     return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
 
 
+def data_files(dataset: str, args: Mapping[str, Any]) -> list[tuple[str, Any]]:
+    """The arguments of a job's data set that name data files (``worker.data.data_paths``),
+    as ``(field, value)`` pairs in name order, values unchecked (`check_data_paths` checks them).
+
+    Example:
+        >>> data_files("idx", {"images": "/data/x.idx", "labels": "/data/y.idx", "limit": 9})
+        [('dataset.args.images', '/data/x.idx'), ('dataset.args.labels', '/data/y.idx')]
+    """
+    return [(f"dataset.args.{name}", args[name])
+            for name in sorted(data_paths(dataset) & args.keys())]
+
+
 def check_data_paths(spec: JobSpec, roots: Sequence[str | os.PathLike]) -> None:
     """Refuse data set arguments that name files outside the data roots.
 
@@ -151,8 +163,7 @@ def check_data_paths(spec: JobSpec, roots: Sequence[str | os.PathLike]) -> None:
     if spec.dataset is None:  # an own training loop: its script reads what it reads
         return
     real_roots = [os.path.realpath(r) for r in roots]
-    for name in sorted(data_paths(spec.dataset.name) & spec.dataset.args.keys()):
-        path, item = f"dataset.args.{name}", spec.dataset.args[name]
+    for path, item in data_files(spec.dataset.name, spec.dataset.args):
         if not isinstance(item, str):
             raise ValidationError(path, "must be a path (a string)", item)
         if "\0" in item:  # no file name holds one; the OS calls below would refuse it

@@ -1,13 +1,14 @@
 """`JobRunner`: runs the scheduler's decisions as worker groups and supervises them.
 
 One scheduling thread does the deciding: woken by `JobRunner.wake` (after a submission), by a
-job's end and by timers, it kills groups past their grace period, ends jobs whose training
-made no progress for the heartbeat timeout, and asks `server.scheduler.schedule` which
-pending jobs (QUEUED and RESTARTING) start now. The settings' `Launcher` starts each attempt
-(``mpiexec`` by default; `server.server.launchers`) and returns a handle the runner polls
-and stops; nothing here knows how ranks are started or found. Each launched attempt gets a
-monitor thread that streams its log lines into the store as ``log`` events (at a bounded rate)
-and, when the attempt exits, decides what happens to the job:
+job's end and by timers, it kills groups past their grace period, ends jobs whose training made
+no progress for the heartbeat timeout (counted from when the launcher's handle says the ranks
+run, `RunHandle.started`: an attempt waiting in a batch queue is not hung), and asks
+`server.scheduler.schedule` which pending jobs (QUEUED and RESTARTING) start now. The settings'
+`Launcher` starts each attempt (``mpiexec`` by default; `server.server.launchers`) and returns
+a handle the runner polls and stops; nothing here knows how ranks are started or found. Each
+launched attempt gets a monitor thread that streams its log lines into the store as ``log``
+events (at a bounded rate) and, when the attempt exits, decides what happens to the job:
 
 =====================================  ===========================================================
 exit 0                                 SUCCEEDED (final metrics from the worker's JSON line),
@@ -83,9 +84,11 @@ from dptrain.coordinator.server.blobs import BlobStore
 from dptrain.coordinator.server.ingest import ingest_new_checkpoints, store_final_checkpoint
 from dptrain.coordinator.server.job_files import lock_state_dir, read_run_record
 from dptrain.coordinator.server.joblog import LineRateLimit, LogTail, failure_message
+from dptrain.coordinator.server.jobs import data_files
 from dptrain.coordinator.server.launchers.base import (
     LaunchError,
     RunHandle,
+    SharedPath,
     WorkerLaunch,
     attempt_environment,
     new_run_id,
@@ -125,6 +128,7 @@ class _Attempt:
     detail: str = ""               # e.g. how long the heartbeat was missing
     kill_at: float | None = None   # monotonic time at which terminate becomes kill
     done: bool = False
+    running_since: float | None = None  # wall clock at which the ranks were seen running
     thread: threading.Thread | None = None
 
 
@@ -280,10 +284,10 @@ class JobRunner:
         for job in running_jobs:
             with self._lock:
                 run = self._runs.get(job.id)
-            if run is None or run.reason is not None:
-                continue
-            started = job.started_at or run.started_at
-            last = job.heartbeat_at or started
+            if run is None or run.reason is not None or run.running_since is None:
+                continue  # not started yet (e.g. queued by Slurm): no heartbeat to miss
+            started = max(job.started_at or run.started_at, run.running_since)
+            last = max(job.heartbeat_at or started, started)
             quiet_for = max(limit, self.settings.startup_grace) if last <= started else limit
             deadline = last + quiet_for
             if now >= deadline:
@@ -356,6 +360,11 @@ class JobRunner:
             self._runs[job.id] = run
             log.info("job %s: attempt %d launched on %s (%s)", job.id, attempt, where,
                      handle.description)
+            if handle.started():
+                run.running_since = time.time()
+            else:
+                self._event(job.id, f"[dptrain] waiting for {handle.description} to start "
+                                    f"the ranks (the heartbeat timeout counts once they run)")
             run.thread.start()
 
     def _preflight(self, launch: Launch) -> bool:
@@ -365,7 +374,20 @@ class JobRunner:
         paths = self.settings.job_paths(launch.job_id)
         make_private_dir(paths.checkpoints)  # the job's directory, which the hosts must see
         try:
-            self.launcher.preflight(launch.placement, paths)
+            spec = self.store.get_job(launch.job_id).spec
+        except JobNotFound:
+            return False
+        dataset = spec.get("dataset") or {}
+        shared = [SharedPath(item, f"{field}: the job's data files must be at the same path on "
+                                   f"every host")
+                  for field, item in data_files(dataset.get("name", ""), dataset.get("args") or {})
+                  if isinstance(item, str)]
+        if self.settings.tls_ca is not None:
+            shared.append(SharedPath(os.fspath(self.settings.tls_ca), "DPTRAIN_TLS_CA: the CA "
+                                     "certificate the workers verify the coordinator with must "
+                                     "be at the same path on every host"))
+        try:
+            self.launcher.preflight(launch.placement, paths, shared)
         except LaunchError as e:
             self._event(launch.job_id, f"[dptrain] {e}")
             self._fail_pending(launch.job_id, str(e))
@@ -389,6 +411,7 @@ class JobRunner:
         while code is None:
             code = run.handle.poll()
             if code is None:
+                self._note_started(run)
                 self._publish(run, run.tail.read())
                 time.sleep(self.settings.poll_interval)
         with self._lock:
@@ -408,6 +431,16 @@ class JobRunner:
                 if run in self._draining:
                     self._draining.remove(run)
             self.wake()
+
+    def _note_started(self, run: _Attempt) -> None:
+        """Start the run's heartbeat clock once its handle says the ranks run."""
+        if run.running_since is not None or not run.handle.started():
+            return
+        now = time.time()
+        with self._lock:
+            run.running_since = now
+        self._event(run.job_id, f"[dptrain] the ranks started after {now - run.started_at:.0f} "
+                                f"s waiting ({run.handle.description})")
 
     def _publish(self, run: _Attempt, lines: list[str], final: bool = False) -> None:
         """Append a run's new log lines as events, within its rate limit; once a burst is

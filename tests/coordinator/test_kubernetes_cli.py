@@ -61,7 +61,7 @@ def test_render_job_options_reach_the_manifest(capsys):
     env = {e["name"]: e.get("value") for e in container["env"]}
     assert env["DPTRAIN_COORDINATOR"] == "coord:7000"
     assert env["DPTRAIN_JOB_ID"] == "j-abc"
-    assert env["DPTRAIN_TLS_CA"] == "/etc/dptrain/tls/ca.crt"
+    assert env["DPTRAIN_TLS_CA"] == "/etc/dptrain/tls/ca.pem"
     assert "/srv/dp/jobs/j-abc/spec.json" in container["command"]
 
 

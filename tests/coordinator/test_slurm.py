@@ -10,6 +10,7 @@ import json
 import os
 import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -27,7 +28,8 @@ from slurmkit import SlurmCluster, missing_reason
 
 from dptrain.coordinator.api.records import Event, EventKind, JobState
 from dptrain.coordinator.client.client import Client
-from dptrain.coordinator.server.job_files import read_run_record
+from dptrain.coordinator.server.job_files import JobPaths, read_run_record
+from dptrain.coordinator.server.launchers.base import WorkerLaunch
 from dptrain.coordinator.server.launchers.slurm import (
     SlurmLauncher,
     job_state,
@@ -128,6 +130,65 @@ def test_a_job_sbatch_refuses_fails_with_sbatchs_words(slurm, serve_coordinator,
         assert client.get_job(job.id).error == (
             "cannot start the workers: sbatch: invalid partition specified: nosuch; Batch job "
             "submission failed: Invalid partition name specified")
+
+
+def test_a_job_waiting_in_slurms_queue_is_not_taken_for_a_hung_one(slurm, serve_coordinator,
+                                                                     state_dir, reference,
+                                                                     tmp_path):
+    # Another user's job holds the whole node, so the coordinator's job waits in the queue
+    # for longer than the heartbeat timeout and the start-up grace together.
+    heartbeat, grace = 5.0, 15.0
+    blocker = subprocess.run(["sbatch", "--parsable", "--exclusive", f"--chdir={tmp_path}",
+                              "--output=/dev/null", "--wrap", "sleep 600"],
+                             capture_output=True, text=True, check=True).stdout.strip()
+    wait_for(lambda: "JobState=RUNNING" in scontrol("show", "job", "-o", blocker), 60,
+             what="the blocking job to run")
+    server = serve_coordinator(cluster=Cluster.local(2, host="slurm"), runner=RunnerSettings(
+        state_dir, launcher=SlurmLauncher(), heartbeat_timeout=heartbeat, startup_grace=grace,
+        kill_grace=10.0, poll_interval=0.1))
+    with Client(server.address, token=server.token) as client:
+        job = client.submit_job(TINY_SPEC)
+        wait_for(lambda: (record(state_dir, job.id) or {}).get("slurm_job_id"), 60, what="sbatch")
+        slurm_job = str(record(state_dir, job.id)["slurm_job_id"])
+        time.sleep(heartbeat + grace + 5)
+        shown = scontrol("show", "job", "-o", slurm_job)
+        assert "JobState=PENDING" in shown and "Reason=Resources" in shown
+        assert client.get_job(job.id).state is S.RUNNING
+        subprocess.run(["scancel", blocker], check=True)
+        assert states_of(client, job.id) == ["QUEUED", "RUNNING", "SUCCEEDED"]
+        final = client.get_job(job.id)
+        assert final.restarts == 0 and final.last_step == 20
+        assert str(record(state_dir, job.id)["slurm_job_id"]) == slurm_job  # the one attempt
+        lines = [item.payload["line"] for item in client.watch_job(job.id)
+                 if isinstance(item, Event) and item.kind is EventKind.LOG]
+        assert (f"[dptrain] waiting for slurm job {slurm_job} to start the ranks (the heartbeat "
+                f"timeout counts once they run)") in lines
+        assert any(line.startswith("[dptrain] the ranks started after ") and
+                   line.endswith(f" s waiting (slurm job {slurm_job})") for line in lines)
+        assert downloaded(client, job.id, tmp_path / "got.safetensors") == reference(
+            TINY_SPEC)[0]
+
+
+def test_the_account_and_sbatch_args_reach_slurm(slurm, tmp_path):
+    # Slurm checks an account only with accounting (slurmdbd and its database, which this
+    # cluster does not run: it takes any name); what is tested is that the name gets there.
+    launcher = SlurmLauncher(account="proj-7", sbatch_args=("--hold",))  # held: never runs
+    paths = JobPaths(tmp_path / "jobs" / "j-0123456789ab")
+    paths.checkpoints.mkdir(parents=True)
+    launch = WorkerLaunch("j-0123456789ab", 1, "j-0123456789ab.1.ab", (("slurm", 2),), paths,
+                          dict(os.environ), resume=False)
+    with open(paths.log, "ab") as output:
+        handle = launcher.start(launch, output)
+    slurm_job = str(read_run_record(paths.run)["slurm_job_id"])
+    try:
+        shown = scontrol("show", "job", "-o", slurm_job)
+        assert "Account=proj-7" in shown and "JobState=PENDING" in shown
+        assert "Reason=JobHeldUser" in shown
+        kept = scontrol("write", "batch_script", slurm_job, "-")
+        assert "#SBATCH --account=proj-7\n#SBATCH --hold\n" in kept
+        assert handle.poll() is None and not handle.started()  # held: no heartbeat clock
+    finally:
+        handle.kill()
 
 
 def test_cancel_reaches_the_ranks_through_scancel(client, state_dir):

@@ -1,14 +1,17 @@
 """The seam between the runner and whatever starts a job's ranks: `Launcher` and `RunHandle`.
 
-The runner's state machine (queued -> running -> restarting -> done, heartbeats, restarts
-from the latest checkpoint, recovery after a coordinator restart) speaks only to these two
+The runner's state machine (queued -> running -> restarting -> done, heartbeats, restarts from
+the latest checkpoint, recovery after a coordinator restart) speaks only to these two
 interfaces. A launcher gets one attempt as a `WorkerLaunch` — the placement (hosts x slots),
 the job's files, the environment of every rank, whether to resume — and returns a `RunHandle`
-that the runner polls for the exit code and asks to terminate (the workers checkpoint and
-exit) or to kill. Before that, `Launcher.preflight` may check that the placement's hosts can
-run the job at all: its failure fails the job at once, without counting a restart, since
-trying again would fail the same way. After a coordinator restart, `Launcher.recover` finds
-what a previous coordinator left running of an attempt, from the attempt's record (``run.json``).
+that the runner polls for the exit code and asks to terminate (the workers checkpoint and exit)
+or to kill. An attempt may be accepted before its ranks run (a batch queue, pods waiting for
+nodes): the handle says so (`RunHandle.started`), and the runner starts its heartbeat clock
+only once they run, so a queued attempt is never taken for a hung one. Before an attempt,
+`Launcher.preflight` may check that the placement's hosts can run the job at all: its failure
+fails the job at once, without counting a restart, since trying again would fail the same way.
+After a coordinator restart, `Launcher.recover` finds what a previous coordinator left running
+of an attempt, from the attempt's record (``run.json``).
 
 A launcher appends the attempt's output to the file it is given (the runner streams the job's
 log from there) and keeps whatever identifies the attempt for `recover` in the run record,
@@ -20,7 +23,7 @@ from __future__ import annotations
 import abc
 import os
 import secrets
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import IO, Any
 
@@ -29,7 +32,7 @@ from dptrain.coordinator.server.scheduler import Placement
 from dptrain.worker import environment as worker_env
 from dptrain.worker.hostfile import hosts_argument
 
-__all__ = ["Placement", "WorkerLaunch", "RunHandle", "Launcher", "LaunchError",
+__all__ = ["Placement", "WorkerLaunch", "RunHandle", "Launcher", "LaunchError", "SharedPath",
            "placement_text", "attempt_environment", "new_run_id", "RUN_ID_ENV"]
 
 #: The environment variable that marks every process of one attempt (not a secret).
@@ -38,6 +41,20 @@ RUN_ID_ENV = "DPTRAIN_RUN_ID"
 
 class LaunchError(OSError):
     """The workers could not be started (the message says why)."""
+
+
+@dataclass(frozen=True)
+class SharedPath:
+    """A file or directory every rank reads, which must be at the same path on every host.
+
+    Attributes:
+        path: the path.
+        why: what it is and why it must be there, for the preflight's failure line
+            ``no PATH there (WHY)``.
+    """
+
+    path: str
+    why: str = "it must be on a file system every host shares"
 
 
 def placement_text(placement: Placement) -> str:
@@ -142,6 +159,11 @@ class RunHandle(abc.ABC):
     def kill(self) -> None:
         """End every rank now."""
 
+    def started(self) -> bool:
+        """Whether the attempt's ranks run (or ran): False while it waits for resources, e.g.
+        in a batch queue; once True, it stays True. The runner asks after each `poll`."""
+        return True  # a launcher that starts the ranks itself, at once
+
     def reap(self) -> None:
         """After `poll` reported an exit: let the ranks write their last lines for a moment,
         then end any that are left. Returns when none is left."""
@@ -166,9 +188,16 @@ class Launcher(abc.ABC):
             LaunchError: the workers cannot be started.
         """
 
-    def preflight(self, placement: Placement, paths: JobPaths) -> None:
+    def preflight(self, placement: Placement, paths: JobPaths,
+                  shared: Sequence[SharedPath] = ()) -> None:
         """Check, before an attempt starts, that the placement's hosts can run it (reachable,
         the software and the job's files there); called outside the runner's lock.
+
+        Args:
+            placement: where the attempt's ranks would run.
+            paths: the job's files.
+            shared: more paths the ranks read besides the job's directory (the job's data
+                files, the CA certificate they verify the coordinator with).
 
         Raises:
             LaunchError: one line naming the host and the cause.

@@ -10,7 +10,9 @@ The manifest is a pure function (`kubernetes_manifest.mpijob_manifest`). One att
    attempt again (`KubernetesLauncher.recover`);
 3. the Secret then gets the MPIJob as its owner, so Kubernetes deletes it with the MPIJob.
 
-The attempt's state is the MPIJob's status conditions, polled: ``Succeeded`` is exit 0;
+The attempt's state is the MPIJob's status conditions, polled: until one is true (``Running``
+first), its pods wait to be scheduled and the attempt has not started (`RunHandle.started`:
+the runner's heartbeat clock waits); ``Succeeded`` is exit 0;
 ``Failed`` is the launcher pod's exit code (the worker's own: 2 invalid job, 3 diverged, ...),
 or 1 when that pod is gone. Terminating deletes the MPIJob in the foreground (its pods get
 SIGTERM; the launcher pod's ``mpiexec`` passes it on to the ranks) and the attempt has ended
@@ -37,7 +39,7 @@ from dptrain.coordinator.server.launchers.kubernetes_manifest import (
 )
 
 __all__ = ["KubernetesLauncher", "KubernetesSettings", "EXTRA_HINT", "launcher_exit_code",
-           "condition"]
+           "condition", "has_run"]
 
 log = logging.getLogger("dptrain.coordinator.kubernetes")
 
@@ -234,6 +236,13 @@ def condition(mpijob: dict[str, Any]) -> str | None:
     return None
 
 
+def has_run(mpijob: dict[str, Any]) -> bool:
+    """Whether the MPIJob's pods have run: a true ``Running`` (or finished) condition."""
+    return any(cond.get("type") in ("Running", "Succeeded", "Failed")
+               and cond.get("status") == "True"
+               for cond in (mpijob.get("status") or {}).get("conditions") or [])
+
+
 class _MPIJobRun(RunHandle):
     """One attempt's MPIJob, known by its namespace and name."""
 
@@ -243,12 +252,17 @@ class _MPIJobRun(RunHandle):
         self.description = f"MPIJob {ns}/{name}" + (" (recovered)" if recovered else "")
         self._ended_by: int | None = None  # the code a deletion of ours means
         self._code: int | None = None
+        self._started = False
+
+    def started(self) -> bool:
+        return self._started
 
     def poll(self) -> int | None:
         if self._code is not None:
             return self._code
         try:
             mpijob = self.launcher._read(self.ns, self.name)
+            self._started = self._started or (mpijob is not None and has_run(mpijob))
             if mpijob is None:
                 self._code = _GONE if self._ended_by is None else self._ended_by
             elif self._ended_by is not None:  # deleted by us: over when its pods are gone

@@ -68,9 +68,11 @@ class KubernetesSettings:
         slots_per_worker: ranks per worker pod (the operator's ``slotsPerWorker``).
         python: the interpreter in the image.
         tls_secret: a Secret holding the CA certificate the workers verify the coordinator
-            with (key `tls_ca_key`), mounted at `tls_dir`; the workers' ``DPTRAIN_TLS_CA``
-            names the file there (None: the coordinator listens without TLS).
-        tls_dir: where `tls_secret` is mounted.
+            with (key `tls_ca_key`; ``dptrain tls init``'s file names, as
+            ``deploy/kubernetes`` makes it); only that key is mounted, at `tls_dir`, never the
+            coordinator's own key beside it; the workers' ``DPTRAIN_TLS_CA`` names the file
+            there (None: the coordinator listens without TLS).
+        tls_dir: where `tls_secret`'s CA certificate is mounted.
         tls_ca_key: the key of `tls_secret` that holds the CA certificate.
         blas_threads: BLAS/OpenMP threads per rank.
         cpu_per_rank: the CPU request (and limit) of a worker pod per slot, e.g. ``"1"``
@@ -87,7 +89,7 @@ class KubernetesSettings:
     python: str = IMAGE_PYTHON
     tls_secret: str | None = None
     tls_dir: str = "/etc/dptrain/tls"
-    tls_ca_key: str = "ca.crt"
+    tls_ca_key: str = "ca.pem"
     blas_threads: int = 1
     cpu_per_rank: str | None = None
     memory_per_rank: str | None = None
@@ -172,7 +174,10 @@ def _pod_spec(settings: KubernetesSettings, launch: WorkerLaunch, container: dic
         "claimName": settings.state_claim}}]
     if settings.tls_secret:
         mounts.append({"name": _TLS_VOLUME, "mountPath": settings.tls_dir, "readOnly": True})
-        volumes.append({"name": _TLS_VOLUME, "secret": {"secretName": settings.tls_secret}})
+        # The CA only: the Secret also holds the coordinator's key, which no job may read.
+        volumes.append({"name": _TLS_VOLUME, "secret": {
+            "secretName": settings.tls_secret,
+            "items": [{"key": settings.tls_ca_key, "path": settings.tls_ca_key}]}})
     container = {**container, "image": settings.image, "volumeMounts": mounts,
                  "securityContext": _security_context()}
     if settings.image_pull_policy:

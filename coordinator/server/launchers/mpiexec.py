@@ -21,7 +21,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import IO, Any
 
@@ -36,6 +36,7 @@ from dptrain.coordinator.server.launchers.base import (
     LaunchError,
     Placement,
     RunHandle,
+    SharedPath,
     WorkerLaunch,
 )
 from dptrain.coordinator.server.launchers.preflight import preflight_commands, run_preflight
@@ -113,15 +114,17 @@ class MpiexecLauncher(Launcher):
                                      "pid_start_ticks": process_start_ticks(proc.pid)})
         return _MpiexecRun(proc, launch.run_id)
 
-    def preflight(self, placement: Placement, paths: JobPaths) -> None:
+    def preflight(self, placement: Placement, paths: JobPaths,
+                  shared: Sequence[SharedPath] = ()) -> None:
         """Reach every other host of `placement` through the remote shell Hydra would use,
-        and check the interpreter, dptrain's version and the job's directory there
-        (`dptrain.coordinator.server.launchers.preflight`).
+        and check the interpreter, dptrain's version, the job's directory and the `shared`
+        paths there (`dptrain.coordinator.server.launchers.preflight`).
 
         Raises:
             LaunchError: one line naming the first host that failed and why.
         """
-        run_preflight(preflight_commands(placement, python=self.python, paths=[paths.root],
+        run_preflight(preflight_commands(placement, python=self.python,
+                                         paths=[paths.root, *shared],
                                          launcher_exec=self.launcher_exec))
 
     def recover(self, paths: JobPaths) -> RunHandle | None:

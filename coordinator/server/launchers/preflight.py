@@ -5,12 +5,14 @@ host and the cause instead of ``mpiexec`` exiting 255 with the cause buried in t
 Each check is one remote-shell command line, a pure function of the placement
 (`preflight_commands`, tested by comparing strings): ``ssh -x -o BatchMode=yes HOST "script"``
 by default, or ``CMD -x HOST "script"`` when Hydra gets ``-launcher-exec CMD``, since Hydra
-calls its launcher exactly so. The script checks, in this order, that the interpreter the
-ranks run exists, that it imports dptrain of this very version, and that the paths every rank
-reads (the job's directory or file, on a shared file system) are there. Hosts that mean this
-machine (``localhost``) are not checked: ``mpiexec`` starts their ranks without a remote
-shell. `run_preflight` runs the checks on every host at once and raises `LaunchError` for the
-first failing host in placement order.
+calls its launcher exactly so. The script checks, in this order, that the interpreter the ranks
+run exists, that it imports dptrain of this very version, and that the paths every rank reads
+are there: the job's directory or file (on a shared file system), the data files its spec names
+(inside the coordinator's ``--data-root`` directories) and the CA certificate the workers
+verify the coordinator with (`base.SharedPath`), each failure naming the path and what it is
+for. Hosts that mean this machine (``localhost``) are not checked: ``mpiexec`` starts their
+ranks without a remote shell. `run_preflight` runs the checks on every host at once and raises
+`LaunchError` for the first failing host in placement order.
 
 Both the coordinator's `MpiexecLauncher` and ``dptrain run --hostfile`` run it.
 """
@@ -24,7 +26,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from dptrain import __version__
-from dptrain.coordinator.server.launchers.base import LaunchError
+from dptrain.coordinator.server.launchers.base import LaunchError, SharedPath
 from dptrain.worker.hostfile import LOCAL_HOSTS, Placement
 
 __all__ = ["HostCheck", "remote_shell", "check_script", "preflight_commands", "run_preflight"]
@@ -60,14 +62,15 @@ def remote_shell(host: str, command: str, launcher_exec: str | None = None) -> l
     return ["ssh", "-x", "-o", "BatchMode=yes", "-o", "ConnectTimeout=10", host, command]
 
 
-def check_script(python: str, paths: Sequence[str | os.PathLike],
+def check_script(python: str, paths: Sequence[str | os.PathLike | SharedPath],
                  version: str = __version__) -> str:
     """The shell script a host runs: silent and exit 0 when all is well, else one line on
     stdout and exit `CHECK_FAILED`.
 
     Args:
         python: the interpreter the ranks run there.
-        paths: files or directories every rank reads, which must exist there.
+        paths: files or directories every rank reads, which must exist there (a plain path:
+            one on the shared file system).
         version: the dptrain version the ranks must have.
     """
     py = shlex.quote(python)
@@ -78,19 +81,22 @@ def check_script(python: str, paths: Sequence[str | os.PathLike],
              f"{{ echo \"{python} cannot import dptrain: $(echo \"$v\" | tail -n 1)\"; {fail}",
              f"test \"$v\" = {shlex.quote(version)} || {{ echo \"dptrain $v there, "
              f"{version} here\"; {fail}"]
-    steps += [f"test -e {shlex.quote(os.fspath(path))} || {{ echo 'no {os.fspath(path)} there "
-              f"(it must be on a file system every host shares)'; {fail}" for path in paths]
+    for item in paths:
+        need = item if isinstance(item, SharedPath) else SharedPath(os.fspath(item))
+        steps.append(f"test -e {shlex.quote(need.path)} || {{ echo "
+                     f"{shlex.quote(f'no {need.path} there ({need.why})')}; {fail}")
     return "; ".join(steps)
 
 
-def preflight_commands(placement: Placement, *, python: str, paths: Sequence[str | os.PathLike],
+def preflight_commands(placement: Placement, *, python: str,
+                       paths: Sequence[str | os.PathLike | SharedPath],
                        launcher_exec: str | None = None) -> list[HostCheck]:
     """The checks of a placement's hosts beyond this machine, in placement order.
 
     Args:
         placement: ``(host, slots)`` pairs.
         python: the interpreter the ranks run.
-        paths: what every rank reads (the job's directory or file).
+        paths: what every rank reads (the job's directory or file, its data files ...).
         launcher_exec: the remote shell (see `remote_shell`).
 
     Returns:

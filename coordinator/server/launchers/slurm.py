@@ -59,6 +59,10 @@ SCRIPT_NAME = "job.sbatch"
 #: Slurm job states in which the job is over (its base state, ``scontrol``'s ``JobState``).
 _FINISHED = frozenset({"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL",
                        "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE", "PREEMPTED", "FORGOTTEN"})
+#: Slurm job states in which the job's tasks have not started yet (queued, or its nodes are
+#: being readied): the runner's heartbeat clock waits (`RunHandle.started`).
+_WAITING = frozenset({"PENDING", "CONFIGURING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED",
+                      "RESV_DEL_HOLD"})
 #: A finished job that Slurm no longer knows (no accounting): its exit code is unknown, -1.
 _FORGOTTEN = "FORGOTTEN"
 _QUERY_EVERY_S = 1.0  # a running job's state is asked of slurmctld at most this often
@@ -82,6 +86,11 @@ class SlurmJobState:
     def finished(self) -> bool:
         """Whether the job is over."""
         return self.state in _FINISHED
+
+    @property
+    def waiting(self) -> bool:
+        """Whether the job waits for its tasks to start (e.g. ``PENDING`` in the queue)."""
+        return self.state in _WAITING
 
 
 def _exit_code(text: str) -> int:
@@ -283,6 +292,10 @@ class _SlurmRun(RunHandle):
         self._asked_at = float("-inf")
         self._killed_at: float | None = None
         self._code: int | None = None
+        self._started = False
+
+    def started(self) -> bool:
+        return self._started
 
     def poll(self) -> int | None:
         if self._code is not None or time.monotonic() - self._asked_at < _QUERY_EVERY_S:
@@ -292,6 +305,8 @@ class _SlurmRun(RunHandle):
             state = job_state(self.job_id)
         except LaunchError:  # scontrol missing or not answering: as if slurmctld were silent
             state = None
+        if state is not None and not state.waiting:
+            self._started = True
         if state is not None and state.finished:
             self._code = state.exit_code
         elif (state is None and self._killed_at is not None

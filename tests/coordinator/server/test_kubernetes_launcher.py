@@ -122,7 +122,9 @@ def test_manifest_of_a_restart_packs_ranks_into_worker_pods_with_resources_and_t
     # 2 ranks per pod: twice the per-rank request (500m x 2 = 1 CPU, 2Gi x 2 = 4Gi)
     assert worker["containers"][0]["resources"] == {
         "requests": {"cpu": "1", "memory": "4Gi"}, "limits": {"cpu": "1", "memory": "4Gi"}}
-    tls_volume = {"name": "tls", "secret": {"secretName": "dptrain-tls"}}
+    # the CA only: the coordinator's key in the same Secret never reaches a pod
+    tls_volume = {"name": "tls", "secret": {"secretName": "dptrain-tls",
+                                            "items": [{"key": "ca.pem", "path": "ca.pem"}]}}
     tls_mount = {"name": "tls", "mountPath": "/etc/dptrain/tls", "readOnly": True}
     for pod in (launcher, worker):
         assert pod["volumes"] == [*STATE_VOLUME, tls_volume]
@@ -179,10 +181,10 @@ def test_a_bad_per_rank_quantity_is_refused(field):
 
 def test_with_tls_the_workers_verify_with_the_mounted_ca():
     settings = KubernetesSettings(image="i", tls_secret="dptrain-tls")
-    env = {**ENV, "DPTRAIN_TLS_CA": "/etc/dptrain/tls/..2026_12_06/ca.crt"}  # as resolved
+    env = {**ENV, "DPTRAIN_TLS_CA": "/etc/dptrain/tls/..2026_12_06/ca.pem"}  # as resolved
     manifest = mpijob_manifest(settings, attempt(env=env))
     launcher = manifest["spec"]["mpiReplicaSpecs"]["Launcher"]["template"]["spec"]
-    assert {"name": "DPTRAIN_TLS_CA", "value": "/etc/dptrain/tls/ca.crt"} in (
+    assert {"name": "DPTRAIN_TLS_CA", "value": "/etc/dptrain/tls/ca.pem"} in (
         launcher["containers"][0]["env"])
 
 
@@ -271,8 +273,10 @@ def test_start_creates_the_secret_and_the_mpijob_and_records_its_name(fake_api, 
 def test_running_then_succeeded_is_exit_0_and_reap_deletes_it(fake_api, launcher, tmp_path):
     _, handle, _ = start(launcher, tmp_path)
     assert handle.poll() is None  # created: no condition yet
+    assert not handle.started()  # its pods wait for nodes: no heartbeat clock yet
     fake_api.set_condition("ml", NAME, "Running")
     assert handle.poll() is None
+    assert handle.started()
     fake_api.set_condition("ml", NAME, "Succeeded")
     assert handle.poll() == 0
     handle.reap()

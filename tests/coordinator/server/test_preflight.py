@@ -13,7 +13,7 @@ import pytest
 from jobkit import DPTRAIN
 
 import dptrain
-from dptrain.coordinator.server.launchers.base import LaunchError
+from dptrain.coordinator.server.launchers.base import LaunchError, SharedPath
 from dptrain.coordinator.server.launchers.preflight import (
     HostCheck,
     check_script,
@@ -64,6 +64,22 @@ def test_each_failed_check_is_one_line_naming_host_and_cause(python, paths, vers
         run_preflight([_here("node1", "true"),
                        _here("node2", check_script(python, paths, version))])
     assert str(info.value) == f"preflight: host node2: {cause}"
+
+
+def test_shared_paths_are_checked_in_order_each_failure_saying_what_it_is(tmp_path):
+    data, ca = tmp_path / "train.npz", tmp_path / "it's ca.pem"  # a quote: quoted for sh
+    shared = [SharedPath(str(data), "dataset.args.path: data"),
+              SharedPath(str(ca), "DPTRAIN_TLS_CA: the CA's certificate")]
+    with pytest.raises(LaunchError) as info:
+        run_preflight([_here("node2", check_script(sys.executable, [tmp_path, *shared]))])
+    assert str(info.value) == f"preflight: host node2: no {data} there (dataset.args.path: data)"
+    data.write_bytes(b"")
+    with pytest.raises(LaunchError) as info:
+        run_preflight([_here("node2", check_script(sys.executable, [tmp_path, *shared]))])
+    assert str(info.value) == (f"preflight: host node2: no {ca} there (DPTRAIN_TLS_CA: the "
+                               f"CA's certificate)")
+    ca.write_bytes(b"")
+    run_preflight([_here("node2", check_script(sys.executable, [tmp_path, *shared]))])
 
 
 def test_a_python_without_dptrain_is_named(tmp_path):

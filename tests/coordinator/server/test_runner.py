@@ -11,6 +11,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -34,6 +35,7 @@ from dptrain.coordinator.api.records import EventKind, JobState, hash_token, new
 from dptrain.coordinator.server.blobs import BlobStore
 from dptrain.coordinator.server.job_files import JobPaths, read_run_record
 from dptrain.coordinator.server.joblog import LineRateLimit, LogTail
+from dptrain.coordinator.server.launchers.base import Launcher, RunHandle, WorkerLaunch
 from dptrain.coordinator.server.launchers.mpiexec import MpiexecLauncher
 from dptrain.coordinator.server.runner import JobRunner, RunnerSettings
 from dptrain.coordinator.server.scheduler import Cluster, Host
@@ -216,6 +218,40 @@ def test_an_unreachable_host_fails_the_job_in_the_preflight_without_restarts(
     assert log_lines(store, job_id) == [f"[dptrain] {job.error}"]
 
 
+def here_shell(folder: Path) -> str:
+    """A remote shell, called as Hydra calls ssh (``CMD -x HOST "command"``), that runs the
+    command on this machine: a host that shares this machine's file system."""
+    path = folder / "here-shell"
+    path.write_text('#!/bin/sh\nwhile [ "${1#-}" != "$1" ]; do shift; done\nshift\n'
+                    'exec sh -c "$*"\n')
+    path.chmod(0o755)
+    return str(path)
+
+
+@pytest.mark.parametrize("missing", ["data", "ca"])
+def test_the_preflight_names_a_missing_data_file_or_ca_certificate_on_a_host(
+        store, make_runner, tmp_path, missing):
+    data, ca = tmp_path / "data" / "train.npz", tmp_path / "tls" / "ca.pem"
+    for path in ([ca] if missing == "data" else [data]):
+        path.parent.mkdir()
+        path.write_bytes(b"")
+    job_spec = {**TINY_SPEC, "dataset": {"name": "npz", "args": {"path": str(data)}}}
+    runner = make_runner(start=False, tls_ca=ca,
+                         launcher=MpiexecLauncher(launcher_exec=here_shell(tmp_path)))
+    runner.cluster = Cluster((Host("node2", 2),))
+    runner.start()
+    job_id = submit(store, runner, job_spec, max_restarts=3)
+    job = wait_state(store, job_id, S.FAILED, S.SUCCEEDED)
+    assert job.state is S.FAILED and job.restarts == 0
+    assert job.error == {
+        "data": f"preflight: host node2: no {data} there (dataset.args.path: the job's data "
+                f"files must be at the same path on every host)",
+        "ca": f"preflight: host node2: no {ca} there (DPTRAIN_TLS_CA: the CA certificate the "
+              f"workers verify the coordinator with must be at the same path on every host)",
+    }[missing]
+    assert states_of(store, job_id) == ["QUEUED", "FAILED"]  # it never ran
+
+
 @pytest.mark.mpi
 def test_cancel_running_job_ends_its_workers(store, make_runner, state_dir):
     runner = make_runner(kill_grace=5.0)
@@ -300,6 +336,93 @@ def test_missing_heartbeats_end_the_group_and_count_as_failure(store, make_runne
                     r"start-up included\): a hung rank or collective\? \(gave up", job.error)
     assert job.exit_code == 128 + signal.SIGKILL
     assert any("ending the worker group" in line for line in log_lines(store, job_id))
+
+
+class QueueLauncher(Launcher):
+    """Attempts wait in a queue until the test opens it, as a batch scheduler's do; then they
+    start through a real `MpiexecLauncher` (``test_slurm.py`` does the same with real Slurm)."""
+
+    def __init__(self, inner: MpiexecLauncher):
+        self.inner, self.open = inner, threading.Event()
+
+    def start(self, launch: WorkerLaunch, output) -> RunHandle:
+        return _QueuedRun(self, launch)
+
+    def recover(self, paths: JobPaths) -> RunHandle | None:
+        return self.inner.recover(paths)
+
+
+class _QueuedRun(RunHandle):
+    description = "the test's queue"
+
+    def __init__(self, queue: QueueLauncher, launch: WorkerLaunch):
+        self.queue, self.launch = queue, launch
+        self.ranks: RunHandle | None = None
+        self.dequeued: int | None = None  # the exit code of an attempt ended in the queue
+
+    def started(self) -> bool:
+        return self.ranks is not None
+
+    def poll(self) -> int | None:
+        if self.ranks is None and self.dequeued is None and self.queue.open.is_set():
+            with open(self.launch.paths.log, "ab") as output:
+                self.ranks = self.queue.inner.start(self.launch, output)
+        return self.dequeued if self.ranks is None else self.ranks.poll()
+
+    def terminate(self) -> None:
+        if self.ranks is None:
+            self.dequeued = 128 + signal.SIGTERM
+        else:
+            self.ranks.terminate()
+
+    def kill(self) -> None:
+        if self.ranks is None:
+            self.dequeued = 128 + signal.SIGKILL
+        else:
+            self.ranks.kill()
+
+
+def test_an_attempt_waiting_in_a_queue_is_not_taken_for_a_hung_one(store, make_runner,
+                                                                     tmp_path):
+    queue = QueueLauncher(MpiexecLauncher(mpiexec=fake_mpiexec(tmp_path, 'complete "$@"\n')))
+    runner = make_runner(launcher=queue, heartbeat_timeout=1.0, startup_grace=1.0)
+    job_id = submit(store, runner, TINY_SPEC, max_restarts=0)
+    wait_state(store, job_id, S.RUNNING)
+    time.sleep(4)  # four times the heartbeat timeout and the start-up grace, in the queue
+    assert store.get_job(job_id).state is S.RUNNING
+    queue.open.set()
+    assert wait_state(store, job_id, S.SUCCEEDED, S.FAILED).state is S.SUCCEEDED
+    assert states_of(store, job_id) == ["QUEUED", "RUNNING", "SUCCEEDED"]
+    lines = log_lines(store, job_id)
+    assert ("[dptrain] waiting for the test's queue to start the ranks (the heartbeat timeout "
+            "counts once they run)") in lines
+    started = [line for line in lines if line.startswith("[dptrain] the ranks started")]
+    assert len(started) == 1
+    assert re.fullmatch(r"\[dptrain\] the ranks started after (\d+) s waiting \(the test's "
+                        r"queue\)", started[0])
+    assert int(started[0].split()[5]) >= 4
+    assert not any("ending the worker group" in line for line in lines)
+
+
+def test_the_heartbeat_clock_starts_when_the_queue_starts_the_ranks(store, make_runner,
+                                                                    tmp_path):
+    hung = fake_mpiexec(tmp_path, "echo started\nwhile :; do sleep 0.1; done\n")
+    queue = QueueLauncher(MpiexecLauncher(mpiexec=hung))
+    runner = make_runner(launcher=queue, heartbeat_timeout=1.0, startup_grace=1.0,
+                         kill_grace=1.0)
+    job_id = submit(store, runner, TINY_SPEC, max_restarts=0)
+    wait_state(store, job_id, S.RUNNING)
+    time.sleep(3)
+    assert store.get_job(job_id).state is S.RUNNING
+    opened = time.time()
+    queue.open.set()
+    job = wait_state(store, job_id, S.FAILED, timeout=30)
+    failed = time.time()
+    waited = re.match(r"no training progress for (\d+\.\d) s since the attempt started "
+                      r"\(limit 1 s, start-up included\)", job.error)
+    assert waited, job.error
+    # Counted from when the ranks started (after `opened`), not from the 3 s in the queue.
+    assert 1 <= float(waited.group(1)) <= failed - opened
 
 
 def test_heartbeats_keep_a_job_alive(store, make_runner, tmp_path):

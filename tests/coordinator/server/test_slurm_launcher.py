@@ -94,6 +94,8 @@ def test_scontrol_states_and_exit_codes(line, expected):
     assert parse_scontrol(line) == expected
     if expected is not None:
         assert expected.finished == (expected.state not in ("RUNNING", "PENDING"))
+        # Only a queued job's ranks have not started (the runner's heartbeat clock waits).
+        assert expected.waiting == (expected.state == "PENDING")
 
 
 def test_a_missing_sbatch_is_a_launch_error(tmp_path):
