@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-from dptrain.engine.backend import get_array_module
+from dptrain.engine.backend import check_same_device, get_array_module
 from dptrain.engine.tensor import NOT_SAVED, Node, Tensor, _mode
 
 __all__ = ["Op", "apply"]
@@ -59,6 +59,8 @@ class Op:
 def apply(op: Op, *args, **kwargs) -> Tensor:
     """Run `op` on Tensors (or constants: Python scalars, raw arrays) and record the graph."""
     arrays = [a.data if isinstance(a, Tensor) else a for a in args]
+    if len(arrays) > 1:
+        check_same_device(op.name, arrays)
     xp = get_array_module(*arrays)
     try:
         out = op.forward(xp, *arrays, **kwargs)

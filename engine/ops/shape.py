@@ -11,6 +11,7 @@ import numbers
 
 import numpy
 
+from dptrain.engine.backend import scatter_add
 from dptrain.engine.ops.core import Op, apply
 from dptrain.engine.ops.registry import FUNCTION, FUNCTIONAL, METHOD, PROPERTY, export
 from dptrain.engine.tensor import IndexedGrad, Tensor
@@ -68,7 +69,7 @@ def _gather_index(xp, index, axis):
 
 def _gather_vjp(xp, g, ans, x, index, axis):
     out = xp.zeros(x.shape, dtype=g.dtype)
-    xp.add.at(out, _gather_index(xp, index, axis), g)
+    scatter_add(xp, out, _gather_index(xp, index, axis), g)
     return out
 
 
