@@ -43,6 +43,7 @@ __all__ = [
     "scatter_add",
     "to_device",
     "check_same_device",
+    "as_array",
 ]
 
 FLOAT_DTYPES = frozenset(numpy.dtype(t) for t in ("float16", "float32", "float64"))
@@ -178,6 +179,15 @@ def get_device(array) -> Device:
 
 def _is_array(a) -> bool:
     return isinstance(a, numpy.ndarray) or (cupy is not None and isinstance(a, cupy.ndarray))
+
+
+def as_array(value, like):
+    """`value` as an array: arrays as they are (an op then checks their device), anything else
+    (lists, scalars) made on `like`'s device. ``numpy.asarray`` would pull a device array to the
+    host (CuPy raises, the strict device silently returns a host view)."""
+    if _is_array(value):
+        return value
+    return get_array_module(like).asarray(value)
 
 
 def check_same_device(op: str, arrays) -> None:

@@ -49,6 +49,9 @@ class StrictArray(numpy.ndarray):
             kwargs["out"] = tuple(_unwrap(o) for o in out)
         return _wrap(getattr(ufunc, method)(*(_unwrap(a) for a in inputs), **kwargs))
 
+    def __getitem__(self, key):
+        return _wrap(super().__getitem__(key))  # an element is a 0-d array, as in CuPy
+
     def __repr__(self) -> str:
         return f"strict({self.view(numpy.ndarray)!r})"
 
