@@ -44,6 +44,8 @@ __all__ = [
     "to_device",
     "check_same_device",
     "as_array",
+    "to_host",
+    "copy_from_host",
 ]
 
 FLOAT_DTYPES = frozenset(numpy.dtype(t) for t in ("float16", "float32", "float64"))
@@ -202,6 +204,22 @@ def check_same_device(op: str, arrays) -> None:
             elif d != first:
                 raise RuntimeError(f"{op}: expected all tensors on one device, got {first} and "
                                    f"{d}; move them with .to(device)")
+
+
+def to_host(array) -> numpy.ndarray:
+    """A host (numpy) copy of device `array`; a numpy array itself."""
+    xp = get_array_module(array)
+    return array if xp is numpy else xp.asnumpy(array)
+
+
+def copy_from_host(array, host: numpy.ndarray) -> None:
+    """Overwrite device `array` in place with the values of the same-shaped `host` array."""
+    if isinstance(array, StrictArray):
+        array.view(numpy.ndarray)[...] = host
+    elif get_array_module(array) is numpy:
+        array[...] = host
+    else:  # pragma: no cover - needs a GPU
+        array.set(host)
 
 
 def to_device(array, device: Device | str):
