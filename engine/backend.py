@@ -46,6 +46,7 @@ __all__ = [
     "as_array",
     "to_host",
     "copy_from_host",
+    "cuda_device_for",
 ]
 
 FLOAT_DTYPES = frozenset(numpy.dtype(t) for t in ("float16", "float32", "float64"))
@@ -63,6 +64,21 @@ def cupy_available() -> bool:
 def gpu_count() -> int:
     """How many GPUs CuPy sees (0 without CuPy): ranks pick ``cuda:{rank % gpu_count()}``."""
     return 0 if cupy is None else cupy.cuda.runtime.getDeviceCount()
+
+
+def cuda_device_for(local_rank: int, count: int | None = None) -> Device:
+    """The GPU of the rank with index `local_rank` among its node's ranks: ``cuda:{local_rank %
+    count}``, `count` being the GPUs visible (by default as CuPy sees them).
+
+    Raises:
+        RuntimeError: without CuPy (naming the extra to install) or without a visible GPU.
+    """
+    if count is None:
+        Device("cuda").xp  # noqa: B018  (raises the install / no-GPU message)
+        count = gpu_count()
+    if count < 1:
+        raise RuntimeError("device cuda requested but no GPU is visible")
+    return Device(f"cuda:{local_rank % count}")
 
 
 def get_array_module(*arrays):

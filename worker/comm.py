@@ -33,7 +33,7 @@ import numpy
 
 from dptrain.engine.backend import copy_from_host, get_array_module, to_host
 
-__all__ = ["Communicator", "Request", "REDUCE_OPS"]
+__all__ = ["Communicator", "Request", "REDUCE_OPS", "cuda_aware_mpi"]
 
 #: The reduction names `Communicator.allreduce_` accepts ('mean' is a sum divided by the size).
 REDUCE_OPS = ("sum", "mean", "max", "min", "prod")
@@ -66,6 +66,14 @@ def _mpi_op(op: str):
     MPI = _mpi()
     return {"sum": MPI.SUM, "mean": MPI.SUM, "max": MPI.MAX, "min": MPI.MIN,
             "prod": MPI.PROD}[op]
+
+
+def cuda_aware_mpi() -> bool:
+    """Whether this MPI library reads and writes GPU memory itself. Asks MPI where mpi4py
+    exposes the query (``MPIX_Query_cuda_support``); otherwise False, and device buffers are
+    staged through host memory (the ``mpich`` wheel is not CUDA-aware)."""
+    query = getattr(_mpi(), "Query_cuda_support", None)
+    return bool(query()) if query is not None else False
 
 
 def _sync_device(xp) -> None:

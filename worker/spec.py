@@ -13,7 +13,7 @@ A job file (YAML or JSON) maps one to one onto `JobSpec`; the coordinator's prot
     eval_every: 100                                  # steps; 0: at the end only
     seed: 0
     workers: 2
-    device: cpu
+    device: cpu                                      # cuda: each rank on its node's GPU
     checkpoint: {every_steps: 100, keep: 3}
 
 Every error names the field's path, the rule it broke and the value it got, e.g.
@@ -50,7 +50,7 @@ __all__ = [
 OPTIMIZERS = ("sgd", "adam", "adamw")
 # Spec name -> engine.optim.lr_scheduler class name; stepped once per training step.
 SCHEDULERS = {"step": "StepLR", "cosine": "CosineAnnealingLR", "linear": "LinearLR"}
-DEVICES = ("cpu", "cuda")
+DEVICES = ("cpu", "cuda", "auto")  # auto: cuda where CuPy sees a GPU, else cpu
 MAX_BATCH_SIZE = 2**20
 """The largest global ``batch_size`` (a million samples per step)."""
 MAX_STEPS = 10**9
