@@ -47,6 +47,7 @@ __all__ = [
     "to_host",
     "copy_from_host",
     "cuda_device_for",
+    "synchronize",
 ]
 
 FLOAT_DTYPES = frozenset(numpy.dtype(t) for t in ("float16", "float32", "float64"))
@@ -220,6 +221,15 @@ def check_same_device(op: str, arrays) -> None:
             elif d != first:
                 raise RuntimeError(f"{op}: expected all tensors on one device, got {first} and "
                                    f"{d}; move them with .to(device)")
+
+
+def synchronize(device: Device | str) -> None:
+    """Wait for the work queued on `device` (a no-op off the GPU): for timing, and before MPI
+    reads device memory."""
+    device = Device(device)
+    if device.type == "cuda":  # pragma: no cover - needs a GPU
+        with device.xp.cuda.Device(device.index):
+            device.xp.cuda.get_current_stream().synchronize()
 
 
 def to_host(array) -> numpy.ndarray:
