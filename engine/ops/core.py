@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+import numpy
+
 from dptrain.engine.backend import check_same_device, get_array_module
 from dptrain.engine.tensor import NOT_SAVED, Node, Tensor, _mode
 
@@ -59,9 +61,9 @@ class Op:
 def apply(op: Op, *args, **kwargs) -> Tensor:
     """Run `op` on Tensors (or constants: Python scalars, raw arrays) and record the graph."""
     arrays = [a.data if isinstance(a, Tensor) else a for a in args]
-    if len(arrays) > 1:
-        check_same_device(op.name, arrays)
     xp = get_array_module(*arrays)
+    if xp is not numpy and len(arrays) > 1:  # all-numpy operands share the one host
+        check_same_device(op.name, arrays)
     try:
         out = op.forward(xp, *arrays, **kwargs)
     except ValueError as e:  # numpy's broadcasting and shape errors: name the op and shapes
