@@ -100,8 +100,8 @@ class TransformerLM(nn.Module):
 
     def forward(self, idx):
         T = idx.shape[1]
-        x = self.drop(self.tok_emb(idx) + self.pos_emb(torch.arange(T)))
-        mask = torch.triu(torch.ones(T, T, dtype=torch.bool), 1)
+        x = self.drop(self.tok_emb(idx) + self.pos_emb(torch.arange(T, device=idx.device)))
+        mask = torch.triu(torch.ones(T, T, dtype=torch.bool, device=idx.device), 1)
         for block in self.blocks:
             x = block(x, src_mask=mask, is_causal=True)
         return F.linear(self.norm(x), self.tok_emb.weight)

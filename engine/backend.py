@@ -1,4 +1,5 @@
-"""The one place that chooses the array library: numpy on the CPU, CuPy on a GPU.
+"""The one place that chooses the array library: numpy on the CPU, CuPy on a GPU, and the
+test-only strict device (`dptrain.engine.strict_array`) that proves the seam without a GPU.
 
 Everything else asks `get_array_module(array)` for the module that owns an array, so op code
 never imports numpy for arrays that may live on a GPU. CuPy's import is guarded: the whole
@@ -9,12 +10,21 @@ from __future__ import annotations
 
 import numpy
 
+from dptrain.engine.strict_array import STRICT, STRICT_SPECIAL, StrictArray
+
+_CUPY_MISSING = ""
 try:  # pragma: no cover - exercised only where CuPy and a GPU exist
     import cupy
 
-    cupy.cuda.runtime.getDeviceCount()
-except Exception:  # ImportError, or CuPy without a usable driver
+    if cupy.cuda.runtime.getDeviceCount() < 1:
+        raise RuntimeError("no GPU is visible to CuPy")
+except ImportError:
     cupy = None
+    _CUPY_MISSING = ("CuPy is not installed: install the extra matching the CUDA toolkit, "
+                     "pip install 'dptrain[cuda12]' or 'dptrain[cuda13]'")
+except Exception as e:  # CuPy without a usable driver, or no GPU
+    cupy = None
+    _CUPY_MISSING = f"no GPU is visible ({type(e).__name__}: {e})"
 
 __all__ = [
     "Device",
@@ -30,6 +40,14 @@ __all__ = [
     "SUPPORTED_DTYPES",
     "check_dtype",
     "special",
+    "scatter_add",
+    "to_device",
+    "check_same_device",
+    "as_array",
+    "to_host",
+    "copy_from_host",
+    "cuda_device_for",
+    "synchronize",
 ]
 
 FLOAT_DTYPES = frozenset(numpy.dtype(t) for t in ("float16", "float32", "float64"))
@@ -49,12 +67,29 @@ def gpu_count() -> int:
     return 0 if cupy is None else cupy.cuda.runtime.getDeviceCount()
 
 
+def cuda_device_for(local_rank: int, count: int | None = None) -> Device:
+    """The GPU of the rank with index `local_rank` among its node's ranks: ``cuda:{local_rank %
+    count}``, `count` being the GPUs visible (by default as CuPy sees them).
+
+    Raises:
+        RuntimeError: without CuPy (naming the extra to install) or without a visible GPU.
+    """
+    if count is None:
+        Device("cuda").xp  # noqa: B018  (raises the install / no-GPU message)
+        count = gpu_count()
+    if count < 1:
+        raise RuntimeError("device cuda requested but no GPU is visible")
+    return Device(f"cuda:{local_rank % count}")
+
+
 def get_array_module(*arrays):
-    """Return `cupy` if any argument is a CuPy array, else `numpy` (Chainer's switch)."""
-    if cupy is not None:
-        for a in arrays:
-            if isinstance(a, cupy.ndarray):
-                return cupy
+    """Return `cupy` if any argument is a CuPy array, the strict module for strict arrays, else
+    `numpy` (Chainer's switch)."""
+    for a in arrays:
+        if isinstance(a, StrictArray):
+            return STRICT
+        if cupy is not None and isinstance(a, cupy.ndarray):  # pragma: no cover
+            return cupy
     return numpy
 
 
@@ -76,13 +111,34 @@ def special(xp):
         import scipy.special
 
         return scipy.special
+    if xp is STRICT:
+        return STRICT_SPECIAL
     import cupyx.scipy.special  # pragma: no cover
 
     return cupyx.scipy.special  # pragma: no cover
 
 
+def scatter_add(xp, acc, index, values) -> None:
+    """``acc[index] += values`` with repeated indices accumulated (numpy's ``add.at``)."""
+    if xp is numpy:
+        numpy.add.at(acc, index, values)
+    elif xp is STRICT:
+        numpy.add.at(acc.view(numpy.ndarray), _host_index(index), values.view(numpy.ndarray))
+    else:  # pragma: no cover
+        import cupyx
+
+        cupyx.scatter_add(acc, index, values)
+
+
+def _host_index(index):
+    if isinstance(index, tuple):
+        return tuple(_host_index(i) for i in index)
+    return index.view(numpy.ndarray) if isinstance(index, StrictArray) else index
+
+
 class Device:
-    """Where a tensor's array lives: ``Device('cpu')`` or ``Device('cuda:0')``."""
+    """Where a tensor's array lives: ``Device('cpu')``, ``Device('cuda:0')`` or the test-only
+    ``Device('strict')`` (numpy underneath, refuses to mix with numpy as CuPy does)."""
 
     __slots__ = ("type", "index")
 
@@ -91,10 +147,12 @@ class Device:
             self.type, self.index = spec.type, spec.index
             return
         kind, _, idx = str(spec).partition(":")
-        if kind not in ("cpu", "cuda"):
-            raise ValueError(f"device must be 'cpu' or 'cuda[:N]', got {spec!r}")
-        if kind == "cpu" and idx:
-            raise ValueError(f"device 'cpu' takes no index, got {spec!r}")
+        if kind not in ("cpu", "cuda", "strict"):
+            raise ValueError(f"device must be 'cpu', 'cuda[:N]' or 'strict', got {spec!r}")
+        if kind != "cuda" and idx:
+            raise ValueError(f"device '{kind}' takes no index, got {spec!r}")
+        if idx and not idx.isdigit():
+            raise ValueError(f"device index must be a non-negative int, got {spec!r}")
         self.type = kind
         self.index = int(idx) if idx else (0 if kind == "cuda" else None)
 
@@ -103,9 +161,11 @@ class Device:
         """The array module for this device."""
         if self.type == "cpu":
             return numpy
+        if self.type == "strict":
+            return STRICT
         if cupy is None:
-            raise RuntimeError(f"device {self} requested but CuPy with a GPU is not available")
-        return cupy
+            raise RuntimeError(f"device {self} requested but {_CUPY_MISSING}")
+        return cupy  # pragma: no cover
 
     def __eq__(self, other) -> bool:
         if isinstance(other, str):
@@ -124,13 +184,81 @@ class Device:
 
 
 _CPU = Device("cpu")
+_STRICT = Device("strict")
 
 
 def get_device(array) -> Device:
     """The Device holding `array`."""
+    if isinstance(array, StrictArray):
+        return _STRICT
     if cupy is not None and isinstance(array, cupy.ndarray):  # pragma: no cover
         return Device(f"cuda:{array.device.id}")
     return _CPU
+
+
+def _is_array(a) -> bool:
+    return isinstance(a, numpy.ndarray) or (cupy is not None and isinstance(a, cupy.ndarray))
+
+
+def as_array(value, like):
+    """`value` as an array: arrays as they are (an op then checks their device), anything else
+    (lists, scalars) made on `like`'s device. ``numpy.asarray`` would pull a device array to the
+    host (CuPy raises, the strict device silently returns a host view)."""
+    if _is_array(value):
+        return value
+    return get_array_module(like).asarray(value)
+
+
+def check_same_device(op: str, arrays) -> None:
+    """Raise RuntimeError naming `op` and both devices when `arrays` live on different devices
+    (Python scalars and numpy scalars go anywhere)."""
+    first = None
+    for a in arrays:
+        if _is_array(a):
+            d = get_device(a)
+            if first is None:
+                first = d
+            elif d != first:
+                raise RuntimeError(f"{op}: expected all tensors on one device, got {first} and "
+                                   f"{d}; move them with .to(device)")
+
+
+def synchronize(device: Device | str) -> None:
+    """Wait for the work queued on `device` (a no-op off the GPU): for timing, and before MPI
+    reads device memory."""
+    device = Device(device)
+    if device.type == "cuda":  # pragma: no cover - needs a GPU
+        with device.xp.cuda.Device(device.index):
+            device.xp.cuda.get_current_stream().synchronize()
+
+
+def to_host(array) -> numpy.ndarray:
+    """A host (numpy) copy of device `array`; a numpy array itself."""
+    xp = get_array_module(array)
+    return array if xp is numpy else xp.asnumpy(array)
+
+
+def copy_from_host(array, host: numpy.ndarray) -> None:
+    """Overwrite device `array` in place with the values of the same-shaped `host` array."""
+    if isinstance(array, StrictArray):
+        array.view(numpy.ndarray)[...] = host
+    elif get_array_module(array) is numpy:
+        array[...] = host
+    else:  # pragma: no cover - needs a GPU
+        array.set(host)
+
+
+def to_device(array, device: Device | str):
+    """`array` copied to `device` (the array itself when it is there already)."""
+    device = Device(device)
+    if get_device(array) == device:
+        return array
+    src = get_array_module(array)
+    host = array if src is numpy else src.asnumpy(array)
+    if device.type == "cuda":  # pragma: no cover
+        with device.xp.cuda.Device(device.index):
+            return device.xp.asarray(host)
+    return device.xp.asarray(host)
 
 
 # One generator for every random op of the process, as torch.manual_seed gives.

@@ -9,7 +9,14 @@ from __future__ import annotations
 
 import numpy
 
-from dptrain.engine.backend import Device, check_dtype, generator, get_array_module
+from dptrain.engine.backend import (
+    Device,
+    check_dtype,
+    generator,
+    get_array_module,
+    get_device,
+    to_device,
+)
 from dptrain.engine.dtypes import default_float
 from dptrain.engine.tensor import Tensor
 
@@ -46,21 +53,22 @@ def tensor(data, dtype=None, device=None, requires_grad: bool = False) -> Tensor
     Args:
         data: the values. Python floats become float32; ints int64; bools bool.
         dtype: the dtype to convert to, e.g. ``engine.float64``.
-        device: ``'cpu'`` or ``'cuda'``.
+        device: ``'cpu'``, ``'cuda[:N]'`` (or the test-only ``'strict'``); by default the
+            device `data` is on (a CuPy array stays on its GPU), else the CPU.
         requires_grad: make the result a leaf that collects gradients.
     """
     if isinstance(data, Tensor):
         data = data.data
-    xp = _xp(device)
     src = get_array_module(data)
-    if src is not numpy and xp is numpy:  # pragma: no cover - GPU to host
-        data = src.asnumpy(data)
+    if src is not numpy:  # a device array: stays on its device unless told otherwise
+        data = to_device(data, get_device(data) if device is None else device)
+    xp = _xp(device if device is not None or src is numpy else get_device(data))
     if dtype is None:
         arr = xp.array(data)
-        if arr.dtype.kind == "f" and not isinstance(data, (numpy.ndarray, numpy.generic)) and \
-                src is numpy:
+        python_values = src is numpy and not isinstance(data, (numpy.ndarray, numpy.generic))
+        if arr.dtype.kind == "f" and python_values:
             arr = arr.astype(default_float)  # Python floats: float32, as torch.tensor
-        elif arr.dtype.kind in "iu" and not isinstance(data, (numpy.ndarray, numpy.generic)):
+        elif arr.dtype.kind in "iu" and python_values:
             arr = arr.astype(numpy.int64)
         check_dtype(arr.dtype)
     else:
@@ -118,8 +126,7 @@ def full_like(t: Tensor, fill_value, dtype=None, requires_grad: bool = False) ->
 
 
 def _to_device(host: numpy.ndarray, device):
-    xp = _xp(device)
-    return host if xp is numpy else xp.asarray(host)
+    return host if device is None else to_device(host, device)
 
 
 def randn(*size, dtype=None, device=None, requires_grad: bool = False) -> Tensor:

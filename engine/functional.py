@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy
 
-from dptrain.engine.backend import get_array_module
+from dptrain.engine.backend import as_array, get_array_module
 from dptrain.engine.ops.activation import log_softmax
 from dptrain.engine.ops.elementwise import softplus, where
 from dptrain.engine.ops.registry import FUNCTIONAL, export
@@ -43,7 +43,7 @@ def leaky_relu(x: Tensor, negative_slope: float = 0.01) -> Tensor:
 
 def _class_targets(name: str, input: Tensor, target: Tensor):
     """Validate class-index targets against (N, C, d1, ...) or (C,) logits."""
-    t = target.data if isinstance(target, Tensor) else numpy.asarray(target)
+    t = target.data if isinstance(target, Tensor) else as_array(target, input.data)
     if t.dtype.kind not in "iu":
         raise RuntimeError(f"{name}: class-index targets must be an integer tensor, got dtype "
                            f"{t.dtype}")
@@ -185,7 +185,7 @@ def binary_cross_entropy_with_logits(input: Tensor, target: Tensor,
 def embedding(input: Tensor, weight: Tensor, padding_idx: int | None = None) -> Tensor:
     """Rows of `weight` picked by the integer tensor `input`; repeated indices accumulate
     gradient, and the `padding_idx` row gets none."""
-    idx = input.data if isinstance(input, Tensor) else numpy.asarray(input)
+    idx = input.data if isinstance(input, Tensor) else as_array(input, weight.data)
     if idx.dtype.kind not in "iu":
         raise RuntimeError(f"embedding: indices must be an integer tensor, got {idx.dtype}")
     n = weight.shape[0]

@@ -6,6 +6,7 @@ from collections.abc import Callable, Sequence
 
 import numpy
 
+from dptrain.engine.backend import get_array_module, to_device
 from dptrain.engine.tensor import Tensor
 
 
@@ -42,7 +43,7 @@ def gradcheck(fn: Callable[..., Tensor], inputs: Sequence[Tensor], eps: float = 
         raise ValueError("gradcheck: no input requires grad")
     for t in wrt:
         if not t.data.flags.c_contiguous:
-            t.data = numpy.ascontiguousarray(t.data)
+            t.data = get_array_module(t.data).ascontiguousarray(t.data)
         if t.dtype != numpy.float64:
             raise ValueError(f"gradcheck: inputs should be float64 for a meaningful check, got "
                              f"{t.dtype}; pass tensors created with dtype=engine.float64")
@@ -55,7 +56,7 @@ def gradcheck(fn: Callable[..., Tensor], inputs: Sequence[Tensor], eps: float = 
 
     for t in wrt:
         t.grad = None
-    (out * Tensor(proj.astype(out.dtype))).sum().backward()
+    (out * Tensor(to_device(proj.astype(out.dtype), out.device))).sum().backward()
     for i, t in enumerate(wrt):
         analytic = numpy.zeros(t.shape) if t.grad is None else t.grad.numpy()
         numeric = numpy.zeros(t.shape)

@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import numpy
 
-from dptrain.engine.backend import FLOAT_DTYPES, get_array_module, get_device
+from dptrain.engine.backend import FLOAT_DTYPES, get_array_module, get_device, scatter_add
 
 __all__ = [
     "Tensor",
@@ -438,7 +438,7 @@ class IndexedGrad:
         if self.basic:  # ints and slices: no element is addressed twice
             acc[self.key] += self.values
         else:  # integer arrays may repeat an index: every occurrence adds
-            xp.add.at(acc, self.key, self.values)
+            scatter_add(xp, acc, self.key, self.values)
 
 
 def _unbroadcast(g, shape):

@@ -29,6 +29,18 @@ def test_worker_modules_never_import_the_coordinator():
     assert offenders == []
 
 
+def test_only_the_backend_imports_cupy_and_the_strict_device():
+    owned = ("cupy", "cupyx", "dptrain.engine.strict_array")
+    offenders = [f"{path.relative_to(REPO)}:{line}: {name}"
+                 for folder in ("engine", "worker", "coordinator")
+                 for path in sorted((REPO / folder).rglob("*.py"))
+                 if path.relative_to(REPO).as_posix() != "engine/backend.py"
+                 for line, name in imported_modules(
+                     path.read_text(), ".".join(["dptrain", *path.relative_to(REPO).parent.parts]))
+                 if any(name == o or name.startswith(o + ".") for o in owned)]
+    assert offenders == []
+
+
 def test_rank_0s_reporter_loads_neither_the_engine_nor_the_checkpoint_server():
     loaded = modules_loaded_by("import dptrain.coordinator.client.worker_reporter")
     assert "dptrain.coordinator.client.worker_reporter" in loaded

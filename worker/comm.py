@@ -31,9 +31,9 @@ from typing import Any, NoReturn
 
 import numpy
 
-from dptrain.engine.backend import get_array_module
+from dptrain.engine.backend import copy_from_host, get_array_module, to_host
 
-__all__ = ["Communicator", "Request", "REDUCE_OPS"]
+__all__ = ["Communicator", "Request", "REDUCE_OPS", "cuda_aware_mpi"]
 
 #: The reduction names `Communicator.allreduce_` accepts ('mean' is a sum divided by the size).
 REDUCE_OPS = ("sum", "mean", "max", "min", "prod")
@@ -66,6 +66,14 @@ def _mpi_op(op: str):
     MPI = _mpi()
     return {"sum": MPI.SUM, "mean": MPI.SUM, "max": MPI.MAX, "min": MPI.MIN,
             "prod": MPI.PROD}[op]
+
+
+def cuda_aware_mpi() -> bool:
+    """Whether this MPI library reads and writes GPU memory itself. Asks MPI where mpi4py
+    exposes the query (``MPIX_Query_cuda_support``); otherwise False, and device buffers are
+    staged through host memory (the ``mpich`` wheel is not CUDA-aware)."""
+    query = getattr(_mpi(), "Query_cuda_support", None)
+    return bool(query()) if query is not None else False
 
 
 def _sync_device(xp) -> None:
@@ -172,6 +180,12 @@ class Communicator:
         self._rank = self._comm.Get_rank()
         self._size = self._comm.Get_size()
         self.cuda_aware = bool(cuda_aware)
+        self.staged_bytes = 0  # device memory copied through the host, for diagnostics and tests
+
+    def _stage(self, array):
+        """A host copy of device `array` for MPI (which is not CUDA-aware here)."""
+        self.staged_bytes += array.nbytes
+        return to_host(array)
 
     @property
     def rank(self) -> int:
@@ -210,10 +224,10 @@ class Communicator:
         if xp is numpy or self.cuda_aware:
             _sync_device(xp)
             self._comm.Allreduce(_mpi().IN_PLACE, array, op=mpi_op)
-        else:  # pragma: no cover - needs a GPU: stage through host memory
-            host = xp.asnumpy(array)
+        else:  # stage through host memory (MPI cannot read device memory)
+            host = self._stage(array)
             self._comm.Allreduce(_mpi().IN_PLACE, host, op=mpi_op)
-            array.set(host)
+            copy_from_host(array, host)
         if op == "mean" and self._size > 1:
             xp.divide(array, self._size, out=array)
         return array
@@ -244,12 +258,13 @@ class Communicator:
             def finish() -> None:
                 if mean:
                     xp.divide(array, size, out=array)
-        else:  # pragma: no cover - needs a GPU: stage through host memory
-            host = xp.asnumpy(array)
+        else:  # stage through host memory; DDP starts one request per bucket, so one bucket's
+            # copy overlaps the reduction of those started before it
+            host = self._stage(array)
             request = self._comm.Iallreduce(_mpi().IN_PLACE, host, op=mpi_op)
 
             def finish() -> None:
-                array.set(host)
+                copy_from_host(array, host)
                 if mean:
                     xp.divide(array, size, out=array)
         return Request(request, finish)
@@ -270,10 +285,10 @@ class Communicator:
         if xp is numpy or self.cuda_aware:
             _sync_device(xp)
             self._comm.Bcast(array, root=root)
-        else:  # pragma: no cover - needs a GPU: stage through host memory
-            host = xp.asnumpy(array)
+        else:  # stage through host memory
+            host = self._stage(array)
             self._comm.Bcast(host, root=root)
-            array.set(host)
+            copy_from_host(array, host)
         return array
 
     def ireduce_(self, array, root: int = 0, op: str = "sum") -> Request:

@@ -117,8 +117,9 @@ class Context:
         world_size: the number of ranks.
         local_rank: the rank among the ranks on this host (picks the GPU).
         comm: the `Communicator` (for `DistributedDataParallel` and collectives).
-        device: ``engine.Device`` this rank computes on: ``cuda:<local_rank % GPUs>`` when
-            the job's ``device`` is ``cuda``, else the CPU.
+        device: ``engine.Device`` this rank computes on (`dptrain.worker.train.rank_device`):
+            ``cuda:<local_rank % GPUs>`` for a job's ``cuda`` (or ``auto`` with a GPU), else
+            the CPU.
         checkpoint_dir: where checkpoints go, or None (then none are written).
         resume: the checkpoint the run resumes from, as `load_checkpoint` returns it, or None.
         args: the script's arguments (``sys.argv[1:]``).
@@ -131,12 +132,9 @@ class Context:
         self.comm = launch.comm
         self.rank, self.world_size = self.comm.rank, self.comm.size
         self.local_rank = _local_rank(self.rank)
-        if launch.spec.get("device") == "cuda":
-            from dptrain.engine.backend import gpu_count
+        from dptrain.worker.train import rank_device
 
-            self.device = engine.Device(f"cuda:{self.local_rank % max(gpu_count(), 1)}")
-        else:
-            self.device = engine.Device("cpu")
+        self.device: engine.Device = rank_device(launch.spec.get("device", "cpu"), self.comm)
         self.checkpoint_dir = launch.checkpoint_dir
         self.args = list(sys.argv[1:])
         self.last_step: int | None = None  # reported

@@ -13,7 +13,7 @@ A job file (YAML or JSON) maps one to one onto `JobSpec`; the coordinator's prot
     eval_every: 100                                  # steps; 0: at the end only
     seed: 0
     workers: 2
-    device: cpu
+    device: cpu                                      # cuda: each rank on its node's GPU
     checkpoint: {every_steps: 100, keep: 3}
     loss: mylosses:focal                             # optional: package.module:function
     code: src                                        # optional: where your modules are

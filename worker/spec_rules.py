@@ -30,7 +30,7 @@ __all__ = [
 OPTIMIZERS = ("sgd", "adam", "adamw")
 # Spec name -> engine.optim.lr_scheduler class name; stepped once per training step.
 SCHEDULERS = {"step": "StepLR", "cosine": "CosineAnnealingLR", "linear": "LinearLR"}
-DEVICES = ("cpu", "cuda")
+DEVICES = ("cpu", "cuda", "auto")  # auto: cuda where CuPy sees a GPU, else cpu
 MAX_BATCH_SIZE = 2**20
 """The largest global ``batch_size`` (a million samples per step)."""
 MAX_STEPS = 10**9

@@ -38,7 +38,7 @@ import numpy as np
 
 import dptrain.engine.functional as F
 from dptrain import engine
-from dptrain.engine.backend import gpu_count
+from dptrain.engine.backend import cuda_device_for
 from dptrain.engine.optim import lr_scheduler
 from dptrain.worker import checkpoint as ckpt
 from dptrain.worker.data import (
@@ -144,13 +144,24 @@ class TrainResult:
 
 # ---------------------------------------------------------------- building blocks
 
-def _device(spec: JobSpec, rank: int) -> engine.Device:
-    if spec.device == "cpu":
+def rank_device(device: str, comm: Any) -> engine.Device:
+    """This rank's device for a job's ``device``: for ``cuda`` (and ``auto`` where CuPy sees a
+    GPU) the GPU of its index among the ranks of its node, modulo the GPUs visible there.
+
+    Collective: every rank of `comm` calls it (it splits `comm` by node when not ``cpu``).
+
+    Raises:
+        JobFailed: ``cuda`` without CuPy or without a visible GPU (the message says which).
+    """
+    if device == "cpu":
         return engine.Device("cpu")
-    if not engine.cupy_available():
-        raise JobFailed(f"device: 'cuda' was requested but CuPy with a GPU is not available "
-                        f"on rank {rank}")
-    return engine.Device(f"cuda:{rank % gpu_count()}")
+    local_rank = comm.split_shared().rank  # collective: every rank asks, whatever it finds
+    if device == "auto" and not engine.cupy_available():
+        return engine.Device("cpu")
+    try:
+        return cuda_device_for(local_rank)
+    except RuntimeError as e:
+        raise JobFailed(f"device: {device!r} on rank {comm.rank}: {e}") from None
 
 
 def _optimizer(spec: JobSpec, params: list) -> engine.optim.Optimizer:
@@ -231,7 +242,7 @@ class _Run:
     # ------------------------------------------------------------ set-up
     def setup(self) -> None:
         spec = self.spec
-        self.device = _device(spec, self.rank)
+        self.device = rank_device(spec.device, self.comm)
         self.loss_fn = None if spec.loss is None else agree(
             self.comm, lambda: resolve_loss(spec.loss), (JobSpecError,))
         data: Dataset = agree(self.comm, lambda: load_dataset(spec.dataset.name,
@@ -360,7 +371,7 @@ class _Run:
     def _tensor(self, array: np.ndarray) -> engine.Tensor:
         if self.device.type == "cpu":
             return engine.from_numpy(array)
-        return engine.tensor(array, device=self.device)  # pragma: no cover - needs a GPU
+        return engine.tensor(array, device=self.device)
 
     def _train_metrics(self) -> dict[str, Any]:
         if not self.window:
@@ -472,7 +483,7 @@ def run_job(spec: JobSpec, comm: Any = None, checkpoint_dir: str | None = None,
     Raises:
         JobFailed: raised on every rank alike (bad data, batch size, checkpoint mismatch).
     """
-    from dptrain.worker.comm import Communicator
+    from dptrain.worker.comm import Communicator, cuda_aware_mpi
     from dptrain.worker.ddp import DistributedDataParallel
 
     comm = Communicator() if comm is None else comm
@@ -483,6 +494,8 @@ def run_job(spec: JobSpec, comm: Any = None, checkpoint_dir: str | None = None,
         raise JobFailed("--resume needs a checkpoint directory (--checkpoint-dir)")
     run = _Run(spec, comm, checkpoint_dir, list(reporters or []))
     run.setup()
+    if run.device.type == "cuda":  # hand MPI device buffers only where it can read them
+        comm.cuda_aware = cuda_aware_mpi()
     resumed_from = run.restore() if resume else None
     ddp = DistributedDataParallel(run.model, comm)
     run.emit("on_start", {

@@ -13,7 +13,7 @@ import itertools
 from collections import OrderedDict, namedtuple
 from collections.abc import Callable, Iterator, Mapping
 
-from dptrain.engine.backend import Device, check_dtype, get_array_module
+from dptrain.engine.backend import Device, check_dtype, to_device
 from dptrain.engine.nn.parameter import Parameter
 from dptrain.engine.tensor import RemovableHandle, Tensor
 
@@ -43,10 +43,7 @@ def _addindent(text: str, spaces: int) -> str:
 def _move_array(arr, device: Device | None, dtype):
     """`arr` on `device` and, if it is floating point, cast to `dtype` (None: unchanged)."""
     if device is not None:
-        src = get_array_module(arr)
-        dst = device.xp
-        if src is not dst:
-            arr = dst.asarray(arr) if src.__name__ == "numpy" else src.asnumpy(arr)
+        arr = to_device(arr, device)
     if dtype is not None and arr.dtype.kind == "f" and arr.dtype != dtype:
         arr = arr.astype(dtype)
     return arr
@@ -440,11 +437,7 @@ class Module:
             raise RuntimeError(f"Error(s) in loading state_dict for {type(self).__name__}:\n\t"
                                + "\n\t".join(errors))
         for target, array in copies:
-            xp = get_array_module(target.data)
-            src = get_array_module(array)
-            if src is not xp:  # pragma: no cover - a GPU checkpoint into a host model
-                array = xp.asarray(array) if src.__name__ == "numpy" else src.asnumpy(array)
-            target.data[...] = array
+            target.data[...] = to_device(array, target.device)  # checkpoints cross devices
             target._version[0] += 1
         return _IncompatibleKeys(missing, unexpected)
 

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from dptrain.engine.backend import Device, check_dtype, get_array_module
+from dptrain.engine.backend import Device, check_dtype, get_array_module, to_device
 from dptrain.engine.ops.core import Op, apply
 from dptrain.engine.ops.registry import METHOD, export
 from dptrain.engine.ops.shape import clone
@@ -24,8 +24,8 @@ def to_dtype(x: Tensor, dtype) -> Tensor:
 
 
 def _move(xp, x, device, src):
-    """Copy array `x` (owned by `xp`) to `device`; `src` is where it came from."""
-    return device.xp.asarray(x) if device.type == "cuda" else xp.asnumpy(x)  # pragma: no cover
+    """Copy array `x` to `device`; `src` is where it came from (the gradient goes back there)."""
+    return to_device(x, device)
 
 
 _to_device = Op("to_device", _move,

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-from dptrain.engine.backend import get_array_module
+import numpy
+
+from dptrain.engine.backend import check_same_device, get_array_module
 from dptrain.engine.tensor import NOT_SAVED, Node, Tensor, _mode
 
 __all__ = ["Op", "apply"]
@@ -60,6 +62,8 @@ def apply(op: Op, *args, **kwargs) -> Tensor:
     """Run `op` on Tensors (or constants: Python scalars, raw arrays) and record the graph."""
     arrays = [a.data if isinstance(a, Tensor) else a for a in args]
     xp = get_array_module(*arrays)
+    if xp is not numpy and len(arrays) > 1:  # all-numpy operands share the one host
+        check_same_device(op.name, arrays)
     try:
         out = op.forward(xp, *arrays, **kwargs)
     except ValueError as e:  # numpy's broadcasting and shape errors: name the op and shapes

@@ -11,6 +11,7 @@ import numbers
 
 import numpy
 
+from dptrain.engine.backend import as_array, scatter_add
 from dptrain.engine.ops.core import Op, apply
 from dptrain.engine.ops.registry import FUNCTION, FUNCTIONAL, METHOD, PROPERTY, export
 from dptrain.engine.tensor import IndexedGrad, Tensor
@@ -68,7 +69,7 @@ def _gather_index(xp, index, axis):
 
 def _gather_vjp(xp, g, ans, x, index, axis):
     out = xp.zeros(x.shape, dtype=g.dtype)
-    xp.add.at(out, _gather_index(xp, index, axis), g)
+    scatter_add(xp, out, _gather_index(xp, index, axis), g)
     return out
 
 
@@ -342,7 +343,7 @@ def chunk(x: Tensor, chunks: int, dim: int = 0) -> tuple:
 @export(FUNCTION, METHOD)
 def gather(x: Tensor, dim: int, index: Tensor) -> Tensor:
     """``out[i][j] = x[i][index[i][j]]`` for dim=1 (and likewise for any dim)."""
-    idx = index.data if isinstance(index, Tensor) else numpy.asarray(index)
+    idx = index.data if isinstance(index, Tensor) else as_array(index, x.data)
     if idx.dtype.kind not in "iu":
         raise RuntimeError(f"gather(): index must be an integer tensor, got {idx.dtype}")
     if idx.ndim != x.ndim:

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy
 
-from dptrain.engine.backend import FLOAT_DTYPES, get_array_module
+from dptrain.engine.backend import FLOAT_DTYPES, get_array_module, to_device
 from dptrain.engine.tensor import Tensor, enable_grad
 
 __all__ = ["Optimizer", "ParamsT", "check_nonnegative", "check_real", "apply_blockwise"]
@@ -249,7 +249,6 @@ def _cast_state(name: str, value: Any, param: Tensor) -> Any:
     if not hasattr(value, "dtype") or not hasattr(value, "shape"):
         return value
     xp = get_array_module(param.data)
-    if get_array_module(value) is not xp:
-        value = value.get() if hasattr(value, "get") else value  # a CuPy array to the host
+    value = to_device(value, param.device)  # a state saved on one device loads on another
     dtype = param.data.dtype if value.dtype in FLOAT_DTYPES else value.dtype
     return Tensor(xp.array(value, dtype=dtype, copy=True))

@@ -7,10 +7,12 @@ reference written in the test, and gradchecks the engine function against centra
 
 from __future__ import annotations
 
+import functools
 import re
 
 import numpy as np
 import pytest
+from devices import DEVICES
 
 from dptrain import engine
 
@@ -25,22 +27,25 @@ def _inputs(*shapes, low: float = -2.0, high: float = 2.0, positive: bool = Fals
     return [np.asarray(rng.uniform(low, high, size=s), dtype=np.float64) for s in shapes]
 
 
-def _leaf(array) -> engine.Tensor:
-    """A float64 leaf that requires grad, holding a copy of `array`."""
+def _leaf(array, device: str = "cpu") -> engine.Tensor:
+    """A float64 leaf on `device` that requires grad, holding a copy of `array`."""
     return engine.tensor(np.array(array, dtype=np.float64), dtype=engine.float64,
-                         requires_grad=True)
+                         device=device, requires_grad=True)
 
 
 def _check(fn_engine, fn_numpy, *shapes, low: float = -2.0, high: float = 2.0,
            positive: bool = False, atol: float = 1e-10, rtol: float = 1e-7, grad: bool = True,
-           grad_atol: float = 1e-6, grad_rtol: float = 1e-4, seed: int = 0) -> engine.Tensor:
+           grad_atol: float = 1e-6, grad_rtol: float = 1e-4, seed: int = 0,
+           device: str = "cpu") -> engine.Tensor:
     """Compare ``fn_engine(*tensors)`` with ``fn_numpy(*arrays)`` on random inputs of `shapes`
-    (shape, dtype float64 and values), then gradcheck `fn_engine`. Returns the engine output."""
+    (shape, dtype float64 and values) on `device`, then gradcheck `fn_engine`. Returns the
+    engine output."""
     arrays = _inputs(*shapes, low=low, high=high, positive=positive, seed=seed)
-    tensors = [_leaf(a) for a in arrays]
+    tensors = [_leaf(a, device) for a in arrays]
     out = fn_engine(*tensors)
     expected = np.asarray(fn_numpy(*[a.copy() for a in arrays]))
     assert isinstance(out, engine.Tensor)
+    assert out.device == device, f"the result left {device} for {out.device}"
     assert out.shape == expected.shape, f"shape {out.shape}, expected {expected.shape}"
     assert out.dtype == engine.float64
     np.testing.assert_allclose(np.asarray(out.numpy()), expected, atol=atol, rtol=rtol)
@@ -49,10 +54,11 @@ def _check(fn_engine, fn_numpy, *shapes, low: float = -2.0, high: float = 2.0,
     return out
 
 
-@pytest.fixture(scope="session")
-def check():
-    """`_check`: forward against a numpy reference, backward against finite differences."""
-    return _check
+@pytest.fixture(scope="session", params=DEVICES)
+def check(request):
+    """`_check` on each device: forward against a numpy reference, backward against finite
+    differences."""
+    return functools.partial(_check, device=request.param)
 
 
 @pytest.fixture(scope="session")

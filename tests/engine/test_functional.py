@@ -16,9 +16,10 @@ from dptrain import engine
 F64 = engine.float64
 
 
-def t(array, dtype=None) -> engine.Tensor:
-    """A constant tensor (no grad) from numpy data."""
-    return engine.tensor(np.asarray(array), dtype=dtype)
+def t(array, dtype=None, like: engine.Tensor | None = None) -> engine.Tensor:
+    """A constant tensor (no grad) from numpy data, on the device of `like` if given."""
+    device = None if like is None else like.device
+    return engine.tensor(np.asarray(array), dtype=dtype, device=device)
 
 
 def log_softmax_ref(z, axis):
@@ -186,13 +187,13 @@ CE_CASES = [
 ]
 
 
-def _engine_kwargs(kw):
-    return {k: t(v, F64) if k == "weight" else v for k, v in kw.items()}
+def _engine_kwargs(kw, like):
+    return {k: t(v, F64, like) if k == "weight" else v for k, v in kw.items()}
 
 
 @pytest.mark.parametrize("kw", CE_CASES)
 def test_cross_entropy(check, kw):
-    check(lambda z: F.cross_entropy(z, t(TARGET), **_engine_kwargs(kw)),
+    check(lambda z: F.cross_entropy(z, t(TARGET, like=z), **_engine_kwargs(kw, z)),
           lambda a: ce_ref(a, TARGET, **kw), (4, 3))
 
 
@@ -213,12 +214,12 @@ def test_cross_entropy_default_ignore_index():
     ((2, 3, 2, 2), np.array([[[0, 1], [2, 2]], [[1, 0], [0, 2]]])),
 ], ids=["NCd", "NCdd"])
 def test_cross_entropy_spatial(check, kw, shape, target):
-    check(lambda z: F.cross_entropy(z, t(target), **_engine_kwargs(kw)),
+    check(lambda z: F.cross_entropy(z, t(target, like=z), **_engine_kwargs(kw, z)),
           lambda a: ce_ref(a, target, **kw), shape)
 
 
 def test_cross_entropy_single_sample(check):
-    check(lambda z: F.cross_entropy(z, t(1)), lambda a: ce_ref(a, np.array(1)), (3,))
+    check(lambda z: F.cross_entropy(z, t(1, like=z)), lambda a: ce_ref(a, np.array(1)), (3,))
 
 
 def test_cross_entropy_by_hand():
@@ -247,10 +248,10 @@ def ce_prob_ref(logits, p, weight=None, reduction="mean", label_smoothing=0.0):
 @pytest.mark.parametrize("shape", [(4, 3), (2, 3, 2)], ids=str)
 def test_cross_entropy_probability_targets(check, kw, shape):
     p = np.exp(log_softmax_ref(np.random.default_rng(5).normal(size=shape), 1))
-    check(lambda z: F.cross_entropy(z, t(p, F64), **_engine_kwargs(kw)),
+    check(lambda z: F.cross_entropy(z, t(p, F64, like=z), **_engine_kwargs(kw, z)),
           lambda a: ce_prob_ref(a, p, **kw), shape)
     # Soft targets are differentiable too (knowledge distillation).
-    check(lambda z, q: F.cross_entropy(z, q, **_engine_kwargs(kw)),
+    check(lambda z, q: F.cross_entropy(z, q, **_engine_kwargs(kw, z)),
           lambda a, q: ce_prob_ref(a, q, **kw), shape, shape, low=0.0, high=1.0)
 
 
@@ -271,15 +272,15 @@ NLL_CASES = [
 
 @pytest.mark.parametrize("kw", NLL_CASES)
 def test_nll_loss(check, kw):
-    check(lambda z: F.nll_loss(z, t(TARGET), **_engine_kwargs(kw)),
+    check(lambda z: F.nll_loss(z, t(TARGET, like=z), **_engine_kwargs(kw, z)),
           lambda a: ce_ref(a, TARGET, log_probs=True, **kw), (4, 3))
 
 
 def test_nll_loss_spatial_and_with_log_softmax(check):
     target = np.array([[0, 1, 2, 2], [1, 1, 0, 2]])
-    check(lambda z: F.nll_loss(z, t(target)), lambda a: ce_ref(a, target, log_probs=True),
+    check(lambda z: F.nll_loss(z, t(target, like=z)), lambda a: ce_ref(a, target, log_probs=True),
           (2, 3, 4))
-    check(lambda z: F.nll_loss(F.log_softmax(z, 1), t(TARGET), reduction="sum"),
+    check(lambda z: F.nll_loss(F.log_softmax(z, 1), t(TARGET, like=z), reduction="sum"),
           lambda a: ce_ref(a, TARGET, reduction="sum"), (4, 3))
 
 
@@ -319,10 +320,12 @@ BCE_CASES = [
 
 @pytest.mark.parametrize("kw", BCE_CASES)
 def test_binary_cross_entropy_with_logits(check, kw):
-    ekw = {k: t(v, F64) if isinstance(v, np.ndarray) else v for k, v in kw.items()}
-    check(lambda x: F.binary_cross_entropy_with_logits(x, t(BCE_Y, F64), **ekw),
+    def ekw(like):
+        return {k: t(v, F64, like) if isinstance(v, np.ndarray) else v for k, v in kw.items()}
+
+    check(lambda x: F.binary_cross_entropy_with_logits(x, t(BCE_Y, F64, x), **ekw(x)),
           lambda a: bce_ref(a, BCE_Y, **kw), (2, 3), low=-4, high=4)
-    check(lambda x, y: F.binary_cross_entropy_with_logits(x, y, **ekw),
+    check(lambda x, y: F.binary_cross_entropy_with_logits(x, y, **ekw(x)),
           lambda a, b: bce_ref(a, b, **kw), (2, 3), (2, 3), low=0.0, high=1.0)
 
 

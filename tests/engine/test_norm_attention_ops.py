@@ -56,7 +56,8 @@ def test_batch_norm_eval_uses_running_statistics(check, shape):
     rng = np.random.default_rng(1)
     mean, var = rng.normal(size=c), rng.uniform(0.5, 2.0, size=c)
     rm, rv = _const(mean), _const(var)
-    check(lambda x, w, b: F.batch_norm(x, rm, rv, w, b, training=False),
+    check(lambda x, w, b: F.batch_norm(x, rm.to(x.device), rv.to(x.device), w, b,
+                                       training=False),
           lambda x, w, b: bn_ref(x, mean, var, w, b), shape, (c,), (c,))
     assert rm.tolist() == mean.tolist() and rv.tolist() == var.tolist()  # untouched
 
@@ -170,8 +171,8 @@ def test_attention_matches_numpy_and_finite_differences(check, qs, ks, vs, mask,
     causal = isinstance(mask, str)
     m = None if causal else mask
     em = None if m is None else engine.tensor(m) if m.dtype == bool else _const(m)
-    check(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, em, is_causal=causal,
-                                                          scale=scale),
+    check(lambda q, k, v: F.scaled_dot_product_attention(
+              q, k, v, None if em is None else em.to(q.device), is_causal=causal, scale=scale),
           lambda q, k, v: attention_ref(q, k, v, m, causal, scale), qs, ks, vs)
 
 

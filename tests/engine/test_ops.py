@@ -21,9 +21,10 @@ BROADCAST_PAIRS = [
 UNARY_SHAPES = [(), (1,), (5,), (2, 3), (2, 1, 3)]
 
 
-def t(array, dtype=None) -> engine.Tensor:
-    """A constant tensor (no grad) from numpy data."""
-    return engine.tensor(np.asarray(array), dtype=dtype)
+def t(array, dtype=None, like: engine.Tensor | None = None) -> engine.Tensor:
+    """A constant tensor (no grad) from numpy data, on the device of `like` if given."""
+    device = None if like is None else like.device
+    return engine.tensor(np.asarray(array), dtype=dtype, device=device)
 
 
 # ---------------------------------------------------------------- arithmetic
@@ -134,7 +135,8 @@ def test_clamp_one_bound_forward():
 
 def test_clamp_with_tensor_bounds(check):
     lo, hi = np.array([-1.0, 0.0, 0.5]), np.array([1.0, 0.2, 1.5])
-    check(lambda x: x.clamp(t(lo), t(hi)), lambda a: np.minimum(np.maximum(a, lo), hi), (2, 3))
+    check(lambda x: x.clamp(t(lo, like=x), t(hi, like=x)),
+          lambda a: np.minimum(np.maximum(a, lo), hi), (2, 3))
 
 
 def test_clamp_needs_a_bound():
@@ -150,13 +152,15 @@ COND = np.array([True, False, True])
 @pytest.mark.parametrize("shapes", [((2, 3), (3,)), ((2, 1), (1, 3)), ((3,), (3,)),
                                     ((), (2, 3))], ids=str)
 def test_where_tensor_branches(check, shapes):
-    check(lambda x, y: engine.where(t(COND), x, y), lambda a, b: np.where(COND, a, b), *shapes)
+    check(lambda x, y: engine.where(t(COND, like=x), x, y), lambda a, b: np.where(COND, a, b),
+          *shapes)
 
 
 def test_where_scalar_branches(check):
-    check(lambda x: engine.where(t(COND), x, 0.0), lambda a: np.where(COND, a, 0.0), (2, 3))
-    check(lambda y: engine.where(t(COND), -1.5, y), lambda b: np.where(COND, -1.5, b), (2, 3))
-    check(lambda x: x.where(t(COND), 2.0), lambda a: np.where(COND, a, 2.0), (3,))
+    check(lambda x: engine.where(t(COND, like=x), x, 0.0), lambda a: np.where(COND, a, 0.0), (2, 3))
+    check(lambda y: engine.where(t(COND, like=y), -1.5, y), lambda b: np.where(COND, -1.5, b),
+          (2, 3))
+    check(lambda x: x.where(t(COND, like=x), 2.0), lambda a: np.where(COND, a, 2.0), (3,))
 
 
 def test_where_condition_from_comparison(check):
@@ -396,16 +400,16 @@ INDEX_KEYS = [
 ]
 
 
-def _engine_key(key):
-    """The same key with numpy index arrays turned into engine tensors."""
+def _engine_key(key, like=None):
+    """The same key with numpy index arrays turned into engine tensors (on `like`'s device)."""
     parts = key if isinstance(key, tuple) else (key,)
-    parts = tuple(engine.tensor(k) if isinstance(k, np.ndarray) else k for k in parts)
+    parts = tuple(t(k, like=like) if isinstance(k, np.ndarray) else k for k in parts)
     return parts if isinstance(key, tuple) else parts[0]
 
 
 @pytest.mark.parametrize("key", INDEX_KEYS)
 def test_getitem(check, key):
-    check(lambda x: x[_engine_key(key)], lambda a: a[key], (4, 5, 3))
+    check(lambda x: x[_engine_key(key, x)], lambda a: a[key], (4, 5, 3))
 
 
 def test_getitem_list_and_0d():
@@ -509,8 +513,8 @@ def test_split_pieces_accumulate_into_one_gradient(leaf):
                                   np.array([[False, True, True], [True, False, False]])],
                          ids=["broadcast", "full"])
 def test_masked_fill(check, mask):
-    check(lambda x: x.masked_fill(t(mask), -1.0), lambda a: np.where(mask, -1.0, a), (2, 3))
-    check(lambda x: engine.masked_fill(x, t(mask), 0.25), lambda a: np.where(mask, 0.25, a),
+    check(lambda x: x.masked_fill(t(mask, like=x), -1.0), lambda a: np.where(mask, -1.0, a), (2, 3))
+    check(lambda x: engine.masked_fill(x, t(mask, like=x), 0.25), lambda a: np.where(mask, 0.25, a),
           (2, 3))
 
 
@@ -535,12 +539,12 @@ def _gather_ref(a, dim, idx):
 @pytest.mark.parametrize("shape, dim, index", GATHER_CASES)
 def test_gather(check, shape, dim, index):
     idx = np.array(index)
-    check(lambda x: x.gather(dim, t(idx)), lambda a: _gather_ref(a, dim, idx), shape)
+    check(lambda x: x.gather(dim, t(idx, like=x)), lambda a: _gather_ref(a, dim, idx), shape)
 
 
 def test_gather_index_smaller_than_input(check):
     idx = np.array([[0, 3], [1, 1]])
-    check(lambda x: x.gather(1, t(idx)), lambda a: _gather_ref(a, 1, idx), (3, 4))
+    check(lambda x: x.gather(1, t(idx, like=x)), lambda a: _gather_ref(a, 1, idx), (3, 4))
 
 
 def test_gather_repeated_index_accumulates(leaf):

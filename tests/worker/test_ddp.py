@@ -40,6 +40,29 @@ def test_n_ranks_train_the_model_one_process_trains(run_mpi, mpi_json, mpi_scrip
 
 
 @pytest.mark.mpi
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_n_ranks_on_a_device_stage_buckets_through_the_host_and_train_as_one(
+        run_mpi, mpi_json, mpi_scripts, n):
+    # The strict device stands in for a GPU without CUDA-aware MPI (the mpich wheel's case):
+    # every bucket is copied to the host, reduced, and copied back, one request per bucket.
+    report = _run(run_mpi, mpi_json, mpi_scripts / "ddp_equivalence.py", n, "0.0005", "strict")
+    ranks = report["ranks"]
+    assert all(r["devices"] == ["strict"] for r in ranks)
+    assert len({r["hash"] for r in ranks}) == 1, "ranks ended with different parameters"
+    assert all(r["marker"] == [0.0, 0.0, 0.0] for r in ranks), "buffers not from rank 0"
+    rank0 = ranks[0]
+    assert rank0["buckets"] > 1 and rank0["moved"] > 1e-2
+    worst = max(rank0["max_abs_diff"].values())
+    assert worst == 0.0 if n == 1 else worst < 1e-5 * max(1.0, rank0["max_abs_param"])
+    # Bytes through the host, by hand: 20 steps of every float32 gradient, the parameters and
+    # the 3-float marker broadcast at wrapping, and the marker before each of the 20 forwards.
+    # One rank communicates nothing.
+    grads = 4 * (8 * 16 + 16 + 16 * 16 + 16 + 16 * 3 + 3)
+    expected = 20 * grads + (grads + 12) + 20 * 12 if n > 1 else 0
+    assert [r["staged_bytes"] for r in ranks] == [expected] * n
+
+
+@pytest.mark.mpi
 @pytest.mark.parametrize("n", [2, 3])
 def test_bucketed_reduction_equals_per_tensor_reduction(run_mpi, mpi_json, mpi_scripts, n):
     ranks = _run(run_mpi, mpi_json, mpi_scripts / "ddp_buckets.py", n)["ranks"]

@@ -99,7 +99,7 @@ def test_hash_is_stable_under_key_order_and_explicit_defaults():
     ("dataset.args.rows", 3, "dataset.args.rows: is not an argument of data set 'synthetic'"),
     ("dataset.validation_fraction", 1.0, "dataset.validation_fraction: must be in [0, 1), "
                                          "got 1.0"),
-    ("device", "tpu", "device: must be one of cpu, cuda, got 'tpu'"),
+    ("device", "tpu", "device: must be one of cpu, cuda, auto, got 'tpu'"),
     ("checkpoint.keep", 0, "checkpoint.keep: must be >= 1, got 0"),
     ("checkpoint.every_steps", -1, "checkpoint.every_steps: must be >= 0"),
     ("eval_every", -1, "eval_every: must be >= 0, got -1"),

@@ -19,6 +19,7 @@ import pytest
 import yaml
 from jobkit import FAULTY_MODEL
 
+from dptrain.engine import backend as engine_backend
 from dptrain.worker.data import train_validation_split
 from dptrain.worker.mpiexec_command import LaunchSettings, default_mpiexec, mpiexec_command
 
@@ -238,6 +239,25 @@ def test_resume_refuses_a_checkpoint_of_a_different_job(tmp_path, worker):
     assert result.returncode == 2
     assert "differs in optimizer.lr, seed" in result.stderr
     assert result.stderr.count("dptrain worker: error:") == 1  # rank 0 speaks for all
+
+
+@pytest.mark.mpi
+@pytest.mark.skipif(engine_backend.cupy_available(), reason="needs no GPU: CuPy sees one here")
+def test_device_auto_trains_on_the_cpu_without_a_gpu_and_cuda_says_what_is_missing(
+        tmp_path, worker):
+    on_cpu = worker(2, write_job(tmp_path, "cpu.yaml", max_steps=5, device="cpu"))
+    auto = worker(2, write_job(tmp_path, "auto.yaml", max_steps=5, device="auto"))
+    assert on_cpu.returncode == auto.returncode == 0, auto.stderr
+    learned = ("loss", "accuracy", "val_loss", "val_accuracy", "step")
+    got, expected = final_metrics(auto.stdout), final_metrics(on_cpu.stdout)
+    assert [got[k] for k in learned] == [expected[k] for k in learned]
+    cuda = worker(2, write_job(tmp_path, "cuda.yaml", max_steps=5, device="cuda"))
+    assert cuda.returncode == 2
+    lines = [line for line in cuda.stderr.splitlines() if "dptrain worker: error:" in line]
+    assert len(lines) == 1  # rank 0 speaks for both
+    assert lines[0].startswith("dptrain worker: error: device: 'cuda' on rank 0: ")
+    assert "pip install 'dptrain[cuda12]' or 'dptrain[cuda13]'" in lines[0] or (
+        "no GPU is visible" in lines[0])
 
 
 @pytest.mark.mpi

@@ -4,9 +4,10 @@ Every rank builds the MLP from a different seed (so the broadcast from rank 0 is
 then takes 20 SGD-with-momentum steps, each on its contiguous shard of the same global batch.
 Rank 0 also trains the single-process reference: the model built from rank 0's seed, on every
 global batch whole, without DDP. Rank 0 prints each parameter's largest difference from the
-reference, and every rank's parameter digest.
+reference, and every rank's parameter digest. On a device other than the CPU (the strict one
+stands in for a GPU), DDP's buckets are device arrays staged through host memory.
 
-    mpiexec -n N python ddp_equivalence.py [BUCKET_CAP_MB]
+    mpiexec -n N python ddp_equivalence.py [BUCKET_CAP_MB [DEVICE]]
 """
 
 from __future__ import annotations
@@ -28,14 +29,15 @@ STEPS, GLOBAL_BATCH, FEATURES, CLASSES = 20, 12, 8, 3
 def build(seed: int) -> nn.Module:
     engine.manual_seed(seed)
     return nn.Sequential(nn.Linear(FEATURES, 16), nn.Tanh(), nn.Linear(16, 16), nn.ReLU(),
-                         nn.Linear(16, CLASSES))
+                         nn.Linear(16, CLASSES)).to(device)
 
 
 def train(model, batches, shard=slice(None)) -> list[float]:
     opt = engine.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     losses = []
     for x, y in batches:
-        loss = F.cross_entropy(model(engine.from_numpy(x[shard])), engine.from_numpy(y[shard]))
+        loss = F.cross_entropy(model(engine.tensor(x[shard], device=device)),
+                               engine.tensor(y[shard], device=device))
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -45,6 +47,7 @@ def train(model, batches, shard=slice(None)) -> list[float]:
 
 comm = Communicator()
 cap = float(sys.argv[1]) if len(sys.argv) > 1 else 25.0
+device = sys.argv[2] if len(sys.argv) > 2 else "cpu"
 rng = np.random.default_rng(1234)
 batches = [(rng.standard_normal((GLOBAL_BATCH, FEATURES)).astype(np.float32),
             rng.integers(0, CLASSES, GLOBAL_BATCH)) for _ in range(STEPS)]
@@ -52,11 +55,13 @@ per_rank = GLOBAL_BATCH // comm.size
 shard = slice(comm.rank * per_rank, (comm.rank + 1) * per_rank)
 
 model = build(seed=100 + comm.rank)
-model.register_buffer("marker", engine.full((3,), float(comm.rank)))  # rank 0's must win
+model.register_buffer("marker", engine.full((3,), float(comm.rank), device=device))  # rank 0's
 ddp = DistributedDataParallel(model, comm=comm, bucket_cap_mb=cap)
 train(ddp, batches, shard)
 result = {"rank": comm.rank, "hash": params_hash(ddp.module),
-          "buckets": len(ddp.bucket_assignment), "marker": model.marker.tolist()}
+          "buckets": len(ddp.bucket_assignment), "marker": model.marker.tolist(),
+          "devices": sorted({str(p.device) for p in ddp.module.parameters()}),
+          "staged_bytes": comm.staged_bytes}
 if comm.rank == 0:
     reference = build(seed=100)
     train(reference, batches)

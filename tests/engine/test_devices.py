@@ -1,0 +1,102 @@
+"""Devices: ``Device`` parsing, ``Tensor.to``/``Module.to``, factories and the seed on a device,
+and the strict device's refusals that stand in for CuPy's in CI (no GPU here)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from dptrain import engine
+from dptrain.engine import backend, nn
+
+
+def test_device_parses_cpu_cuda_and_strict():
+    assert (engine.Device("cuda:1").type, engine.Device("cuda:1").index) == ("cuda", 1)
+    assert engine.Device("cuda").index == 0
+    assert str(engine.Device("strict")) == "strict"
+    assert engine.Device("cpu") == "cpu"
+    for bad, rule in ((r"tpu", r"'cpu', 'cuda\[:N\]' or 'strict', got 'tpu'"),
+                      ("cpu:0", "takes no index"), ("cuda:x", "non-negative int")):
+        with pytest.raises(ValueError, match=rule):
+            engine.Device(bad)
+
+
+def test_strict_array_refuses_numpy_functions_host_arrays_and_unsorted_scatter():
+    x = engine.ones(3, device="strict").data
+    with pytest.raises(TypeError, match="numpy.sum on a strict-device array"):
+        np.sum(x)
+    with pytest.raises(TypeError, match="numpy.add: a numpy .host. array mixed"):
+        x + np.ones(3)
+    with pytest.raises(TypeError, match="add.at"):
+        np.add.at(x, [0], 1.0)
+    with pytest.raises(TypeError, match="implicit conversion"):
+        x.__array__()
+    xp = backend.get_array_module(x)
+    with pytest.raises(TypeError, match="strict.where: a numpy .host. array mixed"):
+        xp.where(np.ones(3, bool), x, x)
+    with pytest.raises(TypeError, match="numpy.random"):
+        xp.random  # noqa: B018
+    # What the device path may do keeps results on the device, 0-d arrays included (as CuPy).
+    for out in (x + 1.0, xp.exp(x), x.sum(), xp.maximum.reduce(x), x[np.array([0, 0])]):
+        assert backend.get_device(out) == "strict"
+
+
+def test_scatter_add_accumulates_repeated_indices_on_every_device():
+    for device in ("cpu", "strict"):
+        xp = engine.Device(device).xp
+        acc = xp.zeros(4)
+        backend.scatter_add(xp, acc, xp.asarray(np.array([1, 1, 3])), xp.asarray([1.0, 2.0, 5.0]))
+        assert backend.get_device(acc) == device
+        assert engine.tensor(acc).tolist() == [0.0, 3.0, 0.0, 5.0]
+
+
+def test_tensor_to_moves_values_and_gradients_flow_back_to_the_source_device():
+    x = engine.tensor([1.0, -2.0, 3.0], requires_grad=True)
+    y = x.to("strict")
+    assert (x.device, y.device) == ("cpu", "strict")
+    loss = (y * y * 3.0).sum()
+    assert loss.device == "strict"
+    loss.backward()
+    assert x.grad.device == "cpu"
+    assert x.grad.tolist() == [6.0, -12.0, 18.0]  # d(3x²)/dx = 6x
+    assert engine.tensor(y.data).device == "strict"  # a device array stays on its device
+    assert engine.tensor(y.data, device="cpu").device == "cpu"
+
+
+def test_mixing_devices_in_one_op_names_the_op_and_both_devices():
+    a, b = engine.ones(2, device="strict"), engine.ones(2)
+    with pytest.raises(RuntimeError, match="mul: expected all tensors on one device, got strict "
+                                           "and cpu"):
+        a * b
+    with pytest.raises(RuntimeError, match="matmul: .* got cpu and strict"):
+        engine.ones(2, 2) @ engine.ones(2, 2, device="strict")
+
+
+def test_factories_and_the_seed_give_the_same_numbers_on_every_device():
+    draws = {}
+    for device in ("cpu", "strict"):
+        engine.manual_seed(7)
+        t = (engine.randn(3, device=device), engine.rand(2, device=device),
+             engine.randint(0, 9, (4,), device=device), engine.zeros(2, device=device),
+             engine.arange(3, device=device), engine.eye(2, device=device))
+        assert {x.device for x in t} == {engine.Device(device)}
+        draws[device] = [x.tolist() for x in t]
+    assert draws["cpu"] == draws["strict"]
+
+
+def test_module_to_moves_parameters_and_gives_the_cpu_outputs():
+    engine.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    x = engine.randn(5, 3)
+    expected = model(x).tolist()
+    model.to("strict")
+    assert {p.device for p in model.parameters()} == {engine.Device("strict")}
+    np.testing.assert_allclose(model(x.to("strict")).numpy(), expected, rtol=1e-6)
+
+
+@pytest.mark.skipif(backend.cupy_available(), reason="needs no GPU: CuPy sees one here")
+def test_cuda_without_cupy_says_which_extra_to_install_or_that_no_gpu_is_visible():
+    with pytest.raises(RuntimeError, match=r"cuda12.*cuda13|no GPU is visible"):
+        engine.zeros(2, device="cuda")
+    with pytest.raises(RuntimeError, match=r"device cuda:1 requested"):
+        engine.ones(2).to("cuda:1")
