@@ -187,7 +187,7 @@ CE_CASES = [
 ]
 
 
-def _engine_kwargs(kw, like):
+def _engine_kwargs(kw, like=None):
     return {k: t(v, F64, like) if k == "weight" else v for k, v in kw.items()}
 
 
