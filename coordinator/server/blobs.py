@@ -204,8 +204,8 @@ class BlobStore:
         except FileNotFoundError:
             raise BlobNotFound(name) from None
 
-    def read(self, name: str, *, chunk_size: int = CHUNK_BYTES,
-             verify: bool = True) -> Iterator[bytes]:
+    def read(self, name: str, *, chunk_size: int = CHUNK_BYTES, verify: bool = True,
+             offset: int = 0) -> Iterator[bytes]:
         """The blob's bytes in chunks, verified while streaming.
 
         When the bytes do not hash to their name, `BlobCorrupted` is raised after the last
@@ -217,6 +217,8 @@ class BlobStore:
             chunk_size: bytes per chunk.
             verify: hash the bytes and check the digest at the end; False where the receiver
                 hashes them anyway (a download), so that they are hashed once, not twice.
+            offset: start this many bytes in (a resumed download); only with ``verify=False``,
+                as the digest covers the whole blob.
 
         Returns:
             An iterator of chunks of at most `chunk_size` bytes.
@@ -224,13 +226,16 @@ class BlobStore:
         Raises:
             BlobNotFound, BlobCorrupted.
         """
+        if offset and verify:
+            raise ValueError("offset: a blob read from an offset cannot be verified")
         path = self._path(name)
         if not path.is_file():  # raise now, not at the first next()
             raise BlobNotFound(name)
-        return self._read(path, name, chunk_size, verify)
+        return self._read(path, name, chunk_size, verify, offset)
 
     @staticmethod
-    def _read(path: Path, name: str, chunk_size: int, verify: bool) -> Iterator[bytes]:
+    def _read(path: Path, name: str, chunk_size: int, verify: bool,
+              offset: int) -> Iterator[bytes]:
         algorithm, expected = parse_blob_id(name)
         digest, size = new_hasher(algorithm) if verify else None, 0
         try:
@@ -238,6 +243,7 @@ class BlobStore:
         except FileNotFoundError:  # deleted since read() looked
             raise BlobNotFound(name) from None
         with f:
+            f.seek(offset)
             while chunk := f.read(chunk_size):
                 if digest is not None:
                     digest.update(chunk)

@@ -45,6 +45,7 @@ from dptrain.coordinator.api.errors import (
     BlobNotFound,
     BlobTooLarge,
     CheckpointNotFound,
+    OutOfRange,
     StateConflict,
     ValidationError,
 )
@@ -312,8 +313,8 @@ def intact_checkpoint(job_id: str, state: ServiceState) -> CheckpointRecord | No
     return None
 
 
-def open_download(job_id: str, step: int | None, name: str, state: ServiceState
-                  ) -> tuple[int, FileEntry, Iterator[bytes]]:
+def open_download(job_id: str, step: int | None, name: str, state: ServiceState,
+                  offset: int = 0) -> tuple[int, FileEntry, Iterator[bytes]]:
     """One file of a checkpoint, for its receiver to verify while it streams.
 
     The file is read once and not hashed here: the receiver hashes what it gets anyway
@@ -326,18 +327,24 @@ def open_download(job_id: str, step: int | None, name: str, state: ServiceState
         step: the checkpoint's step; None: the newest intact checkpoint.
         name: the file (``""``: ``model.safetensors``), or ``manifest.json``.
         state: the server.
+        offset: send the bytes from here on (a resumed download; the receiver hashes the ones
+            it kept with the rest).
 
     Returns:
-        ``(step, file, chunks)``; the chunks are at most `CHUNK_BYTES` each. ``file.size`` is
+        ``(step, file, chunks)``; the chunks are at most `CHUNK_BYTES` each, from `offset`
+        on. ``file.size`` is
         the stored file's size; ``file.digest`` and ``file.algorithm`` are what the bytes must
         hash to (the manifest's entry; sha256 for ``manifest.json``).
 
     Raises:
         JobNotFound, CheckpointNotFound: no such job or checkpoint.
         ValidationError: naming ``file`` when the checkpoint has no such file.
+        OutOfRange: naming ``offset`` when it is negative or beyond the file's size.
         BlobNotFound: the stored file is missing.
     """
     name = name or DEFAULT_FILE
+    if offset < 0:
+        raise OutOfRange("offset", "must be >= 0", offset)
     if step is None:
         record = intact_checkpoint(job_id, state)
         if record is None:
@@ -347,11 +354,14 @@ def open_download(job_id: str, step: int | None, name: str, state: ServiceState
     blobs = record_blobs(record)
     if name not in blobs:
         raise ValidationError("file", "must be one of " + ", ".join(sorted(blobs)), name)
-    chunks = state.blobs.read(blobs[name], chunk_size=CHUNK_BYTES, verify=False)
+    size = state.blobs.size(blobs[name])
+    if offset > size:
+        raise OutOfRange("offset", f"must be at most the file's size ({size} bytes)", offset)
+    chunks = state.blobs.read(blobs[name], chunk_size=CHUNK_BYTES, verify=False, offset=offset)
     listed = {f.name: f for f in record_files(record)}.get(name)
     digest, algorithm = (record.sha256, "sha256") if listed is None else (listed.digest,
                                                                           listed.algorithm)
-    entry = FileEntry(name, state.blobs.size(blobs[name]), digest, algorithm)
+    entry = FileEntry(name, size, digest, algorithm)
     return record.step, entry, _counted(state, chunks)
 
 
