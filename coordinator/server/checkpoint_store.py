@@ -45,6 +45,8 @@ from dptrain.coordinator.api.errors import (
     BlobNotFound,
     BlobTooLarge,
     CheckpointNotFound,
+    CoordinatorError,
+    DiskFull,
     OutOfRange,
     StateConflict,
     ValidationError,
@@ -58,6 +60,7 @@ from dptrain.coordinator.api.limits import (
 from dptrain.coordinator.api.records import CheckpointRecord, EventKind, JobState
 from dptrain.coordinator.api.strict_json import loads
 from dptrain.coordinator.server.blobs import BlobStore, blob_id
+from dptrain.coordinator.server.jobs import fail_job
 from dptrain.worker.checkpoint_manifest import MANIFEST, FileEntry
 from dptrain.worker.spec import code_digest
 
@@ -208,6 +211,8 @@ def store_checkpoint(upload: CheckpointUpload, chunks: Iterable[tuple[str, bytes
         ValidationError: a header that contradicts its manifest, or chunks out of order.
         ChecksumMismatch: a file's bytes do not match its digest (DATA_LOSS).
         BlobTooLarge: a file larger than the server allows (RESOURCE_EXHAUSTED).
+        DiskFull: no room for a file or the record (RESOURCE_EXHAUSTED); no record is
+            written, the stored checkpoints are as they were.
     """
     job = store.get_job(upload.job_id)
     if states is not None and job.state not in states:
@@ -215,21 +220,21 @@ def store_checkpoint(upload: CheckpointUpload, chunks: Iterable[tuple[str, bytes
     manifest = _check_upload(upload, blobs.max_size)
     stream = _Peekable(chunks)
     received = [0]
+    total = len(upload.manifest_json) + sum(f.size for f in upload.files)
     for entry in upload.files:
         head = stream.peek()
         if entry.size and (head is None or head[0] != entry.name):
             raise ValidationError("chunk.name", f"expected the bytes of {entry.name}",
                                   None if head is None else head[0])
         _, size = blobs.put(_file_chunks(stream, entry.name, received),
-                            expected=blob_id(entry.algorithm, entry.digest))
+                            expected=blob_id(entry.algorithm, entry.digest), size=total)
         if size != entry.size:  # the digest matched, so the declared size was wrong
             raise ValidationError(f"header.files.{entry.name}.size",
                                   f"must be the file's size ({size})", entry.size)
     if stream.peek() is not None:
         raise ValidationError("chunk.name", "must name a file of the header, in order",
                               stream.peek()[0])
-    manifest_sha, _ = blobs.put(upload.manifest_json)
-    total = len(upload.manifest_json) + sum(f.size for f in upload.files)
+    manifest_sha, _ = blobs.put(upload.manifest_json, size=total)
     record = CheckpointRecord(upload.job_id, upload.step, manifest_sha, total,
                               time.time() if now is None else now, manifest)
     try:
@@ -256,13 +261,25 @@ def receive_checkpoint(upload: CheckpointUpload, chunks: Iterable[tuple[str, byt
     Returns:
         The stored record.
 
+    A full disk fails the job with the reason (`jobs.fail_job`, its workers ended): its next
+    checkpoint would meet the same disk, and a restart too; a user sees why it stopped.
+
     Raises:
         JobNotFound: no such job.
         StateConflict: the job is over (FAILED_PRECONDITION); nothing is stored.
         ValidationError, ChecksumMismatch, BlobTooLarge: as `store_checkpoint`.
+        DiskFull: as `store_checkpoint`; the job has failed with its message.
     """
-    record, received = store_checkpoint(upload, chunks, state.store, state.blobs,
-                                        states=WORKER_STATES, now=now)
+    try:
+        record, received = store_checkpoint(upload, chunks, state.store, state.blobs,
+                                            states=WORKER_STATES, now=now)
+    except DiskFull as e:
+        try:
+            fail_job(upload.job_id, f"the checkpoint of step {upload.step} cannot be stored: "
+                                    f"{e}", state)
+        except CoordinatorError:  # the store itself is full or closed: the upload's error
+            log.exception("job %s: cannot record the failure", upload.job_id)  # says it
+        raise
     state.metrics.add_checkpoint_bytes("stored", received)
     return record
 

@@ -67,6 +67,7 @@ from typing import IO, Any
 
 from dptrain.coordinator.api.errors import (
     BlobError,
+    DiskFull,
     JobNotFound,
     StateConflict,
     StoreClosed,
@@ -523,7 +524,8 @@ class JobRunner:
             if store_final_checkpoint(job_id, step, directory, self.store, self.blobs):
                 self._event(job_id, f"[dptrain] stored the final checkpoint (step {step}) "
                                     f"from the job's checkpoint directory")
-        except (CheckpointError, ValidationError, BlobError, OSError, ValueError) as e:
+        except (CheckpointError, ValidationError, BlobError, DiskFull, OSError,
+                ValueError) as e:
             return (f"the final checkpoint (step {step}) cannot be stored from "
                     f"{directory / checkpoint_name(step)}: {e}")
         return None
