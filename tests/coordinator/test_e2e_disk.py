@@ -5,13 +5,16 @@ real ``mpiexec`` workers, as in test_e2e.py."""
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import pytest
-from jobkit import descendants, kill_all
+from jobkit import SLOW_SPEC, descendants, kill_all
+from small_disk import small_disk
 
 from dptrain.coordinator.api.records import JobState
 from dptrain.coordinator.client.client import Client
+from dptrain.coordinator.server.checkpoint_store import verify_record
 from dptrain.coordinator.server.runner import RunnerSettings
 from dptrain.coordinator.server.scheduler import Cluster
 from dptrain.worker.code_archive import pack_directory
@@ -57,3 +60,27 @@ def test_a_code_archive_damaged_on_the_coordinators_disk_fails_the_job_at_once(
     assert done.state is JobState.FAILED and done.restarts == 0
     assert f"DATA_LOSS: the code archive sha256:{digest} arrived hashing to sha256 " in done.error
     assert "code:" in done.error, done.error
+
+
+def test_a_full_disk_under_the_workers_checkpoints_fails_the_job_with_the_reason(
+        server, client, state_dir, tmp_path):
+    # The job directories (the workers' checkpoints) on a disk of their own, the blobs not:
+    # 8 MiB hold two of this job's 3.6 MB checkpoints, and the third meets ENOSPC.
+    with small_disk(state_dir / "jobs", size_mib=8):
+        job = client.submit_job(SLOW_SPEC, max_restarts=3)
+        done = finished(client, job.id)
+        kill_all(descendants(os.getpid()))
+    assert done.state is JobState.FAILED, done.error
+    assert (done.exit_code, done.restarts) == (4, 0)  # EXIT_DISK_FULL: not restarted
+    checkpoints = state_dir / "jobs" / job.id / "checkpoints"
+    found = re.search(r"^dptrain worker: error: no space left to write the checkpoint of step "
+                      rf"(\d+) under {re.escape(str(checkpoints))} \(No space left on device\); "
+                      r"the checkpoints written before are intact: free space there, then "
+                      r"resume$", done.error, re.MULTILINE)
+    assert found, done.error
+    failed_step = int(found.group(1))
+    # What the workers uploaded before is stored and intact.
+    records = server.store.list_checkpoints(job.id)
+    assert records and all(r.step < failed_step for r in records)
+    for record in records:
+        verify_record(record, server.blobs)
