@@ -24,11 +24,14 @@ RUNNER_OPTIONS = {"heartbeat_timeout": 60.0, "kill_grace": 5.0, "poll_interval":
 CUSTOM = Path(__file__).resolve().parents[2] / "examples" / "custom"
 
 
+def _serve(serve_coordinator, state_dir: Path):
+    return serve_coordinator(stop_grace=1.0, cluster=Cluster.local(2),
+                             runner=RunnerSettings(state_dir, **RUNNER_OPTIONS))
+
+
 @pytest.fixture
 def server(serve_coordinator, state_dir: Path):
-    server = serve_coordinator(stop_grace=1.0, cluster=Cluster.local(2),
-                               runner=RunnerSettings(state_dir, **RUNNER_OPTIONS))
-    yield server
+    yield _serve(serve_coordinator, state_dir)
     kill_all(descendants(os.getpid()))
 
 
@@ -84,3 +87,28 @@ def test_a_full_disk_under_the_workers_checkpoints_fails_the_job_with_the_reason
     assert records and all(r.step < failed_step for r in records)
     for record in records:
         verify_record(record, server.blobs)
+
+
+def test_a_full_disk_under_the_blobs_fails_the_uploading_job_once(serve_coordinator, state_dir):
+    # The blob store on a disk of its own, 2 MiB: the job's first checkpoint (3.6 MB) does not
+    # fit, while its directory, the database and the log have room.
+    state_dir.mkdir(mode=0o700)
+    with small_disk(state_dir / "blobs", size_mib=2):
+        server = _serve(serve_coordinator, state_dir)
+        with Client(server.address, token=server.token) as client:
+            job = client.submit_job(SLOW_SPEC, max_restarts=3)
+            done = finished(client, job.id)
+            kill_all(descendants(os.getpid()))
+            # The coordinator goes on serving, and the job's files are where they were.
+            assert [j.id for j in client.list_jobs()[0]] == [job.id]
+            assert client.list_checkpoints(job.id) == []
+        assert list((state_dir / "blobs" / "tmp").iterdir()) == []
+    assert done.state is JobState.FAILED and done.restarts == 0, done.error
+    # A worker's upload met the full disk; the coordinator failed the job and ended its
+    # workers (not a restart into the same disk).
+    assert re.fullmatch(r"the checkpoint of step 10 cannot be stored: coordinator disk full "
+                        rf"under {re.escape(str(state_dir / 'blobs'))}: \d+ bytes needed; "
+                        r"nothing was stored \(free space there, then retry\)", done.error), (
+        done.error)
+    assert (state_dir / "jobs" / job.id / "checkpoints" / "step-00000010" / "manifest.json"
+            ).is_file()
