@@ -135,13 +135,18 @@ def test_a_broken_stream_resumes_from_the_bytes_received(downloads, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.safetensors"]
 
 
-def test_a_part_left_by_an_earlier_call_is_resumed(downloads, tmp_path):
-    servicer, client = downloads
+def _give_up_after_one_chunk(servicer, client, dest):
+    """A download that gives up after receiving one chunk (the server down from then on)."""
     servicer.drops, servicer.down_after_drop = 1, True
     with pytest.raises(ClientError, match="^UNAVAILABLE: .*the coordinator is down"):
-        client.download_checkpoint("j-000000000001", dest=tmp_path / "m.safetensors",
+        client.download_checkpoint("j-000000000001", dest=dest,
                                    retries=0)  # one more try after the progress, in vain
     servicer.down = False
+
+
+def test_a_part_left_by_an_earlier_call_is_resumed(downloads, tmp_path):
+    servicer, client = downloads
+    _give_up_after_one_chunk(servicer, client, tmp_path / "m.safetensors")
     [part] = tmp_path.iterdir()  # kept, named after the file's digest
     assert part.name == f".m.safetensors.blake3-{blake3.blake3(PAYLOAD).hexdigest()[:16]}.part"
     assert part.read_bytes() == PAYLOAD[:CHUNK]
@@ -154,11 +159,7 @@ def test_a_part_left_by_an_earlier_call_is_resumed(downloads, tmp_path):
 
 def test_a_damaged_kept_part_fails_the_whole_file_and_is_deleted(downloads, tmp_path):
     servicer, client = downloads
-    servicer.drops, servicer.down_after_drop = 1, True
-    with pytest.raises(ClientError, match="^UNAVAILABLE: .*the coordinator is down"):
-        client.download_checkpoint("j-000000000001", dest=tmp_path / "m.safetensors",
-                                   retries=0)  # one more try after the progress, in vain
-    servicer.down = False
+    _give_up_after_one_chunk(servicer, client, tmp_path / "m.safetensors")
     [part] = tmp_path.iterdir()
     part.write_bytes(_corrupt(part.read_bytes()))  # the prefix changed on the client's disk
     with pytest.raises(ClientError) as info:
