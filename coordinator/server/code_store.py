@@ -63,13 +63,15 @@ def receive_code(sha256: str, size: int, chunks: Iterable[bytes],
         ValidationError: a bad digest, bytes that do not match it, or an unsafe archive
             (INVALID_ARGUMENT); nothing is stored.
         BlobTooLarge: more than ``state.max_code_bytes`` (RESOURCE_EXHAUSTED).
+        DiskFull: no room left in the blob store (RESOURCE_EXHAUSTED); nothing is stored.
     """
     expected = blob_id("sha256", sha256, "header.sha256")  # code archives are named by sha256
     limit = state.max_code_bytes
     if size > limit:
         raise BlobTooLarge(limit)
     try:
-        stored, stored_size = state.blobs.put(_limited(chunks, limit), expected=expected)
+        stored, stored_size = state.blobs.put(_limited(chunks, limit), expected=expected,
+                                              size=size)
     except ChecksumMismatch as e:  # nothing was stored
         raise ValidationError("header.sha256", f"does not match the bytes sent ({e})",
                               sha256) from None

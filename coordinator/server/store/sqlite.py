@@ -54,6 +54,8 @@ log = logging.getLogger("dptrain.coordinator")
 
 Migration = Callable[[sqlite3.Connection], None]
 
+_SQLITE_FULL = 13  # sqlite3.SQLITE_FULL from Python 3.11 on
+
 MAX_GROUP = 32
 """At most this many writes share one commit (so a steady stream of writers cannot keep a
 group open, and its first member waiting, for ever)."""
@@ -386,8 +388,8 @@ class SqliteStore(Store):
         except sqlite3.OperationalError as e:
             # SQLITE_FULL: the transaction was rolled back, the database is as it was; say
             # so in the words of the blob store's full disk, not as an internal error.
-            if getattr(e, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL or (
-                    "database or disk is full" in str(e)):
+            if getattr(e, "sqlite_errorcode", None) == _SQLITE_FULL or (
+                    "database or disk is full" in str(e)):  # Python < 3.11 has no code
                 raise DiskFull(self.path) from None
             raise
 

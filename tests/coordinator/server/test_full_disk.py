@@ -14,6 +14,7 @@ ones).
 from __future__ import annotations
 
 import contextlib
+import os
 import sqlite3
 from pathlib import Path
 
@@ -156,3 +157,19 @@ def test_a_database_write_on_a_full_disk_is_resource_exhausted_naming_it(
     assert server.store.count_by_state()[JobState.QUEUED] == stored + 1
     with contextlib.closing(sqlite3.connect(state_dir / "coordinator.db")) as db:
         assert db.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+
+
+def test_a_code_upload_on_a_full_disk_is_resource_exhausted_and_stores_nothing(
+        server, client, disk, state_dir):
+    archive = os.urandom(1 << 20)  # incompressible: it takes its size on the disk
+    filler = fill(disk, leave=256 << 10)
+    with pytest.raises(ClientError) as info:
+        client.upload_code(archive)
+    assert (info.value.code, info.value.details) == (
+        "RESOURCE_EXHAUSTED", f"coordinator disk full under {state_dir / 'blobs'}: "
+                              f"{len(archive)} bytes needed; nothing was stored (free space "
+                              "there, then retry)")
+    assert list(server.blobs) == [] and list((state_dir / "blobs" / "tmp").iterdir()) == []
+    filler.unlink()
+    with pytest.raises(ClientError, match="^INVALID_ARGUMENT: code: the archive is refused"):
+        client.upload_code(archive)  # stored, then checked: not an archive (room again)
