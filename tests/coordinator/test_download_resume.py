@@ -100,8 +100,9 @@ def test_a_coordinator_killed_mid_download_and_restarted_is_resumed(
 
     try:
         with coordinator.client() as client:
+            # Enough tries to outlast a start-up on a busy machine (about 4 minutes).
             got = client.download_checkpoint(job_id, dest=tmp_path / "m.safetensors",
-                                             on_progress=progress)
+                                             on_progress=progress, retries=30)
         restarted.join()
     finally:
         coordinator.stop()
