@@ -10,7 +10,9 @@ import time
 import traceback
 from typing import TYPE_CHECKING
 
+from dptrain.worker.checkpoint import CheckpointDiskFull
 from dptrain.worker.exit_codes import (
+    EXIT_DISK_FULL,
     EXIT_DIVERGED,
     EXIT_FAILED,
     EXIT_INVALID,
@@ -47,6 +49,8 @@ exit codes:
   {EXIT_INVALID}    invalid job: spec, data, batch size for this number of ranks, a model
        module that cannot be imported, or checkpoint
   {EXIT_DIVERGED}    the loss became non-finite (the message names the step)
+  {EXIT_DISK_FULL}    no space left to write a checkpoint (the message says where); the
+       checkpoints written before are intact
   {EXIT_PREEMPTED}  preempted by SIGTERM after writing a checkpoint
 """
 
@@ -81,6 +85,18 @@ def _fetch_resume_checkpoint(rank: int, checkpoint_dir: str) -> None:
             fetch_resume_checkpoint(checkpoint_dir, os.environ)
         except Exception as e:
             raise RuntimeError(f"cannot fetch the checkpoint to resume from: {e}") from None
+
+
+def _end_every_rank(comm: Communicator, message: str, code: int) -> int:
+    """Say why this rank fails, alone, and end every rank of the job with `code`."""
+    # One write, then a moment for mpiexec to forward it: MPI_Abort tears down the processes
+    # that relay our stderr, and what they have not read yet is lost.
+    sys.stderr.write(message)
+    sys.stderr.flush()
+    if comm.size > 1:
+        time.sleep(_FORWARD_S)
+        comm.abort(code)
+    return code
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -142,16 +158,12 @@ def _run(args: argparse.Namespace, comm: Communicator) -> int:
         if comm.rank == 0:
             print(f"dptrain worker: error: {e}", file=sys.stderr, flush=True)
         return e.exit_code
+    except CheckpointDiskFull as e:  # rank 0 alone: a reason, not a traceback
+        return _end_every_rank(comm, f"dptrain worker: error: {e}\n", EXIT_DISK_FULL)
     except BaseException as e:  # this rank alone: say it, then end every rank of the job
-        # One write, then a moment for mpiexec to forward it: MPI_Abort tears down the
-        # processes that relay our stderr, and what they have not read yet is lost.
-        sys.stderr.write(traceback.format_exc() + f"dptrain worker: rank {comm.rank} of "
-                         f"{comm.size} failed: {type(e).__name__}: {e}\n")
-        sys.stderr.flush()
-        if comm.size > 1:
-            time.sleep(_FORWARD_S)
-            comm.abort(EXIT_FAILED)
-        return EXIT_FAILED
+        return _end_every_rank(comm, traceback.format_exc() + f"dptrain worker: rank "
+                               f"{comm.rank} of {comm.size} failed: {type(e).__name__}: {e}\n",
+                               EXIT_FAILED)
     finally:
         for reporter in reporters:
             reporter.close()

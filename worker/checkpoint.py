@@ -24,6 +24,7 @@ engine's state means in it.
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import sys
@@ -49,8 +50,8 @@ from dptrain.worker.checkpoint_manifest import (
 
 __all__ = [
     "FORMAT_VERSION", "MANIFEST", "MODEL_FILE", "OPTIMIZER_FILE", "Checkpoint",
-    "CheckpointError", "write_checkpoint", "verify_checkpoint", "read_checkpoint",
-    "list_checkpoints", "load_latest", "prune_checkpoints", "checkpoint_name",
+    "CheckpointError", "CheckpointDiskFull", "write_checkpoint", "verify_checkpoint",
+    "read_checkpoint", "list_checkpoints", "load_latest", "prune_checkpoints", "checkpoint_name",
 ]
 
 
@@ -71,6 +72,27 @@ class Checkpoint:
     manifest: dict[str, Any]
     model_state: dict[str, Tensor]
     optimizer_state: dict[str, Any]
+
+
+class CheckpointDiskFull(OSError):
+    """No space left to write a checkpoint (ENOSPC, or the quota's EDQUOT): its partial
+    directory is removed, the checkpoints written before are intact.
+
+    Args:
+        step: the checkpoint's step.
+        root: the checkpoint directory.
+        error: the write's error.
+    """
+
+    def __init__(self, step: int, root: str, error: OSError):
+        super().__init__(error.errno, f"no space left to write the checkpoint of step {step} "
+                                      f"under {root} ({error.strerror}); the checkpoints "
+                                      "written before are intact: free space there, then "
+                                      "resume")
+        self.step, self.root = step, root
+
+    def __str__(self) -> str:
+        return self.strerror
 
 
 def _split_optimizer_state(state_dict: dict[str, Any]) -> tuple[dict[str, Tensor], dict]:
@@ -112,8 +134,23 @@ def write_checkpoint(root: str | os.PathLike, step: int, model_state: dict[str, 
 
     Returns:
         The checkpoint's directory.
+
+    Raises:
+        CheckpointDiskFull: no space left (its partial directory removed).
     """
     root = os.fspath(root)
+    try:
+        return _write(root, step, model_state, optimizer_state, info)
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        # A directory without its manifest is no checkpoint: remove it, freeing its space.
+        shutil.rmtree(os.path.join(root, checkpoint_name(step)), ignore_errors=True)
+        raise CheckpointDiskFull(step, root, e) from None
+
+
+def _write(root: str, step: int, model_state: dict[str, Tensor],
+           optimizer_state: dict[str, Any], info: dict[str, Any]) -> str:
     os.makedirs(root, exist_ok=True)
     path = os.path.join(root, checkpoint_name(step))
     manifest_path = os.path.join(path, MANIFEST)

@@ -129,6 +129,10 @@ class ReporterPlugin(Protocol):
 
         Returns:
             `target`.
+
+        Raises:
+            CodeArchiveError: the bytes fail `sha256` or the archive is unsafe (the job
+                fails at once: ``worker.job_code.code_directory``).
         """
 
 

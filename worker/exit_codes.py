@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import signal
 
-__all__ = ["EXIT_OK", "EXIT_FAILED", "EXIT_INVALID", "EXIT_DIVERGED", "EXIT_PREEMPTED"]
+__all__ = ["EXIT_OK", "EXIT_FAILED", "EXIT_INVALID", "EXIT_DIVERGED", "EXIT_DISK_FULL",
+           "EXIT_PREEMPTED"]
 
 EXIT_OK = 0
 """The run completed."""
@@ -19,5 +20,7 @@ EXIT_INVALID = 2
 """The job cannot start: invalid spec, data, model module or checkpoint."""
 EXIT_DIVERGED = 3
 """The loss became non-finite."""
+EXIT_DISK_FULL = 4
+"""A checkpoint could not be written: no space left (ENOSPC, or the quota's EDQUOT)."""
 EXIT_PREEMPTED = 128 + signal.SIGTERM
 """Preempted by SIGTERM after writing a checkpoint (what a shell reports for SIGTERM)."""

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from dptrain.worker.code_archive import CodeArchiveError
 from dptrain.worker.data import ArrayDataset, DataError, Dataset
 from dptrain.worker.environment import COORDINATOR
 from dptrain.worker.events import fetch_code
@@ -42,8 +43,9 @@ def code_directory(job_file: str | os.PathLike, code: str | None) -> str:
         it there).
 
     Raises:
-        JobSpecError: naming ``code`` when that directory does not exist, or when the code
-            is a coordinator's and no coordinator is set (``DPTRAIN_COORDINATOR``).
+        JobSpecError: naming ``code`` when that directory does not exist, when the code
+            is a coordinator's and no coordinator is set (``DPTRAIN_COORDINATOR``), or when
+            the fetched archive fails its sha256 or is unsafe (``CodeArchiveError``).
         Exception: the fetch failed (the plug-in's errors, e.g. the coordinator unreachable).
     """
     base = os.path.dirname(os.path.abspath(os.fspath(job_file)))
@@ -55,7 +57,10 @@ def code_directory(job_file: str | os.PathLike, code: str | None) -> str:
                 raise JobSpecError([FieldError("code", "names code stored on a coordinator, "
                                                f"which only its workers can fetch ({COORDINATOR}"
                                                " is not set)", code)])
-            fetch_code(digest, target, os.environ)
+            try:
+                fetch_code(digest, target, os.environ)
+            except CodeArchiveError as e:  # damaged or unsafe: every launch would fail alike
+                raise JobSpecError([FieldError("code", str(e), code)]) from None
         return target
     directory = os.path.normpath(os.path.join(base, code)) if code else base
     if not os.path.isdir(directory):

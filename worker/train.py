@@ -18,6 +18,8 @@ with them):
 1    a rank raised: its error is printed and the whole job is aborted (`EXIT_FAILED`)
 2    the job cannot start: invalid spec, data, model module or checkpoint (`EXIT_INVALID`)
 3    the loss became non-finite; the message names the step (`EXIT_DIVERGED`)
+4    no space left to write a checkpoint (ENOSPC, EDQUOT): rank 0 says where, in one line,
+     and aborts every rank; the checkpoints written before are intact (`EXIT_DISK_FULL`)
 143  preempted: SIGTERM arrived, the current step finished and a checkpoint was written
      (`EXIT_PREEMPTED`, 128 + SIGTERM, what a shell reports for a process ended by SIGTERM)
 ===  ===================================================================================
@@ -51,6 +53,7 @@ from dptrain.worker.data import (
 )
 from dptrain.worker.events import Reporter
 from dptrain.worker.exit_codes import (
+    EXIT_DISK_FULL,
     EXIT_DIVERGED,
     EXIT_FAILED,
     EXIT_INVALID,
@@ -71,7 +74,8 @@ from dptrain.worker.spec import (
 )
 
 __all__ = ["run_job", "TrainResult", "JobFailed", "agree", "install_preemption_handler",
-           "EXIT_OK", "EXIT_FAILED", "EXIT_INVALID", "EXIT_DIVERGED", "EXIT_PREEMPTED"]
+           "EXIT_OK", "EXIT_FAILED", "EXIT_INVALID", "EXIT_DIVERGED", "EXIT_DISK_FULL",
+           "EXIT_PREEMPTED"]
 
 _EVAL_BATCH = 512
 _LOSS_WINDOW = 100  # the final train loss/accuracy average the last this many steps

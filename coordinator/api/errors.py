@@ -17,10 +17,10 @@ if TYPE_CHECKING:
     from dptrain.coordinator.api.records import JobState
 
 __all__ = [
-    "CoordinatorError", "ValidationError", "InvalidTransition", "StoreError", "NotFound",
-    "JobNotFound", "CheckpointNotFound", "AlreadyExists", "StateConflict", "StoreClosed",
-    "SchemaError", "CorruptRecord", "BlobError", "BlobNotFound", "BlobCorrupted",
-    "ChecksumMismatch", "BlobTooLarge", "HostfileError", "STATUS", "status_name",
+    "CoordinatorError", "ValidationError", "OutOfRange", "InvalidTransition", "StoreError",
+    "NotFound", "JobNotFound", "CheckpointNotFound", "AlreadyExists", "StateConflict",
+    "StoreClosed", "SchemaError", "CorruptRecord", "BlobError", "BlobNotFound", "BlobCorrupted",
+    "ChecksumMismatch", "BlobTooLarge", "DiskFull", "HostfileError", "STATUS", "status_name",
 ]
 
 
@@ -41,6 +41,11 @@ class ValidationError(CoordinatorError, ValueError):
         self.field, self.rule, self.value = field, rule, value
         # The path (it may quote a key) and the value are cut, never the rule.
         super().__init__(f"{cut(field)}: {rule}, got {echo(value)}")
+
+
+class OutOfRange(ValidationError):
+    """A position beyond the end of what it points into, e.g. a download's offset past the
+    file's size (OUT_OF_RANGE); the message names the field, the rule and the value."""
 
 
 class InvalidTransition(CoordinatorError, ValueError):
@@ -191,10 +196,27 @@ class BlobTooLarge(BlobError, ValueError):
         super().__init__(f"size: a blob may hold at most {limit} bytes; nothing was stored")
 
 
+class DiskFull(CoordinatorError):
+    """The coordinator's disk has no room for what it was asked to store (RESOURCE_EXHAUSTED);
+    nothing was stored and what was stored before is intact.
+
+    Args:
+        where: the directory (or database) that is full.
+        needed: the bytes the write needed, when known.
+    """
+
+    def __init__(self, where: str, needed: int | None = None):
+        self.where, self.needed = where, needed
+        what = "" if needed is None else f": {needed} bytes needed"
+        super().__init__(f"coordinator disk full under {where}{what}; nothing was stored "
+                         "(free space there, then retry)")
+
+
 #: Error class -> the name of the ``grpc.StatusCode`` a servicer aborts with. Look it up with
 #: `status_name`, which walks the class's bases, so subclasses inherit their parent's code.
 STATUS: dict[type[BaseException], str] = {
     ValidationError: "INVALID_ARGUMENT",
+    OutOfRange: "OUT_OF_RANGE",
     HostfileError: "INVALID_ARGUMENT",
     InvalidTransition: "FAILED_PRECONDITION",
     StateConflict: "FAILED_PRECONDITION",
@@ -206,6 +228,7 @@ STATUS: dict[type[BaseException], str] = {
     BlobCorrupted: "DATA_LOSS",
     ChecksumMismatch: "DATA_LOSS",
     BlobTooLarge: "RESOURCE_EXHAUSTED",
+    DiskFull: "RESOURCE_EXHAUSTED",
 }
 
 

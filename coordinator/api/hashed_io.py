@@ -20,11 +20,12 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import threading
 from collections.abc import Iterable
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from dptrain.worker.checkpoint_manifest import new_hasher
 
@@ -97,7 +98,8 @@ def _immutable(chunk: object) -> bool:
                                         and isinstance(chunk.obj, bytes))
 
 
-def write_hashed(chunks: Iterable[BytesLike], f: BinaryIO, algorithm: str) -> tuple[str, int]:
+def write_hashed(chunks: Iterable[BytesLike], f: BinaryIO, algorithm: str, *,
+                 hasher: Any = None) -> tuple[str, int]:
     """Write every chunk to the open file `f`, fsync it, and return the bytes' digest.
 
     The caller's thread iterates `chunks` (e.g. receives them) and hashes each while a writer
@@ -111,15 +113,19 @@ def write_hashed(chunks: Iterable[BytesLike], f: BinaryIO, algorithm: str) -> tu
         f: a file open for binary writing (``open(path, "wb")``); left open, flushed and
             fsynced.
         algorithm: the hash algorithm (``worker.checkpoint_manifest.HASH_ALGORITHMS``).
+        hasher: a hasher of `algorithm` already fed the bytes before these (a resumed
+            download appends to the part it kept); default a new one.
 
     Returns:
-        ``(hex digest, size in bytes)`` of what was written.
+        ``(hex digest, size in bytes)``: the digest of everything `hasher` was fed, the size
+        of what was written here.
 
     Raises:
         ValueError: an unknown algorithm.
         TypeError: a chunk is not bytes-like.
         OSError: writing or syncing failed.
-        Exception: whatever iterating `chunks` raised, unchanged (after the writer stopped).
+        Exception: whatever iterating `chunks` raised, unchanged, after every chunk before
+            it was written (not synced).
 
     Example::
 
@@ -128,7 +134,7 @@ def write_hashed(chunks: Iterable[BytesLike], f: BinaryIO, algorithm: str) -> tu
         ...     write_hashed([b"ab", b"c"], f, "blake3")[1]
         3
     """
-    digest, size = new_hasher(algorithm), 0
+    digest, size = new_hasher(algorithm) if hasher is None else hasher, 0
     writer = _Writer(f)
     try:
         for chunk in chunks:
@@ -140,6 +146,12 @@ def write_hashed(chunks: Iterable[BytesLike], f: BinaryIO, algorithm: str) -> tu
             writer.put(chunk)
             digest.update(chunk)
         writer.finish()
+    except Exception:
+        # The chunks before the error are written all the same: a resumed download keeps
+        # them. An error of the writer's own here is secondary to this one.
+        with contextlib.suppress(Exception):
+            writer.finish()
+        raise
     except BaseException:
         writer.abort()
         raise

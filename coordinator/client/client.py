@@ -22,8 +22,8 @@ import contextlib
 import hashlib
 import itertools
 import os
-import tempfile
-from collections.abc import Iterable, Iterator, Mapping
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,14 +31,16 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from dptrain.atomic_files import fsync_directory
 from dptrain.coordinator.api import chunk_wire, serde
 from dptrain.coordinator.api.credentials import bearer_metadata, resolve_token
 from dptrain.coordinator.api.errors import ValidationError
 from dptrain.coordinator.api.hashed_io import BytesLike, write_hashed
-from dptrain.coordinator.api.limits import channel_options
+from dptrain.coordinator.api.limits import CHUNK_BYTES, channel_options
 from dptrain.coordinator.api.records import CheckpointRecord, Event, Job, JobState
 from dptrain.protos.dptrain.v1 import coordinator_pb2 as pb
 from dptrain.protos.dptrain.v1 import coordinator_pb2_grpc as pb_grpc
+from dptrain.worker.checkpoint_manifest import FileEntry, new_hasher
 from dptrain.worker.code_archive import CodeArchiveError, pack_directory
 from dptrain.worker.spec import (
     CODE_DIGEST_PREFIX,
@@ -48,7 +50,7 @@ from dptrain.worker.spec import (
     read_spec_file,
 )
 
-__all__ = ["Client", "ClientError", "DownloadedFile", "DEFAULT_TIMEOUT"]
+__all__ = ["Client", "ClientError", "DownloadedFile", "DownloadProgress", "DEFAULT_TIMEOUT"]
 
 DEFAULT_TIMEOUT = 30.0
 
@@ -99,6 +101,75 @@ class DownloadedFile:
     size: int
     digest: str
     algorithm: str
+
+
+#: The status codes of a download stream that broke on the way (the coordinator restarting or
+#: shutting down, a dropped connection), which `Client.download_checkpoint` resumes.
+_RESUMABLE = frozenset({"UNAVAILABLE", "CANCELLED", "ABORTED"})
+_BACKOFF_S, _MAX_BACKOFF_S = 0.25, 8.0
+
+
+@dataclass(frozen=True)
+class DownloadProgress:
+    """Where a download stands, as `Client.download_checkpoint` reports it.
+
+    Attributes:
+        name: the file.
+        step: the checkpoint's step.
+        size: the file's size in bytes.
+        done: the bytes received so far, kept ones included.
+        resumed_at: the offset this stream resumed from; None for a stream from the start.
+    """
+
+    name: str
+    step: int
+    size: int
+    done: int
+    resumed_at: int | None
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
+def _part_path(target: Path, expected: FileEntry) -> Path:
+    """Where the bytes of `expected` gather before they are verified: named after its digest,
+    so that only the same file's bytes are ever resumed."""
+    return target.parent / f".{target.name}.{expected.algorithm}-{expected.digest[:16]}.part"
+
+
+def _append(part: Path, expected: FileEntry, offset: int, data: Iterable[BytesLike],
+            step: int, on_progress: Callable[[DownloadProgress], None] | None
+            ) -> tuple[str, int]:
+    """Append `data` to the part file kept up to `offset` and hash the whole: ``(digest of
+    every byte, the part's size)``. A broken stream raises with what arrived kept (synced)."""
+    hasher = new_hasher(expected.algorithm)
+    with open(part, "ab") as f:
+        f.truncate(offset)  # a byte past what the server was asked for is not ours
+        with open(part, "rb") as prefix:  # the kept bytes, read back
+            while block := prefix.read(CHUNK_BYTES):
+                hasher.update(block)
+        done = offset
+
+        def counted() -> Iterator[BytesLike]:
+            nonlocal done
+            for chunk in data:
+                done += len(chunk)
+                yield chunk
+                if on_progress is not None:
+                    on_progress(DownloadProgress(expected.name, step, expected.size, done,
+                                                 offset if offset else None))
+
+        try:
+            digest, _ = write_hashed(counted(), f, expected.algorithm, hasher=hasher)
+        except BaseException:
+            f.flush()
+            os.fsync(f.fileno())  # keep what arrived for the next try
+            raise
+    return digest, done
 
 
 def _read_ca(tls_ca: str | os.PathLike | bytes) -> bytes:
@@ -318,20 +389,31 @@ class Client:
 
     def download_checkpoint(self, job_id: str, step: int | None = None,
                             file: str = "model.safetensors",
-                            dest: str | os.PathLike | None = None) -> DownloadedFile:
-        """Download one file of a checkpoint, verifying its digest before it appears at `dest`.
+                            dest: str | os.PathLike | None = None, *, retries: int = 8,
+                            on_progress: Callable[[DownloadProgress], None] | None = None
+                            ) -> DownloadedFile:
+        """Download one file of a checkpoint, verifying its digest before it appears at `dest`;
+        an interrupted download resumes where it stopped.
 
-        The bytes are hashed here as they arrive (BLAKE3, or sha256 for a checkpoint written
-        before BLAKE3) and compared with the digest the server's first message declares, the
-        one in the checkpoint's manifest: a file damaged on the server's disk or on the way is
-        never left at `dest` (the server does not hash it a second time while sending).
+        The bytes go to a part file beside `dest` (``.NAME.<digest>.part``, synced as it
+        grows). When the stream breaks (the coordinator restarting, a dropped connection:
+        UNAVAILABLE, CANCELLED, ABORTED), the same checkpoint is asked for again from the part's
+        size, backing off between tries, up to `retries` tries in a row without progress; a
+        part left by an earlier call for the same file is resumed too. At the end the whole
+        file is hashed (the part read back, the rest as it arrives: BLAKE3, or sha256 for a
+        checkpoint written before BLAKE3) and compared with the digest of the checkpoint's
+        manifest: only a match is renamed to `dest`; a mismatch deletes the part (DATA_LOSS).
+        The server does not hash the bytes as it sends them: this check is the one that counts.
 
         Args:
             job_id: the job.
-            step: the checkpoint's step; None: the newest intact one.
+            step: the checkpoint's step; None: the newest intact one (then pinned for resuming).
             file: ``model.safetensors``, ``optimizer.safetensors`` or ``manifest.json``.
             dest: the file to write, or a directory to write `file` into (default: `file` in
-                the current directory). Written atomically.
+                the current directory).
+            retries: tries in a row that receive nothing before giving up (the part is kept
+                for a later call).
+            on_progress: called after each chunk (and once at each start or resumption).
 
         Returns:
             Where it went, with its step, size and digest.
@@ -339,40 +421,59 @@ class Client:
         Raises:
             ClientError: NOT_FOUND, DATA_LOSS (the bytes received fail the digest), ...
         """
-        request = pb.DownloadCheckpointRequest(job_id=job_id, file=file)
-        if step is not None:
-            request.step = step
         target = Path(file if dest is None else dest)
         if target.is_dir():
             target = target / file
-        stream = self._stream(self._download, request)
-        with contextlib.closing(stream):
-            first = next(stream, None)
-            if first is None or first.WhichOneof("item") != "info":
-                raise ClientError("INTERNAL", "the download stream did not start with the "
-                                  "file's description")
-            return self._receive(first.info, stream, target)
-
-    @staticmethod
-    def _receive(info: pb.DownloadInfo, stream: Iterator[Any], target: Path) -> DownloadedFile:
-        expected = serde.file_entry_from_proto(info.file)
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                # Hashing and writing overlap with receiving; a stream that ends with an error
-                # raises here.
-                digest, size = write_hashed(_download_data(stream), f, expected.algorithm)
+        expected: FileEntry | None = None  # the file being fetched, from the first answer
+        failures = 0
+        while True:
+            part = None if expected is None else _part_path(target, expected)
+            offset = _size(part) if part is not None else 0
+            request = pb.DownloadCheckpointRequest(job_id=job_id, file=file, offset=offset)
+            if step is not None:
+                request.step = step
+            try:
+                stream = self._stream(self._download, request)
+                with contextlib.closing(stream):
+                    first = next(stream, None)
+                    if first is None or first.WhichOneof("item") != "info":
+                        raise ClientError("INTERNAL", "the download stream did not start with "
+                                          "the file's description")
+                    described = serde.file_entry_from_proto(first.info.file)
+                    if described != expected:  # the first answer, or a different file now
+                        if expected is not None:
+                            _part_path(target, expected).unlink(missing_ok=True)
+                        expected, step = described, first.info.step
+                        part = _part_path(target, expected)
+                        if _size(part) > expected.size:
+                            part.unlink()
+                        if offset != _size(part):  # a part to resume (or none any more)
+                            continue
+                    if on_progress is not None:
+                        on_progress(DownloadProgress(expected.name, step, expected.size,
+                                                     offset, offset if offset else None))
+                    digest, size = _append(part, expected, offset, _download_data(stream),
+                                           step, on_progress)
+            except ClientError as e:
+                if e.code not in _RESUMABLE:
+                    raise
+                progressed = expected is not None and _size(_part_path(target, expected)) > (
+                    offset)
+                failures = 0 if progressed else failures + 1
+                if failures > retries:
+                    raise
+                time.sleep(min(_BACKOFF_S * 2 ** failures, _MAX_BACKOFF_S))
+                continue
             if digest != expected.digest or size != expected.size:
-                raise ClientError("DATA_LOSS", f"{expected.name} of step {info.step}: received "
+                part.unlink(missing_ok=True)
+                raise ClientError("DATA_LOSS", f"{expected.name} of step {step}: received "
                                   f"{size} bytes hashing to {expected.algorithm} {digest}, "
                                   f"expected {expected.size} bytes with {expected.algorithm} "
                                   f"{expected.digest}")
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return DownloadedFile(target, info.step, expected.name, size, expected.digest,
-                              expected.algorithm)
+            os.replace(part, target)
+            fsync_directory(target.parent)
+            return DownloadedFile(target, step, expected.name, size, expected.digest,
+                                  expected.algorithm)
 
     # ------------------------------------------------------------ health
 

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from dptrain.coordinator.api.records import EventKind, JobState
 from dptrain.coordinator.client.follow import (
+    download_bar,
     events_now,
     final_summary,
     follow_job,
@@ -172,9 +173,9 @@ def _cmd_checkpoints(args: argparse.Namespace) -> int:
 
 
 def _cmd_download(args: argparse.Namespace) -> int:
-    with connect(args) as client:
+    with connect(args) as client, download_bar() as progress:
         got = client.download_checkpoint(args.id, step=args.step, file=args.file,
-                                         dest=args.output)
+                                         dest=args.output, on_progress=progress)
     print(f"{got.path}: {got.name} of step {got.step}, {got.size} bytes, {got.algorithm} "
           f"{got.digest}")
     return 0
@@ -344,6 +345,9 @@ def add_commands(commands: Any, serve: Callable[[argparse.Namespace], int],
     logs.add_argument("id", metavar="ID", help="the job's id")
     logs.add_argument("--follow", "-f", action="store_true", help="keep printing until it ends")
     download = add("download", _cmd_download, "download a checkpoint file (its digest verified)",
+                   "An interrupted download resumes from the bytes kept (a hidden .part file\n"
+                   "beside the output), in the same call or when run again; the whole file\n"
+                   "is verified at the end.\n\n"
                    "example:\n  dptrain download j-0123456789ab -o model.safetensors\n\n")
     download.add_argument("id", metavar="ID", help="the job's id")
     download.add_argument("--step", type=int, default=None,

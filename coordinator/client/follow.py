@@ -1,4 +1,5 @@
-"""What the CLI shows of a job: the live progress bar, event lines, tables, and loss curves.
+"""What the CLI shows of a job: the live progress bar, event lines, tables, and loss curves;
+and the progress bar of a download.
 
 Everything here reads a `client.client.Client`'s domain objects (`Job`, `Event`) and
 writes text (or a PNG); nothing talks grpc directly.
@@ -12,13 +13,16 @@ import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from dptrain.coordinator.api.records import Event, EventKind, Job, JobState
 
+if TYPE_CHECKING:
+    from dptrain.coordinator.client.client import DownloadProgress
+
 __all__ = [
     "follow_job", "events_now", "format_event", "format_metrics", "format_job", "format_table",
-    "final_summary", "curves_figure", "plot_curves", "METRIC_NAMES",
+    "final_summary", "curves_figure", "plot_curves", "download_bar", "METRIC_NAMES",
 ]
 
 #: Metrics shown, in this order, with their short names.
@@ -334,3 +338,46 @@ def plot_curves(events: Iterable[Event], path: str | Path, title: str = "") -> i
     finally:
         plt.close(fig)
     return steps
+
+
+class download_bar:  # noqa: N801 - used as a function: ``with download_bar() as progress``
+    """A tqdm bar of a download (bytes), for ``Client.download_checkpoint(on_progress=...)``.
+
+    A resumed stream shows where it resumed in the bar's description and starts its rate
+    afresh, the bytes kept counted as done.
+
+    Args:
+        stream: where the bar goes (default: stderr).
+
+    Example::
+
+        with download_bar() as progress:
+            client.download_checkpoint(job_id, on_progress=progress)
+    """
+
+    def __init__(self, stream: TextIO | None = None):
+        self.stream = sys.stderr if stream is None else stream
+        self.bar: Any = None
+        self._resumed_at: int | None = None
+
+    def __call__(self, p: DownloadProgress) -> None:
+        from tqdm import tqdm
+
+        if self.bar is None or p.resumed_at != self._resumed_at:
+            desc = f"{p.name} of step {p.step}"
+            if p.resumed_at is not None:
+                desc += f" (resumed at {p.resumed_at / 2**20:.1f} MiB)"
+            if self.bar is not None:
+                self.bar.close()
+            self.bar = tqdm(total=p.size, initial=p.done, unit="B", unit_scale=True,
+                            unit_divisor=1024, desc=desc, file=self.stream, dynamic_ncols=True,
+                            mininterval=0.2, leave=True)
+            self._resumed_at = p.resumed_at
+        self.bar.update(p.done - self.bar.n)
+
+    def __enter__(self) -> download_bar:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar is not None:
+            self.bar.close()

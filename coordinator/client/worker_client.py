@@ -28,7 +28,7 @@ from dptrain.worker.checkpoint_manifest import (
     new_hasher,
     verify_checkpoint,
 )
-from dptrain.worker.code_archive import unpack_archive
+from dptrain.worker.code_archive import CodeArchiveError, unpack_archive
 from dptrain.worker.environment import read_worker_environment
 
 __all__ = ["WorkerClient"]
@@ -115,8 +115,9 @@ class WorkerClient(Client):
             `target`.
 
         Raises:
-            ClientError: the transfer failed, or DATA_LOSS when the bytes fail the sha256.
-            CodeArchiveError: the archive is not a safe code archive.
+            ClientError: the transfer failed.
+            CodeArchiveError: the bytes fail the sha256 (the message starts ``DATA_LOSS:``),
+                or the archive is not a safe code archive.
         """
         target = Path(target)
         if target.is_dir():
@@ -132,9 +133,13 @@ class WorkerClient(Client):
                     got, _ = write_hashed(serde.code_chunks(stream), f, "sha256")
             except ValidationError as e:
                 raise ClientError("INTERNAL", f"the code stream is malformed: {e}") from None
-            if got != sha256:
-                raise ClientError("DATA_LOSS", f"the job's code has sha256 {got}, not the "
-                                               f"{sha256} its spec names")
+            if got != sha256:  # the one check of the archive's bytes: the server sends
+                # them unhashed. A damaged stored archive fails every launch alike, so this is
+                # the job's fault (exit 2, no restart), not a transient transfer error.
+                raise CodeArchiveError(f"DATA_LOSS: the code archive sha256:{sha256} arrived "
+                                       f"hashing to sha256 {got}: damaged on the "
+                                       "coordinator's disk or on the way; upload the code "
+                                       "again and resubmit")
             return unpack_archive(tmp, target)
         finally:
             stream.close()

@@ -8,9 +8,11 @@ name is its manifest entry; those of checkpoints stored before, and every ``mani
 sha256 blobs where they always were. `BlobStore.put` writes to a temporary file in
 ``ROOT/tmp/``, hashing as it goes, fsyncs it, checks the digest the sender declared, renames it
 into place and fsyncs the directory: a blob is visible only once complete and durable, and a
-failed or refused upload leaves nothing behind. Reads verify the digest while streaming unless
-told not to (a download leaves that to its receiver, which hashes what it gets anyway), so a
-blob damaged on disk raises `BlobCorrupted` after its last chunk.
+failed or refused upload leaves nothing behind; a full disk (ENOSPC, or the quota's EDQUOT)
+raises `DiskFull`, its temporary file removed and every stored blob as it was. Reads verify
+the digest while streaming unless told not to (a download leaves that to its receiver, which
+hashes what it gets anyway), so a blob damaged on disk raises `BlobCorrupted` after its last
+chunk.
 
 Blobs know nothing of jobs or checkpoints: which blobs a checkpoint consists of, which one is
 the newest intact checkpoint, retention and the set of referenced blobs are
@@ -27,6 +29,7 @@ Example::
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import tempfile
@@ -40,6 +43,7 @@ from dptrain.coordinator.api.errors import (
     BlobNotFound,
     BlobTooLarge,
     ChecksumMismatch,
+    DiskFull,
     ValidationError,
 )
 from dptrain.coordinator.api.hashed_io import BytesLike, write_hashed
@@ -115,7 +119,7 @@ class BlobStore:
     # -- writing
 
     def put(self, data: BytesLike | Iterable[BytesLike], *, expected: str | None = None,
-            algorithm: str = _LEGACY) -> tuple[str, int]:
+            algorithm: str = _LEGACY, size: int | None = None) -> tuple[str, int]:
         """Store bytes, atomically: complete and durable, or not at all.
 
         Args:
@@ -123,6 +127,7 @@ class BlobStore:
             expected: the blob name (`blob_id`) of the digest the sender declared; the blob is
                 refused unless the bytes match it. Its algorithm is the one used.
             algorithm: the hash algorithm when nothing is `expected`.
+            size: the size the sender declared, for the message of a full disk.
 
         Returns:
             ``(name, size)`` of the stored blob.
@@ -132,6 +137,7 @@ class BlobStore:
             TypeError: `data` is a str (encode it first) or yields something not bytes-like.
             ChecksumMismatch: the bytes do not hash to `expected`.
             BlobTooLarge: more than ``max_size`` bytes.
+            DiskFull: the disk (or the user's quota) has no room left; nothing was stored.
             Exception: whatever iterating `data` raised (a broken upload), unchanged.
         """
         if expected is not None:
@@ -142,6 +148,15 @@ class BlobStore:
         if isinstance(data, str):
             raise TypeError("data: must be bytes or an iterable of bytes chunks, got a str")
         chunks = [data] if isinstance(data, (bytes, bytearray, memoryview)) else data
+        try:
+            return self._put(chunks, expected, algorithm)
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise DiskFull(str(self.root), size) from None
+            raise
+
+    def _put(self, chunks: Iterable[BytesLike], expected: str | None,
+             algorithm: str) -> tuple[str, int]:
         fd, tmp = tempfile.mkstemp(dir=self.root / _TMP, suffix=".tmp")
         try:
             with os.fdopen(fd, "wb") as f:
@@ -204,8 +219,8 @@ class BlobStore:
         except FileNotFoundError:
             raise BlobNotFound(name) from None
 
-    def read(self, name: str, *, chunk_size: int = CHUNK_BYTES,
-             verify: bool = True) -> Iterator[bytes]:
+    def read(self, name: str, *, chunk_size: int = CHUNK_BYTES, verify: bool = True,
+             offset: int = 0) -> Iterator[bytes]:
         """The blob's bytes in chunks, verified while streaming.
 
         When the bytes do not hash to their name, `BlobCorrupted` is raised after the last
@@ -217,6 +232,8 @@ class BlobStore:
             chunk_size: bytes per chunk.
             verify: hash the bytes and check the digest at the end; False where the receiver
                 hashes them anyway (a download), so that they are hashed once, not twice.
+            offset: start this many bytes in (a resumed download); only with ``verify=False``,
+                as the digest covers the whole blob.
 
         Returns:
             An iterator of chunks of at most `chunk_size` bytes.
@@ -224,13 +241,16 @@ class BlobStore:
         Raises:
             BlobNotFound, BlobCorrupted.
         """
+        if offset and verify:
+            raise ValueError("offset: a blob read from an offset cannot be verified")
         path = self._path(name)
         if not path.is_file():  # raise now, not at the first next()
             raise BlobNotFound(name)
-        return self._read(path, name, chunk_size, verify)
+        return self._read(path, name, chunk_size, verify, offset)
 
     @staticmethod
-    def _read(path: Path, name: str, chunk_size: int, verify: bool) -> Iterator[bytes]:
+    def _read(path: Path, name: str, chunk_size: int, verify: bool,
+              offset: int) -> Iterator[bytes]:
         algorithm, expected = parse_blob_id(name)
         digest, size = new_hasher(algorithm) if verify else None, 0
         try:
@@ -238,6 +258,7 @@ class BlobStore:
         except FileNotFoundError:  # deleted since read() looked
             raise BlobNotFound(name) from None
         with f:
+            f.seek(offset)
             while chunk := f.read(chunk_size):
                 if digest is not None:
                     digest.update(chunk)

@@ -45,6 +45,9 @@ from dptrain.coordinator.api.errors import (
     BlobNotFound,
     BlobTooLarge,
     CheckpointNotFound,
+    CoordinatorError,
+    DiskFull,
+    OutOfRange,
     StateConflict,
     ValidationError,
 )
@@ -57,6 +60,7 @@ from dptrain.coordinator.api.limits import (
 from dptrain.coordinator.api.records import CheckpointRecord, EventKind, JobState
 from dptrain.coordinator.api.strict_json import loads
 from dptrain.coordinator.server.blobs import BlobStore, blob_id
+from dptrain.coordinator.server.jobs import fail_job
 from dptrain.worker.checkpoint_manifest import MANIFEST, FileEntry
 from dptrain.worker.spec import code_digest
 
@@ -207,6 +211,8 @@ def store_checkpoint(upload: CheckpointUpload, chunks: Iterable[tuple[str, bytes
         ValidationError: a header that contradicts its manifest, or chunks out of order.
         ChecksumMismatch: a file's bytes do not match its digest (DATA_LOSS).
         BlobTooLarge: a file larger than the server allows (RESOURCE_EXHAUSTED).
+        DiskFull: no room for a file or the record (RESOURCE_EXHAUSTED); no record is
+            written, the stored checkpoints are as they were.
     """
     job = store.get_job(upload.job_id)
     if states is not None and job.state not in states:
@@ -214,21 +220,21 @@ def store_checkpoint(upload: CheckpointUpload, chunks: Iterable[tuple[str, bytes
     manifest = _check_upload(upload, blobs.max_size)
     stream = _Peekable(chunks)
     received = [0]
+    total = len(upload.manifest_json) + sum(f.size for f in upload.files)
     for entry in upload.files:
         head = stream.peek()
         if entry.size and (head is None or head[0] != entry.name):
             raise ValidationError("chunk.name", f"expected the bytes of {entry.name}",
                                   None if head is None else head[0])
         _, size = blobs.put(_file_chunks(stream, entry.name, received),
-                            expected=blob_id(entry.algorithm, entry.digest))
+                            expected=blob_id(entry.algorithm, entry.digest), size=total)
         if size != entry.size:  # the digest matched, so the declared size was wrong
             raise ValidationError(f"header.files.{entry.name}.size",
                                   f"must be the file's size ({size})", entry.size)
     if stream.peek() is not None:
         raise ValidationError("chunk.name", "must name a file of the header, in order",
                               stream.peek()[0])
-    manifest_sha, _ = blobs.put(upload.manifest_json)
-    total = len(upload.manifest_json) + sum(f.size for f in upload.files)
+    manifest_sha, _ = blobs.put(upload.manifest_json, size=total)
     record = CheckpointRecord(upload.job_id, upload.step, manifest_sha, total,
                               time.time() if now is None else now, manifest)
     try:
@@ -255,13 +261,25 @@ def receive_checkpoint(upload: CheckpointUpload, chunks: Iterable[tuple[str, byt
     Returns:
         The stored record.
 
+    A full disk fails the job with the reason (`jobs.fail_job`, its workers ended): its next
+    checkpoint would meet the same disk, and a restart too; a user sees why it stopped.
+
     Raises:
         JobNotFound: no such job.
         StateConflict: the job is over (FAILED_PRECONDITION); nothing is stored.
         ValidationError, ChecksumMismatch, BlobTooLarge: as `store_checkpoint`.
+        DiskFull: as `store_checkpoint`; the job has failed with its message.
     """
-    record, received = store_checkpoint(upload, chunks, state.store, state.blobs,
-                                        states=WORKER_STATES, now=now)
+    try:
+        record, received = store_checkpoint(upload, chunks, state.store, state.blobs,
+                                            states=WORKER_STATES, now=now)
+    except DiskFull as e:
+        try:
+            fail_job(upload.job_id, f"the checkpoint of step {upload.step} cannot be stored: "
+                                    f"{e}", state)
+        except CoordinatorError:  # the store itself is full or closed: the upload's error
+            log.exception("job %s: cannot record the failure", upload.job_id)  # says it
+        raise
     state.metrics.add_checkpoint_bytes("stored", received)
     return record
 
@@ -312,8 +330,8 @@ def intact_checkpoint(job_id: str, state: ServiceState) -> CheckpointRecord | No
     return None
 
 
-def open_download(job_id: str, step: int | None, name: str, state: ServiceState
-                  ) -> tuple[int, FileEntry, Iterator[bytes]]:
+def open_download(job_id: str, step: int | None, name: str, state: ServiceState,
+                  offset: int = 0) -> tuple[int, FileEntry, Iterator[bytes]]:
     """One file of a checkpoint, for its receiver to verify while it streams.
 
     The file is read once and not hashed here: the receiver hashes what it gets anyway
@@ -326,18 +344,24 @@ def open_download(job_id: str, step: int | None, name: str, state: ServiceState
         step: the checkpoint's step; None: the newest intact checkpoint.
         name: the file (``""``: ``model.safetensors``), or ``manifest.json``.
         state: the server.
+        offset: send the bytes from here on (a resumed download; the receiver hashes the ones
+            it kept with the rest).
 
     Returns:
-        ``(step, file, chunks)``; the chunks are at most `CHUNK_BYTES` each. ``file.size`` is
+        ``(step, file, chunks)``; the chunks are at most `CHUNK_BYTES` each, from `offset`
+        on. ``file.size`` is
         the stored file's size; ``file.digest`` and ``file.algorithm`` are what the bytes must
         hash to (the manifest's entry; sha256 for ``manifest.json``).
 
     Raises:
         JobNotFound, CheckpointNotFound: no such job or checkpoint.
         ValidationError: naming ``file`` when the checkpoint has no such file.
+        OutOfRange: naming ``offset`` when it is negative or beyond the file's size.
         BlobNotFound: the stored file is missing.
     """
     name = name or DEFAULT_FILE
+    if offset < 0:
+        raise OutOfRange("offset", "must be >= 0", offset)
     if step is None:
         record = intact_checkpoint(job_id, state)
         if record is None:
@@ -347,11 +371,14 @@ def open_download(job_id: str, step: int | None, name: str, state: ServiceState
     blobs = record_blobs(record)
     if name not in blobs:
         raise ValidationError("file", "must be one of " + ", ".join(sorted(blobs)), name)
-    chunks = state.blobs.read(blobs[name], chunk_size=CHUNK_BYTES, verify=False)
+    size = state.blobs.size(blobs[name])
+    if offset > size:
+        raise OutOfRange("offset", f"must be at most the file's size ({size} bytes)", offset)
+    chunks = state.blobs.read(blobs[name], chunk_size=CHUNK_BYTES, verify=False, offset=offset)
     listed = {f.name: f for f in record_files(record)}.get(name)
     digest, algorithm = (record.sha256, "sha256") if listed is None else (listed.digest,
                                                                           listed.algorithm)
-    entry = FileEntry(name, state.blobs.size(blobs[name]), digest, algorithm)
+    entry = FileEntry(name, size, digest, algorithm)
     return record.step, entry, _counted(state, chunks)
 
 

@@ -66,8 +66,9 @@ class Runner(Protocol):
     The runner owns the QUEUED -> RUNNING -> ... transitions of the jobs it launches. The
     server calls `start` once after it listens and `stop` once while shutting down; `wake`
     after every submission (schedule now, don't wait for the next tick); `cancel(job_id)`
-    after the store has moved the job to CANCELLED, so that the runner ends the job's process
-    group, if it has one, and frees its slots (it must not move the job again).
+    after the store has moved the job to CANCELLED (or the coordinator failed it itself:
+    `fail_job`), so that the runner ends the job's process group, if it has one, and frees its
+    slots (it must not move the job again).
     """
 
     def start(self) -> None: ...
@@ -335,12 +336,43 @@ def cancel_job(job_id: str, state: ServiceState, *, now: float | None = None) ->
             break
         except StateConflict:  # it moved meanwhile (e.g. started): try again from its new state
             continue
+    _end_workers(job_id, state)
+    return job
+
+
+def fail_job(job_id: str, reason: str, state: ServiceState) -> Job | None:
+    """Fail an active job for a reason the coordinator found itself (e.g. its disk is full
+    for the job's checkpoints), and end its workers: a failure a restart would meet again.
+
+    Args:
+        job_id: the job.
+        reason: the job's ``error``, one line.
+        state: the server.
+
+    Returns:
+        The job, FAILED; None when it had ended already.
+    """
+    while True:
+        job = state.store.get_job(job_id)
+        if job.state.terminal:
+            return None
+        try:
+            job = state.store.transition(job_id, job.state, JobState.FAILED, error=reason)
+            break
+        except StateConflict:  # it moved meanwhile: try again from its new state
+            continue
+    log.warning("job %s failed: %s", job_id, reason)
+    _end_workers(job_id, state)
+    return job
+
+
+def _end_workers(job_id: str, state: ServiceState) -> None:
+    """Ask the runner to end the workers of a job the store has ended."""
     if state.runner is not None:
         try:
             state.runner.cancel(job_id)
-        except Exception:  # the job is cancelled either way; the runner's trouble is logged
-            log.exception("runner failed to cancel job %s", job_id)
-    return job
+        except Exception:  # the job has ended either way; the runner's trouble is logged
+            log.exception("runner failed to end the workers of job %s", job_id)
 
 
 def watch_job(job_id: str, after_seq: int, state: ServiceState,

@@ -14,7 +14,8 @@ events (at a bounded rate) and, when the attempt exits, decides what happens to 
 exit 0                                 SUCCEEDED (final metrics from the worker's JSON line),
                                        once the coordinator holds the final checkpoint, verified;
                                        otherwise a failure (below)
-exit 2 (invalid job), 3 (diverged)     FAILED at once: a restart would fail the same way
+exit 2 (invalid job), 3 (diverged),    FAILED at once: a restart would fail the same way
+4 (no space for a checkpoint)
 any other failure, a killed rank, no   RESTARTING from the latest checkpoint (``--resume``) while
 training progress (no heartbeat) for   ``restarts < max_restarts``, then FAILED; the error keeps
 ``heartbeat_timeout``                  the last lines of the log
@@ -67,6 +68,7 @@ from typing import IO, Any
 
 from dptrain.coordinator.api.errors import (
     BlobError,
+    DiskFull,
     JobNotFound,
     StateConflict,
     StoreClosed,
@@ -99,7 +101,7 @@ from dptrain.coordinator.server.runner_settings import RunnerSettings
 from dptrain.coordinator.server.scheduler import Cluster, Launch, PendingJob, RunningJob, schedule
 from dptrain.coordinator.server.store import Store
 from dptrain.worker.checkpoint_manifest import CheckpointError, checkpoint_name
-from dptrain.worker.exit_codes import EXIT_DIVERGED, EXIT_INVALID
+from dptrain.worker.exit_codes import EXIT_DISK_FULL, EXIT_DIVERGED, EXIT_INVALID
 
 __all__ = ["JobRunner", "RunnerSettings", "NO_RESTART_EXIT_CODES"]
 
@@ -107,7 +109,7 @@ log = logging.getLogger("dptrain.coordinator.runner")
 
 #: Worker exit codes that end a job at once: an invalid job or a diverged loss would only
 #: fail again from the same checkpoint.
-NO_RESTART_EXIT_CODES = frozenset({EXIT_INVALID, EXIT_DIVERGED})
+NO_RESTART_EXIT_CODES = frozenset({EXIT_INVALID, EXIT_DIVERGED, EXIT_DISK_FULL})
 _EVENT_BATCH = 200
 _S = JobState
 
@@ -523,7 +525,8 @@ class JobRunner:
             if store_final_checkpoint(job_id, step, directory, self.store, self.blobs):
                 self._event(job_id, f"[dptrain] stored the final checkpoint (step {step}) "
                                     f"from the job's checkpoint directory")
-        except (CheckpointError, ValidationError, BlobError, OSError, ValueError) as e:
+        except (CheckpointError, ValidationError, BlobError, DiskFull, OSError,
+                ValueError) as e:
             return (f"the final checkpoint (step {step}) cannot be stored from "
                     f"{directory / checkpoint_name(step)}: {e}")
         return None

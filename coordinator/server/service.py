@@ -170,7 +170,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         with _aborting(context):
             step, entry, chunks = checkpoints.open_download(
                 request.job_id, request.step if request.HasField("step") else None,
-                request.file, self.state)
+                request.file, self.state, request.offset)
             yield pb.DownloadCheckpointResponse(
                 info=pb.DownloadInfo(step=step, file=serde.file_entry_to_proto(entry)))
             yield from chunks  # bytes: encoded by `api.chunk_wire` (server.ChunkWireInterceptor)

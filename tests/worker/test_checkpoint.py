@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 
@@ -9,6 +10,7 @@ import blake3
 import numpy as np
 import pytest
 import safetensors.numpy
+from small_disk import small_disk
 
 import dptrain.engine.functional as F
 from dptrain import engine
@@ -154,3 +156,27 @@ def test_prune_keeps_the_newest_complete_checkpoints(tmp_path):
                                                             "step-00000010"]
     assert [s for s, _ in ckpt.list_checkpoints(tmp_path)] == [15, 20, 25]
     assert ckpt.prune_checkpoints(tmp_path, keep=2) == []
+
+
+def test_a_full_disk_fails_the_write_with_a_reason_and_keeps_the_older_checkpoints(tmp_path):
+    with small_disk(tmp_path / "disk", size_mib=1) as disk:
+        root = disk / "ckpt"
+        model, optimizer = make_model_and_optimizer()
+        older = write(root, 5, model, optimizer)
+        expected = params(model)
+        engine.manual_seed(1)
+        big = nn.Linear(512, 512)  # 1 MiB of parameters alone: more than the disk has left
+        big_optimizer = engine.optim.Adam(big.parameters(), lr=0.01)
+        with pytest.raises(ckpt.CheckpointDiskFull) as info:
+            write(root, 10, big, big_optimizer)
+        assert info.value.errno == errno.ENOSPC and info.value.step == 10
+        assert str(info.value) == (
+            f"no space left to write the checkpoint of step 10 under {root} (No space left on "
+            "device); the checkpoints written before are intact: free space there, then resume")
+        # The partial checkpoint is gone (its space freed); the older one reads back intact.
+        assert sorted(p.name for p in root.iterdir()) == ["step-00000005"]
+        latest = ckpt.load_latest(root)
+        assert latest.path == older and latest.step == 5
+        assert latest.model_state.keys() == expected.keys()
+        for name, value in latest.model_state.items():
+            np.testing.assert_array_equal(value.numpy(), expected[name])

@@ -17,6 +17,10 @@ fsync. Every write method still returns only once its change is committed. With 
 commit, writers queued on one another's fsync were what limited SubmitJob under many clients
 (docs/benchmarks.md).
 
+Full disk: a write whose transaction hits SQLITE_FULL (the state directory's file system, or
+its quota, is full) is rolled back and raises `DiskFull` (RESOURCE_EXHAUSTED), naming the
+database; reads go on, and writes succeed again once there is room.
+
 Schema: ``PRAGMA user_version`` holds the schema version; `MIGRATIONS` is the list of steps, the
 i-th upgrading version i to i+1. Opening a database runs the steps it lacks in one transaction
 and refuses a database newer than this code.
@@ -33,7 +37,13 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
-from dptrain.coordinator.api.errors import CorruptRecord, SchemaError, StoreClosed, StoreError
+from dptrain.coordinator.api.errors import (
+    CorruptRecord,
+    DiskFull,
+    SchemaError,
+    StoreClosed,
+    StoreError,
+)
 from dptrain.coordinator.api.records import CheckpointRecord, Event, EventKind, Job, JobState
 from dptrain.coordinator.server.private_files import open_private
 from dptrain.coordinator.server.store.base import Store
@@ -43,6 +53,8 @@ __all__ = ["SqliteStore", "MIGRATIONS", "SCHEMA_VERSION", "MAX_GROUP", "Migratio
 log = logging.getLogger("dptrain.coordinator")
 
 Migration = Callable[[sqlite3.Connection], None]
+
+_SQLITE_FULL = 13  # sqlite3.SQLITE_FULL from Python 3.11 on
 
 MAX_GROUP = 32
 """At most this many writes share one commit (so a steady stream of writers cannot keep a
@@ -370,6 +382,19 @@ class SqliteStore(Store):
 
     @contextmanager
     def _write(self) -> Iterator[_SqlTransaction]:
+        try:
+            with self._write_group() as tx:
+                yield tx
+        except sqlite3.OperationalError as e:
+            # SQLITE_FULL: the transaction was rolled back, the database is as it was; say
+            # so in the words of the blob store's full disk, not as an internal error.
+            if getattr(e, "sqlite_errorcode", None) == _SQLITE_FULL or (
+                    "database or disk is full" in str(e)):  # Python < 3.11 has no code
+                raise DiskFull(self.path) from None
+            raise
+
+    @contextmanager
+    def _write_group(self) -> Iterator[_SqlTransaction]:
         with self._pool_lock:
             self._queued += 1
         try:

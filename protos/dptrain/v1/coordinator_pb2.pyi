@@ -355,14 +355,16 @@ class ListCheckpointsResponse(_message.Message):
     def __init__(self, checkpoints: _Optional[_Iterable[_Union[Checkpoint, _Mapping]]] = ...) -> None: ...
 
 class DownloadCheckpointRequest(_message.Message):
-    __slots__ = ("job_id", "step", "file")
+    __slots__ = ("job_id", "step", "file", "offset")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     FILE_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     step: int
     file: str
-    def __init__(self, job_id: _Optional[str] = ..., step: _Optional[int] = ..., file: _Optional[str] = ...) -> None: ...
+    offset: int
+    def __init__(self, job_id: _Optional[str] = ..., step: _Optional[int] = ..., file: _Optional[str] = ..., offset: _Optional[int] = ...) -> None: ...
 
 class DownloadCheckpointResponse(_message.Message):
     __slots__ = ("info", "chunk")

@@ -135,6 +135,8 @@ class CoordinatorServicer:
         describes the file (step, size, and its digest: blake3 or sha256); the rest carry its
         bytes in order. The server does not hash them again as it sends: keep the bytes only
         when they hash to the first message's digest (a stored file damaged on disk fails that).
+        An interrupted download resumes: ask again for the same step with `offset` set to the
+        bytes already received, and hash those bytes together with the rest.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -1,4 +1,5 @@
-"""`Client.download_checkpoint` verifies what it receives, whatever the server claims.
+"""`Client.download_checkpoint` verifies what it receives, whatever the server claims, and
+resumes a broken stream from the bytes it kept.
 
 The coordinator streams a stored file without hashing it again (each side of a transfer hashes
 once), so the client's check is the one that catches a file damaged on the server's disk or on
@@ -17,31 +18,43 @@ from pathlib import Path
 import blake3
 import grpc
 import pytest
+from jobkit import run_cli
 
 from dptrain.coordinator.client.client import Client, ClientError
 from dptrain.protos.dptrain.v1 import coordinator_pb2 as pb
 from dptrain.protos.dptrain.v1 import coordinator_pb2_grpc as pb_grpc
 
-PAYLOAD = bytes(range(256)) * 5000  # 1.28 MB: more than one chunk
+PAYLOAD = bytes(range(256)) * 15000  # 3.84 MB: several chunks
 CHUNK = 1 << 20
 HASHERS = {"blake3": blake3.blake3, "sha256": hashlib.sha256}  # the references
 
 
 class ScriptedDownloads(pb_grpc.CoordinatorServicer):
-    """Streams `sent` for every download, described as `declared` bytes hashed with
-    `algorithm`."""
+    """Streams `sent` for every download from the request's offset, described as `declared`
+    bytes hashed with `algorithm`; while `drops` is above 0, a stream breaks off with
+    UNAVAILABLE after one chunk (as a dropped connection does), counting it down, and the
+    server is `down` after it when `down_after_drop` (every call UNAVAILABLE at once). The
+    requests' offsets are kept in `offsets`."""
 
     def __init__(self) -> None:
         self.declared, self.sent, self.algorithm = PAYLOAD, PAYLOAD, "blake3"
+        self.drops, self.offsets, self.down, self.down_after_drop = 0, [], False, False
 
     def DownloadCheckpoint(self, request, context):
+        if self.down:
+            context.abort(grpc.StatusCode.UNAVAILABLE, "the coordinator is down")
+        self.offsets.append(request.offset)
         digest = HASHERS[self.algorithm](self.declared).hexdigest()
         info = pb.DownloadInfo(step=7, file=pb.CheckpointFile(
             name=request.file or "model.safetensors", size=len(self.declared),
             **{self.algorithm: digest}))
         yield pb.DownloadCheckpointResponse(info=info)
-        for i in range(0, len(self.sent), CHUNK):
+        for i in range(request.offset, len(self.sent), CHUNK):
             yield pb.DownloadCheckpointResponse(chunk=self.sent[i:i + CHUNK])
+            if self.drops > 0:
+                self.drops -= 1
+                self.down = self.down_after_drop
+                context.abort(grpc.StatusCode.UNAVAILABLE, "connection dropped")
 
 
 @pytest.fixture
@@ -106,3 +119,69 @@ def test_a_failed_download_leaves_an_existing_file_as_it_was(downloads, tmp_path
         client.download_checkpoint("j-000000000001", dest=dest)
     assert dest.read_bytes() == b"the previous download"
     assert sorted(p.name for p in Path(tmp_path).iterdir()) == ["m.safetensors"]
+
+
+def test_a_broken_stream_resumes_from_the_bytes_received(downloads, tmp_path):
+    servicer, client = downloads
+    servicer.drops = 2
+    seen = []
+    got = client.download_checkpoint("j-000000000001", dest=tmp_path / "m.safetensors",
+                                     on_progress=seen.append)
+    assert servicer.offsets == [0, CHUNK, 2 * CHUNK]  # each try asked for the rest only
+    assert (tmp_path / "m.safetensors").read_bytes() == PAYLOAD
+    assert got.digest == blake3.blake3(PAYLOAD).hexdigest() and got.size == len(PAYLOAD)
+    assert [p.resumed_at for p in seen if p.done == p.resumed_at] == [CHUNK, 2 * CHUNK]
+    assert seen[-1].done == len(PAYLOAD)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.safetensors"]
+
+
+def _give_up_after_one_chunk(servicer, client, dest):
+    """A download that gives up after receiving one chunk (the server down from then on)."""
+    servicer.drops, servicer.down_after_drop = 1, True
+    with pytest.raises(ClientError, match="^UNAVAILABLE: .*the coordinator is down"):
+        client.download_checkpoint("j-000000000001", dest=dest,
+                                   retries=0)  # one more try after the progress, in vain
+    servicer.down = False
+
+
+def test_a_part_left_by_an_earlier_call_is_resumed(downloads, tmp_path):
+    servicer, client = downloads
+    _give_up_after_one_chunk(servicer, client, tmp_path / "m.safetensors")
+    [part] = tmp_path.iterdir()  # kept, named after the file's digest
+    assert part.name == f".m.safetensors.blake3-{blake3.blake3(PAYLOAD).hexdigest()[:16]}.part"
+    assert part.read_bytes() == PAYLOAD[:CHUNK]
+    client.download_checkpoint("j-000000000001", dest=tmp_path / "m.safetensors")
+    # The first answer describes the file; the part's bytes are not asked for again.
+    assert servicer.offsets == [0, 0, CHUNK]
+    assert (tmp_path / "m.safetensors").read_bytes() == PAYLOAD
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.safetensors"]
+
+
+def test_a_damaged_kept_part_fails_the_whole_file_and_is_deleted(downloads, tmp_path):
+    servicer, client = downloads
+    _give_up_after_one_chunk(servicer, client, tmp_path / "m.safetensors")
+    [part] = tmp_path.iterdir()
+    part.write_bytes(_corrupt(part.read_bytes()))  # the prefix changed on the client's disk
+    with pytest.raises(ClientError) as info:
+        client.download_checkpoint("j-000000000001", dest=tmp_path / "m.safetensors")
+    damaged = _corrupt(PAYLOAD[:CHUNK]) + PAYLOAD[CHUNK:]
+    assert str(info.value) == (
+        f"DATA_LOSS: model.safetensors of step 7: received {len(PAYLOAD)} bytes hashing to "
+        f"blake3 {blake3.blake3(damaged).hexdigest()}, expected {len(PAYLOAD)} bytes with "
+        f"blake3 {blake3.blake3(PAYLOAD).hexdigest()}")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_dptrain_download_shows_the_resumption_in_its_progress_bar(downloads, tmp_path):
+    servicer, client = downloads
+    servicer.drops = 1
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "token").write_text("unused")
+    got = run_cli(client.address, state, "download", "j-000000000001", "-o",
+                  str(tmp_path / "m.safetensors"))
+    assert got.returncode == 0, got.stderr
+    assert (tmp_path / "m.safetensors").read_bytes() == PAYLOAD
+    assert "model.safetensors of step 7 (resumed at 1.0 MiB)" in got.stderr
+    assert got.stdout == (f"{tmp_path / 'm.safetensors'}: model.safetensors of step 7, "
+                          f"{len(PAYLOAD)} bytes, blake3 {blake3.blake3(PAYLOAD).hexdigest()}\n")

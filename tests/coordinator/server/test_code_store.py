@@ -21,7 +21,7 @@ from dptrain.coordinator.server.checkpoint_store import referenced_blobs
 from dptrain.coordinator.server.scheduler import Cluster
 from dptrain.protos.dptrain.v1 import coordinator_pb2 as pb
 from dptrain.protos.dptrain.v1 import coordinator_pb2_grpc as pb_grpc
-from dptrain.worker.code_archive import pack_directory
+from dptrain.worker.code_archive import CodeArchiveError, pack_directory
 
 MAX_CODE = 64 * 1024
 SPEC = {"name": "own", "entrypoint": "train.py --lr 0.1", "workers": 2}
@@ -154,3 +154,26 @@ def test_fetching_code_needs_a_job_with_code(server, client, tmp_path):
     with WorkerClient(server.address, job.id, token) as worker, pytest.raises(ClientError) as e:
         worker.fetch_code("a" * 64, tmp_path / "code")
     assert e.value.code == "NOT_FOUND"
+
+
+def test_an_archive_damaged_on_the_servers_disk_is_refused_by_the_worker(
+        server, client, project, tmp_path):
+    data = pack_directory(project).data
+    digest = client.upload_code(data)
+    job = client.submit_job({**SPEC, "code": f"sha256:{digest}"})
+    blob = server.blobs.get(digest)
+    damaged = bytearray(blob.read_bytes())
+    damaged[len(damaged) // 2] ^= 0xFF  # same size, one byte flipped: as a disk error does
+    blob.write_bytes(bytes(damaged))
+    token = _launch(server, job.id)
+    target = tmp_path / "jobdir" / "code" / digest
+    with WorkerClient(server.address, job.id, token) as worker:
+        with pytest.raises(CodeArchiveError) as info:
+            worker.fetch_code(digest, target)
+    # The server streams the bytes unhashed: the refusal is the worker's own check (a server
+    # check would end the stream with a ClientError instead), naming the archive.
+    assert str(info.value) == (
+        f"DATA_LOSS: the code archive sha256:{digest} arrived hashing to sha256 "
+        f"{hashlib.sha256(bytes(damaged)).hexdigest()}: damaged on the coordinator's disk or on "
+        "the way; upload the code again and resubmit")
+    assert not target.exists() and list(target.parent.iterdir()) == []
