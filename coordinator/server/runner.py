@@ -381,8 +381,11 @@ class JobRunner:
             header = (f"==== dptrain: attempt {attempt} of job {job.id} ({job.name}) at "
                       f"{time.strftime('%Y-%m-%d %H:%M:%S %z')}: {launch.workers} rank(s) on "
                       f"{where}{resuming}\n")
+            stop_by = (None if job.time_limit is None
+                       else job.time_limit + self.settings.kill_grace)
             request = WorkerLaunch(job.id, attempt, run_id, launch.placement, paths, env,
-                                   resume=attempt > 1, started_at=job.started_at)
+                                   resume=attempt > 1, started_at=job.started_at,
+                                   stop_by=stop_by)
             with os.fdopen(open_private(paths.log, os.O_WRONLY | os.O_APPEND), "ab") as log_file:
                 log_file.write(header.encode())
                 log_file.flush()  # before the workers write after it
