@@ -73,11 +73,9 @@ from dataclasses import dataclass
 from typing import IO, Any
 
 from dptrain.coordinator.api.errors import (
-    BlobError,
     JobNotFound,
     StateConflict,
     StoreClosed,
-    ValidationError,
 )
 from dptrain.coordinator.api.records import (
     HOLDING_STATES,
@@ -89,7 +87,7 @@ from dptrain.coordinator.api.records import (
     new_token,
 )
 from dptrain.coordinator.server.blobs import BlobStore
-from dptrain.coordinator.server.ingest import ingest_new_checkpoints, store_final_checkpoint
+from dptrain.coordinator.server.ingest import DirectoryCheckpoints
 from dptrain.coordinator.server.job_files import lock_state_dir, read_run_record
 from dptrain.coordinator.server.joblog import LineRateLimit, LogTail, failure_message
 from dptrain.coordinator.server.jobs import data_files
@@ -106,7 +104,6 @@ from dptrain.coordinator.server.private_files import make_private_dir, open_priv
 from dptrain.coordinator.server.runner_settings import RunnerSettings
 from dptrain.coordinator.server.scheduler import Cluster, Launch, PendingJob, RunningJob, schedule
 from dptrain.coordinator.server.store import Store
-from dptrain.worker.checkpoint_manifest import CheckpointError, checkpoint_name
 from dptrain.worker.exit_codes import EXIT_DIVERGED, EXIT_INVALID
 
 __all__ = ["JobRunner", "RunnerSettings", "NO_RESTART_EXIT_CODES"]
@@ -160,6 +157,8 @@ class JobRunner:
         self.server_address = server_address
         self.settings = settings
         self.launcher = settings.launcher
+        self.checkpoints = DirectoryCheckpoints(
+            store, blobs, lambda job_id: settings.job_paths(job_id).checkpoints, self._event)
         self._lock = threading.RLock()
         self._runs: dict[str, _Attempt] = {}
         self._draining: list[_Attempt] = []  # ended by the runner, not yet exited
@@ -335,8 +334,6 @@ class JobRunner:
                 nearest = min(nearest, end - now)
                 continue
             with self._lock:
-                run.detail = (f"time limit: the run went past the job's time limit of "
-                              f"{job.time_limit:g} s")
                 self._terminate(run, "time limit")
             self._event(job.id, f"[dptrain] time limit of {job.time_limit:g} s reached after "
                                 f"{now - job.started_at:.1f} s: stopping the workers (they "
@@ -349,7 +346,7 @@ class JobRunner:
     def _launch(self, launch: Launch) -> None:
         # Before the lock (it may take a while): what an earlier attempt wrote, for the
         # workers to resume from. Nothing is there for a job's first attempt.
-        self._ingest(launch.job_id)
+        self.checkpoints.store_new(launch.job_id)
         if not self._preflight(launch):
             return
         with self._lock:
@@ -511,9 +508,9 @@ class JobRunner:
             return
         if job.state is not _S.RUNNING:  # settled by someone else already
             return
-        self._ingest(job.id)
+        self.checkpoints.store_new(job.id)
         if code == 0:
-            missing = self._final_checkpoint_missing(job.id, final)
+            missing = self.checkpoints.final_missing(job.id, final)
             if missing is None:
                 metrics = {**job.metrics, **{k: v for k, v in final.items() if isinstance(
                     v, (int, float)) and not isinstance(v, bool)}}
@@ -526,9 +523,8 @@ class JobRunner:
             self._event(job.id, "[dptrain] the coordinator is shutting down: the job resumes "
                                 "from its latest checkpoint when it starts again")
         elif run.reason == "time limit":
-            ran = time.time() - (job.started_at or run.started_at)
-            self._transition(job.id, _S.TIMED_OUT, exit_code=code, error=(
-                f"{run.detail} (ran {ran:.1f} s); {self._stop_checkpoint(job.id, final)}"))
+            self._transition(job.id, _S.TIMED_OUT, exit_code=code, error=_timed_out(
+                job, self.checkpoints.store_stopped(job.id, final)))
         else:
             final_failure = run.reason is None and code in NO_RESTART_EXIT_CODES
             if not final_failure and job.restarts < job.max_restarts:
@@ -542,69 +538,14 @@ class JobRunner:
     def _finish_cancel(self, job_id: str, code: int | None = None,
                        final: dict[str, Any] | None = None) -> None:
         """A CANCELLING job whose group is gone: store what its workers wrote, then CANCELLED."""
-        self._ingest(job_id)
-        note = self._stop_checkpoint(job_id, final or {})
+        self.checkpoints.store_new(job_id)
+        note = self.checkpoints.store_stopped(job_id, final or {})
         try:
             self.store.transition(job_id, _S.CANCELLING, _S.CANCELLED, exit_code=code,
                                   error=f"cancelled by a user; {note}")
         except (StateConflict, JobNotFound):
             return
         log.info("job %s: CANCELLED (%s)", job_id, note)
-
-    # ------------------------------------------------------------ checkpoints
-
-    def _ingest(self, job_id: str) -> None:
-        """Store the checkpoints in the job's directory newer than its newest stored one."""
-        directory = self.settings.job_paths(job_id).checkpoints
-        try:
-            added = ingest_new_checkpoints(job_id, directory, self.store, self.blobs)
-        except (JobNotFound, StoreClosed):
-            return
-        except Exception:  # the workers still resume from the directory: keep going
-            log.exception("runner: storing job %s's checkpoints from %s failed", job_id,
-                          directory)
-            return
-        for record in added:
-            self._event(job_id, f"[dptrain] stored the checkpoint of step {record.step} from "
-                                f"the job's checkpoint directory (the workers had not uploaded "
-                                f"it)")
-
-    def _stop_checkpoint(self, job_id: str, final: dict[str, Any]) -> str:
-        """Store the checkpoint a stopped run wrote last (its final JSON line names the step)
-        and verify it; returns what became of it, for the job's error."""
-        step = final.get("step")
-        if final.get("status") == "preempted" and isinstance(step, int) and not isinstance(
-                step, bool):
-            missing = self._final_checkpoint_missing(job_id, final, "preempted")
-            if missing is None:
-                return f"stopped after step {step}, its checkpoint stored"
-            return f"stopped after step {step}, but {missing}"
-        try:  # killed before they wrote it, or recovered (the final line is not read)
-            stored = self.store.list_checkpoints(job_id)
-        except (JobNotFound, StoreClosed):
-            stored = []
-        return (f"the latest stored checkpoint is step {stored[-1].step}" if stored else
-                "no checkpoint is stored")
-
-    def _final_checkpoint_missing(self, job_id: str, final: dict[str, Any],
-                                  status: str = "completed") -> str | None:
-        """None when the store holds the completed run's final checkpoint, verified (stored
-        from the job's directory if need be); else what is wrong, to complete "the workers
-        exited with code 0, but ..."."""
-        step = final.get("step")
-        if final.get("status") != status or isinstance(step, bool) or not isinstance(
-                step, int):
-            return ("their final metrics (the JSON line naming the final step) are not in "
-                    "worker.log, so the final checkpoint is unknown")
-        directory = self.settings.job_paths(job_id).checkpoints
-        try:
-            if store_final_checkpoint(job_id, step, directory, self.store, self.blobs):
-                self._event(job_id, f"[dptrain] stored the final checkpoint (step {step}) "
-                                    f"from the job's checkpoint directory")
-        except (CheckpointError, ValidationError, BlobError, OSError, ValueError) as e:
-            return (f"the final checkpoint (step {step}) cannot be stored from "
-                    f"{directory / checkpoint_name(step)}: {e}")
-        return None
 
     def _error(self, run: _Attempt, code: int, note: str = "") -> str:
         return failure_message(list(run.tail.recent), code, run.detail, note)
@@ -654,7 +595,7 @@ class JobRunner:
         jobs back in the queue (RESTARTING, not counted as a restart); a CANCELLING job, or a
         RUNNING one past its time limit, ends instead, once what its workers wrote is stored."""
         orphans: list[RunHandle] = []
-        ending: list[tuple[Job, JobState]] = []
+        ending: list[Job] = []
         now = time.time()
         for job in self.store.all_jobs(HOLDING_STATES):
             orphan = self.launcher.recover(self.settings.job_paths(job.id))
@@ -664,9 +605,11 @@ class JobRunner:
                 orphans.append(orphan)
             found = "still running: ended them" if alive else "gone"
             if job.state is _S.CANCELLING or _past_time_limit(job, now):
-                ending.append((job, _S.CANCELLED if job.state is _S.CANCELLING
-                               else _S.TIMED_OUT))
+                ending.append(job)
                 log.info("job %s: recovered while stopping (workers %s)", job.id, found)
+                self._event(job.id, f"[dptrain] the coordinator restarted and found this "
+                                    f"job's workers {found}; ending the job (cancelled, or "
+                                    f"past its time limit)")
                 continue
             try:
                 self.store.transition(job.id, _S.RUNNING, _S.RESTARTING, restarts=job.restarts,
@@ -682,18 +625,23 @@ class JobRunner:
             time.sleep(0.1)
         for orphan in orphans:
             orphan.kill()
-        for job, target in ending:  # after their groups are gone: their last checkpoint is in
-            if target is _S.CANCELLED:
+        for job in ending:  # after their groups are gone: their last checkpoint is written
+            if job.state is _S.CANCELLING:
                 self._finish_cancel(job.id)
                 continue
-            self._ingest(job.id)
-            error = (f"time limit: the run went past the job's time limit of "
-                     f"{job.time_limit:g} s while the coordinator was down (it ran "
-                     f"{now - (job.started_at or now):.1f} s); {self._stop_checkpoint(job.id, {})}")
-            self._transition(job.id, _S.TIMED_OUT, error=error)
+            self.checkpoints.store_new(job.id)
+            self._transition(job.id, _S.TIMED_OUT, error=_timed_out(
+                job, self.checkpoints.store_stopped(job.id, {})))
 
 
 def _past_time_limit(job: Job, now: float) -> bool:
     """Whether the job's current run has used up its time limit."""
     return (job.time_limit is not None and job.started_at is not None
             and now >= job.started_at + job.time_limit)
+
+
+def _timed_out(job: Job, checkpoint: str) -> str:
+    """A TIMED_OUT job's error: the limit, how long the run ran, what became of its final
+    checkpoint (`DirectoryCheckpoints.store_stopped`)."""
+    return (f"time limit: the run went past the job's time limit of {job.time_limit:g} s (ran "
+            f"{time.time() - (job.started_at or time.time()):.1f} s); {checkpoint}")
