@@ -338,7 +338,8 @@ def add_commands(commands: Any, serve: Callable[[argparse.Namespace], int],
                         help="restarts after worker failures (default: the server's)")
     submit.add_argument("--time-limit", type=float, default=None, metavar="S",
                         help="seconds per run (at most 366 days), which lets smaller jobs "
-                             "backfill")
+                             "backfill; a run past it is stopped (its workers checkpoint) "
+                             "and the job ends TIMED_OUT")
 
     jobs = add("jobs", _cmd_jobs, "list jobs, newest first")
     jobs.add_argument("--state", action="append", metavar="STATE",

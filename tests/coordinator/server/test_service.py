@@ -805,6 +805,8 @@ def test_metrics_endpoint(server, client, tmp_path):
         text = response.read().decode()
     assert 'dptrain_jobs{state="QUEUED"} 1' in text
     assert 'dptrain_jobs{state="RUNNING"} 1' in text
+    assert 'dptrain_jobs{state="CANCELLING"} 0' in text
+    assert 'dptrain_jobs{state="TIMED_OUT"} 0' in text
     assert "dptrain_queue_length 1" in text
     assert 'dptrain_rpc_duration_seconds_count{method="/dptrain.v1.Coordinator/SubmitJob"} 2' \
         in text
