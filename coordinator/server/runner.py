@@ -129,8 +129,7 @@ class _Attempt:
     started_at: float
     tail: LogTail
     limit: LineRateLimit
-    reason: str | None = None      # why the runner ended it: cancel, heartbeat, shutdown,
-    #                                "time limit"
+    reason: str | None = None      # why it was ended: cancel, time limit, heartbeat, shutdown
     detail: str = ""               # e.g. how long the heartbeat was missing
     kill_at: float | None = None   # monotonic time at which terminate becomes kill
     done: bool = False

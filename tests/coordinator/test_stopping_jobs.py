@@ -6,6 +6,7 @@ loopback with two slots, real ``mpiexec`` workers, the client and the ``dptrain`
 from __future__ import annotations
 
 import re
+import time
 from pathlib import Path
 
 import e2ekit
@@ -50,12 +51,16 @@ def backfill_server(serve_coordinator, state_dir: Path):
                              runner=RunnerSettings(state_dir, **options))
 
 
-def test_backfill_never_delays_the_head_when_jobs_overrun_their_limits(backfill_server):
+def test_backfill_never_delays_the_head_when_jobs_overrun_their_limits(backfill_server,
+                                                                       state_dir):
     with Client(backfill_server.address, token=backfill_server.token) as client:
         # One slot held by a job that declares 40 s and would run for ever; the head needs
         # both slots, so its reservation is when the holder's limit (and stop grace) is up.
         holder = client.submit_job(spec(ENDLESS, name="holder"), time_limit=40.0)
         holder = _state(client, holder.id, S.RUNNING)
+        status = run_cli(backfill_server.address, state_dir, "status", holder.id)
+        stops = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(holder.started_at + 40))
+        assert f"time limit: 40 s per run (this run stops at {stops})" in status.stdout
         head = client.submit_job(spec(TINY_SPEC, name="head"), time_limit=600.0)
         # Declares 8 s, so it may jump ahead into the free slot; it too would run for ever.
         overrun = client.submit_job(spec(ENDLESS, name="overrun"), time_limit=8.0)
