@@ -5,16 +5,21 @@ the servicer converts them to and from protobuf messages (in one module, `api.se
 
 A job moves through this state machine (`TRANSITIONS` is the single source of truth)::
 
-    QUEUED ──> RUNNING ──> SUCCEEDED | FAILED | CANCELLED
-       │         │   ^
-       │         v   │
+    QUEUED ──> RUNNING ──> SUCCEEDED | FAILED | TIMED_OUT
+       │         │   ^  \
+       │         v   │   └──> CANCELLING ──> CANCELLED
        │       RESTARTING ──> FAILED | CANCELLED
        └──> FAILED | CANCELLED
 
 ``RESTARTING`` means a worker died and the job waits, holding no slots, to be launched again from
-its latest checkpoint; the scheduler treats it like a queued job. ``SUCCEEDED``, ``FAILED`` and
-``CANCELLED`` are terminal. `apply_transition` is the one function that changes a job's state: the
-stores call it inside their transaction, so both implementations apply the same rules.
+its latest checkpoint; the scheduler treats it like a queued job. ``CANCELLING`` means a user
+cancelled a running job and its workers are stopping: they finish their step and upload a final
+checkpoint, which the coordinator still accepts and stores; the job keeps its slots until they
+have exited, then it is CANCELLED. ``TIMED_OUT`` (as in Slurm) means a run went past the job's
+``time_limit`` and was stopped, its final checkpoint stored. ``SUCCEEDED``, ``FAILED``,
+``TIMED_OUT`` and ``CANCELLED`` are terminal. `apply_transition` is the one function that
+changes a job's state: the stores call it inside their transaction, so both implementations
+apply the same rules.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from dptrain.worker.spec import check_name
 
 __all__ = [
     "JobState", "EventKind", "TRANSITIONS", "TERMINAL_STATES", "PENDING_STATES",
+    "HOLDING_STATES",
     "Job", "Event", "CheckpointRecord",
     "check_transition", "new_job", "new_job_id", "apply_transition", "apply_update",
     "state_event_payload", "check_payload", "new_token", "hash_token", "verify_token",
@@ -53,10 +59,12 @@ class JobState(str, Enum):
     SUCCEEDED = "SUCCEEDED"
     FAILED = "FAILED"
     CANCELLED = "CANCELLED"
+    CANCELLING = "CANCELLING"
+    TIMED_OUT = "TIMED_OUT"
 
     @property
     def terminal(self) -> bool:
-        """True for SUCCEEDED, FAILED and CANCELLED, which no transition leaves."""
+        """True for SUCCEEDED, FAILED, TIMED_OUT and CANCELLED, which no transition leaves."""
         return not TRANSITIONS[self]
 
     def __str__(self) -> str:
@@ -79,15 +87,22 @@ _S = JobState
 #: Allowed transitions: state -> the states it may move to. Terminal states map to nothing.
 TRANSITIONS: Mapping[JobState, frozenset[JobState]] = {
     _S.QUEUED: frozenset({_S.RUNNING, _S.FAILED, _S.CANCELLED}),
-    _S.RUNNING: frozenset({_S.SUCCEEDED, _S.FAILED, _S.CANCELLED, _S.RESTARTING}),
+    # RUNNING -> CANCELLED directly only where no runner supervises the job (a server that
+    # only queues); with one, a cancel passes through CANCELLING.
+    _S.RUNNING: frozenset({_S.SUCCEEDED, _S.FAILED, _S.CANCELLED, _S.RESTARTING, _S.CANCELLING,
+                           _S.TIMED_OUT}),
     _S.RESTARTING: frozenset({_S.RUNNING, _S.FAILED, _S.CANCELLED}),
+    _S.CANCELLING: frozenset({_S.CANCELLED}),
     _S.SUCCEEDED: frozenset(),
     _S.FAILED: frozenset(),
     _S.CANCELLED: frozenset(),
+    _S.TIMED_OUT: frozenset(),
 }
 TERMINAL_STATES: frozenset[JobState] = frozenset(s for s, nxt in TRANSITIONS.items() if not nxt)
 #: States of jobs waiting for slots: what the scheduler's queue is made of.
 PENDING_STATES: frozenset[JobState] = frozenset({_S.QUEUED, _S.RESTARTING})
+#: States of jobs whose workers hold slots (and may report and upload checkpoints).
+HOLDING_STATES: frozenset[JobState] = frozenset({_S.RUNNING, _S.CANCELLING})
 
 
 def check_transition(current: JobState, target: JobState) -> None:
@@ -113,9 +128,11 @@ class Job:
     ``JobSpec.from_dict(job.spec)`` turns it back); the number of ranks is the spec's
     ``workers``, read by the `workers` property and stored nowhere else.
     ``time_limit`` (seconds per run, None: unknown) lets the scheduler reserve slots for the
-    head of the queue. ``started_at`` and ``heartbeat_at`` are reset on every entry to RUNNING,
-    so they describe the current run; ``placement`` lists ``(host, slots)`` of the current run
-    and is empty whenever the job holds no slots. ``metrics`` is the latest reported summary
+    head of the queue, and the runner stops a run that goes past it (TIMED_OUT): each run, a
+    restart's too, gets the whole limit, counted from its ``started_at``. ``started_at`` and
+    ``heartbeat_at`` are reset on every entry to RUNNING, so they describe the current run;
+    ``placement`` lists ``(host, slots)`` of the current run and is empty whenever the job
+    holds no slots. ``metrics`` is the latest reported summary
     (e.g. ``{"loss": 0.31, "accuracy": 0.9}``). Only a hash of the worker token is kept.
     """
 

@@ -355,7 +355,8 @@ class Client:
                 return
 
     def cancel_job(self, job_id: str) -> Job:
-        """Cancel a job; returns it, CANCELLED (FAILED_PRECONDITION when it already ended)."""
+        """Cancel a job; returns it, CANCELLED, or CANCELLING while a running job's workers stop
+        and checkpoint (FAILED_PRECONDITION when it already ended)."""
         return serde.job_from_proto(self._unary(self._stub.CancelJob,
                                                 pb.CancelJobRequest(job_id=job_id)))
 

@@ -46,7 +46,7 @@ EXIT_UNREACHABLE, EXIT_AUTH, EXIT_SERVER = 5, 6, 7
 CLIENT_EXIT_CODES = f"""\
 exit codes of the coordinator commands:
   0    done (submit --follow, watch: the job SUCCEEDED)
-  {EXIT_JOB_FAILED}    the job FAILED or was CANCELLED (submit --follow, watch)
+  {EXIT_JOB_FAILED}    the job FAILED, TIMED_OUT or was CANCELLED (submit --follow, watch)
   {EXIT_USAGE}    bad command line, job file or argument (INVALID_ARGUMENT, a local file)
   {EXIT_NOT_FOUND}    no such job or checkpoint (NOT_FOUND)
   {EXIT_UNREACHABLE}    cannot reach the coordinator (UNAVAILABLE, DEADLINE_EXCEEDED)
@@ -158,7 +158,16 @@ def _cmd_logs(args: argparse.Namespace) -> int:
 def _cmd_cancel(args: argparse.Namespace) -> int:
     with connect(args) as client:
         job = client.cancel_job(args.id)
-    print(f"{job.id} {job.state.value}")
+        print(f"{job.id} {job.state.value}", flush=True)
+        if not args.wait or job.state.terminal:
+            return 0
+        # CANCELLING: the workers are stopping; their final checkpoint is stored before the
+        # job is CANCELLED, so `dptrain checkpoints` lists it once this returns.
+        for _ in client.watch_job(job.id):
+            pass
+        job = client.get_job(job.id)
+    print(f"{job.id} {job.state.value}: {job.error}" if job.error else f"{job.id} "
+          f"{job.state.value}")
     return 0
 
 
@@ -330,7 +339,8 @@ def add_commands(commands: Any, serve: Callable[[argparse.Namespace], int],
                         help="restarts after worker failures (default: the server's)")
     submit.add_argument("--time-limit", type=float, default=None, metavar="S",
                         help="seconds per run (at most 366 days), which lets smaller jobs "
-                             "backfill")
+                             "backfill; a run past it is stopped (its workers checkpoint) "
+                             "and the job ends TIMED_OUT")
 
     jobs = add("jobs", _cmd_jobs, "list jobs, newest first")
     jobs.add_argument("--state", action="append", metavar="STATE",
@@ -338,9 +348,14 @@ def add_commands(commands: Any, serve: Callable[[argparse.Namespace], int],
                       help="only jobs in this state (repeatable)")
     for name, handler, text in (("status", _cmd_status, "show one job"),
                                 ("watch", _cmd_watch, "print a job's events until it ends"),
-                                ("cancel", _cmd_cancel, "cancel a job (its workers are ended)"),
                                 ("checkpoints", _cmd_checkpoints, "list a job's checkpoints")):
         add(name, handler, text).add_argument("id", metavar="ID", help="the job's id")
+    cancel = add("cancel", _cmd_cancel, "cancel a job: a queued one at once; a running one is "
+                 "CANCELLING while its workers finish their step and checkpoint (the "
+                 "checkpoint is stored), then CANCELLED")
+    cancel.add_argument("id", metavar="ID", help="the job's id")
+    cancel.add_argument("--wait", action="store_true",
+                        help="wait until the job is CANCELLED (its final checkpoint stored)")
     logs = add("logs", _cmd_logs, "print a job's log lines")
     logs.add_argument("id", metavar="ID", help="the job's id")
     logs.add_argument("--follow", "-f", action="store_true", help="keep printing until it ends")

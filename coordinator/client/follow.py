@@ -91,7 +91,9 @@ def format_job(job: Job) -> str:
         ("id", job.id), ("name", job.name), ("state", job.state.value),
         ("workers", f"{job.workers}" + (f" on {hosts}" if hosts else "")),
         ("priority", job.priority), ("restarts", f"{job.restarts} of {job.max_restarts}"),
-        ("time limit", "-" if job.time_limit is None else f"{job.time_limit:g} s"),
+        ("time limit", "-" if job.time_limit is None else f"{job.time_limit:g} s per run" + (
+            f" (this run stops at {_when(job.started_at + job.time_limit)})"
+            if job.state is JobState.RUNNING and job.started_at is not None else "")),
         ("submitted", _when(job.submitted_at)), ("started", _when(job.started_at)),
         ("finished", _when(job.finished_at)),
         ("step", "-" if job.last_step is None else job.last_step),

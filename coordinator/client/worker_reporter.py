@@ -10,7 +10,7 @@ worker's own resume code finds the job's latest intact checkpoint in its checkpo
 
 The reporter never stops training, nor gives up on a checkpoint while the coordinator may
 come back. Events wait in a bounded buffer while the coordinator is unreachable; a report it
-refuses because the job is not RUNNING is dropped. Each checkpoint is uploaded as it is
+refuses because the job is over is dropped. Each checkpoint is uploaded as it is
 written, the training loop waiting, if the coordinator is reachable; otherwise it stays queued
 and an upload thread retries (oldest first, backing off up to ``retry_interval``) until the
 coordinator stores it, refuses it for good (the job is over, a file changed), or a newer
@@ -55,8 +55,8 @@ __all__ = ["CoordinatorReporter", "create_reporter", "fetch_code", "fetch_resume
 
 #: This token is dead (a newer launch replaced it) or the job is gone: stop everything.
 _FATAL = frozenset({"UNAUTHENTICATED", "PERMISSION_DENIED", "NOT_FOUND"})
-#: A progress report or heartbeat that would be refused again (a bad batch, or the job is not
-#: RUNNING): drop it and go on; checkpoint uploads are not affected.
+#: A progress report or heartbeat that would be refused again (a bad batch, or the job is
+#: over): drop it and go on; checkpoint uploads are not affected.
 _DROP_EVENTS = frozenset({"INVALID_ARGUMENT", "FAILED_PRECONDITION"})
 #: The coordinator is unreachable, restarting or overloaded: try again later.
 _RETRY = frozenset({"UNAVAILABLE", "DEADLINE_EXCEEDED", "CANCELLED", "UNKNOWN", "INTERNAL",

@@ -22,7 +22,8 @@ use — every record's manifest blob and every file blob its manifest lists — 
 for ``BlobStore.collect_garbage`` alike.
 
 Who may store a checkpoint when. A job's workers upload while their attempt lives: while the
-job is RUNNING, and while it is RESTARTING (the runner ended the attempt, whose SIGTERM
+job is RUNNING, while it is CANCELLING (a user cancelled it: the checkpoint its workers write
+while stopping is kept) and while it is RESTARTING (the runner ended the attempt, whose SIGTERM
 checkpoint is still welcome); once the job is terminal its workers' token is dead and an upload
 stores nothing (`WORKER_STATES`, checked again in the transaction that records it). The runner
 stores what the workers could not upload from the job's checkpoint directory
@@ -78,8 +79,9 @@ log = logging.getLogger("dptrain.coordinator")
 
 DEFAULT_FILE = "model.safetensors"
 _FILE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-#: The job states in which its workers may upload and fetch checkpoints (see the docstring).
-WORKER_STATES = frozenset({JobState.RUNNING, JobState.RESTARTING})
+#: The job states in which its workers may upload and fetch checkpoints (see the docstring):
+#: CANCELLING too, so that the checkpoint a cancelled job writes while stopping is kept.
+WORKER_STATES = frozenset({JobState.RUNNING, JobState.CANCELLING, JobState.RESTARTING})
 _MAX_DOUBLE = sys.float_info.max
 
 

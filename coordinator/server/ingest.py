@@ -13,6 +13,9 @@ mounts, so the runner reads it itself, independently of the workers, the network
   user can download) the newest checkpoint.
 * `store_final_checkpoint` makes sure a completed run's final checkpoint is stored and that its
   blobs verify: the condition for SUCCEEDED.
+* `DirectoryCheckpoints` is the runner's use of both: it tells the job's events what it stored
+  and says, for a job's error, what became of a final checkpoint (a completed run's, or the
+  one a stopped run — cancelled, past its time limit — wrote while stopping).
 
 Each checkpoint directory is verified (``worker.checkpoint_manifest.verify_checkpoint``) before
 it is stored; an incomplete or damaged one is skipped.
@@ -22,10 +25,19 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from dptrain.coordinator.api.checkpoint_upload import read_checkpoint_directory
-from dptrain.coordinator.api.errors import BlobError, CheckpointNotFound, ValidationError
+from dptrain.coordinator.api.errors import (
+    BlobError,
+    CheckpointNotFound,
+    DiskFull,
+    JobNotFound,
+    StoreClosed,
+    ValidationError,
+)
 from dptrain.coordinator.api.records import CheckpointRecord
 from dptrain.coordinator.server.blobs import BlobStore
 from dptrain.coordinator.server.checkpoint_store import store_checkpoint, verify_record
@@ -37,7 +49,8 @@ from dptrain.worker.checkpoint_manifest import (
     verify_checkpoint,
 )
 
-__all__ = ["ingest_checkpoint", "ingest_new_checkpoints", "store_final_checkpoint"]
+__all__ = ["ingest_checkpoint", "ingest_new_checkpoints", "store_final_checkpoint",
+           "DirectoryCheckpoints"]
 
 log = logging.getLogger("dptrain.coordinator")
 
@@ -90,7 +103,8 @@ def ingest_new_checkpoints(job_id: str, directory: str | os.PathLike, store: Sto
             continue
         try:
             added.append(ingest_checkpoint(job_id, path, store, blobs))
-        except (CheckpointError, ValidationError, BlobError, OSError, ValueError) as e:
+        except (CheckpointError, ValidationError, BlobError, DiskFull, OSError,
+                ValueError) as e:
             log.warning("job %s: checkpoint %s not stored: %s", job_id, path, e)
     return added
 
@@ -122,3 +136,75 @@ def store_final_checkpoint(job_id: str, step: int, directory: str | os.PathLike,
     verify_record(ingest_checkpoint(job_id, Path(directory) / checkpoint_name(step), store,
                                     blobs), blobs)
     return True
+
+
+class DirectoryCheckpoints:
+    """The runner's storing from its jobs' checkpoint directories, told in the jobs' events.
+
+    Args:
+        store: the records.
+        blobs: the files.
+        directory_of: job id -> its checkpoint directory.
+        event: ``event(job_id, line)`` appends a log line to the job's events.
+    """
+
+    def __init__(self, store: Store, blobs: BlobStore, directory_of: Callable[[str], Path],
+                 event: Callable[[str, str], None]):
+        self.store, self.blobs = store, blobs
+        self.directory_of, self.event = directory_of, event
+
+    def store_new(self, job_id: str) -> None:
+        """Store the checkpoints in the job's directory newer than its newest stored one."""
+        directory = self.directory_of(job_id)
+        try:
+            added = ingest_new_checkpoints(job_id, directory, self.store, self.blobs)
+        except (JobNotFound, StoreClosed):
+            return
+        except Exception:  # the workers still resume from the directory: keep going
+            log.exception("runner: storing job %s's checkpoints from %s failed", job_id,
+                          directory)
+            return
+        for record in added:
+            self.event(job_id, f"[dptrain] stored the checkpoint of step {record.step} from "
+                               f"the job's checkpoint directory (the workers had not uploaded "
+                               f"it)")
+
+    def final_missing(self, job_id: str, final: dict[str, Any],
+                      status: str = "completed") -> str | None:
+        """None when the store holds the final checkpoint of a run that ended with `status`
+        (its final JSON line, `final`, names the step), verified, storing it from the job's
+        directory if need be; else what is wrong, to complete "the workers exited with code
+        0, but ..."."""
+        step = final.get("step")
+        if final.get("status") != status or isinstance(step, bool) or not isinstance(
+                step, int):
+            return ("their final metrics (the JSON line naming the final step) are not in "
+                    "worker.log, so the final checkpoint is unknown")
+        directory = self.directory_of(job_id)
+        try:
+            if store_final_checkpoint(job_id, step, directory, self.store, self.blobs):
+                self.event(job_id, f"[dptrain] stored the final checkpoint (step {step}) "
+                                   f"from the job's checkpoint directory")
+        except (CheckpointError, ValidationError, BlobError, DiskFull, OSError,
+                ValueError) as e:
+            return (f"the final checkpoint (step {step}) cannot be stored from "
+                    f"{directory / checkpoint_name(step)}: {e}")
+        return None
+
+    def store_stopped(self, job_id: str, final: dict[str, Any]) -> str:
+        """Store, verified, the checkpoint a stopped run wrote last (SIGTERM: the workers'
+        final line says ``preempted`` and the step); returns what became of it, for the
+        job's error (e.g. ``stopped after step 120, its checkpoint stored``)."""
+        step = final.get("step")
+        if final.get("status") == "preempted" and isinstance(step, int) and not isinstance(
+                step, bool):
+            missing = self.final_missing(job_id, final, "preempted")
+            if missing is None:
+                return f"stopped after step {step}, its checkpoint stored"
+            return f"stopped after step {step}, but {missing}"
+        try:  # killed before they wrote it, or recovered (the final line is not read)
+            stored = self.store.list_checkpoints(job_id)
+        except (JobNotFound, StoreClosed):
+            stored = []
+        return (f"the latest stored checkpoint is step {stored[-1].step}" if stored else
+                "no checkpoint is stored")

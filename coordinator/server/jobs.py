@@ -33,6 +33,7 @@ from dptrain.coordinator.api.limits import (
     MAX_TIME_LIMIT_S,
 )
 from dptrain.coordinator.api.records import (
+    HOLDING_STATES,
     Event,
     EventKind,
     Job,
@@ -57,7 +58,8 @@ __all__ = [
 
 log = logging.getLogger("dptrain.coordinator")
 
-_ACTIVE = frozenset({JobState.QUEUED, JobState.RUNNING, JobState.RESTARTING})
+_ACTIVE = frozenset({JobState.QUEUED, JobState.RUNNING, JobState.RESTARTING,
+                     JobState.CANCELLING})
 
 
 class Runner(Protocol):
@@ -66,9 +68,11 @@ class Runner(Protocol):
     The runner owns the QUEUED -> RUNNING -> ... transitions of the jobs it launches. The
     server calls `start` once after it listens and `stop` once while shutting down; `wake`
     after every submission (schedule now, don't wait for the next tick); `cancel(job_id)`
-    after the store has moved the job to CANCELLED (or the coordinator failed it itself:
-    `fail_job`), so that the runner ends the job's process group, if it has one, and frees its
-    slots (it must not move the job again).
+    after the store has moved the job to CANCELLING (a running job) or CANCELLED (a pending
+    one), so that the runner stops the job's process group, if it has one, stores the final
+    checkpoint its workers write, and moves a CANCELLING job to CANCELLED once they have
+    exited (its slots are held until then); also after the coordinator failed a job itself
+    (`fail_job`), when the runner only ends the group and frees its slots.
     """
 
     def start(self) -> None: ...
@@ -310,7 +314,10 @@ def list_jobs(request: ListRequest, state: ServiceState) -> tuple[list[Job], str
 
 
 def cancel_job(job_id: str, state: ServiceState, *, now: float | None = None) -> Job:
-    """Cancel a job: the store records CANCELLED, then the runner ends its workers.
+    """Cancel a job. A queued or restarting one is CANCELLED at once; a running one becomes
+    CANCELLING and the runner stops its workers (they finish their step and upload a final
+    checkpoint, which is stored), then moves it to CANCELLED. Without a runner there are no
+    workers to wait for: CANCELLED at once.
 
     Args:
         job_id: the job.
@@ -318,20 +325,23 @@ def cancel_job(job_id: str, state: ServiceState, *, now: float | None = None) ->
         now: the time of the change.
 
     Returns:
-        The job, CANCELLED (also when it already was).
+        The job, CANCELLING or CANCELLED (also when it already was: a second cancel is a
+        no-op).
 
     Raises:
         JobNotFound: no such job.
-        StateConflict: the job already SUCCEEDED or FAILED.
+        StateConflict: the job already SUCCEEDED, FAILED or TIMED_OUT.
     """
     while True:
         job = state.store.get_job(job_id)
-        if job.state is JobState.CANCELLED:
+        if job.state in (JobState.CANCELLED, JobState.CANCELLING):
             return job
         if job.state.terminal:
             raise StateConflict(job_id, job.state, _ACTIVE)
+        target = (JobState.CANCELLING if job.state is JobState.RUNNING and state.runner
+                  is not None else JobState.CANCELLED)
         try:
-            job = state.store.transition(job_id, job.state, JobState.CANCELLED, now=now,
+            job = state.store.transition(job_id, job.state, target, now=now,
                                          error="cancelled by a user")
             break
         except StateConflict:  # it moved meanwhile (e.g. started): try again from its new state
@@ -350,12 +360,12 @@ def fail_job(job_id: str, reason: str, state: ServiceState) -> Job | None:
         state: the server.
 
     Returns:
-        The job, FAILED; None when it had ended already.
+        The job, FAILED; None when it had ended already or is being cancelled.
     """
     while True:
         job = state.store.get_job(job_id)
-        if job.state.terminal:
-            return None
+        if job.state.terminal or job.state is JobState.CANCELLING:
+            return None  # ended, or ending by a cancel that notes what could not be stored
         try:
             job = state.store.transition(job_id, job.state, JobState.FAILED, error=reason)
             break
@@ -450,7 +460,8 @@ def report_progress(job_id: str, items: Iterable[tuple[EventKind, dict[str, Any]
     Raises:
         ValidationError: too many events, or a bad one.
         JobNotFound: no such job.
-        StateConflict: the job is not RUNNING.
+        StateConflict: the job is neither RUNNING nor CANCELLING (a cancelled job's workers
+            report until they have stopped).
     """
     items = [(EventKind(kind), dict(payload)) for kind, payload in items]
     if len(items) > MAX_EVENTS_PER_REPORT:
@@ -472,22 +483,23 @@ def report_progress(job_id: str, items: Iterable[tuple[EventKind, dict[str, Any]
         fields["metrics"] = summary
         fields["last_step"] = max(p["step"] for p in metrics)
     if not items:
-        state.store.update_job(job_id, states=(JobState.RUNNING,), **fields)
+        state.store.update_job(job_id, states=HOLDING_STATES, **fields)
         return 0
-    seqs = state.store.append_events(job_id, items, now=now, states=(JobState.RUNNING,),
+    seqs = state.store.append_events(job_id, items, now=now, states=HOLDING_STATES,
                                      fields=fields)
     return seqs[-1]
 
 
 def heartbeat(job_id: str, state: ServiceState, *, now: float | None = None) -> JobState:
-    """Record that a RUNNING job's training made progress (workers heartbeat only then).
+    """Record that a RUNNING (or CANCELLING) job's training made progress (workers heartbeat
+    only then).
 
     Returns:
-        The job's state (RUNNING).
+        The job's state (RUNNING or CANCELLING).
 
     Raises:
         JobNotFound: no such job.
-        StateConflict: the job is not RUNNING (cancelled or timed out: stop reporting).
+        StateConflict: the job is over (cancelled, timed out ...: stop reporting).
     """
     now = time.time() if now is None else now
-    return state.store.update_job(job_id, states=(JobState.RUNNING,), heartbeat_at=now).state
+    return state.store.update_job(job_id, states=HOLDING_STATES, heartbeat_at=now).state

@@ -1,7 +1,9 @@
 """`JobRunner`: runs the scheduler's decisions as worker groups and supervises them.
 
 One scheduling thread does the deciding: woken by `JobRunner.wake` (after a submission), by a
-job's end and by timers, it kills groups past their grace period, ends jobs whose training made
+job's end and by timers, it kills groups past their grace period, stops runs past their job's
+``time_limit`` (seconds from the run's ``started_at``, the clock the scheduler's reservations
+use; each run, a restart's too, gets the whole limit, as in Slurm), ends jobs whose training made
 no progress for the heartbeat timeout (counted from when the launcher's handle says the ranks
 run, `RunHandle.started`: an attempt waiting in a batch queue is not hung), and asks
 `server.scheduler.schedule` which pending jobs (QUEUED and RESTARTING) start now. The settings'
@@ -19,9 +21,12 @@ exit 2 (invalid job), 3 (diverged),    FAILED at once: a restart would fail the 
 any other failure, a killed rank, no   RESTARTING from the latest checkpoint (``--resume``) while
 training progress (no heartbeat) for   ``restarts < max_restarts``, then FAILED; the error keeps
 ``heartbeat_timeout``                  the last lines of the log
-cancelled                              CANCELLED at once; the group is terminated (SIGTERM:
-                                       the workers checkpoint and exit), then killed after
-                                       ``kill_grace``
+past the time limit                    the group is terminated (SIGTERM: the workers finish
+                                       their step, write and upload a checkpoint and exit), killed
+                                       after ``kill_grace``; TIMED_OUT once that final checkpoint
+                                       is stored and verified (never restarted)
+cancelled (CANCELLING)                 the same stop; CANCELLED once the group is gone and its
+                                       final checkpoint stored
 =====================================  ===========================================================
 
 Every state change is a compare-and-set on the store, so a cancel racing a launch or an exit
@@ -30,7 +35,7 @@ has exactly one winner. A cancelled group keeps its slots, for scheduling, until
 No checkpoint is lost. The workers upload each checkpoint as they write it, but they cannot
 while the coordinator is down, and a token whose attempt is over may no longer. So the runner
 itself stores what the job's checkpoint directory holds beyond the newest stored checkpoint
-(`server.ingest`): when an attempt ends (unless cancelled) and before every relaunch. A
+(`server.ingest`): when an attempt ends and before every relaunch. A
 job is SUCCEEDED only when the store holds its final checkpoint (the step of the worker's
 final JSON line) and its blobs verify; when it cannot be stored, the attempt counts as failed
 and the job restarts (resuming at that final step) or fails.
@@ -42,8 +47,10 @@ directory relaunches them with ``--resume``, losing nothing but start-up time. W
 over leaving groups running because a restarted coordinator is not the parent of an older
 group: it could not learn its exit status, and the group's reports would go to a coordinator
 that is down. After a kill -9 the groups may still be running: `start` asks the launcher for
-what is left of each RUNNING job's attempt (`Launcher.recover`, from ``run.json``), terminates
-it the same way, and relaunches the job from its latest checkpoint. QUEUED jobs stay queued.
+what is left of each RUNNING or CANCELLING job's attempt (`Launcher.recover`, from
+``run.json``), terminates it the same way, and relaunches the job from its latest checkpoint;
+a CANCELLING job, or a RUNNING one past its time limit, ends instead (CANCELLED, TIMED_OUT)
+with what its workers wrote stored. QUEUED jobs stay queued.
 A lock file (``runner.lock``) keeps two coordinators off one state directory.
 
 Example::
@@ -67,14 +74,12 @@ from dataclasses import dataclass
 from typing import IO, Any
 
 from dptrain.coordinator.api.errors import (
-    BlobError,
-    DiskFull,
     JobNotFound,
     StateConflict,
     StoreClosed,
-    ValidationError,
 )
 from dptrain.coordinator.api.records import (
+    HOLDING_STATES,
     PENDING_STATES,
     EventKind,
     Job,
@@ -83,7 +88,7 @@ from dptrain.coordinator.api.records import (
     new_token,
 )
 from dptrain.coordinator.server.blobs import BlobStore
-from dptrain.coordinator.server.ingest import ingest_new_checkpoints, store_final_checkpoint
+from dptrain.coordinator.server.ingest import DirectoryCheckpoints
 from dptrain.coordinator.server.job_files import lock_state_dir, read_run_record
 from dptrain.coordinator.server.joblog import LineRateLimit, LogTail, failure_message
 from dptrain.coordinator.server.jobs import data_files
@@ -100,7 +105,6 @@ from dptrain.coordinator.server.private_files import make_private_dir, open_priv
 from dptrain.coordinator.server.runner_settings import RunnerSettings
 from dptrain.coordinator.server.scheduler import Cluster, Launch, PendingJob, RunningJob, schedule
 from dptrain.coordinator.server.store import Store
-from dptrain.worker.checkpoint_manifest import CheckpointError, checkpoint_name
 from dptrain.worker.exit_codes import EXIT_DISK_FULL, EXIT_DIVERGED, EXIT_INVALID
 
 __all__ = ["JobRunner", "RunnerSettings", "NO_RESTART_EXIT_CODES"]
@@ -126,7 +130,7 @@ class _Attempt:
     started_at: float
     tail: LogTail
     limit: LineRateLimit
-    reason: str | None = None      # why the runner ended it: cancel, heartbeat, shutdown
+    reason: str | None = None      # why it was ended: cancel, time limit, heartbeat, shutdown
     detail: str = ""               # e.g. how long the heartbeat was missing
     kill_at: float | None = None   # monotonic time at which terminate becomes kill
     done: bool = False
@@ -153,6 +157,8 @@ class JobRunner:
         self.server_address = server_address
         self.settings = settings
         self.launcher = settings.launcher
+        self.checkpoints = DirectoryCheckpoints(
+            store, blobs, lambda job_id: settings.job_paths(job_id).checkpoints, self._event)
         self._lock = threading.RLock()
         self._runs: dict[str, _Attempt] = {}
         self._draining: list[_Attempt] = []  # ended by the runner, not yet exited
@@ -211,9 +217,10 @@ class JobRunner:
 
     def cancel(self, job_id: str) -> None:
         """End a cancelled job's group, if it has one: terminate it (the workers checkpoint
-        and exit), kill it after ``kill_grace``. The caller has moved the job to CANCELLED in
-        the store already (`server.server.jobs.cancel_job`); its slots stay held until
-        the group is gone.
+        and exit), kill it after ``kill_grace``. The caller has moved the job to CANCELLING
+        (or, when pending, CANCELLED) in the store already (`server.jobs.cancel_job`); a
+        CANCELLING job keeps its slots until the group is gone, then its final checkpoint is
+        stored and it becomes CANCELLED.
 
         Args:
             job_id: the job.
@@ -256,17 +263,23 @@ class JobRunner:
                     self._kill(run)
                 else:
                     timeout = min(timeout, left)
-        running_jobs = self.store.all_jobs([_S.RUNNING])
-        timeout = min(timeout, self._check_heartbeats(running_jobs, now))
+        holding_jobs = self.store.all_jobs(HOLDING_STATES)
+        running_jobs = [job for job in holding_jobs if job.state is _S.RUNNING]
+        timeout = min(timeout, self._check_heartbeats(running_jobs, now),
+                      self._check_time_limits(running_jobs, now))
+        supervised = {run.job_id for run in runs}
+        for job in holding_jobs:
+            if job.state is _S.CANCELLING and job.id not in supervised:
+                self._finish_cancel(job.id)  # its group ended before the cancel reached it
         pending = self.store.all_jobs(PENDING_STATES)
         if not pending:
             return timeout
-        holding = [RunningJob.from_job(job) for job in running_jobs]
-        held = {job.id for job in running_jobs}
+        holding = [RunningJob.from_job(job) for job in holding_jobs]
+        held = {job.id for job in holding_jobs}
         holding += [RunningJob(f"{run.job_id}#ending", run.placement, run.started_at)
                     for run in runs if run.job_id not in held and not run.done]
         decision = schedule([PendingJob.from_job(j) for j in pending], holding, self.cluster,
-                            now)
+                            now, self.settings.kill_grace)
         for launch in decision.launches:
             if self._stopping.is_set():
                 break
@@ -305,12 +318,35 @@ class JobRunner:
                 nearest = min(nearest, deadline - now)
         return max(nearest, 0.05)
 
+    def _check_time_limits(self, running_jobs: Sequence[Job], now: float) -> float:
+        """Stop the runs past their job's time limit (counted from the run's ``started_at``,
+        as the scheduler's reservations count it); seconds until the next limit."""
+        nearest = 2.0
+        for job in running_jobs:
+            if job.time_limit is None or job.started_at is None:
+                continue
+            with self._lock:
+                run = self._runs.get(job.id)
+            if run is None or run.reason is not None:
+                continue
+            end = job.started_at + job.time_limit
+            if now < end:
+                nearest = min(nearest, end - now)
+                continue
+            with self._lock:
+                self._terminate(run, "time limit")
+            self._event(job.id, f"[dptrain] time limit of {job.time_limit:g} s reached after "
+                                f"{now - job.started_at:.1f} s: stopping the workers (they "
+                                f"finish their step and checkpoint; killed after "
+                                f"{self.settings.kill_grace:g} s)")
+        return max(nearest, 0.05)
+
     # ------------------------------------------------------------ launching
 
     def _launch(self, launch: Launch) -> None:
         # Before the lock (it may take a while): what an earlier attempt wrote, for the
         # workers to resume from. Nothing is there for a job's first attempt.
-        self._ingest(launch.job_id)
+        self.checkpoints.store_new(launch.job_id)
         if not self._preflight(launch):
             return
         with self._lock:
@@ -342,8 +378,11 @@ class JobRunner:
             header = (f"==== dptrain: attempt {attempt} of job {job.id} ({job.name}) at "
                       f"{time.strftime('%Y-%m-%d %H:%M:%S %z')}: {launch.workers} rank(s) on "
                       f"{where}{resuming}\n")
+            stop_by = (None if job.time_limit is None
+                       else job.time_limit + self.settings.kill_grace)
             request = WorkerLaunch(job.id, attempt, run_id, launch.placement, paths, env,
-                                   resume=attempt > 1, started_at=job.started_at)
+                                   resume=attempt > 1, started_at=job.started_at,
+                                   stop_by=stop_by)
             with os.fdopen(open_private(paths.log, os.O_WRONLY | os.O_APPEND), "ab") as log_file:
                 log_file.write(header.encode())
                 log_file.flush()  # before the workers write after it
@@ -463,13 +502,15 @@ class JobRunner:
     def _settle(self, run: _Attempt, code: int) -> None:
         """Decide the job's next state from how its group ended."""
         job = self.store.get_job(run.job_id)
-        if job.state is not _S.RUNNING:  # cancelled (or settled by someone else) already
-            return
-        if run.reason != "cancel":
-            self._ingest(job.id)
         final = run.tail.final_metrics or {}
-        if code == 0 and run.reason != "cancel":
-            missing = self._final_checkpoint_missing(job.id, final)
+        if job.state is _S.CANCELLING:
+            self._finish_cancel(job.id, code, final)
+            return
+        if job.state is not _S.RUNNING:  # settled by someone else already
+            return
+        self.checkpoints.store_new(job.id)
+        if code == 0:
+            missing = self.checkpoints.final_missing(job.id, final)
             if missing is None:
                 metrics = {**job.metrics, **{k: v for k, v in final.items() if isinstance(
                     v, (int, float)) and not isinstance(v, bool)}}
@@ -481,8 +522,9 @@ class JobRunner:
             self._transition(job.id, _S.RESTARTING, restarts=job.restarts, exit_code=code)
             self._event(job.id, "[dptrain] the coordinator is shutting down: the job resumes "
                                 "from its latest checkpoint when it starts again")
-        elif run.reason == "cancel":
-            self._transition(job.id, _S.CANCELLED, exit_code=code)
+        elif run.reason == "time limit":
+            self._transition(job.id, _S.TIMED_OUT, exit_code=code, error=_timed_out(
+                job, self.checkpoints.store_stopped(job.id, final)))
         else:
             final_failure = run.reason is None and code in NO_RESTART_EXIT_CODES
             if not final_failure and job.restarts < job.max_restarts:
@@ -493,43 +535,17 @@ class JobRunner:
                 self._transition(job.id, _S.FAILED, error=self._error(run, code, note),
                                  exit_code=code)
 
-    # ------------------------------------------------------------ checkpoints
-
-    def _ingest(self, job_id: str) -> None:
-        """Store the checkpoints in the job's directory newer than its newest stored one."""
-        directory = self.settings.job_paths(job_id).checkpoints
+    def _finish_cancel(self, job_id: str, code: int | None = None,
+                       final: dict[str, Any] | None = None) -> None:
+        """A CANCELLING job whose group is gone: store what its workers wrote, then CANCELLED."""
+        self.checkpoints.store_new(job_id)
+        note = self.checkpoints.store_stopped(job_id, final or {})
         try:
-            added = ingest_new_checkpoints(job_id, directory, self.store, self.blobs)
-        except (JobNotFound, StoreClosed):
+            self.store.transition(job_id, _S.CANCELLING, _S.CANCELLED, exit_code=code,
+                                  error=f"cancelled by a user; {note}")
+        except (StateConflict, JobNotFound):
             return
-        except Exception:  # the workers still resume from the directory: keep going
-            log.exception("runner: storing job %s's checkpoints from %s failed", job_id,
-                          directory)
-            return
-        for record in added:
-            self._event(job_id, f"[dptrain] stored the checkpoint of step {record.step} from "
-                                f"the job's checkpoint directory (the workers had not uploaded "
-                                f"it)")
-
-    def _final_checkpoint_missing(self, job_id: str, final: dict[str, Any]) -> str | None:
-        """None when the store holds the completed run's final checkpoint, verified (stored
-        from the job's directory if need be); else what is wrong, to complete "the workers
-        exited with code 0, but ..."."""
-        step = final.get("step")
-        if final.get("status") != "completed" or isinstance(step, bool) or not isinstance(
-                step, int):
-            return ("their final metrics (the JSON line naming the final step) are not in "
-                    "worker.log, so the final checkpoint is unknown")
-        directory = self.settings.job_paths(job_id).checkpoints
-        try:
-            if store_final_checkpoint(job_id, step, directory, self.store, self.blobs):
-                self._event(job_id, f"[dptrain] stored the final checkpoint (step {step}) "
-                                    f"from the job's checkpoint directory")
-        except (CheckpointError, ValidationError, BlobError, DiskFull, OSError,
-                ValueError) as e:
-            return (f"the final checkpoint (step {step}) cannot be stored from "
-                    f"{directory / checkpoint_name(step)}: {e}")
-        return None
+        log.info("job %s: CANCELLED (%s)", job_id, note)
 
     def _error(self, run: _Attempt, code: int, note: str = "") -> str:
         return failure_message(list(run.tail.recent), code, run.detail, note)
@@ -576,20 +592,30 @@ class JobRunner:
 
     def _recover(self) -> None:
         """After a restart: end the groups a previous coordinator left behind and put their
-        jobs back in the queue (RESTARTING, not counted as a restart)."""
+        jobs back in the queue (RESTARTING, not counted as a restart); a CANCELLING job, or a
+        RUNNING one past its time limit, ends instead, once what its workers wrote is stored."""
         orphans: list[RunHandle] = []
-        for job in self.store.all_jobs([_S.RUNNING]):
+        ending: list[Job] = []
+        now = time.time()
+        for job in self.store.all_jobs(HOLDING_STATES):
             orphan = self.launcher.recover(self.settings.job_paths(job.id))
             alive = orphan is not None
             if orphan is not None:
                 orphan.terminate()
                 orphans.append(orphan)
+            found = "still running: ended them" if alive else "gone"
+            if job.state is _S.CANCELLING or _past_time_limit(job, now):
+                ending.append(job)
+                log.info("job %s: recovered while stopping (workers %s)", job.id, found)
+                self._event(job.id, f"[dptrain] the coordinator restarted and found this "
+                                    f"job's workers {found}; ending the job (cancelled, or "
+                                    f"past its time limit)")
+                continue
             try:
                 self.store.transition(job.id, _S.RUNNING, _S.RESTARTING, restarts=job.restarts,
                                       error="")
             except StateConflict:
                 continue
-            found = "still running: ended them" if alive else "gone"
             log.info("job %s: recovered after a coordinator restart (workers %s)", job.id, found)
             self._event(job.id, f"[dptrain] the coordinator restarted and found this job's "
                                 f"workers {found}; resuming from the latest checkpoint")
@@ -599,3 +625,23 @@ class JobRunner:
             time.sleep(0.1)
         for orphan in orphans:
             orphan.kill()
+        for job in ending:  # after their groups are gone: their last checkpoint is written
+            if job.state is _S.CANCELLING:
+                self._finish_cancel(job.id)
+                continue
+            self.checkpoints.store_new(job.id)
+            self._transition(job.id, _S.TIMED_OUT, error=_timed_out(
+                job, self.checkpoints.store_stopped(job.id, {})))
+
+
+def _past_time_limit(job: Job, now: float) -> bool:
+    """Whether the job's current run has used up its time limit."""
+    return (job.time_limit is not None and job.started_at is not None
+            and now >= job.started_at + job.time_limit)
+
+
+def _timed_out(job: Job, checkpoint: str) -> str:
+    """A TIMED_OUT job's error: the limit, how long the run ran, what became of its final
+    checkpoint (`DirectoryCheckpoints.store_stopped`)."""
+    return (f"time limit: the run went past the job's time limit of {job.time_limit:g} s (ran "
+            f"{time.time() - (job.started_at or time.time()):.1f} s); {checkpoint}")

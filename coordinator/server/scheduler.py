@@ -18,6 +18,9 @@ Policy:
   time limits. A later job may start now only if it fits now and either it ends (by its own
   time limit) no later than the reservation, or it uses only *spare* slots — slots that are
   free at the reservation beyond what the head needs. So a backfilled job never delays the head.
+  Time limits are enforced (`server.runner` stops a run at its limit, its workers checkpoint
+  and are killed after ``stop_grace`` seconds at the latest), so a job's slots are free by
+  ``started_at + time_limit + stop_grace``: that is the end the reservation counts with.
   A running job without a time limit never frees its slots in this computation; if the head's
   reservation cannot be computed at all, nothing backfills.
 * **Oversized jobs** (more ranks than the whole cluster) are refused at submission
@@ -196,7 +199,7 @@ def queue_order(jobs: Iterable[PendingJob]) -> list[PendingJob]:
 
 
 def schedule(pending: Iterable[PendingJob], running: Iterable[RunningJob], cluster: Cluster,
-             now: float) -> Decision:
+             now: float, stop_grace: float = 0.0) -> Decision:
     """Decide which pending jobs start now and where (see the module docstring for the policy).
 
     Args:
@@ -204,6 +207,8 @@ def schedule(pending: Iterable[PendingJob], running: Iterable[RunningJob], clust
         running: jobs holding slots.
         cluster: the hosts.
         now: the current time (unix seconds, same clock as the jobs' times).
+        stop_grace: seconds a job stopped at its time limit may hold its slots after it (the
+            runner's ``kill_grace``).
 
     Returns:
         The launches, the head's reservation and the jobs that can never fit.
@@ -235,12 +240,12 @@ def schedule(pending: Iterable[PendingJob], running: Iterable[RunningJob], clust
             if reservation is None:
                 started = [RunningJob(lj.job_id, lj.placement, now, limits[lj.job_id])
                            for lj in launches]
-                reservation = _reserve(job, free, running + started, now)
+                reservation = _reserve(job, free, running + started, now, stop_grace)
                 spare = reservation.spare_slots
             continue
         if reservation is not None:
             ends_in_time = (reservation.start_at is not None and job.time_limit is not None
-                            and now + job.time_limit <= reservation.start_at)
+                            and now + job.time_limit + stop_grace <= reservation.start_at)
             if not ends_in_time:
                 if job.workers > spare:
                     continue
@@ -255,10 +260,12 @@ def _usable(free: Mapping[str, int]) -> int:
 
 
 def _reserve(head: PendingJob, free: Mapping[str, int], running: list[RunningJob],
-             now: float) -> Reservation:
-    """The earliest time the head fits if running jobs end at their time limits."""
+             now: float, stop_grace: float) -> Reservation:
+    """The earliest time the head fits if running jobs end at their time limits (plus the
+    grace a stopped job's workers have to checkpoint and exit)."""
     projected = dict(free)
-    ends = sorted((max(job.end, now), i) for i, job in enumerate(running) if job.end is not None)
+    ends = sorted((max(job.end + stop_grace, now), i) for i, job in enumerate(running)
+                  if job.end is not None)
     i = 0
     while i < len(ends):
         t = ends[i][0]

@@ -3,7 +3,6 @@ gRPC, the Python client and the ``dptrain`` command line. Jobs are tiny digits M
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import re
@@ -14,18 +13,18 @@ import time
 from pathlib import Path
 
 import blake3
+import e2ekit
 import numpy as np
 import pytest
 import yaml
+from e2ekit import RUNNER_OPTIONS, run_record, watch_all
 from jobkit import (
     DPTRAIN,
     SLOW_SPEC,
     TINY_SPEC,
     TINY_VAL_ACCURACY,
     ServeProcess,
-    descendants,
     held_out_metrics,
-    kill_all,
     processes_with_env,
     rank_pids,
     run_cli,
@@ -38,55 +37,20 @@ from dptrain import engine
 from dptrain.coordinator.api.records import Event, EventKind, Job, JobState
 from dptrain.coordinator.client.client import Client
 from dptrain.coordinator.client.follow import curves_figure
-from dptrain.coordinator.server.launchers.mpiexec import read_run_record
 from dptrain.coordinator.server.runner import RunnerSettings
 from dptrain.coordinator.server.scheduler import Cluster
 from dptrain.coordinator.server.server import ServerSettings, serve
 
 pytestmark = [pytest.mark.timeout(240), pytest.mark.e2e, pytest.mark.mpi]
 S = JobState
-RUNNER_OPTIONS = {"heartbeat_timeout": 60.0, "kill_grace": 5.0, "poll_interval": 0.1}
-
-
-def _leftovers(state_dir: Path) -> list[int]:
-    pids = []
-    for record_file in (state_dir / "jobs").glob("*/run.json"):
-        pids += processes_with_env(json.loads(record_file.read_text())["run_id"])
-    return pids
-
-
-@pytest.fixture
-def state_dir(state_dir: Path):
-    """The coordinator's state directory; afterwards no worker or child may be left."""
-    yield state_dir
-    leftovers, children = _leftovers(state_dir), descendants(os.getpid())
-    kill_all(leftovers + children)
-    assert not leftovers, f"worker processes were left running: {leftovers}"
-    assert not children, f"child processes were left running: {children}"
-
-
-@pytest.fixture
-def server(serve_coordinator, state_dir: Path):
-    return serve_coordinator(stop_grace=1.0, cluster=Cluster.local(2),
-                             runner=RunnerSettings(state_dir, **RUNNER_OPTIONS))
-
-
-@pytest.fixture
-def client(server):
-    with Client(server.address, token=server.token) as c:
-        yield c
-
-
-def watch_all(client: Client, job_id: str) -> list[Event]:
-    return [item for item in client.watch_job(job_id) if isinstance(item, Event)]
 
 
 def blake3_of(path: Path) -> str:
     return blake3.blake3(path.read_bytes()).hexdigest()
 
 
-def run_record(state_dir: Path, job_id: str) -> dict:
-    return read_run_record(state_dir / "jobs" / job_id / "run.json")
+# The fixtures (pytest finds them by these names).
+state_dir, server, client = e2ekit.state_dir, e2ekit.server, e2ekit.client
 
 
 def test_submit_to_success_with_metrics_and_checkpoints(client, state_dir, tmp_path):
@@ -162,9 +126,9 @@ def test_cancel_ends_the_workers(client, state_dir):
     job = client.submit_job(spec(SLOW_SPEC, max_steps=10_000))
     wait_for(lambda: client.get_job(job.id).last_step, 60, what="training to start")
     run_id = run_record(state_dir, job.id)["run_id"]
-    assert client.cancel_job(job.id).state is S.CANCELLED
+    assert client.cancel_job(job.id).state is S.CANCELLING
     wait_for(lambda: not processes_with_env(run_id), 30, what="the workers to end")
-    assert client.get_job(job.id).state is S.CANCELLED
+    wait_for(lambda: client.get_job(job.id).state is S.CANCELLED, 30, what="CANCELLED")
     assert client.cancel_job(job.id).state is S.CANCELLED  # again: a no-op
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -215,13 +216,18 @@ def test_cancel_reaches_the_ranks_through_scancel(client, state_dir):
             continue
     assert not [text for text in seen if token in text]
 
-    assert client.cancel_job(job.id).state is S.CANCELLED
+    assert client.cancel_job(job.id).state is S.CANCELLING
     wait_for(lambda: (state := job_state(run["slurm_job_id"])) and state.finished, 60,
              what="the Slurm job to end")
     wait_for(lambda: not rank_pids(run["run_id"]), 30, what="the ranks to exit")
     log = (state_dir / "jobs" / job.id / "worker.log").read_text()
     assert '"status": "preempted"' in log  # SIGTERM reached the ranks: they checkpointed
-    assert client.get_job(job.id).state is S.CANCELLED
+    final = wait_for(lambda: (got := client.get_job(job.id)).state is S.CANCELLED and got, 60,
+                     what="CANCELLED")
+    stopped = int(re.search(r"SIGTERM: stopped after step (\d+)", log)[1])
+    assert final.error == (f"cancelled by a user; stopped after step {stopped}, its "
+                           f"checkpoint stored")
+    assert client.list_checkpoints(job.id)[-1].step == stopped  # that checkpoint is kept
 
 
 def test_a_killed_rank_restarts_from_its_checkpoint_as_a_new_slurm_job(client, state_dir,

@@ -116,6 +116,10 @@ class WorkerLaunch:
             command line or in a file).
         resume: the ranks resume from the latest checkpoint in ``paths.checkpoints``.
         started_at: when the job started (wall clock), for the run record.
+        stop_by: seconds after the launch by which the runner will have stopped the attempt:
+            the job's time limit plus the grace its workers get to checkpoint (None: no
+            limit). The runner enforces it whatever the launcher; a batch system may be
+            given it as its own backstop (Slurm's ``--time``).
     """
 
     job_id: str
@@ -126,6 +130,7 @@ class WorkerLaunch:
     env: Mapping[str, str]
     resume: bool
     started_at: float | None = None
+    stop_by: float | None = None
 
     @property
     def workers(self) -> int:

@@ -30,6 +30,7 @@ when it died between ``sbatch`` and writing the id (`SlurmLauncher.recover`).
 from __future__ import annotations
 
 import logging
+import math
 import shlex
 import subprocess
 import sys
@@ -48,8 +49,8 @@ from dptrain.coordinator.server.launchers.base import (
 from dptrain.coordinator.server.private_files import write_private
 from dptrain.worker.mpiexec_command import BLAS_THREAD_VARIABLES
 
-__all__ = ["SlurmLauncher", "SlurmJobState", "parse_scontrol", "job_state", "partition_cpus",
-           "SCRIPT_NAME"]
+__all__ = ["SlurmLauncher", "slurm_minutes", "SlurmJobState", "parse_scontrol", "job_state",
+           "partition_cpus", "SCRIPT_NAME"]
 
 log = logging.getLogger("dptrain.coordinator.launchers.slurm")
 
@@ -114,6 +115,16 @@ def parse_scontrol(text: str) -> SlurmJobState | None:
         return None
     return SlurmJobState(state, _exit_code(fields.get("ExitCode", "0:0"))
                          if state in _FINISHED else None)
+
+
+def slurm_minutes(seconds: float) -> int:
+    """Slurm's ``--time`` (minutes) for an attempt the runner stops within `seconds`: rounded
+    up, plus a minute, so Slurm's limit never cuts the coordinator's graceful stop short.
+
+    >>> slurm_minutes(60), slurm_minutes(61.5)
+    (2, 3)
+    """
+    return math.ceil(seconds / 60) + 1
 
 
 def _run(command: Sequence[str], env: Mapping[str, str] | None = None,
@@ -188,6 +199,9 @@ class SlurmLauncher(Launcher):
         partition: ``--partition`` (None: Slurm's default partition).
         account: ``--account`` (None: the user's default account).
         sbatch_args: more ``#SBATCH`` options, e.g. ``("--time=02:00:00", "--qos=normal")``.
+            Without a ``--time`` there, a job with a time limit gets ``--time`` of its
+            `WorkerLaunch.stop_by` rounded up to minutes, plus one: Slurm's own limit, a
+            backstop that never fires before the coordinator's graceful stop.
         blas_threads: BLAS threads per rank (None: leave the environment's setting).
     """
 
@@ -226,6 +240,9 @@ class SlurmLauncher(Launcher):
         if self.account:
             options.append(f"--account={self.account}")
         options += self.sbatch_args
+        if launch.stop_by is not None and not any(
+                arg.startswith(("--time", "-t")) for arg in self.sbatch_args):
+            options.append(f"--time={slurm_minutes(launch.stop_by)}")
         lines = ["#!/bin/sh", *(f"#SBATCH {q(option)}" for option in options),
                  "umask 077"]  # what the ranks write (checkpoints) is private, as with mpiexec
         if self.blas_threads is not None:

@@ -20,6 +20,8 @@ class JobState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     SUCCEEDED: _ClassVar[JobState]
     FAILED: _ClassVar[JobState]
     CANCELLED: _ClassVar[JobState]
+    CANCELLING: _ClassVar[JobState]
+    TIMED_OUT: _ClassVar[JobState]
 JOB_STATE_UNSPECIFIED: JobState
 QUEUED: JobState
 RUNNING: JobState
@@ -27,6 +29,8 @@ RESTARTING: JobState
 SUCCEEDED: JobState
 FAILED: JobState
 CANCELLED: JobState
+CANCELLING: JobState
+TIMED_OUT: JobState
 
 class JobSpec(_message.Message):
     __slots__ = ("name", "model", "dataset", "optimizer", "batch_size", "epochs", "max_steps", "scheduler", "eval_every", "seed", "workers", "device", "checkpoint", "loss", "code", "entrypoint")

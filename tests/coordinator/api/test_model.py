@@ -30,8 +30,9 @@ S = JobState
 ALLOWED = {
     (S.QUEUED, S.RUNNING), (S.QUEUED, S.FAILED), (S.QUEUED, S.CANCELLED),
     (S.RUNNING, S.SUCCEEDED), (S.RUNNING, S.FAILED), (S.RUNNING, S.CANCELLED),
-    (S.RUNNING, S.RESTARTING),
+    (S.RUNNING, S.RESTARTING), (S.RUNNING, S.CANCELLING), (S.RUNNING, S.TIMED_OUT),
     (S.RESTARTING, S.RUNNING), (S.RESTARTING, S.FAILED), (S.RESTARTING, S.CANCELLED),
+    (S.CANCELLING, S.CANCELLED),
 }
 
 
@@ -45,8 +46,9 @@ def test_state_machine(current, target):
 
 
 def test_terminal_states():
-    assert TERMINAL_STATES == {S.SUCCEEDED, S.FAILED, S.CANCELLED}
+    assert TERMINAL_STATES == {S.SUCCEEDED, S.FAILED, S.CANCELLED, S.TIMED_OUT}
     assert all(s.terminal for s in TERMINAL_STATES) and not S.RESTARTING.terminal
+    assert not S.CANCELLING.terminal  # its workers are still stopping
     with pytest.raises(InvalidTransition, match="none, it is terminal"):
         check_transition(S.CANCELLED, S.QUEUED)
 

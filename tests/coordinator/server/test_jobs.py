@@ -116,6 +116,9 @@ def test_cancel_moves_any_active_state_and_calls_the_runner_after(state):
     calls = []
 
     class Runner:
+        def wake(self):
+            pass
+
         def cancel(self, job_id):
             calls.append((job_id, state.store.get_job(job_id).state))
             raise RuntimeError("the runner's trouble is not the caller's")
@@ -123,8 +126,18 @@ def test_cancel_moves_any_active_state_and_calls_the_runner_after(state):
     job = jobs.submit_job(SubmitRequest(SPEC), state)
     state.runner = Runner()
     state.store.transition(job.id, JobState.QUEUED, JobState.RUNNING)
-    assert jobs.cancel_job(job.id, state).state is JobState.CANCELLED
-    assert calls == [(job.id, JobState.CANCELLED)]
+    # Running: CANCELLING until the runner has seen the workers exit (and stored their final
+    # checkpoint); a second cancel meanwhile changes nothing and asks the runner again.
+    assert jobs.cancel_job(job.id, state).state is JobState.CANCELLING
+    assert jobs.cancel_job(job.id, state).state is JobState.CANCELLING
+    assert calls == [(job.id, JobState.CANCELLING)]
+    queued = jobs.submit_job(SubmitRequest(SPEC), state)
+    assert jobs.cancel_job(queued.id, state).state is JobState.CANCELLED  # nothing to stop
+    assert calls[-1] == (queued.id, JobState.CANCELLED)
+    state.runner = None  # a server that only queues: no workers to wait for
+    unsupervised = jobs.submit_job(SubmitRequest(SPEC), state)
+    state.store.transition(unsupervised.id, JobState.QUEUED, JobState.RUNNING)
+    assert jobs.cancel_job(unsupervised.id, state).state is JobState.CANCELLED
 
 
 def test_watch_yields_job_then_events_and_ends_after_the_final_state(state):

@@ -9,26 +9,24 @@ import os
 import re
 import shutil
 import signal
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
 import pytest
+import runnerkit
 from jobkit import (
     SLOW_SPEC,
     TINY_SPEC,
     TINY_VAL_ACCURACY,
-    descendants,
     fake_mpiexec,
     held_out_metrics,
-    kill_all,
     processes_with_env,
     rank_pids,
     spec,
     wait_for,
 )
+from runnerkit import cancel, log_lines, runner_process, states_of, submit, wait_state
 
 from dptrain.coordinator.api.errors import StateConflict
 from dptrain.coordinator.api.records import EventKind, JobState, hash_token, new_job
@@ -39,87 +37,11 @@ from dptrain.coordinator.server.launchers.base import Launcher, RunHandle, Worke
 from dptrain.coordinator.server.launchers.mpiexec import MpiexecLauncher
 from dptrain.coordinator.server.runner import JobRunner, RunnerSettings
 from dptrain.coordinator.server.scheduler import Cluster, Host
-from dptrain.coordinator.server.store import SqliteStore
 
 pytestmark = pytest.mark.timeout(180)
 S = JobState
-
-
-@pytest.fixture
-def state_dir(tmp_path: Path):
-    """A state directory; afterwards, no process of any job in it may be left."""
-    state = tmp_path / "state"
-    state.mkdir()
-    yield state
-    leftovers = []
-    for record_file in (state / "jobs").glob("*/run.json"):
-        leftovers += processes_with_env(json.loads(record_file.read_text())["run_id"])
-    children = descendants(os.getpid())
-    kill_all(leftovers + children)
-    assert not leftovers, f"processes of the test's jobs were left running: {leftovers}"
-    assert not children, f"child processes were left running: {children}"
-
-
-@pytest.fixture
-def store(state_dir: Path):
-    with SqliteStore(state_dir / "coordinator.db") as s:
-        yield s
-
-
-@pytest.fixture
-def make_runner(state_dir: Path, store: SqliteStore):
-    """``make_runner(slots=2, mpiexec=None, **settings) -> started JobRunner`` (``mpiexec``: a
-    fake one for the `MpiexecLauncher`); all are stopped at the end."""
-    runners: list[JobRunner] = []
-
-    def make(slots: int = 2, start: bool = True, mpiexec: str | None = None,
-             **settings) -> JobRunner:
-        settings.setdefault("launcher", MpiexecLauncher(mpiexec=mpiexec))
-        settings.setdefault("heartbeat_timeout", None)
-        settings.setdefault("kill_grace", 3.0)
-        settings.setdefault("poll_interval", 0.05)
-        runner = JobRunner(store, BlobStore(state_dir / "blobs"), Cluster.local(slots), None,
-                           RunnerSettings(state_dir, **settings))
-        runners.append(runner)
-        if start:
-            runner.start()
-        return runner
-
-    yield make
-    for runner in runners:
-        runner.stop()
-
-
-def submit(store: SqliteStore, runner: JobRunner, job_spec: dict, **options) -> str:
-    job = store.create_job(new_job(job_spec["name"], job_spec, **options))
-    runner.wake()
-    return job.id
-
-
-def wait_state(store: SqliteStore, job_id: str, *states: JobState, timeout: float = 90):
-    return wait_for(lambda: (job := store.get_job(job_id)).state in states and job,
-                    timeout, what=f"job {job_id} to be {'/'.join(s.value for s in states)}")
-
-
-def cancel(store: SqliteStore, runner: JobRunner, job_id: str):
-    """Cancel as the server does (`jobs.cancel_job`): the store first, then the runner."""
-    job = store.get_job(job_id)
-    while not job.state.terminal:
-        try:
-            job = store.transition(job_id, job.state, S.CANCELLED, error="cancelled by a user")
-        except StateConflict:  # it moved meanwhile (e.g. it started): look again
-            job = store.get_job(job_id)
-    runner.cancel(job_id)
-    return job
-
-
-def states_of(store: SqliteStore, job_id: str) -> list[str]:
-    return [e.payload["state"] for e in store.events(job_id) if e.kind is EventKind.STATE]
-
-
-def log_lines(store: SqliteStore, job_id: str) -> list[str]:
-    return [e.payload["line"] for e in store.events(job_id) if e.kind is EventKind.LOG]
-
+# The fixtures (pytest finds them by these names).
+state_dir, store, make_runner = runnerkit.state_dir, runnerkit.store, runnerkit.make_runner
 
 # ---------------------------------------------------------------- real mpiexec workers
 
@@ -260,13 +182,19 @@ def test_cancel_running_job_ends_its_workers(store, make_runner, state_dir):
              90, what="training to be under way")
     record = read_run_record(JobPaths(state_dir / "jobs" / job_id).run)
     job = cancel(store, runner, job_id)
-    assert job.state is S.CANCELLED and job.placement == ()
+    assert job.state is S.CANCELLING and job.placement  # it holds its slots while stopping
     wait_for(lambda: not processes_with_env(record["run_id"]), 30, what="the workers to end")
+    job = wait_state(store, job_id, S.CANCELLED)
     wait_for(lambda: not runner.running(), 10, what="the runner to forget the group")
-    assert store.get_job(job_id).state is S.CANCELLED
-    # SIGTERM, not SIGKILL, ended them: the workers checkpointed where they stopped.
-    assert any(line.startswith("SIGTERM: stopped after step") for line in log_lines(store,
-                                                                                     job_id))
+    assert states_of(store, job_id) == ["QUEUED", "RUNNING", "CANCELLING", "CANCELLED"]
+    # SIGTERM, not SIGKILL, ended them: the workers checkpointed where they stopped, and the
+    # runner stored that checkpoint (no server here to upload it to).
+    stopped = [int(m[1]) for line in log_lines(store, job_id)
+               if (m := re.match(r"SIGTERM: stopped after step (\d+)", line))]
+    assert len(stopped) == 1 and job.placement == ()
+    assert store.list_checkpoints(job_id)[-1].step == stopped[0]
+    assert job.error == (f"cancelled by a user; stopped after step {stopped[0]}, its "
+                         f"checkpoint stored")
 
 
 # ---------------------------------------------------------------- policy, with stand-ins
@@ -497,18 +425,7 @@ def test_recovery_after_coordinator_kill9(store, make_runner, tmp_path, state_di
                                      "echo working\nwhile :; do sleep 0.1; done\n")
     job_id = store.create_job(new_job("tiny", TINY_SPEC)).id
     queued = store.create_job(new_job("later", spec(TINY_SPEC, name="later"))).id
-    code = (f"import time\nfrom dptrain.coordinator.server.blobs import BlobStore\n"
-            f"from dptrain.coordinator.server.launchers.mpiexec import MpiexecLauncher\n"
-            f"from dptrain.coordinator.server.runner import JobRunner, RunnerSettings\n"
-            f"from dptrain.coordinator.server.scheduler import Cluster\n"
-            f"from dptrain.coordinator.server.store import "
-            f"SqliteStore\nstore = SqliteStore({str(state_dir / 'coordinator.db')!r})\n"
-            f"JobRunner(store, BlobStore({str(state_dir / 'blobs')!r}), Cluster.local(3), "
-            f"None, RunnerSettings("
-            f"{str(state_dir)!r}, launcher=MpiexecLauncher(mpiexec={mpiexec!r}), "
-            f"heartbeat_timeout=None)).start()\n"
-            f"time.sleep(600)\n")
-    first = subprocess.Popen([sys.executable, "-c", code], start_new_session=True)
+    first = runner_process(state_dir, mpiexec, slots=3)
     try:
         wait_for(lambda: "working" in log_lines(store, job_id), 30, what="the first launch")
     finally:

@@ -83,6 +83,17 @@ def test_backfill_exactly_at_the_reservation_is_allowed():
     assert started(d) == ["x"]
 
 
+def test_the_stop_grace_counts_in_the_reservation_and_in_backfill():
+    # A job stopped at its limit may hold its slots for the grace (5 s) after it: r frees its
+    # 3 slots by 0 + 100 + 5 = 105, and a backfilled job must be gone by then, grace included.
+    running = [R("r", {"h": 3}, started=0.0, limit=100.0)]
+    pending = [P("head", 4), P("too_long", 1, submitted=1, limit=91.0),
+               P("fits", 1, submitted=2, limit=90.0)]
+    d = schedule(pending, running, LOCAL4, now=10.0, stop_grace=5.0)
+    assert d.reservation == Reservation("head", 105.0, 0)
+    assert started(d) == ["fits"]  # 10 + 90 + 5 = 105 <= 105; 10 + 91 + 5 = 106 is not
+
+
 def test_backfill_into_spare_slots_needs_no_time_limit():
     # 10 slots, r holds 7 until t=100: the head (5) is reserved t=100 with 10 - 5 = 5 spare.
     cluster = Cluster.local(10, host="h")
@@ -251,20 +262,24 @@ def workloads(draw):
     slots = draw(st.lists(st.integers(1, 4), min_size=1, max_size=3))
     cluster = Cluster(tuple(Host(f"h{i}", n) for i, n in enumerate(slots)))
     jobs = []
+    grace = draw(st.integers(0, 3))
     for k in range(draw(st.integers(1, 10))):
         limit = draw(st.integers(1, 20))
+        # The actual run time: a job that overruns its limit is stopped, its workers gone
+        # within the grace (the runner enforces limits), so it ends by limit + grace.
         jobs.append((P(f"j{k}", draw(st.integers(1, cluster.capacity)),
                        draw(st.integers(0, 2)), float(k), float(limit)),
-                     draw(st.integers(1, limit))))  # actual run time <= its limit
-    return cluster, jobs
+                     draw(st.integers(1, limit + grace))))
+    return cluster, jobs, float(grace)
 
 
 @settings(max_examples=300, deadline=None)
 @given(workloads())
 def test_backfill_never_delays_the_head_in_a_simulated_timeline(workload):
-    """Everything is submitted at t=0 and runs at most its time limit. Whenever a job is the
-    blocked head, it must start no later than the first reservation it was given."""
-    cluster, jobs = workload
+    """Everything is submitted at t=0 and runs at most its time limit plus the stop grace
+    (overrunning jobs are stopped). Whenever a job is the blocked head, it must start no later
+    than the first reservation it was given."""
+    cluster, jobs, grace = workload
     runtime = {job.id: t for job, t in jobs}
     pending = [job for job, _ in jobs]
     running: list[tuple[RunningJob, float]] = []  # (job, actual end)
@@ -272,7 +287,7 @@ def test_backfill_never_delays_the_head_in_a_simulated_timeline(workload):
     start: dict[str, float] = {}
     now = 0.0
     while pending or running:
-        d = schedule(pending, [r for r, _ in running], cluster, now)
+        d = schedule(pending, [r for r, _ in running], cluster, now, stop_grace=grace)
         if d.reservation is not None and d.reservation.job_id not in promised:
             assert d.reservation.start_at is not None  # every limit is known
             promised[d.reservation.job_id] = d.reservation.start_at

@@ -245,8 +245,11 @@ def test_cancel_queued_job_then_again_then_a_finished_one(server, client):
 
 def test_cancel_running_job_records_it_and_asks_the_runner_to_end_it(server, client):
     job, _ = _running_job(server, client)
-    assert client.cancel_job(job.id).state is JobState.CANCELLED
+    # CANCELLING until the runner has seen the workers exit; a second cancel is a no-op.
+    assert client.cancel_job(job.id).state is JobState.CANCELLING
+    assert client.cancel_job(job.id).state is JobState.CANCELLING
     assert server.runner.calls[-1] == ("cancel", job.id)
+    assert client.get_job(job.id).error == "cancelled by a user"
 
 
 # ---------------------------------------------------------------- watching
@@ -462,7 +465,7 @@ def _stored_files(server) -> list[str]:
                   if p.is_file())
 
 
-@pytest.mark.parametrize("end", ["cancelled", "succeeded", "failed"])
+@pytest.mark.parametrize("end", ["cancelled", "succeeded", "failed", "timed_out"])
 def test_a_worker_token_dies_with_its_job(server, client, tmp_path, end):
     job, worker = _running_job(server, client)
     first, _ = _checkpoint(tmp_path / "ckpt", 5)
@@ -470,7 +473,8 @@ def test_a_worker_token_dies_with_its_job(server, client, tmp_path, end):
     with worker:
         worker.upload_checkpoint(first)
         if end == "cancelled":
-            client.cancel_job(job.id)
+            client.cancel_job(job.id)  # CANCELLING; the runner ends it once the workers exit:
+            server.store.transition(job.id, JobState.CANCELLING, JobState.CANCELLED)
         else:
             server.store.transition(job.id, JobState.RUNNING, JobState(end.upper()))
         blobs = _stored_files(server)
@@ -515,9 +519,29 @@ def test_a_worker_token_dies_when_a_newer_attempt_is_launched(server, client, tm
 def test_progress_for_a_job_that_is_not_running_is_refused(server, client):
     job, worker = _running_job(server, client)
     client.cancel_job(job.id)
+    server.store.transition(job.id, JobState.CANCELLING, JobState.CANCELLED)
     with worker, pytest.raises(ClientError) as info:
         worker.report_progress([("metrics", {"step": 3, "loss": 1.0})])
     assert _code(info) == "FAILED_PRECONDITION"
+
+
+def test_a_cancelled_job_keeps_what_its_workers_send_while_they_stop(server, client, tmp_path):
+    job, worker = _running_job(server, client)
+    path, arrays = _checkpoint(tmp_path / "ckpt", 7)
+    with worker:
+        assert client.cancel_job(job.id).state is JobState.CANCELLING
+        # SIGTERM: the step finishes, its metrics are reported and its checkpoint uploaded.
+        worker.report_progress([("metrics", {"step": 7, "loss": 0.25})])
+        assert worker.heartbeat() is JobState.CANCELLING
+        assert worker.upload_checkpoint(path).step == 7
+    assert [c.step for c in client.list_checkpoints(job.id)] == [7]
+    assert client.get_job(job.id).last_step == 7
+    got = client.download_checkpoint(job.id, dest=tmp_path / "model.safetensors")
+    assert got.step == 7
+    downloaded = engine.load(got.path)
+    assert sorted(downloaded) == sorted(arrays)
+    for name, array in arrays.items():
+        np.testing.assert_array_equal(downloaded[name].numpy(), array)
 
 
 # ---------------------------------------------------------------- checkpoints
@@ -781,6 +805,8 @@ def test_metrics_endpoint(server, client, tmp_path):
         text = response.read().decode()
     assert 'dptrain_jobs{state="QUEUED"} 1' in text
     assert 'dptrain_jobs{state="RUNNING"} 1' in text
+    assert 'dptrain_jobs{state="CANCELLING"} 0' in text
+    assert 'dptrain_jobs{state="TIMED_OUT"} 0' in text
     assert "dptrain_queue_length 1" in text
     assert 'dptrain_rpc_duration_seconds_count{method="/dptrain.v1.Coordinator/SubmitJob"} 2' \
         in text

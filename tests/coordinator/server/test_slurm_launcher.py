@@ -5,6 +5,7 @@ launcher against a real cluster: ``tests/coordinator/test_slurm.py``."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -45,6 +46,19 @@ exec srun --mpi=pmi2 --kill-on-bad-exit=1 /venv/bin/python -m mpi4py -m dptrain.
 {ROOT}/spec.json --checkpoint-dir {ROOT}/checkpoints --no-progress
 """
     assert "secret-token" not in script
+
+
+def test_a_time_limit_becomes_slurms_own_later_limit_unless_one_is_given():
+    # The runner stops the attempt by its limit plus the grace (here 600 + 10 s); Slurm's
+    # limit is that in whole minutes, rounded up, and one more: 610 s -> 11 -> 12 minutes.
+    limited = dataclasses.replace(attempt(), stop_by=610.0)
+    script = SlurmLauncher(python="/venv/bin/python").script(limited).splitlines()
+    assert script[5:7] == [f"#SBATCH --chdir={ROOT}", "#SBATCH --time=12"]
+    exact = dataclasses.replace(attempt(), stop_by=660.0)  # 11 minutes exactly
+    assert "#SBATCH --time=12" in SlurmLauncher().script(exact).splitlines()
+    given = SlurmLauncher(sbatch_args=("--time=02:00:00",)).script(limited).splitlines()
+    assert [line for line in given if "time" in line] == ["#SBATCH --time=02:00:00"]
+    assert not any("time" in line for line in SlurmLauncher().script(attempt()).splitlines())
 
 
 def test_resumed_attempt_with_partition_account_and_more_options():
