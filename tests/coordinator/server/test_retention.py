@@ -33,7 +33,7 @@ from dptrain.coordinator.server.blobs import BACKUP_LOCK, BlobStore
 from dptrain.coordinator.server.code_store import receive_code
 from dptrain.coordinator.server.jobs import ServiceState, SubmitRequest
 from dptrain.coordinator.server.scheduler import Cluster
-from dptrain.coordinator.server.server import DB_FILE
+from dptrain.coordinator.server.server import DB_FILE, ServerSettings, serve
 from dptrain.coordinator.server.store import MemoryStore, SqliteStore
 from dptrain.protos.dptrain.v1 import coordinator_pb2 as pb
 from dptrain.protos.dptrain.v1 import coordinator_pb2_grpc as pb_grpc
@@ -328,3 +328,37 @@ def test_a_worker_token_cannot_delete(server, client):
     assert info.value.code() is grpc.StatusCode.UNAUTHENTICATED
     channel.close()
     assert client.get_job(job.id).state is JobState.CANCELLED
+
+
+# ---------------------------------------------------------------- backups
+
+
+def test_a_backup_of_a_running_server_restores_its_jobs_and_checkpoints(
+        server, client, state_dir, tmp_path):
+    payload = np.random.default_rng(3).bytes(3 << 20)
+    job = _finished_job_with(server, client, {"model.safetensors": payload,
+                                              "optimizer.safetensors": b"moments"})
+    queued = client.submit_job(SPEC)
+    dest = tmp_path / "backup"
+    run = subprocess.run([DPTRAIN, "backup", "--state-dir", str(state_dir), str(dest)],
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.startswith(f"{dest}: 2 job(s), 3 file(s)")  # model, optimizer, manifest
+    assert oct(dest.stat().st_mode & 0o777) == "0o700"
+    again = subprocess.run([DPTRAIN, "backup", "--state-dir", str(state_dir), str(dest)],
+                           capture_output=True, text=True)
+    assert again.returncode == 2 and "must be a new or empty directory" in again.stderr
+    client.delete_job(job.id)  # the running server goes on; the copy keeps what it had
+    restored = serve(ServerSettings(dest, cluster=Cluster.local(4)))
+    try:
+        assert restored.token == server.token
+        with Client(restored.address, token=server.token, timeout=30) as other:
+            assert {j.id for j in other.list_jobs()[0]} == {job.id, queued.id}
+            got = other.download_checkpoint(job.id, dest=tmp_path / "model.safetensors")
+            assert got.step == 1
+            assert (tmp_path / "model.safetensors").read_bytes() == payload
+            other.download_checkpoint(job.id, file="optimizer.safetensors",
+                                      dest=tmp_path / "optimizer.safetensors")
+            assert (tmp_path / "optimizer.safetensors").read_bytes() == b"moments"
+    finally:
+        restored.stop(grace=0)
