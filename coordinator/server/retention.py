@@ -56,6 +56,14 @@ def delete_job(job_id: str, state: ServiceState) -> Job:
         JobNotFound: no such job (NOT_FOUND).
         StateConflict: the job has not finished (FAILED_PRECONDITION): cancel it first.
     """
+    job, candidates = _forget(job_id, state)
+    free_blobs(state.store, state.blobs, candidates)
+    return job
+
+
+def _forget(job_id: str, state: ServiceState) -> tuple[Job, dict[str, float]]:
+    """Steps 1 and 2 of a deletion; returns the job and the blobs step 3 may free (blob ->
+    when the record that used it was made, for `checkpoint_store.free_blobs`)."""
     records = state.store.list_checkpoints(job_id)
     job = state.store.delete_job(job_id, TERMINAL_STATES)
     # A checkpoint recorded between the listing and the deletion cannot be: the job is over.
@@ -65,9 +73,8 @@ def delete_job(job_id: str, state: ServiceState) -> Job:
         candidates[code] = job.submitted_at
     if state.jobs_dir is not None:
         _remove_tree(state.jobs_dir / job.id)
-    free_blobs(state.store, state.blobs, candidates)
     log.info("job %s deleted", job.id)
-    return job
+    return job, candidates
 
 
 def _remove_tree(path: Path) -> None:
@@ -90,13 +97,18 @@ def retire_finished(older_than_s: float, state: ServiceState, *,
         The ids of the jobs deleted.
     """
     cutoff = (time.time() if now is None else now) - older_than_s
-    deleted = []
+    deleted, candidates = [], {}
     for job in state.store.all_jobs(TERMINAL_STATES):
         if job.finished_at is not None and job.finished_at < cutoff:
             try:
-                deleted.append(delete_job(job.id, state).id)
+                freed = _forget(job.id, state)[1]
             except (LookupError, StateConflict):  # deleted by someone else meanwhile
                 continue
+            deleted.append(job.id)
+            for name, made in freed.items():  # the last use of a blob is what counts
+                candidates[name] = max(made, candidates.get(name, made))
+    # Once for them all: what is referenced is read from the whole store each time.
+    free_blobs(state.store, state.blobs, candidates)
     return deleted
 
 
