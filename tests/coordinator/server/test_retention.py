@@ -25,12 +25,13 @@ from jobkit import DPTRAIN
 
 from dptrain.coordinator.api.checkpoint_upload import CheckpointUpload, FileEntry
 from dptrain.coordinator.api.errors import JobNotFound, StateConflict
-from dptrain.coordinator.api.records import JobState
+from dptrain.coordinator.api.records import JobState, hash_token, new_token
 from dptrain.coordinator.client.client import Client, ClientError
 from dptrain.coordinator.server import checkpoint_store as checkpoints
 from dptrain.coordinator.server import jobs, retention
+from dptrain.coordinator.server.auth import PermissionDenied, Principal, require_job_owner
 from dptrain.coordinator.server.blobs import BACKUP_LOCK, BlobStore
-from dptrain.coordinator.server.code_store import receive_code
+from dptrain.coordinator.server.code_store import open_code, receive_code
 from dptrain.coordinator.server.jobs import ServiceState, SubmitRequest
 from dptrain.coordinator.server.scheduler import Cluster
 from dptrain.coordinator.server.server import DB_FILE, ServerSettings, serve
@@ -185,6 +186,27 @@ def test_a_leased_blob_goes_when_its_last_lease_ends(tmp_path):
     assert blobs.exists(name)
 
 
+def test_fetches_lease_what_they_stream_until_closed_even_unstarted(state, tmp_path):
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "train.py").write_text("print('hi')\n")
+    archive = pack_directory(project).data
+    code, _ = receive_code(hashlib.sha256(archive).hexdigest(), len(archive), [archive], state)
+    job = _running(state, {**SPEC, "code": f"sha256:{code}"})
+    record = _checkpoint(state.store, state.blobs, job.id, 1, {"model.safetensors": b"w"})
+    names = {code, record.sha256, _blob(b"w")}
+    _, chunks = checkpoints.open_fetch(job.id, state)
+    *_, code_chunks = open_code(job.id, state)
+    _, _, download = checkpoints.open_download(job.id, 1, "", state)
+    assert all(state.blobs.leased(name) for name in names)
+    chunks.close()  # a receiver gone after the header: the stream never started
+    code_chunks.close()
+    assert [state.blobs.leased(name) for name in (code, record.sha256)] == [False, False]
+    assert state.blobs.leased(_blob(b"w"))  # the download still streams it
+    assert b"".join(download) == b"w"  # run to its end: released
+    assert not any(state.blobs.leased(name) for name in names)
+
+
 def test_no_blob_is_deleted_while_a_backup_holds_the_lock(tmp_path):
     blobs = BlobStore(tmp_path / "blobs")
     name, _ = blobs.put(b"orphan")
@@ -316,18 +338,29 @@ def test_retain_finished_deletes_old_jobs_at_start(serve_coordinator):
     assert not server.blobs.exists(_blob(b"old"))
 
 
-def test_a_worker_token_cannot_delete(server, client):
+def test_only_admins_and_owners_delete_or_mark(server, client):
+    """Today the coordinator token is the only owner-or-admin; a job's own worker token may
+    neither delete its job nor mark its checkpoints (PERMISSION_DENIED), nor may anyone
+    without a valid token (UNAUTHENTICATED)."""
     job = client.submit_job(SPEC)
-    client.cancel_job(job.id)
+    token = new_token()
+    server.store.transition(job.id, Q, R, token_hash=hash_token(token))
+    with pytest.raises(PermissionDenied, match=f"owner of job {job.id!r}"):
+        require_job_owner(Principal(admin=False, job_id=job.id), job.id)
+    require_job_owner(Principal(admin=True), job.id)
     channel = grpc.insecure_channel(server.address)
     stub = pb_grpc.CoordinatorStub(channel)
-    with pytest.raises(grpc.RpcError) as info:
-        stub.DeleteJob(pb.DeleteJobRequest(job_id=job.id),
-                       metadata=[("authorization", "Bearer not-a-token"),
-                                 ("dptrain-job-id", job.id)])
-    assert info.value.code() is grpc.StatusCode.UNAUTHENTICATED
+    calls = ((stub.DeleteJob, pb.DeleteJobRequest(job_id=job.id)),
+             (stub.KeepCheckpoint, pb.KeepCheckpointRequest(job_id=job.id, step=1, keep=True)))
+    for bearer, code in ((token, grpc.StatusCode.PERMISSION_DENIED),
+                         ("not-a-token", grpc.StatusCode.UNAUTHENTICATED)):
+        for method, request in calls:
+            with pytest.raises(grpc.RpcError) as info:
+                method(request, metadata=[("authorization", f"Bearer {bearer}"),
+                                          ("dptrain-job-id", job.id)])
+            assert info.value.code() is code
     channel.close()
-    assert client.get_job(job.id).state is JobState.CANCELLED
+    assert client.get_job(job.id).state is R
 
 
 # ---------------------------------------------------------------- backups
