@@ -21,7 +21,7 @@ import grpc
 import numpy as np
 import pytest
 from fresh_imports import modules_loaded_by, within
-from jobkit import DPTRAIN
+from jobkit import DPTRAIN, TINY_SPEC
 
 from dptrain.coordinator.api.checkpoint_upload import CheckpointUpload, FileEntry
 from dptrain.coordinator.api.errors import JobNotFound, StateConflict
@@ -40,13 +40,7 @@ from dptrain.protos.dptrain.v1 import coordinator_pb2 as pb
 from dptrain.protos.dptrain.v1 import coordinator_pb2_grpc as pb_grpc
 from dptrain.worker.code_archive import pack_directory
 
-SPEC = {
-    "name": "tiny", "model": {"name": "mlp", "args": {"in_features": 4, "hidden": [8],
-                                                     "num_classes": 3}},
-    "dataset": {"name": "synthetic", "args": {"n": 64, "features": 4, "classes": 3}},
-    "optimizer": {"name": "adam", "lr": 0.01}, "batch_size": 8, "max_steps": 20, "workers": 2,
-    "checkpoint": {"every_steps": 5, "keep": 2},
-}
+SPEC = TINY_SPEC  # checkpoint.keep: 2
 Q, R = JobState.QUEUED, JobState.RUNNING
 
 
