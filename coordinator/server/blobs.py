@@ -15,9 +15,12 @@ blob damaged on disk raises `BlobCorrupted` after its last chunk.
 Deleting never pulls a blob from under a reader. A transfer (a download, a worker's fetch of a
 checkpoint or of its code) takes a `BlobLease` on the blobs it sends; `BlobStore.delete` of a
 leased blob is deferred until its last lease ends, and called off when the same bytes are put
-again meanwhile (someone is about to record them). And while ``dptrain backup`` copies the blob
-directory it holds ``ROOT/backup.lock``: deletions are skipped then, leaving garbage for the
-next `BlobStore.collect_garbage` rather than a backup whose records lack their blobs.
+again meanwhile (someone is about to record them). An upload pins the blobs it is about to
+record (``lease(names, pin=True)``) until their record is written: deleting a pinned blob is
+skipped, as what nothing records after all is garbage for the next collection. And while
+``dptrain backup`` copies the blob directory it holds ``ROOT/backup.lock``: deletions are
+skipped then, leaving garbage for the next `BlobStore.collect_garbage` rather than a backup
+whose records lack their blobs.
 
 Blobs know nothing of jobs or checkpoints: which blobs a checkpoint consists of, which one is
 the newest intact checkpoint, retention and the set of referenced blobs are
@@ -118,8 +121,9 @@ class BlobStore:
     def __init__(self, root: str | os.PathLike, *, max_size: int | None = None):
         self.root = Path(root)
         self.max_size = max_size
-        self._lease_lock = threading.Lock()  # guards the two below and every unlink/replace
+        self._lease_lock = threading.Lock()  # guards the three below and every unlink/replace
         self._leases: dict[str, int] = {}
+        self._pins: dict[str, int] = {}
         self._doomed: set[str] = set()  # leased blobs to delete when their last lease ends
         make_private_dir(self.root / _TMP)
         make_private_dir(self.root / "blake3")  # so a new shard's parent always exists
@@ -201,6 +205,8 @@ class BlobStore:
         """
         path = self._path(name)
         with self._lease_lock:
+            if self._pins.get(name):  # an upload is about to record it
+                return False
             if self._leases.get(name):
                 self._doomed.add(name)
                 return False
@@ -223,30 +229,34 @@ class BlobStore:
         fsync_directory(path.parent)
         return True
 
-    def lease(self, names: Iterable[str]) -> BlobLease:
+    def lease(self, names: Iterable[str], *, pin: bool = False) -> BlobLease:
         """Keep blobs from being deleted until the returned lease is released.
 
         Args:
             names: the blobs (`blob_id`), present or not.
+            pin: for an upload: a deletion meanwhile is skipped, not deferred (the upload is
+                about to record the blobs).
 
         Returns:
             The lease, held from now on.
         """
         names = tuple(names)
+        counts = self._pins if pin else self._leases
         with self._lease_lock:
             for name in names:
-                self._leases[name] = self._leases.get(name, 0) + 1
-        return BlobLease(self, names)
+                counts[name] = counts.get(name, 0) + 1
+        return BlobLease(self, names, pin)
 
-    def _release(self, names: tuple[str, ...]) -> None:
+    def _release(self, names: tuple[str, ...], pin: bool) -> None:
+        counts = self._pins if pin else self._leases
         with self._lease_lock:
             for name in names:
-                left = self._leases[name] - 1
+                left = counts[name] - 1
                 if left:
-                    self._leases[name] = left
+                    counts[name] = left
                     continue
-                del self._leases[name]
-                if name in self._doomed:
+                del counts[name]
+                if not pin and name in self._doomed:
                     self._doomed.discard(name)
                     self._unlink(self._path(name))
 
@@ -396,8 +406,8 @@ class BlobLease:
     """Blobs kept from deletion (`BlobStore.lease`) until `release`; releasing twice is
     harmless. Usable as a context manager."""
 
-    def __init__(self, blobs: BlobStore, names: tuple[str, ...]):
-        self._blobs, self._names = blobs, names
+    def __init__(self, blobs: BlobStore, names: tuple[str, ...], pin: bool = False):
+        self._blobs, self._names, self._pin = blobs, names, pin
         self._lock = threading.Lock()
         self._held = True
 
@@ -406,7 +416,7 @@ class BlobLease:
         with self._lock:
             held, self._held = self._held, False
         if held:
-            self._blobs._release(self._names)
+            self._blobs._release(self._names, self._pin)
 
     def __enter__(self) -> BlobLease:
         return self

@@ -32,6 +32,7 @@ stores what the workers could not upload from the job's checkpoint directory
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import re
 import sys
@@ -214,6 +215,21 @@ def store_checkpoint(upload: CheckpointUpload, chunks: Iterable[tuple[str, bytes
     if states is not None and job.state not in states:
         raise StateConflict(job.id, job.state, states)
     manifest = _check_upload(upload, blobs.max_size)
+    # Pinned until recorded: retention elsewhere may be freeing the same bytes meanwhile.
+    names = [blob_id(f.algorithm, f.digest) for f in upload.files]
+    with blobs.lease([*names, hashlib.sha256(upload.manifest_json).hexdigest()], pin=True):
+        record, received = _store_files(upload, chunks, manifest, store, blobs, states, now)
+    keep = (job.spec.get("checkpoint") or {}).get("keep", 3)
+    prune_job_checkpoints(store, blobs, upload.job_id, keep)
+    return record, received + len(upload.manifest_json)
+
+
+def _store_files(upload: CheckpointUpload, chunks: Iterable[tuple[str, bytes]],
+                 manifest: dict[str, Any], store: Store, blobs: BlobStore,
+                 states: Iterable[JobState] | None, now: float | None
+                 ) -> tuple[CheckpointRecord, int]:
+    """`store_checkpoint`'s blobs, then its record; returns the record and the bytes of the
+    files received (the manifest's not counted)."""
     stream = _Peekable(chunks)
     received = [0]
     for entry in upload.files:
@@ -238,9 +254,7 @@ def store_checkpoint(upload: CheckpointUpload, chunks: Iterable[tuple[str, bytes
     except AlreadyExists:
         store.delete_checkpoint(upload.job_id, upload.step)
         record = store.add_checkpoint(record, states=states)
-    keep = (job.spec.get("checkpoint") or {}).get("keep", 3)
-    prune_job_checkpoints(store, blobs, upload.job_id, keep)
-    return record, received[0] + len(upload.manifest_json)
+    return record, received[0]
 
 
 def receive_checkpoint(upload: CheckpointUpload, chunks: Iterable[tuple[str, bytes]],

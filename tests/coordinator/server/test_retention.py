@@ -178,6 +178,10 @@ def test_a_leased_blob_goes_when_its_last_lease_ends(tmp_path):
         blobs.delete(name)
         blobs.put(b"again")
     assert blobs.exists(name)
+    # An upload's pin: deleting meanwhile is skipped, not deferred (it is about to be recorded).
+    with blobs.lease([name], pin=True):
+        assert blobs.delete(name) is False
+    assert blobs.exists(name)
 
 
 def test_fetches_lease_what_they_stream_until_closed_even_unstarted(state, tmp_path):
