@@ -21,7 +21,7 @@ import grpc
 import numpy as np
 import pytest
 from fresh_imports import modules_loaded_by, within
-from jobkit import DPTRAIN, TINY_SPEC
+from jobkit import DPTRAIN, SLOW_SPEC, TINY_SPEC, wait_for
 
 from dptrain.coordinator.api.checkpoint_upload import CheckpointUpload, FileEntry
 from dptrain.coordinator.api.errors import JobNotFound, StateConflict
@@ -33,6 +33,7 @@ from dptrain.coordinator.server.auth import PermissionDenied, Principal, require
 from dptrain.coordinator.server.blobs import BACKUP_LOCK, BlobStore
 from dptrain.coordinator.server.code_store import open_code, receive_code
 from dptrain.coordinator.server.jobs import ServiceState, SubmitRequest
+from dptrain.coordinator.server.runner_settings import RunnerSettings
 from dptrain.coordinator.server.scheduler import Cluster
 from dptrain.coordinator.server.server import DB_FILE, ServerSettings, serve
 from dptrain.coordinator.server.store import MemoryStore, SqliteStore
@@ -359,6 +360,29 @@ def test_only_admins_and_owners_delete_or_mark(server, client):
             assert info.value.code() is code
     channel.close()
     assert client.get_job(job.id).state is R
+
+
+@pytest.mark.mpi
+def test_a_job_deleted_while_its_cancelled_workers_exit_frees_its_slots(
+        serve_coordinator, state_dir):
+    server = serve_coordinator(stop_grace=1.0, cluster=Cluster.local(2), runner=RunnerSettings(
+        state_dir, heartbeat_timeout=60.0, kill_grace=5.0, poll_interval=0.1))
+    with Client(server.address, token=server.token, timeout=30) as client:
+        job = client.submit_job(SLOW_SPEC)
+        wait_for(lambda: client.get_job(job.id).state is R, timeout=600, what="the job to run")
+        client.cancel_job(job.id)
+        client.delete_job(job.id)  # its workers are still checkpointing and exiting
+        with pytest.raises(ClientError) as info:
+            client.get_job(job.id)
+        assert info.value.code == "NOT_FOUND"
+        after = client.submit_job(TINY_SPEC)  # needs both slots: the deleted job's are freed
+        done = wait_for(lambda: (j := client.get_job(after.id)).state.terminal and j,
+                        timeout=600, what="the next job to end")
+    assert done.state is JobState.SUCCEEDED, done.error
+    assert [j.id for j in server.store.all_jobs()] == [after.id]
+    # (An upload the cancellation cut short may have left blobs for the garbage collection.)
+    for record in server.store.list_checkpoints(after.id):
+        checkpoints.verify_record(record, server.blobs)
 
 
 # ---------------------------------------------------------------- backups
