@@ -26,6 +26,7 @@ from jobkit import DPTRAIN, SLOW_SPEC, TINY_SPEC, wait_for
 from dptrain.coordinator.api.checkpoint_upload import CheckpointUpload, FileEntry
 from dptrain.coordinator.api.errors import JobNotFound, StateConflict
 from dptrain.coordinator.api.records import JobState, hash_token, new_token
+from dptrain.coordinator.cli import build_parser
 from dptrain.coordinator.client.client import Client, ClientError
 from dptrain.coordinator.server import checkpoint_store as checkpoints
 from dptrain.coordinator.server import jobs, retention
@@ -360,6 +361,20 @@ def test_only_admins_and_owners_delete_or_mark(server, client):
             assert info.value.code() is code
     channel.close()
     assert client.get_job(job.id).state is R
+
+
+@pytest.mark.parametrize("days, expected", [("7", 7.0), ("0.5", 0.5), ("0", None),
+                                            ("-1", None), ("inf", None), ("week", None)])
+def test_retain_finished_takes_a_positive_number_of_days(days, expected, capsys):
+    parser = build_parser()
+    if expected is None:
+        with pytest.raises(SystemExit) as info:
+            parser.parse_args(["serve", "--retain-finished", days])
+        assert info.value.code == 2
+        assert f"--retain-finished: must be a number of days > 0, got {days!r}" in (
+            capsys.readouterr().err)
+    else:
+        assert parser.parse_args(["serve", "--retain-finished", days]).retain_finished == expected
 
 
 @pytest.mark.mpi
