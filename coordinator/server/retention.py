@@ -64,9 +64,7 @@ def delete_job(job_id: str, state: ServiceState) -> Job:
 def _forget(job_id: str, state: ServiceState) -> tuple[Job, dict[str, float]]:
     """Steps 1 and 2 of a deletion; returns the job and the blobs step 3 may free (blob ->
     when the record that used it was made, for `checkpoint_store.free_blobs`)."""
-    records = state.store.list_checkpoints(job_id)
-    job = state.store.delete_job(job_id, TERMINAL_STATES)
-    # A checkpoint recorded between the listing and the deletion cannot be: the job is over.
+    job, records = state.store.delete_job(job_id, TERMINAL_STATES)
     candidates = {name: record.created_at for record in records
                   for name in record_blobs(record).values()}
     if (code := code_digest(job.spec.get("code"))) is not None:

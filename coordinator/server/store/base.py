@@ -287,7 +287,8 @@ class Store(ABC):
         self._notify(job_id)
         return updated
 
-    def delete_job(self, job_id: str, states: Iterable[JobState]) -> Job:
+    def delete_job(self, job_id: str, states: Iterable[JobState]
+                   ) -> tuple[Job, list[CheckpointRecord]]:
         """Forget a job: its record, its events and its checkpoint records, in one
         transaction (the blobs stay: see `server.retention.delete_job`).
 
@@ -296,7 +297,7 @@ class Store(ABC):
             states: delete it only while its state is one of these (its job is over).
 
         Returns:
-            The deleted job.
+            The deleted job and its deleted checkpoint records.
 
         Raises:
             JobNotFound: no such job.
@@ -304,9 +305,10 @@ class Store(ABC):
         """
         with self._write() as tx:
             job = self._job_in(tx, job_id, states)
+            records = tx.list_checkpoints(job_id)
             tx.delete_job(job_id)
         self._notify(job_id)
-        return job
+        return job, records
 
     def count_by_state(self) -> dict[JobState, int]:
         """How many jobs are in each state (every state present, zeros included)."""

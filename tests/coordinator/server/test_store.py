@@ -355,7 +355,8 @@ class TestStoreContract:
         with pytest.raises(StateConflict, match="is QUEUED"):
             store.delete_job(job.id, [JobState.CANCELLED])
         store.transition(job.id, Q, JobState.CANCELLED)
-        assert store.delete_job(job.id, [JobState.CANCELLED]).id == job.id
+        deleted, records = store.delete_job(job.id, [JobState.CANCELLED])
+        assert (deleted.id, [(r.job_id, r.step) for r in records]) == (job.id, [(job.id, 10)])
         with pytest.raises(JobNotFound):
             store.get_job(job.id)
         with pytest.raises(JobNotFound):
