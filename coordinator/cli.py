@@ -170,6 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_global_options(parser)
     add_commands(commands, serve=_cmd_serve, demo=_cmd_demo)
     _add_tls_command(commands)
+    _add_backup_command(commands)
     render = commands.add_parser(
         "render-job", formatter_class=argparse.RawDescriptionHelpFormatter,
         help="print the manifest a job would get from a launcher (kubernetes: its MPIJob)",
@@ -217,6 +218,39 @@ def _add_tls_command(commands: argparse._SubParsersAction) -> None:
                       help="the coordinator's port, for the printed flags (default 50051)")
     init.add_argument("--force", action="store_true", help="replace existing files")
     init.set_defaults(handler=_cmd_tls_init)
+
+
+def _add_backup_command(commands: argparse._SubParsersAction) -> None:
+    backup = commands.add_parser(
+        "backup", formatter_class=argparse.RawDescriptionHelpFormatter,
+        help="copy the coordinator's state directory, consistently, while it runs",
+        description="Copy the state directory's database (SQLite's online backup: one\n"
+                    "snapshot), its checkpoint and code files and its token into DEST, a new\n"
+                    "directory: start a coordinator with --state-dir DEST to restore. Run it on\n"
+                    "the coordinator's machine; the coordinator may keep running. Worker logs\n"
+                    "(jobs/) are not copied. See docs/operations.md.",
+        epilog="example:\n  dptrain backup --state-dir /var/lib/dptrain "
+               "/backup/dptrain-$(date +%F)\n\n"
+               "exit codes:\n  0  copied\n  2  bad command line, no database, DEST not "
+               "empty\n")
+    backup.add_argument("destination", metavar="DEST", help="the new directory")
+    backup.add_argument("--state-dir", metavar="DIR", default=argparse.SUPPRESS,
+                        help="the coordinator's state directory (default: $DPTRAIN_STATE_DIR "
+                             "or ~/.local/state/dptrain)")
+    backup.set_defaults(handler=_cmd_backup)
+
+
+def _cmd_backup(args: argparse.Namespace) -> int:
+    from dptrain.coordinator.client.commands import default_state_dir
+    from dptrain.coordinator.server.backup import BackupError, backup_state
+
+    try:
+        summary = backup_state(args.state_dir or default_state_dir(), args.destination)
+    except BackupError as e:
+        raise CommandError(str(e)) from None
+    print(f"{summary.destination}: {summary.jobs} job(s), {summary.blobs} file(s), "
+          f"{summary.bytes / 1e6:.1f} MB")
+    return 0
 
 
 def _cmd_tls_init(args: argparse.Namespace) -> int:

@@ -191,6 +191,7 @@ class CheckpointRecord:
         created_at: when it was recorded (unix seconds).
         manifest: the parsed ``manifest.json`` (step, ``files: {name: {sha256, bytes}}``,
             spec hash, ...).
+        keep: marked to be kept: retention never deletes it (only deleting its job does).
     """
 
     job_id: str
@@ -199,6 +200,7 @@ class CheckpointRecord:
     size: int
     created_at: float
     manifest: dict[str, Any] = field(default_factory=dict)
+    keep: bool = False
 
 
 # ---------------------------------------------------------------- requests
@@ -457,7 +459,8 @@ def check_checkpoint(record: CheckpointRecord) -> CheckpointRecord:
         A copy with a float ``created_at`` and a plain deep copy of the manifest.
 
     Raises:
-        ValidationError: naming ``step``, ``sha256``, ``size``, ``created_at`` or ``manifest``.
+        ValidationError: naming ``step``, ``sha256``, ``size``, ``created_at``, ``manifest`` or
+            ``keep``.
     """
     _check_int("step", record.step, 0)
     if not isinstance(record.sha256, str) or not re.fullmatch(r"[0-9a-f]{64}", record.sha256):
@@ -465,6 +468,8 @@ def check_checkpoint(record: CheckpointRecord) -> CheckpointRecord:
     _check_int("size", record.size, 0)
     if record.created_at is None:
         raise ValidationError("created_at", "must be a time in unix seconds", None)
+    if not isinstance(record.keep, bool):
+        raise ValidationError("keep", "must be true or false", record.keep)
     return dataclasses.replace(record, created_at=_check_time("created_at", record.created_at),
                                manifest=_check_json("manifest", record.manifest))
 

@@ -526,7 +526,7 @@ def checkpoint_to_proto(record: CheckpointRecord) -> pb.Checkpoint:
         files=[file_entry_to_proto(f) for f in record_files(record)],
         metrics=_numbers(metrics) if isinstance(metrics, Mapping) else {},
         epoch=epoch if isinstance(epoch, int) and not isinstance(epoch, bool)
-        and 0 <= epoch < 2**63 else 0)
+        and 0 <= epoch < 2**63 else 0, keep=record.keep)
 
 
 def checkpoint_from_proto(m: pb.Checkpoint) -> CheckpointRecord:
@@ -538,7 +538,8 @@ def checkpoint_from_proto(m: pb.Checkpoint) -> CheckpointRecord:
     files = (file_entry_from_proto(f) for f in m.files)
     manifest = {"step": m.step, "epoch": m.epoch, "metrics": dict(m.metrics),
                 "files": {f.name: f.manifest_entry() for f in files}}
-    return CheckpointRecord(m.job_id, m.step, m.sha256, m.size, seconds(m.created_at), manifest)
+    return CheckpointRecord(m.job_id, m.step, m.sha256, m.size, seconds(m.created_at), manifest,
+                            m.keep)
 
 
 def upload_header_to_proto(upload: CheckpointUpload) -> pb.CheckpointHeader:

@@ -360,6 +360,12 @@ class Client:
         return serde.job_from_proto(self._unary(self._stub.CancelJob,
                                                 pb.CancelJobRequest(job_id=job_id)))
 
+    def delete_job(self, job_id: str) -> Job:
+        """Delete a finished job with its logs and the checkpoint files no other job uses;
+        returns the job as it was (FAILED_PRECONDITION while it has not finished)."""
+        return serde.job_from_proto(self._unary(self._stub.DeleteJob,
+                                                pb.DeleteJobRequest(job_id=job_id)))
+
     def watch_job(self, job_id: str, after_seq: int = 0) -> Iterator[Job | Event]:
         """Follow a job: first the `Job` as it is now, then its `Event`s after `after_seq`.
 
@@ -387,6 +393,13 @@ class Client:
         response = self._unary(self._stub.ListCheckpoints,
                                pb.ListCheckpointsRequest(job_id=job_id))
         return [serde.checkpoint_from_proto(c) for c in response.checkpoints]
+
+    def keep_checkpoint(self, job_id: str, step: int, keep: bool = True) -> CheckpointRecord:
+        """Mark a checkpoint so that retention never deletes it (`keep` False: unmark it);
+        returns the checkpoint."""
+        return serde.checkpoint_from_proto(self._unary(
+            self._stub.KeepCheckpoint, pb.KeepCheckpointRequest(job_id=job_id, step=step,
+                                                                keep=keep)))
 
     def download_checkpoint(self, job_id: str, step: int | None = None,
                             file: str = "model.safetensors",

@@ -173,11 +173,41 @@ def _cmd_cancel(args: argparse.Namespace) -> int:
 
 def _cmd_checkpoints(args: argparse.Namespace) -> int:
     with connect(args) as client:
+        for step, keep in ((args.keep, True), (args.unkeep, False)):
+            if step is not None:
+                client.keep_checkpoint(args.id, step, keep)
         records = client.list_checkpoints(args.id)
     print(format_table(
-        ["STEP", "SIZE", "CREATED", "SHA256", "METRICS"],
+        ["STEP", "SIZE", "CREATED", "SHA256", "KEPT", "METRICS"],
         [(r.step, f"{r.size / 1e3:.1f} kB", _short_time(r.created_at), r.sha256[:16],
-          format_metrics(r.manifest.get("metrics", {})) or "-") for r in records]))
+          "keep" if r.keep else "-", format_metrics(r.manifest.get("metrics", {})) or "-")
+         for r in records]))
+    return 0
+
+
+def _positive_days(text: str) -> float:
+    try:
+        days = float(text)
+    except ValueError:
+        days = float("nan")
+    if not days > 0 or days == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number of days > 0, got {text!r}")
+    return days
+
+
+def _cmd_delete(args: argparse.Namespace) -> int:
+    if not args.yes:
+        if not sys.stdin.isatty():
+            print(f"dptrain delete: refusing to delete {args.id} without --yes (no terminal "
+                  "to ask)", file=sys.stderr)
+            return EXIT_USAGE
+        answer = input(f"delete job {args.id}, its logs and its checkpoints for good? [y/N] ")
+        if answer.strip().lower() not in ("y", "yes"):
+            print("not deleted", file=sys.stderr)
+            return EXIT_USAGE
+    with connect(args) as client:
+        job = client.delete_job(args.id)
+    print(f"{job.id} deleted")
     return 0
 
 
@@ -306,6 +336,12 @@ def add_commands(commands: Any, serve: Callable[[argparse.Namespace], int],
                        help="seconds without training progress (the workers heartbeat only "
                             "while steps advance) before a running job counts as failed; "
                             "set it above the longest step (default 60; 0: never)")
+    serve_parser.add_argument("--retain-finished", type=_positive_days, default=None,
+                              metavar="DAYS",
+                              help="delete finished jobs (records, logs, checkpoints but the "
+                                   "files other jobs use) DAYS days after they finished, "
+                                   "checked at start and hourly; fractions allowed (default: "
+                                   "keep them)")
     serve_parser.add_argument("--max-restarts", type=int, default=3,
                        help="restarts of jobs submitted without max_restarts (default 3)")
     serve_parser.add_argument("--advertise-address", metavar="HOST:PORT",
@@ -347,8 +383,7 @@ def add_commands(commands: Any, serve: Callable[[argparse.Namespace], int],
                       choices=[s.value for s in JobState] + [s.value.lower() for s in JobState],
                       help="only jobs in this state (repeatable)")
     for name, handler, text in (("status", _cmd_status, "show one job"),
-                                ("watch", _cmd_watch, "print a job's events until it ends"),
-                                ("checkpoints", _cmd_checkpoints, "list a job's checkpoints")):
+                                ("watch", _cmd_watch, "print a job's events until it ends")):
         add(name, handler, text).add_argument("id", metavar="ID", help="the job's id")
     cancel = add("cancel", _cmd_cancel, "cancel a job: a queued one at once; a running one is "
                  "CANCELLING while its workers finish their step and checkpoint (the "
@@ -356,6 +391,18 @@ def add_commands(commands: Any, serve: Callable[[argparse.Namespace], int],
     cancel.add_argument("id", metavar="ID", help="the job's id")
     cancel.add_argument("--wait", action="store_true",
                         help="wait until the job is CANCELLED (its final checkpoint stored)")
+    listing = add("checkpoints", _cmd_checkpoints, "list a job's checkpoints (KEPT: marked to "
+                  "be kept)", "example:\n  dptrain checkpoints j-0123456789ab --keep 500\n\n")
+    listing.add_argument("id", metavar="ID", help="the job's id")
+    listing.add_argument("--keep", type=int, metavar="STEP",
+                         help="first mark the checkpoint at STEP kept: retention (the job's "
+                              "checkpoint.keep newest) never deletes it")
+    listing.add_argument("--unkeep", type=int, metavar="STEP",
+                         help="first remove the mark of the checkpoint at STEP")
+    delete = add("delete", _cmd_delete, "delete a finished job: its record, logs and the "
+                 "checkpoint and code files no other job uses")
+    delete.add_argument("id", metavar="ID", help="the job's id")
+    delete.add_argument("--yes", "-y", action="store_true", help="do not ask first")
     logs = add("logs", _cmd_logs, "print a job's log lines")
     logs.add_argument("id", metavar="ID", help="the job's id")
     logs.add_argument("--follow", "-f", action="store_true", help="keep printing until it ends")

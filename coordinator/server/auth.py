@@ -41,6 +41,7 @@ from dptrain.coordinator.server.private_files import make_private_dir
 
 __all__ = [
     "WORKER_SERVICE", "HEALTH_SERVICE", "Unauthenticated", "PermissionDenied", "Principal",
+    "require_job_owner",
     "load_or_create_token", "authenticate", "AuthInterceptor",
 ]
 
@@ -81,6 +82,18 @@ class Principal:
         if not self.admin and self.job_id != job_id:
             raise PermissionDenied(f"this worker token belongs to job {self.job_id!r}, "
                                    f"not {job_id!r}")
+
+
+def require_job_owner(principal: Principal, job_id: str) -> None:
+    """Allow changing or deleting a job's stored results (DeleteJob, KeepCheckpoint) to its
+    owner or an admin. Today every caller of the ``Coordinator`` service is an admin (worker
+    tokens never get that far); the owner's row belongs here when jobs have owners.
+
+    Raises:
+        PermissionDenied: anyone else.
+    """
+    if not principal.admin:
+        raise PermissionDenied(f"only the owner of job {job_id!r} or an admin may do this")
 
 
 # ---------------------------------------------------------------- tokens on disk

@@ -14,6 +14,16 @@ the digest while streaming unless told not to (a download leaves that to its rec
 hashes what it gets anyway), so a blob damaged on disk raises `BlobCorrupted` after its last
 chunk.
 
+Deleting never pulls a blob from under a reader. A transfer (a download, a worker's fetch of a
+checkpoint or of its code) takes a `BlobLease` on the blobs it sends; `BlobStore.delete` of a
+leased blob is deferred until its last lease ends, and called off when the same bytes are put
+again meanwhile (someone is about to record them). An upload pins the blobs it is about to
+record (``lease(names, pin=True)``) until their record is written: deleting a pinned blob is
+skipped, as what nothing records after all is garbage for the next collection. And while
+``dptrain backup`` copies the blob directory it holds ``ROOT/backup.lock``: deletions are
+skipped then, leaving garbage for the next `BlobStore.collect_garbage` rather than a backup
+whose records lack their blobs.
+
 Blobs know nothing of jobs or checkpoints: which blobs a checkpoint consists of, which one is
 the newest intact checkpoint, retention and the set of referenced blobs are
 `server.checkpoint_store`'s business. `BlobStore.collect_garbage` removes what nothing refers
@@ -30,12 +40,15 @@ Example::
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import re
 import tempfile
+import threading
 import time
 from collections.abc import Container, Iterable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 from dptrain.atomic_files import fsync_directory
 from dptrain.coordinator.api.errors import (
@@ -51,10 +64,14 @@ from dptrain.coordinator.api.limits import CHUNK_BYTES
 from dptrain.coordinator.server.private_files import make_private_dir
 from dptrain.worker.checkpoint_manifest import HASH_ALGORITHMS, check_digest, new_hasher
 
-__all__ = ["BlobStore", "blob_id", "parse_blob_id"]
+__all__ = ["BlobStore", "BlobLease", "LeasedStream", "blob_id", "parse_blob_id",
+           "BACKUP_LOCK"]
 
 _HEX64_RE = re.compile(r"^[0-9a-f]{64}$")
 _TMP = "tmp"
+#: Held (``flock`` LOCK_EX) by a backup while it copies the blobs; deleting takes it shared.
+BACKUP_LOCK = "backup.lock"
+_T = TypeVar("_T")
 _LEGACY = "sha256"  # the algorithm whose blobs are named by the bare digest, at the root
 
 
@@ -108,6 +125,10 @@ class BlobStore:
     def __init__(self, root: str | os.PathLike, *, max_size: int | None = None):
         self.root = Path(root)
         self.max_size = max_size
+        self._lease_lock = threading.Lock()  # guards the three below and every unlink/replace
+        self._leases: dict[str, int] = {}
+        self._pins: dict[str, int] = {}
+        self._doomed: set[str] = set()  # leased blobs to delete when their last lease ends
         make_private_dir(self.root / _TMP)
         make_private_dir(self.root / "blake3")  # so a new shard's parent always exists
 
@@ -168,8 +189,10 @@ class BlobStore:
             if not final.parent.is_dir():
                 make_private_dir(final.parent)
                 fsync_directory(final.parent.parent)
-            # Replace rather than skip an existing file: a damaged copy gets repaired.
-            os.replace(tmp, final)
+            with self._lease_lock:
+                # Replace rather than skip an existing file: a damaged copy gets repaired.
+                os.replace(tmp, final)
+                self._doomed.discard(name)  # stored anew: a deferred deletion is called off
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
@@ -186,21 +209,76 @@ class BlobStore:
             yield chunk
 
     def delete(self, name: str) -> bool:
-        """Remove a blob.
+        """Remove a blob; while it is leased, when its last lease ends; while a backup copies
+        the blobs, not at all (the next `collect_garbage` does).
 
         Args:
             name: its name (`blob_id`).
 
         Returns:
-            True when it existed.
+            True when it existed and is gone now.
         """
         path = self._path(name)
+        with self._lease_lock:
+            if self._pins.get(name):  # an upload is about to record it
+                return False
+            if self._leases.get(name):
+                self._doomed.add(name)
+                return False
+            return self._unlink(path)
+
+    def _unlink(self, path: Path) -> bool:
+        """Remove a blob's file unless a backup holds `BACKUP_LOCK` (under ``_lease_lock``)."""
+        lock_fd = os.open(self.root / BACKUP_LOCK, os.O_RDWR | os.O_CREAT, 0o600)
         try:
-            path.unlink()
-        except FileNotFoundError:
-            return False
+            try:
+                fcntl.flock(lock_fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return False
+            try:
+                path.unlink()
+            except FileNotFoundError:
+                return False
+        finally:
+            os.close(lock_fd)  # releases the shared lock
         fsync_directory(path.parent)
         return True
+
+    def lease(self, names: Iterable[str], *, pin: bool = False) -> BlobLease:
+        """Keep blobs from being deleted until the returned lease is released.
+
+        Args:
+            names: the blobs (`blob_id`), present or not.
+            pin: for an upload: a deletion meanwhile is skipped, not deferred (the upload is
+                about to record the blobs).
+
+        Returns:
+            The lease, held from now on.
+        """
+        names = tuple(names)
+        counts = self._pins if pin else self._leases
+        with self._lease_lock:
+            for name in names:
+                counts[name] = counts.get(name, 0) + 1
+        return BlobLease(self, names, pin)
+
+    def _release(self, names: tuple[str, ...], pin: bool) -> None:
+        counts = self._pins if pin else self._leases
+        with self._lease_lock:
+            for name in names:
+                left = counts[name] - 1
+                if left:
+                    counts[name] = left
+                    continue
+                del counts[name]
+                if not pin and name in self._doomed:
+                    self._doomed.discard(name)
+                    self._unlink(self._path(name))
+
+    def leased(self, name: str) -> bool:
+        """True while some transfer holds a lease on the blob."""
+        with self._lease_lock:
+            return bool(self._leases.get(name))
 
     # -- reading
 
@@ -343,3 +421,60 @@ def _modified(path: Path) -> float:
     except FileNotFoundError:
         return float("inf")
 
+
+
+class BlobLease:
+    """Blobs kept from deletion (`BlobStore.lease`) until `release`; releasing twice is
+    harmless. Usable as a context manager."""
+
+    def __init__(self, blobs: BlobStore, names: tuple[str, ...], pin: bool = False):
+        self._blobs, self._names, self._pin = blobs, names, pin
+        self._lock = threading.Lock()
+        self._held = True
+
+    def release(self) -> None:
+        """End the lease; a deletion deferred by it happens now."""
+        with self._lock:
+            held, self._held = self._held, False
+        if held:
+            self._blobs._release(self._names, self._pin)
+
+    def __enter__(self) -> BlobLease:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+class LeasedStream(Iterator[_T]):
+    """An iterator that holds a lease until it is exhausted, fails, is closed or collected.
+
+    A generator would not do: closing one that never started skips its ``finally``, and a
+    stream is closed unstarted when its receiver goes away after the first message.
+
+    Args:
+        lease: the lease (released by this stream).
+        items: what to iterate.
+    """
+
+    def __init__(self, lease: BlobLease, items: Iterator[_T]):
+        self._lease, self._items = lease, items
+
+    def __next__(self) -> _T:
+        try:
+            return next(self._items)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Stop: close the underlying iterator and release the lease."""
+        try:
+            close = getattr(self._items, "close", None)
+            if close is not None:
+                close()
+        finally:
+            self._lease.release()
+
+    def __del__(self) -> None:
+        self._lease.release()

@@ -16,10 +16,11 @@ hashing it again.
 
 A checkpoint is intact when every one of its blobs is present and hashes to its name; resuming
 (`open_fetch`) skips damaged ones, newest first (`intact_checkpoint`). Retention
-(`prune_job_checkpoints`) keeps a job's newest ``checkpoint.keep`` records and deletes the blobs
-no remaining record refers to. `referenced_blobs` is the one definition of which blobs are in
-use — every record's manifest blob and every file blob its manifest lists — for retention and
-for ``BlobStore.collect_garbage`` alike.
+(`prune_job_checkpoints`) keeps a job's newest ``checkpoint.keep`` records and those marked
+kept (`keep_checkpoint`), and deletes the blobs no remaining record refers to (`free_blobs`).
+`referenced_blobs` is the one definition of which blobs are in use — every record's manifest
+blob and every file blob its manifest lists, and every job's code archive — for retention,
+deleting jobs (`server.retention`) and ``BlobStore.collect_garbage`` alike.
 
 Who may store a checkpoint when. A job's workers upload while their attempt lives: while the
 job is RUNNING, while it is CANCELLING (a user cancelled it: the checkpoint its workers write
@@ -32,11 +33,12 @@ stores what the workers could not upload from the job's checkpoint directory
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import re
 import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 from dptrain.coordinator.api.checkpoint_upload import CheckpointUpload, record_files
@@ -60,7 +62,7 @@ from dptrain.coordinator.api.limits import (
 )
 from dptrain.coordinator.api.records import CheckpointRecord, EventKind, JobState
 from dptrain.coordinator.api.strict_json import loads
-from dptrain.coordinator.server.blobs import BlobStore, blob_id
+from dptrain.coordinator.server.blobs import BlobStore, LeasedStream, blob_id
 from dptrain.coordinator.server.jobs import fail_job
 from dptrain.worker.checkpoint_manifest import MANIFEST, FileEntry
 from dptrain.worker.spec import code_digest
@@ -72,7 +74,8 @@ if TYPE_CHECKING:
 __all__ = [
     "DEFAULT_FILE", "WORKER_STATES", "record_blobs", "store_checkpoint",
     "receive_checkpoint", "list_checkpoints", "verify_record", "intact_checkpoint",
-    "open_download", "open_fetch", "prune_job_checkpoints", "referenced_blobs",
+    "open_download", "open_fetch", "keep_checkpoint", "prune_job_checkpoints", "free_blobs",
+    "referenced_blobs",
 ]
 
 log = logging.getLogger("dptrain.coordinator")
@@ -220,6 +223,21 @@ def store_checkpoint(upload: CheckpointUpload, chunks: Iterable[tuple[str, bytes
     if states is not None and job.state not in states:
         raise StateConflict(job.id, job.state, states)
     manifest = _check_upload(upload, blobs.max_size)
+    # Pinned until recorded: retention elsewhere may be freeing the same bytes meanwhile.
+    names = [blob_id(f.algorithm, f.digest) for f in upload.files]
+    with blobs.lease([*names, hashlib.sha256(upload.manifest_json).hexdigest()], pin=True):
+        record, received = _store_files(upload, chunks, manifest, store, blobs, states, now)
+    keep = (job.spec.get("checkpoint") or {}).get("keep", 3)
+    prune_job_checkpoints(store, blobs, upload.job_id, keep)
+    return record, received + len(upload.manifest_json)
+
+
+def _store_files(upload: CheckpointUpload, chunks: Iterable[tuple[str, bytes]],
+                 manifest: dict[str, Any], store: Store, blobs: BlobStore,
+                 states: Iterable[JobState] | None, now: float | None
+                 ) -> tuple[CheckpointRecord, int]:
+    """`store_checkpoint`'s blobs, then its record; returns the record and the bytes of the
+    files received (the manifest's not counted)."""
     stream = _Peekable(chunks)
     received = [0]
     total = len(upload.manifest_json) + sum(f.size for f in upload.files)
@@ -244,9 +262,7 @@ def store_checkpoint(upload: CheckpointUpload, chunks: Iterable[tuple[str, bytes
     except AlreadyExists:
         store.delete_checkpoint(upload.job_id, upload.step)
         record = store.add_checkpoint(record, states=states)
-    keep = (job.spec.get("checkpoint") or {}).get("keep", 3)
-    prune_job_checkpoints(store, blobs, upload.job_id, keep)
-    return record, received[0] + len(upload.manifest_json)
+    return record, received[0]
 
 
 def receive_checkpoint(upload: CheckpointUpload, chunks: Iterable[tuple[str, bytes]],
@@ -373,15 +389,21 @@ def open_download(job_id: str, step: int | None, name: str, state: ServiceState,
     blobs = record_blobs(record)
     if name not in blobs:
         raise ValidationError("file", "must be one of " + ", ".join(sorted(blobs)), name)
-    size = state.blobs.size(blobs[name])
-    if offset > size:
-        raise OutOfRange("offset", f"must be at most the file's size ({size} bytes)", offset)
-    chunks = state.blobs.read(blobs[name], chunk_size=CHUNK_BYTES, verify=False, offset=offset)
+    lease = state.blobs.lease([blobs[name]])  # held until the stream ends (server.blobs)
+    try:
+        size = state.blobs.size(blobs[name])
+        if offset > size:
+            raise OutOfRange("offset", f"must be at most the file's size ({size} bytes)", offset)
+        chunks = state.blobs.read(blobs[name], chunk_size=CHUNK_BYTES, verify=False,
+                                  offset=offset)
+    except BaseException:
+        lease.release()
+        raise
     listed = {f.name: f for f in record_files(record)}.get(name)
     digest, algorithm = (record.sha256, "sha256") if listed is None else (listed.digest,
                                                                           listed.algorithm)
     entry = FileEntry(name, size, digest, algorithm)
-    return record.step, entry, _counted(state, chunks)
+    return record.step, entry, LeasedStream(lease, _counted(state, chunks))
 
 
 def _counted(state: ServiceState, chunks: Iterator[bytes]) -> Iterator[bytes]:
@@ -413,7 +435,12 @@ def open_fetch(job_id: str, state: ServiceState
     record = intact_checkpoint(job_id, state)
     if record is None:
         raise CheckpointNotFound(job_id, None)
-    manifest_json = b"".join(state.blobs.read(record.sha256))
+    lease = state.blobs.lease(record_blobs(record).values())  # until the stream ends
+    try:
+        manifest_json = b"".join(state.blobs.read(record.sha256))
+    except BaseException:
+        lease.release()
+        raise
     files = tuple(record_files(record))
     header = CheckpointUpload(job_id, record.step, manifest_json, files)
 
@@ -425,10 +452,24 @@ def open_fetch(job_id: str, state: ServiceState
             for chunk in _counted(state, blob):
                 yield f.name, chunk
 
-    return header, chunks()
+    return header, LeasedStream(lease, chunks())
 
 
 # ---------------------------------------------------------------- retention
+
+def keep_checkpoint(job_id: str, step: int, keep: bool, state: ServiceState
+                    ) -> CheckpointRecord:
+    """Mark a checkpoint to be kept by retention (`keep` True), or unmark it. Unmarking does
+    not prune at once: the job's next checkpoint does.
+
+    Returns:
+        The record as it is now.
+
+    Raises:
+        JobNotFound, CheckpointNotFound.
+    """
+    return state.store.set_checkpoint_keep(job_id, step, keep)
+
 
 def referenced_blobs(store: Store) -> set[str]:
     """Every blob some checkpoint record refers to: each record's ``manifest.json`` blob and
@@ -453,21 +494,21 @@ def referenced_blobs(store: Store) -> set[str]:
             return blobs
 
 
-def prune_job_checkpoints(store: Store, blobs: BlobStore, job_id: str, keep: int, *,
-                          grace_s: float = 60.0) -> list[CheckpointRecord]:
-    """Keep a job's newest `keep` checkpoints; forget the rest and free their blobs.
+def prune_job_checkpoints(store: Store, blobs: BlobStore, job_id: str,
+                          keep: int) -> list[CheckpointRecord]:
+    """Keep a job's newest `keep` checkpoints and those marked kept; forget the rest and free
+    their blobs (`free_blobs`).
 
-    Records go first (so nobody is offered a checkpoint whose files are going); then each of
-    their blobs that no remaining record of any job refers to is deleted, unless it was written
-    in the last `grace_s` seconds (another upload may be about to record the same bytes;
-    ``BlobStore.collect_garbage`` removes such blobs later).
+    Records go first, blobs after (so nobody is offered a checkpoint whose files are going,
+    and a crash in between leaves only unreferenced blobs for the next start's garbage
+    collection).
 
     Args:
         store: the records.
         blobs: the files.
         job_id: the job.
-        keep: how many checkpoints to keep, >= 1 (the spec's ``checkpoint.keep``).
-        grace_s: spare blobs this recent.
+        keep: how many of the newest checkpoints to keep, >= 1 (the spec's
+            ``checkpoint.keep``), besides the marked ones.
 
     Returns:
         The records removed, oldest first.
@@ -481,17 +522,39 @@ def prune_job_checkpoints(store: Store, blobs: BlobStore, job_id: str, keep: int
     records = store.list_checkpoints(job_id)
     removed = []
     for record in records[:-keep]:
+        if record.keep:
+            continue
         try:
             removed.append(store.delete_checkpoint(job_id, record.step))
         except LookupError:  # someone else removed it meanwhile
             continue
-    cutoff = time.time() - grace_s
-    old = {sha for record in removed for sha in record_blobs(record).values()
-           if blobs.modified(sha) <= cutoff}
-    if old:
-        # What is referenced is read first, each blob's age again after: bytes that an upload
-        # stored again meanwhile carry a new time and are spared.
-        for name in old - referenced_blobs(store):
-            if blobs.modified(name) <= cutoff:
-                blobs.delete(name)
+    free_blobs(store, blobs, {sha: record.created_at for record in removed
+                              for sha in record_blobs(record).values()})
     return removed
+
+
+def free_blobs(store: Store, blobs: BlobStore, candidates: Mapping[str, float]) -> list[str]:
+    """Delete the blobs of forgotten records that no remaining record refers to.
+
+    A blob written again after the forgotten record was made is spared: another upload (of a
+    checkpoint, or of code a submission is about to name) stored the same bytes and may record
+    them any moment; ``BlobStore.collect_garbage`` removes it later if nobody does. Call this
+    only after the records are gone.
+
+    Args:
+        store: the records.
+        blobs: the files.
+        candidates: blob name -> when the forgotten record that used it was made (a
+            checkpoint's ``created_at``, a job's ``submitted_at`` for its code).
+
+    Returns:
+        The blobs deleted now (a leased one goes when its transfer ends: `server.blobs`).
+    """
+    old = {name: made for name, made in candidates.items() if blobs.modified(name) <= made}
+    if not old:
+        return []
+    # What is referenced is read first, each blob's time again after: bytes that an upload
+    # stored again meanwhile carry a new time and are spared.
+    live = referenced_blobs(store)
+    return [name for name, made in sorted(old.items())
+            if name not in live and blobs.modified(name) <= made and blobs.delete(name)]

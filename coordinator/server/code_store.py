@@ -16,13 +16,14 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 
 from dptrain.coordinator.api.errors import (
+    BlobNotFound,
     BlobTooLarge,
     ChecksumMismatch,
     NotFound,
     StateConflict,
     ValidationError,
 )
-from dptrain.coordinator.server.blobs import blob_id
+from dptrain.coordinator.server.blobs import LeasedStream, blob_id
 from dptrain.coordinator.server.checkpoint_store import WORKER_STATES
 from dptrain.coordinator.server.jobs import ServiceState
 from dptrain.worker.code_archive import CodeArchiveError, check_archive
@@ -105,7 +106,13 @@ def open_code(job_id: str, state: ServiceState) -> tuple[str, int, Iterator[byte
     if job.state not in WORKER_STATES:
         raise StateConflict(job_id, job.state, WORKER_STATES)
     digest = code_digest(job.spec.get("code"))
-    if digest is None or not state.blobs.exists(digest):
+    if digest is None:
         raise CodeNotFound(f"job {job_id!r} has no uploaded code")
-    return digest, state.blobs.size(digest), state.blobs.read(digest, chunk_size=_CHUNK,
-                                                                verify=False)
+    lease = state.blobs.lease([digest])  # held until the stream ends (server.blobs)
+    try:
+        size, chunks = state.blobs.size(digest), state.blobs.read(digest, chunk_size=_CHUNK,
+                                                              verify=False)
+    except BlobNotFound:
+        lease.release()
+        raise CodeNotFound(f"job {job_id!r} has no uploaded code") from None
+    return digest, size, LeasedStream(lease, chunks)

@@ -15,6 +15,7 @@ from dptrain.coordinator.server.launchers.base import Launcher
 from dptrain.coordinator.server.launchers.kubernetes_manifest import settings_from_options
 from dptrain.coordinator.server.launchers.mpiexec import MpiexecLauncher
 from dptrain.coordinator.server.launchers.slurm import SlurmLauncher, partition_cpus
+from dptrain.coordinator.server.retention import DAY_S
 from dptrain.coordinator.server.runner_settings import RunnerSettings
 from dptrain.coordinator.server.scheduler import Cluster
 from dptrain.coordinator.server.server import ServerSettings, is_loopback, serve
@@ -115,7 +116,9 @@ def run_server(args: argparse.Namespace) -> int:
         data_roots=args.data_root, metrics_port=args.metrics_port, cluster=cluster,
         default_max_restarts=args.max_restarts, advertise_address=args.advertise_address,
         runner=RunnerSettings(state_dir, launcher=launcher,
-                              heartbeat_timeout=args.heartbeat_timeout or None)))
+                              heartbeat_timeout=args.heartbeat_timeout or None),
+        retain_finished_s=None if args.retain_finished is None
+        else args.retain_finished * DAY_S))
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda signum, frame: stop.set())

@@ -95,6 +95,7 @@ class ServiceState:
         max_code_bytes: the largest code archive accepted, packed or unpacked.
         metrics: counters for the Prometheus endpoint.
         stopping: set when the server shuts down (ends open watches).
+        jobs_dir: where the job directories are (``STATE/jobs``); None: nowhere (tests).
     """
 
     store: Store
@@ -106,6 +107,7 @@ class ServiceState:
     max_code_bytes: int = MAX_CODE_BYTES
     metrics: Metrics = field(default_factory=Metrics)
     stopping: threading.Event = field(default_factory=threading.Event)
+    jobs_dir: Path | None = None
 
 
 class SpecInvalid(ValidationError):

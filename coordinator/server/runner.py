@@ -461,7 +461,7 @@ class JobRunner:
         self._publish(run, run.tail.read(final=True), final=True)
         try:
             self._settle(run, code)
-        except StoreClosed:
+        except (StoreClosed, JobNotFound):  # shutting down, or a cancelled job deleted since
             pass
         except Exception:
             log.exception("runner: settling job %s failed", run.job_id)

@@ -39,10 +39,10 @@ from dptrain.coordinator.api.errors import CorruptRecord, JobNotFound, Validatio
 from dptrain.coordinator.api.limits import DEFAULT_MAX_CHECKPOINT_BYTES, channel_options
 from dptrain.coordinator.server.auth import AuthInterceptor, load_or_create_token
 from dptrain.coordinator.server.blobs import BlobStore
-from dptrain.coordinator.server.checkpoint_store import referenced_blobs
 from dptrain.coordinator.server.jobs import Runner, ServiceState
 from dptrain.coordinator.server.metrics import Metrics, MetricsHTTPServer
 from dptrain.coordinator.server.private_files import make_private_dir
+from dptrain.coordinator.server.retention import Upkeep, collect_leftovers
 from dptrain.coordinator.server.runner import JobRunner
 from dptrain.coordinator.server.runner_settings import RunnerSettings
 from dptrain.coordinator.server.scheduler import Cluster
@@ -93,6 +93,8 @@ class ServerSettings:
         runner: the job runner's settings (its launcher among them); None: no runner, jobs
             stay QUEUED. The server runs it on its own state directory and gives the workers
             its own CA certificate, whatever ``runner.state_dir`` and ``runner.tls_ca`` say.
+        retain_finished_s: delete finished jobs this many seconds after they finished, at
+            start and hourly (`server.retention`); None (default): keep them.
     """
 
     state_dir: str | os.PathLike
@@ -112,6 +114,7 @@ class ServerSettings:
     default_max_restarts: int | None = 3
     advertise_address: str | None = None
     runner: RunnerSettings | None = None
+    retain_finished_s: float | None = None
 
 
 #: ``runner_factory(store, blobs, cluster, worker_address, runner_settings) -> Runner``: a
@@ -339,6 +342,7 @@ class CoordinatorServer:
         self.port = settings.port
         self.store, self.blobs, self.cluster = state.store, state.blobs, state.cluster
         self.runner: Runner | None = None
+        self.upkeep: Upkeep | None = None
         self.metrics = state.metrics
         self.metrics_port = None if metrics_http is None else metrics_http.port
 
@@ -362,6 +366,8 @@ class CoordinatorServer:
                     log.exception("the runner failed to stop cleanly")
             self._server.stop(grace).wait()
             self._executor.shutdown(wait=False)
+            if self.upkeep is not None:
+                self.upkeep.stop()
             if self._metrics_http is not None:
                 self._metrics_http.stop()
             self.store.close()
@@ -440,10 +446,15 @@ def serve(settings: ServerSettings, *,
                                          max_size=settings.max_checkpoint_bytes),
             cluster=settings.cluster if settings.cluster is not None else Cluster.local(),
             data_roots=tuple(Path(r).resolve() for r in settings.data_roots),
-            default_max_restarts=default_max_restarts, max_code_bytes=settings.max_code_bytes)
-        # Before any upload can be in flight: drop blobs no checkpoint refers to (the leftovers
-        # of an upload cut short by a crash) and stray temporary files.
-        state.blobs.collect_garbage(referenced_blobs(store), min_age=0)
+            default_max_restarts=default_max_restarts, max_code_bytes=settings.max_code_bytes,
+            jobs_dir=RunnerSettings(state_dir).jobs_dir)
+        if settings.retain_finished_s is not None and not settings.retain_finished_s > 0:
+            raise ServerConfigError(f"retain_finished_s: must be > 0 seconds, got "
+                                    f"{settings.retain_finished_s!r}")
+        # Before any upload can be in flight: drop blobs no record refers to (the leftovers of
+        # an upload or a deletion cut short by a crash), stray temporary files and the
+        # directories of deleted jobs.
+        collect_leftovers(state, min_age=0)
 
         def job_token_hash(job_id: str) -> str | None:
             try:
@@ -460,7 +471,7 @@ def serve(settings: ServerSettings, *,
                                                      RequestDecodingInterceptor(),
                                                      ChunkWireInterceptor()],
                              options=[*channel_options(), ("grpc.so_reuseport", 0)])
-        pb_grpc.add_CoordinatorServicer_to_server(CoordinatorServicer(state), server)
+        pb_grpc.add_CoordinatorServicer_to_server(CoordinatorServicer(state, auth), server)
         pb_grpc.add_WorkerServiceServicer_to_server(WorkerServicer(state, auth), server)
         health_servicer = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -500,6 +511,8 @@ def serve(settings: ServerSettings, *,
                                     worker_address=worker_address,
                                     health_servicer=health_servicer, metrics_http=metrics_http)
     server.start()
+    coordinator.upkeep = Upkeep(state, settings.retain_finished_s)
+    coordinator.upkeep.start()
     if settings.runner is not None or runner_factory is not None:
         # The runner works in the server's state directory and its workers verify the
         # server's certificate: set here, once, so the two can never disagree.

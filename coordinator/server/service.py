@@ -20,8 +20,8 @@ from dptrain.coordinator.api.errors import ValidationError, status_name
 from dptrain.coordinator.api.limits import MAX_ERROR_MESSAGE
 from dptrain.coordinator.api.records import Job
 from dptrain.coordinator.server import checkpoint_store as checkpoints
-from dptrain.coordinator.server import code_store, jobs
-from dptrain.coordinator.server.auth import WORKER_SERVICE, AuthInterceptor
+from dptrain.coordinator.server import code_store, jobs, retention
+from dptrain.coordinator.server.auth import WORKER_SERVICE, AuthInterceptor, require_job_owner
 from dptrain.coordinator.server.jobs import ServiceState
 from dptrain.protos.dptrain.v1 import coordinator_pb2 as pb
 from dptrain.protos.dptrain.v1 import coordinator_pb2_grpc as pb_grpc
@@ -110,11 +110,19 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
 
     Args:
         state: the server's state.
+        auth: the server's authenticator (who is calling), for the owner-or-admin methods.
     """
 
-    def __init__(self, state: ServiceState):
+    def __init__(self, state: ServiceState, auth: AuthInterceptor | None = None):
         self.state = state
+        self.auth = auth
         self.specs = SpecMessages()
+
+    def _require_owner(self, context: Any, method: str, job_id: str) -> None:
+        if self.auth is not None:  # None: a servicer without authentication (tests)
+            principal = self.auth.principal(context.invocation_metadata(),
+                                            f"/dptrain.v1.Coordinator/{method}")
+            require_job_owner(principal, job_id)
 
     def SubmitJob(self, request: pb.SubmitJobRequest, context: Any) -> pb.Job:
         """Validate and queue a job (`jobs.submit_job`)."""
@@ -171,9 +179,23 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             step, entry, chunks = checkpoints.open_download(
                 request.job_id, request.step if request.HasField("step") else None,
                 request.file, self.state, request.offset)
-            yield pb.DownloadCheckpointResponse(
-                info=pb.DownloadInfo(step=step, file=serde.file_entry_to_proto(entry)))
-            yield from chunks  # bytes: encoded by `api.chunk_wire` (server.ChunkWireInterceptor)
+            with contextlib.closing(chunks):  # ends its blob lease, however the call ends
+                yield pb.DownloadCheckpointResponse(
+                    info=pb.DownloadInfo(step=step, file=serde.file_entry_to_proto(entry)))
+                yield from chunks  # bytes: encoded by `api.chunk_wire`
+
+    def DeleteJob(self, request: pb.DeleteJobRequest, context: Any) -> pb.Job:
+        """Delete a finished job and its files (`retention.delete_job`)."""
+        with _aborting(context):
+            self._require_owner(context, "DeleteJob", request.job_id)
+            return self.specs.job_message(retention.delete_job(request.job_id, self.state))
+
+    def KeepCheckpoint(self, request: pb.KeepCheckpointRequest, context: Any) -> pb.Checkpoint:
+        """Mark or unmark a checkpoint kept (`checkpoints.keep_checkpoint`)."""
+        with _aborting(context):
+            self._require_owner(context, "KeepCheckpoint", request.job_id)
+            return serde.checkpoint_to_proto(checkpoints.keep_checkpoint(
+                request.job_id, request.step, request.keep, self.state))
 
     def UploadCode(self, request_iterator: Iterator[pb.UploadCodeRequest],
                    context: Any) -> pb.CodeArchive:
@@ -240,9 +262,10 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
         with _aborting(context):
             self._require_job(context, "FetchCheckpoint", request.job_id)
             header, chunks = checkpoints.open_fetch(request.job_id, self.state)
-            yield pb.FetchCheckpointResponse(header=serde.upload_header_to_proto(header))
-            for name, data in chunks:  # encoded by `api.chunk_wire`
-                yield Chunk(name, data)
+            with contextlib.closing(chunks):  # ends its blob lease, however the call ends
+                yield pb.FetchCheckpointResponse(header=serde.upload_header_to_proto(header))
+                for name, data in chunks:  # encoded by `api.chunk_wire`
+                    yield Chunk(name, data)
 
     def FetchCode(self, request: pb.FetchCodeRequest,
                   context: Any) -> Iterator[pb.FetchCodeResponse]:
@@ -250,6 +273,7 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
         with _aborting(context):
             self._require_job(context, "FetchCode", request.job_id)
             sha256, size, chunks = code_store.open_code(request.job_id, self.state)
-            yield pb.FetchCodeResponse(info=pb.CodeArchive(sha256=sha256, size=size))
-            for chunk in chunks:
-                yield pb.FetchCodeResponse(chunk=chunk)
+            with contextlib.closing(chunks):  # ends its blob lease, however the call ends
+                yield pb.FetchCodeResponse(info=pb.CodeArchive(sha256=sha256, size=size))
+                for chunk in chunks:
+                    yield pb.FetchCodeResponse(chunk=chunk)

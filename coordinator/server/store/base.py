@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import threading
 import time
 from abc import ABC, abstractmethod
@@ -76,6 +77,9 @@ class Transaction(Protocol):
     def get_checkpoint(self, job_id: str, step: int | None) -> CheckpointRecord | None: ...
     def insert_checkpoint(self, record: CheckpointRecord) -> None: ...
     def delete_checkpoint(self, job_id: str, step: int) -> None: ...
+    def set_checkpoint_keep(self, job_id: str, step: int, keep: bool) -> None: ...
+    def delete_job(self, job_id: str) -> None:
+        """Remove a job with its events and checkpoint records."""
     def list_jobs(self, states: frozenset[JobState] | None, after: tuple[float, str] | None,
                   limit: int) -> list[Job]:
         """Jobs newest first (submitted_at, then id, descending), strictly after `after`."""
@@ -283,6 +287,29 @@ class Store(ABC):
         self._notify(job_id)
         return updated
 
+    def delete_job(self, job_id: str, states: Iterable[JobState]
+                   ) -> tuple[Job, list[CheckpointRecord]]:
+        """Forget a job: its record, its events and its checkpoint records, in one
+        transaction (the blobs stay: see `server.retention.delete_job`).
+
+        Args:
+            job_id: the job.
+            states: delete it only while its state is one of these (its job is over).
+
+        Returns:
+            The deleted job and its deleted checkpoint records.
+
+        Raises:
+            JobNotFound: no such job.
+            StateConflict: the job is in another state.
+        """
+        with self._write() as tx:
+            job = self._job_in(tx, job_id, states)
+            records = tx.list_checkpoints(job_id)
+            tx.delete_job(job_id)
+        self._notify(job_id)
+        return job, records
+
     def count_by_state(self) -> dict[JobState, int]:
         """How many jobs are in each state (every state present, zeros included)."""
         with self._read() as tx:
@@ -464,6 +491,26 @@ class Store(ABC):
                 raise CheckpointNotFound(job_id, step)
             tx.delete_checkpoint(job_id, step)
         return record
+
+    def set_checkpoint_keep(self, job_id: str, step: int, keep: bool) -> CheckpointRecord:
+        """Mark a checkpoint to be kept by retention (`keep` True), or unmark it.
+
+        Returns:
+            The record as it is now.
+
+        Raises:
+            JobNotFound, CheckpointNotFound.
+            ValidationError: naming ``keep``, when it is not a bool.
+        """
+        if not isinstance(keep, bool):
+            raise ValidationError("keep", "must be true or false", keep)
+        with self._write() as tx:
+            self._job_in(tx, job_id, None)
+            record = tx.get_checkpoint(job_id, step)
+            if record is None:
+                raise CheckpointNotFound(job_id, step)
+            tx.set_checkpoint_keep(job_id, step, keep)
+        return dataclasses.replace(record, keep=keep)
 
     def all_checkpoints(self) -> list[CheckpointRecord]:
         """Every job's checkpoint records, read in one snapshot (by job, then step).

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import threading
 from contextlib import AbstractContextManager
 from typing import Any
@@ -62,6 +63,20 @@ class _MemoryTransaction:
         records = self._checkpoints[job_id]
         old = records.pop(step)
         self.undo.append(lambda: records.__setitem__(step, old))
+
+    def set_checkpoint_keep(self, job_id: str, step: int, keep: bool) -> None:
+        records = self._checkpoints[job_id]
+        old = records[step]
+        records[step] = dataclasses.replace(old, keep=keep)
+        self.undo.append(lambda: records.__setitem__(step, old))
+
+    def delete_job(self, job_id: str) -> None:
+        saved = (self._jobs.pop(job_id), self._events.pop(job_id),
+                 self._checkpoints.pop(job_id))
+
+        def restore() -> None:
+            self._jobs[job_id], self._events[job_id], self._checkpoints[job_id] = saved
+        self.undo.append(restore)
 
     def list_jobs(self, states: frozenset[JobState] | None, after: tuple[float, str] | None,
                   limit: int) -> list[Job]:

@@ -116,16 +116,25 @@ def _drop_workers_column(conn: sqlite3.Connection) -> None:
     conn.execute("ALTER TABLE jobs DROP COLUMN workers")
 
 
+def _add_checkpoint_keep(conn: sqlite3.Connection) -> None:
+    """A checkpoint may be marked to be kept: retention never deletes it. Added as a column
+    with a default, so every checkpoint stored before is unmarked; the step reads nothing but
+    the ``checkpoints`` table, so it works wherever it lands in the list."""
+    conn.execute("ALTER TABLE checkpoints ADD COLUMN keep INTEGER NOT NULL DEFAULT 0")
+
+
 #: Schema steps: ``MIGRATIONS[i](connection)`` upgrades version i to i+1 inside the opening
 #: transaction. Append a step (never edit a released one) to change the schema.
-MIGRATIONS: tuple[Migration, ...] = (_create_schema_1, _drop_workers_column)
+MIGRATIONS: tuple[Migration, ...] = (_create_schema_1, _drop_workers_column,
+                                     _add_checkpoint_keep)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 _JOB_COLUMNS = tuple(f.name for f in dataclasses.fields(Job))
 _JOB_SELECT = f"SELECT {', '.join(_JOB_COLUMNS)} FROM jobs"
 _SUBMITTED_AT = _JOB_COLUMNS.index("submitted_at")
 _JSON_COLUMNS = frozenset({"spec", "metrics", "placement"})
-_CHECKPOINT_SELECT = "SELECT job_id, step, sha256, size, created_at, manifest FROM checkpoints"
+_CHECKPOINT_SELECT = ("SELECT job_id, step, sha256, size, created_at, manifest, keep "
+                      "FROM checkpoints")
 
 
 def _job_values(job: Job) -> tuple:
@@ -158,8 +167,9 @@ def _job_from_row(row: Sequence) -> Job:
 
 
 def _checkpoint_from_row(row: Sequence) -> CheckpointRecord:
-    job_id, step, sha256, size, created_at, manifest = row
-    return CheckpointRecord(job_id, step, sha256, size, created_at, json.loads(manifest))
+    job_id, step, sha256, size, created_at, manifest, keep = row
+    return CheckpointRecord(job_id, step, sha256, size, created_at, json.loads(manifest),
+                            bool(keep))
 
 
 class _SqlTransaction:
@@ -203,12 +213,21 @@ class _SqlTransaction:
 
     def insert_checkpoint(self, r: CheckpointRecord) -> None:
         self._c.execute(
-            "INSERT INTO checkpoints (job_id, step, sha256, size, created_at, manifest) "
-            "VALUES (?, ?, ?, ?, ?, ?)",
-            (r.job_id, r.step, r.sha256, r.size, r.created_at, json.dumps(r.manifest)))
+            "INSERT INTO checkpoints (job_id, step, sha256, size, created_at, manifest, keep) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (r.job_id, r.step, r.sha256, r.size, r.created_at, json.dumps(r.manifest),
+             int(r.keep)))
 
     def delete_checkpoint(self, job_id: str, step: int) -> None:
         self._c.execute("DELETE FROM checkpoints WHERE job_id = ? AND step = ?", (job_id, step))
+
+    def set_checkpoint_keep(self, job_id: str, step: int, keep: bool) -> None:
+        self._c.execute("UPDATE checkpoints SET keep = ? WHERE job_id = ? AND step = ?",
+                        (int(keep), job_id, step))
+
+    def delete_job(self, job_id: str) -> None:
+        # Its events and checkpoint records go with it: ON DELETE CASCADE (foreign_keys = ON).
+        self._c.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
 
     def list_jobs(self, states: frozenset[JobState] | None, after: tuple[float, str] | None,
                   limit: int) -> list[Job]:

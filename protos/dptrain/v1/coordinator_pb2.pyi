@@ -217,6 +217,22 @@ class CancelJobRequest(_message.Message):
     job_id: str
     def __init__(self, job_id: _Optional[str] = ...) -> None: ...
 
+class DeleteJobRequest(_message.Message):
+    __slots__ = ("job_id",)
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    def __init__(self, job_id: _Optional[str] = ...) -> None: ...
+
+class KeepCheckpointRequest(_message.Message):
+    __slots__ = ("job_id", "step", "keep")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    KEEP_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    step: int
+    keep: bool
+    def __init__(self, job_id: _Optional[str] = ..., step: _Optional[int] = ..., keep: _Optional[bool] = ...) -> None: ...
+
 class StateChange(_message.Message):
     __slots__ = ("state", "previous", "error", "exit_code", "restarts")
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -320,7 +336,7 @@ class CheckpointFile(_message.Message):
     def __init__(self, name: _Optional[str] = ..., size: _Optional[int] = ..., sha256: _Optional[str] = ..., blake3: _Optional[str] = ...) -> None: ...
 
 class Checkpoint(_message.Message):
-    __slots__ = ("job_id", "step", "sha256", "size", "created_at", "files", "metrics", "epoch")
+    __slots__ = ("job_id", "step", "sha256", "size", "created_at", "files", "metrics", "epoch", "keep")
     class MetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -336,6 +352,7 @@ class Checkpoint(_message.Message):
     FILES_FIELD_NUMBER: _ClassVar[int]
     METRICS_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
+    KEEP_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     step: int
     sha256: str
@@ -344,7 +361,8 @@ class Checkpoint(_message.Message):
     files: _containers.RepeatedCompositeFieldContainer[CheckpointFile]
     metrics: _containers.ScalarMap[str, float]
     epoch: int
-    def __init__(self, job_id: _Optional[str] = ..., step: _Optional[int] = ..., sha256: _Optional[str] = ..., size: _Optional[int] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., files: _Optional[_Iterable[_Union[CheckpointFile, _Mapping]]] = ..., metrics: _Optional[_Mapping[str, float]] = ..., epoch: _Optional[int] = ...) -> None: ...
+    keep: bool
+    def __init__(self, job_id: _Optional[str] = ..., step: _Optional[int] = ..., sha256: _Optional[str] = ..., size: _Optional[int] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., files: _Optional[_Iterable[_Union[CheckpointFile, _Mapping]]] = ..., metrics: _Optional[_Mapping[str, float]] = ..., epoch: _Optional[int] = ..., keep: _Optional[bool] = ...) -> None: ...
 
 class ListCheckpointsRequest(_message.Message):
     __slots__ = ("job_id",)

@@ -75,6 +75,16 @@ class CoordinatorStub:
                 request_serializer=dptrain_dot_v1_dot_coordinator__pb2.UploadCodeRequest.SerializeToString,
                 response_deserializer=dptrain_dot_v1_dot_coordinator__pb2.CodeArchive.FromString,
                 _registered_method=True)
+        self.DeleteJob = channel.unary_unary(
+                '/dptrain.v1.Coordinator/DeleteJob',
+                request_serializer=dptrain_dot_v1_dot_coordinator__pb2.DeleteJobRequest.SerializeToString,
+                response_deserializer=dptrain_dot_v1_dot_coordinator__pb2.Job.FromString,
+                _registered_method=True)
+        self.KeepCheckpoint = channel.unary_unary(
+                '/dptrain.v1.Coordinator/KeepCheckpoint',
+                request_serializer=dptrain_dot_v1_dot_coordinator__pb2.KeepCheckpointRequest.SerializeToString,
+                response_deserializer=dptrain_dot_v1_dot_coordinator__pb2.Checkpoint.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServicer:
@@ -157,6 +167,25 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DeleteJob(self, request, context):
+        """Delete a finished job (SUCCEEDED, FAILED, CANCELLED; FAILED_PRECONDITION otherwise:
+        cancel it first): its record, events, checkpoint records, its files on the coordinator
+        (logs) and the stored files no other job uses (checkpoints, its code archive). A download
+        in progress completes; GetJob is NOT_FOUND afterwards. Returns the job as it was.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def KeepCheckpoint(self, request, context):
+        """Mark a checkpoint to be kept (keep = true): retention, which keeps a job's newest
+        checkpoint.keep checkpoints, never deletes a marked one; keep = false removes the mark.
+        Only deleting the job removes a marked checkpoint. Returns the checkpoint.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -199,6 +228,16 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.UploadCode,
                     request_deserializer=dptrain_dot_v1_dot_coordinator__pb2.UploadCodeRequest.FromString,
                     response_serializer=dptrain_dot_v1_dot_coordinator__pb2.CodeArchive.SerializeToString,
+            ),
+            'DeleteJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteJob,
+                    request_deserializer=dptrain_dot_v1_dot_coordinator__pb2.DeleteJobRequest.FromString,
+                    response_serializer=dptrain_dot_v1_dot_coordinator__pb2.Job.SerializeToString,
+            ),
+            'KeepCheckpoint': grpc.unary_unary_rpc_method_handler(
+                    servicer.KeepCheckpoint,
+                    request_deserializer=dptrain_dot_v1_dot_coordinator__pb2.KeepCheckpointRequest.FromString,
+                    response_serializer=dptrain_dot_v1_dot_coordinator__pb2.Checkpoint.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -418,6 +457,60 @@ class Coordinator:
             '/dptrain.v1.Coordinator/UploadCode',
             dptrain_dot_v1_dot_coordinator__pb2.UploadCodeRequest.SerializeToString,
             dptrain_dot_v1_dot_coordinator__pb2.CodeArchive.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dptrain.v1.Coordinator/DeleteJob',
+            dptrain_dot_v1_dot_coordinator__pb2.DeleteJobRequest.SerializeToString,
+            dptrain_dot_v1_dot_coordinator__pb2.Job.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def KeepCheckpoint(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dptrain.v1.Coordinator/KeepCheckpoint',
+            dptrain_dot_v1_dot_coordinator__pb2.KeepCheckpointRequest.SerializeToString,
+            dptrain_dot_v1_dot_coordinator__pb2.Checkpoint.FromString,
             options,
             channel_credentials,
             insecure,

@@ -377,6 +377,9 @@ def _valid_requests(t: Target) -> dict[str, Any]:
         "Heartbeat": pb.HeartbeatRequest(job_id=t.running),
         "FetchCheckpoint": pb.FetchCheckpointRequest(job_id=t.running),
         "FetchCode": pb.FetchCodeRequest(job_id=t.running),
+        # Only the job that stays RUNNING is named: deleting a target would change the run.
+        "DeleteJob": pb.DeleteJobRequest(job_id=t.running),
+        "KeepCheckpoint": pb.KeepCheckpointRequest(job_id=t.running, step=0, keep=True),
     }
 
 
@@ -407,7 +410,8 @@ def requests(draw: Any, t: Target, method: str) -> Any:
         request.CopyFrom(valid)
     if "job_id" in m.input_type.fields_by_name and kind != "random" and draw(st.booleans()):
         request.job_id = draw(t.job_ids().filter(
-            lambda job_id: method != "CancelJob" or job_id != t.running))
+            lambda job_id: (method != "CancelJob" or job_id != t.running)
+            and (method != "DeleteJob" or job_id == t.running)))
     if method == "CancelJob" and request.job_id == t.running:
         request.job_id = t.queued  # the worker service's calls need their job running
     return request

@@ -377,7 +377,7 @@ def test_retention_spares_files_another_job_still_uses(state):
     for job in (a, b):
         checkpoints.receive_checkpoint(*_upload(job.id, 1, {"model.safetensors": shared}), state)
     checkpoints.receive_checkpoint(*_upload(a.id, 2, {"model.safetensors": b"m2"}), state)
-    removed = checkpoints.prune_job_checkpoints(state.store, state.blobs, a.id, 1, grace_s=0)
+    removed = checkpoints.prune_job_checkpoints(state.store, state.blobs, a.id, 1)
     assert [r.step for r in removed] == [1]
     assert state.blobs.exists(_blob(shared))
     assert checkpoints.intact_checkpoint(b.id, state).step == 1

@@ -34,7 +34,7 @@ from dptrain.coordinator.server.store import (
     StateConflict,
     StoreClosed,
 )
-from dptrain.coordinator.server.store.sqlite import MIGRATIONS
+from dptrain.coordinator.server.store.sqlite import MIGRATIONS, _add_checkpoint_keep
 from dptrain.worker.spec import JobSpec
 
 SHA_A, SHA_B = "a" * 64, "b" * 64
@@ -330,6 +330,45 @@ class TestStoreContract:
         store.add_checkpoint(_ckpt(job.id, 20))  # no condition: recorded whatever the state
         assert [c.step for c in store.list_checkpoints(job.id)] == [10, 20]
 
+    def test_a_kept_mark_is_stored_and_removed(self, store):
+        job = store.create_job(_job())
+        store.add_checkpoint(_ckpt(job.id, 10))
+        store.add_checkpoint(_ckpt(job.id, 20, SHA_B))
+        assert store.set_checkpoint_keep(job.id, 10, True).keep is True
+        assert [(c.step, c.keep) for c in store.list_checkpoints(job.id)] == [(10, True),
+                                                                              (20, False)]
+        assert store.get_checkpoint(job.id, 10).keep is True
+        assert store.set_checkpoint_keep(job.id, 10, False).keep is False
+        assert not any(c.keep for c in store.all_checkpoints())
+        with pytest.raises(CheckpointNotFound):
+            store.set_checkpoint_keep(job.id, 30, True)
+        with pytest.raises(JobNotFound):
+            store.set_checkpoint_keep("j-000000000000", 10, True)
+        with pytest.raises(ValidationError, match="keep: must be true or false"):
+            store.set_checkpoint_keep(job.id, 10, 1)
+
+    def test_deleting_a_job_removes_its_events_and_checkpoints_only(self, store):
+        job, other = store.create_job(_job()), store.create_job(_job())
+        for j in (job, other):
+            store.add_checkpoint(_ckpt(j.id, 10))
+            store.append_event(j.id, "log", {"line": "hi"})
+        with pytest.raises(StateConflict, match="is QUEUED"):
+            store.delete_job(job.id, [JobState.CANCELLED])
+        store.transition(job.id, Q, JobState.CANCELLED)
+        deleted, records = store.delete_job(job.id, [JobState.CANCELLED])
+        assert (deleted.id, [(r.job_id, r.step) for r in records]) == (job.id, [(job.id, 10)])
+        with pytest.raises(JobNotFound):
+            store.get_job(job.id)
+        with pytest.raises(JobNotFound):
+            store.events(job.id)
+        with pytest.raises(JobNotFound):
+            store.delete_job(job.id, [JobState.CANCELLED])
+        assert [(c.job_id, c.step) for c in store.all_checkpoints()] == [(other.id, 10)]
+        assert [j.id for j in store.all_jobs()] == [other.id]
+        assert len(store.events(other.id)) == 3
+        again = store.create_job(_job(job_id=job.id))  # its id is free again, events from 1
+        assert [e.seq for e in store.events(again.id)] == [1]
+
     def test_checkpoint_errors(self, store):
         job = store.create_job(_job())
         with pytest.raises(CheckpointNotFound, match="has no checkpoints"):
@@ -462,7 +501,7 @@ def test_a_version_1_database_opens_and_reads_workers_from_the_spec(tmp_path):
     path = tmp_path / "state.db"
     write_version_1_database(path, {"name": "old", "batch_size": 64, "workers": 4})
     with SqliteStore(path) as store:
-        assert store.schema_version == SCHEMA_VERSION == 2
+        assert store.schema_version == SCHEMA_VERSION
         job = store.get_job("j-0123456789ab")
         assert (job.name, job.workers, job.state) == ("old", 4, Q)
         with store._connection() as conn:
@@ -470,6 +509,28 @@ def test_a_version_1_database_opens_and_reads_workers_from_the_spec(tmp_path):
         assert "workers" not in columns and "spec" in columns
         new = store.create_job(_job("new", workers=3))
         assert store.get_job(new.id).workers == 3
+
+
+def test_checkpoints_stored_before_the_keep_mark_open_unmarked(tmp_path):
+    path = tmp_path / "state.db"
+    conn = sqlite3.connect(path)
+    before = MIGRATIONS[:MIGRATIONS.index(_add_checkpoint_keep)]
+    for step in before:
+        step(conn)
+    conn.execute(
+        "INSERT INTO jobs (id, name, spec, submitted_at, priority, state, max_restarts, "
+        "restarts, error, metrics, placement, token_hash) VALUES ('j-0123456789ab', 'old', "
+        "'{}', 100.0, 0, 'SUCCEEDED', 0, 0, '', '{}', '[]', '')")
+    conn.execute("INSERT INTO checkpoints (job_id, step, sha256, size, created_at, manifest) "
+                 f"VALUES ('j-0123456789ab', 7, '{SHA_A}', 10, 150.0, '{{}}')")
+    conn.execute(f"PRAGMA user_version = {len(before)}")
+    conn.commit()
+    conn.close()
+    with SqliteStore(path) as store:
+        assert store.get_checkpoint("j-0123456789ab", 7).keep is False
+        store.set_checkpoint_keep("j-0123456789ab", 7, True)
+    with SqliteStore(path) as store:
+        assert store.get_checkpoint("j-0123456789ab", 7).keep is True
 
 
 @pytest.mark.mpi
