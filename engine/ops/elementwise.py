@@ -130,12 +130,14 @@ def _gelu_exact_float32(xp, x):
         xp.multiply(xb, _INV_SQRT_2, out=e)
         xp.clip(e, -4.0, 4.0, out=e)
         xp.multiply(e, e, out=aa)
-        pp.fill(_ERF_P[0])
-        for c in _ERF_P[1:]:
+        xp.multiply(aa, _ERF_P[0], out=pp)  # Horner's rule, its first step without a fill
+        pp += _ERF_P[1]
+        for c in _ERF_P[2:]:
             pp *= aa
             pp += c
-        qq.fill(_ERF_Q[0])
-        for c in _ERF_Q[1:]:
+        xp.multiply(aa, _ERF_Q[0], out=qq)
+        qq += _ERF_Q[1]
+        for c in _ERF_Q[2:]:
             qq *= aa
             qq += c
         pp *= e
