@@ -188,14 +188,13 @@ def _gelu_vjp(xp, g, ans, x, approximate, out=None):
     which keeps x alone."""
     xf, af, gf = x.reshape(-1), ans.reshape(-1), g.reshape(-1)
     dtype = xp.result_type(g, x)
-    if out is not None and out.dtype == dtype and out.flags.c_contiguous:
-        out = out.reshape(-1)  # each block reads g before writing the same elements
-    else:
-        out = xp.empty(xf.shape, dtype=dtype)
+    if out is None or out.dtype != dtype or not out.flags.c_contiguous:
+        out = xp.empty(x.shape, dtype=dtype)
+    of = out.reshape(-1)  # each block reads g before writing the same elements
     t, c = xp.empty(min(xf.size, _GELU_BLOCK), out.dtype), xp.empty(min(xf.size, _GELU_BLOCK),
                                                                     out.dtype)
     for i, j in _blocks(xp, xf.size):
-        xb, tb, cb, ob = xf[i:j], t[:j - i], c[:j - i], out[i:j]
+        xb, tb, cb, ob = xf[i:j], t[:j - i], c[:j - i], of[i:j]
         xp.multiply(xb, xb, out=tb)
         with numpy.errstate(divide="ignore", invalid="ignore"):
             xp.divide(af[i:j], xb, out=cb)
@@ -215,7 +214,7 @@ def _gelu_vjp(xp, g, ans, x, approximate, out=None):
             tb *= _INV_SQRT_2PI
         tb += cb
         xp.multiply(tb, gf[i:j], out=ob)
-    return out.reshape(x.shape)
+    return out
 
 
 _gelu = Op("gelu", _gelu_forward, (_gelu_vjp,), save_ans=True, reuse_g=True)
