@@ -437,3 +437,10 @@ def test_gelu_backward_writes_into_the_gradient_it_owns():
     (y * 2.0).sum().backward()
     assert x.grad.data.__array_interface__["data"][0] == where[0]
     np.testing.assert_allclose(x.grad.numpy(), 2.0 * _gelu_grad(a), rtol=1e-12)
+
+
+def test_reuse_g_needs_an_op_with_exactly_one_rule():
+    from dptrain.engine.ops.core import Op
+
+    with pytest.raises(ValueError, match="op pair: reuse_g needs exactly one rule"):
+        Op("pair", lambda xp, x, y: x + y, (lambda xp, g, ans, x, y: g,) * 2, reuse_g=True)
