@@ -121,13 +121,47 @@ def special(xp):
 def scatter_add(xp, acc, index, values) -> None:
     """``acc[index] += values`` with repeated indices accumulated (numpy's ``add.at``)."""
     if xp is numpy:
-        numpy.add.at(acc, index, values)
+        rows = _row_index(acc, index, values)
+        if rows is None:
+            numpy.add.at(acc, index, values)
+        else:
+            _scatter_add_rows(acc, rows, values)
     elif xp is STRICT:
         numpy.add.at(acc.view(numpy.ndarray), _host_index(index), values.view(numpy.ndarray))
     else:  # pragma: no cover
         import cupyx
 
         cupyx.scatter_add(acc, index, values)
+
+
+def _row_index(acc, index, values):
+    """The integer array of `index` when it picks whole rows of a matrix (an embedding's
+    gradient: ``acc[idx] += values``, values of shape ``idx.shape + acc.shape[1:]``), else
+    None."""
+    if isinstance(index, tuple):
+        if len(index) != 1:
+            return None
+        index = index[0]
+    if (not isinstance(index, numpy.ndarray) or index.dtype.kind not in "iu" or acc.ndim < 2
+            or values.shape != index.shape + acc.shape[1:]):
+        return None
+    return index
+
+
+def _scatter_add_rows(acc, index, values) -> None:
+    """``numpy.add.at(acc, index, values)`` for whole rows, as a sort and one segmented sum:
+    add.at adds row by row through a slow generic loop (5.5 against 3.0 ms for 2048 rows of
+    256 into 256)."""
+    flat = index.reshape(-1)
+    if flat.size == 0:
+        return
+    if flat.dtype.kind == "i" and flat.min() < 0:  # -1 and n-1 are the same row
+        flat = numpy.where(flat < 0, flat + acc.shape[0], flat)
+    order = numpy.argsort(flat, kind="stable")  # stable: each row sums in add.at's order
+    picked = flat[order]
+    starts = numpy.flatnonzero(numpy.concatenate(([True], picked[1:] != picked[:-1])))
+    rows = values.reshape((flat.size,) + acc.shape[1:])[order]
+    acc[picked[starts]] += numpy.add.reduceat(rows, starts, axis=0)
 
 
 def _host_index(index):

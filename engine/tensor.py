@@ -10,6 +10,7 @@ Op definitions live in `engine.ops`; this module knows nothing about any particu
 from __future__ import annotations
 
 import functools
+import sys
 import threading
 from collections.abc import Callable
 
@@ -505,6 +506,9 @@ def run_backward(root, g, retain_graph: bool) -> None:
             vjps = op.vjps
             if vjps is None:
                 gis = op.backward(xp, g, v.ans, *args, **v.kwargs)
+            if op.reuse_g and _unshared(g):
+                gis = [vjps[0](xp, g, v.ans, *args, out=g, **v.kwargs)]
+                vjps = None
             for i, p in enumerate(v.parents):
                 if p is None:
                     continue
@@ -514,6 +518,7 @@ def run_backward(root, g, retain_graph: bool) -> None:
                 pending[p] = n
                 if n == 0:
                     ready.append(p)
+            gi = gis = None  # the vertices they went to hold them alone (see _unshared)
             if not retain_graph:
                 v.saved = v.ans = None
                 v.released = True
@@ -522,6 +527,27 @@ def run_backward(root, g, retain_graph: bool) -> None:
     finally:
         _in_backward.active = False
         _callbacks.clear()
+
+
+def _unshared(g) -> bool:
+    """Whether array `g`, held in one variable by its caller, may be overwritten: it owns its
+    memory and that variable is its only reference (a view of it, another vertex's gradient,
+    or a Tensor a hook kept would each hold one more)."""
+    return (getattr(g, "base", 0) is None and getattr(g.flags, "writeable", False)
+            and sys.getrefcount(g) == _SOLE_REFERENCE)
+
+
+def _sole_reference_count() -> int:
+    """What `_unshared` counts for an array only its caller's variable holds: measured once,
+    in the same call shape, because the interpreter's own references differ by version."""
+    def count(a):
+        return sys.getrefcount(a)
+
+    g = numpy.empty(1)
+    return count(g)
+
+
+_SOLE_REFERENCE = _sole_reference_count()
 
 
 def _accumulate(xp, grads: dict, fresh: set, vertex, gi, shape, dtype) -> None:

@@ -23,9 +23,16 @@ def _log_softmax(xp, x, axis):
 _softmax_op = Op("softmax", _softmax, (
     lambda xp, g, ans, x, axis: ans * (g - (g * ans).sum(axis=axis, keepdims=True)),
 ), save=False, save_ans=True)
-_log_softmax_op = Op("log_softmax", _log_softmax, (
-    lambda xp, g, ans, x, axis: g - xp.exp(ans) * g.sum(axis=axis, keepdims=True),
-), save=False, save_ans=True)
+def _log_softmax_vjp(xp, g, ans, x, axis):
+    """``g - softmax * sum(g)``, in one new array: as an expression it held a second
+    full-size temporary at the start of backward, which is a language model's peak."""
+    out = xp.exp(ans)
+    out *= g.sum(axis=axis, keepdims=True)
+    return xp.subtract(g, out, out=out)
+
+
+_log_softmax_op = Op("log_softmax", _log_softmax, (_log_softmax_vjp,), save=False,
+                     save_ans=True)
 
 
 @export(FUNCTION, METHOD, FUNCTIONAL)

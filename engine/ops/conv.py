@@ -160,11 +160,28 @@ def _forward(xp, x, w, b, stride, pads, dilation, groups):
 
 def _dx(xp, g, ans, x, w, b, stride, pads, dilation, groups):
     geo = _Geometry(x.shape, w.shape, stride, pads, dilation, groups)
+    if (geo.kh, geo.kw) == (1, 1) and not any(pads):
+        return _dx_pointwise(xp, g, w, geo)
     # Both ways cost about their column matrix: (O, H, W + kernel extent) for the transposed
     # convolution, (C, Ho, Wp) written, read and added for the scatter (measured: a factor 3).
     if geo.wide and geo.O * geo.H * (geo.W + (geo.kw - 1) * geo.dw) <= 3 * geo.C * geo.L:
         return _dx_conv(xp, g, w, geo)
     return _dx_col2im(xp, g, w, geo)
+
+
+def _dx_pointwise(xp, g, w, geo):
+    """1x1 kernels without padding (a residual network's projection shortcut): each output
+    pixel reads one input pixel, so the input gradient is ``w^T @ g`` laid on the strided
+    grid, zero elsewhere. The general scatter's phase planes and padded copy cost 11 MiB
+    for resnet's 16 -> 32 channel shortcut on a batch of 64, the top of its step's peak."""
+    G, O, C, N, Ho, Wo, sh, sw = geo.G, geo.O, geo.C, geo.N, geo.Ho, geo.Wo, geo.sh, geo.sw
+    wt = w.reshape(G, O // G, C // G).swapaxes(1, 2)  # (G, C/G, O/G)
+    d = xp.matmul(wt, g.reshape(N, G, O // G, Ho * Wo)).reshape(N, C, Ho, Wo)
+    if (Ho, Wo) == (geo.H, geo.W):  # stride 1
+        return d
+    dx = xp.zeros((N, C, geo.H, geo.W), dtype=d.dtype)
+    dx[:, :, :(Ho - 1) * sh + 1:sh, :(Wo - 1) * sw + 1:sw] = d
+    return dx
 
 
 def _dx_conv(xp, g, w, geo):

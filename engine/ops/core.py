@@ -34,15 +34,21 @@ class Op:
         save_ans: whether the rules read the output.
         view: the output may share memory with input 0 (reshape, transpose, basic indexing), so
             it shares input 0's version counter and in-place changes to either are detected.
+        reuse_g: the op's one rule takes ``out=`` and may write its gradient there: backward
+            passes ``out=g`` when nothing else holds g, so an elementwise rule needs no new
+            full-size array (what a checkpointed activation's backward would otherwise add to
+            the peak).
     """
 
-    __slots__ = ("name", "forward", "vjps", "backward", "save", "save_ans", "view")
+    __slots__ = ("name", "forward", "vjps", "backward", "save", "save_ans", "view", "reuse_g")
 
     def __init__(self, name: str, forward: Callable, vjps: Sequence[Callable | None] | None = None,
                  *, backward: Callable | None = None, save: bool | tuple = True,
-                 save_ans: bool = False, view: bool = False):
+                 save_ans: bool = False, view: bool = False, reuse_g: bool = False):
         if (vjps is None) == (backward is None):
             raise ValueError(f"op {name}: give exactly one of vjps and backward")
+        if reuse_g and (vjps is None or len(vjps) != 1):
+            raise ValueError(f"op {name}: reuse_g needs exactly one rule, which alone reads g")
         self.name = name
         self.forward = forward
         self.vjps = tuple(vjps) if vjps is not None else None
@@ -50,6 +56,7 @@ class Op:
         self.save = save
         self.save_ans = save_ans
         self.view = view
+        self.reuse_g = reuse_g
 
     def __call__(self, *args, **kwargs) -> Tensor:
         return apply(self, *args, **kwargs)

@@ -130,12 +130,14 @@ def _gelu_exact_float32(xp, x):
         xp.multiply(xb, _INV_SQRT_2, out=e)
         xp.clip(e, -4.0, 4.0, out=e)
         xp.multiply(e, e, out=aa)
-        pp.fill(_ERF_P[0])
-        for c in _ERF_P[1:]:
+        xp.multiply(aa, _ERF_P[0], out=pp)  # Horner's rule, its first step without a fill
+        pp += _ERF_P[1]
+        for c in _ERF_P[2:]:
             pp *= aa
             pp += c
-        qq.fill(_ERF_Q[0])
-        for c in _ERF_Q[1:]:
+        xp.multiply(aa, _ERF_Q[0], out=qq)
+        qq += _ERF_Q[1]
+        for c in _ERF_Q[2:]:
             qq *= aa
             qq += c
         pp *= e
@@ -177,16 +179,22 @@ def _blocks(xp, size: int):
     return [(i, min(size, i + step)) for i in range(0, size, step)]
 
 
-def _gelu_vjp(xp, g, ans, x, approximate):
+def _gelu_vjp(xp, g, ans, x, approximate, out=None):
     """``g * (c + x c'(x))`` for ``gelu(x) = x c(x)``. The forward's c is recovered as
     ``ans / x`` (one division instead of erf's ~25 passes, or a tanh); ans is usually kept
-    anyway, as the input of the linear layer that follows."""
+    anyway, as the input of the linear layer that follows. Written into `out` (g itself, when
+    backward owns it) where its dtype and layout allow: keeping ans next to x would
+    otherwise put one more activation-sized array on backward's peak than PyTorch's GELU,
+    which keeps x alone."""
     xf, af, gf = x.reshape(-1), ans.reshape(-1), g.reshape(-1)
-    out = xp.empty(xf.shape, dtype=xp.result_type(g, x))
+    dtype = xp.result_type(g, x)
+    if out is None or out.dtype != dtype or not out.flags.c_contiguous:
+        out = xp.empty(x.shape, dtype=dtype)
+    of = out.reshape(-1)  # each block reads g before writing the same elements
     t, c = xp.empty(min(xf.size, _GELU_BLOCK), out.dtype), xp.empty(min(xf.size, _GELU_BLOCK),
                                                                     out.dtype)
     for i, j in _blocks(xp, xf.size):
-        xb, tb, cb, ob = xf[i:j], t[:j - i], c[:j - i], out[i:j]
+        xb, tb, cb, ob = xf[i:j], t[:j - i], c[:j - i], of[i:j]
         xp.multiply(xb, xb, out=tb)
         with numpy.errstate(divide="ignore", invalid="ignore"):
             xp.divide(af[i:j], xb, out=cb)
@@ -198,8 +206,7 @@ def _gelu_vjp(xp, g, ans, x, approximate):
             tb *= xb
             tb *= 2 * _SQRT_2_OVER_PI  # 2 x u'(x); 1 - tanh(u)^2 = 4 c (1 - c)
             tb *= cb
-            xp.subtract(1, cb, out=ob)
-            tb *= ob
+            tb *= 1 - cb  # a block-sized temporary: ob may be g, still to be read
         else:  # x c'(x) = x pdf(x)
             tb *= -0.5
             xp.exp(tb, out=tb)
@@ -207,10 +214,10 @@ def _gelu_vjp(xp, g, ans, x, approximate):
             tb *= _INV_SQRT_2PI
         tb += cb
         xp.multiply(tb, gf[i:j], out=ob)
-    return out.reshape(x.shape)
+    return out
 
 
-_gelu = Op("gelu", _gelu_forward, (_gelu_vjp,), save_ans=True)
+_gelu = Op("gelu", _gelu_forward, (_gelu_vjp,), save_ans=True, reuse_g=True)
 _silu = Op("silu", lambda xp, x: x * special(xp).expit(x), (
     lambda xp, g, ans, x: g * (s := special(xp).expit(x)) * (1 + x * (1 - s)),
 ))

@@ -390,3 +390,57 @@ def test_a_slice_gradient_is_never_added_into_a_shared_array(slices_first):
     loss = sliced + dense if slices_first else dense + sliced
     loss.backward()
     np.testing.assert_array_equal(x.grad.numpy(), [3 + 5 + 3, 3 + 3 + 7])
+
+
+def _gelu_grad(x: np.ndarray) -> np.ndarray:
+    """d/dx of x Phi(x), by hand in float64: Phi(x) + x pdf(x)."""
+    import math
+
+    return np.array([0.5 * (1 + math.erf(v / math.sqrt(2)))
+                     + v * math.exp(-v * v / 2) / math.sqrt(2 * math.pi) for v in x])
+
+
+def test_a_gradient_two_vertices_share_is_not_overwritten_by_either():
+    # add hands one array to both GELUs; the first one's rule may write its result into its
+    # g only when nothing else holds g, else the second would read the first one's result.
+    a, b = np.linspace(-3, 3, 7), np.linspace(2, -1, 7)
+    x, x2 = engine.tensor(a, requires_grad=True), engine.tensor(b, requires_grad=True)
+    scale = np.arange(1.0, 8.0)
+    ((engine.functional.gelu(x) + engine.functional.gelu(x2)) * engine.tensor(scale)).sum(
+    ).backward()
+    np.testing.assert_allclose(x.grad.numpy(), scale * _gelu_grad(a), rtol=1e-12)
+    np.testing.assert_allclose(x2.grad.numpy(), scale * _gelu_grad(b), rtol=1e-12)
+
+
+def test_gradients_a_hook_or_retain_grad_kept_are_not_overwritten():
+    a = np.linspace(-2, 2, 5)
+    x = engine.tensor(a, requires_grad=True)
+    y = engine.functional.gelu(x)
+    kept = []
+    y.register_hook(lambda g: kept.append(g))
+    y.retain_grad()
+    (y * 3.0).sum().backward()
+    assert kept[0].tolist() == [3.0] * 5
+    assert y.grad.tolist() == [3.0] * 5
+    np.testing.assert_allclose(x.grad.numpy(), 3.0 * _gelu_grad(a), rtol=1e-12)
+
+
+def test_gelu_backward_writes_into_the_gradient_it_owns():
+    # The input gradient takes the output gradient's memory (no second activation-sized
+    # array on backward's peak) when nothing else holds that gradient. The hook notes where
+    # the gradient lives without keeping it.
+    a = np.random.default_rng(0).standard_normal(1000)
+    x = engine.tensor(a, requires_grad=True)
+    y = engine.functional.gelu(x)
+    where = []
+    y.register_hook(lambda g: where.append(g.data.__array_interface__["data"][0]))
+    (y * 2.0).sum().backward()
+    assert x.grad.data.__array_interface__["data"][0] == where[0]
+    np.testing.assert_allclose(x.grad.numpy(), 2.0 * _gelu_grad(a), rtol=1e-12)
+
+
+def test_reuse_g_needs_an_op_with_exactly_one_rule():
+    from dptrain.engine.ops.core import Op
+
+    with pytest.raises(ValueError, match="op pair: reuse_g needs exactly one rule"):
+        Op("pair", lambda xp, x, y: x + y, (lambda xp, g, ans, x, y: g,) * 2, reuse_g=True)

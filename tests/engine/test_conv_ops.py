@@ -106,6 +106,9 @@ CONV2D = [
     ((1, 4, 6, 6), (4, 1, 3, 3), {"groups": 4, "stride": 2, "padding": 1}),  # depthwise
     ((2, 3, 5, 5), (2, 3, 1, 1), {"padding": 2}),  # padding wider than the kernel
     ((2, 3, 5, 4), (2, 3, 1, 1), {"stride": 2}),
+    ((2, 4, 7, 5), (6, 2, 1, 1), {"stride": (3, 2), "groups": 2}),  # rows 6 and 7 unread
+    ((2, 3, 4, 5), (2, 3, 1, 1), {"stride": (1, 2), "dilation": 2}),
+    ((2, 3, 4, 5), (5, 3, 1, 1), {}),
     ((1, 1, 4, 4), (2, 1, 4, 4), {}),  # kernel as large as the input
     ((2, 1, 6, 6), (8, 1, 3, 3), {"padding": 1}),  # many more outputs than inputs
     ((2, 2, 7, 6), (3, 2, 4, 3), {"padding": "same", "dilation": (1, 2)}),

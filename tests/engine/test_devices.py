@@ -50,6 +50,38 @@ def test_scatter_add_accumulates_repeated_indices_on_every_device():
         assert engine.tensor(acc).tolist() == [0.0, 3.0, 0.0, 5.0]
 
 
+@pytest.mark.parametrize("index", [
+    pytest.param(np.array([[3, 0, 3], [3, 1, 0]]), id="repeated_2d"),
+    pytest.param(np.array([-1, 4, 0, -5, 2, 2]), id="negative_aliases"),
+    pytest.param(np.array([2]), id="one_row"),
+    pytest.param(np.zeros((0,), np.int64), id="empty"),
+    pytest.param(np.array([1, 1, 1], np.uint8), id="unsigned"),
+])
+@pytest.mark.parametrize("row_shape", [(3,), (2, 2)])
+def test_scatter_add_of_whole_rows_matches_numpy_add_at(index, row_shape):
+    """Whole rows (an embedding's gradient) take a sort-and-sum path; numpy's add.at is the
+    reference. Small integers sum exactly in any order, so the results must be equal."""
+    rng = np.random.default_rng(0)
+    start = rng.integers(-4, 5, (5,) + row_shape).astype(np.float32)
+    values = rng.integers(-4, 5, index.shape + row_shape).astype(np.float32)
+    expected = start.copy()
+    np.add.at(expected, index, values)
+    for key in (index, (index,)):
+        acc = start.copy()
+        backend.scatter_add(np, acc, key, values)
+        np.testing.assert_array_equal(acc, expected)
+
+
+def test_scatter_add_of_whole_rows_keeps_float_sums_close_to_numpy_add_at():
+    rng = np.random.default_rng(1)
+    index = rng.integers(0, 50, (16, 128))
+    values = rng.standard_normal((16, 128, 8))
+    acc, expected = np.ones((50, 8)), np.ones((50, 8))
+    np.add.at(expected, index, values)
+    backend.scatter_add(np, acc, index, values)
+    np.testing.assert_allclose(acc, expected, rtol=1e-13, atol=1e-13)
+
+
 def test_tensor_to_moves_values_and_gradients_flow_back_to_the_source_device():
     x = engine.tensor([1.0, -2.0, 3.0], requires_grad=True)
     y = x.to("strict")

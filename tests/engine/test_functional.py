@@ -637,3 +637,29 @@ def test_gelu_gradient_at_and_near_zero(approximate, dtype):
               * math.sqrt(2 / math.pi) * (1 + 3 * 0.044715))
     expected = [0.5] * 5 + [d1, 1 - d1]
     np.testing.assert_allclose(x.grad.numpy(), expected, rtol=1e-6, atol=1e-7)
+
+
+def test_gelu_float32_gradient_near_zero_in_any_block_of_a_large_input():
+    # Large inputs run in blocks, each checking for near-zero x on its own: put them in the
+    # second block, among ordinary values, and compare with the float64 rule.
+    x64 = np.random.default_rng(0).standard_normal(200_000)
+    x64[[70_000, 70_001, 70_002, 150_000]] = [0.0, 1e-40, -1e-44, -0.0]
+    x = engine.tensor(x64.astype(np.float32), requires_grad=True)
+    F.gelu(x).sum().backward()
+    grad = x.grad.numpy()
+    assert grad[[70_000, 70_001, 70_002, 150_000]].tolist() == [0.5] * 4
+    x_ref = engine.tensor(x64.astype(np.float32).astype(np.float64), requires_grad=True)
+    F.gelu(x_ref).sum().backward()
+    np.testing.assert_allclose(grad, x_ref.grad.numpy(), rtol=2e-6, atol=2e-6)
+
+
+def test_gelu_float32_at_zero_subnormals_and_large_magnitudes_against_math_erf():
+    xs = [0.0, -0.0, 1e-45, -1e-45, 1e-38, -3e-39, 1.0, -1.0, 4.0, -4.0, 5.657, -5.657, 9.0,
+          -9.0, 100.0, -100.0, 1e4, -1e4, 1e30, -1e30]
+    x = np.array(xs, np.float32)
+    got = F.gelu(engine.tensor(x)).numpy()
+    expected = [0.5 * v * (1 + math.erf(v / math.sqrt(2))) for v in x.astype(np.float64)]
+    # Within float32 rounding where the value is large, within 2e-6 absolute in the far
+    # negative tail, where 1 + erf cancels; never the wrong sign.
+    np.testing.assert_allclose(got, expected, rtol=2e-7, atol=2e-6)
+    assert np.all(got[x > 1e-40] > 0) and np.all(got[x < -6] == 0)
