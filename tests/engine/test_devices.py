@@ -120,6 +120,15 @@ def test_dropout_and_init_draw_on_the_device():
     assert w.device == "strict"
 
 
+def test_copy_moves_values_across_devices_in_place():
+    on_device = engine.zeros(3, device="strict")
+    on_device.copy_(engine.tensor([1.0, 2.0, 3.0]))
+    assert on_device.device == "strict" and on_device.tolist() == [1.0, 2.0, 3.0]
+    on_host = engine.zeros(2)
+    on_host.copy_(engine.tensor([4.0, 5.0], device="strict"))
+    assert on_host.device == "cpu" and on_host.tolist() == [4.0, 5.0]
+
+
 def test_module_to_moves_parameters_and_gives_the_cpu_outputs():
     engine.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
