@@ -319,12 +319,19 @@ class _StrictGenerator:
 
 
 class _CupyGenerator:  # pragma: no cover - needs a GPU
-    """The current GPU's CuPy generator under numpy's Generator names."""
+    """A GPU's CuPy generator under numpy's Generator names, drawing on that GPU."""
 
     _NAMES = {"random": "random_sample", "integers": "randint"}
 
+    def __init__(self, index: int):
+        self._index = index
+
     def __getattr__(self, name: str):
-        return getattr(cupy.random.get_random_state(), self._NAMES.get(name, name))
+        def draw(*args, **kwargs):
+            with cupy.cuda.Device(self._index):
+                state = cupy.random.get_random_state()
+                return getattr(state, self._NAMES.get(name, name))(*args, **kwargs)
+        return draw
 
 
 def device_generator(device: Device | str | None = None):
@@ -337,7 +344,7 @@ def device_generator(device: Device | str | None = None):
     if device.type == "strict":
         return _StrictGenerator()
     device.xp  # noqa: B018  (raises the install / no-GPU message)
-    return _CupyGenerator()  # pragma: no cover - needs a GPU
+    return _CupyGenerator(device.index)  # pragma: no cover - needs a GPU
 
 
 def get_rng_state() -> dict:
@@ -419,7 +426,8 @@ class CopyStream:
         if self._stream is None:
             numpy.copyto(dst, _host_view(src))
             return Event()
-        src.get(stream=self._stream, out=dst)  # pragma: no cover - needs a GPU
+        # blocking=False (CuPy >= 13): queue it and return; the event says when it is done.
+        src.get(stream=self._stream, out=dst, blocking=False)  # pragma: no cover - needs a GPU
         return Event(self._stream.record())  # pragma: no cover
 
     def to_device(self, src: numpy.ndarray, dst) -> Event:

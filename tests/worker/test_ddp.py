@@ -92,9 +92,11 @@ def test_n_ranks_on_a_device_train_as_one_on_every_allreduce_path(run_mpi, mpi_j
 
 
 @pytest.mark.mpi
+@pytest.mark.parametrize("path", ("cpu",) + DEVICE_PATHS)
 @pytest.mark.parametrize("n", [2, 3])
-def test_bucketed_reduction_equals_per_tensor_reduction(run_mpi, mpi_json, mpi_scripts, n):
-    ranks = _run(run_mpi, mpi_json, mpi_scripts / "ddp_buckets.py", n)["ranks"]
+def test_bucketed_reduction_equals_per_tensor_reduction(run_mpi, mpi_json, mpi_scripts, n, path):
+    ranks = _run(run_mpi, mpi_json, mpi_scripts / "ddp_buckets.py", n, path)["ranks"]
+    assert {r["path"]["hook"] for r in ranks} == {HOOKS.get(path, "function")}
     # Odd ranks produce the two branches' gradients in the other order: the hard case.
     assert ranks[0]["hook_order"] != ranks[1]["hook_order"]
     names = ranks[0]["registration_order"]
