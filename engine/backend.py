@@ -47,7 +47,17 @@ __all__ = [
     "to_host",
     "copy_from_host",
     "cuda_device_for",
+    "use_device",
     "synchronize",
+    "device_generator",
+    "Event",
+    "CopyStream",
+    "record_event",
+    "wait_event",
+    "pinned_empty",
+    "data_pointer",
+    "stream_pointer",
+    "nccl",
 ]
 
 FLOAT_DTYPES = frozenset(numpy.dtype(t) for t in ("float16", "float32", "float64"))
@@ -266,6 +276,14 @@ def synchronize(device: Device | str) -> None:
             device.xp.cuda.get_current_stream().synchronize()
 
 
+def use_device(device: Device | str) -> None:
+    """Make `device` the process's current GPU (``torch.cuda.set_device``): CuPy runs kernels
+    and allocates on the current device. A no-op off the GPU."""
+    device = Device(device)
+    if device.type == "cuda":  # pragma: no cover - needs a GPU
+        cupy.cuda.Device(device.index).use()
+
+
 def to_host(array) -> numpy.ndarray:
     """A host (numpy) copy of device `array`; a numpy array itself."""
     xp = get_array_module(array)
@@ -295,30 +313,205 @@ def to_device(array, device: Device | str):
     return device.xp.asarray(host)
 
 
-# One generator for every random op of the process, as torch.manual_seed gives.
+# One generator for every random op of the process, as torch.manual_seed gives. Each device
+# has its own, seeded from the same seed (PyTorch's CPU and CUDA generators, likewise): the
+# strict device's is a Philox generator apart from the host's PCG64, so its draws differ from
+# the CPU's as CuPy's do, and a test can tell which generator a draw came from.
 _generator = numpy.random.Generator(numpy.random.PCG64(0))
+_strict_generator = numpy.random.Generator(numpy.random.Philox(0))
 
 
 def manual_seed(seed: int) -> None:
-    """Seed the generator that every random op of the process draws from."""
-    global _generator
+    """Seed the generators that every random op of the process draws from: the host's, the
+    strict device's and, with CuPy, every GPU's."""
+    global _generator, _strict_generator
     if not isinstance(seed, int) or seed < 0:
         raise ValueError(f"seed must be a non-negative int, got {seed!r}")
     _generator = numpy.random.Generator(numpy.random.PCG64(seed))
-    if cupy is not None:  # pragma: no cover
-        cupy.random.seed(seed)
+    _strict_generator = numpy.random.Generator(numpy.random.Philox(seed))
+    if cupy is not None:  # pragma: no cover - needs a GPU
+        for index in range(gpu_count()):
+            with cupy.cuda.Device(index):
+                cupy.random.seed(seed)
 
 
 def generator() -> numpy.random.Generator:
-    """The process-wide random generator (its `bit_generator.state` is checkpointable)."""
+    """The process-wide host random generator (its `bit_generator.state` is checkpointable)."""
     return _generator
 
 
+class _StrictGenerator:
+    """The strict device's generator: numpy's Generator API, its arrays strict."""
+
+    def __getattr__(self, name: str):
+        method = getattr(_strict_generator, name)
+
+        def draw(*args, **kwargs):
+            out = method(*args, **kwargs)
+            return out.view(StrictArray) if isinstance(out, numpy.ndarray) else out
+        return draw
+
+
+class _CupyGenerator:  # pragma: no cover - needs a GPU
+    """A GPU's CuPy generator under numpy's Generator names, drawing on that GPU."""
+
+    _NAMES = {"random": "random_sample", "integers": "randint"}
+
+    def __init__(self, index: int):
+        self._index = index
+
+    def __getattr__(self, name: str):
+        def draw(*args, **kwargs):
+            with cupy.cuda.Device(self._index):
+                state = cupy.random.get_random_state()
+                return getattr(state, self._NAMES.get(name, name))(*args, **kwargs)
+        return draw
+
+
+def device_generator(device: Device | str | None = None):
+    """The generator that draws on `device` (numpy's ``Generator`` methods: ``standard_normal``,
+    ``random``, ``integers``, ``permutation``, ``uniform``, ``normal``), its arrays on the
+    device: the host generator for the CPU (None), the device's own elsewhere."""
+    device = _CPU if device is None else Device(device)
+    if device.type == "cpu":
+        return _generator
+    if device.type == "strict":
+        return _StrictGenerator()
+    device.xp  # noqa: B018  (raises the install / no-GPU message)
+    return _CupyGenerator(device.index)  # pragma: no cover - needs a GPU
+
+
 def get_rng_state() -> dict:
-    """The generator's state as a JSON-serialisable dict (for exact checkpoint/resume)."""
+    """The host generator's state as a JSON-serialisable dict (for exact checkpoint/resume)."""
     return _generator.bit_generator.state
 
 
 def set_rng_state(state: dict) -> None:
     """Restore a state returned by `get_rng_state`."""
     _generator.bit_generator.state = state
+
+
+# ---------------------------------------------------------------- streams and pinned memory
+# What the GPU all-reduce paths need: a copy stream, events and page-locked host buffers. On a
+# GPU they are CUDA's; elsewhere work is done when it is queued, so an event is complete at
+# once and a "pinned" buffer is an ordinary host array, and the strict device runs the same
+# ordering code as a GPU does.
+
+class Event:
+    """A point in a device's queue of work: `query` whether the work before it is done,
+    `synchronize` to wait for it."""
+
+    __slots__ = ("_event",)
+
+    def __init__(self, event=None):
+        self._event = event
+
+    def query(self) -> bool:
+        """True when the work queued before the event has completed."""
+        return self._event is None or self._event.done
+
+    def synchronize(self) -> None:
+        """Block the host until the work queued before the event has completed."""
+        if self._event is not None:  # pragma: no cover - needs a GPU
+            self._event.synchronize()
+
+
+def record_event(device: Device | str) -> Event:
+    """An event after the work queued so far on `device`'s current stream."""
+    device = Device(device)
+    if device.type == "cuda":  # pragma: no cover - needs a GPU
+        with cupy.cuda.Device(device.index):
+            return Event(cupy.cuda.get_current_stream().record())
+    return Event()
+
+
+def wait_event(device: Device | str, event: Event) -> None:
+    """Make the work queued next on `device`'s current stream wait for `event` (the host does
+    not wait)."""
+    device = Device(device)
+    if device.type == "cuda" and event._event is not None:  # pragma: no cover - needs a GPU
+        with cupy.cuda.Device(device.index):
+            cupy.cuda.get_current_stream().wait_event(event._event)
+
+
+class CopyStream:
+    """A stream of its own for copies between `device` and pinned host memory, so that a copy
+    overlaps the kernels of the compute stream and the host's MPI calls.
+
+    Args:
+        device: the device whose arrays it copies.
+    """
+
+    def __init__(self, device: Device | str):
+        self.device = Device(device)
+        self._stream = None
+        if self.device.type == "cuda":  # pragma: no cover - needs a GPU
+            with cupy.cuda.Device(self.device.index):
+                self._stream = cupy.cuda.Stream(non_blocking=True)
+
+    def wait(self, event: Event) -> None:
+        """Make the copies queued next wait for `event` (e.g. the kernels writing a buffer)."""
+        if self._stream is not None and event._event is not None:  # pragma: no cover
+            self._stream.wait_event(event._event)
+
+    def to_host(self, src, dst: numpy.ndarray) -> Event:
+        """Queue the copy of device array `src` into host array `dst` (pinned, for the copy to
+        run asynchronously); the returned event completes when `dst` holds it."""
+        if self._stream is None:
+            numpy.copyto(dst, _host_view(src))
+            return Event()
+        # blocking=False (CuPy >= 13): queue it and return; the event says when it is done.
+        src.get(stream=self._stream, out=dst, blocking=False)  # pragma: no cover - needs a GPU
+        return Event(self._stream.record())  # pragma: no cover
+
+    def to_device(self, src: numpy.ndarray, dst) -> Event:
+        """Queue the copy of host array `src` into device array `dst`; the returned event
+        completes when `dst` holds it."""
+        if self._stream is None:
+            copy_from_host(dst, src)
+            return Event()
+        dst.set(src, stream=self._stream)  # pragma: no cover - needs a GPU
+        return Event(self._stream.record())  # pragma: no cover
+
+
+def pinned_empty(size: int, dtype, device: Device | str) -> numpy.ndarray:
+    """A host array of `size` elements for copies to and from `device`: page-locked memory on a
+    GPU (copies from it run asynchronously), an ordinary array elsewhere. Pinning is slow:
+    allocate once and reuse."""
+    if Device(device).type == "cuda":  # pragma: no cover - needs a GPU
+        import cupyx
+
+        return cupyx.empty_pinned(size, dtype=dtype)
+    return numpy.empty(size, dtype=dtype)
+
+
+def _host_view(array) -> numpy.ndarray:
+    return array.view(numpy.ndarray) if isinstance(array, StrictArray) else array
+
+
+def data_pointer(array) -> int:
+    """The address of `array`'s first element, in device memory for a device array (what
+    NCCL's calls take)."""
+    if cupy is not None and isinstance(array, cupy.ndarray):  # pragma: no cover - needs a GPU
+        return array.data.ptr
+    return _host_view(array).ctypes.data
+
+
+def stream_pointer(device: Device | str) -> int:
+    """The handle of `device`'s current stream (0, the default stream, off the GPU)."""
+    device = Device(device)
+    if device.type == "cuda":  # pragma: no cover - needs a GPU
+        with cupy.cuda.Device(device.index):
+            return cupy.cuda.get_current_stream().ptr
+    return 0
+
+
+def nccl():
+    """CuPy's NCCL bindings (``cupy.cuda.nccl``), or None without CuPy, a GPU or NCCL."""
+    if cupy is None:
+        return None
+    try:  # pragma: no cover - needs a GPU
+        from cupy.cuda import nccl as module
+    except ImportError:  # pragma: no cover
+        return None
+    return module if getattr(module, "available", False) else None  # pragma: no cover

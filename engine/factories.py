@@ -1,8 +1,9 @@
 """Tensor factories with PyTorch's names: ``engine.tensor``, ``zeros``, ``randn``, ...
 
 Floating data defaults to float32; integer and boolean data keep an integer or bool dtype, as
-``torch.tensor`` does. Random factories draw from the one process-wide generator
-(`engine.manual_seed`), on the host, so a seed gives the same numbers on every device.
+``torch.tensor`` does. Random factories draw on the device they create on, from that device's
+generator (`engine.manual_seed` seeds every device's from the one seed): the same seed gives the
+same numbers again on a device, but not the same numbers on the CPU and a GPU (as in PyTorch).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import numpy
 from dptrain.engine.backend import (
     Device,
     check_dtype,
-    generator,
+    device_generator,
     get_array_module,
     get_device,
     to_device,
@@ -125,22 +126,18 @@ def full_like(t: Tensor, fill_value, dtype=None, requires_grad: bool = False) ->
     return _wrap(arr, requires_grad)
 
 
-def _to_device(host: numpy.ndarray, device):
-    return host if device is None else to_device(host, device)
-
-
 def randn(*size, dtype=None, device=None, requires_grad: bool = False) -> Tensor:
-    """Standard normal samples from the process-wide generator."""
+    """Standard normal samples from `device`'s generator."""
     dt = _float_dtype(dtype)
-    host = generator().standard_normal(_shape(size), dtype=numpy.float64).astype(dt)
-    return _wrap(_to_device(host, device), requires_grad)
+    draws = device_generator(device).standard_normal(_shape(size), dtype=numpy.float64)
+    return _wrap(draws.astype(dt), requires_grad)
 
 
 def rand(*size, dtype=None, device=None, requires_grad: bool = False) -> Tensor:
-    """Uniform samples on [0, 1) from the process-wide generator."""
+    """Uniform samples on [0, 1) from `device`'s generator."""
     dt = _float_dtype(dtype)
-    host = generator().random(_shape(size), dtype=numpy.float64).astype(dt)
-    return _wrap(_to_device(host, device), requires_grad)
+    draws = device_generator(device).random(_shape(size), dtype=numpy.float64)
+    return _wrap(draws.astype(dt), requires_grad)
 
 
 def randn_like(t: Tensor, dtype=None) -> Tensor:
@@ -162,14 +159,14 @@ def randint(low: int, high: int | None = None, size=None, dtype=None, device=Non
     if high <= low:
         raise ValueError(f"randint: high must be greater than low, got low={low}, high={high}")
     dt = check_dtype(numpy.int64 if dtype is None else dtype)
-    host = generator().integers(low, high, size=_shape((size,)), dtype=numpy.int64).astype(dt)
-    return Tensor(_to_device(host, device))
+    draws = device_generator(device).integers(low, high, size=_shape((size,)), dtype=numpy.int64)
+    return Tensor(draws.astype(dt))
 
 
 def randperm(n: int, dtype=None, device=None) -> Tensor:
     """A random permutation of 0..n-1."""
-    host = generator().permutation(n).astype(check_dtype(numpy.int64 if dtype is None else dtype))
-    return Tensor(_to_device(host, device))
+    draws = device_generator(device).permutation(n)
+    return Tensor(draws.astype(check_dtype(numpy.int64 if dtype is None else dtype)))
 
 
 def arange(start, end=None, step=1, dtype=None, device=None,

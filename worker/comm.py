@@ -9,8 +9,10 @@ times. Python objects (small: names, shapes, metrics) go through ``allgather_obj
 mpi4py is imported on first use, so importing `worker` does not initialise MPI. Without
 ``mpiexec`` mpi4py initialises a singleton world of size 1, and everything works there too.
 
-CuPy arrays are staged through host memory (copied to the host, reduced, copied back) unless
-the communicator is told that MPI is CUDA-aware, as ChainerMN does.
+Device (CuPy) arrays are staged through host memory (copied to the host, reduced, copied back)
+unless the communicator is told that MPI is CUDA-aware (`cuda_aware_mpi` asks the library), as
+ChainerMN does. DDP's gradient buckets take one of three faster paths
+(`dptrain.worker.comm_device`).
 
 Example:
     >>> import numpy as np
@@ -23,17 +25,24 @@ Example:
 
 from __future__ import annotations
 
+import ctypes
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, NoReturn
 
 import numpy
 
-from dptrain.engine.backend import copy_from_host, get_array_module, to_host
+from dptrain.engine.backend import (
+    copy_from_host,
+    get_array_module,
+    get_device,
+    synchronize,
+    to_host,
+)
 
-__all__ = ["Communicator", "Request", "REDUCE_OPS", "cuda_aware_mpi"]
+__all__ = ["Communicator", "Request", "REDUCE_OPS", "cuda_aware_mpi", "cuda_aware_from"]
 
 #: The reduction names `Communicator.allreduce_` accepts ('mean' is a sum divided by the size).
 REDUCE_OPS = ("sum", "mean", "max", "min", "prod")
@@ -68,18 +77,65 @@ def _mpi_op(op: str):
             "prod": MPI.PROD}[op]
 
 
-def cuda_aware_mpi() -> bool:
-    """Whether this MPI library reads and writes GPU memory itself. Asks MPI where mpi4py
-    exposes the query (``MPIX_Query_cuda_support``); otherwise False, and device buffers are
-    staged through host memory (the ``mpich`` wheel is not CUDA-aware)."""
+#: Where the library cannot be asked: (its name in ``MPI_Get_library_version``, the environment
+#: switch that turns its CUDA support on, the values meaning on), most specific name first.
+_CUDA_SWITCHES = (
+    ("MVAPICH", "MV2_USE_CUDA", ("1",)),
+    ("CRAY MPICH", "MPICH_GPU_SUPPORT_ENABLED", ("1",)),
+    ("Open MPI", "OMPI_MCA_opal_cuda_support", ("1", "true")),
+)
+
+
+def cuda_aware_from(query: int | None, library_version: str, environ: Mapping[str, str]) -> bool:
+    """Whether MPI reads and writes GPU memory itself, from what `cuda_aware_mpi` found.
+
+    Args:
+        query: what ``MPIX_Query_cuda_support`` returned (MPICH >= 4, Open MPI >= 2, MVAPICH2
+            >= 2.3.4: built with CUDA *and* enabled at run time), or None where the library
+            has no such call (mpi4py answers -1 for "unknown": also None's case).
+        library_version: ``MPI_Get_library_version``'s text.
+        environ: the environment, for the switches of libraries that cannot be asked.
+
+    Returns:
+        The query's answer where there is one, else whether the library's switch is on; False
+        for an unknown library. MPICH's ``MPIR_CVAR_ENABLE_GPU=0`` turns its support off.
+    """
+    if "MPICH" in library_version and environ.get("MPIR_CVAR_ENABLE_GPU", "").strip() == "0":
+        return False
+    if query is not None and query >= 0:
+        return bool(query)
+    for library, switch, on in _CUDA_SWITCHES:
+        if library.lower() in library_version.lower():
+            return environ.get(switch, "").strip().lower() in on
+    return False
+
+
+def _query_cuda_support() -> int | None:
+    """``MPIX_Query_cuda_support()`` of the MPI library in this process: through mpi4py where
+    it exposes it, else called in the loaded ``libmpi`` itself; None where neither has it."""
     query = getattr(_mpi(), "Query_cuda_support", None)
-    return bool(query()) if query is not None else False
+    if query is not None:  # pragma: no cover - mpi4py builds against a CUDA-aware library
+        return int(query())
+    try:
+        with open("/proc/self/maps") as maps:
+            libraries = sorted({line.split()[-1] for line in maps
+                                if "/libmpi" in line and ".so" in line})
+    except OSError:  # pragma: no cover - systems without /proc
+        return None
+    for path in libraries:
+        function = getattr(ctypes.CDLL(path), "MPIX_Query_cuda_support", None)
+        if function is not None:
+            function.restype = ctypes.c_int
+            return int(function())
+    return None  # pragma: no cover - an MPI library without the call
 
 
-def _sync_device(xp) -> None:
-    """Before MPI reads GPU memory directly, wait for the kernels that write it."""
-    if xp is not numpy:  # pragma: no cover - needs a GPU and CUDA-aware MPI
-        xp.cuda.get_current_stream().synchronize()
+def cuda_aware_mpi() -> bool:
+    """Whether this MPI library reads and writes GPU memory itself (CUDA-aware), asked as
+    Horovod and mpi4py do: the library's ``MPIX_Query_cuda_support`` where it has one, else
+    its environment switch (`cuda_aware_from`). False for the ``mpich`` wheel, which is built
+    without CUDA: device buffers are then staged through host memory."""
+    return cuda_aware_from(_query_cuda_support(), _mpi().Get_library_version(), os.environ)
 
 
 def _check_buffer(array, what: str, reduce_op: str | None = None) -> None:
@@ -222,7 +278,7 @@ class Communicator:
         _check_buffer(array, "allreduce_", reduce_op=op)
         xp = get_array_module(array)
         if xp is numpy or self.cuda_aware:
-            _sync_device(xp)
+            synchronize(get_device(array))  # MPI reads device memory after its kernels
             self._comm.Allreduce(_mpi().IN_PLACE, array, op=mpi_op)
         else:  # stage through host memory (MPI cannot read device memory)
             host = self._stage(array)
@@ -252,7 +308,7 @@ class Communicator:
         mean = op == "mean" and size > 1
         xp = get_array_module(array)
         if xp is numpy or self.cuda_aware:
-            _sync_device(xp)
+            synchronize(get_device(array))  # MPI reads device memory after its kernels
             request = self._comm.Iallreduce(_mpi().IN_PLACE, array, op=mpi_op)
 
             def finish() -> None:
@@ -283,7 +339,7 @@ class Communicator:
         _check_buffer(array, "broadcast_")
         xp = get_array_module(array)
         if xp is numpy or self.cuda_aware:
-            _sync_device(xp)
+            synchronize(get_device(array))  # MPI reads device memory after its kernels
             self._comm.Bcast(array, root=root)
         else:  # stage through host memory
             host = self._stage(array)

@@ -13,7 +13,7 @@ and always as lines on rank 0's stdout::
     from dptrain.worker import DistributedDataParallel, DistributedSampler
 
     ctx = dptrain.worker.init()
-    model = DistributedDataParallel(build(), ctx.comm)
+    model = DistributedDataParallel(build().to(ctx.device), ctx.comm, allreduce=ctx.allreduce)
     opt = engine.optim.SGD(model.parameters(), lr=0.1)
     state = ctx.load_checkpoint()            # None on a fresh start
     if state is not None:
@@ -120,6 +120,9 @@ class Context:
         device: ``engine.Device`` this rank computes on (`dptrain.worker.train.rank_device`):
             ``cuda:<local_rank % GPUs>`` for a job's ``cuda`` (or ``auto`` with a GPU), else
             the CPU.
+        allreduce: the job's ``allreduce`` (``auto`` by default), for
+            ``DistributedDataParallel(..., allreduce=ctx.allreduce)``: how GPU gradients are
+            reduced (`dptrain.worker.comm_device`).
         checkpoint_dir: where checkpoints go, or None (then none are written).
         resume: the checkpoint the run resumes from, as `load_checkpoint` returns it, or None.
         args: the script's arguments (``sys.argv[1:]``).
@@ -135,6 +138,7 @@ class Context:
         from dptrain.worker.train import rank_device
 
         self.device: engine.Device = rank_device(launch.spec.get("device", "cpu"), self.comm)
+        self.allreduce: str = launch.spec.get("allreduce", "auto")
         self.checkpoint_dir = launch.checkpoint_dir
         self.args = list(sys.argv[1:])
         self.last_step: int | None = None  # reported

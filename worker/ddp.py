@@ -32,7 +32,9 @@ PyTorch's design (``torch/nn/parallel/distributed.py``), on the engine's hooks:
   waiting for it forever (PyTorch's ``prepare_for_backward`` in ``forward``).
 
 The reduction itself is a plug-in (`register_comm_hook`), so compression or another algorithm
-never touches this module: `dptrain.worker.comm_hooks` has hierarchical and 16-bit ones.
+never touches this module: `dptrain.worker.comm_hooks` has hierarchical and 16-bit ones. Buckets
+on a GPU get the hook of their all-reduce path (NCCL, CUDA-aware MPI or pinned host staging,
+`dptrain.worker.comm_device`), chosen at wrapping by the ``allreduce`` argument.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ from typing import Any, Protocol
 
 import numpy
 
-from dptrain.engine.backend import get_array_module
+from dptrain.engine.backend import get_array_module, get_device
 from dptrain.engine.nn.module import Module
 from dptrain.engine.tensor import (
     Tensor,
@@ -53,6 +55,7 @@ from dptrain.engine.tensor import (
     register_backward_pass_hook,
 )
 from dptrain.worker.comm import Communicator
+from dptrain.worker.comm_device import ALLREDUCE_PATHS, choose_allreduce, device_allreduce_hook
 
 __all__ = ["DistributedDataParallel", "GradientBucket", "allreduce_hook", "CommHook"]
 
@@ -237,6 +240,11 @@ class DistributedDataParallel:
             gradient on every rank. Either way a parameter unused on some ranks never hangs the
             job and gets the mean over ranks, counting zeros where it was unused, even on a rank
             whose loss does not depend on the model at all.
+        allreduce: how gradients on a GPU are reduced: ``auto`` (NCCL when every rank has a
+            GPU of its own, else CUDA-aware MPI where the library is, else ``host``),
+            ``host`` (staged through pinned host memory, pipelined bucket by bucket),
+            ``cuda_aware`` or ``nccl``; `allreduce` then holds the path taken. CPU gradients
+            go to MPI as they are.
 
     Example:
         >>> import dptrain.engine as engine, dptrain.engine.functional as F
@@ -252,7 +260,7 @@ class DistributedDataParallel:
     def __init__(self, module: Module, comm: Communicator | None = None,
                  bucket_cap_mb: float = 25, broadcast_buffers: bool = True,
                  find_unused_parameters: bool = False,
-                 first_bucket_cap_mb: float | None = None):
+                 first_bucket_cap_mb: float | None = None, allreduce: str = "auto"):
         if not isinstance(module, Module):
             raise TypeError(f"DistributedDataParallel wraps an engine.nn.Module, got "
                             f"{type(module).__name__}")
@@ -261,6 +269,9 @@ class DistributedDataParallel:
         if first_bucket_cap_mb is not None and not first_bucket_cap_mb > 0:
             raise ValueError(f"first_bucket_cap_mb must be positive, got "
                              f"{first_bucket_cap_mb!r}")
+        if allreduce not in ALLREDUCE_PATHS:
+            raise ValueError(f"allreduce must be one of {', '.join(ALLREDUCE_PATHS)}, got "
+                             f"{allreduce!r}")
         self.module = module
         self.comm = Communicator() if comm is None else comm
         self.broadcast_buffers = bool(broadcast_buffers)
@@ -268,7 +279,8 @@ class DistributedDataParallel:
         self.bucket_cap_mb = bucket_cap_mb
         settings = {"bucket_cap_mb": bucket_cap_mb, "first_bucket_cap_mb": first_bucket_cap_mb,
                     "find_unused_parameters": self.find_unused_parameters,
-                    "broadcast_buffers": self.broadcast_buffers}
+                    "broadcast_buffers": self.broadcast_buffers, "allreduce": allreduce,
+                    "devices": sorted({get_device(p.data).type for p in module.parameters()})}
         error = _mismatch_message(self.comm.allgather_object(_describe(module, settings)))
         if error is not None:
             raise RuntimeError(error)
@@ -282,6 +294,13 @@ class DistributedDataParallel:
             None if first_bucket_cap_mb is None else int(first_bucket_cap_mb * 1024 * 1024))
         self._scale = 1.0 / self.comm.size
         self._comm_hook: CommHook = allreduce_hook
+        #: The path GPU buckets take (``host``, ``cuda_aware``, ``nccl``); None for CPU ones.
+        self.allreduce: str | None = None
+        device = next((d for d in (get_device(b.buffer) for b in self._buckets)
+                       if d.type != "cpu"), None)
+        if device is not None and self.comm.size > 1:  # the same on every rank (checked above)
+            self.allreduce = choose_allreduce(allreduce, self.comm, device)
+            self._comm_hook = device_allreduce_hook(self.allreduce, self.comm, device)
         self._sync = True
         self._armed = False     # a forward recorded a graph: the next backward reduces
         self._in_pass = False

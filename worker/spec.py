@@ -14,6 +14,7 @@ A job file (YAML or JSON) maps one to one onto `JobSpec`; the coordinator's prot
     seed: 0
     workers: 2
     device: cpu                                      # cuda: each rank on its node's GPU
+    allreduce: auto                                  # device buckets: host|cuda_aware|nccl
     checkpoint: {every_steps: 100, keep: 3}
     loss: mylosses:focal                             # optional: package.module:function
     code: src                                        # optional: where your modules are
@@ -43,6 +44,7 @@ import yaml
 
 from dptrain.worker.spec_errors import ECHO_CHARS, FieldError, JobSpecError, cut, echo
 from dptrain.worker.spec_rules import (
+    ALLREDUCE_PATHS,
     CODE_DIGEST_PREFIX,
     DEVICES,
     MAX_BATCH_SIZE,
@@ -62,7 +64,8 @@ __all__ = [
     "JobSpecError", "FieldError", "ECHO_CHARS", "echo", "cut", "ModelSpec", "DatasetSpec",
     "OptimizerSpec", "SchedulerSpec", "CheckpointSpec", "JobSpec", "load_spec", "spec_hash",
     "model_constructor", "build_model", "validate", "trajectory_differences",
-    "OPTIMIZERS", "SCHEDULERS", "DEVICES", "MAX_BATCH_SIZE", "MAX_STEPS", "NAME_RULE",
+    "OPTIMIZERS", "SCHEDULERS", "DEVICES", "ALLREDUCE_PATHS", "MAX_BATCH_SIZE", "MAX_STEPS",
+    "NAME_RULE",
     "check_name", "check_shards", "read_spec_file", "check_types", "CODE_DIGEST_PREFIX",
     "code_digest",
 ]
@@ -152,6 +155,7 @@ class JobSpec:
     loss: str | None = None
     code: str | None = None
     entrypoint: str | None = None
+    allreduce: str = "auto"
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> JobSpec:
@@ -410,7 +414,8 @@ def trajectory_differences(saved: Mapping[str, Any], spec: JobSpec) -> list[str]
     Returns:
         Dotted paths of the fields that differ, empty when the run can resume exactly.
     """
-    free = {"name", "epochs", "max_steps", "eval_every", "workers", "checkpoint", "code"}
+    free = {"name", "epochs", "max_steps", "eval_every", "workers", "checkpoint", "code",
+            "allreduce"}
     now = spec.to_dict()
     out = []
     for key in sorted(set(saved) | set(now)):

@@ -22,7 +22,8 @@ if TYPE_CHECKING:
     from dptrain.worker.spec import JobSpec, SchedulerSpec
 
 __all__ = [
-    "OPTIMIZERS", "SCHEDULERS", "DEVICES", "MAX_BATCH_SIZE", "MAX_STEPS", "NAME_RULE",
+    "OPTIMIZERS", "SCHEDULERS", "DEVICES", "ALLREDUCE_PATHS", "MAX_BATCH_SIZE", "MAX_STEPS",
+    "NAME_RULE",
     "CODE_DIGEST_PREFIX", "check_name", "check_shards", "model_constructor", "build_model",
     "validate", "code_digest",
 ]
@@ -31,6 +32,9 @@ OPTIMIZERS = ("sgd", "adam", "adamw")
 # Spec name -> engine.optim.lr_scheduler class name; stepped once per training step.
 SCHEDULERS = {"step": "StepLR", "cosine": "CosineAnnealingLR", "linear": "LinearLR"}
 DEVICES = ("cpu", "cuda", "auto")  # auto: cuda where CuPy sees a GPU, else cpu
+# How DDP reduces gradient buckets on a GPU (dptrain.worker.comm_device): auto picks nccl when
+# every rank has a GPU of its own, else cuda_aware where MPI reads GPU memory, else host.
+ALLREDUCE_PATHS = ("auto", "host", "cuda_aware", "nccl")
 MAX_BATCH_SIZE = 2**20
 """The largest global ``batch_size`` (a million samples per step)."""
 MAX_STEPS = 10**9
@@ -308,6 +312,13 @@ def _common_errors(spec: JobSpec) -> list[FieldError]:
         e.append(FieldError("seed", "must be >= 0", spec.seed))
     if spec.device not in DEVICES:
         e.append(FieldError("device", f"must be one of {', '.join(DEVICES)}", spec.device))
+    if spec.allreduce not in ALLREDUCE_PATHS:
+        e.append(FieldError("allreduce", f"must be one of {', '.join(ALLREDUCE_PATHS)}",
+                            spec.allreduce))
+    elif spec.allreduce != "auto" and spec.device == "cpu":
+        e.append(FieldError("allreduce", "chooses how GPU gradients are reduced: it needs "
+                            "device cuda or auto (CPU gradients go to MPI as they are)",
+                            spec.allreduce))
     if spec.checkpoint.every_steps < 0:
         e.append(FieldError("checkpoint.every_steps", "must be >= 0 (0: only at the end)",
                             spec.checkpoint.every_steps))

@@ -40,7 +40,7 @@ import numpy as np
 
 import dptrain.engine.functional as F
 from dptrain import engine
-from dptrain.engine.backend import cuda_device_for
+from dptrain.engine.backend import cuda_device_for, use_device
 from dptrain.engine.optim import lr_scheduler
 from dptrain.worker import checkpoint as ckpt
 from dptrain.worker.data import (
@@ -163,9 +163,11 @@ def rank_device(device: str, comm: Any) -> engine.Device:
     if device == "auto" and not engine.cupy_available():
         return engine.Device("cpu")
     try:
-        return cuda_device_for(local_rank)
+        gpu = cuda_device_for(local_rank)
     except RuntimeError as e:
         raise JobFailed(f"device: {device!r} on rank {comm.rank}: {e}") from None
+    use_device(gpu)  # pragma: no cover - needs a GPU (CuPy works on the current one)
+    return gpu  # pragma: no cover
 
 
 def _optimizer(spec: JobSpec, params: list) -> engine.optim.Optimizer:
@@ -501,7 +503,10 @@ def run_job(spec: JobSpec, comm: Any = None, checkpoint_dir: str | None = None,
     if run.device.type == "cuda":  # hand MPI device buffers only where it can read them
         comm.cuda_aware = cuda_aware_mpi()
     resumed_from = run.restore() if resume else None
-    ddp = DistributedDataParallel(run.model, comm)
+    try:
+        ddp = DistributedDataParallel(run.model, comm, allreduce=spec.allreduce)
+    except RuntimeError as e:  # e.g. allreduce 'nccl' where a rank cannot use it: every rank
+        raise JobFailed(str(e)) from None
     run.emit("on_start", {
         "name": spec.name, "spec_hash": run.hash, "world_size": comm.size,
         "start_step": run.pos.step, "total_steps": run.total_steps,

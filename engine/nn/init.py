@@ -1,9 +1,11 @@
 """Weight initialisation, in place, with PyTorch's names and formulas (``torch.nn.init``).
 
 Every function fills ``tensor.data`` in place, outside the graph, bumps the tensor's version
-counter and returns the tensor. Random values are drawn on the host from the process-wide
-generator (`engine.manual_seed` makes them reproducible, and the same on every device) and then
-moved to the tensor's device.
+counter and returns the tensor. Random values are drawn from the generator of the
+tensor's device (`engine.manual_seed` makes them reproducible; a CPU and a GPU draw different
+numbers from one seed, as in PyTorch). `trunc_normal_` and `orthogonal_` draw on the host (a
+rejection loop and a QR decomposition) and move the result; a module built on the CPU and then
+moved with ``.to(device)`` has the CPU's initial values everywhere.
 """
 
 from __future__ import annotations
@@ -35,9 +37,12 @@ _LINEAR_FNS = ("linear", "identity", "conv1d", "conv2d", "conv3d", "conv_transpo
                "conv_transpose2d", "conv_transpose3d", "sigmoid")
 
 
-def _rng(generator: numpy.random.Generator | None) -> numpy.random.Generator:
-    # Looked up at every call: engine.manual_seed replaces the process-wide generator.
-    return backend.generator() if generator is None else generator
+def _rng(generator: numpy.random.Generator | None, tensor: Tensor | None = None):
+    # Looked up at every call: engine.manual_seed replaces the generators. With `tensor`, the
+    # generator of its device, so the draws never cross to the host and back.
+    if generator is not None:
+        return generator
+    return backend.device_generator(tensor.device if isinstance(tensor, Tensor) else None)
 
 
 def _fill(tensor: Tensor, values) -> Tensor:
@@ -117,7 +122,7 @@ def uniform_(tensor: Tensor, a: float = 0.0, b: float = 1.0,
     Returns:
         `tensor`.
     """
-    return _fill(tensor, _rng(generator).uniform(a, b, size=tensor.shape))
+    return _fill(tensor, _rng(generator, tensor).uniform(a, b, size=tensor.shape))
 
 
 def normal_(tensor: Tensor, mean: float = 0.0, std: float = 1.0,
@@ -133,7 +138,7 @@ def normal_(tensor: Tensor, mean: float = 0.0, std: float = 1.0,
     Returns:
         `tensor`.
     """
-    return _fill(tensor, _rng(generator).normal(mean, std, size=tensor.shape))
+    return _fill(tensor, _rng(generator, tensor).normal(mean, std, size=tensor.shape))
 
 
 def trunc_normal_(tensor: Tensor, mean: float = 0.0, std: float = 1.0, a: float = -2.0,

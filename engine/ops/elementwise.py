@@ -10,7 +10,7 @@ import numbers
 
 import numpy
 
-from dptrain.engine.backend import generator, get_array_module, special
+from dptrain.engine.backend import device_generator, get_array_module, get_device, special
 from dptrain.engine.dtypes import default_float
 from dptrain.engine.ops.convert import _to
 from dptrain.engine.ops.core import Op, apply
@@ -424,6 +424,7 @@ def dropout(input: Tensor, p: float = 0.5, training: bool = True) -> Tensor:
     if p == 1.0:
         return input * 0.0
     xp = get_array_module(input.data)
-    keep = generator().random(input.shape, dtype=numpy.float32) >= p
+    draws = device_generator(get_device(input.data)).random(input.shape, dtype=numpy.float32)
+    keep = draws >= p
     mask = xp.asarray(keep, dtype=input.dtype) * (1.0 / (1.0 - p))
     return input * Tensor(mask.astype(input.dtype, copy=False))

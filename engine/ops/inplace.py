@@ -92,7 +92,7 @@ def copy_(self: Tensor, src) -> Tensor:
     _check_inplace("copy_", self, src)
     s = _raw(src)
     xp = get_array_module(self.data)
-    if get_array_module(s) is not xp:  # pragma: no cover - GPU only
+    if get_array_module(s) is not xp:  # from another device: moved, as torch's copy_ does
         s = _move(get_array_module(s), s, self.device, None)
     self.data[...] = s
     return _bump(self)

@@ -104,16 +104,61 @@ def test_mixing_devices_in_one_op_names_the_op_and_both_devices():
         engine.ones(2, 2) @ engine.ones(2, 2, device="strict")
 
 
-def test_factories_and_the_seed_give_the_same_numbers_on_every_device():
-    draws = {}
+def _draws(device: str) -> list:
+    t = (engine.randn(3, device=device), engine.rand(2, device=device),
+         engine.randint(0, 9, (4,), device=device), engine.randperm(5, device=device),
+         engine.zeros(2, device=device), engine.arange(3, device=device),
+         engine.eye(2, device=device))
+    assert {x.device for x in t} == {engine.Device(device)}
+    return [x.tolist() for x in t]
+
+
+def test_the_seed_gives_the_same_draws_again_on_each_device():
     for device in ("cpu", "strict"):
         engine.manual_seed(7)
-        t = (engine.randn(3, device=device), engine.rand(2, device=device),
-             engine.randint(0, 9, (4,), device=device), engine.zeros(2, device=device),
-             engine.arange(3, device=device), engine.eye(2, device=device))
-        assert {x.device for x in t} == {engine.Device(device)}
-        draws[device] = [x.tolist() for x in t]
-    assert draws["cpu"] == draws["strict"]
+        first = _draws(device)
+        engine.manual_seed(7)
+        assert _draws(device) == first, device
+        engine.manual_seed(8)
+        assert _draws(device)[:4] != first[:4], device
+
+
+def test_a_device_draws_from_its_own_generator_seeded_from_the_one_seed():
+    # As in PyTorch, the CPU and the device draw different numbers from one seed. The strict
+    # device's generator is Philox seeded with the seed, apart from the host's PCG64 and from
+    # numpy's global state: draws on the host in between do not move it.
+    engine.manual_seed(7)
+    engine.randn(100)
+    np.random.seed(1)
+    got = engine.randn(3, device="strict")
+    expected = np.random.Generator(np.random.Philox(7)).standard_normal(3)
+    np.testing.assert_array_equal(got.numpy(), expected.astype(np.float32))
+    engine.manual_seed(7)
+    assert engine.randn(3).tolist() == np.random.Generator(np.random.PCG64(7)).standard_normal(
+        3).astype(np.float32).tolist()
+
+
+def test_dropout_and_init_draw_on_the_device():
+    engine.manual_seed(4)
+    x = engine.ones(4, 6, device="strict")
+    y = engine.functional.dropout(x, p=0.25)
+    g = np.random.Generator(np.random.Philox(4))
+    keep = g.random((4, 6), dtype=np.float32) >= 0.25
+    assert y.device == "strict"
+    np.testing.assert_allclose(y.numpy(), keep / 0.75, rtol=1e-7)
+    w = engine.zeros(3, 5, device="strict")
+    nn.init.uniform_(w, -2.0, 3.0)
+    np.testing.assert_array_equal(w.numpy(), g.uniform(-2.0, 3.0, (3, 5)).astype(np.float32))
+    assert w.device == "strict"
+
+
+def test_copy_moves_values_across_devices_in_place():
+    on_device = engine.zeros(3, device="strict")
+    on_device.copy_(engine.tensor([1.0, 2.0, 3.0]))
+    assert on_device.device == "strict" and on_device.tolist() == [1.0, 2.0, 3.0]
+    on_host = engine.zeros(2)
+    on_host.copy_(engine.tensor([4.0, 5.0], device="strict"))
+    assert on_host.device == "cpu" and on_host.tolist() == [4.0, 5.0]
 
 
 def test_module_to_moves_parameters_and_gives_the_cpu_outputs():

@@ -39,33 +39,64 @@ def test_n_ranks_train_the_model_one_process_trains(run_mpi, mpi_json, mpi_scrip
     assert (rank0["buckets"] > 1) == (cap < 1)
 
 
+# The float32 gradient bytes of ddp_equivalence.py's MLP (8 -> 16 -> 16 -> 3).
+EQUIVALENCE_GRAD_BYTES = 4 * (8 * 16 + 16 + 16 * 16 + 16 + 16 * 3 + 3)
+DEVICE_PATHS = ("host", "cuda_aware", "nccl")
+HOOKS = {"host": "PinnedStagingAllreduce", "cuda_aware": "CudaAwareAllreduce",
+         "nccl": "NcclAllreduce"}
+
+
 @pytest.mark.mpi
+@pytest.mark.parametrize("path", DEVICE_PATHS)
 @pytest.mark.parametrize("n", [1, 2, 3])
-def test_n_ranks_on_a_device_stage_buckets_through_the_host_and_train_as_one(
-        run_mpi, mpi_json, mpi_scripts, n):
-    # The strict device stands in for a GPU without CUDA-aware MPI (the mpich wheel's case):
-    # every bucket is copied to the host, reduced, and copied back, one request per bucket.
-    report = _run(run_mpi, mpi_json, mpi_scripts / "ddp_equivalence.py", n, "0.0005", "strict")
+def test_n_ranks_on_a_device_train_as_one_on_every_allreduce_path(run_mpi, mpi_json, mpi_scripts,
+                                                                   n, path):
+    # The strict device stands in for a GPU: "host" stages buckets through (pinned) host
+    # buffers as with the mpich wheel, "cuda_aware" hands MPI the device buffers, "nccl" runs
+    # NCCL's calls through a test double of cupy.cuda.nccl (the GPU boundary).
+    report = _run(run_mpi, mpi_json, mpi_scripts / "ddp_equivalence.py", n, "0.0005", path)
     ranks = report["ranks"]
     assert all(r["devices"] == ["strict"] for r in ranks)
     assert len({r["hash"] for r in ranks}) == 1, "ranks ended with different parameters"
     assert all(r["marker"] == [0.0, 0.0, 0.0] for r in ranks), "buffers not from rank 0"
     rank0 = ranks[0]
-    assert rank0["buckets"] > 1 and rank0["moved"] > 1e-2
+    buckets = rank0["buckets"]
+    assert buckets > 1 and rank0["moved"] > 1e-2
     worst = max(rank0["max_abs_diff"].values())
     assert worst == 0.0 if n == 1 else worst < 1e-5 * max(1.0, rank0["max_abs_param"])
-    # Bytes through the host, by hand: 20 steps of every float32 gradient, the parameters and
-    # the 3-float marker broadcast at wrapping, and the marker before each of the 20 forwards.
-    # One rank communicates nothing.
-    grads = 4 * (8 * 16 + 16 + 16 * 16 + 16 + 16 * 3 + 3)
-    expected = 20 * grads + (grads + 12) + 20 * 12 if n > 1 else 0
-    assert [r["staged_bytes"] for r in ranks] == [expected] * n
+    if n == 1:  # one rank communicates nothing
+        assert all(r["staged_bytes"] == 0 and r["allreduce"] is None for r in ranks)
+        return
+    assert {r["hook"] for r in ranks} == {HOOKS[path]}
+    # Bytes through the host, by hand: the parameters and the 3-float marker broadcast at
+    # wrapping, the marker before each of the 20 forwards, and on the host path 20 steps of
+    # every gradient; the other paths keep the gradients on the device.
+    broadcasts = (EQUIVALENCE_GRAD_BYTES + 12) + 20 * 12
+    grads = 20 * EQUIVALENCE_GRAD_BYTES if path == "host" else 0
+    assert [r["staged_bytes"] for r in ranks] == [broadcasts + grads] * n
+    if path == "host":  # one pinned buffer per bucket, reused every step
+        assert [r["pinned_buffers"] for r in ranks] == [buckets] * n
+    if path == "nccl":
+        for r in ranks:
+            calls = r["nccl_calls"]
+            head = [["get_unique_id"]] if r["rank"] == 0 else []
+            assert calls[:len(head)] == head  # only rank 0 makes the id; MPI broadcasts it
+            joined = calls[len(head)]
+            assert joined[:3] == ["NcclCommunicator", n, r["rank"]]
+            assert joined[3] == ranks[0]["nccl_calls"][1][3]  # the same id on every rank
+            reduces = calls[len(head) + 1:]
+            assert len(reduces) == 20 * buckets
+            # float32 (ncclFloat32 = 7), sum (ncclSum = 0), in place, the default stream
+            assert {tuple(c[2:]) for c in reduces} == {(7, 0, 0, True)}
+            assert sum(c[1] for c in reduces[:buckets]) * 4 == EQUIVALENCE_GRAD_BYTES
 
 
 @pytest.mark.mpi
+@pytest.mark.parametrize("path", ("cpu",) + DEVICE_PATHS)
 @pytest.mark.parametrize("n", [2, 3])
-def test_bucketed_reduction_equals_per_tensor_reduction(run_mpi, mpi_json, mpi_scripts, n):
-    ranks = _run(run_mpi, mpi_json, mpi_scripts / "ddp_buckets.py", n)["ranks"]
+def test_bucketed_reduction_equals_per_tensor_reduction(run_mpi, mpi_json, mpi_scripts, n, path):
+    ranks = _run(run_mpi, mpi_json, mpi_scripts / "ddp_buckets.py", n, path)["ranks"]
+    assert {r["path"]["hook"] for r in ranks} == {HOOKS.get(path, "function")}
     # Odd ranks produce the two branches' gradients in the other order: the hard case.
     assert ranks[0]["hook_order"] != ranks[1]["hook_order"]
     names = ranks[0]["registration_order"]
@@ -80,9 +111,17 @@ def test_bucketed_reduction_equals_per_tensor_reduction(run_mpi, mpi_json, mpi_s
         assert len({r["grad_hash"][label] for r in ranks}) == 1, label
 
 
-@pytest.fixture(scope="module", params=[2, 3], ids=lambda n: f"ranks{n}")
+@pytest.fixture(scope="module", params=[(2, "cpu"), (3, "cpu")]
+                + [(n, path) for path in DEVICE_PATHS for n in (2, 3)],
+                ids=lambda p: f"ranks{p[0]}-{p[1]}")
 def accumulation(request, run_mpi, mpi_json, mpi_scripts):
-    return _run(run_mpi, mpi_json, mpi_scripts / "ddp_no_sync_unused.py", request.param)
+    n, path = request.param
+    report = _run(run_mpi, mpi_json, mpi_scripts / "ddp_no_sync_unused.py", n, path)
+    if path != "cpu":  # the device run really took the path
+        for r in report["ranks"]:
+            assert r["no_sync_path"]["hook"] == HOOKS[path]
+            assert r["default"]["devices"] == r["find_unused"]["devices"] == ["strict"]
+    return report
 
 
 @pytest.mark.mpi

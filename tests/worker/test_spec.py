@@ -100,6 +100,9 @@ def test_hash_is_stable_under_key_order_and_explicit_defaults():
     ("dataset.validation_fraction", 1.0, "dataset.validation_fraction: must be in [0, 1), "
                                          "got 1.0"),
     ("device", "tpu", "device: must be one of cpu, cuda, auto, got 'tpu'"),
+    ("allreduce", "gloo", "allreduce: must be one of auto, host, cuda_aware, nccl, got 'gloo'"),
+    ("allreduce", "nccl", "allreduce: chooses how GPU gradients are reduced: it needs device "
+                          "cuda or auto (CPU gradients go to MPI as they are), got 'nccl'"),
     ("checkpoint.keep", 0, "checkpoint.keep: must be >= 1, got 0"),
     ("checkpoint.every_steps", -1, "checkpoint.every_steps: must be >= 0"),
     ("eval_every", -1, "eval_every: must be >= 0, got -1"),

@@ -33,7 +33,7 @@ CANCELLING: JobState
 TIMED_OUT: JobState
 
 class JobSpec(_message.Message):
-    __slots__ = ("name", "model", "dataset", "optimizer", "batch_size", "epochs", "max_steps", "scheduler", "eval_every", "seed", "workers", "device", "checkpoint", "loss", "code", "entrypoint")
+    __slots__ = ("name", "model", "dataset", "optimizer", "batch_size", "epochs", "max_steps", "scheduler", "eval_every", "seed", "workers", "device", "checkpoint", "loss", "code", "entrypoint", "allreduce")
     NAME_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     DATASET_FIELD_NUMBER: _ClassVar[int]
@@ -50,6 +50,7 @@ class JobSpec(_message.Message):
     LOSS_FIELD_NUMBER: _ClassVar[int]
     CODE_FIELD_NUMBER: _ClassVar[int]
     ENTRYPOINT_FIELD_NUMBER: _ClassVar[int]
+    ALLREDUCE_FIELD_NUMBER: _ClassVar[int]
     name: str
     model: ModelSpec
     dataset: DatasetSpec
@@ -66,7 +67,8 @@ class JobSpec(_message.Message):
     loss: str
     code: str
     entrypoint: str
-    def __init__(self, name: _Optional[str] = ..., model: _Optional[_Union[ModelSpec, _Mapping]] = ..., dataset: _Optional[_Union[DatasetSpec, _Mapping]] = ..., optimizer: _Optional[_Union[OptimizerSpec, _Mapping]] = ..., batch_size: _Optional[int] = ..., epochs: _Optional[int] = ..., max_steps: _Optional[int] = ..., scheduler: _Optional[_Union[SchedulerSpec, _Mapping]] = ..., eval_every: _Optional[int] = ..., seed: _Optional[int] = ..., workers: _Optional[int] = ..., device: _Optional[str] = ..., checkpoint: _Optional[_Union[CheckpointSpec, _Mapping]] = ..., loss: _Optional[str] = ..., code: _Optional[str] = ..., entrypoint: _Optional[str] = ...) -> None: ...
+    allreduce: str
+    def __init__(self, name: _Optional[str] = ..., model: _Optional[_Union[ModelSpec, _Mapping]] = ..., dataset: _Optional[_Union[DatasetSpec, _Mapping]] = ..., optimizer: _Optional[_Union[OptimizerSpec, _Mapping]] = ..., batch_size: _Optional[int] = ..., epochs: _Optional[int] = ..., max_steps: _Optional[int] = ..., scheduler: _Optional[_Union[SchedulerSpec, _Mapping]] = ..., eval_every: _Optional[int] = ..., seed: _Optional[int] = ..., workers: _Optional[int] = ..., device: _Optional[str] = ..., checkpoint: _Optional[_Union[CheckpointSpec, _Mapping]] = ..., loss: _Optional[str] = ..., code: _Optional[str] = ..., entrypoint: _Optional[str] = ..., allreduce: _Optional[str] = ...) -> None: ...
 
 class ModelSpec(_message.Message):
     __slots__ = ("name", "args_json")

@@ -37,6 +37,7 @@ FULL = {
     "seed": 7,
     "workers": 2,
     "device": "cuda",
+    "allreduce": "nccl",
     "checkpoint": {"every_steps": 10, "keep": 2},
     "loss": "mylosses:focal",
     "code": "src",
@@ -89,6 +90,7 @@ def test_every_field_reaches_the_message_with_its_value():
     m = serde.spec_to_proto(FULL)
     assert (m.name, m.batch_size, m.epochs, m.max_steps) == ("full-spec", 32, 3, 50)
     assert (m.eval_every, m.seed, m.workers, m.device) == (5, 7, 2, "cuda")
+    assert m.allreduce == "nccl"
     assert m.model.name == "mlp"
     assert m.model.args_json == ('{"in_features":16,"hidden":[32,8],"num_classes":4,'
                                  '"dropout":0.25}')

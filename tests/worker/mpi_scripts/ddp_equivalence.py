@@ -4,10 +4,12 @@ Every rank builds the MLP from a different seed (so the broadcast from rank 0 is
 then takes 20 SGD-with-momentum steps, each on its contiguous shard of the same global batch.
 Rank 0 also trains the single-process reference: the model built from rank 0's seed, on every
 global batch whole, without DDP. Rank 0 prints each parameter's largest difference from the
-reference, and every rank's parameter digest. On a device other than the CPU (the strict one
-stands in for a GPU), DDP's buckets are device arrays staged through host memory.
+reference, and every rank's parameter digest. On an all-reduce path other than ``cpu`` the
+model lives on the strict device, which stands in for a GPU, and DDP's buckets are device
+arrays reduced by that path (``_paths.py``); DEVICE ``cuda`` puts each rank on its GPU as a
+job's ``device: cuda`` does (bench/gpu_check.sh).
 
-    mpiexec -n N python ddp_equivalence.py [BUCKET_CAP_MB [DEVICE]]
+    mpiexec -n N python ddp_equivalence.py [BUCKET_CAP_MB [PATH [DEVICE]]]
 """
 
 from __future__ import annotations
@@ -16,11 +18,11 @@ import sys
 
 import numpy as np
 from _common import params_hash, report
+from _paths import device_for, path_report, wrap
 
 import dptrain.engine.functional as F
 from dptrain import engine
 from dptrain.engine import nn
-from dptrain.worker import DistributedDataParallel
 from dptrain.worker.comm import Communicator
 
 STEPS, GLOBAL_BATCH, FEATURES, CLASSES = 20, 12, 8, 3
@@ -47,7 +49,8 @@ def train(model, batches, shard=slice(None)) -> list[float]:
 
 comm = Communicator()
 cap = float(sys.argv[1]) if len(sys.argv) > 1 else 25.0
-device = sys.argv[2] if len(sys.argv) > 2 else "cpu"
+path = sys.argv[2] if len(sys.argv) > 2 else "cpu"
+device = device_for(path, comm, *sys.argv[3:4])
 rng = np.random.default_rng(1234)
 batches = [(rng.standard_normal((GLOBAL_BATCH, FEATURES)).astype(np.float32),
             rng.integers(0, CLASSES, GLOBAL_BATCH)) for _ in range(STEPS)]
@@ -56,12 +59,12 @@ shard = slice(comm.rank * per_rank, (comm.rank + 1) * per_rank)
 
 model = build(seed=100 + comm.rank)
 model.register_buffer("marker", engine.full((3,), float(comm.rank), device=device))  # rank 0's
-ddp = DistributedDataParallel(model, comm=comm, bucket_cap_mb=cap)
+ddp = wrap(model, comm, path, bucket_cap_mb=cap)
 train(ddp, batches, shard)
 result = {"rank": comm.rank, "hash": params_hash(ddp.module),
           "buckets": len(ddp.bucket_assignment), "marker": model.marker.tolist(),
           "devices": sorted({str(p.device) for p in ddp.module.parameters()}),
-          "staged_bytes": comm.staged_bytes}
+          **path_report(ddp, comm)}
 if comm.rank == 0:
     reference = build(seed=100)
     train(reference, batches)

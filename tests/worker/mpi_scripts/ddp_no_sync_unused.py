@@ -8,21 +8,30 @@ Part 2: a model whose branch ``a`` only even ranks use, ``b`` only odd ranks use
 no rank uses, for three SGD steps with one-parameter buckets. Expected gradient: the mean over
 ranks of each rank's local gradient with zeros where it had none, computed here from plain
 copies of the model and gathered with ``allgather_object``.
+
+    mpiexec -n N python ddp_no_sync_unused.py [PATH]
+
+PATH is an all-reduce path of ``_paths.py`` (default ``cpu``); the others train on the strict
+device.
 """
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 from _common import grads_hash, params_hash, report
+from _paths import device_for, path_report, wrap
 
 import dptrain.engine.functional as F
 from dptrain import engine
 from dptrain.engine import nn
-from dptrain.worker import DistributedDataParallel
 from dptrain.worker.comm import Communicator
 
 comm = Communicator()
 r, n = comm.rank, comm.size
+path = sys.argv[1] if len(sys.argv) > 1 else "cpu"
+device = device_for(path, comm)
 rng = np.random.default_rng(5)
 result: dict = {"rank": r}
 
@@ -37,16 +46,16 @@ def mlp() -> nn.Module:
     return nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 2)).double()
 
 
-ddp = DistributedDataParallel(mlp(), comm=comm, bucket_cap_mb=0.0005)
+ddp = wrap(mlp().to(device), comm, path, bucket_cap_mb=0.0005)
 mine = [slice((r * MICRO + k) * PER, (r * MICRO + k + 1) * PER) for k in range(MICRO)]
 with ddp.no_sync():
     for k in range(MICRO - 1):
-        loss = F.mse_loss(ddp(engine.from_numpy(x_all[mine[k]])),
-                          engine.from_numpy(y_all[mine[k]])) / MICRO
+        loss = F.mse_loss(ddp(engine.tensor(x_all[mine[k]], device=device)),
+                          engine.tensor(y_all[mine[k]], device=device)) / MICRO
         loss.backward()
 result["hash_inside_no_sync"] = grads_hash(ddp.module)
-loss = F.mse_loss(ddp(engine.from_numpy(x_all[mine[-1]])),
-                  engine.from_numpy(y_all[mine[-1]])) / MICRO
+loss = F.mse_loss(ddp(engine.tensor(x_all[mine[-1]], device=device)),
+                  engine.tensor(y_all[mine[-1]], device=device)) / MICRO
 loss.backward()
 reference = mlp()
 F.mse_loss(reference(engine.from_numpy(x_all)), engine.from_numpy(y_all)).backward()
@@ -54,6 +63,7 @@ ours = dict(ddp.named_parameters())
 result["no_sync_max_abs_diff"] = max(float(np.abs(ours[k].grad.numpy() - p.grad.numpy()).max())
                                      for k, p in reference.named_parameters())
 result["no_sync_hash_after"] = grads_hash(ddp.module)
+result["no_sync_path"] = path_report(ddp, comm)
 
 
 # ---------------------------------------------------------------- part 2: unused parameters
@@ -78,8 +88,8 @@ def forked() -> Forked:
 
 for find_unused in (False, True):
     key = "find_unused" if find_unused else "default"
-    ddp = DistributedDataParallel(forked(), comm=comm, bucket_cap_mb=1e-6,
-                                  find_unused_parameters=find_unused)
+    ddp = wrap(forked().to(device), comm, path, bucket_cap_mb=1e-6,
+               find_unused_parameters=find_unused)
     plain = forked()
     opt = engine.optim.SGD(ddp.parameters(), lr=0.5)
     steps = []
@@ -95,7 +105,7 @@ for find_unused in (False, True):
                  for k, p in plain.named_parameters()}
         everyone = comm.allgather_object(local)
         opt.zero_grad()
-        F.mse_loss(ddp(x), y).backward()
+        F.mse_loss(ddp(x.to(device)), y.to(device)).backward()
         diffs, nones = {}, []
         for k, p in ddp.named_parameters():
             got = [g[k] for g in everyone]
@@ -110,5 +120,7 @@ for find_unused in (False, True):
                       "never_grad_zero": bool(ddp.module.never.weight.grad is not None
                                               and not ddp.module.never.weight.grad.numpy().any())})
         opt.step()
-    result[key] = {"steps": steps, "params_hash": params_hash(ddp.module)}
+    result[key] = {"steps": steps, "params_hash": params_hash(ddp.module),
+                   "devices": sorted({str(p.device) for p in ddp.module.parameters()}),
+                   **path_report(ddp, comm)}
 report(comm, result)

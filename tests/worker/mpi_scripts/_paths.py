@@ -1,0 +1,47 @@
+"""The all-reduce paths the DDP scripts run on: ``cpu`` (host buckets, plain MPI) and, on the
+strict device that stands in for a GPU, ``host`` (pinned staging), ``cuda_aware`` (MPI reads
+the device buffers) and ``nccl`` (through the test double of ``cupy.cuda.nccl``)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "helpers"))
+import nccl_double  # noqa: E402 - the shared test helpers' folder, put on the path above
+
+from dptrain.worker import DistributedDataParallel
+from dptrain.worker.comm_device import NcclAllreduce
+from dptrain.worker.train import rank_device
+
+PATHS = ("cpu", "host", "cuda_aware", "nccl")
+
+
+def device_for(path: str, comm, device: str = "strict") -> str:
+    """The device the `path` run trains on: the CPU for ``cpu``, else `device`; ``cuda`` is
+    this rank's GPU as a job with ``device: cuda`` gets it (collective)."""
+    if path == "cpu":
+        return "cpu"
+    return str(rank_device("cuda", comm)) if device == "cuda" else device
+
+
+def wrap(model, comm, path: str, **kwargs) -> DistributedDataParallel:
+    """`model` (already on its device) wrapped to reduce its buckets by `path`."""
+    on_strict = next(model.parameters()).device == "strict"
+    if path != "nccl" or not on_strict:
+        return DistributedDataParallel(model, comm=comm, allreduce="auto" if path == "cpu"
+                                       else path, **kwargs)
+    # The strict device has no NCCL, so auto would not pick it: the double goes in by hand.
+    ddp = DistributedDataParallel(model, comm=comm, allreduce="host", **kwargs)
+    if comm.size > 1:
+        ddp.register_comm_hook(NcclAllreduce(comm, "strict", nccl=nccl_double))
+    return ddp
+
+
+def path_report(ddp, comm) -> dict:
+    """What the test checks about the path taken."""
+    hook = ddp._comm_hook
+    return {"allreduce": ddp.allreduce, "hook": type(hook).__name__,
+            "staged_bytes": comm.staged_bytes,
+            "pinned_buffers": getattr(hook, "pinned_buffers", None),
+            "nccl_calls": [list(c) for c in nccl_double.calls]}
