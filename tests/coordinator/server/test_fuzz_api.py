@@ -38,6 +38,7 @@ from dptrain.coordinator.api import serde
 from dptrain.coordinator.api.credentials import bearer_metadata
 from dptrain.coordinator.api.limits import MAX_ERROR_MESSAGE, channel_options
 from dptrain.coordinator.api.records import Job, JobState, hash_token, new_job, new_token
+from dptrain.coordinator.server import users
 from dptrain.coordinator.server.scheduler import Cluster
 from dptrain.coordinator.server.server import ServerSettings, serve
 from dptrain.protos.dptrain.v1 import coordinator_pb2 as pb
@@ -202,6 +203,8 @@ def mutated(draw: Any, valid: Message, json_args: dict[str, Any] | None = None) 
     message = type(valid)()
     message.CopyFrom(valid)
     paths = list(_paths(message.DESCRIPTOR))
+    if not paths:  # a request without fields (ListUsers)
+        return message
     for _ in range(draw(st.integers(1, 3))):
         path = draw(st.sampled_from(paths))
         holder = message
@@ -280,6 +283,7 @@ def target(tmp_path_factory) -> Iterator[Target]:
                                   data_roots=[root / "data"]))
     try:
         jobs = [server.store.create_job(_job(name)) for name in ("running", "queued", "x")]
+        users.create_user(FUZZ_USER, False, server.store)
         token = new_token()
         server.store.transition(jobs[0].id, JobState.QUEUED, JobState.RUNNING,
                                 token_hash=hash_token(token), placement={"localhost": 2})
@@ -294,6 +298,9 @@ def target(tmp_path_factory) -> Iterator[Target]:
     finally:
         server.stop(grace=0)
     assert "unittest.__main__" not in sys.modules  # a job named it: never imported here
+
+
+FUZZ_USER = "fuzzer"  # a user the user RPCs may name (none of the callers' tokens is its)
 
 
 def _job(name: str) -> Job:
@@ -377,6 +384,10 @@ def _valid_requests(t: Target) -> dict[str, Any]:
         "Heartbeat": pb.HeartbeatRequest(job_id=t.running),
         "FetchCheckpoint": pb.FetchCheckpointRequest(job_id=t.running),
         "FetchCode": pb.FetchCodeRequest(job_id=t.running),
+        "CreateUser": pb.CreateUserRequest(name="newcomer", admin=False),
+        "IssueToken": pb.IssueTokenRequest(name=FUZZ_USER),
+        "RevokeUser": pb.RevokeUserRequest(name=FUZZ_USER),
+        "ListUsers": pb.ListUsersRequest(),
     }
 
 
