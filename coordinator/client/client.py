@@ -190,7 +190,8 @@ class Client:
         name = code.name if code is not None else "UNKNOWN"
         details = (error.details() if hasattr(error, "details") else None) or str(error)
         if code is grpc.StatusCode.UNAUTHENTICATED:
-            details = (f"{details} (sent {self.token_source}; pass another with --token-file "
+            which = "another" if self._metadata else "one"
+            details = (f"{details} (sent {self.token_source}; pass {which} with --token-file "
                        f"FILE, ${TOKEN_ENV} or ${TOKEN_FILE_ENV})")
         elif code is grpc.StatusCode.UNAVAILABLE and (tls := self._tls_advice(details)):
             details = tls
