@@ -139,7 +139,7 @@ class Client:
 
     Args:
         address: ``host:port``.
-        token: the coordinator token (or a worker token, with `job_id`); default from
+        token: a user's token (or a worker token, with `job_id`); default from
             `token_file`, ``$DPTRAIN_TOKEN``, ``$DPTRAIN_TOKEN_FILE`` or ``state_dir/token``
             (see `dptrain.coordinator.api.credentials.find_token`).
         tls_ca: PEM certificate(s) to verify the server's TLS certificate with (a path or the
@@ -288,7 +288,7 @@ class Client:
 
         Raises:
             ClientError: INVALID_ARGUMENT (an unsafe archive), RESOURCE_EXHAUSTED (over the
-                server's limit), PERMISSION_DENIED (not the coordinator's token), ...
+                server's limit), PERMISSION_DENIED (a worker token), ...
         """
         sha256 = hashlib.sha256(archive).hexdigest()
         messages = itertools.chain(

@@ -137,6 +137,12 @@ class Store(ABC):
         self._signals: dict[str, threading.Condition] = {}
         self._generation: dict[str, int] = {}
         self._closed = False
+        # Token hash -> (users version, user): a call's token is looked up at every call, twice
+        # for most (the interceptor, then the servicer's job rule). Every user write goes
+        # through this object and bumps the version after its commit, so an entry made under
+        # an older version is never used.
+        self._users_version = 0
+        self._token_users: dict[str, tuple[int, User]] = {}
 
     # -- what an implementation provides
 
@@ -500,6 +506,7 @@ class Store(ABC):
             if tx.get_user(user.name) is not None:
                 raise AlreadyExists(f"user {user.name!r} already exists")
             tx.insert_user(user)
+        self._users_changed()
         return user
 
     def get_user(self, name: str) -> User:
@@ -519,8 +526,15 @@ class Store(ABC):
         replaced: read at every call, so a change takes effect at the next one)."""
         if not token_hash:
             return None
+        version = self._users_version
+        cached = self._token_users.get(token_hash)
+        if cached is not None and cached[0] == version:
+            return cached[1]
         with self._read() as tx:
-            return tx.user_by_token_hash(token_hash)
+            user = tx.user_by_token_hash(token_hash)
+        if user is not None:  # only users: unknown tokens would grow it without bound
+            self._token_users[token_hash] = (version, user)
+        return user
 
     def set_user_token(self, name: str, token_hash: str) -> User:
         """Replace a user's token by the one hashing to `token_hash` ("" revokes it).
@@ -537,12 +551,18 @@ class Store(ABC):
                 raise UserNotFound(name)
             user = dataclasses.replace(user, token_hash=token_hash)
             tx.replace_user(user)
+        self._users_changed()
         return user
 
     def list_users(self) -> list[User]:
         """Every user, by name."""
         with self._read() as tx:
             return tx.list_users()
+
+    def _users_changed(self) -> None:
+        """After a committed user write: no token lookup made before it is used again."""
+        self._users_version += 1
+        self._token_users.clear()
 
     # -- shared helpers
 

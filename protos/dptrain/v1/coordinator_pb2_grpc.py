@@ -166,10 +166,11 @@ class CoordinatorServicer:
         of plain files and directories (clients pack it: worker/code_archive.py); one with
         absolute names, `..`, links or anything else, or bytes that do not hash to the header's
         sha256, is INVALID_ARGUMENT; one over the server's limit (default 50 MiB, packed or
-        unpacked) RESOURCE_EXHAUSTED; nothing is stored then. Shipped code runs on the workers
-        with the coordinator's permissions, so only the coordinator's token may call this (a
-        worker token gets PERMISSION_DENIED). A job then names it in its spec as
-        code: "sha256:<the digest>". Storing the same archive again is a no-op.
+        unpacked) RESOURCE_EXHAUSTED; nothing is stored then. Any user may call this (a worker
+        token gets PERMISSION_DENIED), and any user's job may name any stored archive: archives
+        are content-addressed, so naming one's digest proves no more than holding its bytes. A
+        job then names it in its spec as code: "sha256:<the digest>". Storing the same archive
+        again is a no-op.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

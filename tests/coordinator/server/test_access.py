@@ -18,6 +18,7 @@ from typing import Any
 
 import grpc
 import pytest
+from rpc import METHODS, call_rpc
 
 from dptrain.coordinator.api import serde
 from dptrain.coordinator.api.credentials import bearer_metadata
@@ -37,8 +38,6 @@ SPEC = {
     "dataset": {"name": "synthetic", "args": {"n": 64, "features": 4, "classes": 3}},
     "optimizer": {"name": "adam", "lr": 0.01}, "batch_size": 8, "max_steps": 20, "workers": 2,
 }
-METHODS = {m.name: (service.full_name, m) for service in pb.DESCRIPTOR.services_by_name.values()
-           for m in service.methods}
 
 PRINCIPALS = ("admin", "user on own job", "user on another's job", "worker token of the job",
               "worker token of another job", "revoked user", "no token")
@@ -97,30 +96,8 @@ def world(tmp_path_factory) -> Iterator[World]:
 
 
 def _call(world: World, method: str, request: Any, metadata: tuple) -> str:
-    """The status code's name of a call (a stream is read to its end, a watch to its first
-    message: it follows a live job for as long as the job lives)."""
-    service, m = METHODS[method]
-    path = f"/{service}/{method}"
-    serializer = pb.GetJobRequest.SerializeToString  # any message's: it is Message's method
-    try:
-        if m.client_streaming:
-            world.channel.stream_unary(path, request_serializer=serializer)(
-                iter(request), metadata=metadata, timeout=30)
-        elif m.server_streaming:
-            stream = world.channel.unary_stream(path, request_serializer=serializer)(
-                request, metadata=metadata, timeout=30)
-            for _ in stream:
-                if method == "WatchJob":
-                    stream.cancel()
-                    break
-        else:
-            world.channel.unary_unary(path, request_serializer=serializer)(
-                request, metadata=metadata, timeout=30)
-    except grpc.RpcError as e:
-        if e.code() is grpc.StatusCode.CANCELLED and method == "WatchJob":
-            return OK  # we ended it after its first message
-        return e.code().name
-    return OK
+    """The status code's name of a call."""
+    return call_rpc(world.channel, method, request, metadata)[0]
 
 
 def _code_upload(world: World) -> list[pb.UploadCodeRequest]:

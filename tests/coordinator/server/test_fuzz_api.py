@@ -33,6 +33,7 @@ from google.protobuf import descriptor, message_factory
 from google.protobuf.message import Message
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from rpc import METHODS, call_rpc
 
 from dptrain.coordinator.api import serde
 from dptrain.coordinator.api.credentials import bearer_metadata
@@ -49,8 +50,6 @@ pytestmark = pytest.mark.timeout(600)
 EXAMPLES = int(os.environ.get("DPTRAIN_FUZZ_EXAMPLES", "1500"))
 DEADLINE = 30.0  # seconds per call: an answer that does not come by then is a hang
 FD = descriptor.FieldDescriptor
-METHODS = {m.name: (service.full_name, m) for service in pb.DESCRIPTOR.services_by_name.values()
-           for m in service.methods}
 #: Codes a caller's request may earn. DATA_LOSS only where the proto documents it for what a
 #: caller sends: uploaded bytes that do not match their declared sha256.
 CLIENT_ERRORS = frozenset({"OK", "INVALID_ARGUMENT", "FAILED_PRECONDITION", "NOT_FOUND",
@@ -311,33 +310,7 @@ def _job(name: str) -> Job:
 # ---------------------------------------------------------------- calling and judging
 
 def _call(t: Target, method: str, request: Any, metadata: tuple) -> tuple[str, str]:
-    """Call `method` with `request` (a message, bytes, or a list of them for a streaming
-    request); return the status code's name and details. A watch is read to its first message
-    (it follows a live job for as long as the job lives)."""
-    service, m = METHODS[method]
-    path = f"/{service}/{method}"
-    raw = isinstance(request, bytes) or (isinstance(request, list) and request
-                                         and isinstance(request[0], bytes))
-    serializer = None if raw else (lambda message: message.SerializeToString())
-    try:
-        if m.client_streaming:
-            call = t.channel.stream_unary(path, request_serializer=serializer)
-            call(iter(request), metadata=metadata, timeout=DEADLINE)
-        elif m.server_streaming:
-            stream = t.channel.unary_stream(path, request_serializer=serializer)(
-                request, metadata=metadata, timeout=DEADLINE)
-            for _ in stream:
-                if method == "WatchJob":
-                    stream.cancel()
-                    break
-        else:
-            t.channel.unary_unary(path, request_serializer=serializer)(
-                request, metadata=metadata, timeout=DEADLINE)
-    except grpc.RpcError as e:
-        if e.code() is grpc.StatusCode.CANCELLED and method == "WatchJob":
-            return "OK", ""  # we ended it after its first message
-        return e.code().name, e.details() or ""
-    return "OK", ""
+    return call_rpc(t.channel, method, request, metadata, DEADLINE)
 
 
 def judge(t: Target, method: str, request: Any, metadata: tuple) -> str:

@@ -68,8 +68,10 @@ class TestUserStoreContract:
 
     def test_a_new_token_replaces_the_old_and_revoking_leaves_none(self, store):
         store.create_user(User("bob", True, 100.0, _sha256("old")))
+        assert store.user_by_token_hash(_sha256("old")).name == "bob"  # looked up: remembered
         store.set_user_token("bob", _sha256("new"))
         assert store.user_by_token_hash(_sha256("old")) is None
+        assert store.user_by_token_hash(_sha256("new")).name == "bob"
         assert store.user_by_token_hash(_sha256("new")).name == "bob"
         revoked = store.set_user_token("bob", "")
         assert (revoked.active, revoked.admin) == (False, True)
