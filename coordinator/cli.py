@@ -1,7 +1,7 @@
 """The ``dptrain`` command: ``dptrain run JOB.yaml -n N`` trains a job on this machine (or a
 hostfile's hosts); ``dptrain tls init`` writes a coordinator's TLS files;
 ``dptrain serve`` runs the coordinator and ``submit``, ``jobs``, ``status``, ``watch``, ``logs``,
-``cancel``, ``checkpoints``, ``download``, ``plot`` and ``demo`` use it
+``cancel``, ``checkpoints``, ``download``, ``plot``, ``user`` and ``demo`` use it
 (`coordinator.commands`); ``dptrain render-job`` prints the manifest a launcher would give a
 job.
 
@@ -331,6 +331,9 @@ def main(argv: list[str] | None = None) -> int:
         The exit code (see ``dptrain --help``).
     """
     argv = list(sys.argv[1:] if argv is None else argv)
+    # gRPC's core logs a failed TLS handshake at INFO on stderr; our one-line error says it
+    # (and what to pass), so only its errors are shown unless the user asks for more.
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
     # `dptrain run train.py -n 2 -- --lr 0.1`: what follows `--` is the script's, as it is.
     script_args: list[str] = []
     if "run" in argv and "--" in argv[argv.index("run"):]:

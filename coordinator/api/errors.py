@@ -20,7 +20,8 @@ __all__ = [
     "CoordinatorError", "ValidationError", "OutOfRange", "InvalidTransition", "StoreError",
     "NotFound", "JobNotFound", "CheckpointNotFound", "AlreadyExists", "StateConflict",
     "StoreClosed", "SchemaError", "CorruptRecord", "BlobError", "BlobNotFound", "BlobCorrupted",
-    "ChecksumMismatch", "BlobTooLarge", "DiskFull", "HostfileError", "STATUS", "status_name",
+    "ChecksumMismatch", "BlobTooLarge", "DiskFull", "HostfileError", "UserNotFound",
+    "Unauthenticated", "PermissionDenied", "STATUS", "status_name",
 ]
 
 
@@ -96,6 +97,26 @@ class CheckpointNotFound(NotFound):
         self.job_id, self.step = job_id, step
         what = "no checkpoints" if step is None else f"no checkpoint at step {step}"
         super().__init__(f"job {job_id!r} has {what}")
+
+
+class UserNotFound(NotFound):
+    """No user with this name (NOT_FOUND).
+
+    Args:
+        name: the name asked for.
+    """
+
+    def __init__(self, name: str):
+        self.name = name
+        super().__init__(f"user {name!r} not found (dptrain user list shows the users)")
+
+
+class Unauthenticated(CoordinatorError):
+    """No token, or one that is not valid: unknown, revoked or replaced (UNAUTHENTICATED)."""
+
+
+class PermissionDenied(CoordinatorError):
+    """A valid token used beyond its rights; the message names the rule (PERMISSION_DENIED)."""
 
 
 class AlreadyExists(StoreError):
@@ -229,6 +250,8 @@ STATUS: dict[type[BaseException], str] = {
     ChecksumMismatch: "DATA_LOSS",
     BlobTooLarge: "RESOURCE_EXHAUSTED",
     DiskFull: "RESOURCE_EXHAUSTED",
+    Unauthenticated: "UNAUTHENTICATED",
+    PermissionDenied: "PERMISSION_DENIED",
 }
 
 

@@ -43,7 +43,7 @@ from dptrain.worker.spec import check_name
 __all__ = [
     "JobState", "EventKind", "TRANSITIONS", "TERMINAL_STATES", "PENDING_STATES",
     "HOLDING_STATES",
-    "Job", "Event", "CheckpointRecord",
+    "Job", "Event", "CheckpointRecord", "User", "BUILTIN_ADMIN", "check_user_name",
     "check_transition", "new_job", "new_job_id", "apply_transition", "apply_update",
     "state_event_payload", "check_payload", "new_token", "hash_token", "verify_token",
     "check_checkpoint", "MUTABLE_FIELDS", "SubmitRequest", "ListRequest",
@@ -104,6 +104,10 @@ PENDING_STATES: frozenset[JobState] = frozenset({_S.QUEUED, _S.RESTARTING})
 #: States of jobs whose workers hold slots (and may report and upload checkpoints).
 HOLDING_STATES: frozenset[JobState] = frozenset({_S.RUNNING, _S.CANCELLING})
 
+BUILTIN_ADMIN = "admin"
+"""The admin user every coordinator has: its token is the server's ``STATE_DIR/token``, and
+the jobs of a database from before users belong to it."""
+
 
 def check_transition(current: JobState, target: JobState) -> None:
     """Raise unless the state machine allows ``current -> target``.
@@ -154,6 +158,7 @@ class Job:
     metrics: dict[str, Any] = field(default_factory=dict)
     placement: tuple[tuple[str, int], ...] = ()
     token_hash: str = ""
+    owner: str = BUILTIN_ADMIN
 
     @property
     def workers(self) -> int:
@@ -203,6 +208,44 @@ class CheckpointRecord:
     keep: bool = False
 
 
+@dataclass(frozen=True)
+class User:
+    """Someone who may call the coordinator.
+
+    Attributes:
+        name: a name `check_user_name` accepts.
+        admin: may act on every job and manage users; a user acts on its own jobs only.
+        created_at: when it was created (unix seconds).
+        token_hash: `hash_token` of its one valid token; "" once revoked (no token matches).
+    """
+
+    name: str
+    admin: bool
+    created_at: float
+    token_hash: str = ""
+
+    @property
+    def active(self) -> bool:
+        """It holds a valid token (not revoked)."""
+        return bool(self.token_hash)
+
+
+_USER_NAME_RE = re.compile(r"^[a-z][a-z0-9._-]{0,63}$")
+
+
+def check_user_name(name: Any) -> str:
+    """A user name: 1-64 of ``a-z 0-9 . _ -``, starting with a letter (so it is safe in a
+    file name, a log line and a Unix account's name).
+
+    Raises:
+        ValidationError: naming ``name``.
+    """
+    if not isinstance(name, str) or not _USER_NAME_RE.fullmatch(name):
+        raise ValidationError("name", "must be 1-64 of a-z 0-9 . _ -, starting with a letter",
+                              name)
+    return name
+
+
 # ---------------------------------------------------------------- requests
 
 @dataclass(frozen=True)
@@ -224,11 +267,13 @@ class SubmitRequest:
 
 @dataclass(frozen=True)
 class ListRequest:
-    """A page of the job list: jobs in `states` (empty: all), newest first."""
+    """A page of the job list: jobs in `states` (empty: all) of `owner` ("": every job the
+    caller may see), newest first."""
 
     states: tuple[JobState, ...] = ()
     page_size: int = 0
     page_token: str = ""
+    owner: str = ""
 
 
 # ---------------------------------------------------------------- construction and validation
@@ -323,7 +368,8 @@ def _checked_fields(fields: Mapping[str, Any]) -> dict[str, Any]:
 
 def new_job(name: str, spec: Mapping[str, Any], *, priority: int = 0,
             max_restarts: int = 3, time_limit: float | None = None, token_hash: str = "",
-            now: float | None = None, job_id: str | None = None) -> Job:
+            now: float | None = None, job_id: str | None = None,
+            owner: str = BUILTIN_ADMIN) -> Job:
     """A validated QUEUED job, ready for `Store.create_job`.
 
     Args:
@@ -336,6 +382,7 @@ def new_job(name: str, spec: Mapping[str, Any], *, priority: int = 0,
         token_hash: `hash_token` of the job's worker token.
         now: submission time (unix seconds); default the current time.
         job_id: the id to use; default `new_job_id()`.
+        owner: the user submitting it.
 
     Returns:
         The job, state QUEUED.
@@ -354,6 +401,7 @@ def new_job(name: str, spec: Mapping[str, Any], *, priority: int = 0,
         time_limit=_check_time("time_limit", time_limit, positive=True),
         token_hash=_check_str("token_hash", token_hash),
         submitted_at=time.time() if now is None else _check_time("submitted_at", now),
+        owner=check_user_name(owner),
     )
 
 
@@ -474,10 +522,10 @@ def check_checkpoint(record: CheckpointRecord) -> CheckpointRecord:
                                manifest=_check_json("manifest", record.manifest))
 
 
-# ---------------------------------------------------------------- worker tokens
+# ---------------------------------------------------------------- tokens
 
 def new_token() -> str:
-    """A fresh secret worker token (256 bits, URL-safe text)."""
+    """A fresh secret token, a worker's or a user's (256 bits, URL-safe text)."""
     return secrets.token_urlsafe(32)
 
 

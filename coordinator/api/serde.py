@@ -40,6 +40,7 @@ from dptrain.coordinator.api.records import (
     JobState,
     ListRequest,
     SubmitRequest,
+    User,
 )
 from dptrain.coordinator.api.strict_json import loads
 from dptrain.protos.dptrain.v1 import coordinator_pb2 as pb
@@ -52,7 +53,7 @@ __all__ = [
     "worker_event_to_proto", "worker_event_from_proto", "checkpoint_to_proto",
     "checkpoint_from_proto", "upload_header_to_proto", "upload_header_from_proto",
     "file_entry_to_proto", "file_entry_from_proto", "chunks_from_upload", "timestamp", "seconds",
-    "code_header_from_upload", "code_chunks",
+    "code_header_from_upload", "code_chunks", "user_to_proto", "user_from_proto",
 ]
 
 _ARGS_FIELDS = {"args": "args_json"}  # job file key -> message field
@@ -269,7 +270,8 @@ def list_request_from_proto(request: pb.ListJobsRequest) -> ListRequest:
         ValidationError: naming ``states`` for an unknown or UNSPECIFIED state.
     """
     return ListRequest(states=tuple(state_from_proto(s) for s in request.states),
-                       page_size=request.page_size, page_token=request.page_token)
+                       page_size=request.page_size, page_token=request.page_token,
+                       owner=request.owner)
 
 
 # ---------------------------------------------------------------- jobs
@@ -302,7 +304,8 @@ def job_to_proto(job: Job, spec: pb.JobSpec | None = None) -> pb.Job:
                priority=job.priority, state=state_to_proto(job.state),
                max_restarts=job.max_restarts, restarts=job.restarts, error=job.error,
                submitted_at=timestamp(job.submitted_at), metrics=_numbers(job.metrics),
-               placement=[pb.HostSlots(host=h, slots=n) for h, n in job.placement])
+               placement=[pb.HostSlots(host=h, slots=n) for h, n in job.placement],
+               owner=job.owner)
     if job.time_limit is not None:
         m.time_limit.CopyFrom(_duration(job.time_limit))
     for name in ("started_at", "finished_at", "heartbeat_at"):
@@ -336,7 +339,7 @@ def stored_job_to_proto(job: Job, spec: pb.JobSpec | None = None) -> pb.Job:
         reason = " ".join(str(e).split())[:300]
         return pb.Job(id=job.id, name=job.name, state=state_to_proto(job.state),
                       workers=job.workers, submitted_at=timestamp(job.submitted_at),
-                      error=f"unreadable record: {reason}")
+                      owner=job.owner, error=f"unreadable record: {reason}")
 
 
 def job_from_proto(m: pb.Job) -> Job:
@@ -368,7 +371,21 @@ def job_from_proto(m: pb.Job) -> Job:
                heartbeat_at=opt_time("heartbeat_at"),
                last_step=m.last_step if m.HasField("last_step") else None,
                metrics=dict(m.metrics),
-               placement=tuple((p.host, p.slots) for p in m.placement))
+               placement=tuple((p.host, p.slots) for p in m.placement), owner=m.owner)
+
+
+# ---------------------------------------------------------------- users
+
+def user_to_proto(user: User) -> pb.User:
+    """A user as a ``User`` message (its token hash stays on the server)."""
+    return pb.User(name=user.name, admin=user.admin, created_at=timestamp(user.created_at),
+                   active=user.active)
+
+
+def user_from_proto(m: pb.User) -> User:
+    """A ``User`` message as a `User` for clients, who never see a token's hash: its
+    ``token_hash`` only marks an active user (a non-empty placeholder) from a revoked one."""
+    return User(m.name, m.admin, seconds(m.created_at), "active" if m.active else "")
 
 
 # ---------------------------------------------------------------- events

@@ -22,6 +22,8 @@ import contextlib
 import hashlib
 import itertools
 import os
+import socket
+import ssl
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -33,11 +35,16 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from dptrain.atomic_files import fsync_directory
 from dptrain.coordinator.api import chunk_wire, serde
-from dptrain.coordinator.api.credentials import bearer_metadata, resolve_token
+from dptrain.coordinator.api.credentials import (
+    TOKEN_ENV,
+    TOKEN_FILE_ENV,
+    bearer_metadata,
+    find_token,
+)
 from dptrain.coordinator.api.errors import ValidationError
 from dptrain.coordinator.api.hashed_io import BytesLike, write_hashed
 from dptrain.coordinator.api.limits import CHUNK_BYTES, channel_options
-from dptrain.coordinator.api.records import CheckpointRecord, Event, Job, JobState
+from dptrain.coordinator.api.records import CheckpointRecord, Event, Job, JobState, User
 from dptrain.protos.dptrain.v1 import coordinator_pb2 as pb
 from dptrain.protos.dptrain.v1 import coordinator_pb2_grpc as pb_grpc
 from dptrain.worker.checkpoint_manifest import FileEntry, new_hasher
@@ -50,7 +57,8 @@ from dptrain.worker.spec import (
     read_spec_file,
 )
 
-__all__ = ["Client", "ClientError", "DownloadedFile", "DownloadProgress", "DEFAULT_TIMEOUT"]
+__all__ = ["Client", "ClientError", "DownloadedFile", "DownloadProgress", "DEFAULT_TIMEOUT",
+           "speaks_tls"]
 
 DEFAULT_TIMEOUT = 30.0
 
@@ -172,6 +180,23 @@ def _append(part: Path, expected: FileEntry, offset: int, data: Iterable[BytesLi
     return digest, done
 
 
+def speaks_tls(address: str, timeout: float = 5.0) -> bool:
+    """Whether the server at ``host:port`` completes a TLS handshake (its certificate not
+    checked: this only tells a TLS server from a plaintext one, to say what to pass)."""
+    host, _, port = address.rpartition(":")
+    host = host.strip("[]")
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    context.set_alpn_protocols(["h2"])
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout) as raw:
+            with context.wrap_socket(raw, server_hostname=host or None):
+                return True
+    except (OSError, ValueError):
+        return False
+
+
 def _read_ca(tls_ca: str | os.PathLike | bytes) -> bytes:
     if isinstance(tls_ca, bytes):
         return tls_ca
@@ -186,9 +211,9 @@ class Client:
 
     Args:
         address: ``host:port``.
-        token: the coordinator token (or a worker token, with `job_id`); default from
+        token: a user's token (or a worker token, with `job_id`); default from
             `token_file`, ``$DPTRAIN_TOKEN``, ``$DPTRAIN_TOKEN_FILE`` or ``state_dir/token``
-            (see `dptrain.coordinator.api.credentials.resolve_token`).
+            (see `dptrain.coordinator.api.credentials.find_token`).
         tls_ca: PEM certificate(s) to verify the server's TLS certificate with (a path or the
             bytes); None: a plaintext connection.
         timeout: seconds each unary call may take.
@@ -204,9 +229,11 @@ class Client:
         self.address = address
         self.timeout = timeout
         try:
-            token = resolve_token(token, token_file=token_file, state_dir=state_dir)
+            token, self.token_source = find_token(token, token_file=token_file,
+                                                  state_dir=state_dir)
         except (OSError, ValueError) as e:
             raise ClientError("UNAUTHENTICATED", f"cannot read the token: {e}") from None
+        self.tls = tls_ca is not None
         self._metadata = bearer_metadata(token, job_id)
         if tls_ca is not None:
             credentials = grpc.ssl_channel_credentials(root_certificates=_read_ca(tls_ca))
@@ -234,11 +261,33 @@ class Client:
         code = error.code() if hasattr(error, "code") else None
         name = code.name if code is not None else "UNKNOWN"
         details = (error.details() if hasattr(error, "details") else None) or str(error)
-        if code is grpc.StatusCode.UNAVAILABLE:
+        if code is grpc.StatusCode.UNAUTHENTICATED:
+            which = "another" if self._metadata else "one"
+            details = (f"{details} (sent {self.token_source}; pass {which} with --token-file "
+                       f"FILE, ${TOKEN_ENV} or ${TOKEN_FILE_ENV})")
+        elif code is grpc.StatusCode.UNAVAILABLE and (tls := self._tls_advice(details)):
+            details = tls
+        elif code is grpc.StatusCode.UNAVAILABLE:
             details = f"cannot reach the coordinator at {self.address}: {details}"
         elif code is grpc.StatusCode.DEADLINE_EXCEEDED:
             details = f"no answer from the coordinator at {self.address} in time: {details}"
         return ClientError(name, details)
+
+    def _tls_advice(self, details: str) -> str | None:
+        """What to do when the connection failed over TLS: a handshake that failed (e.g. a
+        self-signed server, verified without its CA), or a TLS server spoken to in plaintext;
+        None when TLS is not the trouble."""
+        if self.tls:
+            if "handshake" not in details.lower() and "ssl" not in details.lower():
+                return None
+            return (f"the TLS handshake with the coordinator at {self.address} failed: pass "
+                    f"the CA certificate that signed its certificate with --tls-ca PEM (or "
+                    f"$DPTRAIN_TLS_CA; dptrain tls init wrote it as ca.pem) ({details})")
+        if not speaks_tls(self.address):
+            return None
+        return (f"the coordinator at {self.address} serves TLS and this client spoke "
+                f"plaintext: pass its CA certificate with --tls-ca PEM (or $DPTRAIN_TLS_CA; "
+                f"dptrain tls init wrote it as ca.pem)")
 
     def _unary(self, method: Any, request: Any, timeout: float | None = None) -> Any:
         try:
@@ -311,7 +360,7 @@ class Client:
 
         Raises:
             ClientError: INVALID_ARGUMENT (an unsafe archive), RESOURCE_EXHAUSTED (over the
-                server's limit), PERMISSION_DENIED (not the coordinator's token), ...
+                server's limit), PERMISSION_DENIED (a worker token), ...
         """
         sha256 = hashlib.sha256(archive).hexdigest()
         messages = itertools.chain(
@@ -327,29 +376,30 @@ class Client:
                                                 pb.GetJobRequest(job_id=job_id)))
 
     def list_jobs(self, states: Iterable[JobState | str] | None = None, page_size: int = 0,
-                  page_token: str = "") -> tuple[list[Job], str]:
-        """One page of jobs, newest first.
+                  page_token: str = "", owner: str = "") -> tuple[list[Job], str]:
+        """One page of jobs, newest first: a user's own; an admin's, everyone's.
 
         Args:
             states: only jobs in these states (None: all).
             page_size: at most this many (0: the server's default, 100).
             page_token: "" for the first page, else the token the previous page returned.
+            owner: only this user's jobs (another user's: admins only); "" for all you see.
 
         Returns:
             ``(jobs, next_page_token)``; the token is "" on the last page.
         """
         request = pb.ListJobsRequest(states=[serde.state_to_proto(s) for s in states or ()],
-                                     page_size=page_size, page_token=page_token)
+                                     page_size=page_size, page_token=page_token, owner=owner)
         response = self._unary(self._stub.ListJobs, request)
         return [serde.job_from_proto(j) for j in response.jobs], response.next_page_token
 
     def iter_jobs(self, states: Iterable[JobState | str] | None = None,
-                  page_size: int = 100) -> Iterator[Job]:
-        """Every job (in these states), newest first, fetched a page at a time."""
+                  page_size: int = 100, owner: str = "") -> Iterator[Job]:
+        """Every job (in these states, of `owner`), newest first, a page at a time."""
         states = list(states or ())
         token = ""
         while True:
-            page, token = self.list_jobs(states, page_size, token)
+            page, token = self.list_jobs(states, page_size, token, owner)
             yield from page
             if not token:
                 return
@@ -488,6 +538,28 @@ class Client:
             fsync_directory(target.parent)
             return DownloadedFile(target, step, expected.name, size, expected.digest,
                                   expected.algorithm)
+
+    # ------------------------------------------------------------ users (admins only)
+
+    def create_user(self, name: str, admin: bool = False) -> tuple[User, str]:
+        """Create a user; returns it and its first token (the only copy of the token)."""
+        reply = self._unary(self._stub.CreateUser, pb.CreateUserRequest(name=name, admin=admin))
+        return serde.user_from_proto(reply.user), reply.token
+
+    def issue_token(self, name: str) -> tuple[User, str]:
+        """A new token for a user, replacing its previous one; returns the user and token."""
+        reply = self._unary(self._stub.IssueToken, pb.IssueTokenRequest(name=name))
+        return serde.user_from_proto(reply.user), reply.token
+
+    def revoke_user(self, name: str) -> User:
+        """Revoke a user's token (its jobs stay); `issue_token` makes it active again."""
+        return serde.user_from_proto(self._unary(self._stub.RevokeUser,
+                                                 pb.RevokeUserRequest(name=name)))
+
+    def list_users(self) -> list[User]:
+        """Every user, by name."""
+        return [serde.user_from_proto(u)
+                for u in self._unary(self._stub.ListUsers, pb.ListUsersRequest()).users]
 
     # ------------------------------------------------------------ health
 

@@ -5,7 +5,8 @@ Client commands connect with `connect`: the address from ``--address``, ``$DPTRA
 or ``127.0.0.1:50051``; the token from ``--token-file``, ``$DPTRAIN_TOKEN``,
 ``$DPTRAIN_TOKEN_FILE`` or the state directory's ``token`` file (``--state-dir``,
 ``$DPTRAIN_STATE_DIR``, default ``~/.local/state/dptrain``, where ``dptrain serve`` keeps it);
-TLS with ``--tls-ca`` or ``$DPTRAIN_TLS_CA``.
+TLS with ``--tls-ca`` or ``$DPTRAIN_TLS_CA``. ``dptrain user ...`` manages users through the
+same client (an admin's token: from any host).
 """
 
 from __future__ import annotations
@@ -107,10 +108,12 @@ def _cmd_submit(args: argparse.Namespace) -> int:
 
 def _cmd_jobs(args: argparse.Namespace) -> int:
     with connect(args) as client:
-        jobs = list(client.iter_jobs([JobState(s.upper()) for s in args.state or ()]))
+        jobs = list(client.iter_jobs([JobState(s.upper()) for s in args.state or ()],
+                                     owner=args.owner or ""))
     print(format_table(
-        ["ID", "NAME", "STATE", "WORKERS", "PRIORITY", "STEP", "RESTARTS", "SUBMITTED"],
-        [(j.id, j.name, j.state.value, j.workers, j.priority,
+        ["ID", "NAME", "OWNER", "STATE", "WORKERS", "PRIORITY", "STEP", "RESTARTS",
+         "SUBMITTED"],
+        [(j.id, j.name, j.owner, j.state.value, j.workers, j.priority,
           "-" if j.last_step is None else j.last_step, j.restarts,
           _short_time(j.submitted_at)) for j in jobs]))
     return 0
@@ -232,6 +235,94 @@ def _cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- dptrain user
+
+def _hand_over(token: str, out: str | None, name: str) -> None:
+    """Give a new token to the admin: into `out` (a token file), else on stdout, with no
+    newline when stdout is a file (``> bob.token`` makes a token file every client reads)."""
+    from dptrain.coordinator.api.credentials import write_token_file
+
+    if out is not None:
+        write_token_file(out, token)
+        print(f"{out}: the token of user {name} (mode 0600; it is shown nowhere else)")
+        return
+    print(f"the token of user {name} (it is shown nowhere else):", file=sys.stderr)
+    sys.stdout.write(token + ("\n" if sys.stdout.isatty() else ""))
+    sys.stdout.flush()
+
+
+def _cmd_user_add(args: argparse.Namespace) -> int:
+    with connect(args) as client:
+        user, token = client.create_user(args.name, admin=args.admin)
+    _hand_over(token, args.out, user.name)
+    return 0
+
+
+def _cmd_user_token(args: argparse.Namespace) -> int:
+    with connect(args) as client:
+        user, token = client.issue_token(args.name)
+    _hand_over(token, args.out, user.name)
+    return 0
+
+
+def _cmd_user_revoke(args: argparse.Namespace) -> int:
+    with connect(args) as client:
+        user = client.revoke_user(args.name)
+    print(f"{user.name} revoked: its token is refused from now on (its jobs stay; "
+          f"dptrain user token {user.name} issues a new one)")
+    return 0
+
+
+def _cmd_user_list(args: argparse.Namespace) -> int:
+    with connect(args) as client:
+        users = client.list_users()
+    print(format_table(["NAME", "ROLE", "TOKEN", "CREATED"],
+                       [(u.name, "admin" if u.admin else "user",
+                         "active" if u.active else "revoked", _short_time(u.created_at))
+                        for u in users]))
+    return 0
+
+
+def _add_user_commands(commands: Any, fmt: type, epilog: str) -> None:
+    """``dptrain user add|token|revoke|list``: admins only, from any host (through the API)."""
+    user = commands.add_parser(
+        "user", help="manage the coordinator's users and their tokens (admins)",
+        description="Manage the coordinator's users and their tokens (an admin's token\n"
+                    "only). A user submits jobs and acts on its own jobs; an admin on\n"
+                    "every job and on users. A new or revoked token takes effect at the\n"
+                    "next call, without a restart. See docs/operations.md, Users and roles.",
+        formatter_class=fmt, epilog=epilog)
+    _connection_options(user, suppress=True)
+    actions = user.add_subparsers(dest="user_command", metavar="ACTION", required=True)
+
+    def action(name: str, handler: Any, help_text: str, example: str) -> Any:
+        parser = actions.add_parser(name, help=help_text, description=help_text,
+                                    formatter_class=fmt,
+                                    epilog=f"example:\n  {example}\n\n{epilog}")
+        _connection_options(parser, suppress=True)
+        parser.set_defaults(handler=handler)
+        return parser
+
+    add = action("add", _cmd_user_add, "create a user and print its first token",
+                 "dptrain user add alice --out alice.token")
+    add.add_argument("name", metavar="NAME",
+                     help="1-64 of a-z 0-9 . _ -, starting with a letter")
+    add.add_argument("--admin", action="store_true",
+                     help="an admin: acts on every job and manages users")
+    token = action("token", _cmd_user_token, "print a new token for a user; its previous "
+                   "token stops working (a revoked user is active again)",
+                   "dptrain user token alice > alice.token")
+    token.add_argument("name", metavar="NAME", help="the user")
+    for parser in (add, token):
+        parser.add_argument("--out", metavar="FILE", default=None,
+                            help="write the token to FILE (mode 0600, no trailing newline) "
+                                 "instead of printing it")
+    action("revoke", _cmd_user_revoke, "revoke a user's token (the user and its jobs stay)",
+           "dptrain user revoke alice").add_argument("name", metavar="NAME", help="the user")
+    action("list", _cmd_user_list, "list the users, their role and whether their token is "
+           "active", "dptrain user list")
+
+
 # ---------------------------------------------------------------- the parser
 
 def _connection_options(parser: argparse.ArgumentParser, suppress: bool) -> None:
@@ -242,8 +333,8 @@ def _connection_options(parser: argparse.ArgumentParser, suppress: bool) -> None
     group.add_argument("--address", metavar="HOST:PORT", default=default,
                        help=f"the coordinator (default: ${ADDRESS_ENV} or {DEFAULT_ADDRESS})")
     group.add_argument("--token-file", metavar="FILE", default=default,
-                       help="file holding the coordinator token (default: $DPTRAIN_TOKEN, "
-                            "$DPTRAIN_TOKEN_FILE, or STATE_DIR/token)")
+                       help="file holding your token (default: $DPTRAIN_TOKEN, "
+                            "$DPTRAIN_TOKEN_FILE, or STATE_DIR/token, the built-in admin's)")
     group.add_argument("--tls-ca", metavar="PEM", default=default,
                        help=f"CA certificate to verify the coordinator's TLS with (default: "
                             f"${TLS_CA_ENV}; none: plaintext)")
@@ -378,10 +469,12 @@ def add_commands(commands: Any, serve: Callable[[argparse.Namespace], int],
                              "backfill; a run past it is stopped (its workers checkpoint) "
                              "and the job ends TIMED_OUT")
 
-    jobs = add("jobs", _cmd_jobs, "list jobs, newest first")
+    jobs = add("jobs", _cmd_jobs, "list jobs, newest first: your own (an admin's: everyone's)")
     jobs.add_argument("--state", action="append", metavar="STATE",
                       choices=[s.value for s in JobState] + [s.value.lower() for s in JobState],
                       help="only jobs in this state (repeatable)")
+    jobs.add_argument("--owner", metavar="USER", default=None,
+                      help="only this user's jobs (another user's: admins only)")
     for name, handler, text in (("status", _cmd_status, "show one job"),
                                 ("watch", _cmd_watch, "print a job's events until it ends")):
         add(name, handler, text).add_argument("id", metavar="ID", help="the job's id")
@@ -423,6 +516,7 @@ def add_commands(commands: Any, serve: Callable[[argparse.Namespace], int],
     plot.add_argument("id", metavar="ID", help="the job's id")
     plot.add_argument("-o", "--output", default="curves.png", metavar="PNG",
                       help="the image (default curves.png)")
+    _add_user_commands(commands, fmt, CLIENT_EXIT_CODES)
     demo_parser = add("demo", demo, "train the digits MLP through an embedded coordinator on "
                "2 worker processes, then download its parameters")
     demo_parser.add_argument("-o", "--output", default="digits-mlp.safetensors", metavar="PATH",

@@ -88,7 +88,7 @@ def format_job(job: Job) -> str:
     """The job's fields, one per line, as ``dptrain status`` prints them."""
     hosts = ",".join(f"{h}:{n}" for h, n in job.placement)
     rows = [
-        ("id", job.id), ("name", job.name), ("state", job.state.value),
+        ("id", job.id), ("name", job.name), ("owner", job.owner), ("state", job.state.value),
         ("workers", f"{job.workers}" + (f" on {hosts}" if hosts else "")),
         ("priority", job.priority), ("restarts", f"{job.restarts} of {job.max_restarts}"),
         ("time limit", "-" if job.time_limit is None else f"{job.time_limit:g} s per run" + (

@@ -1,7 +1,7 @@
 """What the code RPCs do, as plain functions of ``(request, state)``: a job's own code stored
 with the blobs, content-addressed, and handed to the job's workers.
 
-An upload (`receive_code`, the coordinator token only: the servicer's auth says so) streams
+An upload (`receive_code`, any user's token: `server.access` says so) streams
 into the blob store under the sha256 its header declares; bytes that hash otherwise, more than
 ``state.max_code_bytes``, or an archive that is not a safe code archive
 (``worker.code_archive.check_archive``: no absolute names, ``..``, links or devices) store

@@ -33,6 +33,7 @@ from dptrain.coordinator.api.limits import (
     MAX_TIME_LIMIT_S,
 )
 from dptrain.coordinator.api.records import (
+    BUILTIN_ADMIN,
     HOLDING_STATES,
     Event,
     EventKind,
@@ -231,7 +232,7 @@ def validate_spec(spec: Mapping[str, Any], state: ServiceState) -> JobSpec:
 # ---------------------------------------------------------------- the Coordinator service
 
 def prepare_job(request: SubmitRequest, state: ServiceState, *,
-                now: float | None = None) -> Job:
+                now: float | None = None, owner: str = BUILTIN_ADMIN) -> Job:
     """Validate a submission into the QUEUED job it asks for, storing nothing.
 
     The servicer encodes its reply from this job before `queue_job` stores it, so a job whose
@@ -241,6 +242,7 @@ def prepare_job(request: SubmitRequest, state: ServiceState, *,
         request: the submission.
         state: the server.
         now: the submission time (default: the clock).
+        owner: the user submitting it.
 
     Returns:
         The job to store.
@@ -257,7 +259,8 @@ def prepare_job(request: SubmitRequest, state: ServiceState, *,
         raise ValidationError("time_limit", f"must be > 0 and at most {MAX_TIME_LIMIT_S} "
                               "seconds", request.time_limit)
     return new_job(spec.name, spec.to_dict(), priority=request.priority,
-                   max_restarts=max_restarts, time_limit=request.time_limit, now=now)
+                   max_restarts=max_restarts, time_limit=request.time_limit, now=now,
+                   owner=owner)
 
 
 def queue_job(job: Job, state: ServiceState) -> Job:
@@ -273,13 +276,15 @@ def queue_job(job: Job, state: ServiceState) -> Job:
     return job
 
 
-def submit_job(request: SubmitRequest, state: ServiceState, *, now: float | None = None) -> Job:
+def submit_job(request: SubmitRequest, state: ServiceState, *, now: float | None = None,
+               owner: str = BUILTIN_ADMIN) -> Job:
     """Validate and queue a job (`prepare_job`, then `queue_job`).
 
     Args:
         request: the submission.
         state: the server.
         now: the submission time (default: the clock).
+        owner: the user submitting it.
 
     Returns:
         The stored job, QUEUED.
@@ -287,7 +292,7 @@ def submit_job(request: SubmitRequest, state: ServiceState, *, now: float | None
     Raises:
         ValidationError: naming the field at fault.
     """
-    return queue_job(prepare_job(request, state, now=now), state)
+    return queue_job(prepare_job(request, state, now=now, owner=owner), state)
 
 
 def get_job(job_id: str, state: ServiceState) -> Job:
@@ -300,8 +305,9 @@ def get_job(job_id: str, state: ServiceState) -> Job:
 
 
 def list_jobs(request: ListRequest, state: ServiceState) -> tuple[list[Job], str]:
-    """One page of jobs, newest first, at most `MAX_PAGE_SIZE` of them (so that a page of
-    jobs with the largest specs still fits in one message).
+    """One page of jobs (of ``request.owner``, "" for everyone's), newest first, at most
+    `MAX_PAGE_SIZE` of them (so that a page of jobs with the largest specs still fits in one
+    message). Which owner a caller may ask for is `access.Principal.list_owner`'s rule.
 
     Returns:
         ``(jobs, next_page_token)``; the token is "" on the last page.
@@ -312,7 +318,8 @@ def list_jobs(request: ListRequest, state: ServiceState) -> tuple[list[Job], str
     if request.page_size < 0:
         raise ValidationError("page_size", "must be >= 0", request.page_size)
     size = min(request.page_size or MAX_PAGE_SIZE, MAX_PAGE_SIZE)
-    return state.store.list_jobs(request.states or None, size, request.page_token)
+    return state.store.list_jobs(request.states or None, size, request.page_token,
+                                 request.owner or None)
 
 
 def cancel_job(job_id: str, state: ServiceState, *, now: float | None = None) -> Job:

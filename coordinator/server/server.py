@@ -1,7 +1,7 @@
 """The coordinator's gRPC server: `serve` starts it, `CoordinatorServer` stops it.
 
 What `serve` puts together: the SQLite store and the checkpoint blobs in the state directory,
-the coordinator token (``STATE_DIR/token``), the two servicers behind the auth and metrics
+the built-in admin's token (``STATE_DIR/token``), the two servicers behind the auth and metrics
 interceptors, the standard health service (``grpc.health.v1.Health``, no token needed) and
 server reflection, TLS when given a certificate, an optional Prometheus endpoint, and the job
 runner its ``runner`` settings describe (without them, jobs simply stay QUEUED).
@@ -48,6 +48,7 @@ from dptrain.coordinator.server.runner_settings import RunnerSettings
 from dptrain.coordinator.server.scheduler import Cluster
 from dptrain.coordinator.server.service import CoordinatorServicer, WorkerServicer
 from dptrain.coordinator.server.store import SqliteStore, Store
+from dptrain.coordinator.server.users import install_builtin_admin
 from dptrain.protos.dptrain.v1 import coordinator_pb2 as pb
 from dptrain.protos.dptrain.v1 import coordinator_pb2_grpc as pb_grpc
 from dptrain.worker.code_archive import MAX_CODE_BYTES
@@ -76,7 +77,7 @@ class ServerSettings:
             ``token``, and the runner's ``jobs/``.
         host: the address to listen on; beyond loopback only with TLS or `insecure`.
         port: the port (0: any free one; see ``CoordinatorServer.port``).
-        token: the coordinator token; default the one in ``state_dir/token`` (made once).
+        token: the built-in admin's token; default the one in ``state_dir/token`` (made once).
         tls_cert: PEM certificate (chain) to serve TLS with.
         tls_key: its PEM private key.
         tls_ca: the certificate workers verify the server with (default: `tls_cert`, right
@@ -314,7 +315,7 @@ class CoordinatorServer:
     Attributes:
         address: ``host:port`` it listens on (for clients on this machine).
         port: the port.
-        token: the coordinator token clients must send.
+        token: the built-in admin's token.
         settings: how it was started, as it turned out: the state directory made, the port
             bound, ``tls_ca`` the certificate workers verify it with (None without TLS).
         worker_address: ``host:port`` as workers reach it (``DPTRAIN_COORDINATOR``).
@@ -462,7 +463,8 @@ def serve(settings: ServerSettings, *,
             except (JobNotFound, CorruptRecord, ValueError):
                 return None
 
-        auth = AuthInterceptor(admin_token, job_token_hash)
+        install_builtin_admin(store, admin_token)
+        auth = AuthInterceptor(store.user_by_token_hash, job_token_hash)
         executor = futures.ThreadPoolExecutor(max_workers=settings.max_workers,
                                               thread_name_prefix="dptrain-rpc")
         # No SO_REUSEPORT: a second coordinator on a taken port fails instead of sharing it.

@@ -7,6 +7,7 @@ from the error's class (`coordinator.errors.status_name`, or its ``status`` attr
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import threading
 from collections.abc import Iterator
@@ -20,8 +21,9 @@ from dptrain.coordinator.api.errors import ValidationError, status_name
 from dptrain.coordinator.api.limits import MAX_ERROR_MESSAGE
 from dptrain.coordinator.api.records import Job
 from dptrain.coordinator.server import checkpoint_store as checkpoints
-from dptrain.coordinator.server import code_store, jobs, retention
-from dptrain.coordinator.server.auth import WORKER_SERVICE, AuthInterceptor, require_job_owner
+from dptrain.coordinator.server import code_store, jobs, retention, users
+from dptrain.coordinator.server.access import Principal
+from dptrain.coordinator.server.auth import WORKER_SERVICE, AuthInterceptor
 from dptrain.coordinator.server.jobs import ServiceState
 from dptrain.protos.dptrain.v1 import coordinator_pb2 as pb
 from dptrain.protos.dptrain.v1 import coordinator_pb2_grpc as pb_grpc
@@ -105,29 +107,38 @@ class SpecMessages:
         return serde.stored_job_to_proto(job, spec)
 
 
+_COORDINATOR = "/dptrain.v1.Coordinator/"
+
+
 class CoordinatorServicer(pb_grpc.CoordinatorServicer):
-    """``dptrain.v1.Coordinator``.
+    """``dptrain.v1.Coordinator``: a user acts on its own jobs, an admin on all
+    (`server.access`; the interceptor has already refused callers outside each RPC's rule).
 
     Args:
         state: the server's state.
-        auth: the server's authenticator (who is calling), for the owner-or-admin methods.
+        auth: the server's authenticator (who is calling).
     """
 
-    def __init__(self, state: ServiceState, auth: AuthInterceptor | None = None):
+    def __init__(self, state: ServiceState, auth: AuthInterceptor):
         self.state = state
         self.auth = auth
         self.specs = SpecMessages()
 
-    def _require_owner(self, context: Any, method: str, job_id: str) -> None:
-        if self.auth is not None:  # None: a servicer without authentication (tests)
-            principal = self.auth.principal(context.invocation_metadata(),
-                                            f"/dptrain.v1.Coordinator/{method}")
-            require_job_owner(principal, job_id)
+    def _caller(self, context: Any, method: str) -> Principal:
+        return self.auth.principal(context.invocation_metadata(), _COORDINATOR + method)
+
+    def _owned_job(self, context: Any, method: str, job_id: str) -> Job:
+        """The job, once the caller is its owner or an admin (NOT_FOUND first)."""
+        job = jobs.get_job(job_id, self.state)
+        self._caller(context, method).require_owner(job)
+        return job
 
     def SubmitJob(self, request: pb.SubmitJobRequest, context: Any) -> pb.Job:
-        """Validate and queue a job (`jobs.submit_job`)."""
+        """Validate and queue a job (`jobs.submit_job`), owned by the caller."""
         with _aborting(context):
-            job = jobs.prepare_job(serde.submit_request_from_proto(request), self.state)
+            owner = self._caller(context, "SubmitJob").user
+            job = jobs.prepare_job(serde.submit_request_from_proto(request), self.state,
+                                   owner=owner)
             # The reply first: a job whose reply fails is never stored.
             spec = serde.spec_to_proto(job.spec)
             reply = serde.job_to_proto(job, spec)
@@ -138,25 +149,30 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
     def GetJob(self, request: pb.GetJobRequest, context: Any) -> pb.Job:
         """One job (`jobs.get_job`)."""
         with _aborting(context):
-            return self.specs.job_message(jobs.get_job(request.job_id, self.state))
+            return self.specs.job_message(self._owned_job(context, "GetJob", request.job_id))
 
     def ListJobs(self, request: pb.ListJobsRequest,
                  context: Any) -> pb.ListJobsResponse:
-        """A page of jobs (`jobs.list_jobs`)."""
+        """A page of jobs (`jobs.list_jobs`): a user's own, or an admin's choice."""
         with _aborting(context):
-            page, token = jobs.list_jobs(serde.list_request_from_proto(request), self.state)
+            wanted = serde.list_request_from_proto(request)
+            owner = self._caller(context, "ListJobs").list_owner(wanted.owner)
+            page, token = jobs.list_jobs(dataclasses.replace(wanted, owner=owner or ""),
+                                         self.state)
             return pb.ListJobsResponse(jobs=[self.specs.job_message(j) for j in page],
                                        next_page_token=token)
 
     def CancelJob(self, request: pb.CancelJobRequest, context: Any) -> pb.Job:
         """Cancel a job (`jobs.cancel_job`)."""
         with _aborting(context):
+            self._owned_job(context, "CancelJob", request.job_id)
             return self.specs.job_message(jobs.cancel_job(request.job_id, self.state))
 
     def WatchJob(self, request: pb.WatchJobRequest,
                  context: Any) -> Iterator[pb.WatchJobResponse]:
         """The job, then its events as they happen (`jobs.watch_job`)."""
         with _aborting(context):
+            self._owned_job(context, "WatchJob", request.job_id)
             for item in jobs.watch_job(request.job_id, request.after_seq, self.state,
                                        is_active=context.is_active):
                 if isinstance(item, Job):
@@ -168,6 +184,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
                         context: Any) -> pb.ListCheckpointsResponse:
         """A job's checkpoints (`checkpoints.list_checkpoints`)."""
         with _aborting(context):
+            self._owned_job(context, "ListCheckpoints", request.job_id)
             records = checkpoints.list_checkpoints(request.job_id, self.state)
             return pb.ListCheckpointsResponse(
                 checkpoints=[serde.checkpoint_to_proto(r) for r in records])
@@ -176,6 +193,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
                            context: Any) -> Iterator[pb.DownloadCheckpointResponse]:
         """A checkpoint file: its description, then its chunks (`checkpoints.open_download`)."""
         with _aborting(context):
+            self._owned_job(context, "DownloadCheckpoint", request.job_id)
             step, entry, chunks = checkpoints.open_download(
                 request.job_id, request.step if request.HasField("step") else None,
                 request.file, self.state, request.offset)
@@ -187,25 +205,54 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
     def DeleteJob(self, request: pb.DeleteJobRequest, context: Any) -> pb.Job:
         """Delete a finished job and its files (`retention.delete_job`)."""
         with _aborting(context):
-            self._require_owner(context, "DeleteJob", request.job_id)
+            self._owned_job(context, "DeleteJob", request.job_id)
             return self.specs.job_message(retention.delete_job(request.job_id, self.state))
 
     def KeepCheckpoint(self, request: pb.KeepCheckpointRequest, context: Any) -> pb.Checkpoint:
         """Mark or unmark a checkpoint kept (`checkpoints.keep_checkpoint`)."""
         with _aborting(context):
-            self._require_owner(context, "KeepCheckpoint", request.job_id)
+            self._owned_job(context, "KeepCheckpoint", request.job_id)
             return serde.checkpoint_to_proto(checkpoints.keep_checkpoint(
                 request.job_id, request.step, request.keep, self.state))
 
     def UploadCode(self, request_iterator: Iterator[pb.UploadCodeRequest],
                    context: Any) -> pb.CodeArchive:
-        """Store a job's code archive (`code_store.receive_code`; the coordinator token only,
-        as on this whole service)."""
+        """Store a job's code archive (`code_store.receive_code`; any user: archives are
+        content-addressed, so naming one in a job proves one had its bytes)."""
         with _aborting(context):
             sha256, size = serde.code_header_from_upload(next(request_iterator, None))
             sha256, size = code_store.receive_code(
                 sha256, size, serde.code_chunks(request_iterator), self.state)
             return pb.CodeArchive(sha256=sha256, size=size)
+
+    # -- users (admins only: the interceptor refuses everyone else)
+
+    def CreateUser(self, request: pb.CreateUserRequest, context: Any) -> pb.UserToken:
+        """Create a user and its first token (`users.create_user`)."""
+        with _aborting(context):
+            user, token = users.create_user(request.name, request.admin, self.state.store)
+            log.info("user %s created%s", user.name, " (admin)" if user.admin else "")
+            return pb.UserToken(user=serde.user_to_proto(user), token=token)
+
+    def IssueToken(self, request: pb.IssueTokenRequest, context: Any) -> pb.UserToken:
+        """Replace a user's token (`users.issue_token`)."""
+        with _aborting(context):
+            user, token = users.issue_token(request.name, self.state.store)
+            log.info("user %s has a new token", user.name)
+            return pb.UserToken(user=serde.user_to_proto(user), token=token)
+
+    def RevokeUser(self, request: pb.RevokeUserRequest, context: Any) -> pb.User:
+        """Revoke a user's token (`users.revoke_user`)."""
+        with _aborting(context):
+            user = users.revoke_user(request.name, self.state.store)
+            log.info("user %s revoked", user.name)
+            return serde.user_to_proto(user)
+
+    def ListUsers(self, request: pb.ListUsersRequest, context: Any) -> pb.ListUsersResponse:
+        """Every user (`users.list_users`)."""
+        with _aborting(context):
+            return pb.ListUsersResponse(
+                users=[serde.user_to_proto(u) for u in users.list_users(self.state.store)])
 
 
 class WorkerServicer(pb_grpc.WorkerServiceServicer):

@@ -341,8 +341,8 @@ def test_cli_workflow(server, tmp_path):
 
     listing = dptrain("jobs", server=server)
     assert listing.returncode == 0
-    assert listing.stdout.splitlines()[0].split()[:3] == ["ID", "NAME", "STATE"]
-    assert f"{job_id}  tiny  SUCCEEDED" in listing.stdout
+    assert listing.stdout.splitlines()[0].split()[:4] == ["ID", "NAME", "OWNER", "STATE"]
+    assert f"{job_id}  tiny  admin  SUCCEEDED" in listing.stdout  # the state dir's token
 
     status = dptrain("status", job_id, server=server)
     assert "state:      SUCCEEDED" in status.stdout and "step:       20" in status.stdout

@@ -36,6 +36,7 @@ from dptrain.coordinator.api.errors import (
     CheckpointNotFound,
     JobNotFound,
     StateConflict,
+    UserNotFound,
     ValidationError,
 )
 from dptrain.coordinator.api.records import (
@@ -44,11 +45,13 @@ from dptrain.coordinator.api.records import (
     EventKind,
     Job,
     JobState,
+    User,
     apply_transition,
     apply_update,
     check_checkpoint,
     check_payload,
     check_transition,
+    check_user_name,
     state_event_payload,
 )
 
@@ -81,12 +84,19 @@ class Transaction(Protocol):
     def delete_job(self, job_id: str) -> None:
         """Remove a job with its events and checkpoint records."""
     def list_jobs(self, states: frozenset[JobState] | None, after: tuple[float, str] | None,
-                  limit: int) -> list[Job]:
-        """Jobs newest first (submitted_at, then id, descending), strictly after `after`."""
+                  limit: int, owner: str | None = None) -> list[Job]:
+        """Jobs (of `owner`, when given) newest first (submitted_at, then id, descending),
+        strictly after `after`."""
     def events(self, job_id: str, after_seq: int, limit: int) -> list[Event]: ...
     def list_checkpoints(self, job_id: str) -> list[CheckpointRecord]: ...
     def count_by_state(self) -> dict[JobState, int]: ...
     def all_checkpoints(self) -> list[CheckpointRecord]: ...
+    def get_user(self, name: str) -> User | None: ...
+    def user_by_token_hash(self, token_hash: str) -> User | None: ...
+    def insert_user(self, user: User) -> None: ...
+    def replace_user(self, user: User) -> None: ...
+    def list_users(self) -> list[User]:
+        """Every user, by name."""
 
 
 def _states(states: JobState | Iterable[JobState]) -> frozenset[JobState]:
@@ -130,6 +140,12 @@ class Store(ABC):
         self._signals: dict[str, threading.Condition] = {}
         self._generation: dict[str, int] = {}
         self._closed = False
+        # Token hash -> (users version, user): a call's token is looked up at every call, twice
+        # for most (the interceptor, then the servicer's job rule). Every user write goes
+        # through this object and bumps the version after its commit, so an entry made under
+        # an older version is never used.
+        self._users_version = 0
+        self._token_users: dict[str, tuple[int, User]] = {}
 
     # -- what an implementation provides
 
@@ -190,7 +206,7 @@ class Store(ABC):
         return job
 
     def list_jobs(self, states: Iterable[JobState] | None = None, page_size: int = 0,
-                  page_token: str = "") -> tuple[list[Job], str]:
+                  page_token: str = "", owner: str | None = None) -> tuple[list[Job], str]:
         """One page of jobs, newest first (by submission time, then id).
 
         The order is stable: paging through with the returned tokens sees every job that
@@ -200,6 +216,7 @@ class Store(ABC):
             states: only jobs in these states; None or empty for all.
             page_size: at most this many (0: `DEFAULT_PAGE_SIZE`; capped at `MAX_PAGE_SIZE`).
             page_token: "" for the first page, else the token the previous page returned.
+            owner: only this user's jobs; None for everyone's.
 
         Returns:
             ``(jobs, next_page_token)``; the token is "" on the last page.
@@ -213,7 +230,7 @@ class Store(ABC):
         after = decode_page_token(page_token)
         wanted = _states(states) if states else None
         with self._read() as tx:
-            jobs = tx.list_jobs(wanted, after, size + 1)
+            jobs = tx.list_jobs(wanted, after, size + 1, owner or None)
         if len(jobs) > size:
             return jobs[:size], encode_page_token(jobs[size - 1])
         return jobs, ""
@@ -520,6 +537,78 @@ class Store(ABC):
         """
         with self._read() as tx:
             return tx.all_checkpoints()
+
+    # -- users
+
+    def create_user(self, user: User) -> User:
+        """Store a new user.
+
+        Raises:
+            ValidationError: a bad name.
+            AlreadyExists: the name is taken.
+        """
+        check_user_name(user.name)
+        with self._write() as tx:
+            if tx.get_user(user.name) is not None:
+                raise AlreadyExists(f"user {user.name!r} already exists")
+            tx.insert_user(user)
+        self._users_changed()
+        return user
+
+    def get_user(self, name: str) -> User:
+        """The user with this name.
+
+        Raises:
+            UserNotFound: no such user.
+        """
+        with self._read() as tx:
+            user = tx.get_user(name)
+        if user is None:
+            raise UserNotFound(name)
+        return user
+
+    def user_by_token_hash(self, token_hash: str) -> User | None:
+        """The user whose current token hashes to `token_hash`, or None (unknown, revoked or
+        replaced: read at every call, so a change takes effect at the next one)."""
+        if not token_hash:
+            return None
+        version = self._users_version
+        cached = self._token_users.get(token_hash)
+        if cached is not None and cached[0] == version:
+            return cached[1]
+        with self._read() as tx:
+            user = tx.user_by_token_hash(token_hash)
+        if user is not None:  # only users: unknown tokens would grow it without bound
+            self._token_users[token_hash] = (version, user)
+        return user
+
+    def set_user_token(self, name: str, token_hash: str) -> User:
+        """Replace a user's token by the one hashing to `token_hash` ("" revokes it).
+
+        Returns:
+            The updated user.
+
+        Raises:
+            UserNotFound: no such user.
+        """
+        with self._write() as tx:
+            user = tx.get_user(name)
+            if user is None:
+                raise UserNotFound(name)
+            user = dataclasses.replace(user, token_hash=token_hash)
+            tx.replace_user(user)
+        self._users_changed()
+        return user
+
+    def list_users(self) -> list[User]:
+        """Every user, by name."""
+        with self._read() as tx:
+            return tx.list_users()
+
+    def _users_changed(self) -> None:
+        """After a committed user write: no token lookup made before it is used again."""
+        self._users_version += 1
+        self._token_users.clear()
 
     # -- shared helpers
 

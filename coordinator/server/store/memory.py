@@ -9,7 +9,7 @@ from contextlib import AbstractContextManager
 from typing import Any
 
 from dptrain.coordinator.api.errors import StoreClosed
-from dptrain.coordinator.api.records import CheckpointRecord, Event, Job, JobState
+from dptrain.coordinator.api.records import CheckpointRecord, Event, Job, JobState, User
 from dptrain.coordinator.server.store.base import Store, Transaction
 
 __all__ = ["MemoryStore"]
@@ -21,7 +21,7 @@ class _MemoryTransaction:
 
     def __init__(self, store: MemoryStore):
         self._jobs, self._events = store._jobs, store._events
-        self._checkpoints = store._checkpoints
+        self._checkpoints, self._users = store._checkpoints, store._users
         self.undo: list[Any] = []
 
     def get_job(self, job_id: str) -> Job | None:
@@ -79,9 +79,10 @@ class _MemoryTransaction:
         self.undo.append(restore)
 
     def list_jobs(self, states: frozenset[JobState] | None, after: tuple[float, str] | None,
-                  limit: int) -> list[Job]:
+                  limit: int, owner: str | None = None) -> list[Job]:
         jobs = sorted((j for j in self._jobs.values()
                        if (states is None or j.state in states)
+                       and (owner is None or j.owner == owner)
                        and (after is None or (j.submitted_at, j.id) < after)),
                       key=lambda j: (j.submitted_at, j.id), reverse=True)
         return copy.deepcopy(jobs[:limit])
@@ -103,6 +104,24 @@ class _MemoryTransaction:
         return copy.deepcopy([self._checkpoints[job_id][step]
                               for job_id in sorted(self._checkpoints)
                               for step in sorted(self._checkpoints[job_id])])
+
+    def get_user(self, name: str) -> User | None:
+        return self._users.get(name)  # frozen, with immutable fields: no copy needed
+
+    def user_by_token_hash(self, token_hash: str) -> User | None:
+        return next((u for u in self._users.values() if u.token_hash == token_hash), None)
+
+    def insert_user(self, user: User) -> None:
+        self._users[user.name] = user
+        self.undo.append(lambda: self._users.pop(user.name))
+
+    def replace_user(self, user: User) -> None:
+        old = self._users[user.name]
+        self._users[user.name] = user
+        self.undo.append(lambda: self._users.__setitem__(user.name, old))
+
+    def list_users(self) -> list[User]:
+        return [self._users[name] for name in sorted(self._users)]
 
 
 class _MemoryContext:
@@ -140,6 +159,7 @@ class MemoryStore(Store):
         self._jobs: dict[str, Job] = {}
         self._events: dict[str, list[Event]] = {}
         self._checkpoints: dict[str, dict[int, CheckpointRecord]] = {}
+        self._users: dict[str, User] = {}
 
     def _write(self) -> AbstractContextManager[Transaction]:
         return _MemoryContext(self)

@@ -44,7 +44,15 @@ from dptrain.coordinator.api.errors import (
     StoreClosed,
     StoreError,
 )
-from dptrain.coordinator.api.records import CheckpointRecord, Event, EventKind, Job, JobState
+from dptrain.coordinator.api.records import (
+    BUILTIN_ADMIN,
+    CheckpointRecord,
+    Event,
+    EventKind,
+    Job,
+    JobState,
+    User,
+)
 from dptrain.coordinator.server.private_files import open_private
 from dptrain.coordinator.server.store.base import Store
 
@@ -123,10 +131,24 @@ def _add_checkpoint_keep(conn: sqlite3.Connection) -> None:
     conn.execute("ALTER TABLE checkpoints ADD COLUMN keep INTEGER NOT NULL DEFAULT 0")
 
 
+def _add_users(conn: sqlite3.Connection) -> None:
+    """Users, each with the hash of its one valid token ("" once revoked), and the
+    owner of every job; the jobs stored before belong to the built-in admin."""
+    conn.execute(f"ALTER TABLE jobs ADD COLUMN owner TEXT NOT NULL DEFAULT '{BUILTIN_ADMIN}'")
+    conn.execute("CREATE INDEX jobs_by_owner ON jobs (owner, submitted_at, id)")
+    conn.execute("""CREATE TABLE users (
+        name TEXT PRIMARY KEY,
+        admin INTEGER NOT NULL,
+        created_at REAL NOT NULL,
+        token_hash TEXT NOT NULL
+    )""")
+    conn.execute("CREATE INDEX users_by_token_hash ON users (token_hash)")
+
+
 #: Schema steps: ``MIGRATIONS[i](connection)`` upgrades version i to i+1 inside the opening
 #: transaction. Append a step (never edit a released one) to change the schema.
 MIGRATIONS: tuple[Migration, ...] = (_create_schema_1, _drop_workers_column,
-                                     _add_checkpoint_keep)
+                                     _add_checkpoint_keep, _add_users)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 _JOB_COLUMNS = tuple(f.name for f in dataclasses.fields(Job))
@@ -135,6 +157,7 @@ _SUBMITTED_AT = _JOB_COLUMNS.index("submitted_at")
 _JSON_COLUMNS = frozenset({"spec", "metrics", "placement"})
 _CHECKPOINT_SELECT = ("SELECT job_id, step, sha256, size, created_at, manifest, keep "
                       "FROM checkpoints")
+_USER_SELECT = "SELECT name, admin, created_at, token_hash FROM users"
 
 
 def _job_values(job: Job) -> tuple:
@@ -164,6 +187,13 @@ def _job_from_row(row: Sequence) -> Job:
     except (ValueError, TypeError) as e:  # a row changed behind our back
         raise CorruptRecord(f"job {fields['id']!r}", e) from None
     return Job(**fields)
+
+
+def _user_from_row(row: Sequence | None) -> User | None:
+    if row is None:
+        return None
+    name, admin, created_at, token_hash = row
+    return User(name, bool(admin), created_at, token_hash)
 
 
 def _checkpoint_from_row(row: Sequence) -> CheckpointRecord:
@@ -230,13 +260,13 @@ class _SqlTransaction:
         self._c.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
 
     def list_jobs(self, states: frozenset[JobState] | None, after: tuple[float, str] | None,
-                  limit: int) -> list[Job]:
+                  limit: int, owner: str | None = None) -> list[Job]:
         # An unreadable row is left out (and logged) rather than failing every listing; the
         # next rows are read in its place, so a page stays full and paging stays exact.
         jobs: list[Job] = []
         while len(jobs) < limit:
             wanted = limit - len(jobs)
-            rows = self._job_rows(states, after, wanted)
+            rows = self._job_rows(states, after, wanted, owner)
             for row in rows:
                 try:
                     jobs.append(_job_from_row(row))
@@ -248,8 +278,11 @@ class _SqlTransaction:
         return jobs
 
     def _job_rows(self, states: frozenset[JobState] | None, after: tuple[float, str] | None,
-                  limit: int) -> list[Sequence]:
+                  limit: int, owner: str | None) -> list[Sequence]:
         where, params = [], []
+        if owner is not None:
+            where.append("owner = ?")
+            params.append(owner)
         if states is not None:
             where.append(f"state IN ({', '.join('?' * len(states))})")
             params += sorted(s.value for s in states)
@@ -278,6 +311,27 @@ class _SqlTransaction:
     def all_checkpoints(self) -> list[CheckpointRecord]:
         rows = self._c.execute(f"{_CHECKPOINT_SELECT} ORDER BY job_id, step")
         return [_checkpoint_from_row(r) for r in rows]
+
+    def get_user(self, name: str) -> User | None:
+        return _user_from_row(self._c.execute(f"{_USER_SELECT} WHERE name = ?",
+                                              (name,)).fetchone())
+
+    def user_by_token_hash(self, token_hash: str) -> User | None:
+        return _user_from_row(self._c.execute(f"{_USER_SELECT} WHERE token_hash = ?",
+                                              (token_hash,)).fetchone())
+
+    def insert_user(self, user: User) -> None:
+        self._c.execute("INSERT INTO users (name, admin, created_at, token_hash) "
+                        "VALUES (?, ?, ?, ?)",
+                        (user.name, int(user.admin), user.created_at, user.token_hash))
+
+    def replace_user(self, user: User) -> None:
+        self._c.execute("UPDATE users SET admin = ?, created_at = ?, token_hash = ? "
+                        "WHERE name = ?",
+                        (int(user.admin), user.created_at, user.token_hash, user.name))
+
+    def list_users(self) -> list[User]:
+        return [_user_from_row(r) for r in self._c.execute(f"{_USER_SELECT} ORDER BY name")]
 
 
 class _Group:

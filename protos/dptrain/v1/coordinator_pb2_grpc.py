@@ -85,6 +85,26 @@ class CoordinatorStub:
                 request_serializer=dptrain_dot_v1_dot_coordinator__pb2.KeepCheckpointRequest.SerializeToString,
                 response_deserializer=dptrain_dot_v1_dot_coordinator__pb2.Checkpoint.FromString,
                 _registered_method=True)
+        self.CreateUser = channel.unary_unary(
+                '/dptrain.v1.Coordinator/CreateUser',
+                request_serializer=dptrain_dot_v1_dot_coordinator__pb2.CreateUserRequest.SerializeToString,
+                response_deserializer=dptrain_dot_v1_dot_coordinator__pb2.UserToken.FromString,
+                _registered_method=True)
+        self.IssueToken = channel.unary_unary(
+                '/dptrain.v1.Coordinator/IssueToken',
+                request_serializer=dptrain_dot_v1_dot_coordinator__pb2.IssueTokenRequest.SerializeToString,
+                response_deserializer=dptrain_dot_v1_dot_coordinator__pb2.UserToken.FromString,
+                _registered_method=True)
+        self.RevokeUser = channel.unary_unary(
+                '/dptrain.v1.Coordinator/RevokeUser',
+                request_serializer=dptrain_dot_v1_dot_coordinator__pb2.RevokeUserRequest.SerializeToString,
+                response_deserializer=dptrain_dot_v1_dot_coordinator__pb2.User.FromString,
+                _registered_method=True)
+        self.ListUsers = channel.unary_unary(
+                '/dptrain.v1.Coordinator/ListUsers',
+                request_serializer=dptrain_dot_v1_dot_coordinator__pb2.ListUsersRequest.SerializeToString,
+                response_deserializer=dptrain_dot_v1_dot_coordinator__pb2.ListUsersResponse.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServicer:
@@ -158,10 +178,11 @@ class CoordinatorServicer:
         of plain files and directories (clients pack it: worker/code_archive.py); one with
         absolute names, `..`, links or anything else, or bytes that do not hash to the header's
         sha256, is INVALID_ARGUMENT; one over the server's limit (default 50 MiB, packed or
-        unpacked) RESOURCE_EXHAUSTED; nothing is stored then. Shipped code runs on the workers
-        with the coordinator's permissions, so only the coordinator's token may call this (a
-        worker token gets PERMISSION_DENIED). A job then names it in its spec as
-        code: "sha256:<the digest>". Storing the same archive again is a no-op.
+        unpacked) RESOURCE_EXHAUSTED; nothing is stored then. Any user may call this (a worker
+        token gets PERMISSION_DENIED), and any user's job may name any stored archive: archives
+        are content-addressed, so naming one's digest proves no more than holding its bytes. A
+        job then names it in its spec as code: "sha256:<the digest>". Storing the same archive
+        again is a no-op.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -181,6 +202,38 @@ class CoordinatorServicer:
         """Mark a checkpoint to be kept (keep = true): retention, which keeps a job's newest
         checkpoint.keep checkpoints, never deletes a marked one; keep = false removes the mark.
         Only deleting the job removes a marked checkpoint. Returns the checkpoint.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreateUser(self, request, context):
+        """Create a user (admins only) and issue its first token, which only this reply holds (the
+        server keeps its hash). ALREADY_EXISTS when the name is taken.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def IssueToken(self, request, context):
+        """Issue a new token for a user (admins only): it replaces the user's previous token, which
+        is UNAUTHENTICATED from the next call on; a revoked user is active again. NOT_FOUND when
+        there is no such user.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeUser(self, request, context):
+        """Revoke a user's token (admins only): from the next call on it is UNAUTHENTICATED. The user
+        and its jobs stay; IssueToken makes it active again.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListUsers(self, request, context):
+        """Every user, by name (admins only).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -238,6 +291,26 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.KeepCheckpoint,
                     request_deserializer=dptrain_dot_v1_dot_coordinator__pb2.KeepCheckpointRequest.FromString,
                     response_serializer=dptrain_dot_v1_dot_coordinator__pb2.Checkpoint.SerializeToString,
+            ),
+            'CreateUser': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateUser,
+                    request_deserializer=dptrain_dot_v1_dot_coordinator__pb2.CreateUserRequest.FromString,
+                    response_serializer=dptrain_dot_v1_dot_coordinator__pb2.UserToken.SerializeToString,
+            ),
+            'IssueToken': grpc.unary_unary_rpc_method_handler(
+                    servicer.IssueToken,
+                    request_deserializer=dptrain_dot_v1_dot_coordinator__pb2.IssueTokenRequest.FromString,
+                    response_serializer=dptrain_dot_v1_dot_coordinator__pb2.UserToken.SerializeToString,
+            ),
+            'RevokeUser': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeUser,
+                    request_deserializer=dptrain_dot_v1_dot_coordinator__pb2.RevokeUserRequest.FromString,
+                    response_serializer=dptrain_dot_v1_dot_coordinator__pb2.User.SerializeToString,
+            ),
+            'ListUsers': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListUsers,
+                    request_deserializer=dptrain_dot_v1_dot_coordinator__pb2.ListUsersRequest.FromString,
+                    response_serializer=dptrain_dot_v1_dot_coordinator__pb2.ListUsersResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -511,6 +584,114 @@ class Coordinator:
             '/dptrain.v1.Coordinator/KeepCheckpoint',
             dptrain_dot_v1_dot_coordinator__pb2.KeepCheckpointRequest.SerializeToString,
             dptrain_dot_v1_dot_coordinator__pb2.Checkpoint.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateUser(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dptrain.v1.Coordinator/CreateUser',
+            dptrain_dot_v1_dot_coordinator__pb2.CreateUserRequest.SerializeToString,
+            dptrain_dot_v1_dot_coordinator__pb2.UserToken.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def IssueToken(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dptrain.v1.Coordinator/IssueToken',
+            dptrain_dot_v1_dot_coordinator__pb2.IssueTokenRequest.SerializeToString,
+            dptrain_dot_v1_dot_coordinator__pb2.UserToken.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeUser(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dptrain.v1.Coordinator/RevokeUser',
+            dptrain_dot_v1_dot_coordinator__pb2.RevokeUserRequest.SerializeToString,
+            dptrain_dot_v1_dot_coordinator__pb2.User.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListUsers(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dptrain.v1.Coordinator/ListUsers',
+            dptrain_dot_v1_dot_coordinator__pb2.ListUsersRequest.SerializeToString,
+            dptrain_dot_v1_dot_coordinator__pb2.ListUsersResponse.FromString,
             options,
             channel_credentials,
             insecure,

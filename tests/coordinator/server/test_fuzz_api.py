@@ -33,11 +33,13 @@ from google.protobuf import descriptor, message_factory
 from google.protobuf.message import Message
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from rpc import METHODS, call_rpc
 
 from dptrain.coordinator.api import serde
 from dptrain.coordinator.api.credentials import bearer_metadata
 from dptrain.coordinator.api.limits import MAX_ERROR_MESSAGE, channel_options
 from dptrain.coordinator.api.records import Job, JobState, hash_token, new_job, new_token
+from dptrain.coordinator.server import users
 from dptrain.coordinator.server.scheduler import Cluster
 from dptrain.coordinator.server.server import ServerSettings, serve
 from dptrain.protos.dptrain.v1 import coordinator_pb2 as pb
@@ -48,8 +50,6 @@ pytestmark = pytest.mark.timeout(600)
 EXAMPLES = int(os.environ.get("DPTRAIN_FUZZ_EXAMPLES", "1500"))
 DEADLINE = 30.0  # seconds per call: an answer that does not come by then is a hang
 FD = descriptor.FieldDescriptor
-METHODS = {m.name: (service.full_name, m) for service in pb.DESCRIPTOR.services_by_name.values()
-           for m in service.methods}
 #: Codes a caller's request may earn. DATA_LOSS only where the proto documents it for what a
 #: caller sends: uploaded bytes that do not match their declared sha256.
 CLIENT_ERRORS = frozenset({"OK", "INVALID_ARGUMENT", "FAILED_PRECONDITION", "NOT_FOUND",
@@ -202,6 +202,8 @@ def mutated(draw: Any, valid: Message, json_args: dict[str, Any] | None = None) 
     message = type(valid)()
     message.CopyFrom(valid)
     paths = list(_paths(message.DESCRIPTOR))
+    if not paths:  # a request without fields (ListUsers)
+        return message
     for _ in range(draw(st.integers(1, 3))):
         path = draw(st.sampled_from(paths))
         holder = message
@@ -280,6 +282,7 @@ def target(tmp_path_factory) -> Iterator[Target]:
                                   data_roots=[root / "data"]))
     try:
         jobs = [server.store.create_job(_job(name)) for name in ("running", "queued", "x")]
+        users.create_user(FUZZ_USER, False, server.store)
         token = new_token()
         server.store.transition(jobs[0].id, JobState.QUEUED, JobState.RUNNING,
                                 token_hash=hash_token(token), placement={"localhost": 2})
@@ -296,6 +299,9 @@ def target(tmp_path_factory) -> Iterator[Target]:
     assert "unittest.__main__" not in sys.modules  # a job named it: never imported here
 
 
+FUZZ_USER = "fuzzer"  # a user the user RPCs may name (none of the callers' tokens is its)
+
+
 def _job(name: str) -> Job:
     spec = JobSpec.from_dict({**SPEC, "name": name})
     return new_job(name, spec.to_dict())
@@ -304,33 +310,7 @@ def _job(name: str) -> Job:
 # ---------------------------------------------------------------- calling and judging
 
 def _call(t: Target, method: str, request: Any, metadata: tuple) -> tuple[str, str]:
-    """Call `method` with `request` (a message, bytes, or a list of them for a streaming
-    request); return the status code's name and details. A watch is read to its first message
-    (it follows a live job for as long as the job lives)."""
-    service, m = METHODS[method]
-    path = f"/{service}/{method}"
-    raw = isinstance(request, bytes) or (isinstance(request, list) and request
-                                         and isinstance(request[0], bytes))
-    serializer = None if raw else (lambda message: message.SerializeToString())
-    try:
-        if m.client_streaming:
-            call = t.channel.stream_unary(path, request_serializer=serializer)
-            call(iter(request), metadata=metadata, timeout=DEADLINE)
-        elif m.server_streaming:
-            stream = t.channel.unary_stream(path, request_serializer=serializer)(
-                request, metadata=metadata, timeout=DEADLINE)
-            for _ in stream:
-                if method == "WatchJob":
-                    stream.cancel()
-                    break
-        else:
-            t.channel.unary_unary(path, request_serializer=serializer)(
-                request, metadata=metadata, timeout=DEADLINE)
-    except grpc.RpcError as e:
-        if e.code() is grpc.StatusCode.CANCELLED and method == "WatchJob":
-            return "OK", ""  # we ended it after its first message
-        return e.code().name, e.details() or ""
-    return "OK", ""
+    return call_rpc(t.channel, method, request, metadata, DEADLINE)
 
 
 def judge(t: Target, method: str, request: Any, metadata: tuple) -> str:
@@ -380,6 +360,10 @@ def _valid_requests(t: Target) -> dict[str, Any]:
         # Only the job that stays RUNNING is named: deleting a target would change the run.
         "DeleteJob": pb.DeleteJobRequest(job_id=t.running),
         "KeepCheckpoint": pb.KeepCheckpointRequest(job_id=t.running, step=0, keep=True),
+        "CreateUser": pb.CreateUserRequest(name="newcomer", admin=False),
+        "IssueToken": pb.IssueTokenRequest(name=FUZZ_USER),
+        "RevokeUser": pb.RevokeUserRequest(name=FUZZ_USER),
+        "ListUsers": pb.ListUsersRequest(),
     }
 
 
