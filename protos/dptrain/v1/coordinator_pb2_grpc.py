@@ -189,7 +189,7 @@ class CoordinatorServicer:
         raise NotImplementedError('Method not implemented!')
 
     def DeleteJob(self, request, context):
-        """Delete a finished job (SUCCEEDED, FAILED, CANCELLED; FAILED_PRECONDITION otherwise:
+        """Delete a finished job (SUCCEEDED, FAILED, CANCELLED, TIMED_OUT; FAILED_PRECONDITION otherwise:
         cancel it first): its record, events, checkpoint records, its files on the coordinator
         (logs) and the stored files no other job uses (checkpoints, its code archive). A download
         in progress completes; GetJob is NOT_FOUND afterwards. Returns the job as it was.
