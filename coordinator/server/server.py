@@ -51,6 +51,7 @@ from dptrain.coordinator.server.store import SqliteStore, Store
 from dptrain.protos.dptrain.v1 import coordinator_pb2 as pb
 from dptrain.protos.dptrain.v1 import coordinator_pb2_grpc as pb_grpc
 from dptrain.worker.code_archive import MAX_CODE_BYTES
+from dptrain.worker.module_policy import ALLOWED_MODULES, check_prefix
 
 __all__ = ["serve", "CoordinatorServer", "ServerSettings", "ServerConfigError", "Runner",
            "RunnerFactory", "RequestDecodingInterceptor", "UndecodableRequest", "SERVICE_NAMES",
@@ -83,6 +84,9 @@ class ServerSettings:
             for a self-signed certificate).
         insecure: allow plaintext beyond loopback.
         data_roots: directories data files named in job specs must lie in.
+        allowed_modules: prefixes of installed modules that jobs' ``package.module:function``
+            references may name (``--allow-module``; none by default: a job names its shipped
+            code or the zoo, ``worker.module_policy``). The workers get them too and check again.
         metrics_port: serve Prometheus metrics on this port (0: any free one; None: don't).
         cluster: the slots to schedule (default: this machine, a slot per core).
         max_workers: threads serving calls; every open watch or transfer holds one.
@@ -104,6 +108,7 @@ class ServerSettings:
     tls_ca: str | os.PathLike | None = None
     insecure: bool = False
     data_roots: Sequence[str | os.PathLike] = ()
+    allowed_modules: Sequence[str] = ()
     metrics_port: int | None = None
     cluster: Cluster | None = None
     max_workers: int = 256
@@ -429,6 +434,10 @@ def serve(settings: ServerSettings, *,
             f"that")
     default_max_restarts = (3 if settings.default_max_restarts is None
                             else settings.default_max_restarts)
+    try:
+        allowed_modules = tuple(check_prefix(p) for p in settings.allowed_modules)
+    except ValueError as e:
+        raise ServerConfigError(str(e)) from None
     state_dir = make_private_dir(settings.state_dir)  # specs, logs, checkpoints: 0700, not 0755
     admin_token = settings.token or load_or_create_token(state_dir)
     store = SqliteStore(state_dir / DB_FILE)
@@ -440,7 +449,8 @@ def serve(settings: ServerSettings, *,
                                          max_size=settings.max_checkpoint_bytes),
             cluster=settings.cluster if settings.cluster is not None else Cluster.local(),
             data_roots=tuple(Path(r).resolve() for r in settings.data_roots),
-            default_max_restarts=default_max_restarts, max_code_bytes=settings.max_code_bytes)
+            default_max_restarts=default_max_restarts, max_code_bytes=settings.max_code_bytes,
+            allowed_modules=allowed_modules)
         # Before any upload can be in flight: drop blobs no checkpoint refers to (the leftovers
         # of an upload cut short by a crash) and stray temporary files.
         state.blobs.collect_garbage(referenced_blobs(store), min_age=0)
@@ -503,8 +513,12 @@ def serve(settings: ServerSettings, *,
     if settings.runner is not None or runner_factory is not None:
         # The runner works in the server's state directory and its workers verify the
         # server's certificate: set here, once, so the two can never disagree.
-        runner_settings = replace(settings.runner or RunnerSettings(state_dir),
-                                  state_dir=state_dir, tls_ca=settings.tls_ca)
+        # The workers check the allowed prefixes again before they import (so does a job
+        # stored under a longer list, at its next launch): this launch's list, from here.
+        base = settings.runner or RunnerSettings(state_dir)
+        runner_settings = replace(base, state_dir=state_dir, tls_ca=settings.tls_ca,
+                                  extra_env={**base.extra_env,
+                                             ALLOWED_MODULES: ",".join(allowed_modules)})
         try:
             coordinator.runner = state.runner = (runner_factory or JobRunner)(
                 store, state.blobs, state.cluster, worker_address, runner_settings)
