@@ -170,6 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_global_options(parser)
     add_commands(commands, serve=_cmd_serve, demo=_cmd_demo)
     _add_tls_command(commands)
+    _add_proto_path_command(commands)
     render = commands.add_parser(
         "render-job", formatter_class=argparse.RawDescriptionHelpFormatter,
         help="print the manifest a job would get from a launcher (kubernetes: its MPIJob)",
@@ -217,6 +218,29 @@ def _add_tls_command(commands: argparse._SubParsersAction) -> None:
                       help="the coordinator's port, for the printed flags (default 50051)")
     init.add_argument("--force", action="store_true", help="replace existing files")
     init.set_defaults(handler=_cmd_tls_init)
+
+
+def _add_proto_path_command(commands: argparse._SubParsersAction) -> None:
+    proto_path = commands.add_parser(
+        "proto-path", formatter_class=argparse.RawDescriptionHelpFormatter,
+        help="print the directory of the coordinator API's .proto files",
+        description="Print the directory the gRPC API's .proto files are relative to\n"
+                    "(dptrain/v1/coordinator.proto): the -I of protoc, grpcurl's -import-path,\n"
+                    "or grpc-js proto-loader's includeDirs, for clients in other languages.",
+        epilog="examples:\n  protoc -I \"$(dptrain proto-path)\" --cpp_out=. "
+               "dptrain/v1/coordinator.proto\n"
+               "  grpcurl -import-path \"$(dptrain proto-path)\" -proto "
+               "dptrain/v1/coordinator.proto \\\n"
+               "      -H \"authorization: Bearer $(cat ~/.local/state/dptrain/token)\" -plaintext "
+               "127.0.0.1:50051 list\n")
+    proto_path.set_defaults(handler=_cmd_proto_path)
+
+
+def _cmd_proto_path(args: argparse.Namespace) -> int:
+    from dptrain.protos import proto_path
+
+    print(proto_path())
+    return 0
 
 
 def _cmd_tls_init(args: argparse.Namespace) -> int:

@@ -3,8 +3,9 @@
 What `serve` puts together: the SQLite store and the checkpoint blobs in the state directory,
 the coordinator token (``STATE_DIR/token``), the two servicers behind the auth and metrics
 interceptors, the standard health service (``grpc.health.v1.Health``, no token needed) and
-server reflection, TLS when given a certificate, an optional Prometheus endpoint, and the job
-runner its ``runner`` settings describe (without them, jobs simply stay QUEUED).
+server reflection (v1 and v1alpha), TLS when given a certificate, an optional Prometheus
+endpoint, and the job runner its ``runner`` settings describe (without them, jobs simply
+stay QUEUED).
 
 It binds 127.0.0.1 by default and refuses any address beyond loopback without TLS unless
 ``insecure=True``: the bearer tokens would otherwise cross the network in the clear.
@@ -32,7 +33,6 @@ from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from dptrain.coordinator.api import chunk_wire
 from dptrain.coordinator.api.errors import CorruptRecord, JobNotFound, ValidationError
@@ -43,6 +43,7 @@ from dptrain.coordinator.server.checkpoint_store import referenced_blobs
 from dptrain.coordinator.server.jobs import Runner, ServiceState
 from dptrain.coordinator.server.metrics import Metrics, MetricsHTTPServer
 from dptrain.coordinator.server.private_files import make_private_dir
+from dptrain.coordinator.server.reflection import enable_reflection
 from dptrain.coordinator.server.runner import JobRunner
 from dptrain.coordinator.server.runner_settings import RunnerSettings
 from dptrain.coordinator.server.scheduler import Cluster
@@ -476,9 +477,8 @@ def serve(settings: ServerSettings, *,
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         for name in ("", *SERVICE_NAMES):
             health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-        reflection.enable_server_reflection(
-            (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-             reflection.SERVICE_NAME), server)
+        enable_reflection((*SERVICE_NAMES,
+                           health_pb2.DESCRIPTOR.services_by_name["Health"].full_name), server)
         bind = _host_port(host, settings.port)
         try:
             bound = (server.add_secure_port(bind, credentials) if credentials is not None

@@ -346,6 +346,7 @@ def _raw_call(server, method: str, payload: bytes, metadata=(), streaming_reques
     ("/dptrain.v1.Coordinator/WatchJob", (False, True)),
     ("/dptrain.v1.WorkerService/UploadCheckpoint", (True, False)),
     ("/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo", (True, True)),
+    ("/grpc.reflection.v1.ServerReflection/ServerReflectionInfo", (True, True)),
 ])
 def test_undecodable_bytes_are_invalid_argument_and_refused_unread_without_a_token(
         server, method, streams):
