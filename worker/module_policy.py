@@ -52,7 +52,7 @@ ALLOW_HOW = "an admin allows installed modules with `dptrain serve --allow-modul
 
 #: Top-level names a job's shipped code cannot claim: an import finds these elsewhere first.
 _NOT_SHIPPABLE = frozenset(sys.stdlib_module_names) | frozenset(sys.builtin_module_names) | {
-    "dptrain"}
+    "dptrain", "__main__"}
 
 
 def _dotted(text: str) -> bool:
@@ -190,7 +190,9 @@ def spec_code_errors(spec: JobSpec, files: Collection[str] | None,
     zoo = zoo_references()
     errors = [FieldError(field, rule, value) for field, value in reference_fields(spec)
               if (rule := reference_rule(value, shipped, allowed, zoo)) is not None]
-    if spec.entrypoint is not None and (files is None or _script(spec.entrypoint) not in files):
+    # Archives made by other tools name their members ./train.py: compared as paths, not text.
+    names = {PurePosixPath(name).as_posix() for name in files or ()}
+    if spec.entrypoint is not None and (files is None or _script(spec.entrypoint) not in names):
         errors.append(FieldError("entrypoint", "must name a script of the job's shipped code "
                                  "(code: DIR ships the directory)", spec.entrypoint))
     return errors
@@ -254,7 +256,10 @@ def check_job_code(spec: JobSpec, code_dir: str,
         top = value.partition(":")[0].split(".")[0]
         if top not in shipped or any(e.path == field for e in errors):
             continue
-        found = importlib.util.find_spec(top)  # a top-level name: finds, runs nothing
+        try:
+            found = importlib.util.find_spec(top)  # a top-level name: finds, runs nothing
+        except (ImportError, ValueError):  # e.g. a loaded module without a __spec__
+            found = None
         where = [found.origin] if found and found.origin else []
         where += list(found.submodule_search_locations or []) if found else []
         if not where or not all(_inside(os.path.realpath(p), code_dir) for p in where):

@@ -67,7 +67,7 @@ def test_nothing_is_allowed_by_default():
 def test_shipped_code_cannot_claim_the_standard_library_or_dptrain():
     # An os.py in the archive would not be what `import os` finds on a rank (it is loaded).
     files = ["os.py", "subprocess/__init__.py", "dptrain/x.py", "builtins.py", "own.py",
-             "pkg/sub/deep.py", "data/train.csv", "not-a-name.py", ".hidden.py"]
+             "pkg/sub/deep.py", "data/train.csv", "not-a-name.py", ".hidden.py", "__main__.py"]
     # data/ counts: any directory imports, as a namespace package.
     assert shipped_modules(files) == {"own", "pkg", "data"}
     assert reference_rule("os:system", shipped_modules(files), (), zoo_references()) is not None
@@ -115,6 +115,7 @@ def test_every_reference_field_is_checked_and_named():
     ("train.py --lr 0.1", ["train.py", "lib/x.py"], False),
     ("./train.py", ["train.py"], False),
     ("lib/run.py", ["lib/run.py"], False),
+    ("train.py", ["./train.py"], False),       # an archive made by tar czf code.tgz .
     ("train.py", None, True),                  # no shipped code at all
     ("other.py", ["train.py"], True),
     ("../train.py", ["train.py"], True),
