@@ -281,12 +281,12 @@ def submit_request_from_proto(request: pb.SubmitJobRequest) -> SubmitRequest:
     """A SubmitJob request as the logic's `SubmitRequest`.
 
     Raises:
-        ValidationError: naming ``spec, spec_text`` when neither or both are given,
+        ValidationError: naming ``spec`` and ``spec_text`` when neither or both are given,
             ``spec_text`` when it does not parse, or a bad spec field.
     """
     has_text = request.HasField("spec_text")
     if request.HasField("spec") == has_text:
-        raise ValidationError("spec, spec_text", "exactly one must be given",
+        raise ValidationError("spec", "give exactly one of spec and spec_text",
                               "both" if has_text else "neither")
     return SubmitRequest(
         spec=spec_from_text(request.spec_text) if has_text else spec_from_proto(request.spec),

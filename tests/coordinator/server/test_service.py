@@ -366,7 +366,7 @@ def test_spec_checks_happen_on_the_server(server):
             "model.args: must be a mapping of argument names to values")
         with pytest.raises(grpc.RpcError) as info:
             stub.SubmitJob(pb.SubmitJobRequest(), metadata=bearer_metadata(server.token))
-        assert info.value.details() == "spec, spec_text: exactly one must be given, got 'neither'"
+        assert info.value.details() == "spec: give exactly one of spec and spec_text, got 'neither'"
 
 
 def test_type_errors_are_caught_before_sending(client):

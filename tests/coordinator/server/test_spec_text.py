@@ -83,7 +83,7 @@ def test_json_is_a_job_file_too(server, submit):
 ])
 def test_exactly_one_of_spec_and_spec_text(server, submit, request_kwargs, which):
     details = _refused(server, submit, pb.SubmitJobRequest(**request_kwargs))
-    assert details == f"spec, spec_text: exactly one must be given, got {which!r}"
+    assert details == f"spec: give exactly one of spec and spec_text, got {which!r}"
 
 
 def _deep(depth: int) -> dict:
