@@ -116,12 +116,13 @@ def zoo_references() -> frozenset[str]:
     """
     from dptrain.engine import models  # the project's own code: importing it runs no job's
 
-    constructors = {id(models.get_constructor(name)) for name in models.list_models()}
+    # The project's own constructors: a model registered by other code in this process (a
+    # user's, a test's) is not the zoo.
+    constructors = [fn for fn in map(models.get_constructor, models.list_models())
+                    if _under(fn.__module__, models.__name__)]
     out = {f"{models.__name__}:{name}" for name, value in vars(models).items()
-           if id(value) in constructors}
-    for name in models.list_models():
-        fn = models.get_constructor(name)
-        out.add(f"{fn.__module__}:{fn.__qualname__}")
+           if any(value is fn for fn in constructors)}
+    out |= {f"{fn.__module__}:{fn.__qualname__}" for fn in constructors}
     return frozenset(out)
 
 

@@ -74,16 +74,32 @@ def test_shipped_code_cannot_claim_the_standard_library_or_dptrain():
 
 
 def test_the_zoo_is_its_registered_constructors():
-    from dptrain.engine import models
+    # Listed by hand from engine/models/: each model's module and name, and the package's
+    # exports of the same constructors.
+    assert zoo_references() == {
+        "dptrain.engine.models.mlp:mlp", "dptrain.engine.models.lenet:LeNet",
+        "dptrain.engine.models.resnet:ResNet", "dptrain.engine.models.transformer_lm:TransformerLM",
+        "dptrain.engine.models.lstm_lm:LSTMLanguageModel", "dptrain.engine.models:LeNet",
+        "dptrain.engine.models:ResNet", "dptrain.engine.models:TransformerLM",
+        "dptrain.engine.models:LSTMLanguageModel"}
 
-    zoo = zoo_references()
-    # A second route to the same set: every registered name's constructor, by module and name.
-    for name in models.list_models():
-        fn = models.get_constructor(name)
-        assert f"{fn.__module__}:{fn.__qualname__}" in zoo
-    assert {ref for ref in zoo if ref.startswith("dptrain.engine.models:")} == {
-        "dptrain.engine.models:LeNet", "dptrain.engine.models:ResNet",
-        "dptrain.engine.models:TransformerLM", "dptrain.engine.models:LSTMLanguageModel"}
+
+def test_a_model_registered_by_other_code_is_not_the_zoo(monkeypatch):
+    from dptrain.engine import nn
+    from dptrain.engine.models import registry
+
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))  # undone after
+
+    @registry.register_model("outside_the_zoo_example")
+    def outside(width: int = 2) -> nn.Module:
+        return nn.Linear(2, width)
+
+    zoo_references.cache_clear()
+    try:
+        assert "outside_the_zoo_example" in registry.list_models()
+        assert not any("outside" in ref for ref in zoo_references())
+    finally:
+        zoo_references.cache_clear()
 
 
 @pytest.mark.parametrize("prefix", ["", "mylab.", ".mylab", "my-lab", "mylab:f", "a..b", "1lab"])
