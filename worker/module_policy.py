@@ -35,18 +35,15 @@ from collections.abc import Collection, Iterable, Iterator, Mapping
 from pathlib import PurePosixPath
 from typing import TYPE_CHECKING
 
+from dptrain.worker.environment import ALLOWED_MODULES
 from dptrain.worker.spec_errors import FieldError, JobSpecError
 
 if TYPE_CHECKING:
     from dptrain.worker.spec import JobSpec
 
-__all__ = ["ALLOWED_MODULES", "ALLOW_HOW", "check_prefix", "shipped_modules", "zoo_references",
+__all__ = ["ALLOW_HOW", "check_prefix", "shipped_modules", "zoo_references",
            "reference_rule", "reference_fields", "spec_code_errors", "allowed_from_environment",
            "check_job_code"]
-
-ALLOWED_MODULES = "DPTRAIN_ALLOWED_MODULES"
-"""The module prefixes the coordinator allows, comma-separated (empty: none), set on every rank
-it launches; unset (``dptrain run``): no rule applies."""
 
 ALLOW_HOW = "an admin allows installed modules with `dptrain serve --allow-module PREFIX`"
 

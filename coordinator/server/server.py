@@ -52,7 +52,8 @@ from dptrain.coordinator.server.store import SqliteStore, Store
 from dptrain.protos.dptrain.v1 import coordinator_pb2 as pb
 from dptrain.protos.dptrain.v1 import coordinator_pb2_grpc as pb_grpc
 from dptrain.worker.code_archive import MAX_CODE_BYTES
-from dptrain.worker.module_policy import ALLOWED_MODULES, check_prefix
+from dptrain.worker.environment import ALLOWED_MODULES
+from dptrain.worker.module_policy import check_prefix
 
 __all__ = ["serve", "CoordinatorServer", "ServerSettings", "ServerConfigError", "Runner",
            "RunnerFactory", "RequestDecodingInterceptor", "UndecodableRequest", "SERVICE_NAMES",

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
+from dptrain.worker.environment import ALLOWED_MODULES
 from dptrain.worker.module_policy import (
-    ALLOWED_MODULES,
     check_job_code,
     check_prefix,
     reference_rule,
