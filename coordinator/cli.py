@@ -171,6 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_commands(commands, serve=_cmd_serve, demo=_cmd_demo)
     _add_tls_command(commands)
     _add_backup_command(commands)
+    _add_proto_path_command(commands)
     render = commands.add_parser(
         "render-job", formatter_class=argparse.RawDescriptionHelpFormatter,
         help="print the manifest a job would get from a launcher (kubernetes: its MPIJob)",
@@ -250,6 +251,29 @@ def _cmd_backup(args: argparse.Namespace) -> int:
         raise CommandError(str(e)) from None
     print(f"{summary.destination}: {summary.jobs} job(s), {summary.blobs} file(s), "
           f"{summary.bytes / 1e6:.1f} MB")
+    return 0
+
+
+def _add_proto_path_command(commands: argparse._SubParsersAction) -> None:
+    proto_path = commands.add_parser(
+        "proto-path", formatter_class=argparse.RawDescriptionHelpFormatter,
+        help="print the directory of the coordinator API's .proto files",
+        description="Print the directory the gRPC API's .proto files are relative to\n"
+                    "(dptrain/v1/coordinator.proto): the -I of protoc, grpcurl's -import-path,\n"
+                    "or grpc-js proto-loader's includeDirs, for clients in other languages.",
+        epilog="examples:\n  protoc -I \"$(dptrain proto-path)\" --cpp_out=. "
+               "dptrain/v1/coordinator.proto\n"
+               "  grpcurl -import-path \"$(dptrain proto-path)\" -proto "
+               "dptrain/v1/coordinator.proto \\\n"
+               "      -H \"authorization: Bearer $(cat ~/.local/state/dptrain/token)\" -plaintext "
+               "127.0.0.1:50051 list\n")
+    proto_path.set_defaults(handler=_cmd_proto_path)
+
+
+def _cmd_proto_path(args: argparse.Namespace) -> int:
+    from dptrain.protos import proto_path
+
+    print(proto_path())
     return 0
 
 

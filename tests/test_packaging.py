@@ -5,6 +5,7 @@ build it for a user, and read back as a zip file."""
 from __future__ import annotations
 
 import configparser
+import os
 import re
 import shutil
 import subprocess
@@ -120,3 +121,23 @@ def test_pip_install_alone_runs_the_demo_and_the_digits_examples(wheel, repo_roo
                 continue
             missing = _third_party_imports(path) - always - optional
             assert not missing, f"{path.relative_to(repo_root)} imports {missing}: not required"
+
+
+def test_the_proto_files_ship_where_proto_path_says(wheel, repo_root, tmp_path):
+    """Clients in other languages build stubs from the installed .proto files: every one is in
+    the wheel, byte for byte, under the directory ``dptrain proto-path`` prints once installed
+    (the wheel unpacked as pip would, the command run from there)."""
+    from dptrain.protos import PROTO_FILES
+
+    assert PROTO_FILES == ("dptrain/v1/coordinator.proto",)
+    for name in PROTO_FILES:
+        assert wheel.read(f"dptrain/protos/{name}") == (repo_root / "protos" / name).read_bytes()
+    site = tmp_path / "site"
+    wheel.extractall(site)
+    printed = subprocess.run(
+        [sys.executable, "-c", "import sys; from dptrain.coordinator.cli import main; "
+         "sys.exit(main(['proto-path']))"], capture_output=True, text=True, timeout=120,
+        cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(site)})
+    assert printed.returncode == 0, printed.stderr
+    assert printed.stdout == f"{site / 'dptrain' / 'protos'}\n"
+    assert (Path(printed.stdout.strip()) / PROTO_FILES[0]).is_file()

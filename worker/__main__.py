@@ -126,6 +126,7 @@ def _run(args: argparse.Namespace, comm: Communicator) -> int:
     from dptrain.worker.environment import COORDINATOR, world_size_error
     from dptrain.worker.events import build_reporters
     from dptrain.worker.job_code import code_directory, put_first_on_path
+    from dptrain.worker.module_policy import check_job_code
     from dptrain.worker.spec import JobSpecError, load_spec
     from dptrain.worker.train import run_job
 
@@ -138,6 +139,8 @@ def _run(args: argparse.Namespace, comm: Communicator) -> int:
         # The job's own modules come first, on every rank, whoever started it.
         code_dir = agree(comm, lambda: code_directory(args.job, spec.code), (JobSpecError,))
         put_first_on_path(code_dir)
+        # Under a coordinator, the code the job may run: checked again before any import.
+        agree(comm, lambda: check_job_code(spec, code_dir), (JobSpecError,))
         if args.resume and args.checkpoint_dir and os.environ.get(COORDINATOR):
             # Rank 0 fetches the job's latest checkpoint; agree() is the barrier the others wait at.
             agree(comm, lambda: _fetch_resume_checkpoint(comm.rank, args.checkpoint_dir),

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 __all__ = [
     "MPIEXEC", "COORDINATOR", "JOB_ID", "JOB_TOKEN", "TLS_CA", "HEARTBEAT_TIMEOUT",
     "SLURM_NTASKS", "PMI_SIZE", "WorkerEnvironment", "worker_environment",
-    "read_worker_environment", "world_size_error", "CHECKPOINT_DIR", "RESUME",
+    "read_worker_environment", "world_size_error", "CHECKPOINT_DIR", "RESUME", "ALLOWED_MODULES",
 ]
 
 MPIEXEC = "DPTRAIN_MPIEXEC"
@@ -48,6 +48,11 @@ JOB_TOKEN = "DPTRAIN_JOB_TOKEN"
 TLS_CA = "DPTRAIN_TLS_CA"
 """Path of the PEM certificate(s) to verify the coordinator's TLS certificate with; unset when
 the coordinator listens without TLS."""
+
+ALLOWED_MODULES = "DPTRAIN_ALLOWED_MODULES"
+"""The installed module prefixes the coordinator allows jobs to name, comma-separated (empty:
+none), set on every rank it launches; the ranks check the job's references against them again
+before importing (``worker.module_policy``). Unset (``dptrain run``): no rule applies."""
 
 HEARTBEAT_TIMEOUT = "DPTRAIN_HEARTBEAT_TIMEOUT"
 """The coordinator's heartbeat timeout in seconds (``--heartbeat-timeout``): how long training

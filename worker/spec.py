@@ -65,9 +65,8 @@ __all__ = [
     "OptimizerSpec", "SchedulerSpec", "CheckpointSpec", "JobSpec", "load_spec", "spec_hash",
     "model_constructor", "build_model", "validate", "trajectory_differences",
     "OPTIMIZERS", "SCHEDULERS", "DEVICES", "ALLREDUCE_PATHS", "MAX_BATCH_SIZE", "MAX_STEPS",
-    "NAME_RULE",
-    "check_name", "check_shards", "read_spec_file", "check_types", "CODE_DIGEST_PREFIX",
-    "code_digest",
+    "NAME_RULE", "check_name", "check_shards", "read_spec_file", "parse_spec_text",
+    "check_types", "CODE_DIGEST_PREFIX", "code_digest",
 ]
 
 
@@ -256,19 +255,39 @@ def read_spec_file(path: str | os.PathLike) -> dict[str, Any]:
             text = f.read()
     except OSError as e:
         raise JobSpecError([FieldError(path, f"cannot read the job file ({e.strerror})")]) from None
+    return parse_spec_text(text, path, json_only=path.endswith(".json"))
+
+
+def parse_spec_text(text: str, where: str, *, json_only: bool = False) -> dict[str, Any]:
+    """A job file's text as plain data, checking no field: YAML (JSON is YAML) or JSON.
+
+    The one parser of job files: `read_spec_file`, and the coordinator for a job sent as text
+    (``SubmitJobRequest.spec_text``), so that both read ``1e-3`` and every other value alike.
+
+    Args:
+        text: the file's text.
+        where: what the errors name (the file's path, or the request's field).
+        json_only: parse as JSON (a ``.json`` file), not YAML.
+
+    Returns:
+        The mapping of job fields.
+
+    Raises:
+        JobSpecError: naming `where` when the text does not parse or holds no mapping.
+    """
     try:
-        if path.endswith(".json"):
+        if json_only:
             data = json.loads(text)
         else:
             data = yaml.load(text, Loader=_Yaml12Loader)  # noqa: S506 - a SafeLoader subclass
     except (json.JSONDecodeError, yaml.YAMLError) as e:
         one_line = " ".join(str(e).split())
-        raise JobSpecError([FieldError(path, f"does not parse: {one_line}")]) from None
+        raise JobSpecError([FieldError(where, f"does not parse: {one_line}")]) from None
     except RecursionError:  # both parsers recurse once per level of nesting
-        raise JobSpecError([FieldError(path, "does not parse: it nests lists and mappings "
-                                             "deeper than the parser can follow")]) from None
+        raise JobSpecError([FieldError(where, "does not parse: it nests lists and mappings "
+                                              "deeper than the parser can follow")]) from None
     if not isinstance(data, Mapping):
-        raise JobSpecError([FieldError(path, "must hold a mapping of job fields",
+        raise JobSpecError([FieldError(where, "must hold a mapping of job fields",
                                        type(data).__name__)])
     return dict(data)
 

@@ -44,7 +44,7 @@ from dptrain.coordinator.api.records import (
 )
 from dptrain.coordinator.api.strict_json import loads
 from dptrain.protos.dptrain.v1 import coordinator_pb2 as pb
-from dptrain.worker.spec import JobSpec
+from dptrain.worker.spec import JobSpec, JobSpecError, check_types, parse_spec_text
 
 __all__ = [
     "spec_to_proto", "spec_from_proto", "submit_request_to_proto", "submit_request_from_proto",
@@ -215,6 +215,35 @@ def spec_from_proto(message: pb.JobSpec) -> dict[str, Any]:
     return _read(message, "")
 
 
+def spec_from_text(text: str) -> dict[str, Any]:
+    """A job file's text (``SubmitJobRequest.spec_text``, YAML or JSON) as plain data, held to
+    the limits of a ``JobSpec`` message, for ``JobSpec.from_dict``.
+
+    It is parsed as ``dptrain submit`` reads a file (``worker.spec.parse_spec_text``). A spec
+    whose fields have the right types then travels through the message it stands for
+    (`spec_to_proto`, `spec_from_proto`), so its size and ``args`` nesting are checked as a
+    structured spec's are; any other goes on as it is, and ``JobSpec.from_dict`` names its
+    fields with the messages a structured spec gets.
+
+    Raises:
+        ValidationError: naming ``spec_text`` when it is too long, does not parse or holds no
+            mapping; or as `spec_from_proto`.
+    """
+    size = len(text.encode())
+    if size > MAX_SPEC_BYTES:
+        raise ValidationError("spec_text", f"must be at most {MAX_SPEC_BYTES} bytes",
+                              f"{size} bytes")
+    try:
+        data = parse_spec_text(text, "spec_text")
+    except JobSpecError as e:  # quoting the text sent (cut short), as any value is
+        raise ValidationError("spec_text", e.errors[0].rule, text) from None
+    try:
+        check_types(data)
+    except JobSpecError:
+        return data
+    return spec_from_proto(spec_to_proto(data))
+
+
 # ---------------------------------------------------------------- requests
 
 def submit_request_to_proto(spec: Mapping[str, Any] | Any, priority: int = 0,
@@ -253,12 +282,16 @@ def submit_request_from_proto(request: pb.SubmitJobRequest) -> SubmitRequest:
     """A SubmitJob request as the logic's `SubmitRequest`.
 
     Raises:
-        ValidationError: naming ``spec`` when it is missing, or a bad spec field.
+        ValidationError: naming ``spec`` and ``spec_text`` when neither or both are given,
+            ``spec_text`` when it does not parse, or a bad spec field.
     """
-    if not request.HasField("spec"):
-        raise ValidationError("spec", "is required", None)
+    has_text = request.HasField("spec_text")
+    if request.HasField("spec") == has_text:
+        raise ValidationError("spec", "give exactly one of spec and spec_text",
+                              "both" if has_text else "neither")
     return SubmitRequest(
-        spec=spec_from_proto(request.spec), priority=request.priority,
+        spec=spec_from_text(request.spec_text) if has_text else spec_from_proto(request.spec),
+        priority=request.priority,
         max_restarts=request.max_restarts if request.HasField("max_restarts") else None,
         time_limit=seconds(request.time_limit) if request.HasField("time_limit") else None)
 

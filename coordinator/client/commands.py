@@ -421,6 +421,11 @@ def add_commands(commands: Any, serve: Callable[[argparse.Namespace], int],
                        help="allow plaintext on a non-loopback address")
     serve_parser.add_argument("--data-root", metavar="DIR", action="append", default=[],
                        help="directory job data files may come from (repeatable)")
+    serve_parser.add_argument("--allow-module", metavar="PREFIX", action="append", default=[],
+                       help="installed modules under this dotted prefix (mylab allows "
+                            "mylab.models:build, not mylabx:f) that jobs' "
+                            "package.module:function may name, besides their shipped code "
+                            "and the model zoo (repeatable; default: none)")
     serve_parser.add_argument("--metrics-port", type=int, default=None,
                        help="serve Prometheus metrics on this port")
     serve_parser.add_argument("--heartbeat-timeout", type=float, default=60.0, metavar="S",

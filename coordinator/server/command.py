@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import threading
@@ -21,7 +22,7 @@ from dptrain.coordinator.server.scheduler import Cluster
 from dptrain.coordinator.server.server import ServerSettings, is_loopback, serve
 from dptrain.worker.hostfile import LOCAL_HOSTS
 
-__all__ = ["run_server", "unreachable_note", "launcher_and_cluster"]
+__all__ = ["run_server", "unreachable_note", "root_note", "launcher_and_cluster"]
 
 #: ``serve`` options that only the Slurm launcher takes (argparse dest -> option).
 _SLURM_OPTIONS = {"partition": "--partition", "account": "--account",
@@ -43,6 +44,20 @@ def unreachable_note(cluster: Cluster, host: str, advertise_address: str | None)
     return (f"the hostfile names other hosts ({', '.join(remote)}) but the coordinator "
             f"listens on {host}, which their ranks cannot reach: give --host (with "
             f"--tls-cert/--tls-key, see dptrain tls init) or the workers report nothing")
+
+
+def root_note(euid: int | None = None) -> str | None:
+    """The warning for a coordinator started as root, else None: the workers it starts on
+    this machine run as its user, and so does every job's code.
+
+    Args:
+        euid: the effective user id (default: this process's).
+    """
+    euid = os.geteuid() if euid is None else euid
+    if euid != 0:
+        return None
+    return ("running as root, so jobs' code runs as root on the workers it starts; run the "
+            "coordinator as an unprivileged user (docs/deploy.md)")
 
 
 def launcher_and_cluster(args: argparse.Namespace) -> tuple[Launcher, Cluster]:
@@ -107,13 +122,15 @@ def run_server(args: argparse.Namespace) -> int:
     state_dir = Path(args.state_dir)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if (note := unreachable_note(cluster, args.host, args.advertise_address)) is not None:
-        print(f"dptrain coordinator: warning: {note}", file=sys.stderr, flush=True)
+    for note in (root_note(), unreachable_note(cluster, args.host, args.advertise_address)):
+        if note is not None:
+            print(f"dptrain coordinator: warning: {note}", file=sys.stderr, flush=True)
     server = serve(ServerSettings(
         state_dir, args.host, args.port,
         token=read_token_file(args.token_file) if args.token_file else None,
         tls_cert=args.tls_cert, tls_key=args.tls_key, tls_ca=args.tls_ca, insecure=args.insecure,
-        data_roots=args.data_root, metrics_port=args.metrics_port, cluster=cluster,
+        data_roots=args.data_root, allowed_modules=args.allow_module,
+        metrics_port=args.metrics_port, cluster=cluster,
         default_max_restarts=args.max_restarts, advertise_address=args.advertise_address,
         runner=RunnerSettings(state_dir, launcher=launcher,
                               heartbeat_timeout=args.heartbeat_timeout or None),

@@ -8,7 +8,9 @@ tested without a server, and a second transport could call the same functions.
 Submission rules, each an INVALID_ARGUMENT naming the field: the spec must pass the worker's own
 validation (``worker.spec.JobSpec.from_dict``, every field), ask for no more ranks than the
 cluster has slots, name data files only inside the configured data roots, and name its code
-by the digest of an uploaded archive.
+by the digest of an uploaded archive; its ``package.module:function`` references and its
+entrypoint must name its shipped code, the model zoo or a module prefix the admin allows
+(``worker.module_policy``, decided from the archive's listing: nothing is imported).
 """
 
 from __future__ import annotations
@@ -47,13 +49,15 @@ from dptrain.coordinator.server.blobs import BlobStore
 from dptrain.coordinator.server.metrics import Metrics
 from dptrain.coordinator.server.scheduler import Cluster, validate_request
 from dptrain.coordinator.server.store import Store
-from dptrain.worker.code_archive import MAX_CODE_BYTES
+from dptrain.worker.code_archive import MAX_CODE_BYTES, check_archive
 from dptrain.worker.data import data_paths
+from dptrain.worker.module_policy import spec_code_errors
 from dptrain.worker.spec import JobSpec, JobSpecError, code_digest
 
 __all__ = [
     "Runner", "ServiceState", "SubmitRequest", "ListRequest", "SpecInvalid",
-    "validate_spec", "check_data_paths", "check_code", "prepare_job", "queue_job", "submit_job",
+    "validate_spec", "check_data_paths", "check_code", "check_job_code", "prepare_job",
+    "queue_job", "submit_job",
     "get_job", "list_jobs", "cancel_job", "watch_job", "report_progress", "heartbeat",
 ]
 
@@ -94,6 +98,7 @@ class ServiceState:
         default_max_restarts: a job's ``max_restarts`` when the submission gives none.
         runner: launches jobs; None when the server only queues them (tests).
         max_code_bytes: the largest code archive accepted, packed or unpacked.
+        allowed_modules: the installed module prefixes jobs may name (``--allow-module``).
         metrics: counters for the Prometheus endpoint.
         stopping: set when the server shuts down (ends open watches).
         jobs_dir: where the job directories are (``STATE/jobs``); None: nowhere (tests).
@@ -106,6 +111,7 @@ class ServiceState:
     default_max_restarts: int = 3
     runner: Runner | None = None
     max_code_bytes: int = MAX_CODE_BYTES
+    allowed_modules: tuple[str, ...] = ()
     metrics: Metrics = field(default_factory=Metrics)
     stopping: threading.Event = field(default_factory=threading.Event)
     jobs_dir: Path | None = None
@@ -205,6 +211,22 @@ def check_code(spec: JobSpec, state: ServiceState) -> None:
                                       "UploadCode)", spec.code)
 
 
+def check_job_code(spec: JobSpec, state: ServiceState) -> None:
+    """The rule of what code a job may run (``worker.module_policy``): every reference and the
+    entrypoint against the shipped code's listing, the zoo and ``state.allowed_modules``.
+
+    Raises:
+        SpecInvalid: naming every refused field, the rule and the value.
+    """
+    digest = code_digest(spec.code)
+    # The stored archive passed check_archive at upload; its listing names the shipped files.
+    files = None if digest is None else check_archive(state.blobs.get(digest),
+                                                      state.max_code_bytes)
+    errors = spec_code_errors(spec, files, state.allowed_modules)
+    if errors:
+        raise SpecInvalid(JobSpecError(errors))
+
+
 def validate_spec(spec: Mapping[str, Any], state: ServiceState) -> JobSpec:
     """Every check a submitted spec must pass.
 
@@ -226,6 +248,7 @@ def validate_spec(spec: Mapping[str, Any], state: ServiceState) -> JobSpec:
     validate_request(job_spec.workers, state.cluster)
     check_data_paths(job_spec, state.data_roots)
     check_code(job_spec, state)
+    check_job_code(job_spec, state)
     return job_spec
 
 

@@ -3,8 +3,9 @@
 What `serve` puts together: the SQLite store and the checkpoint blobs in the state directory,
 the built-in admin's token (``STATE_DIR/token``), the two servicers behind the auth and metrics
 interceptors, the standard health service (``grpc.health.v1.Health``, no token needed) and
-server reflection, TLS when given a certificate, an optional Prometheus endpoint, and the job
-runner its ``runner`` settings describe (without them, jobs simply stay QUEUED).
+server reflection (v1 and v1alpha), TLS when given a certificate, an optional Prometheus
+endpoint, and the job runner its ``runner`` settings describe (without them, jobs simply
+stay QUEUED).
 
 It binds 127.0.0.1 by default and refuses any address beyond loopback without TLS unless
 ``insecure=True``: the bearer tokens would otherwise cross the network in the clear.
@@ -32,7 +33,6 @@ from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from dptrain.coordinator.api import chunk_wire
 from dptrain.coordinator.api.errors import CorruptRecord, JobNotFound, ValidationError
@@ -42,6 +42,7 @@ from dptrain.coordinator.server.blobs import BlobStore
 from dptrain.coordinator.server.jobs import Runner, ServiceState
 from dptrain.coordinator.server.metrics import Metrics, MetricsHTTPServer
 from dptrain.coordinator.server.private_files import make_private_dir
+from dptrain.coordinator.server.reflection import enable_reflection
 from dptrain.coordinator.server.retention import Upkeep, collect_leftovers
 from dptrain.coordinator.server.runner import JobRunner
 from dptrain.coordinator.server.runner_settings import RunnerSettings
@@ -52,6 +53,8 @@ from dptrain.coordinator.server.users import install_builtin_admin
 from dptrain.protos.dptrain.v1 import coordinator_pb2 as pb
 from dptrain.protos.dptrain.v1 import coordinator_pb2_grpc as pb_grpc
 from dptrain.worker.code_archive import MAX_CODE_BYTES
+from dptrain.worker.environment import ALLOWED_MODULES
+from dptrain.worker.module_policy import check_prefix
 
 __all__ = ["serve", "CoordinatorServer", "ServerSettings", "ServerConfigError", "Runner",
            "RunnerFactory", "RequestDecodingInterceptor", "UndecodableRequest", "SERVICE_NAMES",
@@ -84,6 +87,9 @@ class ServerSettings:
             for a self-signed certificate).
         insecure: allow plaintext beyond loopback.
         data_roots: directories data files named in job specs must lie in.
+        allowed_modules: prefixes of installed modules that jobs' ``package.module:function``
+            references may name (``--allow-module``; none by default: a job names its shipped
+            code or the zoo, ``worker.module_policy``). The workers get them too and check again.
         metrics_port: serve Prometheus metrics on this port (0: any free one; None: don't).
         cluster: the slots to schedule (default: this machine, a slot per core).
         max_workers: threads serving calls; every open watch or transfer holds one.
@@ -107,6 +113,7 @@ class ServerSettings:
     tls_ca: str | os.PathLike | None = None
     insecure: bool = False
     data_roots: Sequence[str | os.PathLike] = ()
+    allowed_modules: Sequence[str] = ()
     metrics_port: int | None = None
     cluster: Cluster | None = None
     max_workers: int = 256
@@ -436,6 +443,10 @@ def serve(settings: ServerSettings, *,
             f"that")
     default_max_restarts = (3 if settings.default_max_restarts is None
                             else settings.default_max_restarts)
+    try:
+        allowed_modules = tuple(check_prefix(p) for p in settings.allowed_modules)
+    except ValueError as e:
+        raise ServerConfigError(str(e)) from None
     state_dir = make_private_dir(settings.state_dir)  # specs, logs, checkpoints: 0700, not 0755
     admin_token = settings.token or load_or_create_token(state_dir)
     store = SqliteStore(state_dir / DB_FILE)
@@ -448,7 +459,8 @@ def serve(settings: ServerSettings, *,
             cluster=settings.cluster if settings.cluster is not None else Cluster.local(),
             data_roots=tuple(Path(r).resolve() for r in settings.data_roots),
             default_max_restarts=default_max_restarts, max_code_bytes=settings.max_code_bytes,
-            jobs_dir=RunnerSettings(state_dir).jobs_dir)
+            jobs_dir=RunnerSettings(state_dir).jobs_dir,
+            allowed_modules=allowed_modules)
         if settings.retain_finished_s is not None and not settings.retain_finished_s > 0:
             raise ServerConfigError(f"retain_finished_s: must be > 0 seconds, got "
                                     f"{settings.retain_finished_s!r}")
@@ -479,9 +491,8 @@ def serve(settings: ServerSettings, *,
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         for name in ("", *SERVICE_NAMES):
             health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-        reflection.enable_server_reflection(
-            (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-             reflection.SERVICE_NAME), server)
+        enable_reflection((*SERVICE_NAMES,
+                           health_pb2.DESCRIPTOR.services_by_name["Health"].full_name), server)
         bind = _host_port(host, settings.port)
         try:
             bound = (server.add_secure_port(bind, credentials) if credentials is not None
@@ -518,8 +529,12 @@ def serve(settings: ServerSettings, *,
     if settings.runner is not None or runner_factory is not None:
         # The runner works in the server's state directory and its workers verify the
         # server's certificate: set here, once, so the two can never disagree.
-        runner_settings = replace(settings.runner or RunnerSettings(state_dir),
-                                  state_dir=state_dir, tls_ca=settings.tls_ca)
+        # The workers check the allowed prefixes again before they import (so does a job
+        # stored under a longer list, at its next launch): this launch's list, from here.
+        base = settings.runner or RunnerSettings(state_dir)
+        runner_settings = replace(base, state_dir=state_dir, tls_ca=settings.tls_ca,
+                                  extra_env={**base.extra_env,
+                                             ALLOWED_MODULES: ",".join(allowed_modules)})
         try:
             coordinator.runner = state.runner = (runner_factory or JobRunner)(
                 store, state.blobs, state.cluster, worker_address, runner_settings)

@@ -180,16 +180,18 @@ class Job(_message.Message):
     def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., spec: _Optional[_Union[JobSpec, _Mapping]] = ..., workers: _Optional[int] = ..., priority: _Optional[int] = ..., state: _Optional[_Union[JobState, str]] = ..., max_restarts: _Optional[int] = ..., restarts: _Optional[int] = ..., time_limit: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., submitted_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., heartbeat_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., error: _Optional[str] = ..., exit_code: _Optional[int] = ..., last_step: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., placement: _Optional[_Iterable[_Union[HostSlots, _Mapping]]] = ..., owner: _Optional[str] = ...) -> None: ...
 
 class SubmitJobRequest(_message.Message):
-    __slots__ = ("spec", "priority", "max_restarts", "time_limit")
+    __slots__ = ("spec", "priority", "max_restarts", "time_limit", "spec_text")
     SPEC_FIELD_NUMBER: _ClassVar[int]
     PRIORITY_FIELD_NUMBER: _ClassVar[int]
     MAX_RESTARTS_FIELD_NUMBER: _ClassVar[int]
     TIME_LIMIT_FIELD_NUMBER: _ClassVar[int]
+    SPEC_TEXT_FIELD_NUMBER: _ClassVar[int]
     spec: JobSpec
     priority: int
     max_restarts: int
     time_limit: _duration_pb2.Duration
-    def __init__(self, spec: _Optional[_Union[JobSpec, _Mapping]] = ..., priority: _Optional[int] = ..., max_restarts: _Optional[int] = ..., time_limit: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
+    spec_text: str
+    def __init__(self, spec: _Optional[_Union[JobSpec, _Mapping]] = ..., priority: _Optional[int] = ..., max_restarts: _Optional[int] = ..., time_limit: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., spec_text: _Optional[str] = ...) -> None: ...
 
 class GetJobRequest(_message.Message):
     __slots__ = ("job_id",)

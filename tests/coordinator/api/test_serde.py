@@ -348,7 +348,7 @@ def test_submit_request_round_trip_and_checks():
         serde.submit_request_to_proto(FULL, time_limit=0)
     with pytest.raises(ValidationError, match="max_restarts"):
         serde.submit_request_to_proto(FULL, max_restarts=-1)
-    with pytest.raises(ValidationError, match="spec: is required"):
+    with pytest.raises(ValidationError, match="^spec: give exactly one of spec and spec_text"):
         serde.submit_request_from_proto(pb.SubmitJobRequest())
 
 

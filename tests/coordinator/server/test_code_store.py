@@ -24,7 +24,10 @@ from dptrain.protos.dptrain.v1 import coordinator_pb2_grpc as pb_grpc
 from dptrain.worker.code_archive import CodeArchiveError, pack_directory
 
 MAX_CODE = 64 * 1024
-SPEC = {"name": "own", "entrypoint": "train.py --lr 0.1", "workers": 2}
+#: A job that ships no code (an entrypoint must name shipped code: worker.module_policy).
+SPEC = {"name": "zoo", "model": {"name": "mlp", "args": {"in_features": 4, "num_classes": 2}},
+        "dataset": {"name": "digits"}, "optimizer": {"name": "sgd", "lr": 0.1},
+        "batch_size": 8, "max_steps": 1, "workers": 2}
 
 
 @pytest.fixture

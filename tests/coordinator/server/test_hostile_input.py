@@ -50,7 +50,9 @@ DEADLINE = 30.0
 
 @pytest.fixture
 def server(serve_coordinator, tmp_path):
-    return serve_coordinator(cluster=Cluster.local(2), data_roots=[tmp_path / "data"])
+    # The prefixes the tests' installed "user" modules need (none is allowed by default).
+    return serve_coordinator(cluster=Cluster.local(2), data_roots=[tmp_path / "data"],
+                             allowed_modules=["mypackage", "tripwire_model"])
 
 
 @pytest.fixture
@@ -200,11 +202,11 @@ def test_coordinator_and_cli_never_import_the_models_a_job_names(server, client,
     module, marker, env = tripwire
     job = client.submit_job({**SPEC, "model": {"name": f"{module}:build", "args": ARGS}})
     assert job.state is JobState.QUEUED and job.spec["model"]["name"] == f"{module}:build"
-    # unittest's __main__ runs unittest when imported: the submission must simply be queued.
-    unittest_main = stub.SubmitJob(pb.SubmitJobRequest(spec=raw_spec(
-        model=pb.ModelSpec(name="unittest.__main__:main"))),
-        metadata=bearer_metadata(server.token), timeout=DEADLINE)
-    assert unittest_main.state == pb.QUEUED
+    # unittest's __main__ runs unittest when imported: refused (not allowed), never imported.
+    error = refusal(stub, server, pb.SubmitJobRequest(spec=raw_spec(
+        model=pb.ModelSpec(name="unittest.__main__:main"))))
+    assert_invalid(error, "model.name: must name the job's shipped code (none), a model of "
+                          "the zoo, or a module under a prefix this coordinator allows")
     job_file = tmp_path / "job.yaml"
     job_file.write_text(yaml.safe_dump({**SPEC, "model": {"name": f"{module}:build"}}))
     cli = subprocess.run([DPTRAIN, "--address", server.address, "--state-dir",
@@ -236,6 +238,7 @@ def test_only_the_worker_imports_the_model_and_fails_the_job_once(tripwire, tmp_
 @pytest.mark.mpi
 def test_a_missing_module_fails_the_job_once_without_restarts(tmp_path):
     srv = serve(ServerSettings(tmp_path / "state", cluster=Cluster.local(1),
+                               allowed_modules=["no_such_module_xyz"],
                                runner=RunnerSettings(tmp_path / "state", heartbeat_timeout=60.0,
                                                      kill_grace=5.0, poll_interval=0.1)))
     try:
@@ -343,6 +346,7 @@ def _raw_call(server, method: str, payload: bytes, metadata=(), streaming_reques
     ("/dptrain.v1.Coordinator/WatchJob", (False, True)),
     ("/dptrain.v1.WorkerService/UploadCheckpoint", (True, False)),
     ("/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo", (True, True)),
+    ("/grpc.reflection.v1.ServerReflection/ServerReflectionInfo", (True, True)),
 ])
 def test_undecodable_bytes_are_invalid_argument_and_refused_unread_without_a_token(
         server, method, streams):

@@ -24,7 +24,8 @@ import grpc
 import numpy as np
 import pytest
 import safetensors.numpy
-from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+from grpc_reflection.v1alpha import reflection_pb2
 
 from dptrain import engine
 from dptrain.coordinator.api import serde
@@ -368,7 +369,7 @@ def test_spec_checks_happen_on_the_server(server):
             "model.args: must be a mapping of argument names to values")
         with pytest.raises(grpc.RpcError) as info:
             stub.SubmitJob(pb.SubmitJobRequest(), metadata=bearer_metadata(server.token))
-        assert info.value.details().startswith("spec: is required")
+        assert info.value.details() == "spec: give exactly one of spec and spec_text, got 'neither'"
 
 
 def test_type_errors_are_caught_before_sending(client):
@@ -712,25 +713,43 @@ def test_retention_keeps_the_newest_checkpoints(server, client, tmp_path):
 
 # ---------------------------------------------------------------- the server itself
 
-def test_health_and_reflection(server, client):
+def _reflection_client(version: str):
+    """Request and response classes and the method path of reflection `version`. v1's messages
+    come from its descriptor in the default pool (grpcio-reflection ships v1alpha's only)."""
+    if version == "v1alpha":
+        return (reflection_pb2.ServerReflectionRequest, reflection_pb2.ServerReflectionResponse,
+                "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo")
+    pool = descriptor_pool.Default()
+    request, response = (message_factory.GetMessageClass(pool.FindMessageTypeByName(
+        f"grpc.reflection.v1.ServerReflection{kind}")) for kind in ("Request", "Response"))
+    return request, response, "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo"
+
+
+@pytest.mark.parametrize("version", ["v1", "v1alpha"])
+def test_health_and_reflection(server, client, version):
     assert client.health() == "SERVING"
     assert client.health("dptrain.v1.Coordinator") == "SERVING"
     assert client.health("dptrain.v1.WorkerService") == "SERVING"
+    request_type, response_type, method = _reflection_client(version)
+    assert request_type.DESCRIPTOR.full_name == f"grpc.reflection.{version}.ServerReflectionRequest"
     with grpc.insecure_channel(server.address) as channel:
-        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
-        request = reflection_pb2.ServerReflectionRequest(list_services="")
-        responses = stub.ServerReflectionInfo(iter([request]),
-                                              metadata=bearer_metadata(server.token))
+        call = channel.stream_stream(method, request_serializer=request_type.SerializeToString,
+                                     response_deserializer=response_type.FromString)
+        request = request_type(list_services="")
+        responses = call(iter([request]), metadata=bearer_metadata(server.token))
         names = {s.name for s in next(responses).list_services_response.service}
-        assert {"dptrain.v1.Coordinator", "dptrain.v1.WorkerService", "grpc.health.v1.Health",
-                "grpc.reflection.v1alpha.ServerReflection"} <= names
-        request = reflection_pb2.ServerReflectionRequest(
-            file_containing_symbol="dptrain.v1.Coordinator")
-        response = next(stub.ServerReflectionInfo(iter([request]),
-                                                  metadata=bearer_metadata(server.token)))
-        assert response.file_descriptor_response.file_descriptor_proto
+        assert names == {"dptrain.v1.Coordinator", "dptrain.v1.WorkerService",
+                         "grpc.health.v1.Health", "grpc.reflection.v1.ServerReflection",
+                         "grpc.reflection.v1alpha.ServerReflection"}
+        for symbol in ("dptrain.v1.Coordinator", "grpc.reflection.v1.ServerReflection"):
+            request = request_type(file_containing_symbol=symbol)
+            response = next(call(iter([request]), metadata=bearer_metadata(server.token)))
+            file = descriptor_pb2.FileDescriptorProto.FromString(  # the symbol's own file first
+                response.file_descriptor_response.file_descriptor_proto[0])
+            assert symbol.rpartition(".")[2] in [s.name for s in file.service]
+            assert file.package == symbol.rpartition(".")[0]
         with pytest.raises(grpc.RpcError) as info:
-            next(stub.ServerReflectionInfo(iter([request])))
+            next(call(iter([request])))
         assert info.value.code() is grpc.StatusCode.UNAUTHENTICATED
 
 
