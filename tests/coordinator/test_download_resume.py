@@ -12,7 +12,7 @@ from pathlib import Path
 import blake3
 import grpc
 import pytest
-from jobkit import ServeProcess
+from jobkit import TINY_SPEC, ServeProcess
 
 from dptrain import engine
 from dptrain.coordinator.api.checkpoint_upload import read_checkpoint_directory
@@ -26,7 +26,7 @@ from dptrain.protos.dptrain.v1 import coordinator_pb2_grpc as pb_grpc
 from dptrain.worker.checkpoint import MODEL_FILE, write_checkpoint
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
-SPEC = {"name": "big", "entrypoint": "train.py", "workers": 1}
+SPEC = {**TINY_SPEC, "name": "big", "workers": 1}
 
 
 def _stored_checkpoint(server, tmp_path: Path, width: int) -> tuple[str, Path]:

@@ -9,11 +9,11 @@ import re
 from pathlib import Path
 
 import pytest
-from jobkit import SLOW_SPEC, descendants, kill_all
+from jobkit import SLOW_SPEC, descendants, kill_all, wait_for
 from small_disk import small_disk
 
 from dptrain.coordinator.api.records import JobState
-from dptrain.coordinator.client.client import Client
+from dptrain.coordinator.client.client import Client, ClientError
 from dptrain.coordinator.server.checkpoint_store import verify_record
 from dptrain.coordinator.server.runner import RunnerSettings
 from dptrain.coordinator.server.scheduler import Cluster
@@ -51,12 +51,22 @@ def test_a_code_archive_damaged_on_the_coordinators_disk_fails_the_job_at_once(
         server, client, tmp_path):
     data = pack_directory(CUSTOM).data
     digest = client.upload_code(data)
+    spec = {"name": "own-loop", "workers": 2, "code": f"sha256:{digest}",
+            "entrypoint": "train.py --epochs 1"}
+    # Submission reads the archive's listing (what code the job may run), so the damage
+    # comes after it: the job waits behind one holding both slots meanwhile.
+    holder = client.submit_job(SLOW_SPEC)
+    wait_for(lambda: client.get_job(holder.id).state is JobState.RUNNING, timeout=180,
+             what="the job holding the slots to run")
+    job = client.submit_job(spec, max_restarts=3)
     blob = server.blobs.get(digest)
     damaged = bytearray(blob.read_bytes())
     damaged[len(damaged) // 2] ^= 0xFF
     blob.write_bytes(bytes(damaged))
-    job = client.submit_job({"name": "own-loop", "workers": 2, "code": f"sha256:{digest}",
-                             "entrypoint": "train.py --epochs 1"}, max_restarts=3)
+    with pytest.raises(ClientError) as refused:  # a new submission sees the damage itself
+        client.submit_job(spec)
+    assert refused.value.code == "DATA_LOSS"
+    client.cancel_job(holder.id)
     done = finished(client, job.id)
     # The worker's hash is the one check of the bytes; the job fails once, not once per
     # restart, and the reason names the archive.

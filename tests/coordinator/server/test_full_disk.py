@@ -19,6 +19,7 @@ import sqlite3
 from pathlib import Path
 
 import pytest
+from jobkit import TINY_SPEC
 from small_disk import fill, small_disk
 
 from dptrain import engine
@@ -29,7 +30,7 @@ from dptrain.coordinator.server.checkpoint_store import verify_record
 from dptrain.coordinator.server.scheduler import Cluster
 from dptrain.worker.checkpoint import MANIFEST, MODEL_FILE, write_checkpoint
 
-SPEC = {"name": "own", "entrypoint": "train.py", "workers": 1}
+SPEC = {**TINY_SPEC, "name": "own", "workers": 1}
 
 
 class EndingRunner:
