@@ -455,6 +455,7 @@ class JobRunner:
                 self._note_started(run)
                 self._publish(run, run.tail.read())
                 time.sleep(self.settings.poll_interval)
+        self._note_started(run)  # ranks that started and ended between two polls
         with self._lock:
             run.done = True
         run.handle.reap()  # the last lines, final metrics among them, are written after this
