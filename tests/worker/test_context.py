@@ -92,7 +92,7 @@ def test_a_resumed_own_loop_ends_as_an_uninterrupted_one(tmp_path):
 def test_a_resumed_run_draws_the_dropout_masks_of_an_uninterrupted_one_on_a_device(tmp_path):
     # Dropout on the strict device draws from the device's generator: the resumed half ends
     # with the straight run's parameters only if the checkpoint restored that generator.
-    script = str(Path(__file__).parent / "mpi_scripts" / "strict_dropout_loop.py")
+    script = str(Path(__file__).parent / "mpi_scripts" / "device_dropout_loop.py")
     straight, halves = tmp_path / "straight", tmp_path / "halves"
     whole = final(run(DPTRAIN, "run", script, "-n", "2", "--checkpoint-dir", str(straight),
                       "--", "--epochs", "4", cwd=tmp_path))
