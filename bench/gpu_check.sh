@@ -17,7 +17,10 @@
 #      the pinned host-staging path, and through CUDA-aware MPI when the library is (the
 #      mpich wheel is not: it says so);
 #   5. the same on the NCCL path, one GPU per rank, when more than one GPU is visible (on
-#      the strict device: through the test double of cupy.cuda.nccl).
+#      the strict device: through the test double of cupy.cuda.nccl);
+#   6. trains 2 ranks with dropout on the device straight and in two halves, the second
+#      resumed from a checkpoint, and checks they end with the same bytes (the device
+#      generators' state is in the checkpoint).
 # DEVICE=strict SKIP_INSTALL=1 PY=.venv/bin/python bench/gpu_check.sh runs it all on the CPU
 # (the strict device), to check the script itself.
 set -euo pipefail
@@ -31,6 +34,7 @@ if [ -z "${SKIP_INSTALL:-}" ]; then
     pytest pyyaml
 fi
 MPIEXEC=$(dirname "$PY")/mpiexec
+DPTRAIN=$(dirname "$PY")/dptrain
 
 echo "== 1. the card"
 nvidia-smi -L 2>/dev/null || echo "no nvidia-smi (device $DEVICE)"
@@ -75,4 +79,19 @@ elif [ "$GPUS" -gt 1 ]; then
   equivalence 2 nccl
 else
   echo "$GPUS GPU(s) visible: the NCCL path needs one GPU per rank, skipped"
+fi
+
+echo "== 6. a resumed run draws the dropout masks of an uninterrupted one (2 ranks, the device)"
+RESUME=$(mktemp -d)
+LOOP=tests/worker/mpi_scripts/device_dropout_loop.py
+timeout 60 "$DPTRAIN" run "$LOOP" -n 2 --checkpoint-dir "$RESUME/straight" -- --epochs 4 \
+  --device "$DEVICE" | tail -1
+timeout 60 "$DPTRAIN" run "$LOOP" -n 2 --checkpoint-dir "$RESUME/halves" -- --epochs 2 \
+  --device "$DEVICE" > /dev/null
+timeout 60 "$DPTRAIN" run "$LOOP" -n 2 --checkpoint-dir "$RESUME/halves" --resume -- --epochs 4 \
+  --device "$DEVICE" | tail -1
+if cmp "$RESUME"/straight/step-00000016/model.safetensors \
+       "$RESUME"/halves/step-00000016/model.safetensors
+then echo "resumed = uninterrupted, bit for bit"
+else echo "resumed run differs from the uninterrupted one"; exit 1
 fi

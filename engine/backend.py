@@ -314,25 +314,27 @@ def to_device(array, device: Device | str):
 
 
 # One generator for every random op of the process, as torch.manual_seed gives. Each device
-# has its own, seeded from the same seed (PyTorch's CPU and CUDA generators, likewise): the
-# strict device's is a Philox generator apart from the host's PCG64, so its draws differ from
-# the CPU's as CuPy's do, and a test can tell which generator a draw came from.
+# has its own, seeded from the same seed (PyTorch's CPU and CUDA generators, likewise). A
+# device's generator is counter-based: draw n on it comes from a Philox generator keyed by
+# (seed, n), so its whole state is two integers. cuRAND cannot report how far a generator has
+# advanced, so this is what lets a checkpoint hold a GPU's state and a resumed run draw the
+# masks an uninterrupted one draws. The strict device runs the same scheme on numpy's Philox,
+# apart from the host's PCG64, so its draws differ from the CPU's as a GPU's do, and a test
+# can tell which generator a draw came from.
 _generator = numpy.random.Generator(numpy.random.PCG64(0))
-_strict_generator = numpy.random.Generator(numpy.random.Philox(0))
+_seed = 0
+_device_draws: dict[str, int] = {}  # str(device) -> draws made on it since the seed
 
 
 def manual_seed(seed: int) -> None:
     """Seed the generators that every random op of the process draws from: the host's, the
     strict device's and, with CuPy, every GPU's."""
-    global _generator, _strict_generator
+    global _generator, _seed
     if not isinstance(seed, int) or seed < 0:
         raise ValueError(f"seed must be a non-negative int, got {seed!r}")
     _generator = numpy.random.Generator(numpy.random.PCG64(seed))
-    _strict_generator = numpy.random.Generator(numpy.random.Philox(seed))
-    if cupy is not None:  # pragma: no cover - needs a GPU
-        for index in range(gpu_count()):
-            with cupy.cuda.Device(index):
-                cupy.random.seed(seed)
+    _seed = seed
+    _device_draws.clear()
 
 
 def generator() -> numpy.random.Generator:
@@ -340,20 +342,30 @@ def generator() -> numpy.random.Generator:
     return _generator
 
 
+def _next_draw_key(device: Device) -> int:
+    """The 64-bit Philox key of the next draw on `device`: (seed, draw number) hashed."""
+    name = str(device)
+    n = _device_draws.get(name, 0)
+    _device_draws[name] = n + 1
+    return int(numpy.random.SeedSequence([_seed, n]).generate_state(1, numpy.uint64)[0])
+
+
 class _StrictGenerator:
     """The strict device's generator: numpy's Generator API, its arrays strict."""
 
     def __getattr__(self, name: str):
-        method = getattr(_strict_generator, name)
-
         def draw(*args, **kwargs):
-            out = method(*args, **kwargs)
+            rng = numpy.random.Generator(numpy.random.Philox(key=_next_draw_key(_STRICT)))
+            out = getattr(rng, name)(*args, **kwargs)
             return out.view(StrictArray) if isinstance(out, numpy.ndarray) else out
         return draw
 
 
+_cupy_states: dict[int, object] = {}  # GPU index -> its cuRAND Philox generator
+
+
 class _CupyGenerator:  # pragma: no cover - needs a GPU
-    """A GPU's CuPy generator under numpy's Generator names, drawing on that GPU."""
+    """A GPU's generator under numpy's Generator names, drawing on that GPU."""
 
     _NAMES = {"random": "random_sample", "integers": "randint"}
 
@@ -363,7 +375,12 @@ class _CupyGenerator:  # pragma: no cover - needs a GPU
     def __getattr__(self, name: str):
         def draw(*args, **kwargs):
             with cupy.cuda.Device(self._index):
-                state = cupy.random.get_random_state()
+                state = _cupy_states.get(self._index)
+                if state is None:
+                    state = _cupy_states[self._index] = cupy.random.RandomState(
+                        method=cupy.cuda.curand.CURAND_RNG_PSEUDO_PHILOX4_32_10)
+                # Re-keying Philox is a host-side call: no state to set up on the device.
+                state.seed(_next_draw_key(Device(f"cuda:{self._index}")))
                 return getattr(state, self._NAMES.get(name, name))(*args, **kwargs)
         return draw
 
@@ -382,13 +399,25 @@ def device_generator(device: Device | str | None = None):
 
 
 def get_rng_state() -> dict:
-    """The host generator's state as a JSON-serialisable dict (for exact checkpoint/resume)."""
-    return _generator.bit_generator.state
+    """The state of every generator as a JSON-serialisable dict (for exact checkpoint/resume):
+    the host generator's `bit_generator.state`, and under ``devices`` the seed and the number
+    of draws made on each device."""
+    return {**_generator.bit_generator.state,
+            "devices": {"seed": _seed, "draws": dict(_device_draws)}}
 
 
 def set_rng_state(state: dict) -> None:
-    """Restore a state returned by `get_rng_state`."""
-    _generator.bit_generator.state = state
+    """Restore a state returned by `get_rng_state`. A state without ``devices`` (written
+    before device generators were checkpointed) restores the host's and leaves the devices'
+    as they are."""
+    global _seed
+    host = {k: v for k, v in state.items() if k != "devices"}
+    _generator.bit_generator.state = host
+    devices = state.get("devices")
+    if devices is not None:
+        _seed = int(devices["seed"])
+        _device_draws.clear()
+        _device_draws.update({str(k): int(v) for k, v in devices["draws"].items()})
 
 
 # ---------------------------------------------------------------- streams and pinned memory

@@ -84,6 +84,8 @@ def _wrap(a):
     if isinstance(a, numpy.generic):
         return numpy.asarray(a).view(StrictArray)
     if isinstance(a, (list, tuple)):
+        if hasattr(a, "_fields"):  # a named tuple (numpy.linalg.qr's QRResult)
+            return type(a)(*(_wrap(x) for x in a))
         return type(a)(_wrap(x) for x in a)
     return a
 

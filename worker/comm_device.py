@@ -13,6 +13,10 @@ change with the path.
   pinned host buffer (allocated once per bucket and reused), all-reduced there and copied back.
   Buckets go through in order, so the copy of one overlaps the reduction of the one before it.
 
+Each path also broadcasts (``broadcast_(comm, array, root)``): DDP's parameters at wrapping and
+its buffers before every forward go to the other ranks the way its gradients do, NCCL's
+``bcast``, MPI on the device buffer after a stream sync, or a reused pinned buffer.
+
 ``auto`` picks ``nccl`` where every rank can use it, else ``cuda_aware`` where MPI is
 CUDA-aware on every rank (`dptrain.worker.comm.cuda_aware_mpi`), else ``host`` (the ``mpich``
 wheel's case). Every path sums buckets that DDP has already divided by the world size, so the
@@ -147,7 +151,8 @@ class PinnedStagingAllreduce:
         device: the device of the buckets.
 
     Attributes:
-        pinned_buffers: how many host buffers it has allocated (one per bucket, ever).
+        pinned_buffers: how many host buffers it has allocated (one per bucket and one per
+            size and dtype broadcast, ever).
     """
 
     def __init__(self, comm: Communicator, device: Device | str):
@@ -162,14 +167,33 @@ class PinnedStagingAllreduce:
         """How many pinned host buffers it holds."""
         return len(self._pinned)
 
-    def __call__(self, comm: Communicator, bucket) -> Any:
-        _check_world("PinnedStagingAllreduce", self._world, comm)
-        key = (backend.data_pointer(bucket), bucket.size, bucket.dtype.str)
+    def _host_buffer(self, array, key: tuple):
         host = self._pinned.get(key)
         if host is None:
-            host = self._pinned[key] = backend.pinned_empty(bucket.size, bucket.dtype,
+            host = self._pinned[key] = backend.pinned_empty(array.size, array.dtype,
                                                             self.device)
+        return host
+
+    def __call__(self, comm: Communicator, bucket) -> Any:
+        _check_world("PinnedStagingAllreduce", self._world, comm)
+        # Keyed by the bucket's memory: DDP's buckets live as long as it does.
+        host = self._host_buffer(bucket, (backend.data_pointer(bucket), bucket.size,
+                                          bucket.dtype.str))
         return self._pipeline.start(self._stages(comm, bucket, host))
+
+    def broadcast_(self, comm: Communicator, array, root: int = 0) -> None:
+        """Overwrite `array` (on the device) with `root`'s, through its pinned buffer: only
+        `root` copies it out; every rank copies the result back, queued before the compute
+        stream's next kernels."""
+        _check_world("PinnedStagingAllreduce", self._world, comm)
+        # Keyed by size and dtype: a broadcast of fresh arrays of one shape reuses one buffer.
+        host = self._host_buffer(array, ("broadcast", array.size, array.dtype.str))
+        if comm.rank == root:
+            self._stream.wait(backend.record_event(self.device))
+            self._stream.to_host(array, host).synchronize()
+        comm.staged_bytes += array.nbytes
+        comm.broadcast_(host, root=root)
+        backend.wait_event(self.device, self._stream.to_device(host, array))
 
     def _stages(self, comm: Communicator, bucket, host: numpy.ndarray) -> _Stages:
         # Queued now, when DDP starts the bucket: the copy waits for the kernels that wrote the
@@ -197,6 +221,12 @@ class CudaAwareAllreduce:
     def __call__(self, comm: Communicator, bucket) -> Request:
         _check_world("CudaAwareAllreduce", self._world, comm)
         return self._device_mpi.iallreduce_(bucket, op="sum")  # synchronises the stream first
+
+    def broadcast_(self, comm: Communicator, array, root: int = 0) -> None:
+        """Overwrite `array` with `root`'s: MPI's ``Bcast`` on the device buffer, once the
+        stream has finished writing it."""
+        _check_world("CudaAwareAllreduce", self._world, comm)
+        self._device_mpi.broadcast_(array, root=root)  # synchronises the stream first
 
 
 #: numpy dtype name -> the ``cupy.cuda.nccl`` constant naming it (``ncclDataType_t``).
@@ -240,13 +270,25 @@ class NcclAllreduce:
         unique_id = comm.broadcast_object(nccl.get_unique_id() if comm.rank == 0 else None)
         self._comm = nccl.NcclCommunicator(comm.size, unique_id, comm.rank)
 
+    def _dtype(self, array, what: str) -> int:
+        name = _NCCL_DTYPES.get(array.dtype.name)
+        if name is None:
+            raise TypeError(f"NcclAllreduce cannot {what} dtype {array.dtype}; NCCL takes "
+                            f"{', '.join(_NCCL_DTYPES)}")
+        return getattr(self._nccl, name)
+
     def __call__(self, comm: Communicator, bucket) -> _Queued:
         _check_world("NcclAllreduce", self._world, comm)
-        name = _NCCL_DTYPES.get(bucket.dtype.name)
-        if name is None:
-            raise TypeError(f"NcclAllreduce cannot reduce dtype {bucket.dtype}; NCCL takes "
-                            f"{', '.join(_NCCL_DTYPES)}")
+        dtype = self._dtype(bucket, "reduce")
         pointer = backend.data_pointer(bucket)
-        self._comm.allReduce(pointer, pointer, bucket.size, getattr(self._nccl, name),
-                             self._nccl.NCCL_SUM, backend.stream_pointer(self.device))
+        self._comm.allReduce(pointer, pointer, bucket.size, dtype, self._nccl.NCCL_SUM,
+                             backend.stream_pointer(self.device))
         return _Queued()
+
+    def broadcast_(self, comm: Communicator, array, root: int = 0) -> None:
+        """Overwrite `array` with `root`'s: NCCL's in-place ``bcast``, queued on the compute
+        stream (its next kernels see the result; the host does not wait)."""
+        _check_world("NcclAllreduce", self._world, comm)
+        dtype = self._dtype(array, "broadcast")
+        self._comm.bcast(backend.data_pointer(array), array.size, dtype, root,
+                         backend.stream_pointer(self.device))

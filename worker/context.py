@@ -148,6 +148,9 @@ class Context:
         self._epoch = 0
         self._finished = False
         self.resume: dict[str, Any] | None = None
+        # Restored by `load_checkpoint`, not here: a script seeds (``engine.manual_seed``) and
+        # builds its model after `init`, which would otherwise start the streams again.
+        self._rng_state: dict | None = None
         if launch.resume and launch.checkpoint_dir:
             self.resume = self._read_latest()
 
@@ -236,7 +239,6 @@ class Context:
         return path
 
     def _read_latest(self) -> dict[str, Any] | None:
-        from dptrain import engine
         from dptrain.worker import checkpoint as ckpt
 
         found = None
@@ -254,7 +256,7 @@ class Context:
             return None
         states = found.pop("rng")
         if states and len(states) == self.world_size:  # the same ranks: each its own stream
-            engine.set_rng_state(states[self.rank])
+            self._rng_state = states[self.rank]
         self._epoch = int(found["epoch"])
         if self.rank == 0:
             self.last_checkpoint, self._checkpoint_step = found["path"], found["step"]
@@ -266,8 +268,15 @@ class Context:
         Returns:
             ``{"step", "epoch", "model": state_dict, "optimizer": state_dict, "path", ...}``
             with the other entries `save_checkpoint` was given; None when the run starts
-            fresh (no ``--resume``, or no intact checkpoint).
+            fresh (no ``--resume``, or no intact checkpoint). The first call also restores
+            every generator (host and devices) to its state at the checkpoint, so call it after
+            ``engine.manual_seed`` and building the model, before drawing anything else.
         """
+        if self._rng_state is not None:
+            from dptrain import engine
+
+            engine.set_rng_state(self._rng_state)
+            self._rng_state = None
         return self.resume
 
     # ------------------------------------------------------------ the end

@@ -4,7 +4,10 @@ PyTorch's design (``torch/nn/parallel/distributed.py``), on the engine's hooks:
 
 * At wrap time every rank describes its module (names, shapes, dtypes of parameters and
   buffers); all descriptions are gathered, so a difference raises the same clear error on every
-  rank instead of hanging in a collective. Then rank 0's parameters and buffers are broadcast.
+  rank instead of hanging in a collective. Then rank 0's parameters and buffers are broadcast
+  (on a GPU through the all-reduce path's own broadcast, so they never leave the device on
+  the NCCL and CUDA-aware paths; the buffers before each forward through one flat buffer per
+  device and dtype, allocated once).
 * Gradients live in flat `GradientBucket`\\ s of about ``bucket_cap_mb`` each (the first one
   ``first_bucket_cap_mb``, if given, e.g. PyTorch's 1 MiB), one dtype per bucket, filled in
   *reverse* registration order (roughly the order backward produces them).
@@ -196,20 +199,40 @@ def _mismatch_message(descriptions: list[list[tuple]]) -> str | None:
             "DistributedDataParallel settings) before wrapping it.")
 
 
-def _broadcast_tensors(comm: Communicator, tensors: list[Tensor]) -> None:
-    """Overwrite `tensors` in place with rank 0's values: one ``Bcast`` per array type/dtype."""
-    groups: dict[tuple, list[Tensor]] = {}
-    for t in tensors:
-        groups.setdefault((get_array_module(t.data).__name__, t.dtype.str), []).append(t)
-    for group in groups.values():
-        xp = get_array_module(group[0].data)
-        flat = xp.concatenate([t.data.reshape(-1) for t in group])
-        comm.broadcast_(flat)
+class _FlatGroups:
+    """Tensors broadcast together: one flat buffer per device and dtype, allocated once and
+    reused, so the buffers' broadcast before every forward allocates nothing."""
+
+    def __init__(self, tensors: list[Tensor]):
+        groups: dict[tuple, list[Tensor]] = {}
+        for t in tensors:
+            groups.setdefault((str(get_device(t.data)), t.dtype.str), []).append(t)
+        self.groups = [(group, get_array_module(group[0].data).empty(
+            sum(t.numel() for t in group), dtype=group[0].dtype)) for group in groups.values()]
+
+    def broadcast(self, comm: Communicator, broadcast_device: Callable | None) -> None:
+        """Overwrite the tensors in place with rank 0's values: one broadcast per group, a
+        device group's through `broadcast_device` (``(comm, array, root)``) when given."""
+        for group, flat in self.groups:
+            if comm.rank == 0:
+                self._copy(group, flat, out=True)
+            if broadcast_device is not None and get_device(flat).type != "cpu":
+                broadcast_device(comm, flat, 0)
+            else:
+                comm.broadcast_(flat)
+            if comm.rank != 0:
+                self._copy(group, flat, out=False)
+
+    @staticmethod
+    def _copy(group: list[Tensor], flat: Any, out: bool) -> None:
         offset = 0
         for t in group:
             n = t.numel()
-            t.data[...] = flat[offset:offset + n].reshape(t.shape)
-            t._version[0] += 1
+            if out:
+                flat[offset:offset + n] = t.data.reshape(-1)
+            else:
+                t.data[...] = flat[offset:offset + n].reshape(t.shape)
+                t._version[0] += 1
             offset += n
 
 
@@ -285,9 +308,6 @@ class DistributedDataParallel:
         if error is not None:
             raise RuntimeError(error)
         self._buffers = [b for _, b in module.named_buffers()]
-        if self.comm.size > 1:
-            _broadcast_tensors(self.comm, [p for _, p in module.named_parameters()]
-                               + self._buffers)
         trained = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
         self._buckets = _assign_buckets(
             trained, int(bucket_cap_mb * 1024 * 1024),
@@ -301,6 +321,9 @@ class DistributedDataParallel:
         if device is not None and self.comm.size > 1:  # the same on every rank (checked above)
             self.allreduce = choose_allreduce(allreduce, self.comm, device)
             self._comm_hook = device_allreduce_hook(self.allreduce, self.comm, device)
+        self._buffer_groups = _FlatGroups(self._buffers)
+        if self.comm.size > 1:  # through the path chosen above: a GPU's parameters stay there
+            self.broadcast_parameters()
         self._sync = True
         self._armed = False     # a forward recorded a graph: the next backward reduces
         self._in_pass = False
@@ -332,7 +355,7 @@ class DistributedDataParallel:
         if self._sync and is_grad_enabled():
             self._armed = True
             if self.broadcast_buffers and self._buffers and self.comm.size > 1:
-                _broadcast_tensors(self.comm, self._buffers)
+                self._buffer_groups.broadcast(self.comm, self._device_broadcast())
         return self.module(*args, **kwargs)
 
     def forward(self, *args, **kwargs):
@@ -393,13 +416,29 @@ class DistributedDataParallel:
         finally:
             self._sync = previous
 
+    def _device_broadcast(self) -> Callable | None:
+        # The device paths' hooks broadcast as they reduce; a hook without it (compression,
+        # hierarchical) leaves broadcasts to the communicator.
+        return getattr(self._comm_hook, "broadcast_", None)
+
+    def broadcast_parameters(self) -> None:
+        """Overwrite every rank's parameters and buffers with rank 0's (as at wrapping),
+        through the comm hook's broadcast where it has one (the GPU paths': NCCL's ``bcast``,
+        CUDA-aware MPI, pinned staging), else the communicator's. Collective; e.g. after rank
+        0 alone has loaded a checkpoint, or after `register_comm_hook`."""
+        if self.comm.size > 1:
+            params = [p for _, p in self.module.named_parameters()]
+            _FlatGroups(params + self._buffers).broadcast(self.comm, self._device_broadcast())
+
     def register_comm_hook(self, hook: CommHook) -> None:
         """Replace how a bucket is reduced (PyTorch's ``register_comm_hook``): compression or
         another algorithm plugs in here (`dptrain.worker.comm_hooks`: `HierarchicalAllreduce`,
         `CompressedAllreduce`). See `CommHook` for the contract.
 
         Args:
-            hook: ``hook(comm, bucket_array) -> request`` with ``wait()`` and ``test()``.
+            hook: ``hook(comm, bucket_array) -> request`` with ``wait()`` and ``test()``. A
+                hook with a ``broadcast_(comm, array, root)`` method (the GPU paths') also
+                carries the broadcasts of device parameters and buffers.
         """
         if self._in_pass:
             raise RuntimeError("register_comm_hook cannot be called during a backward pass")

@@ -3,9 +3,10 @@
 Every function fills ``tensor.data`` in place, outside the graph, bumps the tensor's version
 counter and returns the tensor. Random values are drawn from the generator of the
 tensor's device (`engine.manual_seed` makes them reproducible; a CPU and a GPU draw different
-numbers from one seed, as in PyTorch). `trunc_normal_` and `orthogonal_` draw on the host (a
-rejection loop and a QR decomposition) and move the result; a module built on the CPU and then
-moved with ``.to(device)`` has the CPU's initial values everywhere.
+numbers from one seed, as in PyTorch), and the values are computed there: `trunc_normal_`'s
+rejection loop and `orthogonal_`'s QR decomposition run through the device's array module. A
+module built on the CPU and then moved with ``.to(device)`` has the CPU's initial values
+everywhere.
 """
 
 from __future__ import annotations
@@ -169,7 +170,7 @@ def trunc_normal_(tensor: Tensor, mean: float = 0.0, std: float = 1.0, a: float 
     if accept < 1e-6:
         raise ValueError(f"trunc_normal_: [{a}, {b}] holds too little of N({mean}, {std}**2) "
                          "to sample by rejection")
-    rng = _rng(generator)
+    rng = _rng(generator, tensor)
     n = math.prod(tensor.shape)
     kept = []
     have = 0
@@ -178,8 +179,10 @@ def trunc_normal_(tensor: Tensor, mean: float = 0.0, std: float = 1.0, a: float 
         draw = rng.normal(mean, std, size=int(need / accept * 1.1) + 16)
         draw = draw[(draw >= a) & (draw <= b)][:need]
         kept.append(draw)
-        have += draw.size
-    return _fill(tensor, numpy.concatenate(kept).reshape(tensor.shape))
+        have += int(draw.size)
+    # The draws' module, not the tensor's: an explicit numpy `generator` draws on the host.
+    xp = backend.get_array_module(kept[0])
+    return _fill(tensor, xp.concatenate(kept).reshape(tensor.shape))
 
 
 def constant_(tensor: Tensor, val: float) -> Tensor:
@@ -304,11 +307,12 @@ def orthogonal_(tensor: Tensor, gain: float = 1.0,
         return tensor
     rows = tensor.shape[0]
     cols = tensor.numel() // rows
-    flat = _rng(generator).normal(0.0, 1.0, size=(rows, cols))
+    flat = _rng(generator, tensor).normal(0.0, 1.0, size=(rows, cols))
+    xp = backend.get_array_module(flat)
     if rows < cols:
         flat = flat.T
-    q, r = numpy.linalg.qr(flat)
-    q = q * numpy.sign(numpy.diag(r))
+    q, r = xp.linalg.qr(flat)
+    q = q * xp.sign(xp.diag(r))
     if rows < cols:
         q = q.T
     return _fill(tensor, (gain * q).reshape(tensor.shape))

@@ -3,6 +3,8 @@ and the strict device's refusals that stand in for CuPy's in CI (no GPU here).""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -113,6 +115,12 @@ def _draws(device: str) -> list:
     return [x.tolist() for x in t]
 
 
+def _philox(seed: int, draw: int) -> np.random.Generator:
+    """The generator of draw number `draw` on a device after ``manual_seed(seed)``."""
+    key = np.random.SeedSequence([seed, draw]).generate_state(1, np.uint64)[0]
+    return np.random.Generator(np.random.Philox(key=int(key)))
+
+
 def test_the_seed_gives_the_same_draws_again_on_each_device():
     for device in ("cpu", "strict"):
         engine.manual_seed(7)
@@ -125,13 +133,13 @@ def test_the_seed_gives_the_same_draws_again_on_each_device():
 
 def test_a_device_draws_from_its_own_generator_seeded_from_the_one_seed():
     # As in PyTorch, the CPU and the device draw different numbers from one seed. The strict
-    # device's generator is Philox seeded with the seed, apart from the host's PCG64 and from
+    # device's draw n is Philox keyed by (seed, n), apart from the host's PCG64 and from
     # numpy's global state: draws on the host in between do not move it.
     engine.manual_seed(7)
     engine.randn(100)
     np.random.seed(1)
     got = engine.randn(3, device="strict")
-    expected = np.random.Generator(np.random.Philox(7)).standard_normal(3)
+    expected = _philox(7, 0).standard_normal(3)
     np.testing.assert_array_equal(got.numpy(), expected.astype(np.float32))
     engine.manual_seed(7)
     assert engine.randn(3).tolist() == np.random.Generator(np.random.PCG64(7)).standard_normal(
@@ -142,13 +150,13 @@ def test_dropout_and_init_draw_on_the_device():
     engine.manual_seed(4)
     x = engine.ones(4, 6, device="strict")
     y = engine.functional.dropout(x, p=0.25)
-    g = np.random.Generator(np.random.Philox(4))
-    keep = g.random((4, 6), dtype=np.float32) >= 0.25
+    keep = _philox(4, 0).random((4, 6), dtype=np.float32) >= 0.25
     assert y.device == "strict"
     np.testing.assert_allclose(y.numpy(), keep / 0.75, rtol=1e-7)
     w = engine.zeros(3, 5, device="strict")
     nn.init.uniform_(w, -2.0, 3.0)
-    np.testing.assert_array_equal(w.numpy(), g.uniform(-2.0, 3.0, (3, 5)).astype(np.float32))
+    np.testing.assert_array_equal(w.numpy(),
+                                  _philox(4, 1).uniform(-2.0, 3.0, (3, 5)).astype(np.float32))
     assert w.device == "strict"
 
 
@@ -177,3 +185,33 @@ def test_cuda_without_cupy_says_which_extra_to_install_or_that_no_gpu_is_visible
         engine.zeros(2, device="cuda")
     with pytest.raises(RuntimeError, match=r"device cuda:1 requested"):
         engine.ones(2).to("cuda:1")
+
+
+def test_the_rng_state_holds_each_devices_generator_through_json():
+    # A checkpoint's manifest is JSON: the state restored from it continues every stream.
+    engine.manual_seed(9)
+    engine.randn(4, device="strict")
+    engine.functional.dropout(engine.ones(5, device="strict"), p=0.5)
+    engine.randn(3)
+    state = json.loads(json.dumps(engine.get_rng_state()))
+    assert state["devices"] == {"seed": 9, "draws": {"strict": 2}}
+    host, device = engine.randn(3).tolist(), engine.randn(6, device="strict").tolist()
+    engine.manual_seed(1)
+    engine.randn(2, device="strict")
+    engine.set_rng_state(state)
+    assert engine.randn(3).tolist() == host
+    assert engine.randn(6, device="strict").tolist() == device
+    np.testing.assert_array_equal(device, _philox(9, 2).standard_normal(6).astype(np.float32))
+
+
+def test_an_rng_state_without_devices_restores_the_host_and_keeps_the_devices_streams():
+    # Checkpoints written before device generators were saved hold the host's state alone.
+    engine.manual_seed(9)
+    old = backend.generator().bit_generator.state
+    host = engine.randn(3).tolist()
+    engine.manual_seed(4)
+    engine.randn(2, device="strict")
+    engine.set_rng_state(old)
+    assert engine.randn(3).tolist() == host
+    np.testing.assert_array_equal(engine.randn(2, device="strict").numpy(),
+                                  _philox(4, 1).standard_normal(2).astype(np.float32))

@@ -13,9 +13,10 @@ from collections import OrderedDict
 
 import numpy as np
 import pytest
+from devices import DEVICES
 
 from dptrain import engine
-from dptrain.engine import nn
+from dptrain.engine import backend, nn
 from dptrain.engine.nn import init
 from dptrain.engine.nn.utils import (
     clip_grad_norm_,
@@ -451,8 +452,9 @@ def test_kaiming_and_xavier_statistics_on_a_large_tensor():
     assert w.numpy().std() == pytest.approx(math.sqrt(2.0 / 2500), rel=0.01)
 
 
-def test_trunc_normal_bounds_and_moments():
-    w = engine.empty(1000, 1000)
+@pytest.mark.parametrize("device", DEVICES)
+def test_trunc_normal_bounds_and_moments(device):
+    w = engine.empty(1000, 1000, device=device)
     init.trunc_normal_(w, mean=0.0, std=1.0, a=-2.0, b=2.0)
     v = w.numpy()
     assert v.min() >= -2.0 and v.max() <= 2.0
@@ -462,6 +464,45 @@ def test_trunc_normal_bounds_and_moments():
     assert v.std() == pytest.approx(math.sqrt(1 - 4 * phi / mass), rel=0.01)
     init.trunc_normal_(w, mean=1.0, std=0.5, a=0.9, b=1.0)  # a narrow window still fills
     assert w.numpy().min() >= 0.9 and w.numpy().max() <= 1.0
+    # An asymmetric window: with alpha, beta the bounds in std units and Z = Phi(beta) -
+    # Phi(alpha), the mean is mu + sigma (phi(alpha) - phi(beta)) / Z and the variance
+    # sigma^2 (1 + (alpha phi(alpha) - beta phi(beta)) / Z - ((phi(alpha) - phi(beta)) / Z)^2).
+    mu, sigma, lo, hi = 0.5, 2.0, -1.0, 2.0
+    al, be = (lo - mu) / sigma, (hi - mu) / sigma
+    pdf = [math.exp(-t * t / 2) / math.sqrt(2 * math.pi) for t in (al, be)]
+    z = 0.5 * (math.erf(be / math.sqrt(2)) - math.erf(al / math.sqrt(2)))
+    shift = (pdf[0] - pdf[1]) / z
+    init.trunc_normal_(w, mean=mu, std=sigma, a=lo, b=hi)
+    v = w.numpy().astype(np.float64)
+    assert v.min() >= lo and v.max() <= hi and w.device == device
+    assert v.mean() == pytest.approx(mu + sigma * shift, abs=0.005)  # 1e6 draws: se ~ 8e-4
+    assert v.std() == pytest.approx(
+        sigma * math.sqrt(1 + (al * pdf[0] - be * pdf[1]) / z - shift ** 2), rel=0.01)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("fill", [lambda w: init.trunc_normal_(w, std=0.5, a=-0.4, b=0.6),
+                                  init.orthogonal_], ids=["trunc_normal_", "orthogonal_"])
+def test_trunc_normal_and_orthogonal_draw_on_the_tensors_device(device, fill):
+    def draw() -> list:
+        w = engine.empty(5, 8, device=device)
+        fill(w)
+        assert w.device == device
+        return w.tolist()
+
+    engine.manual_seed(3)
+    host_before = backend.generator().bit_generator.state
+    first = draw()
+    engine.manual_seed(3)
+    assert draw() == first  # the same seed, the same draws on the device
+    assert draw() != first  # and the stream moves on
+    if device != "cpu":  # drawn by the device's generator, not the host's and then moved
+        assert backend.generator().bit_generator.state == host_before
+        assert engine.get_rng_state()["devices"]["draws"][device] > 0
+        engine.manual_seed(3)
+        w = engine.empty(5, 8)
+        fill(w)
+        assert w.tolist() != first
 
 
 def test_uniform_normal_constant_and_versions():
@@ -484,8 +525,9 @@ def test_uniform_normal_constant_and_versions():
     np.testing.assert_array_equal(w.numpy(), np.eye(200))
 
 
-def test_orthogonal_gives_orthonormal_rows_or_columns():
-    tall, wide = engine.empty(6, 3), engine.empty(3, 6)
+@pytest.mark.parametrize("device", DEVICES)
+def test_orthogonal_gives_orthonormal_rows_or_columns(device):
+    tall, wide = engine.empty(6, 3, device=device), engine.empty(3, 6, device=device)
     init.orthogonal_(tall)
     init.orthogonal_(wide, gain=2.0)
     np.testing.assert_allclose(tall.numpy().T @ tall.numpy(), np.eye(3), atol=1e-5)

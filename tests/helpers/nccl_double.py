@@ -3,7 +3,8 @@
 It has what `dptrain.worker.comm_device.NcclAllreduce` uses: ``get_unique_id``, the dtype and
 op constants with NCCL's values (``nccl.h``'s ``ncclDataType_t`` and ``ncclRedOp_t``), and a
 ``NcclCommunicator(ndev, commId, rank)`` whose ``allReduce(sendbuf, recvbuf, count, datatype,
-op, stream)`` reduces the memory at those addresses over MPI. It reads the raw addresses as NCCL
+op, stream)`` reduces the memory at those addresses over MPI and whose ``bcast(buff, count,
+datatype, root, stream)`` broadcasts it. It reads the raw addresses as NCCL
 does, so a wrong pointer, count, dtype or op gives wrong numbers, and it refuses to join a
 communicator whose unique id differs between ranks. ``calls`` records every call.
 """
@@ -48,10 +49,16 @@ class NcclCommunicator:
     def allReduce(self, sendbuf: int, recvbuf: int, count: int, datatype: int, op: int,  # noqa: N802
                   stream: int) -> None:
         calls.append(("allReduce", count, datatype, op, stream, sendbuf == recvbuf))
-        dtype = np.dtype(_DTYPES[datatype])
-        send = np.ctypeslib.as_array((ctypes.c_byte * (count * dtype.itemsize)).from_address(
-            sendbuf)).view(dtype)
-        recv = np.ctypeslib.as_array((ctypes.c_byte * (count * dtype.itemsize)).from_address(
-            recvbuf)).view(dtype)
-        total = self._mpi.allreduce_(send.copy(), op=_OPS[op])
-        recv[...] = total
+        total = self._mpi.allreduce_(_at(sendbuf, count, datatype).copy(), op=_OPS[op])
+        _at(recvbuf, count, datatype)[...] = total
+
+    def bcast(self, buff: int, count: int, datatype: int, root: int, stream: int) -> None:
+        calls.append(("bcast", count, datatype, root, stream))
+        self._mpi.broadcast_(_at(buff, count, datatype), root=root)
+
+
+def _at(address: int, count: int, datatype: int) -> np.ndarray:
+    """The `count` elements of NCCL type `datatype` at `address`, as NCCL reads them."""
+    dtype = np.dtype(_DTYPES[datatype])
+    memory = (ctypes.c_byte * (count * dtype.itemsize)).from_address(address)
+    return np.ctypeslib.as_array(memory).view(dtype)

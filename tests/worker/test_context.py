@@ -89,6 +89,28 @@ def test_a_resumed_own_loop_ends_as_an_uninterrupted_one(tmp_path):
 
 
 @pytest.mark.mpi
+def test_a_resumed_run_draws_the_dropout_masks_of_an_uninterrupted_one_on_a_device(tmp_path):
+    # Dropout on the strict device draws from the device's generator: the resumed half ends
+    # with the straight run's parameters only if the checkpoint restored that generator.
+    script = str(Path(__file__).parent / "mpi_scripts" / "device_dropout_loop.py")
+    straight, halves = tmp_path / "straight", tmp_path / "halves"
+    whole = final(run(DPTRAIN, "run", script, "-n", "2", "--checkpoint-dir", str(straight),
+                      "--", "--epochs", "4", cwd=tmp_path))
+    final(run(DPTRAIN, "run", script, "-n", "2", "--checkpoint-dir", str(halves), "--",
+              "--epochs", "2", cwd=tmp_path))
+    second = final(run(DPTRAIN, "run", script, "-n", "2", "--checkpoint-dir", str(halves),
+                       "--resume", "--", "--epochs", "4", cwd=tmp_path))
+    assert whole["step"] == second["step"] == 16  # 64 samples, 16 a step, 4 epochs
+    assert last_model(halves) == last_model(straight)
+    assert second["loss"] == whole["loss"]
+    manifest = read_checkpoint(list_checkpoints(halves)[-1][1]).manifest
+    # Each rank's device stream: the seed and the draws made on the strict device so far (16
+    # steps of one dropout mask each).
+    assert [s["devices"] for s in manifest["rng"]["engine"]] == [
+        {"seed": 0, "draws": {"strict": 16}}] * 2
+
+
+@pytest.mark.mpi
 def test_own_loop_checkpoints_are_dptrain_checkpoints(tmp_path):
     result = final(run(DPTRAIN, "run", "train.py", "-n", "2", "--checkpoint-dir",
                        str(tmp_path), "--", "--epochs", "1"))

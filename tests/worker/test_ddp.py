@@ -68,14 +68,15 @@ def test_n_ranks_on_a_device_train_as_one_on_every_allreduce_path(run_mpi, mpi_j
         assert all(r["staged_bytes"] == 0 and r["allreduce"] is None for r in ranks)
         return
     assert {r["hook"] for r in ranks} == {HOOKS[path]}
-    # Bytes through the host, by hand: the parameters and the 3-float marker broadcast at
-    # wrapping, the marker before each of the 20 forwards, and on the host path 20 steps of
-    # every gradient; the other paths keep the gradients on the device.
-    broadcasts = (EQUIVALENCE_GRAD_BYTES + 12) + 20 * 12
-    grads = 20 * EQUIVALENCE_GRAD_BYTES if path == "host" else 0
-    assert [r["staged_bytes"] for r in ranks] == [broadcasts + grads] * n
-    if path == "host":  # one pinned buffer per bucket, reused every step
-        assert [r["pinned_buffers"] for r in ranks] == [buckets] * n
+    # Bytes through the host, by hand. The host path stages everything: the parameters and
+    # the 3-float marker broadcast at wrapping, the marker before each of the 20 forwards and
+    # 20 steps of every gradient. The others keep it all on the device (nccl's wrapping goes
+    # through host before the double is put in, _paths.wrap).
+    staged = {"host": (EQUIVALENCE_GRAD_BYTES + 12) + 20 * 12 + 20 * EQUIVALENCE_GRAD_BYTES,
+              "cuda_aware": 0, "nccl": EQUIVALENCE_GRAD_BYTES + 12}[path]
+    assert [r["staged_bytes"] for r in ranks] == [staged] * n
+    if path == "host":  # one pinned buffer per bucket and per broadcast buffer, reused
+        assert [r["pinned_buffers"] for r in ranks] == [buckets + 2] * n
     if path == "nccl":
         for r in ranks:
             calls = r["nccl_calls"]
@@ -84,11 +85,41 @@ def test_n_ranks_on_a_device_train_as_one_on_every_allreduce_path(run_mpi, mpi_j
             joined = calls[len(head)]
             assert joined[:3] == ["NcclCommunicator", n, r["rank"]]
             assert joined[3] == ranks[0]["nccl_calls"][1][3]  # the same id on every rank
-            reduces = calls[len(head) + 1:]
+            reduces = [c for c in calls[len(head) + 1:] if c[0] == "allReduce"]
+            bcasts = [c for c in calls[len(head) + 1:] if c[0] == "bcast"]
             assert len(reduces) == 20 * buckets
+            # broadcast_parameters (parameters and marker in one), then the marker before
+            # each forward: float32 from root 0 on the default stream
+            assert bcasts == [["bcast", EQUIVALENCE_GRAD_BYTES // 4 + 3, 7, 0, 0]] + [
+                ["bcast", 3, 7, 0, 0]] * 20
             # float32 (ncclFloat32 = 7), sum (ncclSum = 0), in place, the default stream
             assert {tuple(c[2:]) for c in reduces} == {(7, 0, 0, True)}
             assert sum(c[1] for c in reduces[:buckets]) * 4 == EQUIVALENCE_GRAD_BYTES
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("path", DEVICE_PATHS)
+@pytest.mark.parametrize("n", [2, 3])
+def test_broadcasts_of_device_arrays_go_through_the_allreduce_path(run_mpi, mpi_json,
+                                                                   mpi_scripts, n, path):
+    ranks = _run(run_mpi, mpi_json, mpi_scripts / "device_broadcast.py", n, path)["ranks"]
+    root = n - 1
+    for r in ranks:  # the last rank's arange(5) * (10 * rank + round), on every rank
+        assert r["seen"] == [[float(i * 10 * root) for i in range(5)],
+                             [float(i * (10 * root + 1)) for i in range(5)]]
+        # Rank 0's parameters and buffer back on every rank, still on the device.
+        assert r["same_as_rank0"] and r["marker"] == [7.0, 7.0] and r["device"] == "strict"
+    # By hand: the 5 float64 twice, then the 26 + 2 float32 of the model and its buffer at
+    # wrapping and again by broadcast_parameters; nothing staged on the device paths (nccl's
+    # wrapping goes through host before the double is put in, _paths.wrap).
+    staged = {"host": 2 * 40 + 2 * 112, "cuda_aware": 0, "nccl": 112}[path]
+    assert [r["staged_bytes"] for r in ranks] == [staged] * n
+    if path == "host":  # one pinned buffer for both broadcasts of one shape
+        assert [r["pinned_buffers"] for r in ranks] == [1] * n
+    if path == "nccl":  # its own broadcasts twice, wrap's and ours broadcast_parameters
+        for r in ranks:
+            assert [c for c in r["nccl_calls"] if c == "bcast"] == ["bcast"] * 4
+            assert "allReduce" not in r["nccl_calls"]
 
 
 @pytest.mark.mpi

@@ -31,10 +31,12 @@ def wrap(model, comm, path: str, **kwargs) -> DistributedDataParallel:
     if path != "nccl" or not on_strict:
         return DistributedDataParallel(model, comm=comm, allreduce="auto" if path == "cpu"
                                        else path, **kwargs)
-    # The strict device has no NCCL, so auto would not pick it: the double goes in by hand.
+    # The strict device has no NCCL, so auto would not pick it: the double goes in by hand,
+    # and the parameters are broadcast again through it (wrapping staged them through host).
     ddp = DistributedDataParallel(model, comm=comm, allreduce="host", **kwargs)
     if comm.size > 1:
         ddp.register_comm_hook(NcclAllreduce(comm, "strict", nccl=nccl_double))
+        ddp.broadcast_parameters()
     return ddp
 
 
