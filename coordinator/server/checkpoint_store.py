@@ -60,7 +60,12 @@ from dptrain.coordinator.api.limits import (
     MAX_MANIFEST_BYTES,
     MAX_MANIFEST_DEPTH,
 )
-from dptrain.coordinator.api.records import CheckpointRecord, EventKind, JobState
+from dptrain.coordinator.api.records import (
+    HOLDING_STATES,
+    CheckpointRecord,
+    EventKind,
+    JobState,
+)
 from dptrain.coordinator.api.strict_json import loads
 from dptrain.coordinator.server.blobs import BlobStore, LeasedStream, blob_id
 from dptrain.coordinator.server.jobs import fail_job
@@ -84,7 +89,7 @@ DEFAULT_FILE = "model.safetensors"
 _FILE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 #: The job states in which its workers may upload and fetch checkpoints (see the docstring):
 #: CANCELLING too, so that the checkpoint a cancelled job writes while stopping is kept.
-WORKER_STATES = frozenset({JobState.RUNNING, JobState.CANCELLING, JobState.RESTARTING})
+WORKER_STATES = HOLDING_STATES | {JobState.RESTARTING}
 _MAX_DOUBLE = sys.float_info.max
 
 

@@ -37,6 +37,7 @@ from dptrain.coordinator.api.limits import (
 from dptrain.coordinator.api.records import (
     BUILTIN_ADMIN,
     HOLDING_STATES,
+    TERMINAL_STATES,
     Event,
     EventKind,
     Job,
@@ -63,8 +64,8 @@ __all__ = [
 
 log = logging.getLogger("dptrain.coordinator")
 
-_ACTIVE = frozenset({JobState.QUEUED, JobState.RUNNING, JobState.RESTARTING,
-                     JobState.CANCELLING})
+#: The states a job may be cancelled from: every one but the final ones.
+_ACTIVE = frozenset(JobState) - TERMINAL_STATES
 
 
 class Runner(Protocol):
