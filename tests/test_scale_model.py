@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import re
+import shutil
 import sys
 from pathlib import Path
 
 import pytest
-from netns import shape_commands
+from netns import HostNetwork, shape_commands, unavailable
 
 
 def _load(name: str):
@@ -117,6 +119,33 @@ def test_tc_delays_with_netem_above_the_token_bucket():
          "200us"],
         ["tc", "qdisc", "replace", "dev", "eth0", "parent", "1:1", "handle", "10:", "tbf",
          "rate", "300000000bit", "burst", "150000", "latency", "100ms"]]
+
+
+def test_shape_puts_the_token_bucket_on_the_hosts_link():
+    reason = unavailable() or (shutil.which("tc") is None and "needs the 'tc' command "
+                               "(Debian: apt-get install iproute2)")
+    if reason:
+        pytest.skip(f"shaping a namespace host's link: {reason}")
+    net = HostNetwork.create(1)
+    try:
+        host = net.hosts[0]
+        net.shape(host, 300e6)
+        shown = net.run_in(host, "tc qdisc show dev eth0").stdout
+        found = re.search(r"qdisc tbf \S+ root .*rate 300Mbit burst (\d+)b lat 100ms", shown)
+        assert found, shown
+        # tc stores the burst in its clock's ticks: 150000 bytes come back within a tick's worth.
+        assert abs(int(found.group(1)) - 150000) < 150, shown
+        try:
+            net.shape(host, 300e6, 200e-6)
+        except RuntimeError as e:  # a kernel without netem (CONFIG_NET_SCH_NETEM unset)
+            assert f"netem delay 200us on {host}: " in str(e)
+            assert "qdisc kind is unknown" in str(e)
+        else:
+            shown = net.run_in(host, "tc qdisc show dev eth0").stdout
+            assert re.search(r"qdisc netem 1: root .*delay 200us", shown), shown
+            assert re.search(r"qdisc tbf 10: parent 1:1 .*rate 300Mbit", shown), shown
+    finally:
+        net.remove()
 
 
 def test_link_settings_parse_and_name_the_field_when_wrong():
