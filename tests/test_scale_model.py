@@ -157,6 +157,10 @@ def test_link_settings_parse_and_name_the_field_when_wrong():
         check.parse_link("fast")
     with pytest.raises(argparse.ArgumentTypeError, match=r"--links: the rate must be > 0.*'0/5'"):
         check.parse_link("0/5")
+    assert check.parse_hosts("2,3") == [2, 3]
+    for wrong in ("1,2", "two", ""):
+        with pytest.raises(argparse.ArgumentTypeError, match=r"--hosts: .*at least 2, got"):
+            check.parse_hosts(wrong)
 
 
 def test_shaped_against_fitted_rows():
