@@ -17,6 +17,9 @@ What it measures here (medians, repetitions interleaved):
 * the 2-rank DDP step of that MLP with each comm hook, which the model then predicts from the
   numbers above: the check of the model against what this machine can measure.
 
+``bench/scale_check_netns.py`` runs the same measurements (``--json``) with one rank on each
+of 2–3 network-namespace hosts over shaped TCP links, and prints the same check for them.
+
 The model (`step_time`): forward, then backward producing gradients at a constant rate in
 reverse registration order; each bucket's reduction starts when its last gradient is ready
 and the previous bucket's reduction has finished; the step ends when backward and the last
@@ -40,6 +43,7 @@ BERT-large (340M) on 25 Gb/s (α = 25 µs) and 100 Gb/s (α = 5 µs) links at 8�
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import sys
@@ -141,13 +145,68 @@ def best_fusion(params: float, forward_s: float, backward_s: float, p: int, net:
                 for mb in FUSION_CANDIDATES_MB), key=lambda t: t[1])
 
 
-def fit_alpha_beta(nbytes: list[float], seconds: list[float], p: int) -> tuple[float, float]:
+def fit_alpha_beta(nbytes: list[float], seconds: list[float], p: int,
+                   relative: bool = True) -> tuple[float, float]:
     """α, β of the ring model from all-reduce timings on `p` ranks: t = a + b·n fitted by
-    least squares on relative errors, a = 2(p-1)α, b = 2(p-1)/p·β."""
+    least squares, a = 2(p-1)α, b = 2(p-1)/p·β. On relative errors (every size counts
+    alike), or with ``relative=False`` on absolute errors (the large sizes, the buckets',
+    decide: for links whose rate holds only past a burst, as a token bucket's)."""
     n, t = np.asarray(nbytes, float), np.asarray(seconds, float)
-    w = 1 / t
-    a, b = np.linalg.lstsq(np.stack([w, n * w], axis=1), np.ones_like(t), rcond=None)[0]
+    w = 1 / t if relative else np.ones_like(t)
+    a, b = np.linalg.lstsq(np.stack([w, n * w], axis=1), t * w, rcond=None)[0]
     return max(a, 0.0) / (2 * (p - 1)), b / (2 * (p - 1) / p)
+
+
+def load_measurement(path: Path) -> dict:
+    """What ``--json`` wrote: `measure`'s dict, its all-reduce sizes made numbers again."""
+    m = json.loads(Path(path).read_text())
+    return {**m, "allreduce": {int(n): t for n, t in m["allreduce"].items()}}
+
+
+CHECKED = ("ring", "hierarchical", "compressed")  # the hooks the check measures
+
+
+def per_parameter(m: dict) -> tuple[float, float]:
+    """Seconds per parameter of the measured step outside backward (forward, loss,
+    ``zero_grad``, the optimizer's update) and of backward: what the model scales up."""
+    rest = m["steps"]["none"] - m["backward"]
+    return rest / m["params"], m["backward"] / m["params"]
+
+
+def check_rows(m: dict, p: int, net: Network) -> list[str]:
+    """The model against the measured DDP steps of `m` (what `measure` returns) on `p`
+    ranks joined by `net`: markdown rows of measured and modelled step (with and without
+    overlap, the buckets measured) and modelled ÷ measured."""
+    rest, backward = m["steps"]["none"] - m["backward"], m["backward"]
+    rows = ["| algorithm | measured ms | modelled ms, overlap | modelled ms, no overlap | "
+            "overlap / measured | no overlap / measured |", "|---|---:|---:|---:|---:|---:|",
+            f"| no communication | {1e3 * m['steps']['none']:.2f} | | | | |"]
+    for algorithm in CHECKED:
+        pred = [step_time(m["params"], rest, backward, p, net, algorithm,
+                          m["bucket_mb"] * 1024 * 1024, m["codec_s_per_byte"], overlap=o,
+                          first_bytes=None)
+                for o in (True, False)]
+        meas = m["steps"][algorithm]
+        rows.append(f"| {algorithm} | {1e3 * meas:.2f} | {1e3 * pred[0]:.2f} | "
+                    f"{1e3 * pred[1]:.2f} | {pred[0] / meas:.2f} | {pred[1] / meas:.2f} |")
+    return rows
+
+
+def check_report(m: dict, p: int, net: Network, links: str) -> list[str]:
+    """Lines of the whole check on `p` ranks over `links`: the fit, measured against fitted
+    all-reduce times, the engine's time per parameter and `check_rows`."""
+    tau_rest, tau_b = per_parameter(m)
+    lines = [f"Fitted on {p} ranks ({links}): α = {1e6 * m['alpha']:.2f} µs, "
+             f"β = {1e12 * m['beta']:.1f} ps/byte ({1e-9 / m['beta']:.2f} GB/s)", "",
+             "| bytes | fastest measured ms | fitted ms |", "|---:|---:|---:|"]
+    lines += [f"| {n} | {1e3 * t:.3f} | {1e3 * ring_time(n, p, m['alpha'], m['beta']):.3f} |"
+              for n, t in m["allreduce"].items()]
+    lines += ["", f"Engine, MLP at 128 samples per rank, per parameter: backward "
+              f"{1e9 * tau_b:.2f} ns, forward and the rest of the step {1e9 * tau_rest:.2f} ns "
+              f"(of which forward {1e9 * m['forward'] / m['params']:.2f} ns); bfloat16 codec "
+              f"of CompressedAllreduce {1e12 * m['codec_s_per_byte']:.0f} ps per byte", "",
+              f"Check at {p} ranks (MLP DDP step, {m['bucket_mb']:g} MiB buckets):", ""]
+    return lines + check_rows(m, p, net)
 
 
 # ---------------------------------------------------------------- measurements (MPI)
@@ -161,8 +220,11 @@ def _median_times(comm, contenders: dict, repeat: int, stat=statistics.median) -
     return {k: stat(v) for k, v in samples.items()}
 
 
-def measure(comm, repeat: int) -> dict:
-    """Everything the model takes from this machine, and the 2-rank steps it predicts."""
+def measure(comm, repeat: int, max_bytes: int = 64 * 1024 * 1024,
+            relative_fit: bool = True, bucket_mb: float = 25) -> dict:
+    """Everything the model takes from this machine, and the DDP steps it predicts (buckets
+    of `bucket_mb` MiB); the all-reduce sizes go from 4 B up by 4x to at most `max_bytes`,
+    `relative_fit` as in `fit_alpha_beta`."""
     from mpi4py import MPI
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -177,13 +239,14 @@ def measure(comm, repeat: int) -> dict:
         encode_16bit,
     )
 
-    sizes = [4 * 4 ** k for k in range(13)]  # 4 B .. 64 MiB
+    sizes = [4 * 4 ** k for k in range(13) if 4 * 4 ** k <= max_bytes]
     arrays = {n: np.ones(n // 4, dtype=np.float32) for n in sizes}
     # The fastest of the repetitions: other processes on a shared machine only ever add time,
     # and α, β describe the links, not the load.
     ar = _median_times(comm, {n: (lambda a=a: comm.mpi_comm.Allreduce(MPI.IN_PLACE, a))
                               for n, a in arrays.items()}, repeat, stat=min)
-    alpha, beta = fit_alpha_beta(sizes, [ar[n] for n in sizes], comm.size)
+    ar = {n: ar[n] for n in sizes}  # in size order (the rounds ran them shuffled)
+    alpha, beta = fit_alpha_beta(sizes, list(ar.values()), comm.size, relative_fit)
 
     x, y = batch(comm.rank, 128)
     model = engine_mlp()
@@ -210,17 +273,16 @@ def measure(comm, repeat: int) -> dict:
             decode_16bit(bits, "bfloat16", codec)
     codec_s = _median_times(comm, {"codec": roundtrip}, repeat)["codec"] / codec.nbytes
 
-    steps = {"ring": DistributedDataParallel(engine_mlp(), comm=comm)}
-    steps["hierarchical"] = DistributedDataParallel(engine_mlp(), comm=comm)
+    steps = {name: DistributedDataParallel(engine_mlp(), comm=comm, bucket_cap_mb=bucket_mb)
+             for name in CHECKED}
     steps["hierarchical"].register_comm_hook(HierarchicalAllreduce(comm))
-    steps["compressed"] = DistributedDataParallel(engine_mlp(), comm=comm)
     steps["compressed"].register_comm_hook(CompressedAllreduce(comm, "bfloat16"))
     contenders = {k: engine_step(w, x, y) for k, w in steps.items()}
     contenders["none"] = engine_step(engine_mlp(), x, y)
     measured = _median_times(comm, contenders, repeat)
     return {"alpha": alpha, "beta": beta, "allreduce": ar, "params": params,
             "forward": fb["forward"], "backward": fb["both"] - fb["forward"],
-            "codec_s_per_byte": codec_s, "steps": measured}
+            "codec_s_per_byte": codec_s, "steps": measured, "bucket_mb": bucket_mb}
 
 
 def main() -> None:
@@ -237,6 +299,16 @@ def main() -> None:
     parser.add_argument("--codec-gbps", type=float, default=None,
                         help="16-bit codec throughput in GB/s of float32 (default: measured "
                              "here)")
+    parser.add_argument("--max-bytes", type=int, default=64 * 1024 * 1024,
+                        help="largest all-reduce of the fit (default 64 MiB)")
+    parser.add_argument("--fit", choices=("relative", "absolute"), default="relative",
+                        help="least squares of the α, β fit on relative errors (default) or "
+                             "absolute ones (the large sizes decide)")
+    parser.add_argument("--bucket-mb", type=float, default=25,
+                        help="DDP's bucket_cap_mb in the measured steps (default 25, DDP's)")
+    parser.add_argument("--json", type=Path, default=None,
+                        help="only measure, and write the measurements to this JSON file "
+                             "(for bench/scale_check_netns.py, which runs this on its hosts)")
     args = parser.parse_args()
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from allreduce import machine
@@ -244,37 +316,20 @@ def main() -> None:
     from dptrain.worker.comm import Communicator
 
     comm = Communicator()
-    m = measure(comm, args.repeat)
+    m = measure(comm, args.repeat, args.max_bytes, args.fit == "relative", args.bucket_mb)
     if comm.rank != 0:
+        return
+    if args.json is not None:
+        from dptrain.atomic_files import write_atomically
+
+        write_atomically(args.json, [json.dumps({**m, "machine": machine(comm)}).encode()])
         return
     load = " ".join(f"{v:.2f}" for v in os.getloadavg())
     print(f"machine: {machine(comm)}; {args.repeat} repetitions; load average at the end "
           f"{load}\n")
-    print(f"Fitted on {comm.size} ranks (shared memory): α = {1e6 * m['alpha']:.2f} µs, "
-          f"β = {1e12 * m['beta']:.1f} ps/byte ({1e-9 / m['beta']:.2f} GB/s)\n")
-    print("| bytes | fastest measured ms | fitted ms |\n|---:|---:|---:|")
-    for n, t in m["allreduce"].items():
-        fit = ring_time(n, comm.size, m["alpha"], m["beta"])
-        print(f"| {n} | {1e3 * t:.3f} | {1e3 * fit:.3f} |")
-    base = m["steps"]["none"]
-    rest = base - m["backward"]  # forward, loss, zero_grad and the optimizer's update
-    tau_rest, tau_b = rest / m["params"], m["backward"] / m["params"]
-    print(f"\nEngine, MLP at 128 samples per rank, per parameter: backward {1e9 * tau_b:.2f} ns, "
-          f"forward and the rest of the step {1e9 * tau_rest:.2f} ns (of which forward "
-          f"{1e9 * m['forward'] / m['params']:.2f} ns); bfloat16 codec of CompressedAllreduce "
-          f"{1e12 * m['codec_s_per_byte']:.0f} ps per byte\n")
     here = Network(m["alpha"], m["beta"], m["alpha"], m["beta"], ranks_per_node=comm.size)
-    print(f"Check at {comm.size} ranks (MLP DDP step, default buckets):\n\n"
-          "| algorithm | measured ms | modelled ms, overlap | modelled ms, no overlap | "
-          "no overlap / measured |\n|---|---:|---:|---:|---:|")
-    print(f"| no communication | {1e3 * base:.2f} | | | |")
-    for algorithm in ("ring", "hierarchical", "compressed"):
-        pred = [step_time(m["params"], rest, m["backward"], comm.size, here, algorithm,
-                          codec_s_per_byte=m["codec_s_per_byte"], overlap=o, first_bytes=None)
-                for o in (True, False)]
-        meas = m["steps"][algorithm]
-        print(f"| {algorithm} | {1e3 * meas:.2f} | {1e3 * pred[0]:.2f} | {1e3 * pred[1]:.2f} | "
-              f"{pred[1] / meas:.2f} |")
+    print("\n".join(check_report(m, comm.size, here, "shared memory")))
+    tau_rest, tau_b = per_parameter(m)
     goals = []
     local_beta = m["beta"] if args.node_gbps is None else 1 / (args.node_gbps * 1e9)
     codec_s = (m["codec_s_per_byte"] if args.codec_gbps is None

@@ -22,7 +22,7 @@ import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["NETNS_EXEC", "HostNetwork", "unavailable", "TCP_ONLY"]
+__all__ = ["NETNS_EXEC", "HostNetwork", "unavailable", "TCP_ONLY", "shape_commands"]
 
 #: The launcher-exec script that enters a namespace "host".
 NETNS_EXEC = str(Path(__file__).with_name("netns-exec"))
@@ -50,6 +50,24 @@ def unavailable() -> str | None:
         return f"cannot create a network namespace: {made.stderr.strip()}"
     _ip("netns", "delete", probe, check=False)
     return None
+
+
+def shape_commands(link: str, rate_bps: float, delay_s: float = 0.0) -> list[list[str]]:
+    """The ``tc`` commands that make `link`'s egress a link of `rate_bps` bits per second with
+    `delay_s` seconds of one-way delay: a token bucket (``tbf``) for the rate; for a delay,
+    ``netem`` at the root with the token bucket as its child (the kernel must have netem).
+
+    The bucket holds 4 ms of traffic (at least 64 KiB, a GSO segment): with a smaller one
+    the refill waits on a timer that busy ranks on few cores delay, and a 1 Gb/s link moved
+    8 MB at half its rate (measured); its queue holds 100 ms.
+    """
+    burst = max(64 * 1024, round(rate_bps / 8 * 4e-3))
+    tbf = ["tbf", "rate", f"{round(rate_bps)}bit", "burst", str(burst), "latency", "100ms"]
+    if delay_s <= 0:
+        return [["tc", "qdisc", "replace", "dev", link, "root", *tbf]]
+    return [["tc", "qdisc", "replace", "dev", link, "root", "handle", "1:", "netem", "delay",
+             f"{round(delay_s * 1e6)}us"],
+            ["tc", "qdisc", "replace", "dev", link, "parent", "1:1", "handle", "10:", *tbf]]
 
 
 def _free_subnet() -> ipaddress.IPv4Network:
@@ -140,6 +158,15 @@ class HostNetwork:
         """What mpiexec needs to reach these hosts: proxies call back on the bridge (inside
         a namespace this machine's hostname means its loopback), and TCP between ranks."""
         return {"HYDRA_IFACE": self.bridge, **TCP_ONLY}
+
+    def shape(self, host: str, rate_bps: float, delay_s: float = 0.0) -> None:
+        """Shape what `host` sends (its ``eth0``'s egress): `shape_commands`. Raises
+        RuntimeError with tc's message when the kernel lacks a queueing discipline."""
+        for command in shape_commands("eth0", rate_bps, delay_s):
+            done = subprocess.run(["ip", "netns", "exec", host, *command], capture_output=True,
+                                  text=True, timeout=60)
+            if done.returncode != 0:
+                raise RuntimeError(f"{' '.join(command)} on {host}: {done.stderr.strip()}")
 
     def run_in(self, host: str, command: str) -> subprocess.CompletedProcess:
         """Run `command` on `host` through the launcher-exec script."""
