@@ -122,6 +122,22 @@ class GradientBucket:
         """The size of the buffer in bytes."""
         return int(self.buffer.nbytes)
 
+    def move_to(self, buffer: Any) -> None:
+        """Make `buffer` (flat, of this bucket's size and dtype) the bucket: the contents are
+        copied into it, and gradients that were views of the old buffer become views of it."""
+        old_views = self.views
+        buffer[...] = self.buffer
+        self.buffer = buffer
+        self.views = []
+        offset = 0
+        for p, old in zip(self.params, old_views):
+            n = p.numel()
+            view = buffer[offset:offset + n].reshape(p.shape)
+            self.views.append(view)
+            if p.grad is not None and p.grad.data is old:
+                p.grad = Tensor(view)
+            offset += n
+
     def reset(self) -> None:
         """Forget the last pass: every slot empty, no request."""
         self.filled = [False] * len(self.params)
@@ -432,18 +448,26 @@ class DistributedDataParallel:
 
     def register_comm_hook(self, hook: CommHook) -> None:
         """Replace how a bucket is reduced (PyTorch's ``register_comm_hook``): compression or
-        another algorithm plugs in here (`dptrain.worker.comm_hooks`: `HierarchicalAllreduce`,
-        `CompressedAllreduce`). See `CommHook` for the contract.
+        another algorithm plugs in here (`dptrain.worker.comm_hooks`: `SharedMemoryAllreduce`,
+        `HierarchicalAllreduce`, `CompressedAllreduce`). See `CommHook` for the contract.
 
         Args:
             hook: ``hook(comm, bucket_array) -> request`` with ``wait()`` and ``test()``. A
                 hook with a ``broadcast_(comm, array, root)`` method (the GPU paths') also
-                carries the broadcasts of device parameters and buffers.
+                carries the broadcasts of device parameters and buffers. A hook with an
+                ``allocate_bucket(size, dtype) -> array`` method (`SharedMemoryAllreduce`'s
+                shared memory) gets every CPU bucket moved into an array it allocates, here,
+                collectively and in bucket order, with the gradients they hold.
         """
         if self._in_pass:
             raise RuntimeError("register_comm_hook cannot be called during a backward pass")
         if not callable(hook):
             raise TypeError(f"hook must be callable, got {type(hook).__name__}")
+        allocate = getattr(hook, "allocate_bucket", None)
+        if allocate is not None and self.comm.size > 1:
+            for bucket in self._buckets:
+                if get_device(bucket.buffer).type == "cpu":
+                    bucket.move_to(allocate(bucket.buffer.size, bucket.buffer.dtype))
         self._comm_hook = hook
 
     @property
