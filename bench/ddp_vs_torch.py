@@ -24,6 +24,8 @@ other rows', each time the median over repetitions of the slowest rank's time:
   the `SharedMemoryAllreduce` hook, for that hook's bound.
 
 Rank 0 prints a markdown table of medians, ratios and speed-ups; see docs/benchmarks.md.
+``--rows ddp,ddp_shared`` times only those contenders (and the ceiling), for an A/B without
+the other models' steps in between.
 """
 
 from __future__ import annotations
@@ -124,6 +126,11 @@ def rank0_alone(comm: Communicator, step):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=41, help="repetitions per row (median)")
+    parser.add_argument("--rows", default=None,
+                        help="only these contenders, comma-separated (of ddp, ddp_small_first, "
+                             "ddp_shared, single, raw, raw_shared, torch_ddp, torch_single; the "
+                             "ceiling always runs): other models' steps between the compared "
+                             "ones change their times (docs/benchmarks.md)")
     args = parser.parse_args()
     comm = Communicator()
     local = GLOBAL_BATCH // comm.size
@@ -156,6 +163,9 @@ def main() -> None:
         contenders["torch_ddp"] = torch_step(
             torch.nn.parallel.DistributedDataParallel(torch_mlp()), x, y)
         contenders["torch_single"] = rank0_alone(comm, torch_step(torch_mlp(), x_all, y_all))
+    if args.rows is not None:
+        keep = set(args.rows.split(",")) | {"ceiling"}
+        contenders = {k: v for k, v in contenders.items() if k in keep}
     samples: dict[str, list[float]] = {}
     interleaved(comm, contenders, samples, args.repeat)
     if comm.rank != 0:
@@ -179,27 +189,31 @@ def main() -> None:
         rows += [("PyTorch DDP (gloo) step", "torch_ddp", "torch_single"),
                  ("PyTorch, 1 process, whole batch", "torch_single", "torch_single")]
     for name, key, one in rows:
-        print(f"| {name} | {ms[key]:.2f} | {100 * ms['ceiling'] / ms[key]:.0f}% | "
-              f"{ms[one] / ms[key]:.2f}x |")
-    print(f"| raw `Allreduce` of the same {flat.nbytes / 1e6:.1f} MB | {ms['raw']:.2f} | | |")
-    print(f"| `SharedMemoryAllreduce` of the same {flat.nbytes / 1e6:.1f} MB | "
-          f"{ms['raw_shared']:.2f} | | |")
-    if torch is not None:
-        print(f"\ndptrain DDP step / PyTorch DDP step: {ms['ddp'] / ms['torch_ddp']:.2f}x "
+        if key in ms:
+            speed_up = f"{ms[one] / ms[key]:.2f}x" if one in ms else ""
+            print(f"| {name} | {ms[key]:.2f} | {100 * ms['ceiling'] / ms[key]:.0f}% | "
+                  f"{speed_up} |")
+    for key, name in (("raw", "raw `Allreduce`"), ("raw_shared", "`SharedMemoryAllreduce`")):
+        if key in ms:
+            print(f"| {name} of the same {flat.nbytes / 1e6:.1f} MB | {ms[key]:.2f} | | |")
+    print()
+    if "ddp" in ms and "torch_ddp" in ms:
+        print(f"dptrain DDP step / PyTorch DDP step: {ms['ddp'] / ms['torch_ddp']:.2f}x "
               "(goal <= 0.9x)")
-    print(f"dptrain DDP step reaches {100 * ms['ceiling'] / ms['ddp']:.0f}% of the "
-          "independent-process ceiling (goal >= 90%); with `SharedMemoryAllreduce` "
-          f"{100 * ms['ceiling'] / ms['ddp_shared']:.0f}%")
+    for key, what in (("ddp", "dptrain DDP step"),
+                      ("ddp_shared", "dptrain DDP step with `SharedMemoryAllreduce`")):
+        if key in ms:
+            print(f"{what} reaches {100 * ms['ceiling'] / ms[key]:.0f}% of the "
+                  "independent-process ceiling (goal >= 90%)")
     # Both ranks' cores compute and a shared-memory reduction needs them, so the all-reduce
-    # cannot hide behind backward here: the ceiling plus one raw all-reduce bounds the step.
-    bound = ms["ceiling"] / (ms["ceiling"] + ms["raw"])
-    print(f"bound with the all-reduce not hidden, ceiling / (ceiling + raw `Allreduce`): "
-          f"{100 * bound:.0f}% of the ceiling; the DDP step reaches "
-          f"{100 * (ms['ceiling'] + ms['raw']) / ms['ddp']:.0f}% of that bound")
-    bound = ms["ceiling"] / (ms["ceiling"] + ms["raw_shared"])
-    print(f"the same with `SharedMemoryAllreduce`, ceiling / (ceiling + its all-reduce): "
-          f"{100 * bound:.0f}%; the DDP step with it reaches "
-          f"{100 * (ms['ceiling'] + ms['raw_shared']) / ms['ddp_shared']:.0f}% of that bound")
+    # cannot hide behind backward here: the ceiling plus one all-reduce bounds the step.
+    for step, reduce, what in (("ddp", "raw", "raw `Allreduce`"),
+                               ("ddp_shared", "raw_shared", "`SharedMemoryAllreduce`")):
+        if step in ms and reduce in ms:
+            bound = ms["ceiling"] / (ms["ceiling"] + ms[reduce])
+            print(f"bound with the all-reduce not hidden, ceiling / (ceiling + {what}): "
+                  f"{100 * bound:.0f}% of the ceiling; the {step} step reaches "
+                  f"{100 * (ms['ceiling'] + ms[reduce]) / ms[step]:.0f}% of that bound")
 
 
 if __name__ == "__main__":

@@ -35,7 +35,10 @@ PyTorch's design (``torch/nn/parallel/distributed.py``), on the engine's hooks:
   waiting for it forever (PyTorch's ``prepare_for_backward`` in ``forward``).
 
 The reduction itself is a plug-in (`register_comm_hook`), so compression or another algorithm
-never touches this module: `dptrain.worker.comm_hooks` has hierarchical and 16-bit ones. Buckets
+never touches this module: `dptrain.worker.comm_hooks` has shared-memory, hierarchical and
+16-bit ones (a hook may allocate the buckets itself: `SharedMemoryAllreduce` puts them in
+shared memory, so the gradients' copy into the bucket already lands where every rank of the
+node reads it). Buckets
 on a GPU get the hook of their all-reduce path (NCCL, CUDA-aware MPI or pinned host staging,
 `dptrain.worker.comm_device`), chosen at wrapping by the ``allreduce`` argument.
 """
