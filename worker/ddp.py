@@ -38,9 +38,9 @@ The reduction itself is a plug-in (`register_comm_hook`), so compression or anot
 never touches this module: `dptrain.worker.comm_hooks` has shared-memory, hierarchical and
 16-bit ones (a hook may allocate the buckets itself: `SharedMemoryAllreduce` puts them in
 shared memory, so the gradients' copy into the bucket already lands where every rank of the
-node reads it). Buckets
-on a GPU get the hook of their all-reduce path (NCCL, CUDA-aware MPI or pinned host staging,
-`dptrain.worker.comm_device`), chosen at wrapping by the ``allreduce`` argument.
+node reads it). Buckets on a GPU get the hook of their all-reduce path (NCCL, CUDA-aware MPI
+or pinned host staging, `dptrain.worker.comm_device`), chosen at wrapping by the
+``allreduce`` argument.
 """
 
 from __future__ import annotations
@@ -110,12 +110,7 @@ class GradientBucket:
         self.names = names
         self.params = params
         self.buffer = xp.zeros(sum(p.numel() for p in params), dtype=params[0].dtype)
-        self.views = []
-        offset = 0
-        for p in params:
-            n = p.numel()
-            self.views.append(self.buffer[offset:offset + n].reshape(p.shape))
-            offset += n
+        self.views = self._slots(self.buffer)
         self.filled = [False] * len(params)
         self.pending = len(params)
         self.request: CommRequest | None = None
@@ -128,18 +123,20 @@ class GradientBucket:
     def move_to(self, buffer: Any) -> None:
         """Make `buffer` (flat, of this bucket's size and dtype) the bucket: the contents are
         copied into it, and gradients that were views of the old buffer become views of it."""
-        old_views = self.views
         buffer[...] = self.buffer
-        self.buffer = buffer
-        self.views = []
-        offset = 0
-        for p, old in zip(self.params, old_views):
-            n = p.numel()
-            view = buffer[offset:offset + n].reshape(p.shape)
-            self.views.append(view)
+        old_views, self.buffer, self.views = self.views, buffer, self._slots(buffer)
+        for p, old, view in zip(self.params, old_views, self.views):
             if p.grad is not None and p.grad.data is old:
                 p.grad = Tensor(view)
+
+    def _slots(self, buffer: Any) -> list:
+        """The parameters' views of `buffer`, in slot order, each of its parameter's shape."""
+        views, offset = [], 0
+        for p in self.params:
+            n = p.numel()
+            views.append(buffer[offset:offset + n].reshape(p.shape))
             offset += n
+        return views
 
     def reset(self) -> None:
         """Forget the last pass: every slot empty, no request."""
