@@ -18,13 +18,17 @@ import pytest
 pytestmark = pytest.mark.mpi
 
 
-@pytest.fixture(scope="module", params=[3, 4], ids=lambda n: f"ranks{n}")
-def hooked(request, run_mpi, mpi_json, mpi_scripts):
-    result = run_mpi(request.param, mpi_scripts / "ddp_comm_hooks.py")
+def _run(run_mpi, mpi_json, script, n: int) -> dict:
+    result = run_mpi(n, script)
     assert result.returncode == 0, result.stderr
     (report,) = mpi_json(result.stdout)
-    assert report["size"] == request.param
+    assert report["size"] == n
     return report
+
+
+@pytest.fixture(scope="module", params=[3, 4], ids=lambda n: f"ranks{n}")
+def hooked(request, run_mpi, mpi_json, mpi_scripts):
+    return _run(run_mpi, mpi_json, mpi_scripts / "ddp_comm_hooks.py", request.param)
 
 
 def test_the_exact_reduction_is_the_one_process_gradient(hooked):
@@ -85,11 +89,7 @@ def test_bad_arguments_name_the_field_and_the_value(hooked):
 
 @pytest.fixture(scope="module", params=[1, 2, 3], ids=lambda n: f"ranks{n}")
 def shared(request, run_mpi, mpi_json, mpi_scripts):
-    result = run_mpi(request.param, mpi_scripts / "ddp_shared_memory.py")
-    assert result.returncode == 0, result.stderr
-    (report,) = mpi_json(result.stdout)
-    assert report["size"] == request.param
-    return report
+    return _run(run_mpi, mpi_json, mpi_scripts / "ddp_shared_memory.py", request.param)
 
 
 BUCKETINGS = ("one_bucket", "tiny_buckets", "small_first")
