@@ -9,8 +9,8 @@ change with the algorithm.
 * `SharedMemoryAllreduce`: for ranks that share one node's memory, the buckets live in an
   MPI-3 shared window (DDP allocates them there, `allocate_bucket`), and rank r sums slice r
   of every rank's bucket and writes the sum into every rank's slice r: each byte is read and
-  written once, with no copy through MPI's own buffers; 3-4x faster than MPICH's
-  ``Allreduce`` of the same 7.5 MB here (docs/benchmarks.md).
+  written once, with no copy through MPI's own buffers; 0.14-0.58x the time of MPICH's
+  ``Allreduce`` of the same 7.5 MB on the 2-core VM (docs/benchmarks.md).
 * `CompressedAllreduce`: the bucket travels as float16 or bfloat16 (half the bytes), reduced
   like a ring (all-to-all of chunks, each rank sums its own chunk in float32, all-gather),
   with error feedback: what rounding lost in one step is added to the next step's gradient,
