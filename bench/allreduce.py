@@ -27,7 +27,13 @@ rank's time.
    - ``torch.distributed.all_reduce`` with the gloo backend (loopback), if torch is installed;
    - mpi4py's pickling lower-case ``allreduce`` of the array, which dptrain never uses.
 2. One training step of an MLP (784-1024-1024-10, 128 samples per rank, SGD): the step with DDP
-   minus the step under ``no_sync()`` is the communication that backward did not hide.
+   minus the step under ``no_sync()`` is the communication that backward did not hide; also
+   with the `SharedMemoryAllreduce` comm hook.
+3. An all-reduce of the MLP's 7.5 MB (and of one 25 MB bucket) among ranks on one node:
+   MPICH's ``Allreduce`` and ``Iallreduce`` + `Request.wait` (DDP's default hook) against the
+   `SharedMemoryAllreduce` hook (buckets in an MPI-3 shared window, rank r sums slice r of
+   every bucket in place) and the same algorithm with blocking ``MPI_Barrier`` calls instead of
+   the hook's polled ``Ibarrier`` calls (the raw shared-window floor).
 """
 
 from __future__ import annotations
@@ -52,6 +58,7 @@ from dptrain import engine  # noqa: E402
 from dptrain.engine import nn  # noqa: E402
 from dptrain.worker import DistributedDataParallel  # noqa: E402
 from dptrain.worker.comm import Communicator  # noqa: E402
+from dptrain.worker.comm_hooks import SharedMemoryAllreduce  # noqa: E402
 
 LAYERS, WIDTH = 24, 1024
 
@@ -233,7 +240,9 @@ def mlp_step_rows(comm: Communicator, repeat: int) -> tuple[list[Row], str]:
 
     ddp = DistributedDataParallel(mlp(), comm=comm)
     small = DistributedDataParallel(mlp(), comm=comm, bucket_cap_mb=1)
-    opts = {id(w): engine.optim.SGD(w.parameters(), lr=0.01) for w in (ddp, small)}
+    shared = DistributedDataParallel(mlp(), comm=comm)
+    shared.register_comm_hook(SharedMemoryAllreduce(comm))
+    opts = {id(w): engine.optim.SGD(w.parameters(), lr=0.01) for w in (ddp, small, shared)}
     rng = np.random.default_rng(comm.rank)
     x = engine.from_numpy(rng.standard_normal((128, 784)).astype(np.float32))
     y = engine.from_numpy(rng.integers(0, 10, 128))
@@ -251,7 +260,7 @@ def mlp_step_rows(comm: Communicator, repeat: int) -> tuple[list[Row], str]:
 
     samples: dict[str, list[float]] = {}
     interleaved(comm, {"ddp": lambda: step(ddp), "small": lambda: step(small),
-                       "none": step_no_sync,
+                       "shared": lambda: step(shared), "none": step_no_sync,
                        "raw": lambda: comm.mpi_comm.Allreduce(MPI.IN_PLACE, flat)},
                 samples, repeat)
     rows = [Row("step under `no_sync()` (no communication)", samples["none"]),
@@ -261,9 +270,62 @@ def mlp_step_rows(comm: Communicator, repeat: int) -> tuple[list[Row], str]:
             Row("step with DistributedDataParallel, `bucket_cap_mb=1`", samples["small"]),
             Row("exposed communication per step, 1 MB buckets", samples["small"],
                 minus=samples["none"]),
+            Row("step with DistributedDataParallel + `SharedMemoryAllreduce`",
+                samples["shared"]),
+            Row("exposed communication per step, `SharedMemoryAllreduce`", samples["shared"],
+                minus=samples["none"]),
             Row(f"raw `Allreduce` of its {flat.nbytes / 1e6:.1f} MB of gradients, for scale",
                 samples["raw"])]
     return rows, f"{flat.size / 1e6:.2f}M parameters, 128 samples per rank, SGD"
+
+
+# ---------------------------------------------------------------- one node's all-reduce
+
+def shared_memory_rows(comm: Communicator, repeat: int) -> tuple[list[Row], str]:
+    from mpi4py import MPI
+
+    hook = SharedMemoryAllreduce(comm)
+    node = comm.split_shared()
+    rows = []
+    contenders, names = {}, {}
+    for mb, count in ((7.5, 1_863_690), (25.0, 25 * 1024 * 1024 // 4)):
+        # Zeros: sums of sums would overflow over the repetitions; the bytes moved are the same.
+        plain = np.zeros(count, dtype=np.float32)
+        bucket = hook.allocate_bucket(count, np.float32)
+        raw = node.allocate_shared(count, np.float32)
+        lo, hi = count * node.rank // node.size, count * (node.rank + 1) // node.size
+        slices = [segment[lo:hi] for segment in raw.segments]
+
+        def raw_shared(raw=raw, slices=slices) -> None:
+            raw.sync()
+            node.barrier()
+            raw.sync()
+            for other in slices[1:]:  # summed in rank 0's slice, written into the others'
+                np.add(slices[0], other, out=slices[0])
+            for other in slices[1:]:
+                other[...] = slices[0]
+            raw.sync()
+            node.barrier()
+            raw.sync()
+
+        tag = f"{mb:g} MB"
+        cases = {
+            f"mpich {tag}": (f"MPICH `Allreduce(IN_PLACE)`, {tag}",
+                             lambda plain=plain: comm.mpi_comm.Allreduce(MPI.IN_PLACE, plain)),
+            f"iall {tag}": (f"MPICH `Iallreduce` + `Request.wait` (DDP's default hook), {tag}",
+                            lambda plain=plain: comm.iallreduce_(plain).wait()),
+            f"hook {tag}": (f"`SharedMemoryAllreduce` hook + `Request.wait`, {tag}",
+                            lambda bucket=bucket: hook(comm, bucket).wait()),
+            f"raw {tag}": (f"the same in a shared window with blocking `MPI_Barrier`s, {tag}",
+                           raw_shared),
+        }
+        for key, (name, fn) in cases.items():
+            contenders[key], names[key] = fn, name
+    samples: dict[str, list[float]] = {}
+    interleaved(comm, contenders, samples, repeat)
+    for key, name in names.items():
+        rows.append(Row(name, samples[key]))
+    return rows, f"{node.size} ranks sharing memory, float32"
 
 
 def main() -> None:
@@ -273,6 +335,7 @@ def main() -> None:
     comm = Communicator()
     sync, sync_context = gradient_sync_rows(comm, args.repeat)
     step, step_context = mlp_step_rows(comm, args.repeat)
+    shared, shared_context = shared_memory_rows(comm, args.repeat)
     if comm.rank != 0:
         return
     print(f"machine: {machine(comm)}; {args.repeat} repetitions per row\n")
@@ -290,6 +353,12 @@ def main() -> None:
     for row in step:
         print(f"| {row.name} | {row.median:.1f} | {row.best:.1f} | "
               f"{100 * row.median / base:.0f}% |")
+    print(f"\nOne node's all-reduce: {shared_context}\n")
+    print("| what | median ms | best ms | median vs MPICH `Allreduce` of the same bytes |\n"
+          "|---|---:|---:|---:|")
+    for i, row in enumerate(shared):
+        peer = shared[i - i % 4].median  # four rows per size, MPICH's first
+        print(f"| {row.name} | {row.median:.2f} | {row.best:.2f} | {row.median / peer:.2f}x |")
 
 
 if __name__ == "__main__":

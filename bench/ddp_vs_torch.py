@@ -10,7 +10,8 @@ rank), every row measured in this one run, its repetitions interleaved round-rob
 other rows', each time the median over repetitions of the slowest rank's time:
 
 * dptrain `DistributedDataParallel`, with its defaults (all 7.5 MB of gradients in one 25 MB
-  bucket) and with PyTorch's 1 MB first bucket;
+  bucket), with PyTorch's 1 MB first bucket, and with the `SharedMemoryAllreduce` comm hook
+  (buckets in an MPI-3 shared window, reduced in place);
 * the ceiling: every rank runs the same step on its half batch with no communication at all
   (two independent half-batch processes);
 * one process on the whole batch (rank 0 alone; the other ranks wait asleep): the 1-rank step
@@ -19,9 +20,12 @@ other rows', each time the median over repetitions of the slowest rank's time:
   torch is importable (a peer for comparison only, never a dependency);
 * a raw mpi4py ``Allreduce(IN_PLACE)`` of the same 7.5 MB of gradients, for scale and for
   the bound ceiling / (ceiling + raw all-reduce) that a step cannot beat when, as with 2 ranks
-  on 2 cores, no core is free to reduce while the others compute.
+  on 2 cores, no core is free to reduce while the others compute; and the same 7.5 MB through
+  the `SharedMemoryAllreduce` hook, for that hook's bound.
 
 Rank 0 prints a markdown table of medians, ratios and speed-ups; see docs/benchmarks.md.
+``--rows ddp,ddp_shared`` times only those contenders (and the ceiling), for an A/B without
+the other models' steps in between.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ from dptrain import engine  # noqa: E402
 from dptrain.engine import nn  # noqa: E402
 from dptrain.worker import DistributedDataParallel  # noqa: E402
 from dptrain.worker.comm import Communicator  # noqa: E402
+from dptrain.worker.comm_hooks import SharedMemoryAllreduce  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from allreduce import init_gloo, interleaved, machine  # noqa: E402
@@ -121,6 +126,11 @@ def rank0_alone(comm: Communicator, step):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=41, help="repetitions per row (median)")
+    parser.add_argument("--rows", default=None,
+                        help="only these contenders, comma-separated (of ddp, ddp_small_first, "
+                             "ddp_shared, single, raw, raw_shared, torch_ddp, torch_single; the "
+                             "ceiling always runs): other models' steps between the compared "
+                             "ones change their times (docs/benchmarks.md)")
     args = parser.parse_args()
     comm = Communicator()
     local = GLOBAL_BATCH // comm.size
@@ -130,9 +140,13 @@ def main() -> None:
     # load, so a difference of that size between the two DDP rows is not a finding.
     ddp = DistributedDataParallel(engine_mlp(), comm=comm)
     small_first = DistributedDataParallel(engine_mlp(), comm=comm, first_bucket_cap_mb=1)
+    shared = DistributedDataParallel(engine_mlp(), comm=comm)
+    hook = SharedMemoryAllreduce(comm)
+    shared.register_comm_hook(hook)
     contenders = {
         "ddp": engine_step(ddp, x, y),
         "ddp_small_first": engine_step(small_first, x, y),
+        "ddp_shared": engine_step(shared, x, y),
         "ceiling": engine_step(engine_mlp(), x, y),
         "single": rank0_alone(comm, engine_step(engine_mlp(), x_all, y_all)),
     }
@@ -141,11 +155,17 @@ def main() -> None:
     from mpi4py import MPI  # the raw peer, called directly
 
     contenders["raw"] = lambda: mpi_comm.Allreduce(MPI.IN_PLACE, flat)
+    # Zeros: sums of sums would overflow over the repetitions; the bytes moved are the same.
+    shared_flat = hook.allocate_bucket(flat.size, flat.dtype)
+    contenders["raw_shared"] = lambda: hook(comm, shared_flat).wait()
     if torch is not None:
         init_gloo(comm)
         contenders["torch_ddp"] = torch_step(
             torch.nn.parallel.DistributedDataParallel(torch_mlp()), x, y)
         contenders["torch_single"] = rank0_alone(comm, torch_step(torch_mlp(), x_all, y_all))
+    if args.rows is not None:
+        keep = set(args.rows.split(",")) | {"ceiling"}
+        contenders = {k: v for k, v in contenders.items() if k in keep}
     samples: dict[str, list[float]] = {}
     interleaved(comm, contenders, samples, args.repeat)
     if comm.rank != 0:
@@ -161,6 +181,7 @@ def main() -> None:
     rows = [("dptrain DDP step", "ddp", "single"),
             ("dptrain DDP step, PyTorch's 1 MB first bucket (`first_bucket_cap_mb=1`)",
              "ddp_small_first", "single"),
+            ("dptrain DDP step, `SharedMemoryAllreduce` comm hook", "ddp_shared", "single"),
             ("independent half-batch processes (ceiling, no communication)", "ceiling",
              "single"),
             ("dptrain, 1 process, whole batch", "single", "single")]
@@ -168,20 +189,31 @@ def main() -> None:
         rows += [("PyTorch DDP (gloo) step", "torch_ddp", "torch_single"),
                  ("PyTorch, 1 process, whole batch", "torch_single", "torch_single")]
     for name, key, one in rows:
-        print(f"| {name} | {ms[key]:.2f} | {100 * ms['ceiling'] / ms[key]:.0f}% | "
-              f"{ms[one] / ms[key]:.2f}x |")
-    print(f"| raw `Allreduce` of the same {flat.nbytes / 1e6:.1f} MB | {ms['raw']:.2f} | | |")
-    if torch is not None:
-        print(f"\ndptrain DDP step / PyTorch DDP step: {ms['ddp'] / ms['torch_ddp']:.2f}x "
+        if key in ms:
+            speed_up = f"{ms[one] / ms[key]:.2f}x" if one in ms else ""
+            print(f"| {name} | {ms[key]:.2f} | {100 * ms['ceiling'] / ms[key]:.0f}% | "
+                  f"{speed_up} |")
+    for key, name in (("raw", "raw `Allreduce`"), ("raw_shared", "`SharedMemoryAllreduce`")):
+        if key in ms:
+            print(f"| {name} of the same {flat.nbytes / 1e6:.1f} MB | {ms[key]:.2f} | | |")
+    print()
+    if "ddp" in ms and "torch_ddp" in ms:
+        print(f"dptrain DDP step / PyTorch DDP step: {ms['ddp'] / ms['torch_ddp']:.2f}x "
               "(goal <= 0.9x)")
-    print(f"dptrain DDP step reaches {100 * ms['ceiling'] / ms['ddp']:.0f}% of the "
-          "independent-process ceiling (goal >= 90%)")
+    for key, what in (("ddp", "dptrain DDP step"),
+                      ("ddp_shared", "dptrain DDP step with `SharedMemoryAllreduce`")):
+        if key in ms:
+            print(f"{what} reaches {100 * ms['ceiling'] / ms[key]:.0f}% of the "
+                  "independent-process ceiling (goal >= 90%)")
     # Both ranks' cores compute and a shared-memory reduction needs them, so the all-reduce
-    # cannot hide behind backward here: the ceiling plus one raw all-reduce bounds the step.
-    bound = ms["ceiling"] / (ms["ceiling"] + ms["raw"])
-    print(f"bound with the all-reduce not hidden, ceiling / (ceiling + raw `Allreduce`): "
-          f"{100 * bound:.0f}% of the ceiling; the DDP step reaches "
-          f"{100 * (ms['ceiling'] + ms['raw']) / ms['ddp']:.0f}% of that bound")
+    # cannot hide behind backward here: the ceiling plus one all-reduce bounds the step.
+    for step, reduce, what in (("ddp", "raw", "raw `Allreduce`"),
+                               ("ddp_shared", "raw_shared", "`SharedMemoryAllreduce`")):
+        if step in ms and reduce in ms:
+            bound = ms["ceiling"] / (ms["ceiling"] + ms[reduce])
+            print(f"bound with the all-reduce not hidden, ceiling / (ceiling + {what}): "
+                  f"{100 * bound:.0f}% of the ceiling; the {step} step reaches "
+                  f"{100 * (ms['ceiling'] + ms[reduce]) / ms[step]:.0f}% of that bound")
 
 
 if __name__ == "__main__":

@@ -42,7 +42,8 @@ from dptrain.engine.backend import (
     to_host,
 )
 
-__all__ = ["Communicator", "Request", "REDUCE_OPS", "cuda_aware_mpi", "cuda_aware_from"]
+__all__ = ["Communicator", "Request", "SharedArrays", "REDUCE_OPS", "cuda_aware_mpi",
+           "cuda_aware_from"]
 
 #: The reduction names `Communicator.allreduce_` accepts ('mean' is a sum divided by the size).
 REDUCE_OPS = ("sum", "mean", "max", "min", "prod")
@@ -213,12 +214,40 @@ class Request:
             finish()
 
 
+class SharedArrays:
+    """One array per rank in memory that every rank of a node maps (an MPI-3 shared window,
+    ``MPI_Win_allocate_shared``), returned by `Communicator.allocate_shared`.
+
+    Rank r of the communicator reads and writes ``segments[q]`` as plain numpy arrays, its own
+    (`local`) as well as the others'. Between a rank's writes and another rank's reads of the
+    same bytes there must be a `sync` on both sides around a collective that orders them (a
+    barrier): MPI's memory model for shared windows ("unified"). The window stays allocated
+    for the life of the process (freeing it while an array over it is alive would leave that
+    array dangling), so allocate once and reuse.
+    """
+
+    __slots__ = ("_window", "segments", "local")
+
+    def __init__(self, window, segments: list[numpy.ndarray], rank: int):
+        self._window = window
+        #: Every rank's array, by rank.
+        self.segments = segments
+        #: This rank's array (``segments[rank]``).
+        self.local = segments[rank]
+
+    def sync(self) -> None:
+        """Make this rank's writes visible to the others and theirs to it (``MPI_Win_sync``,
+        a memory barrier): call it before and after the barrier that orders them."""
+        self._window.Sync()
+
+
 class Communicator:
     """The processes of a data-parallel job and the collectives they run together.
 
     Every rank must call the collectives (`allreduce_`, `iallreduce_`, `ireduce_`,
     `broadcast_`, `ibroadcast_`, `ialltoall`, `iallgather`, `barrier`, `ibarrier`,
-    `allgather_object`, `broadcast_object`, `split`, `split_shared`, `dup`) in the same order,
+    `allgather_object`, `broadcast_object`, `split`, `split_shared`, `dup`,
+    `allocate_shared`) in the same order,
     as MPI requires.
 
     Args:
@@ -411,6 +440,42 @@ class Communicator:
         """
         _check_buffer(recv, "iallgather")
         return Request(self._comm.Iallgather(send, recv))
+
+    def allocate_shared(self, count: int, dtype) -> SharedArrays:
+        """Allocate `count` elements of `dtype` per rank in memory every rank maps
+        (``MPI_Win_allocate_shared``; each rank's array starts on a page of its own).
+
+        Collective; every rank passes the same `count` and `dtype`, and all ranks must share
+        memory (one node: a communicator from `split_shared`, or one whose ranks all run on
+        one host).
+
+        Args:
+            count: elements per rank.
+            dtype: a numpy dtype.
+
+        Returns:
+            `SharedArrays`, zero-filled, with every rank's array.
+        """
+        MPI = _mpi()
+        dtype = numpy.dtype(dtype)
+        if not isinstance(count, int) or count < 0:
+            raise ValueError(f"count must be a non-negative integer, got {count!r}")
+        info = MPI.Info.Create()
+        info.Set("alloc_shared_noncontig", "true")  # a rank's pages are its own (first touch)
+        try:
+            window = MPI.Win.Allocate_shared(max(count, 1) * dtype.itemsize, dtype.itemsize,
+                                             info=info, comm=self._comm)
+        finally:
+            info.Free()
+        window.Lock_all(MPI.MODE_NOCHECK)  # the passive epoch `SharedArrays.sync` needs
+        segments = []
+        for q in range(self._size):
+            memory, _ = window.Shared_query(q)
+            segments.append(numpy.frombuffer(memory, dtype=dtype, count=count))
+        segments[self._rank].fill(0)
+        window.Sync()
+        self._comm.Barrier()
+        return SharedArrays(window, segments, self._rank)
 
     # ----------------------------------------------------------- sub-communicators
     def split_shared(self) -> Communicator:

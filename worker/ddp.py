@@ -35,9 +35,12 @@ PyTorch's design (``torch/nn/parallel/distributed.py``), on the engine's hooks:
   waiting for it forever (PyTorch's ``prepare_for_backward`` in ``forward``).
 
 The reduction itself is a plug-in (`register_comm_hook`), so compression or another algorithm
-never touches this module: `dptrain.worker.comm_hooks` has hierarchical and 16-bit ones. Buckets
-on a GPU get the hook of their all-reduce path (NCCL, CUDA-aware MPI or pinned host staging,
-`dptrain.worker.comm_device`), chosen at wrapping by the ``allreduce`` argument.
+never touches this module: `dptrain.worker.comm_hooks` has shared-memory, hierarchical and
+16-bit ones (a hook may allocate the buckets itself: `SharedMemoryAllreduce` puts them in
+shared memory, so the gradients' copy into the bucket already lands where every rank of the
+node reads it). Buckets on a GPU get the hook of their all-reduce path (NCCL, CUDA-aware MPI
+or pinned host staging, `dptrain.worker.comm_device`), chosen at wrapping by the
+``allreduce`` argument.
 """
 
 from __future__ import annotations
@@ -107,12 +110,7 @@ class GradientBucket:
         self.names = names
         self.params = params
         self.buffer = xp.zeros(sum(p.numel() for p in params), dtype=params[0].dtype)
-        self.views = []
-        offset = 0
-        for p in params:
-            n = p.numel()
-            self.views.append(self.buffer[offset:offset + n].reshape(p.shape))
-            offset += n
+        self.views = self._slots(self.buffer)
         self.filled = [False] * len(params)
         self.pending = len(params)
         self.request: CommRequest | None = None
@@ -121,6 +119,24 @@ class GradientBucket:
     def nbytes(self) -> int:
         """The size of the buffer in bytes."""
         return int(self.buffer.nbytes)
+
+    def move_to(self, buffer: Any) -> None:
+        """Make `buffer` (flat, of this bucket's size and dtype) the bucket: the contents are
+        copied into it, and gradients that were views of the old buffer become views of it."""
+        buffer[...] = self.buffer
+        old_views, self.buffer, self.views = self.views, buffer, self._slots(buffer)
+        for p, old, view in zip(self.params, old_views, self.views):
+            if p.grad is not None and p.grad.data is old:
+                p.grad = Tensor(view)
+
+    def _slots(self, buffer: Any) -> list:
+        """The parameters' views of `buffer`, in slot order, each of its parameter's shape."""
+        views, offset = [], 0
+        for p in self.params:
+            n = p.numel()
+            views.append(buffer[offset:offset + n].reshape(p.shape))
+            offset += n
+        return views
 
     def reset(self) -> None:
         """Forget the last pass: every slot empty, no request."""
@@ -432,18 +448,26 @@ class DistributedDataParallel:
 
     def register_comm_hook(self, hook: CommHook) -> None:
         """Replace how a bucket is reduced (PyTorch's ``register_comm_hook``): compression or
-        another algorithm plugs in here (`dptrain.worker.comm_hooks`: `HierarchicalAllreduce`,
-        `CompressedAllreduce`). See `CommHook` for the contract.
+        another algorithm plugs in here (`dptrain.worker.comm_hooks`: `SharedMemoryAllreduce`,
+        `HierarchicalAllreduce`, `CompressedAllreduce`). See `CommHook` for the contract.
 
         Args:
             hook: ``hook(comm, bucket_array) -> request`` with ``wait()`` and ``test()``. A
                 hook with a ``broadcast_(comm, array, root)`` method (the GPU paths') also
-                carries the broadcasts of device parameters and buffers.
+                carries the broadcasts of device parameters and buffers. A hook with an
+                ``allocate_bucket(size, dtype) -> array`` method (`SharedMemoryAllreduce`'s
+                shared memory) gets every CPU bucket moved into an array it allocates, here,
+                collectively and in bucket order, with the gradients they hold.
         """
         if self._in_pass:
             raise RuntimeError("register_comm_hook cannot be called during a backward pass")
         if not callable(hook):
             raise TypeError(f"hook must be callable, got {type(hook).__name__}")
+        allocate = getattr(hook, "allocate_bucket", None)
+        if allocate is not None and self.comm.size > 1:
+            for bucket in self._buckets:
+                if get_device(bucket.buffer).type == "cpu":
+                    bucket.move_to(allocate(bucket.buffer.size, bucket.buffer.dtype))
         self._comm_hook = hook
 
     @property

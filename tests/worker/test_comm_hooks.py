@@ -1,4 +1,5 @@
-"""Comm hooks on 3 and 4 real MPI ranks against one process on the whole batch.
+"""Comm hooks on real MPI ranks (3 and 4; 1 to 3 for `SharedMemoryAllreduce`) against one
+process on the whole batch.
 
 The tolerance of the 16-bit hooks comes from the formats, not from observed runs: with unit
 roundoff u (float16 2^-11, bfloat16 2^-8: half the spacing of numbers in [1, 2)) and η the
@@ -17,13 +18,17 @@ import pytest
 pytestmark = pytest.mark.mpi
 
 
-@pytest.fixture(scope="module", params=[3, 4], ids=lambda n: f"ranks{n}")
-def hooked(request, run_mpi, mpi_json, mpi_scripts):
-    result = run_mpi(request.param, mpi_scripts / "ddp_comm_hooks.py")
+def _run(run_mpi, mpi_json, script, n: int) -> dict:
+    result = run_mpi(n, script)
     assert result.returncode == 0, result.stderr
     (report,) = mpi_json(result.stdout)
-    assert report["size"] == request.param
+    assert report["size"] == n
     return report
+
+
+@pytest.fixture(scope="module", params=[3, 4], ids=lambda n: f"ranks{n}")
+def hooked(request, run_mpi, mpi_json, mpi_scripts):
+    return _run(run_mpi, mpi_json, mpi_scripts / "ddp_comm_hooks.py", request.param)
 
 
 def test_the_exact_reduction_is_the_one_process_gradient(hooked):
@@ -78,3 +83,70 @@ def test_bad_arguments_name_the_field_and_the_value(hooked):
     assert errors["ranks_per_node"] == [
         "ValueError", "ranks_per_node must be a positive integer or None, got 0"]
     assert errors["float64_bucket"][0] == "TypeError" and "float64" in errors["float64_bucket"][1]
+
+
+# ---------------------------------------------------------------- SharedMemoryAllreduce
+
+@pytest.fixture(scope="module", params=[1, 2, 3], ids=lambda n: f"ranks{n}")
+def shared(request, run_mpi, mpi_json, mpi_scripts):
+    return _run(run_mpi, mpi_json, mpi_scripts / "ddp_shared_memory.py", request.param)
+
+
+BUCKETINGS = ("one_bucket", "tiny_buckets", "small_first")
+
+
+@pytest.mark.parametrize("bucketing", BUCKETINGS)
+def test_shared_memory_sums_every_rank_in_rank_order_bit_for_bit(shared, bucketing):
+    # The reference is the float32 fold ((c_0 + c_1) + c_2) of the buckets each rank computed
+    # with a plain model and gathered by pickling: equal bits, every step, on every rank.
+    ranks = shared["ranks"]
+    for step in range(3):
+        assert {r[bucketing]["steps"][step]["vs_fold"] for r in ranks} == {0.0}
+        assert len({str(r[bucketing]["steps"][step]["bits"]) for r in ranks}) == 1
+
+
+@pytest.mark.parametrize("bucketing", BUCKETINGS)
+def test_shared_memory_equals_one_process_up_to_the_order_of_float32_sums(shared, bucketing):
+    # Gradients of magnitude <= 1 summed in another order: a few float32 ulps (2^-24 each).
+    for r in shared["ranks"]:
+        for step in r[bucketing]["steps"]:
+            assert step["vs_single"] <= (0.0 if shared["size"] == 1 else 1e-6)
+
+
+def test_shared_memory_buckets_and_gradients_live_in_the_windows(shared):
+    n = shared["size"]
+    for r in shared["ranks"]:
+        assert [r[b]["buckets"] for b in BUCKETINGS] == [1, 6, 3]
+        if n == 1:  # one rank communicates nothing: the buckets stay where they are
+            assert [r[b]["windows"] for b in BUCKETINGS] == [0, 0, 0]
+            assert not any(r[b]["in_windows"] for b in BUCKETINGS)
+        else:  # one window per bucket, and every .grad a view into one
+            assert [r[b]["windows"] for b in BUCKETINGS] == [1, 6, 3]
+            assert all(r[b]["in_windows"] for b in BUCKETINGS)
+
+
+def test_registering_after_a_step_keeps_the_gradients_and_accumulates_in_place(shared):
+    for r in shared["ranks"]:
+        assert r["late"]["kept"] == 0.0
+        assert r["late"]["in_place_vs_fold"] == 0.0
+        assert r["late"]["in_windows"] == r["late"]["in_windows_after"] == (shared["size"] > 1)
+
+
+def test_shared_memory_reduces_buckets_in_flight_together_and_reuses_them(shared):
+    n = shared["size"]
+    total = n * (n + 1) // 2  # rank r holds r + 1, times the step
+    for r in shared["ranks"]:
+        assert r["direct"] == [[[float(total)]] * 3, [[float(2 * total)]] * 3]
+
+
+def test_shared_memory_rejects_arrays_it_did_not_allocate_and_other_worlds(shared):
+    errors = shared["ranks"][-1]["errors"]
+    assert errors["not_allocated"] == [
+        "ValueError", "SharedMemoryAllreduce reduces buckets it allocated (allocate_bucket, "
+        "which DistributedDataParallel.register_comm_hook calls), got another ndarray of 3 "
+        "elements"]
+    n = shared["size"]
+    if n > 1:
+        assert errors["other_world"] == [
+            "ValueError", f"SharedMemoryAllreduce was built for rank {n - 1} of {n} but is "
+            f"called with rank 0 of 1; build it with ddp.comm"]

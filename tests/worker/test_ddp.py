@@ -43,7 +43,25 @@ def test_n_ranks_train_the_model_one_process_trains(run_mpi, mpi_json, mpi_scrip
 EQUIVALENCE_GRAD_BYTES = 4 * (8 * 16 + 16 + 16 * 16 + 16 + 16 * 3 + 3)
 DEVICE_PATHS = ("host", "cuda_aware", "nccl")
 HOOKS = {"host": "PinnedStagingAllreduce", "cuda_aware": "CudaAwareAllreduce",
-         "nccl": "NcclAllreduce"}
+         "nccl": "NcclAllreduce", "shared_memory": "SharedMemoryAllreduce"}
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("n, cap", [(1, 25), (2, 25), (2, 0.0005), (3, 0.0005)])
+def test_n_ranks_train_as_one_with_buckets_in_shared_memory(run_mpi, mpi_json, mpi_scripts,
+                                                            n, cap):
+    # The SharedMemoryAllreduce comm hook (buckets in an MPI-3 shared window): float32 sums
+    # in another order than one process's, so the same tolerance as the plain all-reduce.
+    report = _run(run_mpi, mpi_json, mpi_scripts / "ddp_equivalence.py", n, str(cap),
+                  "shared_memory")
+    ranks = report["ranks"]
+    assert {r["hook"] for r in ranks} == {"SharedMemoryAllreduce"}
+    assert len({r["hash"] for r in ranks}) == 1, "ranks ended with different parameters"
+    assert all(r["marker"] == [0.0, 0.0, 0.0] for r in ranks), "buffers not from rank 0"
+    rank0 = ranks[0]
+    assert rank0["moved"] > 1e-2 and (rank0["buckets"] > 1) == (cap < 1)
+    worst = max(rank0["max_abs_diff"].values())
+    assert worst == 0.0 if n == 1 else worst < 1e-5 * max(1.0, rank0["max_abs_param"])
 
 
 @pytest.mark.mpi
@@ -123,7 +141,7 @@ def test_broadcasts_of_device_arrays_go_through_the_allreduce_path(run_mpi, mpi_
 
 
 @pytest.mark.mpi
-@pytest.mark.parametrize("path", ("cpu",) + DEVICE_PATHS)
+@pytest.mark.parametrize("path", ("cpu", "shared_memory") + DEVICE_PATHS)
 @pytest.mark.parametrize("n", [2, 3])
 def test_bucketed_reduction_equals_per_tensor_reduction(run_mpi, mpi_json, mpi_scripts, n, path):
     ranks = _run(run_mpi, mpi_json, mpi_scripts / "ddp_buckets.py", n, path)["ranks"]
@@ -143,15 +161,16 @@ def test_bucketed_reduction_equals_per_tensor_reduction(run_mpi, mpi_json, mpi_s
 
 
 @pytest.fixture(scope="module", params=[(2, "cpu"), (3, "cpu")]
-                + [(n, path) for path in DEVICE_PATHS for n in (2, 3)],
+                + [(n, path) for path in ("shared_memory",) + DEVICE_PATHS for n in (2, 3)],
                 ids=lambda p: f"ranks{p[0]}-{p[1]}")
 def accumulation(request, run_mpi, mpi_json, mpi_scripts):
     n, path = request.param
     report = _run(run_mpi, mpi_json, mpi_scripts / "ddp_no_sync_unused.py", n, path)
-    if path != "cpu":  # the device run really took the path
+    if path != "cpu":  # the run really took the path
         for r in report["ranks"]:
             assert r["no_sync_path"]["hook"] == HOOKS[path]
-            assert r["default"]["devices"] == r["find_unused"]["devices"] == ["strict"]
+            devices = ["cpu"] if path == "shared_memory" else ["strict"]
+            assert r["default"]["devices"] == r["find_unused"]["devices"] == devices
     return report
 
 

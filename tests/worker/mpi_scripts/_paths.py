@@ -1,6 +1,8 @@
-"""The all-reduce paths the DDP scripts run on: ``cpu`` (host buckets, plain MPI) and, on the
-strict device that stands in for a GPU, ``host`` (pinned staging), ``cuda_aware`` (MPI reads
-the device buffers) and ``nccl`` (through the test double of ``cupy.cuda.nccl``)."""
+"""The all-reduce paths the DDP scripts run on: ``cpu`` (host buckets, plain MPI),
+``shared_memory`` (host buckets in an MPI-3 shared window, the `SharedMemoryAllreduce` comm
+hook) and, on the strict device that stands in for a GPU, ``host`` (pinned staging),
+``cuda_aware`` (MPI reads the device buffers) and ``nccl`` (through the test double of
+``cupy.cuda.nccl``)."""
 
 from __future__ import annotations
 
@@ -12,21 +14,28 @@ import nccl_double  # noqa: E402 - the shared test helpers' folder, put on the p
 
 from dptrain.worker import DistributedDataParallel
 from dptrain.worker.comm_device import NcclAllreduce
+from dptrain.worker.comm_hooks import SharedMemoryAllreduce
 from dptrain.worker.train import rank_device
 
-PATHS = ("cpu", "host", "cuda_aware", "nccl")
+PATHS = ("cpu", "shared_memory", "host", "cuda_aware", "nccl")
+#: The paths whose buckets live in host memory.
+HOST_PATHS = ("cpu", "shared_memory")
 
 
 def device_for(path: str, comm, device: str = "strict") -> str:
     """The device the `path` run trains on: the CPU for ``cpu``, else `device`; ``cuda`` is
     this rank's GPU as a job with ``device: cuda`` gets it (collective)."""
-    if path == "cpu":
+    if path in HOST_PATHS:
         return "cpu"
     return str(rank_device("cuda", comm)) if device == "cuda" else device
 
 
 def wrap(model, comm, path: str, **kwargs) -> DistributedDataParallel:
     """`model` (already on its device) wrapped to reduce its buckets by `path`."""
+    if path == "shared_memory":  # registered before any step: the buckets move to the window
+        ddp = DistributedDataParallel(model, comm=comm, **kwargs)
+        ddp.register_comm_hook(SharedMemoryAllreduce(comm))
+        return ddp
     on_strict = next(model.parameters()).device == "strict"
     if path != "nccl" or not on_strict:
         return DistributedDataParallel(model, comm=comm, allreduce="auto" if path == "cpu"
