@@ -60,7 +60,7 @@ __all__ = [
     "Runner", "ServiceState", "SubmitRequest", "ListRequest", "SpecInvalid",
     "validate_spec", "check_data_paths", "check_code", "check_job_code", "prepare_job",
     "queue_job", "submit_job",
-    "get_job", "list_jobs", "cancel_job", "watch_job", "report_progress", "heartbeat",
+    "list_jobs", "cancel_job", "watch_job", "report_progress", "heartbeat",
 ]
 
 log = logging.getLogger("dptrain.coordinator")
@@ -321,15 +321,6 @@ def submit_job(request: SubmitRequest, state: ServiceState, *, now: float | None
         ValidationError: naming the field at fault.
     """
     return queue_job(prepare_job(request, state, now=now, owner=owner), state)
-
-
-def get_job(job_id: str, state: ServiceState) -> Job:
-    """The job with this id.
-
-    Raises:
-        JobNotFound: no such job.
-    """
-    return state.store.get_job(job_id)
 
 
 def list_jobs(request: ListRequest, state: ServiceState) -> tuple[list[Job], str]:

@@ -113,13 +113,15 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             return reply
 
     def GetJob(self, request: pb.GetJobRequest, context: Any) -> pb.Job:
-        """One job (`jobs.get_job`)."""
+        """One job: the store's record, its message kept while the job is unchanged
+        (`server.job_messages`)."""
         with _aborting(context):
             return self._owned_job(context, "GetJob", request.job_id)[1]
 
     def ListJobs(self, request: pb.ListJobsRequest,
                  context: Any) -> pb.ListJobsResponse:
-        """A page of jobs (`jobs.list_jobs`): a user's own, or an admin's choice."""
+        """A page of jobs (`jobs.list_jobs`): a user's own, or an admin's choice; kept while
+        no job is written (`server.job_messages`)."""
         with _aborting(context):
             wanted = serde.list_request_from_proto(request)
             owner = self._caller(context, "ListJobs").list_owner(wanted.owner)
