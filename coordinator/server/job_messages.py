@@ -24,6 +24,9 @@ from dptrain.protos.dptrain.v1 import coordinator_pb2 as pb
 
 __all__ = ["JobMessages", "BoundedCache"]
 
+_PAGES = 64  # listing pages kept ...
+_PAGE_BYTES = 1 << 20  # ... of at most this size each: at most 64 MiB, however large the specs
+
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
 
@@ -66,7 +69,8 @@ class JobMessages:
 
     Args:
         store: the server's store (its revisions, and its jobs when one is not kept).
-        capacity: how many jobs (and, separately, specs and listing pages) to keep.
+        capacity: how many jobs (and, separately, specs) to keep; listing pages: at most
+            64 of them, each of at most 1 MiB.
     """
 
     def __init__(self, store: Store, capacity: int = 4096):
@@ -74,7 +78,7 @@ class JobMessages:
         self.specs: BoundedCache[str, pb.JobSpec] = BoundedCache(capacity)
         self._jobs: BoundedCache[str, tuple[int, Job, pb.Job]] = BoundedCache(capacity)
         self._pages: BoundedCache[Hashable, tuple[int, pb.ListJobsResponse]] = BoundedCache(
-            min(capacity, 256))
+            min(capacity, _PAGES))
 
     def get(self, job_id: str) -> tuple[Job, pb.Job]:
         """The job and its message (`Store.get_job`, encoded), read again only once the job
@@ -119,5 +123,6 @@ class JobMessages:
         page, token = read()
         response = pb.ListJobsResponse(jobs=[self.message(j) for j in page],
                                        next_page_token=token)
-        self._pages.put(key, (revision, response))
+        if response.ByteSize() <= _PAGE_BYTES:
+            self._pages.put(key, (revision, response))
         return response
