@@ -15,7 +15,10 @@ Clients run in further child processes, many threads each, one connection per cl
    row's ratio is the median over the rounds of its ratio in that round. The clients call
    raw stubs with pre-built requests, so all rows spend the same client CPU per call
    (decoding a reply with ``api.serde.job_from_proto`` would share the 2 cores with the
-   server).
+   server). Beside the throughput, the server's CPU per call: the server process's user +
+   system time (``/proc/<pid>/stat``) across each phase over its calls, and its ratio to the
+   health Check's in the same round. Unlike throughput, it does not depend on how many idle
+   cores the machine has, so it is the measure to optimise the job RPCs against.
 2. WatchJob fan-out: 200 watchers (4 processes x 50 threads) follow one RUNNING job; the
    benchmark sends a log line as the job's worker (ReportProgress with its worker token) and
    times until every watcher has it (and until half have it). Median over rounds.
@@ -85,7 +88,7 @@ def serve_child(state_dir: str, worker_token: str) -> None:
     echo_port = echo.add_insecure_port("127.0.0.1:0")
     echo.start()
     print(json.dumps({"address": server.address, "token": server.token, "job_id": job.id,
-                      "echo": f"127.0.0.1:{echo_port}"}), flush=True)
+                      "echo": f"127.0.0.1:{echo_port}", "pid": os.getpid()}), flush=True)
     sys.stdin.read()
     echo.stop(grace=1.0)
     server.stop(grace=1.0)
@@ -129,11 +132,20 @@ def _callers(info: dict) -> tuple[Any, dict[str, Any]]:
     return (channel, echo_channel), calls
 
 
+def process_cpu_s(pid: int) -> float:
+    """A process's user + system CPU seconds so far, all its threads (Linux ``/proc``)."""
+    # The fields after the command name (which may hold spaces) start at the state, field 3;
+    # utime and stime are fields 14 and 15, in clock ticks.
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def load_child(info: dict, threads: int, calls: int, rounds: int, start: Any,
-               out: Any) -> None:
+               out: Any, measure_cpu: bool) -> None:
     """`threads` clients, each making `calls` calls of each of `RPCS` per round; put the
-    latencies (seconds) and the wall time of each phase of each round on `out`. `start` is a
-    barrier shared with the other load processes, passed before each phase."""
+    latencies (seconds), the wall time and (when `measure_cpu`) the server's CPU seconds of
+    each phase of each round on `out`. `start` is a barrier shared with the other load
+    processes, passed before and after each phase."""
     clients = [_callers(info) for _ in range(threads)]
     for _, c in clients:
         for rpc in RPCS:
@@ -160,11 +172,15 @@ def load_child(info: dict, threads: int, calls: int, rounds: int, start: Any,
             for w in workers:
                 w.start()
             start.wait()
+            cpu = process_cpu_s(info["pid"]) if measure_cpu else 0.0
             barrier.wait()
             begin = time.perf_counter()
             for w in workers:
                 w.join()
-            result[rpc].append((latencies, time.perf_counter() - begin))
+            wall = time.perf_counter() - begin
+            start.wait()  # every process's calls of this phase are done
+            cpu = process_cpu_s(info["pid"]) - cpu if measure_cpu else 0.0
+            result[rpc].append((latencies, wall, cpu))
     for channels, _ in clients:
         for channel in channels:
             channel.close()
@@ -214,21 +230,26 @@ def percentile(values: list[float], q: float) -> float:
 def bench_latency(ctx: Any, info: dict, clients: int, procs: int, calls: int,
                   rounds: int) -> list[str]:
     out, start = ctx.Queue(), ctx.Barrier(procs)
+    # The first process measures the server's CPU across each phase, for all of them.
     children = [ctx.Process(target=load_child, args=(info, clients // procs, calls, rounds,
-                                                     start, out)) for _ in range(procs)]
+                                                     start, out, k == 0))
+                for k in range(procs)]
     for child in children:
         child.start()
     results = [out.get() for _ in children]
     for child in children:
         child.join()
     per_round: dict[str, list[float]] = {}
+    cpu_per_call: dict[str, list[float]] = {}
     latencies: dict[str, list[float]] = {}
     for rpc in RPCS:
-        per_round[rpc] = [sum(len(r[rpc][k][0]) for r in results)
-                          / max(r[rpc][k][1] for r in results) for k in range(rounds)]
-        latencies[rpc] = [t for r in results for lat, _ in r[rpc] for t in lat]
+        made = [sum(len(r[rpc][k][0]) for r in results) for k in range(rounds)]
+        per_round[rpc] = [made[k] / max(r[rpc][k][1] for r in results) for k in range(rounds)]
+        cpu_per_call[rpc] = [sum(r[rpc][k][2] for r in results) / made[k]
+                             for k in range(rounds)]
+        latencies[rpc] = [t for r in results for lat, _, _ in r[rpc] for t in lat]
     goals = {"GetJob": 0.7, "ListJobs": 0.5, "SubmitJob": 0.4}
-    rows = []
+    rows, cpu_rows = [], []
     for rpc in ("Echo", "Check", "GetJob", "ListJobs", "SubmitJob"):
         # Each round's ratio against that round's Check, then the median: the load of a
         # shared machine drifts between rounds more than within one.
@@ -241,7 +262,13 @@ def bench_latency(ctx: Any, info: dict, clients: int, procs: int, calls: int,
                     f"{percentile(latencies[rpc], 0.5) * 1e3:.1f} ms | "
                     f"{percentile(latencies[rpc], 0.99) * 1e3:.1f} ms | "
                     f"{statistics.median(per_round[rpc]):.0f} calls/s | {ratio:.2f} | {goal} |")
-    return rows
+        # CPU per call over the Check's, per round then the median: the inverse reads like
+        # the throughput ratio would on a machine whose cores the server had to itself.
+        cpu_ratio = statistics.median(
+            a / b for a, b in zip(cpu_per_call[rpc], cpu_per_call["Check"]) if b > 0)
+        cpu_rows.append(f"| {name} | {statistics.median(cpu_per_call[rpc]) * 1e6:.0f} µs | "
+                        f"{cpu_ratio:.2f} | {1 / cpu_ratio:.2f} |")
+    return rows, cpu_rows
 
 
 def bench_fanout(ctx: Any, info: dict, worker_token: str, watchers: int, procs: int,
@@ -367,8 +394,8 @@ def main() -> None:
         try:
             info = json.loads(server.stdout.readline())
             parts = set(args.only or ("rpc", "fanout", "transfer"))
-            latency = (bench_latency(ctx, info, args.clients, 2, args.calls, args.rpc_rounds)
-                       if "rpc" in parts else [])
+            latency, cpu = (bench_latency(ctx, info, args.clients, 2, args.calls,
+                                          args.rpc_rounds) if "rpc" in parts else ([], []))
             fanout = (bench_fanout(ctx, info, worker_token, args.watchers, 4, args.rounds)
                       if "fanout" in parts else [])
             transfer = (bench_transfer(info, worker_token, work, args.size_mib, args.transfers,
@@ -383,6 +410,12 @@ def main() -> None:
         print("| RPC | concurrent clients | calls | p50 | p99 | throughput | ratio | goal |")
         print("|---|---:|---:|---:|---:|---:|---:|---|")
         print("\n".join(latency) + "\n")
+        print("Server CPU per call (the server process's user + system time over each phase, "
+              "per call; ratio: over the health Check's of the same round, median over the "
+              "rounds)\n")
+        print("| RPC | server CPU per call | ÷ Check's | Check's ÷ this |")
+        print("|---|---:|---:|---:|")
+        print("\n".join(cpu) + "\n")
     if fanout:
         print("| watchers | events | half have it | all have it (median) "
               "| all have it (worst) |")

@@ -25,6 +25,7 @@ from dptrain.coordinator.api.errors import (
 )
 from dptrain.coordinator.server.blobs import LeasedStream, blob_id
 from dptrain.coordinator.server.checkpoint_store import WORKER_STATES
+from dptrain.coordinator.server.code_listing import write_listing
 from dptrain.coordinator.server.jobs import ServiceState
 from dptrain.worker.code_archive import CodeArchiveError, check_archive
 from dptrain.worker.spec import code_digest
@@ -79,13 +80,14 @@ def receive_code(sha256: str, size: int, chunks: Iterable[bytes],
     # An unsafe archive is deleted again: no job can name it (check_archive is deterministic,
     # and a job may name only an archive that passed it).
     try:
-        check_archive(state.blobs.get(stored), limit)
+        files = check_archive(state.blobs.get(stored), limit)
     except CodeArchiveError as e:
         state.blobs.delete(stored)
         if "limit" in str(e):
             raise BlobTooLarge(limit) from None
         raise ValidationError("code", f"the archive is refused: {e}",
                               f"{stored_size} bytes") from None
+    write_listing(state.code_listings, stored, files)  # what submissions naming it read
     return stored, stored_size
 
 

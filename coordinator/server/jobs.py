@@ -47,10 +47,11 @@ from dptrain.coordinator.api.records import (
     new_job,
 )
 from dptrain.coordinator.server.blobs import BlobStore
+from dptrain.coordinator.server.code_listing import archive_files
 from dptrain.coordinator.server.metrics import Metrics
 from dptrain.coordinator.server.scheduler import Cluster, validate_request
 from dptrain.coordinator.server.store import Store
-from dptrain.worker.code_archive import MAX_CODE_BYTES, check_archive
+from dptrain.worker.code_archive import MAX_CODE_BYTES
 from dptrain.worker.data import data_paths
 from dptrain.worker.module_policy import spec_code_errors
 from dptrain.worker.spec import JobSpec, JobSpecError, code_digest
@@ -59,7 +60,7 @@ __all__ = [
     "Runner", "ServiceState", "SubmitRequest", "ListRequest", "SpecInvalid",
     "validate_spec", "check_data_paths", "check_code", "check_job_code", "prepare_job",
     "queue_job", "submit_job",
-    "get_job", "list_jobs", "cancel_job", "watch_job", "report_progress", "heartbeat",
+    "list_jobs", "cancel_job", "watch_job", "report_progress", "heartbeat",
 ]
 
 log = logging.getLogger("dptrain.coordinator")
@@ -103,6 +104,8 @@ class ServiceState:
         metrics: counters for the Prometheus endpoint.
         stopping: set when the server shuts down (ends open watches).
         jobs_dir: where the job directories are (``STATE/jobs``); None: nowhere (tests).
+        code_listings: where the code archives' listings are kept (``server.code_listing``);
+            None: each submission reads the archive.
     """
 
     store: Store
@@ -116,6 +119,7 @@ class ServiceState:
     metrics: Metrics = field(default_factory=Metrics)
     stopping: threading.Event = field(default_factory=threading.Event)
     jobs_dir: Path | None = None
+    code_listings: Path | None = None
 
 
 class SpecInvalid(ValidationError):
@@ -221,7 +225,7 @@ def check_job_code(spec: JobSpec, state: ServiceState) -> None:
     """
     digest = code_digest(spec.code)
     # The stored archive passed check_archive at upload; its listing names the shipped files.
-    files = None if digest is None else check_archive(state.blobs.get(digest),
+    files = None if digest is None else archive_files(state.code_listings, state.blobs, digest,
                                                       state.max_code_bytes)
     errors = spec_code_errors(spec, files, state.allowed_modules)
     if errors:
@@ -317,15 +321,6 @@ def submit_job(request: SubmitRequest, state: ServiceState, *, now: float | None
         ValidationError: naming the field at fault.
     """
     return queue_job(prepare_job(request, state, now=now, owner=owner), state)
-
-
-def get_job(job_id: str, state: ServiceState) -> Job:
-    """The job with this id.
-
-    Raises:
-        JobNotFound: no such job.
-    """
-    return state.store.get_job(job_id)
 
 
 def list_jobs(request: ListRequest, state: ServiceState) -> tuple[list[Job], str]:

@@ -39,6 +39,7 @@ from dptrain.coordinator.api.errors import CorruptRecord, JobNotFound, Validatio
 from dptrain.coordinator.api.limits import DEFAULT_MAX_CHECKPOINT_BYTES, channel_options
 from dptrain.coordinator.server.auth import AuthInterceptor, load_or_create_token
 from dptrain.coordinator.server.blobs import BlobStore
+from dptrain.coordinator.server.code_listing import LISTING_DIR
 from dptrain.coordinator.server.jobs import Runner, ServiceState
 from dptrain.coordinator.server.metrics import Metrics, MetricsHTTPServer
 from dptrain.coordinator.server.private_files import make_private_dir
@@ -460,6 +461,7 @@ def serve(settings: ServerSettings, *,
             data_roots=tuple(Path(r).resolve() for r in settings.data_roots),
             default_max_restarts=default_max_restarts, max_code_bytes=settings.max_code_bytes,
             jobs_dir=RunnerSettings(state_dir).jobs_dir,
+            code_listings=make_private_dir(state_dir / LISTING_DIR),
             allowed_modules=allowed_modules)
         if settings.retain_finished_s is not None and not settings.retain_finished_s > 0:
             raise ServerConfigError(f"retain_finished_s: must be > 0 seconds, got "

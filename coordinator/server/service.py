@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -24,12 +23,13 @@ from dptrain.coordinator.server import checkpoint_store as checkpoints
 from dptrain.coordinator.server import code_store, jobs, retention, users
 from dptrain.coordinator.server.access import Principal
 from dptrain.coordinator.server.auth import WORKER_SERVICE, AuthInterceptor
+from dptrain.coordinator.server.job_messages import JobMessages
 from dptrain.coordinator.server.jobs import ServiceState
 from dptrain.protos.dptrain.v1 import coordinator_pb2 as pb
 from dptrain.protos.dptrain.v1 import coordinator_pb2_grpc as pb_grpc
 from dptrain.worker.spec import cut
 
-__all__ = ["CoordinatorServicer", "WorkerServicer", "SpecMessages", "status_of", "one_line"]
+__all__ = ["CoordinatorServicer", "WorkerServicer", "status_of", "one_line"]
 
 log = logging.getLogger("dptrain.coordinator")
 
@@ -72,41 +72,6 @@ def _aborting(context: grpc.ServicerContext) -> Iterator[None]:
         context.abort(code, message)
 
 
-class SpecMessages:
-    """The encoded specs of recently seen jobs, by job id: a job's spec never changes, and
-    encoding it field by field (`serde.spec_to_proto`) was a quarter of a GetJob's server time
-    and most of a ListJobs' (docs/benchmarks.md, "Coordinator").
-
-    Safe for many threads. Holds at most `capacity` specs, forgetting the oldest first.
-
-    Args:
-        capacity: how many specs to keep.
-    """
-
-    def __init__(self, capacity: int = 4096):
-        self.capacity = capacity
-        self._specs: dict[str, pb.JobSpec] = {}
-        self._lock = threading.Lock()
-
-    def add(self, job_id: str, spec: pb.JobSpec) -> None:
-        """Keep `spec` as the encoded spec of `job_id` (never change it afterwards)."""
-        with self._lock:
-            self._specs[job_id] = spec
-            while len(self._specs) > self.capacity:
-                del self._specs[next(iter(self._specs))]
-
-    def job_message(self, job: Job) -> pb.Job:
-        """`serde.stored_job_to_proto(job)`, its spec encoded at most once per job."""
-        spec = self._specs.get(job.id)
-        if spec is None:
-            try:
-                spec = serde.spec_to_proto(job.spec)
-            except (ValueError, OverflowError, TypeError):  # a record the API cannot carry:
-                return serde.stored_job_to_proto(job)     # its summary, as serde makes it
-            self.add(job.id, spec)
-        return serde.stored_job_to_proto(job, spec)
-
-
 _COORDINATOR = "/dptrain.v1.Coordinator/"
 
 
@@ -122,16 +87,17 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
     def __init__(self, state: ServiceState, auth: AuthInterceptor):
         self.state = state
         self.auth = auth
-        self.specs = SpecMessages()
+        self.jobs = JobMessages(state.store)
 
     def _caller(self, context: Any, method: str) -> Principal:
         return self.auth.principal(context.invocation_metadata(), _COORDINATOR + method)
 
-    def _owned_job(self, context: Any, method: str, job_id: str) -> Job:
-        """The job, once the caller is its owner or an admin (NOT_FOUND first)."""
-        job = jobs.get_job(job_id, self.state)
+    def _owned_job(self, context: Any, method: str, job_id: str) -> tuple[Job, pb.Job]:
+        """The job and its message, once the caller is its owner or an admin (NOT_FOUND
+        first)."""
+        job, message = self.jobs.get(job_id)
         self._caller(context, method).require_owner(job)
-        return job
+        return job, message
 
     def SubmitJob(self, request: pb.SubmitJobRequest, context: Any) -> pb.Job:
         """Validate and queue a job (`jobs.submit_job`), owned by the caller."""
@@ -143,30 +109,30 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             spec = serde.spec_to_proto(job.spec)
             reply = serde.job_to_proto(job, spec)
             jobs.queue_job(job, self.state)
-            self.specs.add(job.id, spec)
+            self.jobs.specs.put(job.id, spec)
             return reply
 
     def GetJob(self, request: pb.GetJobRequest, context: Any) -> pb.Job:
-        """One job (`jobs.get_job`)."""
+        """One job: the store's record, its message kept while the job is unchanged
+        (`server.job_messages`)."""
         with _aborting(context):
-            return self.specs.job_message(self._owned_job(context, "GetJob", request.job_id))
+            return self._owned_job(context, "GetJob", request.job_id)[1]
 
     def ListJobs(self, request: pb.ListJobsRequest,
                  context: Any) -> pb.ListJobsResponse:
-        """A page of jobs (`jobs.list_jobs`): a user's own, or an admin's choice."""
+        """A page of jobs (`jobs.list_jobs`): a user's own, or an admin's choice; kept while
+        no job is written (`server.job_messages`)."""
         with _aborting(context):
             wanted = serde.list_request_from_proto(request)
             owner = self._caller(context, "ListJobs").list_owner(wanted.owner)
-            page, token = jobs.list_jobs(dataclasses.replace(wanted, owner=owner or ""),
-                                         self.state)
-            return pb.ListJobsResponse(jobs=[self.specs.job_message(j) for j in page],
-                                       next_page_token=token)
+            wanted = dataclasses.replace(wanted, owner=owner or "")
+            return self.jobs.page(wanted, lambda: jobs.list_jobs(wanted, self.state))
 
     def CancelJob(self, request: pb.CancelJobRequest, context: Any) -> pb.Job:
         """Cancel a job (`jobs.cancel_job`)."""
         with _aborting(context):
             self._owned_job(context, "CancelJob", request.job_id)
-            return self.specs.job_message(jobs.cancel_job(request.job_id, self.state))
+            return self.jobs.message(jobs.cancel_job(request.job_id, self.state))
 
     def WatchJob(self, request: pb.WatchJobRequest,
                  context: Any) -> Iterator[pb.WatchJobResponse]:
@@ -176,7 +142,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             for item in jobs.watch_job(request.job_id, request.after_seq, self.state,
                                        is_active=context.is_active):
                 if isinstance(item, Job):
-                    yield pb.WatchJobResponse(job=self.specs.job_message(item))
+                    yield pb.WatchJobResponse(job=self.jobs.message(item))
                 else:
                     yield pb.WatchJobResponse(event=serde.event_to_proto(item))
 
@@ -206,7 +172,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         """Delete a finished job and its files (`retention.delete_job`)."""
         with _aborting(context):
             self._owned_job(context, "DeleteJob", request.job_id)
-            return self.specs.job_message(retention.delete_job(request.job_id, self.state))
+            return self.jobs.message(retention.delete_job(request.job_id, self.state))
 
     def KeepCheckpoint(self, request: pb.KeepCheckpointRequest, context: Any) -> pb.Checkpoint:
         """Mark or unmark a checkpoint kept (`checkpoints.keep_checkpoint`)."""

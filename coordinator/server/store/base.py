@@ -63,6 +63,7 @@ __all__ = [
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
 MAX_EVENTS = 1000
+_JOB_REVISIONS = 65536  # jobs whose last write is remembered; past it, all start anew
 
 
 class Transaction(Protocol):
@@ -146,6 +147,12 @@ class Store(ABC):
         # an older version is never used.
         self._users_version = 0
         self._token_users: dict[str, tuple[int, User]] = {}
+        # Job revisions (`job_revision`): the same rule, for the jobs' encoded messages the
+        # servicer keeps.
+        self._revision_lock = threading.Lock()
+        self._jobs_revision = 0
+        self._revisions_floor = 0  # the revision of every job absent from _job_revisions
+        self._job_revisions: dict[str, int] = {}
 
     # -- what an implementation provides
 
@@ -190,6 +197,7 @@ class Store(ABC):
             tx.insert_job(job)
             self._append(tx, job.id, [(EventKind.STATE, {"state": job.state.value})],
                          job.submitted_at)
+        self._job_written(job.id)
         self._notify(job.id)
         return job
 
@@ -266,6 +274,7 @@ class Store(ABC):
             job = self._job_in(tx, job_id, states)
             updated = apply_update(job, fields)
             tx.replace_job(updated)
+        self._job_written(job_id)
         return updated
 
     def transition(self, job_id: str, from_states: JobState | Iterable[JobState],
@@ -301,6 +310,7 @@ class Store(ABC):
             updated = apply_transition(job, to_state, now, fields)
             tx.replace_job(updated)
             self._append(tx, job_id, [(EventKind.STATE, state_event_payload(job, updated))], now)
+        self._job_written(job_id)
         self._notify(job_id)
         return updated
 
@@ -324,8 +334,41 @@ class Store(ABC):
             job = self._job_in(tx, job_id, states)
             records = tx.list_checkpoints(job_id)
             tx.delete_job(job_id)
+        self._job_written(job_id)
         self._notify(job_id)
         return job, records
+
+    def job_revision(self, job_id: str) -> int:
+        """A number that changes after every committed write of this job (deleting it too).
+
+        For keeping something made from a job (its encoded message) between reads: read the
+        revision first, then the job; what was made from that record is current for as long as
+        the revision stays the same. (Revisions move only after a write's commit, so a record
+        read after the revision holds at least every write it counts.) Writes made to the
+        database by another process are not seen.
+
+        Args:
+            job_id: the job (existing or not).
+        """
+        return self._job_revisions.get(job_id, self._revisions_floor)
+
+    @property
+    def jobs_revision(self) -> int:
+        """`job_revision`'s number for all jobs together: it changes after every committed
+        write of any job (for keeping a listing)."""
+        return self._jobs_revision
+
+    def _job_written(self, job_id: str) -> None:
+        """After a committed write of `job_id`: move its revision and all jobs'."""
+        with self._revision_lock:
+            self._jobs_revision += 1
+            if len(self._job_revisions) >= _JOB_REVISIONS:
+                # Forget them all at once: the new floor is newer than any revision given out,
+                # so nothing kept under a forgotten one is taken for current.
+                self._job_revisions.clear()
+                self._revisions_floor = self._jobs_revision
+                self._jobs_revision += 1
+            self._job_revisions[job_id] = self._jobs_revision
 
     def count_by_state(self) -> dict[JobState, int]:
         """How many jobs are in each state (every state present, zeros included)."""
@@ -381,6 +424,8 @@ class Store(ABC):
             if fields:
                 tx.replace_job(apply_update(job, fields))
             seqs = self._append(tx, job_id, checked, now)
+        if fields:
+            self._job_written(job_id)
         self._notify(job_id)
         return seqs
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import tarfile
 
 import grpc
@@ -180,3 +181,58 @@ def test_an_archive_damaged_on_the_servers_disk_is_refused_by_the_worker(
         f"{hashlib.sha256(bytes(damaged)).hexdigest()}: damaged on the coordinator's disk or on "
         "the way; upload the code again and resubmit")
     assert not target.exists() and list(target.parent.iterdir()) == []
+
+
+# ---------------------------------------------------------------- the listing kept at upload
+
+def _own(digest: str, entrypoint: str) -> dict:
+    return {"name": "own", "entrypoint": entrypoint, "workers": 2, "code": f"sha256:{digest}"}
+
+
+def _listing(server, digest: str):
+    return server.settings.state_dir / "code-listings" / f"{digest}.json"
+
+
+def test_submissions_decide_from_the_listing_kept_at_upload_not_the_archive(
+        server, client, project, tmp_path):
+    data = pack_directory(project).data
+    digest = client.upload_code(data)
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:  # the reference: tarfile's reading
+        names = sorted(m.name for m in tar if m.isfile())
+    assert names == ["pkg/__init__.py", "pkg/model.py", "train.py"]
+    assert sorted(json.loads(_listing(server, digest).read_text())["files"]) == names
+    # With the archive damaged on disk, a submission still decides by the listing: the
+    # archive is not read (nor hashed) there ...
+    blob = server.blobs.get(digest)
+    damaged = bytearray(blob.read_bytes())
+    damaged[len(damaged) // 2] ^= 0xFF
+    blob.write_bytes(bytes(damaged))
+    job = client.submit_job(_own(digest, "train.py --lr 0.1"))
+    with pytest.raises(ClientError) as info:
+        client.submit_job(_own(digest, "missing.py"))
+    assert info.value.code == "INVALID_ARGUMENT" and "entrypoint" in str(info.value)
+    # ... and the damage is refused where the bytes are used: by the job's workers.
+    token = _launch(server, job.id)
+    with WorkerClient(server.address, job.id, token) as worker:
+        with pytest.raises(CodeArchiveError, match="^DATA_LOSS: the code archive"):
+            worker.fetch_code(digest, tmp_path / "jobdir" / "code" / digest)
+
+
+def test_a_changed_or_missing_listing_is_made_again_from_the_archive(server, client, project):
+    digest = client.upload_code(pack_directory(project).data)
+    path = _listing(server, digest)
+    kept = json.loads(path.read_text())
+    # A listing whose files no longer hash as recorded is not believed.
+    path.write_text(json.dumps({**kept, "files": [*kept["files"], "evil.py"]}))
+    with pytest.raises(ClientError) as info:
+        client.submit_job(_own(digest, "evil.py"))
+    assert info.value.code == "INVALID_ARGUMENT" and "entrypoint" in str(info.value)
+    assert json.loads(path.read_text()) == kept
+    # Nor one naming another archive; and a missing one (an older upload) is made again.
+    other = {**kept, "archive": "sha256:" + "0" * 64}
+    path.write_text(json.dumps(other))
+    assert client.submit_job(_own(digest, "train.py")).state is JobState.QUEUED
+    assert json.loads(path.read_text()) == kept
+    path.unlink()
+    assert client.submit_job(_own(digest, "train.py")).state is JobState.QUEUED
+    assert json.loads(path.read_text()) == kept

@@ -42,9 +42,10 @@ from dptrain.coordinator.api.records import (
 from dptrain.coordinator.client.client import Client, ClientError
 from dptrain.coordinator.client.worker_client import WorkerClient
 from dptrain.coordinator.client.worker_reporter import fetch_resume_checkpoint
+from dptrain.coordinator.server.job_messages import JobMessages
 from dptrain.coordinator.server.scheduler import Cluster
 from dptrain.coordinator.server.server import ServerConfigError, ServerSettings, serve
-from dptrain.coordinator.server.service import SpecMessages
+from dptrain.coordinator.server.store import MemoryStore
 from dptrain.protos.dptrain.v1 import coordinator_pb2 as pb
 from dptrain.protos.dptrain.v1 import coordinator_pb2_grpc as pb_grpc
 from dptrain.worker.checkpoint import (
@@ -172,7 +173,7 @@ def test_submit_queues_the_job_and_wakes_the_runner(server, client):
 
 
 def test_every_reply_carries_the_spec_the_workers_validation_gives(client):
-    # The servicer encodes each job's spec once (SpecMessages): the replies after the first,
+    # The servicer encodes each job's spec once (JobMessages): the replies after the first,
     # served from that cache, must carry the spec as JobSpec.to_dict() gives it.
     expected = {f"job{i}": JobSpec.from_dict({**SPEC, "name": f"job{i}"}).to_dict()
                 for i in range(3)}
@@ -186,15 +187,15 @@ def test_every_reply_carries_the_spec_the_workers_validation_gives(client):
     assert client.cancel_job(submitted[0].id).spec == expected["job0"]
 
 
-def test_spec_messages_forget_the_oldest_and_encode_it_again():
-    specs = SpecMessages(capacity=2)
+def test_job_messages_forget_the_oldest_spec_and_encode_it_again():
+    messages = JobMessages(MemoryStore(), capacity=2)
     jobs = [new_job(f"job{i}", JobSpec.from_dict({**SPEC, "name": f"job{i}"}).to_dict())
             for i in range(3)]
     for job in jobs:
-        assert serde.job_from_proto(specs.job_message(job)).spec == job.spec
-    assert list(specs._specs) == [jobs[1].id, jobs[2].id]
-    assert serde.job_from_proto(specs.job_message(jobs[0])).spec == jobs[0].spec
-    assert list(specs._specs) == [jobs[2].id, jobs[0].id]
+        assert serde.job_from_proto(messages.message(job)).spec == job.spec
+    assert messages.specs.keys() == [jobs[1].id, jobs[2].id]
+    assert serde.job_from_proto(messages.message(jobs[0])).spec == jobs[0].spec
+    assert messages.specs.keys() == [jobs[2].id, jobs[0].id]
 
 
 def test_submit_a_job_file(client, repo_root):
@@ -228,6 +229,74 @@ def test_list_jobs_pages_newest_first_and_filters_by_state(client):
     with pytest.raises(ClientError) as info:
         client.list_jobs(page_token="not-a-token")
     assert _code(info) == "INVALID_ARGUMENT" and "page_token" in str(info.value)
+
+
+def test_kept_replies_show_each_change_of_a_job_at_the_next_call(server, client):
+    # GetJob and ListJobs keep their encoded replies while the store says the jobs are
+    # unchanged (JobMessages): every kind of change must show at the very next call.
+    def views(job_id):
+        listed = {j.id: j for j in client.list_jobs()[0]}
+        return client.get_job(job_id), listed.get(job_id)
+
+    job, worker = _running_job(server, client)
+    for _ in range(2):  # the second call of each is served from what was kept
+        got, listed = views(job.id)
+        assert got.state is listed.state is JobState.RUNNING and got.last_step is None
+    worker.report_progress([("metrics", {"step": 7, "loss": 0.25})])
+    got, listed = views(job.id)
+    assert (got.last_step, got.metrics) == (listed.last_step, listed.metrics) == (
+        7, {"loss": 0.25})
+    worker.heartbeat()
+    heartbeat_at = server.store.get_job(job.id).heartbeat_at
+    assert views(job.id)[0].heartbeat_at == views(job.id)[1].heartbeat_at == heartbeat_at
+    server.store.transition(job.id, JobState.RUNNING, JobState.SUCCEEDED, exit_code=0)
+    got, listed = views(job.id)
+    assert got.state is listed.state is JobState.SUCCEEDED and got.exit_code == 0
+    client.delete_job(job.id)
+    assert job.id not in {j.id for j in client.list_jobs()[0]}
+    with pytest.raises(ClientError) as info:
+        client.get_job(job.id)
+    assert _code(info) == "NOT_FOUND"
+
+
+def test_kept_listing_pages_show_new_jobs_and_owners_at_the_next_call(server, client):
+    first = [client.submit_job({**SPEC, "name": f"job{i}"}).id for i in range(3)]
+    pages = lambda **kw: [j.id for j in client.iter_jobs(page_size=2, **kw)]  # noqa: E731
+    assert pages() == pages() == first[::-1]
+    newer = client.submit_job(SPEC).id
+    assert pages() == [newer, *first[::-1]]
+    page, token = client.list_jobs(page_size=2)
+    client.cancel_job(first[2])
+    assert [j.state for j in client.list_jobs(page_size=2)[0]] == [JobState.QUEUED,
+                                                                 JobState.CANCELLED]
+    assert [j.id for j in client.list_jobs(page_size=2, page_token=token)[0]] == first[1::-1]
+    # Owners: a new user's listing, an admin's filter by that owner, as each job arrives.
+    _, alice_token = client.create_user("alice")
+    with Client(server.address, token=alice_token, timeout=10) as alice:
+        assert alice.list_jobs()[0] == [] and client.list_jobs(owner="alice")[0] == []
+        mine = alice.submit_job(SPEC).id
+        assert [j.id for j in alice.list_jobs()[0]] == [mine]
+        assert [j.id for j in client.list_jobs(owner="alice")[0]] == [mine]
+        assert pages() == [mine, newer, *first[::-1]]
+
+
+def test_a_kept_reply_still_needs_a_valid_token_and_the_owner(server, client):
+    _, alice_token = client.create_user("alice")
+    _, bob_token = client.create_user("bob")
+    with Client(server.address, token=alice_token, timeout=10) as alice, \
+            Client(server.address, token=bob_token, timeout=10) as bob:
+        job = alice.submit_job(SPEC)
+        assert alice.get_job(job.id) == alice.get_job(job.id) == client.get_job(job.id)
+        assert [j.id for j in alice.list_jobs()[0]] == [job.id]
+        with pytest.raises(ClientError) as info:
+            bob.get_job(job.id)
+        assert _code(info) == "PERMISSION_DENIED"
+        assert bob.list_jobs()[0] == []
+        client.revoke_user("alice")
+        for call in (lambda: alice.get_job(job.id), alice.list_jobs):
+            with pytest.raises(ClientError) as info:
+                call()
+            assert _code(info) == "UNAUTHENTICATED"
 
 
 def test_cancel_queued_job_then_again_then_a_finished_one(server, client):

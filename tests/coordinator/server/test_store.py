@@ -82,6 +82,46 @@ class TestStoreContract:
         assert store.get_job(job.id).spec == {"model": {"name": "mlp"}, "batch_size": 64,
                                               "workers": 2}
 
+    def test_every_committed_job_write_moves_its_revision_and_reads_do_not(self, store):
+        # What JobMessages relies on to serve an unchanged job's kept message: a revision
+        # that stays through reads and moves with each kind of job write, of that job only.
+        a, b = store.create_job(_job("a")), store.create_job(_job("b"))
+        seen = [(store.job_revision(a.id), store.jobs_revision)]
+        b_revision = store.job_revision(b.id)
+
+        def moved() -> bool:
+            now = (store.job_revision(a.id), store.jobs_revision)
+            changed = now[0] != seen[-1][0] and now[1] != seen[-1][1]
+            seen.append(now)
+            return changed
+
+        store.get_job(a.id), store.list_jobs(), store.events(a.id)
+        assert not moved()
+        store.update_job(a.id, heartbeat_at=5.0)
+        assert moved()
+        store.transition(a.id, JobState.QUEUED, JobState.RUNNING, placement={"h": 2})
+        assert moved()
+        store.append_events(a.id, [("metrics", {"step": 3, "loss": 1.0})],
+                            fields={"last_step": 3})
+        assert moved()
+        store.append_events(a.id, [("log", {"line": "no job field changes"})])
+        assert not moved()
+        store.transition(a.id, JobState.RUNNING, JobState.SUCCEEDED)
+        assert moved()
+        store.delete_job(a.id, [JobState.SUCCEEDED])
+        assert moved()
+        assert store.job_revision(b.id) == b_revision
+        assert len({r for r, _ in seen}) == len(seen) - 2  # no revision came back
+
+    def test_forgotten_revisions_never_match_an_earlier_one(self, store, monkeypatch):
+        # Past _JOB_REVISIONS jobs, every job's revision starts anew, above all earlier ones.
+        monkeypatch.setattr(store_base, "_JOB_REVISIONS", 2)
+        jobs = [store.create_job(_job(f"j{i}")) for i in range(2)]
+        before = {j.id: store.job_revision(j.id) for j in jobs}
+        store.create_job(_job("third"))  # the 3rd tag: the others are forgotten
+        after = {j.id: store.job_revision(j.id) for j in jobs}
+        assert all(after[k] > max(before.values()) for k in after)
+
     def test_list_jobs_is_newest_first_with_id_breaking_ties(self, store):
         ids = [store.create_job(_job(now=t)).id for t in (1.0, 3.0, 2.0, 2.0)]
         listed = [j.id for j in store.list_jobs()[0]]
