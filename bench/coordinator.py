@@ -20,14 +20,15 @@ Clients run in further child processes, many threads each, one connection per cl
    benchmark sends a log line as the job's worker (ReportProgress with its worker token) and
    times until every watcher has it (and until half have it). Median over rounds.
 3. Checkpoint transfer: a worker uploads a checkpoint whose model file is 64 MiB of random
-   bytes (UploadCheckpoint, chunked, verified against its BLAKE3 manifest entry and stored
-   durably), and a client downloads that file (DownloadCheckpoint, verified as it arrives,
-   written with fsync), against a plain copy of the same file on the same disk
-   (``shutil.copyfile`` then ``fsync``: both transfers make their result durable too) and, for
-   reference, the copy without fsync. The ceiling gRPC itself sets: the same bytes in the same
-   chunks over a bare grpcio stream on loopback (a generic handler in the echo server, raw
-   bytes per message, no hashing), each way, dropped on arrival and written + fsynced. Every
-   row runs once per round, interleaved; medians over rounds.
+   bytes, different in each round (UploadCheckpoint, chunked, verified against its BLAKE3
+   manifest entry and stored durably; retention deletes the oldest from the fourth round on),
+   and a client downloads that file (DownloadCheckpoint, verified as it arrives, written with
+   fsync), against a plain copy of the same file on the same disk (``shutil.copyfile`` then
+   ``fsync``: both transfers make their result durable too) and, for reference, the copy
+   without fsync. The ceiling gRPC itself sets: the same bytes in the same chunks over a bare
+   grpcio stream on loopback (a generic handler in the echo server, raw bytes per message, no
+   hashing), each way, dropped on arrival and written + fsynced. Every row runs once per
+   round, interleaved; medians over rounds.
 
 Every row's peers are measured in this one run; the machine may be shared, so each number is
 a median (or a percentile over thousands of calls) and the ratios are what to read.
@@ -375,7 +376,9 @@ def bench_transfer(info: dict, worker_token: str, work: Path, size_mib: int,
         ckpt = work / f"step-{step:08d}"
         ckpt.mkdir()
         model = ckpt / "model.safetensors"
-        model.write_bytes(data)
+        # Each round's checkpoint differs, as a training job's do: the server stores a new
+        # blob (the same bytes again would replace the stored copy instead).
+        model.write_bytes(step.to_bytes(8, "little") + data[8:])
         write_manifest(ckpt, {"step": step}, ["model.safetensors"], algorithm)
         timed("upload", worker.upload_checkpoint, ckpt)
         timed("download", client.download_checkpoint, info["job_id"], step=step,
