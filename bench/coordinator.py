@@ -23,11 +23,15 @@ Clients run in further child processes, many threads each, one connection per cl
    benchmark sends a log line as the job's worker (ReportProgress with its worker token) and
    times until every watcher has it (and until half have it). Median over rounds.
 3. Checkpoint transfer: a worker uploads a checkpoint whose model file is 64 MiB of random
-   bytes (UploadCheckpoint, chunked, verified against its BLAKE3 manifest entry and stored
-   durably), and a client downloads that file (DownloadCheckpoint, verified as it arrives,
-   written with fsync), against a plain copy
-   of the same file on the same disk (``shutil.copyfile`` then ``fsync``: both transfers make
-   their result durable too) and, for reference, the copy without fsync. Medians over rounds.
+   bytes, different in each round (UploadCheckpoint, chunked, verified against its BLAKE3
+   manifest entry and stored durably; retention deletes the oldest from the fourth round on),
+   and a client downloads that file (DownloadCheckpoint, verified as it arrives, written with
+   fsync), against a plain copy of the same file on the same disk (``shutil.copyfile`` then
+   ``fsync``: both transfers make their result durable too) and, for reference, the copy
+   without fsync. The ceiling gRPC itself sets: the same bytes in the same chunks over a bare
+   grpcio stream on loopback (a generic handler in the echo server, raw bytes per message, no
+   hashing), each way, dropped on arrival and written + fsynced. Every row runs once per
+   round, interleaved; medians over rounds.
 
 Every row's peers are measured in this one run; the machine may be shared, so each number is
 a median (or a percentile over thousands of calls) and the ratios are what to read.
@@ -85,6 +89,7 @@ def serve_child(state_dir: str, worker_token: str) -> None:
                        options=[*channel_options(), ("grpc.so_reuseport", 0)])
     echo.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(
         "bench.Echo", {"Echo": grpc.unary_unary_rpc_method_handler(lambda request, _: request)})])
+    echo.add_generic_rpc_handlers([bare_transfer_handlers(Path(state_dir))])
     echo_port = echo.add_insecure_port("127.0.0.1:0")
     echo.start()
     print(json.dumps({"address": server.address, "token": server.token, "job_id": job.id,
@@ -92,6 +97,44 @@ def serve_child(state_dir: str, worker_token: str) -> None:
     sys.stdin.read()
     echo.stop(grace=1.0)
     server.stop(grace=1.0)
+
+
+def bare_transfer_handlers(work: Path) -> Any:
+    """The transfer peers: a file's bytes over a bare grpcio stream, each message one chunk as
+    it is (no protobuf, no hashing), received and dropped or written and fsynced.
+
+    ``bench.Transfer/Sink`` and ``SinkToDisk`` take a client's stream (as an upload does) and
+    answer the byte count; ``Source`` streams the requested number of bytes to the client (as
+    a download does), in chunks of the transfers' size.
+    """
+    import grpc
+
+    from dptrain.coordinator.api.limits import CHUNK_BYTES
+
+    chunk = os.urandom(CHUNK_BYTES)
+
+    def sink(requests: Any, _: Any) -> bytes:
+        return sum(len(r) for r in requests).to_bytes(8, "little")
+
+    def sink_to_disk(requests: Any, _: Any) -> bytes:
+        size = 0
+        with open(work / "bare-upload", "wb") as f:
+            for r in requests:
+                size += f.write(r)
+            f.flush()
+            os.fsync(f.fileno())
+        return size.to_bytes(8, "little")
+
+    def source(request: bytes, _: Any) -> Any:
+        left = int.from_bytes(request, "little")
+        while left > 0:
+            yield chunk if left >= len(chunk) else chunk[:left]
+            left -= len(chunk)
+
+    return grpc.method_handlers_generic_handler("bench.Transfer", {
+        "Sink": grpc.stream_unary_rpc_method_handler(sink),
+        "SinkToDisk": grpc.stream_unary_rpc_method_handler(sink_to_disk),
+        "Source": grpc.unary_stream_rpc_method_handler(source)})
 
 
 # ---------------------------------------------------------------- load (child processes)
@@ -306,6 +349,37 @@ def _durable_copy(src: Path, dst: Path) -> None:
         os.fsync(f.fileno())
 
 
+def _bare_transfers(info: dict, data: bytes, work: Path) -> dict[str, Any]:
+    """``{row: () -> None}`` for the bare grpcio stream peers (`bare_transfer_handlers`)."""
+    import grpc
+
+    from dptrain.coordinator.api.limits import CHUNK_BYTES, channel_options
+
+    channel = grpc.insecure_channel(info["echo"], options=channel_options())
+    chunks = [data[i:i + CHUNK_BYTES] for i in range(0, len(data), CHUNK_BYTES)]
+    sink = channel.stream_unary("/bench.Transfer/Sink")
+    sink_to_disk = channel.stream_unary("/bench.Transfer/SinkToDisk")
+    source = channel.unary_stream("/bench.Transfer/Source")
+    size = len(data).to_bytes(8, "little")
+
+    def receive(write: bool) -> None:
+        if not write:
+            for _ in source(size, timeout=600):
+                pass
+            return
+        with open(work / "bare-download", "wb") as f:
+            for chunk in source(size, timeout=600):
+                f.write(chunk)
+            f.flush()
+            os.fsync(f.fileno())
+
+    return {"bare_up": lambda: sink(iter(chunks), timeout=600),
+            "bare_up_disk": lambda: sink_to_disk(iter(chunks), timeout=600),
+            "bare_down": lambda: receive(False),
+            "bare_down_disk": lambda: receive(True),
+            "_channel": channel}
+
+
 def bench_transfer(info: dict, worker_token: str, work: Path, size_mib: int,
                    rounds: int, algorithm: str) -> list[str]:
     from dptrain.coordinator.client.client import Client
@@ -313,40 +387,56 @@ def bench_transfer(info: dict, worker_token: str, work: Path, size_mib: int,
     from dptrain.worker.checkpoint_manifest import write_manifest
 
     data = os.urandom(size_mib << 20)
-    times: dict[str, list[float]] = {"upload": [], "download": [], "copy": [], "copy_nosync": []}
+    bare = _bare_transfers(info, data, work)
+    times: dict[str, list[float]] = {k: [] for k in (
+        "upload", "download", "copy", "copy_nosync", "bare_up", "bare_up_disk", "bare_down",
+        "bare_down_disk")}
     worker = WorkerClient(info["address"], info["job_id"], worker_token, timeout=600)
     client = Client(info["address"], token=info["token"], timeout=600)
+
+    def timed(row: str, call: Any, *args: Any, **kwargs: Any) -> None:
+        start = time.perf_counter()
+        call(*args, **kwargs)
+        times[row].append(time.perf_counter() - start)
+
     for step in range(1, rounds + 1):
         ckpt = work / f"step-{step:08d}"
         ckpt.mkdir()
         model = ckpt / "model.safetensors"
-        model.write_bytes(data)
+        # Each round's checkpoint differs, as a training job's do: the server stores a new
+        # blob (the same bytes again would replace the stored copy instead).
+        model.write_bytes(step.to_bytes(8, "little") + data[8:])
         write_manifest(ckpt, {"step": step}, ["model.safetensors"], algorithm)
-        start = time.perf_counter()
-        worker.upload_checkpoint(ckpt)
-        times["upload"].append(time.perf_counter() - start)
-        start = time.perf_counter()
-        client.download_checkpoint(info["job_id"], step=step, dest=work / "downloaded")
-        times["download"].append(time.perf_counter() - start)
-        start = time.perf_counter()
-        _durable_copy(model, work / "copied")
-        times["copy"].append(time.perf_counter() - start)
-        start = time.perf_counter()
-        shutil.copyfile(model, work / "copied-nosync")
-        times["copy_nosync"].append(time.perf_counter() - start)
+        timed("upload", worker.upload_checkpoint, ckpt)
+        timed("download", client.download_checkpoint, info["job_id"], step=step,
+              dest=work / "downloaded")
+        timed("copy", _durable_copy, model, work / "copied")
+        timed("copy_nosync", shutil.copyfile, model, work / "copied-nosync")
+        for row in ("bare_up", "bare_up_disk", "bare_down", "bare_down_disk"):
+            timed(row, bare[row])
         shutil.rmtree(ckpt)
     worker.close()
     client.close()
+    bare["_channel"].close()
     mb = len(data) / 1e6
     rate = {k: mb / statistics.median(v) for k, v in times.items()}
-    goal = lambda r: "✔" if r >= 0.8 else "✘"  # noqa: E731
-    up, down = rate["upload"] / rate["copy"], rate["download"] / rate["copy"]
-    return [f"| upload (UploadCheckpoint) | {size_mib} MiB | {rate['upload']:.0f} MB/s | "
-            f"{rate['copy']:.0f} MB/s | {up:.2f}x | >= 0.8x {goal(up)} |",
-            f"| download (DownloadCheckpoint) | {size_mib} MiB | {rate['download']:.0f} MB/s | "
-            f"{rate['copy']:.0f} MB/s | {down:.2f}x | >= 0.8x {goal(down)} |",
-            f"| plain copy without fsync (reference) | {size_mib} MiB | "
-            f"{rate['copy_nosync']:.0f} MB/s | | | |"]
+    goal = lambda r: f">= 0.8x {'✔' if r >= 0.8 else '✘'}"  # noqa: E731
+    rows = []
+    for row, name, peer in (
+            ("upload", "upload (UploadCheckpoint)", "bare_up_disk"),
+            ("download", "download (DownloadCheckpoint)", "bare_down_disk"),
+            ("bare_up", "bare gRPC stream to the server, dropped (peer)", None),
+            ("bare_up_disk", "bare gRPC stream to the server, written + fsync (peer)", None),
+            ("bare_down", "bare gRPC stream from the server, dropped (peer)", None),
+            ("bare_down_disk", "bare gRPC stream from the server, written + fsync (peer)",
+             None),
+            ("copy", "plain copy + fsync (peer)", None),
+            ("copy_nosync", "plain copy without fsync (reference)", None)):
+        over_copy = rate[row] / rate["copy"]
+        over_bare = f"{rate[row] / rate[peer]:.2f}x" if peer else ""
+        rows.append(f"| {name} | {size_mib} MiB | {rate[row]:.0f} MB/s | {over_copy:.2f}x | "
+                    f"{over_bare} | {goal(over_copy) if peer else ''} |")
+    return rows
 
 
 def machine() -> str:
@@ -423,8 +513,10 @@ def main() -> None:
         print("\n".join(fanout) + "\n")
     if transfer:
         print(f"Checkpoint transfer ({args.hash} manifest), median of {args.transfers} rounds; "
-              f"peer: `shutil.copyfile` + `fsync` of the same file\n")
-        print("| transfer | file | rate | plain copy | ratio | goal |")
+              f"(interleaved); peers: `shutil.copyfile` + `fsync` of the same file, and the "
+              f"same bytes over a bare grpcio stream in the same chunks\n")
+        print("| transfer | file | rate | over copy + fsync | over bare gRPC + write + fsync "
+              "| goal |")
         print("|---|---:|---:|---:|---:|---|")
         print("\n".join(transfer))
 

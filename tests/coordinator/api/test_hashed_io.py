@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
 import threading
 
 import blake3
@@ -65,7 +66,8 @@ def test_fsync_comes_after_the_last_byte_and_write_back_starts_early(tmp_path, m
     synced_sizes, early = [], []
     real_fsync = os.fsync
     monkeypatch.setattr(hashed_io, "SYNC_BYTES", 1 << 20)
-    monkeypatch.setattr(hashed_io, "_fdatasync", lambda fd: early.append(os.fstat(fd).st_size))
+    monkeypatch.setattr(hashed_io, "_start_write_back",
+                        lambda fd: early.append(os.fstat(fd).st_size))
 
     def fsync(fd):
         synced_sizes.append(os.fstat(fd).st_size)
@@ -76,6 +78,19 @@ def test_fsync_comes_after_the_last_byte_and_write_back_starts_early(tmp_path, m
         write_hashed(_chunks(DATA), f, "blake3")
     assert synced_sizes == [len(DATA)]
     assert early == [(i + 1) << 20 for i in range(5)]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="sync_file_range is Linux's")
+def test_on_linux_write_back_starts_without_waiting_through_sync_file_range(tmp_path):
+    start = hashed_io._write_back_starter()
+    assert start not in (getattr(os, "fdatasync", None), os.fsync)
+    path = tmp_path / "f"
+    with open(path, "wb") as f:
+        f.write(DATA)
+        f.flush()
+        assert start(f.fileno()) is None
+    assert path.read_bytes() == DATA
+    start(-1)  # a hint: even a bad descriptor raises nothing (the final fsync would)
 
 
 def test_a_broken_stream_raises_its_own_error_and_stops_the_writer(tmp_path):
