@@ -21,13 +21,14 @@ import hashlib
 import json
 import logging
 import os
+import time
 from pathlib import Path
 
 from dptrain.coordinator.server.blobs import BlobStore
 from dptrain.coordinator.server.private_files import write_private
 from dptrain.worker.code_archive import check_archive
 
-__all__ = ["LISTING_DIR", "archive_files", "write_listing"]
+__all__ = ["LISTING_DIR", "archive_files", "write_listing", "drop_stale_listings"]
 
 log = logging.getLogger("dptrain.coordinator")
 
@@ -91,3 +92,29 @@ def archive_files(directory: Path | None, blobs: BlobStore, digest: str,
     if directory is not None and os.path.isdir(directory):
         write_listing(directory, digest, files)
     return files
+
+
+def drop_stale_listings(directory: Path | None, blobs: BlobStore, *,
+                        min_age: float = 0.0) -> list[str]:
+    """Remove the listings whose archive the blob store no longer holds (freed with the last
+    job naming it), sparing any younger than `min_age` seconds.
+
+    A listing is written after its archive is stored, so one without an archive is a freed
+    archive's; an archive uploaded again gets its listing again.
+
+    Returns:
+        The digests whose listings were removed.
+    """
+    if directory is None or not directory.is_dir():
+        return []
+    cutoff = time.time() - min_age
+    removed = []
+    for path in directory.glob("*.json"):
+        digest = path.stem
+        try:
+            if not blobs.exists(digest) and path.stat().st_mtime <= cutoff:
+                path.unlink()
+                removed.append(digest)
+        except FileNotFoundError:  # removed meanwhile
+            pass
+    return removed

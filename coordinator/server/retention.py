@@ -32,6 +32,7 @@ from dptrain.coordinator.server.checkpoint_store import (
     record_blobs,
     referenced_blobs,
 )
+from dptrain.coordinator.server.code_listing import drop_stale_listings
 from dptrain.coordinator.server.jobs import ServiceState
 from dptrain.worker.spec import code_digest
 
@@ -111,8 +112,9 @@ def retire_finished(older_than_s: float, state: ServiceState, *,
 
 
 def collect_leftovers(state: ServiceState, *, min_age: float) -> None:
-    """Remove what deletions cut short by a crash left behind: blobs no record refers to
-    (`server.blobs.BlobStore.collect_garbage`) and job directories without a job.
+    """Remove what deletions left behind: blobs no record refers to
+    (`server.blobs.BlobStore.collect_garbage`, after a crash), the listings of code archives
+    no longer stored (`code_listing.drop_stale_listings`) and job directories without a job.
 
     Args:
         state: the server.
@@ -120,6 +122,7 @@ def collect_leftovers(state: ServiceState, *, min_age: float) -> None:
             nothing can be in flight then).
     """
     state.blobs.collect_garbage(referenced_blobs(state.store), min_age=min_age)
+    drop_stale_listings(state.code_listings, state.blobs, min_age=min_age)
     if state.jobs_dir is None or not state.jobs_dir.is_dir():
         return
     cutoff = time.time() - min_age

@@ -236,3 +236,29 @@ def test_a_changed_or_missing_listing_is_made_again_from_the_archive(server, cli
     path.unlink()
     assert client.submit_job(_own(digest, "train.py")).state is JobState.QUEUED
     assert json.loads(path.read_text()) == kept
+
+
+def test_a_freed_archives_listing_goes_at_the_next_upkeep_and_others_stay(
+        serve_coordinator, project, tmp_path):
+    server = serve_coordinator(cluster=Cluster.local(4), max_code_bytes=MAX_CODE)
+    other_project = tmp_path / "other"
+    other_project.mkdir()
+    (other_project / "train.py").write_text("print('other')\n")
+    with Client(server.address, token=server.token, timeout=10) as client:
+        freed = client.upload_code(pack_directory(project).data)
+        kept = client.upload_code(pack_directory(other_project).data)
+        doomed = client.submit_job(_own(freed, "train.py"))
+        client.submit_job(_own(kept, "train.py"))
+        client.cancel_job(doomed.id)
+        client.delete_job(doomed.id)
+    assert not server.blobs.exists(freed) and server.blobs.exists(kept)
+    assert _listing(server, freed).exists()  # until the next upkeep round or start
+    server.stop()
+    server = serve_coordinator(cluster=Cluster.local(4), max_code_bytes=MAX_CODE,
+                               port=server.port)
+    assert not _listing(server, freed).exists()
+    assert _listing(server, kept).exists()
+    with Client(server.address, token=server.token, timeout=10) as client:
+        with pytest.raises(ClientError) as info:  # as before the listings: upload it again
+            client.submit_job(_own(freed, "train.py"))
+        assert info.value.code == "INVALID_ARGUMENT" and "UploadCode" in str(info.value)
