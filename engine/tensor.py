@@ -554,9 +554,10 @@ def _accumulate(xp, grads: dict, fresh: set, vertex, gi, shape, dtype) -> None:
     """Add `gi`, one rule's gradient for `vertex` (an input of `shape` and `dtype`), into
     ``grads[vertex]``: summed back over broadcast dims and cast to the input's dtype first.
 
-    The first contribution is stored as it is; later ones are added in place only into a buffer
-    this pass allocated (its id is in `fresh`), since a rule may hand one array to several
-    inputs (add passes g to both)."""
+    The first contribution is stored as it is; later ones are added in place into a buffer
+    this pass allocated (its id is in `fresh`) or into the first contribution when nothing
+    else holds it, never into an array a rule handed to several inputs (add passes g to both)
+    or a hook kept."""
     acc = grads.get(vertex)
     if type(gi) is IndexedGrad:
         if acc is None or id(acc) not in fresh:  # a buffer of our own to add into
@@ -575,7 +576,15 @@ def _accumulate(xp, grads: dict, fresh: set, vertex, gi, shape, dtype) -> None:
     elif id(acc) in fresh:
         acc += gi  # a buffer this pass allocated: nobody else holds it
     else:
-        acc = acc + gi
+        # The first contribution becomes the buffer when nothing else holds it (a residual
+        # block's input gets its convolution's input gradient, then the shortcut's): one
+        # activation-sized array less to allocate. Shared (add hands g to both inputs) or
+        # kept by a hook, it is left alone.
+        del grads[vertex]  # now `acc` is its only holder, unless something else refers to it
+        if acc.dtype == gi.dtype and _unshared(acc):
+            acc += gi
+        else:
+            acc = acc + gi
         if not isinstance(acc, numpy.generic):  # numpy scalars are immutable
             fresh.add(id(acc))
         grads[vertex] = acc

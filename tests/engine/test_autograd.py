@@ -380,6 +380,30 @@ def test_a_gradient_passed_to_two_inputs_is_never_updated_in_place():
     np.testing.assert_array_equal(x.grad.numpy(), [3 + 3 + 5, 3 + 3 + 5])
 
 
+@pytest.mark.parametrize("kept_first", [False, True], ids=["kept_last", "kept_first"])
+def test_a_contribution_a_hook_kept_is_not_added_into(kept_first):
+    # The hook on s keeps the array add's rule then hands on to a; a's other contribution
+    # must go into a new buffer, whichever of the two arrives first.
+    x = f64([1.0, 2.0])
+    a = x * 1.0
+    s = a + 0.0
+    kept = []
+    s.register_hook(lambda g: kept.append(g))
+    hooked, other = (s * 3).sum(), (a * 5).sum()
+    (hooked + other if kept_first else other + hooked).backward()
+    assert kept[0].tolist() == [3.0, 3.0]
+    np.testing.assert_array_equal(x.grad.numpy(), [8.0, 8.0])
+
+
+def test_a_residual_input_gradient_sums_both_paths():
+    # y = relu(x @ w) + x: x's gradient is the first path's plus the shortcut's, by hand.
+    x0, w0 = np.array([[1.0, -2.0], [0.5, 3.0]]), np.array([[2.0, -1.0], [1.0, 1.0]])
+    x, w = f64(x0), f64(w0)
+    ((x @ w).relu() + x).sum().backward()
+    mask = (x0 @ w0 > 0).astype(float)
+    np.testing.assert_array_equal(x.grad.numpy(), mask @ w0.T + 1.0)
+
+
 @pytest.mark.parametrize("slices_first", [False, True], ids=["dense_first", "slices_first"])
 def test_a_slice_gradient_is_never_added_into_a_shared_array(slices_first):
     # add hands one array to both a and b; the slice of each adds into a buffer of its own

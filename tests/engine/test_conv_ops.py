@@ -250,6 +250,22 @@ def test_max_pool2d_propagates_nan():
     assert x.grad.tolist() == [[[[0.0, 1.0], [0.0, 0.0]]]]
 
 
+@pytest.mark.parametrize("stride", [2, 1], ids=["disjoint", "overlapping"])
+def test_max_pool2d_sends_an_infinite_gradient_to_the_winner_alone(stride):
+    # Only the window's maximum takes its gradient; the others get exactly 0, even when the
+    # gradient is inf or NaN (a product with a 0/1 mask would give them NaN).
+    x = engine.tensor([[[[1.0, 4.0, 2.0], [3.0, 0.0, 5.0]]]], dtype=F64, requires_grad=True)
+    out = F.max_pool2d(x, 2, stride=stride)
+    g = [[[[float("inf")]]]] if stride == 2 else [[[[float("inf"), float("nan")]]]]
+    out.backward(engine.tensor(g, dtype=F64))
+    got = x.grad.tolist()[0][0]
+    if stride == 2:  # one window over columns 0-1: 4.0 wins
+        assert got == [[0.0, float("inf"), 0.0], [0.0, 0.0, 0.0]]
+    else:  # windows over columns 0-1 (4.0 wins) and 1-2 (5.0 wins)
+        assert got[0][:1] + got[0][2:] + got[1][:2] == [0.0, 0.0, 0.0, 0.0]
+        assert got[0][1] == float("inf") and np.isnan(got[1][2])
+
+
 def test_max_pool2d_pads_with_minus_infinity():
     x = -engine.ones(1, 1, 2, 2)
     assert F.max_pool2d(x, 2, stride=1, padding=1).flatten().tolist() == [-1.0] * 9
