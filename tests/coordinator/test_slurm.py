@@ -137,8 +137,10 @@ def test_a_job_waiting_in_slurms_queue_is_not_taken_for_a_hung_one(slurm, serve_
                                                                      state_dir, reference,
                                                                      tmp_path):
     # Another user's job holds the whole node, so the coordinator's job waits in the queue
-    # for longer than the heartbeat timeout and the start-up grace together.
-    heartbeat, grace = 5.0, 15.0
+    # for longer than the heartbeat timeout and the start-up grace together. Once the ranks
+    # run, their first report must come within the grace: ranks importing numpy and mpi4py
+    # took up to 18 s on a loaded 2-core machine, hence 30.
+    heartbeat, grace = 8.0, 30.0
     blocker = subprocess.run(["sbatch", "--parsable", "--exclusive", f"--chdir={tmp_path}",
                               "--output=/dev/null", "--wrap", "sleep 600"],
                              capture_output=True, text=True, check=True).stdout.strip()
