@@ -408,6 +408,37 @@ def test_layer_norm(check):
           (2, 3))
 
 
+@pytest.mark.parametrize("affine", [True, False])
+def test_layer_norm_keeps_xhat_not_x_and_backward_twice_agrees(affine):
+    # The op keeps the normalised input (not x): x may change in place after the forward, and
+    # a retained graph's second backward reads the same xhat (backward builds dx in a new
+    # array). The reference is finite differences of the float64 formula by hand.
+    rng = np.random.default_rng(3)
+    a, g = rng.normal(size=(3, 5)) * 2 + 1, rng.normal(size=(3, 5))
+    w, b = rng.normal(size=5), rng.normal(size=5)
+    x = engine.tensor(a, requires_grad=True)
+    h = x * 1.0
+    args = (engine.tensor(w, requires_grad=True), engine.tensor(b)) if affine else ()
+    y = F.layer_norm(h, (5,), *args)
+    with engine.no_grad():
+        h.data[...] = 0.0
+    y.backward(engine.tensor(g), retain_graph=True)
+    first = x.grad.numpy().copy()
+    x.grad = None
+    y.backward(engine.tensor(g))
+    np.testing.assert_array_equal(x.grad.numpy(), first)
+
+    def loss(v):
+        return float((layer_norm_ref(v, 1, *((w, b) if affine else ())) * g).sum())
+
+    eps, numeric = 1e-6, np.zeros_like(a)
+    for i in np.ndindex(a.shape):
+        d = np.zeros_like(a)
+        d[i] = eps
+        numeric[i] = (loss(a + d) - loss(a - d)) / (2 * eps)
+    np.testing.assert_allclose(first, numeric, rtol=1e-6, atol=1e-8)
+
+
 def test_layer_norm_output_is_normalised():
     out = F.layer_norm(engine.randn(8, 16, dtype=F64) * 5 + 3, (16,), eps=0.0).numpy()
     np.testing.assert_allclose(out.mean(-1), 0, atol=1e-12)
