@@ -33,7 +33,7 @@ def _softmax_in_place(xp, scores):
     xp.exp(scores, out=scores)
     total = scores.sum(axis=-1, keepdims=True)
     total[total == 0] = 1
-    scores /= total
+    scores *= xp.reciprocal(total, out=total)  # one division per row, not per element
     return scores
 
 
@@ -77,14 +77,22 @@ def _full_mask(xp, mask, L: int, S: int):
     return xp.broadcast_to(mask, numpy.broadcast_shapes(mask.shape, (L, S)))
 
 
+def _laid_out_like(xp, a, shape: tuple, dtype, zeros: bool = False):
+    """A new array of `shape` whose memory is ordered like `a`'s (when the dims agree).
+    Multi-head attention passes (N, heads, L, E) views of (N, L, heads * E) projections:
+    outputs and gradients laid out the same way make its transpose back to (N, L, heads, E)
+    contiguous, so the merge of the heads copies nothing."""
+    return (xp.zeros_like if zeros else xp.empty_like)(a, dtype=dtype, shape=shape)
+
+
 def _attention_forward(xp, q, k, v, mask, scale, causal):
     L, S = q.shape[-2], k.shape[-2]
     batch = numpy.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
     mask = _full_mask(xp, mask, L, S)
-    out = xp.empty(batch + (L, v.shape[-1]), dtype=xp.result_type(q, k, v))
+    out = _laid_out_like(xp, q, batch + (L, v.shape[-1]), xp.result_type(q, k, v))
     for i0, i1, s1 in _query_blocks(L, S, causal):
-        out[..., i0:i1, :] = _block_weights(xp, q, k, mask, scale, causal, i0, i1, s1) \
-            @ v[..., :s1, :]
+        xp.matmul(_block_weights(xp, q, k, mask, scale, causal, i0, i1, s1), v[..., :s1, :],
+                  out=out[..., i0:i1, :])
     return out
 
 
@@ -92,9 +100,9 @@ def _attention_backward(xp, g, ans, q, k, v, mask, scale, causal):
     L, S = q.shape[-2], k.shape[-2]
     batch = g.shape[:-2]
     mask = _full_mask(xp, mask, L, S)
-    dq = xp.empty(batch + q.shape[-2:], dtype=g.dtype)
-    dk = xp.zeros(batch + k.shape[-2:], dtype=g.dtype)
-    dv = xp.zeros(batch + v.shape[-2:], dtype=g.dtype)
+    dq = _laid_out_like(xp, q, batch + q.shape[-2:], g.dtype)
+    dk = _laid_out_like(xp, k, batch + k.shape[-2:], g.dtype, zeros=True)
+    dv = _laid_out_like(xp, v, batch + v.shape[-2:], g.dtype, zeros=True)
     for i0, i1, s1 in _query_blocks(L, S, causal):
         w = _block_weights(xp, q, k, mask, scale, causal, i0, i1, s1)
         gb = g[..., i0:i1, :]
@@ -104,7 +112,7 @@ def _attention_backward(xp, g, ans, q, k, v, mask, scale, causal):
         dw -= xp.einsum("...ij,...ij->...i", dw, w)[..., None]
         dw *= w
         dw *= scale
-        dq[..., i0:i1, :] = dw @ k[..., :s1, :]
+        xp.matmul(dw, k[..., :s1, :], out=dq[..., i0:i1, :])
         dk[..., :s1, :] += dw.swapaxes(-1, -2) @ q[..., i0:i1, :]
     return dq, dk, dv, None
 

@@ -34,10 +34,10 @@ class Op:
         save_ans: whether the rules read the output.
         view: the output may share memory with input 0 (reshape, transpose, basic indexing), so
             it shares input 0's version counter and in-place changes to either are detected.
-        reuse_g: the op's one rule takes ``out=`` and may write its gradient there: backward
-            passes ``out=g`` when nothing else holds g, so an elementwise rule needs no new
-            full-size array (what a checkpointed activation's backward would otherwise add to
-            the peak).
+        reuse_g: the op's one rule (the first; its other inputs, buffers or indices, get
+            none) takes ``out=`` and may write its gradient there: backward passes ``out=g``
+            when nothing else holds g, so an elementwise rule needs no new full-size array
+            (what a checkpointed activation's backward would otherwise add to the peak).
     """
 
     __slots__ = ("name", "forward", "vjps", "backward", "save", "save_ans", "view", "reuse_g")
@@ -47,7 +47,8 @@ class Op:
                  save_ans: bool = False, view: bool = False, reuse_g: bool = False):
         if (vjps is None) == (backward is None):
             raise ValueError(f"op {name}: give exactly one of vjps and backward")
-        if reuse_g and (vjps is None or len(vjps) != 1):
+        if reuse_g and (vjps is None or vjps[0] is None
+                        or any(r is not None for r in vjps[1:])):
             raise ValueError(f"op {name}: reuse_g needs exactly one rule, which alone reads g")
         self.name = name
         self.forward = forward

@@ -16,7 +16,7 @@ from dptrain.engine.ops.convert import _to
 from dptrain.engine.ops.core import Op, apply
 from dptrain.engine.ops.inplace import add_, clamp_, div_, mul_, sub_
 from dptrain.engine.ops.registry import FUNCTION, FUNCTIONAL, METHOD, export
-from dptrain.engine.tensor import Tensor
+from dptrain.engine.tensor import Tensor, is_grad_enabled
 
 # ---------------------------------------------------------------- arithmetic
 
@@ -105,46 +105,45 @@ _clamp = Op("clamp", lambda xp, x, lo, hi: xp.clip(x, lo, hi), (
 _INV_SQRT_2 = 0.7071067811865476
 _SQRT_2_OVER_PI = 0.7978845608028654
 _INV_SQRT_2PI = 0.3989422804014327
-# erf(x) = x P(x^2) / Q(x^2) on [-4, 4] (beyond, erf is +-1 in float32): the rational
-# approximation Eigen uses for float, within 4 float32 ulp of the true value.
-_ERF_P = (-2.72614225801306e-10, 2.77068142495902e-08, -2.10102402082508e-06,
-          -5.69250639462346e-05, -7.34990630326855e-04, -2.95459980854025e-03,
-          -1.60960333262415e-02)
-_ERF_Q = (-1.45660718464996e-05, -2.13374055278905e-04, -1.68282697438203e-03,
-          -7.37332916720468e-03, -1.42647390514189e-02)
+# The Gaussian CDF as a logistic, Phi(x) = 1 / (1 + exp(x r(x^2))), with r a polynomial fitted
+# (weighted minimax, in float64) to log(Phi(-x) / Phi(x)) / x on |x| <= 5.5. In float32,
+# x Phi(x) comes within 3.1 ulp of max(|gelu(x)|, 1) for all x, as erf's rational did, in 18
+# passes over the data (one an exp) where that took 28. r < 0 for every x^2 >= 0, so past the
+# fitted range exp overflows to inf (gelu -> -0) or underflows to 0 (gelu -> x): no clip.
+_PHI_R = (-3.611126009e-09, 2.668884977e-07, -7.938155443e-06, 1.104798933e-04,
+          6.626129965e-05, -7.266856873e-02, -1.595768432)  # highest power first
 
 
-_GELU_BLOCK = 65536  # elements: the ~25 passes of the rational erf run in cache
+_GELU_BLOCK = 65536  # elements: the passes of one block run in cache
 
 
-def _gelu_exact_float32(xp, x):
-    """``x * (1 + erf(x / sqrt 2)) / 2`` for a float32 numpy array, block by block so that all
-    the passes of the rational erf stay in cache (5x faster than scipy's erf, which works in
-    float64, and no full-size temporaries)."""
-    flat = x.reshape(-1)
+def _gelu_exact_float32(xp, x, slope):
+    """``x Phi(x)`` for a float32 numpy array, block by block so that all the passes stay in
+    cache (no full-size temporaries); with `slope`, also ``Phi(x) + x pdf(x)`` written there
+    while Phi is at hand."""
+    flat, sf = x.reshape(-1), None if slope is None else slope.reshape(-1)
     out = xp.empty_like(flat)
-    size = min(_GELU_BLOCK, flat.size)
-    a2, p, q = (xp.empty(size, dtype=x.dtype) for _ in range(3))
+    sq = xp.empty(min(_GELU_BLOCK, flat.size), dtype=x.dtype)
     for i, j in _blocks(xp, flat.size):
-        xb, e, aa, pp, qq = flat[i:j], out[i:j], a2[:j - i], p[:j - i], q[:j - i]
-        xp.multiply(xb, _INV_SQRT_2, out=e)
-        xp.clip(e, -4.0, 4.0, out=e)
-        xp.multiply(e, e, out=aa)
-        xp.multiply(aa, _ERF_P[0], out=pp)  # Horner's rule, its first step without a fill
-        pp += _ERF_P[1]
-        for c in _ERF_P[2:]:
-            pp *= aa
-            pp += c
-        xp.multiply(aa, _ERF_Q[0], out=qq)
-        qq += _ERF_Q[1]
-        for c in _ERF_Q[2:]:
-            qq *= aa
-            qq += c
-        pp *= e
-        xp.divide(pp, qq, out=e)  # erf(x / sqrt 2)
-        e += 1
-        e *= xb
-        e *= 0.5
+        xb, ob, aa = flat[i:j], out[i:j], sq[:j - i]
+        xp.multiply(xb, xb, out=aa)
+        xp.multiply(aa, _PHI_R[0], out=ob)  # Horner's rule, its first step without a fill
+        ob += _PHI_R[1]
+        for c in _PHI_R[2:]:
+            ob *= aa
+            ob += c
+        ob *= xb
+        xp.exp(ob, out=ob)
+        ob += 1
+        xp.reciprocal(ob, out=ob)  # Phi(x); x / ob would round differently from the slope's
+        if sf is not None:
+            sb = sf[i:j]
+            xp.multiply(aa, -0.5, out=sb)
+            xp.exp(sb, out=sb)
+            sb *= xb
+            sb *= _INV_SQRT_2PI
+            sb += ob
+        ob *= xb
     return out.reshape(x.shape)
 
 
@@ -158,17 +157,35 @@ def _gelu_inner(xp, x):
     return xp.tanh(t, out=t)
 
 
-def _gelu_forward(xp, x, approximate):
+def _gelu_forward(xp, x, slope, approximate):
+    """``x c(x)``, c the Gaussian CDF or its tanh approximation; with `slope` (an array of x's
+    shape, given when a gradient will be needed), also gelu'(x) = ``c + x c'(x)`` written
+    there: backward is then one multiply, and x need not be kept. Overflows to inf are by
+    design, and at x = -inf (value) or +-inf (slope) the result is NaN, as in PyTorch,
+    without a warning."""
+    with numpy.errstate(over="ignore", invalid="ignore"):
+        return _gelu_values(xp, x, slope, approximate)
+
+
+def _gelu_values(xp, x, slope, approximate):
     if x.ndim == 0:  # numpy turns 0-d results into scalars, which the in-place steps need not
-        return _gelu_forward(xp, x.reshape(1), approximate).reshape(())
+        return _gelu_values(xp, x.reshape(1), None if slope is None else slope.reshape(1),
+                            approximate).reshape(())
+    if approximate == "none" and x.dtype == "float32" and xp.__name__ == "numpy":
+        return _gelu_exact_float32(xp, x, slope)
     if approximate == "tanh":
-        c = _gelu_inner(xp, x)
-    elif x.dtype == "float32" and xp.__name__ == "numpy":
-        return _gelu_exact_float32(xp, x)
+        t = _gelu_inner(xp, x)
+        if slope is not None:  # x c'(x) = (1 - t^2) / 2 * s (x + 3 * 0.044715 x^3)
+            slope[...] = (1 - t * t) * (x * (1 + 3 * 0.044715 * x * x)) * (_SQRT_2_OVER_PI / 2)
+        c = t
     else:
         c = special(xp).erf(x * _INV_SQRT_2)
+        if slope is not None:  # x c'(x) = x pdf(x)
+            slope[...] = x * xp.exp(-0.5 * x * x) * _INV_SQRT_2PI
     c += 1
-    c *= 0.5  # the Gaussian CDF, or its tanh approximation
+    c *= 0.5
+    if slope is not None:
+        slope += c
     return x * c
 
 
@@ -179,45 +196,17 @@ def _blocks(xp, size: int):
     return [(i, min(size, i + step)) for i in range(0, size, step)]
 
 
-def _gelu_vjp(xp, g, ans, x, approximate, out=None):
-    """``g * (c + x c'(x))`` for ``gelu(x) = x c(x)``. The forward's c is recovered as
-    ``ans / x`` (one division instead of erf's ~25 passes, or a tanh); ans is usually kept
-    anyway, as the input of the linear layer that follows. Written into `out` (g itself, when
-    backward owns it) where its dtype and layout allow: keeping ans next to x would
-    otherwise put one more activation-sized array on backward's peak than PyTorch's GELU,
-    which keeps x alone."""
-    xf, af, gf = x.reshape(-1), ans.reshape(-1), g.reshape(-1)
-    dtype = xp.result_type(g, x)
-    if out is None or out.dtype != dtype or not out.flags.c_contiguous:
-        out = xp.empty(x.shape, dtype=dtype)
-    of = out.reshape(-1)  # each block reads g before writing the same elements
-    t, c = xp.empty(min(xf.size, _GELU_BLOCK), out.dtype), xp.empty(min(xf.size, _GELU_BLOCK),
-                                                                    out.dtype)
-    for i, j in _blocks(xp, xf.size):
-        xb, tb, cb, ob = xf[i:j], t[:j - i], c[:j - i], of[i:j]
-        xp.multiply(xb, xb, out=tb)
-        with numpy.errstate(divide="ignore", invalid="ignore"):
-            xp.divide(af[i:j], xb, out=cb)
-        # Near 0, ans / x loses its digits (or is 0 / 0), while c = 1/2 to within |x|.
-        cb[tb < 1e-30] = 0.5
-        if approximate == "tanh":  # c = (1 + tanh(u)) / 2, x u'(x) = s (x + 3 * 0.044715 x^3)
-            tb *= 3 * 0.044715
-            tb += 1
-            tb *= xb
-            tb *= 2 * _SQRT_2_OVER_PI  # 2 x u'(x); 1 - tanh(u)^2 = 4 c (1 - c)
-            tb *= cb
-            tb *= 1 - cb  # a block-sized temporary: ob may be g, still to be read
-        else:  # x c'(x) = x pdf(x)
-            tb *= -0.5
-            xp.exp(tb, out=tb)
-            tb *= xb
-            tb *= _INV_SQRT_2PI
-        tb += cb
-        xp.multiply(tb, gf[i:j], out=ob)
-    return out
+def _gelu_vjp(xp, g, ans, x, slope, approximate, out=None):
+    """``g * gelu'(x)``, the slope the forward wrote; into `out` (g itself, when backward owns
+    it) where the dtype allows, so backward adds no activation-sized array."""
+    if out is not None and out.dtype != xp.result_type(g, slope):
+        out = None
+    return xp.multiply(g, slope, out=out)
 
 
-_gelu = Op("gelu", _gelu_forward, (_gelu_vjp,), save_ans=True, reuse_g=True)
+# The forward's second input is the slope buffer it fills (None without a gradient): the
+# node keeps that one array, where PyTorch's GELU keeps x.
+_gelu = Op("gelu", _gelu_forward, (_gelu_vjp, None), save=(1,), reuse_g=True)
 _silu = Op("silu", lambda xp, x: x * special(xp).expit(x), (
     lambda xp, g, ans, x: g * (s := special(xp).expit(x)) * (1 + x * (1 - s)),
 ))
@@ -401,7 +390,10 @@ def gelu(x: Tensor, approximate: str = "none") -> Tensor:
     """Gaussian error linear unit; ``approximate='tanh'`` for the tanh approximation."""
     if approximate not in ("none", "tanh"):
         raise ValueError(f"gelu: approximate must be 'none' or 'tanh', got {approximate!r}")
-    return apply(_gelu, x, approximate=approximate)
+    slope = None
+    if is_grad_enabled() and x.requires_grad:
+        slope = get_array_module(x.data).empty(x.shape, dtype=x.dtype)
+    return apply(_gelu, x, slope, approximate=approximate)
 
 
 @export(FUNCTION, FUNCTIONAL)

@@ -151,8 +151,9 @@ def batch_norm(input: Tensor, running_mean: Tensor | None, running_var: Tensor |
 
 # ---------------------------------------------------------------- layer norm
 # Statistics over the trailing dims, per row; like batch_norm they are computed outside the
-# graph and handed in as constants, so the op keeps only x, mean and rstd (two small arrays)
-# where a graph of primitives would keep several full-size intermediates.
+# graph and handed in as constants. The op gets the normalised input xhat itself and keeps it
+# with rstd (a small array), where a graph of primitives would keep several full-size
+# intermediates: the forward's last passes and the whole backward read xhat, never x again.
 
 def _row_dot(xp, a, b, axes):
     """``sum(a * b)`` over the trailing `axes`, keeping them as size-1 dims: one batched dot
@@ -163,36 +164,39 @@ def _row_dot(xp, a, b, axes):
     return dot.reshape(lead + (1,) * len(axes))
 
 
-def _ln_forward(xp, x, weight, bias, mean, rstd, axes):
-    out = x - mean
-    out *= rstd
-    if weight is not None:
-        out *= weight
+def _ln_forward(xp, x, weight, bias, xhat, rstd, axes):
+    if weight is None:
+        out = xhat.copy()  # the op's own output: xhat stays as the rule saw it
+    else:
+        out = xhat * weight
     if bias is not None:
         out += bias
     return out
 
 
-def _ln_backward(xp, g, ans, x, weight, bias, mean, rstd, axes):
-    xhat = x - mean
-    xhat *= rstd
-    lead = tuple(range(x.ndim - len(axes)))
-    letters = "abcdefghijklmnopqrstuvwxyz"[:x.ndim]
+def _ln_backward(xp, g, ans, x, weight, bias, xhat, rstd, axes):
+    lead = tuple(range(xhat.ndim - len(axes)))
+    letters = "abcdefghijklmnopqrstuvwxyz"[:xhat.ndim]
     # sum over the rows of g * xhat without a full-size product
     dw = None if weight is None else xp.einsum(
         f"{letters},{letters}->{letters[len(lead):]}", g, xhat)
     db = None if bias is None else g.sum(axis=lead)
+    n = math.prod(xhat.shape[len(lead):])
+    # dx = rstd * (gx - mean(gx) - xhat * mean(gx * xhat)), gx = g * weight, built in one new
+    # array: xhat is kept (a retained graph reads it again) and g may be shared
     gx = g if weight is None else g * weight
-    n = math.prod(x.shape[len(lead):])
-    # dx = rstd * (gx - mean(gx) - xhat * mean(gx * xhat)), built in xhat's memory
-    xhat *= _row_dot(xp, gx, xhat, axes) / -n
-    xhat += gx
-    xhat -= gx.sum(axis=axes, keepdims=True) / n
-    xhat *= rstd
-    return xhat, dw, db, None, None
+    dot, total = _row_dot(xp, gx, xhat, axes), gx.sum(axis=axes, keepdims=True)
+    dx = xhat * (dot * (rstd / -n))
+    if weight is None:
+        dx += gx * rstd
+    else:
+        gx *= rstd
+        dx += gx
+    dx -= total * (rstd / n)
+    return dx, dw, db, None, None
 
 
-_layer_norm = Op("layer_norm", _ln_forward, backward=_ln_backward, save=(0, 1, 3, 4))
+_layer_norm = Op("layer_norm", _ln_forward, backward=_ln_backward, save=(1, 3, 4))
 
 
 @export(FUNCTIONAL)
@@ -222,10 +226,9 @@ def layer_norm(input: Tensor, normalized_shape, weight: Tensor | None = None,
     x = input.data
     xp = get_array_module(x)
     axes = tuple(range(x.ndim - len(shape), x.ndim))
-    mean = x.mean(axis=axes, keepdims=True)
-    xc = x - mean
-    var = _row_dot(xp, xc, xc, axes) / math.prod(shape)
-    del xc
+    xhat = x - x.mean(axis=axes, keepdims=True)
+    var = _row_dot(xp, xhat, xhat, axes) / math.prod(shape)
     var += eps
     rstd = 1 / xp.sqrt(var)
-    return apply(_layer_norm, input, weight, bias, mean, rstd, axes=axes)
+    xhat *= rstd
+    return apply(_layer_norm, input, weight, bias, xhat, rstd, axes=axes)

@@ -408,6 +408,37 @@ def test_layer_norm(check):
           (2, 3))
 
 
+@pytest.mark.parametrize("affine", [True, False])
+def test_layer_norm_keeps_xhat_not_x_and_backward_twice_agrees(affine):
+    # The op keeps the normalised input (not x): x may change in place after the forward, and
+    # a retained graph's second backward reads the same xhat (backward builds dx in a new
+    # array). The reference is finite differences of the float64 formula by hand.
+    rng = np.random.default_rng(3)
+    a, g = rng.normal(size=(3, 5)) * 2 + 1, rng.normal(size=(3, 5))
+    w, b = rng.normal(size=5), rng.normal(size=5)
+    x = engine.tensor(a, requires_grad=True)
+    h = x * 1.0
+    args = (engine.tensor(w, requires_grad=True), engine.tensor(b)) if affine else ()
+    y = F.layer_norm(h, (5,), *args)
+    with engine.no_grad():
+        h.data[...] = 0.0
+    y.backward(engine.tensor(g), retain_graph=True)
+    first = x.grad.numpy().copy()
+    x.grad = None
+    y.backward(engine.tensor(g))
+    np.testing.assert_array_equal(x.grad.numpy(), first)
+
+    def loss(v):
+        return float((layer_norm_ref(v, 1, *((w, b) if affine else ())) * g).sum())
+
+    eps, numeric = 1e-6, np.zeros_like(a)
+    for i in np.ndindex(a.shape):
+        d = np.zeros_like(a)
+        d[i] = eps
+        numeric[i] = (loss(a + d) - loss(a - d)) / (2 * eps)
+    np.testing.assert_allclose(first, numeric, rtol=1e-6, atol=1e-8)
+
+
 def test_layer_norm_output_is_normalised():
     out = F.layer_norm(engine.randn(8, 16, dtype=F64) * 5 + 3, (16,), eps=0.0).numpy()
     np.testing.assert_allclose(out.mean(-1), 0, atol=1e-12)
@@ -606,8 +637,9 @@ def test_layers_match_torch():
 
 @pytest.mark.parametrize("approximate", ["none", "tanh"])
 def test_gelu_float32_matches_a_float64_reference(approximate):
-    # float32 gelu uses its own erf approximation (within 4 ulp): in the far negative tail,
-    # 1 + erf(x) cancels, so the error is absolute (~1e-6), as for any float32 gelu.
+    # float32 gelu uses its own approximation of the Gaussian CDF (within ~3 ulp of
+    # max(|gelu|, 1)): in the far negative tail the error is absolute (~1e-6), as for any
+    # float32 gelu built on 1 + erf(x).
     x64 = np.linspace(-8, 8, 100_001)
     ref = engine.functional.gelu(engine.tensor(x64), approximate=approximate).numpy()
     x = engine.tensor(x64.astype(np.float32), requires_grad=True)
@@ -623,8 +655,7 @@ def test_gelu_float32_matches_a_float64_reference(approximate):
 @pytest.mark.parametrize("approximate", ["none", "tanh"])
 @pytest.mark.parametrize("dtype", [engine.float32, F64], ids=str)
 def test_gelu_gradient_at_and_near_zero(approximate, dtype):
-    # The rule recovers the forward's CDF as gelu(x) / x, which is 0 / 0 at 0 and loses its
-    # digits for tiny (even subnormal) x: there the derivative is 1/2.
+    # At 0 and for tiny (even subnormal) x the derivative is 1/2: no 0 / 0 or lost digits.
     x = engine.tensor([0.0, 1e-40, -1e-40, 1e-30, -1e-20, 1.0, -1.0], dtype=dtype,
                       requires_grad=True)
     F.gelu(x, approximate=approximate).sum().backward()
@@ -640,8 +671,8 @@ def test_gelu_gradient_at_and_near_zero(approximate, dtype):
 
 
 def test_gelu_float32_gradient_near_zero_in_any_block_of_a_large_input():
-    # Large inputs run in blocks, each checking for near-zero x on its own: put them in the
-    # second block, among ordinary values, and compare with the float64 rule.
+    # Large inputs run in blocks: put special values in the second block, among ordinary
+    # values, and compare with the float64 rule.
     x64 = np.random.default_rng(0).standard_normal(200_000)
     x64[[70_000, 70_001, 70_002, 150_000]] = [0.0, 1e-40, -1e-44, -0.0]
     x = engine.tensor(x64.astype(np.float32), requires_grad=True)
@@ -651,6 +682,53 @@ def test_gelu_float32_gradient_near_zero_in_any_block_of_a_large_input():
     x_ref = engine.tensor(x64.astype(np.float32).astype(np.float64), requires_grad=True)
     F.gelu(x_ref).sum().backward()
     np.testing.assert_allclose(grad, x_ref.grad.numpy(), rtol=2e-6, atol=2e-6)
+
+
+@pytest.mark.parametrize("dtype", [engine.float32, F64], ids=str)
+def test_gelu_at_infinities_nan_and_huge_magnitudes(dtype):
+    # Past the approximation's range exp saturates (no clip): values and slopes are gelu's
+    # limits; at the infinities they are PyTorch's (gelu(-inf) and both slopes NaN), all
+    # without a warning (warnings are errors here).
+    x = engine.tensor([1e30, -1e30, 100.0, -100.0, np.inf, -np.inf, np.nan], dtype=dtype,
+                      requires_grad=True)
+    y = F.gelu(x)
+    got = y.numpy()
+    assert got[:5].tolist() == [float(np.array(1e30, dtype)), 0.0, 100.0, 0.0, np.inf]
+    assert np.signbit(got[[1, 3]]).all() and np.isnan(got[5:]).all()
+    y.sum().backward()
+    assert x.grad.numpy()[:4].tolist() == [1.0, 0.0, 1.0, 0.0]
+    assert np.isnan(x.grad.numpy()[4:]).all()
+
+
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_gelu_gradient_needs_not_the_input_kept(approximate):
+    # The forward writes gelu'(x) for backward instead of keeping x (what PyTorch's GELU
+    # keeps): x may change in place after the forward, and the gradient is still the one at
+    # the x the forward saw (checked against the float64 formulas by hand).
+    a = np.linspace(-3, 3, 13)
+    x = engine.tensor(a, requires_grad=True)
+    h = x * 1.0
+    y = F.gelu(h, approximate=approximate)
+    with engine.no_grad():
+        h.data[...] = 7.0
+    y.sum().backward()
+    if approximate == "none":
+        expected = [0.5 * (1 + math.erf(v / math.sqrt(2)))
+                    + v * math.exp(-v * v / 2) / math.sqrt(2 * math.pi) for v in a]
+    else:
+        s = math.sqrt(2 / math.pi)
+        expected = [0.5 * (1 + math.tanh(s * (v + 0.044715 * v ** 3)))
+                    + 0.5 * v * (1 - math.tanh(s * (v + 0.044715 * v ** 3)) ** 2)
+                    * s * (1 + 3 * 0.044715 * v * v) for v in a]
+    np.testing.assert_allclose(x.grad.numpy(), expected, rtol=1e-12, atol=1e-15)
+
+
+def test_gelu_without_a_gradient_gives_the_same_values():
+    x = engine.tensor(np.linspace(-6, 6, 100_001, dtype=np.float32), requires_grad=True)
+    with engine.no_grad():
+        plain = F.gelu(x)
+    assert plain.grad_fn is None
+    np.testing.assert_array_equal(plain.numpy(), F.gelu(x).numpy())
 
 
 def test_gelu_float32_at_zero_subnormals_and_large_magnitudes_against_math_erf():

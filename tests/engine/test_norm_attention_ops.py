@@ -185,6 +185,38 @@ def test_causal_attention_in_blocks_of_queries(check, L, S):
           (1, S, 2))
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_attention_on_head_views_lays_out_its_results_for_the_merge(causal):
+    # Multi-head attention passes (N, heads, L, E) views of (N, L, heads * E) projections:
+    # the output and the gradients come back in that layout, so transposing them back to
+    # (N, L, heads, E) needs no copy; values and gradients as for contiguous inputs, checked
+    # against the numpy reference (forward) and finite differences (backward, float64).
+    rng = np.random.default_rng(5)
+    N, L, H, E = 2, 35, 3, 4
+    arrays = [rng.normal(size=(N, L, H * E)) for _ in range(3)]
+    q, k, v = (engine.tensor(a, requires_grad=True) for a in arrays)
+    heads = [t.reshape(N, L, H, E).transpose(1, 2) for t in (q, k, v)]
+    out = F.scaled_dot_product_attention(*heads, is_causal=causal)
+    assert out.transpose(1, 2).numpy().flags.c_contiguous
+    plain = [a.reshape(N, L, H, E).transpose(0, 2, 1, 3) for a in arrays]
+    np.testing.assert_allclose(out.numpy(), attention_ref(*plain, None, causal, None),
+                               rtol=1e-12)
+    g = rng.normal(size=out.shape)
+    out.backward(engine.tensor(g))
+    for i, t in enumerate((q, k, v)):
+        def loss(a, i=i):
+            ins = [x.reshape(N, L, H, E).transpose(0, 2, 1, 3) for x in arrays]
+            ins[i] = a.reshape(N, L, H, E).transpose(0, 2, 1, 3)
+            return float((attention_ref(*ins, None, causal, None) * g).sum())
+
+        numeric = np.zeros_like(arrays[i])
+        for j in np.ndindex(numeric.shape):
+            d = np.zeros_like(numeric)
+            d[j] = 1e-6
+            numeric[j] = (loss(arrays[i] + d) - loss(arrays[i] - d)) / 2e-6
+        np.testing.assert_allclose(t.grad.numpy(), numeric, rtol=1e-5, atol=1e-8)
+
+
 def test_attention_float_mask_gets_a_gradient():
     q, k, v = (engine.randn(2, 3, 4, dtype=F64) for _ in range(3))
     mask = engine.randn(3, 3, dtype=F64, requires_grad=True)
