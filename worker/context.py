@@ -122,7 +122,7 @@ class Context:
             the CPU.
         allreduce: the job's ``allreduce`` (``auto`` by default), for
             ``DistributedDataParallel(..., allreduce=ctx.allreduce)``: how GPU gradients are
-            reduced (`dptrain.worker.comm_device`).
+            reduced (`dptrain.worker.comm_device`), or ``shared_memory`` for CPU ones.
         checkpoint_dir: where checkpoints go, or None (then none are written).
         resume: the checkpoint the run resumes from, as `load_checkpoint` returns it, or None.
         args: the script's arguments (``sys.argv[1:]``).

@@ -22,7 +22,8 @@ if TYPE_CHECKING:
     from dptrain.worker.spec import JobSpec, SchedulerSpec
 
 __all__ = [
-    "OPTIMIZERS", "SCHEDULERS", "DEVICES", "ALLREDUCE_PATHS", "MAX_BATCH_SIZE", "MAX_STEPS",
+    "OPTIMIZERS", "SCHEDULERS", "DEVICES", "ALLREDUCE_PATHS", "ALLREDUCE_CHOICES",
+    "SHARED_MEMORY", "MAX_BATCH_SIZE", "MAX_STEPS",
     "NAME_RULE",
     "CODE_DIGEST_PREFIX", "check_name", "check_shards", "model_constructor", "build_model",
     "validate", "code_digest",
@@ -35,6 +36,10 @@ DEVICES = ("cpu", "cuda", "auto")  # auto: cuda where CuPy sees a GPU, else cpu
 # How DDP reduces gradient buckets on a GPU (dptrain.worker.comm_device): auto picks nccl when
 # every rank has a GPU of its own, else cuda_aware where MPI reads GPU memory, else host.
 ALLREDUCE_PATHS = ("auto", "host", "cuda_aware", "nccl")
+# And for CPU gradients of ranks on one node: MPI's all-reduce (auto), or the buckets summed in
+# an MPI-3 shared window (dptrain.worker.comm_hooks.SharedMemoryAllreduce).
+SHARED_MEMORY = "shared_memory"
+ALLREDUCE_CHOICES = (*ALLREDUCE_PATHS, SHARED_MEMORY)
 MAX_BATCH_SIZE = 2**20
 """The largest global ``batch_size`` (a million samples per step)."""
 MAX_STEPS = 10**9
@@ -312,10 +317,13 @@ def _common_errors(spec: JobSpec) -> list[FieldError]:
         e.append(FieldError("seed", "must be >= 0", spec.seed))
     if spec.device not in DEVICES:
         e.append(FieldError("device", f"must be one of {', '.join(DEVICES)}", spec.device))
-    if spec.allreduce not in ALLREDUCE_PATHS:
-        e.append(FieldError("allreduce", f"must be one of {', '.join(ALLREDUCE_PATHS)}",
+    if spec.allreduce not in ALLREDUCE_CHOICES:
+        e.append(FieldError("allreduce", f"must be one of {', '.join(ALLREDUCE_CHOICES)}",
                             spec.allreduce))
-    elif spec.allreduce != "auto" and spec.device == "cpu":
+    elif spec.allreduce == SHARED_MEMORY and spec.device != "cpu":
+        e.append(FieldError("allreduce", "sums CPU gradients in shared memory: it needs "
+                            "device cpu", spec.allreduce))
+    elif spec.allreduce not in ("auto", SHARED_MEMORY) and spec.device == "cpu":
         e.append(FieldError("allreduce", "chooses how GPU gradients are reduced: it needs "
                             "device cuda or auto (CPU gradients go to MPI as they are)",
                             spec.allreduce))

@@ -100,7 +100,8 @@ def test_hash_is_stable_under_key_order_and_explicit_defaults():
     ("dataset.validation_fraction", 1.0, "dataset.validation_fraction: must be in [0, 1), "
                                          "got 1.0"),
     ("device", "tpu", "device: must be one of cpu, cuda, auto, got 'tpu'"),
-    ("allreduce", "gloo", "allreduce: must be one of auto, host, cuda_aware, nccl, got 'gloo'"),
+    ("allreduce", "gloo", "allreduce: must be one of auto, host, cuda_aware, nccl, "
+                          "shared_memory, got 'gloo'"),
     ("allreduce", "nccl", "allreduce: chooses how GPU gradients are reduced: it needs device "
                           "cuda or auto (CPU gradients go to MPI as they are), got 'nccl'"),
     ("checkpoint.keep", 0, "checkpoint.keep: must be >= 1, got 0"),
@@ -127,6 +128,23 @@ def test_validation_names_field_rule_and_value(path, value, message):
         JobSpec.from_dict(data)
     assert message in str(info.value)
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("device, message", [
+    ("cpu", None),
+    ("cuda", "allreduce: sums CPU gradients in shared memory: it needs device cpu, got "
+             "'shared_memory'"),
+    ("auto", "allreduce: sums CPU gradients in shared memory: it needs device cpu, got "
+             "'shared_memory'"),
+])
+def test_shared_memory_allreduce_is_for_cpu_jobs(device, message):
+    data = {**with_change("device", device), "allreduce": "shared_memory"}
+    if message is None:
+        assert JobSpec.from_dict(data).allreduce == "shared_memory"
+        return
+    with pytest.raises(JobSpecError) as info:
+        JobSpec.from_dict(data)
+    assert message in str(info.value)
 
 
 def test_batch_must_divide_among_workers():

@@ -14,7 +14,6 @@ import nccl_double  # noqa: E402 - the shared test helpers' folder, put on the p
 
 from dptrain.worker import DistributedDataParallel
 from dptrain.worker.comm_device import NcclAllreduce
-from dptrain.worker.comm_hooks import SharedMemoryAllreduce
 from dptrain.worker.train import rank_device
 
 PATHS = ("cpu", "shared_memory", "host", "cuda_aware", "nccl")
@@ -32,10 +31,8 @@ def device_for(path: str, comm, device: str = "strict") -> str:
 
 def wrap(model, comm, path: str, **kwargs) -> DistributedDataParallel:
     """`model` (already on its device) wrapped to reduce its buckets by `path`."""
-    if path == "shared_memory":  # registered before any step: the buckets move to the window
-        ddp = DistributedDataParallel(model, comm=comm, **kwargs)
-        ddp.register_comm_hook(SharedMemoryAllreduce(comm))
-        return ddp
+    if path == "shared_memory":  # the hook registered at construction: buckets in the window
+        return DistributedDataParallel(model, comm=comm, allreduce="shared_memory", **kwargs)
     on_strict = next(model.parameters()).device == "strict"
     if path != "nccl" or not on_strict:
         return DistributedDataParallel(model, comm=comm, allreduce="auto" if path == "cpu"
