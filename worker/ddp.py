@@ -287,9 +287,9 @@ class DistributedDataParallel:
             ``cuda_aware`` or ``nccl``; `allreduce` then holds the path taken. CPU gradients
             go to MPI as they are (``auto``), or, with ``shared_memory``, are summed in an
             MPI-3 shared window (`comm_hooks.SharedMemoryAllreduce`, registered here; every
-            rank on one node): on 2 ranks of one idle 2-core host the MLP's step ran at 96%
-            of two independent processes' speed, against 83% with MPI's all-reduce
-            (docs/benchmarks.md).
+            rank on one node): on 2 ranks of one idle 2-core host the MLP's step ran at 86%
+            (84–96%) of two independent processes' speed, against 81% (76–83%) with MPI's
+            all-reduce (docs/benchmarks.md).
 
     Example:
         >>> import dptrain.engine as engine, dptrain.engine.functional as F
