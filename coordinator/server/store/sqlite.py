@@ -38,6 +38,7 @@ import threading
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from typing import Any
 
 from dptrain.coordinator.api.errors import (
     CorruptRecord,
@@ -162,12 +163,28 @@ _CHECKPOINT_SELECT = ("SELECT job_id, step, sha256, size, created_at, manifest, 
 _USER_SELECT = "SELECT name, admin, created_at, token_hash FROM users"
 
 
+_JOB_INSERT = (f"INSERT INTO jobs ({', '.join(_JOB_COLUMNS)}) "
+               f"VALUES ({', '.join('?' * len(_JOB_COLUMNS))})")
+_JOB_UPDATE = (f"UPDATE jobs SET {', '.join(f'{name} = ?' for name in _JOB_COLUMNS[1:])} "
+               "WHERE id = ?")
+
+
+_EMPTY_TEXT = {dict: "{}", list: "[]", tuple: "[]"}
+
+
+def _json_column(value: Any) -> str:
+    # Most jobs' metrics and placement are empty: their text without the encoder.
+    if not value and type(value) in _EMPTY_TEXT:
+        return _EMPTY_TEXT[type(value)]
+    return json.dumps(value, sort_keys=True)
+
+
 def _job_values(job: Job) -> tuple:
     values = []
     for name in _JOB_COLUMNS:
         value = getattr(job, name)
         if name in _JSON_COLUMNS:
-            value = json.dumps(value, sort_keys=True)
+            value = _json_column(value)
         elif name == "state":
             value = JobState(value).value
         values.append(value)
@@ -215,14 +232,11 @@ class _SqlTransaction:
         return None if row is None else _job_from_row(row)
 
     def insert_job(self, job: Job) -> None:
-        marks = ", ".join("?" * len(_JOB_COLUMNS))
-        self._c.execute(f"INSERT INTO jobs ({', '.join(_JOB_COLUMNS)}) VALUES ({marks})",
-                        _job_values(job))
+        self._c.execute(_JOB_INSERT, _job_values(job))
 
     def replace_job(self, job: Job) -> None:
         values = _job_values(job)
-        assignments = ", ".join(f"{name} = ?" for name in _JOB_COLUMNS[1:])
-        self._c.execute(f"UPDATE jobs SET {assignments} WHERE id = ?", (*values[1:], values[0]))
+        self._c.execute(_JOB_UPDATE, (*values[1:], values[0]))
 
     def last_seq(self, job_id: str) -> int:
         row = self._c.execute("SELECT MAX(seq) FROM events WHERE job_id = ?", (job_id,))
