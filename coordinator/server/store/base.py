@@ -202,8 +202,10 @@ class Store(ABC):
             if tx.get_job(job.id) is not None:
                 raise AlreadyExists(f"job {job.id!r} already exists")
             tx.insert_job(job)
-            self._append(tx, job.id, [(EventKind.STATE, {"state": job.state.value})],
-                         job.submitted_at)
+            # A new job's first event is number 1: no need to ask for its last (its events
+            # go with a deleted job, so none of an earlier job of this id is left).
+            tx.insert_events([Event(job.id, 1, job.submitted_at, EventKind.STATE,
+                                    {"state": job.state.value})])
 
         self._write(change)
         self._job_written(job.id)

@@ -527,16 +527,19 @@ class SqliteStore(Store):
         try:
             conn.execute("BEGIN IMMEDIATE")
             tx = _SqlTransaction(conn)
-            for write in group:
-                conn.execute("SAVEPOINT write")
-                try:
-                    write.result = write.change(tx)
-                except BaseException as e:
-                    if not conn.in_transaction:  # rolled back whole: the group's writes too
-                        raise
-                    write.error = e
-                    conn.execute("ROLLBACK TO write")
-                conn.execute("RELEASE write")
+            if len(group) == 1:  # alone: its failure rolls back the transaction (below)
+                group[0].result = group[0].change(tx)
+            else:
+                for write in group:
+                    conn.execute("SAVEPOINT write")
+                    try:
+                        write.result = write.change(tx)
+                    except BaseException as e:
+                        if not conn.in_transaction:  # rolled back whole: the group's too
+                            raise
+                        write.error = e
+                        conn.execute("ROLLBACK TO write")
+                    conn.execute("RELEASE write")
             conn.execute("COMMIT")
         except BaseException as e:
             for write in group:
