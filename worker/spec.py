@@ -197,11 +197,26 @@ class JobSpec:
         return JobSpec.from_dict({**self.to_dict(), **changes})
 
 
+_SCALARS = frozenset({str, int, float, bool, type(None)})
+_FIELDS: dict[type, dict[str, dataclasses.Field]] = {}
+
+
+def _fields(cls: type) -> dict[str, dataclasses.Field]:
+    """A dataclass's fields by name, looked up once per class (`dataclasses.fields` builds a
+    tuple at every call, and a submission parses and walks a spec's classes many times)."""
+    fields = _FIELDS.get(cls)
+    if fields is None:
+        fields = _FIELDS[cls] = {f.name: f for f in dataclasses.fields(cls)}
+    return fields
+
+
 def _plain(value: Any) -> Any:
     # A walk of our own rather than dataclasses.asdict, which deep-copies every leaf: the
     # leaves here are JSON scalars, and a submission's to_dict() is on the server's hot path.
-    if dataclasses.is_dataclass(value):
-        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if type(value) in _SCALARS:
+        return value
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {name: _plain(getattr(value, name)) for name in _fields(type(value))}
     if isinstance(value, dict):
         return {k: _plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
@@ -339,7 +354,7 @@ def _parse(cls: type, data: Any, prefix: str, errors: list[FieldError]) -> Any:
     if not isinstance(data, Mapping):
         errors.append(FieldError(where, "must be a mapping", data))
         return None
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    fields = _fields(cls)
     n_before = len(errors)
     for key in data:
         if key not in fields:
@@ -370,11 +385,21 @@ def _parse(cls: type, data: Any, prefix: str, errors: list[FieldError]) -> Any:
     return cls(**kwargs)
 
 
+_KINDS: dict[str, tuple[str, bool]] = {}
+
+
+def _kind(annotation: str) -> tuple[str, bool]:
+    """A field's annotation as (its type without ``| None``, whether None is allowed)."""
+    kind = _KINDS.get(annotation)
+    if kind is None:
+        text = annotation.replace(" ", "")
+        kind = _KINDS[annotation] = (text.removesuffix("|None"), text.endswith("|None"))
+    return kind
+
+
 def _check_type(path: str, annotation: str, value: Any, errors: list[FieldError]) -> Any:
     """`value` converted to the field's declared type, or an error."""
-    kind = annotation.replace(" ", "")
-    optional = kind.endswith("|None")
-    kind = kind.removesuffix("|None")
+    kind, optional = _kind(annotation)
     if value is None and optional:
         return None
     if kind == "str":

@@ -27,9 +27,9 @@ import dataclasses
 import threading
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from contextlib import AbstractContextManager
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from dptrain.coordinator.api.errors import (
     AlreadyExists,
@@ -65,11 +65,13 @@ MAX_PAGE_SIZE = 1000
 MAX_EVENTS = 1000
 _JOB_REVISIONS = 65536  # jobs whose last write is remembered; past it, all start anew
 
+T = TypeVar("T")
+
 
 class Transaction(Protocol):
     """The primitives an implementation supplies; `Store` builds every operation from them.
 
-    Inside ``Store._write()`` all calls form one atomic transaction; inside ``Store._read()``
+    Inside ``Store._write(change)`` all calls form one atomic transaction; inside ``Store._read()``
     only the read methods are called.
     """
 
@@ -157,8 +159,13 @@ class Store(ABC):
     # -- what an implementation provides
 
     @abstractmethod
-    def _write(self) -> AbstractContextManager[Transaction]:
-        """A write transaction: committed on normal exit, rolled back on an exception."""
+    def _write(self, change: Callable[[Transaction], T]) -> T:
+        """Run ``change(tx)`` as one write transaction and return its result once committed;
+        an exception it raises rolls back its changes and is raised here.
+
+        `change` may run on another thread (`SqliteStore` hands it to its committer), so it
+        works through `tx` alone and calls none of the store's public methods.
+        """
 
     @abstractmethod
     def _read(self) -> AbstractContextManager[Transaction]:
@@ -191,12 +198,16 @@ class Store(ABC):
         Raises:
             AlreadyExists: a job with this id exists.
         """
-        with self._write() as tx:
+        def change(tx: Transaction) -> None:
             if tx.get_job(job.id) is not None:
                 raise AlreadyExists(f"job {job.id!r} already exists")
             tx.insert_job(job)
-            self._append(tx, job.id, [(EventKind.STATE, {"state": job.state.value})],
-                         job.submitted_at)
+            # A new job's first event is number 1: no need to ask for its last (its events
+            # go with a deleted job, so none of an earlier job of this id is left).
+            tx.insert_events([Event(job.id, 1, job.submitted_at, EventKind.STATE,
+                                    {"state": job.state.value})])
+
+        self._write(change)
         self._job_written(job.id)
         self._notify(job.id)
         return job
@@ -270,10 +281,12 @@ class Store(ABC):
         Raises:
             JobNotFound, StateConflict, ValidationError.
         """
-        with self._write() as tx:
-            job = self._job_in(tx, job_id, states)
-            updated = apply_update(job, fields)
+        def change(tx: Transaction) -> Job:
+            updated = apply_update(self._job_in(tx, job_id, states), fields)
             tx.replace_job(updated)
+            return updated
+
+        updated = self._write(change)
         self._job_written(job_id)
         return updated
 
@@ -305,11 +318,14 @@ class Store(ABC):
         for state in expected:
             check_transition(state, to_state)
         now = time.time() if now is None else now
-        with self._write() as tx:
+        def change(tx: Transaction) -> Job:
             job = self._job_in(tx, job_id, expected)
             updated = apply_transition(job, to_state, now, fields)
             tx.replace_job(updated)
             self._append(tx, job_id, [(EventKind.STATE, state_event_payload(job, updated))], now)
+            return updated
+
+        updated = self._write(change)
         self._job_written(job_id)
         self._notify(job_id)
         return updated
@@ -330,10 +346,13 @@ class Store(ABC):
             JobNotFound: no such job.
             StateConflict: the job is in another state.
         """
-        with self._write() as tx:
+        def change(tx: Transaction) -> tuple[Job, list[CheckpointRecord]]:
             job = self._job_in(tx, job_id, states)
             records = tx.list_checkpoints(job_id)
             tx.delete_job(job_id)
+            return job, records
+
+        job, records = self._write(change)
         self._job_written(job_id)
         self._notify(job_id)
         return job, records
@@ -419,11 +438,13 @@ class Store(ABC):
         """
         checked = [check_payload(kind, payload) for kind, payload in items]
         now = time.time() if now is None else now
-        with self._write() as tx:
+        def change(tx: Transaction) -> list[int]:
             job = self._job_in(tx, job_id, states)
             if fields:
                 tx.replace_job(apply_update(job, fields))
-            seqs = self._append(tx, job_id, checked, now)
+            return self._append(tx, job_id, checked, now)
+
+        seqs = self._write(change)
         if fields:
             self._job_written(job_id)
         self._notify(job_id)
@@ -497,7 +518,7 @@ class Store(ABC):
             AlreadyExists: the job has a different checkpoint at this step (delete it first).
         """
         record = check_checkpoint(record)
-        with self._write() as tx:
+        def change(tx: Transaction) -> CheckpointRecord | None:
             self._job_in(tx, record.job_id, states)
             existing = tx.get_checkpoint(record.job_id, record.step)
             if existing is not None:
@@ -508,6 +529,11 @@ class Store(ABC):
             tx.insert_checkpoint(record)
             payload = {"step": record.step, "sha256": record.sha256, "size": record.size}
             self._append(tx, record.job_id, [(EventKind.CHECKPOINT, payload)], record.created_at)
+            return None
+
+        existing = self._write(change)
+        if existing is not None:
+            return existing
         self._notify(record.job_id)
         return record
 
@@ -546,13 +572,15 @@ class Store(ABC):
         Raises:
             JobNotFound, CheckpointNotFound.
         """
-        with self._write() as tx:
+        def change(tx: Transaction) -> CheckpointRecord:
             self._job_in(tx, job_id, None)
             record = tx.get_checkpoint(job_id, step)
             if record is None:
                 raise CheckpointNotFound(job_id, step)
             tx.delete_checkpoint(job_id, step)
-        return record
+            return record
+
+        return self._write(change)
 
     def set_checkpoint_keep(self, job_id: str, step: int, keep: bool) -> CheckpointRecord:
         """Mark a checkpoint to be kept by retention (`keep` True), or unmark it.
@@ -566,13 +594,15 @@ class Store(ABC):
         """
         if not isinstance(keep, bool):
             raise ValidationError("keep", "must be true or false", keep)
-        with self._write() as tx:
+        def change(tx: Transaction) -> CheckpointRecord:
             self._job_in(tx, job_id, None)
             record = tx.get_checkpoint(job_id, step)
             if record is None:
                 raise CheckpointNotFound(job_id, step)
             tx.set_checkpoint_keep(job_id, step, keep)
-        return dataclasses.replace(record, keep=keep)
+            return record
+
+        return dataclasses.replace(self._write(change), keep=keep)
 
     def all_checkpoints(self) -> list[CheckpointRecord]:
         """Every job's checkpoint records, read in one snapshot (by job, then step).
@@ -593,10 +623,12 @@ class Store(ABC):
             AlreadyExists: the name is taken.
         """
         check_user_name(user.name)
-        with self._write() as tx:
+        def change(tx: Transaction) -> None:
             if tx.get_user(user.name) is not None:
                 raise AlreadyExists(f"user {user.name!r} already exists")
             tx.insert_user(user)
+
+        self._write(change)
         self._users_changed()
         return user
 
@@ -636,12 +668,15 @@ class Store(ABC):
         Raises:
             UserNotFound: no such user.
         """
-        with self._write() as tx:
+        def change(tx: Transaction) -> User:
             user = tx.get_user(name)
             if user is None:
                 raise UserNotFound(name)
             user = dataclasses.replace(user, token_hash=token_hash)
             tx.replace_user(user)
+            return user
+
+        user = self._write(change)
         self._users_changed()
         return user
 

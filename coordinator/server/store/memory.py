@@ -5,12 +5,13 @@ from __future__ import annotations
 import copy
 import dataclasses
 import threading
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 from typing import Any
 
 from dptrain.coordinator.api.errors import StoreClosed
 from dptrain.coordinator.api.records import CheckpointRecord, Event, Job, JobState, User
-from dptrain.coordinator.server.store.base import Store, Transaction
+from dptrain.coordinator.server.store.base import Store, T, Transaction
 
 __all__ = ["MemoryStore"]
 
@@ -161,8 +162,9 @@ class MemoryStore(Store):
         self._checkpoints: dict[str, dict[int, CheckpointRecord]] = {}
         self._users: dict[str, User] = {}
 
-    def _write(self) -> AbstractContextManager[Transaction]:
-        return _MemoryContext(self)
+    def _write(self, change: Callable[[Transaction], T]) -> T:
+        with _MemoryContext(self) as tx:
+            return change(tx)
 
     def _read(self) -> AbstractContextManager[Transaction]:
         return _MemoryContext(self)

@@ -4,18 +4,19 @@
 Durability: WAL journal, ``synchronous=FULL``, every operation one transaction. Once a write
 method returns, its change survives a kill -9 of the coordinator and a power cut.
 
-Concurrency: connections come from a small pool, one per concurrent operation (so the pool
-grows to the server's thread count), each used by one thread at a time. Readers never wait for
-writers (WAL gives each read a snapshot); writers queue on an in-process lock, then take
-SQLite's write lock with ``BEGIN IMMEDIATE`` (a second process, e.g. an admin tool, waits up to
-``busy_timeout``).
+Concurrency: readers take connections from a small pool, one per concurrent read (so the pool
+grows to the server's thread count), each used by one thread at a time; they never wait for
+writers (WAL gives each read a snapshot). Every write is run by one committer thread, which
+owns the store's write connection and takes SQLite's write lock with ``BEGIN IMMEDIATE`` (a
+second process, e.g. an admin tool, waits up to ``busy_timeout``).
 
-Group commit: a writer that finds others queued behind it leaves its transaction open for them
-instead of committing; each runs inside a savepoint of it (a failing one rolls back only its
-own changes), and the last of the group, or the `MAX_GROUP`-th, commits them all with one
-fsync. Every write method still returns only once its change is committed. With fsync on every
-commit, writers queued on one another's fsync were what limited SubmitJob under many clients
-(docs/benchmarks.md).
+Group commit: a write method hands its change (a function of the transaction) to the
+committer and waits. The committer takes every change queued, up to `MAX_GROUP`, runs them in
+one transaction, each inside a savepoint of it (a failing one rolls back only its own
+changes), commits them with one fsync, and only then wakes their callers: every write method
+returns only once its change is committed. With fsync on every commit, writers queued on one
+another's fsync were what limited SubmitJob under many clients; writers taking turns on a lock
+to share a transaction cost as much again in hand-offs between threads (docs/benchmarks.md).
 
 Full disk: a write whose transaction hits SQLITE_FULL (the state directory's file system, or
 its quota, is full) is rolled back and raises `DiskFull` (RESOURCE_EXHAUSTED), naming the
@@ -34,8 +35,10 @@ import logging
 import os
 import sqlite3
 import threading
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from typing import Any
 
 from dptrain.coordinator.api.errors import (
     CorruptRecord,
@@ -54,7 +57,7 @@ from dptrain.coordinator.api.records import (
     User,
 )
 from dptrain.coordinator.server.private_files import open_private
-from dptrain.coordinator.server.store.base import Store
+from dptrain.coordinator.server.store.base import Store, T, Transaction
 
 __all__ = ["SqliteStore", "MIGRATIONS", "SCHEMA_VERSION", "MAX_GROUP", "Migration"]
 
@@ -65,8 +68,8 @@ Migration = Callable[[sqlite3.Connection], None]
 _SQLITE_FULL = 13  # sqlite3.SQLITE_FULL from Python 3.11 on
 
 MAX_GROUP = 32
-"""At most this many writes share one commit (so a steady stream of writers cannot keep a
-group open, and its first member waiting, for ever)."""
+"""At most this many writes share one commit (so that the first of a long queue of writers
+does not wait for all of them)."""
 
 _SCHEMA_1 = (
     """CREATE TABLE jobs (
@@ -160,12 +163,28 @@ _CHECKPOINT_SELECT = ("SELECT job_id, step, sha256, size, created_at, manifest, 
 _USER_SELECT = "SELECT name, admin, created_at, token_hash FROM users"
 
 
+_JOB_INSERT = (f"INSERT INTO jobs ({', '.join(_JOB_COLUMNS)}) "
+               f"VALUES ({', '.join('?' * len(_JOB_COLUMNS))})")
+_JOB_UPDATE = (f"UPDATE jobs SET {', '.join(f'{name} = ?' for name in _JOB_COLUMNS[1:])} "
+               "WHERE id = ?")
+
+
+_EMPTY_TEXT = {dict: "{}", list: "[]", tuple: "[]"}
+
+
+def _json_column(value: Any) -> str:
+    # Most jobs' metrics and placement are empty: their text without the encoder.
+    if not value and type(value) in _EMPTY_TEXT:
+        return _EMPTY_TEXT[type(value)]
+    return json.dumps(value, sort_keys=True)
+
+
 def _job_values(job: Job) -> tuple:
     values = []
     for name in _JOB_COLUMNS:
         value = getattr(job, name)
         if name in _JSON_COLUMNS:
-            value = json.dumps(value, sort_keys=True)
+            value = _json_column(value)
         elif name == "state":
             value = JobState(value).value
         values.append(value)
@@ -213,14 +232,11 @@ class _SqlTransaction:
         return None if row is None else _job_from_row(row)
 
     def insert_job(self, job: Job) -> None:
-        marks = ", ".join("?" * len(_JOB_COLUMNS))
-        self._c.execute(f"INSERT INTO jobs ({', '.join(_JOB_COLUMNS)}) VALUES ({marks})",
-                        _job_values(job))
+        self._c.execute(_JOB_INSERT, _job_values(job))
 
     def replace_job(self, job: Job) -> None:
         values = _job_values(job)
-        assignments = ", ".join(f"{name} = ?" for name in _JOB_COLUMNS[1:])
-        self._c.execute(f"UPDATE jobs SET {assignments} WHERE id = ?", (*values[1:], values[0]))
+        self._c.execute(_JOB_UPDATE, (*values[1:], values[0]))
 
     def last_seq(self, job_id: str) -> int:
         row = self._c.execute("SELECT MAX(seq) FROM events WHERE job_id = ?", (job_id,))
@@ -334,14 +350,19 @@ class _SqlTransaction:
         return [_user_from_row(r) for r in self._c.execute(f"{_USER_SELECT} ORDER BY name")]
 
 
-class _Group:
-    """Writes sharing one transaction on `conn`, committed together (see the module)."""
+class _Write:
+    """One write handed to the committer: its change, then its outcome."""
 
-    def __init__(self, conn: sqlite3.Connection):
-        self.conn = conn
-        self.members = 0
-        self.done = threading.Event()
+    __slots__ = ("change", "result", "error", "done")
+
+    def __init__(self, change: Callable[[Transaction], object]):
+        self.change = change
+        self.result: object = None
         self.error: BaseException | None = None
+        # A bare lock, held until the committer is done with this write: waking a caller is
+        # one release (an Event would take a condition and its lock as well).
+        self.done = threading.Lock()
+        self.done.acquire()
 
 
 class SqliteStore(Store):
@@ -371,9 +392,11 @@ class SqliteStore(Store):
         self.path = os.fspath(path)
         self._synchronous, self._busy_timeout = synchronous, busy_timeout
         self._pool_lock = threading.Lock()
-        self._write_lock = threading.Lock()
-        self._group: _Group | None = None  # the open group transaction (under _write_lock)
-        self._queued = 0  # writers waiting for _write_lock (under _pool_lock)
+        self._writes_lock = threading.Lock()
+        self._writes_ready = threading.Condition(self._writes_lock)
+        self._writes: deque[_Write] = deque()  # waiting for the committer (under _writes_lock)
+        self._committer: threading.Thread | None = None  # started by the first write
+        self._committer_idle = False  # it waits on _writes_ready (under _writes_lock)
         self._idle: list[sqlite3.Connection] = []
         self._open: list[sqlite3.Connection] = []
         # SQLite would create the file 0644 (0666 under umask 0); its -wal and -shm files
@@ -453,77 +476,82 @@ class SqliteStore(Store):
         finally:
             self._check_in(conn)
 
-    @contextmanager
-    def _write(self) -> Iterator[_SqlTransaction]:
-        try:
-            with self._write_group() as tx:
-                yield tx
-        except sqlite3.OperationalError as e:
+    def _write(self, change: Callable[[Transaction], T]) -> T:
+        write = _Write(change)
+        with self._writes_lock:
+            if self._closed:
+                raise StoreClosed(f"the store {self.path} is closed")
+            if self._committer is None:
+                self._committer = threading.Thread(
+                    target=self._run_committer, args=(self._check_out(),),
+                    name=f"sqlite-committer {self.path}", daemon=True)
+                self._committer.start()
+            self._writes.append(write)
+            if self._committer_idle:
+                self._writes_ready.notify()
+        write.done.acquire()
+        error = write.error
+        if error is None:
+            return write.result  # type: ignore[return-value]
+        if isinstance(error, sqlite3.OperationalError) and (
+                getattr(error, "sqlite_errorcode", None) == _SQLITE_FULL
+                or "database or disk is full" in str(error)):  # Python < 3.11 has no code
             # SQLITE_FULL: the transaction was rolled back, the database is as it was; say
             # so in the words of the blob store's full disk, not as an internal error.
-            if getattr(e, "sqlite_errorcode", None) == _SQLITE_FULL or (
-                    "database or disk is full" in str(e)):  # Python < 3.11 has no code
-                raise DiskFull(self.path) from None
-            raise
+            raise DiskFull(self.path) from None
+        raise error
 
-    @contextmanager
-    def _write_group(self) -> Iterator[_SqlTransaction]:
-        with self._pool_lock:
-            self._queued += 1
+    def _run_committer(self, conn: sqlite3.Connection) -> None:
+        """The committer thread: run the queued writes in groups until the store closes and
+        nothing is queued."""
         try:
-            self._write_lock.acquire()
+            while True:
+                with self._writes_lock:
+                    while not self._writes and not self._closed:
+                        self._committer_idle = True
+                        self._writes_ready.wait()
+                        self._committer_idle = False
+                    if not self._writes:
+                        return
+                    group = [self._writes.popleft()
+                             for _ in range(min(len(self._writes), MAX_GROUP))]
+                self._commit(conn, group)
         finally:
-            with self._pool_lock:
-                self._queued -= 1
-        try:
-            group = self._group
-            if group is None:
-                conn = self._check_out()
-                try:
-                    conn.execute("BEGIN IMMEDIATE")
-                except BaseException:
-                    self._check_in(conn)
-                    raise
-                group = self._group = _Group(conn)
-            conn = group.conn
-            group.members += 1
-            conn.execute("SAVEPOINT write")
-            try:
-                yield _SqlTransaction(conn)
-            except BaseException:
-                conn.execute("ROLLBACK TO write")
-                conn.execute("RELEASE write")
-                raise
-            conn.execute("RELEASE write")
-        finally:
-            try:
-                with self._pool_lock:
-                    joining = self._queued > 0
-                if group is not None and (not joining or group.members >= MAX_GROUP):
-                    self._commit(group)
-            finally:
-                self._write_lock.release()
-        while not group.done.wait(1.0):
-            # The writer counted as joining never came (its wait for the lock was interrupted):
-            # commit the group ourselves rather than wait for ever.
-            with self._write_lock:
-                if self._group is group:
-                    self._commit(group)
-        if group.error is not None:
-            raise group.error
+            self._check_in(conn)
 
-    def _commit(self, group: _Group) -> None:
-        """Commit a group's transaction (under the write lock) and wake its members."""
-        self._group = None
+    def _commit(self, conn: sqlite3.Connection, group: list[_Write]) -> None:
+        """Run `group`'s changes in one transaction and commit it, then wake their callers.
+        Should the transaction fail as a whole (its commit, or a full disk, which makes SQLite
+        roll all of it back), every write of the group gets that error: none of them is
+        stored."""
         try:
-            group.conn.execute("COMMIT")
+            conn.execute("BEGIN IMMEDIATE")
+            tx = _SqlTransaction(conn)
+            if len(group) == 1:  # alone: its failure rolls back the transaction (below)
+                group[0].result = group[0].change(tx)
+            else:
+                for write in group:
+                    conn.execute("SAVEPOINT write")
+                    try:
+                        write.result = write.change(tx)
+                    except BaseException as e:
+                        if not conn.in_transaction:  # rolled back whole: the group's too
+                            raise
+                        write.error = e
+                        conn.execute("ROLLBACK TO write")
+                    conn.execute("RELEASE write")
+            conn.execute("COMMIT")
         except BaseException as e:
-            group.error = e
-            if group.conn.in_transaction:
-                group.conn.execute("ROLLBACK")
+            for write in group:
+                write.error = e
+            try:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+            except sqlite3.Error:
+                log.exception("%s: rolling back a failed group of writes", self.path)
         finally:
-            self._check_in(group.conn)
-            group.done.set()
+            for write in group:
+                write.done.release()
 
     @contextmanager
     def _read(self) -> Iterator[_SqlTransaction]:
@@ -535,12 +563,18 @@ class SqliteStore(Store):
                 conn.execute("ROLLBACK")
 
     def close(self) -> None:
-        """Close every idle connection now and each busy one when its operation ends; wake
-        `wait_events` callers. Later calls raise `StoreClosed`. Idempotent."""
+        """Commit the writes already handed to the committer and end it; close every idle
+        connection now and each busy one when its operation ends; wake `wait_events` callers.
+        Later calls raise `StoreClosed`. Idempotent."""
         with self._pool_lock:
             self._closed = True
             for conn in self._idle:
                 self._open.remove(conn)
                 conn.close()
             self._idle.clear()
+        with self._writes_lock:
+            self._writes_ready.notify()
+            committer = self._committer
+        if committer is not None and committer is not threading.current_thread():
+            committer.join()
         super().close()

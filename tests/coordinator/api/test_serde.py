@@ -202,6 +202,45 @@ def test_what_protobuf_cannot_carry_names_the_field(data, field):
     assert info.value.field == field and str(info.value).startswith(f"{field}: ")
 
 
+def _walked(data):
+    """spec_to_proto's reference: the field-by-field walk alone."""
+    message = pb.JobSpec()
+    serde._fill(message, data, "")
+    return message
+
+
+class _Section(dict):
+    pass
+
+
+@pytest.mark.parametrize("data", [
+    FULL, FULL_OWN_LOOP, JobSpec.from_dict(FULL).to_dict(),
+    JobSpec.from_dict(FULL_OWN_LOOP).to_dict(), {}, {"checkpoint": {}},
+    {"model": {"name": None, "args": None}}, {"epochs": None, "scheduler": None},
+    {"model": {"name": "mlp", "args": {"deep": {"é": [1, 2.5, None, True]}}}},
+    {"optimizer": {"betas": (0.5, 0.25), "lr": 1}}, {"batch_size": True},
+    # What the message cannot carry: the same error from both.
+    {"bogus": None}, {"args": None}, {"args": {}}, {"model": {"args_json": "{}"}},
+    {"args_json": "{}"}, {1: "x"}, {"model": {1: "x"}}, {"model": "mlp"},
+    {"model": _Section(name="mlp")}, {"model": pb.ModelSpec(name="mlp")},
+    {"name": {"a": 1}}, {"seed": 2**64}, {"seed": 1.5}, {"name": "\ud800"},
+    {"optimizer": {"betas": "ab"}}, {"optimizer": {"betas": [0.9, "x"]}},
+    {"dataset": {"args": {"scale": math.nan}}}, {"model": {"args": {"x": {1, 2}}}},
+])
+def test_spec_to_proto_builds_what_the_field_walk_builds(data):
+    try:
+        expected = _walked(data)
+    except ValidationError as e:
+        with pytest.raises(ValidationError) as info:
+            serde.spec_to_proto(data)
+        assert (info.value.field, str(info.value)) == (e.field, str(e))
+    else:
+        got = serde.spec_to_proto(data)
+        assert got == expected
+        assert [f.name for f, _ in got.ListFields()] == [
+            f.name for f, _ in expected.ListFields()]
+
+
 @pytest.mark.parametrize("args_json, rule", [
     ("[1, 2]", "must be a mapping of argument names to values"),
     ('"text"', "must be a mapping of argument names to values"),
