@@ -17,7 +17,7 @@ import math
 
 import numpy
 
-from dptrain.engine.backend import get_array_module
+from dptrain.engine.backend import get_array_module, sum_matrix
 from dptrain.engine.ops.core import Op, apply
 from dptrain.engine.ops.elementwise import dropout
 from dptrain.engine.ops.registry import FUNCTIONAL, export
@@ -31,7 +31,8 @@ def _softmax_in_place(xp, scores):
     top[top == -numpy.inf] = 0
     scores -= top
     xp.exp(scores, out=scores)
-    total = scores.sum(axis=-1, keepdims=True)
+    total = sum_matrix(xp, scores.reshape(-1, scores.shape[-1]), 1).reshape(
+        scores.shape[:-1] + (1,))
     total[total == 0] = 1
     scores *= xp.reciprocal(total, out=total)  # one division per row, not per element
     return scores

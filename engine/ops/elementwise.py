@@ -93,8 +93,36 @@ _tanh = Op("tanh", lambda xp, x: xp.tanh(x), (lambda xp, g, ans, x: g * (1 - ans
           save=False, save_ans=True)
 _sigmoid = Op("sigmoid", lambda xp, x: special(xp).expit(x),
              (lambda xp, g, ans, x: g * ans * (1 - ans),), save=False, save_ans=True)
-_relu = Op("relu", lambda xp, x: xp.maximum(x, 0), (lambda xp, g, ans, x: g * (ans > 0),),
-          save=False, save_ans=True)
+_ZERO_ROW = 1 << 14  # elements of the zero row `_relu_forward` broadcasts
+_zero_rows: dict = {}
+
+
+def _relu_forward(xp, x):
+    """``max(x, 0)``. numpy runs a maximum against a scalar in a scalar loop, about 3x the
+    time of its vector loop over two arrays (measured 0.5 against 0.17 ns per float32): so a
+    contiguous x is compared row by row with a cached row of zeros broadcast over the rows
+    (a 64 KiB row stays in cache), the tail that fills no row against the scalar."""
+    n = x.size
+    if xp is not numpy or n < _ZERO_ROW or not x.flags.c_contiguous:
+        return xp.maximum(x, 0)
+    zeros = _zero_rows.get(x.dtype)
+    if zeros is None:
+        zeros = _zero_rows[x.dtype] = numpy.zeros(_ZERO_ROW, dtype=x.dtype)
+        zeros.flags.writeable = False
+    out = xp.empty_like(x)
+    flat, of = x.reshape(-1), out.reshape(-1)
+    body = n - n % _ZERO_ROW
+    xp.maximum(flat[:body].reshape(-1, _ZERO_ROW), zeros, out=of[:body].reshape(-1, _ZERO_ROW))
+    xp.maximum(flat[body:], 0, out=of[body:])
+    return out
+
+
+def _relu_vjp(xp, g, ans, x, out=None):
+    """``g * (ans > 0)``, into `out` (g itself, when backward owns it): no new array."""
+    return xp.multiply(g, ans > 0, out=out)
+
+
+_relu = Op("relu", _relu_forward, (_relu_vjp,), save=False, save_ans=True, reuse_g=True)
 _softplus = Op("softplus", lambda xp, x: xp.logaddexp(x, 0),
               (lambda xp, g, ans, x: g * special(xp).expit(x),))
 _clamp = Op("clamp", lambda xp, x, lo, hi: xp.clip(x, lo, hi), (

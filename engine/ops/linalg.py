@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dptrain.engine.backend import sum_matrix
 from dptrain.engine.ops.core import Op, apply
 from dptrain.engine.ops.registry import FUNCTION, FUNCTIONAL, METHOD, export
 from dptrain.engine.tensor import Tensor
@@ -59,7 +60,7 @@ def _linear_dw(xp, g, ans, x, w, b):
 
 
 def _linear_db(xp, g, ans, x, w, b):
-    return g.reshape(-1, g.shape[-1]).sum(axis=0)
+    return sum_matrix(xp, g.reshape(-1, g.shape[-1]), 0)
 
 
 _linear = Op("linear", _linear_forward, (

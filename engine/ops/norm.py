@@ -15,17 +15,18 @@ from __future__ import annotations
 
 import math
 
-from dptrain.engine.backend import get_array_module
+from dptrain.engine.backend import get_array_module, sum_matrix
 from dptrain.engine.ops.core import Op, apply
 from dptrain.engine.ops.registry import FUNCTIONAL, export
 from dptrain.engine.tensor import Tensor
 
 
-def _channel_sum(a):
+def _channel_sum(xp, a):
     """Sum over every dim but 1, reading contiguous runs: (N, C, ...) -> (C,)."""
     if a.ndim == 2:
-        return a.sum(axis=0)
-    return a.reshape(a.shape[0], a.shape[1], -1).sum(axis=2).sum(axis=0)
+        return sum_matrix(xp, a, 0)
+    n, c = a.shape[:2]
+    return sum_matrix(xp, a.reshape(n * c, -1), 1).reshape(n, c).sum(axis=0)
 
 
 def _bshape(x) -> tuple:
@@ -55,7 +56,7 @@ def _channel_dot(xp, a, b):
 def _bn_backward(xp, g, ans, x, weight, bias, mean, invstd, training):
     shape = _bshape(x)
     m = x.size // x.shape[1]
-    db = _channel_sum(g)
+    db = _channel_sum(xp, g)
     dot = _channel_dot(xp, g, x) - mean * db  # sum(g * (x - mean)) = sum(g * xhat) / invstd
     dw = dot * invstd
     k = invstd if weight is None else weight * invstd
@@ -128,7 +129,7 @@ def batch_norm(input: Tensor, running_mean: Tensor | None, running_var: Tensor |
         if m <= 1:
             raise ValueError(f"batch_norm: expected more than 1 value per channel when "
                              f"training, got input of shape {input.shape}")
-        mean = _channel_sum(x) / m
+        mean = _channel_sum(xp, x) / m
         xc = x - mean.reshape(_bshape(x))
         var = _channel_dot(xp, xc, xc) / m
         del xc
@@ -164,6 +165,13 @@ def _row_dot(xp, a, b, axes):
     return dot.reshape(lead + (1,) * len(axes))
 
 
+def _row_sum(xp, a, axes):
+    """The sum over the trailing `axes`, keeping them as size-1 dims (a BLAS product with
+    ones: see `sum_matrix`)."""
+    lead = a.shape[:a.ndim - len(axes)]
+    return sum_matrix(xp, a.reshape(math.prod(lead), -1), 1).reshape(lead + (1,) * len(axes))
+
+
 def _ln_forward(xp, x, weight, bias, xhat, rstd, axes):
     if weight is None:
         out = xhat.copy()  # the op's own output: xhat stays as the rule saw it
@@ -180,12 +188,12 @@ def _ln_backward(xp, g, ans, x, weight, bias, xhat, rstd, axes):
     # sum over the rows of g * xhat without a full-size product
     dw = None if weight is None else xp.einsum(
         f"{letters},{letters}->{letters[len(lead):]}", g, xhat)
-    db = None if bias is None else g.sum(axis=lead)
     n = math.prod(xhat.shape[len(lead):])
+    db = None if bias is None else sum_matrix(xp, g.reshape(-1, n), 0).reshape(bias.shape)
     # dx = rstd * (gx - mean(gx) - xhat * mean(gx * xhat)), gx = g * weight, built in one new
     # array: xhat is kept (a retained graph reads it again) and g may be shared
     gx = g if weight is None else g * weight
-    dot, total = _row_dot(xp, gx, xhat, axes), gx.sum(axis=axes, keepdims=True)
+    dot, total = _row_dot(xp, gx, xhat, axes), _row_sum(xp, gx, axes)
     dx = xhat * (dot * (rstd / -n))
     if weight is None:
         dx += gx * rstd
@@ -226,7 +234,7 @@ def layer_norm(input: Tensor, normalized_shape, weight: Tensor | None = None,
     x = input.data
     xp = get_array_module(x)
     axes = tuple(range(x.ndim - len(shape), x.ndim))
-    xhat = x - x.mean(axis=axes, keepdims=True)
+    xhat = x - _row_sum(xp, x, axes) / math.prod(shape)
     var = _row_dot(xp, xhat, xhat, axes) / math.prod(shape)
     var += eps
     rstd = 1 / xp.sqrt(var)

@@ -52,6 +52,22 @@ def test_scatter_add_accumulates_repeated_indices_on_every_device():
         assert engine.tensor(acc).tolist() == [0.0, 3.0, 0.0, 5.0]
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float64", "float16"])
+def test_sum_matrix_matches_float64_sums_on_every_device(dtype):
+    """Column and row sums of a matrix (a product with ones for float32/64, numpy's sum for
+    float16) against sums in float64, within the rounding of the dtype's accumulation."""
+    a = np.random.default_rng(2).standard_normal((300, 70)).astype(dtype)
+    tol = {"float16": 2e-2, "float32": 2e-5, "float64": 1e-12}[dtype]
+    for device in ("cpu", "strict"):
+        xp = engine.Device(device).xp
+        for axis in (0, 1):
+            got = backend.sum_matrix(xp, xp.asarray(a), axis)
+            assert backend.get_device(got) == device and got.dtype == a.dtype
+            want = a.astype(np.float64).sum(axis=axis)
+            np.testing.assert_allclose(engine.tensor(got).numpy().astype(np.float64), want,
+                                       rtol=tol, atol=tol * np.abs(a).sum(axis=axis).max())
+
+
 @pytest.mark.parametrize("index", [
     pytest.param(np.array([[3, 0, 3], [3, 1, 0]]), id="repeated_2d"),
     pytest.param(np.array([-1, 4, 0, -5, 2, 2]), id="negative_aliases"),

@@ -127,6 +127,24 @@ def test_unary(check, fn, ref, domain, shape):
     check(fn, ref, shape, **domain)
 
 
+@pytest.mark.parametrize("size", [(1 << 14) * 3, (1 << 14) * 2 + 77], ids=["rows", "rows+tail"])
+def test_relu_on_large_arrays_against_a_select(size):
+    """Arrays of a 16K-element row and more are compared with a broadcast row of zeros (and
+    the tail past the last full row with the scalar): values as ``where(x > 0, x, 0)`` with
+    NaN kept and -inf to 0; the gradient, written into the incoming one, is g where x > 0."""
+    rng = np.random.default_rng(5)
+    a = rng.standard_normal(size).astype(np.float32)
+    a[[0, 5, size - 1, size - 3]] = [np.nan, -np.inf, np.inf, np.nan]
+    x = engine.tensor(a.reshape(3, -1) if size % 3 == 0 else a, requires_grad=True)
+    y = x.relu()
+    want = np.where(a > 0, a, np.float32(0))
+    want[[0, size - 3]] = np.nan
+    np.testing.assert_array_equal(y.numpy().reshape(-1), want)
+    g = rng.standard_normal(size).astype(np.float32)
+    (y * t(g.reshape(y.shape))).sum().backward()
+    np.testing.assert_array_equal(x.grad.numpy().reshape(-1), np.where(a > 0, g, 0))
+
+
 def test_clamp_one_bound_forward():
     x = engine.tensor([-1.0, 0.5, 2.0])
     assert x.clamp(min=0.0).tolist() == [0.0, 0.5, 2.0]
