@@ -389,7 +389,7 @@ def bench_transfer(info: dict, worker_token: str, work: Path, size_mib: int,
     data = os.urandom(size_mib << 20)
     bare = _bare_transfers(info, data, work)
     times: dict[str, list[float]] = {k: [] for k in (
-        "upload", "download", "download_1", "copy", "copy_nosync", "bare_up", "bare_up_disk",
+        "upload", "download", "download_2", "copy", "copy_nosync", "bare_up", "bare_up_disk",
         "bare_down", "bare_down_disk")}
     worker = WorkerClient(info["address"], info["job_id"], worker_token, timeout=600)
     client = Client(info["address"], token=info["token"], timeout=600)
@@ -410,9 +410,9 @@ def bench_transfer(info: dict, worker_token: str, work: Path, size_mib: int,
         timed("upload", worker.upload_checkpoint, ckpt)
         # Both downloads, their order swapped every round: the first one follows the upload
         # while the disk still writes it back.
-        for row in ("download", "download_1")[::1 if step % 2 else -1]:
+        for row in ("download", "download_2")[::1 if step % 2 else -1]:
             timed(row, client.download_checkpoint, info["job_id"], step=step,
-                  dest=work / "downloaded", **({"streams": 1} if row == "download_1" else {}))
+                  dest=work / "downloaded", **({"streams": 2} if row == "download_2" else {}))
         timed("copy", _durable_copy, model, work / "copied")
         timed("copy_nosync", shutil.copyfile, model, work / "copied-nosync")
         for row in ("bare_up", "bare_up_disk", "bare_down", "bare_down_disk"):
@@ -428,7 +428,8 @@ def bench_transfer(info: dict, worker_token: str, work: Path, size_mib: int,
     for row, name, peer in (
             ("upload", "upload (UploadCheckpoint)", "bare_up_disk"),
             ("download", "download (DownloadCheckpoint)", "bare_down_disk"),
-            ("download_1", "download over one stream (`streams=1`)", "bare_down_disk"),
+            ("download_2", "download in ranges over two streams (`streams=2`)",
+             "bare_down_disk"),
             ("bare_up", "bare gRPC stream to the server, dropped (peer)", None),
             ("bare_up_disk", "bare gRPC stream to the server, written + fsync (peer)", None),
             ("bare_down", "bare gRPC stream from the server, dropped (peer)", None),

@@ -394,9 +394,10 @@ class Client:
         manifest: only a match is renamed to `dest`; a mismatch deletes the part (DATA_LOSS).
         The server does not hash the bytes as it sends them: this check is the one that counts.
 
-        A file larger than `FIRST_RANGE_BYTES` comes over `streams` streams at once, each
-        fetching byte ranges into the part (`client.download_parts`), and is hashed whole
-        once all are in; a server that predates ranges sends it over the first stream.
+        With `streams` > 1, a file larger than `FIRST_RANGE_BYTES` comes over that many
+        streams at once, each fetching byte ranges into the part (`client.download_parts`),
+        and is hashed whole once all are in; a server that predates ranges sends it over the
+        first stream.
 
         Args:
             job_id: the job.
@@ -407,7 +408,8 @@ class Client:
             retries: tries in a row that receive nothing before giving up (the part is kept
                 for a later call).
             on_progress: called after each chunk (and once at each start or resumption).
-            streams: streams at once (1: one stream, hashing as the bytes arrive).
+            streams: streams at once (1, the default: one stream, hashing the bytes as they
+                arrive).
 
         Returns:
             Where it went, with its step, size and digest.

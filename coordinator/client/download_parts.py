@@ -2,10 +2,10 @@
 one stream, appended and hashed on the way (`append_to_part`), or as byte ranges fetched at
 once over several streams and hashed whole at the end (`RangedDownload`).
 
-One gRPC stream moves a file at most at the rate its one receiving thread and HTTP/2 stream
-allow, well under what the disk takes (docs/benchmarks.md, "Checkpoint transfer"); several
-streams of the same channel move more. `Client.download_checkpoint` asks its first stream
-for the first `FIRST_RANGE_BYTES` only (DownloadCheckpoint's ``length``); when the server's
+One gRPC stream moves a file at most at the rate its one receiving thread allows (grpcio's
+receiving costs about 1 ms of CPU per MiB), under what a disk takes (docs/benchmarks.md,
+"Checkpoint transfer"). Given ``streams`` > 1, `Client.download_checkpoint` asks its first
+stream for the first `FIRST_RANGE_BYTES` only (DownloadCheckpoint's ``length``); when the server's
 answer says it honours ranges (``DownloadInfo.end``), a `RangedDownload` fetches the rest
 alongside as a few more ranges, each thread writing its chunks at their offsets in the one
 part file (``os.pwrite``). Nothing is hashed as it arrives: once every range is in, the part
@@ -34,10 +34,10 @@ __all__ = ["DownloadedFile", "DownloadProgress", "part_path", "part_size", "appe
            "RangedDownload", "RangeBroken", "DOWNLOAD_STREAMS", "FIRST_RANGE_BYTES",
            "plan_ranges"]
 
-DOWNLOAD_STREAMS = 2
-"""Streams one download uses at once by default: as fast as one on the 2-core machine of
-docs/benchmarks.md, and where the client has cores of its own, each stream's receiving
-(about 1 ms of CPU per MiB in grpcio) runs on another."""
+DOWNLOAD_STREAMS = 1
+"""Streams one download uses at once by default. One: on the 2-core machine of
+docs/benchmarks.md two streams were slower (more CPU on both ends, and the hash after the last
+byte instead of while the bytes arrive); ranges are for a client with cores to spare."""
 
 FIRST_RANGE_BYTES = 4 * CHUNK_BYTES
 """What the first stream asks for, before the file's size is known: a smaller file comes in

@@ -221,7 +221,8 @@ RANGES = {2: [(0, FIRST), (FIRST, M + 4), (5 * M + 4, 5 * M + 3)],
 
 @pytest.fixture
 def ranged(downloads):
-    """The scripted server honouring byte ranges, with a file of several ranges."""
+    """The scripted server honouring byte ranges, with a file of several ranges (fetched in
+    ranges when a download asks for ``streams`` > 1)."""
     servicer, client = downloads
     servicer.ranged, servicer.declared, servicer.sent = True, BIG, BIG
     return servicer, client
@@ -247,7 +248,7 @@ def test_a_range_that_breaks_off_goes_on_from_where_it_stopped(ranged, tmp_path)
     servicer.drop_at = {5 * M + 4}  # the second stream's range, after its first chunk
     seen = []
     client.download_checkpoint("j-000000000001", dest=tmp_path / "m.safetensors",
-                               on_progress=seen.append)
+                               on_progress=seen.append, streams=2)
     assert sorted(servicer.requests) == sorted(
         RANGES[2] + [(6 * M + 4, 4 * M + 3)])  # only the rest of the broken range again
     assert (tmp_path / "m.safetensors").read_bytes() == BIG
@@ -264,7 +265,8 @@ def test_a_range_sent_longer_or_shorter_than_asked_is_data_loss(ranged, tmp_path
     servicer, client = ranged
     servicer.skew = {FIRST: skew}
     with pytest.raises(ClientError) as info:
-        client.download_checkpoint("j-000000000001", dest=tmp_path / "m.safetensors")
+        client.download_checkpoint("j-000000000001", dest=tmp_path / "m.safetensors",
+                                   streams=2)
     assert str(info.value) == (f"DATA_LOSS: model.safetensors of step 7: the range of bytes "
                                f"{FIRST} to {5 * M + 4}: {rule}")
     assert list(tmp_path.iterdir()) == []
@@ -276,7 +278,8 @@ def test_ranges_that_fail_the_digest_are_data_loss_and_leave_no_file(
     servicer, client = ranged
     servicer.sent, servicer.algorithm = _corrupt(BIG), algorithm
     with pytest.raises(ClientError) as info:
-        client.download_checkpoint("j-000000000001", dest=tmp_path / "m.safetensors")
+        client.download_checkpoint("j-000000000001", dest=tmp_path / "m.safetensors",
+                                   streams=2)
     assert str(info.value) == (
         f"DATA_LOSS: model.safetensors of step 7: received {len(BIG)} bytes hashing to "
         f"{algorithm} {HASHERS[algorithm](_corrupt(BIG)).hexdigest()}, expected {len(BIG)} "
@@ -290,14 +293,14 @@ def test_ranges_given_up_leave_a_part_without_gaps_that_a_later_call_finishes(
     servicer.drop_at, servicer.down_after_drop = {5 * M + 4}, True
     with pytest.raises(ClientError, match="^UNAVAILABLE: "):
         client.download_checkpoint("j-000000000001", dest=tmp_path / "m.safetensors",
-                                   retries=0)
+                                   retries=0, streams=2)
     [part] = tmp_path.iterdir()
     kept = part.read_bytes()
     # Cut back to the bytes before the first gap: at most the first stream's share and the
     # one chunk the broken range got (its rest never came).
     assert kept == BIG[:len(kept)] and len(kept) <= 6 * M + 4
     servicer.down, servicer.requests = False, []
-    client.download_checkpoint("j-000000000001", dest=tmp_path / "m.safetensors")
+    client.download_checkpoint("j-000000000001", dest=tmp_path / "m.safetensors", streams=2)
     # The first answer describes the file; the part's bytes are not asked for again.
     assert servicer.requests[0] == (0, FIRST) and min(servicer.requests[1:])[0] == len(kept)
     assert (tmp_path / "m.safetensors").read_bytes() == BIG
@@ -310,4 +313,11 @@ def test_a_server_without_ranges_sends_the_whole_file_over_the_first_stream(
     servicer.declared = servicer.sent = BIG
     client.download_checkpoint("j-000000000001", dest=tmp_path / "m.safetensors", streams=4)
     assert servicer.requests == [(0, FIRST)]
+    assert (tmp_path / "m.safetensors").read_bytes() == BIG
+
+
+def test_one_stream_by_default_asks_for_the_whole_file(ranged, tmp_path):
+    servicer, client = ranged
+    client.download_checkpoint("j-000000000001", dest=tmp_path / "m.safetensors")
+    assert servicer.requests == [(0, 0)]
     assert (tmp_path / "m.safetensors").read_bytes() == BIG
