@@ -471,8 +471,8 @@ class Client:
                                 ranged.run(_download_data(stream))
                                 digest, size = ranged.verified(expected.algorithm)
                             else:  # one stream (or a server that predates ranges)
-                                digest, size = append_to_part(part, expected, offset,
-                                                       _download_data(stream), report)
+                                digest, size = append_to_part(
+                                    part, expected, offset, _download_data(stream), report)
                 except ClientError as e:
                     if e.code not in _RESUMABLE:
                         raise
@@ -522,10 +522,10 @@ class Client:
                 call.cancel()
 
         try:
-            first = next(call)
+            first = next(call, None)
         except grpc.RpcError as e:
             raise self._error(e) from None
-        if (first.WhichOneof("item") != "info" or first.info.step != step
+        if (first is None or first.WhichOneof("item") != "info" or first.info.step != step
                 or serde.file_entry_from_proto(first.info.file) != expected
                 or first.info.end != offset + length):
             call.cancel()
