@@ -26,12 +26,14 @@ Clients run in further child processes, many threads each, one connection per cl
    bytes, different in each round (UploadCheckpoint, chunked, verified against its BLAKE3
    manifest entry and stored durably; retention deletes the oldest from the fourth round on),
    and a client downloads that file (DownloadCheckpoint, verified as it arrives, written with
-   fsync), against a plain copy of the same file on the same disk (``shutil.copyfile`` then
-   ``fsync``: both transfers make their result durable too) and, for reference, the copy
-   without fsync. The ceiling gRPC itself sets: the same bytes in the same chunks over a bare
-   grpcio stream on loopback (a generic handler in the echo server, raw bytes per message, no
-   hashing), each way, dropped on arrival and written + fsynced. Every row runs once per
-   round, interleaved; medians over rounds.
+   fsync), and again in byte ranges over two streams (``streams=2``; the two downloads swap
+   places every round, as the first follows the upload's write-back), against a plain copy
+   of the same file on the same disk (``shutil.copyfile`` then ``fsync``: both transfers
+   make their result durable too) and, for reference, the copy without fsync. The ceiling
+   gRPC itself sets: the same bytes in the same chunks over a bare grpcio stream on loopback
+   (a generic handler in the echo server, raw bytes per message, no hashing), each way,
+   dropped on arrival and written + fsynced. Every row runs once per round, interleaved;
+   medians over rounds.
 
 Every row's peers are measured in this one run; the machine may be shared, so each number is
 a median (or a percentile over thousands of calls) and the ratios are what to read.
@@ -389,15 +391,19 @@ def bench_transfer(info: dict, worker_token: str, work: Path, size_mib: int,
     data = os.urandom(size_mib << 20)
     bare = _bare_transfers(info, data, work)
     times: dict[str, list[float]] = {k: [] for k in (
-        "upload", "download", "copy", "copy_nosync", "bare_up", "bare_up_disk", "bare_down",
-        "bare_down_disk")}
+        "upload", "download", "download_2", "copy", "copy_nosync", "bare_up", "bare_up_disk",
+        "bare_down", "bare_down_disk")}
     worker = WorkerClient(info["address"], info["job_id"], worker_token, timeout=600)
     client = Client(info["address"], token=info["token"], timeout=600)
 
+    cpu: dict[str, list[tuple[float, float]]] = {k: [] for k in times}
+
     def timed(row: str, call: Any, *args: Any, **kwargs: Any) -> None:
+        server, client_cpu = process_cpu_s(info["pid"]), time.process_time()
         start = time.perf_counter()
         call(*args, **kwargs)
         times[row].append(time.perf_counter() - start)
+        cpu[row].append((time.process_time() - client_cpu, process_cpu_s(info["pid"]) - server))
 
     for step in range(1, rounds + 1):
         ckpt = work / f"step-{step:08d}"
@@ -408,8 +414,11 @@ def bench_transfer(info: dict, worker_token: str, work: Path, size_mib: int,
         model.write_bytes(step.to_bytes(8, "little") + data[8:])
         write_manifest(ckpt, {"step": step}, ["model.safetensors"], algorithm)
         timed("upload", worker.upload_checkpoint, ckpt)
-        timed("download", client.download_checkpoint, info["job_id"], step=step,
-              dest=work / "downloaded")
+        # Both downloads, their order swapped every round: the first one follows the upload
+        # while the disk still writes it back.
+        for row in ("download", "download_2")[::1 if step % 2 else -1]:
+            timed(row, client.download_checkpoint, info["job_id"], step=step,
+                  dest=work / "downloaded", **({"streams": 2} if row == "download_2" else {}))
         timed("copy", _durable_copy, model, work / "copied")
         timed("copy_nosync", shutil.copyfile, model, work / "copied-nosync")
         for row in ("bare_up", "bare_up_disk", "bare_down", "bare_down_disk"):
@@ -425,6 +434,8 @@ def bench_transfer(info: dict, worker_token: str, work: Path, size_mib: int,
     for row, name, peer in (
             ("upload", "upload (UploadCheckpoint)", "bare_up_disk"),
             ("download", "download (DownloadCheckpoint)", "bare_down_disk"),
+            ("download_2", "download in ranges over two streams (`streams=2`)",
+             "bare_down_disk"),
             ("bare_up", "bare gRPC stream to the server, dropped (peer)", None),
             ("bare_up_disk", "bare gRPC stream to the server, written + fsync (peer)", None),
             ("bare_down", "bare gRPC stream from the server, dropped (peer)", None),
@@ -434,8 +445,10 @@ def bench_transfer(info: dict, worker_token: str, work: Path, size_mib: int,
             ("copy_nosync", "plain copy without fsync (reference)", None)):
         over_copy = rate[row] / rate["copy"]
         over_bare = f"{rate[row] / rate[peer]:.2f}x" if peer else ""
-        rows.append(f"| {name} | {size_mib} MiB | {rate[row]:.0f} MB/s | {over_copy:.2f}x | "
-                    f"{over_bare} | {goal(over_copy) if peer else ''} |")
+        client_ms, server_ms = (statistics.median(c[i] for c in cpu[row]) * 1e3 for i in (0, 1))
+        rows.append(f"| {name} | {size_mib} MiB | {rate[row]:.0f} MB/s | {client_ms:.0f} ms, "
+                    f"{server_ms:.0f} ms | {over_copy:.2f}x | {over_bare} | "
+                    f"{goal(over_copy) if peer else ''} |")
     return rows
 
 
@@ -515,9 +528,11 @@ def main() -> None:
         print(f"Checkpoint transfer ({args.hash} manifest), median of {args.transfers} rounds; "
               f"(interleaved); peers: `shutil.copyfile` + `fsync` of the same file, and the "
               f"same bytes over a bare grpcio stream in the same chunks\n")
-        print("| transfer | file | rate | over copy + fsync | over bare gRPC + write + fsync "
-              "| goal |")
-        print("|---|---:|---:|---:|---:|---|")
+        print("CPU: of this process (the client: uploads, downloads, copies) and of the server's"
+              " (coordinator and bare echo server), median per transfer, in clock ticks\n")
+        print("| transfer | file | rate | CPU: client, server | over copy + fsync "
+              "| over bare gRPC + write + fsync | goal |")
+        print("|---|---:|---:|---:|---:|---:|---|")
         print("\n".join(transfer))
 
 

@@ -30,9 +30,11 @@ import threading
 from collections.abc import Callable, Iterable
 from typing import Any, BinaryIO
 
+from blake3 import blake3
+
 from dptrain.worker.checkpoint_manifest import new_hasher
 
-__all__ = ["write_hashed", "BytesLike", "DEPTH", "SYNC_BYTES"]
+__all__ = ["write_hashed", "write_at", "hash_file", "BytesLike", "DEPTH", "SYNC_BYTES"]
 
 BytesLike = bytes | bytearray | memoryview
 
@@ -186,3 +188,62 @@ def write_hashed(chunks: Iterable[BytesLike], f: BinaryIO, algorithm: str, *,
     f.flush()
     os.fsync(f.fileno())
     return digest.hexdigest(), size
+
+
+def write_at(fd: int, chunks: Iterable[BytesLike], position: list[int], end: int,
+             on_chunk: Callable[[int], None] | None = None) -> None:
+    """Write a byte range's chunks at their offsets in an open file, starting the disk's
+    write-back every `SYNC_BYTES` (as `write_hashed` does), without hashing them: one of
+    several ranges of a file written at once from as many threads, the whole file hashed once
+    all are in (`hash_file`).
+
+    Args:
+        fd: the file's descriptor, open for writing (``os.pwrite`` needs no shared position).
+        chunks: the range's bytes, in order.
+        position: ``[offset]`` where the next chunk goes, advanced past each chunk written, so
+            that the caller knows how far the range got when the chunks break off.
+        end: the offset the range must not pass.
+        on_chunk: called with each chunk's size once it is written.
+
+    Raises:
+        ValueError: a chunk would pass `end` (nothing of it written).
+        OSError: writing failed.
+        Exception: whatever iterating `chunks` raised.
+    """
+    unsynced = 0
+    for chunk in chunks:
+        if position[0] + len(chunk) > end:
+            raise ValueError(f"{position[0] + len(chunk) - end} more bytes than asked for")
+        size, done = len(chunk), 0
+        while done < size:  # pwrite releases the GIL; a short write goes on where it stopped
+            done += os.pwrite(fd, memoryview(chunk)[done:] if done else chunk,
+                              position[0] + done)
+        position[0] += size
+        unsynced += size
+        if unsynced >= SYNC_BYTES:
+            _start_write_back(fd)
+            unsynced = 0
+        if on_chunk is not None:
+            on_chunk(size)
+
+
+def hash_file(path: str | os.PathLike, algorithm: str) -> str:
+    """The hex digest of a whole file: BLAKE3 over a memory map on every core (BLAKE3's tree
+    hashes parts of the file in parallel), another algorithm in one pass of `DEPTH`-chunk
+    reads.
+
+    Args:
+        path: the file.
+        algorithm: the hash algorithm (``worker.checkpoint_manifest.HASH_ALGORITHMS``).
+
+    Raises:
+        ValueError: an unknown algorithm.
+        OSError: the file cannot be read.
+    """
+    if algorithm == "blake3":
+        return blake3(max_threads=blake3.AUTO).update_mmap(path).hexdigest()
+    hasher = new_hasher(algorithm)
+    with open(path, "rb") as f:
+        while block := f.read(DEPTH * 1024 * 1024):
+            hasher.update(block)
+    return hasher.hexdigest()

@@ -26,7 +26,6 @@ import socket
 import ssl
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,12 +41,23 @@ from dptrain.coordinator.api.credentials import (
     find_token,
 )
 from dptrain.coordinator.api.errors import ValidationError
-from dptrain.coordinator.api.hashed_io import BytesLike, write_hashed
-from dptrain.coordinator.api.limits import CHUNK_BYTES, channel_options
+from dptrain.coordinator.api.hashed_io import BytesLike
+from dptrain.coordinator.api.limits import channel_options
 from dptrain.coordinator.api.records import CheckpointRecord, Event, Job, JobState, User
+from dptrain.coordinator.client.download_parts import (
+    DOWNLOAD_STREAMS,
+    FIRST_RANGE_BYTES,
+    DownloadedFile,
+    DownloadProgress,
+    RangeBroken,
+    RangedDownload,
+    append_to_part,
+    part_path,
+    part_size,
+)
 from dptrain.protos.dptrain.v1 import coordinator_pb2 as pb
 from dptrain.protos.dptrain.v1 import coordinator_pb2_grpc as pb_grpc
-from dptrain.worker.checkpoint_manifest import FileEntry, new_hasher
+from dptrain.worker.checkpoint_manifest import FileEntry
 from dptrain.worker.code_archive import CodeArchiveError, pack_directory
 from dptrain.worker.spec import (
     CODE_DIGEST_PREFIX,
@@ -89,95 +99,10 @@ def _download_data(stream: Iterator[Any]) -> Iterator[BytesLike]:
             raise ClientError("INTERNAL", "the download stream described its file twice")
 
 
-@dataclass(frozen=True)
-class DownloadedFile:
-    """A checkpoint file written by `Client.download_checkpoint`, its digest verified.
-
-    Attributes:
-        path: where it was written.
-        step: the checkpoint's step.
-        name: the file's name in the checkpoint.
-        size: its size in bytes.
-        digest: the hex digest its bytes were verified against.
-        algorithm: that digest's algorithm (``blake3``, or ``sha256`` for files of
-            checkpoints written before BLAKE3, and for ``manifest.json``).
-    """
-
-    path: Path
-    step: int
-    name: str
-    size: int
-    digest: str
-    algorithm: str
-
-
 #: The status codes of a download stream that broke on the way (the coordinator restarting or
 #: shutting down, a dropped connection), which `Client.download_checkpoint` resumes.
 _RESUMABLE = frozenset({"UNAVAILABLE", "CANCELLED", "ABORTED"})
 _BACKOFF_S, _MAX_BACKOFF_S = 0.25, 8.0
-
-
-@dataclass(frozen=True)
-class DownloadProgress:
-    """Where a download stands, as `Client.download_checkpoint` reports it.
-
-    Attributes:
-        name: the file.
-        step: the checkpoint's step.
-        size: the file's size in bytes.
-        done: the bytes received so far, kept ones included.
-        resumed_at: the offset this stream resumed from; None for a stream from the start.
-    """
-
-    name: str
-    step: int
-    size: int
-    done: int
-    resumed_at: int | None
-
-
-def _size(path: Path) -> int:
-    try:
-        return path.stat().st_size
-    except FileNotFoundError:
-        return 0
-
-
-def _part_path(target: Path, expected: FileEntry) -> Path:
-    """Where the bytes of `expected` gather before they are verified: named after its digest,
-    so that only the same file's bytes are ever resumed."""
-    return target.parent / f".{target.name}.{expected.algorithm}-{expected.digest[:16]}.part"
-
-
-def _append(part: Path, expected: FileEntry, offset: int, data: Iterable[BytesLike],
-            step: int, on_progress: Callable[[DownloadProgress], None] | None
-            ) -> tuple[str, int]:
-    """Append `data` to the part file kept up to `offset` and hash the whole: ``(digest of
-    every byte, the part's size)``. A broken stream raises with what arrived kept (synced)."""
-    hasher = new_hasher(expected.algorithm)
-    with open(part, "ab") as f:
-        f.truncate(offset)  # a byte past what the server was asked for is not ours
-        with open(part, "rb") as prefix:  # the kept bytes, read back
-            while block := prefix.read(CHUNK_BYTES):
-                hasher.update(block)
-        done = offset
-
-        def counted() -> Iterator[BytesLike]:
-            nonlocal done
-            for chunk in data:
-                done += len(chunk)
-                yield chunk
-                if on_progress is not None:
-                    on_progress(DownloadProgress(expected.name, step, expected.size, done,
-                                                 offset if offset else None))
-
-        try:
-            digest, _ = write_hashed(counted(), f, expected.algorithm, hasher=hasher)
-        except BaseException:
-            f.flush()
-            os.fsync(f.fileno())  # keep what arrived for the next try
-            raise
-    return digest, done
 
 
 def speaks_tls(address: str, timeout: float = 5.0) -> bool:
@@ -454,8 +379,8 @@ class Client:
     def download_checkpoint(self, job_id: str, step: int | None = None,
                             file: str = "model.safetensors",
                             dest: str | os.PathLike | None = None, *, retries: int = 8,
-                            on_progress: Callable[[DownloadProgress], None] | None = None
-                            ) -> DownloadedFile:
+                            on_progress: Callable[[DownloadProgress], None] | None = None,
+                            streams: int = DOWNLOAD_STREAMS) -> DownloadedFile:
         """Download one file of a checkpoint, verifying its digest before it appears at `dest`;
         an interrupted download resumes where it stopped.
 
@@ -469,6 +394,11 @@ class Client:
         manifest: only a match is renamed to `dest`; a mismatch deletes the part (DATA_LOSS).
         The server does not hash the bytes as it sends them: this check is the one that counts.
 
+        With `streams` > 1, a file larger than `FIRST_RANGE_BYTES` comes over that many
+        streams at once, each fetching byte ranges into the part (`client.download_parts`),
+        and is hashed whole once all are in; a server that predates ranges sends it over the
+        first stream.
+
         Args:
             job_id: the job.
             step: the checkpoint's step; None: the newest intact one (then pinned for resuming).
@@ -478,6 +408,8 @@ class Client:
             retries: tries in a row that receive nothing before giving up (the part is kept
                 for a later call).
             on_progress: called after each chunk (and once at each start or resumption).
+            streams: streams at once (1, the default: one stream, hashing the bytes as they
+                arrive).
 
         Returns:
             Where it went, with its step, size and digest.
@@ -489,55 +421,117 @@ class Client:
         if target.is_dir():
             target = target / file
         expected: FileEntry | None = None  # the file being fetched, from the first answer
+        ranged: RangedDownload | None = None  # its ranges, when they come over several streams
         failures = 0
-        while True:
-            part = None if expected is None else _part_path(target, expected)
-            offset = _size(part) if part is not None else 0
-            request = pb.DownloadCheckpointRequest(job_id=job_id, file=file, offset=offset)
-            if step is not None:
-                request.step = step
+
+        def report(done: int, resumed_at: int | None) -> None:
+            if on_progress is not None:
+                on_progress(DownloadProgress(expected.name, step, expected.size, done,
+                                             resumed_at))
+
+        def open_range(offset: int, length: int) -> tuple[Iterator[BytesLike], Callable]:
+            return self._open_range(job_id, step, file, expected, offset, length)
+
+        try:
+            while True:
+                part = None if expected is None else part_path(target, expected)
+                offset = part_size(part) if part is not None else 0
+                before = offset if ranged is None else ranged.done
+                try:
+                    if ranged is not None:  # a try after a break: each range goes on
+                        ranged.run()
+                        digest, size = ranged.verified(expected.algorithm)
+                    else:
+                        request = pb.DownloadCheckpointRequest(
+                            job_id=job_id, file=file, offset=offset,
+                            length=FIRST_RANGE_BYTES if streams > 1 else 0)
+                        if step is not None:
+                            request.step = step
+                        stream = self._stream(self._download, request)
+                        with contextlib.closing(stream):
+                            first = next(stream, None)
+                            if first is None or first.WhichOneof("item") != "info":
+                                raise ClientError("INTERNAL", "the download stream did not "
+                                                  "start with the file's description")
+                            described = serde.file_entry_from_proto(first.info.file)
+                            if described != expected:  # the first answer, or another file
+                                if expected is not None:
+                                    part_path(target, expected).unlink(missing_ok=True)
+                                expected, step = described, first.info.step
+                                part = part_path(target, expected)
+                                if part_size(part) > expected.size:
+                                    part.unlink()
+                                if offset != part_size(part):  # a part to resume (or none now)
+                                    continue
+                            report(offset, offset or None)
+                            if streams > 1 and offset < first.info.end < expected.size:
+                                ranged = RangedDownload(part, expected.size, offset,
+                                                        first.info.end, streams, open_range,
+                                                        report)
+                                ranged.run(_download_data(stream))
+                                digest, size = ranged.verified(expected.algorithm)
+                            else:  # one stream (or a server that predates ranges)
+                                digest, size = append_to_part(
+                                    part, expected, offset, _download_data(stream), report)
+                except ClientError as e:
+                    if e.code not in _RESUMABLE:
+                        raise
+                    now = (part_size(part_path(target, expected)) if ranged is None
+                           else ranged.done) if expected is not None else 0
+                    failures = 0 if now > before else failures + 1
+                    if failures > retries:
+                        raise
+                    time.sleep(min(_BACKOFF_S * 2 ** failures, _MAX_BACKOFF_S))
+                    continue
+                except RangeBroken as e:
+                    part.unlink(missing_ok=True)
+                    raise ClientError("DATA_LOSS", f"{expected.name} of step {step}: {e}"
+                                      ) from None
+                if digest != expected.digest or size != expected.size:
+                    part.unlink(missing_ok=True)
+                    raise ClientError("DATA_LOSS", f"{expected.name} of step {step}: received "
+                                      f"{size} bytes hashing to {expected.algorithm} {digest}, "
+                                      f"expected {expected.size} bytes with "
+                                      f"{expected.algorithm} {expected.digest}")
+                os.replace(part, target)
+                fsync_directory(target.parent)
+                return DownloadedFile(target, step, expected.name, size, expected.digest,
+                                      expected.algorithm)
+        finally:
+            if ranged is not None:
+                ranged.close()  # a part without gaps for a later call to resume (or none)
+
+    def _open_range(self, job_id: str, step: int, file: str, expected: FileEntry, offset: int,
+                    length: int) -> tuple[Iterator[BytesLike], Callable[[], Any]]:
+        """A stream of `length` bytes of the file from `offset`: ``(chunks, cancel)``.
+
+        Raises:
+            ClientError: the call failed, or ABORTED: the stream describes another file
+                or range (the checkpoint was replaced meanwhile).
+        """
+        request = pb.DownloadCheckpointRequest(job_id=job_id, step=step, file=file,
+                                               offset=offset, length=length)
+        call = self._download(request, metadata=self._metadata)
+
+        def chunks() -> Iterator[BytesLike]:
             try:
-                stream = self._stream(self._download, request)
-                with contextlib.closing(stream):
-                    first = next(stream, None)
-                    if first is None or first.WhichOneof("item") != "info":
-                        raise ClientError("INTERNAL", "the download stream did not start with "
-                                          "the file's description")
-                    described = serde.file_entry_from_proto(first.info.file)
-                    if described != expected:  # the first answer, or a different file now
-                        if expected is not None:
-                            _part_path(target, expected).unlink(missing_ok=True)
-                        expected, step = described, first.info.step
-                        part = _part_path(target, expected)
-                        if _size(part) > expected.size:
-                            part.unlink()
-                        if offset != _size(part):  # a part to resume (or none any more)
-                            continue
-                    if on_progress is not None:
-                        on_progress(DownloadProgress(expected.name, step, expected.size,
-                                                     offset, offset if offset else None))
-                    digest, size = _append(part, expected, offset, _download_data(stream),
-                                           step, on_progress)
-            except ClientError as e:
-                if e.code not in _RESUMABLE:
-                    raise
-                progressed = expected is not None and _size(_part_path(target, expected)) > (
-                    offset)
-                failures = 0 if progressed else failures + 1
-                if failures > retries:
-                    raise
-                time.sleep(min(_BACKOFF_S * 2 ** failures, _MAX_BACKOFF_S))
-                continue
-            if digest != expected.digest or size != expected.size:
-                part.unlink(missing_ok=True)
-                raise ClientError("DATA_LOSS", f"{expected.name} of step {step}: received "
-                                  f"{size} bytes hashing to {expected.algorithm} {digest}, "
-                                  f"expected {expected.size} bytes with {expected.algorithm} "
-                                  f"{expected.digest}")
-            os.replace(part, target)
-            fsync_directory(target.parent)
-            return DownloadedFile(target, step, expected.name, size, expected.digest,
-                                  expected.algorithm)
+                yield from _download_data(call)
+            except grpc.RpcError as e:
+                raise self._error(e) from None
+            finally:
+                call.cancel()
+
+        try:
+            first = next(call, None)
+        except grpc.RpcError as e:
+            raise self._error(e) from None
+        if (first is None or first.WhichOneof("item") != "info" or first.info.step != step
+                or serde.file_entry_from_proto(first.info.file) != expected
+                or first.info.end != offset + length):
+            call.cancel()
+            raise ClientError("ABORTED", f"{expected.name} of step {step} changed during the "
+                              f"download")
+        return chunks(), call.cancel
 
     # ------------------------------------------------------------ users (admins only)
 

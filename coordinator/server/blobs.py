@@ -298,7 +298,7 @@ class BlobStore:
             raise BlobNotFound(name) from None
 
     def read(self, name: str, *, chunk_size: int = CHUNK_BYTES, verify: bool = True,
-             offset: int = 0) -> Iterator[bytes]:
+             offset: int = 0, length: int | None = None) -> Iterator[bytes]:
         """The blob's bytes in chunks, verified while streaming.
 
         When the bytes do not hash to their name, `BlobCorrupted` is raised after the last
@@ -312,6 +312,8 @@ class BlobStore:
                 hashes them anyway (a download), so that they are hashed once, not twice.
             offset: start this many bytes in (a resumed download); only with ``verify=False``,
                 as the digest covers the whole blob.
+            length: read at most this many bytes (a byte range of a download); None: to
+                the end. Only with ``verify=False``.
 
         Returns:
             An iterator of chunks of at most `chunk_size` bytes.
@@ -319,16 +321,16 @@ class BlobStore:
         Raises:
             BlobNotFound, BlobCorrupted.
         """
-        if offset and verify:
-            raise ValueError("offset: a blob read from an offset cannot be verified")
+        if (offset or length is not None) and verify:
+            raise ValueError("offset, length: a part of a blob cannot be verified")
         path = self._path(name)
         if not path.is_file():  # raise now, not at the first next()
             raise BlobNotFound(name)
-        return self._read(path, name, chunk_size, verify, offset)
+        return self._read(path, name, chunk_size, verify, offset, length)
 
     @staticmethod
     def _read(path: Path, name: str, chunk_size: int, verify: bool,
-              offset: int) -> Iterator[bytes]:
+              offset: int, length: int | None) -> Iterator[bytes]:
         algorithm, expected = parse_blob_id(name)
         digest, size = new_hasher(algorithm) if verify else None, 0
         try:
@@ -337,7 +339,9 @@ class BlobStore:
             raise BlobNotFound(name) from None
         with f:
             f.seek(offset)
-            while chunk := f.read(chunk_size):
+            pos, end = offset, None if length is None else offset + length
+            while chunk := f.read(chunk_size if end is None else min(chunk_size, end - pos)):
+                pos += len(chunk)
                 if digest is not None:
                     digest.update(chunk)
                 size += len(chunk)

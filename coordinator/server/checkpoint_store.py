@@ -354,7 +354,8 @@ def intact_checkpoint(job_id: str, state: ServiceState) -> CheckpointRecord | No
 
 
 def open_download(job_id: str, step: int | None, name: str, state: ServiceState,
-                  offset: int = 0) -> tuple[int, FileEntry, Iterator[bytes]]:
+                  offset: int = 0, length: int = 0
+                  ) -> tuple[int, FileEntry, int, Iterator[bytes]]:
     """One file of a checkpoint, for its receiver to verify while it streams.
 
     The file is read once and not hashed here: the receiver hashes what it gets anyway
@@ -369,22 +370,28 @@ def open_download(job_id: str, step: int | None, name: str, state: ServiceState,
         state: the server.
         offset: send the bytes from here on (a resumed download; the receiver hashes the ones
             it kept with the rest).
+        length: send at most this many bytes (one of several byte ranges a receiver fetches
+            at once and hashes whole once all are in); 0: up to the file's end.
 
     Returns:
-        ``(step, file, chunks)``; the chunks are at most `CHUNK_BYTES` each, from `offset`
-        on. ``file.size`` is
-        the stored file's size; ``file.digest`` and ``file.algorithm`` are what the bytes must
-        hash to (the manifest's entry; sha256 for ``manifest.json``).
+        ``(step, file, end, chunks)``; the chunks are at most `CHUNK_BYTES` each, from
+        `offset` up to `end` (``offset + length``, or the file's size where that comes
+        first). ``file.size`` is the stored file's size; ``file.digest`` and
+        ``file.algorithm`` are what the bytes must hash to (the manifest's entry; sha256 for
+        ``manifest.json``).
 
     Raises:
         JobNotFound, CheckpointNotFound: no such job or checkpoint.
         ValidationError: naming ``file`` when the checkpoint has no such file.
-        OutOfRange: naming ``offset`` when it is negative or beyond the file's size.
+        OutOfRange: naming ``offset`` when it is negative or beyond the file's size, or
+            ``length`` when it is negative.
         BlobNotFound: the stored file is missing.
     """
     name = name or DEFAULT_FILE
     if offset < 0:
         raise OutOfRange("offset", "must be >= 0", offset)
+    if length < 0:
+        raise OutOfRange("length", "must be >= 0", length)
     if step is None:
         record = intact_checkpoint(job_id, state)
         if record is None:
@@ -399,8 +406,9 @@ def open_download(job_id: str, step: int | None, name: str, state: ServiceState,
         size = state.blobs.size(blobs[name])
         if offset > size:
             raise OutOfRange("offset", f"must be at most the file's size ({size} bytes)", offset)
+        end = min(size, offset + length) if length else size
         chunks = state.blobs.read(blobs[name], chunk_size=CHUNK_BYTES, verify=False,
-                                  offset=offset)
+                                  offset=offset, length=end - offset)
     except BaseException:
         lease.release()
         raise
@@ -408,7 +416,7 @@ def open_download(job_id: str, step: int | None, name: str, state: ServiceState,
     digest, algorithm = (record.sha256, "sha256") if listed is None else (listed.digest,
                                                                           listed.algorithm)
     entry = FileEntry(name, size, digest, algorithm)
-    return record.step, entry, LeasedStream(lease, _counted(state, chunks))
+    return record.step, entry, end, LeasedStream(lease, _counted(state, chunks))
 
 
 def _counted(state: ServiceState, chunks: Iterator[bytes]) -> Iterator[bytes]:

@@ -160,12 +160,12 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         """A checkpoint file: its description, then its chunks (`checkpoints.open_download`)."""
         with _aborting(context):
             self._owned_job(context, "DownloadCheckpoint", request.job_id)
-            step, entry, chunks = checkpoints.open_download(
+            step, entry, end, chunks = checkpoints.open_download(
                 request.job_id, request.step if request.HasField("step") else None,
-                request.file, self.state, request.offset)
+                request.file, self.state, request.offset, request.length)
             with contextlib.closing(chunks):  # ends its blob lease, however the call ends
-                yield pb.DownloadCheckpointResponse(
-                    info=pb.DownloadInfo(step=step, file=serde.file_entry_to_proto(entry)))
+                yield pb.DownloadCheckpointResponse(info=pb.DownloadInfo(
+                    step=step, file=serde.file_entry_to_proto(entry), end=end))
                 yield from chunks  # bytes: encoded by `api.chunk_wire`
 
     def DeleteJob(self, request: pb.DeleteJobRequest, context: Any) -> pb.Job:

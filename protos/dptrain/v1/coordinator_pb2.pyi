@@ -385,16 +385,18 @@ class ListCheckpointsResponse(_message.Message):
     def __init__(self, checkpoints: _Optional[_Iterable[_Union[Checkpoint, _Mapping]]] = ...) -> None: ...
 
 class DownloadCheckpointRequest(_message.Message):
-    __slots__ = ("job_id", "step", "file", "offset")
+    __slots__ = ("job_id", "step", "file", "offset", "length")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     FILE_FIELD_NUMBER: _ClassVar[int]
     OFFSET_FIELD_NUMBER: _ClassVar[int]
+    LENGTH_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     step: int
     file: str
     offset: int
-    def __init__(self, job_id: _Optional[str] = ..., step: _Optional[int] = ..., file: _Optional[str] = ..., offset: _Optional[int] = ...) -> None: ...
+    length: int
+    def __init__(self, job_id: _Optional[str] = ..., step: _Optional[int] = ..., file: _Optional[str] = ..., offset: _Optional[int] = ..., length: _Optional[int] = ...) -> None: ...
 
 class DownloadCheckpointResponse(_message.Message):
     __slots__ = ("info", "chunk")
@@ -405,12 +407,14 @@ class DownloadCheckpointResponse(_message.Message):
     def __init__(self, info: _Optional[_Union[DownloadInfo, _Mapping]] = ..., chunk: _Optional[bytes] = ...) -> None: ...
 
 class DownloadInfo(_message.Message):
-    __slots__ = ("step", "file")
+    __slots__ = ("step", "file", "end")
     STEP_FIELD_NUMBER: _ClassVar[int]
     FILE_FIELD_NUMBER: _ClassVar[int]
+    END_FIELD_NUMBER: _ClassVar[int]
     step: int
     file: CheckpointFile
-    def __init__(self, step: _Optional[int] = ..., file: _Optional[_Union[CheckpointFile, _Mapping]] = ...) -> None: ...
+    end: int
+    def __init__(self, step: _Optional[int] = ..., file: _Optional[_Union[CheckpointFile, _Mapping]] = ..., end: _Optional[int] = ...) -> None: ...
 
 class WorkerEvent(_message.Message):
     __slots__ = ("metrics", "log")

@@ -1,5 +1,6 @@
 """write_hashed: what is written, its digest against hashlib's sha256 and the blake3 package,
-fsync after the last byte, and every failure stopping the writer thread."""
+fsync after the last byte, and every failure stopping the writer thread; write_at's ranges
+written from several threads, and hash_file against the same references."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import blake3
 import pytest
 
 from dptrain.coordinator.api import hashed_io
-from dptrain.coordinator.api.hashed_io import write_hashed
+from dptrain.coordinator.api.hashed_io import hash_file, write_at, write_hashed
 
 DATA = os.urandom(5 * 1024 * 1024 + 123)
 
@@ -114,3 +115,39 @@ def test_chunks_must_be_bytes_like(tmp_path):
     with open(tmp_path / "f", "wb") as f, pytest.raises(TypeError, match="got str"):
         write_hashed([b"ok", "text"], f, "blake3")
     assert _writer_threads() == []
+
+
+# ------------------------------------------------------------ write_at, hash_file (ranges)
+
+@pytest.mark.parametrize("algorithm, reference", [("blake3", blake3.blake3),
+                                                   ("sha256", hashlib.sha256)])
+@pytest.mark.parametrize("size", [0, 1, (1 << 20) - 1, 1 << 20, 5 * (1 << 20) + 123])
+def test_a_whole_file_hashes_as_the_reference_does(tmp_path, algorithm, reference, size):
+    (tmp_path / "f").write_bytes(DATA[:size])
+    assert hash_file(tmp_path / "f", algorithm) == reference(DATA[:size]).hexdigest()
+
+
+def test_ranges_written_at_their_offsets_from_threads_make_the_file(tmp_path):
+    ranges = [(0, 1 << 20), (1 << 20, 3 * (1 << 20) + 7), (3 * (1 << 20) + 7, len(DATA))]
+    fd = os.open(tmp_path / "f", os.O_WRONLY | os.O_CREAT)
+    positions = [[a] for a, _ in ranges]
+    counted = []
+    threads = [threading.Thread(target=write_at, args=(
+        fd, _chunks(DATA[a:b]), position, b, counted.append))
+        for (a, b), position in zip(reversed(ranges), reversed(positions))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    os.close(fd)
+    assert (tmp_path / "f").read_bytes() == DATA
+    assert positions == [[b] for _, b in ranges] and sum(counted) == len(DATA)
+
+
+def test_a_chunk_past_the_ranges_end_is_refused_and_not_written(tmp_path):
+    fd = os.open(tmp_path / "f", os.O_WRONLY | os.O_CREAT)
+    position = [0]
+    with pytest.raises(ValueError, match="^1 more bytes than asked for$"):
+        write_at(fd, [b"abc", b"defg"], position, 6)
+    os.close(fd)
+    assert (tmp_path / "f").read_bytes() == b"abc" and position == [3]

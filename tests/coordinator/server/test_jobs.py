@@ -346,18 +346,18 @@ def test_download_streams_the_stored_bytes_with_the_manifests_digest(state, algo
     model = os.urandom(3 * CHUNK_BYTES + 5)
     upload, _ = _upload(job.id, 1, {"model.safetensors": model}, algorithm)
     checkpoints.receive_checkpoint(upload, [("model.safetensors", model)], state)
-    step, entry, chunks = checkpoints.open_download(job.id, 1, "", state)
-    assert (step, entry.name, entry.size) == (1, "model.safetensors", len(model))
+    step, entry, end, chunks = checkpoints.open_download(job.id, 1, "", state)
+    assert (step, entry.name, entry.size, end) == (1, "model.safetensors", len(model), len(model))
     assert (entry.algorithm, entry.digest) == (algorithm, HASHERS[algorithm](model).hexdigest())
     assert b"".join(chunks) == model
-    _, manifest, chunks = checkpoints.open_download(job.id, 1, "manifest.json", state)
+    _, manifest, _, chunks = checkpoints.open_download(job.id, 1, "manifest.json", state)
     assert (manifest.algorithm, manifest.digest) == (
         "sha256", hashlib.sha256(upload.manifest_json).hexdigest())
     assert b"".join(chunks) == upload.manifest_json
     # Damage on disk goes out as it is, unhashed: the receiver's check catches it
     # (tests/coordinator/client/test_client_download.py), hashing the bytes once, not twice.
     _corrupt(state, _blob(model, algorithm))
-    _, entry, chunks = checkpoints.open_download(job.id, 1, "model.safetensors", state)
+    _, entry, _, chunks = checkpoints.open_download(job.id, 1, "model.safetensors", state)
     received = b"".join(chunks)
     assert len(received) == len(model) and received != model
     assert HASHERS[algorithm](received).hexdigest() != entry.digest

@@ -196,7 +196,7 @@ def test_fetches_lease_what_they_stream_until_closed_even_unstarted(state, tmp_p
     names = {code, record.sha256, _blob(b"w")}
     _, chunks = checkpoints.open_fetch(job.id, state)
     *_, code_chunks = open_code(job.id, state)
-    _, _, download = checkpoints.open_download(job.id, 1, "", state)
+    *_, download = checkpoints.open_download(job.id, 1, "", state)
     assert all(state.blobs.leased(name) for name in names)
     chunks.close()  # a receiver gone after the header: the stream never started
     code_chunks.close()
