@@ -222,8 +222,7 @@ class SharedArrays:
     (`local`) as well as the others'. Between a rank's writes and another rank's reads of the
     same bytes there must be a `sync` on both sides around a collective that orders them (a
     barrier): MPI's memory model for shared windows ("unified"). The window stays allocated
-    for the life of the process (freeing it while an array over it is alive would leave that
-    array dangling), so allocate once and reuse.
+    until `free` (collective) or the end of the process; allocate once and reuse.
     """
 
     __slots__ = ("_window", "segments", "local")
@@ -240,13 +239,29 @@ class SharedArrays:
         a memory barrier): call it before and after the barrier that orders them."""
         self._window.Sync()
 
+    @property
+    def freed(self) -> bool:
+        """Whether `free` has run."""
+        return self._window is None
+
+    def free(self) -> None:
+        """Give the memory back (``MPI_Win_free``): collective, every rank of the window
+        frees it at the same point. Any array over the window (`segments`, `local` and views
+        of them) must no longer be used: its memory is unmapped. Idempotent."""
+        if self._window is None:
+            return
+        window, self._window = self._window, None
+        self.segments, self.local = [], None
+        window.Unlock_all()
+        window.Free()
+
 
 class Communicator:
     """The processes of a data-parallel job and the collectives they run together.
 
     Every rank must call the collectives (`allreduce_`, `iallreduce_`, `ireduce_`,
     `broadcast_`, `ibroadcast_`, `ialltoall`, `iallgather`, `barrier`, `ibarrier`,
-    `allgather_object`, `broadcast_object`, `split`, `split_shared`, `dup`,
+    `allgather_object`, `broadcast_object`, `split`, `split_shared`, `dup`, `free`,
     `allocate_shared`) in the same order,
     as MPI requires.
 
@@ -497,6 +512,17 @@ class Communicator:
         """A communicator of the same ranks whose collectives never match ours (``Dup``): a
         separate channel for a second stream of collectives. Every rank must call it."""
         return Communicator(self._comm.Dup(), cuda_aware=self.cuda_aware)
+
+    def free(self) -> None:
+        """Release a communicator made by `split`, `split_shared` or `dup` (``MPI_Comm_free``;
+        collective, every member calls it). MPI has a few thousand of them per process, so a
+        short-lived user of them gives them back. Idempotent; never for the world."""
+        MPI = _mpi()
+        if self._comm == MPI.COMM_NULL:
+            return
+        if self._comm in (MPI.COMM_WORLD, MPI.COMM_SELF):
+            raise ValueError("the world communicator is not freed; only those made from it")
+        self._comm.Free()
 
     # ----------------------------------------------------------- objects and control
     def barrier(self) -> None:

@@ -29,15 +29,46 @@ Example:
 
 from __future__ import annotations
 
+import mmap
+import os
+import sys
 from collections import deque
-from collections.abc import Generator
+from collections.abc import Generator, Mapping
 
 import numpy
 
 from dptrain.worker.comm import Communicator, Request, SharedArrays
 
 __all__ = ["HierarchicalAllreduce", "SharedMemoryAllreduce", "CompressedAllreduce",
-           "COMPRESSION_FORMATS", "encode_16bit", "decode_16bit"]
+           "COMPRESSION_FORMATS", "encode_16bit", "decode_16bit", "SHM_RESERVE_ENV",
+           "shm_reserve_bytes", "shared_memory_allreduce"]
+
+#: Where MPICH (and Open MPI) back MPI-3 shared windows: a tmpfs, 64 MiB in a default Docker
+#: container, where a window that does not fit ends the rank with SIGBUS on first touch.
+SHM_DIR = "/dev/shm"
+#: The environment variable holding how many MiB of `SHM_DIR`'s free space the shared
+#: windows leave to others (MPI's own shared cells among them); default `SHM_RESERVE_MB`.
+SHM_RESERVE_ENV = "DPTRAIN_SHM_RESERVE_MB"
+SHM_RESERVE_MB = 32
+
+
+def shm_reserve_bytes(environ: Mapping[str, str] = os.environ) -> int:
+    """The bytes of `SHM_DIR` that `SharedMemoryAllreduce.room_for` keeps free, from
+    `SHM_RESERVE_ENV` (MiB, a non-negative number) or `SHM_RESERVE_MB`.
+
+    Raises:
+        ValueError: the variable is set to something else, with its name and value.
+    """
+    text = environ.get(SHM_RESERVE_ENV, "").strip()
+    if not text:
+        return SHM_RESERVE_MB * 2**20
+    try:
+        mib = float(text)
+    except ValueError:
+        mib = -1.0
+    if not mib >= 0 or mib == float("inf"):
+        raise ValueError(f"{SHM_RESERVE_ENV} must be a non-negative number of MiB, got {text!r}")
+    return int(mib * 2**20)
 
 #: The wire formats of `CompressedAllreduce`: unit roundoff (half the spacing of numbers
 #: in [1, 2)) and the largest error of rounding a number too small for a normal one.
@@ -186,6 +217,9 @@ class SharedMemoryAllreduce:
     sleeping), and the summing runs inside the request's ``test()``/``wait()``: DDP's gradient
     hooks call ``test()``, so a bucket is summed as soon as every rank has filled it.
 
+    The windows live in `SHM_DIR` until `close` (collective), which
+    `DistributedDataParallel.close` calls after moving its buckets back to private memory.
+
     Args:
         comm: the DDP wrapper's communicator (``ddp.comm``); all its ranks must share memory
             (one node; across nodes use `HierarchicalAllreduce`). Building the hook is
@@ -198,6 +232,7 @@ class SharedMemoryAllreduce:
     def __init__(self, comm: Communicator):
         node = comm.split_shared()
         if node.size != comm.size:
+            node.free()
             raise ValueError(
                 f"SharedMemoryAllreduce needs every rank on one node, but only {node.size} of "
                 f"the {comm.size} ranks share memory with rank {comm.rank}; use "
@@ -211,9 +246,48 @@ class SharedMemoryAllreduce:
         self._buckets: dict[int, _SharedBucket] = {}  # by id of the array; it holds the array
         self._pipeline = _Pipeline()
 
+    def room_for(self, nbytes: int, reserve: int | None = None) -> str | None:
+        """Whether `SHM_DIR` can hold buckets of `nbytes` on every rank of the node (each
+        rank's rounded up to whole pages) and still keep `reserve` bytes free (default
+        `shm_reserve_bytes`). Collective: the node's rank 0 looks, every rank gets its answer.
+
+        Returns:
+            None when they fit, else why not, in one line.
+        """
+        answer, error = None, None
+        if self._node.rank == 0:
+            try:
+                reserve = shm_reserve_bytes() if reserve is None else reserve
+                need = -(-nbytes // mmap.PAGESIZE) * mmap.PAGESIZE * self._node.size
+                stat = os.statvfs(SHM_DIR)
+                free = stat.f_bavail * stat.f_frsize
+                if need + reserve > free:
+                    answer = (f"{SHM_DIR} has {free / 2**20:.1f} MiB free, the gradient "
+                              f"buckets of the {self._node.size} ranks need "
+                              f"{need / 2**20:.1f} MiB and {reserve / 2**20:.1f} MiB stay "
+                              f"free ({SHM_RESERVE_ENV})")
+            except OSError as e:
+                answer = f"{SHM_DIR} is not usable ({e.strerror})"
+            except ValueError as e:  # raised on every rank below, not here alone
+                error = str(e)
+        answer, error = self._node.broadcast_object((answer, error))
+        if error is not None:
+            raise ValueError(error)
+        return answer
+
+    def close(self) -> None:
+        """Free every window this hook allocated and its communicators. Collective; no array
+        from `allocate_bucket` may be used afterwards (its memory is unmapped), nor the hook.
+        Idempotent."""
+        for state in self._buckets.values():
+            state.shared.free()
+        self._buckets.clear()
+        for comm in (self._written, self._summed, self._node):
+            comm.free()
+
     def allocate_bucket(self, size: int, dtype) -> numpy.ndarray:
         """A zeroed bucket of `size` elements of `dtype` in shared memory, which this hook then
-        reduces in place; it stays allocated for the life of the process. Collective: every
+        reduces in place; it stays allocated until `close`. Collective: every
         rank allocates the same buckets in the same order (`DistributedDataParallel` does,
         in `register_comm_hook`).
 
@@ -256,6 +330,42 @@ class SharedMemoryAllreduce:
         shared.sync()
         yield self._summed.ibarrier()  # every slice is summed, in every rank's bucket
         shared.sync()
+
+
+def shared_memory_allreduce(comm: Communicator, nbytes: int, required: bool = False
+                            ) -> SharedMemoryAllreduce | None:
+    """`SharedMemoryAllreduce` for `comm` where it can run: every rank on one node, and room
+    in `SHM_DIR` for `nbytes` of buckets per rank (`SharedMemoryAllreduce.room_for`). Where
+    there is no room, rank 0 prints a one-line warning to stderr and the answer is None (MPI's
+    all-reduce), so a small ``/dev/shm`` slows a job down instead of ending it. Collective.
+
+    Args:
+        comm: the DDP wrapper's communicator, of more than one rank.
+        nbytes: the CPU buckets' bytes on each rank.
+        required: the job asked for it (``allreduce: shared_memory``): ranks on several nodes
+            are then an error; otherwise (``auto``) they get None.
+
+    Raises:
+        RuntimeError: `required` and the ranks are on several nodes.
+    """
+    try:
+        hook = SharedMemoryAllreduce(comm)
+    except ValueError as e:
+        if required:  # ranks on several nodes: a job error, not a bug
+            raise RuntimeError(f"allreduce 'shared_memory': {e}") from None
+        return None
+    try:
+        shortfall = hook.room_for(nbytes)
+    except ValueError:
+        hook.close()
+        raise
+    if shortfall is None:
+        return hook
+    hook.close()
+    if comm.rank == 0:
+        print(f"dptrain: warning: gradients go through MPI's all-reduce, not shared memory: "
+              f"{shortfall}", file=sys.stderr, flush=True)
+    return None
 
 
 def encode_16bit(x: numpy.ndarray, fmt: str, out: numpy.ndarray,
