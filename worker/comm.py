@@ -29,6 +29,7 @@ import ctypes
 import os
 import sys
 import time
+import weakref
 from collections.abc import Callable, Mapping
 from typing import Any, NoReturn
 
@@ -238,6 +239,14 @@ class SharedArrays:
         """Make this rank's writes visible to the others and theirs to it (``MPI_Win_sync``,
         a memory barrier): call it before and after the barrier that orders them."""
         self._window.Sync()
+
+    def drop_arrays(self) -> list[weakref.ref]:
+        """Let go of this object's arrays (`segments`, `local`), keeping the window: weak
+        references to them, so that a caller can tell when no view of the memory is left
+        (a numpy view holds its segment as its ``base``) and `free` is safe."""
+        refs = [weakref.ref(segment) for segment in self.segments]
+        self.segments, self.local = [], None
+        return refs
 
     @property
     def freed(self) -> bool:

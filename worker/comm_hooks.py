@@ -29,9 +29,11 @@ Example:
 
 from __future__ import annotations
 
+import itertools
 import mmap
 import os
 import sys
+import weakref
 from collections import deque
 from collections.abc import Generator, Mapping
 
@@ -200,6 +202,51 @@ class _SharedBucket:
         self.slices = [segment[lo:hi] for segment in shared.segments]
 
 
+class _Dropped:
+    """The windows and communicators of a `SharedMemoryAllreduce` that was garbage-collected:
+    freed (collectively) by the next hook built on the same ranks once no array over the
+    windows is left on any of them."""
+
+    def __init__(self, token: tuple, windows: list[SharedArrays], comms: list[Communicator]):
+        self.token = token
+        self.windows = windows
+        self.comms = comms
+        self.arrays = [ref for shared in windows for ref in shared.drop_arrays()]
+
+    def in_use(self) -> bool:
+        return any(ref() is not None for ref in self.arrays)
+
+    def free(self) -> None:
+        for shared in self.windows:
+            shared.free()
+        for comm in self.comms:
+            comm.free()
+
+
+#: Hooks collected with their windows still allocated (`_Dropped`), in the order they went.
+_dropped: list[_Dropped] = []
+_hooks_built = itertools.count()
+
+
+def _drop(token: tuple, windows: list[SharedArrays], comms: list[Communicator]) -> None:
+    # A finalizer: runs whenever the collector gets to the hook, at a different point on
+    # each rank, so it frees nothing itself (MPI_Win_free is collective).
+    if any(not shared.freed for shared in windows):
+        _dropped.append(_Dropped(token, windows, comms))
+
+
+def _free_dropped(comm: Communicator, members: tuple) -> None:
+    """Free the dropped windows of hooks over the ranks `members` (those of `comm`) that no
+    rank uses any more. Collective over `comm`: the ranks agree on which, then free them in
+    the order they were built."""
+    mine = {d.token for d in _dropped if d.token[0] == members and not d.in_use()}
+    agreed = set.intersection(*(set(map(tuple, t)) for t in comm.allgather_object(
+        sorted(mine))))
+    for d in sorted((d for d in _dropped if d.token in agreed), key=lambda d: d.token):
+        _dropped.remove(d)
+        d.free()
+
+
 class SharedMemoryAllreduce:
     """All-reduce the buckets of ranks that share memory, directly in shared memory.
 
@@ -218,7 +265,10 @@ class SharedMemoryAllreduce:
     hooks call ``test()``, so a bucket is summed as soon as every rank has filled it.
 
     The windows live in `SHM_DIR` until `close` (collective), which
-    `DistributedDataParallel.close` calls after moving its buckets back to private memory.
+    `DistributedDataParallel.close` calls after moving its buckets back to private memory. A
+    hook that is garbage-collected instead hands them on: the next hook built on the same
+    ranks frees them, once no rank holds an array over them any more (gradients left as views
+    of the buckets hold them until they are dropped).
 
     Args:
         comm: the DDP wrapper's communicator (``ddp.comm``); all its ranks must share memory
@@ -230,6 +280,11 @@ class SharedMemoryAllreduce:
     """
 
     def __init__(self, comm: Communicator):
+        # Who is who, and this hook's name on every rank: (the world ranks of `comm`, each
+        # one's count of hooks built), the same tuple everywhere.
+        built = comm.allgather_object((Communicator().rank, next(_hooks_built)))
+        members = tuple(rank for rank, _ in built)
+        _free_dropped(comm, members)
         node = comm.split_shared()
         if node.size != comm.size:
             node.free()
@@ -245,6 +300,9 @@ class SharedMemoryAllreduce:
         self._summed = node.dup()
         self._buckets: dict[int, _SharedBucket] = {}  # by id of the array; it holds the array
         self._pipeline = _Pipeline()
+        self._windows: list[SharedArrays] = []
+        self._release = weakref.finalize(self, _drop, (members, tuple(n for _, n in built)),
+                                         self._windows, [self._written, self._summed, node])
 
     def room_for(self, nbytes: int, reserve: int | None = None) -> str | None:
         """Whether `SHM_DIR` can hold buckets of `nbytes` on every rank of the node (each
@@ -279,9 +337,11 @@ class SharedMemoryAllreduce:
         """Free every window this hook allocated and its communicators. Collective; no array
         from `allocate_bucket` may be used afterwards (its memory is unmapped), nor the hook.
         Idempotent."""
-        for state in self._buckets.values():
-            state.shared.free()
+        self._release.detach()
         self._buckets.clear()
+        for shared in self._windows:
+            shared.free()
+        self._windows.clear()
         for comm in (self._written, self._summed, self._node):
             comm.free()
 
@@ -299,6 +359,7 @@ class SharedMemoryAllreduce:
             This rank's array in the new window.
         """
         shared = self._node.allocate_shared(int(size), dtype)
+        self._windows.append(shared)
         self._buckets[id(shared.local)] = _SharedBucket(shared, self._node.rank,
                                                         self._node.size)
         return shared.local

@@ -500,10 +500,11 @@ class DistributedDataParallel:
         """Give back what the comm hook holds outside this process (the shared windows of
         `SharedMemoryAllreduce`, in ``/dev/shm``): the buckets and the gradients that are
         views of them move to private memory first, and the wrapper goes on with MPI's
-        all-reduce. Collective: every rank closes at the same point (as ``MPI_Win_free``
-        requires; a garbage collector frees objects at different points on different ranks,
-        so only an explicit close frees the windows, else the end of the process). Also the
-        end of a ``with`` block over the wrapper. Idempotent.
+        all-reduce. Collective: every rank closes at the same point, as ``MPI_Win_free``
+        requires. Also the end of a ``with`` block over the wrapper. Idempotent. (A wrapper
+        garbage-collected with its model instead, at different points on different ranks,
+        leaves its windows to the next `SharedMemoryAllreduce` built on the same ranks, which
+        frees them once no gradient on any rank is a view of them.)
         """
         if self._in_pass:
             raise RuntimeError("DistributedDataParallel.close cannot be called during a "

@@ -183,6 +183,20 @@ def test_close_gives_the_windows_back_and_keeps_the_gradients(shared):
         assert d["closed_vs_single"] <= (0.0 if n == 1 else 1e-6)  # MPI's order of sums
 
 
+def test_a_dropped_wrapper_s_windows_are_freed_once_no_gradient_views_them(shared):
+    # Garbage collection runs at different points on different ranks: the next hook built on
+    # the same ranks frees them, on every rank together, once no rank holds a view.
+    n = shared["size"]
+    for r in shared["ranks"]:
+        d = r["dropped"]
+        one = d["mapped"]
+        assert one >= (n * r["gradient_bytes"] if n > 1 else 0)
+        assert d["both"] == 2 * one  # the gradients still viewed the first wrapper's windows
+        assert d["second_closed"] == one  # the first's, not freed by the close of another
+        assert d["third"] == one  # the first's freed as the third's were allocated
+        assert d["end"] == 0
+
+
 def test_without_room_in_dev_shm_gradients_go_through_mpi_with_one_warning(shared):
     n = shared["size"]
     for r in shared["ranks"]:

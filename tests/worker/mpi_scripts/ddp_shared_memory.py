@@ -15,6 +15,7 @@ its environment variable).
 
 from __future__ import annotations
 
+import gc
 import os
 from functools import reduce
 
@@ -133,9 +134,17 @@ def shm_mapped() -> int:
     return total
 
 
+def settle() -> None:
+    """Free the windows of the hooks above that nothing holds any more (a new hook does), so
+    that what follows is measured from a fixed point."""
+    gc.collect()
+    SharedMemoryAllreduce(comm).close()
+
+
 def wrapped_step(**kwargs) -> tuple[DistributedDataParallel, dict]:
     """A wrapper and what it took: its path, its hook, the /dev/shm it mapped, one step's
     gradients against the fold."""
+    settle()
     before = shm_mapped()
     ddp = DistributedDataParallel(mlp(), comm=comm, **kwargs)
     out = {"allreduce": ddp.allreduce, "hook": type(ddp._comm_hook).__name__,
@@ -161,6 +170,25 @@ with DistributedDataParallel(mlp(), comm=comm) as scoped:
     default["in_with"] = shm_mapped() - before
 default["after_with"] = shm_mapped() - before
 result["default"] = default
+
+# Dropped without close (the wrapper and its model: the model's gradient hooks hold the
+# wrapper): the windows stay while a gradient is a view of them, and the next hook built on
+# these ranks frees them once none is.
+ddp, dropped = wrapped_step()
+held = next(ddp.parameters()).grad  # a view of the first wrapper's window
+del ddp
+gc.collect()
+second = DistributedDataParallel(mlp(), comm=comm)
+dropped["both"] = shm_mapped() - dropped["before"]
+del held  # the last view of the dropped windows goes
+gc.collect()
+second.close()
+dropped["second_closed"] = shm_mapped() - dropped["before"]
+third = DistributedDataParallel(mlp(), comm=comm)  # frees the dropped windows first
+dropped["third"] = shm_mapped() - dropped["before"]
+third.close()
+dropped["end"] = shm_mapped() - dropped["before"]
+result["dropped"] = dropped
 result["gradient_bytes"] = 4 * sum(p.numel() for p in mlp().parameters())
 
 os.environ[SHM_RESERVE_ENV] = str(2**40)  # 1 EiB: no /dev/shm has room for that reserve
