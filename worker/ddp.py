@@ -21,13 +21,10 @@ PyTorch's design (``torch/nn/parallel/distributed.py``), on the engine's hooks:
   (a parameter that got no gradient) start with the gradient the parameter already holds or
   zeros, all requests are waited for, and every ``param.grad`` becomes a view of its bucket slot,
   which now holds the mean over ranks (PyTorch's ``gradient_as_bucket_view=True``, always on
-  here): no copy back. After ``zero_grad(set_to_none=False)`` the next backward accumulates
-  straight into the views and the hook divides them in place. After ``zero_grad()`` (None,
-  the default) backward hands each parameter a fresh array, which the engine's rules allocate
-  either way, and the hook's division writes it into the bucket in the same pass: one pass
-  over the gradients where zeroing the views in ``zero_grad`` would cost three (zero, add,
-  divide: 0.97 against 0.38 ms for 7.5 MB here). PyTorch's ``gradient_as_bucket_view`` copies
-  in that case too.
+  here): no copy back. After ``zero_grad(set_to_none=False)`` backward accumulates straight
+  into the views and the hook divides them in place; after ``zero_grad()`` the division
+  copies backward's fresh array into the bucket in the same pass (one pass, where zeroing
+  the views would cost three: docs/benchmarks.md), as PyTorch copies.
 * A forward through the wrapper that records a graph (with sync on) arms the wrapper for the
   next backward, and `engine.register_backward_pass_hook` queues `_finish_backward` at the start
   of that pass. So a rank whose loss does not depend on the model, whose backward fires no
