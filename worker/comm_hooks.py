@@ -6,10 +6,11 @@ change with the algorithm.
   leader per node, broadcast back within the node. Across nodes a ring then has one member
   per node instead of one per rank: its latency term 2(nodes - 1)·α instead of
   2(ranks - 1)·α, the term that dominates at hundreds of ranks (bench/scale_model.py).
-* `SharedMemoryAllreduce`: for ranks that share one node's memory, the buckets live in an
-  MPI-3 shared window (DDP allocates them there, `allocate_bucket`), and rank r sums slice r
-  of every rank's bucket and writes the sum into every rank's slice r: each byte is read and
-  written once, with no copy through MPI's own buffers; 0.14-0.58x the time of MPICH's
+* `SharedMemoryAllreduce`: for ranks that share one node's memory (DDP's default for CPU
+  buckets there, through `shared_memory_allreduce`), the buckets live in an MPI-3 shared
+  window (DDP allocates them there, `allocate_bucket`), and rank r sums slice r of every
+  rank's bucket and writes the sum into every rank's slice r: each byte is read and written
+  once, with no copy through MPI's own buffers; 0.14-0.58x the time of MPICH's
   ``Allreduce`` of the same 7.5 MB on the 2-core VM (docs/benchmarks.md).
 * `CompressedAllreduce`: the bucket travels as float16 or bfloat16 (half the bytes), reduced
   like a ring (all-to-all of chunks, each rank sums its own chunk in float32, all-gather),
