@@ -25,6 +25,7 @@ Example:
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import os
 import sys
@@ -226,7 +227,7 @@ class SharedArrays:
     until `free` (collective) or the end of the process; allocate once and reuse.
     """
 
-    __slots__ = ("_window", "segments", "local")
+    __slots__ = ("_window", "segments", "local", "__weakref__")
 
     def __init__(self, window, segments: list[numpy.ndarray], rank: int):
         self._window = window
@@ -261,8 +262,24 @@ class SharedArrays:
             return
         window, self._window = self._window, None
         self.segments, self.local = [], None
+        _open_windows.pop(id(self), None)
         window.Unlock_all()
         window.Free()
+
+
+#: The windows not yet freed, in the order they were allocated: freed before MPI ends, since
+#: MPICH's OFI netmod cannot close its fabric while a window's memory is registered with it
+#: (``MPI_Finalize`` fails with "fabricclose failed ... Device or resource busy").
+_open_windows: dict[int, SharedArrays] = {}
+
+
+def _free_open_windows() -> None:
+    """Free every window still open, in allocation order. Collective: only where every rank
+    ends MPI together (`Communicator.finalize`, or the interpreter's exit, which comes before
+    mpi4py's own ``MPI_Finalize``). Arrays over them must not be used afterwards."""
+    if _open_windows and not _mpi().Is_finalized():
+        for shared in list(_open_windows.values()):
+            shared.free()
 
 
 class Communicator:
@@ -499,7 +516,11 @@ class Communicator:
         segments[self._rank].fill(0)
         window.Sync()
         self._comm.Barrier()
-        return SharedArrays(window, segments, self._rank)
+        shared = SharedArrays(window, segments, self._rank)
+        if not _open_windows:
+            atexit.register(_free_open_windows)  # after mpi4py's: runs before its Finalize
+        _open_windows[id(shared)] = shared
+        return shared
 
     # ----------------------------------------------------------- sub-communicators
     def split_shared(self) -> Communicator:
@@ -577,6 +598,7 @@ class Communicator:
         last output. Idempotent."""
         MPI = _mpi()
         if not MPI.Is_finalized():
+            _free_open_windows()
             MPI.Finalize()
 
     def abort(self, code: int = 1) -> NoReturn:
