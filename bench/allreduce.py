@@ -19,7 +19,9 @@ rank's time.
    - DistributedDataParallel: the time of ``loss.backward()`` with DDP minus the same backward
      under ``ddp.no_sync()`` (no communication), on a graph whose backward does nothing but
      hand every parameter its gradient (``loss = sum(p.sum())``). The difference is everything
-     DDP adds: hooks, copying (pre-scaled) gradients into buckets, the bucket all-reduces and
+     DDP adds with MPI's all-reduce (``allreduce="mpi"``; the CPU default on one node is the
+     shared window of part 3): hooks, copying (pre-scaled) gradients into buckets, the bucket
+     all-reduces and
      making ``.grad`` a view of the result. Two variants: fresh gradients every step
      (``zero_grad()``, the default set_to_none=True: each gradient is copied into its bucket)
      and gradients zeroed in place (``zero_grad(set_to_none=False)``: backward accumulates
@@ -27,10 +29,10 @@ rank's time.
    - ``torch.distributed.all_reduce`` with the gloo backend (loopback), if torch is installed;
    - mpi4py's pickling lower-case ``allreduce`` of the array, which dptrain never uses.
 2. One training step of an MLP (784-1024-1024-10, 128 samples per rank, SGD): the step with DDP
-   minus the step under ``no_sync()`` is the communication that backward did not hide; also
-   with the `SharedMemoryAllreduce` comm hook.
+   minus the step under ``no_sync()`` is the communication that backward did not hide, with
+   MPI's all-reduce and with the `SharedMemoryAllreduce` comm hook (the default on one node).
 3. An all-reduce of the MLP's 7.5 MB (and of one 25 MB bucket) among ranks on one node:
-   MPICH's ``Allreduce`` and ``Iallreduce`` + `Request.wait` (DDP's default hook) against the
+   MPICH's ``Allreduce`` and ``Iallreduce`` + `Request.wait` (DDP's ``allreduce="mpi"``) against the
    `SharedMemoryAllreduce` hook (buckets in an MPI-3 shared window, rank r sums slice r of
    every bucket in place) and the same algorithm with blocking ``MPI_Barrier`` calls instead of
    the hook's polled ``Ibarrier`` calls (the raw shared-window floor).
@@ -126,7 +128,7 @@ def gradient_sync_rows(comm: Communicator, repeat: int) -> tuple[list[Row], str]
     numel = sum(p.numel() for p in params)
     flat = np.ones(numel, dtype=np.float32)
     scratch = np.ones(numel, dtype=np.float32)
-    ddp = DistributedDataParallel(model, comm=comm)  # default 25 MB buckets
+    ddp = DistributedDataParallel(model, comm=comm, allreduce="mpi")  # 25 MB buckets
 
     def fresh() -> None:  # zero_grad() is timed too: freeing the old gradients is part of it
         model.zero_grad(set_to_none=True)
@@ -238,10 +240,9 @@ def mlp_step_rows(comm: Communicator, repeat: int) -> tuple[list[Row], str]:
         return nn.Sequential(nn.Linear(784, 1024), nn.ReLU(), nn.Linear(1024, 1024), nn.ReLU(),
                              nn.Linear(1024, 10))
 
-    ddp = DistributedDataParallel(mlp(), comm=comm)
-    small = DistributedDataParallel(mlp(), comm=comm, bucket_cap_mb=1)
-    shared = DistributedDataParallel(mlp(), comm=comm)
-    shared.register_comm_hook(SharedMemoryAllreduce(comm))
+    ddp = DistributedDataParallel(mlp(), comm=comm, allreduce="mpi")
+    small = DistributedDataParallel(mlp(), comm=comm, bucket_cap_mb=1, allreduce="mpi")
+    shared = DistributedDataParallel(mlp(), comm=comm, allreduce="shared_memory")
     opts = {id(w): engine.optim.SGD(w.parameters(), lr=0.01) for w in (ddp, small, shared)}
     rng = np.random.default_rng(comm.rank)
     x = engine.from_numpy(rng.standard_normal((128, 784)).astype(np.float32))
@@ -312,7 +313,8 @@ def shared_memory_rows(comm: Communicator, repeat: int) -> tuple[list[Row], str]
         cases = {
             f"mpich {tag}": (f"MPICH `Allreduce(IN_PLACE)`, {tag}",
                              lambda plain=plain: comm.mpi_comm.Allreduce(MPI.IN_PLACE, plain)),
-            f"iall {tag}": (f"MPICH `Iallreduce` + `Request.wait` (DDP's default hook), {tag}",
+            f"iall {tag}": (f"MPICH `Iallreduce` + `Request.wait` (DDP's `allreduce=mpi`), "
+                            f"{tag}",
                             lambda plain=plain: comm.iallreduce_(plain).wait()),
             f"hook {tag}": (f"`SharedMemoryAllreduce` hook + `Request.wait`, {tag}",
                             lambda bucket=bucket: hook(comm, bucket).wait()),

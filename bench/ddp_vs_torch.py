@@ -10,8 +10,8 @@ rank), every row measured in this one run, its repetitions interleaved round-rob
 other rows', each time the median over repetitions of the slowest rank's time:
 
 * dptrain `DistributedDataParallel`, with its defaults (all 7.5 MB of gradients in one 25 MB
-  bucket), with PyTorch's 1 MB first bucket, and with the `SharedMemoryAllreduce` comm hook
-  (buckets in an MPI-3 shared window, reduced in place);
+  bucket, summed in an MPI-3 shared window by `SharedMemoryAllreduce` on one node), with
+  PyTorch's 1 MB first bucket, and with MPI's all-reduce (``allreduce="mpi"``);
 * the ceiling: every rank runs the same step on its half batch with no communication at all
   (two independent half-batch processes);
 * one process on the whole batch (rank 0 alone; the other ranks wait asleep): the 1-rank step
@@ -24,7 +24,7 @@ other rows', each time the median over repetitions of the slowest rank's time:
   the `SharedMemoryAllreduce` hook, for that hook's bound.
 
 Rank 0 prints a markdown table of medians, ratios and speed-ups; see docs/benchmarks.md.
-``--rows ddp,ddp_shared`` times only those contenders (and the ceiling), for an A/B without
+``--rows ddp,ddp_mpi`` times only those contenders (and the ceiling), for an A/B without
 the other models' steps in between.
 """
 
@@ -128,7 +128,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=41, help="repetitions per row (median)")
     parser.add_argument("--rows", default=None,
                         help="only these contenders, comma-separated (of ddp, ddp_small_first, "
-                             "ddp_shared, single, raw, raw_shared, torch_ddp, torch_single; the "
+                             "ddp_mpi, single, raw, raw_shared, torch_ddp, torch_single; the "
                              "ceiling always runs): other models' steps between the compared "
                              "ones change their times (docs/benchmarks.md)")
     args = parser.parse_args()
@@ -140,13 +140,12 @@ def main() -> None:
     # load, so a difference of that size between the two DDP rows is not a finding.
     ddp = DistributedDataParallel(engine_mlp(), comm=comm)
     small_first = DistributedDataParallel(engine_mlp(), comm=comm, first_bucket_cap_mb=1)
-    shared = DistributedDataParallel(engine_mlp(), comm=comm)
+    through_mpi = DistributedDataParallel(engine_mlp(), comm=comm, allreduce="mpi")
     hook = SharedMemoryAllreduce(comm)
-    shared.register_comm_hook(hook)
     contenders = {
         "ddp": engine_step(ddp, x, y),
         "ddp_small_first": engine_step(small_first, x, y),
-        "ddp_shared": engine_step(shared, x, y),
+        "ddp_mpi": engine_step(through_mpi, x, y),
         "ceiling": engine_step(engine_mlp(), x, y),
         "single": rank0_alone(comm, engine_step(engine_mlp(), x_all, y_all)),
     }
@@ -178,10 +177,10 @@ def main() -> None:
           f"SGD, {flat.nbytes / 1e6:.1f} MB of gradients\n")
     print("| what | median ms | vs the independent-process ceiling | speed-up over 1 process |"
           "\n|---|---:|---:|---:|")
-    rows = [("dptrain DDP step", "ddp", "single"),
+    rows = [(f"dptrain DDP step (defaults: {ddp.allreduce})", "ddp", "single"),
             ("dptrain DDP step, PyTorch's 1 MB first bucket (`first_bucket_cap_mb=1`)",
              "ddp_small_first", "single"),
-            ("dptrain DDP step, `SharedMemoryAllreduce` comm hook", "ddp_shared", "single"),
+            ("dptrain DDP step, MPI's all-reduce (`allreduce=\"mpi\"`)", "ddp_mpi", "single"),
             ("independent half-batch processes (ceiling, no communication)", "ceiling",
              "single"),
             ("dptrain, 1 process, whole batch", "single", "single")]
@@ -201,14 +200,14 @@ def main() -> None:
         print(f"dptrain DDP step / PyTorch DDP step: {ms['ddp'] / ms['torch_ddp']:.2f}x "
               "(goal <= 0.9x)")
     for key, what in (("ddp", "dptrain DDP step"),
-                      ("ddp_shared", "dptrain DDP step with `SharedMemoryAllreduce`")):
+                      ("ddp_mpi", "dptrain DDP step with MPI's all-reduce")):
         if key in ms:
             print(f"{what} reaches {100 * ms['ceiling'] / ms[key]:.0f}% of the "
                   "independent-process ceiling (goal >= 90%)")
     # Both ranks' cores compute and a shared-memory reduction needs them, so the all-reduce
     # cannot hide behind backward here: the ceiling plus one all-reduce bounds the step.
-    for step, reduce, what in (("ddp", "raw", "raw `Allreduce`"),
-                               ("ddp_shared", "raw_shared", "`SharedMemoryAllreduce`")):
+    for step, reduce, what in (("ddp_mpi", "raw", "raw `Allreduce`"),
+                               ("ddp", "raw_shared", "`SharedMemoryAllreduce`")):
         if step in ms and reduce in ms:
             bound = ms["ceiling"] / (ms["ceiling"] + ms[reduce])
             print(f"bound with the all-reduce not hidden, ceiling / (ceiling + {what}): "

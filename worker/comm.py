@@ -25,10 +25,12 @@ Example:
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import os
 import sys
 import time
+import weakref
 from collections.abc import Callable, Mapping
 from typing import Any, NoReturn
 
@@ -222,11 +224,10 @@ class SharedArrays:
     (`local`) as well as the others'. Between a rank's writes and another rank's reads of the
     same bytes there must be a `sync` on both sides around a collective that orders them (a
     barrier): MPI's memory model for shared windows ("unified"). The window stays allocated
-    for the life of the process (freeing it while an array over it is alive would leave that
-    array dangling), so allocate once and reuse.
+    until `free` (collective) or the end of the process; allocate once and reuse.
     """
 
-    __slots__ = ("_window", "segments", "local")
+    __slots__ = ("_window", "segments", "local", "__weakref__")
 
     def __init__(self, window, segments: list[numpy.ndarray], rank: int):
         self._window = window
@@ -240,13 +241,53 @@ class SharedArrays:
         a memory barrier): call it before and after the barrier that orders them."""
         self._window.Sync()
 
+    def drop_arrays(self) -> list[weakref.ref]:
+        """Let go of this object's arrays (`segments`, `local`), keeping the window: weak
+        references to them, so that a caller can tell when no view of the memory is left
+        (a numpy view holds its segment as its ``base``) and `free` is safe."""
+        refs = [weakref.ref(segment) for segment in self.segments]
+        self.segments, self.local = [], None
+        return refs
+
+    @property
+    def freed(self) -> bool:
+        """Whether `free` has run."""
+        return self._window is None
+
+    def free(self) -> None:
+        """Give the memory back (``MPI_Win_free``): collective, every rank of the window
+        frees it at the same point. Any array over the window (`segments`, `local` and views
+        of them) must no longer be used: its memory is unmapped. Idempotent."""
+        if self._window is None:
+            return
+        window, self._window = self._window, None
+        self.segments, self.local = [], None
+        _open_windows.pop(id(self), None)
+        window.Unlock_all()
+        window.Free()
+
+
+#: The windows not yet freed, in the order they were allocated: freed before MPI ends, since
+#: MPICH's OFI netmod cannot close its fabric while a window's memory is registered with it
+#: (``MPI_Finalize`` fails with "fabricclose failed ... Device or resource busy").
+_open_windows: dict[int, SharedArrays] = {}
+
+
+def _free_open_windows() -> None:
+    """Free every window still open, in allocation order. Collective: only where every rank
+    ends MPI together (`Communicator.finalize`, or the interpreter's exit, which comes before
+    mpi4py's own ``MPI_Finalize``). Arrays over them must not be used afterwards."""
+    if _open_windows and not _mpi().Is_finalized():
+        for shared in list(_open_windows.values()):
+            shared.free()
+
 
 class Communicator:
     """The processes of a data-parallel job and the collectives they run together.
 
     Every rank must call the collectives (`allreduce_`, `iallreduce_`, `ireduce_`,
     `broadcast_`, `ibroadcast_`, `ialltoall`, `iallgather`, `barrier`, `ibarrier`,
-    `allgather_object`, `broadcast_object`, `split`, `split_shared`, `dup`,
+    `allgather_object`, `broadcast_object`, `split`, `split_shared`, `dup`, `free`,
     `allocate_shared`) in the same order,
     as MPI requires.
 
@@ -475,7 +516,11 @@ class Communicator:
         segments[self._rank].fill(0)
         window.Sync()
         self._comm.Barrier()
-        return SharedArrays(window, segments, self._rank)
+        shared = SharedArrays(window, segments, self._rank)
+        if not _open_windows:
+            atexit.register(_free_open_windows)  # after mpi4py's: runs before its Finalize
+        _open_windows[id(shared)] = shared
+        return shared
 
     # ----------------------------------------------------------- sub-communicators
     def split_shared(self) -> Communicator:
@@ -497,6 +542,17 @@ class Communicator:
         """A communicator of the same ranks whose collectives never match ours (``Dup``): a
         separate channel for a second stream of collectives. Every rank must call it."""
         return Communicator(self._comm.Dup(), cuda_aware=self.cuda_aware)
+
+    def free(self) -> None:
+        """Release a communicator made by `split`, `split_shared` or `dup` (``MPI_Comm_free``;
+        collective, every member calls it). MPI has a few thousand of them per process, so a
+        short-lived user of them gives them back. Idempotent; never for the world."""
+        MPI = _mpi()
+        if self._comm == MPI.COMM_NULL:
+            return
+        if self._comm in (MPI.COMM_WORLD, MPI.COMM_SELF):
+            raise ValueError("the world communicator is not freed; only those made from it")
+        self._comm.Free()
 
     # ----------------------------------------------------------- objects and control
     def barrier(self) -> None:
@@ -542,6 +598,7 @@ class Communicator:
         last output. Idempotent."""
         MPI = _mpi()
         if not MPI.Is_finalized():
+            _free_open_windows()
             MPI.Finalize()
 
     def abort(self, code: int = 1) -> NoReturn:

@@ -6,10 +6,11 @@ change with the algorithm.
   leader per node, broadcast back within the node. Across nodes a ring then has one member
   per node instead of one per rank: its latency term 2(nodes - 1)·α instead of
   2(ranks - 1)·α, the term that dominates at hundreds of ranks (bench/scale_model.py).
-* `SharedMemoryAllreduce`: for ranks that share one node's memory, the buckets live in an
-  MPI-3 shared window (DDP allocates them there, `allocate_bucket`), and rank r sums slice r
-  of every rank's bucket and writes the sum into every rank's slice r: each byte is read and
-  written once, with no copy through MPI's own buffers; 0.14-0.58x the time of MPICH's
+* `SharedMemoryAllreduce`: for ranks that share one node's memory (DDP's default for CPU
+  buckets there, through `shared_memory_allreduce`), the buckets live in an MPI-3 shared
+  window (DDP allocates them there, `allocate_bucket`), and rank r sums slice r of every
+  rank's bucket and writes the sum into every rank's slice r: each byte is read and written
+  once, with no copy through MPI's own buffers; 0.14-0.58x the time of MPICH's
   ``Allreduce`` of the same 7.5 MB on the 2-core VM (docs/benchmarks.md).
 * `CompressedAllreduce`: the bucket travels as float16 or bfloat16 (half the bytes), reduced
   like a ring (all-to-all of chunks, each rank sums its own chunk in float32, all-gather),
@@ -29,15 +30,48 @@ Example:
 
 from __future__ import annotations
 
+import itertools
+import mmap
+import os
+import sys
+import weakref
 from collections import deque
-from collections.abc import Generator
+from collections.abc import Generator, Mapping
 
 import numpy
 
 from dptrain.worker.comm import Communicator, Request, SharedArrays
 
 __all__ = ["HierarchicalAllreduce", "SharedMemoryAllreduce", "CompressedAllreduce",
-           "COMPRESSION_FORMATS", "encode_16bit", "decode_16bit"]
+           "COMPRESSION_FORMATS", "encode_16bit", "decode_16bit", "SHM_RESERVE_ENV",
+           "shm_reserve_bytes", "shared_memory_allreduce"]
+
+#: Where MPICH (and Open MPI) back MPI-3 shared windows: a tmpfs, 64 MiB in a default Docker
+#: container, where a window that does not fit ends the rank with SIGBUS on first touch.
+SHM_DIR = "/dev/shm"
+#: The environment variable holding how many MiB of `SHM_DIR`'s free space the shared
+#: windows leave to others (MPI's own shared cells among them); default `SHM_RESERVE_MB`.
+SHM_RESERVE_ENV = "DPTRAIN_SHM_RESERVE_MB"
+SHM_RESERVE_MB = 32
+
+
+def shm_reserve_bytes(environ: Mapping[str, str] = os.environ) -> int:
+    """The bytes of `SHM_DIR` that `SharedMemoryAllreduce.room_for` keeps free, from
+    `SHM_RESERVE_ENV` (MiB, a non-negative number) or `SHM_RESERVE_MB`.
+
+    Raises:
+        ValueError: the variable is set to something else, with its name and value.
+    """
+    text = environ.get(SHM_RESERVE_ENV, "").strip()
+    if not text:
+        return SHM_RESERVE_MB * 2**20
+    try:
+        mib = float(text)
+    except ValueError:
+        mib = -1.0
+    if not mib >= 0 or mib == float("inf"):
+        raise ValueError(f"{SHM_RESERVE_ENV} must be a non-negative number of MiB, got {text!r}")
+    return int(mib * 2**20)
 
 #: The wire formats of `CompressedAllreduce`: unit roundoff (half the spacing of numbers
 #: in [1, 2)) and the largest error of rounding a number too small for a normal one.
@@ -169,6 +203,51 @@ class _SharedBucket:
         self.slices = [segment[lo:hi] for segment in shared.segments]
 
 
+class _Dropped:
+    """The windows and communicators of a `SharedMemoryAllreduce` that was garbage-collected:
+    freed (collectively) by the next hook built on the same ranks once no array over the
+    windows is left on any of them."""
+
+    def __init__(self, token: tuple, windows: list[SharedArrays], comms: list[Communicator]):
+        self.token = token
+        self.windows = windows
+        self.comms = comms
+        self.arrays = [ref for shared in windows for ref in shared.drop_arrays()]
+
+    def in_use(self) -> bool:
+        return any(ref() is not None for ref in self.arrays)
+
+    def free(self) -> None:
+        for shared in self.windows:
+            shared.free()
+        for comm in self.comms:
+            comm.free()
+
+
+#: Hooks collected with their windows still allocated (`_Dropped`), in the order they went.
+_dropped: list[_Dropped] = []
+_hooks_built = itertools.count()
+
+
+def _drop(token: tuple, windows: list[SharedArrays], comms: list[Communicator]) -> None:
+    # A finalizer: runs whenever the collector gets to the hook, at a different point on
+    # each rank, so it frees nothing itself (MPI_Win_free is collective).
+    if any(not shared.freed for shared in windows):
+        _dropped.append(_Dropped(token, windows, comms))
+
+
+def _free_dropped(comm: Communicator, members: tuple) -> None:
+    """Free the dropped windows of hooks over the ranks `members` (those of `comm`) that no
+    rank uses any more. Collective over `comm`: the ranks agree on which, then free them in
+    the order they were built."""
+    mine = {d.token for d in _dropped if d.token[0] == members and not d.in_use()}
+    agreed = set.intersection(*(set(map(tuple, t)) for t in comm.allgather_object(
+        sorted(mine))))
+    for d in sorted((d for d in _dropped if d.token in agreed), key=lambda d: d.token):
+        _dropped.remove(d)
+        d.free()
+
+
 class SharedMemoryAllreduce:
     """All-reduce the buckets of ranks that share memory, directly in shared memory.
 
@@ -186,6 +265,12 @@ class SharedMemoryAllreduce:
     sleeping), and the summing runs inside the request's ``test()``/``wait()``: DDP's gradient
     hooks call ``test()``, so a bucket is summed as soon as every rank has filled it.
 
+    The windows live in `SHM_DIR` until `close` (collective), which
+    `DistributedDataParallel.close` calls after moving its buckets back to private memory. A
+    hook that is garbage-collected instead hands them on: the next hook built on the same
+    ranks frees them, once no rank holds an array over them any more (gradients left as views
+    of the buckets hold them until they are dropped).
+
     Args:
         comm: the DDP wrapper's communicator (``ddp.comm``); all its ranks must share memory
             (one node; across nodes use `HierarchicalAllreduce`). Building the hook is
@@ -196,8 +281,14 @@ class SharedMemoryAllreduce:
     """
 
     def __init__(self, comm: Communicator):
+        # Who is who, and this hook's name on every rank: (the world ranks of `comm`, each
+        # one's count of hooks built), the same tuple everywhere.
+        built = comm.allgather_object((Communicator().rank, next(_hooks_built)))
+        members = tuple(rank for rank, _ in built)
+        _free_dropped(comm, members)
         node = comm.split_shared()
         if node.size != comm.size:
+            node.free()
             raise ValueError(
                 f"SharedMemoryAllreduce needs every rank on one node, but only {node.size} of "
                 f"the {comm.size} ranks share memory with rank {comm.rank}; use "
@@ -210,10 +301,54 @@ class SharedMemoryAllreduce:
         self._summed = node.dup()
         self._buckets: dict[int, _SharedBucket] = {}  # by id of the array; it holds the array
         self._pipeline = _Pipeline()
+        self._windows: list[SharedArrays] = []
+        self._release = weakref.finalize(self, _drop, (members, tuple(n for _, n in built)),
+                                         self._windows, [self._written, self._summed, node])
+
+    def room_for(self, nbytes: int, reserve: int | None = None) -> str | None:
+        """Whether `SHM_DIR` can hold buckets of `nbytes` on every rank of the node (each
+        rank's rounded up to whole pages) and still keep `reserve` bytes free (default
+        `shm_reserve_bytes`). Collective: the node's rank 0 looks, every rank gets its answer.
+
+        Returns:
+            None when they fit, else why not, in one line.
+        """
+        answer, error = None, None
+        if self._node.rank == 0:
+            try:
+                reserve = shm_reserve_bytes() if reserve is None else reserve
+                need = -(-nbytes // mmap.PAGESIZE) * mmap.PAGESIZE * self._node.size
+                stat = os.statvfs(SHM_DIR)
+                free = stat.f_bavail * stat.f_frsize
+                if need + reserve > free:
+                    answer = (f"{SHM_DIR} has {free / 2**20:.1f} MiB free, the gradient "
+                              f"buckets of the {self._node.size} ranks need "
+                              f"{need / 2**20:.1f} MiB and {reserve / 2**20:.1f} MiB stay "
+                              f"free ({SHM_RESERVE_ENV})")
+            except OSError as e:
+                answer = f"{SHM_DIR} is not usable ({e.strerror})"
+            except ValueError as e:  # raised on every rank below, not here alone
+                error = str(e)
+        answer, error = self._node.broadcast_object((answer, error))
+        if error is not None:
+            raise ValueError(error)
+        return answer
+
+    def close(self) -> None:
+        """Free every window this hook allocated and its communicators. Collective; no array
+        from `allocate_bucket` may be used afterwards (its memory is unmapped), nor the hook.
+        Idempotent."""
+        self._release.detach()
+        self._buckets.clear()
+        for shared in self._windows:
+            shared.free()
+        self._windows.clear()
+        for comm in (self._written, self._summed, self._node):
+            comm.free()
 
     def allocate_bucket(self, size: int, dtype) -> numpy.ndarray:
         """A zeroed bucket of `size` elements of `dtype` in shared memory, which this hook then
-        reduces in place; it stays allocated for the life of the process. Collective: every
+        reduces in place; it stays allocated until `close`. Collective: every
         rank allocates the same buckets in the same order (`DistributedDataParallel` does,
         in `register_comm_hook`).
 
@@ -225,6 +360,7 @@ class SharedMemoryAllreduce:
             This rank's array in the new window.
         """
         shared = self._node.allocate_shared(int(size), dtype)
+        self._windows.append(shared)
         self._buckets[id(shared.local)] = _SharedBucket(shared, self._node.rank,
                                                         self._node.size)
         return shared.local
@@ -256,6 +392,42 @@ class SharedMemoryAllreduce:
         shared.sync()
         yield self._summed.ibarrier()  # every slice is summed, in every rank's bucket
         shared.sync()
+
+
+def shared_memory_allreduce(comm: Communicator, nbytes: int, required: bool = False
+                            ) -> SharedMemoryAllreduce | None:
+    """`SharedMemoryAllreduce` for `comm` where it can run: every rank on one node, and room
+    in `SHM_DIR` for `nbytes` of buckets per rank (`SharedMemoryAllreduce.room_for`). Where
+    there is no room, rank 0 prints a one-line warning to stderr and the answer is None (MPI's
+    all-reduce), so a small ``/dev/shm`` slows a job down instead of ending it. Collective.
+
+    Args:
+        comm: the DDP wrapper's communicator, of more than one rank.
+        nbytes: the CPU buckets' bytes on each rank.
+        required: the job asked for it (``allreduce: shared_memory``): ranks on several nodes
+            are then an error; otherwise (``auto``) they get None.
+
+    Raises:
+        RuntimeError: `required` and the ranks are on several nodes.
+    """
+    try:
+        hook = SharedMemoryAllreduce(comm)
+    except ValueError as e:
+        if required:  # ranks on several nodes: a job error, not a bug
+            raise RuntimeError(f"allreduce 'shared_memory': {e}") from None
+        return None
+    try:
+        shortfall = hook.room_for(nbytes)
+    except ValueError:
+        hook.close()
+        raise
+    if shortfall is None:
+        return hook
+    hook.close()
+    if comm.rank == 0:
+        print(f"dptrain: warning: gradients go through MPI's all-reduce, not shared memory: "
+              f"{shortfall}", file=sys.stderr, flush=True)
+    return None
 
 
 def encode_16bit(x: numpy.ndarray, fmt: str, out: numpy.ndarray,

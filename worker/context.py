@@ -122,7 +122,8 @@ class Context:
             the CPU.
         allreduce: the job's ``allreduce`` (``auto`` by default), for
             ``DistributedDataParallel(..., allreduce=ctx.allreduce)``: how GPU gradients are
-            reduced (`dptrain.worker.comm_device`), or ``shared_memory`` for CPU ones.
+            reduced (`dptrain.worker.comm_device`), or ``shared_memory`` / ``mpi`` for CPU
+            ones (``auto``: the shared window on one node where ``/dev/shm`` has room).
         checkpoint_dir: where checkpoints go, or None (then none are written).
         resume: the checkpoint the run resumes from, as `load_checkpoint` returns it, or None.
         args: the script's arguments (``sys.argv[1:]``).

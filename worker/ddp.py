@@ -21,13 +21,10 @@ PyTorch's design (``torch/nn/parallel/distributed.py``), on the engine's hooks:
   (a parameter that got no gradient) start with the gradient the parameter already holds or
   zeros, all requests are waited for, and every ``param.grad`` becomes a view of its bucket slot,
   which now holds the mean over ranks (PyTorch's ``gradient_as_bucket_view=True``, always on
-  here): no copy back. After ``zero_grad(set_to_none=False)`` the next backward accumulates
-  straight into the views and the hook divides them in place. After ``zero_grad()`` (None,
-  the default) backward hands each parameter a fresh array, which the engine's rules allocate
-  either way, and the hook's division writes it into the bucket in the same pass: one pass
-  over the gradients where zeroing the views in ``zero_grad`` would cost three (zero, add,
-  divide: 0.97 against 0.38 ms for 7.5 MB here). PyTorch's ``gradient_as_bucket_view`` copies
-  in that case too.
+  here): no copy back. After ``zero_grad(set_to_none=False)`` backward accumulates straight
+  into the views and the hook divides them in place; after ``zero_grad()`` the division
+  copies backward's fresh array into the bucket in the same pass (one pass, where zeroing
+  the views would cost three: docs/benchmarks.md), as PyTorch copies.
 * A forward through the wrapper that records a graph (with sync on) arms the wrapper for the
   next backward, and `engine.register_backward_pass_hook` queues `_finish_backward` at the start
   of that pass. So a rank whose loss does not depend on the model, whose backward fires no
@@ -36,11 +33,11 @@ PyTorch's design (``torch/nn/parallel/distributed.py``), on the engine's hooks:
 
 The reduction itself is a plug-in (`register_comm_hook`), so compression or another algorithm
 never touches this module: `dptrain.worker.comm_hooks` has shared-memory, hierarchical and
-16-bit ones (a hook may allocate the buckets itself: `SharedMemoryAllreduce` puts them in
-shared memory, so the gradients' copy into the bucket already lands where every rank of the
-node reads it). Buckets on a GPU get the hook of their all-reduce path (NCCL, CUDA-aware MPI
-or pinned host staging, `dptrain.worker.comm_device`), chosen at wrapping by the
-``allreduce`` argument.
+16-bit ones (a hook may allocate the buckets itself: `SharedMemoryAllreduce`, the default
+for CPU buckets of ranks on one node, puts them in shared memory, so the gradients' copy into
+the bucket already lands where every rank of the node reads it; `close` gives it back). Buckets
+on a GPU get the hook of their all-reduce path (NCCL, CUDA-aware MPI or pinned host staging,
+`dptrain.worker.comm_device`). The ``allreduce`` argument chooses at wrapping.
 """
 
 from __future__ import annotations
@@ -62,8 +59,8 @@ from dptrain.engine.tensor import (
 )
 from dptrain.worker.comm import Communicator
 from dptrain.worker.comm_device import choose_allreduce, device_allreduce_hook
-from dptrain.worker.comm_hooks import SharedMemoryAllreduce
-from dptrain.worker.spec_rules import ALLREDUCE_CHOICES, SHARED_MEMORY
+from dptrain.worker.comm_hooks import shared_memory_allreduce
+from dptrain.worker.spec_rules import ALLREDUCE_CHOICES, CPU_ALLREDUCE, MPI_ALLREDUCE, SHARED_MEMORY
 
 __all__ = ["DistributedDataParallel", "GradientBucket", "allreduce_hook", "CommHook"]
 
@@ -281,15 +278,16 @@ class DistributedDataParallel:
             gradient on every rank. Either way a parameter unused on some ranks never hangs the
             job and gets the mean over ranks, counting zeros where it was unused, even on a rank
             whose loss does not depend on the model at all.
-        allreduce: how gradients on a GPU are reduced: ``auto`` (NCCL when every rank has a
-            GPU of its own, else CUDA-aware MPI where the library is, else ``host``),
-            ``host`` (staged through pinned host memory, pipelined bucket by bucket),
-            ``cuda_aware`` or ``nccl``; `allreduce` then holds the path taken. CPU gradients
-            go to MPI as they are (``auto``), or, with ``shared_memory``, are summed in an
-            MPI-3 shared window (`comm_hooks.SharedMemoryAllreduce`, registered here; every
-            rank on one node): on 2 ranks of one idle 2-core host the MLP's step ran at 86%
-            (84–96%) of two independent processes' speed, against 81% (76–83%) with MPI's
-            all-reduce (docs/benchmarks.md).
+        allreduce: how the buckets are reduced. On a GPU: ``auto`` (NCCL when every rank has
+            a GPU of its own, else CUDA-aware MPI where the library is, else ``host``),
+            ``host`` (staged through pinned host memory), ``cuda_aware`` or ``nccl``. On the
+            CPU: ``auto`` sums them in an MPI-3 shared window (`comm_hooks.
+            SharedMemoryAllreduce`, registered here) when every rank is on one node and
+            ``/dev/shm`` has room for them (else MPI's all-reduce, with a warning where room
+            was short), ``shared_memory`` insists on the window (an error across nodes),
+            ``mpi`` keeps MPI's all-reduce. `allreduce` then holds the path taken. The window
+            is the faster on one node (docs/benchmarks.md: the MLP's 2-rank step at 86% of
+            two independent processes against 81%); `close` frees it.
 
     Example:
         >>> import dptrain.engine as engine, dptrain.engine.functional as F
@@ -336,13 +334,14 @@ class DistributedDataParallel:
             None if first_bucket_cap_mb is None else int(first_bucket_cap_mb * 1024 * 1024))
         self._scale = 1.0 / self.comm.size
         self._comm_hook: CommHook = allreduce_hook
-        #: The path GPU buckets take (``host``, ``cuda_aware``, ``nccl``); for CPU ones
-        #: ``shared_memory`` when asked for, else None (MPI's all-reduce).
+        self._own_hook = None  # the hook chosen here by `allreduce`, which the wrapper closes
+        #: The path the buckets take: ``host``, ``cuda_aware`` or ``nccl`` on a GPU,
+        #: ``shared_memory`` or ``mpi`` on the CPU; None on one rank (nothing to reduce).
         self.allreduce: str | None = None
         device = next((d for d in (get_device(b.buffer) for b in self._buckets)
                        if d.type != "cpu"), None)
-        if device is not None and allreduce == SHARED_MEMORY:
-            raise ValueError("allreduce 'shared_memory' sums CPU gradients; these are on "
+        if device is not None and allreduce in CPU_ALLREDUCE:
+            raise ValueError(f"allreduce {allreduce!r} reduces CPU gradients; these are on "
                              f"{device}: use 'auto', 'host', 'cuda_aware' or 'nccl'")
         if device is not None and self.comm.size > 1:  # the same on every rank (checked above)
             self.allreduce = choose_allreduce(allreduce, self.comm, device)
@@ -369,13 +368,18 @@ class DistributedDataParallel:
                 ddp._start_pass()
 
         weakref.finalize(self, register_backward_pass_hook(on_backward_pass).remove)
-        if allreduce == SHARED_MEMORY:
-            try:  # collective, as the checks above: every rank gets here or none does
-                hook = SharedMemoryAllreduce(self.comm)
-            except ValueError as e:  # ranks on several nodes: a job error, not a bug
-                raise RuntimeError(f"allreduce 'shared_memory': {e}") from None
-            self.register_comm_hook(hook)
-            self.allreduce = SHARED_MEMORY
+        # A communicator without shared windows (a test's stand-in) reduces through its own.
+        if (device is None and self.comm.size > 1 and allreduce != MPI_ALLREDUCE
+                and hasattr(self.comm, "split_shared")):
+            # Collective, as the checks above: every rank gets here or none does.
+            hook = shared_memory_allreduce(self.comm, sum(b.nbytes for b in self._buckets),
+                                           required=allreduce == SHARED_MEMORY)
+            if hook is not None:
+                self.register_comm_hook(hook)
+                self.allreduce = SHARED_MEMORY
+                self._own_hook = hook
+        if device is None and self.comm.size > 1 and self.allreduce is None:
+            self.allreduce = MPI_ALLREDUCE
 
     # ----------------------------------------------------------- the module's face
     def __call__(self, *args, **kwargs):
@@ -480,12 +484,45 @@ class DistributedDataParallel:
             raise RuntimeError("register_comm_hook cannot be called during a backward pass")
         if not callable(hook):
             raise TypeError(f"hook must be callable, got {type(hook).__name__}")
+        if self._own_hook is not None:  # the default's windows: given back, not left behind
+            self.close()
         allocate = getattr(hook, "allocate_bucket", None)
         if allocate is not None and self.comm.size > 1:
             for bucket in self._buckets:
                 if get_device(bucket.buffer).type == "cpu":
                     bucket.move_to(allocate(bucket.buffer.size, bucket.buffer.dtype))
         self._comm_hook = hook
+
+    def close(self) -> None:
+        """Give back what the comm hook holds outside this process (the shared windows of
+        `SharedMemoryAllreduce`, in ``/dev/shm``): the buckets and the gradients that are
+        views of them move to private memory first, and the wrapper goes on with MPI's
+        all-reduce. Collective: every rank closes at the same point, as ``MPI_Win_free``
+        requires. Also the end of a ``with`` block over the wrapper. Idempotent. (A wrapper
+        garbage-collected with its model instead, at different points on different ranks,
+        leaves its windows to the next `SharedMemoryAllreduce` built on the same ranks, which
+        frees them once no gradient on any rank is a view of them.)
+        """
+        if self._in_pass:
+            raise RuntimeError("DistributedDataParallel.close cannot be called during a "
+                               "backward pass")
+        hook = self._comm_hook
+        if hook is allreduce_hook or not callable(getattr(hook, "close", None)):
+            return
+        if getattr(hook, "allocate_bucket", None) is not None:
+            for bucket in self._buckets:
+                if get_device(bucket.buffer).type == "cpu":
+                    bucket.move_to(numpy.empty_like(bucket.buffer))
+        self._comm_hook, self._own_hook = allreduce_hook, None
+        if self.allreduce == SHARED_MEMORY:
+            self.allreduce = MPI_ALLREDUCE
+        hook.close()
+
+    def __enter__(self) -> DistributedDataParallel:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
 
     @property
     def bucket_assignment(self) -> list[list[str]]:

@@ -14,7 +14,7 @@ A job file (YAML or JSON) maps one to one onto `JobSpec`; the coordinator's prot
     seed: 0
     workers: 2
     device: cpu                                      # cuda: each rank on its node's GPU
-    allreduce: auto                                  # GPU: host|cuda_aware|nccl; CPU: shared_memory
+    allreduce: auto                                  # or shared_memory|mpi|host|cuda_aware|nccl
     checkpoint: {every_steps: 100, keep: 3}
     loss: mylosses:focal                             # optional: package.module:function
     code: src                                        # optional: where your modules are

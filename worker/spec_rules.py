@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "OPTIMIZERS", "SCHEDULERS", "DEVICES", "ALLREDUCE_PATHS", "ALLREDUCE_CHOICES",
-    "SHARED_MEMORY", "MAX_BATCH_SIZE", "MAX_STEPS",
+    "SHARED_MEMORY", "MPI_ALLREDUCE", "CPU_ALLREDUCE", "MAX_BATCH_SIZE", "MAX_STEPS",
     "NAME_RULE",
     "CODE_DIGEST_PREFIX", "check_name", "check_shards", "model_constructor", "build_model",
     "validate", "code_digest",
@@ -36,10 +36,13 @@ DEVICES = ("cpu", "cuda", "auto")  # auto: cuda where CuPy sees a GPU, else cpu
 # How DDP reduces gradient buckets on a GPU (dptrain.worker.comm_device): auto picks nccl when
 # every rank has a GPU of its own, else cuda_aware where MPI reads GPU memory, else host.
 ALLREDUCE_PATHS = ("auto", "host", "cuda_aware", "nccl")
-# And for CPU gradients of ranks on one node: MPI's all-reduce (auto), or the buckets summed in
-# an MPI-3 shared window (dptrain.worker.comm_hooks.SharedMemoryAllreduce).
+# And for CPU gradients: summed in an MPI-3 shared window when every rank is on one node
+# (dptrain.worker.comm_hooks.SharedMemoryAllreduce; what auto picks where /dev/shm has room),
+# or MPI's all-reduce.
 SHARED_MEMORY = "shared_memory"
-ALLREDUCE_CHOICES = (*ALLREDUCE_PATHS, SHARED_MEMORY)
+MPI_ALLREDUCE = "mpi"
+CPU_ALLREDUCE = (SHARED_MEMORY, MPI_ALLREDUCE)
+ALLREDUCE_CHOICES = (*ALLREDUCE_PATHS, *CPU_ALLREDUCE)
 MAX_BATCH_SIZE = 2**20
 """The largest global ``batch_size`` (a million samples per step)."""
 MAX_STEPS = 10**9
@@ -320,12 +323,12 @@ def _common_errors(spec: JobSpec) -> list[FieldError]:
     if spec.allreduce not in ALLREDUCE_CHOICES:
         e.append(FieldError("allreduce", f"must be one of {', '.join(ALLREDUCE_CHOICES)}",
                             spec.allreduce))
-    elif spec.allreduce == SHARED_MEMORY and spec.device != "cpu":
-        e.append(FieldError("allreduce", "sums CPU gradients in shared memory: it needs "
+    elif spec.allreduce in CPU_ALLREDUCE and spec.device != "cpu":
+        e.append(FieldError("allreduce", "chooses how CPU gradients are reduced: it needs "
                             "device cpu", spec.allreduce))
-    elif spec.allreduce not in ("auto", SHARED_MEMORY) and spec.device == "cpu":
+    elif spec.allreduce not in ("auto", *CPU_ALLREDUCE) and spec.device == "cpu":
         e.append(FieldError("allreduce", "chooses how GPU gradients are reduced: it needs "
-                            "device cuda or auto (CPU gradients go to MPI as they are)",
+                            "device cuda or auto (CPU gradients: auto, shared_memory or mpi)",
                             spec.allreduce))
     if spec.checkpoint.every_steps < 0:
         e.append(FieldError("checkpoint.every_steps", "must be >= 0 (0: only at the end)",

@@ -89,7 +89,11 @@ def test_bad_arguments_name_the_field_and_the_value(hooked):
 
 @pytest.fixture(scope="module", params=[1, 2, 3], ids=lambda n: f"ranks{n}")
 def shared(request, run_mpi, mpi_json, mpi_scripts):
-    return _run(run_mpi, mpi_json, mpi_scripts / "ddp_shared_memory.py", request.param)
+    result = run_mpi(request.param, mpi_scripts / "ddp_shared_memory.py")
+    assert result.returncode == 0, result.stderr
+    (report,) = mpi_json(result.stdout)
+    assert report["size"] == request.param
+    return {**report, "stderr": result.stderr}
 
 
 BUCKETINGS = ("one_bucket", "tiny_buckets", "small_first")
@@ -150,3 +154,75 @@ def test_shared_memory_rejects_arrays_it_did_not_allocate_and_other_worlds(share
         assert errors["other_world"] == [
             "ValueError", f"SharedMemoryAllreduce was built for rank {n - 1} of {n} but is "
             f"called with rank 0 of 1; build it with ddp.comm"]
+
+
+# ---------------------------------------------------------------- the default on one node
+
+def test_the_default_on_one_node_is_the_shared_window_with_the_folds_bits(shared):
+    n = shared["size"]
+    for r in shared["ranks"]:
+        d = r["default"]
+        if n == 1:  # nothing to reduce: no window, and the one process's own gradients
+            assert (d["allreduce"], d["hook"], d["mapped"]) == (None, "function", 0)
+            assert d["vs_single"] == 0.0
+            continue
+        assert (d["allreduce"], d["hook"]) == ("shared_memory", "SharedMemoryAllreduce")
+        assert d["vs_fold"] == 0.0
+        # Every rank maps every rank's window: at least the gradients' bytes per rank.
+        assert d["mapped"] >= n * r["gradient_bytes"]
+
+
+def test_close_gives_the_windows_back_and_keeps_the_gradients(shared):
+    n = shared["size"]
+    for r in shared["ranks"]:
+        d = r["default"]
+        assert d["after_close"] == 0 and d["after_with"] == 0  # /dev/shm mapped as before
+        assert d["in_with"] >= (n * r["gradient_bytes"] if n > 1 else 0)
+        assert d["kept"] == 0.0
+        assert d["allreduce_closed"] == (None if n == 1 else "mpi")
+        assert d["closed_vs_single"] <= (0.0 if n == 1 else 1e-6)  # MPI's order of sums
+
+
+def test_a_dropped_wrapper_s_windows_are_freed_once_no_gradient_views_them(shared):
+    # Garbage collection runs at different points on different ranks: the next hook built on
+    # the same ranks frees them, on every rank together, once no rank holds a view.
+    n = shared["size"]
+    for r in shared["ranks"]:
+        d = r["dropped"]
+        one = d["mapped"]
+        assert one >= (n * r["gradient_bytes"] if n > 1 else 0)
+        assert d["both"] == 2 * one  # the gradients still viewed the first wrapper's windows
+        assert d["second_closed"] == one  # the first's, not freed by the close of another
+        assert d["third"] == one  # the first's freed as the third's were allocated
+        assert d["end"] == 0
+
+
+def test_without_room_in_dev_shm_gradients_go_through_mpi_with_one_warning(shared):
+    n = shared["size"]
+    for r in shared["ranks"]:
+        for kind in ("auto", "shared_memory"):
+            f = r["fallback"][kind]
+            assert (f["allreduce"], f["hook"], f["mapped"]) == (
+                (None, "function", 0) if n == 1 else ("mpi", "function", 0))
+            assert f["vs_single"] <= (0.0 if n == 1 else 1e-6)
+        assert r["errors"]["reserve"] == (None if n == 1 else [
+            "ValueError", "DPTRAIN_SHM_RESERVE_MB must be a non-negative number of MiB, got "
+            "'lots'"])
+    warnings = [line for line in shared["stderr"].splitlines() if "warning" in line]
+    if n == 1:
+        assert warnings == []
+        return
+    assert len(warnings) == 2  # rank 0 only, once per wrapper
+    for line in warnings:
+        assert line.startswith("dptrain: warning: gradients go through MPI's all-reduce, not "
+                               "shared memory: /dev/shm has ")
+        assert line.endswith(f"MiB free, the gradient buckets of the {n} ranks need 0.0 MiB "
+                             "and 1099511627776.0 MiB stay free (DPTRAIN_SHM_RESERVE_MB)")
+
+
+def test_allreduce_mpi_keeps_mpis_allreduce(shared):
+    n = shared["size"]
+    for r in shared["ranks"]:
+        m = r["mpi"]
+        assert (m["allreduce"], m["hook"], m["mapped"]) == (None if n == 1 else "mpi",
+                                                            "function", 0)

@@ -55,7 +55,9 @@ def test_n_ranks_train_as_one_with_buckets_in_shared_memory(run_mpi, mpi_json, m
     report = _run(run_mpi, mpi_json, mpi_scripts / "ddp_equivalence.py", n, str(cap),
                   "shared_memory")
     ranks = report["ranks"]
-    assert {r["hook"] for r in ranks} == {"SharedMemoryAllreduce"}
+    # One rank reduces nothing: no window, as on every path.
+    assert {(r["hook"], r["allreduce"]) for r in ranks} == (
+        {("function", None)} if n == 1 else {("SharedMemoryAllreduce", "shared_memory")})
     assert len({r["hash"] for r in ranks}) == 1, "ranks ended with different parameters"
     assert all(r["marker"] == [0.0, 0.0, 0.0] for r in ranks), "buffers not from rank 0"
     rank0 = ranks[0]

@@ -101,9 +101,9 @@ def test_hash_is_stable_under_key_order_and_explicit_defaults():
                                          "got 1.0"),
     ("device", "tpu", "device: must be one of cpu, cuda, auto, got 'tpu'"),
     ("allreduce", "gloo", "allreduce: must be one of auto, host, cuda_aware, nccl, "
-                          "shared_memory, got 'gloo'"),
+                          "shared_memory, mpi, got 'gloo'"),
     ("allreduce", "nccl", "allreduce: chooses how GPU gradients are reduced: it needs device "
-                          "cuda or auto (CPU gradients go to MPI as they are), got 'nccl'"),
+                          "cuda or auto (CPU gradients: auto, shared_memory or mpi), got 'nccl'"),
     ("checkpoint.keep", 0, "checkpoint.keep: must be >= 1, got 0"),
     ("checkpoint.every_steps", -1, "checkpoint.every_steps: must be >= 0"),
     ("eval_every", -1, "eval_every: must be >= 0, got -1"),
@@ -130,21 +130,17 @@ def test_validation_names_field_rule_and_value(path, value, message):
     assert "\n" not in str(info.value)
 
 
-@pytest.mark.parametrize("device, message", [
-    ("cpu", None),
-    ("cuda", "allreduce: sums CPU gradients in shared memory: it needs device cpu, got "
-             "'shared_memory'"),
-    ("auto", "allreduce: sums CPU gradients in shared memory: it needs device cpu, got "
-             "'shared_memory'"),
-])
-def test_shared_memory_allreduce_is_for_cpu_jobs(device, message):
-    data = {**with_change("device", device), "allreduce": "shared_memory"}
-    if message is None:
-        assert JobSpec.from_dict(data).allreduce == "shared_memory"
+@pytest.mark.parametrize("allreduce", ["shared_memory", "mpi"])
+@pytest.mark.parametrize("device, rejected", [("cpu", False), ("cuda", True), ("auto", True)])
+def test_cpu_allreduce_choices_are_for_cpu_jobs(allreduce, device, rejected):
+    data = {**with_change("device", device), "allreduce": allreduce}
+    if not rejected:
+        assert JobSpec.from_dict(data).allreduce == allreduce
         return
     with pytest.raises(JobSpecError) as info:
         JobSpec.from_dict(data)
-    assert message in str(info.value)
+    assert (f"allreduce: chooses how CPU gradients are reduced: it needs device cpu, got "
+            f"{allreduce!r}") in str(info.value)
 
 
 def test_batch_must_divide_among_workers():

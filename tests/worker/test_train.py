@@ -158,14 +158,16 @@ def test_stop_at_max_steps_and_resume_is_bit_identical(tmp_path, worker, n):
 @pytest.mark.mpi
 def test_a_job_asking_for_shared_memory_trains_the_bits_mpis_allreduce_trains(tmp_path, worker):
     # With 2 ranks every summed element is one float addition, which commutes: the buckets
-    # summed in the shared window must give the very bits MPI's all-reduce gives.
+    # summed in the shared window (the default on one node, or asked for) must give the very
+    # bits MPI's all-reduce gives.
     models = {}
-    for allreduce in ("auto", "shared_memory"):
+    for allreduce in ("auto", "shared_memory", "mpi"):
         job = write_job(tmp_path, f"{allreduce}.yaml", max_steps=30, allreduce=allreduce)
         result = worker(2, job, "--checkpoint-dir", tmp_path / allreduce)
         assert result.returncode == 0, result.stderr
+        assert "warning" not in result.stderr  # /dev/shm had room: no fallback
         models[allreduce] = sha256(tmp_path / allreduce / "step-00000030/model.safetensors")
-    assert models["shared_memory"] == models["auto"]
+    assert models["shared_memory"] == models["auto"] == models["mpi"]
     one = worker(1, write_job(tmp_path, "one.yaml", max_steps=30, allreduce="shared_memory"),
                  "--checkpoint-dir", tmp_path / "one")  # one rank: a node of its own
     assert one.returncode == 0, one.stderr

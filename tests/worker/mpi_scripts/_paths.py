@@ -1,4 +1,5 @@
-"""The all-reduce paths the DDP scripts run on: ``cpu`` (host buckets, plain MPI),
+"""The all-reduce paths the DDP scripts run on: ``cpu`` (host buckets, MPI's all-reduce:
+``allreduce="mpi"``),
 ``shared_memory`` (host buckets in an MPI-3 shared window, the `SharedMemoryAllreduce` comm
 hook) and, on the strict device that stands in for a GPU, ``host`` (pinned staging),
 ``cuda_aware`` (MPI reads the device buffers) and ``nccl`` (through the test double of
@@ -35,7 +36,7 @@ def wrap(model, comm, path: str, **kwargs) -> DistributedDataParallel:
         return DistributedDataParallel(model, comm=comm, allreduce="shared_memory", **kwargs)
     on_strict = next(model.parameters()).device == "strict"
     if path != "nccl" or not on_strict:
-        return DistributedDataParallel(model, comm=comm, allreduce="auto" if path == "cpu"
+        return DistributedDataParallel(model, comm=comm, allreduce="mpi" if path == "cpu"
                                        else path, **kwargs)
     # The strict device has no NCCL, so auto would not pick it: the double goes in by hand,
     # and the parameters are broadcast again through it (wrapping staged them through host).

@@ -6,11 +6,17 @@ hook promises every element summed in rank order, ``((c_0 + c_1) + c_2) + ...`` 
 so DDP's gradients must equal that fold bit for bit, on every rank. Also: the buckets (so the
 gradients after a step) live in the hook's shared windows; registering the hook after a step
 keeps the gradients; gradients zeroed in place accumulate into the shared views; buckets
-reduced without DDP; arrays the hook did not allocate raise.
+reduced without DDP; arrays the hook did not allocate raise. And the default wrapper: the
+window on one node with the same bits, the memory this process maps from /dev/shm (read from
+/proc/self/maps) back where it was after ``close`` or a ``with`` block, and MPI's all-reduce
+with one warning when the room check fails (a reserve larger than any /dev/shm, set through
+its environment variable).
 """
 
 from __future__ import annotations
 
+import gc
+import os
 from functools import reduce
 
 import numpy as np
@@ -21,7 +27,7 @@ from dptrain import engine
 from dptrain.engine import nn
 from dptrain.worker import DistributedDataParallel
 from dptrain.worker.comm import Communicator
-from dptrain.worker.comm_hooks import SharedMemoryAllreduce
+from dptrain.worker.comm_hooks import SHM_RESERVE_ENV, SharedMemoryAllreduce
 
 comm = Communicator()
 r, size = comm.rank, comm.size
@@ -114,4 +120,82 @@ result["errors"] = {
     "not_allocated": error_of(lambda: hook(comm, np.zeros(3))),
     "other_world": error_of(lambda: hook(Communicator(comm.split(r)), arrays[0])),
 }
+
+
+def shm_mapped() -> int:
+    """Bytes of /dev/shm files this process has mapped."""
+    total = 0
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            fields = line.split()
+            if len(fields) >= 6 and fields[5].startswith("/dev/shm/"):
+                start, end = (int(a, 16) for a in fields[0].split("-"))
+                total += end - start
+    return total
+
+
+def settle() -> None:
+    """Free the windows of the hooks above that nothing holds any more (a new hook does), so
+    that what follows is measured from a fixed point."""
+    gc.collect()
+    SharedMemoryAllreduce(comm).close()
+
+
+def wrapped_step(**kwargs) -> tuple[DistributedDataParallel, dict]:
+    """A wrapper and what it took: its path, its hook, the /dev/shm it mapped, one step's
+    gradients against the fold."""
+    settle()
+    before = shm_mapped()
+    ddp = DistributedDataParallel(mlp(), comm=comm, **kwargs)
+    out = {"allreduce": ddp.allreduce, "hook": type(ddp._comm_hook).__name__,
+           "mapped": shm_mapped() - before, "before": before}
+    backward(ddp, x, y)
+    out["vs_fold"], out["vs_single"] = worst(grads(ddp), reference), worst(grads(ddp),
+                                                                            grads(single))
+    return ddp, out
+
+
+ddp, default = wrapped_step()
+stepped = grads(ddp)
+ddp.close()
+default["after_close"] = shm_mapped() - default["before"]
+default["kept"] = worst(grads(ddp), stepped)
+default["allreduce_closed"] = ddp.allreduce
+backward(ddp, x, y)  # on, through MPI's all-reduce
+default["closed_vs_single"] = worst(grads(ddp), grads(single))
+ddp.close()  # again: nothing left to free
+before = shm_mapped()
+with DistributedDataParallel(mlp(), comm=comm) as scoped:
+    backward(scoped, x, y)
+    default["in_with"] = shm_mapped() - before
+default["after_with"] = shm_mapped() - before
+result["default"] = default
+
+# Dropped without close (the wrapper and its model: the model's gradient hooks hold the
+# wrapper): the windows stay while a gradient is a view of them, and the next hook built on
+# these ranks frees them once none is.
+ddp, dropped = wrapped_step()
+held = next(ddp.parameters()).grad  # a view of the first wrapper's window
+del ddp
+gc.collect()
+second = DistributedDataParallel(mlp(), comm=comm)
+dropped["both"] = shm_mapped() - dropped["before"]
+del held  # the last view of the dropped windows goes
+gc.collect()
+second.close()
+dropped["second_closed"] = shm_mapped() - dropped["before"]
+third = DistributedDataParallel(mlp(), comm=comm)  # frees the dropped windows first
+dropped["third"] = shm_mapped() - dropped["before"]
+third.close()
+dropped["end"] = shm_mapped() - dropped["before"]
+result["dropped"] = dropped
+result["gradient_bytes"] = 4 * sum(p.numel() for p in mlp().parameters())
+
+os.environ[SHM_RESERVE_ENV] = str(2**40)  # 1 EiB: no /dev/shm has room for that reserve
+result["fallback"] = {kind: wrapped_step(**kwargs)[1] for kind, kwargs in
+                      (("auto", {}), ("shared_memory", {"allreduce": "shared_memory"}))}
+os.environ[SHM_RESERVE_ENV] = "lots"
+result["errors"]["reserve"] = error_of(lambda: DistributedDataParallel(mlp(), comm=comm))
+del os.environ[SHM_RESERVE_ENV]
+result["mpi"] = wrapped_step(allreduce="mpi")[1]
 report(comm, result)
