@@ -32,6 +32,7 @@ from typing import Any, BinaryIO
 
 from blake3 import blake3
 
+from dptrain.worker import checkpoint_manifest
 from dptrain.worker.checkpoint_manifest import new_hasher
 
 __all__ = ["write_hashed", "write_at", "hash_file", "BytesLike", "DEPTH", "SYNC_BYTES"]
@@ -229,8 +230,8 @@ def write_at(fd: int, chunks: Iterable[BytesLike], position: list[int], end: int
 
 def hash_file(path: str | os.PathLike, algorithm: str) -> str:
     """The hex digest of a whole file: BLAKE3 over a memory map on every core (BLAKE3's tree
-    hashes parts of the file in parallel), another algorithm in one pass of `DEPTH`-chunk
-    reads.
+    hashes parts of the file in parallel), another algorithm as a checkpoint's files are
+    hashed (``worker.checkpoint_manifest.hash_file``, one pass).
 
     Args:
         path: the file.
@@ -242,8 +243,4 @@ def hash_file(path: str | os.PathLike, algorithm: str) -> str:
     """
     if algorithm == "blake3":
         return blake3(max_threads=blake3.AUTO).update_mmap(path).hexdigest()
-    hasher = new_hasher(algorithm)
-    with open(path, "rb") as f:
-        while block := f.read(DEPTH * 1024 * 1024):
-            hasher.update(block)
-    return hasher.hexdigest()
+    return checkpoint_manifest.hash_file(path, algorithm)
