@@ -60,7 +60,7 @@ from dptrain import engine  # noqa: E402
 from dptrain.engine import nn  # noqa: E402
 from dptrain.worker import DistributedDataParallel  # noqa: E402
 from dptrain.worker.comm import Communicator  # noqa: E402
-from dptrain.worker.comm_hooks import SharedMemoryAllreduce  # noqa: E402
+from dptrain.worker.comm_hooks import SharedMemoryAllreduce, sum_slices  # noqa: E402
 
 LAYERS, WIDTH = 24, 1024
 
@@ -301,10 +301,7 @@ def shared_memory_rows(comm: Communicator, repeat: int) -> tuple[list[Row], str]
             raw.sync()
             node.barrier()
             raw.sync()
-            for other in slices[1:]:  # summed in rank 0's slice, written into the others'
-                np.add(slices[0], other, out=slices[0])
-            for other in slices[1:]:
-                other[...] = slices[0]
+            sum_slices(slices)  # the hook's own step between its barriers
             raw.sync()
             node.barrier()
             raw.sync()

@@ -44,7 +44,7 @@ from dptrain.worker.comm import Communicator, Request, SharedArrays
 
 __all__ = ["HierarchicalAllreduce", "SharedMemoryAllreduce", "CompressedAllreduce",
            "COMPRESSION_FORMATS", "encode_16bit", "decode_16bit", "SHM_RESERVE_ENV",
-           "shm_reserve_bytes", "shared_memory_allreduce"]
+           "shm_reserve_bytes", "shared_memory_allreduce", "sum_slices"]
 
 #: Where MPICH (and Open MPI) back MPI-3 shared windows: a tmpfs, 64 MiB in a default Docker
 #: container, where a window that does not fit ends the rank with SIGBUS on first touch.
@@ -189,6 +189,18 @@ class HierarchicalAllreduce:
             yield self._across(self.leaders, bucket)
         if self.node.size > 1:
             yield self._node_bcast.ibroadcast_(bucket, root=0)
+
+
+def sum_slices(slices: list[numpy.ndarray]) -> None:
+    """Add up the same slice of every rank's bucket and write the sum into each of them: the
+    sum builds up in rank 0's slice, in rank order, so every element gets the same
+    left-to-right order of additions on every rank (`SharedMemoryAllreduce`'s step between
+    its barriers)."""
+    total = slices[0]
+    for other in slices[1:]:
+        numpy.add(total, other, out=total)
+    for other in slices[1:]:
+        other[...] = total
 
 
 class _SharedBucket:
@@ -382,13 +394,8 @@ class SharedMemoryAllreduce:
         shared.sync()
         yield self._written.ibarrier()  # every rank's bucket is written
         shared.sync()
-        # Only this rank touches slice r of any bucket until the next barrier, so the sum can
-        # build up in rank 0's slice r: the same left-to-right order for every element.
-        total = state.slices[0]
-        for other in state.slices[1:]:
-            numpy.add(total, other, out=total)
-        for other in state.slices[1:]:
-            other[...] = total
+        # Only this rank touches slice r of any bucket until the next barrier.
+        sum_slices(state.slices)
         shared.sync()
         yield self._summed.ibarrier()  # every slice is summed, in every rank's bucket
         shared.sync()

@@ -488,10 +488,15 @@ class DistributedDataParallel:
             self.close()
         allocate = getattr(hook, "allocate_bucket", None)
         if allocate is not None and self.comm.size > 1:
-            for bucket in self._buckets:
-                if get_device(bucket.buffer).type == "cpu":
-                    bucket.move_to(allocate(bucket.buffer.size, bucket.buffer.dtype))
+            self._move_cpu_buckets(allocate)
         self._comm_hook = hook
+
+    def _move_cpu_buckets(self, allocate: Callable[[int, Any], Any]) -> None:
+        """Move every CPU bucket, with the gradients that view it, into
+        ``allocate(size, dtype)``, in bucket order."""
+        for bucket in self._buckets:
+            if get_device(bucket.buffer).type == "cpu":
+                bucket.move_to(allocate(bucket.buffer.size, bucket.buffer.dtype))
 
     def close(self) -> None:
         """Give back what the comm hook holds outside this process (the shared windows of
@@ -510,9 +515,7 @@ class DistributedDataParallel:
         if hook is allreduce_hook or not callable(getattr(hook, "close", None)):
             return
         if getattr(hook, "allocate_bucket", None) is not None:
-            for bucket in self._buckets:
-                if get_device(bucket.buffer).type == "cpu":
-                    bucket.move_to(numpy.empty_like(bucket.buffer))
+            self._move_cpu_buckets(numpy.empty)
         self._comm_hook, self._own_hook = allreduce_hook, None
         if self.allreduce == SHARED_MEMORY:
             self.allreduce = MPI_ALLREDUCE
