@@ -13,7 +13,6 @@ call in one process, one BLAS thread; backward is (forward + backward) - forward
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -21,6 +20,9 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from gpu_step import interleaved  # noqa: E402
 
 import dptrain.engine.functional as F  # noqa: E402
 from dptrain import engine  # noqa: E402
@@ -38,15 +40,7 @@ def compare(name: str, ours, theirs, shape: tuple, repeat: int) -> None:
     ge, gt = engine.from_numpy(g), torch.from_numpy(g)
     fns = {"engine fwd": ours, "engine fwd+bwd": lambda: ours().backward(ge),
            "torch fwd": theirs, "torch fwd+bwd": lambda: theirs().backward(gt)}
-    for fn in fns.values():
-        fn()
-    samples = {k: [] for k in fns}
-    for _ in range(repeat):
-        for k, fn in fns.items():
-            t = time.process_time()
-            fn()
-            samples[k].append(time.process_time() - t)
-    m = {k: statistics.median(v) * 1e3 for k, v in samples.items()}
+    m = {k: v * 1e3 for k, v in interleaved(fns, repeat, time.process_time).items()}
     ef, eb = m["engine fwd"], m["engine fwd+bwd"] - m["engine fwd"]
     tf, tb = m["torch fwd"], m["torch fwd+bwd"] - m["torch fwd"]
     print(f"| {name} | {ef:.2f} / {tf:.2f} ms ({ef / tf:.2f}×) | {eb:.2f} / {tb:.2f} ms "
