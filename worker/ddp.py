@@ -24,7 +24,9 @@ PyTorch's design (``torch/nn/parallel/distributed.py``), on the engine's hooks:
   here): no copy back. After ``zero_grad(set_to_none=False)`` backward accumulates straight
   into the views and the hook divides them in place; after ``zero_grad()`` the division
   copies backward's fresh array into the bucket in the same pass (one pass, where zeroing
-  the views would cost three: docs/benchmarks.md), as PyTorch copies.
+  the views would cost three: docs/benchmarks.md), as PyTorch copies; the fresh arrays are
+  kept until the next backward starts, so that it reuses their memory instead of faulting it
+  in anew (`GradientBucket.spent`).
 * A forward through the wrapper that records a graph (with sync on) arms the wrapper for the
   next backward, and `engine.register_backward_pass_hook` queues `_finish_backward` at the start
   of that pass. So a rank whose loss does not depend on the model, whose backward fires no
@@ -101,7 +103,8 @@ class GradientBucket:
         params: the parameters, in the order their slots are laid out.
     """
 
-    __slots__ = ("index", "names", "params", "buffer", "views", "filled", "pending", "request")
+    __slots__ = ("index", "names", "params", "buffer", "views", "filled", "pending", "request",
+                 "spent")
 
     def __init__(self, index: int, names: list[str], params: list[Tensor]):
         xp = get_array_module(params[0].data)
@@ -113,6 +116,11 @@ class GradientBucket:
         self.filled = [False] * len(params)
         self.pending = len(params)
         self.request: CommRequest | None = None
+        #: Backward's fresh CPU gradients of the last pass, copied into the bucket: held until
+        #: the next pass starts, as one process holds its ``.grad`` until ``zero_grad()``, so
+        #: that backward gets their memory back instead of faulting in pages the allocator
+        #: gave back meanwhile (docs/benchmarks.md).
+        self.spent: list = [None] * len(params)
 
     @property
     def nbytes(self) -> int:
@@ -543,6 +551,8 @@ class DistributedDataParallel:
         """Take part in this backward pass: reduce when it ends, whatever it reached."""
         if not self._in_pass:
             self._in_pass = True
+            for bucket in self._buckets:  # backward's new gradients may take their memory
+                bucket.spent = [None] * len(bucket.params)
             queue_callback(self._finish_backward)
 
     def _grad_ready(self, bucket: GradientBucket, slot: int, param: Tensor) -> None:
@@ -559,7 +569,10 @@ class DistributedDataParallel:
             raise RuntimeError(
                 f"DistributedDataParallel: parameter {bucket.names[slot]!r} changed dtype or "
                 "device after wrapping; move or cast the module first, then wrap it")
-        xp.multiply(param.grad.data, self._scale, out=view)
+        grad = param.grad.data
+        xp.multiply(grad, self._scale, out=view)
+        if grad is not view and xp is numpy:  # a GPU's memory pool keeps its blocks itself
+            bucket.spent[slot] = grad
         self._launch_ready()
         self._drive_progress()
 

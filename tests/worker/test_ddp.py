@@ -300,6 +300,33 @@ def test_grads_become_bucket_views_and_later_backwards_accumulate_into_them():
     assert [c[1] for c in reductions] == [2, 8, 4, 12] * 2  # reverse order, one per bucket
 
 
+def test_fresh_gradients_live_until_the_next_backward_starts():
+    # As a single process holds its .grad until zero_grad(), so that the next backward gets
+    # the same memory back instead of faulting in pages the allocator gave back meanwhile.
+    import weakref
+
+    model = _mlp()
+    fresh = []
+    for p in model.parameters():  # registered first: sees backward's own array
+        p.register_post_accumulate_grad_hook(lambda p: fresh.append(weakref.ref(p.grad.data)))
+    ddp = DistributedDataParallel(model, comm=StandInComm(2))
+    _backward(ddp)
+    assert len(fresh) == 4 and all(ref() is not None for ref in fresh)
+    assert all(p.grad.data is not ref() for p, ref in zip(model.parameters(), fresh[::-1]))
+    first = list(fresh)
+    for p in model.parameters():
+        p.grad = None  # zero_grad()
+    alive_at_start = []
+    handle = engine.register_backward_pass_hook(
+        lambda: alive_at_start.append(sum(ref() is not None for ref in first)))
+    try:
+        _backward(ddp, seed=2)
+    finally:
+        handle.remove()
+    assert alive_at_start == [0]
+    assert all(ref() is not None for ref in fresh[4:])
+
+
 def test_delegates_to_the_module():
     module = _mlp()
     ddp = DistributedDataParallel(module, comm=StandInComm())
