@@ -294,8 +294,8 @@ class DistributedDataParallel:
             ``/dev/shm`` has room for them (else MPI's all-reduce, with a warning where room
             was short), ``shared_memory`` insists on the window (an error across nodes),
             ``mpi`` keeps MPI's all-reduce. `allreduce` then holds the path taken. The window
-            is the faster on one node (docs/benchmarks.md: the MLP's 2-rank step at 86% of
-            two independent processes against 81%); `close` frees it.
+            is the faster on one node (docs/benchmarks.md: the MLP's 2-rank step at 92% of
+            two independent processes against 83%); `close` frees it.
 
     Example:
         >>> import dptrain.engine as engine, dptrain.engine.functional as F
