@@ -25,8 +25,9 @@ PyTorch's design (``torch/nn/parallel/distributed.py``), on the engine's hooks:
   into the views and the hook divides them in place; after ``zero_grad()`` the division
   copies backward's fresh array into the bucket in the same pass (one pass, where zeroing
   the views would cost three: docs/benchmarks.md), as PyTorch copies; the fresh arrays are
-  kept until the next backward starts, so that it reuses their memory instead of faulting it
-  in anew (`GradientBucket.spent`).
+  kept until the next forward that records a graph, where one process's ``zero_grad()`` frees
+  its ``.grad``, so that the allocator hands their memory out again instead of giving it back
+  to the system for the next backward to fault in anew (`GradientBucket.spent`).
 * A forward through the wrapper that records a graph (with sync on) arms the wrapper for the
   next backward, and `engine.register_backward_pass_hook` queues `_finish_backward` at the start
   of that pass. So a rank whose loss does not depend on the model, whose backward fires no
@@ -117,9 +118,11 @@ class GradientBucket:
         self.pending = len(params)
         self.request: CommRequest | None = None
         #: Backward's fresh CPU gradients of the last pass, copied into the bucket: held until
-        #: the next pass starts, as one process holds its ``.grad`` until ``zero_grad()``, so
-        #: that backward gets their memory back instead of faulting in pages the allocator
-        #: gave back meanwhile (docs/benchmarks.md).
+        #: the next forward through the wrapper that records a graph, as one process holds its
+        #: ``.grad`` until ``zero_grad()`` just before its forward, so that the allocator keeps
+        #: their memory for the next step instead of giving it back to the system for
+        #: backward to fault in again (docs/benchmarks.md). Not held into the forward: that
+        #: would add the gradients' size to the step's peak.
         self.spent: list = [None] * len(params)
 
     @property
@@ -399,6 +402,8 @@ class DistributedDataParallel:
                 "longer in step; restart the job from a checkpoint")
         if self._sync and is_grad_enabled():
             self._armed = True
+            for bucket in self._buckets:  # as zero_grad() frees .grad before a forward
+                bucket.spent = [None] * len(bucket.params)
             if self.broadcast_buffers and self._buffers and self.comm.size > 1:
                 self._buffer_groups.broadcast(self.comm, self._device_broadcast())
         return self.module(*args, **kwargs)
@@ -551,8 +556,6 @@ class DistributedDataParallel:
         """Take part in this backward pass: reduce when it ends, whatever it reached."""
         if not self._in_pass:
             self._in_pass = True
-            for bucket in self._buckets:  # backward's new gradients may take their memory
-                bucket.spent = [None] * len(bucket.params)
             queue_callback(self._finish_backward)
 
     def _grad_ready(self, bucket: GradientBucket, slot: int, param: Tensor) -> None:

@@ -300,9 +300,10 @@ def test_grads_become_bucket_views_and_later_backwards_accumulate_into_them():
     assert [c[1] for c in reductions] == [2, 8, 4, 12] * 2  # reverse order, one per bucket
 
 
-def test_fresh_gradients_live_until_the_next_backward_starts():
-    # As a single process holds its .grad until zero_grad(), so that the next backward gets
-    # the same memory back instead of faulting in pages the allocator gave back meanwhile.
+def test_fresh_gradients_live_until_the_next_forward_that_records_a_graph():
+    # As a single process holds its .grad until zero_grad() just before its forward, so that
+    # the allocator keeps that memory for the step instead of giving it back to the system;
+    # held no longer, so that the forward's peak does not carry them.
     import weakref
 
     model = _mlp()
@@ -316,15 +317,15 @@ def test_fresh_gradients_live_until_the_next_backward_starts():
     first = list(fresh)
     for p in model.parameters():
         p.grad = None  # zero_grad()
-    alive_at_start = []
-    handle = engine.register_backward_pass_hook(
-        lambda: alive_at_start.append(sum(ref() is not None for ref in first)))
-    try:
-        _backward(ddp, seed=2)
-    finally:
-        handle.remove()
-    assert alive_at_start == [0]
-    assert all(ref() is not None for ref in fresh[4:])
+    assert all(ref() is not None for ref in first)
+    x = engine.from_numpy(np.ones((5, 3), np.float32))
+    with engine.no_grad():
+        ddp(x)  # records no graph: not a training step's forward
+    assert all(ref() is not None for ref in first)
+    out = ddp(x)
+    assert not any(ref() is not None for ref in first)
+    out.sum().backward()
+    assert len(fresh) == 8 and all(ref() is not None for ref in fresh[4:])
 
 
 def test_delegates_to_the_module():
