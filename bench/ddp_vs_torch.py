@@ -23,7 +23,9 @@ other rows', each time the median over repetitions of the slowest rank's time:
   on 2 cores, no core is free to reduce while the others compute; and the same 7.5 MB through
   the `SharedMemoryAllreduce` hook, for that hook's bound.
 
-Rank 0 prints a markdown table of medians, ratios and speed-ups; see docs/benchmarks.md.
+Rank 0 prints a markdown table of medians, ratios, speed-ups and page faults per step (the
+mean over repetitions and ranks: memory given back to the system and touched again costs a
+fault per 4 KiB page); see docs/benchmarks.md.
 ``--rows ddp,ddp_mpi`` times only those contenders (and the ceiling), for an A/B without
 the other models' steps in between.
 """
@@ -32,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import statistics
 import sys
 from pathlib import Path
@@ -123,6 +126,17 @@ def rank0_alone(comm: Communicator, step):
     return run
 
 
+def counting_faults(name: str, fn, faults: dict[str, list[int]]):
+    """`fn`, adding the page faults each call takes on this rank to ``faults[name]``: memory
+    that the allocator gave back and a step touches again shows up here, not in the ratios."""
+    def run() -> None:
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        fn()
+        faults.setdefault(name, []).append(
+            resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    return run
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=41, help="repetitions per row (median)")
@@ -166,17 +180,22 @@ def main() -> None:
         keep = set(args.rows.split(",")) | {"ceiling"}
         contenders = {k: v for k, v in contenders.items() if k in keep}
     samples: dict[str, list[float]] = {}
-    interleaved(comm, contenders, samples, args.repeat)
+    faults: dict[str, list[int]] = {}
+    interleaved(comm, {k: counting_faults(k, fn, faults) for k, fn in contenders.items()},
+                samples, args.repeat)
+    # Mean over the timed steps (not the warm-up) and over the ranks.
+    per_rank = comm.allgather_object({k: statistics.fmean(v[1:]) for k, v in faults.items()})
     if comm.rank != 0:
         return
+    mean_faults = {k: statistics.fmean(r[k] for r in per_rank) for k in per_rank[0]}
     ms = {k: 1e3 * statistics.median(v) for k, v in samples.items()}
     load = " ".join(f"{v:.2f}" for v in os.getloadavg())
     print(f"machine: {machine(comm)}; torch {torch.__version__ if torch else 'not installed'}; "
           f"{args.repeat} repetitions per row; load average at the end {load}\n")
     print(f"MLP {'-'.join(map(str, SIZES))}, global batch {GLOBAL_BATCH} ({local} per rank), "
           f"SGD, {flat.nbytes / 1e6:.1f} MB of gradients\n")
-    print("| what | median ms | vs the independent-process ceiling | speed-up over 1 process |"
-          "\n|---|---:|---:|---:|")
+    print("| what | median ms | vs the independent-process ceiling | speed-up over 1 process "
+          "| page faults per step |\n|---|---:|---:|---:|---:|")
     rows = [(f"dptrain DDP step (defaults: {ddp.allreduce})", "ddp", "single"),
             ("dptrain DDP step, PyTorch's 1 MB first bucket (`first_bucket_cap_mb=1`)",
              "ddp_small_first", "single"),
@@ -191,10 +210,11 @@ def main() -> None:
         if key in ms:
             speed_up = f"{ms[one] / ms[key]:.2f}x" if one in ms else ""
             print(f"| {name} | {ms[key]:.2f} | {100 * ms['ceiling'] / ms[key]:.0f}% | "
-                  f"{speed_up} |")
+                  f"{speed_up} | {mean_faults[key]:.0f} |")
     for key, name in (("raw", "raw `Allreduce`"), ("raw_shared", "`SharedMemoryAllreduce`")):
         if key in ms:
-            print(f"| {name} of the same {flat.nbytes / 1e6:.1f} MB | {ms[key]:.2f} | | |")
+            print(f"| {name} of the same {flat.nbytes / 1e6:.1f} MB | {ms[key]:.2f} | | | "
+                  f"{mean_faults[key]:.0f} |")
     print()
     if "ddp" in ms and "torch_ddp" in ms:
         print(f"dptrain DDP step / PyTorch DDP step: {ms['ddp'] / ms['torch_ddp']:.2f}x "

@@ -24,7 +24,10 @@ PyTorch's design (``torch/nn/parallel/distributed.py``), on the engine's hooks:
   here): no copy back. After ``zero_grad(set_to_none=False)`` backward accumulates straight
   into the views and the hook divides them in place; after ``zero_grad()`` the division
   copies backward's fresh array into the bucket in the same pass (one pass, where zeroing
-  the views would cost three: docs/benchmarks.md), as PyTorch copies.
+  the views would cost three: docs/benchmarks.md), as PyTorch copies; the fresh arrays are
+  kept until the next forward that records a graph, where one process's ``zero_grad()`` frees
+  its ``.grad``, so that the allocator hands their memory out again instead of giving it back
+  to the system for the next backward to fault in anew (`GradientBucket.spent`).
 * A forward through the wrapper that records a graph (with sync on) arms the wrapper for the
   next backward, and `engine.register_backward_pass_hook` queues `_finish_backward` at the start
   of that pass. So a rank whose loss does not depend on the model, whose backward fires no
@@ -101,7 +104,8 @@ class GradientBucket:
         params: the parameters, in the order their slots are laid out.
     """
 
-    __slots__ = ("index", "names", "params", "buffer", "views", "filled", "pending", "request")
+    __slots__ = ("index", "names", "params", "buffer", "views", "filled", "pending", "request",
+                 "spent")
 
     def __init__(self, index: int, names: list[str], params: list[Tensor]):
         xp = get_array_module(params[0].data)
@@ -113,6 +117,13 @@ class GradientBucket:
         self.filled = [False] * len(params)
         self.pending = len(params)
         self.request: CommRequest | None = None
+        #: Backward's fresh CPU gradients of the last pass, copied into the bucket: held until
+        #: the next forward through the wrapper that records a graph, as one process holds its
+        #: ``.grad`` until ``zero_grad()`` just before its forward, so that the allocator keeps
+        #: their memory for the next step instead of giving it back to the system for
+        #: backward to fault in again (docs/benchmarks.md). Not held into the forward: that
+        #: would add the gradients' size to the step's peak.
+        self.spent: list = [None] * len(params)
 
     @property
     def nbytes(self) -> int:
@@ -286,8 +297,8 @@ class DistributedDataParallel:
             ``/dev/shm`` has room for them (else MPI's all-reduce, with a warning where room
             was short), ``shared_memory`` insists on the window (an error across nodes),
             ``mpi`` keeps MPI's all-reduce. `allreduce` then holds the path taken. The window
-            is the faster on one node (docs/benchmarks.md: the MLP's 2-rank step at 86% of
-            two independent processes against 81%); `close` frees it.
+            is the faster on one node (docs/benchmarks.md: the MLP's 2-rank step at 92% of
+            two independent processes against 83%); `close` frees it.
 
     Example:
         >>> import dptrain.engine as engine, dptrain.engine.functional as F
@@ -391,6 +402,8 @@ class DistributedDataParallel:
                 "longer in step; restart the job from a checkpoint")
         if self._sync and is_grad_enabled():
             self._armed = True
+            for bucket in self._buckets:  # as zero_grad() frees .grad before a forward
+                bucket.spent = [None] * len(bucket.params)
             if self.broadcast_buffers and self._buffers and self.comm.size > 1:
                 self._buffer_groups.broadcast(self.comm, self._device_broadcast())
         return self.module(*args, **kwargs)
@@ -559,7 +572,10 @@ class DistributedDataParallel:
             raise RuntimeError(
                 f"DistributedDataParallel: parameter {bucket.names[slot]!r} changed dtype or "
                 "device after wrapping; move or cast the module first, then wrap it")
-        xp.multiply(param.grad.data, self._scale, out=view)
+        grad = param.grad.data
+        xp.multiply(grad, self._scale, out=view)
+        if grad is not view and xp is numpy:  # a GPU's memory pool keeps its blocks itself
+            bucket.spent[slot] = grad
         self._launch_ready()
         self._drive_progress()
 

@@ -300,6 +300,34 @@ def test_grads_become_bucket_views_and_later_backwards_accumulate_into_them():
     assert [c[1] for c in reductions] == [2, 8, 4, 12] * 2  # reverse order, one per bucket
 
 
+def test_fresh_gradients_live_until_the_next_forward_that_records_a_graph():
+    # As a single process holds its .grad until zero_grad() just before its forward, so that
+    # the allocator keeps that memory for the step instead of giving it back to the system;
+    # held no longer, so that the forward's peak does not carry them.
+    import weakref
+
+    model = _mlp()
+    fresh = []
+    for p in model.parameters():  # registered first: sees backward's own array
+        p.register_post_accumulate_grad_hook(lambda p: fresh.append(weakref.ref(p.grad.data)))
+    ddp = DistributedDataParallel(model, comm=StandInComm(2))
+    _backward(ddp)
+    assert len(fresh) == 4 and all(ref() is not None for ref in fresh)
+    assert not any(p.grad.data is ref() for p in model.parameters() for ref in fresh)  # views
+    first = list(fresh)
+    for p in model.parameters():
+        p.grad = None  # zero_grad()
+    assert all(ref() is not None for ref in first)
+    x = engine.from_numpy(np.ones((5, 3), np.float32))
+    with engine.no_grad():
+        ddp(x)  # records no graph: not a training step's forward
+    assert all(ref() is not None for ref in first)
+    out = ddp(x)
+    assert not any(ref() is not None for ref in first)
+    out.sum().backward()
+    assert len(fresh) == 8 and all(ref() is not None for ref in fresh[4:])
+
+
 def test_delegates_to_the_module():
     module = _mlp()
     ddp = DistributedDataParallel(module, comm=StandInComm())
