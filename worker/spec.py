@@ -198,6 +198,8 @@ class JobSpec:
 
 
 _SCALARS = frozenset({str, int, float, bool, type(None)})
+# json.dumps(value, allow_nan=False) without building an encoder at every call.
+_STRICT_JSON = json.JSONEncoder(allow_nan=False).encode
 _FIELDS: dict[type, dict[str, dataclasses.Field]] = {}
 
 
@@ -424,7 +426,7 @@ def _check_type(path: str, annotation: str, value: Any, errors: list[FieldError]
     elif kind == "dict[str,Any]":
         if isinstance(value, Mapping) and all(isinstance(k, str) for k in value):
             try:  # arguments travel and are stored as JSON text
-                json.dumps(value, allow_nan=False)
+                _STRICT_JSON(value)
             except (TypeError, ValueError, RecursionError) as e:
                 errors.append(FieldError(path, f"must be JSON data ({e})", value))
                 return None
