@@ -26,6 +26,10 @@ _BRACKET = re.compile(r"[\[\]{}]")
 
 def _depth_exceeds(text: str, max_depth: int) -> bool:
     """True when the brackets of `text` nest deeper than `max_depth` (no recursion)."""
+    # That takes more than max_depth opening brackets: most texts have fewer, and counting
+    # them is ~30x cheaper than the scan (every submission's arguments pass here).
+    if text.count("[") + text.count("{") <= max_depth:
+        return False
     depth = 0
     for match in _BRACKET.finditer(_STRING.sub('""', text)):
         depth += 1 if match.group() in "[{" else -1

@@ -36,3 +36,16 @@ def test_a_byte_order_mark_and_broken_text_are_not_json(allow_nan):
         with pytest.raises(ValidationError, match="must be JSON text") as info:
             loads(text, "dataset.args", max_depth=32, allow_nan=allow_nan)
         assert info.value.field == "dataset.args"
+
+
+def test_depth_counts_brackets_that_nest_not_those_in_strings():
+    # 32 levels pass and 33 do not, with or without many more brackets inside strings.
+    strings = '"[[[[{{{{", ' * 20
+    for depth, fails in ((32, False), (33, True)):
+        for filler in ("", strings):
+            text = "[" * depth + filler + "1" + "]" * depth
+            if fails:
+                with pytest.raises(ValidationError, match="at most 32 levels deep"):
+                    loads(text, "model.args", max_depth=32)
+            else:
+                assert loads(text, "model.args", max_depth=32) == json.loads(text)
