@@ -18,7 +18,9 @@ Clients run in further child processes, many threads each, one connection per cl
    server). Beside the throughput, the server's CPU per call: the server process's user +
    system time (``/proc/<pid>/stat``) across each phase over its calls, and its ratio to the
    health Check's in the same round. Unlike throughput, it does not depend on how many idle
-   cores the machine has, so it is the measure to optimise the job RPCs against.
+   cores the machine has, so it is the measure to optimise the job RPCs against. And the
+   server's context switches per call (all its threads, ``/proc/<pid>/task/*/status``): most
+   are threads waiting for the GIL.
 2. WatchJob fan-out: 200 watchers (4 processes x 50 threads) follow one RUNNING job; the
    benchmark sends a log line as the job's worker (ReportProgress with its worker token) and
    times until every watcher has it (and until half have it). Median over rounds.
@@ -185,12 +187,26 @@ def process_cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def process_switches(pid: int) -> int:
+    """A process's context switches so far (voluntary and involuntary), all its threads:
+    each is a thread that blocked or was preempted, most often waiting for the GIL."""
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            status = (task / "status").read_text()
+        except OSError:  # the thread ended meanwhile: its switches are gone from the count
+            continue
+        total += sum(int(line.split()[1]) for line in status.splitlines()
+                     if "ctxt_switches:" in line)
+    return total
+
+
 def load_child(info: dict, threads: int, calls: int, rounds: int, start: Any,
                out: Any, measure_cpu: bool) -> None:
     """`threads` clients, each making `calls` calls of each of `RPCS` per round; put the
-    latencies (seconds), the wall time and (when `measure_cpu`) the server's CPU seconds of
-    each phase of each round on `out`. `start` is a barrier shared with the other load
-    processes, passed before and after each phase."""
+    latencies (seconds), the wall time and (when `measure_cpu`) the server's CPU seconds and
+    context switches of each phase of each round on `out`. `start` is a barrier shared with
+    the other load processes, passed before and after each phase."""
     clients = [_callers(info) for _ in range(threads)]
     for _, c in clients:
         for rpc in RPCS:
@@ -218,6 +234,7 @@ def load_child(info: dict, threads: int, calls: int, rounds: int, start: Any,
                 w.start()
             start.wait()
             cpu = process_cpu_s(info["pid"]) if measure_cpu else 0.0
+            switches = process_switches(info["pid"]) if measure_cpu else 0
             barrier.wait()
             begin = time.perf_counter()
             for w in workers:
@@ -225,7 +242,8 @@ def load_child(info: dict, threads: int, calls: int, rounds: int, start: Any,
             wall = time.perf_counter() - begin
             start.wait()  # every process's calls of this phase are done
             cpu = process_cpu_s(info["pid"]) - cpu if measure_cpu else 0.0
-            result[rpc].append((latencies, wall, cpu))
+            switches = process_switches(info["pid"]) - switches if measure_cpu else 0
+            result[rpc].append((latencies, wall, cpu, switches))
     for channels, _ in clients:
         for channel in channels:
             channel.close()
@@ -286,13 +304,16 @@ def bench_latency(ctx: Any, info: dict, clients: int, procs: int, calls: int,
         child.join()
     per_round: dict[str, list[float]] = {}
     cpu_per_call: dict[str, list[float]] = {}
+    switches_per_call: dict[str, list[float]] = {}
     latencies: dict[str, list[float]] = {}
     for rpc in RPCS:
         made = [sum(len(r[rpc][k][0]) for r in results) for k in range(rounds)]
         per_round[rpc] = [made[k] / max(r[rpc][k][1] for r in results) for k in range(rounds)]
         cpu_per_call[rpc] = [sum(r[rpc][k][2] for r in results) / made[k]
                              for k in range(rounds)]
-        latencies[rpc] = [t for r in results for lat, _, _ in r[rpc] for t in lat]
+        switches_per_call[rpc] = [sum(r[rpc][k][3] for r in results) / made[k]
+                                  for k in range(rounds)]
+        latencies[rpc] = [t for r in results for lat, *_ in r[rpc] for t in lat]
     goals = {"GetJob": 0.7, "ListJobs": 0.5, "SubmitJob": 0.4}
     rows, cpu_rows = [], []
     for rpc in ("Echo", "Check", "GetJob", "ListJobs", "SubmitJob"):
@@ -312,7 +333,8 @@ def bench_latency(ctx: Any, info: dict, clients: int, procs: int, calls: int,
         cpu_ratio = statistics.median(
             a / b for a, b in zip(cpu_per_call[rpc], cpu_per_call["Check"]) if b > 0)
         cpu_rows.append(f"| {name} | {statistics.median(cpu_per_call[rpc]) * 1e6:.0f} µs | "
-                        f"{cpu_ratio:.2f} | {1 / cpu_ratio:.2f} |")
+                        f"{cpu_ratio:.2f} | {1 / cpu_ratio:.2f} | "
+                        f"{statistics.median(switches_per_call[rpc]):.1f} |")
     return rows, cpu_rows
 
 
@@ -516,8 +538,9 @@ def main() -> None:
         print("Server CPU per call (the server process's user + system time over each phase, "
               "per call; ratio: over the health Check's of the same round, median over the "
               "rounds)\n")
-        print("| RPC | server CPU per call | ÷ Check's | Check's ÷ this |")
-        print("|---|---:|---:|---:|")
+        print("| RPC | server CPU per call | ÷ Check's | Check's ÷ this "
+              "| server context switches per call |")
+        print("|---|---:|---:|---:|---:|")
         print("\n".join(cpu) + "\n")
     if fanout:
         print("| watchers | events | half have it | all have it (median) "

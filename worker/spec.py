@@ -198,6 +198,8 @@ class JobSpec:
 
 
 _SCALARS = frozenset({str, int, float, bool, type(None)})
+# json.dumps(value, allow_nan=False) without building an encoder at every call.
+_STRICT_JSON = json.JSONEncoder(allow_nan=False).encode
 _FIELDS: dict[type, dict[str, dataclasses.Field]] = {}
 
 
@@ -212,11 +214,16 @@ def _fields(cls: type) -> dict[str, dataclasses.Field]:
 
 def _plain(value: Any) -> Any:
     # A walk of our own rather than dataclasses.asdict, which deep-copies every leaf: the
-    # leaves here are JSON scalars, and a submission's to_dict() is on the server's hot path.
+    # leaves here are JSON scalars, and a submission's to_dict() is on the server's hot path
+    # (so a dataclass's scalar fields are copied here, without a call each).
     if type(value) in _SCALARS:
         return value
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {name: _plain(getattr(value, name)) for name in _fields(type(value))}
+        out = {}
+        for name in _fields(type(value)):
+            item = getattr(value, name)
+            out[name] = item if type(item) in _SCALARS else _plain(item)
+        return out
     if isinstance(value, dict):
         return {k: _plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
@@ -348,6 +355,23 @@ _SECTIONS = {"model": ModelSpec, "dataset": DatasetSpec, "optimizer": OptimizerS
              "scheduler": SchedulerSpec, "checkpoint": CheckpointSpec}
 
 
+_PLANS: dict[tuple[type, str], tuple] = {}
+
+
+def _parse_plan(cls: type, prefix: str) -> tuple:
+    """For each field of `cls` parsed under `prefix`: its name, its path, whether it is
+    required, the section class it holds (None: a value) and the field; made once per class
+    and prefix, as a submission parses the same few classes every time."""
+    plan = _PLANS.get((cls, prefix))
+    if plan is None:
+        plan = _PLANS[cls, prefix] = tuple(
+            (name, f"{prefix}{name}",
+             f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING,
+             _SECTIONS.get(name) if prefix == "" else None, f)
+            for name, f in _fields(cls).items())
+    return plan
+
+
 def _parse(cls: type, data: Any, prefix: str, errors: list[FieldError]) -> Any:
     """Build dataclass `cls` from `data`, checking keys and scalar types; None if it failed."""
     where = prefix.rstrip(".") or "job"
@@ -363,20 +387,17 @@ def _parse(cls: type, data: Any, prefix: str, errors: list[FieldError]) -> Any:
             errors.append(FieldError(f"{prefix}{key}", f"unknown field{hint}; {where} has "
                                      f"{', '.join(fields)}"))
     kwargs = {}
-    for name, f in fields.items():
-        path = f"{prefix}{name}"
-        required = (f.default is dataclasses.MISSING
-                    and f.default_factory is dataclasses.MISSING)
+    for name, path, required, section, f in _parse_plan(cls, prefix):
         if name not in data:
             if required:
                 errors.append(FieldError(path, "is required"))
             continue
         value = data[name]
-        if name in _SECTIONS and prefix == "":
+        if section is not None:
             if value is None and f.default is None:  # an optional section left out
                 kwargs[name] = None
                 continue
-            value = _parse(_SECTIONS[name], value, f"{path}.", errors)
+            value = _parse(section, value, f"{path}.", errors)
         else:
             value = _check_type(path, f.type, value, errors)
         kwargs[name] = value
@@ -424,7 +445,7 @@ def _check_type(path: str, annotation: str, value: Any, errors: list[FieldError]
     elif kind == "dict[str,Any]":
         if isinstance(value, Mapping) and all(isinstance(k, str) for k in value):
             try:  # arguments travel and are stored as JSON text
-                json.dumps(value, allow_nan=False)
+                _STRICT_JSON(value)
             except (TypeError, ValueError, RecursionError) as e:
                 errors.append(FieldError(path, f"must be JSON data ({e})", value))
                 return None

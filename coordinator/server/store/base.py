@@ -56,7 +56,7 @@ from dptrain.coordinator.api.records import (
 )
 
 __all__ = [
-    "Store", "Transaction", "encode_page_token", "decode_page_token", "DEFAULT_PAGE_SIZE",
+    "Store", "Transaction", "NewJob", "encode_page_token", "decode_page_token", "DEFAULT_PAGE_SIZE",
     "MAX_PAGE_SIZE", "MAX_EVENTS",
 ]
 
@@ -129,6 +129,38 @@ def decode_page_token(token: str) -> tuple[float, str] | None:
                               token) from None
 
 
+class NewJob:
+    """The change `Store.create_job` hands to `Store._write`: an object rather than a closure,
+    so that a store may write the rows of several new jobs at once (`SqliteStore` inserts a
+    group's in one statement per table) with the same rule as ``NewJob(job)(tx)``.
+
+    Args:
+        job: the job to store.
+    """
+
+    __slots__ = ("job",)
+
+    def __init__(self, job: Job):
+        self.job = job
+
+    def __call__(self, tx: Transaction) -> None:
+        """Insert the job and its first event; `AlreadyExists` if its id is taken."""
+        if tx.get_job(self.job.id) is not None:
+            raise self.exists()
+        tx.insert_job(self.job)
+        tx.insert_events([self.first_event()])
+
+    def exists(self) -> AlreadyExists:
+        """The error for an id that is taken."""
+        return AlreadyExists(f"job {self.job.id!r} already exists")
+
+    def first_event(self) -> Event:
+        """The job's first event: its state, numbered 1 (no need to ask for its last: a
+        deleted job's events go with it, so none of an earlier job of this id is left)."""
+        job = self.job
+        return Event(job.id, 1, job.submitted_at, EventKind.STATE, {"state": job.state.value})
+
+
 class Store(ABC):
     """The coordinator's state: jobs, their event logs and their checkpoint records.
 
@@ -198,16 +230,7 @@ class Store(ABC):
         Raises:
             AlreadyExists: a job with this id exists.
         """
-        def change(tx: Transaction) -> None:
-            if tx.get_job(job.id) is not None:
-                raise AlreadyExists(f"job {job.id!r} already exists")
-            tx.insert_job(job)
-            # A new job's first event is number 1: no need to ask for its last (its events
-            # go with a deleted job, so none of an earlier job of this id is left).
-            tx.insert_events([Event(job.id, 1, job.submitted_at, EventKind.STATE,
-                                    {"state": job.state.value})])
-
-        self._write(change)
+        self._write(NewJob(job))
         self._job_written(job.id)
         self._notify(job.id)
         return job

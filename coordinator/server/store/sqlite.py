@@ -13,8 +13,9 @@ second process, e.g. an admin tool, waits up to ``busy_timeout``).
 Group commit: a write method hands its change (a function of the transaction) to the
 committer and waits. The committer takes every change queued, up to `MAX_GROUP`, runs them in
 one transaction, each inside a savepoint of it (a failing one rolls back only its own
-changes), commits them with one fsync, and only then wakes their callers: every write method
-returns only once its change is committed. With fsync on every commit, writers queued on one
+changes; a group's new jobs share one statement per table instead, `_insert_new_jobs`),
+commits them with one fsync, and only then wakes their callers: every write method returns
+only once its change is committed. With fsync on every commit, writers queued on one
 another's fsync were what limited SubmitJob under many clients; writers taking turns on a lock
 to share a transaction cost as much again in hand-offs between threads (docs/benchmarks.md).
 
@@ -30,6 +31,7 @@ and refuses a database newer than this code.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -57,7 +59,7 @@ from dptrain.coordinator.api.records import (
     User,
 )
 from dptrain.coordinator.server.private_files import open_private
-from dptrain.coordinator.server.store.base import Store, T, Transaction
+from dptrain.coordinator.server.store.base import NewJob, Store, T, Transaction
 
 __all__ = ["SqliteStore", "MIGRATIONS", "SCHEMA_VERSION", "MAX_GROUP", "Migration"]
 
@@ -163,20 +165,43 @@ _CHECKPOINT_SELECT = ("SELECT job_id, step, sha256, size, created_at, manifest, 
 _USER_SELECT = "SELECT name, admin, created_at, token_hash FROM users"
 
 
-_JOB_INSERT = (f"INSERT INTO jobs ({', '.join(_JOB_COLUMNS)}) "
-               f"VALUES ({', '.join('?' * len(_JOB_COLUMNS))})")
+_JOB_INSERT_HEAD = f"INSERT INTO jobs ({', '.join(_JOB_COLUMNS)})"
+_EVENT_COLUMNS = ("job_id", "seq", "time", "kind", "payload")
+_EVENT_INSERT_HEAD = f"INSERT INTO events ({', '.join(_EVENT_COLUMNS)})"
+
+
+@functools.cache
+def _insert_rows(head: str, columns: int, rows: int) -> str:
+    """``head VALUES (?, ...), ...``: `rows` rows of `columns` values in one statement."""
+    row = f"({', '.join('?' * columns)})"
+    return f"{head} VALUES {', '.join([row] * rows)}"
+
+
+@functools.cache
+def _ids_taken(count: int) -> str:
+    return f"SELECT id FROM jobs WHERE id IN ({', '.join('?' * count)})"
+
+
+_JOB_INSERT = _insert_rows(_JOB_INSERT_HEAD, len(_JOB_COLUMNS), 1)
 _JOB_UPDATE = (f"UPDATE jobs SET {', '.join(f'{name} = ?' for name in _JOB_COLUMNS[1:])} "
                "WHERE id = ?")
 
 
 _EMPTY_TEXT = {dict: "{}", list: "[]", tuple: "[]"}
+# json.dumps(value, sort_keys=True) without building an encoder at every call (json.dumps
+# builds one whenever it is given an option): half of what encoding a spec costs.
+_SORTED_JSON = json.JSONEncoder(sort_keys=True).encode
 
 
 def _json_column(value: Any) -> str:
     # Most jobs' metrics and placement are empty: their text without the encoder.
     if not value and type(value) in _EMPTY_TEXT:
         return _EMPTY_TEXT[type(value)]
-    return json.dumps(value, sort_keys=True)
+    return _SORTED_JSON(value)
+
+
+def _event_values(e: Event) -> tuple:
+    return (e.job_id, e.seq, e.time, e.kind.value, json.dumps(e.payload))
 
 
 def _job_values(job: Job) -> tuple:
@@ -243,9 +268,8 @@ class _SqlTransaction:
         return row.fetchone()[0] or 0
 
     def insert_events(self, events: list[Event]) -> None:
-        self._c.executemany(
-            "INSERT INTO events (job_id, seq, time, kind, payload) VALUES (?, ?, ?, ?, ?)",
-            [(e.job_id, e.seq, e.time, e.kind.value, json.dumps(e.payload)) for e in events])
+        self._c.executemany(_insert_rows(_EVENT_INSERT_HEAD, len(_EVENT_COLUMNS), 1),
+                            [_event_values(e) for e in events])
 
     def get_checkpoint(self, job_id: str, step: int | None) -> CheckpointRecord | None:
         if step is None:
@@ -363,6 +387,41 @@ class _Write:
         # one release (an Event would take a condition and its lock as well).
         self.done = threading.Lock()
         self.done.acquire()
+
+
+def _insert_new_jobs(conn: sqlite3.Connection, group: list[_Write]) -> list[_Write]:
+    """Run the `NewJob` writes of `group` with one statement per table (which ids are taken,
+    the jobs' rows, their first events' rows) and return the other writes.
+
+    Each runs the rule of ``NewJob(job)(tx)``: a taken id (stored, or earlier in the group)
+    gets `AlreadyExists`, the others are inserted with their first event. Three statements a
+    group instead of five a write (a savepoint, the id's check, two inserts, the release):
+    the committer's CPU a submission, under 50 writers, went from ~105 to ~87 µs
+    (docs/benchmarks.md). Should a statement fail, the caller rolls the transaction back and
+    runs every write on its own: nothing is set on a write before the last statement
+    succeeded.
+    """
+    news = [w for w in group if isinstance(w.change, NewJob)]
+    if not news:
+        return group
+    ids = [w.change.job.id for w in news]
+    taken = {row[0] for row in conn.execute(_ids_taken(len(ids)), ids)}
+    fresh, refused = [], []
+    for write in news:
+        change = write.change
+        if change.job.id in taken:
+            refused.append(write)
+        else:
+            taken.add(change.job.id)
+            fresh.append(change)
+    if fresh:
+        conn.execute(_insert_rows(_JOB_INSERT_HEAD, len(_JOB_COLUMNS), len(fresh)),
+                     [value for new in fresh for value in _job_values(new.job)])
+        conn.execute(_insert_rows(_EVENT_INSERT_HEAD, len(_EVENT_COLUMNS), len(fresh)),
+                     [value for new in fresh for value in _event_values(new.first_event())])
+    for write in refused:
+        write.error = write.change.exists()
+    return [w for w in group if not isinstance(w.change, NewJob)]
 
 
 class SqliteStore(Store):
@@ -530,7 +589,16 @@ class SqliteStore(Store):
             if len(group) == 1:  # alone: its failure rolls back the transaction (below)
                 group[0].result = group[0].change(tx)
             else:
-                for write in group:
+                try:
+                    others = _insert_new_jobs(conn, group)
+                except Exception:
+                    if not conn.in_transaction:  # rolled back whole: the group's too
+                        raise
+                    # Nothing of the group is written yet: start again, each on its own.
+                    conn.execute("ROLLBACK")
+                    conn.execute("BEGIN IMMEDIATE")
+                    others = group
+                for write in others:
                     conn.execute("SAVEPOINT write")
                     try:
                         write.result = write.change(tx)

@@ -3,6 +3,8 @@ WAL, schema versions and migrations, threads, and no loss across a kill -9."""
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import os
 import signal
@@ -627,35 +629,105 @@ class _CountingCommits(SqliteStore):
         super()._commit(conn, group)
 
 
-def _queued_writers(store, jobs):
-    """Start one create_job thread per job while the committer is held inside a write of its
-    own (a group of one), wait until all of them are queued, let it go; return their results
-    (a job or an exception)."""
-    results = [None] * len(jobs)
+def _queued(store, calls):
+    """Start one thread per call (each makes one write) while the committer is held inside a
+    write of its own (a group of one), wait until all of them are queued, let it go; return
+    their results (a value or an exception)."""
+    results = [None] * len(calls)
     inside, release = threading.Event(), threading.Event()
 
     def hold(tx):
         inside.set()
         release.wait()
 
-    def create(i):
+    def call(i):
         try:
-            results[i] = store.create_job(jobs[i])
+            results[i] = calls[i]()
         except Exception as e:
             results[i] = e
 
     holder = threading.Thread(target=store._write, args=(hold,))
     holder.start()
     inside.wait()
-    threads = [threading.Thread(target=create, args=(i,)) for i in range(len(jobs))]
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(len(calls))]
     for t in threads:
         t.start()
-    while len(store._writes) < len(jobs):
+    while len(store._writes) < len(calls):
         time.sleep(0.001)
     release.set()
     for t in [holder, *threads]:
         t.join()
     return results
+
+
+def _queued_writers(store, jobs):
+    """`_queued` with one create_job per job."""
+    return _queued(store, [functools.partial(store.create_job, job) for job in jobs])
+
+
+def _rows(path):
+    """The jobs' ``(id, name, spec)`` and the events' ``(job_id, seq, kind, payload)``, read
+    with a connection of their own, specs and payloads parsed."""
+    with sqlite3.connect(path) as other:
+        jobs = {(i, n, json.dumps(json.loads(s), sort_keys=True))
+                for i, n, s in other.execute("SELECT id, name, spec FROM jobs")}
+        events = {(j, q, k, json.dumps(json.loads(p), sort_keys=True))
+                  for j, q, k, p in other.execute("SELECT job_id, seq, kind, payload FROM "
+                                                  "events")}
+    return jobs, events
+
+
+def _first_rows(job):
+    """What a new job's rows hold, written out by hand."""
+    return ((job.id, job.name, json.dumps(job.spec, sort_keys=True)),
+            (job.id, 1, "state", '{"state": "QUEUED"}'))
+
+
+def test_sqlite_a_group_of_new_jobs_keeps_each_writes_rule(tmp_path):
+    # New jobs queued together are written with one statement per table: each is stored
+    # with its first event, a taken id (stored, or taken earlier in the same group) is
+    # refused alone, and the group's other writes, a failing one included, keep theirs.
+    store = _CountingCommits(tmp_path / "state.db")
+    old = store.create_job(_job("old", now=1.0))
+    fresh = [_job(f"n{i}", now=10.0 + i) for i in range(4)]
+    twin = new_job("twin", {"workers": 1}, job_id=fresh[0].id, now=20.0)
+    taken = new_job("taken", {"workers": 1}, job_id=old.id, now=21.0)
+    calls = [functools.partial(store.create_job, job) for job in [*fresh, twin, taken]]
+    calls += [lambda: store.append_events(old.id, [("log", {"line": "beside"})]),
+              lambda: store.transition(old.id, JobState.RUNNING, JobState.SUCCEEDED)]
+    results = _queued(store, calls)
+    assert store.commits == [1, 1, 8]
+    # The first of fresh[0] and its twin to be queued is stored, the other refused.
+    first, second = (0, 4) if isinstance(results[4], AlreadyExists) else (4, 0)
+    assert isinstance(results[second], AlreadyExists)
+    assert results[first] == [*fresh, twin][first]
+    assert results[1:4] == fresh[1:4]
+    assert isinstance(results[5], AlreadyExists)
+    assert results[6] == [2]
+    assert isinstance(results[7], StateConflict)
+    stored = [old, *fresh[1:4], [*fresh, twin][first]]
+    jobs, events = _rows(tmp_path / "state.db")
+    assert jobs == {_first_rows(job)[0] for job in stored}
+    assert events == {_first_rows(job)[1] for job in stored} | {
+        (old.id, 2, "log", '{"line": "beside"}')}
+    assert store.get_job(old.id).state is JobState.QUEUED
+    store.close()
+
+
+def test_sqlite_a_new_job_sqlite_cannot_store_fails_alone_in_its_group(tmp_path):
+    # A row the group's one statement cannot take (a name SQLite cannot bind) fails only
+    # its own write: the group is run again, each write on its own, in the same commit.
+    store = _CountingCommits(tmp_path / "state.db")
+    good = [_job(f"g{i}", now=float(i)) for i in range(3)]
+    bad = dataclasses.replace(_job("bad"), name=object())
+    results = _queued_writers(store, [good[0], bad, *good[1:]])
+    assert store.commits == [1, 4]
+    assert isinstance(results[1], sqlite3.Error)
+    assert [results[0], *results[2:]] == good
+    jobs, events = _rows(tmp_path / "state.db")
+    assert jobs == {_first_rows(job)[0] for job in good}
+    assert events == {_first_rows(job)[1] for job in good}
+    store.close()
 
 
 def test_sqlite_queued_writers_share_one_commit_and_each_sees_it_done(tmp_path):
