@@ -8,6 +8,8 @@ package imports and runs on a machine without it.
 
 from __future__ import annotations
 
+import os
+
 import numpy
 
 from dptrain.engine.strict_array import STRICT, STRICT_SPECIAL, StrictArray
@@ -40,6 +42,7 @@ __all__ = [
     "SUPPORTED_DTYPES",
     "check_dtype",
     "special",
+    "cpu_kernels",
     "scatter_add",
     "to_device",
     "check_same_device",
@@ -126,6 +129,22 @@ def special(xp):
     import cupyx.scipy.special  # pragma: no cover
 
     return cupyx.scipy.special  # pragma: no cover
+
+
+def cpu_kernels():
+    """The compiled CPU kernels (`dptrain.engine.cpu_kernels`), imported on the first call so
+    that nothing imports numba before an op runs on the CPU; None when the environment sets
+    ``DPTRAIN_CPU_KERNELS=0``, which selects the numpy path every op keeps. Read on each call,
+    so a test can run an op both ways in one process.
+
+    Returns:
+        The kernels module, or None.
+    """
+    if os.environ.get("DPTRAIN_CPU_KERNELS", "1") == "0":
+        return None
+    from dptrain.engine import cpu_kernels as kernels
+
+    return kernels
 
 
 def sum_matrix(xp, a, axis: int):

@@ -10,7 +10,13 @@ import numbers
 
 import numpy
 
-from dptrain.engine.backend import device_generator, get_array_module, get_device, special
+from dptrain.engine.backend import (
+    cpu_kernels,
+    device_generator,
+    get_array_module,
+    get_device,
+    special,
+)
 from dptrain.engine.dtypes import default_float
 from dptrain.engine.ops.convert import _to
 from dptrain.engine.ops.core import Op, apply
@@ -142,6 +148,7 @@ _PHI_R = (-3.611126009e-09, 2.668884977e-07, -7.938155443e-06, 1.104798933e-04,
           6.626129965e-05, -7.266856873e-02, -1.595768432)  # highest power first
 
 
+_NO_SLOPE = numpy.empty(0, dtype=numpy.float32)  # the kernel's `slope` when none is wanted
 _GELU_BLOCK = 65536  # elements: the passes of one block run in cache
 
 
@@ -200,6 +207,12 @@ def _gelu_values(xp, x, slope, approximate):
         return _gelu_values(xp, x.reshape(1), None if slope is None else slope.reshape(1),
                             approximate).reshape(())
     if approximate == "none" and x.dtype == "float32" and xp.__name__ == "numpy":
+        kernels = cpu_kernels()
+        if kernels is not None and x.flags.c_contiguous:
+            out = numpy.empty(x.shape, dtype=x.dtype)
+            kernels.gelu_f32(x.reshape(-1), out.reshape(-1),
+                             _NO_SLOPE if slope is None else slope.reshape(-1), _PHI_R)
+            return out
         return _gelu_exact_float32(xp, x, slope)
     if approximate == "tanh":
         t = _gelu_inner(xp, x)

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import math
 
-from dptrain.engine.backend import get_array_module, sum_matrix
+import numpy
+
+from dptrain.engine.backend import cpu_kernels, get_array_module, sum_matrix
 from dptrain.engine.ops.core import Op, apply
 from dptrain.engine.ops.registry import FUNCTIONAL, export
 from dptrain.engine.tensor import Tensor
@@ -172,7 +174,22 @@ def _row_sum(xp, a, axes):
     return sum_matrix(xp, a.reshape(math.prod(lead), -1), 1).reshape(lead + (1,) * len(axes))
 
 
+def _ln_kernels(xp, *arrays):
+    """The compiled kernels when every array is a C-contiguous numpy array of one float32 or
+    float64 dtype (the layer norm kernels' signatures), else None: the numpy path."""
+    if xp is not numpy or arrays[0].dtype not in (numpy.float32, numpy.float64) or any(
+            a.dtype != arrays[0].dtype or not a.flags.c_contiguous for a in arrays):
+        return None
+    return cpu_kernels()
+
+
 def _ln_forward(xp, x, weight, bias, xhat, rstd, axes):
+    kernels = None if weight is None or bias is None else _ln_kernels(xp, xhat, weight, bias)
+    if kernels is not None:
+        out = numpy.empty_like(xhat)
+        kernels.layer_norm_affine(xhat.reshape(-1, weight.size), weight.reshape(-1),
+                                  bias.reshape(-1), out.reshape(-1, weight.size))
+        return out
     if weight is None:
         out = xhat.copy()  # the op's own output: xhat stays as the rule saw it
     else:
@@ -183,6 +200,16 @@ def _ln_forward(xp, x, weight, bias, xhat, rstd, axes):
 
 
 def _ln_backward(xp, g, ans, x, weight, bias, xhat, rstd, axes):
+    # bias is not saved (the rule needs only its shape); dw and db are made in g's dtype
+    kernels = None if weight is None or bias is None else _ln_kernels(
+        xp, g, xhat, rstd, weight)
+    if kernels is not None:
+        n = weight.size
+        dx, dw, db = numpy.empty_like(xhat), numpy.zeros_like(weight), numpy.zeros_like(weight)
+        kernels.layer_norm_backward(g.reshape(-1, n), xhat.reshape(-1, n), rstd.reshape(-1),
+                                    weight.reshape(-1), dx.reshape(-1, n), dw.reshape(-1),
+                                    db.reshape(-1))
+        return dx, dw, db, None, None
     lead = tuple(range(xhat.ndim - len(axes)))
     letters = "abcdefghijklmnopqrstuvwxyz"[:xhat.ndim]
     # sum over the rows of g * xhat without a full-size product
@@ -234,6 +261,13 @@ def layer_norm(input: Tensor, normalized_shape, weight: Tensor | None = None,
     x = input.data
     xp = get_array_module(x)
     axes = tuple(range(x.ndim - len(shape), x.ndim))
+    kernels = _ln_kernels(xp, x)
+    if kernels is not None:
+        n = math.prod(shape)
+        xhat = numpy.empty_like(x)
+        rstd = numpy.empty(x.shape[:len(x.shape) - len(shape)] + (1,) * len(shape), x.dtype)
+        kernels.layer_norm_rows(x.reshape(-1, n), eps, xhat.reshape(-1, n), rstd.reshape(-1))
+        return apply(_layer_norm, input, weight, bias, xhat, rstd, axes=axes)
     xhat = x - _row_sum(xp, x, axes) / math.prod(shape)
     var = _row_dot(xp, xhat, xhat, axes) / math.prod(shape)
     var += eps

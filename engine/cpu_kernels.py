@@ -1,0 +1,176 @@
+"""Fused CPU kernels, compiled with numba: the elementwise and per-row work that numpy runs as
+many separate passes (each a trip through memory, each float32 exp a scalar call), done in one
+loop per element or per row.
+
+The only importer of numba. Ops reach this module through `backend.cpu_kernels()`, which
+imports it on the first CPU call and returns None when ``DPTRAIN_CPU_KERNELS=0`` (the numpy
+path, which every op keeps: the tests run both and compare them). Nothing here is called for
+CuPy or strict-device arrays.
+
+How they are compiled, and why:
+
+- ``cache=True``: the machine code is kept beside this file (or in numba's user cache when the
+  package directory is read-only), so a process after the first loads it instead of
+  compiling; where no cache directory can be written at all they compile in memory.
+- ``nogil=True``, one thread: ranks are the parallelism (``parallel=False``).
+- ``error_model="numpy"``: a division by zero gives inf or NaN as numpy's does, instead of a
+  ZeroDivisionError check that also keeps the loop from vectorising.
+- ``fastmath`` only ``contract`` (fused multiply-adds) and, for sums, ``reassoc`` (the order
+  of additions, so a sum vectorises): neither changes what inf and NaN do, so every op keeps
+  its IEEE behaviour (``nnan``/``ninf``/``afn`` are never set).
+- Inputs are C-contiguous float32 or float64 arrays, viewed flat or as rows, so each kernel
+  has at most two compiled signatures; any other input takes the numpy path.
+"""
+
+from __future__ import annotations
+
+import numpy
+from numba import njit
+from numba.core.errors import NumbaWarning
+
+_ELEMENTWISE = {"contract"}
+_SUMS = {"contract", "reassoc"}
+
+
+def _jit(fastmath):
+    """numba's `njit` with the options above; compiled in memory where no cache directory can
+    be written (numba raises at decoration when it finds none)."""
+    def wrap(fn):
+        options = dict(nogil=True, error_model="numpy", fastmath=fastmath)
+        try:
+            return njit(cache=True, **options)(fn)
+        except (RuntimeError, NumbaWarning):  # pragma: no cover - no writable cache dir
+            return njit(cache=False, **options)(fn)
+    return wrap
+
+
+# ---------------------------------------------------------------- exp for float32
+
+_LOG2E = numpy.float32(1.4426950408889634)
+_LN2_HI = numpy.float32(0.693359375)  # ln 2 in two parts: n * _LN2_HI is exact for |n| < 2^9
+_LN2_LO = numpy.float32(-2.12194440e-4)
+_ROUND = numpy.float32(12582912.0)  # 1.5 * 2^23: adding it rounds to an integer, in its bits
+_EXP_MAX = numpy.float32(88.72283)  # exp overflows float32 above this
+_EXP_MIN = numpy.float32(-87.33654)  # and is subnormal below it
+
+
+@njit(nogil=True, error_model="numpy", fastmath=_ELEMENTWISE, inline="always", cache=True)
+def _exp_f32(a):
+    """exp(a) in float32 within 1 ulp (Cephes' polynomial on a ln 2 reduced range), written
+    with arithmetic and bit moves only so that a loop around it vectorises: numpy's and libm's
+    exp are calls per element. Overflows to inf and keeps NaN; results that would be
+    subnormal (a < -87.3) are flushed to 0, which the callers only ever add to 1 or scale
+    to below float32's smallest normal."""
+    c = min(max(a, _EXP_MIN), _EXP_MAX)
+    k = c * _LOG2E + _ROUND
+    n = k - _ROUND
+    r = c - n * _LN2_HI
+    r = r - n * _LN2_LO
+    p = numpy.float32(1.9875691500e-4)
+    p = p * r + numpy.float32(1.3981999507e-3)
+    p = p * r + numpy.float32(8.3334519073e-3)
+    p = p * r + numpy.float32(4.1665795894e-2)
+    p = p * r + numpy.float32(1.6666665459e-1)
+    p = p * r + numpy.float32(5.0000001201e-1)
+    p = p * r * r + r + numpy.float32(1.0)
+    # 2^n from n's bits in k (the low mantissa bits hold n + 2^22), as two factors laid in
+    # the exponent field: n runs to 128 just below overflow, past one factor's range
+    n_int = numpy.float32(k).view(numpy.int32) - numpy.int32(0x4B400000)
+    half = n_int >> numpy.int32(1)
+    s1 = numpy.int32((half + numpy.int32(127)) << numpy.int32(23)).view(numpy.float32)
+    s2 = numpy.int32((n_int - half + numpy.int32(127)) << numpy.int32(23)).view(numpy.float32)
+    v = p * s1 * s2
+    if a > _EXP_MAX:
+        v = numpy.float32(numpy.inf)
+    if a < _EXP_MIN:
+        v = numpy.float32(0.0)
+    if a != a:
+        v = a
+    return v
+
+
+# ---------------------------------------------------------------- GELU
+
+@_jit(_ELEMENTWISE)
+def gelu_f32(x, out, slope, r):
+    """``out = x Phi(x)`` over flat float32 arrays, with Phi(x) = 1 / (1 + exp(x r(x^2))) (r the
+    fitted polynomial of `engine.ops.elementwise`, highest power first, 7 coefficients); when
+    `slope` has x's size, also gelu'(x) = Phi(x) + x pdf(x) there. One pass over x where the
+    numpy path makes 18 (two of them exps)."""
+    r0, r1, r2, r3 = numpy.float32(r[0]), numpy.float32(r[1]), numpy.float32(r[2]), \
+        numpy.float32(r[3])
+    r4, r5, r6 = numpy.float32(r[4]), numpy.float32(r[5]), numpy.float32(r[6])
+    inv_sqrt_2pi = numpy.float32(0.3989422804014327)
+    one = numpy.float32(1.0)
+    if slope.size == x.size:
+        for i in range(x.size):
+            xi = x[i]
+            aa = xi * xi
+            w = ((((((aa * r0 + r1) * aa + r2) * aa + r3) * aa + r4) * aa + r5) * aa + r6)
+            phi = one / (one + _exp_f32(w * xi))
+            slope[i] = phi + xi * _exp_f32(aa * numpy.float32(-0.5)) * inv_sqrt_2pi
+            out[i] = xi * phi
+    else:
+        for i in range(x.size):
+            xi = x[i]
+            aa = xi * xi
+            w = ((((((aa * r0 + r1) * aa + r2) * aa + r3) * aa + r4) * aa + r5) * aa + r6)
+            out[i] = xi * (one / (one + _exp_f32(w * xi)))
+
+
+# ---------------------------------------------------------------- layer norm
+
+@_jit(_SUMS)
+def layer_norm_rows(x, eps, xhat, rstd):
+    """Per row of a 2-D array: ``rstd = 1 / sqrt(var + eps)`` (the biased variance, from the
+    row's deviations: two passes over a row in cache, as the numpy path's) and ``xhat = (x -
+    mean) rstd``."""
+    rows, n = x.shape
+    zero, one = x.dtype.type(0.0), x.dtype.type(1.0)
+    nf, epsf = x.dtype.type(n), x.dtype.type(eps)
+    for i in range(rows):
+        total = zero
+        for j in range(n):
+            total += x[i, j]
+        mean = total / nf
+        sq = zero
+        for j in range(n):
+            d = x[i, j] - mean
+            xhat[i, j] = d
+            sq += d * d
+        s = one / numpy.sqrt(sq / nf + epsf)
+        rstd[i] = s
+        for j in range(n):
+            xhat[i, j] *= s
+
+
+@_jit(_ELEMENTWISE)
+def layer_norm_affine(xhat, weight, bias, out):
+    """``out = xhat * weight + bias`` per row of a 2-D array (weight and bias one row each)."""
+    rows, n = xhat.shape
+    for i in range(rows):
+        for j in range(n):
+            out[i, j] = xhat[i, j] * weight[j] + bias[j]
+
+
+@_jit(_SUMS)
+def layer_norm_backward(g, xhat, rstd, weight, dx, dw, db):
+    """The layer norm rule per row of 2-D arrays, gx = g * weight:
+    ``dx = rstd (gx - mean(gx) - xhat mean(gx xhat))``, and the column sums ``dw += sum(g
+    xhat)``, ``db += sum(g)`` (dw and db start at zero). Two passes over each row."""
+    rows, n = g.shape
+    zero, nf = g.dtype.type(0.0), g.dtype.type(n)
+    for i in range(rows):
+        dot = zero
+        total = zero
+        for j in range(n):
+            gx = g[i, j] * weight[j]
+            total += gx
+            dot += gx * xhat[i, j]
+            dw[j] += g[i, j] * xhat[i, j]
+            db[j] += g[i, j]
+        s = rstd[i]
+        a = dot * (s / -nf)
+        c = total * (s / nf)
+        for j in range(n):
+            dx[i, j] = xhat[i, j] * a + g[i, j] * weight[j] * s - c

@@ -1,0 +1,192 @@
+"""The compiled CPU kernels against the numpy path each op keeps (``DPTRAIN_CPU_KERNELS=0``):
+the same values within the op's float32 bar (or float64 rounding), the same gradients, the
+same inf and NaN; and numba loaded only where an op runs on the CPU."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fresh_imports import modules_loaded_by, within
+from import_scan import imported_modules
+
+import dptrain.engine.functional as F
+from dptrain import engine
+
+REPO = Path(__file__).resolve().parents[2]
+F32, F64 = engine.float32, engine.float64
+
+
+def both_ways(monkeypatch, fn):
+    """``(kernels, numpy_path)``: `fn()` with the compiled kernels, then with
+    ``DPTRAIN_CPU_KERNELS=0``."""
+    monkeypatch.delenv("DPTRAIN_CPU_KERNELS", raising=False)
+    kernels = fn()
+    monkeypatch.setenv("DPTRAIN_CPU_KERNELS", "0")
+    numpy_path = fn()
+    monkeypatch.delenv("DPTRAIN_CPU_KERNELS")
+    return kernels, numpy_path
+
+
+def _gelu_value_and_grad(x: np.ndarray, dtype, grad: bool = True):
+    t = engine.tensor(x, dtype=dtype, requires_grad=grad)
+    y = F.gelu(t)
+    if not grad:
+        return y.numpy(), None
+    y.sum().backward()
+    return y.numpy(), t.grad.numpy()
+
+
+SPECIAL = [np.inf, -np.inf, np.nan, -1e30, 1e30, -100.0, 100.0, -20.0, 20.0, -13.5, 13.5,
+           -10.0, 0.0, -0.0, 1e-40, -1e-40, 1e-30, 88.0, -88.0, 87.5, -87.5]
+
+
+def test_gelu_float32_kernel_agrees_with_the_numpy_path_and_float64(monkeypatch):
+    x64 = np.concatenate([np.linspace(-15, 15, 300_001), SPECIAL])
+    x = x64.astype(np.float32)
+    (yk, gk), (yn, gn) = both_ways(monkeypatch, lambda: _gelu_value_and_grad(x, F32))
+    # the same inf and NaN where they come out, and the sign of every zero
+    for a, b in ((yk, yn), (gk, gn)):
+        np.testing.assert_array_equal(np.isnan(a), np.isnan(b))
+        np.testing.assert_array_equal(a[np.isinf(a)], b[np.isinf(b)])
+    np.testing.assert_array_equal(np.signbit(yk[yk == 0]), np.signbit(yn[yn == 0]))
+    # each within the numpy path's bar of a float64 reference: 3.1 ulp of max(|gelu|, 1)
+    # for the value, and the float64 rule for the slope
+    x_ref = engine.tensor(x.astype(np.float64), requires_grad=True)
+    y_ref = F.gelu(x_ref)
+    y_ref.sum().backward()
+    ok = np.isfinite(y_ref.numpy())
+    ulp = np.finfo(np.float32).eps * np.maximum(np.abs(y_ref.numpy()), 1)
+    for y in (yk, yn):
+        assert np.max(np.abs(y[ok] - y_ref.numpy()[ok]) / ulp[ok]) <= 3.1
+    finite = np.isfinite(x_ref.grad.numpy())
+    for g in (gk, gn):
+        np.testing.assert_allclose(g[finite], x_ref.grad.numpy()[finite], rtol=2e-6, atol=2e-6)
+    np.testing.assert_array_equal(x[np.isnan(gk)], x[np.isnan(gn)])
+
+
+def test_gelu_kernel_values_do_not_depend_on_the_gradient(monkeypatch):
+    x = np.random.default_rng(0).standard_normal((3, 70_000)).astype(np.float32) * 4
+    with_grad, _ = _gelu_value_and_grad(x, F32)
+    without, _ = _gelu_value_and_grad(x, F32, grad=False)
+    np.testing.assert_array_equal(with_grad, without)
+
+
+def test_gelu_of_a_transposed_float32_input_takes_the_numpy_path(monkeypatch):
+    a = np.random.default_rng(1).standard_normal((64, 80)).astype(np.float32)
+
+    def run():
+        t = engine.tensor(a, requires_grad=True)
+        y = F.gelu(t.transpose(0, 1))
+        y.sum().backward()
+        return y.numpy(), t.grad.numpy()
+
+    (yk, gk), (yn, gn) = both_ways(monkeypatch, run)
+    np.testing.assert_array_equal(yk, yn)
+    np.testing.assert_array_equal(gk, gn)
+
+
+def test_exp_kernel_against_numpy_across_float32s_range():
+    from numba import njit
+
+    from dptrain.engine.cpu_kernels import _exp_f32
+
+    @njit
+    def exp_all(a, out):
+        for i in range(a.size):
+            out[i] = _exp_f32(a[i])
+
+    a = np.concatenate([np.linspace(-87.3, 88.72, 1_000_003, dtype=np.float32),
+                        np.array([89.0, 1e30, np.inf, -87.4, -1e30, -np.inf, np.nan, 0.0],
+                                 dtype=np.float32)])
+    out = np.empty_like(a)
+    exp_all(a, out)
+    with np.errstate(over="ignore"):
+        ref = np.exp(a.astype(np.float64))
+    normal = (ref >= np.finfo(np.float32).tiny) & (ref <= np.finfo(np.float32).max)
+    ulp = np.spacing(ref[normal].astype(np.float32)).astype(np.float64)
+    assert np.max(np.abs(out[normal] - ref[normal]) / ulp) <= 1.0
+    np.testing.assert_array_equal(out[-8:], [np.inf, np.inf, np.inf, 0, 0, 0, np.nan, 1])
+
+
+def _layer_norm_all(x: np.ndarray, w: np.ndarray, b: np.ndarray, g: np.ndarray, dtype):
+    xs, ws, bs = (engine.tensor(a, dtype=dtype, requires_grad=True) for a in (x, w, b))
+    y = F.layer_norm(xs, w.shape, ws, bs, eps=1e-5)
+    y.backward(engine.tensor(g, dtype=dtype))
+    return [y.numpy(), xs.grad.numpy(), ws.grad.numpy(), bs.grad.numpy()]
+
+
+def _layer_norm_reference(x, w, b, g, eps=1e-5):
+    """Forward and gradients in float64 by the textbook formulas."""
+    axes = tuple(range(x.ndim - w.ndim, x.ndim))
+    n = math.prod(w.shape)
+    mean = x.mean(axis=axes, keepdims=True)
+    rstd = 1 / np.sqrt(((x - mean) ** 2).mean(axis=axes, keepdims=True) + eps)
+    xhat = (x - mean) * rstd
+    gx = g * w
+    dx = rstd / n * (n * gx - gx.sum(axis=axes, keepdims=True)
+                     - xhat * (gx * xhat).sum(axis=axes, keepdims=True))
+    lead = tuple(range(x.ndim - w.ndim))
+    return [xhat * w + b, dx, (g * xhat).sum(axis=lead), g.sum(axis=lead)]
+
+
+@pytest.mark.parametrize("dtype,shape,normalized", [
+    (F32, (16, 128, 256), (256,)), (F64, (7, 5, 33), (33,)), (F64, (4, 3, 5), (3, 5)),
+    (F32, (6, 40), (40,)),
+], ids=str)
+def test_layer_norm_kernels_agree_with_the_numpy_path_and_float64(monkeypatch, dtype, shape,
+                                                                   normalized):
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal(shape) * 3 + 1.5
+    w, b = rng.uniform(0.5, 2, normalized), rng.standard_normal(normalized)
+    g = rng.standard_normal(shape)
+    kernels, numpy_path = both_ways(monkeypatch, lambda: _layer_norm_all(x, w, b, g, dtype))
+    reference = _layer_norm_reference(x, w, b, g)
+    tol = dict(rtol=2e-4, atol=2e-4) if dtype == F32 else dict(rtol=1e-10, atol=1e-10)
+    for name, k, n, r in zip(("y", "dx", "dw", "db"), kernels, numpy_path, reference):
+        assert k.dtype == n.dtype == np.dtype(str(dtype)), name
+        np.testing.assert_allclose(k, r, err_msg=name, **tol)
+        np.testing.assert_allclose(n, r, err_msg=name, **tol)
+
+
+def test_layer_norm_kernels_spread_inf_and_nan_to_their_row_as_the_numpy_path(monkeypatch):
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((4, 8))
+    x[1, 2], x[2, 5] = np.inf, np.nan
+    w, b, g = np.ones(8), np.zeros(8), rng.standard_normal((4, 8))
+    with np.errstate(invalid="ignore"):
+        kernels, numpy_path = both_ways(
+            monkeypatch, lambda: _layer_norm_all(x, w, b, g, F32))
+    for name, k, n in zip(("y", "dx", "dw", "db"), kernels, numpy_path):
+        np.testing.assert_array_equal(np.isnan(k), np.isnan(n), err_msg=name)
+    assert np.isnan(kernels[0][1:3]).all() and np.isfinite(kernels[0][[0, 3]]).all()
+
+
+def test_only_the_kernels_module_imports_numba():
+    offenders = [f"{path.relative_to(REPO)}:{line}: {name}"
+                 for folder in ("engine", "worker", "coordinator")
+                 for path in sorted((REPO / folder).rglob("*.py"))
+                 if path.relative_to(REPO).as_posix() != "engine/cpu_kernels.py"
+                 for line, name in imported_modules(
+                     path.read_text(), ".".join(["dptrain", *path.relative_to(REPO).parent.parts]))
+                 if name == "numba" or name.startswith("numba.")]
+    assert offenders == []
+
+
+@pytest.mark.parametrize("statement", [
+    "import dptrain.coordinator.cli",
+    "import dptrain.coordinator.server.server",
+    "import dptrain.engine, dptrain.engine.functional, dptrain.engine.nn",
+])
+def test_numba_is_not_loaded_before_an_op_runs_on_the_cpu(statement):
+    assert within(modules_loaded_by(statement), "numba", "dptrain.engine.cpu_kernels") == []
+
+
+def test_numba_is_loaded_by_a_cpu_op_and_not_on_the_numpy_path():
+    op = ("import dptrain.engine as e, dptrain.engine.functional as F\n"
+          "F.layer_norm(e.ones(2, 4, requires_grad=True), 4, e.ones(4), e.zeros(4))")
+    assert "numba" in modules_loaded_by(op)
+    off = modules_loaded_by(f"import os\nos.environ['DPTRAIN_CPU_KERNELS'] = '0'\n{op}")
+    assert within(off, "numba", "dptrain.engine.cpu_kernels") == []
