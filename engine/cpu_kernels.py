@@ -174,3 +174,86 @@ def layer_norm_backward(g, xhat, rstd, weight, dx, dw, db):
         c = total * (s / nf)
         for j in range(n):
             dx[i, j] = xhat[i, j] * a + g[i, j] * weight[j] * s - c
+
+
+# ---------------------------------------------------------------- batch norm
+# Arrays are (N, C, S): the samples, the channels, and each channel's plane flattened.
+
+@_jit(_SUMS)
+def channel_mean_var(x, mean, var):
+    """Per channel of x (N, C, S): the mean and the biased variance from the deviations (two
+    passes over x, as the numpy path's two, without its x-sized temporary)."""
+    n, c, s = x.shape
+    zero, m = x.dtype.type(0.0), x.dtype.type(n * s)
+    mean[:] = zero
+    var[:] = zero
+    for i in range(n):
+        for k in range(c):
+            total = zero
+            for j in range(s):
+                total += x[i, k, j]
+            mean[k] += total
+    for k in range(c):
+        mean[k] /= m
+    for i in range(n):
+        for k in range(c):
+            mu = mean[k]
+            sq = zero
+            for j in range(s):
+                d = x[i, k, j] - mu
+                sq += d * d
+            var[k] += sq
+    for k in range(c):
+        var[k] /= m
+
+
+@_jit(_ELEMENTWISE)
+def channel_affine(x, scale, shift, out):
+    """``out = x * scale + shift`` with one scale and shift per channel of x (N, C, S)."""
+    n, c, s = x.shape
+    for i in range(n):
+        for k in range(c):
+            a, b = scale[k], shift[k]
+            for j in range(s):
+                out[i, k, j] = x[i, k, j] * a + b
+
+
+@_jit(_SUMS)
+def channel_sums(g, x, total, dot):
+    """Per channel of (N, C, S) arrays: ``total = sum(g)`` and ``dot = sum(g * x)``, one pass."""
+    n, c, s = g.shape
+    zero = g.dtype.type(0.0)
+    total[:] = zero
+    dot[:] = zero
+    for i in range(n):
+        for k in range(c):
+            t = zero
+            d = zero
+            for j in range(s):
+                t += g[i, k, j]
+                d += g[i, k, j] * x[i, k, j]
+            total[k] += t
+            dot[k] += d
+
+
+@_jit(_ELEMENTWISE)
+def channel_combine(g, x, a, b, c, out):
+    """``out = g * a + x * b + c`` with one a, b, c per channel of (N, C, S) arrays: batch
+    norm's input gradient in one pass."""
+    n, ch, s = g.shape
+    for i in range(n):
+        for k in range(ch):
+            ak, bk, ck = a[k], b[k], c[k]
+            for j in range(s):
+                out[i, k, j] = g[i, k, j] * ak + x[i, k, j] * bk + ck
+
+
+# ---------------------------------------------------------------- relu
+
+@_jit(_ELEMENTWISE)
+def relu_grad(g, ans, out):
+    """``out = g * (ans > 0)`` over flat arrays: the same product as numpy's (so an inf or
+    NaN gradient where ans <= 0 still gives NaN), without the boolean array between."""
+    zero, one = g.dtype.type(0.0), g.dtype.type(1.0)
+    for i in range(g.size):
+        out[i] = g[i] * (one if ans[i] > 0 else zero)

@@ -23,6 +23,20 @@ from dptrain.engine.ops.registry import FUNCTIONAL, export
 from dptrain.engine.tensor import Tensor
 
 
+def _kernels_for(xp, *arrays):
+    """The compiled CPU kernels when every array is a C-contiguous numpy array of one float32
+    or float64 dtype (the kernels' signatures), else None: the numpy path."""
+    if xp is not numpy or arrays[0].dtype not in (numpy.float32, numpy.float64) or any(
+            a.dtype != arrays[0].dtype or not a.flags.c_contiguous for a in arrays):
+        return None
+    return cpu_kernels()
+
+
+def _planes(a):
+    """An (N, C, ...) array as (N, C, S), each channel's plane flattened."""
+    return a.reshape(a.shape[0], a.shape[1], -1)
+
+
 def _channel_sum(xp, a):
     """Sum over every dim but 1, reading contiguous runs: (N, C, ...) -> (C,)."""
     if a.ndim == 2:
@@ -41,6 +55,11 @@ def _bn_forward(xp, x, weight, bias, mean, invstd, training):
     shift = -mean * scale
     if bias is not None:
         shift += bias
+    kernels = _kernels_for(xp, x, scale, shift) if x.ndim > 2 else None
+    if kernels is not None:
+        out = numpy.empty_like(x)
+        kernels.channel_affine(_planes(x), scale, shift, _planes(out))
+        return out
     out = x * scale.reshape(_bshape(x))
     out += shift.reshape(_bshape(x))
     return out
@@ -58,8 +77,13 @@ def _channel_dot(xp, a, b):
 def _bn_backward(xp, g, ans, x, weight, bias, mean, invstd, training):
     shape = _bshape(x)
     m = x.size // x.shape[1]
-    db = _channel_sum(xp, g)
-    dot = _channel_dot(xp, g, x) - mean * db  # sum(g * (x - mean)) = sum(g * xhat) / invstd
+    kernels = _kernels_for(xp, g, x) if x.ndim > 2 else None
+    if kernels is not None:
+        db, gx = numpy.empty(x.shape[1], x.dtype), numpy.empty(x.shape[1], x.dtype)
+        kernels.channel_sums(_planes(g), _planes(x), db, gx)
+    else:
+        db, gx = _channel_sum(xp, g), _channel_dot(xp, g, x)
+    dot = gx - mean * db  # sum(g * (x - mean)) = sum(g * xhat) / invstd
     dw = dot * invstd
     k = invstd if weight is None else weight * invstd
     if not training:  # mean and invstd are constants
@@ -68,6 +92,10 @@ def _bn_backward(xp, g, ans, x, weight, bias, mean, invstd, training):
     # full-size arrays instead of building it from (x - mean)
     b = -k * invstd * invstd * dot / m
     c = -k * db / m - b * mean
+    if kernels is not None and k.dtype == b.dtype == c.dtype == x.dtype:
+        dx = numpy.empty_like(x)
+        kernels.channel_combine(_planes(g), _planes(x), k, b, c, _planes(dx))
+        return dx, dw, db, None, None
     dx = x * b.reshape(shape)
     dx += c.reshape(shape)
     dx += g * k.reshape(shape)
@@ -131,10 +159,15 @@ def batch_norm(input: Tensor, running_mean: Tensor | None, running_var: Tensor |
         if m <= 1:
             raise ValueError(f"batch_norm: expected more than 1 value per channel when "
                              f"training, got input of shape {input.shape}")
-        mean = _channel_sum(xp, x) / m
-        xc = x - mean.reshape(_bshape(x))
-        var = _channel_dot(xp, xc, xc) / m
-        del xc
+        kernels = _kernels_for(xp, x) if x.ndim > 2 else None
+        if kernels is not None:
+            mean, var = numpy.empty(c, x.dtype), numpy.empty(c, x.dtype)
+            kernels.channel_mean_var(_planes(x), mean, var)
+        else:
+            mean = _channel_sum(xp, x) / m
+            xc = x - mean.reshape(_bshape(x))
+            var = _channel_dot(xp, xc, xc) / m
+            del xc
         for buf, stat in ((running_mean, mean), (running_var, var * (m / (m - 1)))):
             if buf is not None:
                 buf.data *= 1.0 - momentum
@@ -174,17 +207,8 @@ def _row_sum(xp, a, axes):
     return sum_matrix(xp, a.reshape(math.prod(lead), -1), 1).reshape(lead + (1,) * len(axes))
 
 
-def _ln_kernels(xp, *arrays):
-    """The compiled kernels when every array is a C-contiguous numpy array of one float32 or
-    float64 dtype (the layer norm kernels' signatures), else None: the numpy path."""
-    if xp is not numpy or arrays[0].dtype not in (numpy.float32, numpy.float64) or any(
-            a.dtype != arrays[0].dtype or not a.flags.c_contiguous for a in arrays):
-        return None
-    return cpu_kernels()
-
-
 def _ln_forward(xp, x, weight, bias, xhat, rstd, axes):
-    kernels = None if weight is None or bias is None else _ln_kernels(xp, xhat, weight, bias)
+    kernels = None if weight is None or bias is None else _kernels_for(xp, xhat, weight, bias)
     if kernels is not None:
         out = numpy.empty_like(xhat)
         kernels.layer_norm_affine(xhat.reshape(-1, weight.size), weight.reshape(-1),
@@ -201,7 +225,7 @@ def _ln_forward(xp, x, weight, bias, xhat, rstd, axes):
 
 def _ln_backward(xp, g, ans, x, weight, bias, xhat, rstd, axes):
     # bias is not saved (the rule needs only its shape); dw and db are made in g's dtype
-    kernels = None if weight is None or bias is None else _ln_kernels(
+    kernels = None if weight is None or bias is None else _kernels_for(
         xp, g, xhat, rstd, weight)
     if kernels is not None:
         n = weight.size
@@ -261,7 +285,7 @@ def layer_norm(input: Tensor, normalized_shape, weight: Tensor | None = None,
     x = input.data
     xp = get_array_module(x)
     axes = tuple(range(x.ndim - len(shape), x.ndim))
-    kernels = _ln_kernels(xp, x)
+    kernels = _kernels_for(xp, x)
     if kernels is not None:
         n = math.prod(shape)
         xhat = numpy.empty_like(x)

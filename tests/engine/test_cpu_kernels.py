@@ -190,3 +190,79 @@ def test_numba_is_loaded_by_a_cpu_op_and_not_on_the_numpy_path():
     assert "numba" in modules_loaded_by(op)
     off = modules_loaded_by(f"import os\nos.environ['DPTRAIN_CPU_KERNELS'] = '0'\n{op}")
     assert within(off, "numba", "dptrain.engine.cpu_kernels") == []
+
+
+def _batch_norm_all(x, w, b, g, dtype, training=True):
+    xs, ws, bs = (engine.tensor(a, dtype=dtype, requires_grad=True) for a in (x, w, b))
+    rm, rv = engine.zeros(x.shape[1], dtype=dtype), engine.ones(x.shape[1], dtype=dtype)
+    y = F.batch_norm(xs, rm, rv, ws, bs, training=training, momentum=0.3, eps=1e-3)
+    y.backward(engine.tensor(g, dtype=dtype))
+    return [y.numpy(), xs.grad.numpy(), ws.grad.numpy(), bs.grad.numpy(), rm.numpy(), rv.numpy()]
+
+
+def _batch_norm_reference(x, w, b, g, eps=1e-3, momentum=0.3):
+    """Training-mode batch norm, its gradients and the running statistics, in float64."""
+    axes = (0,) + tuple(range(2, x.ndim))
+    shape = (1, -1) + (1,) * (x.ndim - 2)
+    m = x.size // x.shape[1]
+    mean, var = x.mean(axis=axes), x.var(axis=axes)
+    rstd = 1 / np.sqrt(var + eps)
+    xhat = (x - mean.reshape(shape)) * rstd.reshape(shape)
+    db, dw = g.sum(axis=axes), (g * xhat).sum(axis=axes)
+    dx = (w * rstd).reshape(shape) / m * (m * g - db.reshape(shape) - xhat * dw.reshape(shape))
+    return [xhat * w.reshape(shape) + b.reshape(shape), dx, dw, db, momentum * mean,
+            (1 - momentum) + momentum * var * m / (m - 1)]
+
+
+@pytest.mark.parametrize("dtype,shape", [
+    (F32, (16, 8, 12, 12)), (F64, (5, 3, 7, 4)), (F32, (6, 4, 9)), (F64, (3, 2, 2, 3, 4)),
+], ids=str)
+def test_batch_norm_kernels_agree_with_the_numpy_path_and_float64(monkeypatch, dtype, shape):
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal(shape) * 2 + 0.5
+    w, b = rng.uniform(0.5, 2, shape[1]), rng.standard_normal(shape[1])
+    g = rng.standard_normal(shape)
+    kernels, numpy_path = both_ways(monkeypatch, lambda: _batch_norm_all(x, w, b, g, dtype))
+    reference = _batch_norm_reference(x, w, b, g)
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == F32 else dict(rtol=1e-10, atol=1e-11)
+    for name, k, n, r in zip(("y", "dx", "dw", "db", "running mean", "running var"),
+                             kernels, numpy_path, reference):
+        assert k.dtype == n.dtype == np.dtype(str(dtype)), name
+        np.testing.assert_allclose(k, r, err_msg=name, **tol)
+        np.testing.assert_allclose(n, r, err_msg=name, **tol)
+
+
+def test_batch_norm_kernels_spread_inf_and_nan_to_their_channel_as_the_numpy_path(monkeypatch):
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((4, 3, 5, 5))
+    x[1, 0, 2, 2], x[3, 2, 0, 1] = np.inf, np.nan
+    g = rng.standard_normal(x.shape)
+    with np.errstate(invalid="ignore"):
+        kernels, numpy_path = both_ways(
+            monkeypatch, lambda: _batch_norm_all(x, np.ones(3), np.zeros(3), g, F32))
+    for name, k, n in zip(("y", "dx", "dw", "db", "running mean", "running var"),
+                          kernels, numpy_path):
+        np.testing.assert_array_equal(np.isnan(k), np.isnan(n), err_msg=name)
+    assert np.isnan(kernels[0][:, [0, 2]]).all() and np.isfinite(kernels[0][:, 1]).all()
+
+
+@pytest.mark.parametrize("dtype", [F32, F64], ids=str)
+def test_relu_gradient_kernel_is_the_numpy_paths_product_bit_for_bit(monkeypatch, dtype):
+    rng = np.random.default_rng(6)
+    a = rng.standard_normal(40_000)
+    a[:6] = [0.0, -0.0, np.inf, -np.inf, np.nan, 1e-300]
+    g = rng.standard_normal(a.shape)
+    g[6:12] = [np.inf, -np.inf, np.nan, np.inf, np.nan, -np.inf]
+    a[6:12] = [-1.0, -2.0, -3.0, 1.0, 2.0, 0.0]
+
+    def run():
+        x = engine.tensor(a, dtype=dtype, requires_grad=True)
+        F.relu(x).backward(engine.tensor(g, dtype=dtype))
+        return x.grad.numpy()
+
+    with np.errstate(invalid="ignore"):  # numpy warns of inf * 0; the kernel does not
+        kernels, numpy_path = both_ways(monkeypatch, run)
+    np.testing.assert_array_equal(kernels, numpy_path)
+    np.testing.assert_array_equal(np.signbit(kernels), np.signbit(numpy_path))
+    assert np.isnan(kernels[[6, 7, 8, 10, 11]]).all()  # inf * 0 and NaN * anything
+    assert kernels[9] == np.inf and not np.isnan(kernels[:6]).any()
