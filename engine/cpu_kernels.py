@@ -257,3 +257,61 @@ def relu_grad(g, ans, out):
     zero, one = g.dtype.type(0.0), g.dtype.type(1.0)
     for i in range(g.size):
         out[i] = g[i] * (one if ans[i] > 0 else zero)
+
+
+# ---------------------------------------------------------------- attention's softmax
+
+@_jit(_SUMS)
+def attention_softmax_f32(scores, rows_per_block, first_query, scale):
+    """In place over float32 rows of a block of attention scores (…, rows_per_block, keys)
+    viewed 2-D: scale, then for a causal block (``first_query >= 0``) set the keys past each
+    row's query (row r of a block is query first_query + r % rows_per_block) to -inf, then a
+    stable softmax: -inf entries get 0, a row with no finite entry all zeros, a row with a
+    NaN or a +inf score all NaN (as the numpy path's max, shift and exp give)."""
+    rows, keys = scores.shape
+    scale = numpy.float32(scale)  # as numpy scales a float32 array by a Python float
+    zero, one = numpy.float32(0.0), numpy.float32(1.0)
+    ninf, nan = numpy.float32(-numpy.inf), numpy.float32(numpy.nan)
+    for r in range(rows):
+        seen = keys
+        if first_query >= 0:
+            seen = min(keys, first_query + r % rows_per_block + 1)
+        top = ninf
+        has_nan = False
+        for j in range(seen):
+            v = scores[r, j] * scale
+            scores[r, j] = v
+            has_nan |= v != v
+            top = max(top, v)
+        if has_nan:
+            for j in range(keys):
+                scores[r, j] = nan
+            continue
+        if top == ninf:
+            top = zero
+        total = zero
+        for j in range(seen):
+            e = _exp_f32(scores[r, j] - top)
+            scores[r, j] = e
+            total += e
+        if total == zero:
+            total = one
+        inv = one / total
+        for j in range(seen):
+            scores[r, j] *= inv
+        for j in range(seen, keys):  # exp(-inf) * inv: 0, or NaN in a NaN row
+            scores[r, j] = zero * inv
+
+
+@_jit(_SUMS)
+def softmax_rule_f32(dw, w, scale):
+    """In place over float32 rows: ``dw = w * (dw - sum(dw * w)) * scale``, the softmax's rule
+    for attention's weights w."""
+    rows, keys = dw.shape
+    scale = numpy.float32(scale)
+    for r in range(rows):
+        dot = numpy.float32(0.0)
+        for j in range(keys):
+            dot += dw[r, j] * w[r, j]
+        for j in range(keys):
+            dw[r, j] = (dw[r, j] - dot) * w[r, j] * scale

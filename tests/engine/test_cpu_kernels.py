@@ -266,3 +266,41 @@ def test_relu_gradient_kernel_is_the_numpy_paths_product_bit_for_bit(monkeypatch
     np.testing.assert_array_equal(np.signbit(kernels), np.signbit(numpy_path))
     assert np.isnan(kernels[[6, 7, 8, 10, 11]]).all()  # inf * 0 and NaN * anything
     assert kernels[9] == np.inf and not np.isnan(kernels[:6]).any()
+
+
+def _attention_all(q, k, v, g, causal):
+    ts = [engine.tensor(a, dtype=F32, requires_grad=True) for a in (q, k, v)]
+    out = F.scaled_dot_product_attention(*ts, is_causal=causal)
+    out.backward(engine.tensor(g, dtype=F32))
+    return [out.numpy()] + [t.grad.numpy() for t in ts]
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+def test_attention_float32_kernels_agree_with_the_numpy_path_and_float64(monkeypatch, causal):
+    # 70 queries: causal blocks of 32, 32 and 6 rows against 32, 64 and 70 keys
+    rng = np.random.default_rng(7)
+    q, k, v = (rng.standard_normal((2, 3, 70, 8)) for _ in range(3))
+    g = rng.standard_normal((2, 3, 70, 8))
+    kernels, numpy_path = both_ways(monkeypatch, lambda: _attention_all(q, k, v, g, causal))
+    ts = [engine.tensor(a, dtype=F64, requires_grad=True) for a in (q, k, v)]
+    ref = F.scaled_dot_product_attention(*ts, is_causal=causal)
+    ref.backward(engine.tensor(g, dtype=F64))
+    reference = [ref.numpy()] + [t.grad.numpy() for t in ts]
+    for name, a, b, r in zip(("out", "dq", "dk", "dv"), kernels, numpy_path, reference):
+        np.testing.assert_allclose(a, r, rtol=1e-4, atol=1e-5, err_msg=name)
+        np.testing.assert_allclose(b, r, rtol=1e-4, atol=1e-5, err_msg=name)
+
+
+def test_attention_kernel_gives_nan_rows_and_infinite_scores_as_the_numpy_path(monkeypatch):
+    rng = np.random.default_rng(8)
+    q, k, v = (rng.standard_normal((1, 2, 40, 4)) for _ in range(3))
+    q[0, 0, 5, 1] = np.nan  # one query's scores all NaN
+    k[0, 1, 3, 0] = np.inf  # a key whose scores are +-inf (NaN after the shift) or NaN
+    g = rng.standard_normal((1, 2, 40, 4))
+    with np.errstate(invalid="ignore"):
+        kernels, numpy_path = both_ways(monkeypatch, lambda: _attention_all(q, k, v, g, True))
+    for name, a, b in zip(("out", "dq", "dk", "dv"), kernels, numpy_path):
+        np.testing.assert_array_equal(np.isnan(a), np.isnan(b), err_msg=name)
+        np.testing.assert_allclose(a[~np.isnan(a)], b[~np.isnan(b)], rtol=1e-4, atol=1e-5,
+                                   err_msg=name)
+    assert np.isnan(kernels[0][0, 0, 5]).all() and not np.isnan(kernels[0][0, 0, :5]).any()
