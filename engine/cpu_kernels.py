@@ -26,21 +26,21 @@ from __future__ import annotations
 
 import numpy
 from numba import njit
-from numba.core.errors import NumbaWarning
 
 _ELEMENTWISE = {"contract"}
 _SUMS = {"contract", "reassoc"}
 
 
-def _jit(fastmath):
+def _jit(fastmath, **options):
     """numba's `njit` with the options above; compiled in memory where no cache directory can
-    be written (numba raises at decoration when it finds none)."""
+    be written (numba raises at decoration when it finds none: neither beside this file nor
+    in the user's cache directory)."""
     def wrap(fn):
-        options = dict(nogil=True, error_model="numpy", fastmath=fastmath)
+        settings = dict(nogil=True, error_model="numpy", fastmath=fastmath, **options)
         try:
-            return njit(cache=True, **options)(fn)
-        except (RuntimeError, NumbaWarning):  # pragma: no cover - no writable cache dir
-            return njit(cache=False, **options)(fn)
+            return njit(cache=True, **settings)(fn)
+        except RuntimeError:
+            return njit(cache=False, **settings)(fn)
     return wrap
 
 
@@ -54,7 +54,7 @@ _EXP_MAX = numpy.float32(88.72283)  # exp overflows float32 above this
 _EXP_MIN = numpy.float32(-87.33654)  # and is subnormal below it
 
 
-@njit(nogil=True, error_model="numpy", fastmath=_ELEMENTWISE, inline="always", cache=True)
+@_jit(_ELEMENTWISE, inline="always")
 def _exp_f32(a):
     """exp(a) in float32 within 1 ulp (Cephes' polynomial on a ln 2 reduced range), written
     with arithmetic and bit moves only so that a loop around it vectorises: numpy's and libm's

@@ -5,6 +5,10 @@ same inf and NaN; and numba loaded only where an op runs on the CPU."""
 from __future__ import annotations
 
 import math
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -304,3 +308,24 @@ def test_attention_kernel_gives_nan_rows_and_infinite_scores_as_the_numpy_path(m
         np.testing.assert_allclose(a[~np.isnan(a)], b[~np.isnan(b)], rtol=1e-4, atol=1e-5,
                                    err_msg=name)
     assert np.isnan(kernels[0][0, 0, 5]).all() and not np.isnan(kernels[0][0, 0, :5]).any()
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0 or not shutil.which("setpriv"),
+                    reason="needs root and setpriv (util-linux) to run as an unprivileged user "
+                           "for whom the install and the home directory are read-only")
+def test_a_read_only_install_compiles_the_kernels_in_memory():
+    # as `nobody`, neither the package's __pycache__ nor a home cache can be written: numba
+    # refuses cache=True there, and the kernels compile without a cache instead
+    code = ("import sys, numpy as np, dptrain.engine as e, dptrain.engine.functional as F\n"
+            "y = F.gelu(e.tensor(np.linspace(-6, 6, 101, dtype=np.float32), "
+            "requires_grad=True))\n"
+            "assert 'dptrain.engine.cpu_kernels' in sys.modules\n"
+            "print(','.join(str(v) for v in y.numpy().view(np.int32)))\n")
+    result = subprocess.run(
+        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-c",
+         code], capture_output=True, text=True, cwd="/",
+        env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": "/nonexistent"})
+    assert result.returncode == 0, result.stderr
+    bits = [int(v) for v in result.stdout.split(",")]
+    mine = F.gelu(engine.tensor(np.linspace(-6, 6, 101, dtype=np.float32), requires_grad=True))
+    assert bits == mine.numpy().view(np.int32).tolist()
