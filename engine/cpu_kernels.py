@@ -315,3 +315,13 @@ def softmax_rule_f32(dw, w, scale):
             dot += dw[r, j] * w[r, j]
         for j in range(keys):
             dw[r, j] = (dw[r, j] - dot) * w[r, j] * scale
+
+
+@_jit(_ELEMENTWISE)
+def relu(x, out):
+    """``out = max(x, 0)`` over flat arrays as numpy's maximum against 0 gives it: NaN stays
+    NaN, -0.0 and -inf become +0.0."""
+    zero = x.dtype.type(0.0)
+    for i in range(x.size):
+        v = x[i]
+        out[i] = v if (v > zero or v != v) else zero

@@ -109,6 +109,12 @@ def _relu_forward(xp, x):
     contiguous x is compared row by row with a cached row of zeros broadcast over the rows
     (a 64 KiB row stays in cache), the tail that fills no row against the scalar."""
     n = x.size
+    if xp is numpy and x.flags.c_contiguous and x.dtype in (numpy.float32, numpy.float64):
+        kernels = cpu_kernels()
+        if kernels is not None:
+            out = numpy.empty_like(x)
+            kernels.relu(x.reshape(-1), out.reshape(-1))
+            return out
     if xp is not numpy or n < _ZERO_ROW or not x.flags.c_contiguous:
         return xp.maximum(x, 0)
     zeros = _zero_rows.get(x.dtype)

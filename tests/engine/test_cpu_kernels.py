@@ -251,7 +251,8 @@ def test_batch_norm_kernels_spread_inf_and_nan_to_their_channel_as_the_numpy_pat
 
 
 @pytest.mark.parametrize("dtype", [F32, F64], ids=str)
-def test_relu_gradient_kernel_is_the_numpy_paths_product_bit_for_bit(monkeypatch, dtype):
+def test_relu_kernels_give_the_numpy_paths_values_and_products_bit_for_bit(monkeypatch,
+                                                                           dtype):
     rng = np.random.default_rng(6)
     a = rng.standard_normal(40_000)
     a[:6] = [0.0, -0.0, np.inf, -np.inf, np.nan, 1e-300]
@@ -261,15 +262,18 @@ def test_relu_gradient_kernel_is_the_numpy_paths_product_bit_for_bit(monkeypatch
 
     def run():
         x = engine.tensor(a, dtype=dtype, requires_grad=True)
-        F.relu(x).backward(engine.tensor(g, dtype=dtype))
-        return x.grad.numpy()
+        y = F.relu(x)
+        y.backward(engine.tensor(g, dtype=dtype))
+        return y.numpy(), x.grad.numpy()
 
     with np.errstate(invalid="ignore"):  # numpy warns of inf * 0; the kernel does not
-        kernels, numpy_path = both_ways(monkeypatch, run)
-    np.testing.assert_array_equal(kernels, numpy_path)
-    np.testing.assert_array_equal(np.signbit(kernels), np.signbit(numpy_path))
-    assert np.isnan(kernels[[6, 7, 8, 10, 11]]).all()  # inf * 0 and NaN * anything
-    assert kernels[9] == np.inf and not np.isnan(kernels[:6]).any()
+        (yk, gk), (yn, gn) = both_ways(monkeypatch, run)
+    for k, n in ((yk, yn), (gk, gn)):
+        np.testing.assert_array_equal(k, n)
+        np.testing.assert_array_equal(np.signbit(k), np.signbit(n))
+    assert not np.signbit(yk[1]) and np.isnan(yk[4]) and yk[3] == 0  # -0.0, NaN, -inf
+    assert np.isnan(gk[[6, 7, 8, 10, 11]]).all()  # inf * 0 and NaN * anything
+    assert gk[9] == np.inf and not np.isnan(gk[:6]).any()
 
 
 def _attention_all(q, k, v, g, causal):
