@@ -131,16 +131,29 @@ def special(xp):
     return cupyx.scipy.special  # pragma: no cover
 
 
-def cpu_kernels():
-    """The compiled CPU kernels (`dptrain.engine.cpu_kernels`), imported on the first call so
-    that nothing imports numba before an op runs on the CPU; None when the environment sets
-    ``DPTRAIN_CPU_KERNELS=0``, which selects the numpy path every op keeps. Read on each call,
-    so a test can run an op both ways in one process.
+_KERNEL_DTYPES = (numpy.dtype(numpy.float32), numpy.dtype(numpy.float64))
+
+
+def cpu_kernels(*arrays, dtypes=_KERNEL_DTYPES):
+    """The compiled CPU kernels (`dptrain.engine.cpu_kernels`) when `arrays` can go through
+    them: plain numpy arrays (not CuPy's, not the strict device's), C-contiguous, all of one
+    dtype among `dtypes` (the kernels' signatures). Imported on the first such call, so that
+    nothing imports numba before an op runs on the CPU. None otherwise, and whenever the
+    environment sets ``DPTRAIN_CPU_KERNELS=0`` (read on each call, so a test can run an op
+    both ways in one process): the caller then takes the numpy path every op keeps.
+
+    Args:
+        arrays: the arrays the caller would hand to a kernel.
+        dtypes: the dtypes its kernel is compiled for.
 
     Returns:
         The kernels module, or None.
     """
-    if os.environ.get("DPTRAIN_CPU_KERNELS", "1") == "0":
+    if os.environ.get("DPTRAIN_CPU_KERNELS", "1") == "0" or not arrays:
+        return None
+    dtype = arrays[0].dtype
+    if dtype not in dtypes or any(type(a) is not numpy.ndarray or a.dtype != dtype
+                                  or not a.flags.c_contiguous for a in arrays):
         return None
     from dptrain.engine import cpu_kernels as kernels
 

@@ -48,6 +48,7 @@ _masked_softmax = Op("masked_softmax", _masked_softmax_forward, (
 ), save=False, save_ans=True)
 
 
+_FLOAT32 = (numpy.dtype(numpy.float32),)  # the softmax kernels' one signature
 # Queries per block of a causal attention: block b sees keys [0, (b + 1) * block) only.
 _CAUSAL_BLOCK = 32
 
@@ -60,17 +61,10 @@ def _query_blocks(L: int, S: int, causal: bool):
             for i0 in range(0, L, _CAUSAL_BLOCK)]
 
 
-def _softmax_kernels(xp, *arrays):
-    """The compiled CPU kernels for C-contiguous float32 numpy blocks, else None."""
-    if xp is numpy and all(a.dtype == numpy.float32 and a.flags.c_contiguous for a in arrays):
-        return cpu_kernels()
-    return None
-
-
 def _block_weights(xp, q, k, mask, scale, causal, i0, i1, s1):
     """softmax over the keys [0, s1) of the scores of query rows [i0, i1)."""
     scores = q[..., i0:i1, :] @ k[..., :s1, :].swapaxes(-1, -2)
-    kernels = _softmax_kernels(xp, scores) if mask is None else None
+    kernels = cpu_kernels(scores, dtypes=_FLOAT32) if mask is None else None
     if kernels is not None:  # scale, causal mask and softmax in one pass per row
         kernels.attention_softmax_f32(scores.reshape(-1, s1), i1 - i0, i0 if causal else -1,
                                       scale)
@@ -122,7 +116,7 @@ def _attention_backward(xp, g, ans, q, k, v, mask, scale, causal):
         dv[..., :s1, :] += w.swapaxes(-1, -2) @ gb
         # the softmax's rule, in dw's memory: w * (dw - sum(dw * w)) * scale
         dw = gb @ v[..., :s1, :].swapaxes(-1, -2)
-        kernels = _softmax_kernels(xp, dw, w)
+        kernels = cpu_kernels(dw, w, dtypes=_FLOAT32)
         if kernels is not None:
             kernels.softmax_rule_f32(dw.reshape(-1, s1), w.reshape(-1, s1), scale)
         else:

@@ -109,12 +109,11 @@ def _relu_forward(xp, x):
     contiguous x is compared row by row with a cached row of zeros broadcast over the rows
     (a 64 KiB row stays in cache), the tail that fills no row against the scalar."""
     n = x.size
-    if xp is numpy and x.flags.c_contiguous and x.dtype in (numpy.float32, numpy.float64):
-        kernels = cpu_kernels()
-        if kernels is not None:
-            out = numpy.empty_like(x)
-            kernels.relu(x.reshape(-1), out.reshape(-1))
-            return out
+    kernels = cpu_kernels(x)
+    if kernels is not None:
+        out = numpy.empty_like(x)
+        kernels.relu(x.reshape(-1), out.reshape(-1))
+        return out
     if xp is not numpy or n < _ZERO_ROW or not x.flags.c_contiguous:
         return xp.maximum(x, 0)
     zeros = _zero_rows.get(x.dtype)
@@ -132,14 +131,11 @@ def _relu_forward(xp, x):
 def _relu_vjp(xp, g, ans, x, out=None):
     """``g * (ans > 0)``, into `out` (g itself, when backward owns it): no new array; on the
     CPU one compiled pass without the boolean array between."""
-    if (xp is numpy and g.dtype == ans.dtype and g.dtype in (numpy.float32, numpy.float64)
-            and g.flags.c_contiguous and ans.flags.c_contiguous
-            and (out is None or out.flags.c_contiguous) and g.shape == ans.shape):
-        kernels = cpu_kernels()
-        if kernels is not None:
-            out = numpy.empty_like(g) if out is None else out
-            kernels.relu_grad(g.reshape(-1), ans.reshape(-1), out.reshape(-1))
-            return out
+    kernels = cpu_kernels(g, ans, *(() if out is None else (out,)))
+    if kernels is not None and g.shape == ans.shape:
+        out = numpy.empty_like(g) if out is None else out
+        kernels.relu_grad(g.reshape(-1), ans.reshape(-1), out.reshape(-1))
+        return out
     return xp.multiply(g, ans > 0, out=out)
 
 
@@ -222,8 +218,8 @@ def _gelu_values(xp, x, slope, approximate):
         return _gelu_values(xp, x.reshape(1), None if slope is None else slope.reshape(1),
                             approximate).reshape(())
     if approximate == "none" and x.dtype == "float32" and xp.__name__ == "numpy":
-        kernels = cpu_kernels()
-        if kernels is not None and x.flags.c_contiguous:
+        kernels = cpu_kernels(x, *(() if slope is None else (slope,)))
+        if kernels is not None:
             out = numpy.empty(x.shape, dtype=x.dtype)
             kernels.gelu_f32(x.reshape(-1), out.reshape(-1),
                              _NO_SLOPE if slope is None else slope.reshape(-1), _PHI_R)

@@ -23,15 +23,6 @@ from dptrain.engine.ops.registry import FUNCTIONAL, export
 from dptrain.engine.tensor import Tensor
 
 
-def _kernels_for(xp, *arrays):
-    """The compiled CPU kernels when every array is a C-contiguous numpy array of one float32
-    or float64 dtype (the kernels' signatures), else None: the numpy path."""
-    if xp is not numpy or arrays[0].dtype not in (numpy.float32, numpy.float64) or any(
-            a.dtype != arrays[0].dtype or not a.flags.c_contiguous for a in arrays):
-        return None
-    return cpu_kernels()
-
-
 def _planes(a):
     """An (N, C, ...) array as (N, C, S), each channel's plane flattened."""
     return a.reshape(a.shape[0], a.shape[1], -1)
@@ -55,7 +46,7 @@ def _bn_forward(xp, x, weight, bias, mean, invstd, training):
     shift = -mean * scale
     if bias is not None:
         shift += bias
-    kernels = _kernels_for(xp, x, scale, shift) if x.ndim > 2 else None
+    kernels = cpu_kernels(x, scale, shift) if x.ndim > 2 else None
     if kernels is not None:
         out = numpy.empty_like(x)
         kernels.channel_affine(_planes(x), scale, shift, _planes(out))
@@ -77,13 +68,13 @@ def _channel_dot(xp, a, b):
 def _bn_backward(xp, g, ans, x, weight, bias, mean, invstd, training):
     shape = _bshape(x)
     m = x.size // x.shape[1]
-    kernels = _kernels_for(xp, g, x) if x.ndim > 2 else None
+    kernels = cpu_kernels(g, x) if x.ndim > 2 else None
     if kernels is not None:
-        db, gx = numpy.empty(x.shape[1], x.dtype), numpy.empty(x.shape[1], x.dtype)
-        kernels.channel_sums(_planes(g), _planes(x), db, gx)
+        db, g_dot_x = numpy.empty(x.shape[1], x.dtype), numpy.empty(x.shape[1], x.dtype)
+        kernels.channel_sums(_planes(g), _planes(x), db, g_dot_x)
     else:
-        db, gx = _channel_sum(xp, g), _channel_dot(xp, g, x)
-    dot = gx - mean * db  # sum(g * (x - mean)) = sum(g * xhat) / invstd
+        db, g_dot_x = _channel_sum(xp, g), _channel_dot(xp, g, x)
+    dot = g_dot_x - mean * db  # sum(g * (x - mean)) = sum(g * xhat) / invstd
     dw = dot * invstd
     k = invstd if weight is None else weight * invstd
     if not training:  # mean and invstd are constants
@@ -159,7 +150,7 @@ def batch_norm(input: Tensor, running_mean: Tensor | None, running_var: Tensor |
         if m <= 1:
             raise ValueError(f"batch_norm: expected more than 1 value per channel when "
                              f"training, got input of shape {input.shape}")
-        kernels = _kernels_for(xp, x) if x.ndim > 2 else None
+        kernels = cpu_kernels(x) if x.ndim > 2 else None
         if kernels is not None:
             mean, var = numpy.empty(c, x.dtype), numpy.empty(c, x.dtype)
             kernels.channel_mean_var(_planes(x), mean, var)
@@ -208,7 +199,7 @@ def _row_sum(xp, a, axes):
 
 
 def _ln_forward(xp, x, weight, bias, xhat, rstd, axes):
-    kernels = None if weight is None or bias is None else _kernels_for(xp, xhat, weight, bias)
+    kernels = None if weight is None or bias is None else cpu_kernels(xhat, weight, bias)
     if kernels is not None:
         out = numpy.empty_like(xhat)
         kernels.layer_norm_affine(xhat.reshape(-1, weight.size), weight.reshape(-1),
@@ -225,8 +216,7 @@ def _ln_forward(xp, x, weight, bias, xhat, rstd, axes):
 
 def _ln_backward(xp, g, ans, x, weight, bias, xhat, rstd, axes):
     # bias is not saved (the rule needs only its shape); dw and db are made in g's dtype
-    kernels = None if weight is None or bias is None else _kernels_for(
-        xp, g, xhat, rstd, weight)
+    kernels = None if weight is None or bias is None else cpu_kernels(g, xhat, rstd, weight)
     if kernels is not None:
         n = weight.size
         dx, dw, db = numpy.empty_like(xhat), numpy.zeros_like(weight), numpy.zeros_like(weight)
@@ -285,7 +275,7 @@ def layer_norm(input: Tensor, normalized_shape, weight: Tensor | None = None,
     x = input.data
     xp = get_array_module(x)
     axes = tuple(range(x.ndim - len(shape), x.ndim))
-    kernels = _kernels_for(xp, x)
+    kernels = cpu_kernels(x)
     if kernels is not None:
         n = math.prod(shape)
         xhat = numpy.empty_like(x)

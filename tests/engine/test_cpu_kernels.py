@@ -16,6 +16,7 @@ from fresh_imports import modules_loaded_by, within
 
 import dptrain.engine.functional as F
 from dptrain import engine
+from dptrain.engine import nn
 
 F32, F64 = engine.float32, engine.float64
 
@@ -319,3 +320,35 @@ def test_a_read_only_install_compiles_the_kernels_in_memory():
     bits = [int(v) for v in result.stdout.split(",")]
     mine = F.gelu(engine.tensor(np.linspace(-6, 6, 101, dtype=np.float32), requires_grad=True))
     assert bits == mine.numpy().view(np.int32).tolist()
+
+
+KERNELS = ("gelu_f32", "layer_norm_rows", "layer_norm_affine", "layer_norm_backward",
+           "channel_mean_var", "channel_affine", "channel_sums", "channel_combine", "relu",
+           "relu_grad", "attention_softmax_f32", "softmax_rule_f32")
+
+
+def _float32_graph():
+    """A float32 training step through every op that has a kernel."""
+    engine.manual_seed(0)
+    x = engine.randn(2, 4, 4, 4, requires_grad=True)
+    h = F.relu(nn.BatchNorm2d(4)(x)).reshape(2, 4, 16)
+    h = F.gelu(F.layer_norm(h, 16, engine.ones(16, requires_grad=True), engine.zeros(16)))
+    q = h.reshape(2, 2, 4, 8)
+    F.scaled_dot_product_attention(q, q, q, is_causal=True).sum().backward()
+
+
+@pytest.mark.parametrize("switch,expected", [(None, set(KERNELS)), ("0", set())],
+                         ids=["default", "DPTRAIN_CPU_KERNELS=0"])
+def test_each_op_runs_its_kernel_on_the_cpu_unless_switched_off(monkeypatch, switch, expected):
+    # the real kernels, each wrapped to record that it ran
+    import dptrain.engine.cpu_kernels as kernels
+
+    ran = set()
+    for name in KERNELS:
+        real = getattr(kernels, name)
+        monkeypatch.setattr(kernels, name,
+                            lambda *args, _real=real, _name=name: (ran.add(_name), _real(*args))[1])
+    if switch is not None:
+        monkeypatch.setenv("DPTRAIN_CPU_KERNELS", switch)
+    _float32_graph()
+    assert ran == expected
