@@ -10,7 +10,9 @@ numpy-based engine) and PyTorch on the CPU when it is importable. Run it with
 
 (`make bench` does exactly that; ``--rows lenet,resnet`` runs a subset; ``--timer cpu`` times
 with the process's CPU time instead of the wall clock, which a machine shared with other jobs
-inflates less: a process waiting for a core is not charged). The model rows train
+inflates less: a process waiting for a core is not charged; ``--numpy-path`` adds the engine's
+own numpy path, ``DPTRAIN_CPU_KERNELS=0``, as a third contender of the model rows, interleaved
+with the other two, for an A/B of the compiled CPU kernels in one run). The model rows train
 the same architecture in both frameworks: bench/torch_models.py holds PyTorch twins of the zoo's
 models, loaded with the engine model's initial weights. See docs/benchmarks.md for recorded
 results.
@@ -303,13 +305,30 @@ def model_step(name: str, framework: str, lr: float = 0.01):
     return step
 
 
+def numpy_path(step):
+    """`step` run with the compiled CPU kernels switched off: the engine's numpy path."""
+    def run():
+        os.environ["DPTRAIN_CPU_KERNELS"] = "0"
+        try:
+            step()
+        finally:
+            del os.environ["DPTRAIN_CPU_KERNELS"]
+    run.reset = step.reset
+    return run
+
+
 def _peak_in_fresh_process(name: str, batch: int) -> float:
     """Each contender's peak is measured in its own process, so none inherits another's heap.
-    `name` is an MLP contender ('engine', 'numpy', 'torch') or 'row:framework' for a model."""
+    `name` is an MLP contender ('engine', 'numpy', 'torch') or 'row:framework' for a model,
+    where the framework 'numpy-path' is the engine with ``DPTRAIN_CPU_KERNELS=0``."""
     import subprocess
 
+    env = dict(os.environ)
+    if name.endswith(":numpy-path"):
+        name, env["DPTRAIN_CPU_KERNELS"] = name.replace("numpy-path", "engine"), "0"
     out = subprocess.run([sys.executable, __file__, "--peak-memory-of", name, "--batch",
-                          str(batch)], check=True, capture_output=True, text=True).stdout
+                          str(batch)], check=True, capture_output=True, text=True,
+                         env=env).stdout
     return float(out.strip().splitlines()[-1])
 
 
@@ -337,6 +356,9 @@ def main(argv=None) -> int:
                     help="wall clock (default) or the process's CPU time")
     ap.add_argument("--rows", default=",".join(ROWS),
                     help=f"comma-separated rows to run, from {','.join(ROWS)} (default all)")
+    ap.add_argument("--numpy-path", action="store_true",
+                    help="also time the model rows on the engine's numpy path "
+                         "(DPTRAIN_CPU_KERNELS=0), interleaved with the others")
     ap.add_argument("--peak-memory-of", choices=[*MLP_STEPS] + [
         f"{m}:{f}" for m in MODEL_ROWS for f in ("engine", "torch")],
                     help=argparse.SUPPRESS)  # internal: one contender, in a fresh process
@@ -384,11 +406,19 @@ def main(argv=None) -> int:
         if name not in selected:
             continue
         frameworks = ("engine", "torch") if torch else ("engine",)
-        times = timeit_interleaved({f: model_step(name, f) for f in frameworks}, args.repeat)
+        steps = {f: model_step(name, f) for f in frameworks}
+        if args.numpy_path:
+            steps["numpy-path"] = numpy_path(model_step(name, "engine"))
+        times = timeit_interleaved(steps, args.repeat)
         rows.append((MODEL_ROWS[name][0], 1e3, "ms", times["engine"], None, times.get("torch")))
-        mem = {f: _peak_in_fresh_process(f"{name}:{f}", 0) for f in frameworks}
+        mem = {f: _peak_in_fresh_process(f"{name}:{f}", 0) for f in steps}
         rows.append(("peak memory of that step", 1.0, "MiB", mem["engine"], None,
                      mem.get("torch")))
+        if args.numpy_path:
+            rows.append(("the same step on the numpy path (DPTRAIN_CPU_KERNELS=0)", 1e3, "ms",
+                         times["numpy-path"], None, times.get("torch")))
+            rows.append(("peak memory of that step", 1.0, "MiB", mem["numpy-path"], None,
+                         mem.get("torch")))
 
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
           f"Python {platform.python_version()}, numpy {np.__version__}, BLAS: {blas}")

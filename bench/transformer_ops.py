@@ -1,7 +1,8 @@
 """Per-op benchmark of transformer_lm's pieces against PyTorch CPU eager: GELU, layer norm,
 causal scaled dot-product attention and one pre-norm encoder layer, each forward and
 backward, at the shapes of `bench/engine.py`'s transformer_lm row (batch 16, context 128,
-d_model 256, 4 heads, d_ff 1024). CPU-time medians, the two frameworks interleaved call by
+d_model 256, 4 heads, d_ff 1024), and the engine's own numpy path (``DPTRAIN_CPU_KERNELS=0``,
+no compiled kernels) as a third contender. CPU-time medians, the three interleaved call by
 call in one process, one BLAS thread; backward is (forward + backward) - forward. Run
 
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 \
@@ -13,6 +14,7 @@ call in one process, one BLAS thread; backward is (forward + backward) - forward
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -31,20 +33,35 @@ from dptrain.engine import nn  # noqa: E402
 ROWS = ("gelu", "ln", "attn", "mha")
 
 
+def numpy_path(fn):
+    """`fn` run with the compiled CPU kernels switched off (the engine's numpy path)."""
+    def run():
+        os.environ["DPTRAIN_CPU_KERNELS"] = "0"
+        try:
+            return fn()
+        finally:
+            del os.environ["DPTRAIN_CPU_KERNELS"]
+    return run
+
+
 def compare(name: str, ours, theirs, shape: tuple, repeat: int) -> None:
-    """Time ``ours()`` and ``theirs()`` (each returning the output to backpropagate) forward
-    only and forward + backward, interleaved; print medians and ratios."""
+    """Time ``ours()`` (with the compiled kernels and on the numpy path) and ``theirs()``
+    (each returning the output to backpropagate) forward only and forward + backward,
+    interleaved; print medians and ratios."""
     import torch
 
     g = np.random.default_rng(1).standard_normal(shape, dtype=np.float32)
     ge, gt = engine.from_numpy(g), torch.from_numpy(g)
     fns = {"engine fwd": ours, "engine fwd+bwd": lambda: ours().backward(ge),
+           "numpy fwd": numpy_path(ours), "numpy fwd+bwd": numpy_path(lambda: ours().backward(ge)),
            "torch fwd": theirs, "torch fwd+bwd": lambda: theirs().backward(gt)}
     m = {k: v * 1e3 for k, v in interleaved(fns, repeat, time.process_time).items()}
     ef, eb = m["engine fwd"], m["engine fwd+bwd"] - m["engine fwd"]
+    nf, nb = m["numpy fwd"], m["numpy fwd+bwd"] - m["numpy fwd"]
     tf, tb = m["torch fwd"], m["torch fwd+bwd"] - m["torch fwd"]
-    print(f"| {name} | {ef:.2f} / {tf:.2f} ms ({ef / tf:.2f}×) | {eb:.2f} / {tb:.2f} ms "
-          f"({eb / tb:.2f}×) |")
+    print(f"| {name} | {ef:.2f} / {nf:.2f} / {tf:.2f} ms ({ef / tf:.2f}×, numpy path "
+          f"{nf / tf:.2f}×) | {eb:.2f} / {nb:.2f} / {tb:.2f} ms ({eb / tb:.2f}×, numpy path "
+          f"{nb / tb:.2f}×) |")
 
 
 def main(argv=None) -> int:
@@ -59,7 +76,8 @@ def main(argv=None) -> int:
     threadpool_limits(1)
     rows = args.rows.split(",")
     rng = np.random.default_rng(0)
-    print("| op | forward: engine / PyTorch | backward: engine / PyTorch |")
+    print("| op | forward: engine / numpy path / PyTorch | backward: engine / numpy path / "
+          "PyTorch |")
     print("|---|---:|---:|")
 
     def pair(shape):

@@ -8,6 +8,8 @@ package imports and runs on a machine without it.
 
 from __future__ import annotations
 
+import os
+
 import numpy
 
 from dptrain.engine.strict_array import STRICT, STRICT_SPECIAL, StrictArray
@@ -40,6 +42,7 @@ __all__ = [
     "SUPPORTED_DTYPES",
     "check_dtype",
     "special",
+    "cpu_kernels",
     "scatter_add",
     "to_device",
     "check_same_device",
@@ -126,6 +129,35 @@ def special(xp):
     import cupyx.scipy.special  # pragma: no cover
 
     return cupyx.scipy.special  # pragma: no cover
+
+
+_KERNEL_DTYPES = (numpy.dtype(numpy.float32), numpy.dtype(numpy.float64))
+
+
+def cpu_kernels(*arrays, dtypes=_KERNEL_DTYPES):
+    """The compiled CPU kernels (`dptrain.engine.cpu_kernels`) when `arrays` can go through
+    them: plain numpy arrays (not CuPy's, not the strict device's), C-contiguous, all of one
+    dtype among `dtypes` (the kernels' signatures). Imported on the first such call, so that
+    nothing imports numba before an op runs on the CPU. None otherwise, and whenever the
+    environment sets ``DPTRAIN_CPU_KERNELS=0`` (read on each call, so a test can run an op
+    both ways in one process): the caller then takes the numpy path every op keeps.
+
+    Args:
+        arrays: the arrays the caller would hand to a kernel.
+        dtypes: the dtypes its kernel is compiled for.
+
+    Returns:
+        The kernels module, or None.
+    """
+    if os.environ.get("DPTRAIN_CPU_KERNELS", "1") == "0" or not arrays:
+        return None
+    dtype = arrays[0].dtype
+    if dtype not in dtypes or any(type(a) is not numpy.ndarray or a.dtype != dtype
+                                  or not a.flags.c_contiguous for a in arrays):
+        return None
+    from dptrain.engine import cpu_kernels as kernels
+
+    return kernels
 
 
 def sum_matrix(xp, a, axis: int):

@@ -29,12 +29,15 @@ def test_worker_modules_never_import_the_coordinator():
     assert offenders == []
 
 
-def test_only_the_backend_imports_cupy_and_the_strict_device():
-    owned = ("cupy", "cupyx", "dptrain.engine.strict_array")
+@pytest.mark.parametrize("owner,owned", [
+    ("engine/backend.py", ("cupy", "cupyx", "dptrain.engine.strict_array")),
+    ("engine/cpu_kernels.py", ("numba", "llvmlite")),
+], ids=["cupy-and-the-strict-device", "numba"])
+def test_cupy_the_strict_device_and_numba_each_have_one_importer(owner, owned):
     offenders = [f"{path.relative_to(REPO)}:{line}: {name}"
                  for folder in ("engine", "worker", "coordinator")
                  for path in sorted((REPO / folder).rglob("*.py"))
-                 if path.relative_to(REPO).as_posix() != "engine/backend.py"
+                 if path.relative_to(REPO).as_posix() != owner
                  for line, name in imported_modules(
                      path.read_text(), ".".join(["dptrain", *path.relative_to(REPO).parent.parts]))
                  if any(name == o or name.startswith(o + ".") for o in owned)]

@@ -17,7 +17,7 @@ import math
 
 import numpy
 
-from dptrain.engine.backend import get_array_module, sum_matrix
+from dptrain.engine.backend import cpu_kernels, get_array_module, sum_matrix
 from dptrain.engine.ops.core import Op, apply
 from dptrain.engine.ops.elementwise import dropout
 from dptrain.engine.ops.registry import FUNCTIONAL, export
@@ -48,6 +48,7 @@ _masked_softmax = Op("masked_softmax", _masked_softmax_forward, (
 ), save=False, save_ans=True)
 
 
+_FLOAT32 = (numpy.dtype(numpy.float32),)  # the softmax kernels' one signature
 # Queries per block of a causal attention: block b sees keys [0, (b + 1) * block) only.
 _CAUSAL_BLOCK = 32
 
@@ -63,6 +64,11 @@ def _query_blocks(L: int, S: int, causal: bool):
 def _block_weights(xp, q, k, mask, scale, causal, i0, i1, s1):
     """softmax over the keys [0, s1) of the scores of query rows [i0, i1)."""
     scores = q[..., i0:i1, :] @ k[..., :s1, :].swapaxes(-1, -2)
+    kernels = cpu_kernels(scores, dtypes=_FLOAT32) if mask is None else None
+    if kernels is not None:  # scale, causal mask and softmax in one pass per row
+        kernels.attention_softmax_f32(scores.reshape(-1, s1), i1 - i0, i0 if causal else -1,
+                                      scale)
+        return scores
     scores *= scale
     if causal:  # query i sees keys j <= i
         xp.copyto(scores, -numpy.inf, where=~xp.tri(i1 - i0, s1, i0, dtype=bool))
@@ -110,9 +116,13 @@ def _attention_backward(xp, g, ans, q, k, v, mask, scale, causal):
         dv[..., :s1, :] += w.swapaxes(-1, -2) @ gb
         # the softmax's rule, in dw's memory: w * (dw - sum(dw * w)) * scale
         dw = gb @ v[..., :s1, :].swapaxes(-1, -2)
-        dw -= xp.einsum("...ij,...ij->...i", dw, w)[..., None]
-        dw *= w
-        dw *= scale
+        kernels = cpu_kernels(dw, w, dtypes=_FLOAT32)
+        if kernels is not None:
+            kernels.softmax_rule_f32(dw.reshape(-1, s1), w.reshape(-1, s1), scale)
+        else:
+            dw -= xp.einsum("...ij,...ij->...i", dw, w)[..., None]
+            dw *= w
+            dw *= scale
         xp.matmul(dw, k[..., :s1, :], out=dq[..., i0:i1, :])
         dk[..., :s1, :] += dw.swapaxes(-1, -2) @ q[..., i0:i1, :]
     return dq, dk, dv, None

@@ -10,7 +10,13 @@ import numbers
 
 import numpy
 
-from dptrain.engine.backend import device_generator, get_array_module, get_device, special
+from dptrain.engine.backend import (
+    cpu_kernels,
+    device_generator,
+    get_array_module,
+    get_device,
+    special,
+)
 from dptrain.engine.dtypes import default_float
 from dptrain.engine.ops.convert import _to
 from dptrain.engine.ops.core import Op, apply
@@ -103,6 +109,11 @@ def _relu_forward(xp, x):
     contiguous x is compared row by row with a cached row of zeros broadcast over the rows
     (a 64 KiB row stays in cache), the tail that fills no row against the scalar."""
     n = x.size
+    kernels = cpu_kernels(x)
+    if kernels is not None:
+        out = numpy.empty_like(x)
+        kernels.relu(x.reshape(-1), out.reshape(-1))
+        return out
     if xp is not numpy or n < _ZERO_ROW or not x.flags.c_contiguous:
         return xp.maximum(x, 0)
     zeros = _zero_rows.get(x.dtype)
@@ -118,7 +129,13 @@ def _relu_forward(xp, x):
 
 
 def _relu_vjp(xp, g, ans, x, out=None):
-    """``g * (ans > 0)``, into `out` (g itself, when backward owns it): no new array."""
+    """``g * (ans > 0)``, into `out` (g itself, when backward owns it): no new array; on the
+    CPU one compiled pass without the boolean array between."""
+    kernels = cpu_kernels(g, ans, *(() if out is None else (out,)))
+    if kernels is not None and g.shape == ans.shape:
+        out = numpy.empty_like(g) if out is None else out
+        kernels.relu_grad(g.reshape(-1), ans.reshape(-1), out.reshape(-1))
+        return out
     return xp.multiply(g, ans > 0, out=out)
 
 
@@ -142,6 +159,7 @@ _PHI_R = (-3.611126009e-09, 2.668884977e-07, -7.938155443e-06, 1.104798933e-04,
           6.626129965e-05, -7.266856873e-02, -1.595768432)  # highest power first
 
 
+_NO_SLOPE = numpy.empty(0, dtype=numpy.float32)  # the kernel's `slope` when none is wanted
 _GELU_BLOCK = 65536  # elements: the passes of one block run in cache
 
 
@@ -200,6 +218,12 @@ def _gelu_values(xp, x, slope, approximate):
         return _gelu_values(xp, x.reshape(1), None if slope is None else slope.reshape(1),
                             approximate).reshape(())
     if approximate == "none" and x.dtype == "float32" and xp.__name__ == "numpy":
+        kernels = cpu_kernels(x, *(() if slope is None else (slope,)))
+        if kernels is not None:
+            out = numpy.empty(x.shape, dtype=x.dtype)
+            kernels.gelu_f32(x.reshape(-1), out.reshape(-1),
+                             _NO_SLOPE if slope is None else slope.reshape(-1), _PHI_R)
+            return out
         return _gelu_exact_float32(xp, x, slope)
     if approximate == "tanh":
         t = _gelu_inner(xp, x)

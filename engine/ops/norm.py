@@ -15,10 +15,17 @@ from __future__ import annotations
 
 import math
 
-from dptrain.engine.backend import get_array_module, sum_matrix
+import numpy
+
+from dptrain.engine.backend import cpu_kernels, get_array_module, sum_matrix
 from dptrain.engine.ops.core import Op, apply
 from dptrain.engine.ops.registry import FUNCTIONAL, export
 from dptrain.engine.tensor import Tensor
+
+
+def _planes(a):
+    """An (N, C, ...) array as (N, C, S), each channel's plane flattened."""
+    return a.reshape(a.shape[0], a.shape[1], -1)
 
 
 def _channel_sum(xp, a):
@@ -39,6 +46,11 @@ def _bn_forward(xp, x, weight, bias, mean, invstd, training):
     shift = -mean * scale
     if bias is not None:
         shift += bias
+    kernels = cpu_kernels(x, scale, shift) if x.ndim > 2 else None
+    if kernels is not None:
+        out = numpy.empty_like(x)
+        kernels.channel_affine(_planes(x), scale, shift, _planes(out))
+        return out
     out = x * scale.reshape(_bshape(x))
     out += shift.reshape(_bshape(x))
     return out
@@ -56,8 +68,13 @@ def _channel_dot(xp, a, b):
 def _bn_backward(xp, g, ans, x, weight, bias, mean, invstd, training):
     shape = _bshape(x)
     m = x.size // x.shape[1]
-    db = _channel_sum(xp, g)
-    dot = _channel_dot(xp, g, x) - mean * db  # sum(g * (x - mean)) = sum(g * xhat) / invstd
+    kernels = cpu_kernels(g, x) if x.ndim > 2 else None
+    if kernels is not None:
+        db, g_dot_x = numpy.empty(x.shape[1], x.dtype), numpy.empty(x.shape[1], x.dtype)
+        kernels.channel_sums(_planes(g), _planes(x), db, g_dot_x)
+    else:
+        db, g_dot_x = _channel_sum(xp, g), _channel_dot(xp, g, x)
+    dot = g_dot_x - mean * db  # sum(g * (x - mean)) = sum(g * xhat) / invstd
     dw = dot * invstd
     k = invstd if weight is None else weight * invstd
     if not training:  # mean and invstd are constants
@@ -66,6 +83,10 @@ def _bn_backward(xp, g, ans, x, weight, bias, mean, invstd, training):
     # full-size arrays instead of building it from (x - mean)
     b = -k * invstd * invstd * dot / m
     c = -k * db / m - b * mean
+    if kernels is not None and k.dtype == b.dtype == c.dtype == x.dtype:
+        dx = numpy.empty_like(x)
+        kernels.channel_combine(_planes(g), _planes(x), k, b, c, _planes(dx))
+        return dx, dw, db, None, None
     dx = x * b.reshape(shape)
     dx += c.reshape(shape)
     dx += g * k.reshape(shape)
@@ -129,10 +150,15 @@ def batch_norm(input: Tensor, running_mean: Tensor | None, running_var: Tensor |
         if m <= 1:
             raise ValueError(f"batch_norm: expected more than 1 value per channel when "
                              f"training, got input of shape {input.shape}")
-        mean = _channel_sum(xp, x) / m
-        xc = x - mean.reshape(_bshape(x))
-        var = _channel_dot(xp, xc, xc) / m
-        del xc
+        kernels = cpu_kernels(x) if x.ndim > 2 else None
+        if kernels is not None:
+            mean, var = numpy.empty(c, x.dtype), numpy.empty(c, x.dtype)
+            kernels.channel_mean_var(_planes(x), mean, var)
+        else:
+            mean = _channel_sum(xp, x) / m
+            xc = x - mean.reshape(_bshape(x))
+            var = _channel_dot(xp, xc, xc) / m
+            del xc
         for buf, stat in ((running_mean, mean), (running_var, var * (m / (m - 1)))):
             if buf is not None:
                 buf.data *= 1.0 - momentum
@@ -173,6 +199,12 @@ def _row_sum(xp, a, axes):
 
 
 def _ln_forward(xp, x, weight, bias, xhat, rstd, axes):
+    kernels = None if weight is None or bias is None else cpu_kernels(xhat, weight, bias)
+    if kernels is not None:
+        out = numpy.empty_like(xhat)
+        kernels.layer_norm_affine(xhat.reshape(-1, weight.size), weight.reshape(-1),
+                                  bias.reshape(-1), out.reshape(-1, weight.size))
+        return out
     if weight is None:
         out = xhat.copy()  # the op's own output: xhat stays as the rule saw it
     else:
@@ -183,6 +215,15 @@ def _ln_forward(xp, x, weight, bias, xhat, rstd, axes):
 
 
 def _ln_backward(xp, g, ans, x, weight, bias, xhat, rstd, axes):
+    # bias is not saved (the rule needs only its shape); dw and db are made in g's dtype
+    kernels = None if weight is None or bias is None else cpu_kernels(g, xhat, rstd, weight)
+    if kernels is not None:
+        n = weight.size
+        dx, dw, db = numpy.empty_like(xhat), numpy.zeros_like(weight), numpy.zeros_like(weight)
+        kernels.layer_norm_backward(g.reshape(-1, n), xhat.reshape(-1, n), rstd.reshape(-1),
+                                    weight.reshape(-1), dx.reshape(-1, n), dw.reshape(-1),
+                                    db.reshape(-1))
+        return dx, dw, db, None, None
     lead = tuple(range(xhat.ndim - len(axes)))
     letters = "abcdefghijklmnopqrstuvwxyz"[:xhat.ndim]
     # sum over the rows of g * xhat without a full-size product
@@ -234,6 +275,13 @@ def layer_norm(input: Tensor, normalized_shape, weight: Tensor | None = None,
     x = input.data
     xp = get_array_module(x)
     axes = tuple(range(x.ndim - len(shape), x.ndim))
+    kernels = cpu_kernels(x)
+    if kernels is not None:
+        n = math.prod(shape)
+        xhat = numpy.empty_like(x)
+        rstd = numpy.empty(x.shape[:len(x.shape) - len(shape)] + (1,) * len(shape), x.dtype)
+        kernels.layer_norm_rows(x.reshape(-1, n), eps, xhat.reshape(-1, n), rstd.reshape(-1))
+        return apply(_layer_norm, input, weight, bias, xhat, rstd, axes=axes)
     xhat = x - _row_sum(xp, x, axes) / math.prod(shape)
     var = _row_dot(xp, xhat, xhat, axes) / math.prod(shape)
     var += eps
