@@ -43,6 +43,7 @@ __all__ = [
     "check_dtype",
     "special",
     "cpu_kernels",
+    "CPU_KERNELS_ENV",
     "scatter_add",
     "to_device",
     "check_same_device",
@@ -132,6 +133,8 @@ def special(xp):
 
 
 _KERNEL_DTYPES = (numpy.dtype(numpy.float32), numpy.dtype(numpy.float64))
+CPU_KERNELS_ENV = "DPTRAIN_CPU_KERNELS"
+"""The switch between the compiled CPU kernels (1, the default) and the numpy path (0)."""
 
 
 def cpu_kernels(*arrays, dtypes=_KERNEL_DTYPES):
@@ -148,8 +151,18 @@ def cpu_kernels(*arrays, dtypes=_KERNEL_DTYPES):
 
     Returns:
         The kernels module, or None.
+
+    Raises:
+        RuntimeError: the variable holds anything but 0 or 1 (not a ValueError, which an op
+            reports as a fault of its inputs).
     """
-    if os.environ.get("DPTRAIN_CPU_KERNELS", "1") == "0" or not arrays:
+    switch = os.environ.get(CPU_KERNELS_ENV, "1")
+    if switch != "1":
+        if switch == "0":
+            return None
+        raise RuntimeError(f"{CPU_KERNELS_ENV} must be 1 (the compiled CPU kernels, the "
+                           f"default) or 0 (the numpy path), got {switch!r}")
+    if not arrays:
         return None
     dtype = arrays[0].dtype
     if dtype not in dtypes or any(type(a) is not numpy.ndarray or a.dtype != dtype

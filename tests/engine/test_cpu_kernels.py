@@ -352,3 +352,13 @@ def test_each_op_runs_its_kernel_on_the_cpu_unless_switched_off(monkeypatch, swi
         monkeypatch.setenv("DPTRAIN_CPU_KERNELS", switch)
     _float32_graph()
     assert ran == expected
+
+
+@pytest.mark.parametrize("value", ["off", "false", "", " 0", "2"])
+def test_a_switch_other_than_0_or_1_is_an_error_naming_it(monkeypatch, value):
+    monkeypatch.setenv("DPTRAIN_CPU_KERNELS", value)
+    x = engine.from_numpy(np.ones((4, 8), np.float32))
+    with pytest.raises(RuntimeError) as error:
+        F.gelu(x)
+    assert str(error.value) == ("DPTRAIN_CPU_KERNELS must be 1 (the compiled CPU kernels, the "
+                                f"default) or 0 (the numpy path), got {value!r}")
