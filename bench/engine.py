@@ -32,6 +32,9 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from gpu_step import numpy_path  # noqa: E402
 
 import dptrain.engine.functional as F  # noqa: E402
 from dptrain import engine  # noqa: E402
@@ -303,18 +306,6 @@ def model_step(name: str, framework: str, lr: float = 0.01):
             opt.step()
     step.reset = opt.zero_grad
     return step
-
-
-def numpy_path(step):
-    """`step` run with the compiled CPU kernels switched off: the engine's numpy path."""
-    def run():
-        os.environ["DPTRAIN_CPU_KERNELS"] = "0"
-        try:
-            step()
-        finally:
-            del os.environ["DPTRAIN_CPU_KERNELS"]
-    run.reset = step.reset
-    return run
 
 
 def _peak_in_fresh_process(name: str, batch: int) -> float:

@@ -13,6 +13,7 @@ so the medians compare the same minutes of a shared machine. Goals (issue: GPUs)
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -120,6 +121,25 @@ def interleaved(fns: dict, repeat: int, timer=time.perf_counter) -> dict:
             fn()
             samples[k].append(timer() - t)
     return {k: statistics.median(v) for k, v in samples.items()}
+
+
+def numpy_path(fn):
+    """`fn` run with the compiled CPU kernels switched off (``DPTRAIN_CPU_KERNELS=0``): the
+    engine's numpy path, the variable put back as it was after each call. A model step's
+    `reset` carries over."""
+    def run():
+        before = os.environ.get("DPTRAIN_CPU_KERNELS")
+        os.environ["DPTRAIN_CPU_KERNELS"] = "0"
+        try:
+            return fn()
+        finally:
+            if before is None:
+                del os.environ["DPTRAIN_CPU_KERNELS"]
+            else:
+                os.environ["DPTRAIN_CPU_KERNELS"] = before
+    if hasattr(fn, "reset"):
+        run.reset = fn.reset
+    return run
 
 
 def main(argv=None) -> int:

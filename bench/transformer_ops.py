@@ -14,7 +14,6 @@ call in one process, one BLAS thread; backward is (forward + backward) - forward
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
@@ -24,24 +23,13 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from gpu_step import interleaved  # noqa: E402
+from gpu_step import interleaved, numpy_path  # noqa: E402
 
 import dptrain.engine.functional as F  # noqa: E402
 from dptrain import engine  # noqa: E402
 from dptrain.engine import nn  # noqa: E402
 
 ROWS = ("gelu", "ln", "attn", "mha")
-
-
-def numpy_path(fn):
-    """`fn` run with the compiled CPU kernels switched off (the engine's numpy path)."""
-    def run():
-        os.environ["DPTRAIN_CPU_KERNELS"] = "0"
-        try:
-            return fn()
-        finally:
-            del os.environ["DPTRAIN_CPU_KERNELS"]
-    return run
 
 
 def compare(name: str, ours, theirs, shape: tuple, repeat: int) -> None:
