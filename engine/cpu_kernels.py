@@ -251,6 +251,16 @@ def channel_combine(g, x, a, b, c, out):
 # ---------------------------------------------------------------- relu
 
 @_jit(_ELEMENTWISE)
+def relu(x, out):
+    """``out = max(x, 0)`` over flat arrays as numpy's maximum against 0 gives it: NaN stays
+    NaN, -0.0 and -inf become +0.0."""
+    zero = x.dtype.type(0.0)
+    for i in range(x.size):
+        v = x[i]
+        out[i] = v if (v > zero or v != v) else zero
+
+
+@_jit(_ELEMENTWISE)
 def relu_grad(g, ans, out):
     """``out = g * (ans > 0)`` over flat arrays: the same product as numpy's (so an inf or
     NaN gradient where ans <= 0 still gives NaN), without the boolean array between."""
@@ -315,13 +325,3 @@ def softmax_rule_f32(dw, w, scale):
             dot += dw[r, j] * w[r, j]
         for j in range(keys):
             dw[r, j] = (dw[r, j] - dot) * w[r, j] * scale
-
-
-@_jit(_ELEMENTWISE)
-def relu(x, out):
-    """``out = max(x, 0)`` over flat arrays as numpy's maximum against 0 gives it: NaN stays
-    NaN, -0.0 and -inf become +0.0."""
-    zero = x.dtype.type(0.0)
-    for i in range(x.size):
-        v = x[i]
-        out[i] = v if (v > zero or v != v) else zero
