@@ -18,9 +18,9 @@ Example::
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import itertools
+import logging
 import os
 import socket
 import ssl
@@ -44,6 +44,12 @@ from dptrain.coordinator.api.errors import ValidationError
 from dptrain.coordinator.api.hashed_io import BytesLike
 from dptrain.coordinator.api.limits import channel_options
 from dptrain.coordinator.api.records import CheckpointRecord, Event, Job, JobState, User
+from dptrain.coordinator.client.data_transfer import (
+    DataDownload,
+    DataPortUnreachable,
+    connect,
+    tls_context,
+)
 from dptrain.coordinator.client.download_parts import (
     DOWNLOAD_STREAMS,
     FIRST_RANGE_BYTES,
@@ -55,6 +61,7 @@ from dptrain.coordinator.client.download_parts import (
     part_path,
     part_size,
 )
+from dptrain.coordinator.client.errors import ClientError
 from dptrain.protos.dptrain.v1 import coordinator_pb2 as pb
 from dptrain.protos.dptrain.v1 import coordinator_pb2_grpc as pb_grpc
 from dptrain.worker.checkpoint_manifest import FileEntry
@@ -72,20 +79,7 @@ __all__ = ["Client", "ClientError", "DownloadedFile", "DownloadProgress", "DEFAU
 
 DEFAULT_TIMEOUT = 30.0
 
-
-class ClientError(Exception):
-    """A failed call: ``code`` is the gRPC status code's name, ``details`` the server's message.
-
-    ``str(error)`` is one line: ``"CODE: details"``.
-
-    Args:
-        code: e.g. ``"NOT_FOUND"``.
-        details: what went wrong.
-    """
-
-    def __init__(self, code: str, details: str):
-        self.code, self.details = code, " ".join(str(details).split())
-        super().__init__(f"{code}: {self.details}")
+log = logging.getLogger("dptrain.client")
 
 
 def _download_data(stream: Iterator[Any]) -> Iterator[BytesLike]:
@@ -145,14 +139,20 @@ class Client:
         token_file: a file holding the token.
         state_dir: a local coordinator's state directory to read the token from.
         job_id: the job a worker token belongs to (workers only).
+        data_port: move checkpoint bytes over the coordinator's data port where it has one
+            (``server.data_port``: plain TCP beside gRPC, faster); False: always the gRPC
+            streams. When the port is off, refused or unreachable, this client uses the
+            streams from then on (one log line says so).
     """
 
     def __init__(self, address: str, token: str | None = None,
                  tls_ca: str | os.PathLike | bytes | None = None,
                  timeout: float = DEFAULT_TIMEOUT, *, token_file: str | os.PathLike | None = None,
-                 state_dir: str | os.PathLike | None = None, job_id: str | None = None):
+                 state_dir: str | os.PathLike | None = None, job_id: str | None = None,
+                 data_port: bool = True):
         self.address = address
         self.timeout = timeout
+        self.data_port = data_port
         try:
             token, self.token_source = find_token(token, token_file=token_file,
                                                   state_dir=state_dir)
@@ -160,8 +160,11 @@ class Client:
             raise ClientError("UNAUTHENTICATED", f"cannot read the token: {e}") from None
         self.tls = tls_ca is not None
         self._metadata = bearer_metadata(token, job_id)
+        self._data_tls = None
         if tls_ca is not None:
-            credentials = grpc.ssl_channel_credentials(root_certificates=_read_ca(tls_ca))
+            ca = _read_ca(tls_ca)
+            self._data_tls = tls_context(ca)
+            credentials = grpc.ssl_channel_credentials(root_certificates=ca)
             self.channel = grpc.secure_channel(address, credentials, options=channel_options())
         else:
             self.channel = grpc.insecure_channel(address, options=channel_options())
@@ -229,6 +232,66 @@ class Client:
             raise self._error(e) from None
         finally:
             call.cancel()
+
+    def _data_connection(self, ticket: pb.DataTicket) -> socket.socket:
+        """An accepted connection to the data port on the host gRPC reaches.
+
+        Raises:
+            DataPortUnreachable: after switching this client to the gRPC streams.
+            ClientError: the server refused the ticket.
+        """
+        host = self.address.rpartition(":")[0].strip("[]")
+        try:
+            return connect(host, ticket.port, ticket.ticket, self._data_tls,
+                           max(self.timeout, 60.0))
+        except DataPortUnreachable as e:
+            self._use_streams(f"its data port is unreachable ({e})")
+            raise
+
+    def _use_streams(self, why: str) -> None:
+        """Move checkpoint bytes over the gRPC streams from now on."""
+        if self.data_port:
+            self.data_port = False
+            log.warning("coordinator %s: %s; checkpoint transfers use the gRPC streams",
+                        self.address, why)
+
+    def _open_download(self, request: pb.DownloadCheckpointRequest
+                       ) -> tuple[pb.DownloadInfo, Iterator[BytesLike], Callable[[], Any]]:
+        """Start a DownloadCheckpoint: ``(its description, the file's bytes, cancel)``. The
+        bytes come from the data port when the server hands out a ticket, else as the
+        stream's chunks; the caller cannot tell them apart.
+
+        Raises:
+            ClientError: the call failed, or did not start with the file's description.
+        """
+        request.data_port = self.data_port
+        call = self._download(request, metadata=self._metadata)
+        try:
+            first = next(call, None)
+        except grpc.RpcError as e:
+            raise self._error(e) from None
+        if first is None or first.WhichOneof("item") != "info":
+            call.cancel()
+            raise ClientError("INTERNAL", "the download stream did not start with the file's "
+                              "description")
+        if first.info.data.port:
+            call.cancel()
+            try:
+                sock = self._data_connection(first.info.data)
+            except DataPortUnreachable:
+                return self._open_download(request)  # over the stream, now
+            bytes_ = DataDownload(sock, first.info.end - request.offset)
+            return first.info, iter(bytes_), bytes_.cancel
+
+        def chunks() -> Iterator[BytesLike]:
+            try:
+                yield from _download_data(call)
+            except grpc.RpcError as e:
+                raise self._error(e) from None
+            finally:
+                call.cancel()
+
+        return first.info, chunks(), call.cancel
 
     # ------------------------------------------------------------ jobs
 
@@ -447,32 +510,29 @@ class Client:
                             length=FIRST_RANGE_BYTES if streams > 1 else 0)
                         if step is not None:
                             request.step = step
-                        stream = self._stream(self._download, request)
-                        with contextlib.closing(stream):
-                            first = next(stream, None)
-                            if first is None or first.WhichOneof("item") != "info":
-                                raise ClientError("INTERNAL", "the download stream did not "
-                                                  "start with the file's description")
-                            described = serde.file_entry_from_proto(first.info.file)
+                        info, data, cancel = self._open_download(request)
+                        try:
+                            described = serde.file_entry_from_proto(info.file)
                             if described != expected:  # the first answer, or another file
                                 if expected is not None:
                                     part_path(target, expected).unlink(missing_ok=True)
-                                expected, step = described, first.info.step
+                                expected, step = described, info.step
                                 part = part_path(target, expected)
                                 if part_size(part) > expected.size:
                                     part.unlink()
                                 if offset != part_size(part):  # a part to resume (or none now)
                                     continue
                             report(offset, offset or None)
-                            if streams > 1 and offset < first.info.end < expected.size:
-                                ranged = RangedDownload(part, expected.size, offset,
-                                                        first.info.end, streams, open_range,
-                                                        report)
-                                ranged.run(_download_data(stream))
+                            if streams > 1 and offset < info.end < expected.size:
+                                ranged = RangedDownload(part, expected.size, offset, info.end,
+                                                        streams, open_range, report)
+                                ranged.run(data)
                                 digest, size = ranged.verified(expected.algorithm)
                             else:  # one stream (or a server that predates ranges)
-                                digest, size = append_to_part(
-                                    part, expected, offset, _download_data(stream), report)
+                                digest, size = append_to_part(part, expected, offset, data,
+                                                              report)
+                        finally:
+                            cancel()
                 except ClientError as e:
                     if e.code not in _RESUMABLE:
                         raise
@@ -511,27 +571,13 @@ class Client:
         """
         request = pb.DownloadCheckpointRequest(job_id=job_id, step=step, file=file,
                                                offset=offset, length=length)
-        call = self._download(request, metadata=self._metadata)
-
-        def chunks() -> Iterator[BytesLike]:
-            try:
-                yield from _download_data(call)
-            except grpc.RpcError as e:
-                raise self._error(e) from None
-            finally:
-                call.cancel()
-
-        try:
-            first = next(call, None)
-        except grpc.RpcError as e:
-            raise self._error(e) from None
-        if (first is None or first.WhichOneof("item") != "info" or first.info.step != step
-                or serde.file_entry_from_proto(first.info.file) != expected
-                or first.info.end != offset + length):
-            call.cancel()
+        info, data, cancel = self._open_download(request)
+        if (info.step != step or serde.file_entry_from_proto(info.file) != expected
+                or info.end != offset + length):
+            cancel()
             raise ClientError("ABORTED", f"{expected.name} of step {step} changed during the "
                               f"download")
-        return chunks(), call.cancel
+        return data, cancel
 
     # ------------------------------------------------------------ users (admins only)
 

@@ -39,6 +39,8 @@ import re
 import sys
 import time
 from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dptrain.coordinator.api.checkpoint_upload import CheckpointUpload, record_files
@@ -67,7 +69,7 @@ from dptrain.coordinator.api.records import (
     JobState,
 )
 from dptrain.coordinator.api.strict_json import loads
-from dptrain.coordinator.server.blobs import BlobStore, LeasedStream, blob_id
+from dptrain.coordinator.server.blobs import BlobLease, BlobStore, LeasedStream, blob_id
 from dptrain.coordinator.server.jobs import fail_job
 from dptrain.worker.checkpoint_manifest import MANIFEST, FileEntry
 from dptrain.worker.spec import code_digest
@@ -79,7 +81,8 @@ if TYPE_CHECKING:
 __all__ = [
     "DEFAULT_FILE", "WORKER_STATES", "record_blobs", "store_checkpoint",
     "receive_checkpoint", "list_checkpoints", "verify_record", "intact_checkpoint",
-    "open_download", "open_fetch", "keep_checkpoint", "prune_job_checkpoints", "free_blobs",
+    "open_download", "locate_download", "DownloadPlace", "check_worker_upload", "open_fetch",
+    "keep_checkpoint", "prune_job_checkpoints", "free_blobs",
     "referenced_blobs",
 ]
 
@@ -270,6 +273,20 @@ def _store_files(upload: CheckpointUpload, chunks: Iterable[tuple[str, bytes]],
     return record, received[0]
 
 
+def check_worker_upload(upload: CheckpointUpload, state: ServiceState) -> None:
+    """Every check `receive_checkpoint` makes before the first byte: the job is in
+    `WORKER_STATES`, the header agrees with its manifest, no file is too large (an upload
+    over the data port is refused with these errors before its bytes travel).
+
+    Raises:
+        JobNotFound, StateConflict, ValidationError, BlobTooLarge: as `receive_checkpoint`.
+    """
+    job = state.store.get_job(upload.job_id)
+    if job.state not in WORKER_STATES:
+        raise StateConflict(job.id, job.state, WORKER_STATES)
+    _check_upload(upload, state.blobs.max_size)
+
+
 def receive_checkpoint(upload: CheckpointUpload, chunks: Iterable[tuple[str, bytes]],
                        state: ServiceState, *, now: float | None = None) -> CheckpointRecord:
     """Store a checkpoint a job's workers upload (`store_checkpoint`), while their attempt
@@ -363,6 +380,53 @@ def open_download(job_id: str, step: int | None, name: str, state: ServiceState,
     second pass here would only double the CPU a download costs. Only choosing the newest
     intact checkpoint (`step` None) reads its files beforehand, to fall back past damage.
 
+    Args and Raises: as `locate_download`.
+
+    Returns:
+        ``(step, file, end, chunks)``; the chunks are at most `CHUNK_BYTES` each, from
+        `offset` up to `end` (``offset + length``, or the file's size where that comes
+        first). ``file.size`` is the stored file's size; ``file.digest`` and
+        ``file.algorithm`` are what the bytes must hash to (the manifest's entry; sha256 for
+        ``manifest.json``).
+    """
+    found = locate_download(job_id, step, name, state, offset, length)
+    try:
+        chunks = state.blobs.read(found.blob, chunk_size=CHUNK_BYTES, verify=False,
+                                  offset=offset, length=found.end - offset)
+    except BaseException:
+        found.lease.release()
+        raise
+    return found.step, found.entry, found.end, LeasedStream(found.lease, _counted(state, chunks))
+
+
+@dataclass(frozen=True)
+class DownloadPlace:
+    """Where the bytes of a download are (`locate_download`).
+
+    Attributes:
+        step: the checkpoint's step.
+        entry: the file as the receiver must find it (size, digest, algorithm).
+        blob: its blob's name.
+        path: its blob's file.
+        offset: the first byte to send.
+        end: the offset just past the last byte to send.
+        lease: holds the blob until released (``server.blobs``): release it when done.
+    """
+
+    step: int
+    entry: FileEntry
+    blob: str
+    path: Path
+    offset: int
+    end: int
+    lease: BlobLease
+
+
+def locate_download(job_id: str, step: int | None, name: str, state: ServiceState,
+                    offset: int = 0, length: int = 0) -> DownloadPlace:
+    """`open_download`'s checks and choice of file, without reading it: where its bytes are
+    (the data port sends them from the file; ``server.data_port``), its blob leased.
+
     Args:
         job_id: the job.
         step: the checkpoint's step; None: the newest intact checkpoint.
@@ -372,13 +436,6 @@ def open_download(job_id: str, step: int | None, name: str, state: ServiceState,
             it kept with the rest).
         length: send at most this many bytes (one of several byte ranges a receiver fetches
             at once and hashes whole once all are in); 0: up to the file's end.
-
-    Returns:
-        ``(step, file, end, chunks)``; the chunks are at most `CHUNK_BYTES` each, from
-        `offset` up to `end` (``offset + length``, or the file's size where that comes
-        first). ``file.size`` is the stored file's size; ``file.digest`` and
-        ``file.algorithm`` are what the bytes must hash to (the manifest's entry; sha256 for
-        ``manifest.json``).
 
     Raises:
         JobNotFound, CheckpointNotFound: no such job or checkpoint.
@@ -401,22 +458,21 @@ def open_download(job_id: str, step: int | None, name: str, state: ServiceState,
     blobs = record_blobs(record)
     if name not in blobs:
         raise ValidationError("file", "must be one of " + ", ".join(sorted(blobs)), name)
-    lease = state.blobs.lease([blobs[name]])  # held until the stream ends (server.blobs)
+    lease = state.blobs.lease([blobs[name]])  # held until the transfer ends (server.blobs)
     try:
         size = state.blobs.size(blobs[name])
         if offset > size:
             raise OutOfRange("offset", f"must be at most the file's size ({size} bytes)", offset)
-        end = min(size, offset + length) if length else size
-        chunks = state.blobs.read(blobs[name], chunk_size=CHUNK_BYTES, verify=False,
-                                  offset=offset, length=end - offset)
+        path = state.blobs.get(blobs[name], verify=False)
     except BaseException:
         lease.release()
         raise
     listed = {f.name: f for f in record_files(record)}.get(name)
     digest, algorithm = (record.sha256, "sha256") if listed is None else (listed.digest,
                                                                           listed.algorithm)
-    entry = FileEntry(name, size, digest, algorithm)
-    return record.step, entry, end, LeasedStream(lease, _counted(state, chunks))
+    end = min(size, offset + length) if length else size
+    return DownloadPlace(record.step, FileEntry(name, size, digest, algorithm), blobs[name],
+                         path, offset, end, lease)
 
 
 def _counted(state: ServiceState, chunks: Iterator[bytes]) -> Iterator[bytes]:

@@ -1,0 +1,92 @@
+"""The coordinator's data port on the wire: what both ends of a checkpoint transfer beside gRPC
+say to each other (``DataTicket`` in ``protos/dptrain/v1/coordinator.proto``).
+
+One gRPC stream moves a checkpoint at most at the rate its framing and its receiving thread
+allow, about 0.7x a plain copy of the file (docs/benchmarks.md, "Checkpoint transfer"); a
+plain TCP connection moves it with ``sendfile`` on one end and ``recv`` into the hasher on the
+other. So a gRPC call does everything but move the bytes (the caller's token and access rule,
+the checks of the request) and hands out a ticket, and the bytes go over the data port::
+
+    client                                   server
+    32 ticket bytes                   ->
+                                      <-     "OK 0 \\n"   (or "ABORTED 0 <why>\\n", closed)
+    download:                         <-     the bytes asked for, then closed
+    upload:   every file's bytes      ->
+                                      <-     "OK <n> \\n" + n bytes of a serialized Checkpoint
+                                             (or "DATA_LOSS 0 <why>\\n", ...)
+
+Every answer of the server is one status line, ``CODE LENGTH MESSAGE\\n`` (CODE a gRPC status
+code's name, MESSAGE one line), followed by LENGTH bytes: readable by a person with ``nc``, and
+parsed here alike by both ends.
+"""
+
+from __future__ import annotations
+
+import socket
+
+__all__ = ["TICKET_BYTES", "MAX_STATUS_LINE", "encode_status", "read_status", "recv_exactly",
+           "DataWireError"]
+
+TICKET_BYTES = 32
+"""A ticket's length: ``secrets.token_bytes(32)``."""
+
+MAX_STATUS_LINE = 4096
+"""The longest status line either end reads (a message is cut well before)."""
+
+
+class DataWireError(ConnectionError):
+    """The peer broke the protocol: closed early, or sent something that is not a status."""
+
+
+def encode_status(code: str, message: str = "", body: bytes = b"") -> bytes:
+    """One answer of the server: its status line, then `body`.
+
+    Args:
+        code: a gRPC status code's name (``OK``, ``DATA_LOSS`` ...).
+        message: what went wrong, one line (newlines are replaced).
+        body: the bytes that follow the line.
+    """
+    line = " ".join(message.split())
+    return f"{code} {len(body)} {line}".encode()[:MAX_STATUS_LINE - 1] + b"\n" + body
+
+
+def recv_exactly(sock: socket.socket, size: int) -> bytes:
+    """Exactly `size` bytes from `sock`.
+
+    Raises:
+        DataWireError: the connection closed before.
+        OSError: the socket failed or timed out.
+    """
+    parts, got = [], 0
+    while got < size:
+        part = sock.recv(size - got)
+        if not part:
+            raise DataWireError(f"the connection closed after {got} of {size} bytes")
+        parts.append(part)
+        got += len(part)
+    return b"".join(parts)
+
+
+def read_status(sock: socket.socket) -> tuple[str, str, bytes]:
+    """Read one answer of the server (`encode_status`).
+
+    Returns:
+        ``(code, message, body)``.
+
+    Raises:
+        DataWireError: the connection closed, or the line is not a status.
+        OSError: the socket failed or timed out.
+    """
+    line = bytearray()
+    while not line.endswith(b"\n"):  # byte by byte: what follows the line is not ours
+        if len(line) >= MAX_STATUS_LINE:
+            raise DataWireError("the data port's status line is too long")
+        byte = sock.recv(1)
+        if not byte:
+            raise DataWireError("the data port closed the connection without an answer")
+        line += byte
+    code, size, message = (line.decode("utf-8", "replace").rstrip("\n").split(" ", 2)
+                           + ["", ""])[:3]
+    if not code.isupper() or not size.isdigit():
+        raise DataWireError(f"the data port answered {bytes(line[:80])!r}, not a status line")
+    return code, message, recv_exactly(sock, int(size)) if int(size) else b""
