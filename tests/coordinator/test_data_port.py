@@ -446,3 +446,26 @@ def test_serve_takes_data_port_off_or_a_number(tmp_path):
     assert bad.returncode == 2
     assert bad.stderr.splitlines()[-1].endswith(
         "argument --data-port: must be a port number 0..65535 or off, got 'nine'")
+
+
+def test_connections_beyond_the_bound_are_turned_away_and_the_rest_go_on():
+    from dptrain.coordinator.server.data_port import DataPort
+
+    port = DataPort(None, "127.0.0.1", 0, max_connections=1)  # refusals never reach state
+    try:
+        first = socket.create_connection(("127.0.0.1", port.port))
+        first.sendall(b"x")  # holds the one slot while it waits for the rest of a ticket
+        with socket.create_connection(("127.0.0.1", port.port)) as second:
+            assert read_status(second) == (
+                "UNAVAILABLE", "the data port serves too many transfers: try again", b"")
+        first.close()
+        # Its slot comes back once the server has closed the first connection.
+        while True:
+            with socket.create_connection(("127.0.0.1", port.port)) as third:
+                third.sendall(bytes(32))
+                code = read_status(third)[0]
+            if code == "ABORTED":  # served: an unknown ticket
+                break
+            assert code == "UNAVAILABLE"
+    finally:
+        port.stop()
