@@ -147,6 +147,10 @@ class CheckpointDownloads:
         manifest: only a match is renamed to `dest`; a mismatch deletes the part (DATA_LOSS).
         The server does not hash the bytes as it sends them: this check is the one that counts.
 
+        The bytes come over the coordinator's data port where it has one (the first answer
+        carries a ticket for them, ``client.data_transfer``), else as the stream's chunks;
+        resuming, ranges and the check are the same either way.
+
         With `streams` > 1, a file larger than `FIRST_RANGE_BYTES` comes over that many
         streams at once, each fetching byte ranges into the part (`client.download_parts`),
         and is hashed whole once all are in; a server that predates ranges sends it over the

@@ -83,7 +83,10 @@ class WorkerClient(Client):
 
     def upload_checkpoint(self, path: str | os.PathLike, timeout: float | None = 3600.0,
                           on_chunk: Callable[[int], None] | None = None) -> CheckpointRecord:
-        """Upload a checkpoint directory written by ``worker.checkpoint.write_checkpoint``.
+        """Upload a checkpoint directory written by ``worker.checkpoint.write_checkpoint``:
+        over the coordinator's data port where it has one (OpenCheckpointUpload, then the
+        files' bytes with ``sendfile``), else over the UploadCheckpoint stream; either way
+        with the same checks and errors.
 
         Args:
             path: the directory (``step-XXXXXXXX``).

@@ -35,8 +35,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import re
-import sys
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -48,7 +46,6 @@ from dptrain.coordinator.api.errors import (
     AlreadyExists,
     BlobCorrupted,
     BlobNotFound,
-    BlobTooLarge,
     CheckpointNotFound,
     CoordinatorError,
     DiskFull,
@@ -56,20 +53,15 @@ from dptrain.coordinator.api.errors import (
     StateConflict,
     ValidationError,
 )
-from dptrain.coordinator.api.limits import (
-    CHUNK_BYTES,
-    MAX_CHECKPOINT_FILES,
-    MAX_MANIFEST_BYTES,
-    MAX_MANIFEST_DEPTH,
-)
+from dptrain.coordinator.api.limits import CHUNK_BYTES
 from dptrain.coordinator.api.records import (
     HOLDING_STATES,
     CheckpointRecord,
     EventKind,
     JobState,
 )
-from dptrain.coordinator.api.strict_json import loads
 from dptrain.coordinator.server.blobs import BlobLease, BlobStore, LeasedStream, blob_id
+from dptrain.coordinator.server.checkpoint_header import check_upload_header
 from dptrain.coordinator.server.jobs import fail_job
 from dptrain.worker.checkpoint_manifest import MANIFEST, FileEntry
 from dptrain.worker.spec import code_digest
@@ -89,11 +81,9 @@ __all__ = [
 log = logging.getLogger("dptrain.coordinator")
 
 DEFAULT_FILE = "model.safetensors"
-_FILE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 #: The job states in which its workers may upload and fetch checkpoints (see the docstring):
 #: CANCELLING too, so that the checkpoint a cancelled job writes while stopping is kept.
 WORKER_STATES = HOLDING_STATES | {JobState.RESTARTING}
-_MAX_DOUBLE = sys.float_info.max
 
 
 def record_blobs(record: CheckpointRecord) -> dict[str, str]:
@@ -103,71 +93,6 @@ def record_blobs(record: CheckpointRecord) -> dict[str, str]:
 
 
 # ---------------------------------------------------------------- upload
-
-def _check_upload(upload: CheckpointUpload, max_size: int | None) -> dict[str, Any]:
-    """Validate an upload's header against its manifest; return the parsed manifest."""
-    if isinstance(upload.step, bool) or not isinstance(upload.step, int) or upload.step < 0:
-        raise ValidationError("header.step", "must be an integer >= 0", upload.step)
-    if len(upload.manifest_json) > MAX_MANIFEST_BYTES:
-        raise ValidationError("header.manifest_json", f"must be at most {MAX_MANIFEST_BYTES} "
-                              "bytes", f"{len(upload.manifest_json)} bytes")
-    # The worker writes NaN for a metric that diverged; the API carries it as a double.
-    manifest = loads(upload.manifest_json, "header.manifest_json", max_depth=MAX_MANIFEST_DEPTH,
-                     allow_nan=True)
-    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
-        raise ValidationError("header.manifest_json", "must be an object with 'files'",
-                              type(manifest).__name__)
-    step = manifest.get("step")
-    if isinstance(step, bool) or not isinstance(step, int) or step != upload.step:
-        raise ValidationError("header.step", f"must equal the manifest's step ({step!r})",
-                              upload.step)
-    _check_manifest_summary(manifest)
-    if len(upload.files) > MAX_CHECKPOINT_FILES:
-        raise ValidationError("header.files", f"at most {MAX_CHECKPOINT_FILES} files",
-                              len(upload.files))
-    names = [f.name for f in upload.files]
-    if len(set(names)) != len(names):
-        raise ValidationError("header.files", "file names must be unique", names)
-    for i, f in enumerate(upload.files):
-        where = f"header.files[{i}]"
-        if not _FILE_NAME.fullmatch(f.name) or f.name == MANIFEST:
-            raise ValidationError(f"{where}.name", "must be a plain file name (letters, digits, "
-                                  "'.', '_', '-'), not manifest.json", f.name)
-        blob_id(f.algorithm, f.digest, f"{where}.{f.algorithm}")
-        if f.size < 0:
-            raise ValidationError(f"{where}.size", "must be >= 0", f.size)
-        if max_size is not None and f.size > max_size:
-            raise BlobTooLarge(max_size)
-        listed = manifest["files"].get(f.name)
-        if listed != f.manifest_entry():
-            raise ValidationError(f"{where}", "must match the manifest's entry for the file",
-                                  listed)
-    missing = sorted(set(manifest["files"]) - set(names))
-    if missing:
-        raise ValidationError("header.files", "must list every file of the manifest; missing",
-                              missing)
-    return manifest
-
-
-def _check_manifest_summary(manifest: dict[str, Any]) -> None:
-    """Refuse an epoch or metrics that a ``Checkpoint`` message could not carry (a listing of
-    the job's checkpoints would fail on them for good)."""
-    epoch = manifest.get("epoch")
-    if epoch is not None and (isinstance(epoch, bool) or not isinstance(epoch, int)
-                              or not 0 <= epoch < 2**63):
-        raise ValidationError("header.manifest_json.epoch", "must be an integer in 0..2**63-1",
-                              epoch)
-    metrics = manifest.get("metrics")
-    if metrics is None:
-        return
-    if not isinstance(metrics, dict):
-        raise ValidationError("header.manifest_json.metrics", "must be an object of metric "
-                              "names to values", type(metrics).__name__)
-    for name, value in metrics.items():
-        if isinstance(value, int) and not isinstance(value, bool) and abs(value) > _MAX_DOUBLE:
-            raise ValidationError(f"header.manifest_json.metrics.{name}", "must be a number "
-                                  "within a double's range", value)
-
 
 class _Peekable:
     """An iterator of ``(name, data)`` chunks whose next chunk can be looked at first."""
@@ -230,7 +155,7 @@ def store_checkpoint(upload: CheckpointUpload, chunks: Iterable[tuple[str, bytes
     job = store.get_job(upload.job_id)
     if states is not None and job.state not in states:
         raise StateConflict(job.id, job.state, states)
-    manifest = _check_upload(upload, blobs.max_size)
+    manifest = check_upload_header(upload, blobs.max_size)
     # Pinned until recorded: retention elsewhere may be freeing the same bytes meanwhile.
     names = [blob_id(f.algorithm, f.digest) for f in upload.files]
     with blobs.lease([*names, hashlib.sha256(upload.manifest_json).hexdigest()], pin=True):
@@ -284,7 +209,7 @@ def check_worker_upload(upload: CheckpointUpload, state: ServiceState) -> None:
     job = state.store.get_job(upload.job_id)
     if job.state not in WORKER_STATES:
         raise StateConflict(job.id, job.state, WORKER_STATES)
-    _check_upload(upload, state.blobs.max_size)
+    check_upload_header(upload, state.blobs.max_size)
 
 
 def receive_checkpoint(upload: CheckpointUpload, chunks: Iterable[tuple[str, bytes]],
