@@ -440,17 +440,17 @@ def _data_port_tls(tls_cert: str | os.PathLike, tls_key: str | os.PathLike) -> s
     return context
 
 
-def _start_data_port(settings: ServerSettings, state: ServiceState, grpc_port: int,
+def _start_data_port(settings: ServerSettings, state: ServiceState,
                      tls: bool) -> DataPort | None:
     """The data port `settings` ask for (`ServerSettings.data_port`), on gRPC's host."""
     port = settings.data_port
     if port is None:
         return None
     if port == DATA_PORT_AUTO:
-        port = grpc_port + 1 if settings.port else 0
+        port = settings.port + 1 if settings.port else 0
     if not 0 <= port <= 65535:
-        raise ServerConfigError(f"data_port: must be a port number 0..65535, 'off' or auto, "
-                                f"got {settings.data_port}")
+        raise ServerConfigError(f"data_port: must be a port number 0..65535 (by default the "
+                                f"gRPC port + 1), or off, got {port}")
     context = _data_port_tls(settings.tls_cert, settings.tls_key) if tls else None
     try:
         return DataPort(state, settings.host, port, tls=context,
@@ -546,6 +546,9 @@ def serve(settings: ServerSettings, *,
             health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
         enable_reflection((*SERVICE_NAMES,
                            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name), server)
+        # Before gRPC binds: a gRPC server that never started keeps its port until collected.
+        data_port = _start_data_port(settings, state, credentials is not None)
+        coordinator_servicer.data_port = worker_servicer.data_port = data_port
         bind = _host_port(host, settings.port)
         try:
             bound = (server.add_secure_port(bind, credentials) if credentials is not None
@@ -560,8 +563,6 @@ def serve(settings: ServerSettings, *,
                            data_roots=state.data_roots,
                            default_max_restarts=default_max_restarts)
         worker_address = _worker_address(host, bound, settings.advertise_address)
-        data_port = _start_data_port(settings, state, bound, credentials is not None)
-        coordinator_servicer.data_port = worker_servicer.data_port = data_port
         settings = replace(settings, data_port=None if data_port is None else data_port.port)
         metrics_http = None
         if settings.metrics_port is not None:

@@ -22,7 +22,7 @@ from pathlib import Path
 import blake3
 import grpc
 import pytest
-from jobkit import DPTRAIN, TINY_SPEC
+from jobkit import DPTRAIN, TINY_SPEC, free_port
 
 from dptrain import engine
 from dptrain.coordinator.api import serde
@@ -35,6 +35,12 @@ from dptrain.coordinator.client.worker_client import WorkerClient
 from dptrain.coordinator.server.blobs import blob_id
 from dptrain.coordinator.server.checkpoint_store import record_blobs
 from dptrain.coordinator.server.data_port import HANDSHAKE_TIMEOUT_S
+from dptrain.coordinator.server.server import (
+    DATA_PORT_AUTO,
+    ServerConfigError,
+    ServerSettings,
+    serve,
+)
 from dptrain.protos.dptrain.v1 import coordinator_pb2 as pb
 from dptrain.protos.dptrain.v1 import coordinator_pb2_grpc as pb_grpc
 from dptrain.worker.checkpoint import MODEL_FILE, write_checkpoint
@@ -433,11 +439,20 @@ def test_under_TLS_the_data_port_speaks_TLS_verified_by_the_ca(serve_coordinator
 
 
 def test_the_data_port_defaults_to_the_gRPC_port_plus_one(serve_coordinator, tmp_path):
-    with socket.create_server(("127.0.0.1", 0)) as probe:
-        port = probe.getsockname()[1]
-    server = serve_coordinator(port=port)
+    port = free_port()  # and the one after it
+    server = serve_coordinator(port=port, data_port=DATA_PORT_AUTO)
     assert (server.port, server.data_port, server.settings.data_port) == (port, port + 1,
                                                                         port + 1)
+
+
+def test_a_taken_data_port_stops_the_start_and_frees_the_gRPC_port(state_dir):
+    port = free_port()
+    with socket.create_server(("127.0.0.1", port + 1)):
+        with pytest.raises(ServerConfigError, match=rf"^cannot listen on 127\.0\.0\.1:"
+                           rf"{port + 1} for the data port \(--data-port N\|off\): "):
+            serve(ServerSettings(state_dir, port=port))
+    with serve(ServerSettings(state_dir, port=port)) as server:  # nothing was left behind
+        assert server.data_port == port + 1
 
 
 def test_serve_takes_data_port_off_or_a_number(tmp_path):
