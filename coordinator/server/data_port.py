@@ -95,11 +95,9 @@ class Tickets:
     def redeem(self, ticket: bytes) -> DownloadPlace | _Upload | None:
         """The grant of a good ticket, which is used up; None for an unknown, used or expired
         one."""
-        now = time.monotonic()
         with self._lock:
-            self._sweep(now)
-            deadline, grant = self._grants.pop(ticket, (0.0, None))
-        return grant
+            self._sweep(time.monotonic())  # an expired ticket is gone before it is looked up
+            return self._grants.pop(ticket, (0.0, None))[1]
 
     def _sweep(self, now: float) -> None:
         for ticket, (deadline, grant) in list(self._grants.items()):

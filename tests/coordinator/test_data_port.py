@@ -22,9 +22,8 @@ from pathlib import Path
 import blake3
 import grpc
 import pytest
-from jobkit import DPTRAIN, TINY_SPEC, free_port
+from jobkit import DPTRAIN, TINY_SPEC, free_port, linear_checkpoint
 
-from dptrain import engine
 from dptrain.coordinator.api import serde
 from dptrain.coordinator.api.checkpoint_upload import read_checkpoint_directory
 from dptrain.coordinator.api.credentials import bearer_metadata
@@ -43,7 +42,7 @@ from dptrain.coordinator.server.server import (
 )
 from dptrain.protos.dptrain.v1 import coordinator_pb2 as pb
 from dptrain.protos.dptrain.v1 import coordinator_pb2_grpc as pb_grpc
-from dptrain.worker.checkpoint import MODEL_FILE, write_checkpoint
+from dptrain.worker.checkpoint import MODEL_FILE
 from dptrain.worker.checkpoint_manifest import MANIFEST
 
 pytestmark = pytest.mark.timeout(300)
@@ -51,15 +50,6 @@ SPEC = {**TINY_SPEC, "workers": 1}
 
 
 # ---------------------------------------------------------------- helpers
-
-def _checkpoint(root: Path, step: int, width: int) -> Path:
-    """A worker's checkpoint directory of a `width` x `width` linear model with Adam's state."""
-    engine.manual_seed(step)
-    model = engine.nn.Linear(width, width)
-    optimizer = engine.optim.Adam(model.parameters(), lr=0.01)
-    return Path(write_checkpoint(root, step, model.state_dict(), optimizer.state_dict(),
-                                 {"epoch": 0, "position": step, "metrics": {}, "spec": SPEC}))
-
 
 _TOKENS: dict[str, str] = {}  # job id -> its worker token, for the calls made by hand
 
@@ -167,7 +157,7 @@ def server(serve_coordinator):
 
 def test_an_upload_and_downloads_over_the_data_port_are_the_worker_files(server, tmp_path):
     job_id, worker = _running_job(server)
-    ckpt = _checkpoint(tmp_path / "ckpt", 1, 1200)  # 5.8 MB: several sendfile calls
+    ckpt = linear_checkpoint(tmp_path / "ckpt", 1, 1200)  # 5.8 MB: several sendfile calls
     record = worker.upload_checkpoint(ckpt)
     assert worker.data_port  # no fall back happened
     metrics = server.metrics.render(server.store)
@@ -187,7 +177,7 @@ def test_an_upload_and_downloads_over_the_data_port_are_the_worker_files(server,
 
 
 def test_the_data_port_stores_and_sends_what_the_gRPC_streams_do(server, tmp_path):
-    ckpt = _checkpoint(tmp_path / "ckpt", 3, 700)
+    ckpt = linear_checkpoint(tmp_path / "ckpt", 3, 700)
     job_port, over_port = _running_job(server)
     job_stream, over_stream = _running_job(server, data_port=False)
     by_port, by_stream = over_port.upload_checkpoint(ckpt), over_stream.upload_checkpoint(ckpt)
@@ -206,7 +196,7 @@ def test_the_data_port_stores_and_sends_what_the_gRPC_streams_do(server, tmp_pat
 
 def test_ranges_over_two_streams_each_take_a_ticket(server, tmp_path):
     job_id, worker = _running_job(server)
-    ckpt = _checkpoint(tmp_path / "ckpt", 1, 1500)  # 9 MB, over the first range's 4 MiB
+    ckpt = linear_checkpoint(tmp_path / "ckpt", 1, 1500)  # 9 MB, over the first range's 4 MiB
     worker.upload_checkpoint(ckpt)
     grpc_forward, data_forward = Forwarder(server.port), Forwarder(server.data_port)
     try:
@@ -221,7 +211,7 @@ def test_ranges_over_two_streams_each_take_a_ticket(server, tmp_path):
 
 def test_a_download_ticket_covers_exactly_the_bytes_asked_for(server, tmp_path):
     job_id, worker = _running_job(server)
-    ckpt = _checkpoint(tmp_path / "ckpt", 1, 300)
+    ckpt = linear_checkpoint(tmp_path / "ckpt", 1, 300)
     worker.upload_checkpoint(ckpt)
     reference = (ckpt / MODEL_FILE).read_bytes()
     info = _raw_ticket(server, job_id, offset=1000, length=5000)
@@ -236,7 +226,7 @@ def test_a_download_ticket_covers_exactly_the_bytes_asked_for(server, tmp_path):
 
 def test_a_tampered_stored_file_fails_the_download_and_leaves_nothing(server, tmp_path):
     job_id, worker = _running_job(server)
-    ckpt = _checkpoint(tmp_path / "ckpt", 1, 300)
+    ckpt = linear_checkpoint(tmp_path / "ckpt", 1, 300)
     worker.upload_checkpoint(ckpt)
     blob = server.blobs.get(record_blobs(server.store.get_checkpoint(job_id, 1))[MODEL_FILE])
     data = bytearray(blob.read_bytes())
@@ -254,7 +244,7 @@ def test_a_tampered_stored_file_fails_the_download_and_leaves_nothing(server, tm
 
 def test_an_upload_whose_bytes_changed_after_the_manifest_is_refused(server, tmp_path):
     job_id, worker = _running_job(server)
-    ckpt = _checkpoint(tmp_path / "ckpt", 1, 300)
+    ckpt = linear_checkpoint(tmp_path / "ckpt", 1, 300)
     model = ckpt / MODEL_FILE
     data = bytearray(model.read_bytes())
     data[-1] ^= 0x01  # the right size, a wrong byte
@@ -268,7 +258,7 @@ def test_an_upload_whose_bytes_changed_after_the_manifest_is_refused(server, tmp
 
 def test_a_header_is_checked_before_any_byte_travels(server, tmp_path):
     job_id, worker = _running_job(server)
-    header, _ = read_checkpoint_directory(job_id, _checkpoint(tmp_path / "ckpt", 1, 30))
+    header, _ = read_checkpoint_directory(job_id, linear_checkpoint(tmp_path / "ckpt", 1, 30))
     bad = serde.upload_header_to_proto(header)
     bad.step = 2
     stub = pb_grpc.WorkerServiceStub(worker.channel)
@@ -284,7 +274,7 @@ def test_a_header_is_checked_before_any_byte_travels(server, tmp_path):
 def test_unknown_and_used_tickets_are_refused(serve_coordinator, tmp_path):
     server = serve_coordinator(data_ticket_s=3600.0)
     job_id, worker = _running_job(server)
-    worker.upload_checkpoint(_checkpoint(tmp_path / "ckpt", 1, 100))
+    worker.upload_checkpoint(linear_checkpoint(tmp_path / "ckpt", 1, 100))
     info = _raw_ticket(server, job_id)
     sock, status = _present(server.data_port, info.data.ticket)
     sock.close()
@@ -302,14 +292,14 @@ def test_an_expired_ticket_is_refused_and_nothing_is_stored(serve_coordinator, t
     job_id, worker = _running_job(expiring)
     with pytest.raises(ClientError, match="^ABORTED: the data port .* refused the transfer: "
                                           "unknown, used or expired data ticket"):
-        worker.upload_checkpoint(_checkpoint(tmp_path / "ckpt2", 1, 100))
+        worker.upload_checkpoint(linear_checkpoint(tmp_path / "ckpt2", 1, 100))
     assert expiring.store.list_checkpoints(job_id) == []
     assert worker.health() == "SERVING"
 
 
 def test_garbage_and_silence_on_the_port_are_closed_and_the_server_serves_on(server, tmp_path):
     job_id, worker = _running_job(server)
-    ckpt = _checkpoint(tmp_path / "ckpt", 1, 100)
+    ckpt = linear_checkpoint(tmp_path / "ckpt", 1, 100)
     with socket.create_connection(("127.0.0.1", server.data_port)) as garbage:
         garbage.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n".ljust(32, b"\0"))
         code, message, _ = read_status(garbage)
@@ -331,7 +321,7 @@ def test_garbage_and_silence_on_the_port_are_closed_and_the_server_serves_on(ser
 
 def test_a_job_that_ended_between_ticket_and_bytes_stores_nothing(server, tmp_path):
     job_id, worker = _running_job(server)
-    ckpt = _checkpoint(tmp_path / "ckpt", 1, 100)
+    ckpt = linear_checkpoint(tmp_path / "ckpt", 1, 100)
     header, _ = read_checkpoint_directory(job_id, ckpt)
     stub = pb_grpc.WorkerServiceStub(worker.channel)
     ticket = stub.OpenCheckpointUpload(serde.upload_header_to_proto(header),
@@ -355,7 +345,7 @@ def test_without_a_data_port_clients_use_the_streams(serve_coordinator, tmp_path
     server = serve_coordinator(data_port=None)
     assert server.data_port is None and server.settings.data_port is None
     job_id, worker = _running_job(server)
-    ckpt = _checkpoint(tmp_path / "ckpt", 1, 300)
+    ckpt = linear_checkpoint(tmp_path / "ckpt", 1, 300)
     with caplog.at_level(logging.WARNING, logger="dptrain.client"):
         worker.upload_checkpoint(ckpt)
     assert not worker.data_port
@@ -374,7 +364,7 @@ def test_an_unreachable_data_port_falls_back_once_for_good(server, tmp_path, cap
     forward = Forwarder(server.port)  # gRPC gets through; the data port does not
     try:
         _, worker = _running_job(server, address=f"127.0.0.2:{server.port}")
-        ckpt = _checkpoint(tmp_path / "ckpt", 1, 300)
+        ckpt = linear_checkpoint(tmp_path / "ckpt", 1, 300)
         user = Client(f"127.0.0.2:{server.port}", token=server.token)
         with caplog.at_level(logging.WARNING, logger="dptrain.client"), user:
             worker.upload_checkpoint(ckpt)
@@ -391,7 +381,7 @@ def test_an_unreachable_data_port_falls_back_once_for_good(server, tmp_path, cap
 
 def test_a_broken_data_connection_is_resumed_from_the_part_kept(server, tmp_path):
     job_id, worker = _running_job(server)
-    ckpt = _checkpoint(tmp_path / "ckpt", 1, 1000)  # 4 MB
+    ckpt = linear_checkpoint(tmp_path / "ckpt", 1, 1000)  # 4 MB
     worker.upload_checkpoint(ckpt)
     grpc_forward = Forwarder(server.port)
     data_forward = Forwarder(server.data_port, cut_after=1_500_000 + len(b"OK 0 \n"))
@@ -425,7 +415,7 @@ def test_under_TLS_the_data_port_speaks_TLS_verified_by_the_ca(serve_coordinator
     token = new_token()
     server.store.transition(job.id, JobState.QUEUED, JobState.RUNNING,
                             token_hash=hash_token(token), placement={"localhost": 1})
-    ckpt = _checkpoint(tmp_path / "ckpt", 1, 300)
+    ckpt = linear_checkpoint(tmp_path / "ckpt", 1, 300)
     with WorkerClient(address, job.id, token, tls_ca=d / "ca.pem") as worker, \
             Client(address, token=server.token, tls_ca=d / "ca.pem") as user:
         worker.upload_checkpoint(ckpt)

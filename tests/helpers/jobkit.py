@@ -162,6 +162,21 @@ def small_checkpoint(root: Path, step: int) -> str:
     return write_checkpoint(root, step, model.state_dict(), optimizer.state_dict(), info)
 
 
+def linear_checkpoint(root: Path, step: int, width: int) -> Path:
+    """Write a worker checkpoint of a `width` x `width` linear model with Adam's state (about
+    12 x width² bytes in all; its values depend on `step`) under `root`; returns its
+    directory."""
+    from dptrain import engine
+    from dptrain.worker.checkpoint import write_checkpoint
+
+    engine.manual_seed(step)
+    model = engine.nn.Linear(width, width)
+    optimizer = engine.optim.Adam(model.parameters(), lr=0.01)
+    return Path(write_checkpoint(root, step, model.state_dict(), optimizer.state_dict(),
+                                 {"epoch": 0, "position": step, "metrics": {},
+                                  "spec": TINY_SPEC}))
+
+
 def wait_for(predicate: Callable[[], Any], timeout: float = 60.0, interval: float = 0.1,
              what: str = "the condition") -> Any:
     """Poll until `predicate()` is truthy and return it; fail the test after `timeout` s."""
