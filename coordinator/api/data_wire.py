@@ -22,16 +22,21 @@ parsed here alike by both ends.
 
 from __future__ import annotations
 
+import os
 import socket
+import ssl
+from typing import BinaryIO
 
 __all__ = ["TICKET_BYTES", "MAX_STATUS_LINE", "encode_status", "read_status", "recv_exactly",
-           "DataWireError"]
+           "send_file", "DataWireError"]
 
 TICKET_BYTES = 32
 """A ticket's length: ``secrets.token_bytes(32)``."""
 
 MAX_STATUS_LINE = 4096
 """The longest status line either end reads (a message is cut well before)."""
+
+_TLS_BLOCK = 1 << 20  # socket.sendfile's own fallback for TLS would send 8 KiB at a time
 
 
 class DataWireError(ConnectionError):
@@ -90,3 +95,20 @@ def read_status(sock: socket.socket) -> tuple[str, str, bytes]:
     if not code.isupper() or not size.isdigit():
         raise DataWireError(f"the data port answered {bytes(line[:80])!r}, not a status line")
     return code, message, recv_exactly(sock, int(size)) if int(size) else b""
+
+
+def send_file(sock: socket.socket, f: BinaryIO, offset: int, count: int) -> int:
+    """Send up to `count` bytes of the open file `f` from `offset`: with ``sendfile`` (the
+    kernel copies them, no Python buffer), or read and sent 1 MiB at a time over TLS.
+
+    Returns:
+        The bytes sent (0: the file ended).
+
+    Raises:
+        OSError: the socket or the file failed.
+    """
+    if not isinstance(sock, ssl.SSLSocket):
+        return sock.sendfile(f, offset, count)
+    data = os.pread(f.fileno(), min(count, _TLS_BLOCK), offset)
+    sock.sendall(data)
+    return len(data)

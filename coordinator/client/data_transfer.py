@@ -19,6 +19,7 @@ from dptrain.coordinator.api.data_wire import (
     TICKET_BYTES,
     DataWireError,
     read_status,
+    send_file,
 )
 from dptrain.coordinator.api.limits import CHUNK_BYTES
 from dptrain.coordinator.client.errors import ClientError
@@ -157,7 +158,7 @@ def send_upload(sock: socket.socket, directory: Path, files: tuple[FileEntry, ..
                                       f"after it was written")
                 offset = 0
                 while offset < size:
-                    sent = sock.sendfile(f, offset, min(_SEND_BYTES, size - offset))
+                    sent = send_file(sock, f, offset, min(_SEND_BYTES, size - offset))
                     if not sent:
                         raise ClientError("DATA_LOSS", f"{entry.name} shrank while it was "
                                           f"sent")

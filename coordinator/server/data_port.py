@@ -33,7 +33,12 @@ from typing import TYPE_CHECKING
 
 from dptrain.coordinator.api import serde
 from dptrain.coordinator.api.checkpoint_upload import CheckpointUpload
-from dptrain.coordinator.api.data_wire import TICKET_BYTES, encode_status, recv_exactly
+from dptrain.coordinator.api.data_wire import (
+    TICKET_BYTES,
+    encode_status,
+    recv_exactly,
+    send_file,
+)
 from dptrain.coordinator.api.limits import CHUNK_BYTES
 from dptrain.coordinator.server import checkpoint_store as checkpoints
 from dptrain.coordinator.server.checkpoint_store import DownloadPlace
@@ -220,7 +225,7 @@ class DataPort:
             conn.sendall(encode_status("OK"))
             with open(place.path, "rb") as f:
                 while offset < place.end:
-                    sent = conn.sendfile(f, offset, min(_SEND_BYTES, place.end - offset))
+                    sent = send_file(conn, f, offset, min(_SEND_BYTES, place.end - offset))
                     if not sent:
                         raise ConnectionError("the blob file ended early")
                     offset += sent

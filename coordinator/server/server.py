@@ -3,8 +3,9 @@
 What `serve` puts together: the SQLite store and the checkpoint blobs in the state directory,
 the built-in admin's token (``STATE_DIR/token``), the two servicers behind the auth and metrics
 interceptors, the standard health service (``grpc.health.v1.Health``, no token needed) and
-server reflection (v1 and v1alpha), TLS when given a certificate, an optional Prometheus
-endpoint, and the job runner its ``runner`` settings describe (without them, jobs simply
+server reflection (v1 and v1alpha), TLS when given a certificate, the data port where
+checkpoint bytes travel beside gRPC (`server.data_port`), an optional Prometheus endpoint, and
+the job runner its ``runner`` settings describe (without them, jobs simply
 stay QUEUED).
 
 It binds 127.0.0.1 by default and refuses any address beyond loopback without TLS unless
