@@ -25,10 +25,15 @@ from __future__ import annotations
 import os
 import socket
 import ssl
+from collections.abc import Iterator
 from typing import BinaryIO
 
+from dptrain.coordinator.api.limits import CHUNK_BYTES
+
+_TLS_RECORD = 16384  # the most a TLS record carries, so the most one recv returns
+
 __all__ = ["TICKET_BYTES", "MAX_STATUS_LINE", "encode_status", "read_status", "recv_exactly",
-           "send_file", "DataWireError"]
+           "send_file", "receive", "DataWireError"]
 
 TICKET_BYTES = 32
 """A ticket's length: ``secrets.token_bytes(32)``."""
@@ -36,7 +41,6 @@ TICKET_BYTES = 32
 MAX_STATUS_LINE = 4096
 """The longest status line either end reads (a message is cut well before)."""
 
-_TLS_BLOCK = 1 << 20  # socket.sendfile's own fallback for TLS would send 8 KiB at a time
 
 
 class DataWireError(ConnectionError):
@@ -109,6 +113,37 @@ def send_file(sock: socket.socket, f: BinaryIO, offset: int, count: int) -> int:
     """
     if not isinstance(sock, ssl.SSLSocket):
         return sock.sendfile(f, offset, count)
-    data = os.pread(f.fileno(), min(count, _TLS_BLOCK), offset)
+    # socket.sendfile's own fallback for an SSL socket would send 8 KiB at a time.
+    data = os.pread(f.fileno(), min(count, CHUNK_BYTES), offset)
     sock.sendall(data)
     return len(data)
+
+
+def receive(sock: socket.socket, size: int) -> Iterator[bytes]:
+    """Exactly `size` bytes from `sock`, as chunks of at most `CHUNK_BYTES`.
+
+    A plain socket's ``recv`` returns what the kernel has, up to a chunk; a TLS socket's returns
+    one record (16 KiB at most), so its records are gathered into chunks first: each chunk
+    costs its receiver a hasher update and a hand-off to the writer thread.
+
+    Raises:
+        DataWireError: the connection closed before `size` bytes (the chunks before it were
+            yielded).
+        OSError: the socket failed or timed out.
+    """
+    left = size
+    tls = isinstance(sock, ssl.SSLSocket)
+    while left > 0:
+        want = min(CHUNK_BYTES, left)
+        if tls:  # asked for more, ssl allocates all of it for each record, then shrinks it
+            parts, got = [], 0
+            while got < want and (more := sock.recv(min(_TLS_RECORD, want - got))):
+                parts.append(more)
+                got += len(more)
+            data = b"".join(parts)
+        else:
+            data = sock.recv(want)
+        if not data:
+            raise DataWireError(f"the connection closed with {left} of {size} bytes to go")
+        left -= len(data)
+        yield data

@@ -19,6 +19,7 @@ from dptrain.coordinator.api.data_wire import (
     TICKET_BYTES,
     DataWireError,
     read_status,
+    receive,
     send_file,
 )
 from dptrain.coordinator.api.limits import CHUNK_BYTES
@@ -104,19 +105,10 @@ class DataDownload:
         self._sock, self._length = sock, length
 
     def __iter__(self) -> Iterator[bytes]:
-        left = self._length
         try:
-            while left > 0:
-                try:
-                    data = self._sock.recv(min(CHUNK_BYTES, left))
-                except OSError as e:
-                    raise ClientError("UNAVAILABLE", f"the data connection broke off with "
-                                      f"{left} bytes to go: {e}") from None
-                if not data:
-                    raise ClientError("UNAVAILABLE", f"the data connection closed with "
-                                      f"{left} bytes to go")
-                left -= len(data)
-                yield data
+            yield from receive(self._sock, self._length)
+        except OSError as e:  # closed, reset or silent: DataWireError among them
+            raise ClientError("UNAVAILABLE", f"the data connection broke off: {e}") from None
         finally:
             self._sock.close()
 

@@ -36,6 +36,7 @@ from dptrain.coordinator.api.checkpoint_upload import CheckpointUpload
 from dptrain.coordinator.api.data_wire import (
     TICKET_BYTES,
     encode_status,
+    receive,
     recv_exactly,
     send_file,
 )
@@ -241,17 +242,12 @@ class DataPort:
 
         def chunks() -> Iterator[tuple[str, bytes]]:
             for f in upload.files:
-                size = f.size
-                while size:
-                    try:
-                        data = conn.recv(min(CHUNK_BYTES, size))
-                    except OSError as e:
-                        raise _PeerGone(str(e)) from None
-                    if not data:
-                        raise _PeerGone(f"the upload ended {size} bytes short of {f.name}")
-                    size -= len(data)
-                    left[0] -= len(data)
-                    yield f.name, data
+                try:
+                    for data in receive(conn, f.size):
+                        left[0] -= len(data)
+                        yield f.name, data
+                except OSError as e:  # closed, reset or silent: DataWireError among them
+                    raise _PeerGone(f"{f.name}: {e}") from None
 
         try:
             record = checkpoints.receive_checkpoint(upload, chunks(), self.state)
