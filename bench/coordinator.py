@@ -41,7 +41,9 @@ Clients run in further child processes, many threads each, one connection per cl
    ceiling gRPC itself sets: the same bytes in the same chunks over a bare grpcio stream (a
    generic handler in the echo server, raw bytes per message, no hashing), each way, dropped
    on arrival and written + fsynced. Every row runs once per round, interleaved; medians over
-   rounds.
+   rounds. With ``--tls`` (and ``--only transfer``) the coordinator serves TLS, gRPC and its
+   data port alike, with a certificate for ``localhost`` (``dptrain tls init``'s), and the
+   transfer rows go over TLS; the bare peers stay plaintext.
 
 Every row's peers are measured in this one run; the machine may be shared, so each number is
 a median (or a percentile over thousands of calls) and the ratios are what to read.
@@ -75,10 +77,11 @@ SPEC = {"name": "bench", "model": {"name": "mlp", "args": {"in_features": 64, "h
 
 # ---------------------------------------------------------------- the server (child process)
 
-def serve_child(state_dir: str, worker_token: str) -> None:
+def serve_child(state_dir: str, worker_token: str, tls: bool = False) -> None:
     """Start a coordinator with one RUNNING job whose worker token is `worker_token`, and a
-    bare echo server; print ``{"address", "token", "job_id", "echo"}`` as JSON; stop when
-    stdin closes."""
+    bare echo server; print ``{"address", "token", "job_id", "echo", "tls_ca"}`` as JSON;
+    stop when stdin closes. With `tls`, the coordinator serves TLS (gRPC and its data port)
+    with a certificate for ``localhost`` made here (``tls_ca``: its CA)."""
     from concurrent import futures
 
     import grpc
@@ -93,7 +96,14 @@ def serve_child(state_dir: str, worker_token: str) -> None:
     with SqliteStore(Path(state_dir) / "coordinator.db") as store:
         job = store.create_job(new_job("watched", SPEC, token_hash=hash_token(worker_token)))
         store.transition(job.id, JobState.QUEUED, JobState.RUNNING, placement={"localhost": 1})
-    server = serve(ServerSettings(state_dir, cluster=Cluster.local(64), max_workers=600))
+    files = None
+    if tls:
+        from dptrain.coordinator.server.tls_init import init_tls
+
+        files = init_tls(Path(state_dir) / "tls", ["localhost"])
+    server = serve(ServerSettings(state_dir, cluster=Cluster.local(64), max_workers=600,
+                                  tls_cert=files and files.cert, tls_key=files and files.key,
+                                  tls_ca=files and files.ca))
     # The peer: gRPC alone, with the coordinator's thread pool size and channel options.
     echo = grpc.server(futures.ThreadPoolExecutor(max_workers=600),
                        options=[*channel_options(), ("grpc.so_reuseport", 0)])
@@ -103,7 +113,9 @@ def serve_child(state_dir: str, worker_token: str) -> None:
     echo_port = echo.add_insecure_port("127.0.0.1:0")
     echo.start()
     sock_port = bare_socket_server(Path(state_dir))
-    print(json.dumps({"address": server.address, "token": server.token, "job_id": job.id,
+    address = f"localhost:{server.port}" if tls else server.address  # the certificate's name
+    print(json.dumps({"address": address, "token": server.token, "job_id": job.id,
+                      "tls_ca": files and str(files.ca),
                       "echo": f"127.0.0.1:{echo_port}", "socket": sock_port,
                       "pid": os.getpid()}), flush=True)
     sys.stdin.read()
@@ -497,11 +509,13 @@ def bench_transfer(info: dict, worker_token: str, work: Path, size_mib: int,
         "upload", "download", "download_2", "upload_grpc", "download_grpc", "copy",
         "copy_nosync", "sock_up_disk", "sock_down_disk", "bare_up", "bare_up_disk",
         "bare_down", "bare_down_disk")}
-    worker = WorkerClient(info["address"], info["job_id"], worker_token, timeout=600)
-    client = Client(info["address"], token=info["token"], timeout=600)
-    worker_grpc = WorkerClient(info["address"], info["job_id"], worker_token, timeout=600,
+    ca = info["tls_ca"]
+    worker = WorkerClient(info["address"], info["job_id"], worker_token, ca, timeout=600)
+    client = Client(info["address"], token=info["token"], tls_ca=ca, timeout=600)
+    worker_grpc = WorkerClient(info["address"], info["job_id"], worker_token, ca, timeout=600,
                                data_port=False)
-    client_grpc = Client(info["address"], token=info["token"], timeout=600, data_port=False)
+    client_grpc = Client(info["address"], token=info["token"], tls_ca=ca, timeout=600,
+                         data_port=False)
     source = work / "source.bin"
     source.write_bytes(data)
     sockets = _bare_sockets(info, source, work)
@@ -602,12 +616,17 @@ def main() -> None:
     parser.add_argument("--transfers", type=int, default=5, help="upload/download rounds")
     parser.add_argument("--hash", default="blake3", choices=("blake3", "sha256"),
                         help="the checkpoint manifest's hash (sha256: as written before)")
+    parser.add_argument("--tls", action="store_true",
+                        help="the coordinator serves TLS (gRPC and its data port; transfers "
+                             "only): the transfer rows go over TLS, the bare peers do not")
     parser.add_argument("--serve-child", metavar="STATE_DIR", help=argparse.SUPPRESS)
     parser.add_argument("--worker-token", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve_child:
-        serve_child(args.serve_child, args.worker_token)
+        serve_child(args.serve_child, args.worker_token, args.tls)
         return
+    if args.tls and set(args.only or ()) != {"transfer"}:
+        parser.error("--tls: with --only transfer (the RPC and fan-out clients speak plaintext)")
     from dptrain.coordinator.api.records import new_token
 
     ctx = mp.get_context("spawn")  # gRPC does not survive fork
@@ -619,7 +638,7 @@ def main() -> None:
             # --worker-token=...: a token may start with "-", which argparse would take for
             # an option if it came as a separate argument.
             [sys.executable, __file__, "--serve-child", str(work / "state"),
-             f"--worker-token={worker_token}"],
+             f"--worker-token={worker_token}", *(["--tls"] if args.tls else [])],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         try:
             info = json.loads(server.stdout.readline())
@@ -653,7 +672,8 @@ def main() -> None:
         print("|---:|---:|---:|---:|---:|")
         print("\n".join(fanout) + "\n")
     if transfer:
-        print(f"Checkpoint transfer ({args.hash} manifest), median of {args.transfers} rounds; "
+        print(f"Checkpoint transfer ({args.hash} manifest{', TLS' if args.tls else ''}), "
+              f"median of {args.transfers} rounds; "
               f"(interleaved); peers: `shutil.copyfile` + `fsync` of the same file, the same "
               f"bytes over a bare TCP socket, and over a bare grpcio stream in the same "
               f"chunks\n")
