@@ -22,7 +22,7 @@ from pathlib import Path
 import blake3
 import grpc
 import pytest
-from jobkit import DPTRAIN, TINY_SPEC, free_port, linear_checkpoint
+from jobkit import DPTRAIN, TINY_SPEC, ServeProcess, free_port, linear_checkpoint, run_cli
 
 from dptrain.coordinator.api import serde
 from dptrain.coordinator.api.checkpoint_upload import read_checkpoint_directory
@@ -360,7 +360,6 @@ def test_without_a_data_port_clients_use_the_streams(serve_coordinator, tmp_path
 
 
 def test_an_unreachable_data_port_falls_back_once_for_good(server, tmp_path, caplog):
-    job_id, _ = _running_job(server)
     forward = Forwarder(server.port)  # gRPC gets through; the data port does not
     try:
         _, worker = _running_job(server, address=f"127.0.0.2:{server.port}")
@@ -377,6 +376,25 @@ def test_an_unreachable_data_port_falls_back_once_for_good(server, tmp_path, cap
         assert (tmp_path / "again").read_bytes() == (ckpt / MODEL_FILE).read_bytes()
     finally:
         forward.close()
+
+
+def test_dptrain_download_takes_the_streams_when_told(server, state_dir, tmp_path):
+    job_id, worker = _running_job(server)
+    ckpt = linear_checkpoint(tmp_path / "ckpt", 1, 300)
+    worker.upload_checkpoint(ckpt)
+    forward = Forwarder(server.port)  # the data port is out of reach this way
+    try:
+        address = f"127.0.0.2:{server.port}"
+        default = run_cli(address, state_dir, "download", job_id, "-o", str(tmp_path / "a"))
+        streams = run_cli(address, state_dir, "download", job_id, "-o", str(tmp_path / "b"),
+                          "--no-data-port")
+    finally:
+        forward.close()
+    assert (default.returncode, streams.returncode) == (0, 0), default.stderr + streams.stderr
+    assert f"coordinator {address}: its data port is unreachable" in default.stderr
+    assert "data port" not in streams.stderr  # it never asked for one
+    for out in ("a", "b"):
+        assert (tmp_path / out).read_bytes() == (ckpt / MODEL_FILE).read_bytes()
 
 
 def test_a_broken_data_connection_is_resumed_from_the_part_kept(server, tmp_path):
@@ -446,6 +464,18 @@ def test_a_taken_data_port_stops_the_start_and_frees_the_gRPC_port(state_dir):
 
 
 def test_serve_takes_data_port_off_or_a_number(tmp_path):
+    chosen = free_port()
+    for option, shown in (("off", "off"), (str(chosen), str(chosen))):
+        process = ServeProcess(tmp_path / "state", tmp_path / f"serve-{option}.log",
+                             "--data-port", option)
+        process.start()
+        try:
+            with process.client() as client:
+                assert client.health() == "SERVING"
+        finally:
+            process.stop()
+        assert (f"dptrain coordinator listening on {process.address} (data port {shown}) with"
+                in (tmp_path / f"serve-{option}.log").read_text())
     bad = subprocess.run([DPTRAIN, "serve", "--data-port", "nine"], capture_output=True,
                          text=True, timeout=120)
     assert bad.returncode == 2
