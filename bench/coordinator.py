@@ -25,17 +25,25 @@ Clients run in further child processes, many threads each, one connection per cl
    benchmark sends a log line as the job's worker (ReportProgress with its worker token) and
    times until every watcher has it (and until half have it). Median over rounds.
 3. Checkpoint transfer: a worker uploads a checkpoint whose model file is 64 MiB of random
-   bytes, different in each round (UploadCheckpoint, chunked, verified against its BLAKE3
-   manifest entry and stored durably; retention deletes the oldest from the fourth round on),
-   and a client downloads that file (DownloadCheckpoint, verified as it arrives, written with
-   fsync), and again in byte ranges over two streams (``streams=2``; the two downloads swap
-   places every round, as the first follows the upload's write-back), against a plain copy
-   of the same file on the same disk (``shutil.copyfile`` then ``fsync``: both transfers
-   make their result durable too) and, for reference, the copy without fsync. The ceiling
-   gRPC itself sets: the same bytes in the same chunks over a bare grpcio stream on loopback
-   (a generic handler in the echo server, raw bytes per message, no hashing), each way,
-   dropped on arrival and written + fsynced. Every row runs once per round, interleaved;
-   medians over rounds.
+   bytes, different in each round (verified against its BLAKE3 manifest entry and stored
+   durably; retention deletes the oldest from the fourth round on), and a client downloads
+   that file (verified as it arrives, written with fsync), and again in byte ranges over two
+   connections (``streams=2``; the two downloads swap places every round, as the first follows
+   the upload's write-back). The ``upload``/``download`` rows are the default path, the
+   coordinator's data port (OpenCheckpointUpload or DownloadCheckpoint hands out a ticket, the
+   bytes go over plain TCP: ``sendfile`` on the sending side, ``recv`` into the hasher and the
+   writer on the receiving side); the ``gRPC stream`` rows are the same transfers forced onto
+   the gRPC streams (``data_port=False``: UploadCheckpoint, DownloadCheckpoint's chunks). Peers:
+   a plain copy of the same file on the same disk (``shutil.copyfile`` then ``fsync``: both
+   transfers make their result durable too) and, for reference, the copy without fsync; the
+   ceiling of the data port: the same bytes over a bare TCP socket on loopback to and from the
+   server's process (``sendfile`` → ``recv`` + write + fsync, no hashing, no tickets); the
+   ceiling gRPC itself sets: the same bytes in the same chunks over a bare grpcio stream (a
+   generic handler in the echo server, raw bytes per message, no hashing), each way, dropped
+   on arrival and written + fsynced. Every row runs once per round, interleaved; medians over
+   rounds. With ``--tls`` (and ``--only transfer``) the coordinator serves TLS, gRPC and its
+   data port alike, with a certificate for ``localhost`` (``dptrain tls init``'s), and the
+   transfer rows go over TLS; the bare peers stay plaintext.
 
 Every row's peers are measured in this one run; the machine may be shared, so each number is
 a median (or a percentile over thousands of calls) and the ratios are what to read.
@@ -69,10 +77,11 @@ SPEC = {"name": "bench", "model": {"name": "mlp", "args": {"in_features": 64, "h
 
 # ---------------------------------------------------------------- the server (child process)
 
-def serve_child(state_dir: str, worker_token: str) -> None:
+def serve_child(state_dir: str, worker_token: str, tls: bool = False) -> None:
     """Start a coordinator with one RUNNING job whose worker token is `worker_token`, and a
-    bare echo server; print ``{"address", "token", "job_id", "echo"}`` as JSON; stop when
-    stdin closes."""
+    bare echo server; print ``{"address", "token", "job_id", "echo", "tls_ca"}`` as JSON;
+    stop when stdin closes. With `tls`, the coordinator serves TLS (gRPC and its data port)
+    with a certificate for ``localhost`` made here (``tls_ca``: its CA)."""
     from concurrent import futures
 
     import grpc
@@ -87,7 +96,14 @@ def serve_child(state_dir: str, worker_token: str) -> None:
     with SqliteStore(Path(state_dir) / "coordinator.db") as store:
         job = store.create_job(new_job("watched", SPEC, token_hash=hash_token(worker_token)))
         store.transition(job.id, JobState.QUEUED, JobState.RUNNING, placement={"localhost": 1})
-    server = serve(ServerSettings(state_dir, cluster=Cluster.local(64), max_workers=600))
+    files = None
+    if tls:
+        from dptrain.coordinator.server.tls_init import init_tls
+
+        files = init_tls(Path(state_dir) / "tls", ["localhost"])
+    server = serve(ServerSettings(state_dir, cluster=Cluster.local(64), max_workers=600,
+                                  tls_cert=files and files.cert, tls_key=files and files.key,
+                                  tls_ca=files and files.ca))
     # The peer: gRPC alone, with the coordinator's thread pool size and channel options.
     echo = grpc.server(futures.ThreadPoolExecutor(max_workers=600),
                        options=[*channel_options(), ("grpc.so_reuseport", 0)])
@@ -96,11 +112,56 @@ def serve_child(state_dir: str, worker_token: str) -> None:
     echo.add_generic_rpc_handlers([bare_transfer_handlers(Path(state_dir))])
     echo_port = echo.add_insecure_port("127.0.0.1:0")
     echo.start()
-    print(json.dumps({"address": server.address, "token": server.token, "job_id": job.id,
-                      "echo": f"127.0.0.1:{echo_port}", "pid": os.getpid()}), flush=True)
+    sock_port = bare_socket_server(Path(state_dir))
+    address = f"localhost:{server.port}" if tls else server.address  # the certificate's name
+    print(json.dumps({"address": address, "token": server.token, "job_id": job.id,
+                      "tls_ca": files and str(files.ca),
+                      "echo": f"127.0.0.1:{echo_port}", "socket": sock_port,
+                      "pid": os.getpid()}), flush=True)
     sys.stdin.read()
     echo.stop(grace=1.0)
     server.stop(grace=1.0)
+
+
+def bare_socket_server(work: Path) -> int:
+    """The data port's peer: a bare TCP listener on loopback (in the server's process, on a
+    thread of its own). A connection sends ``u`` or ``d`` and a size (8 bytes): ``u``, then that
+    many bytes, which are received in 1 MiB reads, written to a file and fsynced before the
+    size is sent back; ``d``: that many bytes are ``sendfile``d from a file. No hashing, no
+    tickets. Returns the port."""
+    import socket
+
+    from dptrain.coordinator.api.limits import CHUNK_BYTES
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    source = work / "bare-source"
+
+    def serve_one(conn: socket.socket) -> None:
+        with conn:
+            head = conn.recv(9, socket.MSG_WAITALL)
+            op, size = head[:1], int.from_bytes(head[1:], "little")
+            if op == b"u":
+                left = size
+                with open(work / "bare-socket-upload", "wb") as f:
+                    while left and (data := conn.recv(min(CHUNK_BYTES, left))):
+                        f.write(data)
+                        left -= len(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                conn.sendall(size.to_bytes(8, "little"))
+            else:
+                if not source.exists() or source.stat().st_size != size:
+                    source.write_bytes(os.urandom(size))
+                with open(source, "rb") as f:
+                    conn.sendfile(f, 0, size)
+
+    def accept() -> None:
+        while True:
+            conn, _ = listener.accept()
+            threading.Thread(target=serve_one, args=(conn,), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+    return listener.getsockname()[1]
 
 
 def bare_transfer_handlers(work: Path) -> Any:
@@ -404,6 +465,38 @@ def _bare_transfers(info: dict, data: bytes, work: Path) -> dict[str, Any]:
             "_channel": channel}
 
 
+GOAL_ROWS = ("upload", "download", "download_2")
+"""The transfers the goal (>= 0.8x a copy + fsync) is for: the default path."""
+
+
+def _bare_sockets(info: dict, src: Path, work: Path) -> dict[str, Any]:
+    """``{row: () -> None}`` for the bare socket peers (`bare_socket_server`)."""
+    import socket
+
+    from dptrain.coordinator.api.limits import CHUNK_BYTES
+
+    size = src.stat().st_size
+
+    def connect(op: bytes) -> socket.socket:
+        sock = socket.create_connection(("127.0.0.1", info["socket"]))
+        sock.sendall(op + size.to_bytes(8, "little"))
+        return sock
+
+    def up() -> None:
+        with connect(b"u") as sock, open(src, "rb") as f:
+            sock.sendfile(f)
+            sock.recv(8, socket.MSG_WAITALL)
+
+    def down() -> None:
+        with connect(b"d") as sock, open(work / "bare-socket-download", "wb") as f:
+            while data := sock.recv(CHUNK_BYTES):
+                f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+
+    return {"sock_up_disk": up, "sock_down_disk": down}
+
+
 def bench_transfer(info: dict, worker_token: str, work: Path, size_mib: int,
                    rounds: int, algorithm: str) -> list[str]:
     from dptrain.coordinator.client.client import Client
@@ -413,10 +506,20 @@ def bench_transfer(info: dict, worker_token: str, work: Path, size_mib: int,
     data = os.urandom(size_mib << 20)
     bare = _bare_transfers(info, data, work)
     times: dict[str, list[float]] = {k: [] for k in (
-        "upload", "download", "download_2", "copy", "copy_nosync", "bare_up", "bare_up_disk",
+        "upload", "download", "download_2", "upload_grpc", "download_grpc", "copy",
+        "copy_nosync", "sock_up_disk", "sock_down_disk", "bare_up", "bare_up_disk",
         "bare_down", "bare_down_disk")}
-    worker = WorkerClient(info["address"], info["job_id"], worker_token, timeout=600)
-    client = Client(info["address"], token=info["token"], timeout=600)
+    ca = info["tls_ca"]
+    worker = WorkerClient(info["address"], info["job_id"], worker_token, ca, timeout=600)
+    client = Client(info["address"], token=info["token"], tls_ca=ca, timeout=600)
+    worker_grpc = WorkerClient(info["address"], info["job_id"], worker_token, ca, timeout=600,
+                               data_port=False)
+    client_grpc = Client(info["address"], token=info["token"], tls_ca=ca, timeout=600,
+                         data_port=False)
+    source = work / "source.bin"
+    source.write_bytes(data)
+    sockets = _bare_sockets(info, source, work)
+    sockets["sock_down_disk"]()  # the server makes its source file at the first call: not timed
 
     cpu: dict[str, list[tuple[float, float]]] = {k: [] for k in times}
 
@@ -435,29 +538,45 @@ def bench_transfer(info: dict, worker_token: str, work: Path, size_mib: int,
         # blob (the same bytes again would replace the stored copy instead).
         model.write_bytes(step.to_bytes(8, "little") + data[8:])
         write_manifest(ckpt, {"step": step}, ["model.safetensors"], algorithm)
-        timed("upload", worker.upload_checkpoint, ckpt)
-        # Both downloads, their order swapped every round: the first one follows the upload
-        # while the disk still writes it back.
-        for row in ("download", "download_2")[::1 if step % 2 else -1]:
-            timed(row, client.download_checkpoint, info["job_id"], step=step,
+        # The data port and the gRPC stream swap places every round, as do the downloads: the
+        # first transfer of a kind follows the previous one's write-back.
+        uploads = (("upload", worker), ("upload_grpc", worker_grpc))[::1 if step % 2 else -1]
+        for row, uploader in uploads:
+            if row == "upload_grpc":  # the same step again: a checkpoint replaces its step's
+                write_manifest(ckpt, {"step": step, "again": 1}, ["model.safetensors"],
+                               algorithm)
+            timed(row, uploader.upload_checkpoint, ckpt)
+        for row in ("download", "download_2", "download_grpc")[::1 if step % 2 else -1]:
+            timed(row, client_grpc.download_checkpoint if row == "download_grpc"
+                  else client.download_checkpoint, info["job_id"], step=step,
                   dest=work / "downloaded", **({"streams": 2} if row == "download_2" else {}))
         timed("copy", _durable_copy, model, work / "copied")
         timed("copy_nosync", shutil.copyfile, model, work / "copied-nosync")
+        for row in ("sock_up_disk", "sock_down_disk"):
+            timed(row, sockets[row])
         for row in ("bare_up", "bare_up_disk", "bare_down", "bare_down_disk"):
             timed(row, bare[row])
         shutil.rmtree(ckpt)
-    worker.close()
-    client.close()
+    assert worker.data_port and client.data_port, "the data port was not used"
+    for c in (worker, client, worker_grpc, client_grpc):
+        c.close()
     bare["_channel"].close()
     mb = len(data) / 1e6
     rate = {k: mb / statistics.median(v) for k, v in times.items()}
     goal = lambda r: f">= 0.8x {'✔' if r >= 0.8 else '✘'}"  # noqa: E731
     rows = []
     for row, name, peer in (
-            ("upload", "upload (UploadCheckpoint)", "bare_up_disk"),
-            ("download", "download (DownloadCheckpoint)", "bare_down_disk"),
-            ("download_2", "download in ranges over two streams (`streams=2`)",
+            ("upload", "upload over the data port (default)", "sock_up_disk"),
+            ("download", "download over the data port (default)", "sock_down_disk"),
+            ("download_2", "download in ranges over two data connections (`streams=2`)",
+             "sock_down_disk"),
+            ("upload_grpc", "upload over the gRPC stream (`data_port=False`)", "bare_up_disk"),
+            ("download_grpc", "download over the gRPC stream (`data_port=False`)",
              "bare_down_disk"),
+            ("sock_up_disk", "bare socket to the server, sendfile → recv + write + fsync "
+             "(peer)", None),
+            ("sock_down_disk", "bare socket from the server, sendfile → recv + write + fsync "
+             "(peer)", None),
             ("bare_up", "bare gRPC stream to the server, dropped (peer)", None),
             ("bare_up_disk", "bare gRPC stream to the server, written + fsync (peer)", None),
             ("bare_down", "bare gRPC stream from the server, dropped (peer)", None),
@@ -470,7 +589,7 @@ def bench_transfer(info: dict, worker_token: str, work: Path, size_mib: int,
         client_ms, server_ms = (statistics.median(c[i] for c in cpu[row]) * 1e3 for i in (0, 1))
         rows.append(f"| {name} | {size_mib} MiB | {rate[row]:.0f} MB/s | {client_ms:.0f} ms, "
                     f"{server_ms:.0f} ms | {over_copy:.2f}x | {over_bare} | "
-                    f"{goal(over_copy) if peer else ''} |")
+                    f"{goal(over_copy) if row in GOAL_ROWS else ''} |")
     return rows
 
 
@@ -497,12 +616,17 @@ def main() -> None:
     parser.add_argument("--transfers", type=int, default=5, help="upload/download rounds")
     parser.add_argument("--hash", default="blake3", choices=("blake3", "sha256"),
                         help="the checkpoint manifest's hash (sha256: as written before)")
+    parser.add_argument("--tls", action="store_true",
+                        help="the coordinator serves TLS (gRPC and its data port; transfers "
+                             "only): the transfer rows go over TLS, the bare peers do not")
     parser.add_argument("--serve-child", metavar="STATE_DIR", help=argparse.SUPPRESS)
     parser.add_argument("--worker-token", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve_child:
-        serve_child(args.serve_child, args.worker_token)
+        serve_child(args.serve_child, args.worker_token, args.tls)
         return
+    if args.tls and set(args.only or ()) != {"transfer"}:
+        parser.error("--tls: with --only transfer (the RPC and fan-out clients speak plaintext)")
     from dptrain.coordinator.api.records import new_token
 
     ctx = mp.get_context("spawn")  # gRPC does not survive fork
@@ -514,7 +638,7 @@ def main() -> None:
             # --worker-token=...: a token may start with "-", which argparse would take for
             # an option if it came as a separate argument.
             [sys.executable, __file__, "--serve-child", str(work / "state"),
-             f"--worker-token={worker_token}"],
+             f"--worker-token={worker_token}", *(["--tls"] if args.tls else [])],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         try:
             info = json.loads(server.stdout.readline())
@@ -548,13 +672,15 @@ def main() -> None:
         print("|---:|---:|---:|---:|---:|")
         print("\n".join(fanout) + "\n")
     if transfer:
-        print(f"Checkpoint transfer ({args.hash} manifest), median of {args.transfers} rounds; "
-              f"(interleaved); peers: `shutil.copyfile` + `fsync` of the same file, and the "
-              f"same bytes over a bare grpcio stream in the same chunks\n")
+        print(f"Checkpoint transfer ({args.hash} manifest{', TLS' if args.tls else ''}), "
+              f"median of {args.transfers} rounds; "
+              f"(interleaved); peers: `shutil.copyfile` + `fsync` of the same file, the same "
+              f"bytes over a bare TCP socket, and over a bare grpcio stream in the same "
+              f"chunks\n")
         print("CPU: of this process (the client: uploads, downloads, copies) and of the server's"
               " (coordinator and bare echo server), median per transfer, in clock ticks\n")
         print("| transfer | file | rate | CPU: client, server | over copy + fsync "
-              "| over bare gRPC + write + fsync | goal |")
+              "| over its bare peer (socket or gRPC) + write + fsync | goal |")
         print("|---|---:|---:|---:|---:|---:|---|")
         print("\n".join(transfer))
 

@@ -130,12 +130,15 @@ def serve_coordinator(state_dir: Path) -> Iterator[Callable[..., Any]]:
     coordinator on a free loopback port over `state_dir` (`settings` are the other fields of
     `dptrain.coordinator.server.server.ServerSettings`, e.g. ``port=`` to restart on the same
     one) and returns it; every one started is stopped at the end, giving in-flight calls
-    `stop_grace` seconds, whether the test passed or not."""
+    `stop_grace` seconds, whether the test passed or not. Its data port is any free port
+    unless ``data_port=`` says otherwise: a restart on the same gRPC port must not need the
+    port after it free (the default of a fixed gRPC port)."""
     from dptrain.coordinator.server.server import ServerSettings, serve
 
     started: list[tuple[Any, float]] = []
 
     def start(*, stop_grace: float = 0.0, runner_factory: Any = None, **settings: Any) -> Any:
+        settings.setdefault("data_port", 0)
         server = serve(ServerSettings(state_dir, **settings), runner_factory=runner_factory)
         started.append((server, stop_grace))
         return server

@@ -18,21 +18,18 @@ Example::
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import itertools
 import os
 import socket
 import ssl
-import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from dptrain.atomic_files import fsync_directory
 from dptrain.coordinator.api import chunk_wire, serde
 from dptrain.coordinator.api.credentials import (
     TOKEN_ENV,
@@ -41,23 +38,14 @@ from dptrain.coordinator.api.credentials import (
     find_token,
 )
 from dptrain.coordinator.api.errors import ValidationError
-from dptrain.coordinator.api.hashed_io import BytesLike
 from dptrain.coordinator.api.limits import channel_options
 from dptrain.coordinator.api.records import CheckpointRecord, Event, Job, JobState, User
-from dptrain.coordinator.client.download_parts import (
-    DOWNLOAD_STREAMS,
-    FIRST_RANGE_BYTES,
-    DownloadedFile,
-    DownloadProgress,
-    RangeBroken,
-    RangedDownload,
-    append_to_part,
-    part_path,
-    part_size,
-)
+from dptrain.coordinator.client.checkpoint_download import CheckpointDownloads
+from dptrain.coordinator.client.data_transfer import tls_context
+from dptrain.coordinator.client.download_parts import DownloadedFile, DownloadProgress
+from dptrain.coordinator.client.errors import ClientError
 from dptrain.protos.dptrain.v1 import coordinator_pb2 as pb
 from dptrain.protos.dptrain.v1 import coordinator_pb2_grpc as pb_grpc
-from dptrain.worker.checkpoint_manifest import FileEntry
 from dptrain.worker.code_archive import CodeArchiveError, pack_directory
 from dptrain.worker.spec import (
     CODE_DIGEST_PREFIX,
@@ -71,38 +59,6 @@ __all__ = ["Client", "ClientError", "DownloadedFile", "DownloadProgress", "DEFAU
            "speaks_tls"]
 
 DEFAULT_TIMEOUT = 30.0
-
-
-class ClientError(Exception):
-    """A failed call: ``code`` is the gRPC status code's name, ``details`` the server's message.
-
-    ``str(error)`` is one line: ``"CODE: details"``.
-
-    Args:
-        code: e.g. ``"NOT_FOUND"``.
-        details: what went wrong.
-    """
-
-    def __init__(self, code: str, details: str):
-        self.code, self.details = code, " ".join(str(details).split())
-        super().__init__(f"{code}: {self.details}")
-
-
-def _download_data(stream: Iterator[Any]) -> Iterator[BytesLike]:
-    """The file's bytes from a download stream after its first message."""
-    for item in stream:
-        if isinstance(item, chunk_wire.Chunk):
-            yield item.data
-        elif item.WhichOneof("item") == "chunk":  # a sender encoding its own way
-            yield item.chunk
-        else:
-            raise ClientError("INTERNAL", "the download stream described its file twice")
-
-
-#: The status codes of a download stream that broke on the way (the coordinator restarting or
-#: shutting down, a dropped connection), which `Client.download_checkpoint` resumes.
-_RESUMABLE = frozenset({"UNAVAILABLE", "CANCELLED", "ABORTED"})
-_BACKOFF_S, _MAX_BACKOFF_S = 0.25, 8.0
 
 
 def speaks_tls(address: str, timeout: float = 5.0) -> bool:
@@ -131,7 +87,7 @@ def _read_ca(tls_ca: str | os.PathLike | bytes) -> bytes:
         raise ClientError("INVALID_ARGUMENT", f"cannot read the TLS CA certificate: {e}") from None
 
 
-class Client:
+class Client(CheckpointDownloads):
     """A connection to a coordinator (thread-safe; close it, or use it as a context manager).
 
     Args:
@@ -145,14 +101,20 @@ class Client:
         token_file: a file holding the token.
         state_dir: a local coordinator's state directory to read the token from.
         job_id: the job a worker token belongs to (workers only).
+        data_port: move checkpoint bytes over the coordinator's data port where it has one
+            (``server.data_port``: plain TCP beside gRPC, faster); False: always the gRPC
+            streams. When the port is off, refused or unreachable, this client uses the
+            streams from then on (one log line says so).
     """
 
     def __init__(self, address: str, token: str | None = None,
                  tls_ca: str | os.PathLike | bytes | None = None,
                  timeout: float = DEFAULT_TIMEOUT, *, token_file: str | os.PathLike | None = None,
-                 state_dir: str | os.PathLike | None = None, job_id: str | None = None):
+                 state_dir: str | os.PathLike | None = None, job_id: str | None = None,
+                 data_port: bool = True):
         self.address = address
         self.timeout = timeout
+        self.data_port = data_port
         try:
             token, self.token_source = find_token(token, token_file=token_file,
                                                   state_dir=state_dir)
@@ -160,8 +122,11 @@ class Client:
             raise ClientError("UNAUTHENTICATED", f"cannot read the token: {e}") from None
         self.tls = tls_ca is not None
         self._metadata = bearer_metadata(token, job_id)
+        self._data_tls = None
         if tls_ca is not None:
-            credentials = grpc.ssl_channel_credentials(root_certificates=_read_ca(tls_ca))
+            ca = _read_ca(tls_ca)
+            self._data_tls = tls_context(ca)
+            credentials = grpc.ssl_channel_credentials(root_certificates=ca)
             self.channel = grpc.secure_channel(address, credentials, options=channel_options())
         else:
             self.channel = grpc.insecure_channel(address, options=channel_options())
@@ -375,163 +340,6 @@ class Client:
         return serde.checkpoint_from_proto(self._unary(
             self._stub.KeepCheckpoint, pb.KeepCheckpointRequest(job_id=job_id, step=step,
                                                                 keep=keep)))
-
-    def download_checkpoint(self, job_id: str, step: int | None = None,
-                            file: str = "model.safetensors",
-                            dest: str | os.PathLike | None = None, *, retries: int = 8,
-                            on_progress: Callable[[DownloadProgress], None] | None = None,
-                            streams: int = DOWNLOAD_STREAMS) -> DownloadedFile:
-        """Download one file of a checkpoint, verifying its digest before it appears at `dest`;
-        an interrupted download resumes where it stopped.
-
-        The bytes go to a part file beside `dest` (``.NAME.<digest>.part``, synced as it
-        grows). When the stream breaks (the coordinator restarting, a dropped connection:
-        UNAVAILABLE, CANCELLED, ABORTED), the same checkpoint is asked for again from the part's
-        size, backing off between tries, up to `retries` tries in a row without progress; a
-        part left by an earlier call for the same file is resumed too. At the end the whole
-        file is hashed (the part read back, the rest as it arrives: BLAKE3, or sha256 for a
-        checkpoint written before BLAKE3) and compared with the digest of the checkpoint's
-        manifest: only a match is renamed to `dest`; a mismatch deletes the part (DATA_LOSS).
-        The server does not hash the bytes as it sends them: this check is the one that counts.
-
-        With `streams` > 1, a file larger than `FIRST_RANGE_BYTES` comes over that many
-        streams at once, each fetching byte ranges into the part (`client.download_parts`),
-        and is hashed whole once all are in; a server that predates ranges sends it over the
-        first stream.
-
-        Args:
-            job_id: the job.
-            step: the checkpoint's step; None: the newest intact one (then pinned for resuming).
-            file: ``model.safetensors``, ``optimizer.safetensors`` or ``manifest.json``.
-            dest: the file to write, or a directory to write `file` into (default: `file` in
-                the current directory).
-            retries: tries in a row that receive nothing before giving up (the part is kept
-                for a later call).
-            on_progress: called after each chunk (and once at each start or resumption).
-            streams: streams at once (1, the default: one stream, hashing the bytes as they
-                arrive).
-
-        Returns:
-            Where it went, with its step, size and digest.
-
-        Raises:
-            ClientError: NOT_FOUND, DATA_LOSS (the bytes received fail the digest), ...
-        """
-        target = Path(file if dest is None else dest)
-        if target.is_dir():
-            target = target / file
-        expected: FileEntry | None = None  # the file being fetched, from the first answer
-        ranged: RangedDownload | None = None  # its ranges, when they come over several streams
-        failures = 0
-
-        def report(done: int, resumed_at: int | None) -> None:
-            if on_progress is not None:
-                on_progress(DownloadProgress(expected.name, step, expected.size, done,
-                                             resumed_at))
-
-        def open_range(offset: int, length: int) -> tuple[Iterator[BytesLike], Callable]:
-            return self._open_range(job_id, step, file, expected, offset, length)
-
-        try:
-            while True:
-                part = None if expected is None else part_path(target, expected)
-                offset = part_size(part) if part is not None else 0
-                before = offset if ranged is None else ranged.done
-                try:
-                    if ranged is not None:  # a try after a break: each range goes on
-                        ranged.run()
-                        digest, size = ranged.verified(expected.algorithm)
-                    else:
-                        request = pb.DownloadCheckpointRequest(
-                            job_id=job_id, file=file, offset=offset,
-                            length=FIRST_RANGE_BYTES if streams > 1 else 0)
-                        if step is not None:
-                            request.step = step
-                        stream = self._stream(self._download, request)
-                        with contextlib.closing(stream):
-                            first = next(stream, None)
-                            if first is None or first.WhichOneof("item") != "info":
-                                raise ClientError("INTERNAL", "the download stream did not "
-                                                  "start with the file's description")
-                            described = serde.file_entry_from_proto(first.info.file)
-                            if described != expected:  # the first answer, or another file
-                                if expected is not None:
-                                    part_path(target, expected).unlink(missing_ok=True)
-                                expected, step = described, first.info.step
-                                part = part_path(target, expected)
-                                if part_size(part) > expected.size:
-                                    part.unlink()
-                                if offset != part_size(part):  # a part to resume (or none now)
-                                    continue
-                            report(offset, offset or None)
-                            if streams > 1 and offset < first.info.end < expected.size:
-                                ranged = RangedDownload(part, expected.size, offset,
-                                                        first.info.end, streams, open_range,
-                                                        report)
-                                ranged.run(_download_data(stream))
-                                digest, size = ranged.verified(expected.algorithm)
-                            else:  # one stream (or a server that predates ranges)
-                                digest, size = append_to_part(
-                                    part, expected, offset, _download_data(stream), report)
-                except ClientError as e:
-                    if e.code not in _RESUMABLE:
-                        raise
-                    now = (part_size(part_path(target, expected)) if ranged is None
-                           else ranged.done) if expected is not None else 0
-                    failures = 0 if now > before else failures + 1
-                    if failures > retries:
-                        raise
-                    time.sleep(min(_BACKOFF_S * 2 ** failures, _MAX_BACKOFF_S))
-                    continue
-                except RangeBroken as e:
-                    part.unlink(missing_ok=True)
-                    raise ClientError("DATA_LOSS", f"{expected.name} of step {step}: {e}"
-                                      ) from None
-                if digest != expected.digest or size != expected.size:
-                    part.unlink(missing_ok=True)
-                    raise ClientError("DATA_LOSS", f"{expected.name} of step {step}: received "
-                                      f"{size} bytes hashing to {expected.algorithm} {digest}, "
-                                      f"expected {expected.size} bytes with "
-                                      f"{expected.algorithm} {expected.digest}")
-                os.replace(part, target)
-                fsync_directory(target.parent)
-                return DownloadedFile(target, step, expected.name, size, expected.digest,
-                                      expected.algorithm)
-        finally:
-            if ranged is not None:
-                ranged.close()  # a part without gaps for a later call to resume (or none)
-
-    def _open_range(self, job_id: str, step: int, file: str, expected: FileEntry, offset: int,
-                    length: int) -> tuple[Iterator[BytesLike], Callable[[], Any]]:
-        """A stream of `length` bytes of the file from `offset`: ``(chunks, cancel)``.
-
-        Raises:
-            ClientError: the call failed, or ABORTED: the stream describes another file
-                or range (the checkpoint was replaced meanwhile).
-        """
-        request = pb.DownloadCheckpointRequest(job_id=job_id, step=step, file=file,
-                                               offset=offset, length=length)
-        call = self._download(request, metadata=self._metadata)
-
-        def chunks() -> Iterator[BytesLike]:
-            try:
-                yield from _download_data(call)
-            except grpc.RpcError as e:
-                raise self._error(e) from None
-            finally:
-                call.cancel()
-
-        try:
-            first = next(call, None)
-        except grpc.RpcError as e:
-            raise self._error(e) from None
-        if (first is None or first.WhichOneof("item") != "info" or first.info.step != step
-                or serde.file_entry_from_proto(first.info.file) != expected
-                or first.info.end != offset + length):
-            call.cancel()
-            raise ClientError("ABORTED", f"{expected.name} of step {step} changed during the "
-                              f"download")
-        return chunks(), call.cancel
 
     # ------------------------------------------------------------ users (admins only)
 

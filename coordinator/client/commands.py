@@ -76,13 +76,28 @@ def default_state_dir() -> Path:
     return Path(base) / "dptrain"
 
 
-def connect(args: argparse.Namespace) -> Client:
-    """A client for the coordinator the command line names (see the module docstring)."""
+def connect(args: argparse.Namespace, *, data_port: bool = True) -> Client:
+    """A client for the coordinator the command line names (see the module docstring);
+    `data_port` False: checkpoint bytes over the gRPC streams only."""
     from dptrain.coordinator.client.client import Client
 
     return Client(args.address or os.environ.get(ADDRESS_ENV) or DEFAULT_ADDRESS,
                   tls_ca=args.tls_ca or os.environ.get(TLS_CA_ENV) or None,
-                  token_file=args.token_file, state_dir=args.state_dir or default_state_dir())
+                  token_file=args.token_file, state_dir=args.state_dir or default_state_dir(),
+                  data_port=data_port)
+
+
+def _data_port(text: str) -> int | str | None:
+    """``dptrain serve --data-port``: a port number, ``off`` (None) or ``auto``."""
+    if text in ("off", "auto"):
+        return None if text == "off" else text
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a port number 0..65535 or off, got {text!r}")
+    return port
 
 
 def _outcome(state: JobState) -> int:
@@ -215,7 +230,7 @@ def _cmd_delete(args: argparse.Namespace) -> int:
 
 
 def _cmd_download(args: argparse.Namespace) -> int:
-    with connect(args) as client, download_bar() as progress:
+    with connect(args, data_port=args.data_port) as client, download_bar() as progress:
         got = client.download_checkpoint(args.id, step=args.step, file=args.file,
                                          dest=args.output, on_progress=progress)
     print(f"{got.path}: {got.name} of step {got.step}, {got.size} bytes, {got.algorithm} "
@@ -428,6 +443,11 @@ def add_commands(commands: Any, serve: Callable[[argparse.Namespace], int],
                             "and the model zoo (repeatable; default: none)")
     serve_parser.add_argument("--metrics-port", type=int, default=None,
                        help="serve Prometheus metrics on this port")
+    serve_parser.add_argument("--data-port", type=_data_port, default="auto", metavar="N|off",
+                              help="the port checkpoint bytes travel over beside gRPC (plain "
+                                   "TCP; TLS with --tls-cert; a firewall must let it through "
+                                   "as it does the gRPC port); default the gRPC port + 1; off: "
+                                   "transfers use the gRPC streams")
     serve_parser.add_argument("--heartbeat-timeout", type=float, default=60.0, metavar="S",
                        help="seconds without training progress (the workers heartbeat only "
                             "while steps advance) before a running job counts as failed; "
@@ -517,6 +537,9 @@ def add_commands(commands: Any, serve: Callable[[argparse.Namespace], int],
                                "manifest.json")
     download.add_argument("-o", "--output", default=None, metavar="PATH",
                           help="where to write it (default: FILE in the current directory)")
+    download.add_argument("--no-data-port", dest="data_port", action="store_false",
+                          help="fetch the bytes over the gRPC stream even where the "
+                               "coordinator has a data port")
     plot = add("plot", _cmd_plot, "draw a job's loss and accuracy curves into a PNG")
     plot.add_argument("id", metavar="ID", help="the job's id")
     plot.add_argument("-o", "--output", default="curves.png", metavar="PNG",

@@ -20,6 +20,7 @@ from dptrain.coordinator.api.errors import ValidationError
 from dptrain.coordinator.api.hashed_io import write_hashed
 from dptrain.coordinator.api.records import CheckpointRecord, EventKind, JobState
 from dptrain.coordinator.client.client import Client, ClientError
+from dptrain.coordinator.client.data_transfer import DataPortUnreachable, send_upload
 from dptrain.protos.dptrain.v1 import coordinator_pb2 as pb
 from dptrain.worker.checkpoint_manifest import (
     MANIFEST,
@@ -43,11 +44,15 @@ class WorkerClient(Client):
         token: its worker token.
         tls_ca: the CA certificate path (None: plaintext).
         timeout: seconds each unary call may take.
+        data_port: upload and download over the coordinator's data port where it has one
+            (`Client`); False: the gRPC streams.
     """
 
     def __init__(self, address: str, job_id: str, token: str,
-                 tls_ca: str | os.PathLike | None = None, timeout: float = 10.0):
-        super().__init__(address, token=token, tls_ca=tls_ca, timeout=timeout, job_id=job_id)
+                 tls_ca: str | os.PathLike | None = None, timeout: float = 10.0, *,
+                 data_port: bool = True):
+        super().__init__(address, token=token, tls_ca=tls_ca, timeout=timeout, job_id=job_id,
+                         data_port=data_port)
         self.job_id = job_id
 
     @classmethod
@@ -78,7 +83,10 @@ class WorkerClient(Client):
 
     def upload_checkpoint(self, path: str | os.PathLike, timeout: float | None = 3600.0,
                           on_chunk: Callable[[int], None] | None = None) -> CheckpointRecord:
-        """Upload a checkpoint directory written by ``worker.checkpoint.write_checkpoint``.
+        """Upload a checkpoint directory written by ``worker.checkpoint.write_checkpoint``:
+        over the coordinator's data port where it has one (OpenCheckpointUpload, then the
+        files' bytes with ``sendfile``), else over the UploadCheckpoint stream; either way
+        with the same checks and errors.
 
         Args:
             path: the directory (``step-XXXXXXXX``).
@@ -94,6 +102,10 @@ class WorkerClient(Client):
             OSError, ValueError: the manifest cannot be read.
         """
         header, chunks = read_checkpoint_directory(self.job_id, path, on_chunk)
+        if self.data_port:
+            stored = self._upload_to_data_port(Path(path), header, on_chunk, timeout)
+            if stored is not None:
+                return stored
 
         def requests() -> Iterator[pb.UploadCheckpointRequest | chunk_wire.Chunk]:
             yield pb.UploadCheckpointRequest(header=serde.upload_header_to_proto(header))
@@ -102,6 +114,34 @@ class WorkerClient(Client):
 
         response = self._unary(chunk_wire.upload_stub(self.channel), requests(), timeout)
         return serde.checkpoint_from_proto(response)
+
+    def _upload_to_data_port(self, path: Path, header: CheckpointUpload,
+                             on_chunk: Callable[[int], None] | None,
+                             timeout: float | None) -> CheckpointRecord | None:
+        """`upload_checkpoint` over the data port: OpenCheckpointUpload checks the header and
+        hands out a ticket, the files follow over the port (``sendfile``). None when the
+        server has no data port or it cannot be reached (the gRPC stream's turn)."""
+        try:
+            ticket = self._unary(self._worker_stub.OpenCheckpointUpload,
+                                 serde.upload_header_to_proto(header))
+        except ClientError as e:
+            # A server that predates the data port: UNIMPLEMENTED, or PERMISSION_DENIED from
+            # an access table without the RPC (UploadCheckpoint gives any real refusal again).
+            if e.code not in ("UNIMPLEMENTED", "PERMISSION_DENIED"):
+                raise
+            self._use_streams(f"it does not take uploads over a data port ({e.code})")
+            return None
+        if not ticket.port:
+            self._use_streams("it has no data port")
+            return None
+        try:
+            sock = self._data_connection(ticket)
+        except DataPortUnreachable:
+            return None
+        with sock:
+            sock.settimeout(timeout)
+            body = send_upload(sock, path, header.files, on_chunk)
+        return serde.checkpoint_from_proto(pb.Checkpoint.FromString(body))
 
     def fetch_code(self, sha256: str, target: str | os.PathLike) -> str:
         """Download the job's code archive, verify its sha256 and unpack it into `target`

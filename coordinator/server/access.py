@@ -67,6 +67,7 @@ RULES: Mapping[str, Rule] = {
     _W + "ReportProgress": Rule.JOB_WORKER,
     _W + "Heartbeat": Rule.JOB_WORKER,
     _W + "UploadCheckpoint": Rule.JOB_WORKER,
+    _W + "OpenCheckpointUpload": Rule.JOB_WORKER,  # the upload over the data port
     _W + "FetchCheckpoint": Rule.JOB_WORKER,
     _W + "FetchCode": Rule.JOB_WORKER,
 }

@@ -35,10 +35,10 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import re
-import sys
 import time
 from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dptrain.coordinator.api.checkpoint_upload import CheckpointUpload, record_files
@@ -46,7 +46,6 @@ from dptrain.coordinator.api.errors import (
     AlreadyExists,
     BlobCorrupted,
     BlobNotFound,
-    BlobTooLarge,
     CheckpointNotFound,
     CoordinatorError,
     DiskFull,
@@ -54,20 +53,15 @@ from dptrain.coordinator.api.errors import (
     StateConflict,
     ValidationError,
 )
-from dptrain.coordinator.api.limits import (
-    CHUNK_BYTES,
-    MAX_CHECKPOINT_FILES,
-    MAX_MANIFEST_BYTES,
-    MAX_MANIFEST_DEPTH,
-)
+from dptrain.coordinator.api.limits import CHUNK_BYTES
 from dptrain.coordinator.api.records import (
     HOLDING_STATES,
     CheckpointRecord,
     EventKind,
     JobState,
 )
-from dptrain.coordinator.api.strict_json import loads
-from dptrain.coordinator.server.blobs import BlobStore, LeasedStream, blob_id
+from dptrain.coordinator.server.blobs import BlobLease, BlobStore, LeasedStream, blob_id
+from dptrain.coordinator.server.checkpoint_header import check_upload_header
 from dptrain.coordinator.server.jobs import fail_job
 from dptrain.worker.checkpoint_manifest import MANIFEST, FileEntry
 from dptrain.worker.spec import code_digest
@@ -79,18 +73,17 @@ if TYPE_CHECKING:
 __all__ = [
     "DEFAULT_FILE", "WORKER_STATES", "record_blobs", "store_checkpoint",
     "receive_checkpoint", "list_checkpoints", "verify_record", "intact_checkpoint",
-    "open_download", "open_fetch", "keep_checkpoint", "prune_job_checkpoints", "free_blobs",
+    "open_download", "locate_download", "DownloadPlace", "check_worker_upload", "open_fetch",
+    "keep_checkpoint", "prune_job_checkpoints", "free_blobs",
     "referenced_blobs",
 ]
 
 log = logging.getLogger("dptrain.coordinator")
 
 DEFAULT_FILE = "model.safetensors"
-_FILE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 #: The job states in which its workers may upload and fetch checkpoints (see the docstring):
 #: CANCELLING too, so that the checkpoint a cancelled job writes while stopping is kept.
 WORKER_STATES = HOLDING_STATES | {JobState.RESTARTING}
-_MAX_DOUBLE = sys.float_info.max
 
 
 def record_blobs(record: CheckpointRecord) -> dict[str, str]:
@@ -100,71 +93,6 @@ def record_blobs(record: CheckpointRecord) -> dict[str, str]:
 
 
 # ---------------------------------------------------------------- upload
-
-def _check_upload(upload: CheckpointUpload, max_size: int | None) -> dict[str, Any]:
-    """Validate an upload's header against its manifest; return the parsed manifest."""
-    if isinstance(upload.step, bool) or not isinstance(upload.step, int) or upload.step < 0:
-        raise ValidationError("header.step", "must be an integer >= 0", upload.step)
-    if len(upload.manifest_json) > MAX_MANIFEST_BYTES:
-        raise ValidationError("header.manifest_json", f"must be at most {MAX_MANIFEST_BYTES} "
-                              "bytes", f"{len(upload.manifest_json)} bytes")
-    # The worker writes NaN for a metric that diverged; the API carries it as a double.
-    manifest = loads(upload.manifest_json, "header.manifest_json", max_depth=MAX_MANIFEST_DEPTH,
-                     allow_nan=True)
-    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
-        raise ValidationError("header.manifest_json", "must be an object with 'files'",
-                              type(manifest).__name__)
-    step = manifest.get("step")
-    if isinstance(step, bool) or not isinstance(step, int) or step != upload.step:
-        raise ValidationError("header.step", f"must equal the manifest's step ({step!r})",
-                              upload.step)
-    _check_manifest_summary(manifest)
-    if len(upload.files) > MAX_CHECKPOINT_FILES:
-        raise ValidationError("header.files", f"at most {MAX_CHECKPOINT_FILES} files",
-                              len(upload.files))
-    names = [f.name for f in upload.files]
-    if len(set(names)) != len(names):
-        raise ValidationError("header.files", "file names must be unique", names)
-    for i, f in enumerate(upload.files):
-        where = f"header.files[{i}]"
-        if not _FILE_NAME.fullmatch(f.name) or f.name == MANIFEST:
-            raise ValidationError(f"{where}.name", "must be a plain file name (letters, digits, "
-                                  "'.', '_', '-'), not manifest.json", f.name)
-        blob_id(f.algorithm, f.digest, f"{where}.{f.algorithm}")
-        if f.size < 0:
-            raise ValidationError(f"{where}.size", "must be >= 0", f.size)
-        if max_size is not None and f.size > max_size:
-            raise BlobTooLarge(max_size)
-        listed = manifest["files"].get(f.name)
-        if listed != f.manifest_entry():
-            raise ValidationError(f"{where}", "must match the manifest's entry for the file",
-                                  listed)
-    missing = sorted(set(manifest["files"]) - set(names))
-    if missing:
-        raise ValidationError("header.files", "must list every file of the manifest; missing",
-                              missing)
-    return manifest
-
-
-def _check_manifest_summary(manifest: dict[str, Any]) -> None:
-    """Refuse an epoch or metrics that a ``Checkpoint`` message could not carry (a listing of
-    the job's checkpoints would fail on them for good)."""
-    epoch = manifest.get("epoch")
-    if epoch is not None and (isinstance(epoch, bool) or not isinstance(epoch, int)
-                              or not 0 <= epoch < 2**63):
-        raise ValidationError("header.manifest_json.epoch", "must be an integer in 0..2**63-1",
-                              epoch)
-    metrics = manifest.get("metrics")
-    if metrics is None:
-        return
-    if not isinstance(metrics, dict):
-        raise ValidationError("header.manifest_json.metrics", "must be an object of metric "
-                              "names to values", type(metrics).__name__)
-    for name, value in metrics.items():
-        if isinstance(value, int) and not isinstance(value, bool) and abs(value) > _MAX_DOUBLE:
-            raise ValidationError(f"header.manifest_json.metrics.{name}", "must be a number "
-                                  "within a double's range", value)
-
 
 class _Peekable:
     """An iterator of ``(name, data)`` chunks whose next chunk can be looked at first."""
@@ -227,7 +155,7 @@ def store_checkpoint(upload: CheckpointUpload, chunks: Iterable[tuple[str, bytes
     job = store.get_job(upload.job_id)
     if states is not None and job.state not in states:
         raise StateConflict(job.id, job.state, states)
-    manifest = _check_upload(upload, blobs.max_size)
+    manifest = check_upload_header(upload, blobs.max_size)
     # Pinned until recorded: retention elsewhere may be freeing the same bytes meanwhile.
     names = [blob_id(f.algorithm, f.digest) for f in upload.files]
     with blobs.lease([*names, hashlib.sha256(upload.manifest_json).hexdigest()], pin=True):
@@ -268,6 +196,20 @@ def _store_files(upload: CheckpointUpload, chunks: Iterable[tuple[str, bytes]],
         store.delete_checkpoint(upload.job_id, upload.step)
         record = store.add_checkpoint(record, states=states)
     return record, received[0]
+
+
+def check_worker_upload(upload: CheckpointUpload, state: ServiceState) -> None:
+    """Every check `receive_checkpoint` makes before the first byte: the job is in
+    `WORKER_STATES`, the header agrees with its manifest, no file is too large (an upload
+    over the data port is refused with these errors before its bytes travel).
+
+    Raises:
+        JobNotFound, StateConflict, ValidationError, BlobTooLarge: as `receive_checkpoint`.
+    """
+    job = state.store.get_job(upload.job_id)
+    if job.state not in WORKER_STATES:
+        raise StateConflict(job.id, job.state, WORKER_STATES)
+    check_upload_header(upload, state.blobs.max_size)
 
 
 def receive_checkpoint(upload: CheckpointUpload, chunks: Iterable[tuple[str, bytes]],
@@ -363,6 +305,53 @@ def open_download(job_id: str, step: int | None, name: str, state: ServiceState,
     second pass here would only double the CPU a download costs. Only choosing the newest
     intact checkpoint (`step` None) reads its files beforehand, to fall back past damage.
 
+    Args and Raises: as `locate_download`.
+
+    Returns:
+        ``(step, file, end, chunks)``; the chunks are at most `CHUNK_BYTES` each, from
+        `offset` up to `end` (``offset + length``, or the file's size where that comes
+        first). ``file.size`` is the stored file's size; ``file.digest`` and
+        ``file.algorithm`` are what the bytes must hash to (the manifest's entry; sha256 for
+        ``manifest.json``).
+    """
+    found = locate_download(job_id, step, name, state, offset, length)
+    try:
+        chunks = state.blobs.read(found.blob, chunk_size=CHUNK_BYTES, verify=False,
+                                  offset=offset, length=found.end - offset)
+    except BaseException:
+        found.lease.release()
+        raise
+    return found.step, found.entry, found.end, LeasedStream(found.lease, _counted(state, chunks))
+
+
+@dataclass(frozen=True)
+class DownloadPlace:
+    """Where the bytes of a download are (`locate_download`).
+
+    Attributes:
+        step: the checkpoint's step.
+        entry: the file as the receiver must find it (size, digest, algorithm).
+        blob: its blob's name.
+        path: its blob's file.
+        offset: the first byte to send.
+        end: the offset just past the last byte to send.
+        lease: holds the blob until released (``server.blobs``): release it when done.
+    """
+
+    step: int
+    entry: FileEntry
+    blob: str
+    path: Path
+    offset: int
+    end: int
+    lease: BlobLease
+
+
+def locate_download(job_id: str, step: int | None, name: str, state: ServiceState,
+                    offset: int = 0, length: int = 0) -> DownloadPlace:
+    """`open_download`'s checks and choice of file, without reading it: where its bytes are
+    (the data port sends them from the file; ``server.data_port``), its blob leased.
+
     Args:
         job_id: the job.
         step: the checkpoint's step; None: the newest intact checkpoint.
@@ -372,13 +361,6 @@ def open_download(job_id: str, step: int | None, name: str, state: ServiceState,
             it kept with the rest).
         length: send at most this many bytes (one of several byte ranges a receiver fetches
             at once and hashes whole once all are in); 0: up to the file's end.
-
-    Returns:
-        ``(step, file, end, chunks)``; the chunks are at most `CHUNK_BYTES` each, from
-        `offset` up to `end` (``offset + length``, or the file's size where that comes
-        first). ``file.size`` is the stored file's size; ``file.digest`` and
-        ``file.algorithm`` are what the bytes must hash to (the manifest's entry; sha256 for
-        ``manifest.json``).
 
     Raises:
         JobNotFound, CheckpointNotFound: no such job or checkpoint.
@@ -401,22 +383,21 @@ def open_download(job_id: str, step: int | None, name: str, state: ServiceState,
     blobs = record_blobs(record)
     if name not in blobs:
         raise ValidationError("file", "must be one of " + ", ".join(sorted(blobs)), name)
-    lease = state.blobs.lease([blobs[name]])  # held until the stream ends (server.blobs)
+    lease = state.blobs.lease([blobs[name]])  # held until the transfer ends (server.blobs)
     try:
         size = state.blobs.size(blobs[name])
         if offset > size:
             raise OutOfRange("offset", f"must be at most the file's size ({size} bytes)", offset)
-        end = min(size, offset + length) if length else size
-        chunks = state.blobs.read(blobs[name], chunk_size=CHUNK_BYTES, verify=False,
-                                  offset=offset, length=end - offset)
+        path = state.blobs.get(blobs[name], verify=False)
     except BaseException:
         lease.release()
         raise
     listed = {f.name: f for f in record_files(record)}.get(name)
     digest, algorithm = (record.sha256, "sha256") if listed is None else (listed.digest,
                                                                           listed.algorithm)
-    entry = FileEntry(name, size, digest, algorithm)
-    return record.step, entry, end, LeasedStream(lease, _counted(state, chunks))
+    end = min(size, offset + length) if length else size
+    return DownloadPlace(record.step, FileEntry(name, size, digest, algorithm), blobs[name],
+                         path, offset, end, lease)
 
 
 def _counted(state: ServiceState, chunks: Iterator[bytes]) -> Iterator[bytes]:

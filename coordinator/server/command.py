@@ -19,7 +19,7 @@ from dptrain.coordinator.server.launchers.slurm import SlurmLauncher, partition_
 from dptrain.coordinator.server.retention import DAY_S
 from dptrain.coordinator.server.runner_settings import RunnerSettings
 from dptrain.coordinator.server.scheduler import Cluster
-from dptrain.coordinator.server.server import ServerSettings, is_loopback, serve
+from dptrain.coordinator.server.server import DATA_PORT_AUTO, ServerSettings, is_loopback, serve
 from dptrain.worker.hostfile import LOCAL_HOSTS
 
 __all__ = ["run_server", "unreachable_note", "root_note", "launcher_and_cluster"]
@@ -131,6 +131,7 @@ def run_server(args: argparse.Namespace) -> int:
         tls_cert=args.tls_cert, tls_key=args.tls_key, tls_ca=args.tls_ca, insecure=args.insecure,
         data_roots=args.data_root, allowed_modules=args.allow_module,
         metrics_port=args.metrics_port, cluster=cluster,
+        data_port=DATA_PORT_AUTO if args.data_port == "auto" else args.data_port,
         default_max_restarts=args.max_restarts, advertise_address=args.advertise_address,
         runner=RunnerSettings(state_dir, launcher=launcher,
                               heartbeat_timeout=args.heartbeat_timeout or None),
@@ -140,7 +141,8 @@ def run_server(args: argparse.Namespace) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda signum, frame: stop.set())
     token_note = args.token_file or state_dir / "token"
-    print(f"dptrain coordinator listening on {server.address} with {cluster.capacity} slot(s) "
+    print(f"dptrain coordinator listening on {server.address} (data port "
+          f"{server.data_port or 'off'}) with {cluster.capacity} slot(s) "
           f"(state {state_dir}, token in {token_note}); Ctrl-C stops it", file=sys.stderr,
           flush=True)
     while not stop.wait(0.5):

@@ -3,8 +3,9 @@
 What `serve` puts together: the SQLite store and the checkpoint blobs in the state directory,
 the built-in admin's token (``STATE_DIR/token``), the two servicers behind the auth and metrics
 interceptors, the standard health service (``grpc.health.v1.Health``, no token needed) and
-server reflection (v1 and v1alpha), TLS when given a certificate, an optional Prometheus
-endpoint, and the job runner its ``runner`` settings describe (without them, jobs simply
+server reflection (v1 and v1alpha), TLS when given a certificate, the data port where
+checkpoint bytes travel beside gRPC (`server.data_port`), an optional Prometheus endpoint, and
+the job runner its ``runner`` settings describe (without them, jobs simply
 stay QUEUED).
 
 It binds 127.0.0.1 by default and refuses any address beyond loopback without TLS unless
@@ -23,6 +24,7 @@ import ipaddress
 import logging
 import os
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -40,6 +42,7 @@ from dptrain.coordinator.api.limits import DEFAULT_MAX_CHECKPOINT_BYTES, channel
 from dptrain.coordinator.server.auth import AuthInterceptor, load_or_create_token
 from dptrain.coordinator.server.blobs import BlobStore
 from dptrain.coordinator.server.code_listing import LISTING_DIR
+from dptrain.coordinator.server.data_port import TICKET_LIFETIME_S, DataPort
 from dptrain.coordinator.server.jobs import Runner, ServiceState
 from dptrain.coordinator.server.metrics import Metrics, MetricsHTTPServer
 from dptrain.coordinator.server.private_files import make_private_dir
@@ -59,10 +62,12 @@ from dptrain.worker.module_policy import check_prefix
 
 __all__ = ["serve", "CoordinatorServer", "ServerSettings", "ServerConfigError", "Runner",
            "RunnerFactory", "RequestDecodingInterceptor", "UndecodableRequest", "SERVICE_NAMES",
-           "DB_FILE", "BLOB_DIR", "is_loopback"]
+           "DB_FILE", "BLOB_DIR", "DATA_PORT_AUTO", "is_loopback"]
 
 log = logging.getLogger("dptrain.coordinator")
 
+DATA_PORT_AUTO = -1
+"""``ServerSettings.data_port``: the gRPC port + 1, or any free port when gRPC's is 0."""
 DB_FILE = "coordinator.db"
 BLOB_DIR = "blobs"
 SERVICE_NAMES = tuple(s.full_name for s in pb.DESCRIPTOR.services_by_name.values())
@@ -92,6 +97,11 @@ class ServerSettings:
             references may name (``--allow-module``; none by default: a job names its shipped
             code or the zoo, ``worker.module_policy``). The workers get them too and check again.
         metrics_port: serve Prometheus metrics on this port (0: any free one; None: don't).
+        data_port: the data port, where checkpoint bytes travel beside gRPC
+            (`server.data_port`): `DATA_PORT_AUTO` (default) the gRPC port + 1, or any free
+            one when `port` is 0; 0: any free one; None: no data port (transfers use the
+            gRPC streams).
+        data_ticket_s: seconds a data port ticket stays good when unused.
         cluster: the slots to schedule (default: this machine, a slot per core).
         max_workers: threads serving calls; every open watch or transfer holds one.
         max_checkpoint_bytes: the largest checkpoint file accepted.
@@ -116,6 +126,8 @@ class ServerSettings:
     data_roots: Sequence[str | os.PathLike] = ()
     allowed_modules: Sequence[str] = ()
     metrics_port: int | None = None
+    data_port: int | None = -1  # DATA_PORT_AUTO
+    data_ticket_s: float = TICKET_LIFETIME_S
     cluster: Cluster | None = None
     max_workers: int = 256
     max_checkpoint_bytes: int = DEFAULT_MAX_CHECKPOINT_BYTES
@@ -332,12 +344,15 @@ class CoordinatorServer:
         cluster: the slots it schedules.
         runner: the job runner, or None.
         metrics_port: the Prometheus endpoint's port, or None.
+        data_port: the data port's port, or None (``settings.data_port`` says the same).
     """
 
     def __init__(self, *, grpc_server: grpc.Server, executor: futures.Executor,
                  state: ServiceState, token: str, settings: ServerSettings, address: str,
-                 worker_address: str, health_servicer: Any, metrics_http: MetricsHTTPServer | None):
+                 worker_address: str, health_servicer: Any, metrics_http: MetricsHTTPServer | None,
+                 data_port: DataPort | None = None):
         self._server = grpc_server
+        self._data_port = data_port
         self._executor = executor
         self._state = state
         self._health = health_servicer
@@ -354,6 +369,7 @@ class CoordinatorServer:
         self.upkeep: Upkeep | None = None
         self.metrics = state.metrics
         self.metrics_port = None if metrics_http is None else metrics_http.port
+        self.data_port = None if data_port is None else data_port.port
 
     def stop(self, grace: float | None = 5.0) -> None:
         """Shut down: health NOT_SERVING and open watches end; then the runner stops, while
@@ -374,6 +390,8 @@ class CoordinatorServer:
                 except Exception:
                     log.exception("the runner failed to stop cleanly")
             self._server.stop(grace).wait()
+            if self._data_port is not None:  # its transfers end before the store closes
+                self._data_port.stop()
             self._executor.shutdown(wait=False)
             if self.upkeep is not None:
                 self.upkeep.stop()
@@ -410,6 +428,37 @@ def _tls_credentials(tls_cert: str | os.PathLike | None,
     except OSError as e:
         raise ServerConfigError(f"cannot read the TLS files: {e}") from None
     return grpc.ssl_server_credentials([(key, cert)])
+
+
+def _data_port_tls(tls_cert: str | os.PathLike, tls_key: str | os.PathLike) -> ssl.SSLContext:
+    """The data port's TLS: the gRPC server's certificate and key, so that a client verifies
+    both with the one CA certificate it has."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        context.load_cert_chain(tls_cert, tls_key)
+    except (OSError, ssl.SSLError) as e:
+        raise ServerConfigError(f"cannot load the TLS files for the data port: {e}") from None
+    return context
+
+
+def _start_data_port(settings: ServerSettings, state: ServiceState,
+                     tls: bool) -> DataPort | None:
+    """The data port `settings` ask for (`ServerSettings.data_port`), on gRPC's host."""
+    port = settings.data_port
+    if port is None:
+        return None
+    if port == DATA_PORT_AUTO:
+        port = settings.port + 1 if settings.port else 0
+    if not 0 <= port <= 65535:
+        raise ServerConfigError(f"data_port: must be a port number 0..65535 (by default the "
+                                f"gRPC port + 1), or off, got {port}")
+    context = _data_port_tls(settings.tls_cert, settings.tls_key) if tls else None
+    try:
+        return DataPort(state, settings.host, port, tls=context,
+                        ticket_lifetime=settings.data_ticket_s)
+    except OSError as e:
+        raise ServerConfigError(f"cannot listen on {_host_port(settings.host, port)} for the "
+                                f"data port (--data-port N|off): {e}") from None
 
 
 def _worker_address(host: str, port: int, advertise: str | None) -> str:
@@ -453,6 +502,7 @@ def serve(settings: ServerSettings, *,
     store = SqliteStore(state_dir / DB_FILE)
     executor: futures.ThreadPoolExecutor | None = None
     server: grpc.Server | None = None
+    data_port: DataPort | None = None
     try:
         state = ServiceState(
             store=store, blobs=BlobStore(state_dir / BLOB_DIR,
@@ -487,14 +537,19 @@ def serve(settings: ServerSettings, *,
                                                      RequestDecodingInterceptor(),
                                                      ChunkWireInterceptor()],
                              options=[*channel_options(), ("grpc.so_reuseport", 0)])
-        pb_grpc.add_CoordinatorServicer_to_server(CoordinatorServicer(state, auth), server)
-        pb_grpc.add_WorkerServiceServicer_to_server(WorkerServicer(state, auth), server)
+        coordinator_servicer = CoordinatorServicer(state, auth)
+        worker_servicer = WorkerServicer(state, auth)
+        pb_grpc.add_CoordinatorServicer_to_server(coordinator_servicer, server)
+        pb_grpc.add_WorkerServiceServicer_to_server(worker_servicer, server)
         health_servicer = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         for name in ("", *SERVICE_NAMES):
             health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
         enable_reflection((*SERVICE_NAMES,
                            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name), server)
+        # Before gRPC binds: a gRPC server that never started keeps its port until collected.
+        data_port = _start_data_port(settings, state, credentials is not None)
+        coordinator_servicer.data_port = worker_servicer.data_port = data_port
         bind = _host_port(host, settings.port)
         try:
             bound = (server.add_secure_port(bind, credentials) if credentials is not None
@@ -509,11 +564,14 @@ def serve(settings: ServerSettings, *,
                            data_roots=state.data_roots,
                            default_max_restarts=default_max_restarts)
         worker_address = _worker_address(host, bound, settings.advertise_address)
+        settings = replace(settings, data_port=None if data_port is None else data_port.port)
         metrics_http = None
         if settings.metrics_port is not None:
             metrics_http = MetricsHTTPServer(host, settings.metrics_port,
                                              lambda: state.metrics.render(store))
     except BaseException:
+        if data_port is not None:
+            data_port.stop()
         if server is not None:
             server.stop(None)
         if executor is not None:
@@ -524,7 +582,8 @@ def serve(settings: ServerSettings, *,
                                     token=admin_token, settings=settings,
                                     address=_host_port(host, bound),
                                     worker_address=worker_address,
-                                    health_servicer=health_servicer, metrics_http=metrics_http)
+                                    health_servicer=health_servicer, metrics_http=metrics_http,
+                                    data_port=data_port)
     server.start()
     coordinator.upkeep = Upkeep(state, settings.retain_finished_s)
     coordinator.upkeep.start()
@@ -544,6 +603,7 @@ def serve(settings: ServerSettings, *,
         except BaseException:
             coordinator.stop(grace=None)
             raise
-    log.info("coordinator listening on %s (%s)", coordinator.address,
-             "TLS" if credentials is not None else "plaintext")
+    log.info("coordinator listening on %s (%s), data port %s", coordinator.address,
+             "TLS" if credentials is not None else "plaintext",
+             "off" if data_port is None else data_port.port)
     return coordinator

@@ -10,7 +10,7 @@ import contextlib
 import dataclasses
 import logging
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
@@ -28,6 +28,9 @@ from dptrain.coordinator.server.jobs import ServiceState
 from dptrain.protos.dptrain.v1 import coordinator_pb2 as pb
 from dptrain.protos.dptrain.v1 import coordinator_pb2_grpc as pb_grpc
 from dptrain.worker.spec import cut
+
+if TYPE_CHECKING:
+    from dptrain.coordinator.server.data_port import DataPort
 
 __all__ = ["CoordinatorServicer", "WorkerServicer", "status_of", "one_line"]
 
@@ -82,11 +85,14 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
     Args:
         state: the server's state.
         auth: the server's authenticator (who is calling).
+        data_port: the data port that tickets are issued for; None: none (chunks only).
     """
 
-    def __init__(self, state: ServiceState, auth: AuthInterceptor):
+    def __init__(self, state: ServiceState, auth: AuthInterceptor,
+                 data_port: DataPort | None = None):
         self.state = state
         self.auth = auth
+        self.data_port = data_port
         self.jobs = JobMessages(state.store)
 
     def _caller(self, context: Any, method: str) -> Principal:
@@ -157,12 +163,22 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
 
     def DownloadCheckpoint(self, request: pb.DownloadCheckpointRequest,
                            context: Any) -> Iterator[pb.DownloadCheckpointResponse]:
-        """A checkpoint file: its description, then its chunks (`checkpoints.open_download`)."""
+        """A checkpoint file: its description, then its chunks (`checkpoints.open_download`);
+        or, asked for the data port when there is one, its description with a ticket for
+        the bytes (`server.data_port`)."""
         with _aborting(context):
             self._owned_job(context, "DownloadCheckpoint", request.job_id)
+            step = request.step if request.HasField("step") else None
+            if request.data_port and self.data_port is not None:
+                place = checkpoints.locate_download(request.job_id, step, request.file,
+                                                    self.state, request.offset, request.length)
+                ticket = self.data_port.download_ticket(place)
+                yield pb.DownloadCheckpointResponse(info=pb.DownloadInfo(
+                    step=place.step, file=serde.file_entry_to_proto(place.entry), end=place.end,
+                    data=pb.DataTicket(port=self.data_port.port, ticket=ticket)))
+                return
             step, entry, end, chunks = checkpoints.open_download(
-                request.job_id, request.step if request.HasField("step") else None,
-                request.file, self.state, request.offset, request.length)
+                request.job_id, step, request.file, self.state, request.offset, request.length)
             with contextlib.closing(chunks):  # ends its blob lease, however the call ends
                 yield pb.DownloadCheckpointResponse(info=pb.DownloadInfo(
                     step=step, file=serde.file_entry_to_proto(entry), end=end))
@@ -227,11 +243,14 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
     Args:
         state: the server's state.
         auth: the server's authenticator (who is calling).
+        data_port: the data port that upload tickets are issued for; None: none.
     """
 
-    def __init__(self, state: ServiceState, auth: AuthInterceptor):
+    def __init__(self, state: ServiceState, auth: AuthInterceptor,
+                 data_port: DataPort | None = None):
         self.state = state
         self.auth = auth
+        self.data_port = data_port
 
     def _require_job(self, context: Any, method: str, job_id: str) -> None:
         principal = self.auth.principal(context.invocation_metadata(), WORKER_SERVICE + method)
@@ -268,6 +287,20 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
             record = checkpoints.receive_checkpoint(
                 upload, serde.chunks_from_upload(request_iterator), self.state)
             return serde.checkpoint_to_proto(record)
+
+    def OpenCheckpointUpload(self, request: pb.CheckpointHeader,
+                             context: Any) -> pb.DataTicket:
+        """A ticket to upload a checkpoint over the data port, once its header passes every
+        check UploadCheckpoint's would (`checkpoints.check_worker_upload`); port 0 when the
+        server has no data port."""
+        with _aborting(context):
+            upload = serde.upload_header_from_proto(request)
+            self._require_job(context, "OpenCheckpointUpload", upload.job_id)
+            if self.data_port is None:
+                return pb.DataTicket()
+            checkpoints.check_worker_upload(upload, self.state)
+            return pb.DataTicket(port=self.data_port.port,
+                                 ticket=self.data_port.upload_ticket(upload))
 
     def FetchCheckpoint(self, request: pb.FetchCheckpointRequest,
                         context: Any) -> Iterator[pb.FetchCheckpointResponse]:

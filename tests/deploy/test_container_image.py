@@ -111,7 +111,9 @@ def test_compose_runs_a_coordinator_dptrain_accepts_with_its_token_from_a_secret
     secret_file = compose["secrets"][secret]["file"]
     ignored = (REPO / "deploy" / ".gitignore").read_text().split()
     assert "/" + os.path.normpath(secret_file) in ignored
-    # the state directory is the named volume; the port is published on loopback only
+    # the state directory is the named volume; the ports (gRPC and the data port beside it,
+    # by default the next one) are published on loopback only
     assert f"state:{args.state_dir}" in service["volumes"] and "state" in compose["volumes"]
-    assert service["ports"] == [f"127.0.0.1:{args.port}:{args.port}"]
+    assert args.data_port == "auto"
+    assert service["ports"] == [f"127.0.0.1:{p}:{p}" for p in (args.port, args.port + 1)]
     assert service["build"] == {"context": "..", "dockerfile": "deploy/Dockerfile"}

@@ -162,6 +162,21 @@ def small_checkpoint(root: Path, step: int) -> str:
     return write_checkpoint(root, step, model.state_dict(), optimizer.state_dict(), info)
 
 
+def linear_checkpoint(root: Path, step: int, width: int) -> Path:
+    """Write a worker checkpoint of a `width` x `width` linear model with Adam's state (about
+    12 x width² bytes in all; its values depend on `step`) under `root`; returns its
+    directory."""
+    from dptrain import engine
+    from dptrain.worker.checkpoint import write_checkpoint
+
+    engine.manual_seed(step)
+    model = engine.nn.Linear(width, width)
+    optimizer = engine.optim.Adam(model.parameters(), lr=0.01)
+    return Path(write_checkpoint(root, step, model.state_dict(), optimizer.state_dict(),
+                                 {"epoch": 0, "position": step, "metrics": {},
+                                  "spec": TINY_SPEC}))
+
+
 def wait_for(predicate: Callable[[], Any], timeout: float = 60.0, interval: float = 0.1,
              what: str = "the condition") -> Any:
     """Poll until `predicate()` is truthy and return it; fail the test after `timeout` s."""
@@ -247,10 +262,17 @@ def kill_all(pids: list[int]) -> None:
 
 
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A TCP port on 127.0.0.1 that nothing listens on right now, nor on the port after it
+    (where ``dptrain serve --port P`` puts its data port by default)."""
+    while True:
+        with socket.socket() as s, socket.socket() as after:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+            try:
+                after.bind(("127.0.0.1", port + 1))
+            except OSError:
+                continue
+            return port
 
 
 def run_cli(address: str, state_dir: Path, *args: str,

@@ -385,18 +385,20 @@ class ListCheckpointsResponse(_message.Message):
     def __init__(self, checkpoints: _Optional[_Iterable[_Union[Checkpoint, _Mapping]]] = ...) -> None: ...
 
 class DownloadCheckpointRequest(_message.Message):
-    __slots__ = ("job_id", "step", "file", "offset", "length")
+    __slots__ = ("job_id", "step", "file", "offset", "length", "data_port")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     FILE_FIELD_NUMBER: _ClassVar[int]
     OFFSET_FIELD_NUMBER: _ClassVar[int]
     LENGTH_FIELD_NUMBER: _ClassVar[int]
+    DATA_PORT_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     step: int
     file: str
     offset: int
     length: int
-    def __init__(self, job_id: _Optional[str] = ..., step: _Optional[int] = ..., file: _Optional[str] = ..., offset: _Optional[int] = ..., length: _Optional[int] = ...) -> None: ...
+    data_port: bool
+    def __init__(self, job_id: _Optional[str] = ..., step: _Optional[int] = ..., file: _Optional[str] = ..., offset: _Optional[int] = ..., length: _Optional[int] = ..., data_port: _Optional[bool] = ...) -> None: ...
 
 class DownloadCheckpointResponse(_message.Message):
     __slots__ = ("info", "chunk")
@@ -407,14 +409,16 @@ class DownloadCheckpointResponse(_message.Message):
     def __init__(self, info: _Optional[_Union[DownloadInfo, _Mapping]] = ..., chunk: _Optional[bytes] = ...) -> None: ...
 
 class DownloadInfo(_message.Message):
-    __slots__ = ("step", "file", "end")
+    __slots__ = ("step", "file", "end", "data")
     STEP_FIELD_NUMBER: _ClassVar[int]
     FILE_FIELD_NUMBER: _ClassVar[int]
     END_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
     step: int
     file: CheckpointFile
     end: int
-    def __init__(self, step: _Optional[int] = ..., file: _Optional[_Union[CheckpointFile, _Mapping]] = ..., end: _Optional[int] = ...) -> None: ...
+    data: DataTicket
+    def __init__(self, step: _Optional[int] = ..., file: _Optional[_Union[CheckpointFile, _Mapping]] = ..., end: _Optional[int] = ..., data: _Optional[_Union[DataTicket, _Mapping]] = ...) -> None: ...
 
 class WorkerEvent(_message.Message):
     __slots__ = ("metrics", "log")
@@ -571,3 +575,11 @@ class ListUsersResponse(_message.Message):
     USERS_FIELD_NUMBER: _ClassVar[int]
     users: _containers.RepeatedCompositeFieldContainer[User]
     def __init__(self, users: _Optional[_Iterable[_Union[User, _Mapping]]] = ...) -> None: ...
+
+class DataTicket(_message.Message):
+    __slots__ = ("port", "ticket")
+    PORT_FIELD_NUMBER: _ClassVar[int]
+    TICKET_FIELD_NUMBER: _ClassVar[int]
+    port: int
+    ticket: bytes
+    def __init__(self, port: _Optional[int] = ..., ticket: _Optional[bytes] = ...) -> None: ...

@@ -738,6 +738,11 @@ class WorkerServiceStub:
                 request_serializer=dptrain_dot_v1_dot_coordinator__pb2.FetchCodeRequest.SerializeToString,
                 response_deserializer=dptrain_dot_v1_dot_coordinator__pb2.FetchCodeResponse.FromString,
                 _registered_method=True)
+        self.OpenCheckpointUpload = channel.unary_unary(
+                '/dptrain.v1.WorkerService/OpenCheckpointUpload',
+                request_serializer=dptrain_dot_v1_dot_coordinator__pb2.CheckpointHeader.SerializeToString,
+                response_deserializer=dptrain_dot_v1_dot_coordinator__pb2.DataTicket.FromString,
+                _registered_method=True)
 
 
 class WorkerServiceServicer:
@@ -792,6 +797,17 @@ class WorkerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def OpenCheckpointUpload(self, request, context):
+        """Ask to upload a checkpoint over the data port: the header gets every check
+        UploadCheckpoint's header gets before any byte (the same errors), and the answer is a
+        ticket for the data port (see DataTicket), where the files' bytes follow in the header's
+        order and the result comes back. A server without a data port answers with port 0: use
+        UploadCheckpoint.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WorkerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -819,6 +835,11 @@ def add_WorkerServiceServicer_to_server(servicer, server):
                     servicer.FetchCode,
                     request_deserializer=dptrain_dot_v1_dot_coordinator__pb2.FetchCodeRequest.FromString,
                     response_serializer=dptrain_dot_v1_dot_coordinator__pb2.FetchCodeResponse.SerializeToString,
+            ),
+            'OpenCheckpointUpload': grpc.unary_unary_rpc_method_handler(
+                    servicer.OpenCheckpointUpload,
+                    request_deserializer=dptrain_dot_v1_dot_coordinator__pb2.CheckpointHeader.FromString,
+                    response_serializer=dptrain_dot_v1_dot_coordinator__pb2.DataTicket.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -957,6 +978,33 @@ class WorkerService:
             '/dptrain.v1.WorkerService/FetchCode',
             dptrain_dot_v1_dot_coordinator__pb2.FetchCodeRequest.SerializeToString,
             dptrain_dot_v1_dot_coordinator__pb2.FetchCodeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def OpenCheckpointUpload(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dptrain.v1.WorkerService/OpenCheckpointUpload',
+            dptrain_dot_v1_dot_coordinator__pb2.CheckpointHeader.SerializeToString,
+            dptrain_dot_v1_dot_coordinator__pb2.DataTicket.FromString,
             options,
             channel_credentials,
             insecure,

@@ -53,7 +53,7 @@ EXPECTED = {
     "DownloadCheckpoint": OWNER, "DeleteJob": OWNER, "KeepCheckpoint": OWNER,
     "CreateUser": ADMIN, "IssueToken": ADMIN, "RevokeUser": ADMIN, "ListUsers": ADMIN,
     "ReportProgress": WORKER, "Heartbeat": WORKER, "UploadCheckpoint": WORKER,
-    "FetchCheckpoint": WORKER, "FetchCode": WORKER,
+    "FetchCheckpoint": WORKER, "FetchCode": WORKER, "OpenCheckpointUpload": WORKER,
 }
 
 
@@ -145,6 +145,7 @@ def _request(world: World, method: str, job_id: str) -> Any:
             pb.WorkerEvent(log=pb.LogLine(line="hello", rank=0))]),
         "Heartbeat": lambda: pb.HeartbeatRequest(job_id=job_id),
         "UploadCheckpoint": lambda: _checkpoint_upload(job_id, 10),
+        "OpenCheckpointUpload": lambda: _checkpoint_upload(job_id, 10)[0].header,
         "FetchCheckpoint": lambda: pb.FetchCheckpointRequest(job_id=job_id),
         "FetchCode": lambda: pb.FetchCodeRequest(job_id=job_id),
     }[method]()

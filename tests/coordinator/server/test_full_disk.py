@@ -16,19 +16,17 @@ from __future__ import annotations
 import contextlib
 import os
 import sqlite3
-from pathlib import Path
 
 import pytest
-from jobkit import TINY_SPEC
+from jobkit import TINY_SPEC, linear_checkpoint
 from small_disk import fill, small_disk
 
-from dptrain import engine
 from dptrain.coordinator.api.records import JobState, hash_token, new_token
 from dptrain.coordinator.client.client import Client, ClientError
 from dptrain.coordinator.client.worker_client import WorkerClient
 from dptrain.coordinator.server.checkpoint_store import verify_record
 from dptrain.coordinator.server.scheduler import Cluster
-from dptrain.worker.checkpoint import MANIFEST, MODEL_FILE, write_checkpoint
+from dptrain.worker.checkpoint import MANIFEST, MODEL_FILE
 
 SPEC = {**TINY_SPEC, "name": "own", "workers": 1}
 
@@ -83,24 +81,16 @@ def _running_worker(server, client) -> tuple[str, WorkerClient]:
     return job.id, WorkerClient(server.address, job.id, token)
 
 
-def _checkpoint(root: Path, step: int, width: int) -> Path:
-    engine.manual_seed(step)
-    model = engine.nn.Linear(width, width)
-    optimizer = engine.optim.Adam(model.parameters(), lr=0.01)
-    return Path(write_checkpoint(root, step, model.state_dict(), optimizer.state_dict(),
-                                 {"epoch": 0, "position": step, "metrics": {}, "spec": SPEC}))
-
-
 def test_an_upload_meeting_a_full_disk_fails_its_job_and_nothing_else(
         server, client, disk, state_dir, tmp_path):
     kept_id, kept_worker = _running_worker(server, client)
-    kept = _checkpoint(tmp_path / "kept", 5, 16)
+    kept = linear_checkpoint(tmp_path / "kept", 5, 16)
     kept_worker.upload_checkpoint(kept)
     blobs_before = set(server.blobs)
     filler = fill(disk, leave=256 << 10)
 
     job_id, worker = _running_worker(server, client)
-    big = _checkpoint(tmp_path / "big", 10, 512)  # 3 MiB: model, Adam's two moments
+    big = linear_checkpoint(tmp_path / "big", 10, 512)  # 3 MiB: model, Adam's two moments
     with pytest.raises(ClientError) as info:
         worker.upload_checkpoint(big)
     needed = sum(f.stat().st_size for f in big.iterdir())

@@ -356,6 +356,7 @@ def _valid_requests(t: Target) -> dict[str, Any]:
             pb.WorkerEvent(log=pb.LogLine(line="hello", rank=0))]),
         "Heartbeat": pb.HeartbeatRequest(job_id=t.running),
         "FetchCheckpoint": pb.FetchCheckpointRequest(job_id=t.running),
+        "OpenCheckpointUpload": _upload_messages(t.running, 7)[0].header,  # a ticket, no bytes
         "FetchCode": pb.FetchCodeRequest(job_id=t.running),
         # Only the job that stays RUNNING is named: deleting a target would change the run.
         "DeleteJob": pb.DeleteJobRequest(job_id=t.running),

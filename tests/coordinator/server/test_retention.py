@@ -27,7 +27,8 @@ from dptrain.coordinator.api.checkpoint_upload import CheckpointUpload, FileEntr
 from dptrain.coordinator.api.errors import JobNotFound, StateConflict
 from dptrain.coordinator.api.records import JobState, hash_token, new_token
 from dptrain.coordinator.cli import build_parser
-from dptrain.coordinator.client.client import Client, ClientError, _download_data
+from dptrain.coordinator.client.checkpoint_download import download_data
+from dptrain.coordinator.client.client import Client, ClientError
 from dptrain.coordinator.server import checkpoint_store as checkpoints
 from dptrain.coordinator.server import jobs, retention
 from dptrain.coordinator.server.blobs import BACKUP_LOCK, BlobStore
@@ -295,7 +296,7 @@ def test_a_download_in_flight_completes_and_its_blob_goes_after(server, client, 
         assert gone.value.code == "NOT_FOUND"
     assert server.blobs.exists(name) and server.blobs.leased(name)
     assert info.info.file.blake3 == blake3.blake3(payload).hexdigest()
-    got = b"".join(bytes(c) for c in _download_data(itertools.chain([first], stream)))
+    got = b"".join(bytes(c) for c in download_data(itertools.chain([first], stream)))
     assert got == payload
     assert not server.blobs.exists(name)
     assert list(server.blobs) == []
