@@ -1,6 +1,6 @@
 """Fused CPU kernels, compiled with numba: the elementwise and per-row work that numpy runs as
 many separate passes (each a trip through memory, each float32 exp a scalar call), done in one
-loop per element or per row.
+loop per element or per row; and a direct 3x3 convolution for layers with few output channels.
 
 The only importer of numba. Ops reach this module through `backend.cpu_kernels()`, which
 imports it on the first CPU call and returns None when ``DPTRAIN_CPU_KERNELS=0`` (the numpy
@@ -325,3 +325,76 @@ def softmax_rule_f32(dw, w, scale):
             dot += dw[r, j] * w[r, j]
         for j in range(keys):
             dw[r, j] = (dw[r, j] - dot) * w[r, j] * scale
+
+
+# ---------------------------------------------------------------- 3x3 convolution
+# Stride 1, no dilation, one group. Each sample's padded planes sit in one zeroed buffer with
+# rows of `width` values, where the gap after a row is also the left padding of the next one;
+# an output row is computed over that whole width (the last few values are dropped), so that
+# the loop over a plane is one long run the compiler vectorises.
+
+@_jit(_ELEMENTWISE, inline="always")
+def _pad_sample(x, n, top, left, width, buf):
+    """buf[c, (h + top) * width + q + left] = x[n, c, h, q]; the rest of buf stays zero."""
+    c_in, h_in, w_in = x.shape[1], x.shape[2], x.shape[3]
+    for c in range(c_in):
+        for h in range(h_in):
+            row = buf[c, (h + top) * width + left:(h + top) * width + left + w_in]
+            src = x[n, c, h]
+            for q in range(w_in):
+                row[q] = src[q]
+
+
+@_jit(_ELEMENTWISE)
+def conv3x3(x, w, top, left, out):
+    """``out`` (N, O, Ho, Wo) = the cross-correlation of x (N, C, H, W), zero-padded by `top`
+    and `left` (and by whatever the bottom and right need to give out's size), with w (O, C,
+    3, 3). Two output channels a pass: the nine products of each input value are shared by
+    both, so a load feeds two multiply-adds (an odd last channel is computed twice)."""
+    n_in, c_in, h_in, w_in = x.shape
+    o_out, ho, wo = out.shape[1], out.shape[2], out.shape[3]
+    # a row holds the input's row after its left padding, and at least the output's row
+    # plus the kernel's reach past it into the next row's left padding
+    width = max(w_in + left, wo + 2 - left)
+    span = ho * width
+    buf = numpy.zeros((c_in, (ho + 3) * width + 2), x.dtype)
+    acc = numpy.empty((2, span), x.dtype)
+    for n in range(n_in):
+        _pad_sample(x, n, top, left, width, buf)
+        for o in range(0, o_out, 2):
+            o2 = min(o + 1, o_out - 1)
+            a0 = acc[0]
+            a1 = acc[1]
+            for c in range(c_in):
+                # three views, one per kernel row, so each load is a plain offset from i
+                r0 = buf[c, 0:span + 2]
+                r1 = buf[c, width:width + span + 2]
+                r2 = buf[c, 2 * width:2 * width + span + 2]
+                k0, k1, k2 = w[o, c, 0, 0], w[o, c, 0, 1], w[o, c, 0, 2]
+                k3, k4, k5 = w[o, c, 1, 0], w[o, c, 1, 1], w[o, c, 1, 2]
+                k6, k7, k8 = w[o, c, 2, 0], w[o, c, 2, 1], w[o, c, 2, 2]
+                m0, m1, m2 = w[o2, c, 0, 0], w[o2, c, 0, 1], w[o2, c, 0, 2]
+                m3, m4, m5 = w[o2, c, 1, 0], w[o2, c, 1, 1], w[o2, c, 1, 2]
+                m6, m7, m8 = w[o2, c, 2, 0], w[o2, c, 2, 1], w[o2, c, 2, 2]
+                if c == 0:
+                    for i in range(span):
+                        x0, x1, x2 = r0[i], r0[i + 1], r0[i + 2]
+                        x3, x4, x5 = r1[i], r1[i + 1], r1[i + 2]
+                        x6, x7, x8 = r2[i], r2[i + 1], r2[i + 2]
+                        a0[i] = (x0 * k0 + x1 * k1 + x2 * k2 + x3 * k3 + x4 * k4 + x5 * k5
+                                 + x6 * k6 + x7 * k7 + x8 * k8)
+                        a1[i] = (x0 * m0 + x1 * m1 + x2 * m2 + x3 * m3 + x4 * m4 + x5 * m5
+                                 + x6 * m6 + x7 * m7 + x8 * m8)
+                else:
+                    for i in range(span):
+                        x0, x1, x2 = r0[i], r0[i + 1], r0[i + 2]
+                        x3, x4, x5 = r1[i], r1[i + 1], r1[i + 2]
+                        x6, x7, x8 = r2[i], r2[i + 1], r2[i + 2]
+                        a0[i] += (x0 * k0 + x1 * k1 + x2 * k2 + x3 * k3 + x4 * k4 + x5 * k5
+                                  + x6 * k6 + x7 * k7 + x8 * k8)
+                        a1[i] += (x0 * m0 + x1 * m1 + x2 * m2 + x3 * m3 + x4 * m4 + x5 * m5
+                                  + x6 * m6 + x7 * m7 + x8 * m8)
+            for h in range(ho):
+                for p in range(wo):
+                    out[n, o, h, p] = a0[h * width + p]
+                    out[n, o2, h, p] = a1[h * width + p]
