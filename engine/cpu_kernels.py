@@ -398,3 +398,63 @@ def conv3x3(x, w, top, left, out):
                 for p in range(wo):
                     out[n, o, h, p] = a0[h * width + p]
                     out[n, o2, h, p] = a1[h * width + p]
+
+
+@_jit(_SUMS)
+def conv3x3_weight_grad(x, g, top, left, dw):
+    """``dw`` (O, C, 3, 3) = the weight gradient of `conv3x3` for its output gradient g (N, O,
+    Ho, Wo): per tap, the sum over samples and pixels of g times the padded input shifted by
+    the tap. Four output channels and one kernel row a pass: twelve sums share each load of
+    the input row (three shifts) and of the four gradient planes (widened to the buffer's rows
+    with zeros, so the dropped columns add nothing)."""
+    n_in, c_in, h_in, w_in = x.shape
+    o_out, ho, wo = g.shape[1], g.shape[2], g.shape[3]
+    width = max(w_in + left, wo + 2 - left)
+    span = ho * width
+    buf = numpy.zeros((c_in, (ho + 3) * width + 2), x.dtype)
+    gw = numpy.zeros((4, span), g.dtype)
+    zero = x.dtype.type(0.0)
+    dw[:] = zero
+    for n in range(n_in):
+        _pad_sample(x, n, top, left, width, buf)
+        for o in range(0, o_out, 4):
+            for k in range(4):  # past the last channel, a copy of it that is not written
+                ok = min(o + k, o_out - 1)
+                for h in range(ho):
+                    for p in range(wo):
+                        gw[k, h * width + p] = g[n, ok, h, p]
+            g0, g1, g2, g3 = gw[0], gw[1], gw[2], gw[3]
+            for c in range(c_in):
+                for ki in range(3):
+                    r = buf[c, ki * width:ki * width + span + 2]
+                    s0 = s1 = s2 = t0 = t1 = t2 = u0 = u1 = u2 = v0 = v1 = v2 = zero
+                    for i in range(span):
+                        a, b, e, f = g0[i], g1[i], g2[i], g3[i]
+                        x0, x1, x2 = r[i], r[i + 1], r[i + 2]
+                        s0 += a * x0
+                        s1 += a * x1
+                        s2 += a * x2
+                        t0 += b * x0
+                        t1 += b * x1
+                        t2 += b * x2
+                        u0 += e * x0
+                        u1 += e * x1
+                        u2 += e * x2
+                        v0 += f * x0
+                        v1 += f * x1
+                        v2 += f * x2
+                    dw[o, c, ki, 0] += s0
+                    dw[o, c, ki, 1] += s1
+                    dw[o, c, ki, 2] += s2
+                    if o + 1 < o_out:
+                        dw[o + 1, c, ki, 0] += t0
+                        dw[o + 1, c, ki, 1] += t1
+                        dw[o + 1, c, ki, 2] += t2
+                    if o + 2 < o_out:
+                        dw[o + 2, c, ki, 0] += u0
+                        dw[o + 2, c, ki, 1] += u1
+                        dw[o + 2, c, ki, 2] += u2
+                    if o + 3 < o_out:
+                        dw[o + 3, c, ki, 0] += v0
+                        dw[o + 3, c, ki, 1] += v1
+                        dw[o + 3, c, ki, 2] += v2

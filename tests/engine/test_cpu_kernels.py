@@ -385,7 +385,8 @@ def test_a_read_only_install_compiles_the_kernels_in_memory():
 
 KERNELS = ("gelu_f32", "layer_norm_rows", "layer_norm_affine", "layer_norm_backward",
            "channel_mean_var", "channel_affine", "channel_sums", "channel_combine", "relu",
-           "relu_grad", "attention_softmax_f32", "softmax_rule_f32", "conv3x3")
+           "relu_grad", "attention_softmax_f32", "softmax_rule_f32", "conv3x3",
+           "conv3x3_weight_grad")
 
 
 def _float32_graph():
