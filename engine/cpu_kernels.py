@@ -349,8 +349,9 @@ def _pad_sample(x, n, top, left, width, buf):
 def conv3x3(x, w, top, left, out):
     """``out`` (N, O, Ho, Wo) = the cross-correlation of x (N, C, H, W), zero-padded by `top`
     and `left` (and by whatever the bottom and right need to give out's size), with w (O, C,
-    3, 3). Two output channels a pass: the nine products of each input value are shared by
-    both, so a load feeds two multiply-adds (an odd last channel is computed twice)."""
+    3, 3). Four output channels and one kernel row a pass: each load of the input row's three
+    shifts feeds twelve multiply-adds, and the twelve weights stay in registers (past the
+    last channel, copies of it whose sums are not written)."""
     n_in, c_in, h_in, w_in = x.shape
     o_out, ho, wo = out.shape[1], out.shape[2], out.shape[3]
     # a row holds the input's row after its left padding, and at least the output's row
@@ -358,46 +359,33 @@ def conv3x3(x, w, top, left, out):
     width = max(w_in + left, wo + 2 - left)
     span = ho * width
     buf = numpy.zeros((c_in, (ho + 3) * width + 2), x.dtype)
-    acc = numpy.empty((2, span), x.dtype)
+    acc = numpy.empty((4, span), x.dtype)
+    zero = x.dtype.type(0.0)
     for n in range(n_in):
         _pad_sample(x, n, top, left, width, buf)
-        for o in range(0, o_out, 2):
-            o2 = min(o + 1, o_out - 1)
-            a0 = acc[0]
-            a1 = acc[1]
+        for o in range(0, o_out, 4):
+            o1, o2, o3 = min(o + 1, o_out - 1), min(o + 2, o_out - 1), min(o + 3, o_out - 1)
+            a0, a1, a2, a3 = acc[0], acc[1], acc[2], acc[3]
+            acc[:] = zero
             for c in range(c_in):
-                # three views, one per kernel row, so each load is a plain offset from i
-                r0 = buf[c, 0:span + 2]
-                r1 = buf[c, width:width + span + 2]
-                r2 = buf[c, 2 * width:2 * width + span + 2]
-                k0, k1, k2 = w[o, c, 0, 0], w[o, c, 0, 1], w[o, c, 0, 2]
-                k3, k4, k5 = w[o, c, 1, 0], w[o, c, 1, 1], w[o, c, 1, 2]
-                k6, k7, k8 = w[o, c, 2, 0], w[o, c, 2, 1], w[o, c, 2, 2]
-                m0, m1, m2 = w[o2, c, 0, 0], w[o2, c, 0, 1], w[o2, c, 0, 2]
-                m3, m4, m5 = w[o2, c, 1, 0], w[o2, c, 1, 1], w[o2, c, 1, 2]
-                m6, m7, m8 = w[o2, c, 2, 0], w[o2, c, 2, 1], w[o2, c, 2, 2]
-                if c == 0:
+                for ki in range(3):
+                    r = buf[c, ki * width:ki * width + span + 2]
+                    p0, p1, p2 = w[o, c, ki, 0], w[o, c, ki, 1], w[o, c, ki, 2]
+                    q0, q1, q2 = w[o1, c, ki, 0], w[o1, c, ki, 1], w[o1, c, ki, 2]
+                    s0, s1, s2 = w[o2, c, ki, 0], w[o2, c, ki, 1], w[o2, c, ki, 2]
+                    t0, t1, t2 = w[o3, c, ki, 0], w[o3, c, ki, 1], w[o3, c, ki, 2]
                     for i in range(span):
-                        x0, x1, x2 = r0[i], r0[i + 1], r0[i + 2]
-                        x3, x4, x5 = r1[i], r1[i + 1], r1[i + 2]
-                        x6, x7, x8 = r2[i], r2[i + 1], r2[i + 2]
-                        a0[i] = (x0 * k0 + x1 * k1 + x2 * k2 + x3 * k3 + x4 * k4 + x5 * k5
-                                 + x6 * k6 + x7 * k7 + x8 * k8)
-                        a1[i] = (x0 * m0 + x1 * m1 + x2 * m2 + x3 * m3 + x4 * m4 + x5 * m5
-                                 + x6 * m6 + x7 * m7 + x8 * m8)
-                else:
-                    for i in range(span):
-                        x0, x1, x2 = r0[i], r0[i + 1], r0[i + 2]
-                        x3, x4, x5 = r1[i], r1[i + 1], r1[i + 2]
-                        x6, x7, x8 = r2[i], r2[i + 1], r2[i + 2]
-                        a0[i] += (x0 * k0 + x1 * k1 + x2 * k2 + x3 * k3 + x4 * k4 + x5 * k5
-                                  + x6 * k6 + x7 * k7 + x8 * k8)
-                        a1[i] += (x0 * m0 + x1 * m1 + x2 * m2 + x3 * m3 + x4 * m4 + x5 * m5
-                                  + x6 * m6 + x7 * m7 + x8 * m8)
+                        x0, x1, x2 = r[i], r[i + 1], r[i + 2]
+                        a0[i] += x0 * p0 + x1 * p1 + x2 * p2
+                        a1[i] += x0 * q0 + x1 * q1 + x2 * q2
+                        a2[i] += x0 * s0 + x1 * s1 + x2 * s2
+                        a3[i] += x0 * t0 + x1 * t1 + x2 * t2
             for h in range(ho):
                 for p in range(wo):
                     out[n, o, h, p] = a0[h * width + p]
-                    out[n, o2, h, p] = a1[h * width + p]
+                    out[n, o1, h, p] = a1[h * width + p]
+                    out[n, o2, h, p] = a2[h * width + p]
+                    out[n, o3, h, p] = a3[h * width + p]
 
 
 @_jit(_SUMS)

@@ -12,12 +12,11 @@ per output row are computed and dropped, in exchange for a copy made of long run
 short rows (faster overall even for 8x8 images).
 
 On the CPU, a 3x3 convolution with stride 1 and one group is computed by compiled direct kernels
-(`cpu_kernels.conv3x3`, `cpu_kernels.conv3x3_weight_grad`) where they measured faster than the
-columns: the forward with at most 16 output channels (a small residual network's first stage),
-where the GEMM has too few output rows to run at BLAS speed and the column copy comes on top;
-its input gradient, itself such a convolution; and the weight gradient on all but small planes
-with many channels (`_direct_forward`, `_direct_weight_grad`). ``DPTRAIN_CPU_KERNELS=0`` keeps
-the columns.
+instead (`cpu_kernels.conv3x3`, `cpu_kernels.conv3x3_weight_grad`; `_direct` says where): no
+column matrix, and sums that share each load of an input row among four output channels,
+where the GEMM of a layer with 16 or 32 output channels is bound by its few rows and the
+column copy comes on top. The input gradient of such a layer is itself such a convolution and
+takes the same kernel. ``DPTRAIN_CPU_KERNELS=0`` keeps the columns.
 
 Backward: the weight gradient recomputes the columns chunk by chunk (nothing the size of the
 columns is kept from the forward: that would cost the columns of the whole batch, several times
@@ -142,32 +141,20 @@ class _Geometry:
 
 def _direct(geo) -> bool:
     """Whether the compiled direct kernels (`cpu_kernels.conv3x3` and its weight gradient)
-    can compute this convolution: 3x3, stride 1, no dilation, one group, no negative
-    padding."""
+    compute this convolution: 3x3, stride 1, no dilation, one group, no negative padding;
+    except on small planes with many output channels, where the kernels' passes run over too
+    few pixels and the GEMM has enough rows to run at BLAS speed. Measured, batch 64, columns
+    -> kernel, forward / weight gradient: 16 -> 16 channels at 32x32 7.6 -> 4.5 / 8.3 -> 4.1
+    ms, 32 -> 32 at 16x16 5.7 -> 4.4 / 6.1 -> 4.3 ms, 64 -> 64 at 8x8 5.4 -> 5.8 / 5.6 -> 5.9
+    ms, 128 -> 128 at 8x8 19.3 -> 23.6 / 19.0 -> 23.3 ms."""
     return ((geo.kh, geo.kw, geo.sh, geo.sw, geo.dh, geo.dw, geo.G) == (3, 3, 1, 1, 1, 1, 1)
-            and min(geo.pads) >= 0)
-
-
-def _direct_forward(geo) -> bool:
-    """The forward (and the input gradient, itself such a convolution) with at most 16 output
-    channels, where the column GEMM is bound by its few output rows and the column copy comes
-    on top (16 -> 16 channels at 32x32, batch 64: 8.0 -> 6.2 ms; with 32 or 64 output channels
-    the GEMM is the faster, 5.7 against 6.1-7.3 ms)."""
-    return _direct(geo) and geo.O <= 16
-
-
-def _direct_weight_grad(geo) -> bool:
-    """The weight gradient, except for small planes with many output channels, where the
-    kernel's sums run over too few pixels a pass (batch 64, GEMM -> kernel: 16 -> 16 channels
-    at 32x32 8.3 -> 4.1 ms, 32 -> 32 at 16x16 6.1 -> 4.3 ms, 64 -> 64 at 8x8 5.6 -> 5.9 ms,
-    128 -> 128 at 8x8 19.0 -> 23.3 ms)."""
-    return _direct(geo) and (geo.Ho * geo.Wo >= 256 or geo.O <= 32)
+            and min(geo.pads) >= 0 and (geo.Ho * geo.Wo >= 256 or geo.O <= 32))
 
 
 def _conv(xp, x, w, stride, pads, dilation, groups):
     """The convolution (cross-correlation) of arrays x (N, C, H, W) and w (O, C/groups, kh, kw)."""
     geo = _Geometry(x.shape, w.shape, stride, pads, dilation, groups)
-    if _direct_forward(geo):
+    if _direct(geo):
         w = xp.ascontiguousarray(w)  # the input gradient's flipped kernel is a view
         kernels = cpu_kernels(x, w)
         if kernels is not None:
@@ -282,7 +269,7 @@ def _dx_col2im(xp, g, w, geo):
 
 def _dw(xp, g, ans, x, w, b, stride, pads, dilation, groups):
     geo = _Geometry(x.shape, w.shape, stride, pads, dilation, groups)
-    kernels = cpu_kernels(x, g) if _direct_weight_grad(geo) else None
+    kernels = cpu_kernels(x, g) if _direct(geo) else None
     if kernels is not None:
         dw = numpy.empty(w.shape, dtype=x.dtype)
         kernels.conv3x3_weight_grad(x, g, pads[0], pads[2], dw)
