@@ -334,6 +334,16 @@ def softmax_rule_f32(dw, w, scale):
 # the loop over a plane is one long run the compiler vectorises.
 
 @_jit(_ELEMENTWISE, inline="always")
+def _sample_buffer(x, left, ho, wo):
+    """``(width, span, buf)``: the values per row of the padded planes (the input's row after
+    its left padding, and at least the output's row plus the kernel's reach past it into the
+    next row's left padding), the values a pass covers (ho rows), and a zeroed buffer for
+    `_pad_sample` with room for the reach below the last row."""
+    width = max(x.shape[3] + left, wo + 2 - left)
+    return width, ho * width, numpy.zeros((x.shape[1], (ho + 3) * width + 2), x.dtype)
+
+
+@_jit(_ELEMENTWISE, inline="always")
 def _pad_sample(x, n, top, left, width, buf):
     """buf[c, (h + top) * width + q + left] = x[n, c, h, q]; the rest of buf stays zero."""
     c_in, h_in, w_in = x.shape[1], x.shape[2], x.shape[3]
@@ -352,13 +362,9 @@ def conv3x3(x, w, top, left, out):
     3, 3). Four output channels and one kernel row a pass: each load of the input row's three
     shifts feeds twelve multiply-adds, and the twelve weights stay in registers (past the
     last channel, copies of it whose sums are not written)."""
-    n_in, c_in, h_in, w_in = x.shape
+    n_in, c_in = x.shape[0], x.shape[1]
     o_out, ho, wo = out.shape[1], out.shape[2], out.shape[3]
-    # a row holds the input's row after its left padding, and at least the output's row
-    # plus the kernel's reach past it into the next row's left padding
-    width = max(w_in + left, wo + 2 - left)
-    span = ho * width
-    buf = numpy.zeros((c_in, (ho + 3) * width + 2), x.dtype)
+    width, span, buf = _sample_buffer(x, left, ho, wo)
     acc = numpy.empty((4, span), x.dtype)
     zero = x.dtype.type(0.0)
     for n in range(n_in):
@@ -395,11 +401,9 @@ def conv3x3_weight_grad(x, g, top, left, dw):
     the tap. Four output channels and one kernel row a pass: twelve sums share each load of
     the input row (three shifts) and of the four gradient planes (widened to the buffer's rows
     with zeros, so the dropped columns add nothing)."""
-    n_in, c_in, h_in, w_in = x.shape
+    n_in, c_in = x.shape[0], x.shape[1]
     o_out, ho, wo = g.shape[1], g.shape[2], g.shape[3]
-    width = max(w_in + left, wo + 2 - left)
-    span = ho * width
-    buf = numpy.zeros((c_in, (ho + 3) * width + 2), x.dtype)
+    width, span, buf = _sample_buffer(x, left, ho, wo)
     gw = numpy.zeros((4, span), g.dtype)
     zero = x.dtype.type(0.0)
     dw[:] = zero
