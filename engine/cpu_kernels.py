@@ -1,6 +1,6 @@
 """Fused CPU kernels, compiled with numba: the elementwise and per-row work that numpy runs as
 many separate passes (each a trip through memory, each float32 exp a scalar call), done in one
-loop per element or per row.
+loop per element or per row; and a direct 3x3 convolution for layers with few output channels.
 
 The only importer of numba. Ops reach this module through `backend.cpu_kernels()`, which
 imports it on the first CPU call and returns None when ``DPTRAIN_CPU_KERNELS=0`` (the numpy
@@ -325,3 +325,128 @@ def softmax_rule_f32(dw, w, scale):
             dot += dw[r, j] * w[r, j]
         for j in range(keys):
             dw[r, j] = (dw[r, j] - dot) * w[r, j] * scale
+
+
+# ---------------------------------------------------------------- 3x3 convolution
+# Stride 1, no dilation, one group. Each sample's padded planes sit in one zeroed buffer with
+# rows of `width` values, where the gap after a row is also the left padding of the next one;
+# an output row is computed over that whole width (the last few values are dropped), so that
+# the loop over a plane is one long run the compiler vectorises.
+
+@_jit(_ELEMENTWISE, inline="always")
+def _sample_buffer(x, left, ho, wo):
+    """``(width, span, buf)``: the values per row of the padded planes (the input's row after
+    its left padding, and at least the output's row plus the kernel's reach past it into the
+    next row's left padding), the values a pass covers (ho rows), and a zeroed buffer for
+    `_pad_sample` with room for the reach below the last row."""
+    width = max(x.shape[3] + left, wo + 2 - left)
+    return width, ho * width, numpy.zeros((x.shape[1], (ho + 3) * width + 2), x.dtype)
+
+
+@_jit(_ELEMENTWISE, inline="always")
+def _pad_sample(x, n, top, left, width, buf):
+    """buf[c, (h + top) * width + q + left] = x[n, c, h, q]; the rest of buf stays zero."""
+    c_in, h_in, w_in = x.shape[1], x.shape[2], x.shape[3]
+    for c in range(c_in):
+        for h in range(h_in):
+            row = buf[c, (h + top) * width + left:(h + top) * width + left + w_in]
+            src = x[n, c, h]
+            for q in range(w_in):
+                row[q] = src[q]
+
+
+@_jit(_ELEMENTWISE)
+def conv3x3(x, w, top, left, out):
+    """``out`` (N, O, Ho, Wo) = the cross-correlation of x (N, C, H, W), zero-padded by `top`
+    and `left` (and by whatever the bottom and right need to give out's size), with w (O, C,
+    3, 3). Four output channels and one kernel row a pass: each load of the input row's three
+    shifts feeds twelve multiply-adds, and the twelve weights stay in registers (past the
+    last channel, copies of it whose sums are not written)."""
+    n_in, c_in = x.shape[0], x.shape[1]
+    o_out, ho, wo = out.shape[1], out.shape[2], out.shape[3]
+    width, span, buf = _sample_buffer(x, left, ho, wo)
+    acc = numpy.empty((4, span), x.dtype)
+    zero = x.dtype.type(0.0)
+    for n in range(n_in):
+        _pad_sample(x, n, top, left, width, buf)
+        for o in range(0, o_out, 4):
+            o1, o2, o3 = min(o + 1, o_out - 1), min(o + 2, o_out - 1), min(o + 3, o_out - 1)
+            a0, a1, a2, a3 = acc[0], acc[1], acc[2], acc[3]
+            acc[:] = zero
+            for c in range(c_in):
+                for ki in range(3):
+                    r = buf[c, ki * width:ki * width + span + 2]
+                    p0, p1, p2 = w[o, c, ki, 0], w[o, c, ki, 1], w[o, c, ki, 2]
+                    q0, q1, q2 = w[o1, c, ki, 0], w[o1, c, ki, 1], w[o1, c, ki, 2]
+                    s0, s1, s2 = w[o2, c, ki, 0], w[o2, c, ki, 1], w[o2, c, ki, 2]
+                    t0, t1, t2 = w[o3, c, ki, 0], w[o3, c, ki, 1], w[o3, c, ki, 2]
+                    for i in range(span):
+                        x0, x1, x2 = r[i], r[i + 1], r[i + 2]
+                        a0[i] += x0 * p0 + x1 * p1 + x2 * p2
+                        a1[i] += x0 * q0 + x1 * q1 + x2 * q2
+                        a2[i] += x0 * s0 + x1 * s1 + x2 * s2
+                        a3[i] += x0 * t0 + x1 * t1 + x2 * t2
+            for h in range(ho):
+                for p in range(wo):
+                    out[n, o, h, p] = a0[h * width + p]
+                    out[n, o1, h, p] = a1[h * width + p]
+                    out[n, o2, h, p] = a2[h * width + p]
+                    out[n, o3, h, p] = a3[h * width + p]
+
+
+@_jit(_SUMS)
+def conv3x3_weight_grad(x, g, top, left, dw):
+    """``dw`` (O, C, 3, 3) = the weight gradient of `conv3x3` for its output gradient g (N, O,
+    Ho, Wo): per tap, the sum over samples and pixels of g times the padded input shifted by
+    the tap. Four output channels and one kernel row a pass: twelve sums share each load of
+    the input row (three shifts) and of the four gradient planes (widened to the buffer's rows
+    with zeros, so the dropped columns add nothing)."""
+    n_in, c_in = x.shape[0], x.shape[1]
+    o_out, ho, wo = g.shape[1], g.shape[2], g.shape[3]
+    width, span, buf = _sample_buffer(x, left, ho, wo)
+    gw = numpy.zeros((4, span), g.dtype)
+    zero = x.dtype.type(0.0)
+    dw[:] = zero
+    for n in range(n_in):
+        _pad_sample(x, n, top, left, width, buf)
+        for o in range(0, o_out, 4):
+            for k in range(4):  # past the last channel, a copy of it that is not written
+                ok = min(o + k, o_out - 1)
+                for h in range(ho):
+                    for p in range(wo):
+                        gw[k, h * width + p] = g[n, ok, h, p]
+            g0, g1, g2, g3 = gw[0], gw[1], gw[2], gw[3]
+            for c in range(c_in):
+                for ki in range(3):
+                    r = buf[c, ki * width:ki * width + span + 2]
+                    s0 = s1 = s2 = t0 = t1 = t2 = u0 = u1 = u2 = v0 = v1 = v2 = zero
+                    for i in range(span):
+                        a, b, e, f = g0[i], g1[i], g2[i], g3[i]
+                        x0, x1, x2 = r[i], r[i + 1], r[i + 2]
+                        s0 += a * x0
+                        s1 += a * x1
+                        s2 += a * x2
+                        t0 += b * x0
+                        t1 += b * x1
+                        t2 += b * x2
+                        u0 += e * x0
+                        u1 += e * x1
+                        u2 += e * x2
+                        v0 += f * x0
+                        v1 += f * x1
+                        v2 += f * x2
+                    dw[o, c, ki, 0] += s0
+                    dw[o, c, ki, 1] += s1
+                    dw[o, c, ki, 2] += s2
+                    if o + 1 < o_out:
+                        dw[o + 1, c, ki, 0] += t0
+                        dw[o + 1, c, ki, 1] += t1
+                        dw[o + 1, c, ki, 2] += t2
+                    if o + 2 < o_out:
+                        dw[o + 2, c, ki, 0] += u0
+                        dw[o + 2, c, ki, 1] += u1
+                        dw[o + 2, c, ki, 2] += u2
+                    if o + 3 < o_out:
+                        dw[o + 3, c, ki, 0] += v0
+                        dw[o + 3, c, ki, 1] += v1
+                        dw[o + 3, c, ki, 2] += v2

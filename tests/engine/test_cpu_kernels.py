@@ -263,6 +263,67 @@ def test_relu_kernels_give_the_numpy_paths_values_and_products_bit_for_bit(monke
     assert gk[9] == np.inf and not np.isnan(gk[:6]).any()
 
 
+def _conv_all(x, w, g, padding, dtype):
+    """A 3x3 convolution (stride 1) forward and both gradients."""
+    xt, wt = (engine.tensor(a, dtype=dtype, requires_grad=True) for a in (x, w))
+    out = F.conv2d(xt, wt, padding=padding)
+    out.backward(engine.tensor(g, dtype=dtype))
+    return [out.numpy(), xt.grad.numpy(), wt.grad.numpy()]
+
+
+def _conv_reference(x, w, g, padding):
+    """The same in float64, one shifted product per kernel tap: out = sum over taps of
+    w[:, :, i, j] applied to the padded input shifted by (i, j); the input gradient scatters
+    g back through the same shifts, the weight gradient contracts g with each shift."""
+    ph, pw = padding
+    xp = np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)))
+    ho, wo = xp.shape[2] - 2, xp.shape[3] - 2
+    out, dxp, dw = np.zeros(g.shape), np.zeros(xp.shape), np.zeros(w.shape)
+    for i in range(3):
+        for j in range(3):
+            window = xp[:, :, i:i + ho, j:j + wo]
+            out += np.einsum("nchw,oc->nohw", window, w[:, :, i, j])
+            dxp[:, :, i:i + ho, j:j + wo] += np.einsum("nohw,oc->nchw", g, w[:, :, i, j])
+            dw[:, :, i, j] = np.einsum("nohw,nchw->oc", g, window)
+    return [out, dxp[:, :, ph:ph + x.shape[2], pw:pw + x.shape[3]], dw]
+
+
+@pytest.mark.parametrize("dtype,xs,out_channels,padding", [
+    (F32, (5, 16, 32, 32), 16, (1, 1)),  # resnet's first stage
+    (F32, (3, 3, 9, 7), 5, (1, 1)),  # an odd channel count: the last pass computes it twice
+    (F64, (2, 4, 6, 5), 3, (2, 0)),  # padding wider than the kernel's reach, and none
+    (F64, (2, 2, 1, 1), 2, (1, 1)),  # a single pixel
+], ids=str)
+def test_conv3x3_kernel_agrees_with_the_numpy_path_and_float64(monkeypatch, dtype, xs,
+                                                               out_channels, padding):
+    rng = np.random.default_rng(7)
+    x, w = rng.standard_normal(xs), rng.standard_normal((out_channels, xs[1], 3, 3))
+    g = rng.standard_normal((xs[0], out_channels, xs[2] + 2 * padding[0] - 2,
+                             xs[3] + 2 * padding[1] - 2))
+    kernels, numpy_path = both_ways(monkeypatch, lambda: _conv_all(x, w, g, padding, dtype))
+    reference = _conv_reference(x, w, g, padding)
+    # float32: sums of up to 9 * 16 * 5 * 32 * 32 products of unit-size terms
+    tol = dict(rtol=1e-4, atol=2e-4 * np.sqrt(xs[0] * 32 * 32) if dtype == F32 else 1e-11)
+    for name, k, n, r in zip(("y", "dx", "dw"), kernels, numpy_path, reference):
+        assert k.dtype == n.dtype == np.dtype(str(dtype)), name
+        np.testing.assert_allclose(k, r, err_msg=name, **tol)
+        np.testing.assert_allclose(n, r, err_msg=name, **tol)
+
+
+def test_conv3x3_kernel_spreads_inf_and_nan_as_the_numpy_path(monkeypatch):
+    rng = np.random.default_rng(8)
+    x, w = rng.standard_normal((2, 3, 6, 6)), rng.standard_normal((4, 3, 3, 3))
+    x[0, 1, 2, 3], x[1, 0, 5, 0], w[2, 1, 0, 0] = np.nan, np.inf, 0.0
+    g = rng.standard_normal((2, 4, 6, 6))
+    with np.errstate(invalid="ignore"):
+        kernels, numpy_path = both_ways(monkeypatch, lambda: _conv_all(x, w, g, (1, 1), F32))
+    for name, k, n in zip(("y", "dx", "dw"), kernels, numpy_path):
+        np.testing.assert_array_equal(np.isnan(k), np.isnan(n), err_msg=name)
+        np.testing.assert_array_equal(np.isinf(k), np.isinf(n), err_msg=name)
+    # the NaN reaches the 3x3 outputs around it in every channel, and no other output
+    assert np.isnan(kernels[0][0, :, 1:4, 2:5]).all() and np.isnan(kernels[0][0]).sum() == 36
+
+
 def _attention_all(q, k, v, g, causal):
     ts = [engine.tensor(a, dtype=F32, requires_grad=True) for a in (q, k, v)]
     out = F.scaled_dot_product_attention(*ts, is_causal=causal)
@@ -324,13 +385,15 @@ def test_a_read_only_install_compiles_the_kernels_in_memory():
 
 KERNELS = ("gelu_f32", "layer_norm_rows", "layer_norm_affine", "layer_norm_backward",
            "channel_mean_var", "channel_affine", "channel_sums", "channel_combine", "relu",
-           "relu_grad", "attention_softmax_f32", "softmax_rule_f32")
+           "relu_grad", "attention_softmax_f32", "softmax_rule_f32", "conv3x3",
+           "conv3x3_weight_grad")
 
 
 def _float32_graph():
     """A float32 training step through every op that has a kernel."""
     engine.manual_seed(0)
     x = engine.randn(2, 4, 4, 4, requires_grad=True)
+    x = F.conv2d(x, engine.randn(4, 4, 3, 3, requires_grad=True), padding=1)
     h = F.relu(nn.BatchNorm2d(4)(x)).reshape(2, 4, 16)
     h = F.gelu(F.layer_norm(h, 16, engine.ones(16, requires_grad=True), engine.zeros(16)))
     q = h.reshape(2, 2, 4, 8)
