@@ -230,6 +230,8 @@ class WorkerClient(Client):
             except (OSError, CheckpointError):
                 pass  # absent or damaged here: download it
             # (A ticket left unused above expires on the server within a minute.)
+            if request.data_port and not first.data.port:
+                self._use_streams("it has no data port")  # or predates it: chunks follow
             if first.data.port:
                 stream.close()
                 try:

@@ -370,7 +370,7 @@ def test_without_a_data_port_clients_use_the_streams(serve_coordinator, tmp_path
         f"gRPC streams"]
     with Client(server.address, token=server.token) as client:
         client.download_checkpoint(job_id, dest=tmp_path / "out")  # no ticket: chunks
-        assert client.data_port  # nothing told it otherwise: the server sent chunks
+        assert not client.data_port  # told so once, and it asks no more
     assert (tmp_path / "out").read_bytes() == (ckpt / MODEL_FILE).read_bytes()
     assert not _raw_ticket(server, job_id).HasField("data")
 
