@@ -21,7 +21,7 @@ from pathlib import Path
 import blake3
 import grpc
 import pytest
-from data_port_kit import SPEC, TOKENS, Forwarder, running_job
+from data_port_kit import SPEC, TOKENS, Forwarder, present, running_job
 from jobkit import DPTRAIN, ServeProcess, free_port, linear_checkpoint, run_cli
 
 from dptrain.coordinator.api import serde
@@ -71,12 +71,6 @@ def _raw_ticket(server, job_id: str, **request) -> pb.DownloadInfo:
     assert first.WhichOneof("item") == "info"
     assert rest == (0 if first.info.HasField("data") else -(-first.info.file.size // (1 << 20)))
     return first.info
-
-
-def _present(port: int, ticket: bytes) -> tuple[socket.socket, tuple[str, str, bytes]]:
-    sock = socket.create_connection(("127.0.0.1", port))
-    sock.sendall(ticket)
-    return sock, read_status(sock)
 
 
 def _receive_all(sock: socket.socket) -> bytes:
@@ -158,7 +152,7 @@ def test_a_download_ticket_covers_exactly_the_bytes_asked_for(server, tmp_path):
     reference = (ckpt / MODEL_FILE).read_bytes()
     info = _raw_ticket(server, job_id, offset=1000, length=5000)
     assert (info.end, info.data.port, len(info.data.ticket)) == (6000, server.data_port, 32)
-    sock, status = _present(info.data.port, info.data.ticket)
+    sock, status = present(info.data.port, info.data.ticket)
     with sock:
         assert status == ("OK", "", b"")
         assert _receive_all(sock) == reference[1000:6000]
@@ -289,11 +283,11 @@ def test_unknown_and_used_tickets_are_refused(serve_coordinator, tmp_path):
     job_id, worker = running_job(server)
     worker.upload_checkpoint(linear_checkpoint(tmp_path / "ckpt", 1, 100))
     info = _raw_ticket(server, job_id)
-    sock, status = _present(server.data_port, info.data.ticket)
+    sock, status = present(server.data_port, info.data.ticket)
     sock.close()
     assert status[0] == "OK"
     for ticket in (info.data.ticket, bytes(32)):  # used; never issued
-        sock, status = _present(server.data_port, ticket)
+        sock, status = present(server.data_port, ticket)
         with sock:
             assert status == ("ABORTED", "unknown, used or expired data ticket: ask for a new "
                               "one through the gRPC call", b"")
@@ -341,7 +335,7 @@ def test_a_job_that_ended_between_ticket_and_bytes_stores_nothing(server, tmp_pa
                                        metadata=bearer_metadata(TOKENS[job_id],
                                                                 job_id))
     server.store.transition(job_id, JobState.RUNNING, JobState.FAILED)
-    sock, status = _present(ticket.port, ticket.ticket)
+    sock, status = present(ticket.port, ticket.ticket)
     with sock:
         assert status[0] == "OK"
         for f in header.files:

@@ -10,7 +10,7 @@ import socket
 import urllib.request
 
 import pytest
-from data_port_kit import TOKENS, running_job
+from data_port_kit import TOKENS, present, running_job
 from jobkit import linear_checkpoint
 
 from dptrain.coordinator.api import serde
@@ -53,12 +53,6 @@ def _counts(served=0, refused=0, busy=0, broken=0, sent=0, received=0) -> dict[s
             "bytes.sent": sent, "bytes.received": received}
 
 
-def _present(port: int, ticket: bytes) -> tuple[socket.socket, tuple[str, str, bytes]]:
-    sock = socket.create_connection(("127.0.0.1", port))
-    sock.sendall(ticket)
-    return sock, read_status(sock)
-
-
 def test_connections_by_outcome_and_bytes_by_direction_are_counted(serve_coordinator,
                                                                    tmp_path):
     server = serve_coordinator(metrics_port=0, data_ticket_s=3600.0)
@@ -88,13 +82,13 @@ def test_connections_by_outcome_and_bytes_by_direction_are_counted(serve_coordin
     first = next(stub.DownloadCheckpoint(
         pb.DownloadCheckpointRequest(job_id=job_id, file=MANIFEST, data_port=True),
         metadata=bearer_metadata(server.token)))
-    sock, status = _present(server.data_port, first.info.data.ticket)
+    sock, status = present(server.data_port, first.info.data.ticket)
     with sock:
         assert status[0] == "OK"
         while sock.recv(1 << 16):
             pass
     for ticket in (first.info.data.ticket, bytes(32)):
-        sock, status = _present(server.data_port, ticket)
+        sock, status = present(server.data_port, ticket)
         sock.close()
         assert status[0] == "ABORTED"
 
@@ -105,7 +99,7 @@ def test_connections_by_outcome_and_bytes_by_direction_are_counted(serve_coordin
     header, _ = read_checkpoint_directory(job_id, two)
     ticket = pb_grpc.WorkerServiceStub(worker.channel).OpenCheckpointUpload(
         serde.upload_header_to_proto(header), metadata=bearer_metadata(TOKENS[job_id], job_id))
-    sock, status = _present(ticket.port, ticket.ticket)
+    sock, status = present(ticket.port, ticket.ticket)
     with sock:
         assert status[0] == "OK"
         sock.sendall((two / MODEL_FILE).read_bytes()[:1000])

@@ -9,11 +9,12 @@ import threading
 
 from jobkit import TINY_SPEC
 
+from dptrain.coordinator.api.data_wire import read_status
 from dptrain.coordinator.api.records import JobState, hash_token, new_token
 from dptrain.coordinator.client.client import Client
 from dptrain.coordinator.client.worker_client import WorkerClient
 
-__all__ = ["SPEC", "TOKENS", "running_job", "Forwarder"]
+__all__ = ["SPEC", "TOKENS", "running_job", "present", "Forwarder"]
 
 SPEC = {**TINY_SPEC, "workers": 1}
 
@@ -28,6 +29,13 @@ def running_job(server, address: str | None = None, **client) -> tuple[str, Work
     server.store.transition(job.id, JobState.QUEUED, JobState.RUNNING,
                             token_hash=hash_token(token), placement={"localhost": 1})
     return job.id, WorkerClient(address or server.address, job.id, token, timeout=30, **client)
+
+
+def present(port: int, ticket: bytes) -> tuple[socket.socket, tuple[str, str, bytes]]:
+    """A connection to the data port on 127.0.0.1 that presented `ticket`, and the answer."""
+    sock = socket.create_connection(("127.0.0.1", port))
+    sock.sendall(ticket)
+    return sock, read_status(sock)
 
 
 class Forwarder:
