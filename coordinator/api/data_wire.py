@@ -11,6 +11,7 @@ the checks of the request) and hands out a ticket, and the bytes go over the dat
     32 ticket bytes                   ->
                                       <-     "OK 0 \\n"   (or "ABORTED 0 <why>\\n", closed)
     download:                         <-     the bytes asked for, then closed
+    fetch:                            <-     every file's bytes in the header's order, closed
     upload:   every file's bytes      ->
                                       <-     "OK <n> \\n" + n bytes of a serialized Checkpoint
                                              (or "DATA_LOSS 0 <why>\\n", ...)
@@ -25,15 +26,18 @@ from __future__ import annotations
 import os
 import socket
 import ssl
-from collections.abc import Iterator
-from typing import BinaryIO
+from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING, BinaryIO
 
 from dptrain.coordinator.api.limits import CHUNK_BYTES
+
+if TYPE_CHECKING:
+    from dptrain.worker.checkpoint_manifest import FileEntry
 
 _TLS_RECORD = 16384  # the most a TLS record carries, so the most one recv returns
 
 __all__ = ["TICKET_BYTES", "MAX_STATUS_LINE", "encode_status", "read_status", "recv_exactly",
-           "send_file", "receive", "DataWireError"]
+           "send_file", "receive", "receive_files", "DataWireError"]
 
 TICKET_BYTES = 32
 """A ticket's length: ``secrets.token_bytes(32)``."""
@@ -147,3 +151,16 @@ def receive(sock: socket.socket, size: int) -> Iterator[bytes]:
             raise DataWireError(f"the connection closed with {left} of {size} bytes to go")
         left -= len(data)
         yield data
+
+
+def receive_files(sock: socket.socket, files: Iterable[FileEntry]) -> Iterator[tuple[str, bytes]]:
+    """Each file's bytes in turn (``file.size`` of them), as ``(name, chunk)``: what an upload's
+    receiver (the server) and a fetch's (the worker) read, the stream's chunks alike.
+
+    Raises:
+        DataWireError: the connection closed before the last file's last byte.
+        OSError: the socket failed or timed out.
+    """
+    for f in files:
+        for data in receive(sock, f.size):
+            yield f.name, data

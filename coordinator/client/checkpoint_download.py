@@ -110,6 +110,8 @@ class CheckpointDownloads:
             call.cancel()
             raise ClientError("INTERNAL", "the download stream did not start with the file's "
                               "description")
+        if request.data_port and not first.info.data.port:
+            self._use_streams("it has no data port")  # or predates it: chunks follow
         if first.info.data.port:
             call.cancel()
             try:

@@ -1,6 +1,6 @@
 """The client's end of the coordinator's data port (``server.data_port``; the protocol is
 ``api.data_wire``): connect with a ticket a gRPC call handed out, then receive a download's
-bytes or send an upload's files.
+bytes or a fetch's files, or send an upload's files.
 
 `Client` uses it by default and falls back to the gRPC streams, for the rest of its life,
 when the port is off, refused or unreachable within `CONNECT_TIMEOUT_S` (`DataPortUnreachable`):
@@ -20,6 +20,7 @@ from dptrain.coordinator.api.data_wire import (
     DataWireError,
     read_status,
     receive,
+    receive_files,
     send_file,
 )
 from dptrain.coordinator.api.limits import CHUNK_BYTES
@@ -27,7 +28,7 @@ from dptrain.coordinator.client.errors import ClientError
 from dptrain.worker.checkpoint_manifest import FileEntry
 
 __all__ = ["CONNECT_TIMEOUT_S", "DataPortUnreachable", "connect", "DataDownload",
-           "send_upload", "tls_context"]
+           "fetched_files", "send_upload", "tls_context"]
 
 CONNECT_TIMEOUT_S = 3.0
 """How long a client waits for the data port to accept before it uses the gRPC streams."""
@@ -119,6 +120,22 @@ class DataDownload:
         except OSError:
             pass
         self._sock.close()
+
+
+def fetched_files(sock: socket.socket, files: tuple[FileEntry, ...]
+                  ) -> Iterator[tuple[str, bytes]]:
+    """A fetch's files from an accepted data connection, as the FetchCheckpoint stream's
+    ``(name, chunk)`` pairs; the connection is closed when they end or break.
+
+    Raises:
+        ClientError: UNAVAILABLE when the connection broke.
+    """
+    try:
+        yield from receive_files(sock, files)
+    except OSError as e:  # closed, reset or silent: DataWireError among them
+        raise ClientError("UNAVAILABLE", f"the data connection broke off: {e}") from None
+    finally:
+        sock.close()
 
 
 def send_upload(sock: socket.socket, directory: Path, files: tuple[FileEntry, ...],

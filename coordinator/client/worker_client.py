@@ -20,7 +20,11 @@ from dptrain.coordinator.api.errors import ValidationError
 from dptrain.coordinator.api.hashed_io import write_hashed
 from dptrain.coordinator.api.records import CheckpointRecord, EventKind, JobState
 from dptrain.coordinator.client.client import Client, ClientError
-from dptrain.coordinator.client.data_transfer import DataPortUnreachable, send_upload
+from dptrain.coordinator.client.data_transfer import (
+    DataPortUnreachable,
+    fetched_files,
+    send_upload,
+)
 from dptrain.protos.dptrain.v1 import coordinator_pb2 as pb
 from dptrain.worker.checkpoint_manifest import (
     MANIFEST,
@@ -186,7 +190,9 @@ class WorkerClient(Client):
             Path(tmp).unlink(missing_ok=True)
 
     def fetch_checkpoint(self, dest_dir: str | os.PathLike) -> str | None:
-        """Download the job's newest intact checkpoint as ``dest_dir/step-XXXXXXXX``.
+        """Download the job's newest intact checkpoint as ``dest_dir/step-XXXXXXXX``: its
+        files' bytes over the coordinator's data port where it has one (the stream's header
+        carries a ticket for them), else as the FetchCheckpoint stream's chunks.
 
         Files are written into a temporary directory, checked against their digests and by
         ``worker.checkpoint_manifest.verify_checkpoint``, and renamed into place (replacing a
@@ -203,8 +209,8 @@ class WorkerClient(Client):
         """
         dest = Path(dest_dir)
         dest.mkdir(parents=True, exist_ok=True)
-        stream = self._stream(chunk_wire.fetch_stub(self.channel),
-                              pb.FetchCheckpointRequest(job_id=self.job_id), timeout=3600.0)
+        request = pb.FetchCheckpointRequest(job_id=self.job_id, data_port=self.data_port)
+        stream = self._stream(chunk_wire.fetch_stub(self.channel), request, timeout=3600.0)
         try:
             try:
                 first = next(stream, None)
@@ -223,9 +229,20 @@ class WorkerClient(Client):
                     return str(final)
             except (OSError, CheckpointError):
                 pass  # absent or damaged here: download it
+            # (A ticket left unused above expires on the server within a minute.)
+            if request.data_port and not first.data.port:
+                self._use_streams("it has no data port")  # or predates it: chunks follow
+            if first.data.port:
+                stream.close()
+                try:
+                    chunks = fetched_files(self._data_connection(first.data), header.files)
+                except DataPortUnreachable:
+                    return self.fetch_checkpoint(dest_dir)  # over the stream, now
+            else:
+                chunks = serde.chunks_from_upload(stream)
             tmp = Path(tempfile.mkdtemp(dir=dest, prefix=".fetch-"))
             try:
-                _write_files(header, serde.chunks_from_upload(stream), tmp)
+                _write_files(header, chunks, tmp)
                 (tmp / MANIFEST).write_bytes(header.manifest_json)
                 verify_checkpoint(tmp)
                 if final.exists():

@@ -74,6 +74,7 @@ __all__ = [
     "DEFAULT_FILE", "WORKER_STATES", "record_blobs", "store_checkpoint",
     "receive_checkpoint", "list_checkpoints", "verify_record", "intact_checkpoint",
     "open_download", "locate_download", "DownloadPlace", "check_worker_upload", "open_fetch",
+    "locate_fetch", "FetchPlace",
     "keep_checkpoint", "prune_job_checkpoints", "free_blobs",
     "referenced_blobs",
 ]
@@ -406,6 +407,45 @@ def _counted(state: ServiceState, chunks: Iterator[bytes]) -> Iterator[bytes]:
         yield chunk
 
 
+@dataclass(frozen=True)
+class FetchPlace:
+    """Where the files of a fetch are (`locate_fetch`).
+
+    Attributes:
+        header: the checkpoint as in an upload (job, step, manifest, files).
+        paths: each file's blob file, in the header's order.
+        lease: holds the blobs until released (``server.blobs``): release it when done.
+    """
+
+    header: CheckpointUpload
+    paths: tuple[Path, ...]
+    lease: BlobLease
+
+
+def locate_fetch(job_id: str, state: ServiceState) -> FetchPlace:
+    """`open_fetch`'s checks and choice of checkpoint, without reading its files: where their
+    bytes are (the data port sends them from the files; ``server.data_port``), leased.
+
+    Args and Raises: as `open_fetch`.
+    """
+    job = state.store.get_job(job_id)
+    if job.state not in WORKER_STATES:
+        raise StateConflict(job_id, job.state, WORKER_STATES)
+    record = intact_checkpoint(job_id, state)
+    if record is None:
+        raise CheckpointNotFound(job_id, None)
+    lease = state.blobs.lease(record_blobs(record).values())  # until the transfer ends
+    try:
+        manifest_json = b"".join(state.blobs.read(record.sha256))
+        files = tuple(record_files(record))
+        paths = tuple(state.blobs.get(blob_id(f.algorithm, f.digest), verify=False)
+                      for f in files)
+    except BaseException:
+        lease.release()
+        raise
+    return FetchPlace(CheckpointUpload(job_id, record.step, manifest_json, files), paths, lease)
+
+
 def open_fetch(job_id: str, state: ServiceState
                ) -> tuple[CheckpointUpload, Iterator[tuple[str, bytes]]]:
     """The job's newest intact checkpoint, to resume from: its header and every file's chunks.
@@ -423,30 +463,17 @@ def open_fetch(job_id: str, state: ServiceState
         StateConflict: the job is over: its workers' token is dead (FAILED_PRECONDITION).
         CheckpointNotFound: no intact checkpoint.
     """
-    job = state.store.get_job(job_id)
-    if job.state not in WORKER_STATES:
-        raise StateConflict(job_id, job.state, WORKER_STATES)
-    record = intact_checkpoint(job_id, state)
-    if record is None:
-        raise CheckpointNotFound(job_id, None)
-    lease = state.blobs.lease(record_blobs(record).values())  # until the stream ends
-    try:
-        manifest_json = b"".join(state.blobs.read(record.sha256))
-    except BaseException:
-        lease.release()
-        raise
-    files = tuple(record_files(record))
-    header = CheckpointUpload(job_id, record.step, manifest_json, files)
+    found = locate_fetch(job_id, state)
 
     def chunks() -> Iterator[tuple[str, bytes]]:
         # Not hashed again: `intact_checkpoint` just did, and the worker checks every file.
-        for f in files:
+        for f in found.header.files:
             blob = state.blobs.read(blob_id(f.algorithm, f.digest), chunk_size=CHUNK_BYTES,
                                     verify=False)
             for chunk in _counted(state, blob):
                 yield f.name, chunk
 
-    return header, LeasedStream(lease, chunks())
+    return found.header, LeasedStream(found.lease, chunks())
 
 
 # ---------------------------------------------------------------- retention

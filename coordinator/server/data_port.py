@@ -1,11 +1,13 @@
 """The data port: checkpoint bytes over plain TCP beside gRPC, as object stores hand out
 pre-signed URLs.
 
-A gRPC call (DownloadCheckpoint with ``data_port``, or OpenCheckpointUpload) does everything
+A gRPC call (DownloadCheckpoint or FetchCheckpoint with ``data_port``, or OpenCheckpointUpload)
+does everything
 but move the bytes: the caller's token and access rule (`server.access`), the request's checks,
 the choice of file; then it issues a `Tickets` entry instead of streaming. The client connects
 here, sends the ticket, and the bytes flow without gRPC's framing (``api.data_wire`` has the
-protocol): a download is ``sendfile``d from its blob file; an upload's bytes go to the same
+protocol): a download is ``sendfile``d from its blob file, a fetch from each file's blob in
+turn; an upload's bytes go to the same
 `checkpoint_store.receive_checkpoint` as UploadCheckpoint's chunks (verified blobs, the record
 only once all are stored, retention, metrics), and the status that stream would have ended with
 comes back on the socket. With TLS the connection is wrapped with the gRPC server's certificate
@@ -17,6 +19,7 @@ present its ticket within `HANDSHAKE_TIMEOUT_S` or is closed; a bad, used or exp
 gets a status line (ABORTED: ask again) and the connection is closed; at most
 ``max_connections`` transfers run at once (the next gets UNAVAILABLE). Nothing a connection
 sends can disturb the server: each runs on its own thread and every error ends only it.
+Each connection is counted by how it ended, and its bytes by direction (``server.metrics``).
 """
 
 from __future__ import annotations
@@ -27,8 +30,9 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from dptrain.coordinator.api import serde
@@ -36,13 +40,14 @@ from dptrain.coordinator.api.checkpoint_upload import CheckpointUpload
 from dptrain.coordinator.api.data_wire import (
     TICKET_BYTES,
     encode_status,
-    receive,
+    receive_files,
     recv_exactly,
     send_file,
 )
 from dptrain.coordinator.api.limits import CHUNK_BYTES
 from dptrain.coordinator.server import checkpoint_store as checkpoints
-from dptrain.coordinator.server.checkpoint_store import DownloadPlace
+from dptrain.coordinator.server.blobs import BlobLease
+from dptrain.coordinator.server.checkpoint_store import DownloadPlace, FetchPlace
 from dptrain.coordinator.server.service import one_line, status_of
 
 if TYPE_CHECKING:
@@ -77,9 +82,12 @@ class _Upload:
     upload: CheckpointUpload
 
 
+_Grant = DownloadPlace | FetchPlace | _Upload
+
+
 class Tickets:
-    """Single-use tickets, each for one download (`DownloadPlace`, its blob leased) or one
-    upload, forgotten `lifetime` seconds after issue.
+    """Single-use tickets, each for one download (`DownloadPlace`, its blob leased), one fetch
+    (`FetchPlace`, its blobs leased) or one upload, forgotten `lifetime` seconds after issue.
 
     Args:
         lifetime: seconds a ticket stays good.
@@ -88,17 +96,17 @@ class Tickets:
     def __init__(self, lifetime: float = TICKET_LIFETIME_S):
         self.lifetime = lifetime
         self._lock = threading.Lock()
-        self._grants: dict[bytes, tuple[float, DownloadPlace | _Upload]] = {}
+        self._grants: dict[bytes, tuple[float, _Grant]] = {}
 
-    def issue(self, grant: DownloadPlace | _Upload) -> bytes:
-        """A new ticket for `grant` (a download's lease is released when the ticket dies)."""
+    def issue(self, grant: _Grant) -> bytes:
+        """A new ticket for `grant` (a lease is released when the ticket dies unused)."""
         ticket = secrets.token_bytes(TICKET_BYTES)
         with self._lock:
             self._sweep(time.monotonic())
             self._grants[ticket] = (time.monotonic() + self.lifetime, grant)
         return ticket
 
-    def redeem(self, ticket: bytes) -> DownloadPlace | _Upload | None:
+    def redeem(self, ticket: bytes) -> _Grant | None:
         """The grant of a good ticket, which is used up; None for an unknown, used or expired
         one."""
         with self._lock:
@@ -119,8 +127,8 @@ class Tickets:
             _release(grant)
 
 
-def _release(grant: DownloadPlace | _Upload | None) -> None:
-    if isinstance(grant, DownloadPlace):
+def _release(grant: _Grant | None) -> None:
+    if isinstance(grant, (DownloadPlace, FetchPlace)):
         grant.lease.release()
 
 
@@ -164,6 +172,11 @@ class DataPort:
         owns the place's lease from now on."""
         return self.tickets.issue(place)
 
+    def fetch_ticket(self, place: FetchPlace) -> bytes:
+        """A ticket for every file of a located fetch, one after the other; the ticket owns
+        the place's lease from now on."""
+        return self.tickets.issue(place)
+
     def upload_ticket(self, upload: CheckpointUpload) -> bytes:
         """A ticket for an upload whose header passed `checkpoint_store.check_worker_upload`."""
         return self.tickets.issue(_Upload(upload))
@@ -177,6 +190,7 @@ class DataPort:
             except OSError:  # closed by stop()
                 return
             if not self._slots.acquire(blocking=False):
+                self.state.metrics.count_data_connection("busy")
                 _answer(conn, "UNAVAILABLE", "the data port serves too many transfers: try "
                         "again")
                 conn.close()
@@ -193,78 +207,90 @@ class DataPort:
             thread.start()
 
     def _serve(self, conn: socket.socket) -> None:
-        raw = conn
+        raw, outcome = conn, "broken"
         try:
             conn.settimeout(HANDSHAKE_TIMEOUT_S)
             if self.tls is not None:
                 conn = self.tls.wrap_socket(conn, server_side=True)
             grant = self.tickets.redeem(recv_exactly(conn, TICKET_BYTES))
             if grant is None:
+                outcome = "refused"
                 _answer(conn, "ABORTED", "unknown, used or expired data ticket: ask for a new "
                         "one through the gRPC call")
                 return
             conn.settimeout(IO_TIMEOUT_S)
             if isinstance(grant, DownloadPlace):
-                self._send(conn, grant)
-            else:
-                self._receive(conn, grant.upload)
+                self._send(conn, [(grant.path, grant.offset, grant.end)], grant.lease)
+            elif isinstance(grant, FetchPlace):
+                self._send(conn, [(path, 0, f.size) for path, f in
+                                  zip(grant.paths, grant.header.files)], grant.lease)
+            elif not self._receive(conn, grant.upload):
+                return
+            outcome = "served"
         except (OSError, ValueError) as e:  # a peer gone, silent or speaking nonsense
             log.debug("data port connection ended: %s", e)
         except Exception:
             log.exception("data port connection failed")
         finally:
+            self.state.metrics.count_data_connection(outcome)
             conn.close()
             with self._lock:
                 self._open.discard(raw)
                 self._threads.discard(threading.current_thread())
             self._slots.release()
 
-    def _send(self, conn: socket.socket, place: DownloadPlace) -> None:
-        """A download: OK, then the bytes from ``end - size`` up to `end`, from the file."""
+    def _send(self, conn: socket.socket, ranges: Iterable[tuple[Path, int, int]],
+              lease: BlobLease) -> None:
+        """A download or a fetch: OK, then each ``(file, offset, end)``'s bytes from the file
+        in turn; `lease` released at the end."""
         try:
-            offset = place.offset
             conn.sendall(encode_status("OK"))
-            with open(place.path, "rb") as f:
-                while offset < place.end:
-                    sent = send_file(conn, f, offset, min(_SEND_BYTES, place.end - offset))
-                    if not sent:
-                        raise ConnectionError("the blob file ended early")
-                    offset += sent
-                    self.state.metrics.add_checkpoint_bytes("served", sent)
+            for path, offset, end in ranges:
+                with open(path, "rb") as f:
+                    while offset < end:
+                        sent = send_file(conn, f, offset, min(_SEND_BYTES, end - offset))
+                        if not sent:
+                            raise ConnectionError("the blob file ended early")
+                        offset += sent
+                        self.state.metrics.add_checkpoint_bytes("served", sent)
+                        self.state.metrics.add_data_bytes("sent", sent)
         finally:
-            place.lease.release()
+            lease.release()
 
-    def _receive(self, conn: socket.socket, upload: CheckpointUpload) -> None:
+    def _receive(self, conn: socket.socket, upload: CheckpointUpload) -> bool:
         """An upload: OK, then each file's bytes into `receive_checkpoint`; the status the
-        stream would have ended with, and the record."""
+        stream would have ended with, and the record. False when the peer left before its
+        last byte (nobody to answer)."""
         conn.sendall(encode_status("OK"))
         left = [sum(f.size for f in upload.files)]
 
         def chunks() -> Iterator[tuple[str, bytes]]:
-            for f in upload.files:
-                try:
-                    for data in receive(conn, f.size):
-                        left[0] -= len(data)
-                        yield f.name, data
-                except OSError as e:  # closed, reset or silent: DataWireError among them
-                    raise _PeerGone(f"{f.name}: {e}") from None
+            try:
+                for name, data in receive_files(conn, upload.files):
+                    left[0] -= len(data)
+                    self.state.metrics.add_data_bytes("received", len(data))
+                    yield name, data
+            except OSError as e:  # closed, reset or silent: DataWireError among them
+                raise _PeerGone(str(e)) from None
 
         try:
             record = checkpoints.receive_checkpoint(upload, chunks(), self.state)
         except _PeerGone as e:  # nothing stored; nobody to answer
             log.info("job %s: the upload of step %s over the data port broke off: %s",
                      upload.job_id, upload.step, e)
-            return
+            return False
         except Exception as e:
             code, message = status_of(e).name, one_line(e)
             if code == "INTERNAL":
                 log.exception("internal error")
                 message = f"internal error: {type(e).__name__}: {message}"
-            _drain(conn, left[0])  # so that the sender finishes and reads the answer
+            # So that the sender finishes and reads the answer (bytes moved all the same).
+            self.state.metrics.add_data_bytes("received", _drain(conn, left[0]))
             conn.sendall(encode_status(code, message))
-            return
+            return True
         conn.sendall(encode_status(
             "OK", body=serde.checkpoint_to_proto(record).SerializeToString()))
+        return True
 
     def stop(self) -> None:
         """Stop listening, end every open transfer (a broken upload stores nothing) and forget
@@ -295,10 +321,12 @@ def _answer(conn: socket.socket, code: str, message: str) -> None:
         pass
 
 
-def _drain(conn: socket.socket, size: int) -> None:
-    """Read and drop the `size` bytes the sender still has for us."""
-    while size > 0:
-        data = conn.recv(min(CHUNK_BYTES, size))
+def _drain(conn: socket.socket, size: int) -> int:
+    """Read and drop the `size` bytes the sender still has for us; returns how many came."""
+    got = 0
+    while got < size:
+        data = conn.recv(min(CHUNK_BYTES, size - got))
         if not data:
-            return
-        size -= len(data)
+            break
+        got += len(data)
+    return got

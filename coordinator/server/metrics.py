@@ -8,7 +8,13 @@ Exposed at ``http://HOST:METRICS_PORT/metrics``:
 ``dptrain_rpc_duration_seconds{method}`` histogram RPC latency, streams until their last message
 ``dptrain_rpc_requests_total{method,code}`` counter RPCs by final status code
 ``dptrain_checkpoint_bytes_total{direction}`` counter checkpoint bytes ``stored`` or ``served``
+``dptrain_data_connections_total{outcome}`` counter data port connections by how they ended
+``dptrain_data_bytes_total{direction}``  counter  bytes over the data port, ``sent``/``received``
 ======================================= ========= =============================================
+
+A data port connection ends ``served`` (its transfer ran to the end and was answered, a refused
+upload included), ``refused`` (an unknown, used or expired ticket), ``busy`` (turned away at
+the bound on connections at once) or ``broken`` (the peer left, fell silent or failed TLS).
 
 The endpoint shows counts only (no job names or ids) and is bound to the gRPC server's host.
 """
@@ -27,12 +33,15 @@ from dptrain.coordinator.api.records import PENDING_STATES, JobState
 if TYPE_CHECKING:
     from dptrain.coordinator.server.store import Store
 
-__all__ = ["Metrics", "MetricsHTTPServer", "LATENCY_BUCKETS", "CONTENT_TYPE"]
+__all__ = ["Metrics", "MetricsHTTPServer", "LATENCY_BUCKETS", "CONTENT_TYPE",
+           "DATA_OUTCOMES"]
 
 #: Upper bounds (seconds) of the latency histogram's buckets.
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
                    5.0, 10.0, 30.0, 60.0)
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+#: How a data port connection can end (``dptrain_data_connections_total``'s outcomes).
+DATA_OUTCOMES = ("served", "refused", "busy", "broken")
 
 
 def _label(value: str) -> str:
@@ -52,6 +61,8 @@ class Metrics:
         self._sums: dict[str, float] = {}
         self._requests: dict[tuple[str, str], int] = {}
         self._bytes: dict[str, int] = {"stored": 0, "served": 0}
+        self._data_connections: dict[str, int] = dict.fromkeys(DATA_OUTCOMES, 0)
+        self._data_bytes: dict[str, int] = {"sent": 0, "received": 0}
 
     def observe_rpc(self, method: str, code: str, seconds: float) -> None:
         """Count one finished RPC.
@@ -76,6 +87,25 @@ class Metrics:
         """
         with self._lock:
             self._bytes[direction] = self._bytes.get(direction, 0) + n
+
+    def count_data_connection(self, outcome: str) -> None:
+        """Count one data port connection that ended.
+
+        Args:
+            outcome: one of `DATA_OUTCOMES`.
+        """
+        with self._lock:
+            self._data_connections[outcome] += 1
+
+    def add_data_bytes(self, direction: str, n: int) -> None:
+        """Count bytes moved over the data port.
+
+        Args:
+            direction: ``sent`` (downloads and fetches) or ``received`` (uploads).
+            n: how many bytes.
+        """
+        with self._lock:
+            self._data_bytes[direction] += n
 
     def checkpoint_bytes(self, direction: str) -> int:
         """The bytes counted so far in one direction."""
@@ -102,6 +132,7 @@ class Metrics:
         with self._lock:
             buckets = {m: list(c) for m, c in self._buckets.items()}
             sums, requests, sent = dict(self._sums), dict(self._requests), dict(self._bytes)
+            connections, moved = dict(self._data_connections), dict(self._data_bytes)
         lines += ["# HELP dptrain_rpc_duration_seconds RPC latency by method.",
                   "# TYPE dptrain_rpc_duration_seconds histogram"]
         for method in sorted(buckets):
@@ -123,6 +154,14 @@ class Metrics:
                   "# TYPE dptrain_checkpoint_bytes_total counter"]
         lines += [f'dptrain_checkpoint_bytes_total{{direction="{d}"}} {n}'
                   for d, n in sorted(sent.items())]
+        lines += ["# HELP dptrain_data_connections_total Data port connections by outcome.",
+                  "# TYPE dptrain_data_connections_total counter"]
+        lines += [f'dptrain_data_connections_total{{outcome="{o}"}} {n}'
+                  for o, n in sorted(connections.items())]
+        lines += ["# HELP dptrain_data_bytes_total Bytes over the data port by direction.",
+                  "# TYPE dptrain_data_bytes_total counter"]
+        lines += [f'dptrain_data_bytes_total{{direction="{d}"}} {n}'
+                  for d, n in sorted(moved.items())]
         return "\n".join(lines) + "\n"
 
 

@@ -243,7 +243,7 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
     Args:
         state: the server's state.
         auth: the server's authenticator (who is calling).
-        data_port: the data port that upload tickets are issued for; None: none.
+        data_port: the data port that upload and fetch tickets are issued for; None: none.
     """
 
     def __init__(self, state: ServiceState, auth: AuthInterceptor,
@@ -304,9 +304,18 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
 
     def FetchCheckpoint(self, request: pb.FetchCheckpointRequest,
                         context: Any) -> Iterator[pb.FetchCheckpointResponse]:
-        """The newest intact checkpoint to resume from (`checkpoints.open_fetch`)."""
+        """The newest intact checkpoint to resume from (`checkpoints.open_fetch`); or, asked
+        for the data port when there is one, its header with a ticket for the files' bytes
+        (`server.data_port`)."""
         with _aborting(context):
             self._require_job(context, "FetchCheckpoint", request.job_id)
+            if request.data_port and self.data_port is not None:
+                place = checkpoints.locate_fetch(request.job_id, self.state)
+                ticket = self.data_port.fetch_ticket(place)
+                yield pb.FetchCheckpointResponse(
+                    header=serde.upload_header_to_proto(place.header),
+                    data=pb.DataTicket(port=self.data_port.port, ticket=ticket))
+                return
             header, chunks = checkpoints.open_fetch(request.job_id, self.state)
             with contextlib.closing(chunks):  # ends its blob lease, however the call ends
                 yield pb.FetchCheckpointResponse(header=serde.upload_header_to_proto(header))

@@ -483,18 +483,22 @@ class UploadCheckpointRequest(_message.Message):
     def __init__(self, header: _Optional[_Union[CheckpointHeader, _Mapping]] = ..., chunk: _Optional[_Union[FileChunk, _Mapping]] = ...) -> None: ...
 
 class FetchCheckpointRequest(_message.Message):
-    __slots__ = ("job_id",)
+    __slots__ = ("job_id", "data_port")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    DATA_PORT_FIELD_NUMBER: _ClassVar[int]
     job_id: str
-    def __init__(self, job_id: _Optional[str] = ...) -> None: ...
+    data_port: bool
+    def __init__(self, job_id: _Optional[str] = ..., data_port: _Optional[bool] = ...) -> None: ...
 
 class FetchCheckpointResponse(_message.Message):
-    __slots__ = ("header", "chunk")
+    __slots__ = ("header", "chunk", "data")
     HEADER_FIELD_NUMBER: _ClassVar[int]
     CHUNK_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
     header: CheckpointHeader
     chunk: FileChunk
-    def __init__(self, header: _Optional[_Union[CheckpointHeader, _Mapping]] = ..., chunk: _Optional[_Union[FileChunk, _Mapping]] = ...) -> None: ...
+    data: DataTicket
+    def __init__(self, header: _Optional[_Union[CheckpointHeader, _Mapping]] = ..., chunk: _Optional[_Union[FileChunk, _Mapping]] = ..., data: _Optional[_Union[DataTicket, _Mapping]] = ...) -> None: ...
 
 class CodeArchive(_message.Message):
     __slots__ = ("sha256", "size")
