@@ -103,7 +103,17 @@ def gelu_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None,
                 approximate: str = "none") -> Tensor:
     """``linear(gelu(x, approximate), weight, bias)`` as one op that keeps x and computes the
     GELU again in backward: one array of x's size saved where the two ops save two, for one
-    more GELU forward in backward. The feed-forward block of `nn.TransformerEncoderLayer`."""
+    more GELU forward in backward. The feed-forward block of `nn.TransformerEncoderLayer`.
+
+    Args:
+        x: (..., in), the hidden activation before the GELU.
+        weight: (out, in).
+        bias: (out,) or None.
+        approximate: ``'none'`` (exact) or ``'tanh'``, as `gelu`'s.
+
+    Returns:
+        (..., out), equal to ``linear(gelu(x, approximate), weight, bias)``.
+    """
     if approximate not in ("none", "tanh"):
         raise ValueError(f"gelu: approximate must be 'none' or 'tanh', got {approximate!r}")
     _check_linear(x, weight, bias)
