@@ -24,6 +24,7 @@ from dptrain.engine.nn.layers import Dropout, LayerNorm, Linear, _empty
 from dptrain.engine.nn.module import Module
 from dptrain.engine.nn.parameter import Parameter
 from dptrain.engine.ops import softmax
+from dptrain.engine.ops.linalg import gelu_linear
 from dptrain.engine.tensor import Tensor
 
 __all__ = ["MultiheadAttention", "TransformerEncoderLayer", "TransformerEncoder"]
@@ -293,7 +294,18 @@ class TransformerEncoderLayer(Module):
         return self.dropout1(out)
 
     def _ff_block(self, x: Tensor) -> Tensor:
-        return self.dropout2(self.linear2(self.dropout(self.activation(self.linear1(x)))))
+        h = self.linear1(x)
+        if self.activation is F.gelu and self._foldable(self.dropout, self.linear2):
+            # one op keeps h alone (GELU again in backward): the layer's largest saved array
+            return self.dropout2(gelu_linear(h, self.linear2.weight, self.linear2.bias))
+        return self.dropout2(self.linear2(self.dropout(self.activation(h))))
+
+    def _foldable(self, dropout: Module, linear: Module) -> bool:
+        """Whether `dropout` does nothing here and `linear` is a plain `Linear`, neither with
+        hooks, so that the two may be folded into one op with the activation between them."""
+        return (type(dropout) is Dropout and type(linear) is Linear
+                and (not self.training or dropout.p == 0.0)
+                and not any(m._forward_hooks or m._forward_pre_hooks for m in (dropout, linear)))
 
     def forward(self, src: Tensor, src_mask: Tensor | None = None,
                 src_key_padding_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:

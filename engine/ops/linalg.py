@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dptrain.engine.backend import sum_matrix
 from dptrain.engine.ops.core import Op, apply
+from dptrain.engine.ops.elementwise import _gelu_forward, _gelu_vjp
 from dptrain.engine.ops.registry import FUNCTION, FUNCTIONAL, METHOD, export
 from dptrain.engine.tensor import Tensor
 
@@ -70,6 +71,64 @@ _linear = Op("linear", _linear_forward, (
 ), save=(0, 1))
 
 
+def _gelu_linear_forward(xp, x, w, b, approximate):
+    return _linear_forward(xp, _gelu_forward(xp, x, None, approximate), w, b)
+
+
+def _gelu_linear_backward(xp, g, ans, x, w, b, approximate):
+    """The GELU's values and slope computed again from x, the hidden activation's gradient
+    written into the values' buffer once the weight gradient has read them: three arrays of
+    x's size at most (x, the slope, the values / gradient), as the two ops' rules had."""
+    slope = xp.empty_like(x)
+    y = _gelu_forward(xp, x, slope, approximate)
+    dw = _linear_dw(xp, g, None, y, w, b)
+    db = None if b is None else _linear_db(xp, g, None, y, w, b)
+    g2 = g.reshape(-1, g.shape[-1])
+    if y.dtype == xp.result_type(g, w) and y.flags.c_contiguous:  # y is the GELU's own array
+        dy = y
+        xp.matmul(g2, w, out=y.reshape(g2.shape[0], -1))
+    else:
+        dy = g2 @ w
+    return _gelu_vjp(xp, dy.reshape(x.shape), None, x, slope, approximate,
+                     out=dy.reshape(x.shape)), dw, db
+
+
+# ``linear(gelu(x), w, b)`` keeping x alone, where the two ops keep gelu's slope and its values
+# (both of x's size): the feed-forward block's largest saved arrays, halved.
+_gelu_linear = Op("gelu_linear", _gelu_linear_forward, backward=_gelu_linear_backward,
+                  save=(0, 1))
+
+
+def gelu_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None,
+                approximate: str = "none") -> Tensor:
+    """``linear(gelu(x, approximate), weight, bias)`` as one op that keeps x and computes the
+    GELU again in backward: one array of x's size saved where the two ops save two, for one
+    more GELU forward in backward. The feed-forward block of `nn.TransformerEncoderLayer`.
+
+    Args:
+        x: (..., in), the hidden activation before the GELU.
+        weight: (out, in).
+        bias: (out,) or None.
+        approximate: ``'none'`` (exact) or ``'tanh'``, as `gelu`'s.
+
+    Returns:
+        (..., out), equal to ``linear(gelu(x, approximate), weight, bias)``.
+    """
+    if approximate not in ("none", "tanh"):
+        raise ValueError(f"gelu: approximate must be 'none' or 'tanh', got {approximate!r}")
+    _check_linear(x, weight, bias)
+    return apply(_gelu_linear, x, weight, bias, approximate=approximate)
+
+
+def _check_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> None:
+    if weight.ndim != 2 or x.ndim == 0 or x.shape[-1] != weight.shape[1]:
+        raise RuntimeError(f"linear: input of shape {x.shape} does not match weight of shape "
+                           f"{weight.shape} (expected input (..., {weight.shape[-1]}))")
+    if bias is not None and bias.shape != (weight.shape[0],):
+        raise RuntimeError(f"linear: bias of shape {bias.shape} does not match weight of "
+                           f"shape {weight.shape} (expected ({weight.shape[0]},))")
+
+
 @export(FUNCTION, METHOD, operators=("__matmul__",))
 def matmul(x: Tensor, y: Tensor) -> Tensor:
     """Matrix product with numpy/PyTorch semantics: 1-D operands are vectors, leading dims
@@ -98,10 +157,5 @@ def rmatmul(x: Tensor, y) -> Tensor:
 @export(FUNCTION, FUNCTIONAL)
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """``x @ weight.T + bias`` in one op: x (..., in), weight (out, in), bias (out,)."""
-    if weight.ndim != 2 or x.ndim == 0 or x.shape[-1] != weight.shape[1]:
-        raise RuntimeError(f"linear: input of shape {x.shape} does not match weight of shape "
-                           f"{weight.shape} (expected input (..., {weight.shape[-1]}))")
-    if bias is not None and bias.shape != (weight.shape[0],):
-        raise RuntimeError(f"linear: bias of shape {bias.shape} does not match weight of "
-                           f"shape {weight.shape} (expected ({weight.shape[0]},))")
+    _check_linear(x, weight, bias)
     return apply(_linear, x, weight, bias)

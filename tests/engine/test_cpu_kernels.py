@@ -76,6 +76,34 @@ def test_gelu_kernel_values_do_not_depend_on_the_gradient(monkeypatch):
     np.testing.assert_array_equal(with_grad, without)
 
 
+def _ff_value_and_grads(x, w, b, dtype, fused: bool):
+    from dptrain.engine.ops.linalg import gelu_linear
+
+    ts = [engine.tensor(a, dtype=dtype, requires_grad=True) for a in (x, w, b)]
+    y = gelu_linear(*ts) if fused else F.linear(F.gelu(ts[0]), ts[1], ts[2])
+    (y * engine.tensor(np.linspace(-1, 1, y.shape[-1]), dtype=dtype)).sum().backward()
+    return [y.numpy()] + [t.grad.numpy() for t in ts]
+
+
+def test_gelu_linear_in_float32_agrees_with_gelu_then_linear_and_float64(monkeypatch):
+    # The fused op computes the GELU again in backward: in float32, on both paths, it must
+    # give what the two ops give, and both must stay near the float64 result.
+    rng = np.random.default_rng(3)
+    x, w, b = rng.standard_normal((4, 33, 96)) * 3, rng.standard_normal((40, 96)), \
+        rng.standard_normal(40)
+    ref = _ff_value_and_grads(x, w, b, F64, fused=False)
+    for fused in (True, False):
+        for got in both_ways(monkeypatch, lambda f=fused: _ff_value_and_grads(x, w, b, F32, f)):
+            for name, g, r in zip(("y", "dx", "dw", "db"), got, ref):
+                np.testing.assert_allclose(g, r, rtol=2e-4, atol=2e-4 * np.abs(r).max(),
+                                           err_msg=f"{name}, fused={fused}")
+    fused, composed = (both_ways(monkeypatch, lambda f=f: _ff_value_and_grads(x, w, b, F32, f))
+                       for f in (True, False))
+    for kf, kc in zip(fused, composed):  # the same arithmetic in the same order
+        for a, c in zip(kf, kc):
+            np.testing.assert_allclose(a, c, rtol=1e-5, atol=1e-5 * np.abs(c).max())
+
+
 def test_gelu_of_a_transposed_float32_input_takes_the_numpy_path(monkeypatch):
     a = np.random.default_rng(1).standard_normal((64, 80)).astype(np.float32)
 

@@ -99,10 +99,34 @@ def test_gelu_exact(check, shape):
 
 @pytest.mark.parametrize("shape", [(), (7,), (2, 3)], ids=str)
 def test_gelu_tanh(check, shape):
-    def ref(a):
-        return 0.5 * a * (1 + np.tanh(math.sqrt(2 / math.pi) * (a + 0.044715 * a ** 3)))
+    check(lambda x: F.gelu(x, approximate="tanh"), _gelu_tanh_ref, shape, low=-4, high=4)
 
-    check(lambda x: F.gelu(x, approximate="tanh"), ref, shape, low=-4, high=4)
+
+def _gelu_tanh_ref(a):
+    return 0.5 * a * (1 + np.tanh(math.sqrt(2 / math.pi) * (a + 0.044715 * a ** 3)))
+
+
+@pytest.mark.parametrize("x_shape", LINEAR_SHAPES)
+def test_gelu_linear(check, x_shape):
+    """``linear(gelu(x))`` as one op (the feed-forward block's), its GELU computed again in
+    backward: against the definition and finite differences, with and without a bias."""
+    from dptrain.engine.ops.linalg import gelu_linear
+
+    check(lambda x, w, b: gelu_linear(x, w, b),
+          lambda a, w, b: 0.5 * a * (1 + _erf(a / math.sqrt(2))) @ w.T + b,
+          x_shape, (3, 4), (3,), low=-4, high=4)
+    check(lambda x, w: gelu_linear(x, w, None, approximate="tanh"),
+          lambda a, w: _gelu_tanh_ref(a) @ w.T, x_shape, (3, 4), low=-4, high=4)
+
+
+def test_gelu_linear_bad_input_names_the_rule():
+    from dptrain.engine.ops.linalg import gelu_linear
+
+    with pytest.raises(ValueError, match="gelu: approximate must be 'none' or 'tanh', got 'x'"):
+        gelu_linear(engine.ones(2, 4), engine.ones(3, 4), approximate="x")
+    with pytest.raises(RuntimeError, match=r"linear: input of shape \(2, 5\) does not match "
+                                           r"weight of shape \(3, 4\)"):
+        gelu_linear(engine.ones(2, 5), engine.ones(3, 4))
 
 
 def test_gelu_approximations_are_close_but_differ():

@@ -739,6 +739,57 @@ def test_attention_bad_constructor_arguments():
         nn.TransformerEncoderLayer(8, 2, activation="swish")
 
 
+def _graph_ops(t: engine.Tensor) -> set[str]:
+    seen, stack, names = set(), [t.grad_fn], set()
+    while stack:
+        n = stack.pop()
+        if n is None or id(n) in seen or not hasattr(n, "parents"):
+            continue
+        seen.add(id(n))
+        names.add(n.name())
+        stack.extend(n.parents)
+    return names
+
+
+def test_encoder_layer_gradients_match_pytorch_with_the_folded_feed_forward():
+    """The GELU feed-forward runs as one op (`gelu_linear`: keeps the hidden activation once);
+    the layer's gradients, input and every parameter, against PyTorch's in float64."""
+    torch = pytest.importorskip("torch")
+    ours = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, activation="gelu",
+                                      batch_first=True, norm_first=True, dtype=F64)
+    theirs = torch.nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, activation="gelu",
+                                              batch_first=True, norm_first=True)
+    _to_torch(torch, theirs, ours.state_dict())
+    x, g = _rand(2, 5, 8), _rand(2, 5, 8, seed=7)
+    xt = _t(x, requires_grad=True)
+    out = ours(xt, is_causal=True)
+    assert "GeluLinearBackward" in _graph_ops(out) and "GeluBackward" not in _graph_ops(out)
+    (out * _t(g)).sum().backward()
+    tx = torch.from_numpy(x).requires_grad_()
+    tout = theirs(tx, src_mask=torch.triu(torch.ones(5, 5, dtype=torch.bool), 1),
+                  is_causal=True)
+    (tout * torch.from_numpy(g)).sum().backward()
+    np.testing.assert_allclose(_np(out), tout.detach().numpy(), rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(_np(xt.grad), tx.grad.numpy(), rtol=1e-9, atol=1e-12)
+    theirs_p = dict(theirs.named_parameters())
+    for name, p in ours.named_parameters():
+        np.testing.assert_allclose(_np(p.grad), theirs_p[name].grad.numpy(), rtol=1e-9,
+                                   atol=1e-12, err_msg=name)
+
+
+def test_encoder_layer_keeps_separate_ops_where_folding_would_skip_something():
+    # Dropout active in training, or a hook on linear2, must see the separate ops run.
+    layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.5, activation="gelu",
+                                       batch_first=True, dtype=F64)
+    x = _t(_rand(2, 5, 8), requires_grad=True)
+    assert "GeluBackward" in _graph_ops(layer(x))
+    layer.eval()
+    assert "GeluLinearBackward" in _graph_ops(layer(x))
+    seen = []
+    layer.linear2.register_forward_hook(lambda m, args, out: seen.append(out.shape))
+    assert "GeluBackward" in _graph_ops(layer(x)) and seen == [(2, 5, 8)]
+
+
 def test_attention_and_encoder_layer_match_pytorch():
     torch = pytest.importorskip("torch")
     ours = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, activation="gelu",
