@@ -48,7 +48,7 @@ from dptrain.coordinator.api.limits import CHUNK_BYTES
 from dptrain.coordinator.server import checkpoint_store as checkpoints
 from dptrain.coordinator.server.blobs import BlobLease
 from dptrain.coordinator.server.checkpoint_store import DownloadPlace, FetchPlace
-from dptrain.coordinator.server.service import one_line, status_of
+from dptrain.coordinator.server.service import answer_of
 
 if TYPE_CHECKING:
     from dptrain.coordinator.server.jobs import ServiceState
@@ -280,13 +280,10 @@ class DataPort:
                      upload.job_id, upload.step, e)
             return False
         except Exception as e:
-            code, message = status_of(e).name, one_line(e)
-            if code == "INTERNAL":
-                log.exception("internal error")
-                message = f"internal error: {type(e).__name__}: {message}"
+            code, message = answer_of(e)
             # So that the sender finishes and reads the answer (bytes moved all the same).
             self.state.metrics.add_data_bytes("received", _drain(conn, left[0]))
-            conn.sendall(encode_status(code, message))
+            conn.sendall(encode_status(code.name, message))
             return True
         conn.sendall(encode_status(
             "OK", body=serde.checkpoint_to_proto(record).SerializeToString()))

@@ -32,7 +32,7 @@ from dptrain.worker.spec import cut
 if TYPE_CHECKING:
     from dptrain.coordinator.server.data_port import DataPort
 
-__all__ = ["CoordinatorServicer", "WorkerServicer", "status_of", "one_line"]
+__all__ = ["CoordinatorServicer", "WorkerServicer", "status_of", "one_line", "answer_of"]
 
 log = logging.getLogger("dptrain.coordinator")
 
@@ -55,6 +55,18 @@ def one_line(error: BaseException) -> str:
     return cut(text, MAX_ERROR_MESSAGE)
 
 
+def answer_of(error: BaseException) -> tuple[grpc.StatusCode, str]:
+    """What a call that `error` ended answers: its status code and one-line message. An
+    INTERNAL error (a fault of the server, not of the request) is logged with its traceback
+    here (call it inside the ``except``) and its message names its type.
+    """
+    code, message = status_of(error), one_line(error)
+    if code is grpc.StatusCode.INTERNAL:
+        log.exception("internal error")
+        message = f"internal error: {type(error).__name__}: {message}"
+    return code, message
+
+
 @contextlib.contextmanager
 def _aborting(context: grpc.ServicerContext) -> Iterator[None]:
     """Turn any exception inside into ``context.abort`` with its code and one-line message.
@@ -67,12 +79,7 @@ def _aborting(context: grpc.ServicerContext) -> Iterator[None]:
     except GeneratorExit:
         raise
     except BaseException as e:
-        code = status_of(e)
-        message = one_line(e)
-        if code is grpc.StatusCode.INTERNAL:
-            log.exception("internal error")
-            message = f"internal error: {type(e).__name__}: {message}"
-        context.abort(code, message)
+        context.abort(*answer_of(e))
 
 
 _COORDINATOR = "/dptrain.v1.Coordinator/"
