@@ -58,6 +58,7 @@ from dptrain.coordinator.api.records import (
     HOLDING_STATES,
     CheckpointRecord,
     EventKind,
+    Job,
     JobState,
 )
 from dptrain.coordinator.server.blobs import BlobLease, BlobStore, LeasedStream, blob_id
@@ -153,10 +154,7 @@ def store_checkpoint(upload: CheckpointUpload, chunks: Iterable[tuple[str, bytes
         DiskFull: no room for a file or the record (RESOURCE_EXHAUSTED); no record is
             written, the stored checkpoints are as they were.
     """
-    job = store.get_job(upload.job_id)
-    if states is not None and job.state not in states:
-        raise StateConflict(job.id, job.state, states)
-    manifest = check_upload_header(upload, blobs.max_size)
+    job, manifest = _check_before_bytes(upload, store, blobs, states)
     # Pinned until recorded: retention elsewhere may be freeing the same bytes meanwhile.
     names = [blob_id(f.algorithm, f.digest) for f in upload.files]
     with blobs.lease([*names, hashlib.sha256(upload.manifest_json).hexdigest()], pin=True):
@@ -207,10 +205,17 @@ def check_worker_upload(upload: CheckpointUpload, state: ServiceState) -> None:
     Raises:
         JobNotFound, StateConflict, ValidationError, BlobTooLarge: as `receive_checkpoint`.
     """
-    job = state.store.get_job(upload.job_id)
-    if job.state not in WORKER_STATES:
-        raise StateConflict(job.id, job.state, WORKER_STATES)
-    check_upload_header(upload, state.blobs.max_size)
+    _check_before_bytes(upload, state.store, state.blobs, WORKER_STATES)
+
+
+def _check_before_bytes(upload: CheckpointUpload, store: Store, blobs: BlobStore,
+                        states: Iterable[JobState] | None) -> tuple[Job, dict[str, Any]]:
+    """The job (in one of `states`, when given) and the parsed manifest of a header that
+    passed `check_upload_header`: what an upload is checked against before any byte."""
+    job = store.get_job(upload.job_id)
+    if states is not None and job.state not in states:
+        raise StateConflict(job.id, job.state, states)
+    return job, check_upload_header(upload, blobs.max_size)
 
 
 def receive_checkpoint(upload: CheckpointUpload, chunks: Iterable[tuple[str, bytes]],
