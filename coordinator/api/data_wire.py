@@ -46,7 +46,6 @@ MAX_STATUS_LINE = 4096
 """The longest status line either end reads (a message is cut well before)."""
 
 
-
 class DataWireError(ConnectionError):
     """The peer broke the protocol: closed early, or sent something that is not a status."""
 

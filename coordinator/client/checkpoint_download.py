@@ -84,6 +84,13 @@ class CheckpointDownloads:
             self._use_streams(f"its data port is unreachable ({e})")
             raise
 
+    def _offered(self, ticket: pb.DataTicket) -> bool:
+        """Whether the server answered with a data port ticket; if not (it has no data port,
+        or predates it: chunks follow), this client uses the gRPC streams from now on."""
+        if not ticket.port:
+            self._use_streams("it has no data port")
+        return bool(ticket.port)
+
     def _use_streams(self, why: str) -> None:
         """Move checkpoint bytes over the gRPC streams from now on."""
         if self.data_port:
@@ -110,9 +117,7 @@ class CheckpointDownloads:
             call.cancel()
             raise ClientError("INTERNAL", "the download stream did not start with the file's "
                               "description")
-        if request.data_port and not first.info.data.port:
-            self._use_streams("it has no data port")  # or predates it: chunks follow
-        if first.info.data.port:
+        if self._offered(first.info.data):
             call.cancel()
             try:
                 sock = self._data_connection(first.info.data)

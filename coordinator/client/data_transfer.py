@@ -14,6 +14,7 @@ import socket
 import ssl
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 from dptrain.coordinator.api.data_wire import (
     TICKET_BYTES,
@@ -35,6 +36,8 @@ CONNECT_TIMEOUT_S = 3.0
 
 READ_TIMEOUT_S = 120.0
 """How long a transfer waits for the server between two reads (the server's own limit)."""
+
+_T = TypeVar("_T")
 
 _SEND_BYTES = 8 * CHUNK_BYTES  # per sendfile call: progress is reported between calls
 
@@ -106,12 +109,7 @@ class DataDownload:
         self._sock, self._length = sock, length
 
     def __iter__(self) -> Iterator[bytes]:
-        try:
-            yield from receive(self._sock, self._length)
-        except OSError as e:  # closed, reset or silent: DataWireError among them
-            raise ClientError("UNAVAILABLE", f"the data connection broke off: {e}") from None
-        finally:
-            self._sock.close()
+        return _closing(self._sock, receive(self._sock, self._length))
 
     def cancel(self) -> None:
         """Break the connection (a reader blocked in it gets UNAVAILABLE) and close it."""
@@ -130,8 +128,14 @@ def fetched_files(sock: socket.socket, files: tuple[FileEntry, ...]
     Raises:
         ClientError: UNAVAILABLE when the connection broke.
     """
+    return _closing(sock, receive_files(sock, files))
+
+
+def _closing(sock: socket.socket, items: Iterator[_T]) -> Iterator[_T]:
+    """`items` read from `sock`, which is closed when they end or break; a broken connection
+    raises ClientError UNAVAILABLE, as a broken stream does."""
     try:
-        yield from receive_files(sock, files)
+        yield from items
     except OSError as e:  # closed, reset or silent: DataWireError among them
         raise ClientError("UNAVAILABLE", f"the data connection broke off: {e}") from None
     finally:

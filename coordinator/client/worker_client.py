@@ -135,8 +135,7 @@ class WorkerClient(Client):
                 raise
             self._use_streams(f"it does not take uploads over a data port ({e.code})")
             return None
-        if not ticket.port:
-            self._use_streams("it has no data port")
+        if not self._offered(ticket):
             return None
         try:
             sock = self._data_connection(ticket)
@@ -230,9 +229,7 @@ class WorkerClient(Client):
             except (OSError, CheckpointError):
                 pass  # absent or damaged here: download it
             # (A ticket left unused above expires on the server within a minute.)
-            if request.data_port and not first.data.port:
-                self._use_streams("it has no data port")  # or predates it: chunks follow
-            if first.data.port:
+            if self._offered(first.data):
                 stream.close()
                 try:
                     chunks = fetched_files(self._data_connection(first.data), header.files)
