@@ -126,7 +126,7 @@ class ServerSettings:
     data_roots: Sequence[str | os.PathLike] = ()
     allowed_modules: Sequence[str] = ()
     metrics_port: int | None = None
-    data_port: int | None = -1  # DATA_PORT_AUTO
+    data_port: int | None = DATA_PORT_AUTO
     data_ticket_s: float = TICKET_LIFETIME_S
     cluster: Cluster | None = None
     max_workers: int = 256
@@ -537,19 +537,18 @@ def serve(settings: ServerSettings, *,
                                                      RequestDecodingInterceptor(),
                                                      ChunkWireInterceptor()],
                              options=[*channel_options(), ("grpc.so_reuseport", 0)])
-        coordinator_servicer = CoordinatorServicer(state, auth)
-        worker_servicer = WorkerServicer(state, auth)
-        pb_grpc.add_CoordinatorServicer_to_server(coordinator_servicer, server)
-        pb_grpc.add_WorkerServiceServicer_to_server(worker_servicer, server)
+        # Before gRPC binds: a gRPC server that never started keeps its port until collected.
+        data_port = _start_data_port(settings, state, credentials is not None)
+        pb_grpc.add_CoordinatorServicer_to_server(CoordinatorServicer(state, auth, data_port),
+                                                  server)
+        pb_grpc.add_WorkerServiceServicer_to_server(WorkerServicer(state, auth, data_port),
+                                                    server)
         health_servicer = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         for name in ("", *SERVICE_NAMES):
             health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
         enable_reflection((*SERVICE_NAMES,
                            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name), server)
-        # Before gRPC binds: a gRPC server that never started keeps its port until collected.
-        data_port = _start_data_port(settings, state, credentials is not None)
-        coordinator_servicer.data_port = worker_servicer.data_port = data_port
         bind = _host_port(host, settings.port)
         try:
             bound = (server.add_secure_port(bind, credentials) if credentials is not None
@@ -562,9 +561,9 @@ def serve(settings: ServerSettings, *,
         settings = replace(settings, state_dir=state_dir, port=bound,
                            tls_ca=None if credentials is None else Path(ca).resolve(),
                            data_roots=state.data_roots,
-                           default_max_restarts=default_max_restarts)
+                           default_max_restarts=default_max_restarts,
+                           data_port=None if data_port is None else data_port.port)
         worker_address = _worker_address(host, bound, settings.advertise_address)
-        settings = replace(settings, data_port=None if data_port is None else data_port.port)
         metrics_http = None
         if settings.metrics_port is not None:
             metrics_http = MetricsHTTPServer(host, settings.metrics_port,
