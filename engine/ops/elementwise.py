@@ -437,11 +437,16 @@ def clamp(x: Tensor, min=None, max=None) -> Tensor:  # noqa: A002
 clip = export(FUNCTION, METHOD, name="clip")(clamp)
 
 
+def _check_gelu_approximate(approximate: str) -> None:
+    """GELU's `approximate` argument (of `gelu` and `linalg.gelu_linear`): one of two names."""
+    if approximate not in ("none", "tanh"):
+        raise ValueError(f"gelu: approximate must be 'none' or 'tanh', got {approximate!r}")
+
+
 @export(FUNCTION, FUNCTIONAL)
 def gelu(x: Tensor, approximate: str = "none") -> Tensor:
     """Gaussian error linear unit; ``approximate='tanh'`` for the tanh approximation."""
-    if approximate not in ("none", "tanh"):
-        raise ValueError(f"gelu: approximate must be 'none' or 'tanh', got {approximate!r}")
+    _check_gelu_approximate(approximate)
     slope = None
     if is_grad_enabled() and x.requires_grad:
         slope = get_array_module(x.data).empty(x.shape, dtype=x.dtype)

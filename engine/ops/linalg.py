@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dptrain.engine.backend import sum_matrix
 from dptrain.engine.ops.core import Op, apply
-from dptrain.engine.ops.elementwise import _gelu_forward, _gelu_vjp
+from dptrain.engine.ops.elementwise import _check_gelu_approximate, _gelu_forward, _gelu_vjp
 from dptrain.engine.ops.registry import FUNCTION, FUNCTIONAL, METHOD, export
 from dptrain.engine.tensor import Tensor
 
@@ -114,8 +114,7 @@ def gelu_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None,
     Returns:
         (..., out), equal to ``linear(gelu(x, approximate), weight, bias)``.
     """
-    if approximate not in ("none", "tanh"):
-        raise ValueError(f"gelu: approximate must be 'none' or 'tanh', got {approximate!r}")
+    _check_gelu_approximate(approximate)
     _check_linear(x, weight, bias)
     return apply(_gelu_linear, x, weight, bias, approximate=approximate)
 
